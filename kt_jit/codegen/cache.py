@@ -1,0 +1,184 @@
+"""On-disk kernel cache: object code + JSON metadata, an in-process memo, and statistics.
+
+Layout: ``$KT_JIT_CACHE_DIR/v<CODEGEN_VERSION>/<key[:2]>/<key>.o`` and ``<key>.json``. The key is a
+sha256 over the kernel spec, the IR text, the target (triple, CPU name, features), the LLVM and
+llvmlite versions and CODEGEN_VERSION. Writes go to a unique temp file and are renamed into place
+(object first, metadata last), so readers never see half an entry and concurrent compilers of the
+same kernel both succeed. The metadata records the object's size and sha256: a truncated or
+corrupted entry is detected, reported with a warning and recompiled.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import threading
+import time
+import uuid
+import warnings
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from ..runtime import knobs
+from . import compile as cc
+
+CODEGEN_VERSION = 1
+
+
+@dataclass
+class CacheStats:
+    hits: int = 0          # kernels loaded from disk
+    memo_hits: int = 0     # lookups answered by the in-process memo
+    compiles: int = 0      # kernels compiled by this process
+    compile_seconds: float = 0.0
+    load_seconds: float = 0.0
+    recovered: int = 0     # corrupt entries that were recompiled
+    by_kernel: dict[str, str] = field(default_factory=dict)  # name -> "compiled" | "disk" | "memo"
+
+
+stats = CacheStats()
+_memo: dict[str, dict[str, int]] = {}
+_lock = threading.Lock()
+
+
+def cache_root() -> Path:
+    return knobs.cache_dir() / f"v{CODEGEN_VERSION}"
+
+
+def cache_key(spec_text: str, ir_text: str, target: cc.Target) -> str:
+    h = hashlib.sha256()
+    versions = cc.toolchain_versions()
+    for part in (spec_text, ir_text, target.triple, target.cpu, target.features,
+                 versions["llvm"], versions["llvmlite"], str(CODEGEN_VERSION)):
+        h.update(part.encode())
+        h.update(b"\0")
+    return h.hexdigest()
+
+
+def _atomic_write(path: Path, data: bytes) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
+    with open(tmp, "wb") as f:
+        f.write(data)
+    os.replace(tmp, path)
+
+
+def _read_entry(key: str) -> bytes | None:
+    """The cached object for ``key``; None if absent. Raises ValueError if the entry is damaged."""
+    base = cache_root() / key[:2] / key
+    meta_path, obj_path = base.with_suffix(".json"), base.with_suffix(".o")
+    if not meta_path.exists():
+        return None
+    try:
+        meta = json.loads(meta_path.read_text())
+        obj = obj_path.read_bytes()
+    except (OSError, json.JSONDecodeError) as e:
+        raise ValueError(f"unreadable cache entry: {e}") from e
+    if len(obj) != meta.get("object_bytes") or hashlib.sha256(obj).hexdigest() != meta.get("object_sha256"):
+        raise ValueError("object size or checksum does not match its metadata")
+    return obj
+
+
+def _write_entry(key: str, obj: bytes, meta: dict) -> None:
+    base = cache_root() / key[:2] / key
+    meta = dict(meta, object_bytes=len(obj), object_sha256=hashlib.sha256(obj).hexdigest())
+    try:
+        _atomic_write(base.with_suffix(".o"), obj)
+        _atomic_write(base.with_suffix(".json"), json.dumps(meta, indent=1).encode())
+    except OSError as e:  # a read-only or full disk costs a recompile next time, nothing more
+        warnings.warn(f"kt_jit: could not write kernel cache entry ({e})", RuntimeWarning, stacklevel=3)
+
+
+def _dump(name: str, ir_text: str, target: cc.Target) -> None:
+    d = knobs.dump_dir()
+    if d is None:
+        return
+    d.mkdir(parents=True, exist_ok=True)
+    (d / f"{name}.ll").write_text(ir_text)
+    (d / f"{name}.s").write_text(cc.compile_assembly(ir_text, target))
+
+
+def get_or_compile(name: str, spec_text: str, ir_text: str, target: cc.Target,
+                   symbols: list[str]) -> dict[str, int]:
+    """Addresses of ``symbols`` for this kernel: from the memo, the disk cache, or a fresh compile."""
+    key = cache_key(spec_text, ir_text, target)
+    with _lock:
+        hit = _memo.get(key)
+        if hit is not None:
+            stats.memo_hits += 1
+            stats.by_kernel[name] = "memo"
+            return hit
+        _dump(name, ir_text, target)
+        obj = None
+        use_disk = not knobs.cache_disabled()
+        if use_disk:
+            try:
+                obj = _read_entry(key)
+            except ValueError as e:
+                warnings.warn(f"kt_jit: damaged cache entry for {name} ({e}); recompiling",
+                              RuntimeWarning, stacklevel=2)
+                stats.recovered += 1
+        addrs = None
+        if obj is not None:
+            t0 = time.perf_counter()
+            try:
+                addrs = cc.loader.load(obj, symbols)
+                stats.hits += 1
+                stats.by_kernel[name] = "disk"
+            except Exception as e:  # an object LLVM cannot link is as good as corrupt
+                warnings.warn(f"kt_jit: cache entry for {name} failed to load ({e}); recompiling",
+                              RuntimeWarning, stacklevel=2)
+                stats.recovered += 1
+            stats.load_seconds += time.perf_counter() - t0
+        if addrs is None:
+            t0 = time.perf_counter()
+            obj = cc.compile_object(ir_text, target)
+            stats.compile_seconds += time.perf_counter() - t0
+            stats.compiles += 1
+            stats.by_kernel[name] = "compiled"
+            if use_disk:
+                _write_entry(key, obj, {"name": name, "spec": spec_text, "target": target.__dict__,
+                                        **cc.toolchain_versions(), "codegen_version": CODEGEN_VERSION,
+                                        "created": time.time()})
+            t0 = time.perf_counter()
+            addrs = cc.loader.load(obj, symbols)
+            stats.load_seconds += time.perf_counter() - t0
+        _memo[key] = addrs
+        return addrs
+
+
+def cache_info() -> dict:
+    """Entries and bytes on disk, plus this process's hits, compiles and seconds spent compiling."""
+    root = cache_root()
+    entries, nbytes = 0, 0
+    if root.exists():
+        for p in root.rglob("*"):
+            if p.is_file() and not p.name.endswith(".tmp"):
+                nbytes += p.stat().st_size
+                entries += p.suffix == ".json"
+    return {"dir": str(root), "entries": entries, "bytes": nbytes, "hits": stats.hits,
+            "memo_hits": stats.memo_hits, "compiles": stats.compiles,
+            "compile_seconds": round(stats.compile_seconds, 4),
+            "load_seconds": round(stats.load_seconds, 4), "recovered": stats.recovered}
+
+
+def clear_cache() -> int:
+    """Delete every on-disk entry (all codegen versions); returns how many were removed.
+
+    Kernels already loaded in this process keep working.
+    """
+    root = knobs.cache_dir()
+    removed = 0
+    if not root.exists():
+        return 0
+    for p in sorted(root.rglob("*"), reverse=True):
+        if p.is_file() and (p.suffix in (".o", ".json", ".tmp") or p.name.endswith(".tmp")):
+            removed += p.suffix == ".json"
+            p.unlink(missing_ok=True)
+        elif p.is_dir():
+            try:
+                p.rmdir()
+            except OSError:
+                pass
+    return removed

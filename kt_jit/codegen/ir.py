@@ -1,0 +1,230 @@
+"""A small builder for LLVM IR *text*.
+
+Kernels are emitted as textual IR (as tinygrad does) rather than through llvmlite.ir: the text form
+has ``bfloat``, ``x86_amx`` and ``immarg`` intrinsics that llvmlite.ir lacks, and what is emitted is
+exactly what LLVM parses. Values are strings (``"%t12"``, ``"0"``); every instruction names its
+types. Loop counters and accumulators live in entry-block allocas that LLVM's SROA pass promotes
+to registers, so the builder never has to place phi nodes.
+"""
+
+from __future__ import annotations
+
+import contextlib
+from collections.abc import Iterator, Sequence
+
+F32x16 = "<16 x float>"
+BF16x32 = "<32 x bfloat>"
+I32x16 = "<16 x i32>"
+I16x32 = "<32 x i16>"
+I8x64 = "<64 x i8>"
+
+
+def vec_const(elem_type: str, values: Sequence[int | float]) -> str:
+    """Constant vector literal, e.g. ``<16 x i32> <i32 0, ...>`` (without the type prefix)."""
+    return "<" + ", ".join(f"{elem_type} {v}" for v in values) + ">"
+
+
+def shuffle_mask(indices: Sequence[int]) -> str:
+    return f"<{len(indices)} x i32> " + vec_const("i32", indices)
+
+
+class Module:
+    """A module: declarations, globals and functions, rendered to one IR text."""
+
+    def __init__(self, name: str, fn_attrs: str) -> None:
+        self.name = name
+        self.fn_attrs = fn_attrs  # body of "attributes #0 = { ... }"
+        self._decls: dict[str, str] = {}
+        self._globals: list[str] = []
+        self._functions: list[Function] = []
+        self._names: set[str] = set()
+
+    def declare(self, symbol: str, text: str) -> str:
+        """Add ``declare ...`` once; return ``@symbol``."""
+        self._decls.setdefault(symbol, text)
+        return "@" + symbol
+
+    def add_global(self, text: str) -> None:
+        self._globals.append(text)
+
+    def unique(self, base: str) -> str:
+        name, i = base, 0
+        while name in self._names:
+            i += 1
+            name = f"{base}.{i}"
+        self._names.add(name)
+        return name
+
+    def function(self, name: str, args: Sequence[tuple[str, str]], ret: str = "void",
+                 linkage: str = "") -> Function:
+        fn = Function(self, name, args, ret, linkage)
+        self._functions.append(fn)
+        return fn
+
+    def render(self) -> str:
+        parts = [f"; ModuleID = '{self.name}'"]
+        parts += self._globals
+        parts += [f.render() for f in self._functions]
+        parts += list(self._decls.values())
+        parts.append(f"attributes #0 = {{ {self.fn_attrs} }}")
+        return "\n".join(parts) + "\n"
+
+
+class Function:
+    """One function under construction. ``val`` emits ``%tN = <rhs>`` and returns ``%tN``."""
+
+    def __init__(self, module: Module, name: str, args: Sequence[tuple[str, str]], ret: str,
+                 linkage: str) -> None:
+        self.module = module
+        self.name = name
+        self.args = list(args)
+        self.ret_type = ret
+        self.linkage = linkage
+        self._n = 0
+        self._allocas: list[str] = []
+        self._blocks: list[tuple[str, list[str]]] = [("entry", [])]
+        self._cur = self._blocks[0][1]
+        self._labels = {"entry"}
+
+    # -- basic emission -------------------------------------------------------------------
+    def tmp(self, prefix: str = "t") -> str:
+        self._n += 1
+        return f"%{prefix}{self._n}"
+
+    def emit(self, line: str) -> None:
+        self._cur.append("  " + line)
+
+    def val(self, rhs: str, prefix: str = "t") -> str:
+        name = self.tmp(prefix)
+        self.emit(f"{name} = {rhs}")
+        return name
+
+    def new_block(self, base: str) -> str:
+        label, i = base, 0
+        while label in self._labels:
+            i += 1
+            label = f"{base}{i}"
+        self._labels.add(label)
+        self._blocks.append((label, []))
+        return label
+
+    def set_block(self, label: str) -> None:
+        for name, lines in self._blocks:
+            if name == label:
+                self._cur = lines
+                return
+        raise KeyError(label)
+
+    def br(self, label: str) -> None:
+        self.emit(f"br label %{label}")
+
+    def cbr(self, cond: str, then: str, other: str) -> None:
+        self.emit(f"br i1 {cond}, label %{then}, label %{other}")
+
+    def ret(self, value: str | None = None) -> None:
+        self.emit("ret void" if value is None else f"ret {self.ret_type} {value}")
+
+    # -- memory -------------------------------------------------------------------------------
+    def alloca(self, ty: str, align: int = 8, count: int = 1) -> str:
+        name = self.tmp("a")
+        extra = f", i64 {count}" if count != 1 else ""
+        self._allocas.append(f"  {name} = alloca {ty}{extra}, align {align}")
+        return name
+
+    def gep(self, ptr: str, byte_offset: str | int) -> str:
+        if byte_offset in (0, "0"):
+            return ptr
+        return self.val(f"getelementptr inbounds i8, ptr {ptr}, i64 {byte_offset}", "p")
+
+    def load(self, ty: str, ptr: str, align: int = 1) -> str:
+        return self.val(f"load {ty}, ptr {ptr}, align {align}")
+
+    def store(self, ty: str, value: str, ptr: str, align: int = 1) -> None:
+        self.emit(f"store {ty} {value}, ptr {ptr}, align {align}")
+
+    def var(self, ty: str, init: str | None = None, align: int = 8) -> Var:
+        v = Var(self, ty, self.alloca(ty, align), align)
+        if init is not None:
+            v.set(init)
+        return v
+
+    # -- integer helpers ----------------------------------------------------------------------
+    def add(self, a: str | int, b: str | int) -> str:
+        return self.val(f"add i64 {a}, {b}")
+
+    def mul(self, a: str | int, b: str | int) -> str:
+        return self.val(f"mul i64 {a}, {b}")
+
+    def sub(self, a: str | int, b: str | int) -> str:
+        return self.val(f"sub i64 {a}, {b}")
+
+    def icmp(self, pred: str, a: str | int, b: str | int) -> str:
+        return self.val(f"icmp {pred} i64 {a}, {b}")
+
+    def min(self, a: str | int, b: str | int) -> str:
+        c = self.icmp("slt", a, b)
+        return self.val(f"select i1 {c}, i64 {a}, i64 {b}")
+
+    # -- structured control flow --------------------------------------------------------------
+    @contextlib.contextmanager
+    def loop(self, lo: str | int, hi: str | int, step: int = 1, name: str = "i") -> Iterator[str]:
+        """``for (i = lo; i < hi; i += step)`` with a signed i64 counter; yields ``i``."""
+        iv = self.var("i64", str(lo))
+        head, body, done = self.new_block(f"{name}.head"), self.new_block(f"{name}.body"), \
+            self.new_block(f"{name}.done")
+        self.br(head)
+        self.set_block(head)
+        i = iv.get()
+        self.cbr(self.icmp("slt", i, hi), body, done)
+        self.set_block(body)
+        yield i
+        iv.set(self.add(i, step))
+        self.br(head)
+        self.set_block(done)
+
+    @contextlib.contextmanager
+    def if_then(self, cond: str, name: str = "if") -> Iterator[None]:
+        then, done = self.new_block(f"{name}.then"), self.new_block(f"{name}.end")
+        self.cbr(cond, then, done)
+        self.set_block(then)
+        yield
+        self.br(done)
+        self.set_block(done)
+
+    def switch(self, value: str, cases: Sequence[int], name: str = "sw") -> Iterator[int]:
+        """Emit ``switch i64 value``; yields each case constant with the builder inside its block."""
+        done = self.new_block(f"{name}.end")
+        labels = [self.new_block(f"{name}.c{c}") for c in cases]
+        arms = " ".join(f"i64 {c}, label %{lab}" for c, lab in zip(cases, labels, strict=True))
+        self.emit(f"switch i64 {value}, label %{done} [ {arms} ]")
+        for c, lab in zip(cases, labels, strict=True):
+            self.set_block(lab)
+            yield c
+            self.br(done)
+        self.set_block(done)
+
+    # -- rendering ----------------------------------------------------------------------------
+    def render(self) -> str:
+        args = ", ".join(f"{t} {n}" for t, n in self.args)
+        link = f"{self.linkage} " if self.linkage else ""
+        out = [f"define {link}{self.ret_type} @{self.name}({args}) #0 {{"]
+        for i, (label, lines) in enumerate(self._blocks):
+            out.append(f"{label}:")
+            if i == 0:
+                out += self._allocas
+            out += lines
+        out.append("}")
+        return "\n".join(out)
+
+
+class Var:
+    """A mutable local (an alloca that SROA turns into SSA registers)."""
+
+    def __init__(self, fn: Function, ty: str, ptr: str, align: int) -> None:
+        self.fn, self.ty, self.ptr, self.align = fn, ty, ptr, align
+
+    def get(self) -> str:
+        return self.fn.load(self.ty, self.ptr, self.align)
+
+    def set(self, value: str) -> None:
+        self.fn.store(self.ty, value, self.ptr, self.align)

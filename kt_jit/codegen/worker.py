@@ -1,0 +1,70 @@
+"""The work-stealing worker every kernel is wrapped in, and its argument block ABI.
+
+A kernel's entry point is ``void <name>(ptr %ctx)``. ``ctx`` is an array of 8-byte fields: field 0
+is the item counter (atomically incremented by every thread), field 1 the number of items, then
+the kernel's own fields. The same field list builds the ctypes Structure on the Python side and
+the field offsets on the IR side, so the two cannot drift apart.
+"""
+
+from __future__ import annotations
+
+import ctypes
+from collections.abc import Callable, Sequence
+
+from .amx import TileConfig, Tiles
+from .ir import Function, Module
+
+
+class ArgBlock:
+    """Named 8-byte fields (pointers or int64) after the counter and item count."""
+
+    HEADER = ("counter", "n_items")
+
+    def __init__(self, fields: Sequence[str]) -> None:
+        self.fields = tuple(self.HEADER) + tuple(fields)
+        self.struct = type("KernelArgs", (ctypes.Structure,),
+                           {"_fields_": [(f, ctypes.c_int64) for f in self.fields]})
+
+    def offset(self, name: str) -> int:
+        return 8 * self.fields.index(name)
+
+    def load(self, fn: Function, ctx: str, name: str) -> str:
+        return fn.load("i64", fn.gep(ctx, self.offset(name)), 8)
+
+    def load_ptr(self, fn: Function, ctx: str, name: str) -> str:
+        return fn.load("ptr", fn.gep(ctx, self.offset(name)), 8)
+
+    def make(self, n_items: int, **values: int) -> ctypes.Structure:
+        missing = set(self.fields[2:]) - set(values)
+        if missing:
+            raise TypeError(f"missing kernel arguments: {sorted(missing)}")
+        return self.struct(counter=0, n_items=n_items, **values)
+
+
+def build_worker(module: Module, name: str, args: ArgBlock,
+                 body: Callable[[Function, str, str, Tiles | None], None],
+                 tile_config: TileConfig | None = None, emulate_amx: bool = False) -> Function:
+    """``void name(ptr ctx)``: claim items from the counter and run ``body(fn, ctx, item, tiles)``.
+
+    With a tile config the worker loads it once on entry (tiles are per thread and do not survive
+    across calls into other code) and releases the tiles on exit.
+    """
+    fn = module.function(name, [("ptr", "%ctx")])
+    tiles = None
+    if tile_config is not None:
+        tiles = Tiles(fn, emulate_amx)
+        tiles.configure(tile_config)
+    n_items = args.load(fn, "%ctx", "n_items")
+    head, body_bb, done = fn.new_block("claim"), fn.new_block("work"), fn.new_block("finish")
+    fn.br(head)
+    fn.set_block(head)
+    item = fn.val("atomicrmw add ptr %ctx, i64 1 monotonic")
+    fn.cbr(fn.icmp("slt", item, n_items), body_bb, done)
+    fn.set_block(body_bb)
+    body(fn, "%ctx", item, tiles)
+    fn.br(head)
+    fn.set_block(done)
+    if tiles is not None:
+        tiles.release()
+    fn.ret()
+    return fn

@@ -1,0 +1,56 @@
+"""``python -m kt_jit.info``: CPU features, AMX status, threads, kernel cache location and stats."""
+
+from __future__ import annotations
+
+import json
+import sys
+
+
+def collect() -> dict:
+    """Everything ``python -m kt_jit.info`` prints, as a dict."""
+    from .codegen.cache import cache_info
+    from .codegen.compile import toolchain_versions
+    from .runtime.amx import active_isa, amx_status
+    from .runtime.cpu import cpu_info
+    from .runtime.threads import default_num_threads, launcher_name
+
+    info = cpu_info()
+    ok, why = amx_status()
+    try:
+        isa = active_isa()
+    except RuntimeError as e:
+        isa = f"none ({e})"
+    return {
+        "cpu": info.model_name,
+        "llvm_host_cpu": info.llvm_host_name,
+        "features": info.summary(),
+        "amx": {"usable": ok, "status": why},
+        "kernel_isa": isa,
+        "threads": default_num_threads(),
+        "launcher": launcher_name(),
+        "toolchain": toolchain_versions(),
+        "cache": cache_info(),
+    }
+
+
+def main(argv: list[str] | None = None) -> int:
+    argv = sys.argv[1:] if argv is None else argv
+    data = collect()
+    if "--json" in argv:
+        print(json.dumps(data, indent=1))
+        return 0
+    print(f"CPU            {data['cpu']}  (LLVM host name: {data['llvm_host_cpu']})")
+    feats = " ".join(f"{k}{'+' if v else '-'}" for k, v in data["features"].items())
+    print(f"features       {feats}")
+    print(f"AMX            {'usable' if data['amx']['usable'] else 'not usable'}: {data['amx']['status']}")
+    print(f"kernel ISA     {data['kernel_isa']}")
+    print(f"threads        {data['threads']} via {data['launcher']}")
+    tc = data["toolchain"]
+    print(f"toolchain      LLVM {tc['llvm']}, llvmlite {tc['llvmlite']}")
+    c = data["cache"]
+    print(f"kernel cache   {c['dir']}: {c['entries']} entries, {c['bytes'] / 1e6:.2f} MB")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())

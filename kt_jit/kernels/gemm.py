@@ -1,0 +1,506 @@
+"""Grouped expert GEMMs against packed BF16 weights, forward and transposed, AVX-512 and AMX.
+
+Two operations share one packed weight ``W[N, K]`` (layout in kernels/pack.py):
+
+- ``fwd``: ``Y[M, N] (fp32) = X[M, K] (bf16) @ W^T``
+- ``bwd``: ``dX[M, K] (fp32) = dY[M, N] (bf16) @ W`` (the input gradient of ``fwd``)
+
+A kernel runs a list of *groups* in one launch; group ``g`` is ``(x, w, y, m)``: activation pointer,
+packed-weight pointer, output pointer and its row count ``m`` (any m >= 0, a run-time value).
+An MoE layer is one group per active expert. Work items are (group, column block); threads claim
+them from an atomic counter.
+
+How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
+
+- AVX-512 ``fwd``: for each k-pair row of the packed weight, ``nr`` zmm loads (16 output channels
+  each) times ``mr`` broadcast bf16 pairs of X, ``vdpbf16ps`` into ``mr x nr`` accumulators. K is
+  cut into chunks of ``kc`` pairs so the weight panel stays in L2 while all rows of X pass over it.
+- AVX-512 ``bwd``: a packed row holds (n, k-pair) blocks; swapping the middle words of each qword
+  turns them into (k, n-pair) blocks, so ``vdpbf16ps`` against dY pairs (each dword duplicated)
+  reduces over n directly from the forward layout. Lane 2q+e accumulates output k = 2r+e for
+  n-pair q; the 8 q-partials are folded with shuffles once per output vector.
+- AMX ``fwd``: X rows are A tiles (stride = row pitch), packed rows are B tiles (16 x 64 B), 2x2
+  tiles of C. X must be readable for ``ceil(m/16)*16`` rows (rows past m are ignored).
+- AMX ``bwd``: the packed block itself is the A tile (rows = k-pairs); dY is pre-arranged
+  (:func:`pack_dy_for_amx`) into two B tiles per (16 tokens, 16 n) holding dY^T with zeros in the
+  odd (resp. even) half of each pair, which selects even (resp. odd) k. C tiles hold dX^T and are
+  transposed on the way out. This spends 2x tile compute to read the weights with no repacking;
+  at small M the layer is bandwidth-bound and AMX has compute to spare.
+"""
+
+from __future__ import annotations
+
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..codegen import avx512 as vx
+from ..codegen.amx import TileConfig, Tiles
+from ..codegen.cache import get_or_compile
+from ..codegen.compile import target_for
+from ..codegen.ir import F32x16, Function, Module
+from ..codegen.worker import ArgBlock, build_worker
+from ..runtime.amx import active_isa, require_amx
+from ..runtime.buffers import aligned_zeros
+from ..runtime.threads import launch
+from .pack import check_gemm_dims
+
+GROUP_FIELDS = 4  # x, w, y, m per group descriptor
+ARGS = ArgBlock(["groups", "ldx", "ldy"])
+ISAS = ("avx512", "amx", "amx_emu")
+
+
+@dataclass(frozen=True)
+class GemmSchedule:
+    """Blocking of one GEMM kernel; emitters only translate it.
+
+    mr: token rows per register block (AVX-512) or 16-row tiles per block (AMX, 1 or 2)
+    nr: 16-wide output-column groups per work item (fwd) or k-pair rows per item / 8 (bwd)
+    kc: k-pairs per L2 chunk of the weight panel (AVX-512 fwd; 0 = all of K)
+    pf: software prefetch distance for weight lines, in k-pair rows (fwd) or n-blocks (bwd); 0 = off
+    """
+
+    mr: int
+    nr: int
+    kc: int = 0
+    pf: int = 0
+
+    def __str__(self) -> str:
+        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}"
+
+
+def default_schedule(op: str, isa: str, n: int, k: int) -> GemmSchedule:
+    """Schedule used when none is given (measured on Zen 4; AMX values are the 2x2-tile kernel)."""
+    if isa == "avx512":
+        if op == "fwd":
+            return GemmSchedule(mr=6, nr=4 if n % 64 == 0 else 2, kc=_chunk(k // 2, 256), pf=16)
+        return GemmSchedule(mr=3, nr=4 if k % 64 == 0 else 2, pf=2)
+    return GemmSchedule(mr=2, nr=2)
+
+
+def _chunk(total: int, target: int) -> int:
+    """Largest multiple of 16 that divides ``total`` and is <= target (total is a multiple of 16)."""
+    best = 16
+    for c in range(16, min(total, target) + 1, 16):
+        if total % c == 0:
+            best = c
+    return best
+
+
+@dataclass(frozen=True)
+class GemmSpec:
+    """Everything that selects one compiled GEMM kernel."""
+
+    op: str            # "fwd" (Y = X W^T) or "bwd" (dX = dY W)
+    n: int             # weight rows (output channels of fwd)
+    k: int             # weight columns (reduction of fwd)
+    isa: str           # "avx512", "amx" or "amx_emu"
+    accumulate: bool   # add into the output instead of overwriting it
+    schedule: GemmSchedule
+
+    def __post_init__(self) -> None:
+        if self.op not in ("fwd", "bwd"):
+            raise ValueError(f"op must be 'fwd' or 'bwd', got {self.op!r}")
+        if self.isa not in ISAS:
+            raise ValueError(f"isa must be one of {ISAS}, got {self.isa!r}")
+        check_gemm_dims(self.n, self.k)
+        sch = self.schedule
+        if sch.kc < 0 or (sch.kc and (self.k // 2) % sch.kc):
+            raise ValueError(f"schedule kc={sch.kc} must divide K/2={self.k // 2}")
+        if self.isa == "avx512" and self.op == "fwd" and (self.n // 16) % sch.nr:
+            raise ValueError(f"schedule nr={sch.nr} must divide N/16={self.n // 16}")
+        if self.isa == "avx512" and self.op == "bwd" and (self.k // 16) % sch.nr:
+            raise ValueError(f"schedule nr={sch.nr} must divide K/16={self.k // 16}")
+
+    @property
+    def name(self) -> str:
+        acc = "_acc" if self.accumulate else ""
+        return f"gemm_{self.op}_bf16_n{self.n}_k{self.k}_{self.isa}_{self.schedule}{acc}"
+
+    @property
+    def items_per_group(self) -> int:
+        if self.isa == "avx512":
+            if self.op == "fwd":
+                return self.n // (16 * self.schedule.nr)
+            return self.k // 2 // (8 * self.schedule.nr)
+        return self.n // 32 if self.op == "fwd" else self.k // 32
+
+
+# ---------------------------------------------------------------------------------------------
+# IR builders
+
+
+def _group(fn: Function, ctx: str, item: str, ipg: int) -> tuple[str, ...]:
+    g = fn.val(f"udiv i64 {item}, {ipg}")
+    c = fn.val(f"urem i64 {item}, {ipg}")
+    desc = fn.gep(ARGS.load_ptr(fn, ctx, "groups"), fn.mul(g, 8 * GROUP_FIELDS))
+    x = fn.load("ptr", desc, 8)
+    w = fn.load("ptr", fn.gep(desc, 8), 8)
+    y = fn.load("ptr", fn.gep(desc, 16), 8)
+    m = fn.load("i64", fn.gep(desc, 24), 8)
+    return c, x, w, y, m
+
+
+def _row_blocks(fn: Function, m: str, mr: int, micro) -> None:
+    """Call ``micro(m0, mr)`` over full blocks of ``mr`` rows, then ``micro(m0, 1)`` per tail row.
+
+    Two variants only (instead of one per tail size) keeps compile time down; a tail costs at most
+    mr-1 single-row passes over a weight panel that is already in cache.
+    """
+    full = fn.mul(fn.val(f"udiv i64 {m}, {mr}"), mr)
+    with fn.loop(0, full, mr, name="mb") as m0:
+        micro(m0, mr)
+    if mr > 1:
+        with fn.loop(full, m, 1, name="tail") as m0:
+            micro(m0, 1)
+
+
+def _avx512_fwd_body(spec: GemmSpec):
+    sch, kp = spec.schedule, spec.k // 2
+    kc = sch.kc or kp
+    block_stride = spec.k * 32  # bytes between consecutive n-blocks of the packed weight
+
+    def body(fn: Function, ctx: str, item: str, tiles) -> None:
+        c, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
+        ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
+        wb = fn.gep(w, fn.mul(c, sch.nr * block_stride))
+        yb = fn.gep(y, fn.mul(c, sch.nr * 64))
+        with fn.loop(0, kp, kc, name="kc") as kc0:
+            first = fn.icmp("eq", kc0, 0)
+
+            def micro(m0: str, rows: int) -> None:
+                accs = {}
+                for i in range(rows):
+                    yrow = fn.gep(yb, fn.mul(fn.add(m0, i), ldy))
+                    for j in range(sch.nr):
+                        p = fn.gep(yrow, j * 64)
+                        old = fn.load(F32x16, p, 4)
+                        init = old if spec.accumulate else \
+                            fn.val(f"select i1 {first}, {F32x16} zeroinitializer, {F32x16} {old}")
+                        accs[i, j] = (fn.var(F32x16, init, 64), p)
+                with fn.loop(kc0, fn.add(kc0, kc), name="r") as r:
+                    roff = fn.mul(r, 64)
+                    wptrs = [fn.gep(wb, fn.add(roff, j * block_stride)) for j in range(sch.nr)]
+                    wv = [vx.load_bf16x32(fn, p) for p in wptrs]
+                    if sch.pf:
+                        for p in wptrs:
+                            vx.prefetch(fn, fn.gep(p, sch.pf * 64))
+                    for i in range(rows):
+                        xp = fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(r, 4)))
+                        xb = vx.bcast_pair(fn, xp)
+                        for j in range(sch.nr):
+                            acc = accs[i, j][0]
+                            acc.set(vx.dpbf16(fn, acc.get(), wv[j], xb))
+                for acc, p in accs.values():
+                    fn.store(F32x16, acc.get(), p, 4)
+
+            _row_blocks(fn, m, sch.mr, micro)
+
+    return body
+
+
+def _avx512_bwd_body(spec: GemmSpec):
+    sch, nb = spec.schedule, spec.n // 16
+    rows_per_item = 8 * sch.nr
+    block_stride = spec.k * 32
+
+    def body(fn: Function, ctx: str, item: str, tiles) -> None:
+        c, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
+        ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
+        with fn.loop(0, sch.nr, name="sub") as sub:
+            r0 = fn.add(fn.mul(c, rows_per_item), fn.mul(sub, 8))  # first k-pair row of this chunk
+            wb = fn.gep(w, fn.mul(r0, 64))
+            yb = fn.gep(y, fn.mul(r0, 8))  # 2 outputs (fp32) per k-pair
+
+            def micro(m0: str, rows: int) -> None:
+                accs = {(i, r): fn.var(F32x16, "zeroinitializer", 64) for i in range(rows) for r in range(8)}
+                with fn.loop(0, nb, name="s") as s:
+                    wrow = fn.gep(wb, fn.mul(s, block_stride))
+                    if sch.pf:  # these 8 lines of a later block, and the next chunk's 8 of this one
+                        ahead = fn.gep(wrow, sch.pf * block_stride)
+                        for r in range(16):
+                            vx.prefetch(fn, fn.gep(ahead, r * 64), 2)
+                    a = [vx.dup_dwords(fn, fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(s, 32))))
+                         for i in range(rows)]
+                    for r in range(8):  # one weight row live at a time: 8*rows acc + rows + 1 regs
+                        wv = vx.swap_k_n_pairs(fn, fn.gep(wrow, r * 64))
+                        for i in range(rows):
+                            acc = accs[i, r]
+                            acc.set(vx.dpbf16(fn, acc.get(), wv, a[i]))
+                for i in range(rows):
+                    out = vx.reduce_pair_lanes(fn, [accs[i, r].get() for r in range(8)])
+                    p = fn.gep(yb, fn.mul(fn.add(m0, i), ldy))
+                    if spec.accumulate:
+                        out = vx.fadd(fn, out, fn.load(F32x16, p, 4))
+                    fn.store(F32x16, out, p, 4)
+
+            _row_blocks(fn, m, sch.mr, micro)
+
+    return body
+
+
+def _copy_rows_out(fn: Function, src: str, dst: str, rows: str, ldy: str, vecs: int,
+                   accumulate: bool) -> None:
+    """dst[i, 0:16*vecs] (+)= src[i*64*?]: copy ``rows`` fp32 rows of a staged C tile pair."""
+    with fn.loop(0, rows, name="cp") as i:
+        drow = fn.gep(dst, fn.mul(i, ldy))
+        for j in range(vecs):
+            v = fn.load(F32x16, fn.gep(src, fn.add(fn.mul(i, 64), j * 1024)), 64)
+            p = fn.gep(drow, j * 64)
+            if accumulate:
+                v = vx.fadd(fn, v, fn.load(F32x16, p, 4))
+            fn.store(F32x16, v, p, 4)
+
+
+def _amx_fwd_body(spec: GemmSpec):
+    kb_count = spec.k // 32
+    block_stride = spec.k * 32
+
+    def body(fn: Function, ctx: str, item: str, t: Tiles) -> None:
+        scratch = fn.alloca("i8", 64, 4096)
+        c, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
+        ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
+        w0 = fn.gep(w, fn.mul(c, 2 * block_stride))
+        w1 = fn.gep(w0, block_stride)
+        yb = fn.gep(y, fn.mul(c, 128))
+        with fn.loop(0, m, 32, name="mt") as m0:
+            rem = fn.sub(m, m0)
+            xa = fn.gep(x, fn.mul(m0, ldx))
+            two = fn.icmp("sgt", rem, 16)
+            one_bb, two_bb, join = fn.new_block("one"), fn.new_block("two"), fn.new_block("join")
+            fn.cbr(two, two_bb, one_bb)
+            for label, n_mt in ((one_bb, 1), (two_bb, 2)):
+                fn.set_block(label)
+                for ct in range(4, 4 + 2 * n_mt):
+                    t.zero(ct)
+                xb = fn.gep(xa, fn.mul(16, ldx)) if n_mt == 2 else None
+                with fn.loop(0, kb_count, name="kb") as kb:
+                    koff = fn.mul(kb, 64)
+                    t.load(0, fn.gep(xa, koff), ldx)
+                    if n_mt == 2:
+                        t.load(1, fn.gep(xb, koff), ldx)
+                    boff = fn.mul(kb, 1024)
+                    t.load(2, fn.gep(w0, boff), 64)
+                    t.load(3, fn.gep(w1, boff), 64)
+                    t.dp_bf16(4, 0, 2)
+                    t.dp_bf16(5, 0, 3)
+                    if n_mt == 2:
+                        t.dp_bf16(6, 1, 2)
+                        t.dp_bf16(7, 1, 3)
+                for ct in range(4, 4 + 2 * n_mt):
+                    t.store(ct, fn.gep(scratch, (ct - 4) * 1024), 64)
+                fn.br(join)
+            fn.set_block(join)
+            _copy_rows_out(fn, scratch, fn.gep(yb, fn.mul(m0, ldy)), fn.min(rem, 16), ldy, 2,
+                           spec.accumulate)
+            with fn.if_then(two):
+                _copy_rows_out(fn, fn.gep(scratch, 2048), fn.gep(yb, fn.mul(fn.add(m0, 16), ldy)),
+                               fn.min(fn.sub(rem, 16), 16), ldy, 2, spec.accumulate)
+
+    return body
+
+
+def _amx_bwd_body(spec: GemmSpec):
+    kb_count, nb = spec.k // 32, spec.n // 16
+
+    def body(fn: Function, ctx: str, item: str, t: Tiles) -> None:
+        scratch = fn.alloca("i8", 64, 4096)
+        kb, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
+        ldy = ARGS.load(fn, ctx, "ldy")
+        wk = fn.gep(w, fn.mul(kb, 1024))
+        yb = fn.gep(y, fn.mul(kb, 128))
+        n_mt = fn.val(f"udiv i64 {fn.add(m, 15)}, 16")
+        with fn.loop(0, n_mt, 2, name="mt") as mt0:
+            two = fn.icmp("slt", fn.add(mt0, 1), n_mt)
+            one_bb, two_bb, join = fn.new_block("one"), fn.new_block("two"), fn.new_block("join")
+            fn.cbr(two, two_bb, one_bb)
+            for label, count in ((one_bb, 1), (two_bb, 2)):
+                fn.set_block(label)
+                for ct in range(4, 4 + 2 * count):
+                    t.zero(ct)
+                with fn.loop(0, nb, name="s") as s:
+                    t.load(0, fn.gep(wk, fn.mul(s, kb_count * 1024)), 64)
+                    for h in range(count):
+                        # dY tiles of m-tile (mt0+h), n-block s: even-k then odd-k selector
+                        dyt = fn.gep(x, fn.mul(fn.add(fn.mul(fn.add(mt0, h), nb), s), 2048))
+                        t.load(2, dyt, 64)
+                        t.load(3, fn.gep(dyt, 1024), 64)
+                        t.dp_bf16(4 + 2 * h, 0, 2)
+                        t.dp_bf16(5 + 2 * h, 0, 3)
+                for ct in range(4, 4 + 2 * count):
+                    t.store(ct, fn.gep(scratch, (ct - 4) * 1024), 64)
+                fn.br(join)
+            fn.set_block(join)
+            for h in range(2):
+                tok0 = fn.mul(fn.add(mt0, h), 16)
+                valid = fn.min(fn.sub(m, tok0), 16)
+                with fn.loop(0, valid, name=f"tr{h}") as j:
+                    # C_e[r][j] and C_o[r][j] -> dX[tok0 + j, 32*kb + 2r + e]
+                    cols = []
+                    for e in range(2):
+                        base = fn.gep(scratch, fn.add(fn.mul(j, 4), (2 * h + e) * 1024))
+                        v = "poison"
+                        for r in range(16):
+                            f = fn.load("float", fn.gep(base, r * 64), 4)
+                            v = fn.val(f"insertelement {F32x16} {v}, float {f}, i64 {r}")
+                        cols.append(v)
+                    lo = vx.shuffle(fn, F32x16, cols[0], cols[1], [i // 2 + 16 * (i % 2) for i in range(16)])
+                    hi = vx.shuffle(fn, F32x16, cols[0], cols[1], [8 + i // 2 + 16 * (i % 2) for i in range(16)])
+                    row = fn.gep(yb, fn.mul(fn.add(tok0, j), ldy))
+                    for q, v in enumerate((lo, hi)):
+                        p = fn.gep(row, q * 64)
+                        if spec.accumulate:
+                            v = vx.fadd(fn, v, fn.load(F32x16, p, 4))
+                        fn.store(F32x16, v, p, 4)
+
+    return body
+
+
+def build_ir(spec: GemmSpec) -> str:
+    """LLVM IR text of the worker ``<spec.name>(ptr ctx)``."""
+    target = target_for(spec.isa)
+    mod = Module(spec.name, target.fn_attrs)
+    if spec.isa == "avx512":
+        body = _avx512_fwd_body(spec) if spec.op == "fwd" else _avx512_bwd_body(spec)
+        build_worker(mod, spec.name, ARGS, body)
+    else:
+        body = _amx_fwd_body(spec) if spec.op == "fwd" else _amx_bwd_body(spec)
+        build_worker(mod, spec.name, ARGS, body, TileConfig.uniform(), emulate_amx=spec.isa == "amx_emu")
+    return mod.render()
+
+
+# ---------------------------------------------------------------------------------------------
+# Python entry points
+
+
+class GemmKernel:
+    """A compiled GEMM worker plus its launch convention."""
+
+    def __init__(self, spec: GemmSpec) -> None:
+        self.spec = spec
+        ir = build_ir(spec)
+        self.addr = get_or_compile(spec.name, repr(spec), ir, target_for(spec.isa), [spec.name])[spec.name]
+
+    def launch(self, groups: torch.Tensor, ldx: int, ldy: int, num_threads: int | None = None) -> None:
+        """Run over ``groups`` (int64 [G, 4]: x ptr, packed-w ptr, y ptr, m); pitches in bytes.
+
+        Pointers are trusted: callers validate shapes first (see :func:`linear`).
+        """
+        if self.spec.isa == "amx":
+            require_amx()
+        n_items = groups.shape[0] * self.spec.items_per_group
+        if n_items == 0:
+            return
+        args = ARGS.make(n_items, groups=groups.data_ptr(), ldx=ldx, ldy=ldy)
+        launch(self.addr, _addr(args), num_threads)
+
+
+def _addr(struct) -> int:
+    import ctypes
+
+    return ctypes.addressof(struct)
+
+
+@functools.lru_cache(maxsize=None)
+def get_kernel(spec: GemmSpec) -> GemmKernel:
+    """The compiled kernel for ``spec`` (memoised; compiled or loaded from the disk cache once)."""
+    return GemmKernel(spec)
+
+
+def kernel_for(op: str, n: int, k: int, accumulate: bool = False, isa: str | None = None,
+               schedule: GemmSchedule | None = None) -> GemmKernel:
+    isa = isa or active_isa()
+    schedule = schedule or default_schedule(op, isa, n, k)
+    return get_kernel(GemmSpec(op, n, k, isa, accumulate, schedule))
+
+
+def pack_dy_for_amx(dy: torch.Tensor) -> torch.Tensor:
+    """Arrange dY [M, N] bf16 into the B tiles of the AMX transposed GEMM.
+
+    Returns ``[ceil(M/16), N/16, 2, 16, 16, 2]`` bf16: ``out[mt, s, e, i, j, e] = dY[16mt+j, 16s+i]``
+    and zero in the other half of each pair (tokens past M are zero).
+    """
+    m, n = dy.shape
+    mt = (m + 15) // 16
+    padded = torch.zeros(mt * 16, n, dtype=torch.bfloat16)
+    padded[:m] = dy
+    t = padded.view(mt, 16, n // 16, 16).permute(0, 2, 3, 1)  # [mt, s, i, j]
+    out = aligned_zeros((mt, n // 16, 2, 16, 16, 2), torch.bfloat16)
+    out[:, :, 0, :, :, 0] = t
+    out[:, :, 1, :, :, 1] = t
+    return out
+
+
+def _check_packed(packed: torch.Tensor) -> None:
+    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.bfloat16 or packed.dim() != 4 \
+            or packed.shape[2:] != (16, 2) or not packed.is_contiguous():
+        raise ValueError("weight must be a contiguous packed bf16 tensor [N/16, K/2, 16, 2] from "
+                         "kt_jit.pack_bf16")
+
+
+def _check_operands(a: torch.Tensor, packed: torch.Tensor, a_cols: int, what: str) -> None:
+    if a.dim() != 2:
+        raise ValueError(f"{what} must be 2-D [M, {a_cols}], got shape {tuple(a.shape)}")
+    if a.dtype != torch.bfloat16:
+        raise ValueError(f"{what} must be bfloat16, got {a.dtype}; convert with .bfloat16()")
+    if a.device.type != "cpu" or packed.device.type != "cpu":
+        raise ValueError("kt_jit kernels run on CPU tensors only")
+    if a.shape[1] != a_cols:
+        raise ValueError(f"{what} has {a.shape[1]} columns but the weight needs {a_cols}")
+    if not a.is_contiguous():
+        raise ValueError(f"{what} must be contiguous; call .contiguous() first")
+
+
+def _pad_rows_for_amx(x: torch.Tensor) -> torch.Tensor:
+    m = x.shape[0]
+    if m % 16 == 0:
+        return x
+    padded = torch.zeros((m + 15) // 16 * 16, x.shape[1], dtype=x.dtype)
+    padded[:m] = x
+    return padded
+
+
+def _output(out: torch.Tensor | None, m: int, cols: int, accumulate: bool) -> torch.Tensor:
+    if out is None:
+        if accumulate:
+            raise ValueError("accumulate=True needs an output tensor to add into")
+        return torch.empty(m, cols, dtype=torch.float32)
+    if out.shape != (m, cols) or out.dtype != torch.float32 or not out.is_contiguous():
+        raise ValueError(f"out must be a contiguous float32 tensor of shape {(m, cols)}, "
+                         f"got {tuple(out.shape)} {out.dtype}")
+    return out
+
+
+def linear(x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = None,
+           accumulate: bool = False, num_threads: int | None = None, isa: str | None = None) -> torch.Tensor:
+    """``Y[M, N] (fp32) (+)= X[M, K] (bf16) @ W^T`` with W given packed (``[N/16, K/2, 16, 2]``)."""
+    _check_packed(packed)
+    n, k = packed.shape[0] * 16, packed.shape[1] * 2
+    _check_operands(x, packed, k, "x")
+    m = x.shape[0]
+    y = _output(out, m, n, accumulate)
+    kern = kernel_for("fwd", n, k, accumulate, isa)
+    if m == 0:
+        return y
+    xs = _pad_rows_for_amx(x) if kern.spec.isa != "avx512" else x
+    groups = torch.tensor([[xs.data_ptr(), packed.data_ptr(), y.data_ptr(), m]], dtype=torch.int64)
+    kern.launch(groups, k * 2, n * 4, num_threads)
+    return y
+
+
+def linear_t(dy: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = None,
+             accumulate: bool = False, num_threads: int | None = None, isa: str | None = None) -> torch.Tensor:
+    """``dX[M, K] (fp32) (+)= dY[M, N] (bf16) @ W`` reading the same packed W as :func:`linear`."""
+    _check_packed(packed)
+    n, k = packed.shape[0] * 16, packed.shape[1] * 2
+    _check_operands(dy, packed, n, "dy")
+    m = dy.shape[0]
+    dx = _output(out, m, k, accumulate)
+    kern = kernel_for("bwd", n, k, accumulate, isa)
+    if m == 0:
+        return dx
+    src = pack_dy_for_amx(dy) if kern.spec.isa != "avx512" else dy
+    groups = torch.tensor([[src.data_ptr(), packed.data_ptr(), dx.data_ptr(), m]], dtype=torch.int64)
+    kern.launch(groups, n * 2, k * 4, num_threads)
+    return dx

@@ -1,0 +1,53 @@
+"""Every environment variable kt_jit reads, read in one place.
+
+KT_JIT_CACHE_DIR    on-disk kernel cache (default ~/.cache/kt_jit)
+KT_JIT_DUMP_DIR     if set, each compiled kernel's .ll and .s are written here
+KT_JIT_NUM_THREADS  worker threads per kernel launch (default: cores this process may use)
+KT_JIT_ISA          "auto" (default), "amx", "avx512" or "amx_emu" (AMX kernels run through an
+                    IR-level tile emulator; for testing the AMX code path on CPUs without AMX)
+KT_JIT_DISABLE_CACHE  "1" compiles every kernel afresh and writes nothing to disk
+"""
+
+from __future__ import annotations
+
+import os
+from pathlib import Path
+
+ISA_CHOICES = ("auto", "amx", "avx512", "amx_emu")
+
+
+def cache_dir() -> Path:
+    """Directory of the on-disk kernel cache."""
+    raw = os.environ.get("KT_JIT_CACHE_DIR")
+    return Path(raw).expanduser() if raw else Path.home() / ".cache" / "kt_jit"
+
+
+def dump_dir() -> Path | None:
+    """Directory to write each kernel's .ll and .s into, or None."""
+    raw = os.environ.get("KT_JIT_DUMP_DIR")
+    return Path(raw).expanduser() if raw else None
+
+
+def cache_disabled() -> bool:
+    return os.environ.get("KT_JIT_DISABLE_CACHE", "") not in ("", "0")
+
+
+def num_threads_override() -> int | None:
+    """KT_JIT_NUM_THREADS as a positive int, or None when unset."""
+    raw = os.environ.get("KT_JIT_NUM_THREADS")
+    if raw is None or raw == "":
+        return None
+    try:
+        n = int(raw)
+    except ValueError:
+        raise ValueError(f"KT_JIT_NUM_THREADS must be a positive integer, got {raw!r}") from None
+    if n < 1:
+        raise ValueError(f"KT_JIT_NUM_THREADS must be a positive integer, got {raw!r}")
+    return n
+
+
+def isa_request() -> str:
+    raw = os.environ.get("KT_JIT_ISA", "auto").strip().lower() or "auto"
+    if raw not in ISA_CHOICES:
+        raise ValueError(f"KT_JIT_ISA must be one of {ISA_CHOICES}, got {raw!r}")
+    return raw

@@ -1,0 +1,99 @@
+"""On-disk kernel cache: persistence across processes, corruption recovery, concurrent compiles."""
+
+import json
+import os
+import subprocess
+import sys
+import textwrap
+
+import pytest
+
+import kt_jit
+
+# compiles (or loads) one GEMM pair and prints this process's cache stats as JSON
+CHILD = textwrap.dedent("""
+    import json, sys, warnings, torch, kt_jit
+    warnings.simplefilter("always")
+    w = kt_jit.pack_bf16(torch.randn(64, 128).bfloat16())
+    x = torch.randn(5, 128).bfloat16()
+    y = kt_jit.linear(x, w)
+    dx = kt_jit.linear_t(torch.randn(5, 64).bfloat16(), w)
+    ref = x.float() @ kt_jit.unpack_bf16(w).float().T
+    assert ((y - ref).abs().max() < 1e-3), "wrong result"
+    print(json.dumps(kt_jit.cache_info()))
+""")
+
+
+def _run(cache_dir, check=True):
+    env = dict(os.environ, KT_JIT_CACHE_DIR=str(cache_dir))
+    proc = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True)
+    if check:
+        assert proc.returncode == 0, proc.stderr
+    return proc
+
+
+def _stats(proc):
+    return json.loads(proc.stdout.strip().splitlines()[-1])
+
+
+def test_second_process_compiles_nothing(tmp_path):
+    first = _stats(_run(tmp_path))
+    assert first["compiles"] == 2 and first["entries"] == 2
+    second = _stats(_run(tmp_path))
+    assert second["compiles"] == 0 and second["hits"] == 2
+
+
+def test_corrupt_and_truncated_entries_are_recompiled(tmp_path):
+    _run(tmp_path)
+    objs = sorted(tmp_path.rglob("*.o"))
+    assert len(objs) == 2
+    objs[0].write_bytes(objs[0].read_bytes()[:100])          # truncated
+    objs[1].write_bytes(b"\x7fELF" + os.urandom(2000))        # garbage of another size
+    proc = _run(tmp_path)
+    stats = _stats(proc)
+    assert stats["compiles"] == 2 and stats["recovered"] == 2
+    assert "damaged cache entry" in proc.stderr
+    assert _stats(_run(tmp_path))["compiles"] == 0  # repaired on disk
+
+
+def test_corrupt_metadata_is_recompiled(tmp_path):
+    _run(tmp_path)
+    for meta in tmp_path.rglob("*.json"):
+        meta.write_text("{not json")
+    stats = _stats(_run(tmp_path))
+    assert stats["compiles"] == 2 and stats["recovered"] == 2
+
+
+def test_two_processes_compiling_at_once(tmp_path):
+    env = dict(os.environ, KT_JIT_CACHE_DIR=str(tmp_path))
+    procs = [subprocess.Popen([sys.executable, "-c", CHILD], env=env, stdout=subprocess.PIPE,
+                              stderr=subprocess.PIPE, text=True) for _ in range(2)]
+    outs = [p.communicate() for p in procs]
+    assert all(p.returncode == 0 for p in procs), [o[1] for o in outs]
+    assert not list(tmp_path.rglob("*.tmp"))
+    assert _stats(_run(tmp_path))["compiles"] == 0
+
+
+def test_cache_info_and_clear(tmp_path, monkeypatch):
+    _run(tmp_path)
+    monkeypatch.setenv("KT_JIT_CACHE_DIR", str(tmp_path))
+    info = kt_jit.cache_info()
+    assert info["entries"] == 2 and info["bytes"] > 0
+    assert kt_jit.clear_cache() == 2
+    assert kt_jit.cache_info()["entries"] == 0
+
+
+def test_unwritable_cache_dir_still_runs(tmp_path):
+    blocker = tmp_path / "file"
+    blocker.write_text("not a directory")
+    proc = _run(blocker / "sub")
+    assert _stats(proc)["compiles"] == 2
+    assert "could not write kernel cache entry" in proc.stderr
+
+
+@pytest.mark.parametrize("var", ["KT_JIT_DUMP_DIR"])
+def test_dump_dir_gets_ll_and_s(tmp_path, var):
+    env = dict(os.environ, KT_JIT_CACHE_DIR=str(tmp_path / "c"), **{var: str(tmp_path / "d")})
+    subprocess.run([sys.executable, "-c", CHILD], env=env, check=True, capture_output=True)
+    names = {p.suffix for p in (tmp_path / "d").iterdir()}
+    assert names == {".ll", ".s"}

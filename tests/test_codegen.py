@@ -1,0 +1,55 @@
+"""Generated code: compiles for any x86 host, and the assembly holds no tile or vector spills."""
+
+import re
+
+import pytest
+
+from kt_jit.codegen.amx import TileConfig
+from kt_jit.codegen.compile import compile_assembly, target_for
+from kt_jit.kernels import gemm
+
+SHAPES = [(768, 2048), (2048, 768)]
+
+
+def _asm(spec):
+    return compile_assembly(gemm.build_ir(spec), target_for(spec.isa))
+
+
+def _spec(op, isa, n, k):
+    return gemm.GemmSpec(op, n, k, isa, False, gemm.default_schedule(op, isa, n, k))
+
+
+@pytest.mark.parametrize("op", ["fwd", "bwd"])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_amx_kernels_have_no_tile_spills(op, n, k):
+    """Compiled for sapphirerapids on any host: tiles only move where the schedule says."""
+    asm = _asm(_spec(op, "amx", n, k))
+    assert asm.count("ldtilecfg") == 1 and asm.count("tilerelease") == 1
+    assert "tdpbf16ps" in asm
+    # the schedule stores C tiles (4 on the 2-tile path, 2 on the 1-tile path) and nothing else
+    assert len(re.findall(r"\btilestored\b", asm)) == 6
+    assert not re.search(r"tileloadd\s+[-\d]*\(%rsp", asm)
+    # no call inside the kernel (tile state is caller-saved)
+    assert not re.search(r"^\s*call", asm, re.M)
+
+
+@pytest.mark.parametrize("op", ["fwd", "bwd"])
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_avx512_kernels_keep_accumulators_in_registers(op, n, k):
+    asm = _asm(_spec(op, "avx512", n, k))
+    assert "vdpbf16ps" in asm
+    spills = re.findall(r"zmm\d+, [-\d]*\(%rsp\)|[-\d]*\(%rsp\), %zmm", asm)
+    assert not spills, spills[:5]
+
+
+def test_tile_config_bytes():
+    cfg = TileConfig.uniform().to_bytes()
+    assert len(cfg) == 64 and cfg[0] == 1
+    assert cfg[16:32] == bytes([64, 0] * 8) and cfg[48:56] == bytes([16] * 8)
+    assert TileConfig.uniform(2).to_bytes()[48:56] == bytes([16, 16, 0, 0, 0, 0, 0, 0])
+
+
+def test_kernel_names_describe_the_spec():
+    spec = _spec("fwd", "avx512", 768, 2048)
+    assert spec.name.startswith("gemm_fwd_bf16_n768_k2048_avx512_")
+    assert str(spec.schedule) in spec.name

@@ -1,0 +1,147 @@
+"""Packed BF16 expert GEMMs, forward (Y = X W^T) and transposed (dX = dY W), every ISA."""
+
+import pytest
+import torch
+from conftest import ISAS
+from reference import linear as ref_linear
+from reference import linear_t as ref_linear_t
+from reference import rel_err
+
+from kt_jit.kernels import gemm
+from kt_jit.kernels.pack import pack_bf16, unpack_bf16
+
+MS = [1, 7, 16, 33, 100, 512]
+
+
+def _weights(n, k, seed=0):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randn(n, k, generator=g).bfloat16()
+
+
+def _shape_for(isa):
+    # the AMX emulator is scalar IR: keep its shapes small
+    return (64, 96) if isa == "amx_emu" else (192, 256)
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", MS)
+def test_linear_matches_reference(isa, m):
+    n, k = _shape_for(isa)
+    w = _weights(n, k)
+    x = torch.randn(m, k, generator=torch.Generator().manual_seed(m)).bfloat16()
+    y = gemm.linear(x, pack_bf16(w), isa=isa)
+    assert y.dtype == torch.float32 and y.shape == (m, n)
+    assert rel_err(y, ref_linear(x, w)) < 1e-4
+
+
+@pytest.mark.parametrize("isa", ISAS)
+@pytest.mark.parametrize("m", MS)
+def test_linear_t_matches_reference(isa, m):
+    n, k = _shape_for(isa)
+    w = _weights(n, k, seed=1)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(100 + m)).bfloat16()
+    dx = gemm.linear_t(dy, pack_bf16(w), isa=isa)
+    assert dx.dtype == torch.float32 and dx.shape == (m, k)
+    assert rel_err(dx, ref_linear_t(dy, w)) < 1e-4
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_accumulate_adds_into_output(isa):
+    n, k = 64, 96
+    w = _weights(n, k, seed=2)
+    p = pack_bf16(w)
+    x = torch.randn(9, k).bfloat16()
+    dy = torch.randn(9, n).bfloat16()
+    base_y, base_dx = torch.randn(9, n), torch.randn(9, k)
+    y = gemm.linear(x, p, out=base_y.clone(), accumulate=True, isa=isa)
+    dx = gemm.linear_t(dy, p, out=base_dx.clone(), accumulate=True, isa=isa)
+    assert rel_err(y, base_y + ref_linear(x, w)) < 1e-4
+    assert rel_err(dx, base_dx + ref_linear_t(dy, w)) < 1e-4
+
+
+@pytest.mark.parametrize("n,k", [(32, 32), (32, 64), (96, 32), (160, 224)])
+def test_odd_multiples_of_32(n, k):
+    """N/16 and K/16 that are not multiples of 4 take the narrower schedules."""
+    w = _weights(n, k, seed=3)
+    x = torch.randn(5, k).bfloat16()
+    dy = torch.randn(5, n).bfloat16()
+    p = pack_bf16(w)
+    assert rel_err(gemm.linear(x, p), ref_linear(x, w)) < 1e-4
+    assert rel_err(gemm.linear_t(dy, p), ref_linear_t(dy, w)) < 1e-4
+
+
+def test_pack_round_trip_and_layout():
+    w = _weights(64, 128, seed=4)
+    p = pack_bf16(w)
+    assert p.shape == (4, 64, 16, 2) and p.data_ptr() % 64 == 0
+    assert torch.equal(unpack_bf16(p), w)
+    # packed[nb, r, i, e] = W[16 nb + i, 2 r + e]
+    assert p[2, 5, 3, 1] == w[2 * 16 + 3, 2 * 5 + 1]
+    stacked = pack_bf16(torch.stack([w, w * 2]))
+    assert stacked.shape == (2, 4, 64, 16, 2)
+    assert torch.equal(unpack_bf16(stacked)[1], (w * 2))
+
+
+def test_zero_rows():
+    w = _weights(64, 64)
+    p = pack_bf16(w)
+    assert gemm.linear(torch.empty(0, 64, dtype=torch.bfloat16), p).shape == (0, 64)
+    assert gemm.linear_t(torch.empty(0, 64, dtype=torch.bfloat16), p).shape == (0, 64)
+
+
+@pytest.mark.parametrize("n,k", [(48, 64), (64, 40), (0, 64)])
+def test_bad_weight_shape_is_a_value_error(n, k):
+    with pytest.raises(ValueError, match="multiples of 32"):
+        pack_bf16(torch.zeros(n, k))
+
+
+def test_bad_operands_are_value_errors():
+    p = pack_bf16(_weights(64, 64))
+    with pytest.raises(ValueError, match="bfloat16"):
+        gemm.linear(torch.zeros(3, 64), p)
+    with pytest.raises(ValueError, match="columns"):
+        gemm.linear(torch.zeros(3, 32, dtype=torch.bfloat16), p)
+    with pytest.raises(ValueError, match="contiguous"):
+        gemm.linear(torch.zeros(64, 3, dtype=torch.bfloat16).T, pack_bf16(_weights(64, 64)[:, :]))
+    with pytest.raises(ValueError, match="2-D"):
+        gemm.linear(torch.zeros(64, dtype=torch.bfloat16), p)
+    with pytest.raises(ValueError, match="packed"):
+        gemm.linear(torch.zeros(3, 64, dtype=torch.bfloat16), torch.zeros(64, 64, dtype=torch.bfloat16))
+    with pytest.raises(ValueError, match="out must be"):
+        gemm.linear(torch.zeros(3, 64, dtype=torch.bfloat16), p, out=torch.zeros(3, 63))
+
+
+def test_schedule_validation():
+    with pytest.raises(ValueError, match="kc"):
+        gemm.GemmSpec("fwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, kc=24))
+    with pytest.raises(ValueError, match="nr"):
+        gemm.GemmSpec("fwd", 96, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=4))
+    with pytest.raises(ValueError, match="isa"):
+        gemm.GemmSpec("fwd", 64, 64, "sse", False, gemm.GemmSchedule(mr=6, nr=2))
+
+
+@pytest.mark.parametrize("isa", ISAS)
+def test_every_schedule_variant_is_correct(isa):
+    """A few non-default schedules (the tuner's search space) give the same numbers."""
+    n, k = 128, 128
+    w = _weights(n, k, seed=5)
+    p = pack_bf16(w)
+    x = torch.randn(13, k).bfloat16()
+    dy = torch.randn(13, n).bfloat16()
+    if isa == "avx512":
+        fwd = [gemm.GemmSchedule(mr, nr, kc, pf) for mr, nr, kc, pf in [(1, 8, 0, 0), (4, 2, 16, 8), (6, 4, 32, 0)]]
+        bwd = [gemm.GemmSchedule(mr, nr, 0, pf) for mr, nr, pf in [(1, 1, 0), (2, 8, 1), (3, 2, 4)]]
+    else:
+        fwd = bwd = [gemm.GemmSchedule(2, 2)]
+    y = torch.empty(13, n)
+    dx = torch.empty(13, k)
+    for sch in fwd:
+        kern = gemm.get_kernel(gemm.GemmSpec("fwd", n, k, isa, False, sch))
+        xs = gemm._pad_rows_for_amx(x) if isa != "avx512" else x
+        kern.launch(torch.tensor([[xs.data_ptr(), p.data_ptr(), y.data_ptr(), 13]]), k * 2, n * 4)
+        assert rel_err(y, ref_linear(x, w)) < 1e-4, sch
+    for sch in bwd:
+        kern = gemm.get_kernel(gemm.GemmSpec("bwd", n, k, isa, False, sch))
+        src = gemm.pack_dy_for_amx(dy) if isa != "avx512" else dy
+        kern.launch(torch.tensor([[src.data_ptr(), p.data_ptr(), dx.data_ptr(), 13]]), n * 2, k * 4)
+        assert rel_err(dx, ref_linear_t(dy, w)) < 1e-4, sch

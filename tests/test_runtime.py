@@ -1,0 +1,100 @@
+"""Runtime layer: features, AMX permission, the parallel launcher, aligned buffers, knobs."""
+
+import subprocess
+import sys
+
+import pytest
+import torch
+
+from kt_jit.codegen.cache import get_or_compile
+from kt_jit.codegen.compile import target_for
+from kt_jit.codegen.ir import Module
+from kt_jit.codegen.worker import ArgBlock, build_worker
+from kt_jit.runtime import aligned_empty, amx_status, cpu_info, knobs
+from kt_jit.runtime.threads import default_num_threads, launch
+
+COUNT_ARGS = ArgBlock(["counts", "thread_slots"])
+
+
+def _counting_worker():
+    """A worker that adds 1 to counts[item] for every item it claims."""
+    target = target_for("avx512")
+    mod = Module("count_items", target.fn_attrs)
+
+    def body(fn, ctx, item, tiles):
+        counts = COUNT_ARGS.load_ptr(fn, ctx, "counts")
+        fn.emit(f"atomicrmw add ptr {fn.gep(counts, fn.mul(item, 8))}, i64 1 monotonic")
+
+    build_worker(mod, "count_items", COUNT_ARGS, body)
+    return get_or_compile("count_items", "count_items", mod.render(), target, ["count_items"])["count_items"]
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("n_items", [0, 1, 7, 1000])
+def test_launcher_runs_every_item_exactly_once(threads, n_items):
+    import ctypes
+
+    addr = _counting_worker()
+    counts = torch.zeros(max(n_items, 1), dtype=torch.int64)
+    args = COUNT_ARGS.make(n_items, counts=counts.data_ptr(), thread_slots=0)
+    launch(addr, ctypes.addressof(args), threads)
+    assert counts[:n_items].eq(1).all()
+    assert args.counter >= n_items  # every thread's last claim overshoots by one
+
+
+def test_arg_block_names_missing_fields():
+    with pytest.raises(TypeError, match="counts"):
+        COUNT_ARGS.make(3, thread_slots=0)
+
+
+def test_num_threads_knob(monkeypatch):
+    monkeypatch.setenv("KT_JIT_NUM_THREADS", "3")
+    assert default_num_threads() == 3
+    monkeypatch.setenv("KT_JIT_NUM_THREADS", "zero")
+    with pytest.raises(ValueError, match="KT_JIT_NUM_THREADS"):
+        default_num_threads()
+    monkeypatch.delenv("KT_JIT_NUM_THREADS")
+    assert default_num_threads() >= 1
+
+
+def test_isa_knob_is_validated(monkeypatch):
+    monkeypatch.setenv("KT_JIT_ISA", "neon")
+    with pytest.raises(ValueError, match="KT_JIT_ISA"):
+        knobs.isa_request()
+
+
+def test_cpu_info_is_consistent():
+    info = cpu_info()
+    assert info.model_name
+    if info.amx_bf16:
+        assert info.has("amx_tile")
+    assert set(info.summary()) >= {"amx_tile", "amx_bf16", "amx_int8", "avx512_bf16"}
+
+
+def test_amx_status_reason_is_clear():
+    ok, why = amx_status()
+    assert isinstance(ok, bool) and why
+    if not cpu_info().has("amx_tile"):
+        assert not ok and "no AMX" in why
+
+
+def test_require_amx_raises_instead_of_sigill():
+    from kt_jit.runtime.amx import require_amx
+
+    if amx_status()[0]:
+        require_amx()  # must not raise where AMX works
+    else:
+        with pytest.raises(RuntimeError, match="AMX kernels cannot run"):
+            require_amx()
+
+
+def test_aligned_buffers():
+    for n in (1, 3, 17, 1000):
+        t = aligned_empty((n, 3), torch.bfloat16)
+        assert t.data_ptr() % 64 == 0 and t.shape == (n, 3) and t.is_contiguous()
+
+
+def test_info_command_runs():
+    out = subprocess.run([sys.executable, "-m", "kt_jit.info"], capture_output=True, text=True, check=True)
+    for word in ("AMX", "threads", "kernel cache", "kernel ISA"):
+        assert word in out.stdout
