@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Sequence
 
-from .ir import BF16x32, F32x16, I16x32, I32x16, Function, shuffle_mask, vec_const
+from .ir import BF16x32, F32x16, Function, I16x32, I32x16, shuffle_mask, vec_const
 
 _DPBF16 = "llvm.x86.avx512bf16.dpbf16ps.512"
 

@@ -30,6 +30,7 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from dataclasses import dataclass
 
@@ -143,17 +144,23 @@ def _group(fn: Function, ctx: str, item: str, ipg: int) -> tuple[str, ...]:
 
 
 def _row_blocks(fn: Function, m: str, mr: int, micro) -> None:
-    """Call ``micro(m0, mr)`` over full blocks of ``mr`` rows, then ``micro(m0, 1)`` per tail row.
-
-    Two variants only (instead of one per tail size) keeps compile time down; a tail costs at most
-    mr-1 single-row passes over a weight panel that is already in cache.
+    """Call ``micro(m0, mr)`` over full blocks of ``mr`` rows, then cover the tail in power-of-two
+    blocks (for mr=6: a tail of 5 runs as 4+1), so a tail never degrades into single rows and only
+    log2(mr) extra variants are compiled.
     """
     full = fn.mul(fn.val(f"udiv i64 {m}, {mr}"), mr)
     with fn.loop(0, full, mr, name="mb") as m0:
         micro(m0, mr)
-    if mr > 1:
-        with fn.loop(full, m, 1, name="tail") as m0:
-            micro(m0, 1)
+    pos = fn.var("i64", full)
+    size = 1
+    while size * 2 < mr:
+        size *= 2
+    while size >= 1:
+        with fn.if_then(fn.icmp("sge", fn.sub(m, pos.get()), size), name=f"tail{size}"):
+            p = pos.get()
+            micro(p, size)
+            pos.set(fn.add(p, size))
+        size //= 2
 
 
 def _avx512_fwd_body(spec: GemmSpec):
@@ -382,27 +389,27 @@ class GemmKernel:
         ir = build_ir(spec)
         self.addr = get_or_compile(spec.name, repr(spec), ir, target_for(spec.isa), [spec.name])[spec.name]
 
-    def launch(self, groups: torch.Tensor, ldx: int, ldy: int, num_threads: int | None = None) -> None:
+    def launch(self, groups: torch.Tensor | ctypes.Array, ldx: int, ldy: int,
+               num_threads: int | None = None) -> None:
         """Run over ``groups`` (int64 [G, 4]: x ptr, packed-w ptr, y ptr, m); pitches in bytes.
 
-        Pointers are trusted: callers validate shapes first (see :func:`linear`).
+        ``groups`` is a contiguous int64 tensor or a ctypes int64 array of 4*G values. Pointers are
+        trusted: callers validate shapes first (see :func:`linear`).
         """
         if self.spec.isa == "amx":
             require_amx()
-        n_items = groups.shape[0] * self.spec.items_per_group
+        if isinstance(groups, torch.Tensor):
+            n_groups, addr = groups.shape[0], groups.data_ptr()
+        else:
+            n_groups, addr = len(groups) // GROUP_FIELDS, ctypes.addressof(groups)
+        n_items = n_groups * self.spec.items_per_group
         if n_items == 0:
             return
-        args = ARGS.make(n_items, groups=groups.data_ptr(), ldx=ldx, ldy=ldy)
-        launch(self.addr, _addr(args), num_threads)
+        args = ARGS.make(n_items, groups=addr, ldx=ldx, ldy=ldy)
+        launch(self.addr, ctypes.addressof(args), num_threads)
 
 
-def _addr(struct) -> int:
-    import ctypes
-
-    return ctypes.addressof(struct)
-
-
-@functools.lru_cache(maxsize=None)
+@functools.cache
 def get_kernel(spec: GemmSpec) -> GemmKernel:
     """The compiled kernel for ``spec`` (memoised; compiled or loaded from the disk cache once)."""
     return GemmKernel(spec)
@@ -410,9 +417,18 @@ def get_kernel(spec: GemmSpec) -> GemmKernel:
 
 def kernel_for(op: str, n: int, k: int, accumulate: bool = False, isa: str | None = None,
                schedule: GemmSchedule | None = None) -> GemmKernel:
-    isa = isa or active_isa()
-    schedule = schedule or default_schedule(op, isa, n, k)
-    return get_kernel(GemmSpec(op, n, k, isa, accumulate, schedule))
+    """The kernel for this problem on ``isa`` (default: the active ISA) with the default schedule."""
+    return _kernel_for(op, n, k, accumulate, isa or active_isa(), schedule)
+
+
+@functools.cache
+def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str,
+                schedule: GemmSchedule | None) -> GemmKernel:
+    return get_kernel(GemmSpec(op, n, k, isa, accumulate, schedule or default_schedule(op, isa, n, k)))
+
+
+def _one_group(x: int, w: int, y: int, m: int) -> ctypes.Array:
+    return (ctypes.c_int64 * GROUP_FIELDS)(x, w, y, m)
 
 
 def pack_dy_for_amx(dy: torch.Tensor) -> torch.Tensor:
@@ -484,8 +500,7 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = Non
     if m == 0:
         return y
     xs = _pad_rows_for_amx(x) if kern.spec.isa != "avx512" else x
-    groups = torch.tensor([[xs.data_ptr(), packed.data_ptr(), y.data_ptr(), m]], dtype=torch.int64)
-    kern.launch(groups, k * 2, n * 4, num_threads)
+    kern.launch(_one_group(xs.data_ptr(), packed.data_ptr(), y.data_ptr(), m), k * 2, n * 4, num_threads)
     return y
 
 
@@ -501,6 +516,5 @@ def linear_t(dy: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = 
     if m == 0:
         return dx
     src = pack_dy_for_amx(dy) if kern.spec.isa != "avx512" else dy
-    groups = torch.tensor([[src.data_ptr(), packed.data_ptr(), dx.data_ptr(), m]], dtype=torch.int64)
-    kern.launch(groups, n * 2, k * 4, num_threads)
+    kern.launch(_one_group(src.data_ptr(), packed.data_ptr(), dx.data_ptr(), m), n * 2, k * 4, num_threads)
     return dx

@@ -61,11 +61,22 @@ def require_amx() -> None:
                            "AVX-512 BF16 kernels instead.")
 
 
+_isa_memo: dict[str, str] = {}
+
+
 def active_isa() -> str:
     """The instruction set kernels are generated for: "amx", "avx512" or "amx_emu".
 
     ``KT_JIT_ISA=auto`` picks AMX when the CPU has it and the OS grants it, else AVX-512 BF16.
     """
+    raw = knobs.raw("KT_JIT_ISA") or ""
+    isa = _isa_memo.get(raw)
+    if isa is None:
+        isa = _isa_memo[raw] = _resolve_isa()
+    return isa
+
+
+def _resolve_isa() -> str:
     req = knobs.isa_request()
     info = cpu_info()
     if req == "amx":

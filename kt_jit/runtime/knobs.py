@@ -32,6 +32,11 @@ def cache_disabled() -> bool:
     return os.environ.get("KT_JIT_DISABLE_CACHE", "") not in ("", "0")
 
 
+def raw(name: str) -> str | None:
+    """The raw value of one of the variables above (for memo keys in hot paths)."""
+    return os.environ.get(name)
+
+
 def num_threads_override() -> int | None:
     """KT_JIT_NUM_THREADS as a positive int, or None when unset."""
     raw = os.environ.get("KT_JIT_NUM_THREADS")

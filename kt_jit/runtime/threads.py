@@ -20,8 +20,19 @@ from . import knobs
 WORKER_TYPE = ctypes.CFUNCTYPE(None, ctypes.c_void_p)
 
 
+_threads_memo: dict[str | None, int] = {}
+
+
 def default_num_threads() -> int:
     """Threads per launch: KT_JIT_NUM_THREADS, else the cores this process may run on."""
+    raw = knobs.raw("KT_JIT_NUM_THREADS")
+    n = _threads_memo.get(raw)
+    if n is None:
+        n = _threads_memo[raw] = _resolve_num_threads()
+    return n
+
+
+def _resolve_num_threads() -> int:
     override = knobs.num_threads_override()
     if override is not None:
         return override

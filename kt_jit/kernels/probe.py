@@ -1,0 +1,139 @@
+"""Machine probes measured with the same JIT and launcher as the real kernels.
+
+- :func:`read_bandwidth`: bytes/s a parallel streaming read of a large buffer achieves (the
+  memory-bound floor of a pass is bytes / this).
+- :func:`bf16_peak_flops`: FLOP/s of back-to-back bf16 dot products on all threads (AMX ``tdpbf16ps``
+  where AMX is in use, AVX-512 ``vdpbf16ps`` otherwise): the compute-bound floor.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import statistics
+import time
+
+import torch
+
+from ..codegen import avx512 as vx
+from ..codegen.amx import TileConfig
+from ..codegen.cache import get_or_compile
+from ..codegen.compile import target_for
+from ..codegen.ir import F32x16, I32x16, Module
+from ..codegen.worker import ArgBlock, build_worker
+from ..runtime.amx import active_isa
+from ..runtime.buffers import aligned_empty
+from ..runtime.threads import launch
+
+CHUNK = 1 << 16  # bytes per work item of the read probe
+READ_ARGS = ArgBlock(["src", "sink"])
+PEAK_ARGS = ArgBlock(["iters", "sink"])
+
+
+@functools.cache
+def _read_kernel() -> int:
+    target = target_for("avx512")
+    mod = Module("probe_read", target.fn_attrs)
+
+    def body(fn, ctx, item, tiles):
+        base = fn.gep(READ_ARGS.load_ptr(fn, ctx, "src"), fn.mul(item, CHUNK))
+        accs = [fn.var(I32x16, "zeroinitializer", 64) for _ in range(4)]
+        with fn.loop(0, CHUNK, 256, name="b") as off:
+            for j, acc in enumerate(accs):
+                v = fn.load(I32x16, fn.gep(base, fn.add(off, j * 64)), 64)
+                acc.set(fn.val(f"xor {I32x16} {acc.get()}, {v}"))
+        x = accs[0].get()
+        for acc in accs[1:]:
+            x = fn.val(f"xor {I32x16} {x}, {acc.get()}")
+        sink = fn.gep(READ_ARGS.load_ptr(fn, ctx, "sink"), fn.mul(item, 64))
+        fn.store(I32x16, x, sink, 64)
+
+    build_worker(mod, "probe_read", READ_ARGS, body)
+    return get_or_compile("probe_read", "probe_read", mod.render(), target, ["probe_read"])["probe_read"]
+
+
+@functools.cache
+def _peak_kernel(isa: str) -> int:
+    target = target_for(isa)
+    name = f"probe_peak_{isa}"
+    mod = Module(name, target.fn_attrs)
+    amx = isa in ("amx", "amx_emu")
+
+    def body(fn, ctx, item, tiles):
+        iters = PEAK_ARGS.load(fn, ctx, "iters")
+        sink = fn.gep(PEAK_ARGS.load_ptr(fn, ctx, "sink"), fn.mul(item, 4096))
+        if amx:
+            for t in range(4, 8):
+                tiles.zero(t)
+            for t in range(4):
+                tiles.load(t, sink, 64)
+            with fn.loop(0, iters, name="it"):
+                for c, a, b in ((4, 0, 2), (5, 0, 3), (6, 1, 2), (7, 1, 3)):
+                    tiles.dp_bf16(c, a, b)
+            tiles.store(4, sink, 64)
+            return
+        ones = vx.bitcast(fn, vx.i32x16_const([0x3F803F80] * 16), I32x16, "<32 x bfloat>")
+        accs = [fn.var(F32x16, "zeroinitializer", 64) for _ in range(24)]
+        with fn.loop(0, iters, name="it"):
+            for acc in accs:
+                acc.set(vx.dpbf16(fn, acc.get(), ones, ones))
+        x = accs[0].get()
+        for acc in accs[1:]:
+            x = vx.fadd(fn, x, acc.get())
+        fn.store(F32x16, x, sink, 64)
+
+    tile_cfg = TileConfig.uniform() if amx else None
+    build_worker(mod, name, PEAK_ARGS, body, tile_cfg, emulate_amx=isa == "amx_emu")
+    return get_or_compile(name, name, mod.render(), target, [name])[name]
+
+
+def _median_time(fn, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5, num_threads: int | None = None) -> float:
+    """Bytes per second of a parallel streaming read over a fresh ``nbytes`` buffer."""
+    n_items = max(1, nbytes // CHUNK)
+    buf = aligned_empty((n_items * CHUNK,), torch.uint8)
+    buf.fill_(1)
+    sink = aligned_empty((n_items * 16,), torch.int32)
+    args = READ_ARGS.make(n_items, src=buf.data_ptr(), sink=sink.data_ptr())
+    addr = _read_kernel()
+
+    def run():
+        args.counter = 0
+        launch(addr, ctypes.addressof(args), num_threads)
+
+    run()
+    return n_items * CHUNK / _median_time(run, repeats)
+
+
+def bf16_peak_flops(isa: str | None = None, seconds: float = 0.2, num_threads: int | None = None) -> float:
+    """Peak bf16 multiply-add FLOP/s on all threads (2 FLOPs per multiply-add)."""
+    from ..runtime.threads import default_num_threads
+
+    isa = isa or active_isa()
+    threads = num_threads or default_num_threads()
+    amx = isa in ("amx", "amx_emu")
+    flops_per_iter = 4 * 16 * 16 * 32 * 2 if amx else 24 * 16 * 2 * 2
+    sink = aligned_empty((threads * 1024,), torch.float32)
+    sink.zero_()
+    addr = _peak_kernel(isa)
+    iters = 1000
+
+    def run(n):
+        args = PEAK_ARGS.make(threads, iters=n, sink=sink.data_ptr())
+        launch(addr, ctypes.addressof(args), threads)
+
+    while True:  # grow the loop until one run takes long enough to time
+        t = _median_time(lambda n=iters: run(n), 1)
+        if t > seconds / 4 or iters > 1 << 30:
+            break
+        iters *= 4
+    t = _median_time(lambda n=iters: run(n), 3)
+    return threads * iters * flops_per_iter / t

@@ -1,0 +1,179 @@
+"""Benchmark the packed BF16 expert GEMMs against torch on the same machine, in the same run.
+
+For M in {1, 16, 32, 128, 512} and (N, K) in {(768, 2048), (2048, 768), (2048, 7168), (7168, 2048)}:
+forward ``Y = X W^T`` (kt_jit.linear vs torch F.linear, bf16) and transposed ``dX = dY W``
+(kt_jit.linear_t vs torch ``dY @ W``, bf16). Weights are streamed from DRAM: each timed call uses
+the next of enough weight copies to fill >= 1 GiB, so no call finds its weight in cache.
+
+Floors are measured in the same run with the JIT probes: read bandwidth (memory-bound floor =
+weight bytes / bandwidth) and bf16 dot-product peak (compute-bound floor = FLOPs / peak); a row's
+floor is the larger of the two, ``of_floor = floor / ours`` (1.0 = at the roofline).
+
+    python tools/bench_gemm.py [--quick] [--json PATH] [--threads N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+
+import torch
+import torch.nn.functional as F
+
+import kt_jit
+from kt_jit.kernels.probe import bf16_peak_flops, read_bandwidth
+from kt_jit.runtime.threads import default_num_threads, launch
+
+SHAPES = [(768, 2048), (2048, 768), (2048, 7168), (7168, 2048)]
+MS = [1, 16, 32, 128, 512]
+
+
+class Stream:
+    """Cycles through weight copies so consecutive calls never hit a cached weight."""
+
+    def __init__(self, n: int, k: int, total_bytes: int) -> None:
+        copies = max(2, -(-total_bytes // (n * k * 2)))
+        g = torch.Generator().manual_seed(0)
+        self.w = [(torch.randn(n, k, generator=g) * 0.05).bfloat16() for _ in range(copies)]
+        self.packed = [kt_jit.pack_bf16(w) for w in self.w]
+        self.i = 0
+
+    def next(self) -> int:
+        self.i = (self.i + 1) % len(self.w)
+        return self.i
+
+
+def time_per_call(call, stream: Stream, batch_seconds: float, repeats: int) -> float:
+    """Median seconds per call over ``repeats`` batches of consecutive (cold-weight) calls."""
+    call(stream.next())
+    t0 = time.perf_counter()
+    call(stream.next())
+    one = max(time.perf_counter() - t0, 1e-6)
+    batch = max(1, min(len(stream.w), int(batch_seconds / one)))
+    per_call = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        for _ in range(batch):
+            call(stream.next())
+        per_call.append((time.perf_counter() - t0) / batch)
+    return statistics.median(per_call)
+
+
+def compile_and_load_times() -> dict[str, float]:
+    """Cold compile of one GEMM kernel (LLVM already initialised) and its load from the disk cache."""
+    code = (
+        "import time, json, torch, kt_jit\n"
+        "from kt_jit.kernels.gemm import kernel_for\n"
+        "kernel_for('fwd', 64, 64)\n"  # initialises LLVM and the JIT
+        "t = time.perf_counter(); kernel_for('fwd', 2048, 7168); t = time.perf_counter() - t\n"
+        "print(json.dumps({'seconds': t, 'stats': kt_jit.cache_info()}))\n"
+    )
+    with tempfile.TemporaryDirectory() as d:
+        env = dict(os.environ, KT_JIT_CACHE_DIR=d)
+        runs = []
+        for _ in range(2):
+            out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
+                                 check=True)
+            runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
+    assert runs[0]["stats"]["compiles"] == 2 and runs[1]["stats"]["compiles"] == 0
+    return {"cold_compile_ms": runs[0]["seconds"] * 1e3, "disk_load_ms": runs[1]["seconds"] * 1e3}
+
+
+def launch_overhead_us(threads: int) -> float:
+    """Median cost of one parallel launch of a kernel with no work items."""
+    import ctypes
+
+    from kt_jit.kernels.probe import READ_ARGS, _read_kernel
+
+    addr = _read_kernel()
+    args = READ_ARGS.make(0, src=0, sink=0)
+
+    def once():
+        args.counter = 0
+        launch(addr, ctypes.addressof(args), threads)
+
+    for _ in range(100):
+        once()
+    times = []
+    for _ in range(2000):
+        t0 = time.perf_counter()
+        once()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times) * 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="two shapes, fewer repeats (< 2 minutes)")
+    ap.add_argument("--json", metavar="PATH", help="write the rows as JSON")
+    ap.add_argument("--threads", type=int, default=None)
+    args = ap.parse_args()
+
+    threads = args.threads or default_num_threads()
+    os.environ["KT_JIT_NUM_THREADS"] = str(threads)
+    torch.set_num_threads(threads)
+    shapes = [(2048, 768), (2048, 7168)] if args.quick else SHAPES
+    repeats = 3 if args.quick else 5
+    total = (1 << 29) if args.quick else (1 << 30)
+
+    isa = kt_jit.active_isa()
+    bw = read_bandwidth(1 << 30)
+    peak = bf16_peak_flops(isa)
+    print(f"kt_jit GEMM benchmark: isa={isa} threads={threads} | read bandwidth {bw / 1e9:.1f} GB/s, "
+          f"bf16 peak {peak / 1e12:.2f} TFLOPS (both measured now)")
+    rows: list[dict] = []
+    hdr = (f"{'op':4} {'N':>5} {'K':>5} {'M':>4} | {'ms':>8} {'GB/s':>6} {'TFLOPS':>6} {'of_floor':>8} | "
+           f"{'torch ms':>8} {'vs_torch':>8}")
+    print(hdr)
+    print("-" * len(hdr))
+    for n, k in shapes:
+        stream = Stream(n, k, total)
+        for m in MS:
+            g = torch.Generator().manual_seed(m)
+            x = torch.randn(m, k, generator=g).bfloat16()
+            dy = torch.randn(m, n, generator=g).bfloat16()
+            y = torch.empty(m, n)
+            dx = torch.empty(m, k)
+            batch = 0.05 if args.quick else 0.1
+            cases = {
+                "fwd": (lambda i, s=stream, x=x, y=y: kt_jit.linear(x, s.packed[i], out=y),
+                        lambda i, s=stream, x=x: F.linear(x, s.w[i])),
+                "bwd": (lambda i, s=stream, dy=dy, dx=dx: kt_jit.linear_t(dy, s.packed[i], out=dx),
+                        lambda i, s=stream, dy=dy: torch.matmul(dy, s.w[i])),
+            }
+            for op, (ours_fn, torch_fn) in cases.items():
+                ours = time_per_call(ours_fn, stream, batch, repeats)
+                ref = time_per_call(torch_fn, stream, batch, repeats)
+                nbytes, flops = n * k * 2, 2 * m * n * k
+                floor = max(nbytes / bw, flops / peak)
+                row = {"name": f"{op} N={n} K={k} M={m}", "ms": ours * 1e3, "vs_torch": ref / ours,
+                       "of_floor": floor / ours, "torch_ms": ref * 1e3, "weight_gbps": nbytes / ours / 1e9,
+                       "tflops": flops / ours / 1e12, "bound": "memory" if nbytes / bw >= flops / peak else "compute"}
+                rows.append(row)
+                print(f"{op:4} {n:5d} {k:5d} {m:4d} | {row['ms']:8.3f} {row['weight_gbps']:6.1f} "
+                      f"{row['tflops']:6.3f} {row['of_floor']:8.2f} | {row['torch_ms']:8.3f} {row['vs_torch']:8.2f}",
+                      flush=True)
+
+    overhead = launch_overhead_us(threads)
+    rows.append({"name": f"launch overhead ({threads} threads, empty kernel)", "ms": overhead / 1e3})
+    print(f"launch overhead: {overhead:.2f} us per parallel launch ({threads} threads)")
+    times = compile_and_load_times()
+    rows.append({"name": "cold compile, one GEMM kernel", "ms": times["cold_compile_ms"]})
+    rows.append({"name": "load from disk cache, one GEMM kernel", "ms": times["disk_load_ms"]})
+    print(f"cold compile {times['cold_compile_ms']:.1f} ms, load from disk cache {times['disk_load_ms']:.2f} ms")
+    rows.append({"name": "machine", "ms": 0.0, "isa": isa, "threads": threads,
+                 "read_gbps": bw / 1e9, "peak_tflops": peak / 1e12})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
