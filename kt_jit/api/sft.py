@@ -1,0 +1,129 @@
+"""The MoE fine-tuning operator: ``moe_sft`` (autograd) and :class:`MoESFTOp` (explicit forward /
+backward with a stack of saved activations, the seeds' call model)."""
+
+from __future__ import annotations
+
+import threading
+
+import torch
+
+from ..moe import sft as core
+from ..moe.weights import MoEExperts, MoELoRA
+from .validate import check_moe_inputs
+
+
+class _MoESFTFunction(torch.autograd.Function):
+    @staticmethod
+    def forward(ctx, x, topk_ids, topk_weights, experts, scaling, out_dtype, *lora):
+        lora_t = tuple(lora) if lora else None
+        out, saved = core.forward(x.to(torch.bfloat16).contiguous(), topk_ids,
+                                  topk_weights.to(torch.float32).contiguous(), experts, lora_t, scaling,
+                                  save=True, out_dtype=out_dtype)
+        ctx.saved = saved
+        ctx.experts, ctx.scaling, ctx.lora = experts, scaling, lora_t
+        ctx.x_dtype, ctx.w_dtype = x.dtype, topk_weights.dtype
+        return out
+
+    @staticmethod
+    def backward(ctx, grad_out):
+        saved = ctx.saved
+        if saved is None:
+            raise RuntimeError("moe_sft backward called twice; use retain_graph semantics via MoESFTOp instead")
+        ctx.saved = None
+        dx, dw, dlora = core.backward(saved, grad_out.float().contiguous(), ctx.experts, ctx.lora, ctx.scaling)
+        lora_grads = () if dlora is None else tuple(g.to(p.dtype) for g, p in zip(dlora, ctx.lora, strict=True))
+        return (dx.to(ctx.x_dtype), None, dw.to(ctx.w_dtype), None, None, None, *lora_grads)
+
+
+def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+            experts: MoEExperts, lora: MoELoRA | None = None,
+            out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Routed-expert MoE layer with per-expert LoRA, differentiable.
+
+    hidden_states ``[T, H]`` (bf16; fp16/fp32 are converted), topk_ids ``[T, K]`` int64,
+    topk_weights ``[T, K]`` float. Returns ``[T, H]`` in ``out_dtype`` (fp32 by default, or bf16).
+    Gradients flow to hidden_states, topk_weights (the router gradient ``<dOut[t], Y_k[t]>``) and
+    the six LoRA Parameters, which are read from their current storage on every call.
+    """
+    check_moe_inputs(hidden_states, topk_ids, topk_weights, experts)
+    if out_dtype not in (torch.float32, torch.bfloat16):
+        raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
+    if lora is None:
+        return _MoESFTFunction.apply(hidden_states, topk_ids, topk_weights, experts, 0.0, out_dtype)
+    lora.check_matches(experts)
+    return _MoESFTFunction.apply(hidden_states, topk_ids, topk_weights, experts, lora.scaling, out_dtype,
+                                 *lora.tensors())
+
+
+class MoESFTOp:
+    """Explicit forward/backward with the seeds' cache semantics.
+
+    ``forward(..., save_for_backward=True)`` pushes what backward needs onto a stack of depth
+    ``max_cache_depth``; ``backward(grad_output)`` pops the newest entry (so several forwards, e.g.
+    of gradient-checkpointed layers, can precede their backwards in reverse order). A full stack
+    raises ``RuntimeError("Forward cache full ...")``, an empty one ``RuntimeError("No forward
+    cache ...")``. Safe to call from several Python threads.
+    """
+
+    def __init__(self, experts: MoEExperts, lora: MoELoRA | None = None, max_cache_depth: int = 1) -> None:
+        if max_cache_depth < 1:
+            raise ValueError(f"max_cache_depth must be >= 1, got {max_cache_depth}")
+        if lora is not None:
+            lora.check_matches(experts)
+        self.experts, self.lora, self.max_cache_depth = experts, lora, max_cache_depth
+        self._stack: list[core.Saved] = []
+        self._lock = threading.Lock()
+
+    @property
+    def cache_depth(self) -> int:
+        """Forwards saved and not yet consumed by a backward."""
+        return len(self._stack)
+
+    def _lora(self):
+        return (self.lora.tensors(), self.lora.scaling) if self.lora is not None else (None, 0.0)
+
+    def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
+                save_for_backward: bool = True, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
+        """Output ``[T, H]``; with ``save_for_backward`` the activations go onto the cache stack."""
+        check_moe_inputs(hidden_states, topk_ids, topk_weights, self.experts)
+        if save_for_backward:
+            with self._lock:
+                if len(self._stack) >= self.max_cache_depth:
+                    raise RuntimeError(f"Forward cache full: {len(self._stack)} forwards saved, max_cache_depth="
+                                       f"{self.max_cache_depth}. Call backward() first, or raise max_cache_depth.")
+        lora, scaling = self._lora()
+        with torch.no_grad():
+            out, saved = core.forward(hidden_states.to(torch.bfloat16).contiguous(), topk_ids,
+                                      topk_weights.to(torch.float32).contiguous(), self.experts, lora, scaling,
+                                      save=save_for_backward, out_dtype=out_dtype)
+        if save_for_backward:
+            with self._lock:
+                if len(self._stack) >= self.max_cache_depth:
+                    raise RuntimeError(f"Forward cache full: {len(self._stack)} forwards saved, max_cache_depth="
+                                       f"{self.max_cache_depth}. Call backward() first, or raise max_cache_depth.")
+                self._stack.append(saved)
+        return out
+
+    def backward(self, grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
+        """Gradients of the newest saved forward: ``grad_input`` [T, H] (bf16), ``grad_weights`` [T, K]
+        (fp32) and, with LoRA, one bf16 entry per LoRA tensor name (e.g. ``gate_lora_a``)."""
+        with self._lock:
+            if not self._stack:
+                raise RuntimeError("No forward cache to run backward on: call forward(..., "
+                                   "save_for_backward=True) first (each backward consumes one forward).")
+            saved = self._stack.pop()
+        t, h = saved.x.shape
+        if not isinstance(grad_output, torch.Tensor) or tuple(grad_output.shape) != (t, h):
+            with self._lock:
+                self._stack.append(saved)
+            shape = tuple(grad_output.shape) if isinstance(grad_output, torch.Tensor) else None
+            raise ValueError(f"grad_output must be a [{t}, {h}] tensor matching the forward, got {shape}")
+        lora, scaling = self._lora()
+        with torch.no_grad():
+            dx, dw, dlora = core.backward(saved, grad_output.float().contiguous(), self.experts, lora, scaling)
+        result = {"grad_input": dx.to(torch.bfloat16), "grad_weights": dw}
+        if dlora is not None:
+            from ..moe.weights import LORA_NAMES
+
+            result.update({n: g.to(torch.bfloat16) for n, g in zip(LORA_NAMES, dlora, strict=True)})
+        return result

@@ -1,0 +1,54 @@
+"""Token grouping per expert.
+
+The T*K (token, slot) pairs are sorted by expert (stable), and each active expert gets a segment
+of rows in the per-expert buffers. Segments start at multiples of 16 rows so that every segment
+is whole AMX tiles (rows past a segment's end are never read back).
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+
+import torch
+
+SEGMENT_ALIGN = 16
+
+
+@dataclass
+class Routing:
+    """Where each routed (token, k) pair lives in the per-expert row buffers.
+
+    slot_token[j], slot_k[j]: token and k of the j-th pair in expert order (j < T*K)
+    slot_row[j]: its row in the per-expert buffers (``rows`` rows in all)
+    experts, counts, starts: the active experts, their token counts and first rows (all int64)
+    """
+
+    slot_token: torch.Tensor
+    slot_k: torch.Tensor
+    slot_row: torch.Tensor
+    experts: torch.Tensor
+    counts: torch.Tensor
+    starts: torch.Tensor
+    rows: int
+
+    @property
+    def num_active(self) -> int:
+        return int(self.experts.numel())
+
+
+def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
+    """Group ``topk_ids [T, K]`` (int64, already validated to lie in [0, E)) by expert."""
+    t, k = topk_ids.shape
+    flat = topk_ids.reshape(-1)
+    order = torch.argsort(flat, stable=True)
+    counts_all = torch.bincount(flat, minlength=num_experts)
+    experts = torch.nonzero(counts_all).reshape(-1)
+    counts = counts_all[experts]
+    padded = (counts + SEGMENT_ALIGN - 1) // SEGMENT_ALIGN * SEGMENT_ALIGN
+    starts = torch.cumsum(padded, 0) - padded
+    first_slot = torch.cumsum(counts, 0) - counts  # position of each segment in sorted order
+    # row of sorted slot j = starts[seg(j)] + (j - first_slot[seg(j)])
+    seg = torch.repeat_interleave(torch.arange(experts.numel()), counts)
+    slot_row = starts[seg] + torch.arange(t * k) - first_slot[seg]
+    rows = int(padded.sum()) if experts.numel() else 0
+    return Routing(order // k, order % k, slot_row, experts, counts, starts, rows)

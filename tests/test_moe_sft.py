@@ -1,0 +1,298 @@
+"""The MoE LoRA fine-tuning operator against the float32 reference (tests/reference.py::moe)."""
+
+import threading
+
+import pytest
+import torch
+from reference import moe as ref_moe
+from reference import rel_err
+
+import kt_jit
+from kt_jit.moe.weights import LORA_NAMES
+
+E, H, I, R = 8, 128, 96, 8
+
+
+def make_layer(e=E, h=H, i=I, r=R, seed=0, lora_b_scale=0.02):
+    g = torch.Generator().manual_seed(seed)
+    gate = (torch.randn(e, i, h, generator=g) / h**0.5).bfloat16()
+    up = (torch.randn(e, i, h, generator=g) / h**0.5).bfloat16()
+    down = (torch.randn(e, h, i, generator=g) / i**0.5).bfloat16()
+    experts = kt_jit.MoEExperts.from_tensors(gate, up, down)
+    lora = kt_jit.MoELoRA(e, h, i, rank=r, alpha=2.0 * r)
+    with torch.no_grad():  # non-zero B so every LoRA gradient is exercised
+        for name in ("gate_lora_b", "up_lora_b", "down_lora_b"):
+            getattr(lora, name).copy_(torch.randn(getattr(lora, name).shape, generator=g) * lora_b_scale)
+    return gate, up, down, experts, lora
+
+
+def make_batch(t, k, e=E, h=H, seed=1, ids=None, normalise=True):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=g).bfloat16()
+    if ids is None:
+        ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    w = torch.rand(t, k, generator=g) + 0.1
+    if normalise:
+        w = w / w.sum(1, keepdim=True)
+    return x, ids, w
+
+
+def reference_grads(x, ids, w, gate, up, down, lora, dout):
+    xr = x.float().requires_grad_()
+    wr = w.clone().requires_grad_()
+    lr = [p.detach().float().requires_grad_() for p in lora.tensors()]
+    out = ref_moe(xr, ids, wr, gate, up, down, lr, lora.scaling)
+    out.backward(dout)
+    return out.detach(), xr.grad, wr.grad, [p.grad for p in lr]
+
+
+def run_ours(x, ids, w, experts, lora, dout):
+    xo = x.clone().requires_grad_()
+    wo = w.clone().requires_grad_()
+    for p in lora.parameters():
+        p.grad = None
+    out = kt_jit.moe_sft(xo, ids, wo, experts, lora)
+    out.backward(dout)
+    return out.detach(), xo.grad, wo.grad, [p.grad for p in lora.tensors()]
+
+
+@pytest.mark.parametrize("quant", ["bf16"])
+def test_moe_sft_forward(quant):
+    gate, up, down, experts, lora = make_layer()
+    x, ids, w = make_batch(37, 4)
+    out = kt_jit.moe_sft(x, ids, w, experts, lora)
+    assert out.dtype == torch.float32 and out.shape == x.shape
+    ref = ref_moe(x, ids, w, gate, up, down, [p.detach() for p in lora.tensors()], lora.scaling)
+    assert rel_err(out, ref) < 0.005
+    out16 = kt_jit.moe_sft(x, ids, w, experts, lora, out_dtype=torch.bfloat16)
+    assert out16.dtype == torch.bfloat16 and rel_err(out16, ref) < 0.005
+    plain = kt_jit.moe_sft(x, ids, w, experts)
+    assert rel_err(plain, ref_moe(x, ids, w, gate, up, down)) < 0.005
+
+
+@pytest.mark.parametrize("quant", ["bf16"])
+def test_moe_sft_backward(quant):
+    gate, up, down, experts, lora = make_layer()
+    x, ids, w = make_batch(37, 4)
+    dout = torch.randn(37, H, generator=torch.Generator().manual_seed(9))
+    ref = reference_grads(x, ids, w, gate, up, down, lora, dout)
+    ours = run_ours(x, ids, w, experts, lora, dout)
+    assert rel_err(ours[0], ref[0]) < 0.005
+    assert ours[1].dtype == torch.bfloat16 and rel_err(ours[1], ref[1]) < 0.01, "grad input"
+    assert rel_err(ours[2], ref[2]) < 0.01, "router grad"
+    for name, a, b in zip(LORA_NAMES, ours[3], ref[3], strict=True):
+        assert a.dtype == torch.bfloat16 and a.shape == b.shape
+        assert rel_err(a, b) < 0.01, name
+
+
+ROUTING_CASES = {
+    "T=1": dict(t=1, k=4),
+    "T=13 (not a multiple of 16)": dict(t=13, k=3),
+    "top-1": dict(t=20, k=1),
+    "all tokens on one expert": dict(t=24, k=1, ids=torch.full((24, 1), 5)),
+    "experts with no tokens": dict(t=10, k=2, ids=torch.tensor([[0, 3]] * 10)),
+    "weights not summing to 1": dict(t=17, k=4, normalise=False),
+    "many tokens": dict(t=150, k=6),
+}
+
+
+@pytest.mark.parametrize("case", list(ROUTING_CASES))
+def test_routing_edge_cases(case):
+    spec = dict(ROUTING_CASES[case])
+    t, k = spec.pop("t"), spec.pop("k")
+    gate, up, down, experts, lora = make_layer()
+    x, ids, w = make_batch(t, k, **spec)
+    dout = torch.randn(t, H, generator=torch.Generator().manual_seed(3))
+    ref = reference_grads(x, ids, w, gate, up, down, lora, dout)
+    ours = run_ours(x, ids, w, experts, lora, dout)
+    assert rel_err(ours[0], ref[0]) < 0.005
+    assert rel_err(ours[1], ref[1]) < 0.01
+    assert rel_err(ours[2], ref[2]) < 0.01
+    for name, a, b in zip(LORA_NAMES, ours[3], ref[3], strict=True):
+        if b.abs().sum() == 0:  # experts never routed to get exactly zero gradient
+            assert a.abs().sum() == 0, name
+        else:
+            assert rel_err(a, b) < 0.01, name
+
+
+def test_moe_sft_lora_weight_sync():
+    """In-place updates and replaced storage are both seen by the next forward, with no sync call."""
+    gate, up, down, experts, lora = make_layer()
+    x, ids, w = make_batch(9, 2)
+
+    def ref():
+        return ref_moe(x, ids, w, gate, up, down, [p.detach() for p in lora.tensors()], lora.scaling)
+
+    before = kt_jit.moe_sft(x, ids, w, experts, lora)
+    with torch.no_grad():
+        lora.down_lora_b.add_(0.5)  # in place, as an optimizer step does
+    after = kt_jit.moe_sft(x, ids, w, experts, lora)
+    assert rel_err(after, before) > 0.01
+    assert rel_err(after, ref()) < 0.005
+    lora.gate_lora_a.data = torch.randn_like(lora.gate_lora_a) * 0.1  # storage replaced
+    assert rel_err(kt_jit.moe_sft(x, ids, w, experts, lora), ref()) < 0.005
+
+
+def test_moe_sft_training_loop():
+    """100 AdamW steps on a fixed target: loss falls and tracks the float32 reference run within 5%."""
+    gate, up, down, experts, lora = make_layer(lora_b_scale=0.0)
+    ref_params = [p.detach().float().clone().requires_grad_() for p in lora.tensors()]
+    # more tokens than the adapters can fit exactly, so the loss keeps a meaningful size
+    x, ids, w = make_batch(256, 2, seed=5)
+    target = torch.randn(256, H, generator=torch.Generator().manual_seed(6)) * 0.5
+    opt = torch.optim.AdamW(lora.parameters(), lr=3e-3)
+    ref_opt = torch.optim.AdamW(ref_params, lr=3e-3)
+    losses, ref_losses = [], []
+    for _ in range(100):
+        loss = (kt_jit.moe_sft(x, ids, w, experts, lora) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+        ref_loss = (ref_moe(x, ids, w, gate, up, down, ref_params, lora.scaling) - target).pow(2).mean()
+        ref_opt.zero_grad()
+        ref_loss.backward()
+        ref_opt.step()
+        ref_losses.append(ref_loss.item())
+    assert losses[-1] < 0.2 * losses[0]
+    for step, (a, b) in enumerate(zip(losses, ref_losses, strict=True)):
+        assert abs(a - b) <= 0.05 * b, (step, a, b)
+
+
+@pytest.mark.parametrize("use_reentrant", [True, False])
+def test_checkpointing(use_reentrant):
+    gate, up, down, experts, lora = make_layer()
+    x, ids, w = make_batch(11, 3)
+    dout = torch.randn(11, H, generator=torch.Generator().manual_seed(4))
+    plain = run_ours(x, ids, w, experts, lora, dout)
+    xo = x.clone().requires_grad_()
+    wo = w.clone().requires_grad_()
+    for p in lora.parameters():
+        p.grad = None
+    out = torch.utils.checkpoint.checkpoint(lambda a, b: kt_jit.moe_sft(a, ids, b, experts, lora) * 1.0, xo, wo,
+                                            use_reentrant=use_reentrant)
+    out.backward(dout)
+    assert torch.equal(out.detach(), plain[0])
+    assert torch.equal(xo.grad, plain[1]) and torch.equal(wo.grad, plain[2])
+    for a, b in zip([p.grad for p in lora.tensors()], plain[3], strict=True):
+        assert torch.equal(a, b)
+
+
+def test_op_cache_stack():
+    gate, up, down, experts, lora = make_layer()
+    op = kt_jit.MoESFTOp(experts, lora, max_cache_depth=2)
+    x1, ids1, w1 = make_batch(5, 2, seed=1)
+    x2, ids2, w2 = make_batch(7, 2, seed=2)
+    with pytest.raises(RuntimeError, match="No forward cache"):
+        op.backward(torch.zeros(5, H))
+    op.forward(x1, ids1, w1)
+    op.forward(x2, ids2, w2)
+    with pytest.raises(RuntimeError, match="Forward cache full"):
+        op.forward(x1, ids1, w1)
+    op.forward(x1, ids1, w1, save_for_backward=False)  # inference forward needs no slot
+    d2 = torch.randn(7, H)
+    g2 = op.backward(d2)  # newest first
+    ref = reference_grads(x2, ids2, w2, gate, up, down, lora, d2)
+    assert rel_err(g2["grad_input"], ref[1]) < 0.01 and rel_err(g2["grad_weights"], ref[2]) < 0.01
+    assert rel_err(g2["down_lora_b"], ref[3][5]) < 0.01
+    assert op.cache_depth == 1
+    with pytest.raises(ValueError, match="grad_output"):
+        op.backward(torch.zeros(3, H))
+    assert op.cache_depth == 1  # a rejected backward does not consume the forward
+    op.backward(torch.zeros(5, H))
+    with pytest.raises(RuntimeError, match="No forward cache"):
+        op.backward(torch.zeros(5, H))
+
+
+def test_op_is_thread_safe():
+    gate, up, down, experts, lora = make_layer()
+    op = kt_jit.MoESFTOp(experts, lora, max_cache_depth=64)
+    x, ids, w = make_batch(6, 2)
+    errors = []
+
+    def worker():
+        try:
+            for _ in range(8):
+                op.forward(x, ids, w)
+                op.backward(torch.ones(6, H))
+        except Exception as e:  # pragma: no cover - reported below
+            errors.append(e)
+
+    threads = [threading.Thread(target=worker) for _ in range(2)]
+    for th in threads:
+        th.start()
+    for th in threads:
+        th.join()
+    assert not errors and op.cache_depth == 0
+
+
+def test_bad_inputs_are_clear_errors():
+    _, _, _, experts, lora = make_layer()
+    x, ids, w = make_batch(4, 2)
+    bad = {
+        "2-D": (x[0], ids, w),
+        "hidden size": (torch.zeros(4, H + 32, dtype=torch.bfloat16), ids, w),
+        "int64": (x, ids.int(), w),
+        "float tensor": (x, ids, w.long()),
+        "disagree": (x, ids[:3], w[:3]),
+        "experts": (x, ids + E, w),
+        "contiguous": (x.T.contiguous().T, ids, w),
+        "bfloat16/float16/float32": (x.long(), ids, w),
+    }
+    for match, (a, b, c) in bad.items():
+        with pytest.raises(ValueError, match=match):
+            kt_jit.moe_sft(a, b, c, experts, lora)
+    with pytest.raises(ValueError, match="expert ids in"):
+        kt_jit.moe_sft(x, ids - 1 - ids, w, experts, lora)
+    with pytest.raises(ValueError, match="out_dtype"):
+        kt_jit.moe_sft(x, ids, w, experts, lora, out_dtype=torch.float16)
+    with pytest.raises(ValueError, match="MoEExperts"):
+        kt_jit.moe_sft(x, ids, w, "experts", lora)
+    wrong_lora = kt_jit.MoELoRA(E, H, I + 32, rank=R)
+    with pytest.raises(ValueError, match="LoRA gate_lora_b has shape"):
+        kt_jit.moe_sft(x, ids, w, experts, wrong_lora)
+    if torch.device("meta"):
+        with pytest.raises(ValueError, match="CPU"):
+            kt_jit.moe_sft(x.to("meta"), ids, w, experts, lora)
+
+
+def test_bad_expert_tensors_are_clear_errors():
+    e, i, h = 2, 64, 64
+    ok = torch.zeros(e, i, h)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        kt_jit.MoEExperts.from_tensors(torch.zeros(e, 48, h), torch.zeros(e, 48, h), torch.zeros(e, h, 48))
+    with pytest.raises(ValueError, match="up_proj has shape"):
+        kt_jit.MoEExperts.from_tensors(ok, torch.zeros(e, i, h + 32), torch.zeros(e, h, i))
+    with pytest.raises(ValueError, match="3-D"):
+        kt_jit.MoEExperts.from_tensors(ok[0], ok, ok)
+    with pytest.raises(ValueError, match="quant"):
+        kt_jit.MoEExperts.from_tensors(ok, ok, torch.zeros(e, h, i), quant="fp4")
+
+
+def test_experts_memory_and_lora_init():
+    gate, up, down, experts, _ = make_layer()
+    assert experts.nbytes == 3 * E * H * I * 2  # resident size equals the bf16 size exactly
+    fresh = kt_jit.MoELoRA(E, H, I, rank=R)
+    for name in ("gate_lora_b", "up_lora_b", "down_lora_b"):
+        assert getattr(fresh, name).abs().sum() == 0
+    bound = 1 / H**0.5
+    assert 0 < fresh.gate_lora_a.abs().max() <= bound
+    x, ids, w = make_batch(5, 2)
+    assert torch.equal(kt_jit.moe_sft(x, ids, w, experts, fresh), kt_jit.moe_sft(x, ids, w, experts))
+    copy = kt_jit.MoELoRA.from_tensors(*fresh.tensors(), alpha=fresh.alpha)
+    assert all(torch.equal(a, b) for a, b in zip(copy.tensors(), fresh.tensors(), strict=True))
+
+
+@pytest.mark.parametrize("isa", ["amx_emu"])
+def test_amx_kernel_path_through_the_operator(isa, monkeypatch):
+    """The grouped AMX kernels (segments as whole tiles, pre-arranged dY) give the same gradients."""
+    monkeypatch.setenv("KT_JIT_ISA", isa)
+    gate, up, down, experts, lora = make_layer(h=64, i=64)
+    x, ids, w = make_batch(21, 3, h=64)
+    dout = torch.randn(21, 64, generator=torch.Generator().manual_seed(2))
+    ref = reference_grads(x, ids, w, gate, up, down, lora, dout)
+    ours = run_ours(x, ids, w, experts, lora, dout)
+    assert rel_err(ours[0], ref[0]) < 0.005
+    assert rel_err(ours[1], ref[1]) < 0.01 and rel_err(ours[2], ref[2]) < 0.01
+    for name, a, b in zip(LORA_NAMES, ours[3], ref[3], strict=True):
+        assert rel_err(a, b) < 0.01, name
