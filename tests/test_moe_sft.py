@@ -296,3 +296,16 @@ def test_amx_kernel_path_through_the_operator(isa, monkeypatch):
     assert rel_err(ours[1], ref[1]) < 0.01 and rel_err(ours[2], ref[2]) < 0.01
     for name, a, b in zip(LORA_NAMES, ours[3], ref[3], strict=True):
         assert rel_err(a, b) < 0.01, name
+
+
+@pytest.mark.parametrize("rank", [4, 16, 32, 48])
+def test_lora_ranks(rank):
+    """Ranks the kernels run natively (16, 32) and ranks that are zero-padded (4 -> 16, 48 -> 64)."""
+    gate, up, down, experts, lora = make_layer(r=rank)
+    x, ids, w = make_batch(19, 3)
+    dout = torch.randn(19, H, generator=torch.Generator().manual_seed(8))
+    ref = reference_grads(x, ids, w, gate, up, down, lora, dout)
+    ours = run_ours(x, ids, w, experts, lora, dout)
+    assert rel_err(ours[0], ref[0]) < 0.005 and rel_err(ours[1], ref[1]) < 0.01
+    for name, a, b in zip(LORA_NAMES, ours[3], ref[3], strict=True):
+        assert a.shape == b.shape and rel_err(a, b) < 0.01, name

@@ -81,24 +81,9 @@ def reduce_pair_lanes(fn: Function, accs: Sequence[str]) -> str:
     shuffle+add, ~2.6 ops per accumulator).
     """
     assert len(accs) == 8
-
-    def fold(vs: Sequence[str], group: int) -> list[str]:
-        # each vector is made of 16/group groups; fold the lower and upper half of each group
-        half = group // 2
-        out = []
-        for a, b in zip(vs[0::2], vs[1::2], strict=True):
-            lo = [g * group + j for g in range(16 // group) for j in range(half)]
-            hi = [g * group + half + j for g in range(16 // group) for j in range(half)]
-            lo = lo + [16 + i for i in lo]
-            hi = hi + [16 + i for i in hi]
-            out.append(fadd(fn, shuffle(fn, F32x16, a, b, lo), shuffle(fn, F32x16, a, b, hi)))
-        return out
-
-    # step 1: groups of 16 lanes (q 0..7) -> 8 lanes per acc; step 2: groups of 8; step 3: of 4
-    vs = fold(accs, 16)
-    vs = fold(vs, 8)
-    vs = fold(vs, 4)
-    return vs[0]
+    vs = fold_groups(fn, accs, 16)
+    vs = fold_groups(fn, vs, 8)
+    return fold_groups(fn, vs, 4)[0]
 
 
 def i32x16_const(values: Sequence[int]) -> str:
@@ -109,3 +94,98 @@ def prefetch(fn: Function, ptr: str, locality: int = 3) -> None:
     """Software prefetch of the cache line at ``ptr`` (locality 3 = prefetcht0, 2 = prefetcht1)."""
     sym = fn.module.declare("llvm.prefetch.p0", "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)")
     fn.emit(f"call void {sym}(ptr {ptr}, i32 0, i32 {locality}, i32 1)")
+
+
+def fold_groups(fn: Function, vs: Sequence[str], group: int) -> list[str]:
+    """One halving step of a multi-accumulator reduction.
+
+    Each input vector is made of 16/group lane groups; the lower and upper half of every group are
+    added, and pairs of inputs are packed into one output (so the output count halves too).
+    """
+    half = group // 2
+    lo = [g * group + j for g in range(16 // group) for j in range(half)]
+    hi = [g * group + half + j for g in range(16 // group) for j in range(half)]
+    lo, hi = lo + [16 + i for i in lo], hi + [16 + i for i in hi]
+    return [fadd(fn, shuffle(fn, F32x16, a, b, lo), shuffle(fn, F32x16, a, b, hi))
+            for a, b in zip(vs[0::2], vs[1::2], strict=True)]
+
+
+def reduce_lanes(fn: Function, accs: Sequence[str]) -> str:
+    """Sum partial lanes of several accumulators into one vector.
+
+    Accumulator a holds 16/len(accs) outputs, each spread over len(accs) consecutive lanes; the
+    result has output (a, j) at lane a*(16/len(accs)) + j, the sum of its partials.
+    """
+    vs, group = list(accs), len(accs)
+    while group > 1:
+        vs = fold_groups(fn, vs, group)
+        group //= 2
+    return vs[0]
+
+
+def load_f32x16(fn: Function, ptr: str, dtype: str) -> str:
+    """16 consecutive values at ``ptr`` as <16 x float>; ``dtype`` is "f32" or "bf16"."""
+    if dtype == "f32":
+        return fn.load(F32x16, ptr, 4)
+    v = fn.load("<16 x bfloat>", ptr, 2)
+    return fn.val(f"fpext <16 x bfloat> {v} to {F32x16}")
+
+
+def splat_f32(fn: Function, ptr: str, dtype: str) -> str:
+    """The scalar at ``ptr`` (f32 or bf16) broadcast to <16 x float>."""
+    if dtype == "f32":
+        s = fn.load("float", ptr, 4)
+    else:
+        s = fn.val(f"fpext bfloat {fn.load('bfloat', ptr, 2)} to float")
+    v = fn.val(f"insertelement {F32x16} poison, float {s}, i64 0")
+    return fn.val(f"shufflevector {F32x16} {v}, {F32x16} poison, <16 x i32> zeroinitializer")
+
+
+def fma(fn: Function, a: str, b: str, c: str) -> str:
+    """a * b + c on <16 x float> (vfmadd)."""
+    sym = fn.module.declare("llvm.fma.v16f32", f"declare {F32x16} @llvm.fma.v16f32({F32x16}, {F32x16}, {F32x16})")
+    return fn.val(f"call {F32x16} {sym}({F32x16} {a}, {F32x16} {b}, {F32x16} {c})")
+
+
+def splat_arg_f32(fn: Function, bits_i64: str) -> str:
+    """A float passed as the low 32 bits of an i64 field, broadcast to <16 x float>."""
+    s = fn.val(f"bitcast i32 {fn.val(f'trunc i64 {bits_i64} to i32')} to float")
+    v = fn.val(f"insertelement {F32x16} poison, float {s}, i64 0")
+    return fn.val(f"shufflevector {F32x16} {v}, {F32x16} poison, <16 x i32> zeroinitializer")
+
+
+def f32_splat(value: float) -> str:
+    """A constant <16 x float> operand: ``value`` rounded to float, written as LLVM's exact hex form."""
+    import struct
+
+    as_f32 = struct.unpack("<f", struct.pack("<f", value))[0]
+    h = struct.unpack("<Q", struct.pack("<d", as_f32))[0]
+    return "<" + ", ".join([f"float 0x{h:016X}"] * 16) + ">"
+
+
+def exp_f32x16(fn: Function, x: str) -> str:
+    """e^x on <16 x float>: 2^n * p(f) with x = n ln2 + f, |f| <= ln2/2, degree-6 polynomial
+    (Cephes expf coefficients; ~1 ulp). Inputs are clamped to [-87.3, 88.0]."""
+    x = fn.val(f"call {F32x16} @llvm.maxnum.v16f32({F32x16} {x}, {F32x16} {f32_splat(-87.3)})")
+    x = fn.val(f"call {F32x16} @llvm.minnum.v16f32({F32x16} {x}, {F32x16} {f32_splat(88.0)})")
+    for name in ("maxnum", "minnum", "roundeven"):
+        args = ", ".join([F32x16] * (1 if name == "roundeven" else 2))
+        fn.module.declare(f"llvm.{name}.v16f32", f"declare {F32x16} @llvm.{name}.v16f32({args})")
+    n = fn.val(f"call {F32x16} @llvm.roundeven.v16f32({F32x16} {fmul(fn, x, f32_splat(1.4426950408889634))})")
+    f = fma(fn, n, f32_splat(-0.693359375), x)
+    f = fma(fn, n, f32_splat(2.12194440e-4), f)
+    p = f32_splat(1.9875691500e-4)
+    for c in (1.3981999507e-3, 8.3334519073e-3, 4.1665795894e-2, 1.6666665459e-1, 5.0000001201e-1):
+        p = fma(fn, p, f, f32_splat(c))
+    f2 = fmul(fn, f, f)
+    p = fma(fn, p, f2, fadd(fn, f, f32_splat(1.0)))
+    ni = fn.val(f"fptosi {F32x16} {n} to {I32x16}")
+    biased = fn.val(f"add {I32x16} {ni}, <{i32x16_const([127] * 16)[1:-1]}>")
+    bits = fn.val(f"shl {I32x16} {biased}, <{i32x16_const([23] * 16)[1:-1]}>")
+    return fmul(fn, p, bitcast(fn, bits, I32x16, F32x16))
+
+
+def sigmoid_f32x16(fn: Function, x: str) -> str:
+    """1 / (1 + e^-x) on <16 x float>."""
+    e = exp_f32x16(fn, fn.val(f"fneg {F32x16} {x}"))
+    return fn.val(f"fdiv {F32x16} {f32_splat(1.0)}, {fadd(fn, e, f32_splat(1.0))}")

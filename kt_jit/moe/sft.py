@@ -23,6 +23,9 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import gemm
+from ..kernels import lora as lk
+from ..kernels.activation import ActSpec
+from ..kernels.activation import get_kernel as get_act_kernel
 from ..runtime.buffers import aligned_empty
 from .routing import Routing, route
 from .weights import MoEExperts
@@ -35,50 +38,104 @@ class Saved:
     x: torch.Tensor          # [T, H] bf16 input (re-gathered in backward, not stored per row)
     topk_weights: torch.Tensor  # [T, K] fp32
     routing: Routing
-    gate: torch.Tensor       # [R, I] fp32 (view of gate_up)
-    up: torch.Tensor         # [R, I] fp32 (view of gate_up)
+    gu: torch.Tensor         # [R, 2I] fp32: [G | U] before the activation
     act: torch.Tensor        # [R, I] bf16
-    lora_h: tuple[torch.Tensor, torch.Tensor, torch.Tensor] | None  # X Ag^T, X Au^T, A Ad^T [R, r] fp32
+    lora_h: tuple[torch.Tensor, torch.Tensor] | None  # [X Ag^T | X Au^T] [R, 2r], A Ad^T [R, r] (fp32)
 
     def nbytes(self) -> int:
-        n = self.gate.untyped_storage().nbytes() + self.act.numel() * 2
+        n = self.gu.numel() * 4 + self.act.numel() * 2
         if self.lora_h is not None:
             n += sum(h.numel() * 4 for h in self.lora_h)
         return n
 
 
-def _groups(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, r: Routing) -> torch.Tensor:
-    """Group descriptors (x, w, y, m) of the active experts over per-expert row buffers."""
-    g = torch.empty(r.num_active, 4, dtype=torch.int64)
-    g[:, 0] = x.data_ptr() + r.starts * (x.stride(0) * x.element_size())
-    g[:, 1] = w.data_ptr() + r.experts * (w.stride(0) * w.element_size())
-    g[:, 2] = y.data_ptr() + r.starts * (y.stride(0) * y.element_size())
-    g[:, 3] = r.counts
-    return g
+def _rows(buf: torch.Tensor, r: Routing, col: int = 0) -> torch.Tensor:
+    """Address of each active expert's first row in a per-expert row buffer (plus a column offset)."""
+    return buf.data_ptr() + r.starts * (buf.stride(0) * buf.element_size()) + col * buf.element_size()
+
+
+def _per_expert(t: torch.Tensor, r: Routing) -> torch.Tensor:
+    """Address of each active expert's slice of an [E, ...] tensor."""
+    return t.data_ptr() + r.experts * (t.stride(0) * t.element_size())
+
+
+def _groups(r: Routing, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+    """Group descriptors (x, w, y, m) from per-expert address vectors."""
+    return torch.stack([x, w, y, r.counts], 1).contiguous()
+
+
+def _pitch(t: torch.Tensor) -> int:
+    return t.stride(0) * t.element_size()
 
 
 def _grouped_fwd(x: torch.Tensor, packed: torch.Tensor, y: torch.Tensor, r: Routing) -> None:
     """y[rows of e] = x[rows of e] @ W_e^T for every active expert (one launch)."""
     n, k = packed.shape[1] * 16, packed.shape[2] * 2
     kern = gemm.kernel_for("fwd", n, k)
-    kern.launch(_groups(x, packed, y, r), k * 2, n * 4)
+    kern.launch(_groups(r, _rows(x, r), _per_expert(packed, r), _rows(y, r)), k * 2, n * 4)
 
 
 def _grouped_bwd(dy: torch.Tensor, packed: torch.Tensor, dx: torch.Tensor, r: Routing) -> None:
     """dx[rows of e] = dy[rows of e] @ W_e for every active expert (one launch)."""
     n, k = packed.shape[1] * 16, packed.shape[2] * 2
     kern = gemm.kernel_for("bwd", n, k)
-    src = dy
-    groups = _groups(dy, packed, dx, r)
+    src = _rows(dy, r)
     if kern.spec.isa != "avx512":  # AMX reads dY pre-arranged in tiles; segments are whole tiles
-        src = gemm.pack_dy_for_amx(dy)
-        groups[:, 0] = src.data_ptr() + (r.starts // 16) * (n // 16) * 2048
-    kern.launch(groups, n * 2, k * 4)
+        tiles = gemm.pack_dy_for_amx(dy)
+        keep = tiles  # noqa: F841 - alive until the launch below returns
+        src = tiles.data_ptr() + (r.starts // 16) * (n // 16) * 2048
+    kern.launch(_groups(r, src, _per_expert(packed, r), _rows(dx, r)), n * 2, k * 4)
 
 
-def _segments(r: Routing):
-    for e, start, m in zip(r.experts.tolist(), r.starts.tolist(), r.counts.tolist(), strict=True):
-        yield e, slice(start, start + m)
+def _lora(form: str, n: int, k: int, groups: torch.Tensor, ldx: int, ldy: int, alpha: float = 1.0,
+          x_dtype: str = "bf16", accumulate: bool = False, w_dtype: str = "bf16", ldw: int = 0,
+          y_dtype: str = "f32") -> None:
+    spec = lk.LoraSpec(form, n, k, x_dtype, w_dtype, accumulate, y_dtype)
+    lk.get_kernel(spec).launch(groups, ldx, ldw, ldy, alpha)
+
+
+def _grad_groups(r: Routing, p: torch.Tensor, q: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+    """xty groups writing ``grad[e]`` for every expert: the active ones from their rows, the idle ones
+    with zero rows (the kernel then stores zeros, which is the gradient of an unused expert)."""
+    active = _groups(r, p, q, _per_expert(grad, r))
+    idle = torch.ones(grad.shape[0], dtype=torch.bool)
+    idle[r.experts] = False
+    idle_ids = torch.nonzero(idle).reshape(-1)
+    if idle_ids.numel() == 0:
+        return active
+    zeros = torch.zeros(idle_ids.numel(), 4, dtype=torch.int64)
+    zeros[:, 2] = grad.data_ptr() + idle_ids * (grad.stride(0) * grad.element_size())
+    return torch.cat([active, zeros])
+
+
+def kernel_rank(rank: int) -> int:
+    """The rank the LoRA kernels run at: 16 or a multiple of 32 (others are zero-padded up)."""
+    return 16 if rank <= 16 else -(-rank // 32) * 32
+
+
+def pad_lora(lora: tuple[torch.Tensor, ...]) -> tuple[torch.Tensor, ...]:
+    """LoRA tensors as the kernels read them: unchanged (zero-copy) when the rank is supported,
+    else zero-padded copies (A gains zero rows, B zero columns; the product is unchanged)."""
+    rank = lora[0].shape[1]
+    rk = kernel_rank(rank)
+    if rk == rank:
+        return lora
+    out = []
+    for i, p in enumerate(lora):
+        if i % 2 == 0:  # A [E, r, in]
+            q = torch.zeros(p.shape[0], rk, p.shape[2], dtype=p.dtype)
+            q[:, :rank] = p
+        else:           # B [E, out, r]
+            q = torch.zeros(p.shape[0], p.shape[1], rk, dtype=p.dtype)
+            q[:, :, :rank] = p
+        out.append(q)
+    return tuple(out)
+
+
+def unpad_grads(grads: tuple[torch.Tensor, ...], rank: int) -> tuple[torch.Tensor, ...]:
+    if grads[0].shape[1] == rank:
+        return grads
+    return tuple(g[:, :rank] if i % 2 == 0 else g[:, :, :rank] for i, g in enumerate(grads))
 
 
 def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: MoEExperts,
@@ -95,39 +152,42 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     xs[r.slot_row] = x[r.slot_token]
     gu = aligned_empty((r.rows, 2 * idim), torch.float32)
     _grouped_fwd(xs, experts.gate_up, gu, r)
-    gate, up = gu[:, :idim], gu[:, idim:]
     lora_h = None
     if lora is not None:
-        ga, gb, ua, ub, _, _ = lora
+        ga, gb, ua, ub, da, db = lora = pad_lora(lora)
         rank = ga.shape[1]
-        hg = torch.zeros(r.rows, rank)
-        hu = torch.zeros(r.rows, rank)
-        for e, seg in _segments(r):
-            xe = xs[seg].float()
-            hg[seg] = xe @ ga[e].float().T
-            hu[seg] = xe @ ua[e].float().T
-            gate[seg] += scaling * (hg[seg] @ gb[e].float().T)
-            up[seg] += scaling * (hu[seg] @ ub[e].float().T)
-    act = (torch.nn.functional.silu(gate) * up).to(torch.bfloat16)
+        hgu = aligned_empty((r.rows, 2 * rank), torch.float32)  # [X Ag^T | X Au^T]
+        xrows = _rows(xs, r)
+        _lora("xat", rank, hdim, torch.cat([_groups(r, xrows, _per_expert(ga, r), _rows(hgu, r)),
+                                            _groups(r, xrows, _per_expert(ua, r), _rows(hgu, r, rank))]),
+              _pitch(xs), _pitch(hgu))
+        hgu16 = hgu.to(torch.bfloat16)
+        _lora("xat", idim, rank, torch.cat([
+            _groups(r, _rows(hgu16, r), _per_expert(gb, r), _rows(gu, r)),
+            _groups(r, _rows(hgu16, r, rank), _per_expert(ub, r), _rows(gu, r, idim))]),
+            _pitch(hgu16), _pitch(gu), scaling, accumulate=True)
+    act = aligned_empty((r.rows, idim), torch.bfloat16)
+    get_act_kernel(ActSpec("fwd", idim)).launch(r.rows, gu=gu.data_ptr(), act=act.data_ptr())
     y = aligned_empty((r.rows, hdim), torch.float32)
     _grouped_fwd(act, experts.down, y, r)
     if lora is not None:
-        da, db = lora[4], lora[5]
-        hd = torch.zeros(r.rows, rank)
-        for e, seg in _segments(r):
-            hd[seg] = act[seg].float() @ da[e].float().T
-            y[seg] += scaling * (hd[seg] @ db[e].float().T)
-        lora_h = (hg, hu, hd)
+        hd = aligned_empty((r.rows, rank), torch.float32)  # A Ad^T
+        _lora("xat", rank, idim, _groups(r, _rows(act, r), _per_expert(da, r), _rows(hd, r)), _pitch(act),
+              _pitch(hd))
+        hd16 = hd.to(torch.bfloat16)
+        _lora("xat", hdim, rank, _groups(r, _rows(hd16, r), _per_expert(db, r), _rows(y, r)), _pitch(hd16),
+              _pitch(y), scaling, accumulate=True)
+        lora_h = (hgu, hd)
     out = torch.zeros(t, hdim, dtype=torch.float32)
     wrow = topk_weights[r.slot_token, r.slot_k].unsqueeze(1)
     out.index_add_(0, r.slot_token, y[r.slot_row] * wrow)
-    saved = Saved(x, topk_weights, r, gate, up, act, lora_h) if save else None
+    saved = Saved(x, topk_weights, r, gu, act, lora_h) if save else None
     return out.to(out_dtype), saved
 
 
 def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tuple[torch.Tensor, ...] | None,
              scaling: float) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
-    """Gradients for x (fp32 [T, H]), topk_weights (fp32 [T, K]) and the six LoRA tensors (fp32)."""
+    """Gradients for x (fp32 [T, H]), topk_weights (fp32 [T, K]) and the six LoRA tensors (bf16)."""
     r = saved.routing
     t, hdim = saved.x.shape
     kdim = saved.topk_weights.shape[1]
@@ -136,42 +196,56 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     dos[r.slot_row] = grad_out[r.slot_token].to(torch.bfloat16)
     d = aligned_empty((r.rows, idim), torch.float32)
     _grouped_bwd(dos, experts.down, d, r)
-    grads = None
+    w_row = torch.zeros(r.rows)  # routing weight of each row (0 on padding rows)
+    w_row[r.slot_row] = saved.topk_weights[r.slot_token, r.slot_k]
     if lora is not None:
-        ga, gb, ua, ub, da, db = lora
-        hg, hu, hd = saved.lora_h
-        grads = [torch.zeros_like(p, dtype=torch.float32) for p in lora]
-        t_d = torch.zeros(r.rows, ga.shape[1])
-        for e, seg in _segments(r):
-            t_d[seg] = dos[seg].float() @ db[e].float()
-            d[seg] += scaling * (t_d[seg] @ da[e].float())
+        true_rank = lora[0].shape[1]
+        ga, gb, ua, ub, da, db = lora = pad_lora(lora)
+        rank = ga.shape[1]
+        hgu, hd = saved.lora_h
+        t_d = aligned_empty((r.rows, rank), torch.float32)  # dOut Bd
+        _lora("xb", rank, hdim, _groups(r, _rows(dos, r), _per_expert(db, r), _rows(t_d, r)), _pitch(dos),
+              _pitch(t_d))
+        _lora("xb", idim, rank, _groups(r, _rows(t_d, r), _per_expert(da, r), _rows(d, r)), _pitch(t_d),
+              _pitch(d), scaling, x_dtype="f32", accumulate=True)
     act = saved.act
-    dw_rows = (d[r.slot_row] * act[r.slot_row].float()).sum(1)
+    dw_rows = aligned_empty((r.rows,), torch.float32)
+    dgu = aligned_empty((r.rows, 2 * idim), torch.bfloat16)
+    get_act_kernel(ActSpec("bwd", idim)).launch(
+        r.rows, d=d.data_ptr(), act=act.data_ptr(), gu=saved.gu.data_ptr(), w=w_row.data_ptr(),
+        dw=dw_rows.data_ptr(), dgu=dgu.data_ptr())
     dw = torch.zeros(t, kdim, dtype=torch.float32)
-    dw[r.slot_token, r.slot_k] = dw_rows
-    w_row = torch.zeros(r.rows, 1)
-    w_row[r.slot_row, 0] = saved.topk_weights[r.slot_token, r.slot_k]
-    d_act = d * w_row
-    sig = torch.sigmoid(saved.gate)
-    d_up = d_act * saved.gate * sig
-    d_gate = d_act * saved.up * sig * (1 + saved.gate * (1 - sig))
-    dgu = torch.cat([d_gate, d_up], 1).to(torch.bfloat16)
+    dw[r.slot_token, r.slot_k] = dw_rows[r.slot_row]
     dxs = aligned_empty((r.rows, hdim), torch.float32)
     _grouped_bwd(dgu, experts.gate_up, dxs, r)
+    grads = None
     if lora is not None:
-        xs = torch.zeros(r.rows, hdim, dtype=torch.bfloat16)
+        xs = aligned_empty((r.rows, hdim), torch.bfloat16)
         xs[r.slot_row] = saved.x[r.slot_token]
-        for e, seg in _segments(r):
-            dye = dos[seg].float() * w_row[seg]
-            grads[5][e] = scaling * dye.T @ hd[seg]                          # d down_lora_b
-            grads[4][e] = scaling * (t_d[seg] * w_row[seg]).T @ act[seg].float()  # d down_lora_a
-            xe = xs[seg].float()
-            for dz, h, a, b, ia, ib in ((d_gate, hg, ga, gb, 0, 1), (d_up, hu, ua, ub, 2, 3)):
-                tz = dz[seg] @ b[e].float()
-                dxs[seg] += scaling * (tz @ a[e].float())
-                grads[ib][e] = scaling * dz[seg].T @ h[seg]
-                grads[ia][e] = scaling * tz.T @ xe
-        grads = tuple(grads)
+        t_gu = aligned_empty((r.rows, 2 * rank), torch.float32)  # [dG Bg | dU Bu]
+        _lora("xb", rank, idim, torch.cat([
+            _groups(r, _rows(dgu, r), _per_expert(gb, r), _rows(t_gu, r)),
+            _groups(r, _rows(dgu, r, idim), _per_expert(ub, r), _rows(t_gu, r, rank))]), _pitch(dgu), _pitch(t_gu))
+        for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
+            _lora("xb", hdim, rank, _groups(r, _rows(t_gu, r, col), _per_expert(a, r), _rows(dxs, r)),
+                  _pitch(t_gu), _pitch(dxs), scaling, x_dtype="f32", accumulate=True)
+        grads = tuple(torch.empty(p.shape, dtype=torch.bfloat16) for p in lora)
+        g_ga, g_gb, g_ua, g_ub, g_da, g_db = grads
+        whd = hd * w_row[:, None]  # dY^T (w hd) = (w dOut)^T hd
+        _lora("xty", rank, hdim, _grad_groups(r, _rows(dos, r), _rows(whd, r), g_db), _pitch(dos),
+              0, scaling, ldw=_pitch(whd), w_dtype="f32", y_dtype="bf16")
+        wtd = t_d * w_row[:, None]
+        _lora("xty", idim, rank, _grad_groups(r, _rows(wtd, r), _rows(act, r), g_da), _pitch(wtd),
+              0, scaling, x_dtype="f32", ldw=_pitch(act), y_dtype="bf16")
+        _lora("xty", rank, idim, torch.cat([
+            _grad_groups(r, _rows(dgu, r), _rows(hgu, r), g_gb),
+            _grad_groups(r, _rows(dgu, r, idim), _rows(hgu, r, rank), g_ub)]), _pitch(dgu), 0,
+            scaling, ldw=_pitch(hgu), w_dtype="f32", y_dtype="bf16")
+        _lora("xty", hdim, rank, torch.cat([
+            _grad_groups(r, _rows(t_gu, r), _rows(xs, r), g_ga),
+            _grad_groups(r, _rows(t_gu, r, rank), _rows(xs, r), g_ua)]), _pitch(t_gu), 0, scaling,
+            x_dtype="f32", ldw=_pitch(xs), y_dtype="bf16")
+        grads = unpad_grads(grads, true_rank)
     dx = torch.zeros(t, hdim, dtype=torch.float32)
     dx.index_add_(0, r.slot_token, dxs[r.slot_row])
     return dx, dw, grads

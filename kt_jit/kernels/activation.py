@@ -1,0 +1,126 @@
+"""Row-wise MoE activation kernels between the GEMMs (AVX-512, every row independent).
+
+- ``fwd``: ``A[r, :] = bf16(silu(G[r, :]) * U[r, :])`` where row r of ``gu`` is ``[G | U]`` (fp32).
+- ``bwd``: given ``D[r, :]`` (the unweighted gradient reaching A), the routing weight ``w[r]``, A and
+  ``[G | U]``: ``dw[r] = <D, A>`` (the router gradient), ``dA = w D`` and
+  ``[dG | dU] = bf16([dA U silu'(G) | dA silu(G)])`` with ``silu'(g) = s (1 + g (1 - s))``, s = sigmoid(g).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+from ..codegen import avx512 as vx
+from ..codegen.cache import get_or_compile
+from ..codegen.compile import target_for
+from ..codegen.ir import F32x16, Function, Module
+from ..codegen.worker import ArgBlock, build_worker
+from ..runtime.threads import launch
+
+ROWS_PER_ITEM = 8
+FWD_ARGS = ArgBlock(["gu", "act", "rows"])
+BWD_ARGS = ArgBlock(["d", "act", "gu", "w", "dw", "dgu", "rows"])
+
+
+@dataclass(frozen=True)
+class ActSpec:
+    op: str   # "fwd" or "bwd"
+    i: int    # intermediate size (multiple of 16)
+
+    def __post_init__(self) -> None:
+        if self.op not in ("fwd", "bwd") or self.i % 16 or self.i <= 0:
+            raise ValueError(f"bad activation spec {self}")
+
+    @property
+    def name(self) -> str:
+        return f"silu_mul_{self.op}_i{self.i}"
+
+
+def _bf16(fn: Function, v: str) -> str:
+    return fn.val(f"fptrunc {F32x16} {v} to <16 x bfloat>")
+
+
+def _rows(fn: Function, args: ArgBlock, ctx: str, item: str, body) -> None:
+    rows = args.load(fn, ctx, "rows")
+    r0 = fn.mul(item, ROWS_PER_ITEM)
+    with fn.loop(r0, fn.min(fn.add(r0, ROWS_PER_ITEM), rows), name="row") as r:
+        body(r)
+
+
+def _fwd_body(spec: ActSpec):
+    def body(fn: Function, ctx: str, item: str, tiles) -> None:
+        gu, act = FWD_ARGS.load_ptr(fn, ctx, "gu"), FWD_ARGS.load_ptr(fn, ctx, "act")
+
+        def row(r: str) -> None:
+            grow = fn.gep(gu, fn.mul(r, spec.i * 8))
+            arow = fn.gep(act, fn.mul(r, spec.i * 2))
+            with fn.loop(0, spec.i, 16, name="c") as c:
+                g = fn.load(F32x16, fn.gep(grow, fn.mul(c, 4)), 4)
+                u = fn.load(F32x16, fn.gep(grow, fn.add(fn.mul(c, 4), spec.i * 4)), 4)
+                a = vx.fmul(fn, vx.fmul(fn, g, vx.sigmoid_f32x16(fn, g)), u)
+                fn.store("<16 x bfloat>", _bf16(fn, a), fn.gep(arow, fn.mul(c, 2)), 2)
+
+        _rows(fn, FWD_ARGS, ctx, item, row)
+
+    return body
+
+
+def _bwd_body(spec: ActSpec):
+    one = vx.f32_splat(1.0)
+
+    def body(fn: Function, ctx: str, item: str, tiles) -> None:
+        p = {f: BWD_ARGS.load_ptr(fn, ctx, f) for f in ("d", "act", "gu", "w", "dw", "dgu")}
+
+        def row(r: str) -> None:
+            drow = fn.gep(p["d"], fn.mul(r, spec.i * 4))
+            arow = fn.gep(p["act"], fn.mul(r, spec.i * 2))
+            grow = fn.gep(p["gu"], fn.mul(r, spec.i * 8))
+            orow = fn.gep(p["dgu"], fn.mul(r, spec.i * 4))
+            w = vx.splat_f32(fn, fn.gep(p["w"], fn.mul(r, 4)), "f32")
+            dot = fn.var(F32x16, "zeroinitializer", 64)
+            with fn.loop(0, spec.i, 16, name="c") as c:
+                off4 = fn.mul(c, 4)
+                d = fn.load(F32x16, fn.gep(drow, off4), 4)
+                dot.set(vx.fma(fn, d, vx.load_f32x16(fn, fn.gep(arow, fn.mul(c, 2)), "bf16"), dot.get()))
+                g = fn.load(F32x16, fn.gep(grow, off4), 4)
+                u = fn.load(F32x16, fn.gep(grow, fn.add(off4, spec.i * 4)), 4)
+                s = vx.sigmoid_f32x16(fn, g)
+                da = vx.fmul(fn, d, w)
+                du = vx.fmul(fn, da, vx.fmul(fn, g, s))
+                dsilu = vx.fmul(fn, s, vx.fma(fn, g, fn.val(f"fsub {F32x16} {one}, {s}"), one))
+                dg = vx.fmul(fn, vx.fmul(fn, da, u), dsilu)
+                fn.store("<16 x bfloat>", _bf16(fn, dg), fn.gep(orow, fn.mul(c, 2)), 2)
+                fn.store("<16 x bfloat>", _bf16(fn, du), fn.gep(orow, fn.add(fn.mul(c, 2), spec.i * 2)), 2)
+            total = fn.val(f"call reassoc float @llvm.vector.reduce.fadd.v16f32(float 0.0, {F32x16} {dot.get()})")
+            fn.module.declare("llvm.vector.reduce.fadd.v16f32",
+                              f"declare float @llvm.vector.reduce.fadd.v16f32(float, {F32x16})")
+            fn.store("float", total, fn.gep(p["dw"], fn.mul(r, 4)), 4)
+
+        _rows(fn, BWD_ARGS, ctx, item, row)
+
+    return body
+
+
+class ActKernel:
+    def __init__(self, spec: ActSpec) -> None:
+        self.spec = spec
+        self.args = FWD_ARGS if spec.op == "fwd" else BWD_ARGS
+        target = target_for("avx512")
+        mod = Module(spec.name, target.fn_attrs)
+        build_worker(mod, spec.name, self.args, (_fwd_body if spec.op == "fwd" else _bwd_body)(spec))
+        self.addr = get_or_compile(spec.name, repr(spec), mod.render(), target, [spec.name])[spec.name]
+
+    def launch(self, rows: int, num_threads: int | None = None, **ptrs: int) -> None:
+        """Process ``rows`` rows; ``ptrs`` are the data pointers named in the module docstring."""
+        n_items = -(-rows // ROWS_PER_ITEM)
+        if n_items == 0:
+            return
+        args = self.args.make(n_items, rows=rows, **ptrs)
+        launch(self.addr, ctypes.addressof(args), num_threads)
+
+
+@functools.cache
+def get_kernel(spec: ActSpec) -> ActKernel:
+    return ActKernel(spec)

@@ -1,0 +1,245 @@
+"""Grouped small GEMMs for LoRA, reading adapter weights in their native (PyTorch) layout.
+
+LoRA tensors are trainable Parameters that an optimizer updates in place, so these kernels never
+pack or copy them: every call reads the current storage through a pointer. Three forms cover every
+LoRA product of the forward and backward pass (r = rank, small; m = tokens of one expert):
+
+- ``xat``: ``Y[m, N] (+)= alpha * X[m, K] @ W^T`` with ``W [N, K]`` row-major (nn.Linear layout).
+  Dot form: both operands run along K, so ``vdpbf16ps`` accumulates partial sums in lanes that a
+  shuffle fold reduces per 16 outputs. K = 16 (two W rows per vector) or a multiple of 32.
+- ``xb``: ``Y[m, N] (+)= alpha * X[m, K] @ B`` with ``B [K, N]`` row-major. Outer form: broadcast
+  X[m, k] times a row of B, fp32 FMA. X is fp32 or bf16.
+- ``xty``: ``C[A, B] = alpha * P[m, A]^T @ Q[m, B]`` (reduction over the tokens): LoRA weight
+  gradients. Outer form with fp32 FMA; P and Q fp32 or bf16.
+
+Groups are ``(x, w, y, m)`` as in kernels/gemm.py (for ``xty``: ``(p, q, c, m)``); row pitches in
+bytes and ``alpha`` travel in the argument block. These run on AVX-512 (every AMX CPU has it).
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+import struct
+from dataclasses import dataclass
+
+import torch
+
+from ..codegen import avx512 as vx
+from ..codegen.cache import get_or_compile
+from ..codegen.compile import target_for
+from ..codegen.ir import BF16x32, F32x16, Function, Module
+from ..codegen.worker import ArgBlock, build_worker
+from ..runtime.threads import launch
+
+ARGS = ArgBlock(["groups", "ldx", "ldw", "ldy", "alpha"])
+DTYPES = ("f32", "bf16")
+
+
+@dataclass(frozen=True)
+class LoraSpec:
+    """One small-GEMM kernel: ``form`` in {"xat", "xb", "xty"}, output dims, operand dtypes."""
+
+    form: str
+    n: int               # output columns (xat, xb) / B dim (xty)
+    k: int               # reduction (xat, xb) / A dim (xty)
+    x_dtype: str = "bf16"
+    w_dtype: str = "bf16"
+    accumulate: bool = False
+    y_dtype: str = "f32"  # xty may write bf16 gradients directly
+
+    def __post_init__(self) -> None:
+        if self.form not in ("xat", "xb", "xty"):
+            raise ValueError(f"unknown LoRA kernel form {self.form!r}")
+        if self.y_dtype == "bf16" and (self.form != "xty" or self.accumulate):
+            raise ValueError("bf16 output is only for non-accumulating xty kernels")
+        if self.x_dtype not in DTYPES or self.w_dtype not in DTYPES or self.y_dtype not in DTYPES:
+            raise ValueError(f"dtypes must be in {DTYPES}")
+        if self.n % 16 or self.n <= 0:
+            raise ValueError(f"{self.form}: N={self.n} must be a positive multiple of 16")
+        if self.form == "xat" and not (self.k == 16 or self.k % 32 == 0):
+            raise ValueError(f"xat: K={self.k} must be 16 or a multiple of 32")
+        if self.form == "xty" and self.k % 8:
+            raise ValueError(f"xty: A={self.k} must be a multiple of 8")
+
+    @property
+    def name(self) -> str:
+        acc = "_acc" if self.accumulate else ""
+        return f"lora_{self.form}_n{self.n}_k{self.k}_{self.x_dtype}_{self.w_dtype}_{self.y_dtype}{acc}"
+
+    @property
+    def nb(self) -> int:
+        """16-wide output vectors per work item."""
+        if self.form == "xat":
+            return 1
+        return 4 if self.n % 64 == 0 and self.form == "xb" else (2 if self.n % 32 == 0 else 1)
+
+    @property
+    def a_block(self) -> int:
+        """xty: rows of C per work item."""
+        return 8 if self.nb == 2 else 16 if self.k % 16 == 0 else 8
+
+    @property
+    def units(self) -> int:
+        """xty: (a-block, b-block) output tiles per group."""
+        return self.n // (16 * self.nb) * (self.k // self.a_block)
+
+    @property
+    def units_per_item(self) -> int:
+        """xty: tiles per work item (items must not be tiny: each claim is a contended atomic)."""
+        return min(16, self.units)
+
+    @property
+    def items_per_group(self) -> int:
+        if self.form == "xty":
+            return -(-self.units // self.units_per_item)
+        return self.n // (16 * self.nb)
+
+
+def _group(fn: Function, ctx: str, item: str, ipg: int):
+    g = fn.val(f"udiv i64 {item}, {ipg}")
+    c = fn.val(f"urem i64 {item}, {ipg}")
+    desc = fn.gep(ARGS.load_ptr(fn, ctx, "groups"), fn.mul(g, 32))
+    return (c, fn.load("ptr", desc, 8), fn.load("ptr", fn.gep(desc, 8), 8), fn.load("ptr", fn.gep(desc, 16), 8),
+            fn.load("i64", fn.gep(desc, 24), 8))
+
+
+def _finish(fn: Function, spec: LoraSpec, v: str, alpha: str, ptr: str) -> None:
+    v = vx.fmul(fn, v, alpha)
+    if spec.y_dtype == "bf16":
+        fn.store("<16 x bfloat>", fn.val(f"fptrunc {F32x16} {v} to <16 x bfloat>"), ptr, 2)
+        return
+    if spec.accumulate:
+        v = vx.fadd(fn, v, fn.load(F32x16, ptr, 4))
+    fn.store(F32x16, v, ptr, 4)
+
+
+def _xat_body(spec: LoraSpec):
+    rho = 2 if spec.k == 16 else 1   # W rows per 32-element vector
+    n_acc = 16 // rho
+    chunks = max(1, spec.k // 32)
+
+    def body(fn: Function, ctx: str, item: str, tiles) -> None:
+        c, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
+        ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
+        alpha = vx.splat_arg_f32(fn, ARGS.load(fn, ctx, "alpha"))
+        wb = fn.gep(w, fn.mul(c, 16 * spec.k * 2))
+        with fn.loop(0, m, name="row") as i:
+            xrow = fn.gep(x, fn.mul(i, ldx))
+            accs = [fn.var(F32x16, "zeroinitializer", 64) for _ in range(n_acc)]
+            with fn.loop(0, chunks, name="kc") as kc:
+                if rho == 2:  # K = 16: the row twice, against two W rows per vector
+                    h = fn.load("<16 x bfloat>", xrow, 2)
+                    xv = fn.val(f"shufflevector <16 x bfloat> {h}, <16 x bfloat> poison, "
+                                f"<32 x i32> <{', '.join(f'i32 {j % 16}' for j in range(32))}>")
+                else:
+                    xv = fn.load(BF16x32, fn.gep(xrow, fn.mul(kc, 64)), 2)
+                for a, acc in enumerate(accs):
+                    wp = fn.gep(wb, fn.add(fn.mul(kc, 64), a * rho * spec.k * 2))
+                    acc.set(vx.dpbf16(fn, acc.get(), fn.load(BF16x32, wp, 2), xv))
+            out = vx.reduce_lanes(fn, [a.get() for a in accs])
+            _finish(fn, spec, out, alpha, fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(c, 64))))
+
+    return body
+
+
+def _row_blocks(fn: Function, m: str, mr: int, micro) -> None:
+    full = fn.mul(fn.val(f"udiv i64 {m}, {mr}"), mr)
+    with fn.loop(0, full, mr, name="mb") as m0:
+        micro(m0, mr)
+    with fn.loop(full, m, name="mt") as m0:
+        micro(m0, 1)
+
+
+def _xb_body(spec: LoraSpec):
+    nb = spec.nb
+    mr = max(1, min(8, 24 // nb))
+    xsz = 4 if spec.x_dtype == "f32" else 2
+
+    def body(fn: Function, ctx: str, item: str, tiles) -> None:
+        c, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
+        ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
+        alpha = vx.splat_arg_f32(fn, ARGS.load(fn, ctx, "alpha"))
+        wb = fn.gep(w, fn.mul(c, nb * 32))
+        yb = fn.gep(y, fn.mul(c, nb * 64))
+
+        def micro(m0: str, rows: int) -> None:
+            accs = {(i, j): fn.var(F32x16, "zeroinitializer", 64) for i in range(rows) for j in range(nb)}
+            with fn.loop(0, spec.k, name="k") as kk:
+                brow = fn.gep(wb, fn.mul(kk, spec.n * 2))
+                bv = [vx.load_f32x16(fn, fn.gep(brow, j * 32), "bf16") for j in range(nb)]
+                for i in range(rows):
+                    xs = vx.splat_f32(fn, fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(kk, xsz))),
+                                      spec.x_dtype)
+                    for j in range(nb):
+                        acc = accs[i, j]
+                        acc.set(vx.fma(fn, xs, bv[j], acc.get()))
+            for (i, j), acc in accs.items():
+                _finish(fn, spec, acc.get(), alpha, fn.gep(yb, fn.add(fn.mul(fn.add(m0, i), ldy), j * 64)))
+
+        _row_blocks(fn, m, mr, micro)
+
+    return body
+
+
+def _xty_body(spec: LoraSpec):
+    nb, ab = spec.nb, spec.a_block
+    cols = spec.n // (16 * nb)
+    psz = 4 if spec.x_dtype == "f32" else 2
+    qsz = 4 if spec.w_dtype == "f32" else 2
+
+    def body(fn: Function, ctx: str, item: str, tiles) -> None:
+        c, p, q, out, m = _group(fn, ctx, item, spec.items_per_group)
+        ldp, ldq = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldw")
+        alpha = vx.splat_arg_f32(fn, ARGS.load(fn, ctx, "alpha"))
+        u0 = fn.mul(c, spec.units_per_item)
+        with fn.loop(u0, fn.min(fn.add(u0, spec.units_per_item), spec.units), name="unit") as u:
+            a0 = fn.mul(fn.val(f"udiv i64 {u}, {cols}"), ab)
+            b0 = fn.mul(fn.val(f"urem i64 {u}, {cols}"), 16 * nb)
+            accs = {(a, j): fn.var(F32x16, "zeroinitializer", 64) for a in range(ab) for j in range(nb)}
+            with fn.loop(0, m, name="tok") as t:
+                qrow = fn.gep(q, fn.add(fn.mul(t, ldq), fn.mul(b0, qsz)))
+                qv = [vx.load_f32x16(fn, fn.gep(qrow, j * 16 * qsz), spec.w_dtype) for j in range(nb)]
+                prow = fn.gep(p, fn.add(fn.mul(t, ldp), fn.mul(a0, psz)))
+                for a in range(ab):
+                    pv = vx.splat_f32(fn, fn.gep(prow, a * psz), spec.x_dtype)
+                    for j in range(nb):
+                        acc = accs[a, j]
+                        acc.set(vx.fma(fn, pv, qv[j], acc.get()))
+            ysz = 4 if spec.y_dtype == "f32" else 2
+            for (a, j), acc in accs.items():
+                ptr = fn.gep(out, fn.mul(fn.add(fn.mul(fn.add(a0, a), spec.n), fn.add(b0, 16 * j)), ysz))
+                _finish(fn, spec, acc.get(), alpha, ptr)
+
+    return body
+
+
+def build_ir(spec: LoraSpec) -> str:
+    target = target_for("avx512")
+    mod = Module(spec.name, target.fn_attrs)
+    body = {"xat": _xat_body, "xb": _xb_body, "xty": _xty_body}[spec.form](spec)
+    build_worker(mod, spec.name, ARGS, body)
+    return mod.render()
+
+
+class LoraKernel:
+    def __init__(self, spec: LoraSpec) -> None:
+        self.spec = spec
+        self.addr = get_or_compile(spec.name, repr(spec), build_ir(spec), target_for("avx512"),
+                                   [spec.name])[spec.name]
+
+    def launch(self, groups: torch.Tensor, ldx: int, ldw: int, ldy: int, alpha: float,
+               num_threads: int | None = None) -> None:
+        """Run over ``groups`` (int64 [G, 4]); pitches in bytes; ``alpha`` scales the product."""
+        n_items = groups.shape[0] * self.spec.items_per_group
+        if n_items == 0:
+            return
+        bits = struct.unpack("<I", struct.pack("<f", alpha))[0]
+        args = ARGS.make(n_items, groups=groups.data_ptr(), ldx=ldx, ldw=ldw, ldy=ldy, alpha=bits)
+        launch(self.addr, ctypes.addressof(args), num_threads)
+
+
+@functools.cache
+def get_kernel(spec: LoraSpec) -> LoraKernel:
+    """The compiled kernel for ``spec`` (memoised; compiled or loaded from the disk cache once)."""
+    return LoraKernel(spec)
