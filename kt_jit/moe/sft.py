@@ -27,6 +27,7 @@ from ..kernels import lora as lk
 from ..kernels.activation import ActSpec
 from ..kernels.activation import get_kernel as get_act_kernel
 from ..runtime.buffers import aligned_empty
+from ..runtime.memory import keep_freed_memory
 from .routing import Routing, route
 from .weights import MoEExperts
 
@@ -145,6 +146,7 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
 
     Returns out [T, H] (``out_dtype``) and, with ``save``, what :func:`backward` needs.
     """
+    keep_freed_memory()
     t, hdim = x.shape
     idim = experts.intermediate_size
     r = route(topk_ids, experts.num_experts)

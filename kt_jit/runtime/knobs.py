@@ -6,6 +6,7 @@ KT_JIT_NUM_THREADS  worker threads per kernel launch (default: cores this proces
 KT_JIT_ISA          "auto" (default), "amx", "avx512" or "amx_emu" (AMX kernels run through an
                     IR-level tile emulator; for testing the AMX code path on CPUs without AMX)
 KT_JIT_DISABLE_CACHE  "1" compiles every kernel afresh and writes nothing to disk
+KT_JIT_MALLOC_TUNE  "0" leaves glibc's malloc thresholds alone (see runtime/memory.py)
 """
 
 from __future__ import annotations
@@ -56,3 +57,7 @@ def isa_request() -> str:
     if raw not in ISA_CHOICES:
         raise ValueError(f"KT_JIT_ISA must be one of {ISA_CHOICES}, got {raw!r}")
     return raw
+
+
+def malloc_tune() -> bool:
+    return os.environ.get("KT_JIT_MALLOC_TUNE", "1") not in ("0", "")

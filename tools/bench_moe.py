@@ -1,0 +1,211 @@
+"""Benchmark the MoE LoRA operator against the plain PyTorch reference, in the same run.
+
+Shapes: qwen3-30b-a3b (E128 H2048 I768 K8), deepseek-v2-lite (E64 H2048 I1408 K6), dsv3-64e
+(E64 H7168 I2048 K8); qlen 1, 16, 128, 512; LoRA rank 16. For each: forward with saved activations
+(autograd), forward without saving (MoESFTOp, save_for_backward=False), forward without LoRA, and
+backward; the PyTorch reference is kt_jit.reference.moe in bf16 with autograd (a per-expert
+F.linear loop). Floors come from the JIT probes run at the start: ``of_floor`` = (bytes of the
+activated experts' weights / read bandwidth) / time, as the issue defines it; ``of_roof`` also
+counts the compute roof (FLOPs / bf16 peak), which binds first on CPUs without AMX.
+Also reported: peak RSS, and RSS growth over a training loop (forward, backward, AdamW step).
+
+    python tools/bench_moe.py [--quick] [--json PATH] [--shapes qwen3,...] [--steps N]
+"""
+
+from __future__ import annotations
+
+import argparse
+import gc
+import json
+import resource
+import statistics
+import time
+
+import torch
+
+import kt_jit
+from kt_jit.kernels.probe import bf16_peak_flops, read_bandwidth
+from kt_jit.reference import moe as torch_moe
+from kt_jit.runtime.threads import default_num_threads
+
+SHAPES = {
+    "qwen3-30b-a3b": (128, 2048, 768, 8),
+    "deepseek-v2-lite": (64, 2048, 1408, 6),
+    "dsv3-64e": (64, 7168, 2048, 8),
+}
+QLENS = [1, 16, 128, 512]
+RANK = 16
+
+
+def rss_mb() -> float:
+    with open("/proc/self/status") as f:
+        for line in f:
+            if line.startswith("VmRSS:"):
+                return int(line.split()[1]) / 1024
+    return float("nan")
+
+
+def peak_rss_mb() -> float:
+    return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+
+
+def timed(fn, repeats: int, min_seconds: float = 0.0) -> float:
+    """Median seconds of ``fn()`` (after one warm-up call)."""
+    fn()
+    times = []
+    while len(times) < repeats or sum(times) < min_seconds:
+        t0 = time.perf_counter()
+        fn()
+        times.append(time.perf_counter() - t0)
+        if len(times) >= 4 * repeats:
+            break
+    return statistics.median(times)
+
+
+class Layer:
+    def __init__(self, e: int, h: int, i: int, rank: int) -> None:
+        g = torch.Generator().manual_seed(0)
+        self.gate = (torch.randn(e, i, h, generator=g) / h**0.5).bfloat16()
+        self.up = (torch.randn(e, i, h, generator=g) / h**0.5).bfloat16()
+        self.down = (torch.randn(e, h, i, generator=g) / i**0.5).bfloat16()
+        t0 = time.perf_counter()
+        self.experts = kt_jit.MoEExperts.from_tensors(self.gate, self.up, self.down)
+        self.pack_seconds = time.perf_counter() - t0
+        self.lora = kt_jit.MoELoRA(e, h, i, rank=rank, alpha=2.0 * rank)
+        with torch.no_grad():
+            for name in ("gate_lora_b", "up_lora_b", "down_lora_b"):
+                getattr(self.lora, name).normal_(0, 0.01)
+        self.e, self.h, self.i = e, h, i
+
+
+def batch(t: int, k: int, e: int, h: int, seed: int = 1):
+    g = torch.Generator().manual_seed(seed)
+    x = torch.randn(t, h, generator=g).bfloat16()
+    ids = torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(t)])
+    w = torch.softmax(torch.randn(t, k, generator=g), -1)
+    return x, ids, w
+
+
+def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, bw: float, peak: float, repeats: int,
+                torch_repeats: int) -> list[dict]:
+    layer = Layer(e, h, i, RANK)
+    print(f"\n{name}: E={e} H={h} I={i} K={k} rank={RANK} | packed in {layer.pack_seconds:.2f} s, "
+          f"{layer.experts.nbytes / 1e9:.2f} GB")
+    hdr = (f"{'qlen':>4} {'pass':<14} {'ms':>9} {'floor ms':>9} {'of_floor':>8} {'of_roof':>7} "
+           f"{'torch ms':>9} {'vs_torch':>8}")
+    print(hdr)
+    print("-" * len(hdr))
+    rows = []
+    op = kt_jit.MoESFTOp(layer.experts, layer.lora)
+    lora_params = [p for p in layer.lora.tensors()]
+    for t in qlens:
+        x, ids, w = batch(t, k, e, h)
+        dout = torch.randn(t, h, generator=torch.Generator().manual_seed(2))
+        active = int(torch.unique(ids).numel())
+        floor = active * layer.experts.expert_bytes() / bw
+        flops = 2 * t * k * 3 * h * i
+        roof = max(floor, flops / peak)
+
+        def fwd_save():
+            xr = x.clone().requires_grad_()
+            return kt_jit.moe_sft(xr, ids, w, layer.experts, layer.lora)
+
+        def fwd_bwd():
+            for p in lora_params:  # as optimizer.zero_grad(set_to_none=True) leaves them
+                p.grad = None
+            fwd_save().backward(dout)
+
+        ours = {
+            "fwd (save)": timed(fwd_save, repeats),
+            "fwd (no save)": timed(lambda: op.forward(x, ids, w, save_for_backward=False), repeats),
+            "fwd (no LoRA)": timed(lambda: kt_jit.moe_sft(x, ids, w, layer.experts), repeats),
+        }
+        ours["bwd"] = max(timed(fwd_bwd, repeats) - ours["fwd (save)"], 1e-9)
+
+        def torch_fwd(grad: bool):
+            xr = x.clone().requires_grad_(grad)
+            ps = [p.detach().requires_grad_(grad) for p in lora_params]
+            return torch_moe(xr, ids, w, layer.gate, layer.up, layer.down, ps, layer.lora.scaling,
+                             dtype=torch.bfloat16)
+
+        tf = timed(lambda: torch_fwd(True), torch_repeats)
+        tfb = timed(lambda: torch_fwd(True).backward(dout), torch_repeats)
+        ref = {"fwd (save)": tf, "fwd (no save)": timed(lambda: torch_fwd(False), torch_repeats),
+               "fwd (no LoRA)": timed(lambda: torch_moe(x, ids, w, layer.gate, layer.up, layer.down,
+                                                        dtype=torch.bfloat16), torch_repeats),
+               "bwd": max(tfb - tf, 1e-9)}
+        for pas, sec in ours.items():
+            row = {"name": f"{name} qlen={t} {pas}", "ms": sec * 1e3, "vs_torch": ref[pas] / sec,
+                   "of_floor": floor / sec, "of_roof": roof / sec, "floor_ms": floor * 1e3,
+                   "roof_ms": roof * 1e3, "torch_ms": ref[pas] * 1e3, "active_experts": active}
+            rows.append(row)
+            print(f"{t:4d} {pas:<14} {row['ms']:9.2f} {row['floor_ms']:9.2f} {row['of_floor']:8.2f} "
+                  f"{row['of_roof']:7.2f} {row['torch_ms']:9.2f} {row['vs_torch']:8.2f}", flush=True)
+        lora_cost = ours["fwd (save)"] / ours["fwd (no LoRA)"] - 1
+        print(f"     LoRA adds {lora_cost * 100:.1f}% to the forward; backward = "
+              f"{ours['bwd'] / ours['fwd (save)']:.2f}x forward")
+        rows.append({"name": f"{name} qlen={t} lora overhead", "ms": 0.0, "ratio": lora_cost})
+    del layer, op
+    gc.collect()
+    return rows
+
+
+def rss_loop(steps: int, qlen: int) -> dict:
+    """RSS before/after ``steps`` training steps on the qwen3 shape (flat = no leak)."""
+    e, h, i, k = SHAPES["qwen3-30b-a3b"]
+    layer = Layer(e, h, i, RANK)
+    opt = torch.optim.AdamW(layer.lora.parameters(), lr=1e-4)
+    x, ids, w = batch(qlen, k, e, h)
+    target = torch.randn(qlen, h)
+    marks = {}
+    t0 = time.perf_counter()
+    for step in range(1, steps + 1):
+        loss = (kt_jit.moe_sft(x, ids, w, layer.experts, layer.lora) - target).pow(2).mean()
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        if step in (10, steps):
+            gc.collect()
+            marks[step] = rss_mb()
+    secs = time.perf_counter() - t0
+    return {"steps": steps, "qlen": qlen, "rss_mb_step10": marks[10], "rss_mb_end": marks[steps],
+            "growth_mb": marks[steps] - marks[10], "step_ms": secs / steps * 1e3}
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--quick", action="store_true", help="qwen3 only, qlen 1/16/128, 50 training steps")
+    ap.add_argument("--json", metavar="PATH")
+    ap.add_argument("--shapes", default=None, help="comma-separated subset of " + ",".join(SHAPES))
+    ap.add_argument("--steps", type=int, default=None, help="training steps of the RSS loop")
+    args = ap.parse_args()
+    threads = default_num_threads()
+    torch.set_num_threads(threads)
+    names = args.shapes.split(",") if args.shapes else (["qwen3-30b-a3b"] if args.quick else list(SHAPES))
+    qlens = [1, 16, 128] if args.quick else QLENS
+    steps = args.steps or (50 if args.quick else 1000)
+    repeats, torch_repeats = (3, 1) if args.quick else (5, 3)
+
+    bw, peak = read_bandwidth(1 << 30), bf16_peak_flops()
+    print(f"kt_jit MoE benchmark: isa={kt_jit.active_isa()} threads={threads} | read bandwidth "
+          f"{bw / 1e9:.1f} GB/s, bf16 peak {peak / 1e12:.2f} TFLOPS (measured now)")
+    rows: list[dict] = []
+    for name in names:
+        e, h, i, k = SHAPES[name]
+        rows += bench_shape(name, e, h, i, k, qlens, bw, peak, repeats, torch_repeats)
+    loop = rss_loop(steps, 16)
+    print(f"\ntraining loop (qwen3, qlen 16): {loop['steps']} steps, {loop['step_ms']:.1f} ms/step, RSS "
+          f"{loop['rss_mb_step10']:.0f} MB at step 10 -> {loop['rss_mb_end']:.0f} MB at the end "
+          f"({loop['growth_mb']:+.1f} MB); peak RSS of the whole run {peak_rss_mb():.0f} MB")
+    rows.append({"name": f"RSS growth over {loop['steps']} training steps (MB)", "ms": loop["step_ms"], **loop})
+    rows.append({"name": "peak RSS (MB)", "ms": 0.0, "peak_rss_mb": peak_rss_mb()})
+    rows.append({"name": "machine", "ms": 0.0, "read_gbps": bw / 1e9, "peak_tflops": peak / 1e12,
+                 "isa": kt_jit.active_isa(), "threads": threads})
+    if args.json:
+        with open(args.json, "w") as f:
+            json.dump(rows, f, indent=1)
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
