@@ -86,6 +86,43 @@ def batch(t: int, k: int, e: int, h: int, seed: int = 1):
     return x, ids, w
 
 
+def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, torch_repeats: int):
+    """Seconds per pass for kt_jit and the PyTorch reference at one qlen, and the active expert count."""
+    e, h = layer.e, layer.h
+    x, ids, w = batch(t, k, e, h)
+    dout = torch.randn(t, h, generator=torch.Generator().manual_seed(2))
+    lora_params = list(layer.lora.tensors())
+
+    def fwd_save():
+        xr = x.clone().requires_grad_()
+        return kt_jit.moe_sft(xr, ids, w, layer.experts, layer.lora)
+
+    def fwd_bwd():
+        for p in lora_params:  # as optimizer.zero_grad(set_to_none=True) leaves them
+            p.grad = None
+        fwd_save().backward(dout)
+
+    ours = {
+        "fwd (save)": timed(fwd_save, repeats),
+        "fwd (no save)": timed(lambda: op.forward(x, ids, w, save_for_backward=False), repeats),
+        "fwd (no LoRA)": timed(lambda: kt_jit.moe_sft(x, ids, w, layer.experts), repeats),
+    }
+    ours["bwd"] = max(timed(fwd_bwd, repeats) - ours["fwd (save)"], 1e-9)
+
+    def torch_fwd(grad: bool, lora: bool = True):
+        xr = x.clone().requires_grad_(grad)
+        ps = [p.detach().requires_grad_(grad) for p in lora_params] if lora else None
+        return torch_moe(xr, ids, w, layer.gate, layer.up, layer.down, ps, layer.lora.scaling,
+                         dtype=torch.bfloat16)
+
+    tf = timed(lambda: torch_fwd(True), torch_repeats)
+    tfb = timed(lambda: torch_fwd(True).backward(dout), torch_repeats)
+    ref = {"fwd (save)": tf, "fwd (no save)": timed(lambda: torch_fwd(False), torch_repeats),
+           "fwd (no LoRA)": timed(lambda: torch_fwd(False, lora=False), torch_repeats),
+           "bwd": max(tfb - tf, 1e-9)}
+    return ours, ref, int(torch.unique(ids).numel())
+
+
 def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, bw: float, peak: float, repeats: int,
                 torch_repeats: int) -> list[dict]:
     layer = Layer(e, h, i, RANK)
@@ -97,43 +134,10 @@ def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, bw: float, pea
     print("-" * len(hdr))
     rows = []
     op = kt_jit.MoESFTOp(layer.experts, layer.lora)
-    lora_params = [p for p in layer.lora.tensors()]
     for t in qlens:
-        x, ids, w = batch(t, k, e, h)
-        dout = torch.randn(t, h, generator=torch.Generator().manual_seed(2))
-        active = int(torch.unique(ids).numel())
+        ours, ref, active = measure(layer, op, t, k, repeats, torch_repeats)
         floor = active * layer.experts.expert_bytes() / bw
-        flops = 2 * t * k * 3 * h * i
-        roof = max(floor, flops / peak)
-
-        def fwd_save():
-            xr = x.clone().requires_grad_()
-            return kt_jit.moe_sft(xr, ids, w, layer.experts, layer.lora)
-
-        def fwd_bwd():
-            for p in lora_params:  # as optimizer.zero_grad(set_to_none=True) leaves them
-                p.grad = None
-            fwd_save().backward(dout)
-
-        ours = {
-            "fwd (save)": timed(fwd_save, repeats),
-            "fwd (no save)": timed(lambda: op.forward(x, ids, w, save_for_backward=False), repeats),
-            "fwd (no LoRA)": timed(lambda: kt_jit.moe_sft(x, ids, w, layer.experts), repeats),
-        }
-        ours["bwd"] = max(timed(fwd_bwd, repeats) - ours["fwd (save)"], 1e-9)
-
-        def torch_fwd(grad: bool):
-            xr = x.clone().requires_grad_(grad)
-            ps = [p.detach().requires_grad_(grad) for p in lora_params]
-            return torch_moe(xr, ids, w, layer.gate, layer.up, layer.down, ps, layer.lora.scaling,
-                             dtype=torch.bfloat16)
-
-        tf = timed(lambda: torch_fwd(True), torch_repeats)
-        tfb = timed(lambda: torch_fwd(True).backward(dout), torch_repeats)
-        ref = {"fwd (save)": tf, "fwd (no save)": timed(lambda: torch_fwd(False), torch_repeats),
-               "fwd (no LoRA)": timed(lambda: torch_moe(x, ids, w, layer.gate, layer.up, layer.down,
-                                                        dtype=torch.bfloat16), torch_repeats),
-               "bwd": max(tfb - tf, 1e-9)}
+        roof = max(floor, 2 * t * k * 3 * h * i / peak)
         for pas, sec in ours.items():
             row = {"name": f"{name} qlen={t} {pas}", "ms": sec * 1e3, "vs_torch": ref[pas] / sec,
                    "of_floor": floor / sec, "of_roof": roof / sec, "floor_ms": floor * 1e3,
@@ -145,8 +149,6 @@ def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, bw: float, pea
         print(f"     LoRA adds {lora_cost * 100:.1f}% to the forward; backward = "
               f"{ours['bwd'] / ours['fwd (save)']:.2f}x forward")
         rows.append({"name": f"{name} qlen={t} lora overhead", "ms": 0.0, "ratio": lora_cost})
-    del layer, op
-    gc.collect()
     return rows
 
 
@@ -193,6 +195,7 @@ def main() -> int:
     for name in names:
         e, h, i, k = SHAPES[name]
         rows += bench_shape(name, e, h, i, k, qlens, bw, peak, repeats, torch_repeats)
+        gc.collect()
     loop = rss_loop(steps, 16)
     print(f"\ntraining loop (qwen3, qlen 16): {loop['steps']} steps, {loop['step_ms']:.1f} ms/step, RSS "
           f"{loop['rss_mb_step10']:.0f} MB at step 10 -> {loop['rss_mb_end']:.0f} MB at the end "
