@@ -53,14 +53,14 @@ def bitcast(fn: Function, v: str, src: str, dst: str) -> str:
     return fn.val(f"bitcast {src} {v} to {dst}")
 
 
-def swap_k_n_pairs(fn: Function, ptr: str) -> str:
-    """Load one packed weight row and regroup its 2x2 (n, k) blocks from k-pairs to n-pairs.
+def swap_k_n_pairs(fn: Function, row: str) -> str:
+    """Regroup a packed weight row (<32 x bfloat>) from k-pairs to n-pairs.
 
     A packed row holds, per dword lane i, the pair (W[n_i][2r], W[n_i][2r+1]). Swapping the middle
     two words of every qword gives dword 2q+e = (W[n_2q][2r+e], W[n_2q+1][2r+e]): bf16 pairs along
     n, which is what the transposed GEMM (reduction over n) multiplies against.
     """
-    w = fn.load(I16x32, ptr, 64)
+    w = bitcast(fn, row, BF16x32, I16x32)
     idx = [q * 4 + j for q in range(8) for j in (0, 2, 1, 3)]
     s = shuffle(fn, I16x32, w, None, idx)
     return bitcast(fn, s, I16x32, BF16x32)

@@ -40,14 +40,16 @@ from ..codegen import avx512 as vx
 from ..codegen.amx import TileConfig, Tiles
 from ..codegen.cache import get_or_compile
 from ..codegen.compile import target_for
-from ..codegen.ir import F32x16, Function, Module
+from ..codegen.ir import BF16x32, F32x16, Function, I32x16, Module
 from ..codegen.worker import ArgBlock, build_worker
 from ..runtime.amx import active_isa, require_amx
 from ..runtime.buffers import aligned_zeros
 from ..runtime.threads import launch
 from .pack import check_gemm_dims
 
-GROUP_FIELDS = 4  # x, w, y, m per group descriptor
+GROUP_FIELDS = 5  # x, w, y, m, per-channel scales (quantized weights) per group descriptor
+QUANTS = ("bf16", "int8")
+ROW_BYTES = {"bf16": 64, "int8": 32}  # bytes of one packed row (16 channels x one k-pair)
 ARGS = ArgBlock(["groups", "ldx", "ldy"])
 ISAS = ("avx512", "amx", "amx_emu")
 
@@ -99,6 +101,7 @@ class GemmSpec:
     isa: str           # "avx512", "amx" or "amx_emu"
     accumulate: bool   # add into the output instead of overwriting it
     schedule: GemmSchedule
+    quant: str = "bf16"  # weight storage: "bf16", or "int8" (per-channel scales; AVX-512 kernels)
 
     def __post_init__(self) -> None:
         if self.op not in ("fwd", "bwd"):
@@ -106,6 +109,10 @@ class GemmSpec:
         if self.isa not in ISAS:
             raise ValueError(f"isa must be one of {ISAS}, got {self.isa!r}")
         check_gemm_dims(self.n, self.k)
+        if self.quant not in QUANTS:
+            raise ValueError(f"quant must be one of {QUANTS}, got {self.quant!r}")
+        if self.quant != "bf16" and self.isa != "avx512":
+            raise ValueError(f"{self.quant} weights run on the AVX-512 kernels (isa='avx512'), not {self.isa!r}")
         sch = self.schedule
         if sch.kc < 0 or (sch.kc and (self.k // 2) % sch.kc):
             raise ValueError(f"schedule kc={sch.kc} must divide K/2={self.k // 2}")
@@ -117,7 +124,11 @@ class GemmSpec:
     @property
     def name(self) -> str:
         acc = "_acc" if self.accumulate else ""
-        return f"gemm_{self.op}_bf16_n{self.n}_k{self.k}_{self.isa}_{self.schedule}{acc}"
+        return f"gemm_{self.op}_{self.quant}_n{self.n}_k{self.k}_{self.isa}_{self.schedule}{acc}"
+
+    @property
+    def row_bytes(self) -> int:
+        return ROW_BYTES[self.quant]
 
     @property
     def items_per_group(self) -> int:
@@ -140,7 +151,17 @@ def _group(fn: Function, ctx: str, item: str, ipg: int) -> tuple[str, ...]:
     w = fn.load("ptr", fn.gep(desc, 8), 8)
     y = fn.load("ptr", fn.gep(desc, 16), 8)
     m = fn.load("i64", fn.gep(desc, 24), 8)
-    return c, x, w, y, m
+    return c, x, w, y, m, fn.load("ptr", fn.gep(desc, 32), 8)
+
+
+def _weight_row(fn: Function, spec: GemmSpec, ptr: str) -> str:
+    """One packed row (16 channels x one k-pair) as <32 x bfloat>, dequantised to exact bf16 for
+    int8 (|q| <= 127 is exact in bf16; the per-channel scale is applied in fp32 elsewhere)."""
+    if spec.quant == "bf16":
+        return fn.load(BF16x32, ptr, 2)
+    q = fn.load("<32 x i8>", ptr, 1)
+    f = fn.val(f"sitofp <32 x i8> {q} to <32 x float>")
+    return fn.val(f"fptrunc <32 x float> {f} to {BF16x32}")
 
 
 def _row_blocks(fn: Function, m: str, mr: int, micro) -> None:
@@ -166,13 +187,16 @@ def _row_blocks(fn: Function, m: str, mr: int, micro) -> None:
 def _avx512_fwd_body(spec: GemmSpec):
     sch, kp = spec.schedule, spec.k // 2
     kc = sch.kc or kp
-    block_stride = spec.k * 32  # bytes between consecutive n-blocks of the packed weight
+    rb = spec.row_bytes
+    block_stride = kp * rb  # bytes between consecutive n-blocks of the packed weight
+    scaled = spec.quant != "bf16"
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        c, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
+        c, x, w, y, m, sc = _group(fn, ctx, item, spec.items_per_group)
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         wb = fn.gep(w, fn.mul(c, sch.nr * block_stride))
         yb = fn.gep(y, fn.mul(c, sch.nr * 64))
+        scb = fn.gep(sc, fn.mul(c, sch.nr * 64))
         with fn.loop(0, kp, kc, name="kc") as kc0:
             first = fn.icmp("eq", kc0, 0)
 
@@ -182,56 +206,80 @@ def _avx512_fwd_body(spec: GemmSpec):
                     yrow = fn.gep(yb, fn.mul(fn.add(m0, i), ldy))
                     for j in range(sch.nr):
                         p = fn.gep(yrow, j * 64)
+                        if scaled:  # integer-weight partial sums; scaled into Y at the end
+                            accs[i, j] = (fn.var(F32x16, "zeroinitializer", 64), p)
+                            continue
                         old = fn.load(F32x16, p, 4)
                         init = old if spec.accumulate else \
                             fn.val(f"select i1 {first}, {F32x16} zeroinitializer, {F32x16} {old}")
                         accs[i, j] = (fn.var(F32x16, init, 64), p)
                 with fn.loop(kc0, fn.add(kc0, kc), name="r") as r:
-                    roff = fn.mul(r, 64)
+                    roff = fn.mul(r, rb)
                     wptrs = [fn.gep(wb, fn.add(roff, j * block_stride)) for j in range(sch.nr)]
-                    wv = [vx.load_bf16x32(fn, p) for p in wptrs]
+                    wv = [_weight_row(fn, spec, p) for p in wptrs]
                     if sch.pf:
                         for p in wptrs:
-                            vx.prefetch(fn, fn.gep(p, sch.pf * 64))
+                            vx.prefetch(fn, fn.gep(p, sch.pf * rb))
                     for i in range(rows):
                         xp = fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(r, 4)))
                         xb = vx.bcast_pair(fn, xp)
                         for j in range(sch.nr):
                             acc = accs[i, j][0]
                             acc.set(vx.dpbf16(fn, acc.get(), wv[j], xb))
-                for acc, p in accs.values():
-                    fn.store(F32x16, acc.get(), p, 4)
+                for (_, j), (acc, p) in accs.items():
+                    v = acc.get()
+                    if scaled:
+                        v = vx.fmul(fn, v, fn.load(F32x16, fn.gep(scb, j * 64), 4))
+                        old = fn.load(F32x16, p, 4)
+                        if not spec.accumulate:
+                            old = fn.val(f"select i1 {first}, {F32x16} zeroinitializer, {F32x16} {old}")
+                        v = vx.fadd(fn, v, old)
+                    fn.store(F32x16, v, p, 4)
 
             _row_blocks(fn, m, sch.mr, micro)
 
     return body
 
 
+def _dy_pairs(fn: Function, spec: GemmSpec, ptr: str, scales: str) -> str:
+    """dY[m, 16s:16s+16] as 8 bf16 pairs, each dword duplicated; for quantized weights each dY
+    column is first multiplied by its channel's scale (dX = (dY diag(s)) Q)."""
+    if spec.quant == "bf16":
+        return vx.dup_dwords(fn, ptr)
+    v = vx.fmul(fn, vx.load_f32x16(fn, ptr, "bf16"), fn.load(F32x16, scales, 4))
+    pairs = fn.val(f"bitcast <16 x bfloat> {fn.val(f'fptrunc {F32x16} {v} to <16 x bfloat>')} to <8 x i32>")
+    dup = fn.val(f"shufflevector <8 x i32> {pairs}, <8 x i32> poison, "
+                 f"<16 x i32> <{', '.join(f'i32 {i // 2}' for i in range(16))}>")
+    return vx.bitcast(fn, dup, I32x16, BF16x32)
+
+
 def _avx512_bwd_body(spec: GemmSpec):
     sch, nb = spec.schedule, spec.n // 16
     rows_per_item = 8 * sch.nr
-    block_stride = spec.k * 32
+    rb = spec.row_bytes
+    block_stride = spec.k // 2 * rb
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        c, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
+        c, x, w, y, m, sc = _group(fn, ctx, item, spec.items_per_group)
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         with fn.loop(0, sch.nr, name="sub") as sub:
             r0 = fn.add(fn.mul(c, rows_per_item), fn.mul(sub, 8))  # first k-pair row of this chunk
-            wb = fn.gep(w, fn.mul(r0, 64))
+            wb = fn.gep(w, fn.mul(r0, rb))
             yb = fn.gep(y, fn.mul(r0, 8))  # 2 outputs (fp32) per k-pair
 
             def micro(m0: str, rows: int) -> None:
                 accs = {(i, r): fn.var(F32x16, "zeroinitializer", 64) for i in range(rows) for r in range(8)}
                 with fn.loop(0, nb, name="s") as s:
                     wrow = fn.gep(wb, fn.mul(s, block_stride))
-                    if sch.pf:  # these 8 lines of a later block, and the next chunk's 8 of this one
+                    if sch.pf:  # these 8 rows of a later block, and the next chunk's 8 of this one
                         ahead = fn.gep(wrow, sch.pf * block_stride)
-                        for r in range(16):
-                            vx.prefetch(fn, fn.gep(ahead, r * 64), 2)
-                    a = [vx.dup_dwords(fn, fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(s, 32))))
+                        for r in range(0, 16 * rb, 64):
+                            vx.prefetch(fn, fn.gep(ahead, r), 2)
+                    a = [_dy_pairs(fn, spec, fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(s, 32))),
+                                   fn.gep(sc, fn.mul(s, 64)))
                          for i in range(rows)]
                     for r in range(8):  # one weight row live at a time: 8*rows acc + rows + 1 regs
-                        wv = vx.swap_k_n_pairs(fn, fn.gep(wrow, r * 64))
+                        wv = vx.swap_k_n_pairs(fn, _weight_row(fn, spec, fn.gep(wrow, r * rb)))
                         for i in range(rows):
                             acc = accs[i, r]
                             acc.set(vx.dpbf16(fn, acc.get(), wv, a[i]))
@@ -266,7 +314,7 @@ def _amx_fwd_body(spec: GemmSpec):
 
     def body(fn: Function, ctx: str, item: str, t: Tiles) -> None:
         scratch = fn.alloca("i8", 64, 4096)
-        c, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
+        c, x, w, y, m, _ = _group(fn, ctx, item, spec.items_per_group)
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         w0 = fn.gep(w, fn.mul(c, 2 * block_stride))
         w1 = fn.gep(w0, block_stride)
@@ -313,7 +361,7 @@ def _amx_bwd_body(spec: GemmSpec):
 
     def body(fn: Function, ctx: str, item: str, t: Tiles) -> None:
         scratch = fn.alloca("i8", 64, 4096)
-        kb, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
+        kb, x, w, y, m, _ = _group(fn, ctx, item, spec.items_per_group)
         ldy = ARGS.load(fn, ctx, "ldy")
         wk = fn.gep(w, fn.mul(kb, 1024))
         yb = fn.gep(y, fn.mul(kb, 128))
@@ -416,19 +464,22 @@ def get_kernel(spec: GemmSpec) -> GemmKernel:
 
 
 def kernel_for(op: str, n: int, k: int, accumulate: bool = False, isa: str | None = None,
-               schedule: GemmSchedule | None = None) -> GemmKernel:
-    """The kernel for this problem on ``isa`` (default: the active ISA) with the default schedule."""
-    return _kernel_for(op, n, k, accumulate, isa or active_isa(), schedule)
+               schedule: GemmSchedule | None = None, quant: str = "bf16") -> GemmKernel:
+    """The kernel for this problem on ``isa`` (default: the active ISA; quantized weights always
+    use the AVX-512 kernels) with the default schedule."""
+    if quant != "bf16":
+        isa = "avx512"
+    return _kernel_for(op, n, k, accumulate, isa or active_isa(), schedule, quant)
 
 
 @functools.cache
-def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str,
-                schedule: GemmSchedule | None) -> GemmKernel:
-    return get_kernel(GemmSpec(op, n, k, isa, accumulate, schedule or default_schedule(op, isa, n, k)))
+def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str, schedule: GemmSchedule | None,
+                quant: str) -> GemmKernel:
+    return get_kernel(GemmSpec(op, n, k, isa, accumulate, schedule or default_schedule(op, isa, n, k), quant))
 
 
-def _one_group(x: int, w: int, y: int, m: int) -> ctypes.Array:
-    return (ctypes.c_int64 * GROUP_FIELDS)(x, w, y, m)
+def _one_group(x: int, w: int, y: int, m: int, scales: int = 0) -> ctypes.Array:
+    return (ctypes.c_int64 * GROUP_FIELDS)(x, w, y, m, scales)
 
 
 def pack_dy_for_amx(dy: torch.Tensor) -> torch.Tensor:
@@ -448,11 +499,21 @@ def pack_dy_for_amx(dy: torch.Tensor) -> torch.Tensor:
     return out
 
 
-def _check_packed(packed: torch.Tensor) -> None:
-    if not isinstance(packed, torch.Tensor) or packed.dtype != torch.bfloat16 or packed.dim() != 4 \
-            or packed.shape[2:] != (16, 2) or not packed.is_contiguous():
-        raise ValueError("weight must be a contiguous packed bf16 tensor [N/16, K/2, 16, 2] from "
-                         "kt_jit.pack_bf16")
+def _check_packed(packed: torch.Tensor, scales: torch.Tensor | None) -> str:
+    """Validate a packed weight (and its scales); returns its quant mode."""
+    if not isinstance(packed, torch.Tensor) or packed.dim() != 4 or packed.shape[2:] != (16, 2) \
+            or not packed.is_contiguous() or packed.dtype not in (torch.bfloat16, torch.int8):
+        raise ValueError("weight must be a contiguous packed tensor [N/16, K/2, 16, 2] from "
+                         "kt_jit.pack_bf16 (bf16) or kt_jit.kernels.quant.pack_int8 (int8)")
+    if packed.dtype == torch.bfloat16:
+        if scales is not None:
+            raise ValueError("scales are only for quantized (int8) weights")
+        return "bf16"
+    n = packed.shape[0] * 16
+    if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) != (n,) \
+            or not scales.is_contiguous():
+        raise ValueError(f"int8 weights need their per-channel scales: a contiguous float32 tensor [{n}]")
+    return "int8"
 
 
 def _check_operands(a: torch.Tensor, packed: torch.Tensor, a_cols: int, what: str) -> None:
@@ -489,32 +550,38 @@ def _output(out: torch.Tensor | None, m: int, cols: int, accumulate: bool) -> to
 
 
 def linear(x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = None,
-           accumulate: bool = False, num_threads: int | None = None, isa: str | None = None) -> torch.Tensor:
-    """``Y[M, N] (fp32) (+)= X[M, K] (bf16) @ W^T`` with W given packed (``[N/16, K/2, 16, 2]``)."""
-    _check_packed(packed)
+           accumulate: bool = False, num_threads: int | None = None, isa: str | None = None,
+           scales: torch.Tensor | None = None) -> torch.Tensor:
+    """``Y[M, N] (fp32) (+)= X[M, K] (bf16) @ W^T`` with W given packed (``[N/16, K/2, 16, 2]``,
+    bf16; or int8 with per-channel ``scales [N]`` fp32)."""
+    quant = _check_packed(packed, scales)
     n, k = packed.shape[0] * 16, packed.shape[1] * 2
     _check_operands(x, packed, k, "x")
     m = x.shape[0]
     y = _output(out, m, n, accumulate)
-    kern = kernel_for("fwd", n, k, accumulate, isa)
+    kern = kernel_for("fwd", n, k, accumulate, isa, quant=quant)
     if m == 0:
         return y
     xs = _pad_rows_for_amx(x) if kern.spec.isa != "avx512" else x
-    kern.launch(_one_group(xs.data_ptr(), packed.data_ptr(), y.data_ptr(), m), k * 2, n * 4, num_threads)
+    sptr = scales.data_ptr() if scales is not None else 0
+    kern.launch(_one_group(xs.data_ptr(), packed.data_ptr(), y.data_ptr(), m, sptr), k * 2, n * 4, num_threads)
     return y
 
 
 def linear_t(dy: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = None,
-             accumulate: bool = False, num_threads: int | None = None, isa: str | None = None) -> torch.Tensor:
-    """``dX[M, K] (fp32) (+)= dY[M, N] (bf16) @ W`` reading the same packed W as :func:`linear`."""
-    _check_packed(packed)
+             accumulate: bool = False, num_threads: int | None = None, isa: str | None = None,
+             scales: torch.Tensor | None = None) -> torch.Tensor:
+    """``dX[M, K] (fp32) (+)= dY[M, N] (bf16) @ W`` reading the same packed W (and scales) as
+    :func:`linear`."""
+    quant = _check_packed(packed, scales)
     n, k = packed.shape[0] * 16, packed.shape[1] * 2
     _check_operands(dy, packed, n, "dy")
     m = dy.shape[0]
     dx = _output(out, m, k, accumulate)
-    kern = kernel_for("bwd", n, k, accumulate, isa)
+    kern = kernel_for("bwd", n, k, accumulate, isa, quant=quant)
     if m == 0:
         return dx
     src = pack_dy_for_amx(dy) if kern.spec.isa != "avx512" else dy
-    kern.launch(_one_group(src.data_ptr(), packed.data_ptr(), dx.data_ptr(), m), n * 2, k * 4, num_threads)
+    sptr = scales.data_ptr() if scales is not None else 0
+    kern.launch(_one_group(src.data_ptr(), packed.data_ptr(), dx.data_ptr(), m, sptr), n * 2, k * 4, num_threads)
     return dx

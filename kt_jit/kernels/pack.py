@@ -27,23 +27,35 @@ def check_gemm_dims(n: int, k: int, what: str = "weight") -> None:
                          "to be positive multiples of 32 (pad the weight with zero rows/columns).")
 
 
-def pack_bf16(w: torch.Tensor) -> torch.Tensor:
-    """Pack ``w [..., N, K]`` (any float dtype, converted to bf16) into ``[..., N/16, K/2, 16, 2]``."""
+def pack_tiles(w: torch.Tensor) -> torch.Tensor:
+    """Rearrange ``w [..., N, K]`` (any dtype, kept) into the tile order ``[..., N/16, K/2, 16, 2]``."""
     if w.dim() < 2:
         raise ValueError(f"expected a weight of shape [..., N, K], got {tuple(w.shape)}")
     if w.device.type != "cpu":
         raise ValueError(f"weights must be on the CPU, got device {w.device}")
     *lead, n, k = w.shape
     check_gemm_dims(n, k)
-    src = w.to(torch.bfloat16).reshape(*lead, n // TILE_N, TILE_N, k // PAIR, PAIR)
-    out = aligned_empty((*lead, n // TILE_N, k // PAIR, TILE_N, PAIR), torch.bfloat16)
+    src = w.reshape(*lead, n // TILE_N, TILE_N, k // PAIR, PAIR)
+    out = aligned_empty((*lead, n // TILE_N, k // PAIR, TILE_N, PAIR), w.dtype)
     out.copy_(src.transpose(-3, -2))
     return out
 
 
-def unpack_bf16(packed: torch.Tensor) -> torch.Tensor:
-    """Inverse of :func:`pack_bf16`: ``[..., N/16, K/2, 16, 2]`` -> ``[..., N, K]`` (bf16)."""
+def pack_bf16(w: torch.Tensor) -> torch.Tensor:
+    """Pack ``w [..., N, K]`` (any float dtype, converted to bf16) into ``[..., N/16, K/2, 16, 2]``."""
+    if w.dim() < 2:
+        raise ValueError(f"expected a weight of shape [..., N, K], got {tuple(w.shape)}")
+    return pack_tiles(w.to(torch.bfloat16))
+
+
+def unpack_tiles(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_tiles`: ``[..., N/16, K/2, 16, 2]`` -> ``[..., N, K]`` (dtype kept)."""
     *lead, nb, kp, t, p = packed.shape
     if t != TILE_N or p != PAIR:
-        raise ValueError(f"not a packed bf16 weight: shape {tuple(packed.shape)}")
+        raise ValueError(f"not a packed weight: shape {tuple(packed.shape)}")
     return packed.transpose(-3, -2).reshape(*lead, nb * TILE_N, kp * PAIR).contiguous()
+
+
+def unpack_bf16(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_bf16`: ``[..., N/16, K/2, 16, 2]`` -> ``[..., N, K]`` (bf16)."""
+    return unpack_tiles(packed)

@@ -61,31 +61,44 @@ def _per_expert(t: torch.Tensor, r: Routing) -> torch.Tensor:
 
 
 def _groups(r: Routing, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
-    """Group descriptors (x, w, y, m) from per-expert address vectors."""
+    """Group descriptors (x, w, y, m) from per-expert address vectors (LoRA kernels)."""
     return torch.stack([x, w, y, r.counts], 1).contiguous()
+
+
+def _gemm_groups(r: Routing, x: torch.Tensor, experts: MoEExperts, name: str, y: torch.Tensor) -> torch.Tensor:
+    """GEMM group descriptors (x, w, y, m, scales) for the expert matrix ``name``."""
+    scales = experts.scales(name)
+    s = _per_expert(scales, r) if scales is not None else torch.zeros_like(r.counts)
+    return torch.stack([x, _per_expert(experts.tensors[name], r), y, r.counts, s], 1).contiguous()
 
 
 def _pitch(t: torch.Tensor) -> int:
     return t.stride(0) * t.element_size()
 
 
-def _grouped_fwd(x: torch.Tensor, packed: torch.Tensor, y: torch.Tensor, r: Routing) -> None:
+def _dims(experts: MoEExperts, name: str) -> tuple[int, int]:
+    packed = experts.tensors[name]
+    return packed.shape[1] * 16, packed.shape[2] * 2
+
+
+def _grouped_fwd(x: torch.Tensor, experts: MoEExperts, name: str, y: torch.Tensor, r: Routing) -> None:
     """y[rows of e] = x[rows of e] @ W_e^T for every active expert (one launch)."""
-    n, k = packed.shape[1] * 16, packed.shape[2] * 2
-    kern = gemm.kernel_for("fwd", n, k)
-    kern.launch(_groups(r, _rows(x, r), _per_expert(packed, r), _rows(y, r)), k * 2, n * 4)
+    n, k = _dims(experts, name)
+    kern = gemm.kernel_for("fwd", n, k, quant=experts.quant)
+    kern.launch(_gemm_groups(r, _rows(x, r), experts, name, _rows(y, r)), k * 2, n * 4)
 
 
-def _grouped_bwd(dy: torch.Tensor, packed: torch.Tensor, dx: torch.Tensor, r: Routing) -> None:
+def _grouped_bwd(dy: torch.Tensor, experts: MoEExperts, name: str, dx: torch.Tensor, r: Routing) -> None:
     """dx[rows of e] = dy[rows of e] @ W_e for every active expert (one launch)."""
-    n, k = packed.shape[1] * 16, packed.shape[2] * 2
-    kern = gemm.kernel_for("bwd", n, k)
-    src = _rows(dy, r)
+    n, k = _dims(experts, name)
+    kern = gemm.kernel_for("bwd", n, k, quant=experts.quant)
+    groups = _gemm_groups(r, _rows(dy, r), experts, name, _rows(dx, r))
+    tiles = None
     if kern.spec.isa != "avx512":  # AMX reads dY pre-arranged in tiles; segments are whole tiles
         tiles = gemm.pack_dy_for_amx(dy)
-        keep = tiles  # noqa: F841 - alive until the launch below returns
-        src = tiles.data_ptr() + (r.starts // 16) * (n // 16) * 2048
-    kern.launch(_groups(r, src, _per_expert(packed, r), _rows(dx, r)), n * 2, k * 4)
+        groups[:, 0] = tiles.data_ptr() + (r.starts // 16) * (n // 16) * 2048
+    kern.launch(groups, n * 2, k * 4)
+    del tiles  # kept alive until the launch returned
 
 
 def _lora(form: str, n: int, k: int, groups: torch.Tensor, ldx: int, ldy: int, alpha: float = 1.0,
@@ -153,7 +166,7 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     xs = aligned_empty((r.rows, hdim), torch.bfloat16)
     xs[r.slot_row] = x[r.slot_token]
     gu = aligned_empty((r.rows, 2 * idim), torch.float32)
-    _grouped_fwd(xs, experts.gate_up, gu, r)
+    _grouped_fwd(xs, experts, "gate_up", gu, r)
     lora_h = None
     if lora is not None:
         ga, gb, ua, ub, da, db = lora = pad_lora(lora)
@@ -171,7 +184,7 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     act = aligned_empty((r.rows, idim), torch.bfloat16)
     get_act_kernel(ActSpec("fwd", idim)).launch(r.rows, gu=gu.data_ptr(), act=act.data_ptr())
     y = aligned_empty((r.rows, hdim), torch.float32)
-    _grouped_fwd(act, experts.down, y, r)
+    _grouped_fwd(act, experts, "down", y, r)
     if lora is not None:
         hd = aligned_empty((r.rows, rank), torch.float32)  # A Ad^T
         _lora("xat", rank, idim, _groups(r, _rows(act, r), _per_expert(da, r), _rows(hd, r)), _pitch(act),
@@ -197,7 +210,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     dos = aligned_empty((r.rows, hdim), torch.bfloat16)
     dos[r.slot_row] = grad_out[r.slot_token].to(torch.bfloat16)
     d = aligned_empty((r.rows, idim), torch.float32)
-    _grouped_bwd(dos, experts.down, d, r)
+    _grouped_bwd(dos, experts, "down", d, r)
     w_row = torch.zeros(r.rows)  # routing weight of each row (0 on padding rows)
     w_row[r.slot_row] = saved.topk_weights[r.slot_token, r.slot_k]
     if lora is not None:
@@ -219,7 +232,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     dw = torch.zeros(t, kdim, dtype=torch.float32)
     dw[r.slot_token, r.slot_k] = dw_rows[r.slot_row]
     dxs = aligned_empty((r.rows, hdim), torch.float32)
-    _grouped_bwd(dgu, experts.gate_up, dxs, r)
+    _grouped_bwd(dgu, experts, "gate_up", dxs, r)
     grads = None
     if lora is not None:
         xs = aligned_empty((r.rows, hdim), torch.bfloat16)
