@@ -13,7 +13,7 @@ from kt_jit.moe.weights import LORA_NAMES
 E, H, I, R = 8, 128, 96, 8
 
 
-QUANTS = ["bf16", "int8"]
+QUANTS = ["bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1kgroup"]
 
 
 def make_layer(e=E, h=H, i=I, r=R, seed=0, lora_b_scale=0.02, quant="bf16"):
@@ -22,7 +22,7 @@ def make_layer(e=E, h=H, i=I, r=R, seed=0, lora_b_scale=0.02, quant="bf16"):
     gate = (torch.randn(e, i, h, generator=g) / h**0.5).bfloat16()
     up = (torch.randn(e, i, h, generator=g) / h**0.5).bfloat16()
     down = (torch.randn(e, h, i, generator=g) / i**0.5).bfloat16()
-    experts = kt_jit.MoEExperts.from_tensors(gate, up, down, quant=quant)
+    experts = kt_jit.MoEExperts.from_tensors(gate, up, down, quant=quant, group_size=32)
     if quant != "bf16":
         gate, up, down = experts.dequantize()
     lora = kt_jit.MoELoRA(e, h, i, rank=r, alpha=2.0 * r)
@@ -274,6 +274,9 @@ def test_bad_expert_tensors_are_clear_errors():
         kt_jit.MoEExperts.from_tensors(ok[0], ok, ok)
     with pytest.raises(ValueError, match="quant"):
         kt_jit.MoEExperts.from_tensors(ok, ok, torch.zeros(e, h, i), quant="fp4")
+    for gs in (0, 48, 128):  # not a multiple of 32, or not dividing H = I = 64
+        with pytest.raises(ValueError, match="group_size"):
+            kt_jit.MoEExperts.from_tensors(ok, ok, torch.zeros(e, h, i), quant="int4_kgroup", group_size=gs)
 
 
 @pytest.mark.parametrize("quant", [q for q in QUANTS if q != "bf16"])
@@ -285,7 +288,11 @@ def test_quantization_error_against_bf16(quant):
     dout = torch.randn(40, H, generator=torch.Generator().manual_seed(5))
     ref = reference_grads(x, ids, w, gate, up, down, lora, dout)
     ours = run_ours(x, ids, w, qexperts, lora, dout)
-    limits = {"int8": (0.03, 0.04)}[quant]
+    # INT8 within the bounds; INT4 bounds are regression guards around the measured error
+    # (measured on these Gaussian weights, group size 32: int8 1.2%/1.4%, int4 21%/24%, int4_1 18%/19%,
+    # int4_kgroup 17%/18%, int4_1kgroup 14%/16%)
+    limits = {"int8": (0.03, 0.04), "int4": (0.25, 0.3), "int4_1": (0.22, 0.25), "int4_kgroup": (0.21, 0.23),
+              "int4_1kgroup": (0.18, 0.2)}[quant]
     assert rel_err(ours[0], ref[0]) < limits[0]
     assert rel_err(ours[1], ref[1]) < limits[1] and rel_err(ours[2], ref[2]) < limits[1]
     for name, a, b in zip(LORA_NAMES, ours[3], ref[3], strict=True):
@@ -330,10 +337,11 @@ def test_load_rejects_bad_files(tmp_path):
 def test_dequantize_shapes_and_error(quant):
     g = torch.Generator().manual_seed(0)
     gate, up, down = (torch.randn(s, generator=g) for s in ((2, 64, 96), (2, 64, 96), (2, 96, 64)))
-    experts = kt_jit.MoEExperts.from_tensors(gate, up, down, quant=quant)
+    experts = kt_jit.MoEExperts.from_tensors(gate, up, down, quant=quant, group_size=32)
     dg, du, dd = experts.dequantize()
     assert dg.shape == gate.shape and du.shape == up.shape and dd.shape == down.shape
-    limit = {"bf16": 0.005, "int8": 0.01}[quant]
+    limit = {"bf16": 0.005, "int8": 0.01, "int4": 0.15, "int4_1": 0.13, "int4_kgroup": 0.13,
+             "int4_1kgroup": 0.11}[quant]
     for a, b in ((dg, gate), (du, up), (dd, down)):
         assert rel_err(a, b) < limit
 

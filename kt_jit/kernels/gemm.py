@@ -31,6 +31,7 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
 from __future__ import annotations
 
 import ctypes
+import dataclasses
 import functools
 from dataclasses import dataclass
 
@@ -40,16 +41,16 @@ from ..codegen import avx512 as vx
 from ..codegen.amx import TileConfig, Tiles
 from ..codegen.cache import get_or_compile
 from ..codegen.compile import target_for
-from ..codegen.ir import BF16x32, F32x16, Function, I32x16, Module
+from ..codegen.ir import BF16x32, F32x16, Function, I16x32, I32x16, Module
 from ..codegen.worker import ArgBlock, build_worker
 from ..runtime.amx import active_isa, require_amx
 from ..runtime.buffers import aligned_zeros
 from ..runtime.threads import launch
 from .pack import check_gemm_dims
 
-GROUP_FIELDS = 5  # x, w, y, m, per-channel scales (quantized weights) per group descriptor
-QUANTS = ("bf16", "int8")
-ROW_BYTES = {"bf16": 64, "int8": 32}  # bytes of one packed row (16 channels x one k-pair)
+GROUP_FIELDS = 6  # x, w, y, m, scales [G, N] fp32, zero points [G, N] uint8 per group descriptor
+QUANTS = ("bf16", "int8", "int4")
+ROW_BYTES = {"bf16": 64, "int8": 32, "int4": 16}  # bytes of one packed row (16 channels x one k-pair)
 ARGS = ArgBlock(["groups", "ldx", "ldy"])
 ISAS = ("avx512", "amx", "amx_emu")
 
@@ -101,7 +102,9 @@ class GemmSpec:
     isa: str           # "avx512", "amx" or "amx_emu"
     accumulate: bool   # add into the output instead of overwriting it
     schedule: GemmSchedule
-    quant: str = "bf16"  # weight storage: "bf16", or "int8" (per-channel scales; AVX-512 kernels)
+    quant: str = "bf16"  # weight storage: "bf16", "int8" or "int4" (quantized: AVX-512 kernels)
+    group_size: int = 0  # int4: scales per group of this many K (0 = per output channel)
+    zero_point: bool = False  # int4: per-channel/group zero points (else symmetric, z = 8)
 
     def __post_init__(self) -> None:
         if self.op not in ("fwd", "bwd"):
@@ -113,6 +116,13 @@ class GemmSpec:
             raise ValueError(f"quant must be one of {QUANTS}, got {self.quant!r}")
         if self.quant != "bf16" and self.isa != "avx512":
             raise ValueError(f"{self.quant} weights run on the AVX-512 kernels (isa='avx512'), not {self.isa!r}")
+        if (self.group_size or self.zero_point) and self.quant != "int4":
+            raise ValueError("group_size and zero_point apply to int4 weights only")
+        if self.group_size and (self.group_size % 32 or self.k % self.group_size):
+            raise ValueError(f"group_size={self.group_size} must be a multiple of 32 that divides K={self.k}")
+        if self.group_size and self.op == "fwd" and self.schedule.kc * 2 != self.group_size:
+            raise ValueError(f"grouped weights need kc = group_size/2 = {self.group_size // 2}, "
+                             f"got kc={self.schedule.kc}")
         sch = self.schedule
         if sch.kc < 0 or (sch.kc and (self.k // 2) % sch.kc):
             raise ValueError(f"schedule kc={sch.kc} must divide K/2={self.k // 2}")
@@ -124,7 +134,8 @@ class GemmSpec:
     @property
     def name(self) -> str:
         acc = "_acc" if self.accumulate else ""
-        return f"gemm_{self.op}_{self.quant}_n{self.n}_k{self.k}_{self.isa}_{self.schedule}{acc}"
+        q = self.quant + (f"g{self.group_size}" if self.group_size else "") + ("z" if self.zero_point else "")
+        return f"gemm_{self.op}_{q}_n{self.n}_k{self.k}_{self.isa}_{self.schedule}{acc}"
 
     @property
     def row_bytes(self) -> int:
@@ -151,17 +162,47 @@ def _group(fn: Function, ctx: str, item: str, ipg: int) -> tuple[str, ...]:
     w = fn.load("ptr", fn.gep(desc, 8), 8)
     y = fn.load("ptr", fn.gep(desc, 16), 8)
     m = fn.load("i64", fn.gep(desc, 24), 8)
-    return c, x, w, y, m, fn.load("ptr", fn.gep(desc, 32), 8)
+    return c, x, w, y, m, fn.load("ptr", fn.gep(desc, 32), 8), fn.load("ptr", fn.gep(desc, 40), 8)
 
 
-def _weight_row(fn: Function, spec: GemmSpec, ptr: str) -> str:
-    """One packed row (16 channels x one k-pair) as <32 x bfloat>, dequantised to exact bf16 for
-    int8 (|q| <= 127 is exact in bf16; the per-channel scale is applied in fp32 elsewhere)."""
+def _weight_row(fn: Function, spec: GemmSpec, ptr: str, zero_words: str | None = None) -> str:
+    """One packed row (16 channels x one k-pair) as <32 x bfloat> of exact integers for quantized
+    weights (int8 q, or int4 q - z); the scales are applied in fp32 elsewhere."""
     if spec.quant == "bf16":
         return fn.load(BF16x32, ptr, 2)
-    q = fn.load("<32 x i8>", ptr, 1)
-    f = fn.val(f"sitofp <32 x i8> {q} to <32 x float>")
-    return fn.val(f"fptrunc <32 x float> {f} to {BF16x32}")
+    if spec.quant == "int8":
+        q = fn.load("<32 x i8>", ptr, 1)
+        f = fn.val(f"sitofp <32 x i8> {q} to <32 x float>")
+        return fn.val(f"fptrunc <32 x float> {f} to {BF16x32}")
+    # int4: 16 bytes -> 32 codes (low nibbles then high nibbles), + (16 - z), then a 32-entry
+    # vpermw table whose entry v is bf16(v - 16): exact q - z for every zero point in 0..15
+    b = fn.val(f"zext <16 x i8> {fn.load('<16 x i8>', ptr, 1)} to <16 x i16>")
+    lo = fn.val(f"and <16 x i16> {b}, <{', '.join(['i16 15'] * 16)}>")
+    hi = fn.val(f"lshr <16 x i16> {b}, <{', '.join(['i16 4'] * 16)}>")
+    codes = vx.shuffle(fn, "<16 x i16>", lo, hi, list(range(32)))
+    idx = fn.val(f"add {I16x32} {codes}, {zero_words}")
+    sym = fn.module.declare("llvm.x86.avx512.permvar.hi.512",
+                            f"declare {I16x32} @llvm.x86.avx512.permvar.hi.512({I16x32}, {I16x32})")
+    table = "<" + ", ".join(f"i16 {_bf16_bits(v - 16)}" for v in range(32)) + ">"
+    return vx.bitcast(fn, fn.val(f"call {I16x32} {sym}({I16x32} {table}, {I16x32} {idx})"), I16x32, BF16x32)
+
+
+def _bf16_bits(v: int) -> int:
+    import struct
+
+    return struct.unpack("<I", struct.pack("<f", float(v)))[0] >> 16
+
+
+def _zero_words(fn: Function, spec: GemmSpec, zptr: str) -> str | None:
+    """int4: the words (16 - z) for the 32 elements of a row of channels zptr[0..16] (z = 8 when
+    symmetric); element e belongs to channel e // 2."""
+    if spec.quant != "int4":
+        return None
+    if not spec.zero_point:
+        return "<" + ", ".join(["i16 8"] * 32) + ">"
+    z = fn.val(f"zext <16 x i8> {fn.load('<16 x i8>', zptr, 1)} to <16 x i16>")
+    zz = vx.shuffle(fn, "<16 x i16>", z, None, [e // 2 for e in range(32)])
+    return fn.val(f"sub {I16x32} <{', '.join(['i16 16'] * 32)}>, {zz}")
 
 
 def _row_blocks(fn: Function, m: str, mr: int, micro) -> None:
@@ -192,13 +233,17 @@ def _avx512_fwd_body(spec: GemmSpec):
     scaled = spec.quant != "bf16"
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        c, x, w, y, m, sc = _group(fn, ctx, item, spec.items_per_group)
+        c, x, w, y, m, sc, zp = _group(fn, ctx, item, spec.items_per_group)
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         wb = fn.gep(w, fn.mul(c, sch.nr * block_stride))
         yb = fn.gep(y, fn.mul(c, sch.nr * 64))
-        scb = fn.gep(sc, fn.mul(c, sch.nr * 64))
         with fn.loop(0, kp, kc, name="kc") as kc0:
             first = fn.icmp("eq", kc0, 0)
+            # scales/zeros of this chunk: per channel, or of its K-group (a chunk is one group)
+            grp = fn.val(f"udiv i64 {kc0}, {kc}") if spec.group_size else "0"
+            chan = fn.add(fn.mul(grp, spec.n), fn.mul(c, sch.nr * 16))
+            scb = fn.gep(sc, fn.mul(chan, 4))
+            zws = [_zero_words(fn, spec, fn.gep(zp, fn.add(chan, 16 * j))) for j in range(sch.nr)]
 
             def micro(m0: str, rows: int) -> None:
                 accs = {}
@@ -216,7 +261,7 @@ def _avx512_fwd_body(spec: GemmSpec):
                 with fn.loop(kc0, fn.add(kc0, kc), name="r") as r:
                     roff = fn.mul(r, rb)
                     wptrs = [fn.gep(wb, fn.add(roff, j * block_stride)) for j in range(sch.nr)]
-                    wv = [_weight_row(fn, spec, p) for p in wptrs]
+                    wv = [_weight_row(fn, spec, p, zw) for p, zw in zip(wptrs, zws, strict=True)]
                     if sch.pf:
                         for p in wptrs:
                             vx.prefetch(fn, fn.gep(p, sch.pf * rb))
@@ -260,12 +305,16 @@ def _avx512_bwd_body(spec: GemmSpec):
     block_stride = spec.k // 2 * rb
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        c, x, w, y, m, sc = _group(fn, ctx, item, spec.items_per_group)
+        c, x, w, y, m, sc, zp = _group(fn, ctx, item, spec.items_per_group)
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         with fn.loop(0, sch.nr, name="sub") as sub:
             r0 = fn.add(fn.mul(c, rows_per_item), fn.mul(sub, 8))  # first k-pair row of this chunk
             wb = fn.gep(w, fn.mul(r0, rb))
             yb = fn.gep(y, fn.mul(r0, 8))  # 2 outputs (fp32) per k-pair
+            # the 16 outputs of a chunk lie in one K-group (group sizes are multiples of 32)
+            grp = fn.val(f"udiv i64 {r0}, {spec.group_size // 2}") if spec.group_size else "0"
+            scg = fn.gep(sc, fn.mul(grp, spec.n * 4))
+            zpg = fn.gep(zp, fn.mul(grp, spec.n))
 
             def micro(m0: str, rows: int) -> None:
                 accs = {(i, r): fn.var(F32x16, "zeroinitializer", 64) for i in range(rows) for r in range(8)}
@@ -276,10 +325,11 @@ def _avx512_bwd_body(spec: GemmSpec):
                         for r in range(0, 16 * rb, 64):
                             vx.prefetch(fn, fn.gep(ahead, r), 2)
                     a = [_dy_pairs(fn, spec, fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(s, 32))),
-                                   fn.gep(sc, fn.mul(s, 64)))
+                                   fn.gep(scg, fn.mul(s, 64)))
                          for i in range(rows)]
+                    zw = _zero_words(fn, spec, fn.gep(zpg, fn.mul(s, 16)))
                     for r in range(8):  # one weight row live at a time: 8*rows acc + rows + 1 regs
-                        wv = vx.swap_k_n_pairs(fn, _weight_row(fn, spec, fn.gep(wrow, r * rb)))
+                        wv = vx.swap_k_n_pairs(fn, _weight_row(fn, spec, fn.gep(wrow, r * rb), zw))
                         for i in range(rows):
                             acc = accs[i, r]
                             acc.set(vx.dpbf16(fn, acc.get(), wv, a[i]))
@@ -314,7 +364,7 @@ def _amx_fwd_body(spec: GemmSpec):
 
     def body(fn: Function, ctx: str, item: str, t: Tiles) -> None:
         scratch = fn.alloca("i8", 64, 4096)
-        c, x, w, y, m, _ = _group(fn, ctx, item, spec.items_per_group)
+        c, x, w, y, m, _, _ = _group(fn, ctx, item, spec.items_per_group)
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         w0 = fn.gep(w, fn.mul(c, 2 * block_stride))
         w1 = fn.gep(w0, block_stride)
@@ -361,7 +411,7 @@ def _amx_bwd_body(spec: GemmSpec):
 
     def body(fn: Function, ctx: str, item: str, t: Tiles) -> None:
         scratch = fn.alloca("i8", 64, 4096)
-        kb, x, w, y, m, _ = _group(fn, ctx, item, spec.items_per_group)
+        kb, x, w, y, m, _, _ = _group(fn, ctx, item, spec.items_per_group)
         ldy = ARGS.load(fn, ctx, "ldy")
         wk = fn.gep(w, fn.mul(kb, 1024))
         yb = fn.gep(y, fn.mul(kb, 128))
@@ -464,22 +514,27 @@ def get_kernel(spec: GemmSpec) -> GemmKernel:
 
 
 def kernel_for(op: str, n: int, k: int, accumulate: bool = False, isa: str | None = None,
-               schedule: GemmSchedule | None = None, quant: str = "bf16") -> GemmKernel:
+               schedule: GemmSchedule | None = None, quant: str = "bf16", group_size: int = 0,
+               zero_point: bool = False) -> GemmKernel:
     """The kernel for this problem on ``isa`` (default: the active ISA; quantized weights always
     use the AVX-512 kernels) with the default schedule."""
     if quant != "bf16":
         isa = "avx512"
-    return _kernel_for(op, n, k, accumulate, isa or active_isa(), schedule, quant)
+    return _kernel_for(op, n, k, accumulate, isa or active_isa(), schedule, quant, group_size, zero_point)
 
 
 @functools.cache
 def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str, schedule: GemmSchedule | None,
-                quant: str) -> GemmKernel:
-    return get_kernel(GemmSpec(op, n, k, isa, accumulate, schedule or default_schedule(op, isa, n, k), quant))
+                quant: str, group_size: int, zero_point: bool) -> GemmKernel:
+    if schedule is None:
+        schedule = default_schedule(op, isa, n, k)
+        if group_size and op == "fwd":  # one K-chunk per group: the group's scale is applied per chunk
+            schedule = dataclasses.replace(schedule, kc=group_size // 2)
+    return get_kernel(GemmSpec(op, n, k, isa, accumulate, schedule, quant, group_size, zero_point))
 
 
-def _one_group(x: int, w: int, y: int, m: int, scales: int = 0) -> ctypes.Array:
-    return (ctypes.c_int64 * GROUP_FIELDS)(x, w, y, m, scales)
+def _one_group(x: int, w: int, y: int, m: int, scales: int = 0, zeros: int = 0) -> ctypes.Array:
+    return (ctypes.c_int64 * GROUP_FIELDS)(x, w, y, m, scales, zeros)
 
 
 def pack_dy_for_amx(dy: torch.Tensor) -> torch.Tensor:

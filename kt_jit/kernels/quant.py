@@ -30,3 +30,65 @@ def pack_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
 def dequantize_int8(packed: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
     """The fp32 weight ``[..., N, K]`` the int8 kernels compute with."""
     return unpack_tiles(packed).float() * scale.unsqueeze(-1)
+
+
+# --- INT4 -----------------------------------------------------------------------------------
+# Values are 4-bit codes q in [0, 15] with a zero point z: w ~ s * (q - z). Symmetric modes use
+# z = 8 (codes 1..15 for -7..7, not stored); asymmetric ("_1") modes store z per channel/group.
+# Scales (and zero points) are per output channel, or per group of ``group_size`` along K, laid
+# out [G, N] so the 16 channels of one packed row read one contiguous vector.
+#
+# Packed layout [..., N/16, K/2, 16] uint8: the 32 codes of one tile row (element e = 2*i + p for
+# channel i, k-parity p, as in pack_tiles) sit in 16 bytes, byte j = code[j] | code[j+16] << 4, so
+# unpacking is (and 15 | shift 4) then a plain concatenation.
+
+
+def quantize_int4(w: torch.Tensor, group_size: int = 0, asym: bool = False):
+    """``w [..., N, K]`` -> (codes uint8 ``[..., N, K]``, scale fp32 ``[..., G, N]``,
+    zero uint8 ``[..., G, N]`` or None for symmetric); ``group_size`` 0 = one group per channel."""
+    *lead, n, k = w.shape
+    gs = group_size or k
+    wf = w.float().reshape(*lead, n, k // gs, gs)
+    if asym:
+        lo, hi = wf.amin(-1), wf.amax(-1)
+        scale = (hi - lo) / 15.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        zero = torch.round(-lo / scale).clamp_(0, 15)
+        q = torch.round(wf / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp_(0, 15)
+        zero_out = zero.to(torch.uint8).transpose(-1, -2).contiguous()
+    else:
+        scale = wf.abs().amax(-1) / 7.0
+        scale = torch.where(scale > 0, scale, torch.ones_like(scale))
+        q = torch.round(wf / scale.unsqueeze(-1)).clamp_(-8, 7) + 8
+        zero_out = None
+    codes = q.to(torch.uint8).reshape(*lead, n, k)
+    return codes, scale.transpose(-1, -2).contiguous(), zero_out
+
+
+def pack_int4_codes(codes: torch.Tensor) -> torch.Tensor:
+    """codes uint8 ``[..., N, K]`` -> nibble-packed ``[..., N/16, K/2, 16]`` uint8."""
+    tiles = pack_tiles(codes)  # [..., N/16, K/2, 16, 2]
+    rows = tiles.reshape(*tiles.shape[:-2], 32)
+    return (rows[..., :16] | (rows[..., 16:] << 4)).contiguous()
+
+
+def unpack_int4_codes(packed: torch.Tensor) -> torch.Tensor:
+    """Inverse of :func:`pack_int4_codes`."""
+    rows = torch.cat([packed & 15, packed >> 4], -1)
+    return unpack_tiles(rows.reshape(*packed.shape[:-1], 16, 2))
+
+
+def pack_int4(w: torch.Tensor, group_size: int = 0, asym: bool = False):
+    """Quantize and pack: (``[..., N/16, K/2, 16]`` uint8, scale ``[..., G, N]``, zero or None)."""
+    codes, scale, zero = quantize_int4(w, group_size, asym)
+    return pack_int4_codes(codes), scale, zero
+
+
+def dequantize_int4(packed: torch.Tensor, scale: torch.Tensor, zero: torch.Tensor | None) -> torch.Tensor:
+    """The fp32 weight ``[..., N, K]`` the int4 kernels compute with: ``s * (q - z)``."""
+    codes = unpack_int4_codes(packed).float()
+    *lead, n, k = codes.shape
+    g = scale.shape[-2]
+    z = zero.float() if zero is not None else torch.full_like(scale, 8.0)
+    per = lambda t: t.transpose(-1, -2).unsqueeze(-1)  # noqa: E731 - [..., G, N] -> [..., N, G, 1]
+    return ((codes.reshape(*lead, n, g, k // g) - per(z)) * per(scale)).reshape(*lead, n, k)

@@ -67,9 +67,11 @@ def _groups(r: Routing, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> to
 
 def _gemm_groups(r: Routing, x: torch.Tensor, experts: MoEExperts, name: str, y: torch.Tensor) -> torch.Tensor:
     """GEMM group descriptors (x, w, y, m, scales) for the expert matrix ``name``."""
-    scales = experts.scales(name)
-    s = _per_expert(scales, r) if scales is not None else torch.zeros_like(r.counts)
-    return torch.stack([x, _per_expert(experts.tensors[name], r), y, r.counts, s], 1).contiguous()
+    def addr(t: torch.Tensor | None) -> torch.Tensor:
+        return _per_expert(t, r) if t is not None else torch.zeros_like(r.counts)
+
+    return torch.stack([x, addr(experts.tensors[name]), y, r.counts, addr(experts.scales(name)),
+                        addr(experts.zeros(name))], 1).contiguous()
 
 
 def _pitch(t: torch.Tensor) -> int:
@@ -81,17 +83,23 @@ def _dims(experts: MoEExperts, name: str) -> tuple[int, int]:
     return packed.shape[1] * 16, packed.shape[2] * 2
 
 
+def _kernel(op: str, experts: MoEExperts, name: str) -> gemm.GemmKernel:
+    n, k = _dims(experts, name)
+    return gemm.kernel_for(op, n, k, quant=experts.storage, group_size=experts.group_size,
+                           zero_point=experts.zero_point)
+
+
 def _grouped_fwd(x: torch.Tensor, experts: MoEExperts, name: str, y: torch.Tensor, r: Routing) -> None:
     """y[rows of e] = x[rows of e] @ W_e^T for every active expert (one launch)."""
     n, k = _dims(experts, name)
-    kern = gemm.kernel_for("fwd", n, k, quant=experts.quant)
+    kern = _kernel("fwd", experts, name)
     kern.launch(_gemm_groups(r, _rows(x, r), experts, name, _rows(y, r)), k * 2, n * 4)
 
 
 def _grouped_bwd(dy: torch.Tensor, experts: MoEExperts, name: str, dx: torch.Tensor, r: Routing) -> None:
     """dx[rows of e] = dy[rows of e] @ W_e for every active expert (one launch)."""
     n, k = _dims(experts, name)
-    kern = gemm.kernel_for("bwd", n, k, quant=experts.quant)
+    kern = _kernel("bwd", experts, name)
     groups = _gemm_groups(r, _rows(dy, r), experts, name, _rows(dx, r))
     tiles = None
     if kern.spec.isa != "avx512":  # AMX reads dY pre-arranged in tiles; segments are whole tiles

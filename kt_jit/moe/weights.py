@@ -9,10 +9,18 @@ import torch
 from torch import nn
 
 from ..kernels.pack import check_gemm_dims, pack_bf16, unpack_tiles
-from ..kernels.quant import dequantize_int8, pack_int8
+from ..kernels.quant import dequantize_int4, dequantize_int8, pack_int4, pack_int8
 from ..runtime.buffers import aligned_empty
 
-QUANT_MODES = ("bf16", "int8")
+# mode -> (storage, grouped along K, zero points)
+QUANT_MODES = {
+    "bf16": ("bf16", False, False),
+    "int8": ("int8", False, False),        # symmetric, per output channel
+    "int4": ("int4", False, False),        # symmetric, per output channel
+    "int4_1": ("int4", False, True),       # asymmetric (scale + zero point), per output channel
+    "int4_kgroup": ("int4", True, False),  # symmetric, per group of group_size along K
+    "int4_1kgroup": ("int4", True, True),  # asymmetric, per group
+}
 FORMAT_VERSION = 1
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _PACK_CHUNK_BYTES = 256 << 20  # bound the temporary memory of packing
@@ -31,28 +39,44 @@ def _check_expert_tensor(name: str, t: torch.Tensor, shape: tuple[int, int, int]
         raise ValueError(f"{name} has shape {tuple(t.shape)}, expected {shape}")
 
 
-def _pack(w: torch.Tensor, quant: str) -> tuple[torch.Tensor, torch.Tensor | None]:
-    if quant == "bf16":
-        return pack_bf16(w), None
-    return pack_int8(w)
+def _pack(w: torch.Tensor, quant: str, group_size: int) -> dict[str, torch.Tensor]:
+    storage, grouped, zero_point = QUANT_MODES[quant]
+    if storage == "bf16":
+        return {"": pack_bf16(w)}
+    if storage == "int8":
+        packed, scale = pack_int8(w)
+        return {"": packed, "_scale": scale.unsqueeze(-2)}
+    packed, scale, zero = pack_int4(w, group_size if grouped else 0, zero_point)
+    out = {"": packed, "_scale": scale}
+    if zero is not None:
+        out["_zero"] = zero
+    return out
 
 
 class MoEExperts:
     """The frozen routed experts of one MoE layer, packed once into kt_jit's tile layout.
 
-    ``gate_up``: ``[E, 2I/16, H/2, 16, 2]``, the packed ``cat([gate, up], dim=1)`` (one GEMM with
-    N = 2I computes gate and up together, forward and transposed); ``down``: ``[E, H/16, I/2, 16,
-    2]``. bf16, or int8 with per-channel fp32 scales ``gate_up_scale [E, 2I]`` and ``down_scale
-    [E, H]``. Nothing else is kept: no transposed or dequantized copy.
+    ``gate_up`` is the packed ``cat([gate, up], dim=1)`` (one GEMM with N = 2I computes gate and up
+    together, forward and transposed) and ``down`` the packed down projection, in the tile order of
+    kernels/pack.py: bf16 ``[E, N/16, K/2, 16, 2]``, int8 the same shape, int4 ``[E, N/16, K/2, 16]``
+    nibbles. Quantized modes add ``<name>_scale [E, G, N]`` fp32 (G = 1 per channel, else K /
+    group_size) and, for the asymmetric ``_1`` modes, ``<name>_zero [E, G, N]`` uint8. Nothing else
+    is kept: no transposed or dequantized copy.
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], hidden_size: int, intermediate_size: int,
-                 quant: str = "bf16") -> None:
+                 quant: str = "bf16", group_size: int = 0) -> None:
         self.tensors = tensors
         self.gate_up, self.down = tensors["gate_up"], tensors["down"]
         self.num_experts = self.gate_up.shape[0]
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.quant = quant
+        self.storage, grouped, self.zero_point = QUANT_MODES[quant]
+        self.group_size = group_size if grouped else 0
+
+    def zeros(self, name: str) -> torch.Tensor | None:
+        """Zero points of ``"gate_up"`` or ``"down"`` ([E, G, N] uint8) for asymmetric modes."""
+        return self.tensors.get(f"{name}_zero")
 
     def scales(self, name: str) -> torch.Tensor | None:
         """Per-channel scales of ``"gate_up"`` or ``"down"`` ([E, N] fp32), None for bf16."""
@@ -60,44 +84,52 @@ class MoEExperts:
 
     @classmethod
     def from_tensors(cls, gate_proj: torch.Tensor, up_proj: torch.Tensor, down_proj: torch.Tensor,
-                     quant: str = "bf16") -> MoEExperts:
-        """Pack (and for ``quant="int8"`` quantize) Hugging Face-layout experts: gate/up
-        ``[E, I, H]``, down ``[E, H, I]`` (bf16/fp16/fp32). H and I must be multiples of 32.
+                     quant: str = "bf16", group_size: int = 128) -> MoEExperts:
+        """Pack (and quantize, online) Hugging Face-layout experts: gate/up ``[E, I, H]``, down
+        ``[E, H, I]`` (bf16/fp16/fp32). H and I must be multiples of 32.
+
+        ``quant``: "bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1kgroup" (see
+        QUANT_MODES); ``group_size`` (K-group modes only) any multiple of 32 dividing H and I.
         The inputs are not kept; free them to save memory.
         """
         if quant not in QUANT_MODES:
-            raise ValueError(f"quant must be one of {QUANT_MODES}, got {quant!r}")
+            raise ValueError(f"quant must be one of {tuple(QUANT_MODES)}, got {quant!r}")
         _check_expert_tensor("gate_proj", gate_proj, None)
         e, i, h = gate_proj.shape
         _check_expert_tensor("up_proj", up_proj, (e, i, h))
         _check_expert_tensor("down_proj", down_proj, (e, h, i))
         check_gemm_dims(i, h, "expert")
-        wdtype = torch.bfloat16 if quant == "bf16" else torch.int8
-        t = {"gate_up": aligned_empty((e, 2 * i // 16, h // 2, 16, 2), wdtype),
-             "down": aligned_empty((e, h // 16, i // 2, 16, 2), wdtype)}
-        if quant != "bf16":
-            t["gate_up_scale"] = torch.empty(e, 2 * i)
-            t["down_scale"] = torch.empty(e, h)
+        grouped = QUANT_MODES[quant][1]
+        if grouped and (group_size <= 0 or group_size % 32 or h % group_size or i % group_size):
+            raise ValueError(f"group_size={group_size} must be a positive multiple of 32 that divides both "
+                             f"hidden_size={h} and intermediate_size={i}")
+        t: dict[str, torch.Tensor] = {}
         step = max(1, _PACK_CHUNK_BYTES // (6 * i * h))
         for e0 in range(0, e, step):
             sl = slice(e0, min(e, e0 + step))
             for name, w in (("gate_up", torch.cat([gate_proj[sl], up_proj[sl]], dim=1)), ("down", down_proj[sl])):
-                packed, scale = _pack(w, quant)
-                t[name][sl] = packed
-                if scale is not None:
-                    t[f"{name}_scale"][sl] = scale
-        return cls(t, h, i, quant)
+                for suffix, part in _pack(w, quant, group_size).items():
+                    key = name + suffix
+                    if key not in t:
+                        t[key] = aligned_empty((e, *part.shape[1:]), part.dtype)
+                    t[key][sl] = part
+        return cls(t, h, i, quant, group_size if grouped else 0)
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(gate [E, I, H], up [E, I, H], down [E, H, I])`` as the kernels compute with them
         (bf16 for bf16 experts; fp32 ``q * scale`` for quantized ones)."""
         i = self.intermediate_size
-        if self.quant == "bf16":
-            gu, down = unpack_tiles(self.gate_up), unpack_tiles(self.down)
-        else:
-            gu = dequantize_int8(self.gate_up, self.tensors["gate_up_scale"])
-            down = dequantize_int8(self.down, self.tensors["down_scale"])
-        return gu[:, :i].contiguous(), gu[:, i:].contiguous(), down
+
+        def one(name: str) -> torch.Tensor:
+            packed = self.tensors[name]
+            if self.storage == "bf16":
+                return unpack_tiles(packed)
+            if self.storage == "int8":
+                return dequantize_int8(packed, self.tensors[f"{name}_scale"].squeeze(-2))
+            return dequantize_int4(packed, self.tensors[f"{name}_scale"], self.zeros(name))
+
+        gu = one("gate_up")
+        return gu[:, :i].contiguous(), gu[:, i:].contiguous(), one("down")
 
     @property
     def nbytes(self) -> int:
@@ -112,8 +144,8 @@ class MoEExperts:
         from safetensors.torch import save_file
 
         meta = {"format": "kt_jit.MoEExperts", "format_version": str(FORMAT_VERSION), "quant": self.quant,
-                "num_experts": str(self.num_experts), "hidden_size": str(self.hidden_size),
-                "intermediate_size": str(self.intermediate_size)}
+                "group_size": str(self.group_size), "num_experts": str(self.num_experts),
+                "hidden_size": str(self.hidden_size), "intermediate_size": str(self.intermediate_size)}
         tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
         save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp, metadata=meta)
         os.replace(tmp, path)
@@ -135,18 +167,26 @@ class MoEExperts:
         except SafetensorError as e:
             raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated") from e
         e, h, i = int(meta["num_experts"]), int(meta["hidden_size"]), int(meta["intermediate_size"])
-        quant = meta["quant"]
-        expect = {"gate_up": (e, 2 * i // 16, h // 2, 16, 2), "down": (e, h // 16, i // 2, 16, 2)}
-        if quant != "bf16":
-            expect.update({"gate_up_scale": (e, 2 * i), "down_scale": (e, h)})
+        quant, gs = meta["quant"], int(meta.get("group_size", "0"))
+        if quant not in QUANT_MODES:
+            raise ValueError(f"{path}: unknown quant mode {quant!r}")
+        storage, _, zero_point = QUANT_MODES[quant]
+        expect = {}
+        for name, n, k in (("gate_up", 2 * i, h), ("down", h, i)):
+            expect[name] = (e, n // 16, k // 2, 16) + ((2,) if storage != "int4" else ())
+            if storage != "bf16":
+                expect[f"{name}_scale"] = (e, k // gs if gs else 1, n)
+            if zero_point:
+                expect[f"{name}_zero"] = (e, k // gs if gs else 1, n)
         for k, shape in expect.items():
             if k not in tensors or tuple(tensors[k].shape) != shape:
                 raise ValueError(f"{path}: tensor {k!r} missing or of the wrong shape (expected {shape})")
-        return cls(tensors, h, i, quant)
+        return cls(tensors, h, i, quant, gs)
 
     def __repr__(self) -> str:
+        gs = f", group_size={self.group_size}" if self.group_size else ""
         return (f"MoEExperts(experts={self.num_experts}, hidden={self.hidden_size}, "
-                f"intermediate={self.intermediate_size}, quant={self.quant!r}, {self.nbytes / 1e9:.2f} GB)")
+                f"intermediate={self.intermediate_size}, quant={self.quant!r}{gs}, {self.nbytes / 1e9:.2f} GB)")
 
 
 LORA_NAMES = ("gate_lora_a", "gate_lora_b", "up_lora_a", "up_lora_b", "down_lora_a", "down_lora_b")
