@@ -9,7 +9,9 @@ activated experts' weights / read bandwidth) / time, as the issue defines it; ``
 counts the compute roof (FLOPs / bf16 peak), which binds first on CPUs without AMX.
 Also reported: peak RSS, and RSS growth over a training loop (forward, backward, AdamW step).
 
-    python tools/bench_moe.py [--quick] [--json PATH] [--shapes qwen3,...] [--steps N]
+Every quantization mode is timed too (same shapes; ``vs_bf16`` = BF16 time / mode time, same run).
+
+    python tools/bench_moe.py [--quick] [--json PATH] [--shapes qwen3,...] [--quants int8,...] [--steps N]
 """
 
 from __future__ import annotations
@@ -24,6 +26,7 @@ import time
 import torch
 
 import kt_jit
+import kt_jit.moe.weights
 from kt_jit.kernels.probe import bf16_peak_flops, read_bandwidth
 from kt_jit.reference import moe as torch_moe
 from kt_jit.runtime.threads import default_num_threads
@@ -68,14 +71,21 @@ class Layer:
         self.gate = (torch.randn(e, i, h, generator=g) / h**0.5).bfloat16()
         self.up = (torch.randn(e, i, h, generator=g) / h**0.5).bfloat16()
         self.down = (torch.randn(e, h, i, generator=g) / i**0.5).bfloat16()
-        t0 = time.perf_counter()
-        self.experts = kt_jit.MoEExperts.from_tensors(self.gate, self.up, self.down)
-        self.pack_seconds = time.perf_counter() - t0
+        self.quantize("bf16")
         self.lora = kt_jit.MoELoRA(e, h, i, rank=rank, alpha=2.0 * rank)
         with torch.no_grad():
             for name in ("gate_lora_b", "up_lora_b", "down_lora_b"):
                 getattr(self.lora, name).normal_(0, 0.01)
         self.e, self.h, self.i = e, h, i
+
+    def quantize(self, quant: str) -> None:
+        """(Re)build the packed experts in ``quant`` (K-group modes: group size 128)."""
+        self.experts = None
+        gc.collect()
+        t0 = time.perf_counter()
+        self.experts = kt_jit.MoEExperts.from_tensors(self.gate, self.up, self.down, quant=quant, group_size=128)
+        self.pack_seconds = time.perf_counter() - t0
+        self.quant = quant
 
 
 def batch(t: int, k: int, e: int, h: int, seed: int = 1):
@@ -87,7 +97,8 @@ def batch(t: int, k: int, e: int, h: int, seed: int = 1):
 
 
 def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, torch_repeats: int):
-    """Seconds per pass for kt_jit and the PyTorch reference at one qlen, and the active expert count."""
+    """Seconds per pass for kt_jit and the PyTorch reference (None when ``torch_repeats`` is 0) at
+    one qlen, and the active expert count."""
     e, h = layer.e, layer.h
     x, ids, w = batch(t, k, e, h)
     dout = torch.randn(t, h, generator=torch.Generator().manual_seed(2))
@@ -108,6 +119,8 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
         "fwd (no LoRA)": timed(lambda: kt_jit.moe_sft(x, ids, w, layer.experts), repeats),
     }
     ours["bwd"] = max(timed(fwd_bwd, repeats) - ours["fwd (save)"], 1e-9)
+    if torch_repeats == 0:
+        return ours, None, int(torch.unique(ids).numel())
 
     def torch_fwd(grad: bool, lora: bool = True):
         xr = x.clone().requires_grad_(grad)
@@ -123,32 +136,47 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
     return ours, ref, int(torch.unique(ids).numel())
 
 
-def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, bw: float, peak: float, repeats: int,
+def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, quants, bw: float, peak: float, repeats: int,
                 torch_repeats: int) -> list[dict]:
     layer = Layer(e, h, i, RANK)
-    print(f"\n{name}: E={e} H={h} I={i} K={k} rank={RANK} | packed in {layer.pack_seconds:.2f} s, "
-          f"{layer.experts.nbytes / 1e9:.2f} GB")
-    hdr = (f"{'qlen':>4} {'pass':<14} {'ms':>9} {'floor ms':>9} {'of_floor':>8} {'of_roof':>7} "
-           f"{'torch ms':>9} {'vs_torch':>8}")
-    print(hdr)
-    print("-" * len(hdr))
-    rows = []
-    op = kt_jit.MoESFTOp(layer.experts, layer.lora)
-    for t in qlens:
-        ours, ref, active = measure(layer, op, t, k, repeats, torch_repeats)
-        floor = active * layer.experts.expert_bytes() / bw
-        roof = max(floor, 2 * t * k * 3 * h * i / peak)
-        for pas, sec in ours.items():
-            row = {"name": f"{name} qlen={t} {pas}", "ms": sec * 1e3, "vs_torch": ref[pas] / sec,
-                   "of_floor": floor / sec, "of_roof": roof / sec, "floor_ms": floor * 1e3,
-                   "roof_ms": roof * 1e3, "torch_ms": ref[pas] * 1e3, "active_experts": active}
-            rows.append(row)
-            print(f"{t:4d} {pas:<14} {row['ms']:9.2f} {row['floor_ms']:9.2f} {row['of_floor']:8.2f} "
-                  f"{row['of_roof']:7.2f} {row['torch_ms']:9.2f} {row['vs_torch']:8.2f}", flush=True)
-        lora_cost = ours["fwd (save)"] / ours["fwd (no LoRA)"] - 1
-        print(f"     LoRA adds {lora_cost * 100:.1f}% to the forward; backward = "
-              f"{ours['bwd'] / ours['fwd (save)']:.2f}x forward")
-        rows.append({"name": f"{name} qlen={t} lora overhead", "ms": 0.0, "ratio": lora_cost})
+    print(f"\n{name}: E={e} H={h} I={i} K={k} rank={RANK}")
+    hdr = (f"{'quant':<13} {'qlen':>4} {'pass':<14} {'ms':>9} {'floor ms':>9} {'of_floor':>8} {'of_roof':>7} "
+           f"{'torch ms':>9} {'vs_torch':>8} {'vs_bf16':>7}")
+    rows, torch_ref, bf16 = [], {}, {}
+    for quant in quants:
+        if quant != layer.quant:
+            layer.quantize(quant)
+        print(f"-- {quant}: packed (quantized online) in {layer.pack_seconds:.2f} s, "
+              f"{layer.experts.nbytes / 1e9:.2f} GB")
+        rows.append({"name": f"{name} {quant} load (online quantization)", "ms": layer.pack_seconds * 1e3,
+                     "gb": layer.experts.nbytes / 1e9})
+        print(hdr)
+        print("-" * len(hdr))
+        op = kt_jit.MoESFTOp(layer.experts, layer.lora)
+        for t in qlens:
+            ours, ref, active = measure(layer, op, t, k, repeats, torch_repeats if quant == quants[0] else 0)
+            if ref is not None:
+                torch_ref[t] = ref
+            floor = active * layer.experts.expert_bytes() / bw
+            roof = max(floor, 2 * t * k * 3 * h * i / peak)
+            for pas, sec in ours.items():
+                if quant == "bf16":
+                    bf16[t, pas] = sec
+                ref_s = torch_ref.get(t, {}).get(pas)
+                row = {"name": f"{name} {quant} qlen={t} {pas}", "ms": sec * 1e3, "of_floor": floor / sec,
+                       "of_roof": roof / sec, "floor_ms": floor * 1e3, "roof_ms": roof * 1e3, "active_experts": active}
+                if ref_s:
+                    row.update(vs_torch=ref_s / sec, torch_ms=ref_s * 1e3)
+                if (t, pas) in bf16:
+                    row["vs_bf16"] = bf16[t, pas] / sec
+                rows.append(row)
+                print(f"{quant:<13} {t:4d} {pas:<14} {row['ms']:9.2f} {row['floor_ms']:9.2f} {row['of_floor']:8.2f} "
+                      f"{row['of_roof']:7.2f} {row.get('torch_ms', float('nan')):9.2f} "
+                      f"{row.get('vs_torch', float('nan')):8.2f} {row.get('vs_bf16', float('nan')):7.2f}", flush=True)
+            lora_cost = ours["fwd (save)"] / ours["fwd (no LoRA)"] - 1
+            print(f"     LoRA adds {lora_cost * 100:.1f}% to the forward; backward = "
+                  f"{ours['bwd'] / ours['fwd (save)']:.2f}x forward")
+            rows.append({"name": f"{name} {quant} qlen={t} lora overhead", "ms": 0.0, "ratio": lora_cost})
     return rows
 
 
@@ -180,11 +208,17 @@ def main() -> int:
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--shapes", default=None, help="comma-separated subset of " + ",".join(SHAPES))
     ap.add_argument("--steps", type=int, default=None, help="training steps of the RSS loop")
+    ap.add_argument("--quants", default=None,
+                    help="comma-separated quant modes (default: all; quick: bf16,int8,int4_kgroup)")
     args = ap.parse_args()
     threads = default_num_threads()
     torch.set_num_threads(threads)
     names = args.shapes.split(",") if args.shapes else (["qwen3-30b-a3b"] if args.quick else list(SHAPES))
     qlens = [1, 16, 128] if args.quick else QLENS
+    quants = args.quants.split(",") if args.quants else (
+        ["bf16", "int8", "int4_kgroup"] if args.quick else list(kt_jit.moe.weights.QUANT_MODES))
+    if quants[0] != "bf16":
+        quants = ["bf16"] + [q for q in quants if q != "bf16"]  # bf16 first: the reference for vs_bf16
     steps = args.steps or (50 if args.quick else 1000)
     repeats, torch_repeats = (3, 1) if args.quick else (5, 3)
 
@@ -196,7 +230,7 @@ def main() -> int:
         e, h, i, k = SHAPES[name]
         # this VM's bandwidth drifts during a run: re-probe, and keep the best reading as the floor
         bw = max(bw, read_bandwidth(1 << 30))
-        rows += bench_shape(name, e, h, i, k, qlens, bw, peak, repeats, torch_repeats)
+        rows += bench_shape(name, e, h, i, k, qlens, quants, bw, peak, repeats, torch_repeats)
         gc.collect()
     loop = rss_loop(steps, 16)
     print(f"\ntraining loop (qwen3, qlen 16): {loop['steps']} steps, {loop['step_ms']:.1f} ms/step, RSS "
