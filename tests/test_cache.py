@@ -97,3 +97,14 @@ def test_dump_dir_gets_ll_and_s(tmp_path, var):
     subprocess.run([sys.executable, "-c", CHILD], env=env, check=True, capture_output=True)
     names = {p.suffix for p in (tmp_path / "d").iterdir()}
     assert names == {".ll", ".s"}
+
+
+def test_clear_cache_only_removes_its_own_files(tmp_path, monkeypatch):
+    _run(tmp_path)
+    keep = [tmp_path / "notes.json", tmp_path / "v1" / "ab" / "build.o"]
+    for k in keep:
+        k.parent.mkdir(parents=True, exist_ok=True)
+        k.write_text("x")
+    monkeypatch.setenv("KT_JIT_CACHE_DIR", str(tmp_path))
+    assert kt_jit.clear_cache() == 2
+    assert all(k.exists() for k in keep)

@@ -188,3 +188,12 @@ def test_int8_linear_api():
     assert rel_err(gemm.linear(x, p, scales=s), ref_linear(x, dequantize_int8(p, s))) < 1e-5
     with pytest.raises(ValueError, match="scales"):
         gemm.linear(x, p)
+
+
+def test_non_cpu_tensors_are_rejected():
+    p = pack_bf16(_weights(64, 64))
+    x = torch.zeros(3, 64, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="CPU"):
+        gemm.linear(x, p, out=torch.empty(3, 64, device="meta"))
+    with pytest.raises(ValueError):
+        gemm.linear(x, p.to("meta"))

@@ -386,3 +386,56 @@ def test_lora_ranks(rank):
     assert rel_err(ours[0], ref[0]) < 0.005 and rel_err(ours[1], ref[1]) < 0.01
     for name, a, b in zip(LORA_NAMES, ours[3], ref[3], strict=True):
         assert a.shape == b.shape and rel_err(a, b) < 0.01, name
+
+
+def test_inputs_modified_before_backward_are_detected():
+    _, _, _, experts, lora = make_layer()
+    x, ids, w = make_batch(6, 2)
+    xo = x.clone().requires_grad_()
+    out = kt_jit.moe_sft(xo, ids, w, experts, lora)
+    with torch.no_grad():
+        xo.add_(1.0)
+    with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward(torch.ones_like(out))
+    op = kt_jit.MoESFTOp(experts, lora)
+    x2 = x.clone()
+    op.forward(x2, ids, w)
+    x2.mul_(2)
+    with pytest.raises(RuntimeError, match="modified in place"):
+        op.backward(torch.ones(6, H))
+
+
+def test_op_rechecks_replaced_lora():
+    _, _, _, experts, lora = make_layer()
+    op = kt_jit.MoESFTOp(experts, lora)
+    x, ids, w = make_batch(4, 2)
+    lora.gate_lora_a = torch.nn.Parameter(torch.randn(E, H, R).bfloat16().transpose(1, 2))  # not contiguous
+    with pytest.raises(ValueError, match="contiguous"):
+        op.forward(x, ids, w)
+    lora.gate_lora_a = torch.nn.Parameter(torch.randn(E, R + 16, H).bfloat16())
+    with pytest.raises(ValueError, match="gate_lora_a has shape"):
+        op.forward(x, ids, w)
+
+
+def test_asymmetric_int4_groups_away_from_zero():
+    """Groups whose values are all positive (or all negative) still quantize within range."""
+    from kt_jit.kernels.quant import dequantize_int4, pack_int4
+
+    w = torch.rand(2, 64, 64) + 1.0
+    w[1] = -w[1]
+    p, s, z = pack_int4(w, 32, asym=True)
+    assert rel_err(dequantize_int4(p, s, z), w) < 0.05
+
+
+def test_experts_constructor_validates_tensors():
+    _, _, _, experts, _ = make_layer(quant="int8")
+    t = dict(experts.tensors)
+    t["down"] = t["down"][:-1]
+    with pytest.raises(ValueError, match="'down'"):
+        kt_jit.MoEExperts(t, H, I, "int8")
+    t = dict(experts.tensors)
+    t["gate_up"] = t["gate_up"].view(torch.uint8)
+    with pytest.raises(ValueError, match="'gate_up'"):
+        kt_jit.MoEExperts(t, H, I, "int8")
+    with pytest.raises(ValueError, match="need tensors"):
+        kt_jit.MoEExperts({"gate_up": experts.gate_up, "down": experts.down}, H, I, "int8")

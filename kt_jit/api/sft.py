@@ -19,8 +19,10 @@ class _MoESFTFunction(torch.autograd.Function):
         out, saved = core.forward(x.to(torch.bfloat16).contiguous(), topk_ids,
                                   topk_weights.to(torch.float32).contiguous(), experts, lora_t, scaling,
                                   save=True, out_dtype=out_dtype)
+        # autograd keeps the inputs (and raises if they are modified in place before backward)
+        ctx.save_for_backward(x, topk_weights, *lora)
         ctx.saved = saved
-        ctx.experts, ctx.scaling, ctx.lora = experts, scaling, lora_t
+        ctx.experts, ctx.scaling = experts, scaling
         ctx.x_dtype, ctx.w_dtype = x.dtype, topk_weights.dtype
         return out
 
@@ -30,8 +32,10 @@ class _MoESFTFunction(torch.autograd.Function):
         if saved is None:
             raise RuntimeError("moe_sft backward called twice; use retain_graph semantics via MoESFTOp instead")
         ctx.saved = None
-        dx, dw, dlora = core.backward(saved, grad_out.float().contiguous(), ctx.experts, ctx.lora, ctx.scaling)
-        lora_grads = () if dlora is None else tuple(g.to(p.dtype) for g, p in zip(dlora, ctx.lora, strict=True))
+        _, _, *lora = ctx.saved_tensors  # version-checked by autograd
+        lora_t = tuple(lora) if lora else None
+        dx, dw, dlora = core.backward(saved, grad_out.float().contiguous(), ctx.experts, lora_t, ctx.scaling)
+        lora_grads = () if dlora is None else tuple(g.to(p.dtype) for g, p in zip(dlora, lora_t, strict=True))
         return (dx.to(ctx.x_dtype), None, dw.to(ctx.w_dtype), None, None, None, *lora_grads)
 
 
@@ -62,7 +66,9 @@ class MoESFTOp:
     ``max_cache_depth``; ``backward(grad_output)`` pops the newest entry (so several forwards, e.g.
     of gradient-checkpointed layers, can precede their backwards in reverse order). A full stack
     raises ``RuntimeError("Forward cache full ...")``, an empty one ``RuntimeError("No forward
-    cache ...")``. Safe to call from several Python threads.
+    cache ...")``. The stack is shared by all threads and strictly last-in first-out: calls from
+    several Python threads never corrupt it, but a thread's backward pops the newest forward of any
+    thread; give each independent stream of work its own op.
     """
 
     def __init__(self, experts: MoEExperts, lora: MoELoRA | None = None, max_cache_depth: int = 1) -> None:
@@ -80,12 +86,17 @@ class MoESFTOp:
         return len(self._stack)
 
     def _lora(self):
-        return (self.lora.tensors(), self.lora.scaling) if self.lora is not None else (None, 0.0)
+        if self.lora is None:
+            return None, 0.0
+        self.lora.check_matches(self.experts)  # the user may have replaced a Parameter since
+        return self.lora.tensors(), self.lora.scaling
 
     def forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 save_for_backward: bool = True, out_dtype: torch.dtype = torch.float32) -> torch.Tensor:
         """Output ``[T, H]``; with ``save_for_backward`` the activations go onto the cache stack."""
         check_moe_inputs(hidden_states, topk_ids, topk_weights, self.experts)
+        if out_dtype not in (torch.float32, torch.bfloat16):
+            raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
         if save_for_backward:
             with self._lock:
                 if len(self._stack) >= self.max_cache_depth:
@@ -119,6 +130,13 @@ class MoESFTOp:
             shape = tuple(grad_output.shape) if isinstance(grad_output, torch.Tensor) else None
             raise ValueError(f"grad_output must be a [{t}, {h}] tensor matching the forward, got {shape}")
         lora, scaling = self._lora()
+        if saved.x._version != saved.x_version or saved.topk_weights._version != saved.w_version:
+            raise RuntimeError("hidden_states or topk_weights were modified in place between forward and "
+                               "backward; the saved forward is no longer valid (clone them before changing).")
+        if (lora is None) != (saved.lora_h is None) or (lora is not None and (
+                lora[0].shape[1] != saved.rank or scaling != saved.scaling)):
+            raise RuntimeError("the LoRA adapters changed rank or scaling (or were attached/removed) between "
+                               "forward and backward; run the forward again")
         with torch.no_grad():
             dx, dw, dlora = core.backward(saved, grad_output.float().contiguous(), self.experts, lora, scaling)
         result = {"grad_input": dx.to(torch.bfloat16), "grad_weights": dw}

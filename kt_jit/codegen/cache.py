@@ -13,6 +13,7 @@ from __future__ import annotations
 import hashlib
 import json
 import os
+import re
 import threading
 import time
 import uuid
@@ -163,22 +164,26 @@ def cache_info() -> dict:
             "load_seconds": round(stats.load_seconds, 4), "recovered": stats.recovered}
 
 
-def clear_cache() -> int:
-    """Delete every on-disk entry (all codegen versions); returns how many were removed.
+_ENTRY = re.compile(r"^\.?[0-9a-f]{64}\.(o|json)(\..*\.tmp)?$")
 
-    Kernels already loaded in this process keep working.
+
+def clear_cache() -> int:
+    """Delete every kt_jit entry on disk (all codegen versions); returns how many were removed.
+
+    Only files kt_jit writes (``v<N>/<xx>/<sha256>.o|.json`` and their temp files) are touched, so a
+    KT_JIT_CACHE_DIR pointing at a shared directory loses nothing else. Kernels already loaded in
+    this process keep working.
     """
     root = knobs.cache_dir()
     removed = 0
-    if not root.exists():
-        return 0
-    for p in sorted(root.rglob("*"), reverse=True):
-        if p.is_file() and (p.suffix in (".o", ".json", ".tmp") or p.name.endswith(".tmp")):
-            removed += p.suffix == ".json"
-            p.unlink(missing_ok=True)
-        elif p.is_dir():
+    for version_dir in root.glob("v[0-9]*") if root.exists() else ():
+        for p in version_dir.glob("??/*"):
+            if p.is_file() and _ENTRY.match(p.name):
+                removed += p.name.endswith(".json")
+                p.unlink(missing_ok=True)
+        for d in version_dir.glob("??"):
             try:
-                p.rmdir()
+                d.rmdir()
             except OSError:
                 pass
     return removed

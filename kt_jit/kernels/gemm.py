@@ -557,7 +557,8 @@ def pack_dy_for_amx(dy: torch.Tensor) -> torch.Tensor:
 def _check_packed(packed: torch.Tensor, scales: torch.Tensor | None) -> str:
     """Validate a packed weight (and its scales); returns its quant mode."""
     if not isinstance(packed, torch.Tensor) or packed.dim() != 4 or packed.shape[2:] != (16, 2) \
-            or not packed.is_contiguous() or packed.dtype not in (torch.bfloat16, torch.int8):
+            or not packed.is_contiguous() or packed.dtype not in (torch.bfloat16, torch.int8) \
+            or packed.device.type != "cpu":
         raise ValueError("weight must be a contiguous packed tensor [N/16, K/2, 16, 2] from "
                          "kt_jit.pack_bf16 (bf16) or kt_jit.kernels.quant.pack_int8 (int8)")
     if packed.dtype == torch.bfloat16:
@@ -566,7 +567,7 @@ def _check_packed(packed: torch.Tensor, scales: torch.Tensor | None) -> str:
         return "bf16"
     n = packed.shape[0] * 16
     if scales is None or scales.dtype != torch.float32 or tuple(scales.shape) != (n,) \
-            or not scales.is_contiguous():
+            or not scales.is_contiguous() or scales.device.type != "cpu":
         raise ValueError(f"int8 weights need their per-channel scales: a contiguous float32 tensor [{n}]")
     return "int8"
 
@@ -598,8 +599,8 @@ def _output(out: torch.Tensor | None, m: int, cols: int, accumulate: bool) -> to
         if accumulate:
             raise ValueError("accumulate=True needs an output tensor to add into")
         return torch.empty(m, cols, dtype=torch.float32)
-    if out.shape != (m, cols) or out.dtype != torch.float32 or not out.is_contiguous():
-        raise ValueError(f"out must be a contiguous float32 tensor of shape {(m, cols)}, "
+    if out.shape != (m, cols) or out.dtype != torch.float32 or not out.is_contiguous() or out.device.type != "cpu":
+        raise ValueError(f"out must be a contiguous float32 CPU tensor of shape {(m, cols)}, "
                          f"got {tuple(out.shape)} {out.dtype}")
     return out
 

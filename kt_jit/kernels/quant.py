@@ -50,7 +50,8 @@ def quantize_int4(w: torch.Tensor, group_size: int = 0, asym: bool = False):
     gs = group_size or k
     wf = w.float().reshape(*lead, n, k // gs, gs)
     if asym:
-        lo, hi = wf.amin(-1), wf.amax(-1)
+        # the range always contains 0, so the zero point is a code in [0, 15]
+        lo, hi = wf.amin(-1).clamp(max=0), wf.amax(-1).clamp(min=0)
         scale = (hi - lo) / 15.0
         scale = torch.where(scale > 0, scale, torch.ones_like(scale))
         zero = torch.round(-lo / scale).clamp_(0, 15)

@@ -42,6 +42,10 @@ class Saved:
     gu: torch.Tensor         # [R, 2I] fp32: [G | U] before the activation
     act: torch.Tensor        # [R, I] bf16
     lora_h: tuple[torch.Tensor, torch.Tensor] | None  # [X Ag^T | X Au^T] [R, 2r], A Ad^T [R, r] (fp32)
+    rank: int = 0            # LoRA rank and scaling the forward ran with
+    scaling: float = 0.0
+    x_version: int = 0       # tensor versions at forward time (in-place changes invalidate)
+    w_version: int = 0
 
     def nbytes(self) -> int:
         n = self.gu.numel() * 4 + self.act.numel() * 2
@@ -176,6 +180,7 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     gu = aligned_empty((r.rows, 2 * idim), torch.float32)
     _grouped_fwd(xs, experts, "gate_up", gu, r)
     lora_h = None
+    user_rank = lora[0].shape[1] if lora is not None else 0
     if lora is not None:
         ga, gb, ua, ub, da, db = lora = pad_lora(lora)
         rank = ga.shape[1]
@@ -204,7 +209,9 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     out = torch.zeros(t, hdim, dtype=torch.float32)
     wrow = topk_weights[r.slot_token, r.slot_k].unsqueeze(1)
     out.index_add_(0, r.slot_token, y[r.slot_row] * wrow)
-    saved = Saved(x, topk_weights, r, gu, act, lora_h) if save else None
+    saved = None
+    if save:
+        saved = Saved(x, topk_weights, r, gu, act, lora_h, user_rank, scaling, x._version, topk_weights._version)
     return out.to(out_dtype), saved
 
 

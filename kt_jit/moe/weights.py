@@ -53,6 +53,36 @@ def _pack(w: torch.Tensor, quant: str, group_size: int) -> dict[str, torch.Tenso
     return out
 
 
+_STORAGE_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
+
+
+def _check_packed_tensors(t: dict[str, torch.Tensor], h: int, i: int, quant: str, group_size: int) -> None:
+    """Every tensor a kernel will be pointed at: present, CPU, contiguous, of the right dtype and shape."""
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant must be one of {tuple(QUANT_MODES)}, got {quant!r}")
+    storage, grouped, zero_point = QUANT_MODES[quant]
+    if "gate_up" not in t:
+        raise ValueError("packed experts need a 'gate_up' tensor")
+    if grouped and (group_size <= 0 or h % group_size or i % group_size):
+        raise ValueError(f"group_size={group_size} does not divide hidden_size={h} and intermediate_size={i}")
+    e = t["gate_up"].shape[0]
+    g = {"gate_up": h // group_size if grouped else 1, "down": i // group_size if grouped else 1}
+    expect: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
+    for name, n, k in (("gate_up", 2 * i, h), ("down", h, i)):
+        expect[name] = ((e, n // 16, k // 2, 16) + ((2,) if storage != "int4" else ()), _STORAGE_DTYPES[storage])
+        if storage != "bf16":
+            expect[f"{name}_scale"] = ((e, g[name], n), torch.float32)
+        if zero_point:
+            expect[f"{name}_zero"] = ((e, g[name], n), torch.uint8)
+    if set(t) != set(expect):
+        raise ValueError(f"packed {quant} experts need tensors {sorted(expect)}, got {sorted(t)}")
+    for name, (shape, dtype) in expect.items():
+        x = t[name]
+        if tuple(x.shape) != shape or x.dtype != dtype or x.device.type != "cpu" or not x.is_contiguous():
+            raise ValueError(f"tensor {name!r} must be a contiguous CPU {dtype} tensor of shape {shape}, "
+                             f"got {x.dtype} {tuple(x.shape)} on {x.device}")
+
+
 class MoEExperts:
     """The frozen routed experts of one MoE layer, packed once into kt_jit's tile layout.
 
@@ -66,6 +96,7 @@ class MoEExperts:
 
     def __init__(self, tensors: dict[str, torch.Tensor], hidden_size: int, intermediate_size: int,
                  quant: str = "bf16", group_size: int = 0) -> None:
+        _check_packed_tensors(tensors, hidden_size, intermediate_size, quant, group_size)
         self.tensors = tensors
         self.gate_up, self.down = tensors["gate_up"], tensors["down"]
         self.num_experts = self.gate_up.shape[0]
@@ -170,18 +201,12 @@ class MoEExperts:
         quant, gs = meta["quant"], int(meta.get("group_size", "0"))
         if quant not in QUANT_MODES:
             raise ValueError(f"{path}: unknown quant mode {quant!r}")
-        storage, _, zero_point = QUANT_MODES[quant]
-        expect = {}
-        for name, n, k in (("gate_up", 2 * i, h), ("down", h, i)):
-            expect[name] = (e, n // 16, k // 2, 16) + ((2,) if storage != "int4" else ())
-            if storage != "bf16":
-                expect[f"{name}_scale"] = (e, k // gs if gs else 1, n)
-            if zero_point:
-                expect[f"{name}_zero"] = (e, k // gs if gs else 1, n)
-        for k, shape in expect.items():
-            if k not in tensors or tuple(tensors[k].shape) != shape:
-                raise ValueError(f"{path}: tensor {k!r} missing or of the wrong shape (expected {shape})")
-        return cls(tensors, h, i, quant, gs)
+        if "gate_up" in tensors and tensors["gate_up"].shape[0] != e:
+            raise ValueError(f"{path}: holds {tensors['gate_up'].shape[0]} experts, its metadata says {e}")
+        try:
+            return cls(tensors, h, i, quant, gs)
+        except ValueError as err:
+            raise ValueError(f"{path}: {err}") from err
 
     def __repr__(self) -> str:
         gs = f", group_size={self.group_size}" if self.group_size else ""
