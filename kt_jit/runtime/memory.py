@@ -27,7 +27,8 @@ def keep_freed_memory() -> bool:
         return False
     try:
         libc = ctypes.CDLL("libc.so.6")
-        ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1
+        # glibc 2.36 accepts 1 GiB; older ones cap the threshold at 32 MiB (and return 0 above it)
+        ok = libc.mallopt(_M_MMAP_THRESHOLD, 1 << 30) == 1 or libc.mallopt(_M_MMAP_THRESHOLD, 32 << 20) == 1
         ok &= libc.mallopt(_M_TRIM_THRESHOLD, (1 << 31) - 1) == 1
     except (OSError, AttributeError):  # not glibc
         return False

@@ -1,0 +1,38 @@
+"""Render a ``tools/bench_moe.py --json`` file as the markdown tables of docs/benchmarks.md.
+
+    python tools/bench_table.py docs/bench_moe.json
+"""
+
+from __future__ import annotations
+
+import json
+import re
+import sys
+
+
+def main(path: str) -> int:
+    rows = json.load(open(path))
+    by = {r["name"]: r for r in rows}
+    pat = re.compile(r"^(\S+) (\S+) qlen=(\d+) fwd \(save\)$")
+    print("| shape | quant | qlen | fwd ms | of_floor | of_roof | vs torch | vs bf16 | bwd ms | of_floor | vs torch "
+          "| vs bf16 | LoRA on fwd | bwd/fwd |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    for r in rows:
+        m = pat.match(r["name"])
+        if not m:
+            continue
+        shape, quant, qlen = m.groups()
+        b = by[f"{shape} {quant} qlen={qlen} bwd"]
+        lora = by[f"{shape} {quant} qlen={qlen} lora overhead"]["ratio"]
+
+        def f(x, key, fmt="{:.2f}"):
+            return fmt.format(x[key]) if key in x else "–"
+
+        print(f"| {shape} | {quant} | {qlen} | {r['ms']:.1f} | {f(r, 'of_floor')} | {f(r, 'of_roof')} | "
+              f"{f(r, 'vs_torch')} | {f(r, 'vs_bf16')} | {b['ms']:.1f} | {f(b, 'of_floor')} | {f(b, 'vs_torch')} | "
+              f"{f(b, 'vs_bf16')} | {lora * 100:+.0f}% | {b['ms'] / r['ms']:.2f} |")
+    return 0
+
+
+if __name__ == "__main__":
+    raise SystemExit(main(sys.argv[1]))
