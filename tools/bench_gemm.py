@@ -25,6 +25,7 @@ import time
 
 import torch
 import torch.nn.functional as F
+from benchlib import finish
 
 import kt_jit
 from kt_jit.kernels.probe import bf16_peak_flops, read_bandwidth
@@ -167,12 +168,7 @@ def main() -> int:
     rows.append({"name": "cold compile, one GEMM kernel", "ms": times["cold_compile_ms"]})
     rows.append({"name": "load from disk cache, one GEMM kernel", "ms": times["disk_load_ms"]})
     print(f"cold compile {times['cold_compile_ms']:.1f} ms, load from disk cache {times['disk_load_ms']:.2f} ms")
-    rows.append({"name": "machine", "ms": 0.0, "isa": isa, "threads": threads,
-                 "read_gbps": bw / 1e9, "peak_tflops": peak / 1e12})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
+    return finish(rows, args.json, bw, peak, threads)
 
 
 if __name__ == "__main__":

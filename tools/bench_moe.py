@@ -18,12 +18,12 @@ from __future__ import annotations
 
 import argparse
 import gc
-import json
 import resource
 import statistics
 import time
 
 import torch
+from benchlib import finish
 
 import kt_jit
 import kt_jit.moe.weights
@@ -239,12 +239,7 @@ def main() -> int:
           f"({loop['growth_mb']:+.1f} MB); peak RSS of the whole run {peak_rss_mb():.0f} MB")
     rows.append({"name": f"RSS growth over {loop['steps']} training steps (MB)", "ms": loop["step_ms"], **loop})
     rows.append({"name": "peak RSS (MB)", "ms": 0.0, "peak_rss_mb": peak_rss_mb()})
-    rows.append({"name": "machine", "ms": 0.0, "read_gbps": bw / 1e9, "peak_tflops": peak / 1e12,
-                 "isa": kt_jit.active_isa(), "threads": threads})
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
+    return finish(rows, args.json, bw, peak, threads)
 
 
 if __name__ == "__main__":
