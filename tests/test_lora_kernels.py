@@ -19,7 +19,7 @@ def _bf(*shape, seed=0):
     return torch.randn(*shape, generator=torch.Generator().manual_seed(seed)).bfloat16()
 
 
-@pytest.mark.parametrize("n,k", [(16, 256), (32, 64), (96, 16), (64, 32)])
+@pytest.mark.parametrize("n,k", [(16, 256), (32, 64), (96, 16), (64, 32), (144, 16)])
 @pytest.mark.parametrize("accumulate", [False, True])
 def test_xat(n, k, accumulate):
     """Y (+)= alpha X W^T, two groups with their own weights, rows and output pitch."""
@@ -38,7 +38,7 @@ def test_xat(n, k, accumulate):
         assert torch.equal(y[:, n:], b[:, n:])  # nothing written past N
 
 
-@pytest.mark.parametrize("n,k", [(16, 128), (64, 16), (32, 40), (128, 16)])
+@pytest.mark.parametrize("n,k", [(16, 128), (64, 16), (32, 40), (128, 16), (144, 8), (1088, 16)])
 @pytest.mark.parametrize("x_dtype", ["f32", "bf16"])
 def test_xb(n, k, x_dtype):
     kern = get_kernel(LoraSpec("xb", n, k, x_dtype=x_dtype, accumulate=True))

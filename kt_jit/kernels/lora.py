@@ -18,6 +18,7 @@ bytes and ``alpha`` travel in the argument block. These run on AVX-512 (every AM
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import functools
 import struct
@@ -90,10 +91,20 @@ class LoraSpec:
         return min(16, self.units)
 
     @property
+    def col_blocks(self) -> int:
+        """xat/xb: output column blocks (of 16 * nb) per group."""
+        return self.n // (16 * self.nb)
+
+    @property
+    def blocks_per_item(self) -> int:
+        """xat/xb: column blocks per work item (items must not be tiny: each claim is a contended atomic)."""
+        return min(8, self.col_blocks)
+
+    @property
     def items_per_group(self) -> int:
         if self.form == "xty":
             return -(-self.units // self.units_per_item)
-        return self.n // (16 * self.nb)
+        return -(-self.col_blocks // self.blocks_per_item)
 
 
 def _group(fn: Function, ctx: str, item: str, ipg: int):
@@ -115,32 +126,46 @@ def _finish(fn: Function, spec: LoraSpec, v: str, alpha: str, ptr: str) -> None:
 
 
 def _xat_body(spec: LoraSpec):
-    rho = 2 if spec.k == 16 else 1   # W rows per 32-element vector
-    n_acc = 16 // rho
-    chunks = max(1, spec.k // 32)
-
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        c, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
+        item_c, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         alpha = vx.splat_arg_f32(fn, ARGS.load(fn, ctx, "alpha"))
-        wb = fn.gep(w, fn.mul(c, 16 * spec.k * 2))
-        with fn.loop(0, m, name="row") as i:
-            xrow = fn.gep(x, fn.mul(i, ldx))
-            accs = [fn.var(F32x16, "zeroinitializer", 64) for _ in range(n_acc)]
-            with fn.loop(0, chunks, name="kc") as kc:
-                if rho == 2:  # K = 16: the row twice, against two W rows per vector
-                    h = fn.load("<16 x bfloat>", xrow, 2)
-                    xv = fn.val(f"shufflevector <16 x bfloat> {h}, <16 x bfloat> poison, "
-                                f"<32 x i32> <{', '.join(f'i32 {j % 16}' for j in range(32))}>")
-                else:
-                    xv = fn.load(BF16x32, fn.gep(xrow, fn.mul(kc, 64)), 2)
-                for a, acc in enumerate(accs):
-                    wp = fn.gep(wb, fn.add(fn.mul(kc, 64), a * rho * spec.k * 2))
-                    acc.set(vx.dpbf16(fn, acc.get(), fn.load(BF16x32, wp, 2), xv))
-            out = vx.reduce_lanes(fn, [a.get() for a in accs])
-            _finish(fn, spec, out, alpha, fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(c, 64))))
+        with _column_blocks(fn, spec, item_c) as c:
+            _xat_block(fn, spec, c, x, w, y, m, ldx, ldy, alpha)
 
     return body
+
+
+def _xat_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: str, ldx: str, ldy: str,
+               alpha: str) -> None:
+    """Outputs 16c .. 16c+15 of every row."""
+    rho = 2 if spec.k == 16 else 1  # W rows per 32-element vector
+    n_acc = 16 // rho
+    chunks = max(1, spec.k // 32)
+    wb = fn.gep(w, fn.mul(c, 16 * spec.k * 2))
+    with fn.loop(0, m, name="row") as i:
+        xrow = fn.gep(x, fn.mul(i, ldx))
+        accs = [fn.var(F32x16, "zeroinitializer", 64) for _ in range(n_acc)]
+        with fn.loop(0, chunks, name="kc") as kc:
+            if rho == 2:  # K = 16: the row twice, against two W rows per vector
+                h = fn.load("<16 x bfloat>", xrow, 2)
+                xv = fn.val(f"shufflevector <16 x bfloat> {h}, <16 x bfloat> poison, "
+                            f"<32 x i32> <{', '.join(f'i32 {j % 16}' for j in range(32))}>")
+            else:
+                xv = fn.load(BF16x32, fn.gep(xrow, fn.mul(kc, 64)), 2)
+            for a, acc in enumerate(accs):
+                wp = fn.gep(wb, fn.add(fn.mul(kc, 64), a * rho * spec.k * 2))
+                acc.set(vx.dpbf16(fn, acc.get(), fn.load(BF16x32, wp, 2), xv))
+        out = vx.reduce_lanes(fn, [a.get() for a in accs])
+        _finish(fn, spec, out, alpha, fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(c, 64))))
+
+
+@contextlib.contextmanager
+def _column_blocks(fn: Function, spec: LoraSpec, item_c: str):
+    """Loop over the column blocks of work item ``item_c``; yields the block index."""
+    b0 = fn.mul(item_c, spec.blocks_per_item)
+    with fn.loop(b0, fn.min(fn.add(b0, spec.blocks_per_item), spec.col_blocks), name="cb") as c:
+        yield c
 
 
 def _row_blocks(fn: Function, m: str, mr: int, micro) -> None:
@@ -152,34 +177,40 @@ def _row_blocks(fn: Function, m: str, mr: int, micro) -> None:
 
 
 def _xb_body(spec: LoraSpec):
+    def body(fn: Function, ctx: str, item: str, tiles) -> None:
+        item_c, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
+        ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
+        alpha = vx.splat_arg_f32(fn, ARGS.load(fn, ctx, "alpha"))
+        with _column_blocks(fn, spec, item_c) as c:
+            _xb_block(fn, spec, c, x, w, y, m, ldx, ldy, alpha)
+
+    return body
+
+
+def _xb_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: str, ldx: str, ldy: str,
+              alpha: str) -> None:
+    """Output columns 16*nb*c .. of every row."""
     nb = spec.nb
     mr = max(1, min(8, 24 // nb))
     xsz = 4 if spec.x_dtype == "f32" else 2
+    wb = fn.gep(w, fn.mul(c, nb * 32))
+    yb = fn.gep(y, fn.mul(c, nb * 64))
 
-    def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        c, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
-        ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
-        alpha = vx.splat_arg_f32(fn, ARGS.load(fn, ctx, "alpha"))
-        wb = fn.gep(w, fn.mul(c, nb * 32))
-        yb = fn.gep(y, fn.mul(c, nb * 64))
+    def micro(m0: str, rows: int) -> None:
+        accs = {(i, j): fn.var(F32x16, "zeroinitializer", 64) for i in range(rows) for j in range(nb)}
+        with fn.loop(0, spec.k, name="k") as kk:
+            brow = fn.gep(wb, fn.mul(kk, spec.n * 2))
+            bv = [vx.load_f32x16(fn, fn.gep(brow, j * 32), "bf16") for j in range(nb)]
+            for i in range(rows):
+                xs = vx.splat_f32(fn, fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(kk, xsz))),
+                                  spec.x_dtype)
+                for j in range(nb):
+                    acc = accs[i, j]
+                    acc.set(vx.fma(fn, xs, bv[j], acc.get()))
+        for (i, j), acc in accs.items():
+            _finish(fn, spec, acc.get(), alpha, fn.gep(yb, fn.add(fn.mul(fn.add(m0, i), ldy), j * 64)))
 
-        def micro(m0: str, rows: int) -> None:
-            accs = {(i, j): fn.var(F32x16, "zeroinitializer", 64) for i in range(rows) for j in range(nb)}
-            with fn.loop(0, spec.k, name="k") as kk:
-                brow = fn.gep(wb, fn.mul(kk, spec.n * 2))
-                bv = [vx.load_f32x16(fn, fn.gep(brow, j * 32), "bf16") for j in range(nb)]
-                for i in range(rows):
-                    xs = vx.splat_f32(fn, fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(kk, xsz))),
-                                      spec.x_dtype)
-                    for j in range(nb):
-                        acc = accs[i, j]
-                        acc.set(vx.fma(fn, xs, bv[j], acc.get()))
-            for (i, j), acc in accs.items():
-                _finish(fn, spec, acc.get(), alpha, fn.gep(yb, fn.add(fn.mul(fn.add(m0, i), ldy), j * 64)))
-
-        _row_blocks(fn, m, mr, micro)
-
-    return body
+    _row_blocks(fn, m, mr, micro)
 
 
 def _xty_body(spec: LoraSpec):
