@@ -138,12 +138,12 @@ def test_every_schedule_variant_is_correct(isa):
     for sch in fwd:
         kern = gemm.get_kernel(gemm.GemmSpec("fwd", n, k, isa, False, sch))
         xs = gemm._pad_rows_for_amx(x) if isa != "avx512" else x
-        kern.launch(torch.tensor([[xs.data_ptr(), p.data_ptr(), y.data_ptr(), 13]]), k * 2, n * 4)
+        kern.launch(gemm._one_group(xs.data_ptr(), p.data_ptr(), y.data_ptr(), 13), k * 2, n * 4)
         assert rel_err(y, ref_linear(x, w)) < 1e-4, sch
     for sch in bwd:
         kern = gemm.get_kernel(gemm.GemmSpec("bwd", n, k, isa, False, sch))
         src = gemm.pack_dy_for_amx(dy) if isa != "avx512" else dy
-        kern.launch(torch.tensor([[src.data_ptr(), p.data_ptr(), dx.data_ptr(), 13]]), n * 2, k * 4)
+        kern.launch(gemm._one_group(src.data_ptr(), p.data_ptr(), dx.data_ptr(), 13), n * 2, k * 4)
         assert rel_err(dx, ref_linear_t(dy, w)) < 1e-4, sch
 
 

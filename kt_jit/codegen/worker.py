@@ -11,6 +11,8 @@ from __future__ import annotations
 import ctypes
 from collections.abc import Callable, Sequence
 
+import numpy as np
+
 from .amx import TileConfig, Tiles
 from .ir import Function, Module
 
@@ -39,6 +41,21 @@ class ArgBlock:
         if missing:
             raise TypeError(f"missing kernel arguments: {sorted(missing)}")
         return self.struct(counter=0, n_items=n_items, **values)
+
+
+def group_table(groups, fields: int) -> tuple[int, int]:
+    """(rows, address) of a group-descriptor table: an int64 torch tensor or NumPy array of shape
+    [G, fields] (C-contiguous), or a flat ctypes int64 array. The caller keeps it alive."""
+    if isinstance(groups, np.ndarray):
+        if groups.dtype != np.int64 or not groups.flags.c_contiguous or groups.shape[1:] != (fields,):
+            raise ValueError(f"group table must be a C-contiguous int64 array [G, {fields}]")
+        return groups.shape[0], groups.ctypes.data
+    if isinstance(groups, ctypes.Array):
+        return len(groups) // fields, ctypes.addressof(groups)
+    if groups.dtype.is_floating_point or groups.element_size() != 8 or not groups.is_contiguous() \
+            or tuple(groups.shape[1:]) != (fields,):
+        raise ValueError(f"group table must be a contiguous int64 tensor [G, {fields}]")
+    return groups.shape[0], groups.data_ptr()
 
 
 def build_worker(module: Module, name: str, args: ArgBlock,

@@ -42,7 +42,7 @@ from ..codegen.amx import TileConfig, Tiles
 from ..codegen.cache import get_or_compile
 from ..codegen.compile import target_for
 from ..codegen.ir import BF16x32, F32x16, Function, I16x32, I32x16, Module
-from ..codegen.worker import ArgBlock, build_worker
+from ..codegen.worker import ArgBlock, build_worker, group_table
 from ..runtime.amx import active_isa, require_amx
 from ..runtime.buffers import aligned_zeros
 from ..runtime.threads import launch
@@ -487,19 +487,17 @@ class GemmKernel:
         ir = build_ir(spec)
         self.addr = get_or_compile(spec.name, repr(spec), ir, target_for(spec.isa), [spec.name])[spec.name]
 
-    def launch(self, groups: torch.Tensor | ctypes.Array, ldx: int, ldy: int,
+    def launch(self, groups, ldx: int, ldy: int,
                num_threads: int | None = None) -> None:
         """Run over ``groups`` (int64 [G, 4]: x ptr, packed-w ptr, y ptr, m); pitches in bytes.
 
-        ``groups`` is a contiguous int64 tensor or a ctypes int64 array of 4*G values. Pointers are
-        trusted: callers validate shapes first (see :func:`linear`).
+        ``groups`` is an int64 table [G, GROUP_FIELDS] (torch, NumPy or flat ctypes; see
+        codegen.worker.group_table). Pointers are trusted: callers validate shapes first (see
+        :func:`linear`).
         """
         if self.spec.isa == "amx":
             require_amx()
-        if isinstance(groups, torch.Tensor):
-            n_groups, addr = groups.shape[0], groups.data_ptr()
-        else:
-            n_groups, addr = len(groups) // GROUP_FIELDS, ctypes.addressof(groups)
+        n_groups, addr = group_table(groups, GROUP_FIELDS)
         n_items = n_groups * self.spec.items_per_group
         if n_items == 0:
             return

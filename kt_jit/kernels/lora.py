@@ -24,13 +24,11 @@ import functools
 import struct
 from dataclasses import dataclass
 
-import torch
-
 from ..codegen import avx512 as vx
 from ..codegen.cache import get_or_compile
 from ..codegen.compile import target_for
 from ..codegen.ir import BF16x32, F32x16, Function, Module
-from ..codegen.worker import ArgBlock, build_worker
+from ..codegen.worker import ArgBlock, build_worker, group_table
 from ..runtime.threads import launch
 
 ARGS = ArgBlock(["groups", "ldx", "ldw", "ldy", "alpha"])
@@ -259,14 +257,14 @@ class LoraKernel:
         self.addr = get_or_compile(spec.name, repr(spec), build_ir(spec), target_for("avx512"),
                                    [spec.name])[spec.name]
 
-    def launch(self, groups: torch.Tensor, ldx: int, ldw: int, ldy: int, alpha: float,
-               num_threads: int | None = None) -> None:
-        """Run over ``groups`` (int64 [G, 4]); pitches in bytes; ``alpha`` scales the product."""
-        n_items = groups.shape[0] * self.spec.items_per_group
+    def launch(self, groups, ldx: int, ldw: int, ldy: int, alpha: float, num_threads: int | None = None) -> None:
+        """Run over ``groups`` (int64 [G, 4], torch or NumPy); pitches in bytes; ``alpha`` scales the product."""
+        n_groups, addr = group_table(groups, 4)
+        n_items = n_groups * self.spec.items_per_group
         if n_items == 0:
             return
         bits = struct.unpack("<I", struct.pack("<f", alpha))[0]
-        args = ARGS.make(n_items, groups=groups.data_ptr(), ldx=ldx, ldw=ldw, ldy=ldy, alpha=bits)
+        args = ARGS.make(n_items, groups=addr, ldx=ldx, ldw=ldw, ldy=ldy, alpha=bits)
         launch(self.addr, ctypes.addressof(args), num_threads)
 
 

@@ -31,6 +31,12 @@ class Routing:
     starts: torch.Tensor
     rows: int
 
+    def __post_init__(self) -> None:
+        # NumPy views for building kernel group tables (far cheaper than small torch ops)
+        self.experts_np = self.experts.numpy()
+        self.counts_np = self.counts.numpy()
+        self.starts_np = self.starts.numpy()
+
     @property
     def num_active(self) -> int:
         return int(self.experts.numel())

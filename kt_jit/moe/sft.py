@@ -20,6 +20,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..kernels import gemm
@@ -54,28 +55,28 @@ class Saved:
         return n
 
 
-def _rows(buf: torch.Tensor, r: Routing, col: int = 0) -> torch.Tensor:
+def _rows(buf: torch.Tensor, r: Routing, col: int = 0) -> np.ndarray:
     """Address of each active expert's first row in a per-expert row buffer (plus a column offset)."""
-    return buf.data_ptr() + r.starts * (buf.stride(0) * buf.element_size()) + col * buf.element_size()
+    return buf.data_ptr() + r.starts_np * (buf.stride(0) * buf.element_size()) + col * buf.element_size()
 
 
-def _per_expert(t: torch.Tensor, r: Routing) -> torch.Tensor:
+def _per_expert(t: torch.Tensor, r: Routing) -> np.ndarray:
     """Address of each active expert's slice of an [E, ...] tensor."""
-    return t.data_ptr() + r.experts * (t.stride(0) * t.element_size())
+    return t.data_ptr() + r.experts_np * (t.stride(0) * t.element_size())
 
 
-def _groups(r: Routing, x: torch.Tensor, w: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
+def _groups(r: Routing, x: np.ndarray, w: np.ndarray, y: np.ndarray) -> np.ndarray:
     """Group descriptors (x, w, y, m) from per-expert address vectors (LoRA kernels)."""
-    return torch.stack([x, w, y, r.counts], 1).contiguous()
+    return np.ascontiguousarray(np.stack([x, w, y, r.counts_np], 1), dtype=np.int64)
 
 
-def _gemm_groups(r: Routing, x: torch.Tensor, experts: MoEExperts, name: str, y: torch.Tensor) -> torch.Tensor:
+def _gemm_groups(r: Routing, x: np.ndarray, experts: MoEExperts, name: str, y: np.ndarray) -> np.ndarray:
     """GEMM group descriptors (x, w, y, m, scales) for the expert matrix ``name``."""
-    def addr(t: torch.Tensor | None) -> torch.Tensor:
-        return _per_expert(t, r) if t is not None else torch.zeros_like(r.counts)
+    def addr(t: torch.Tensor | None) -> np.ndarray:
+        return _per_expert(t, r) if t is not None else np.zeros_like(r.counts_np)
 
-    return torch.stack([x, addr(experts.tensors[name]), y, r.counts, addr(experts.scales(name)),
-                        addr(experts.zeros(name))], 1).contiguous()
+    return np.ascontiguousarray(np.stack([x, addr(experts.tensors[name]), y, r.counts_np, addr(experts.scales(name)),
+                                          addr(experts.zeros(name))], 1), dtype=np.int64)
 
 
 def _pitch(t: torch.Tensor) -> int:
@@ -108,7 +109,7 @@ def _grouped_bwd(dy: torch.Tensor, experts: MoEExperts, name: str, dx: torch.Ten
     tiles = None
     if kern.spec.isa != "avx512":  # AMX reads dY pre-arranged in tiles; segments are whole tiles
         tiles = gemm.pack_dy_for_amx(dy)
-        groups[:, 0] = tiles.data_ptr() + (r.starts // 16) * (n // 16) * 2048
+        groups[:, 0] = tiles.data_ptr() + (r.starts_np // 16) * (n // 16) * 2048
     kern.launch(groups, n * 2, k * 4)
     del tiles  # kept alive until the launch returned
 
@@ -120,18 +121,18 @@ def _lora(form: str, n: int, k: int, groups: torch.Tensor, ldx: int, ldy: int, a
     lk.get_kernel(spec).launch(groups, ldx, ldw, ldy, alpha)
 
 
-def _grad_groups(r: Routing, p: torch.Tensor, q: torch.Tensor, grad: torch.Tensor) -> torch.Tensor:
+def _grad_groups(r: Routing, p: np.ndarray, q: np.ndarray, grad: torch.Tensor) -> np.ndarray:
     """xty groups writing ``grad[e]`` for every expert: the active ones from their rows, the idle ones
     with zero rows (the kernel then stores zeros, which is the gradient of an unused expert)."""
     active = _groups(r, p, q, _per_expert(grad, r))
-    idle = torch.ones(grad.shape[0], dtype=torch.bool)
-    idle[r.experts] = False
-    idle_ids = torch.nonzero(idle).reshape(-1)
-    if idle_ids.numel() == 0:
+    idle = np.ones(grad.shape[0], dtype=bool)
+    idle[r.experts_np] = False
+    idle_ids = np.nonzero(idle)[0]
+    if idle_ids.size == 0:
         return active
-    zeros = torch.zeros(idle_ids.numel(), 4, dtype=torch.int64)
+    zeros = np.zeros((idle_ids.size, 4), dtype=np.int64)
     zeros[:, 2] = grad.data_ptr() + idle_ids * (grad.stride(0) * grad.element_size())
-    return torch.cat([active, zeros])
+    return np.concatenate([active, zeros])
 
 
 def kernel_rank(rank: int) -> int:
@@ -186,11 +187,11 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
         rank = ga.shape[1]
         hgu = aligned_empty((r.rows, 2 * rank), torch.float32)  # [X Ag^T | X Au^T]
         xrows = _rows(xs, r)
-        _lora("xat", rank, hdim, torch.cat([_groups(r, xrows, _per_expert(ga, r), _rows(hgu, r)),
+        _lora("xat", rank, hdim, np.concatenate([_groups(r, xrows, _per_expert(ga, r), _rows(hgu, r)),
                                             _groups(r, xrows, _per_expert(ua, r), _rows(hgu, r, rank))]),
               _pitch(xs), _pitch(hgu))
         hgu16 = hgu.to(torch.bfloat16)
-        _lora("xat", idim, rank, torch.cat([
+        _lora("xat", idim, rank, np.concatenate([
             _groups(r, _rows(hgu16, r), _per_expert(gb, r), _rows(gu, r)),
             _groups(r, _rows(hgu16, r, rank), _per_expert(ub, r), _rows(gu, r, idim))]),
             _pitch(hgu16), _pitch(gu), scaling, accumulate=True)
@@ -253,7 +254,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
         xs = aligned_empty((r.rows, hdim), torch.bfloat16)
         xs[r.slot_row] = saved.x[r.slot_token]
         t_gu = aligned_empty((r.rows, 2 * rank), torch.float32)  # [dG Bg | dU Bu]
-        _lora("xb", rank, idim, torch.cat([
+        _lora("xb", rank, idim, np.concatenate([
             _groups(r, _rows(dgu, r), _per_expert(gb, r), _rows(t_gu, r)),
             _groups(r, _rows(dgu, r, idim), _per_expert(ub, r), _rows(t_gu, r, rank))]), _pitch(dgu), _pitch(t_gu))
         for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
@@ -267,11 +268,11 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
         wtd = t_d * w_row[:, None]
         _lora("xty", idim, rank, _grad_groups(r, _rows(wtd, r), _rows(act, r), g_da), _pitch(wtd),
               0, scaling, x_dtype="f32", ldw=_pitch(act), y_dtype="bf16")
-        _lora("xty", rank, idim, torch.cat([
+        _lora("xty", rank, idim, np.concatenate([
             _grad_groups(r, _rows(dgu, r), _rows(hgu, r), g_gb),
             _grad_groups(r, _rows(dgu, r, idim), _rows(hgu, r, rank), g_ub)]), _pitch(dgu), 0,
             scaling, ldw=_pitch(hgu), w_dtype="f32", y_dtype="bf16")
-        _lora("xty", hdim, rank, torch.cat([
+        _lora("xty", hdim, rank, np.concatenate([
             _grad_groups(r, _rows(t_gu, r), _rows(xs, r), g_ga),
             _grad_groups(r, _rows(t_gu, r, rank), _rows(xs, r), g_ua)]), _pitch(t_gu), 0, scaling,
             x_dtype="f32", ldw=_pitch(xs), y_dtype="bf16")
