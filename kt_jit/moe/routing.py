@@ -9,6 +9,7 @@ from __future__ import annotations
 
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 SEGMENT_ALIGN = 16
@@ -43,18 +44,23 @@ class Routing:
 
 
 def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
-    """Group ``topk_ids [T, K]`` (int64, already validated to lie in [0, E)) by expert."""
+    """Group ``topk_ids [T, K]`` (int64, already validated to lie in [0, E)) by expert.
+
+    Done in NumPy: for the few hundred ids of a decode step, a dozen small torch ops cost more
+    than the expert GEMMs' launch.
+    """
     t, k = topk_ids.shape
-    flat = topk_ids.reshape(-1)
-    order = torch.argsort(flat, stable=True)
-    counts_all = torch.bincount(flat, minlength=num_experts)
-    experts = torch.nonzero(counts_all).reshape(-1)
+    flat = topk_ids.reshape(-1).numpy()
+    order = np.argsort(flat, kind="stable")
+    counts_all = np.bincount(flat, minlength=num_experts)
+    experts = np.nonzero(counts_all)[0]
     counts = counts_all[experts]
     padded = (counts + SEGMENT_ALIGN - 1) // SEGMENT_ALIGN * SEGMENT_ALIGN
-    starts = torch.cumsum(padded, 0) - padded
-    first_slot = torch.cumsum(counts, 0) - counts  # position of each segment in sorted order
+    starts = np.cumsum(padded) - padded
+    first_slot = np.cumsum(counts) - counts  # position of each segment in sorted order
     # row of sorted slot j = starts[seg(j)] + (j - first_slot[seg(j)])
-    seg = torch.repeat_interleave(torch.arange(experts.numel()), counts)
-    slot_row = starts[seg] + torch.arange(t * k) - first_slot[seg]
-    rows = int(padded.sum()) if experts.numel() else 0
-    return Routing(order // k, order % k, slot_row, experts, counts, starts, rows)
+    seg = np.repeat(np.arange(experts.size), counts)
+    slot_row = starts[seg] + np.arange(t * k) - first_slot[seg]
+    rows = int(padded.sum()) if experts.size else 0
+    tt = torch.from_numpy
+    return Routing(tt(order // k), tt(order % k), tt(slot_row), tt(experts), tt(counts), tt(starts), rows)
