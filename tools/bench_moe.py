@@ -137,7 +137,8 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
 
 
 def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, quants, bw: float, peak: float, repeats: int,
-                torch_repeats: int) -> list[dict]:
+                torch_repeats: int) -> tuple[list[dict], float]:
+    """Rows for one shape, and the best bandwidth reading seen (the floor used)."""
     layer = Layer(e, h, i, RANK)
     print(f"\n{name}: E={e} H={h} I={i} K={k} rank={RANK}")
     hdr = (f"{'quant':<13} {'qlen':>4} {'pass':<14} {'ms':>9} {'floor ms':>9} {'of_floor':>8} {'of_roof':>7} "
@@ -178,7 +179,7 @@ def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, quants, bw: fl
             print(f"     LoRA adds {lora_cost * 100:.1f}% to the forward; backward = "
                   f"{ours['bwd'] / ours['fwd (save)']:.2f}x forward")
             rows.append({"name": f"{name} {quant} qlen={t} lora overhead", "ms": 0.0, "ratio": lora_cost})
-    return rows
+    return rows, bw
 
 
 def rss_loop(steps: int, qlen: int) -> dict:
@@ -231,7 +232,8 @@ def main() -> int:
         e, h, i, k = SHAPES[name]
         # this VM's bandwidth drifts during a run: re-probe, and keep the best reading as the floor
         bw = max(bw, read_bandwidth(1 << 30))
-        rows += bench_shape(name, e, h, i, k, qlens, quants, bw, peak, repeats, torch_repeats)
+        shape_rows, bw = bench_shape(name, e, h, i, k, qlens, quants, bw, peak, repeats, torch_repeats)
+        rows += shape_rows
         gc.collect()
     loop = rss_loop(steps, 16)
     print(f"\ntraining loop (qwen3, qlen 16): {loop['steps']} steps, {loop['step_ms']:.1f} ms/step, RSS "
