@@ -13,19 +13,11 @@ from .ir import BF16x32, F32x16, Function, I16x32, I32x16, shuffle_mask, vec_con
 _DPBF16 = "llvm.x86.avx512bf16.dpbf16ps.512"
 
 
-def zero_f32x16() -> str:
-    return "zeroinitializer"
-
-
 def dpbf16(fn: Function, acc: str, a: str, b: str) -> str:
     """acc[i] += a[2i]*b[2i] + a[2i+1]*b[2i+1] (fp32 accumulate of bf16 pairs)."""
     sym = fn.module.declare(
         _DPBF16, f"declare {F32x16} @{_DPBF16}({F32x16}, {BF16x32}, {BF16x32})")
     return fn.val(f"call {F32x16} {sym}({F32x16} {acc}, {BF16x32} {a}, {BF16x32} {b})")
-
-
-def load_bf16x32(fn: Function, ptr: str, align: int = 64) -> str:
-    return fn.load(BF16x32, ptr, align)
 
 
 def bcast_pair(fn: Function, ptr: str) -> str:

@@ -205,7 +205,7 @@ def _zero_words(fn: Function, spec: GemmSpec, zptr: str) -> str | None:
     return fn.val(f"sub {I16x32} <{', '.join(['i16 16'] * 32)}>, {zz}")
 
 
-def _row_blocks(fn: Function, m: str, mr: int, micro) -> None:
+def row_blocks(fn: Function, m: str, mr: int, micro) -> None:
     """Call ``micro(m0, mr)`` over full blocks of ``mr`` rows, then cover the tail in power-of-two
     blocks (for mr=6: a tail of 5 runs as 4+1), so a tail never degrades into single rows and only
     log2(mr) extra variants are compiled.
@@ -281,7 +281,7 @@ def _avx512_fwd_body(spec: GemmSpec):
                         v = vx.fadd(fn, v, old)
                     fn.store(F32x16, v, p, 4)
 
-            _row_blocks(fn, m, sch.mr, micro)
+            row_blocks(fn, m, sch.mr, micro)
 
     return body
 
@@ -340,7 +340,7 @@ def _avx512_bwd_body(spec: GemmSpec):
                         out = vx.fadd(fn, out, fn.load(F32x16, p, 4))
                     fn.store(F32x16, out, p, 4)
 
-            _row_blocks(fn, m, sch.mr, micro)
+            row_blocks(fn, m, sch.mr, micro)
 
     return body
 

@@ -18,7 +18,6 @@ bytes and ``alpha`` travel in the argument block. These run on AVX-512 (every AM
 
 from __future__ import annotations
 
-import contextlib
 import ctypes
 import functools
 import struct
@@ -30,6 +29,7 @@ from ..codegen.compile import target_for
 from ..codegen.ir import BF16x32, F32x16, Function, Module
 from ..codegen.worker import ArgBlock, build_worker, group_table
 from ..runtime.threads import launch
+from .gemm import row_blocks
 
 ARGS = ArgBlock(["groups", "ldx", "ldw", "ldy", "alpha"])
 DTYPES = ("f32", "bf16")
@@ -123,13 +123,15 @@ def _finish(fn: Function, spec: LoraSpec, v: str, alpha: str, ptr: str) -> None:
     fn.store(F32x16, v, ptr, 4)
 
 
-def _xat_body(spec: LoraSpec):
+def _blocked_body(spec: LoraSpec, block):
+    """Worker body for xat/xb: run ``block`` on each output column block of the claimed item."""
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
         item_c, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         alpha = vx.splat_arg_f32(fn, ARGS.load(fn, ctx, "alpha"))
-        with _column_blocks(fn, spec, item_c) as c:
-            _xat_block(fn, spec, c, x, w, y, m, ldx, ldy, alpha)
+        b0 = fn.mul(item_c, spec.blocks_per_item)
+        with fn.loop(b0, fn.min(fn.add(b0, spec.blocks_per_item), spec.col_blocks), name="cb") as c:
+            block(fn, spec, c, x, w, y, m, ldx, ldy, alpha)
 
     return body
 
@@ -158,33 +160,6 @@ def _xat_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: 
         _finish(fn, spec, out, alpha, fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(c, 64))))
 
 
-@contextlib.contextmanager
-def _column_blocks(fn: Function, spec: LoraSpec, item_c: str):
-    """Loop over the column blocks of work item ``item_c``; yields the block index."""
-    b0 = fn.mul(item_c, spec.blocks_per_item)
-    with fn.loop(b0, fn.min(fn.add(b0, spec.blocks_per_item), spec.col_blocks), name="cb") as c:
-        yield c
-
-
-def _row_blocks(fn: Function, m: str, mr: int, micro) -> None:
-    full = fn.mul(fn.val(f"udiv i64 {m}, {mr}"), mr)
-    with fn.loop(0, full, mr, name="mb") as m0:
-        micro(m0, mr)
-    with fn.loop(full, m, name="mt") as m0:
-        micro(m0, 1)
-
-
-def _xb_body(spec: LoraSpec):
-    def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        item_c, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
-        ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
-        alpha = vx.splat_arg_f32(fn, ARGS.load(fn, ctx, "alpha"))
-        with _column_blocks(fn, spec, item_c) as c:
-            _xb_block(fn, spec, c, x, w, y, m, ldx, ldy, alpha)
-
-    return body
-
-
 def _xb_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: str, ldx: str, ldy: str,
               alpha: str) -> None:
     """Output columns 16*nb*c .. of every row."""
@@ -208,7 +183,7 @@ def _xb_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: s
         for (i, j), acc in accs.items():
             _finish(fn, spec, acc.get(), alpha, fn.gep(yb, fn.add(fn.mul(fn.add(m0, i), ldy), j * 64)))
 
-    _row_blocks(fn, m, mr, micro)
+    row_blocks(fn, m, mr, micro)
 
 
 def _xty_body(spec: LoraSpec):
@@ -246,7 +221,8 @@ def _xty_body(spec: LoraSpec):
 def build_ir(spec: LoraSpec) -> str:
     target = target_for("avx512")
     mod = Module(spec.name, target.fn_attrs)
-    body = {"xat": _xat_body, "xb": _xb_body, "xty": _xty_body}[spec.form](spec)
+    body = {"xat": lambda sp: _blocked_body(sp, _xat_block), "xb": lambda sp: _blocked_body(sp, _xb_block),
+            "xty": _xty_body}[spec.form](spec)
     build_worker(mod, spec.name, ARGS, body)
     return mod.render()
 

@@ -38,10 +38,6 @@ class Routing:
         self.counts_np = self.counts.numpy()
         self.starts_np = self.starts.numpy()
 
-    @property
-    def num_active(self) -> int:
-        return int(self.experts.numel())
-
 
 def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
     """Group ``topk_ids [T, K]`` (int64, already validated to lie in [0, E)) by expert.

@@ -48,12 +48,6 @@ class Saved:
     x_version: int = 0       # tensor versions at forward time (in-place changes invalidate)
     w_version: int = 0
 
-    def nbytes(self) -> int:
-        n = self.gu.numel() * 4 + self.act.numel() * 2
-        if self.lora_h is not None:
-            n += sum(h.numel() * 4 for h in self.lora_h)
-        return n
-
 
 def _rows(buf: torch.Tensor, r: Routing, col: int = 0) -> np.ndarray:
     """Address of each active expert's first row in a per-expert row buffer (plus a column offset)."""
