@@ -118,6 +118,12 @@ def test_schedule_validation():
         gemm.GemmSpec("fwd", 96, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=4))
     with pytest.raises(ValueError, match="isa"):
         gemm.GemmSpec("fwd", 64, 64, "sse", False, gemm.GemmSchedule(mr=6, nr=2))
+    with pytest.raises(ValueError, match="form"):
+        gemm.GemmSpec("fwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel"))
+    with pytest.raises(ValueError, match="sm"):
+        gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=3, nr=2, form="fold", sm=4))
+    with pytest.raises(ValueError, match="N/16"):
+        gemm.GemmSpec("bwd", 96, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, kc=4, form="panel"))
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -130,7 +136,9 @@ def test_every_schedule_variant_is_correct(isa):
     dy = torch.randn(13, n).bfloat16()
     if isa == "avx512":
         fwd = [gemm.GemmSchedule(mr, nr, kc, pf) for mr, nr, kc, pf in [(1, 8, 0, 0), (4, 2, 16, 8), (6, 4, 32, 0)]]
-        bwd = [gemm.GemmSchedule(mr, nr, 0, pf) for mr, nr, pf in [(1, 1, 0), (2, 8, 1), (3, 2, 4)]]
+        bwd = [gemm.GemmSchedule(mr, nr, 0, pf, "fold") for mr, nr, pf in [(1, 1, 0), (2, 8, 1), (3, 2, 4)]]
+        bwd += [gemm.GemmSchedule(mr, nr, kc, pf, "panel", sm) for mr, nr, kc, pf, sm in
+                [(6, 4, 0, 0, 0), (3, 2, 2, 4, 0), (6, 4, 4, 4, 8), (1, 8, 8, 0, 2), (4, 1, 1, 1, 16)]]
     else:
         fwd = bwd = [gemm.GemmSchedule(2, 2)]
     y = torch.empty(13, n)
@@ -145,6 +153,27 @@ def test_every_schedule_variant_is_correct(isa):
         src = gemm.pack_dy_for_amx(dy) if isa != "avx512" else dy
         kern.launch(gemm._one_group(src.data_ptr(), p.data_ptr(), dx.data_ptr(), 13), n * 2, k * 4)
         assert rel_err(dx, ref_linear_t(dy, w)) < 1e-4, sch
+
+
+@pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")
+@pytest.mark.parametrize("sch", [gemm.GemmSchedule(6, 4, 0, 2, "panel", 8), gemm.GemmSchedule(3, 2, 0, 1, "fold")],
+                         ids=str)
+def test_transposed_gemm_forms_over_many_groups(sch):
+    """One launch over groups of every size around the streamed/unrolled/panel boundaries
+    (0..17 rows), accumulating into an existing output: the way the MoE backward calls it."""
+    n, k = 96, 192
+    sizes = list(range(18))
+    ws = [_weights(n, k, seed=s) for s in sizes]
+    packed = [pack_bf16(w) for w in ws]
+    dys = [torch.randn(m, n, generator=torch.Generator().manual_seed(m)).bfloat16() for m in sizes]
+    outs = [torch.randn(m, k) for m in sizes]
+    expect = [o + ref_linear_t(d, w) for o, d, w in zip(outs, dys, ws, strict=True)]
+    table = torch.tensor([[d.data_ptr(), p.data_ptr(), o.data_ptr(), d.shape[0], 0, 0]
+                          for d, p, o in zip(dys, packed, outs, strict=True)], dtype=torch.int64)
+    gemm.get_kernel(gemm.GemmSpec("bwd", n, k, "avx512", True, sch)).launch(table, n * 2, k * 4)
+    for m, got, want in zip(sizes, outs, expect, strict=True):
+        if m:
+            assert rel_err(got, want) < 1e-5, m
 
 
 QUANT_CASES = [("int8", 0, False), ("int4", 0, False), ("int4", 0, True), ("int4", 32, False), ("int4", 64, True)]
@@ -166,7 +195,8 @@ def _quantized(quant, gs, zp, n, k, seed=0):
 @pytest.mark.parametrize("m", [1, 7, 33])
 def test_quantized_gemms_match_dequantized_reference(quant, gs, zp, m):
     """Forward is exact on the dequantized weight (integer codes in bf16, scales in fp32); the
-    transposed GEMM rounds dY*scale to bf16 once (~0.2%)."""
+    transposed GEMM rounds each dequantized weight to bf16 once (~0.2%). m = 1 and 7 take the
+    streamed path of the transposed GEMM, 33 the panel path."""
     n, k = 192, 128
     p, s, z, wd = _quantized(quant, gs, zp, n, k)
     x = torch.randn(m, k).bfloat16()

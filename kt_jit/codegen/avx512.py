@@ -58,6 +58,27 @@ def swap_k_n_pairs(fn: Function, row: str) -> str:
     return bitcast(fn, s, I16x32, BF16x32)
 
 
+def transpose_qwords_8x8(fn: Function, rows: Sequence[str]) -> list[str]:
+    """Transpose 8 vectors of 8 qwords: ``out[q]`` qword ``r`` = ``rows[r]`` qword ``q``.
+
+    Inputs and outputs are <32 x bfloat> (4 bf16 per qword); three stages of two-source shuffles
+    (1-, 2- then 4-qword blocks), 24 shuffles for the 8 vectors.
+    """
+    vs = [bitcast(fn, r, BF16x32, "<8 x i64>") for r in rows]
+    for b in (1, 2, 4):
+        out = list(vs)
+        for r in range(8):
+            if r & b:
+                continue
+            # lo: A's and B's even b-blocks interleaved; hi: their odd b-blocks
+            lo = [(c // (2 * b)) * 2 * b + c % b + (8 if (c // b) % 2 else 0) for c in range(8)]
+            hi = [i + b for i in lo]
+            out[r] = shuffle(fn, "<8 x i64>", vs[r], vs[r + b], lo)
+            out[r + b] = shuffle(fn, "<8 x i64>", vs[r], vs[r + b], hi)
+        vs = out
+    return [bitcast(fn, v, "<8 x i64>", BF16x32) for v in vs]
+
+
 def dup_dwords(fn: Function, ptr: str) -> str:
     """Load 8 dwords (16 bf16) at ``ptr`` and return [d0,d0,d1,d1,...,d7,d7] as <32 x bfloat>."""
     v = fn.load("<8 x i32>", ptr, 4)

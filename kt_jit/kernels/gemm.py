@@ -15,10 +15,19 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
 - AVX-512 ``fwd``: for each k-pair row of the packed weight, ``nr`` zmm loads (16 output channels
   each) times ``mr`` broadcast bf16 pairs of X, ``vdpbf16ps`` into ``mr x nr`` accumulators. K is
   cut into chunks of ``kc`` pairs so the weight panel stays in L2 while all rows of X pass over it.
-- AVX-512 ``bwd``: a packed row holds (n, k-pair) blocks; swapping the middle words of each qword
-  turns them into (k, n-pair) blocks, so ``vdpbf16ps`` against dY pairs (each dword duplicated)
-  reduces over n directly from the forward layout. Lane 2q+e accumulates output k = 2r+e for
-  n-pair q; the 8 q-partials are folded with shuffles once per output vector.
+- AVX-512 ``bwd``, form "panel" (default): a work item owns 16*nr outputs k. For a chunk of n-blocks
+  it loads each block's 8-row groups (16 k x 16 n), swaps the middle words of every qword (k-pairs
+  become n-pairs) and transposes the 8 rows as 8x8 qwords; row q then holds, per output k, the
+  pair (W[n_2q][k], W[n_2q+1][k]) -- the forward layout of W^T. The rows go to an L1 panel and the
+  forward micro-kernel runs on it, so large M runs at the forward's speed. Groups of at most
+  ``sm`` rows are instead streamed whole by their first work item: n-blocks read 4 side by side in
+  forward order (long sequential runs instead of 2 KB pieces at a K-sized stride), transposed in
+  registers and multiplied at once into dX rows kept in L1.
+- AVX-512 ``bwd``, form "fold" (the first version, kept for comparison): the swapped rows are
+  multiplied directly against duplicated dY pairs; lane 2q+e accumulates output k = 2r+e for n-pair
+  q and the 8 q-partials are folded with shuffles once per output vector.
+- Quantized weights in the transposed GEMM ("panel"): each row is dequantized in registers (codes
+  times the channel's, or the K-group's, scale) and rounded once to bf16 before the transpose.
 - AMX ``fwd``: X rows are A tiles (stride = row pitch), packed rows are B tiles (16 x 64 B), 2x2
   tiles of C. X must be readable for ``ceil(m/16)*16`` rows (rows past m are ignored).
 - AMX ``bwd``: the packed block itself is the A tile (rows = k-pairs); dY is pre-arranged
@@ -60,18 +69,27 @@ class GemmSchedule:
     """Blocking of one GEMM kernel; emitters only translate it.
 
     mr: token rows per register block (AVX-512) or 16-row tiles per block (AMX, 1 or 2)
-    nr: 16-wide output-column groups per work item (fwd) or k-pair rows per item / 8 (bwd)
-    kc: k-pairs per L2 chunk of the weight panel (AVX-512 fwd; 0 = all of K)
+    nr: 16-wide output-column groups per work item (fwd, bwd "panel") or k-pair rows per item / 8
+        (bwd "fold")
+    kc: fwd: k-pairs per L2 chunk of the weight panel; bwd "panel": 16-row n-blocks per L1 panel
+        (0 = all of the reduction)
     pf: software prefetch distance for weight lines, in k-pair rows (fwd) or n-blocks (bwd); 0 = off
+    form: AVX-512 transposed GEMM only: "panel" transposes each weight block in registers into an
+        L1 panel in forward layout and runs the forward micro-kernel on it; "fold" multiplies the
+        packed rows directly and folds lanes at the end (see the module docstring)
+    sm: "panel" only: groups with at most this many rows are instead streamed whole by their first
+        work item (the weight read front to back like the forward does; 0 = never)
     """
 
     mr: int
     nr: int
     kc: int = 0
     pf: int = 0
+    form: str = ""
+    sm: int = 0
 
     def __str__(self) -> str:
-        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}"
+        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{self.form}" + (f"s{self.sm}" if self.sm else "")
 
 
 def default_schedule(op: str, isa: str, n: int, k: int) -> GemmSchedule:
@@ -79,8 +97,14 @@ def default_schedule(op: str, isa: str, n: int, k: int) -> GemmSchedule:
     if isa == "avx512":
         if op == "fwd":
             return GemmSchedule(mr=6, nr=4 if n % 64 == 0 else 2, kc=_chunk(k // 2, 256), pf=16)
-        return GemmSchedule(mr=3, nr=4 if k % 64 == 0 else 2, pf=2)
+        return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
+                            sm=8)
     return GemmSchedule(mr=2, nr=2)
+
+
+def _divisor(total: int, target: int) -> int:
+    """Largest divisor of ``total`` that is <= target."""
+    return max(d for d in range(1, min(total, target) + 1) if total % d == 0)
 
 
 def _chunk(total: int, target: int) -> int:
@@ -124,7 +148,14 @@ class GemmSpec:
             raise ValueError(f"grouped weights need kc = group_size/2 = {self.group_size // 2}, "
                              f"got kc={self.schedule.kc}")
         sch = self.schedule
-        if sch.kc < 0 or (sch.kc and (self.k // 2) % sch.kc):
+        if sch.form not in ("", "panel", "fold") or (sch.form and (self.op, self.isa) != ("bwd", "avx512")):
+            raise ValueError(f"schedule form {sch.form!r}: 'panel' or 'fold' for the AVX-512 transposed GEMM only")
+        if sch.sm and not self.is_panel:
+            raise ValueError("schedule sm (streamed small groups) applies to the 'panel' transposed GEMM only")
+        if self.is_panel:
+            if sch.kc < 0 or (sch.kc and (self.n // 16) % sch.kc):
+                raise ValueError(f"schedule kc={sch.kc} must divide N/16={self.n // 16}")
+        elif sch.kc < 0 or (sch.kc and (self.k // 2) % sch.kc):
             raise ValueError(f"schedule kc={sch.kc} must divide K/2={self.k // 2}")
         if self.isa == "avx512" and self.op == "fwd" and (self.n // 16) % sch.nr:
             raise ValueError(f"schedule nr={sch.nr} must divide N/16={self.n // 16}")
@@ -136,6 +167,10 @@ class GemmSpec:
         acc = "_acc" if self.accumulate else ""
         q = self.quant + (f"g{self.group_size}" if self.group_size else "") + ("z" if self.zero_point else "")
         return f"gemm_{self.op}_{q}_n{self.n}_k{self.k}_{self.isa}_{self.schedule}{acc}"
+
+    @property
+    def is_panel(self) -> bool:
+        return self.op == "bwd" and self.isa == "avx512" and self.schedule.form != "fold"
 
     @property
     def row_bytes(self) -> int:
@@ -345,6 +380,188 @@ def _avx512_bwd_body(spec: GemmSpec):
     return body
 
 
+def _scaled_row(fn: Function, spec: GemmSpec, ptr: str, zero_words: str | None, scales: str | None) -> str:
+    """One packed row as <32 x bfloat> weights: bf16 as stored, quantized rows dequantized with the
+    scales of their 16 channels (``scales`` points at 16 fp32; element e belongs to channel e // 2),
+    rounded once to bf16."""
+    row = _weight_row(fn, spec, ptr, zero_words)
+    if spec.quant == "bf16":
+        return row
+    sv = fn.load(F32x16, scales, 4)
+    s32 = vx.shuffle(fn, F32x16, sv, None, [e // 2 for e in range(32)])
+    wide = fn.val(f"fpext {BF16x32} {row} to <32 x float>")
+    prod = fn.val(f"fmul <32 x float> {wide}, {s32}")
+    return fn.val(f"fptrunc <32 x float> {prod} to {BF16x32}")
+
+
+def _avx512_bwd_panel_body(spec: GemmSpec):
+    """``dX = dY W`` through an L1 panel: a work item owns ``16 nr`` outputs k; per chunk of ``kc``
+    n-blocks it turns each block's 8-row groups (16 k x 16 n) into forward layout (word swap + 8x8
+    qword transpose: row q then holds, per output k, the pair (W[n_2q][k], W[n_2q+1][k])), stores
+    them to a stack panel and runs the forward micro-kernel (dY pairs broadcast) over all tokens."""
+    sch, nb = spec.schedule, spec.n // 16
+    kcn = sch.kc or nb
+    rb = spec.row_bytes
+    block_stride = spec.k // 2 * rb  # bytes between consecutive n-blocks of the packed weight
+    span = 16 * sch.nr               # outputs k per work item
+
+    def body(fn: Function, ctx: str, item: str, tiles) -> None:
+        c, x, w, y, m, sc, zp = _group(fn, ctx, item, spec.items_per_group)
+        ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
+        if sch.sm:
+            small = fn.icmp("sle", m, sch.sm)
+            stream_bb, panel_bb, done_bb = fn.new_block("stream"), fn.new_block("panel"), fn.new_block("done")
+            fn.cbr(small, stream_bb, panel_bb)
+            fn.set_block(stream_bb)
+            with fn.if_then(fn.icmp("eq", c, 0), name="whole"):
+                unrolled = min(sch.sm, STREAM_UNROLL)
+                with fn.if_then(fn.icmp("sgt", m, unrolled), name="many"):
+                    _bwd_stream_group(fn, spec, x, w, y, sc, zp, ldx, ldy, None, m)
+                for rows in fn.switch(m, list(range(1, unrolled + 1)), name="rows"):
+                    _bwd_stream_group(fn, spec, x, w, y, sc, zp, ldx, ldy, rows)
+            fn.br(done_bb)
+            fn.set_block(panel_bb)
+        panel = fn.alloca("i8", 64, kcn * 8 * sch.nr * 64)
+        k0 = fn.mul(c, span)
+        wb = fn.gep(w, fn.mul(k0, rb // 2))  # row k0/2 of every n-block
+        yb = fn.gep(y, fn.mul(k0, 4))
+        # per 16-k block j: its K-group's scale and zero-point rows (per-channel modes: group 0)
+        grp = [fn.val(f"udiv i64 {fn.add(k0, 16 * j)}, {spec.group_size}") if spec.group_size else "0"
+               for j in range(sch.nr)]
+        with fn.loop(0, nb, kcn, name="nc") as nc0:
+            with fn.loop(0, kcn, name="sl") as sl:
+                s = fn.add(nc0, sl)
+                wrow = fn.gep(wb, fn.mul(s, block_stride))
+                if sch.pf:
+                    ahead = fn.gep(wrow, sch.pf * block_stride)
+                    for off in range(0, 8 * sch.nr * rb, 64):
+                        vx.prefetch(fn, fn.gep(ahead, off), 2)
+                dst = fn.gep(panel, fn.mul(sl, 8 * sch.nr * 64))
+                for j in range(sch.nr):
+                    chan = fn.add(fn.mul(grp[j], spec.n), fn.mul(s, 16))
+                    zw = _zero_words(fn, spec, fn.gep(zp, chan))
+                    scp = fn.gep(sc, fn.mul(chan, 4)) if spec.quant != "bf16" else None
+                    rows = [vx.swap_k_n_pairs(fn, _scaled_row(fn, spec, fn.gep(wrow, (8 * j + r) * rb), zw, scp))
+                            for r in range(8)]
+                    for q, v in enumerate(vx.transpose_qwords_8x8(fn, rows)):
+                        fn.store(BF16x32, v, fn.gep(dst, (q * sch.nr + j) * 64), 64)
+            first = fn.icmp("eq", nc0, 0)
+            xc = fn.gep(x, fn.mul(nc0, 32))  # dY column 16 nc0
+
+            def micro(m0: str, rows: int) -> None:
+                accs = {}
+                for i in range(rows):
+                    yrow = fn.gep(yb, fn.mul(fn.add(m0, i), ldy))
+                    for j in range(sch.nr):
+                        p = fn.gep(yrow, j * 64)
+                        old = fn.load(F32x16, p, 4)
+                        init = old if spec.accumulate else \
+                            fn.val(f"select i1 {first}, {F32x16} zeroinitializer, {F32x16} {old}")
+                        accs[i, j] = (fn.var(F32x16, init, 64), p)
+                with fn.loop(0, kcn * 8, name="q") as q:
+                    wp = fn.gep(panel, fn.mul(q, sch.nr * 64))
+                    wv = [fn.load(BF16x32, fn.gep(wp, j * 64), 64) for j in range(sch.nr)]
+                    for i in range(rows):
+                        xb = vx.bcast_pair(fn, fn.gep(xc, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(q, 4))))
+                        for j in range(sch.nr):
+                            acc = accs[i, j][0]
+                            acc.set(vx.dpbf16(fn, acc.get(), wv[j], xb))
+                for acc, p in accs.values():
+                    fn.store(F32x16, acc.get(), p, 4)
+
+            row_blocks(fn, m, sch.mr, micro)
+
+        if sch.sm:
+            fn.br(done_bb)
+            fn.set_block(done_bb)
+
+    return body
+
+
+STREAM_PREFETCH = 1024  # bytes ahead along each stream (as the forward's 16 rows)
+STREAM_UNROLL = 4  # groups of up to this many rows run fully unrolled, accumulators in registers
+STREAM_BLOCKS = 4  # n-blocks read side by side by the streamed transposed GEMM (4 streams, as fwd)
+
+
+def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, ldx: str, ldy: str,
+                      rows: int | None, m: str | None = None) -> None:
+    """``dX = dY W`` for one whole (small) group, reading the packed weight in forward order: ``ns``
+    n-blocks side by side, 8 k-pair rows (512 B) of each per step, so the weight streams like the
+    forward's. Each 8-row group is transposed in registers (as in the panel form) and multiplied
+    straight away into the ``m x K`` fp32 output, which stays in L1/L2 for small groups.
+
+    ``rows`` given: exactly that many rows, unrolled, accumulators in registers across the ``ns``
+    blocks. ``rows`` None: ``m`` rows (run time) in blocks of up to 4, accumulating through memory.
+    """
+    nb, rb = spec.n // 16, spec.row_bytes
+    block_stride = spec.k // 2 * rb
+    ns = max(d for d in (STREAM_BLOCKS, 2, 1) if nb % d == 0)
+    stage = fn.alloca("i8", 64, 512) if rows is None else None  # one block's 8 transposed vectors
+    with fn.loop(0, nb, ns, name="sb") as s0:
+        first = fn.icmp("eq", s0, 0)
+        wblk = fn.gep(w, fn.mul(s0, block_stride))
+        with fn.loop(0, spec.k // 16, name="kb") as kb:
+            k0 = fn.mul(kb, 16)
+            grp = fn.val(f"udiv i64 {k0}, {spec.group_size}") if spec.group_size else "0"
+
+            def block(b: int) -> list[str]:
+                """The 8 transposed vectors of n-block s0+b at this kb (q = n-pair within the block)."""
+                s = fn.add(s0, b)
+                wrow = fn.gep(wblk, fn.add(b * block_stride, fn.mul(kb, 8 * rb)))
+                for off in range(0, 8 * rb, 64):
+                    vx.prefetch(fn, fn.gep(wrow, STREAM_PREFETCH + off))
+                chan = fn.add(fn.mul(grp, spec.n), fn.mul(s, 16))
+                zw = _zero_words(fn, spec, fn.gep(zp, chan))
+                scp = fn.gep(sc, fn.mul(chan, 4)) if spec.quant != "bf16" else None
+                wrows = [vx.swap_k_n_pairs(fn, _scaled_row(fn, spec, fn.gep(wrow, r * rb), zw, scp)) for r in range(8)]
+                return vx.transpose_qwords_8x8(fn, wrows)
+
+            def multiply(b: int, tv: list[str], m0: str | int, accs: list[list]) -> None:
+                xs = fn.gep(x, fn.add(fn.mul(fn.add(s0, b), 32), fn.mul(m0, ldx)))
+                for q, wv in enumerate(tv):
+                    for i, chs in enumerate(accs):
+                        xb = vx.bcast_pair(fn, fn.gep(xs, fn.add(fn.mul(i, ldx), q * 4)))
+                        acc = chs[(b * 8 + q) % len(chs)]
+                        acc.set(vx.dpbf16(fn, acc.get(), wv, xb))
+
+            def open_accs(m0: str | int, n_rows: int, zero_first: str, chains: int) -> list:
+                out = []
+                for i in range(n_rows):
+                    p = fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4)))
+                    old = fn.load(F32x16, p, 4)
+                    init = old if spec.accumulate else \
+                        fn.val(f"select i1 {zero_first}, {F32x16} zeroinitializer, {F32x16} {old}")
+                    chs = [fn.var(F32x16, init if ch == 0 else "zeroinitializer", 64) for ch in range(chains)]
+                    out.append((p, chs))
+                return out
+
+            def close_accs(accs: list) -> None:
+                for p, chs in accs:
+                    v = chs[0].get()
+                    for ch in chs[1:]:
+                        v = vx.fadd(fn, v, ch.get())
+                    fn.store(F32x16, v, p, 4)
+
+            if rows is not None:
+                accs = open_accs(0, rows, first, max(1, 4 // rows))  # chains hide dpbf16 latency
+                for b in range(ns):
+                    multiply(b, block(b), 0, [chs for _, chs in accs])
+                close_accs(accs)
+            else:
+                for b in range(ns):
+                    for q, v in enumerate(block(b)):
+                        fn.store(BF16x32, v, fn.gep(stage, q * 64), 64)
+                    zero_first = first if b == 0 else "false"
+
+                    def micro(m0: str, n_rows: int, b=b, zero_first=zero_first) -> None:
+                        accs = open_accs(m0, n_rows, zero_first, 2 if n_rows == 1 else 1)
+                        tv = [fn.load(BF16x32, fn.gep(stage, q * 64), 64) for q in range(8)]
+                        multiply(b, tv, m0, [chs for _, chs in accs])
+                        close_accs(accs)
+
+                    row_blocks(fn, m, STREAM_UNROLL, micro)
+
+
 def _copy_rows_out(fn: Function, src: str, dst: str, rows: str, ldy: str, vecs: int,
                    accumulate: bool) -> None:
     """dst[i, 0:16*vecs] (+)= src[i*64*?]: copy ``rows`` fp32 rows of a staged C tile pair."""
@@ -467,7 +684,10 @@ def build_ir(spec: GemmSpec) -> str:
     target = target_for(spec.isa)
     mod = Module(spec.name, target.fn_attrs)
     if spec.isa == "avx512":
-        body = _avx512_fwd_body(spec) if spec.op == "fwd" else _avx512_bwd_body(spec)
+        if spec.op == "fwd":
+            body = _avx512_fwd_body(spec)
+        else:
+            body = _avx512_bwd_panel_body(spec) if spec.is_panel else _avx512_bwd_body(spec)
         build_worker(mod, spec.name, ARGS, body)
     else:
         body = _amx_fwd_body(spec) if spec.op == "fwd" else _amx_bwd_body(spec)
