@@ -504,10 +504,10 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
             k0 = fn.mul(kb, 16)
             grp = fn.val(f"udiv i64 {k0}, {spec.group_size}") if spec.group_size else "0"
 
-            def block(b: int) -> list[str]:
+            def block(b: str) -> list[str]:
                 """The 8 transposed vectors of n-block s0+b at this kb (q = n-pair within the block)."""
                 s = fn.add(s0, b)
-                wrow = fn.gep(wblk, fn.add(b * block_stride, fn.mul(kb, 8 * rb)))
+                wrow = fn.gep(wblk, fn.add(fn.mul(b, block_stride), fn.mul(kb, 8 * rb)))
                 for off in range(0, 8 * rb, 64):
                     vx.prefetch(fn, fn.gep(wrow, STREAM_PREFETCH + off))
                 chan = fn.add(fn.mul(grp, spec.n), fn.mul(s, 16))
@@ -516,12 +516,12 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 wrows = [vx.swap_k_n_pairs(fn, _scaled_row(fn, spec, fn.gep(wrow, r * rb), zw, scp)) for r in range(8)]
                 return vx.transpose_qwords_8x8(fn, wrows)
 
-            def multiply(b: int, tv: list[str], m0: str | int, accs: list[list]) -> None:
+            def multiply(b: str, tv: list[str], m0: str | int, accs: list[list]) -> None:
                 xs = fn.gep(x, fn.add(fn.mul(fn.add(s0, b), 32), fn.mul(m0, ldx)))
                 for q, wv in enumerate(tv):
                     for i, chs in enumerate(accs):
                         xb = vx.bcast_pair(fn, fn.gep(xs, fn.add(fn.mul(i, ldx), q * 4)))
-                        acc = chs[(b * 8 + q) % len(chs)]
+                        acc = chs[q % len(chs)]
                         acc.set(vx.dpbf16(fn, acc.get(), wv, xb))
 
             def open_accs(m0: str | int, n_rows: int, zero_first: str, chains: int) -> list:
@@ -542,18 +542,18 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                         v = vx.fadd(fn, v, ch.get())
                     fn.store(F32x16, v, p, 4)
 
-            if rows is not None:
+            if rows is not None:  # accumulators live in registers across the ns blocks
                 accs = open_accs(0, rows, first, max(1, 4 // rows))  # chains hide dpbf16 latency
-                for b in range(ns):
+                with fn.loop(0, ns, name="blk") as b:
                     multiply(b, block(b), 0, [chs for _, chs in accs])
                 close_accs(accs)
             else:
-                for b in range(ns):
+                with fn.loop(0, ns, name="blk") as b:
                     for q, v in enumerate(block(b)):
                         fn.store(BF16x32, v, fn.gep(stage, q * 64), 64)
-                    zero_first = first if b == 0 else "false"
+                    zero_first = fn.val(f"and i1 {first}, {fn.icmp('eq', b, 0)}")
 
-                    def micro(m0: str, n_rows: int, b=b, zero_first=zero_first) -> None:
+                    def micro(m0: str, n_rows: int) -> None:
                         accs = open_accs(m0, n_rows, zero_first, 2 if n_rows == 1 else 1)
                         tv = [fn.load(BF16x32, fn.gep(stage, q * 64), 64) for q in range(8)]
                         multiply(b, tv, m0, [chs for _, chs in accs])
