@@ -122,6 +122,8 @@ def test_schedule_validation():
         gemm.GemmSpec("fwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel"))
     with pytest.raises(ValueError, match="sm"):
         gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=3, nr=2, form="fold", sm=4))
+    with pytest.raises(ValueError, match="small"):
+        gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=4, small="x"))
     with pytest.raises(ValueError, match="N/16"):
         gemm.GemmSpec("bwd", 96, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, kc=4, form="panel"))
 
@@ -156,8 +158,9 @@ def test_every_schedule_variant_is_correct(isa):
 
 
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")
-@pytest.mark.parametrize("sch", [gemm.GemmSchedule(6, 4, 0, 2, "panel", 8), gemm.GemmSchedule(3, 2, 0, 1, "fold")],
-                         ids=str)
+@pytest.mark.parametrize("sch", [gemm.GemmSchedule(6, 4, 0, 2, "panel", 8),
+                                 gemm.GemmSchedule(6, 2, 3, 2, "panel", 5, "fold"),
+                                 gemm.GemmSchedule(3, 2, 0, 1, "fold")], ids=str)
 def test_transposed_gemm_forms_over_many_groups(sch):
     """One launch over groups of every size around the streamed/unrolled/panel boundaries
     (0..17 rows), accumulating into an existing output: the way the MoE backward calls it."""

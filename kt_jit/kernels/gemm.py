@@ -77,8 +77,10 @@ class GemmSchedule:
     form: AVX-512 transposed GEMM only: "panel" transposes each weight block in registers into an
         L1 panel in forward layout and runs the forward micro-kernel on it; "fold" multiplies the
         packed rows directly and folds lanes at the end (see the module docstring)
-    sm: "panel" only: groups with at most this many rows are instead streamed whole by their first
-        work item (the weight read front to back like the forward does; 0 = never)
+    sm: "panel" only: groups with at most this many rows take the ``small`` path instead (0 = never)
+    small: "stream": such a group is streamed whole by its first work item (the weight read front
+        to back as the forward reads it); "fold": the fold form's work item (cheaper for int4 rows,
+        whose decode would otherwise go through fp32 for the scales)
     """
 
     mr: int
@@ -87,18 +89,22 @@ class GemmSchedule:
     pf: int = 0
     form: str = ""
     sm: int = 0
+    small: str = "stream"
 
     def __str__(self) -> str:
-        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{self.form}" + (f"s{self.sm}" if self.sm else "")
+        small = f"s{self.sm}{self.small}" if self.sm else ""
+        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{self.form}{small}"
 
 
-def default_schedule(op: str, isa: str, n: int, k: int) -> GemmSchedule:
-    """Schedule used when none is given (measured on Zen 4; AMX values are the 2x2-tile kernel)."""
+def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16") -> GemmSchedule:
+    """Schedule used when none is given (AVX-512: measured on Zen 4 and Zen 5; AMX: the 2x2-tile
+    kernel). Transposed GEMM: groups of up to 8 rows are streamed (int4: fold form), larger ones
+    go through the L1 panel."""
     if isa == "avx512":
         if op == "fwd":
             return GemmSchedule(mr=6, nr=4 if n % 64 == 0 else 2, kc=_chunk(k // 2, 256), pf=16)
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
-                            sm=8)
+                            sm=8, small="fold" if quant == "int4" else "stream")
     return GemmSchedule(mr=2, nr=2)
 
 
@@ -150,6 +156,8 @@ class GemmSpec:
         sch = self.schedule
         if sch.form not in ("", "panel", "fold") or (sch.form and (self.op, self.isa) != ("bwd", "avx512")):
             raise ValueError(f"schedule form {sch.form!r}: 'panel' or 'fold' for the AVX-512 transposed GEMM only")
+        if sch.small not in ("stream", "fold"):
+            raise ValueError(f"schedule small={sch.small!r}: 'stream' or 'fold'")
         if sch.sm and not self.is_panel:
             raise ValueError("schedule sm (streamed small groups) applies to the 'panel' transposed GEMM only")
         if self.is_panel:
@@ -333,51 +341,59 @@ def _dy_pairs(fn: Function, spec: GemmSpec, ptr: str, scales: str) -> str:
     return vx.bitcast(fn, dup, I32x16, BF16x32)
 
 
+FOLD_MR = 3  # token rows per block of the fold form when it serves a panel kernel's small groups
+
+
 def _avx512_bwd_body(spec: GemmSpec):
+    def body(fn: Function, ctx: str, item: str, tiles) -> None:
+        c, x, w, y, m, sc, zp = _group(fn, ctx, item, spec.items_per_group)
+        ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
+        _fold_item(fn, spec, c, x, w, y, m, sc, zp, ldx, ldy, spec.schedule.mr)
+
+    return body
+
+
+def _fold_item(fn: Function, spec: GemmSpec, c: str, x: str, w: str, y: str, m: str, sc: str, zp: str, ldx: str,
+               ldy: str, mr: int) -> None:
+    """Work item ``c`` of the "fold" transposed GEMM: outputs k in [16 nr c, 16 nr (c+1))."""
     sch, nb = spec.schedule, spec.n // 16
     rows_per_item = 8 * sch.nr
     rb = spec.row_bytes
     block_stride = spec.k // 2 * rb
+    with fn.loop(0, sch.nr, name="sub") as sub:
+        r0 = fn.add(fn.mul(c, rows_per_item), fn.mul(sub, 8))  # first k-pair row of this chunk
+        wb = fn.gep(w, fn.mul(r0, rb))
+        yb = fn.gep(y, fn.mul(r0, 8))  # 2 outputs (fp32) per k-pair
+        # the 16 outputs of a chunk lie in one K-group (group sizes are multiples of 32)
+        grp = fn.val(f"udiv i64 {r0}, {spec.group_size // 2}") if spec.group_size else "0"
+        scg = fn.gep(sc, fn.mul(grp, spec.n * 4))
+        zpg = fn.gep(zp, fn.mul(grp, spec.n))
 
-    def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        c, x, w, y, m, sc, zp = _group(fn, ctx, item, spec.items_per_group)
-        ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
-        with fn.loop(0, sch.nr, name="sub") as sub:
-            r0 = fn.add(fn.mul(c, rows_per_item), fn.mul(sub, 8))  # first k-pair row of this chunk
-            wb = fn.gep(w, fn.mul(r0, rb))
-            yb = fn.gep(y, fn.mul(r0, 8))  # 2 outputs (fp32) per k-pair
-            # the 16 outputs of a chunk lie in one K-group (group sizes are multiples of 32)
-            grp = fn.val(f"udiv i64 {r0}, {spec.group_size // 2}") if spec.group_size else "0"
-            scg = fn.gep(sc, fn.mul(grp, spec.n * 4))
-            zpg = fn.gep(zp, fn.mul(grp, spec.n))
+        def micro(m0: str, rows: int) -> None:
+            accs = {(i, r): fn.var(F32x16, "zeroinitializer", 64) for i in range(rows) for r in range(8)}
+            with fn.loop(0, nb, name="s") as s:
+                wrow = fn.gep(wb, fn.mul(s, block_stride))
+                if sch.pf:  # these 8 rows of a later block, and the next chunk's 8 of this one
+                    ahead = fn.gep(wrow, sch.pf * block_stride)
+                    for r in range(0, 16 * rb, 64):
+                        vx.prefetch(fn, fn.gep(ahead, r), 2)
+                a = [_dy_pairs(fn, spec, fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(s, 32))),
+                               fn.gep(scg, fn.mul(s, 64)))
+                     for i in range(rows)]
+                zw = _zero_words(fn, spec, fn.gep(zpg, fn.mul(s, 16)))
+                for r in range(8):  # one weight row live at a time: 8*rows acc + rows + 1 regs
+                    wv = vx.swap_k_n_pairs(fn, _weight_row(fn, spec, fn.gep(wrow, r * rb), zw))
+                    for i in range(rows):
+                        acc = accs[i, r]
+                        acc.set(vx.dpbf16(fn, acc.get(), wv, a[i]))
+            for i in range(rows):
+                out = vx.reduce_pair_lanes(fn, [accs[i, r].get() for r in range(8)])
+                p = fn.gep(yb, fn.mul(fn.add(m0, i), ldy))
+                if spec.accumulate:
+                    out = vx.fadd(fn, out, fn.load(F32x16, p, 4))
+                fn.store(F32x16, out, p, 4)
 
-            def micro(m0: str, rows: int) -> None:
-                accs = {(i, r): fn.var(F32x16, "zeroinitializer", 64) for i in range(rows) for r in range(8)}
-                with fn.loop(0, nb, name="s") as s:
-                    wrow = fn.gep(wb, fn.mul(s, block_stride))
-                    if sch.pf:  # these 8 rows of a later block, and the next chunk's 8 of this one
-                        ahead = fn.gep(wrow, sch.pf * block_stride)
-                        for r in range(0, 16 * rb, 64):
-                            vx.prefetch(fn, fn.gep(ahead, r), 2)
-                    a = [_dy_pairs(fn, spec, fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(s, 32))),
-                                   fn.gep(scg, fn.mul(s, 64)))
-                         for i in range(rows)]
-                    zw = _zero_words(fn, spec, fn.gep(zpg, fn.mul(s, 16)))
-                    for r in range(8):  # one weight row live at a time: 8*rows acc + rows + 1 regs
-                        wv = vx.swap_k_n_pairs(fn, _weight_row(fn, spec, fn.gep(wrow, r * rb), zw))
-                        for i in range(rows):
-                            acc = accs[i, r]
-                            acc.set(vx.dpbf16(fn, acc.get(), wv, a[i]))
-                for i in range(rows):
-                    out = vx.reduce_pair_lanes(fn, [accs[i, r].get() for r in range(8)])
-                    p = fn.gep(yb, fn.mul(fn.add(m0, i), ldy))
-                    if spec.accumulate:
-                        out = vx.fadd(fn, out, fn.load(F32x16, p, 4))
-                    fn.store(F32x16, out, p, 4)
-
-            row_blocks(fn, m, sch.mr, micro)
-
-    return body
+        row_blocks(fn, m, mr, micro)
 
 
 def _scaled_row(fn: Function, spec: GemmSpec, ptr: str, zero_words: str | None, scales: str | None) -> str:
@@ -413,12 +429,15 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
             stream_bb, panel_bb, done_bb = fn.new_block("stream"), fn.new_block("panel"), fn.new_block("done")
             fn.cbr(small, stream_bb, panel_bb)
             fn.set_block(stream_bb)
-            with fn.if_then(fn.icmp("eq", c, 0), name="whole"):
-                unrolled = min(sch.sm, STREAM_UNROLL)
-                with fn.if_then(fn.icmp("sgt", m, unrolled), name="many"):
-                    _bwd_stream_group(fn, spec, x, w, y, sc, zp, ldx, ldy, None, m)
-                for rows in fn.switch(m, list(range(1, unrolled + 1)), name="rows"):
-                    _bwd_stream_group(fn, spec, x, w, y, sc, zp, ldx, ldy, rows)
+            if sch.small == "fold":
+                _fold_item(fn, spec, c, x, w, y, m, sc, zp, ldx, ldy, FOLD_MR)
+            else:
+                with fn.if_then(fn.icmp("eq", c, 0), name="whole"):
+                    unrolled = min(sch.sm, STREAM_UNROLL)
+                    with fn.if_then(fn.icmp("sgt", m, unrolled), name="many"):
+                        _bwd_stream_group(fn, spec, x, w, y, sc, zp, ldx, ldy, None, m)
+                    for rows in fn.switch(m, list(range(1, unrolled + 1)), name="rows"):
+                        _bwd_stream_group(fn, spec, x, w, y, sc, zp, ldx, ldy, rows)
             fn.br(done_bb)
             fn.set_block(panel_bb)
         panel = fn.alloca("i8", 64, kcn * 8 * sch.nr * 64)
@@ -745,7 +764,7 @@ def kernel_for(op: str, n: int, k: int, accumulate: bool = False, isa: str | Non
 def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str, schedule: GemmSchedule | None,
                 quant: str, group_size: int, zero_point: bool) -> GemmKernel:
     if schedule is None:
-        schedule = default_schedule(op, isa, n, k)
+        schedule = default_schedule(op, isa, n, k, quant)
         if group_size and op == "fwd":  # one K-chunk per group: the group's scale is applied per chunk
             schedule = dataclasses.replace(schedule, kc=group_size // 2)
     return get_kernel(GemmSpec(op, n, k, isa, accumulate, schedule, quant, group_size, zero_point))
