@@ -52,17 +52,23 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(fn, repeats: int, min_seconds: float = 0.0) -> float:
-    """Median seconds of ``fn()`` (after one warm-up call)."""
-    fn()
-    times = []
-    while len(times) < repeats or sum(times) < min_seconds:
-        t0 = time.perf_counter()
+def timed(fns: dict, repeats: int, min_seconds: float = 0.0) -> dict:
+    """Median seconds of each ``fns[name]()``, measured round-robin (one call of each per round,
+    after one warm-up call each) so that drift of this shared machine hits every pass alike; rounds
+    continue until ``repeats`` are done and ``min_seconds`` have passed (at most 50 rounds)."""
+    for fn in fns.values():
         fn()
-        times.append(time.perf_counter() - t0)
-        if len(times) >= 4 * repeats:
+    times: dict = {name: [] for name in fns}
+    start = time.perf_counter()
+    while True:
+        for name, fn in fns.items():
+            t0 = time.perf_counter()
+            fn()
+            times[name].append(time.perf_counter() - t0)
+        rounds = len(times[next(iter(fns))])
+        if rounds >= 50 or (rounds >= repeats and time.perf_counter() - start >= min_seconds):
             break
-    return statistics.median(times)
+    return {name: statistics.median(ts) for name, ts in times.items()}
 
 
 class Layer:
@@ -96,7 +102,8 @@ def batch(t: int, k: int, e: int, h: int, seed: int = 1):
     return x, ids, w
 
 
-def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, torch_repeats: int):
+def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, torch_repeats: int,
+            min_seconds: float):
     """Seconds per pass for kt_jit and the PyTorch reference (None when ``torch_repeats`` is 0) at
     one qlen, and the active expert count."""
     e, h = layer.e, layer.h
@@ -113,12 +120,10 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
             p.grad = None
         fwd_save().backward(dout)
 
-    ours = {
-        "fwd (save)": timed(fwd_save, repeats),
-        "fwd (no save)": timed(lambda: op.forward(x, ids, w, save_for_backward=False), repeats),
-        "fwd (no LoRA)": timed(lambda: kt_jit.moe_sft(x, ids, w, layer.experts), repeats),
-    }
-    ours["bwd"] = max(timed(fwd_bwd, repeats) - ours["fwd (save)"], 1e-9)
+    ours = timed({"fwd (save)": fwd_save, "fwd (no save)": lambda: op.forward(x, ids, w, save_for_backward=False),
+                  "fwd (no LoRA)": lambda: kt_jit.moe_sft(x, ids, w, layer.experts), "fwd+bwd": fwd_bwd},
+                 repeats, min_seconds)
+    ours["bwd"] = max(ours.pop("fwd+bwd") - ours["fwd (save)"], 1e-9)
     if torch_repeats == 0:
         return ours, None, int(torch.unique(ids).numel())
 
@@ -128,16 +133,15 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
         return torch_moe(xr, ids, w, layer.gate, layer.up, layer.down, ps, layer.lora.scaling,
                          dtype=torch.bfloat16)
 
-    tf = timed(lambda: torch_fwd(True), torch_repeats)
-    tfb = timed(lambda: torch_fwd(True).backward(dout), torch_repeats)
-    ref = {"fwd (save)": tf, "fwd (no save)": timed(lambda: torch_fwd(False), torch_repeats),
-           "fwd (no LoRA)": timed(lambda: torch_fwd(False, lora=False), torch_repeats),
-           "bwd": max(tfb - tf, 1e-9)}
+    ref = timed({"fwd (save)": lambda: torch_fwd(True), "fwd (no save)": lambda: torch_fwd(False),
+                 "fwd (no LoRA)": lambda: torch_fwd(False, lora=False),
+                 "fwd+bwd": lambda: torch_fwd(True).backward(dout)}, torch_repeats)
+    ref["bwd"] = max(ref.pop("fwd+bwd") - ref["fwd (save)"], 1e-9)
     return ours, ref, int(torch.unique(ids).numel())
 
 
 def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, quants, bw: float, peak: float, repeats: int,
-                torch_repeats: int) -> tuple[list[dict], float]:
+                torch_repeats: int, min_seconds: float) -> tuple[list[dict], float]:
     """Rows for one shape, and the best bandwidth reading seen (the floor used)."""
     layer = Layer(e, h, i, RANK)
     print(f"\n{name}: E={e} H={h} I={i} K={k} rank={RANK}")
@@ -156,7 +160,8 @@ def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, quants, bw: fl
         op = kt_jit.MoESFTOp(layer.experts, layer.lora)
         for t in qlens:
             bw = max(bw, read_bandwidth(1 << 30))  # the VM's bandwidth drifts: keep the best reading
-            ours, ref, active = measure(layer, op, t, k, repeats, torch_repeats if quant == quants[0] else 0)
+            ours, ref, active = measure(layer, op, t, k, repeats, torch_repeats if quant == quants[0] else 0,
+                                       min_seconds)
             if ref is not None:
                 torch_ref[t] = ref
             floor = active * layer.experts.expert_bytes() / bw
@@ -175,8 +180,8 @@ def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, quants, bw: fl
                 print(f"{quant:<13} {t:4d} {pas:<14} {row['ms']:9.2f} {row['floor_ms']:9.2f} {row['of_floor']:8.2f} "
                       f"{row['of_roof']:7.2f} {row.get('torch_ms', float('nan')):9.2f} "
                       f"{row.get('vs_torch', float('nan')):8.2f} {row.get('vs_bf16', float('nan')):7.2f}", flush=True)
-            lora_cost = ours["fwd (save)"] / ours["fwd (no LoRA)"] - 1
-            print(f"     LoRA adds {lora_cost * 100:.1f}% to the forward; backward = "
+            lora_cost = ours["fwd (no save)"] / ours["fwd (no LoRA)"] - 1  # both without saving
+            print(f"     LoRA adds {lora_cost * 100:.1f}% to the forward (no save, with vs without LoRA); backward = "
                   f"{ours['bwd'] / ours['fwd (save)']:.2f}x forward")
             rows.append({"name": f"{name} {quant} qlen={t} lora overhead", "ms": 0.0, "ratio": lora_cost})
     return rows, bw
@@ -223,6 +228,7 @@ def main() -> int:
         quants = ["bf16"] + [q for q in quants if q != "bf16"]  # bf16 first: the reference for vs_bf16
     steps = args.steps or (50 if args.quick else 1000)
     repeats, torch_repeats = (3, 1) if args.quick else (5, 3)
+    min_seconds = 0.3 if args.quick else 1.0  # small passes get more rounds
 
     bw, peak = read_bandwidth(1 << 30), bf16_peak_flops()
     print(f"kt_jit MoE benchmark: isa={kt_jit.active_isa()} threads={threads} | read bandwidth "
@@ -232,7 +238,8 @@ def main() -> int:
         e, h, i, k = SHAPES[name]
         # this VM's bandwidth drifts during a run: re-probe, and keep the best reading as the floor
         bw = max(bw, read_bandwidth(1 << 30))
-        shape_rows, bw = bench_shape(name, e, h, i, k, qlens, quants, bw, peak, repeats, torch_repeats)
+        shape_rows, bw = bench_shape(name, e, h, i, k, qlens, quants, bw, peak, repeats, torch_repeats,
+                                     min_seconds)
         rows += shape_rows
         gc.collect()
     loop = rss_loop(steps, 16)

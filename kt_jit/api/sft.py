@@ -34,7 +34,7 @@ class _MoESFTFunction(torch.autograd.Function):
         ctx.saved = None
         _, _, *lora = ctx.saved_tensors  # version-checked by autograd
         lora_t = tuple(lora) if lora else None
-        dx, dw, dlora = core.backward(saved, grad_out.float().contiguous(), ctx.experts, lora_t, ctx.scaling)
+        dx, dw, dlora = core.backward(saved, grad_out.contiguous(), ctx.experts, lora_t, ctx.scaling)
         lora_grads = () if dlora is None else tuple(g.to(p.dtype) for g, p in zip(dlora, lora_t, strict=True))
         return (dx.to(ctx.x_dtype), None, dw.to(ctx.w_dtype), None, None, None, *lora_grads)
 
@@ -138,7 +138,7 @@ class MoESFTOp:
             raise RuntimeError("the LoRA adapters changed rank or scaling (or were attached/removed) between "
                                "forward and backward; run the forward again")
         with torch.no_grad():
-            dx, dw, dlora = core.backward(saved, grad_output.float().contiguous(), self.experts, lora, scaling)
+            dx, dw, dlora = core.backward(saved, grad_output.contiguous(), self.experts, lora, scaling)
         result = {"grad_input": dx.to(torch.bfloat16), "grad_weights": dw}
         if dlora is not None:
             from ..moe.weights import LORA_NAMES

@@ -21,12 +21,14 @@ class Routing:
 
     slot_token[j], slot_k[j]: token and k of the j-th pair in expert order (j < T*K)
     slot_row[j]: its row in the per-expert buffers (``rows`` rows in all)
+    row_of[t, k]: the row of pair (t, k) (the inverse view, [T, K])
     experts, counts, starts: the active experts, their token counts and first rows (all int64)
     """
 
     slot_token: torch.Tensor
     slot_k: torch.Tensor
     slot_row: torch.Tensor
+    row_of: torch.Tensor
     experts: torch.Tensor
     counts: torch.Tensor
     starts: torch.Tensor
@@ -58,5 +60,8 @@ def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
     seg = np.repeat(np.arange(experts.size), counts)
     slot_row = starts[seg] + np.arange(t * k) - first_slot[seg]
     rows = int(padded.sum()) if experts.size else 0
+    row_of = np.empty(t * k, dtype=np.int64)
+    row_of[order] = slot_row
     tt = torch.from_numpy
-    return Routing(tt(order // k), tt(order % k), tt(slot_row), tt(experts), tt(counts), tt(starts), rows)
+    return Routing(tt(order // k), tt(order % k), tt(slot_row.astype(np.int64)), tt(row_of.reshape(t, k)),
+                   tt(experts), tt(counts), tt(starts), rows)

@@ -27,6 +27,8 @@ from ..kernels import gemm
 from ..kernels import lora as lk
 from ..kernels.activation import ActSpec
 from ..kernels.activation import get_kernel as get_act_kernel
+from ..kernels.rows import RowsSpec
+from ..kernels.rows import get_kernel as get_rows_kernel
 from ..runtime.buffers import aligned_empty
 from ..runtime.memory import keep_freed_memory
 from .routing import Routing, route
@@ -71,6 +73,28 @@ def _gemm_groups(r: Routing, x: np.ndarray, experts: MoEExperts, name: str, y: n
 
     return np.ascontiguousarray(np.stack([x, addr(experts.tensors[name]), y, r.counts_np, addr(experts.scales(name)),
                                           addr(experts.zeros(name))], 1), dtype=np.int64)
+
+
+def _gather(src: torch.Tensor, r: Routing) -> torch.Tensor:
+    """Per-expert bf16 row buffer [r.rows, C] holding ``src[t]`` (fp32 or bf16, contiguous [T, C]) at
+    the row of every routed pair (t, k); padding rows are left unset (never read back)."""
+    cols = src.shape[1]
+    dst = aligned_empty((r.rows, cols), torch.bfloat16)
+    src_dtype = "bf16" if src.dtype == torch.bfloat16 else "f32"
+    get_rows_kernel(RowsSpec("gather", cols, src_dtype, "bf16")).gather(
+        dst.data_ptr(), src.data_ptr(), r.slot_row.data_ptr(), r.slot_token.data_ptr(), r.slot_row.numel())
+    return dst
+
+
+def _combine(y: torch.Tensor, r: Routing, weights: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+    """``out[t] = sum_k w[t, k] y[row(t, k)]`` (w = 1 when None) from the fp32 per-expert rows ``y``."""
+    t, k = r.row_of.shape
+    cols = y.shape[1]
+    out = torch.empty(t, cols, dtype=out_dtype)
+    spec = RowsSpec("combine", cols, "f32", "bf16" if out_dtype == torch.bfloat16 else "f32", weights is not None)
+    get_rows_kernel(spec).combine(out.data_ptr(), y.data_ptr(), r.row_of.data_ptr(),
+                                  weights.data_ptr() if weights is not None else 0, t, k)
+    return out
 
 
 def _pitch(t: torch.Tensor) -> int:
@@ -170,8 +194,7 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     t, hdim = x.shape
     idim = experts.intermediate_size
     r = route(topk_ids, experts.num_experts)
-    xs = aligned_empty((r.rows, hdim), torch.bfloat16)
-    xs[r.slot_row] = x[r.slot_token]
+    xs = _gather(x, r)
     gu = aligned_empty((r.rows, 2 * idim), torch.float32)
     _grouped_fwd(xs, experts, "gate_up", gu, r)
     lora_h = None
@@ -201,13 +224,11 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
         _lora("xat", hdim, rank, _groups(r, _rows(hd16, r), _per_expert(db, r), _rows(y, r)), _pitch(hd16),
               _pitch(y), scaling, accumulate=True)
         lora_h = (hgu, hd)
-    out = torch.zeros(t, hdim, dtype=torch.float32)
-    wrow = topk_weights[r.slot_token, r.slot_k].unsqueeze(1)
-    out.index_add_(0, r.slot_token, y[r.slot_row] * wrow)
+    out = _combine(y, r, topk_weights, out_dtype)
     saved = None
     if save:
         saved = Saved(x, topk_weights, r, gu, act, lora_h, user_rank, scaling, x._version, topk_weights._version)
-    return out.to(out_dtype), saved
+    return out, saved
 
 
 def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tuple[torch.Tensor, ...] | None,
@@ -217,8 +238,9 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     t, hdim = saved.x.shape
     kdim = saved.topk_weights.shape[1]
     idim = experts.intermediate_size
-    dos = aligned_empty((r.rows, hdim), torch.bfloat16)
-    dos[r.slot_row] = grad_out[r.slot_token].to(torch.bfloat16)
+    if grad_out.dtype not in (torch.float32, torch.bfloat16):
+        grad_out = grad_out.float()
+    dos = _gather(grad_out.contiguous(), r)
     d = aligned_empty((r.rows, idim), torch.float32)
     _grouped_bwd(dos, experts, "down", d, r)
     w_row = torch.zeros(r.rows)  # routing weight of each row (0 on padding rows)
@@ -245,8 +267,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     _grouped_bwd(dgu, experts, "gate_up", dxs, r)
     grads = None
     if lora is not None:
-        xs = aligned_empty((r.rows, hdim), torch.bfloat16)
-        xs[r.slot_row] = saved.x[r.slot_token]
+        xs = _gather(saved.x, r)
         t_gu = aligned_empty((r.rows, 2 * rank), torch.float32)  # [dG Bg | dU Bu]
         _lora("xb", rank, idim, np.concatenate([
             _groups(r, _rows(dgu, r), _per_expert(gb, r), _rows(t_gu, r)),
@@ -271,6 +292,5 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
             _grad_groups(r, _rows(t_gu, r, rank), _rows(xs, r), g_ua)]), _pitch(t_gu), 0, scaling,
             x_dtype="f32", ldw=_pitch(xs), y_dtype="bf16")
         grads = unpad_grads(grads, true_rank)
-    dx = torch.zeros(t, hdim, dtype=torch.float32)
-    dx.index_add_(0, r.slot_token, dxs[r.slot_row])
+    dx = _combine(dxs, r, None, torch.float32)
     return dx, dw, grads
