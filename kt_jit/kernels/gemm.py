@@ -904,12 +904,13 @@ def linear_t(dy: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = 
     _check_operands(dy, packed, n, "dy")
     m = dy.shape[0]
     dx = _output(out, m, k, accumulate)
-    kern = kernel_for("bwd", n, k, accumulate, isa, quant=quant)
-    sch = kern.spec.schedule
-    if kern.spec.is_panel and m <= sch.sm and sch.small == "stream":
+    isa = "avx512" if quant != "bf16" else (isa or active_isa())
+    sch = default_schedule("bwd", isa, n, k, quant)
+    if sch.form == "panel" and m <= sch.sm:
         # one group: streaming it whole would leave all threads but one idle; the fold form's
         # work items split the outputs instead
-        kern = kernel_for("bwd", n, k, accumulate, kern.spec.isa, dataclasses.replace(sch, small="fold"), quant)
+        sch = dataclasses.replace(sch, small="fold")
+    kern = kernel_for("bwd", n, k, accumulate, isa, sch, quant)
     if m == 0:
         return dx
     src = pack_dy_for_amx(dy) if kern.spec.isa != "avx512" else dy
