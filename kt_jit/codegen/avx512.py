@@ -144,6 +144,14 @@ def load_f32x16(fn: Function, ptr: str, dtype: str) -> str:
     return fn.val(f"fpext <16 x bfloat> {v} to {F32x16}")
 
 
+def store_f32x16(fn: Function, v: str, ptr: str, dtype: str) -> None:
+    """Store <16 x float> at ``ptr`` as "f32" or, rounded to nearest even, as "bf16"."""
+    if dtype == "f32":
+        fn.store(F32x16, v, ptr, 4)
+    else:
+        fn.store("<16 x bfloat>", fn.val(f"fptrunc {F32x16} {v} to <16 x bfloat>"), ptr, 2)
+
+
 def splat_f32(fn: Function, ptr: str, dtype: str) -> str:
     """The scalar at ``ptr`` (f32 or bf16) broadcast to <16 x float>."""
     if dtype == "f32":

@@ -50,7 +50,7 @@ from ..codegen import avx512 as vx
 from ..codegen.amx import TileConfig, Tiles
 from ..codegen.cache import get_or_compile
 from ..codegen.compile import target_for
-from ..codegen.ir import BF16x32, F32x16, Function, I16x32, I32x16, Module
+from ..codegen.ir import BF16x32, F32x16, Function, I16x32, I32x16, Module, Var
 from ..codegen.worker import ArgBlock, build_worker, group_table
 from ..runtime.amx import active_isa, require_amx
 from ..runtime.buffers import aligned_zeros
@@ -96,16 +96,18 @@ class GemmSchedule:
         return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{self.form}{small}"
 
 
-def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16") -> GemmSchedule:
+def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one_group: bool = False) -> GemmSchedule:
     """Schedule used when none is given (AVX-512: measured on Zen 4 and Zen 5; AMX: the 2x2-tile
-    kernel). Transposed GEMM: groups of up to 8 rows are streamed (int4: fold form), larger ones
-    go through the L1 panel."""
+    kernel). Transposed GEMM: groups of up to 8 rows are streamed whole by one thread, larger ones
+    go through the L1 panel. Small groups take the fold form instead for int4 (cheaper decode) and
+    for launches of a single group (``one_group``: streaming it would leave the other threads idle;
+    the fold form splits its outputs over work items)."""
     if isa == "avx512":
         if op == "fwd":  # int8: chunks small enough to decode once into a stack panel
             kc = _chunk(k // 2, DECODE_PANEL_MAX_KC if quant == "int8" else 256)
             return GemmSchedule(mr=6, nr=4 if n % 64 == 0 else 2, kc=kc, pf=16)
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
-                            sm=8, small="fold" if quant == "int4" else "stream")
+                            sm=8, small="fold" if quant == "int4" or one_group else "stream")
     return GemmSchedule(mr=2, nr=2)
 
 
@@ -249,6 +251,23 @@ def _zero_words(fn: Function, spec: GemmSpec, zptr: str) -> str | None:
     return fn.val(f"sub {I16x32} <{', '.join(['i16 16'] * 32)}>, {zz}")
 
 
+def _open_acc(fn: Function, spec: GemmSpec, ptr: str, first: str) -> Var:
+    """An fp32 accumulator for the 16 outputs at ``ptr``: their current value when accumulating or
+    past the first reduction chunk (``first`` false), else zero."""
+    old = fn.load(F32x16, ptr, 4)
+    init = old if spec.accumulate else fn.val(f"select i1 {first}, {F32x16} zeroinitializer, {F32x16} {old}")
+    return fn.var(F32x16, init, 64)
+
+
+def _mac(fn: Function, accs: dict, wv: list[str], xptrs: list[str]) -> None:
+    """``accs[i, j] += W_j . X_i``: row i's bf16 pair at ``xptrs[i]`` broadcast against weight vector j."""
+    for i, xp in enumerate(xptrs):
+        xb = vx.bcast_pair(fn, xp)
+        for j, w in enumerate(wv):
+            acc = accs[i, j][0]
+            acc.set(vx.dpbf16(fn, acc.get(), w, xb))
+
+
 def row_blocks(fn: Function, m: str, mr: int, micro) -> None:
     """Call ``micro(m0, mr)`` over full blocks of ``mr`` rows, then cover the tail in power-of-two
     blocks (for mr=6: a tail of 5 runs as 4+1), so a tail never degrades into single rows and only
@@ -316,21 +335,12 @@ def _avx512_fwd_body(spec: GemmSpec):
                     yrow = fn.gep(yb, fn.mul(fn.add(m0, i), ldy))
                     for j in range(sch.nr):
                         p = fn.gep(yrow, j * 64)
-                        if scaled:  # integer-weight partial sums; scaled into Y at the end
-                            accs[i, j] = (fn.var(F32x16, "zeroinitializer", 64), p)
-                            continue
-                        old = fn.load(F32x16, p, 4)
-                        init = old if spec.accumulate else \
-                            fn.val(f"select i1 {first}, {F32x16} zeroinitializer, {F32x16} {old}")
-                        accs[i, j] = (fn.var(F32x16, init, 64), p)
+                        # quantized: integer-weight partial sums, scaled into Y at the end
+                        acc = fn.var(F32x16, "zeroinitializer", 64) if scaled else _open_acc(fn, spec, p, first)
+                        accs[i, j] = (acc, p)
                 with fn.loop(kc0, fn.add(kc0, kc), name="r") as r:
-                    wv = weights(r, decoded)
-                    for i in range(rows):
-                        xp = fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(r, 4)))
-                        xb = vx.bcast_pair(fn, xp)
-                        for j in range(sch.nr):
-                            acc = accs[i, j][0]
-                            acc.set(vx.dpbf16(fn, acc.get(), wv[j], xb))
+                    _mac(fn, accs, weights(r, decoded),
+                         [fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(r, 4))) for i in range(rows)])
                 for (_, j), (acc, p) in accs.items():
                     v = acc.get()
                     if scaled:
@@ -506,18 +516,11 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                     yrow = fn.gep(yb, fn.mul(fn.add(m0, i), ldy))
                     for j in range(sch.nr):
                         p = fn.gep(yrow, j * 64)
-                        old = fn.load(F32x16, p, 4)
-                        init = old if spec.accumulate else \
-                            fn.val(f"select i1 {first}, {F32x16} zeroinitializer, {F32x16} {old}")
-                        accs[i, j] = (fn.var(F32x16, init, 64), p)
-                with fn.loop(0, kcn * 8, name="q") as q:
+                        accs[i, j] = (_open_acc(fn, spec, p, first), p)
+                with fn.loop(0, kcn * 8, name="q") as q:  # the forward micro-kernel, on the panel
                     wp = fn.gep(panel, fn.mul(q, sch.nr * 64))
-                    wv = [fn.load(BF16x32, fn.gep(wp, j * 64), 64) for j in range(sch.nr)]
-                    for i in range(rows):
-                        xb = vx.bcast_pair(fn, fn.gep(xc, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(q, 4))))
-                        for j in range(sch.nr):
-                            acc = accs[i, j][0]
-                            acc.set(vx.dpbf16(fn, acc.get(), wv[j], xb))
+                    _mac(fn, accs, [fn.load(BF16x32, fn.gep(wp, j * 64), 64) for j in range(sch.nr)],
+                         [fn.gep(xc, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(q, 4))) for i in range(rows)])
                 for acc, p in accs.values():
                     fn.store(F32x16, acc.get(), p, 4)
 
@@ -580,10 +583,8 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 out = []
                 for i in range(n_rows):
                     p = fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4)))
-                    old = fn.load(F32x16, p, 4)
-                    init = old if spec.accumulate else \
-                        fn.val(f"select i1 {zero_first}, {F32x16} zeroinitializer, {F32x16} {old}")
-                    chs = [fn.var(F32x16, init if ch == 0 else "zeroinitializer", 64) for ch in range(chains)]
+                    chs = [_open_acc(fn, spec, p, zero_first)]
+                    chs += [fn.var(F32x16, "zeroinitializer", 64) for _ in range(chains - 1)]
                     out.append((p, chs))
                 return out
 
@@ -785,19 +786,21 @@ def get_kernel(spec: GemmSpec) -> GemmKernel:
 
 def kernel_for(op: str, n: int, k: int, accumulate: bool = False, isa: str | None = None,
                schedule: GemmSchedule | None = None, quant: str = "bf16", group_size: int = 0,
-               zero_point: bool = False) -> GemmKernel:
+               zero_point: bool = False, one_group: bool = False) -> GemmKernel:
     """The kernel for this problem on ``isa`` (default: the active ISA; quantized weights always
-    use the AVX-512 kernels) with the default schedule."""
+    use the AVX-512 kernels) with the default schedule (``one_group``: for launches of a single
+    group, see :func:`default_schedule`)."""
     if quant != "bf16":
         isa = "avx512"
-    return _kernel_for(op, n, k, accumulate, isa or active_isa(), schedule, quant, group_size, zero_point)
+    return _kernel_for(op, n, k, accumulate, isa or active_isa(), schedule, quant, group_size, zero_point,
+                       one_group)
 
 
 @functools.cache
 def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str, schedule: GemmSchedule | None,
-                quant: str, group_size: int, zero_point: bool) -> GemmKernel:
+                quant: str, group_size: int, zero_point: bool, one_group: bool) -> GemmKernel:
     if schedule is None:
-        schedule = default_schedule(op, isa, n, k, quant)
+        schedule = default_schedule(op, isa, n, k, quant, one_group)
         if group_size and op == "fwd":  # one K-chunk per group: the group's scale is applied per chunk
             schedule = dataclasses.replace(schedule, kc=group_size // 2)
     return get_kernel(GemmSpec(op, n, k, isa, accumulate, schedule, quant, group_size, zero_point))
@@ -904,13 +907,7 @@ def linear_t(dy: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = 
     _check_operands(dy, packed, n, "dy")
     m = dy.shape[0]
     dx = _output(out, m, k, accumulate)
-    isa = "avx512" if quant != "bf16" else (isa or active_isa())
-    sch = default_schedule("bwd", isa, n, k, quant)
-    if sch.form == "panel" and m <= sch.sm:
-        # one group: streaming it whole would leave all threads but one idle; the fold form's
-        # work items split the outputs instead
-        sch = dataclasses.replace(sch, small="fold")
-    kern = kernel_for("bwd", n, k, accumulate, isa, sch, quant)
+    kern = kernel_for("bwd", n, k, accumulate, isa, quant=quant, one_group=True)
     if m == 0:
         return dx
     src = pack_dy_for_amx(dy) if kern.spec.isa != "avx512" else dy

@@ -116,7 +116,7 @@ def _group(fn: Function, ctx: str, item: str, ipg: int):
 def _finish(fn: Function, spec: LoraSpec, v: str, alpha: str, ptr: str) -> None:
     v = vx.fmul(fn, v, alpha)
     if spec.y_dtype == "bf16":
-        fn.store("<16 x bfloat>", fn.val(f"fptrunc {F32x16} {v} to <16 x bfloat>"), ptr, 2)
+        vx.store_f32x16(fn, v, ptr, "bf16")
         return
     if spec.accumulate:
         v = vx.fadd(fn, v, fn.load(F32x16, ptr, 4))

@@ -63,17 +63,6 @@ def _size(dtype: str) -> int:
     return 4 if dtype == "f32" else 2
 
 
-def _load16(fn: Function, ptr: str, dtype: str) -> str:
-    return vx.load_f32x16(fn, ptr, dtype)
-
-
-def _store16(fn: Function, v: str, ptr: str, dtype: str) -> None:
-    if dtype == "f32":
-        fn.store(F32x16, v, ptr, 4)
-    else:
-        fn.store("<16 x bfloat>", fn.val(f"fptrunc {F32x16} {v} to <16 x bfloat>"), ptr, 2)
-
-
 def _gather_body(spec: RowsSpec):
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
         a = {f: GATHER_ARGS.load_ptr(fn, ctx, f) for f in ("dst", "src", "dst_idx", "src_idx")}
@@ -91,8 +80,8 @@ def _gather_body(spec: RowsSpec):
                 else:
                     for h in range(2):
                         col = fn.add(c, 16 * h)
-                        v = _load16(fn, fn.gep(srow, fn.mul(col, 4)), "f32")
-                        _store16(fn, v, fn.gep(drow, fn.mul(col, 2)), "bf16")
+                        v = vx.load_f32x16(fn, fn.gep(srow, fn.mul(col, 4)), "f32")
+                        vx.store_f32x16(fn, v, fn.gep(drow, fn.mul(col, 2)), "bf16")
 
     return body
 
@@ -120,7 +109,7 @@ def _combine_body(spec: RowsSpec):
                         acc.set(vx.fma(fn, v, wv, acc.get()) if wv else vx.fadd(fn, acc.get(), v))
                 for i, acc in enumerate(accs):
                     col = fn.add(c, 16 * i)
-                    _store16(fn, acc.get(), fn.gep(orow, fn.mul(col, _size(spec.out_dtype))), spec.out_dtype)
+                    vx.store_f32x16(fn, acc.get(), fn.gep(orow, fn.mul(col, _size(spec.out_dtype))), spec.out_dtype)
 
     return body
 

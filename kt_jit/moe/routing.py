@@ -63,5 +63,5 @@ def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
     row_of = np.empty(t * k, dtype=np.int64)
     row_of[order] = slot_row
     tt = torch.from_numpy
-    return Routing(tt(order // k), tt(order % k), tt(slot_row.astype(np.int64)), tt(row_of.reshape(t, k)),
+    return Routing(tt(order // k), tt(order % k), tt(slot_row), tt(row_of.reshape(t, k)),
                    tt(experts), tt(counts), tt(starts), rows)
