@@ -230,3 +230,49 @@ def test_non_cpu_tensors_are_rejected():
         gemm.linear(x, p, out=torch.empty(3, 64, device="meta"))
     with pytest.raises(ValueError):
         gemm.linear(x, p.to("meta"))
+
+
+@pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="fused LoRA runs the AVX-512 kernels")
+@pytest.mark.parametrize("quant,gs,zp", [("bf16", 0, False), ("int8", 0, False), ("int4", 64, True)])
+@pytest.mark.parametrize("split,rank", [(0, 16), (128, 16), (128, 32)])
+def test_fused_lora_forward(quant, gs, zp, split, rank):
+    """Y (+)= X W^T + H B^T in one launch, over groups of 0..13 rows (every row-block tail), with one
+    adapter or two (outputs past ``split`` read the second adapter and the second half of H)."""
+    n, k = 256, 128
+    g = torch.Generator().manual_seed(5)
+    if quant == "bf16":
+        w = torch.randn(n, k, generator=g).bfloat16()
+        p, s, z, wd = pack_bf16(w), None, None, w
+    else:
+        p, s, z, wd = _quantized(quant, gs, zp, n, k)
+    hcols = rank * (2 if split else 1)
+    ms = [0, 1, 5, 7, 13]
+    xs = [torch.randn(m, k, generator=g).bfloat16() for m in ms]
+    hs = [torch.randn(m, hcols, generator=g).bfloat16() for m in ms]
+    b0 = torch.randn(len(ms), split or n, rank, generator=g).bfloat16()
+    b1 = torch.randn(len(ms), n - split, rank, generator=g).bfloat16() if split else b0
+    for accumulate in (False, True):
+        ys = [torch.randn(m, n, generator=g) for m in ms]
+        before = [y.clone() for y in ys]
+        kern = gemm.kernel_for("fwd", n, k, accumulate, quant=quant, group_size=gs, zero_point=zp, lora_rank=rank,
+                               lora_split=split)
+        table = torch.tensor([[x.data_ptr(), p.data_ptr(), y.data_ptr(), m, s.data_ptr() if s is not None else 0,
+                               z.data_ptr() if z is not None else 0, h.data_ptr(), b0[e].data_ptr(), b1[e].data_ptr()]
+                              for e, (x, y, h, m) in enumerate(zip(xs, ys, hs, ms, strict=True))], dtype=torch.int64)
+        kern.launch(table, k * 2, n * 4, ldh=hcols * 2)
+        for e, m in enumerate(ms):
+            if m == 0:
+                continue
+            ref = ref_linear(xs[e], wd) + (before[e] if accumulate else 0)
+            ref[:, :split or n] += ref_linear(hs[e][:, :rank], b0[e])
+            if split:
+                ref[:, split:] += ref_linear(hs[e][:, rank:], b1[e])
+            assert rel_err(ys[e], ref) < 1e-5, (m, accumulate)
+
+
+def test_fused_lora_is_rejected_where_not_implemented():
+    with pytest.raises(ValueError, match="AVX-512 forward"):
+        gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.default_schedule("bwd", "avx512", 64, 64), lora_rank=16)
+    with pytest.raises(ValueError, match="lora_split"):
+        gemm.GemmSpec("fwd", 256, 64, "avx512", False, gemm.default_schedule("fwd", "avx512", 256, 64), lora_rank=16,
+                      lora_split=32)

@@ -20,21 +20,23 @@ def _bf(*shape, seed=0):
 
 
 @pytest.mark.parametrize("n,k", [(16, 256), (32, 64), (96, 16), (64, 32), (144, 16)])
-@pytest.mark.parametrize("accumulate", [False, True])
-def test_xat(n, k, accumulate):
-    """Y (+)= alpha X W^T, two groups with their own weights, rows and output pitch."""
-    kern = get_kernel(LoraSpec("xat", n, k, accumulate=accumulate))
+@pytest.mark.parametrize("accumulate,y_dtype", [(False, "f32"), (True, "f32"), (False, "bf16")])
+def test_xat(n, k, accumulate, y_dtype):
+    """Y (+)= alpha X W^T, two groups with their own weights, rows and output pitch (bf16 output:
+    the fp32 sums rounded once)."""
+    kern = get_kernel(LoraSpec("xat", n, k, accumulate=accumulate, y_dtype=y_dtype))
     ms = (5, 11)
     xs = [_bf(m, k, seed=i) for i, m in enumerate(ms)]
     ws = [_bf(n, k, seed=10 + i) for i in range(2)]
     pitch = n + 16  # outputs written into a wider buffer
-    ys = [torch.randn(m, pitch) for m in ms]
+    dtype = torch.float32 if y_dtype == "f32" else torch.bfloat16
+    ys = [torch.randn(m, pitch).to(dtype) for m in ms]
     before = [y.clone() for y in ys]
     rows = [(x.data_ptr(), w.data_ptr(), y.data_ptr(), m) for x, w, y, m in zip(xs, ws, ys, ms, strict=True)]
-    kern.launch(_groups(*rows), k * 2, 0, pitch * 4, 0.5)
+    kern.launch(_groups(*rows), k * 2, 0, pitch * ys[0].element_size(), 0.5)
     for x, w, y, b in zip(xs, ws, ys, before, strict=True):
-        want = 0.5 * ref_linear(x, w) + (b[:, :n] if accumulate else 0)
-        assert rel_err(y[:, :n], want) < 1e-5
+        want = 0.5 * ref_linear(x, w) + (b[:, :n].float() if accumulate else 0)
+        assert rel_err(y[:, :n].float(), want) < (1e-5 if y_dtype == "f32" else 4e-3)
         assert torch.equal(y[:, n:], b[:, n:])  # nothing written past N
 
 

@@ -368,6 +368,21 @@ def test_amx_kernel_path_through_the_operator(isa, monkeypatch):
     check_against_reference(make_layer(h=64, i=64), make_batch(21, 3, h=64), dout)
 
 
+@pytest.mark.parametrize("isa,i", [("avx512", 96), ("avx512", 64), ("amx_emu", 64)])
+def test_fused_and_separate_lora_paths(isa, i, monkeypatch):
+    """The AVX-512 forward GEMMs fuse the LoRA B products (I = 96 splits gate/up at a 32-column work
+    item, I = 64 at 64 columns); the AMX path adds them in separate passes."""
+    from kt_jit.moe import sft
+
+    if isa == "avx512" and not kt_jit.cpu_info().avx512_bf16:
+        pytest.skip("the AVX-512 kernels need AVX-512 BF16")
+    monkeypatch.setenv("KT_JIT_ISA", isa)
+    layer = make_layer(h=64, i=i)
+    assert sft._fuses_lora(layer[3]) == (isa == "avx512")
+    dout = torch.randn(13, 64, generator=torch.Generator().manual_seed(3))
+    check_against_reference(layer, make_batch(13, 3, h=64), dout)
+
+
 @pytest.mark.parametrize("rank", [4, 16, 32, 48])
 def test_lora_ranks(rank):
     """Ranks the kernels run natively (16, 32) and ranks that are zero-padded (4 -> 16, 48 -> 64)."""

@@ -79,6 +79,34 @@ def transpose_qwords_8x8(fn: Function, rows: Sequence[str]) -> list[str]:
     return [bitcast(fn, v, "<8 x i64>", BF16x32) for v in vs]
 
 
+def transpose_dwords_16x8(fn: Function, rows: Sequence[str]) -> list[str]:
+    """Transpose a 16 x 8 dword matrix M held as 8 <16 x i32> (``rows[a]`` = rows 2a and 2a+1 of M,
+    8 dwords each) into ``out[p]`` lane ``l`` = M[l][p].
+
+    Three stages of two-source shuffles (24 in all); stage s swaps bit s of the vector index with
+    bit s of the lane index, and the last stage also puts the lanes in row order.
+    """
+    vs = list(rows)
+    labels = [[(2 * a + lane // 8, lane % 8) for lane in range(16)] for a in range(8)]  # (row, p) per lane
+    for s in range(3):
+        out, out_labels = list(vs), [list(lb) for lb in labels]
+        for v in range(8):
+            if v >> s & 1:
+                continue
+            pair = (v, v | 1 << s)
+            for beta, dst in enumerate(pair):
+                if s < 2:  # lane l' takes lane (l' with bit s = beta) of source (bit s = bit s of l')
+                    src = [((lane >> s & 1) * 16) + (lane & ~(1 << s) | beta << s) for lane in range(16)]
+                else:  # last stage: lane l must hold (row l, p = dst), found in one of the two sources
+                    both = labels[pair[0]] + labels[pair[1]]
+                    src = [both.index((lane, dst)) for lane in range(16)]
+                out[dst] = shuffle(fn, I32x16, vs[pair[0]], vs[pair[1]], src)
+                out_labels[dst] = [(labels[pair[0]] + labels[pair[1]])[i] for i in src]
+        vs, labels = out, out_labels
+    assert all(labels[p] == [(lane, p) for lane in range(16)] for p in range(8))
+    return vs
+
+
 def dup_dwords(fn: Function, ptr: str) -> str:
     """Load 8 dwords (16 bf16) at ``ptr`` and return [d0,d0,d1,d1,...,d7,d7] as <32 x bfloat>."""
     v = fn.load("<8 x i32>", ptr, 4)

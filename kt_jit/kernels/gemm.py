@@ -58,9 +58,10 @@ from ..runtime.threads import launch
 from .pack import check_gemm_dims
 
 GROUP_FIELDS = 6  # x, w, y, m, scales [G, N] fp32, zero points [G, N] uint8 per group descriptor
+LORA_FIELDS = 3  # fused-LoRA kernels append: h (bf16 rows), LoRA B of the first and second adapter
 QUANTS = ("bf16", "int8", "int4")
 ROW_BYTES = {"bf16": 64, "int8": 32, "int4": 16}  # bytes of one packed row (16 channels x one k-pair)
-ARGS = ArgBlock(["groups", "ldx", "ldy"])
+ARGS = ArgBlock(["groups", "ldx", "ldy", "ldh"])
 ISAS = ("avx512", "amx", "amx_emu")
 
 
@@ -138,6 +139,8 @@ class GemmSpec:
     quant: str = "bf16"  # weight storage: "bf16", "int8" or "int4" (quantized: AVX-512 kernels)
     group_size: int = 0  # int4: scales per group of this many K (0 = per output channel)
     zero_point: bool = False  # int4: per-channel/group zero points (else symmetric, z = 8)
+    lora_rank: int = 0   # fused LoRA (AVX-512 fwd): Y += H B^T with H [m, rank] bf16, B [N, rank] bf16
+    lora_split: int = 0  # fused LoRA: outputs n >= split use the second adapter (0: one adapter)
 
     def __post_init__(self) -> None:
         if self.op not in ("fwd", "bwd"):
@@ -172,12 +175,26 @@ class GemmSpec:
             raise ValueError(f"schedule nr={sch.nr} must divide N/16={self.n // 16}")
         if self.isa == "avx512" and self.op == "bwd" and (self.k // 16) % sch.nr:
             raise ValueError(f"schedule nr={sch.nr} must divide K/16={self.k // 16}")
+        if self.lora_rank or self.lora_split:
+            if (self.op, self.isa) != ("fwd", "avx512"):
+                raise ValueError("fused LoRA is implemented for the AVX-512 forward GEMM only")
+            if self.lora_rank <= 0 or self.lora_rank % 16:
+                raise ValueError(f"lora_rank={self.lora_rank} must be a positive multiple of 16")
+            if self.lora_split and (self.lora_split >= self.n or self.lora_split % (16 * sch.nr)):
+                raise ValueError(f"lora_split={self.lora_split} must be below N={self.n} and a multiple of "
+                                 f"{16 * sch.nr} (the outputs of one work item use one adapter)")
 
     @property
     def name(self) -> str:
         acc = "_acc" if self.accumulate else ""
         q = self.quant + (f"g{self.group_size}" if self.group_size else "") + ("z" if self.zero_point else "")
-        return f"gemm_{self.op}_{q}_n{self.n}_k{self.k}_{self.isa}_{self.schedule}{acc}"
+        lora = f"_lora{self.lora_rank}s{self.lora_split}" if self.lora_rank else ""
+        return f"gemm_{self.op}_{q}_n{self.n}_k{self.k}_{self.isa}_{self.schedule}{acc}{lora}"
+
+    @property
+    def group_fields(self) -> int:
+        """int64 fields per group descriptor."""
+        return GROUP_FIELDS + (LORA_FIELDS if self.lora_rank else 0)
 
     @property
     def is_panel(self) -> bool:
@@ -200,15 +217,16 @@ class GemmSpec:
 # IR builders
 
 
-def _group(fn: Function, ctx: str, item: str, ipg: int) -> tuple[str, ...]:
+def _group(fn: Function, ctx: str, item: str, ipg: int, fields: int = GROUP_FIELDS) -> tuple[str, ...]:
     g = fn.val(f"udiv i64 {item}, {ipg}")
     c = fn.val(f"urem i64 {item}, {ipg}")
-    desc = fn.gep(ARGS.load_ptr(fn, ctx, "groups"), fn.mul(g, 8 * GROUP_FIELDS))
+    desc = fn.gep(ARGS.load_ptr(fn, ctx, "groups"), fn.mul(g, 8 * fields))
     x = fn.load("ptr", desc, 8)
     w = fn.load("ptr", fn.gep(desc, 8), 8)
     y = fn.load("ptr", fn.gep(desc, 16), 8)
     m = fn.load("i64", fn.gep(desc, 24), 8)
-    return c, x, w, y, m, fn.load("ptr", fn.gep(desc, 32), 8), fn.load("ptr", fn.gep(desc, 40), 8)
+    rest = [fn.load("ptr", fn.gep(desc, 8 * f), 8) for f in range(4, fields)]
+    return (c, x, w, y, m, *rest)
 
 
 def _weight_row(fn: Function, spec: GemmSpec, ptr: str, zero_words: str | None = None) -> str:
@@ -268,6 +286,33 @@ def _mac(fn: Function, accs: dict, wv: list[str], xptrs: list[str]) -> None:
             acc.set(vx.dpbf16(fn, acc.get(), w, xb))
 
 
+def _lora_pairs(fn: Function, spec: GemmSpec, c: str, desc_extra: tuple[str, str, str]) -> tuple[str, str, str]:
+    """Fused LoRA, once per work item: the item's ``16 nr`` rows of B [N, rank] rearranged like a
+    packed weight (one vector per (column block j, rank pair p): lane l holds the pair
+    B[n_l, 2p:2p+2]) into a stack panel, so the term H B^T runs as extra k-steps of the forward
+    micro-kernel. Returns (panel, h, byte offset of this item's adapter in an H row)."""
+    nr, rank = spec.schedule.nr, spec.lora_rank
+    h, b0, b1 = desc_extra
+    col = fn.mul(c, 16 * nr)
+    bptr, hoff = fn.gep(b0, fn.mul(col, rank * 2)), "0"
+    if spec.lora_split:
+        second = fn.icmp("uge", col, spec.lora_split)
+        bptr = fn.val(f"select i1 {second}, ptr {fn.gep(b1, fn.mul(fn.sub(col, spec.lora_split), rank * 2))}, "
+                      f"ptr {bptr}")
+        hoff = fn.val(f"select i1 {second}, i64 {rank * 2}, i64 0")
+    panel = fn.alloca("i8", 64, nr * rank // 2 * 64)
+    with fn.loop(0, rank // 16, name="lq") as q:  # 8 pairs (32 bytes of each B row) at a time
+        for j in range(nr):
+            rows = []
+            for a in range(8):  # B rows 2a, 2a+1 of this column block, dwords 8q .. 8q+7
+                halves = [fn.load("<8 x i32>", fn.gep(bptr, fn.add(fn.mul(q, 32), (16 * j + 2 * a + e) * rank * 2)), 4)
+                          for e in range(2)]
+                rows.append(vx.shuffle(fn, "<8 x i32>", halves[0], halves[1], list(range(16))))
+            for p, v in enumerate(vx.transpose_dwords_16x8(fn, rows)):
+                fn.store(I32x16, v, fn.gep(panel, fn.add(fn.mul(q, 8 * nr * 64), (p * nr + j) * 64)), 64)
+    return panel, h, hoff
+
+
 def row_blocks(fn: Function, m: str, mr: int, micro) -> None:
     """Call ``micro(m0, mr)`` over full blocks of ``mr`` rows, then cover the tail in power-of-two
     blocks (for mr=6: a tail of 5 runs as 4+1), so a tail never degrades into single rows and only
@@ -303,11 +348,14 @@ def _avx512_fwd_body(spec: GemmSpec):
     use_panel = spec.quant == "int8" and kc <= DECODE_PANEL_MAX_KC
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        c, x, w, y, m, sc, zp = _group(fn, ctx, item, spec.items_per_group)
+        c, x, w, y, m, sc, zp, *extra = _group(fn, ctx, item, spec.items_per_group, spec.group_fields)
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         wb = fn.gep(w, fn.mul(c, sch.nr * block_stride))
         yb = fn.gep(y, fn.mul(c, sch.nr * 64))
         panel = fn.alloca("i8", 64, kc * sch.nr * 64) if use_panel else None
+        if spec.lora_rank:
+            lpanel, h, hoff = _lora_pairs(fn, spec, c, tuple(extra))
+            ldh = ARGS.load(fn, ctx, "ldh")
         with fn.loop(0, kp, kc, name="kc") as kc0:
             first = fn.icmp("eq", kc0, 0)
             # scales/zeros of this chunk: per channel, or of its K-group (a chunk is one group)
@@ -329,6 +377,14 @@ def _avx512_fwd_body(spec: GemmSpec):
                         vx.prefetch(fn, fn.gep(p, sch.pf * rb))
                 return wv
 
+            def lora_mac(m0: str, rows: int, accs: dict) -> None:
+                """accs += H B^T (the fused LoRA term) for these rows, as rank/2 extra k-steps."""
+                with fn.loop(0, spec.lora_rank // 2, name="lk") as lk:
+                    lp = fn.gep(lpanel, fn.mul(lk, sch.nr * 64))
+                    _mac(fn, accs, [fn.load(BF16x32, fn.gep(lp, j * 64), 64) for j in range(sch.nr)],
+                         [fn.gep(h, fn.add(fn.add(fn.mul(fn.add(m0, i), ldh), hoff), fn.mul(lk, 4)))
+                          for i in range(rows)])
+
             def micro(m0: str, rows: int, decoded: bool = False) -> None:
                 accs = {}
                 for i in range(rows):
@@ -338,6 +394,9 @@ def _avx512_fwd_body(spec: GemmSpec):
                         # quantized: integer-weight partial sums, scaled into Y at the end
                         acc = fn.var(F32x16, "zeroinitializer", 64) if scaled else _open_acc(fn, spec, p, first)
                         accs[i, j] = (acc, p)
+                if spec.lora_rank and not scaled:  # first chunk: the LoRA term starts the accumulators
+                    with fn.if_then(first, name="lora"):
+                        lora_mac(m0, rows, accs)
                 with fn.loop(kc0, fn.add(kc0, kc), name="r") as r:
                     _mac(fn, accs, weights(r, decoded),
                          [fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(r, 4))) for i in range(rows)])
@@ -350,6 +409,12 @@ def _avx512_fwd_body(spec: GemmSpec):
                             old = fn.val(f"select i1 {first}, {F32x16} zeroinitializer, {F32x16} {old}")
                         v = vx.fadd(fn, v, old)
                     fn.store(F32x16, v, p, 4)
+                if spec.lora_rank and scaled:  # (not scaled by the weight scales) added to the stored block
+                    with fn.if_then(first, name="lora"):
+                        laccs = {key: (fn.var(F32x16, fn.load(F32x16, p, 4), 64), p) for key, (_, p) in accs.items()}
+                        lora_mac(m0, rows, laccs)
+                        for acc, p in laccs.values():
+                            fn.store(F32x16, acc.get(), p, 4)
 
             if not use_panel:
                 row_blocks(fn, m, sch.mr, micro)
@@ -761,20 +826,22 @@ class GemmKernel:
         self.addr = get_or_compile(spec.name, repr(spec), ir, target_for(spec.isa), [spec.name])[spec.name]
 
     def launch(self, groups, ldx: int, ldy: int,
-               num_threads: int | None = None) -> None:
-        """Run over ``groups`` (int64 [G, 4]: x ptr, packed-w ptr, y ptr, m); pitches in bytes.
+               num_threads: int | None = None, ldh: int = 0) -> None:
+        """Run over ``groups``; pitches (``ldh``: of the fused-LoRA H rows) in bytes.
 
-        ``groups`` is an int64 table [G, GROUP_FIELDS] (torch, NumPy or flat ctypes; see
-        codegen.worker.group_table). Pointers are trusted: callers validate shapes first (see
+        ``groups`` is an int64 table [G, spec.group_fields] (torch, NumPy or flat ctypes; see
+        codegen.worker.group_table): x ptr, packed-w ptr, y ptr, m, scales ptr, zero-points ptr,
+        and for fused LoRA the H rows [m, rank * (2 if split else 1)] bf16 and the B [N or split,
+        rank] bf16 of each adapter. Pointers are trusted: callers validate shapes first (see
         :func:`linear`).
         """
         if self.spec.isa == "amx":
             require_amx()
-        n_groups, addr = group_table(groups, GROUP_FIELDS)
+        n_groups, addr = group_table(groups, self.spec.group_fields)
         n_items = n_groups * self.spec.items_per_group
         if n_items == 0:
             return
-        args = ARGS.make(n_items, groups=addr, ldx=ldx, ldy=ldy)
+        args = ARGS.make(n_items, groups=addr, ldx=ldx, ldy=ldy, ldh=ldh)
         launch(self.addr, ctypes.addressof(args), num_threads)
 
 
@@ -786,24 +853,29 @@ def get_kernel(spec: GemmSpec) -> GemmKernel:
 
 def kernel_for(op: str, n: int, k: int, accumulate: bool = False, isa: str | None = None,
                schedule: GemmSchedule | None = None, quant: str = "bf16", group_size: int = 0,
-               zero_point: bool = False, one_group: bool = False) -> GemmKernel:
-    """The kernel for this problem on ``isa`` (default: the active ISA; quantized weights always
-    use the AVX-512 kernels) with the default schedule (``one_group``: for launches of a single
-    group, see :func:`default_schedule`)."""
-    if quant != "bf16":
+               zero_point: bool = False, one_group: bool = False, lora_rank: int = 0,
+               lora_split: int = 0) -> GemmKernel:
+    """The kernel for this problem on ``isa`` (default: the active ISA; quantized weights and
+    fused LoRA always use the AVX-512 kernels) with the default schedule (``one_group``: for
+    launches of a single group, see :func:`default_schedule`)."""
+    if quant != "bf16" or lora_rank:
         isa = "avx512"
     return _kernel_for(op, n, k, accumulate, isa or active_isa(), schedule, quant, group_size, zero_point,
-                       one_group)
+                       one_group, lora_rank, lora_split)
 
 
 @functools.cache
 def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str, schedule: GemmSchedule | None,
-                quant: str, group_size: int, zero_point: bool, one_group: bool) -> GemmKernel:
+                quant: str, group_size: int, zero_point: bool, one_group: bool, lora_rank: int,
+                lora_split: int) -> GemmKernel:
     if schedule is None:
         schedule = default_schedule(op, isa, n, k, quant, one_group)
         if group_size and op == "fwd":  # one K-chunk per group: the group's scale is applied per chunk
             schedule = dataclasses.replace(schedule, kc=group_size // 2)
-    return get_kernel(GemmSpec(op, n, k, isa, accumulate, schedule, quant, group_size, zero_point))
+        while lora_split % (16 * schedule.nr):  # a work item's outputs must use one adapter
+            schedule = dataclasses.replace(schedule, nr=schedule.nr // 2)
+    return get_kernel(GemmSpec(op, n, k, isa, accumulate, schedule, quant, group_size, zero_point, lora_rank,
+                               lora_split))
 
 
 def _one_group(x: int, w: int, y: int, m: int, scales: int = 0, zeros: int = 0) -> ctypes.Array:

@@ -12,6 +12,8 @@ LoRA product of the forward and backward pass (r = rank, small; m = tokens of on
 - ``xty``: ``C[A, B] = alpha * P[m, A]^T @ Q[m, B]`` (reduction over the tokens): LoRA weight
   gradients. Outer form with fp32 FMA; P and Q fp32 or bf16.
 
+Non-accumulating ``xat`` and ``xty`` may store bf16 (rounded once from the fp32 sums).
+
 Groups are ``(x, w, y, m)`` as in kernels/gemm.py (for ``xty``: ``(p, q, c, m)``); row pitches in
 bytes and ``alpha`` travel in the argument block. These run on AVX-512 (every AMX CPU has it).
 """
@@ -45,13 +47,13 @@ class LoraSpec:
     x_dtype: str = "bf16"
     w_dtype: str = "bf16"
     accumulate: bool = False
-    y_dtype: str = "f32"  # xty may write bf16 gradients directly
+    y_dtype: str = "f32"  # xat / xty may store bf16 directly
 
     def __post_init__(self) -> None:
         if self.form not in ("xat", "xb", "xty"):
             raise ValueError(f"unknown LoRA kernel form {self.form!r}")
-        if self.y_dtype == "bf16" and (self.form != "xty" or self.accumulate):
-            raise ValueError("bf16 output is only for non-accumulating xty kernels")
+        if self.y_dtype == "bf16" and (self.form == "xb" or self.accumulate):
+            raise ValueError("bf16 output is only for non-accumulating xat and xty kernels")
         if self.x_dtype not in DTYPES or self.w_dtype not in DTYPES or self.y_dtype not in DTYPES:
             raise ValueError(f"dtypes must be in {DTYPES}")
         if self.n % 16 or self.n <= 0:
@@ -157,7 +159,8 @@ def _xat_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: 
                 wp = fn.gep(wb, fn.add(fn.mul(kc, 64), a * rho * spec.k * 2))
                 acc.set(vx.dpbf16(fn, acc.get(), fn.load(BF16x32, wp, 2), xv))
         out = vx.reduce_lanes(fn, [a.get() for a in accs])
-        _finish(fn, spec, out, alpha, fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(c, 64))))
+        ysz = 4 if spec.y_dtype == "f32" else 2
+        _finish(fn, spec, out, alpha, fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(c, 16 * ysz))))
 
 
 def _xb_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: str, ldx: str, ldy: str,

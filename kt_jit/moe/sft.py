@@ -13,7 +13,10 @@ Backward, with D = dOut Wd + s (dOut Bd) Ad (per routed row, unweighted)::
     dX = [dG | dU] [Wg; Wu] + s (dG Bg) Ag + s (dU Bu) Au          one transposed GEMM, N = 2I
 
 The base weights are read once per pass from the single packed copy (forward: gate_up, down;
-backward: down, gate_up, both transposed in-kernel).
+backward: down, gate_up, both transposed in-kernel). The LoRA intermediates H = s X A^T are
+computed first and rounded to bf16 once; on the AVX-512 kernels the forward GEMMs then add H B^T
+as extra k-steps of their own micro-kernel (no second pass over the fp32 outputs), and the
+backward uses the same bf16 H for the B gradients.
 """
 
 from __future__ import annotations
@@ -37,14 +40,15 @@ from .weights import MoEExperts
 
 @dataclass
 class Saved:
-    """What backward needs from forward (bytes per routed row: 2I fp32 + I bf16 + 3r fp32)."""
+    """What backward needs from forward (bytes per routed row: 2I fp32 + I bf16 + 3r bf16)."""
 
     x: torch.Tensor          # [T, H] bf16 input (re-gathered in backward, not stored per row)
     topk_weights: torch.Tensor  # [T, K] fp32
     routing: Routing
     gu: torch.Tensor         # [R, 2I] fp32: [G | U] before the activation
     act: torch.Tensor        # [R, I] bf16
-    lora_h: tuple[torch.Tensor, torch.Tensor] | None  # [X Ag^T | X Au^T] [R, 2r], A Ad^T [R, r] (fp32)
+    # s [X Ag^T | X Au^T] [R, 2r], s A Ad^T [R, r] (bf16, as the forward's B products used them)
+    lora_h: tuple[torch.Tensor, torch.Tensor] | None
     rank: int = 0            # LoRA rank and scaling the forward ran with
     scaling: float = 0.0
     x_version: int = 0       # tensor versions at forward time (in-place changes invalidate)
@@ -106,17 +110,34 @@ def _dims(experts: MoEExperts, name: str) -> tuple[int, int]:
     return packed.shape[1] * 16, packed.shape[2] * 2
 
 
-def _kernel(op: str, experts: MoEExperts, name: str) -> gemm.GemmKernel:
+def _kernel(op: str, experts: MoEExperts, name: str, lora_rank: int = 0, lora_split: int = 0) -> gemm.GemmKernel:
     n, k = _dims(experts, name)
     return gemm.kernel_for(op, n, k, quant=experts.storage, group_size=experts.group_size,
-                           zero_point=experts.zero_point)
+                           zero_point=experts.zero_point, lora_rank=lora_rank, lora_split=lora_split)
 
 
-def _grouped_fwd(x: torch.Tensor, experts: MoEExperts, name: str, y: torch.Tensor, r: Routing) -> None:
-    """y[rows of e] = x[rows of e] @ W_e^T for every active expert (one launch)."""
+def _fuses_lora(experts: MoEExperts) -> bool:
+    """Whether the forward GEMMs add the LoRA B products themselves (the AVX-512 kernels can),
+    instead of separate accumulate passes over the fp32 outputs (the AMX kernels)."""
+    return _kernel("fwd", experts, "gate_up").spec.isa == "avx512"
+
+
+def _grouped_fwd(x: torch.Tensor, experts: MoEExperts, name: str, y: torch.Tensor, r: Routing,
+                 lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> None:
+    """y[rows of e] = x[rows of e] @ W_e^T for every active expert (one launch).
+
+    ``lora = (h, b0, b1)`` fuses ``y += h[:, :r] b0_e^T`` (outputs below the split; with ``b1``,
+    ``y += h[:, r:] b1_e^T`` above it): h [rows, r or 2r] bf16, b [E, out, r] bf16."""
     n, k = _dims(experts, name)
-    kern = _kernel("fwd", experts, name)
-    kern.launch(_gemm_groups(r, _rows(x, r), experts, name, _rows(y, r)), k * 2, n * 4)
+    groups = _gemm_groups(r, _rows(x, r), experts, name, _rows(y, r))
+    if lora is None:
+        _kernel("fwd", experts, name).launch(groups, k * 2, n * 4)
+        return
+    h, b0, b1 = lora
+    rank = b0.shape[2]
+    kern = _kernel("fwd", experts, name, rank, b0.shape[1] if b1 is not None else 0)
+    extra = np.stack([_rows(h, r), _per_expert(b0, r), _per_expert(b1 if b1 is not None else b0, r)], 1)
+    kern.launch(np.ascontiguousarray(np.concatenate([groups, extra], 1)), k * 2, n * 4, ldh=_pitch(h))
 
 
 def _grouped_bwd(dy: torch.Tensor, experts: MoEExperts, name: str, dx: torch.Tensor, r: Routing) -> None:
@@ -196,34 +217,44 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     r = route(topk_ids, experts.num_experts)
     xs = _gather(x, r)
     gu = aligned_empty((r.rows, 2 * idim), torch.float32)
-    _grouped_fwd(xs, experts, "gate_up", gu, r)
     lora_h = None
     user_rank = lora[0].shape[1] if lora is not None else 0
-    if lora is not None:
+    if lora is None:
+        _grouped_fwd(xs, experts, "gate_up", gu, r)
+    else:
+        # H = s X A^T is computed first (fp32, saved for backward; its bf16 copy feeds the B product)
         ga, gb, ua, ub, da, db = lora = pad_lora(lora)
         rank = ga.shape[1]
-        hgu = aligned_empty((r.rows, 2 * rank), torch.float32)  # [X Ag^T | X Au^T]
+        fused = _fuses_lora(experts)
+        hgu16 = aligned_empty((r.rows, 2 * rank), torch.bfloat16)  # s [X Ag^T | X Au^T]
         xrows = _rows(xs, r)
-        _lora("xat", rank, hdim, np.concatenate([_groups(r, xrows, _per_expert(ga, r), _rows(hgu, r)),
-                                            _groups(r, xrows, _per_expert(ua, r), _rows(hgu, r, rank))]),
-              _pitch(xs), _pitch(hgu))
-        hgu16 = hgu.to(torch.bfloat16)
-        _lora("xat", idim, rank, np.concatenate([
-            _groups(r, _rows(hgu16, r), _per_expert(gb, r), _rows(gu, r)),
-            _groups(r, _rows(hgu16, r, rank), _per_expert(ub, r), _rows(gu, r, idim))]),
-            _pitch(hgu16), _pitch(gu), scaling, accumulate=True)
+        _lora("xat", rank, hdim, np.concatenate([_groups(r, xrows, _per_expert(ga, r), _rows(hgu16, r)),
+                                            _groups(r, xrows, _per_expert(ua, r), _rows(hgu16, r, rank))]),
+              _pitch(xs), _pitch(hgu16), scaling, y_dtype="bf16")
+        if fused:
+            _grouped_fwd(xs, experts, "gate_up", gu, r, (hgu16, gb, ub))
+        else:
+            _grouped_fwd(xs, experts, "gate_up", gu, r)
+            _lora("xat", idim, rank, np.concatenate([
+                _groups(r, _rows(hgu16, r), _per_expert(gb, r), _rows(gu, r)),
+                _groups(r, _rows(hgu16, r, rank), _per_expert(ub, r), _rows(gu, r, idim))]),
+                _pitch(hgu16), _pitch(gu), accumulate=True)
     act = aligned_empty((r.rows, idim), torch.bfloat16)
     get_act_kernel(ActSpec("fwd", idim)).launch(r.rows, gu=gu.data_ptr(), act=act.data_ptr())
     y = aligned_empty((r.rows, hdim), torch.float32)
-    _grouped_fwd(act, experts, "down", y, r)
-    if lora is not None:
-        hd = aligned_empty((r.rows, rank), torch.float32)  # A Ad^T
-        _lora("xat", rank, idim, _groups(r, _rows(act, r), _per_expert(da, r), _rows(hd, r)), _pitch(act),
-              _pitch(hd))
-        hd16 = hd.to(torch.bfloat16)
-        _lora("xat", hdim, rank, _groups(r, _rows(hd16, r), _per_expert(db, r), _rows(y, r)), _pitch(hd16),
-              _pitch(y), scaling, accumulate=True)
-        lora_h = (hgu, hd)
+    if lora is None:
+        _grouped_fwd(act, experts, "down", y, r)
+    else:
+        hd16 = aligned_empty((r.rows, rank), torch.bfloat16)  # s A Ad^T
+        _lora("xat", rank, idim, _groups(r, _rows(act, r), _per_expert(da, r), _rows(hd16, r)), _pitch(act),
+              _pitch(hd16), scaling, y_dtype="bf16")
+        if fused:
+            _grouped_fwd(act, experts, "down", y, r, (hd16, db, None))
+        else:
+            _grouped_fwd(act, experts, "down", y, r)
+            _lora("xat", hdim, rank, _groups(r, _rows(hd16, r), _per_expert(db, r), _rows(y, r)), _pitch(hd16),
+                  _pitch(y), accumulate=True)
+        lora_h = (hgu16, hd16)
     out = _combine(y, r, topk_weights, out_dtype)
     saved = None
     if save:
@@ -277,16 +308,16 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
                   _pitch(t_gu), _pitch(dxs), scaling, x_dtype="f32", accumulate=True)
         grads = tuple(torch.empty(p.shape, dtype=torch.bfloat16) for p in lora)
         g_ga, g_gb, g_ua, g_ub, g_da, g_db = grads
-        whd = hd * w_row[:, None]  # dY^T (w hd) = (w dOut)^T hd
+        whd = hd * w_row[:, None]  # dY^T (w hd) = (w dOut)^T hd (hd carries the scaling)
         _lora("xty", rank, hdim, _grad_groups(r, _rows(dos, r), _rows(whd, r), g_db), _pitch(dos),
-              0, scaling, ldw=_pitch(whd), w_dtype="f32", y_dtype="bf16")
+              0, 1.0, ldw=_pitch(whd), w_dtype="f32", y_dtype="bf16")
         wtd = t_d * w_row[:, None]
         _lora("xty", idim, rank, _grad_groups(r, _rows(wtd, r), _rows(act, r), g_da), _pitch(wtd),
               0, scaling, x_dtype="f32", ldw=_pitch(act), y_dtype="bf16")
         _lora("xty", rank, idim, np.concatenate([
             _grad_groups(r, _rows(dgu, r), _rows(hgu, r), g_gb),
             _grad_groups(r, _rows(dgu, r, idim), _rows(hgu, r, rank), g_ub)]), _pitch(dgu), 0,
-            scaling, ldw=_pitch(hgu), w_dtype="f32", y_dtype="bf16")
+            1.0, ldw=_pitch(hgu), w_dtype="bf16", y_dtype="bf16")
         _lora("xty", hdim, rank, np.concatenate([
             _grad_groups(r, _rows(t_gu, r), _rows(xs, r), g_ga),
             _grad_groups(r, _rows(t_gu, r, rank), _rows(xs, r), g_ua)]), _pitch(t_gu), 0, scaling,
