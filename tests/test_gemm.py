@@ -159,6 +159,7 @@ def test_every_schedule_variant_is_correct(isa):
 
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")
 @pytest.mark.parametrize("sch", [gemm.GemmSchedule(6, 4, 0, 2, "panel", 8),
+                                 gemm.GemmSchedule(6, 4, 0, 2, "panel", 12),
                                  gemm.GemmSchedule(6, 2, 3, 2, "panel", 5, "fold"),
                                  gemm.GemmSchedule(3, 2, 0, 1, "fold")], ids=str)
 def test_transposed_gemm_forms_over_many_groups(sch):
