@@ -271,9 +271,48 @@ def test_fused_lora_forward(quant, gs, zp, split, rank):
             assert rel_err(ys[e], ref) < 1e-5, (m, accumulate)
 
 
+@pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="fused LoRA runs the AVX-512 kernels")
+@pytest.mark.parametrize("quant,gs,zp", [("bf16", 0, False), ("int8", 0, False), ("int4", 64, True)])
+@pytest.mark.parametrize("two,rank", [(False, 16), (True, 16), (True, 32)])
+@pytest.mark.parametrize("form", ["panel", "fold"])
+def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
+    """dX (+)= dY W + T A in one launch over groups of 0..14 rows: streamed (or fold) small groups
+    and panel groups; with two adapters T = [T0 | T1] and dX += T0 A0 + T1 A1."""
+    n, k = 128, 256
+    g = torch.Generator().manual_seed(6)
+    if quant == "bf16":
+        w = torch.randn(n, k, generator=g).bfloat16()
+        p, s, z, wd = pack_bf16(w), None, None, w
+    else:
+        p, s, z, wd = _quantized(quant, gs, zp, n, k)
+    tcols = rank * (2 if two else 1)
+    ms = [0, 1, 3, 5, 9, 14]
+    dys = [torch.randn(m, n, generator=g).bfloat16() for m in ms]
+    ts = [torch.randn(m, tcols, generator=g).bfloat16() for m in ms]
+    a0 = torch.randn(len(ms), rank, k, generator=g).bfloat16()
+    a1 = torch.randn(len(ms), rank, k, generator=g).bfloat16()
+    sch = gemm.default_schedule("bwd", "avx512", n, k, quant, form == "fold")
+    sch = gemm.GemmSchedule(sch.mr, sch.nr, sch.kc, sch.pf, sch.form, 8, sch.small)
+    for accumulate in (False, True):
+        outs = [torch.randn(m, k, generator=g) for m in ms]
+        before = [o.clone() for o in outs]
+        spec = gemm.GemmSpec("bwd", n, k, "avx512", accumulate, sch, quant, gs, zp, rank, n // 2 if two else 0)
+        table = torch.tensor([[d.data_ptr(), p.data_ptr(), o.data_ptr(), m, s.data_ptr() if s is not None else 0,
+                               z.data_ptr() if z is not None else 0, t.data_ptr(), a0[e].data_ptr(), a1[e].data_ptr()]
+                              for e, (d, o, t, m) in enumerate(zip(dys, outs, ts, ms, strict=True))], dtype=torch.int64)
+        gemm.get_kernel(spec).launch(table, n * 2, k * 4, ldh=tcols * 2)
+        for e, m in enumerate(ms):
+            if m == 0:
+                continue
+            ref = ref_linear_t(dys[e], wd) + (before[e] if accumulate else 0) + ref_linear_t(ts[e][:, :rank], a0[e])
+            if two:
+                ref += ref_linear_t(ts[e][:, rank:], a1[e])
+            assert rel_err(outs[e], ref) < (1e-5 if quant == "bf16" else 5e-3), (m, accumulate)
+
+
 def test_fused_lora_is_rejected_where_not_implemented():
-    with pytest.raises(ValueError, match="AVX-512 forward"):
-        gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.default_schedule("bwd", "avx512", 64, 64), lora_rank=16)
+    with pytest.raises(ValueError, match="AVX-512 GEMMs"):
+        gemm.GemmSpec("fwd", 64, 64, "amx", False, gemm.default_schedule("fwd", "amx", 64, 64), lora_rank=16)
     with pytest.raises(ValueError, match="lora_split"):
         gemm.GemmSpec("fwd", 256, 64, "avx512", False, gemm.default_schedule("fwd", "avx512", 256, 64), lora_rank=16,
                       lora_split=32)

@@ -142,8 +142,12 @@ class GemmSpec:
     quant: str = "bf16"  # weight storage: "bf16", "int8" or "int4" (quantized: AVX-512 kernels)
     group_size: int = 0  # int4: scales per group of this many K (0 = per output channel)
     zero_point: bool = False  # int4: per-channel/group zero points (else symmetric, z = 8)
-    lora_rank: int = 0   # fused LoRA (AVX-512 fwd): Y += H B^T with H [m, rank] bf16, B [N, rank] bf16
-    lora_split: int = 0  # fused LoRA: outputs n >= split use the second adapter (0: one adapter)
+    # fused LoRA (AVX-512): fwd Y += H B^T with H [m, rank] bf16 and B [N, rank] bf16 (nn.Linear
+    # layout); bwd dX += T A with T [m, rank] bf16 and A [rank, K] bf16
+    lora_rank: int = 0
+    # fwd: outputs n >= split use the second adapter (and H's second half); bwd: nonzero = two
+    # adapters, T = [T0 | T1] and dX += T0 A0 + T1 A1 (0: one adapter)
+    lora_split: int = 0
 
     def __post_init__(self) -> None:
         if self.op not in ("fwd", "bwd"):
@@ -179,11 +183,11 @@ class GemmSpec:
         if self.isa == "avx512" and self.op == "bwd" and (self.k // 16) % sch.nr:
             raise ValueError(f"schedule nr={sch.nr} must divide K/16={self.k // 16}")
         if self.lora_rank or self.lora_split:
-            if (self.op, self.isa) != ("fwd", "avx512"):
-                raise ValueError("fused LoRA is implemented for the AVX-512 forward GEMM only")
+            if self.isa != "avx512":
+                raise ValueError("fused LoRA is implemented for the AVX-512 GEMMs only")
             if self.lora_rank <= 0 or self.lora_rank % 16:
                 raise ValueError(f"lora_rank={self.lora_rank} must be a positive multiple of 16")
-            if self.lora_split and (self.lora_split >= self.n or self.lora_split % (16 * sch.nr)):
+            if self.op == "fwd" and self.lora_split and (self.lora_split >= self.n or self.lora_split % (16 * sch.nr)):
                 raise ValueError(f"lora_split={self.lora_split} must be below N={self.n} and a multiple of "
                                  f"{16 * sch.nr} (the outputs of one work item use one adapter)")
 
@@ -455,11 +459,49 @@ def _dy_pairs(fn: Function, spec: GemmSpec, ptr: str, scales: str) -> str:
 FOLD_MR = 3  # token rows per block of the fold form when it serves a panel kernel's small groups
 
 
+def _bwd_lora(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, k0: str, extra: list[str], ldh: str) -> None:
+    """Fused LoRA of the transposed GEMM: ``dX[:, k0 : k0 + 16 nr] += T A`` for all m rows, after
+    the base product of those outputs is stored (they are still in L1/L2). T [m, pairs*2] bf16
+    (``[T0 | T1]`` for two adapters), A [rank, K] bf16 per adapter. Each pair of A rows is
+    interleaved into one vector per 16 outputs, then the forward micro-kernel runs over the pairs."""
+    nr, rank, kdim = spec.schedule.nr, spec.lora_rank, spec.k
+    t, a0, a1 = extra
+    adapters = [a0, a1] if spec.lora_split else [a0]
+    pairs = rank // 2 * len(adapters)
+    panel = fn.alloca("i8", 64, pairs * nr * 64)
+    for ai, a in enumerate(adapters):
+        with fn.loop(0, rank // 2, name="ap") as p:
+            for j in range(nr):
+                src = fn.gep(a, fn.add(fn.mul(p, 2 * kdim * 2), fn.mul(fn.add(k0, 16 * j), 2)))
+                lo, hi = (fn.load("<16 x i16>", fn.gep(src, e * kdim * 2), 2) for e in range(2))
+                v = vx.shuffle(fn, "<16 x i16>", lo, hi, [i // 2 + 16 * (i % 2) for i in range(32)])
+                dst = fn.gep(panel, fn.mul(fn.add(p, ai * rank // 2), nr * 64))
+                fn.store(I16x32, v, fn.gep(dst, j * 64), 64)
+
+    def micro(m0: str, rows: int) -> None:
+        accs = {}
+        for i in range(rows):
+            yrow = fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4)))
+            for j in range(nr):
+                ptr = fn.gep(yrow, j * 64)
+                accs[i, j] = (fn.var(F32x16, fn.load(F32x16, ptr, 4), 64), ptr)
+        with fn.loop(0, pairs, name="lq") as q:
+            wp = fn.gep(panel, fn.mul(q, nr * 64))
+            _mac(fn, accs, [fn.load(BF16x32, fn.gep(wp, j * 64), 64) for j in range(nr)],
+                 [fn.gep(t, fn.add(fn.mul(fn.add(m0, i), ldh), fn.mul(q, 4))) for i in range(rows)])
+        for acc, ptr in accs.values():
+            fn.store(F32x16, acc.get(), ptr, 4)
+
+    row_blocks(fn, m, spec.schedule.mr, micro)
+
+
 def _avx512_bwd_body(spec: GemmSpec):
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        c, x, w, y, m, sc, zp = _group(fn, ctx, item, spec.items_per_group)
+        c, x, w, y, m, sc, zp, *extra = _group(fn, ctx, item, spec.items_per_group, spec.group_fields)
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         _fold_item(fn, spec, c, x, w, y, m, sc, zp, ldx, ldy, spec.schedule.mr)
+        if spec.lora_rank:
+            _bwd_lora(fn, spec, y, ldy, m, fn.mul(c, 16 * spec.schedule.nr), extra, ARGS.load(fn, ctx, "ldh"))
 
     return body
 
@@ -533,8 +575,9 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
     span = 16 * sch.nr               # outputs k per work item
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        c, x, w, y, m, sc, zp = _group(fn, ctx, item, spec.items_per_group)
+        c, x, w, y, m, sc, zp, *extra = _group(fn, ctx, item, spec.items_per_group, spec.group_fields)
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
+        ldh = ARGS.load(fn, ctx, "ldh") if spec.lora_rank else None
         if sch.sm:
             small = fn.icmp("sle", m, sch.sm)
             stream_bb, panel_bb, done_bb = fn.new_block("stream"), fn.new_block("panel"), fn.new_block("done")
@@ -542,6 +585,8 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
             fn.set_block(stream_bb)
             if sch.small == "fold":
                 _fold_item(fn, spec, c, x, w, y, m, sc, zp, ldx, ldy, FOLD_MR)
+                if spec.lora_rank:
+                    _bwd_lora(fn, spec, y, ldy, m, fn.mul(c, span), extra, ldh)
             else:
                 with fn.if_then(fn.icmp("eq", c, 0), name="whole"):
                     unrolled = min(sch.sm, STREAM_UNROLL)
@@ -549,6 +594,9 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                         _bwd_stream_group(fn, spec, x, w, y, sc, zp, ldx, ldy, None, m)
                     for rows in fn.switch(m, list(range(1, unrolled + 1)), name="rows"):
                         _bwd_stream_group(fn, spec, x, w, y, sc, zp, ldx, ldy, rows)
+                    if spec.lora_rank:  # the whole group: every output column block
+                        with fn.loop(0, spec.k // span, name="lcb") as cb:
+                            _bwd_lora(fn, spec, y, ldy, m, fn.mul(cb, span), extra, ldh)
             fn.br(done_bb)
             fn.set_block(panel_bb)
         panel = fn.alloca("i8", 64, kcn * 8 * sch.nr * 64)
@@ -594,6 +642,8 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
 
             row_blocks(fn, m, sch.mr, micro)
 
+        if spec.lora_rank:
+            _bwd_lora(fn, spec, y, ldy, m, k0, extra, ldh)
         if sch.sm:
             fn.br(done_bb)
             fn.set_block(done_bb)
@@ -875,7 +925,7 @@ def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str, schedule: G
         schedule = default_schedule(op, isa, n, k, quant, one_group)
         if group_size and op == "fwd":  # one K-chunk per group: the group's scale is applied per chunk
             schedule = dataclasses.replace(schedule, kc=group_size // 2)
-        while lora_split % (16 * schedule.nr):  # a work item's outputs must use one adapter
+        while op == "fwd" and lora_split % (16 * schedule.nr):  # a work item's outputs use one adapter
             schedule = dataclasses.replace(schedule, nr=schedule.nr // 2)
     return get_kernel(GemmSpec(op, n, k, isa, accumulate, schedule, quant, group_size, zero_point, lora_rank,
                                lora_split))

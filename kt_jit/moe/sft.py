@@ -140,11 +140,21 @@ def _grouped_fwd(x: torch.Tensor, experts: MoEExperts, name: str, y: torch.Tenso
     kern.launch(np.ascontiguousarray(np.concatenate([groups, extra], 1)), k * 2, n * 4, ldh=_pitch(h))
 
 
-def _grouped_bwd(dy: torch.Tensor, experts: MoEExperts, name: str, dx: torch.Tensor, r: Routing) -> None:
-    """dx[rows of e] = dy[rows of e] @ W_e for every active expert (one launch)."""
+def _grouped_bwd(dy: torch.Tensor, experts: MoEExperts, name: str, dx: torch.Tensor, r: Routing,
+                 lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> None:
+    """dx[rows of e] = dy[rows of e] @ W_e for every active expert (one launch).
+
+    ``lora = (t, a0, a1)`` (AVX-512 kernels) fuses ``dx += t[:, :r] a0_e (+ t[:, r:] a1_e)``:
+    t [rows, r or 2r] bf16, a [E, r, K] bf16."""
     n, k = _dims(experts, name)
-    kern = _kernel("bwd", experts, name)
     groups = _gemm_groups(r, _rows(dy, r), experts, name, _rows(dx, r))
+    if lora is not None:
+        t, a0, a1 = lora
+        kern = _kernel("bwd", experts, name, a0.shape[1], n // 2 if a1 is not None else 0)
+        extra = np.stack([_rows(t, r), _per_expert(a0, r), _per_expert(a1 if a1 is not None else a0, r)], 1)
+        kern.launch(np.ascontiguousarray(np.concatenate([groups, extra], 1)), n * 2, k * 4, ldh=_pitch(t))
+        return
+    kern = _kernel("bwd", experts, name)
     tiles = None
     if kern.spec.isa != "avx512":  # AMX reads dY pre-arranged in tiles; segments are whole tiles
         tiles = gemm.pack_dy_for_amx(dy)
@@ -273,19 +283,27 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
         grad_out = grad_out.float()
     dos = _gather(grad_out.contiguous(), r)
     d = aligned_empty((r.rows, idim), torch.float32)
-    _grouped_bwd(dos, experts, "down", d, r)
     w_row = torch.zeros(r.rows)  # routing weight of each row (0 on padding rows)
     w_row[r.slot_row] = saved.topk_weights[r.slot_token, r.slot_k]
-    if lora is not None:
+    if lora is None:
+        _grouped_bwd(dos, experts, "down", d, r)
+    else:
+        # T = s dY B first (fp32, for the A gradients); the transposed GEMMs add T A themselves
+        # from its bf16 copy on AVX-512, else separate passes add it
         true_rank = lora[0].shape[1]
         ga, gb, ua, ub, da, db = lora = pad_lora(lora)
         rank = ga.shape[1]
+        fused = _fuses_lora(experts)
         hgu, hd = saved.lora_h
-        t_d = aligned_empty((r.rows, rank), torch.float32)  # dOut Bd
+        t_d = aligned_empty((r.rows, rank), torch.float32)  # s dOut Bd
         _lora("xb", rank, hdim, _groups(r, _rows(dos, r), _per_expert(db, r), _rows(t_d, r)), _pitch(dos),
-              _pitch(t_d))
-        _lora("xb", idim, rank, _groups(r, _rows(t_d, r), _per_expert(da, r), _rows(d, r)), _pitch(t_d),
-              _pitch(d), scaling, x_dtype="f32", accumulate=True)
+              _pitch(t_d), scaling)
+        if fused:
+            _grouped_bwd(dos, experts, "down", d, r, (t_d.to(torch.bfloat16), da, None))
+        else:
+            _grouped_bwd(dos, experts, "down", d, r)
+            _lora("xb", idim, rank, _groups(r, _rows(t_d, r), _per_expert(da, r), _rows(d, r)), _pitch(t_d),
+                  _pitch(d), x_dtype="f32", accumulate=True)
     act = saved.act
     dw_rows = aligned_empty((r.rows,), torch.float32)
     dgu = aligned_empty((r.rows, 2 * idim), torch.bfloat16)
@@ -295,32 +313,38 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     dw = torch.zeros(t, kdim, dtype=torch.float32)
     dw[r.slot_token, r.slot_k] = dw_rows[r.slot_row]
     dxs = aligned_empty((r.rows, hdim), torch.float32)
-    _grouped_bwd(dgu, experts, "gate_up", dxs, r)
     grads = None
-    if lora is not None:
-        xs = _gather(saved.x, r)
-        t_gu = aligned_empty((r.rows, 2 * rank), torch.float32)  # [dG Bg | dU Bu]
+    if lora is None:
+        _grouped_bwd(dgu, experts, "gate_up", dxs, r)
+    else:
+        t_gu = aligned_empty((r.rows, 2 * rank), torch.float32)  # s [dG Bg | dU Bu]
         _lora("xb", rank, idim, np.concatenate([
             _groups(r, _rows(dgu, r), _per_expert(gb, r), _rows(t_gu, r)),
-            _groups(r, _rows(dgu, r, idim), _per_expert(ub, r), _rows(t_gu, r, rank))]), _pitch(dgu), _pitch(t_gu))
-        for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
-            _lora("xb", hdim, rank, _groups(r, _rows(t_gu, r, col), _per_expert(a, r), _rows(dxs, r)),
-                  _pitch(t_gu), _pitch(dxs), scaling, x_dtype="f32", accumulate=True)
+            _groups(r, _rows(dgu, r, idim), _per_expert(ub, r), _rows(t_gu, r, rank))]), _pitch(dgu), _pitch(t_gu),
+            scaling)
+        if fused:
+            _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu.to(torch.bfloat16), ga, ua))
+        else:
+            _grouped_bwd(dgu, experts, "gate_up", dxs, r)
+            for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
+                _lora("xb", hdim, rank, _groups(r, _rows(t_gu, r, col), _per_expert(a, r), _rows(dxs, r)),
+                      _pitch(t_gu), _pitch(dxs), x_dtype="f32", accumulate=True)
+        xs = _gather(saved.x, r)
         grads = tuple(torch.empty(p.shape, dtype=torch.bfloat16) for p in lora)
         g_ga, g_gb, g_ua, g_ub, g_da, g_db = grads
         whd = hd * w_row[:, None]  # dY^T (w hd) = (w dOut)^T hd (hd carries the scaling)
         _lora("xty", rank, hdim, _grad_groups(r, _rows(dos, r), _rows(whd, r), g_db), _pitch(dos),
               0, 1.0, ldw=_pitch(whd), w_dtype="f32", y_dtype="bf16")
-        wtd = t_d * w_row[:, None]
+        wtd = t_d * w_row[:, None]  # (t_d carries the scaling)
         _lora("xty", idim, rank, _grad_groups(r, _rows(wtd, r), _rows(act, r), g_da), _pitch(wtd),
-              0, scaling, x_dtype="f32", ldw=_pitch(act), y_dtype="bf16")
+              0, 1.0, x_dtype="f32", ldw=_pitch(act), y_dtype="bf16")
         _lora("xty", rank, idim, np.concatenate([
             _grad_groups(r, _rows(dgu, r), _rows(hgu, r), g_gb),
             _grad_groups(r, _rows(dgu, r, idim), _rows(hgu, r, rank), g_ub)]), _pitch(dgu), 0,
             1.0, ldw=_pitch(hgu), w_dtype="bf16", y_dtype="bf16")
         _lora("xty", hdim, rank, np.concatenate([
             _grad_groups(r, _rows(t_gu, r), _rows(xs, r), g_ga),
-            _grad_groups(r, _rows(t_gu, r, rank), _rows(xs, r), g_ua)]), _pitch(t_gu), 0, scaling,
+            _grad_groups(r, _rows(t_gu, r, rank), _rows(xs, r), g_ua)]), _pitch(t_gu), 0, 1.0,
             x_dtype="f32", ldw=_pitch(xs), y_dtype="bf16")
         grads = unpad_grads(grads, true_rank)
     dx = _combine(dxs, r, None, torch.float32)
