@@ -189,6 +189,9 @@ def _xb_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: s
     row_blocks(fn, m, mr, micro)
 
 
+XTY_PREFETCH_UNITS = 2  # xty: prefetch distance along a token row, in work units
+
+
 def _xty_body(spec: LoraSpec):
     nb, ab = spec.nb, spec.a_block
     cols = spec.n // (16 * nb)
@@ -208,6 +211,12 @@ def _xty_body(spec: LoraSpec):
                 qrow = fn.gep(q, fn.add(fn.mul(t, ldq), fn.mul(b0, qsz)))
                 qv = [vx.load_f32x16(fn, fn.gep(qrow, j * 16 * qsz), spec.w_dtype) for j in range(nb)]
                 prow = fn.gep(p, fn.add(fn.mul(t, ldp), fn.mul(a0, psz)))
+                # the rows are far apart (a token's row is K or N wide): the next units' slices of
+                # this row are prefetched, else every unit waits on m cold lines in m pages
+                if cols > 1:
+                    vx.prefetch(fn, fn.gep(qrow, XTY_PREFETCH_UNITS * 16 * nb * qsz))
+                else:
+                    vx.prefetch(fn, fn.gep(prow, XTY_PREFETCH_UNITS * ab * psz))
                 for a in range(ab):
                     pv = vx.splat_f32(fn, fn.gep(prow, a * psz), spec.x_dtype)
                     for j in range(nb):
