@@ -13,15 +13,23 @@ def _isolated_cache(tmp_path_factory):
     yield
 
 
-def _isa_params():
-    from kt_jit.runtime.amx import amx_status
+def _needs_avx512_bf16():
     from kt_jit.runtime.cpu import cpu_info
 
     info = cpu_info()
+    return pytest.mark.skipif(not info.avx512_bf16,
+                              reason=f"AVX-512 BF16 kernels need avx512_bf16; {info.model_name} lacks it")
+
+
+NEEDS_AVX512_BF16 = _needs_avx512_bf16()
+
+
+def _isa_params():
+    from kt_jit.runtime.amx import amx_status
+
     amx_ok, amx_why = amx_status()
     return [
-        pytest.param("avx512", marks=pytest.mark.skipif(
-            not info.avx512_bf16, reason=f"AVX-512 BF16 kernels need avx512_bf16; {info.model_name} lacks it")),
+        pytest.param("avx512", marks=NEEDS_AVX512_BF16),
         pytest.param("amx", marks=pytest.mark.skipif(not amx_ok, reason=f"AMX not usable here: {amx_why}")),
         pytest.param("amx_emu"),
     ]

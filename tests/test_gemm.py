@@ -1,8 +1,10 @@
 """Packed BF16 expert GEMMs, forward (Y = X W^T) and transposed (dX = dY W), every ISA."""
 
+import dataclasses
+
 import pytest
 import torch
-from conftest import ISAS
+from conftest import ISAS, NEEDS_AVX512_BF16
 from reference import linear as ref_linear
 from reference import linear_t as ref_linear_t
 from reference import rel_err
@@ -233,7 +235,24 @@ def test_non_cpu_tensors_are_rejected():
         gemm.linear(x, p.to("meta"))
 
 
-@pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="fused LoRA runs the AVX-512 kernels")
+def _weights_in(quant, gs, zp, n, k, g):
+    """(packed, scales, zero points, the weight the kernels compute with) of a random W [n, k]."""
+    if quant == "bf16":
+        w = torch.randn(n, k, generator=g).bfloat16()
+        return pack_bf16(w), None, None, w
+    return _quantized(quant, gs, zp, n, k)
+
+
+def _lora_table(p, s, z, groups):
+    """Fused-LoRA group table from (input, output, m, LoRA rows, adapter 0, adapter 1) per group."""
+    def ptr(t):
+        return t.data_ptr() if t is not None else 0
+
+    return torch.tensor([[a.data_ptr(), p.data_ptr(), o.data_ptr(), m, ptr(s), ptr(z), h.data_ptr(), b0.data_ptr(),
+                          b1.data_ptr()] for a, o, m, h, b0, b1 in groups], dtype=torch.int64)
+
+
+@NEEDS_AVX512_BF16
 @pytest.mark.parametrize("quant,gs,zp", [("bf16", 0, False), ("int8", 0, False), ("int4", 64, True)])
 @pytest.mark.parametrize("split,rank", [(0, 16), (128, 16), (128, 32)])
 def test_fused_lora_forward(quant, gs, zp, split, rank):
@@ -241,11 +260,7 @@ def test_fused_lora_forward(quant, gs, zp, split, rank):
     adapter or two (outputs past ``split`` read the second adapter and the second half of H)."""
     n, k = 256, 128
     g = torch.Generator().manual_seed(5)
-    if quant == "bf16":
-        w = torch.randn(n, k, generator=g).bfloat16()
-        p, s, z, wd = pack_bf16(w), None, None, w
-    else:
-        p, s, z, wd = _quantized(quant, gs, zp, n, k)
+    p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
     hcols = rank * (2 if split else 1)
     ms = [0, 1, 5, 7, 13]
     xs = [torch.randn(m, k, generator=g).bfloat16() for m in ms]
@@ -257,9 +272,8 @@ def test_fused_lora_forward(quant, gs, zp, split, rank):
         before = [y.clone() for y in ys]
         kern = gemm.kernel_for("fwd", n, k, accumulate, quant=quant, group_size=gs, zero_point=zp, lora_rank=rank,
                                lora_split=split)
-        table = torch.tensor([[x.data_ptr(), p.data_ptr(), y.data_ptr(), m, s.data_ptr() if s is not None else 0,
-                               z.data_ptr() if z is not None else 0, h.data_ptr(), b0[e].data_ptr(), b1[e].data_ptr()]
-                              for e, (x, y, h, m) in enumerate(zip(xs, ys, hs, ms, strict=True))], dtype=torch.int64)
+        table = _lora_table(p, s, z, [(x, y, m, h, b0[e], b1[e])
+                                      for e, (x, y, h, m) in enumerate(zip(xs, ys, hs, ms, strict=True))])
         kern.launch(table, k * 2, n * 4, ldh=hcols * 2)
         for e, m in enumerate(ms):
             if m == 0:
@@ -271,7 +285,7 @@ def test_fused_lora_forward(quant, gs, zp, split, rank):
             assert rel_err(ys[e], ref) < 1e-5, (m, accumulate)
 
 
-@pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="fused LoRA runs the AVX-512 kernels")
+@NEEDS_AVX512_BF16
 @pytest.mark.parametrize("quant,gs,zp", [("bf16", 0, False), ("int8", 0, False), ("int4", 64, True)])
 @pytest.mark.parametrize("two,rank", [(False, 16), (True, 16), (True, 32)])
 @pytest.mark.parametrize("form", ["panel", "fold"])
@@ -280,11 +294,7 @@ def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
     and panel groups; with two adapters T = [T0 | T1] and dX += T0 A0 + T1 A1."""
     n, k = 128, 256
     g = torch.Generator().manual_seed(6)
-    if quant == "bf16":
-        w = torch.randn(n, k, generator=g).bfloat16()
-        p, s, z, wd = pack_bf16(w), None, None, w
-    else:
-        p, s, z, wd = _quantized(quant, gs, zp, n, k)
+    p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
     tcols = rank * (2 if two else 1)
     ms = [0, 1, 3, 5, 9, 14]
     dys = [torch.randn(m, n, generator=g).bfloat16() for m in ms]
@@ -292,14 +302,13 @@ def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
     a0 = torch.randn(len(ms), rank, k, generator=g).bfloat16()
     a1 = torch.randn(len(ms), rank, k, generator=g).bfloat16()
     sch = gemm.default_schedule("bwd", "avx512", n, k, quant, form == "fold")
-    sch = gemm.GemmSchedule(sch.mr, sch.nr, sch.kc, sch.pf, sch.form, 8, sch.small)
+    sch = dataclasses.replace(sch, sm=8)  # 9 and 14 rows take the panel path
     for accumulate in (False, True):
         outs = [torch.randn(m, k, generator=g) for m in ms]
         before = [o.clone() for o in outs]
         spec = gemm.GemmSpec("bwd", n, k, "avx512", accumulate, sch, quant, gs, zp, rank, n // 2 if two else 0)
-        table = torch.tensor([[d.data_ptr(), p.data_ptr(), o.data_ptr(), m, s.data_ptr() if s is not None else 0,
-                               z.data_ptr() if z is not None else 0, t.data_ptr(), a0[e].data_ptr(), a1[e].data_ptr()]
-                              for e, (d, o, t, m) in enumerate(zip(dys, outs, ts, ms, strict=True))], dtype=torch.int64)
+        table = _lora_table(p, s, z, [(d, o, m, t, a0[e], a1[e])
+                                      for e, (d, o, t, m) in enumerate(zip(dys, outs, ts, ms, strict=True))])
         gemm.get_kernel(spec).launch(table, n * 2, k * 4, ldh=tcols * 2)
         for e, m in enumerate(ms):
             if m == 0:

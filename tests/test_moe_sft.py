@@ -4,6 +4,7 @@ import threading
 
 import pytest
 import torch
+from conftest import NEEDS_AVX512_BF16
 from reference import moe as ref_moe
 from reference import rel_err
 
@@ -368,14 +369,13 @@ def test_amx_kernel_path_through_the_operator(isa, monkeypatch):
     check_against_reference(make_layer(h=64, i=64), make_batch(21, 3, h=64), dout)
 
 
-@pytest.mark.parametrize("isa,i", [("avx512", 96), ("avx512", 64), ("amx_emu", 64)])
+@pytest.mark.parametrize("isa,i", [pytest.param("avx512", 96, marks=NEEDS_AVX512_BF16),
+                                   pytest.param("avx512", 64, marks=NEEDS_AVX512_BF16), ("amx_emu", 64)])
 def test_fused_and_separate_lora_paths(isa, i, monkeypatch):
-    """The AVX-512 forward GEMMs fuse the LoRA B products (I = 96 splits gate/up at a 32-column work
-    item, I = 64 at 64 columns); the AMX path adds them in separate passes."""
+    """The AVX-512 GEMMs fuse the LoRA products (I = 96 splits gate/up at a 32-column work item,
+    I = 64 at 64 columns); the AMX path adds them in separate passes."""
     from kt_jit.moe import sft
 
-    if isa == "avx512" and not kt_jit.cpu_info().avx512_bf16:
-        pytest.skip("the AVX-512 kernels need AVX-512 BF16")
     monkeypatch.setenv("KT_JIT_ISA", isa)
     layer = make_layer(h=64, i=i)
     assert sft._fuses_lora(layer[3]) == (isa == "avx512")

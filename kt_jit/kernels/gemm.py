@@ -293,6 +293,25 @@ def _mac(fn: Function, accs: dict, wv: list[str], xptrs: list[str]) -> None:
             acc.set(vx.dpbf16(fn, acc.get(), w, xb))
 
 
+def _panel_mac(fn: Function, accs: dict, panel: str, nr: int, steps: int | str, xptr) -> None:
+    """``accs += sum_q panel[q] . X(q)``: the forward micro-kernel over ``steps`` k-pair rows of a
+    stack panel (``nr`` vectors of 64 B per row); ``xptr(i, q)`` points at row i's bf16 pair q."""
+    rows = 1 + max(i for i, _ in accs)
+    with fn.loop(0, steps, name="pq") as q:
+        wp = fn.gep(panel, fn.mul(q, nr * 64))
+        _mac(fn, accs, [fn.load(BF16x32, fn.gep(wp, j * 64), 64) for j in range(nr)],
+             [xptr(i, q) for i in range(rows)])
+
+
+def _add_to_block(fn: Function, ptrs: dict, add) -> None:
+    """Read-modify-write of an output block still in cache: ``ptrs[i, j]`` -> fp32 vector, ``add``
+    accumulates into the loaded values."""
+    accs = {key: (fn.var(F32x16, fn.load(F32x16, p, 4), 64), p) for key, p in ptrs.items()}
+    add(accs)
+    for acc, p in accs.values():
+        fn.store(F32x16, acc.get(), p, 4)
+
+
 def _lora_pairs(fn: Function, spec: GemmSpec, c: str, desc_extra: tuple[str, str, str]) -> tuple[str, str, str]:
     """Fused LoRA, once per work item: the item's ``16 nr`` rows of B [N, rank] rearranged like a
     packed weight (one vector per (column block j, rank pair p): lane l holds the pair
@@ -384,13 +403,10 @@ def _avx512_fwd_body(spec: GemmSpec):
                         vx.prefetch(fn, fn.gep(p, sch.pf * rb))
                 return wv
 
-            def lora_mac(m0: str, rows: int, accs: dict) -> None:
+            def lora_mac(m0: str, accs: dict) -> None:
                 """accs += H B^T (the fused LoRA term) for these rows, as rank/2 extra k-steps."""
-                with fn.loop(0, spec.lora_rank // 2, name="lk") as lk:
-                    lp = fn.gep(lpanel, fn.mul(lk, sch.nr * 64))
-                    _mac(fn, accs, [fn.load(BF16x32, fn.gep(lp, j * 64), 64) for j in range(sch.nr)],
-                         [fn.gep(h, fn.add(fn.add(fn.mul(fn.add(m0, i), ldh), hoff), fn.mul(lk, 4)))
-                          for i in range(rows)])
+                _panel_mac(fn, accs, lpanel, sch.nr, spec.lora_rank // 2,
+                           lambda i, q: fn.gep(h, fn.add(fn.add(fn.mul(fn.add(m0, i), ldh), hoff), fn.mul(q, 4))))
 
             def micro(m0: str, rows: int, decoded: bool = False) -> None:
                 accs = {}
@@ -403,7 +419,7 @@ def _avx512_fwd_body(spec: GemmSpec):
                         accs[i, j] = (acc, p)
                 if spec.lora_rank and not scaled:  # first chunk: the LoRA term starts the accumulators
                     with fn.if_then(first, name="lora"):
-                        lora_mac(m0, rows, accs)
+                        lora_mac(m0, accs)
                 with fn.loop(kc0, fn.add(kc0, kc), name="r") as r:
                     _mac(fn, accs, weights(r, decoded),
                          [fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(r, 4))) for i in range(rows)])
@@ -418,10 +434,7 @@ def _avx512_fwd_body(spec: GemmSpec):
                     fn.store(F32x16, v, p, 4)
                 if spec.lora_rank and scaled:  # (not scaled by the weight scales) added to the stored block
                     with fn.if_then(first, name="lora"):
-                        laccs = {key: (fn.var(F32x16, fn.load(F32x16, p, 4), 64), p) for key, (_, p) in accs.items()}
-                        lora_mac(m0, rows, laccs)
-                        for acc, p in laccs.values():
-                            fn.store(F32x16, acc.get(), p, 4)
+                        _add_to_block(fn, {key: p for key, (_, p) in accs.items()}, lambda la: lora_mac(m0, la))
 
             if not use_panel:
                 row_blocks(fn, m, sch.mr, micro)
@@ -479,18 +492,10 @@ def _bwd_lora(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, k0: str, e
                 fn.store(I16x32, v, fn.gep(dst, j * 64), 64)
 
     def micro(m0: str, rows: int) -> None:
-        accs = {}
-        for i in range(rows):
-            yrow = fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4)))
-            for j in range(nr):
-                ptr = fn.gep(yrow, j * 64)
-                accs[i, j] = (fn.var(F32x16, fn.load(F32x16, ptr, 4), 64), ptr)
-        with fn.loop(0, pairs, name="lq") as q:
-            wp = fn.gep(panel, fn.mul(q, nr * 64))
-            _mac(fn, accs, [fn.load(BF16x32, fn.gep(wp, j * 64), 64) for j in range(nr)],
-                 [fn.gep(t, fn.add(fn.mul(fn.add(m0, i), ldh), fn.mul(q, 4))) for i in range(rows)])
-        for acc, ptr in accs.values():
-            fn.store(F32x16, acc.get(), ptr, 4)
+        yrows = [fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4))) for i in range(rows)]
+        _add_to_block(fn, {(i, j): fn.gep(yrows[i], j * 64) for i in range(rows) for j in range(nr)},
+                      lambda accs: _panel_mac(fn, accs, panel, nr, pairs,
+                                              lambda i, q: fn.gep(t, fn.add(fn.mul(fn.add(m0, i), ldh), fn.mul(q, 4)))))
 
     row_blocks(fn, m, spec.schedule.mr, micro)
 
@@ -633,10 +638,9 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                     for j in range(sch.nr):
                         p = fn.gep(yrow, j * 64)
                         accs[i, j] = (_open_acc(fn, spec, p, first), p)
-                with fn.loop(0, kcn * 8, name="q") as q:  # the forward micro-kernel, on the panel
-                    wp = fn.gep(panel, fn.mul(q, sch.nr * 64))
-                    _mac(fn, accs, [fn.load(BF16x32, fn.gep(wp, j * 64), 64) for j in range(sch.nr)],
-                         [fn.gep(xc, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(q, 4))) for i in range(rows)])
+                # the forward micro-kernel, on the panel
+                _panel_mac(fn, accs, panel, sch.nr, kcn * 8,
+                           lambda i, q: fn.gep(xc, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(q, 4))))
                 for acc, p in accs.values():
                     fn.store(F32x16, acc.get(), p, 4)
 

@@ -70,13 +70,21 @@ def _groups(r: Routing, x: np.ndarray, w: np.ndarray, y: np.ndarray) -> np.ndarr
     return np.ascontiguousarray(np.stack([x, w, y, r.counts_np], 1), dtype=np.int64)
 
 
-def _gemm_groups(r: Routing, x: np.ndarray, experts: MoEExperts, name: str, y: np.ndarray) -> np.ndarray:
-    """GEMM group descriptors (x, w, y, m, scales) for the expert matrix ``name``."""
+LoraOperands = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # rows, adapter 0, adapter 1
+
+
+def _gemm_groups(r: Routing, x: np.ndarray, experts: MoEExperts, name: str, y: np.ndarray,
+                 lora: LoraOperands | None = None) -> np.ndarray:
+    """GEMM group descriptors (x, w, y, m, scales, zeros[, lora rows, adapter 0, adapter 1]) for the
+    expert matrix ``name``."""
     def addr(t: torch.Tensor | None) -> np.ndarray:
         return _per_expert(t, r) if t is not None else np.zeros_like(r.counts_np)
 
-    return np.ascontiguousarray(np.stack([x, addr(experts.tensors[name]), y, r.counts_np, addr(experts.scales(name)),
-                                          addr(experts.zeros(name))], 1), dtype=np.int64)
+    cols = [x, addr(experts.tensors[name]), y, r.counts_np, addr(experts.scales(name)), addr(experts.zeros(name))]
+    if lora is not None:
+        rows, a0, a1 = lora
+        cols += [_rows(rows, r), addr(a0), addr(a1 if a1 is not None else a0)]
+    return np.ascontiguousarray(np.stack(cols, 1), dtype=np.int64)
 
 
 def _gather(src: torch.Tensor, r: Routing) -> torch.Tensor:
@@ -123,36 +131,33 @@ def _fuses_lora(experts: MoEExperts) -> bool:
 
 
 def _grouped_fwd(x: torch.Tensor, experts: MoEExperts, name: str, y: torch.Tensor, r: Routing,
-                 lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> None:
+                 lora: LoraOperands | None = None) -> None:
     """y[rows of e] = x[rows of e] @ W_e^T for every active expert (one launch).
 
     ``lora = (h, b0, b1)`` fuses ``y += h[:, :r] b0_e^T`` (outputs below the split; with ``b1``,
     ``y += h[:, r:] b1_e^T`` above it): h [rows, r or 2r] bf16, b [E, out, r] bf16."""
     n, k = _dims(experts, name)
-    groups = _gemm_groups(r, _rows(x, r), experts, name, _rows(y, r))
+    groups = _gemm_groups(r, _rows(x, r), experts, name, _rows(y, r), lora)
     if lora is None:
         _kernel("fwd", experts, name).launch(groups, k * 2, n * 4)
         return
     h, b0, b1 = lora
-    rank = b0.shape[2]
-    kern = _kernel("fwd", experts, name, rank, b0.shape[1] if b1 is not None else 0)
-    extra = np.stack([_rows(h, r), _per_expert(b0, r), _per_expert(b1 if b1 is not None else b0, r)], 1)
-    kern.launch(np.ascontiguousarray(np.concatenate([groups, extra], 1)), k * 2, n * 4, ldh=_pitch(h))
+    kern = _kernel("fwd", experts, name, b0.shape[2], b0.shape[1] if b1 is not None else 0)
+    kern.launch(groups, k * 2, n * 4, ldh=_pitch(h))
 
 
 def _grouped_bwd(dy: torch.Tensor, experts: MoEExperts, name: str, dx: torch.Tensor, r: Routing,
-                 lora: tuple[torch.Tensor, torch.Tensor, torch.Tensor | None] | None = None) -> None:
+                 lora: LoraOperands | None = None) -> None:
     """dx[rows of e] = dy[rows of e] @ W_e for every active expert (one launch).
 
     ``lora = (t, a0, a1)`` (AVX-512 kernels) fuses ``dx += t[:, :r] a0_e (+ t[:, r:] a1_e)``:
     t [rows, r or 2r] bf16, a [E, r, K] bf16."""
     n, k = _dims(experts, name)
-    groups = _gemm_groups(r, _rows(dy, r), experts, name, _rows(dx, r))
+    groups = _gemm_groups(r, _rows(dy, r), experts, name, _rows(dx, r), lora)
     if lora is not None:
         t, a0, a1 = lora
         kern = _kernel("bwd", experts, name, a0.shape[1], n // 2 if a1 is not None else 0)
-        extra = np.stack([_rows(t, r), _per_expert(a0, r), _per_expert(a1 if a1 is not None else a0, r)], 1)
-        kern.launch(np.ascontiguousarray(np.concatenate([groups, extra], 1)), n * 2, k * 4, ldh=_pitch(t))
+        kern.launch(groups, n * 2, k * 4, ldh=_pitch(t))
         return
     kern = _kernel("bwd", experts, name)
     tiles = None
