@@ -11,6 +11,7 @@ from reference import rel_err
 
 from kt_jit.kernels import gemm
 from kt_jit.kernels.pack import pack_bf16, unpack_bf16
+from kt_jit.kernels.rowquant import ACT_MAX, quantize_rows
 
 MS = [1, 7, 16, 33, 100, 512]
 
@@ -200,20 +201,44 @@ def _quantized(quant, gs, zp, n, k, seed=0):
 @pytest.mark.parametrize("quant,gs,zp", QUANT_CASES)
 @pytest.mark.parametrize("m", [1, 7, 33])
 def test_quantized_gemms_match_dequantized_reference(quant, gs, zp, m):
-    """Forward is exact on the dequantized weight (integer codes in bf16, scales in fp32); the
-    transposed GEMM rounds each dequantized weight to bf16 once (~0.2%). m = 1 and 7 take the
-    streamed path of the transposed GEMM, 33 the panel path."""
-    n, k = 192, 128
-    p, s, z, wd = _quantized(quant, gs, zp, n, k)
-    x = torch.randn(m, k).bfloat16()
-    dy = torch.randn(m, n).bfloat16()
-    y, dx = torch.empty(m, n), torch.empty(m, k)
-    zptr = z.data_ptr() if z is not None else 0
-    for op, a, out, lda, ldo in (("fwd", x, y, k * 2, n * 4), ("bwd", dy, dx, n * 2, k * 4)):
-        kern = gemm.kernel_for(op, n, k, quant=quant, group_size=gs, zero_point=zp)
-        kern.launch(gemm._one_group(a.data_ptr(), p.data_ptr(), out.data_ptr(), m, s.data_ptr(), zptr), lda, ldo)
-    assert rel_err(y, ref_linear(x, wd)) < 1e-5
-    assert rel_err(dx, ref_linear_t(dy, wd)) < 5e-3
+    """Forward: integer codes times int16 activations (per-row scales, |error| <= max|x|/32766) is
+    within ~1e-4 of the dequantized weight's product; the transposed GEMM rounds each dequantized
+    weight to bf16 once (~0.2%). m = 1 and 7 take the streamed path of the transposed GEMM, 33 the
+    panel path; k = 1024 has several K-chunks (and groups) per output."""
+    for n, k in ((192, 128), (64, 1024)):
+        p, s, z, wd = _quantized(quant, gs, zp, n, k)
+        x = torch.randn(m, k).bfloat16()
+        dy = torch.randn(m, n).bfloat16()
+        y, dx = torch.empty(m, n), torch.empty(m, k)
+        zptr = z.data_ptr() if z is not None else 0
+        xq, xs = quantize_rows(x)
+        fwd = gemm.kernel_for("fwd", n, k, quant=quant, group_size=gs, zero_point=zp)
+        fwd.launch(gemm._one_group(xq.data_ptr(), p.data_ptr(), y.data_ptr(), m, s.data_ptr(), zptr, xs.data_ptr()),
+                   k * 2, n * 4)
+        bwd = gemm.kernel_for("bwd", n, k, quant=quant, group_size=gs, zero_point=zp)
+        bwd.launch(gemm._one_group(dy.data_ptr(), p.data_ptr(), dx.data_ptr(), m, s.data_ptr(), zptr), n * 2, k * 4)
+        assert rel_err(y, ref_linear(x, wd)) < 2e-4
+        assert rel_err(dx, ref_linear_t(dy, wd)) < 5e-3
+
+
+@NEEDS_AVX512_BF16
+def test_quantize_rows():
+    """q = round(x * (1/s)), s = max|x| / ACT_MAX per row; zero rows give s = 0 and q = 0; a NaN or inf
+    in a row gives a non-finite scale (so the GEMM output is not finite either)."""
+    x = (torch.randn(37, 96, generator=torch.Generator().manual_seed(3)) * 3).bfloat16()
+    x[3] = 0
+    x[5, 7], x[6, 1] = float("nan"), float("inf")
+    q, s = quantize_rows(x)
+    finite = [i for i in range(37) if i not in (3, 5, 6)]
+    want_s = x[finite].float().abs().amax(1) / ACT_MAX
+    assert torch.equal(s[finite], want_s)
+    amax = x[finite].float().abs().amax(1, keepdim=True)
+    inv = torch.full_like(amax, ACT_MAX) / amax  # the kernel multiplies by 1/s (IEEE division)
+    assert torch.equal(q[finite].float(), torch.round(x[finite].float() * inv))
+    assert q.abs().max() == ACT_MAX and s[3] == 0 and not q[3].any()
+    assert not s[5:7].isfinite().any()
+    with pytest.raises(ValueError, match="bfloat16"):
+        quantize_rows(x.float())
 
 
 def test_int8_linear_api():
@@ -221,7 +246,7 @@ def test_int8_linear_api():
 
     p, s = pack_int8(torch.randn(64, 96))
     x = torch.randn(5, 96).bfloat16()
-    assert rel_err(gemm.linear(x, p, scales=s), ref_linear(x, dequantize_int8(p, s))) < 1e-5
+    assert rel_err(gemm.linear(x, p, scales=s), ref_linear(x, dequantize_int8(p, s))) < 2e-4
     with pytest.raises(ValueError, match="scales"):
         gemm.linear(x, p)
 
@@ -243,13 +268,16 @@ def _weights_in(quant, gs, zp, n, k, g):
     return _quantized(quant, gs, zp, n, k)
 
 
-def _lora_table(p, s, z, groups):
-    """Fused-LoRA group table from (input, output, m, LoRA rows, adapter 0, adapter 1) per group."""
+def _lora_table(p, s, z, groups, xscales=None):
+    """Fused-LoRA group table from (input, output, m, LoRA rows, adapter 0, adapter 1) per group
+    (``xscales``: per group, the row scales of an int16 input, for the quantized forward)."""
     def ptr(t):
         return t.data_ptr() if t is not None else 0
 
-    return torch.tensor([[a.data_ptr(), p.data_ptr(), o.data_ptr(), m, ptr(s), ptr(z), h.data_ptr(), b0.data_ptr(),
-                          b1.data_ptr()] for a, o, m, h, b0, b1 in groups], dtype=torch.int64)
+    return torch.tensor([[a.data_ptr(), p.data_ptr(), o.data_ptr(), m, ptr(s), ptr(z)]
+                         + ([xscales[e].data_ptr()] if xscales is not None else [])
+                         + [h.data_ptr(), b0.data_ptr(), b1.data_ptr()]
+                         for e, (a, o, m, h, b0, b1) in enumerate(groups)], dtype=torch.int64)
 
 
 @NEEDS_AVX512_BF16
@@ -272,8 +300,10 @@ def test_fused_lora_forward(quant, gs, zp, split, rank):
         before = [y.clone() for y in ys]
         kern = gemm.kernel_for("fwd", n, k, accumulate, quant=quant, group_size=gs, zero_point=zp, lora_rank=rank,
                                lora_split=split)
-        table = _lora_table(p, s, z, [(x, y, m, h, b0[e], b1[e])
-                                      for e, (x, y, h, m) in enumerate(zip(xs, ys, hs, ms, strict=True))])
+        xq = [quantize_rows(x) for x in xs] if quant != "bf16" else [(x, None) for x in xs]
+        table = _lora_table(p, s, z, [(xq[e][0], y, m, h, b0[e], b1[e])
+                                      for e, (y, h, m) in enumerate(zip(ys, hs, ms, strict=True))],
+                            [sc for _, sc in xq] if quant != "bf16" else None)
         kern.launch(table, k * 2, n * 4, ldh=hcols * 2)
         for e, m in enumerate(ms):
             if m == 0:
@@ -282,7 +312,7 @@ def test_fused_lora_forward(quant, gs, zp, split, rank):
             ref[:, :split or n] += ref_linear(hs[e][:, :rank], b0[e])
             if split:
                 ref[:, split:] += ref_linear(hs[e][:, rank:], b1[e])
-            assert rel_err(ys[e], ref) < 1e-5, (m, accumulate)
+            assert rel_err(ys[e], ref) < (1e-5 if quant == "bf16" else 2e-4), (m, accumulate)
 
 
 @NEEDS_AVX512_BF16

@@ -1,7 +1,8 @@
 """AVX-512 helpers over the text IR builder: loads, broadcasts, bf16 dot products, shuffles.
 
 Generic IR is used wherever LLVM lowers it well (shufflevector, fptrunc to bfloat, fadd); the
-bf16 dot product, which has no generic form, is the ``llvm.x86.avx512bf16.dpbf16ps.512`` intrinsic.
+bf16 dot product, which has no generic form, is the ``llvm.x86.avx512bf16.dpbf16ps.512`` intrinsic
+(and the int16 one ``llvm.x86.avx512.vpdpwssd.512``).
 """
 
 from __future__ import annotations
@@ -11,6 +12,7 @@ from collections.abc import Sequence
 from .ir import BF16x32, F32x16, Function, I16x32, I32x16, shuffle_mask, vec_const
 
 _DPBF16 = "llvm.x86.avx512bf16.dpbf16ps.512"
+_DPWSSD = "llvm.x86.avx512.vpdpwssd.512"
 
 
 def dpbf16(fn: Function, acc: str, a: str, b: str) -> str:
@@ -18,6 +20,13 @@ def dpbf16(fn: Function, acc: str, a: str, b: str) -> str:
     sym = fn.module.declare(
         _DPBF16, f"declare {F32x16} @{_DPBF16}({F32x16}, {BF16x32}, {BF16x32})")
     return fn.val(f"call {F32x16} {sym}({F32x16} {acc}, {BF16x32} {a}, {BF16x32} {b})")
+
+
+def dpwssd(fn: Function, acc: str, a: str, b: str) -> str:
+    """acc[i] += a[2i]*b[2i] + a[2i+1]*b[2i+1] (int16 pairs, int32 accumulate, wrapping)."""
+    sym = fn.module.declare(
+        _DPWSSD, f"declare {I32x16} @{_DPWSSD}({I32x16}, {I16x32}, {I16x32})")
+    return fn.val(f"call {I32x16} {sym}({I32x16} {acc}, {I16x32} {a}, {I16x32} {b})")
 
 
 def bcast_pair(fn: Function, ptr: str) -> str:

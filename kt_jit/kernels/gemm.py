@@ -56,11 +56,14 @@ from ..runtime.amx import active_isa, require_amx
 from ..runtime.buffers import aligned_zeros
 from ..runtime.threads import launch
 from .pack import check_gemm_dims
+from .rowquant import ACT_MAX, quantize_rows
 
 GROUP_FIELDS = 6  # x, w, y, m, scales [G, N] fp32, zero points [G, N] uint8 per group descriptor
+XSCALE_FIELDS = 1  # integer-activation kernels (quantized fwd) append: per-row scales of x, fp32 [m]
 LORA_FIELDS = 3  # fused-LoRA kernels append: h (bf16 rows), LoRA B of the first and second adapter
 QUANTS = ("bf16", "int8", "int4")
 ROW_BYTES = {"bf16": 64, "int8": 32, "int4": 16}  # bytes of one packed row (16 channels x one k-pair)
+QMAX = {"int8": 127, "int4": 15}  # largest |integer weight| (int8 code, int4 code minus zero point)
 ARGS = ArgBlock(["groups", "ldx", "ldy", "ldh"])
 ISAS = ("avx512", "amx", "amx_emu")
 
@@ -104,9 +107,9 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     for launches of a single group (``one_group``: streaming it would leave the other threads idle;
     the fold form splits its outputs over work items)."""
     if isa == "avx512":
-        if op == "fwd":  # int8: chunks small enough to decode once into a stack panel
-            kc = _chunk(k // 2, DECODE_PANEL_MAX_KC if quant == "int8" else 256)
-            return GemmSchedule(mr=6, nr=4 if n % 64 == 0 else 2, kc=kc, pf=16)
+        if op == "fwd":  # quantized: prefetch 2 KB ahead like bf16's 16 rows (measured int8 +2-11%)
+            pf = 16 if quant == "bf16" else 2048 // ROW_BYTES[quant]
+            return GemmSchedule(mr=6, nr=4 if n % 64 == 0 else 2, kc=_chunk(k // 2, 256), pf=pf)
         # streaming a whole small group beats the panel up to 12-13 rows (measured on Zen 5: m=10
         # 1.4-1.5x, m=12 1.13-1.34x; beyond that the dX rows, K*4 bytes apart, overflow L1's ways)
         small = "fold" if quant == "int4" or one_group else "stream"
@@ -163,10 +166,13 @@ class GemmSpec:
             raise ValueError("group_size and zero_point apply to int4 weights only")
         if self.group_size and (self.group_size % 32 or self.k % self.group_size):
             raise ValueError(f"group_size={self.group_size} must be a multiple of 32 that divides K={self.k}")
-        if self.group_size and self.op == "fwd" and self.schedule.kc * 2 != self.group_size:
-            raise ValueError(f"grouped weights need kc = group_size/2 = {self.group_size // 2}, "
-                             f"got kc={self.schedule.kc}")
         sch = self.schedule
+        if self.group_size and self.op == "fwd" and (not sch.kc or (self.group_size // 2) % sch.kc):
+            raise ValueError(f"grouped weights need a kc that divides group_size/2 = {self.group_size // 2}, "
+                             f"got kc={sch.kc}")
+        if self.int_x and 2 * (sch.kc or self.k // 2) * ACT_MAX * QMAX[self.quant] >= 2 ** 31:
+            raise ValueError(f"kc={sch.kc} k-pairs would overflow the int32 accumulators of the {self.quant} "
+                             "forward; use a smaller kc")
         if sch.form not in ("", "panel", "fold") or (sch.form and (self.op, self.isa) != ("bwd", "avx512")):
             raise ValueError(f"schedule form {sch.form!r}: 'panel' or 'fold' for the AVX-512 transposed GEMM only")
         if sch.small not in ("stream", "fold"):
@@ -199,9 +205,15 @@ class GemmSpec:
         return f"gemm_{self.op}_{q}_n{self.n}_k{self.k}_{self.isa}_{self.schedule}{acc}{lora}"
 
     @property
+    def int_x(self) -> bool:
+        """Quantized forward: x arrives as int16 rows with a per-row fp32 scale
+        (:func:`kt_jit.kernels.rowquant.quantize_rows`), multiplied by the integer codes with vpdpwssd."""
+        return self.quant != "bf16" and self.op == "fwd"
+
+    @property
     def group_fields(self) -> int:
         """int64 fields per group descriptor."""
-        return GROUP_FIELDS + (LORA_FIELDS if self.lora_rank else 0)
+        return GROUP_FIELDS + (XSCALE_FIELDS if self.int_x else 0) + (LORA_FIELDS if self.lora_rank else 0)
 
     @property
     def is_panel(self) -> bool:
@@ -258,6 +270,17 @@ def _weight_row(fn: Function, spec: GemmSpec, ptr: str, zero_words: str | None =
     return vx.bitcast(fn, fn.val(f"call {I16x32} {sym}({I16x32} {table}, {I16x32} {idx})"), I16x32, BF16x32)
 
 
+def _int_row(fn: Function, spec: GemmSpec, ptr: str, neg_zero: str | None) -> str:
+    """One packed row (16 channels x one k-pair) as <32 x i16> integer weights (int8 q, or int4
+    q - z; ``neg_zero`` holds -z per element) for the integer forward micro-kernel."""
+    if spec.quant == "int8":
+        return fn.val(f"sext <32 x i8> {fn.load('<32 x i8>', ptr, 1)} to {I16x32}")
+    b = fn.val(f"zext <16 x i8> {fn.load('<16 x i8>', ptr, 1)} to <16 x i16>")
+    lo = fn.val(f"and <16 x i16> {b}, <{', '.join(['i16 15'] * 16)}>")
+    hi = fn.val(f"lshr <16 x i16> {b}, <{', '.join(['i16 4'] * 16)}>")
+    return fn.val(f"add {I16x32} {vx.shuffle(fn, '<16 x i16>', lo, hi, list(range(32)))}, {neg_zero}")
+
+
 def _bf16_bits(v: int) -> int:
     import struct
 
@@ -291,6 +314,15 @@ def _mac(fn: Function, accs: dict, wv: list[str], xptrs: list[str]) -> None:
         for j, w in enumerate(wv):
             acc = accs[i, j][0]
             acc.set(vx.dpbf16(fn, acc.get(), w, xb))
+
+
+def _int_mac(fn: Function, accs: dict, wv: list[str], xptrs: list[str]) -> None:
+    """``accs[i, j] += W_j . X_i`` in int32: row i's int16 pair at ``xptrs[i]`` against weight vector j."""
+    for i, xp in enumerate(xptrs):
+        xb = vx.bitcast(fn, vx.bcast_pair(fn, xp), BF16x32, I16x32)
+        for j, w in enumerate(wv):
+            acc = accs[i, j][0]
+            acc.set(vx.dpwssd(fn, acc.get(), w, xb))
 
 
 def _panel_mac(fn: Function, accs: dict, panel: str, nr: int, steps: int | str, xptr) -> None:
@@ -359,45 +391,41 @@ def row_blocks(fn: Function, m: str, mr: int, micro) -> None:
         size //= 2
 
 
-DECODE_PANEL_MAX_KC = 128  # quantized fwd: largest chunk (k-pairs) decoded once into a stack panel
-
-
 def _avx512_fwd_body(spec: GemmSpec):
     sch, kp = spec.schedule, spec.k // 2
     kc = sch.kc or kp
     rb = spec.row_bytes
     block_stride = kp * rb  # bytes between consecutive n-blocks of the packed weight
-    scaled = spec.quant != "bf16"
-    # int8 rows are decoded once per chunk into a panel of exact bf16 integers when more than one
-    # row block will read them (measured: int8 m=64 1.3x faster; for int4 the direct decode, whose
-    # table lookup is cheap, measured faster than the panel's extra stores, so it keeps that path)
-    use_panel = spec.quant == "int8" and kc <= DECODE_PANEL_MAX_KC
+    int_x = spec.int_x  # quantized: int32 partial sums per chunk, scaled into Y at its end
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
         c, x, w, y, m, sc, zp, *extra = _group(fn, ctx, item, spec.items_per_group, spec.group_fields)
+        xsc = extra.pop(0) if int_x else None
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         wb = fn.gep(w, fn.mul(c, sch.nr * block_stride))
         yb = fn.gep(y, fn.mul(c, sch.nr * 64))
-        panel = fn.alloca("i8", 64, kc * sch.nr * 64) if use_panel else None
         if spec.lora_rank:
             lpanel, h, hoff = _lora_pairs(fn, spec, c, tuple(extra))
             ldh = ARGS.load(fn, ctx, "ldh")
         with fn.loop(0, kp, kc, name="kc") as kc0:
             first = fn.icmp("eq", kc0, 0)
-            # scales/zeros of this chunk: per channel, or of its K-group (a chunk is one group)
-            grp = fn.val(f"udiv i64 {kc0}, {kc}") if spec.group_size else "0"
+            # scales/zeros of this chunk: per channel, or of the K-group holding it
+            grp = fn.val(f"udiv i64 {kc0}, {spec.group_size // 2}") if spec.group_size else "0"
             chan = fn.add(fn.mul(grp, spec.n), fn.mul(c, sch.nr * 16))
             scb = fn.gep(sc, fn.mul(chan, 4))
-            zws = [_zero_words(fn, spec, fn.gep(zp, fn.add(chan, 16 * j))) for j in range(sch.nr)]
+            neg_zero = [None] * sch.nr
+            if spec.quant == "int4":  # -z per element (from the 16 - z words of the bf16 table lookup)
+                neg_zero = [fn.val(f"sub {I16x32} {_zero_words(fn, spec, fn.gep(zp, fn.add(chan, 16 * j)))}, "
+                                   f"<{', '.join(['i16 16'] * 32)}>") for j in range(sch.nr)]
 
-            def weights(r: str, decoded: bool) -> list[str]:
-                """The nr weight rows at k-pair r: decoded here, or loaded from the panel."""
-                if decoded:
-                    pp = fn.gep(panel, fn.mul(fn.sub(r, kc0), sch.nr * 64))
-                    return [fn.load(BF16x32, fn.gep(pp, j * 64), 64) for j in range(sch.nr)]
+            def weights(r: str) -> list[str]:
+                """The nr weight rows at k-pair r (bf16, or integers for the quantized kernels)."""
                 roff = fn.mul(r, rb)
                 wptrs = [fn.gep(wb, fn.add(roff, j * block_stride)) for j in range(sch.nr)]
-                wv = [_weight_row(fn, spec, p, zw) for p, zw in zip(wptrs, zws, strict=True)]
+                if int_x:
+                    wv = [_int_row(fn, spec, p, nz) for p, nz in zip(wptrs, neg_zero, strict=True)]
+                else:
+                    wv = [fn.load(BF16x32, p, 2) for p in wptrs]
                 if sch.pf:
                     for p in wptrs:
                         vx.prefetch(fn, fn.gep(p, sch.pf * rb))
@@ -408,51 +436,39 @@ def _avx512_fwd_body(spec: GemmSpec):
                 _panel_mac(fn, accs, lpanel, sch.nr, spec.lora_rank // 2,
                            lambda i, q: fn.gep(h, fn.add(fn.add(fn.mul(fn.add(m0, i), ldh), hoff), fn.mul(q, 4))))
 
-            def micro(m0: str, rows: int, decoded: bool = False) -> None:
+            def micro(m0: str, rows: int) -> None:
                 accs = {}
                 for i in range(rows):
                     yrow = fn.gep(yb, fn.mul(fn.add(m0, i), ldy))
                     for j in range(sch.nr):
                         p = fn.gep(yrow, j * 64)
-                        # quantized: integer-weight partial sums, scaled into Y at the end
-                        acc = fn.var(F32x16, "zeroinitializer", 64) if scaled else _open_acc(fn, spec, p, first)
+                        acc = fn.var(I32x16, "zeroinitializer", 64) if int_x else _open_acc(fn, spec, p, first)
                         accs[i, j] = (acc, p)
-                if spec.lora_rank and not scaled:  # first chunk: the LoRA term starts the accumulators
+                if spec.lora_rank and not int_x:  # first chunk: the LoRA term starts the accumulators
                     with fn.if_then(first, name="lora"):
                         lora_mac(m0, accs)
                 with fn.loop(kc0, fn.add(kc0, kc), name="r") as r:
-                    _mac(fn, accs, weights(r, decoded),
-                         [fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(r, 4))) for i in range(rows)])
-                for (_, j), (acc, p) in accs.items():
-                    v = acc.get()
-                    if scaled:
-                        v = vx.fmul(fn, v, fn.load(F32x16, fn.gep(scb, j * 64), 4))
+                    xptrs = [fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(r, 4))) for i in range(rows)]
+                    (_int_mac if int_x else _mac)(fn, accs, weights(r), xptrs)
+                if not int_x:
+                    for acc, p in accs.values():
+                        fn.store(F32x16, acc.get(), p, 4)
+                    return
+                wscale = [fn.load(F32x16, fn.gep(scb, j * 64), 4) for j in range(sch.nr)]
+                for i in range(rows):
+                    xs = vx.splat_f32(fn, fn.gep(xsc, fn.mul(fn.add(m0, i), 4)), "f32")
+                    for j in range(sch.nr):
+                        acc, p = accs[i, j]
                         old = fn.load(F32x16, p, 4)
                         if not spec.accumulate:
                             old = fn.val(f"select i1 {first}, {F32x16} zeroinitializer, {F32x16} {old}")
-                        v = vx.fadd(fn, v, old)
-                    fn.store(F32x16, v, p, 4)
-                if spec.lora_rank and scaled:  # (not scaled by the weight scales) added to the stored block
+                        v = fn.val(f"sitofp {I32x16} {acc.get()} to {F32x16}")
+                        fn.store(F32x16, vx.fma(fn, v, vx.fmul(fn, wscale[j], xs), old), p, 4)
+                if spec.lora_rank:  # (not scaled by the weight scales) added to the stored block
                     with fn.if_then(first, name="lora"):
                         _add_to_block(fn, {key: p for key, (_, p) in accs.items()}, lambda la: lora_mac(m0, la))
 
-            if not use_panel:
-                row_blocks(fn, m, sch.mr, micro)
-            else:
-                many = fn.icmp("sgt", m, sch.mr)
-                direct_bb, panel_bb, continue_bb = fn.new_block("direct"), fn.new_block("decode"), fn.new_block("next")
-                fn.cbr(many, panel_bb, direct_bb)
-                fn.set_block(direct_bb)
-                row_blocks(fn, m, sch.mr, micro)
-                fn.br(continue_bb)
-                fn.set_block(panel_bb)
-                with fn.loop(kc0, fn.add(kc0, kc), name="dec") as r:
-                    pp = fn.gep(panel, fn.mul(fn.sub(r, kc0), sch.nr * 64))
-                    for j, v in enumerate(weights(r, False)):
-                        fn.store(BF16x32, v, fn.gep(pp, j * 64), 64)
-                row_blocks(fn, m, sch.mr, lambda m0, rows: micro(m0, rows, True))
-                fn.br(continue_bb)
-                fn.set_block(continue_bb)
+            row_blocks(fn, m, sch.mr, micro)
 
     return body
 
@@ -927,16 +943,19 @@ def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str, schedule: G
                 lora_split: int) -> GemmKernel:
     if schedule is None:
         schedule = default_schedule(op, isa, n, k, quant, one_group)
-        if group_size and op == "fwd":  # one K-chunk per group: the group's scale is applied per chunk
-            schedule = dataclasses.replace(schedule, kc=group_size // 2)
+        if group_size and op == "fwd":  # a K-chunk within one group: its scale is applied per chunk
+            schedule = dataclasses.replace(schedule, kc=_chunk(group_size // 2, schedule.kc))
         while op == "fwd" and lora_split % (16 * schedule.nr):  # a work item's outputs use one adapter
             schedule = dataclasses.replace(schedule, nr=schedule.nr // 2)
     return get_kernel(GemmSpec(op, n, k, isa, accumulate, schedule, quant, group_size, zero_point, lora_rank,
                                lora_split))
 
 
-def _one_group(x: int, w: int, y: int, m: int, scales: int = 0, zeros: int = 0) -> ctypes.Array:
-    return (ctypes.c_int64 * GROUP_FIELDS)(x, w, y, m, scales, zeros)
+def _one_group(x: int, w: int, y: int, m: int, scales: int = 0, zeros: int = 0,
+               xscales: int | None = None) -> ctypes.Array:
+    """A one-group table; ``xscales`` (the per-row scales of int16 x) for the quantized forward."""
+    fields = (x, w, y, m, scales, zeros) + ((xscales,) if xscales is not None else ())
+    return (ctypes.c_int64 * len(fields))(*fields)
 
 
 def pack_dy_for_amx(dy: torch.Tensor) -> torch.Tensor:
@@ -1020,9 +1039,13 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = Non
     kern = kernel_for("fwd", n, k, accumulate, isa, quant=quant)
     if m == 0:
         return y
-    xs = _pad_rows_for_amx(x) if kern.spec.isa != "avx512" else x
-    sptr = scales.data_ptr() if scales is not None else 0
-    kern.launch(_one_group(xs.data_ptr(), packed.data_ptr(), y.data_ptr(), m, sptr), k * 2, n * 4, num_threads)
+    if quant != "bf16":
+        xq, xs = quantize_rows(x)
+        table = _one_group(xq.data_ptr(), packed.data_ptr(), y.data_ptr(), m, scales.data_ptr(), 0, xs.data_ptr())
+        kern.launch(table, k * 2, n * 4, num_threads)
+        return y
+    xp = _pad_rows_for_amx(x) if kern.spec.isa != "avx512" else x
+    kern.launch(_one_group(xp.data_ptr(), packed.data_ptr(), y.data_ptr(), m), k * 2, n * 4, num_threads)
     return y
 
 

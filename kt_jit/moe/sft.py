@@ -30,6 +30,7 @@ from ..kernels import gemm
 from ..kernels import lora as lk
 from ..kernels.activation import ActSpec
 from ..kernels.activation import get_kernel as get_act_kernel
+from ..kernels.rowquant import quantize_rows
 from ..kernels.rows import RowsSpec
 from ..kernels.rows import get_kernel as get_rows_kernel
 from ..runtime.buffers import aligned_empty
@@ -74,13 +75,15 @@ LoraOperands = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # rows, a
 
 
 def _gemm_groups(r: Routing, x: np.ndarray, experts: MoEExperts, name: str, y: np.ndarray,
-                 lora: LoraOperands | None = None) -> np.ndarray:
-    """GEMM group descriptors (x, w, y, m, scales, zeros[, lora rows, adapter 0, adapter 1]) for the
-    expert matrix ``name``."""
+                 lora: LoraOperands | None = None, xscales: np.ndarray | None = None) -> np.ndarray:
+    """GEMM group descriptors (x, w, y, m, scales, zeros[, x row scales][, lora rows, adapter 0,
+    adapter 1]) for the expert matrix ``name``."""
     def addr(t: torch.Tensor | None) -> np.ndarray:
         return _per_expert(t, r) if t is not None else np.zeros_like(r.counts_np)
 
     cols = [x, addr(experts.tensors[name]), y, r.counts_np, addr(experts.scales(name)), addr(experts.zeros(name))]
+    if xscales is not None:
+        cols.append(xscales)
     if lora is not None:
         rows, a0, a1 = lora
         cols += [_rows(rows, r), addr(a0), addr(a1 if a1 is not None else a0)]
@@ -132,12 +135,17 @@ def _fuses_lora(experts: MoEExperts) -> bool:
 
 def _grouped_fwd(x: torch.Tensor, experts: MoEExperts, name: str, y: torch.Tensor, r: Routing,
                  lora: LoraOperands | None = None) -> None:
-    """y[rows of e] = x[rows of e] @ W_e^T for every active expert (one launch).
+    """y[rows of e] = x[rows of e] @ W_e^T for every active expert (one launch); quantized weights
+    take x as int16 rows with per-row scales (quantized here, see kernels/rowquant.py).
 
     ``lora = (h, b0, b1)`` fuses ``y += h[:, :r] b0_e^T`` (outputs below the split; with ``b1``,
     ``y += h[:, r:] b1_e^T`` above it): h [rows, r or 2r] bf16, b [E, out, r] bf16."""
     n, k = _dims(experts, name)
-    groups = _gemm_groups(r, _rows(x, r), experts, name, _rows(y, r), lora)
+    xscales = None
+    if experts.storage != "bf16":
+        x, xs = quantize_rows(x)
+        xscales = _rows(xs, r)
+    groups = _gemm_groups(r, _rows(x, r), experts, name, _rows(y, r), lora, xscales)
     if lora is None:
         _kernel("fwd", experts, name).launch(groups, k * 2, n * 4)
         return

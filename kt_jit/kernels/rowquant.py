@@ -1,0 +1,120 @@
+"""Per-row int16 quantization of bf16 activation rows, the input of the integer forward GEMMs.
+
+The forward GEMMs of quantized weights multiply integer weight codes by int16 activations with
+``vpdpwssd`` (int16 pairs, int32 accumulate): the weight row needs one sign extension instead of a
+conversion to bf16 through fp32, which measured 1.2-1.7x faster than the bf16 path at 6-16 rows
+per expert. Activations are quantized per row:
+
+``q[i, :] = round(x[i, :] / s[i])`` with ``s[i] = max|x[i, :]| / ACT_MAX`` (round to nearest even).
+
+The error ``|x - q s| <= s / 2 = max|x| / 32766`` is far below bf16's own rounding of the row's large
+elements (1/512 relative), so the forward stays within ~1e-4 of the computation on the bf16 input.
+``ACT_MAX`` is 2^14 - 1, not 2^15 - 1, so that 2 * kc products of a K-chunk cannot overflow int32
+(see ``gemm.GemmSpec``). All-zero rows get ``s = 0``; a row holding inf or NaN gets ``s = NaN`` so
+the GEMM output is NaN too, never a silently wrong number.
+"""
+
+from __future__ import annotations
+
+import ctypes
+import functools
+from dataclasses import dataclass
+
+import torch
+
+from ..codegen import avx512 as vx
+from ..codegen.cache import get_or_compile
+from ..codegen.compile import target_for
+from ..codegen.ir import F32x16, Function, Module
+from ..codegen.worker import ArgBlock, build_worker
+from ..runtime.buffers import aligned_empty
+from ..runtime.threads import launch
+
+ACT_MAX = 16383
+ROWS_PER_ITEM = 8
+ARGS = ArgBlock(["dst", "src", "scales", "n"])
+
+
+@dataclass(frozen=True)
+class RowQuantSpec:
+    """Rows of ``cols`` bf16 (a multiple of 32), contiguous; int16 out, same shape."""
+
+    cols: int
+
+    def __post_init__(self) -> None:
+        if self.cols <= 0 or self.cols % 32:
+            raise ValueError(f"cols={self.cols} must be a positive multiple of 32")
+
+    @property
+    def name(self) -> str:
+        return f"rowquant_i16_c{self.cols}"
+
+
+def _body(spec: RowQuantSpec):
+    def body(fn: Function, ctx: str, item: str, tiles) -> None:
+        dst, src, scales = (ARGS.load_ptr(fn, ctx, f) for f in ("dst", "src", "scales"))
+        n = ARGS.load(fn, ctx, "n")
+        fabs = fn.module.declare("llvm.fabs.v16f32", f"declare {F32x16} @llvm.fabs.v16f32({F32x16})")
+        # maximum (not maxnum) propagates NaN, so a NaN row gets a NaN scale
+        vmax = fn.module.declare("llvm.maximum.v16f32", f"declare {F32x16} @llvm.maximum.v16f32({F32x16}, {F32x16})")
+        rmax = fn.module.declare("llvm.vector.reduce.fmaximum.v16f32",
+                                 f"declare float @llvm.vector.reduce.fmaximum.v16f32({F32x16})")
+        rint = fn.module.declare("llvm.roundeven.v16f32", f"declare {F32x16} @llvm.roundeven.v16f32({F32x16})")
+        j0 = fn.mul(item, ROWS_PER_ITEM)
+        with fn.loop(j0, fn.min(fn.add(j0, ROWS_PER_ITEM), n), name="j") as j:
+            srow = fn.gep(src, fn.mul(j, spec.cols * 2))
+            drow = fn.gep(dst, fn.mul(j, spec.cols * 2))
+            accs = [fn.var(F32x16, "zeroinitializer", 64) for _ in range(2)]  # two max chains
+            with fn.loop(0, spec.cols, 32, name="c") as c:
+                for h, acc in enumerate(accs):
+                    v = vx.load_f32x16(fn, fn.gep(srow, fn.mul(fn.add(c, 16 * h), 2)), "bf16")
+                    a = fn.val(f"call {F32x16} {fabs}({F32x16} {v})")
+                    acc.set(fn.val(f"call {F32x16} {vmax}({F32x16} {acc.get()}, {F32x16} {a})"))
+            both = fn.val(f"call {F32x16} {vmax}({F32x16} {accs[0].get()}, {F32x16} {accs[1].get()})")
+            amax = fn.val(f"call float {rmax}({F32x16} {both})")
+            fn.store("float", fn.val(f"fdiv float {amax}, {float(ACT_MAX):e}"), fn.gep(scales, fn.mul(j, 4)), 4)
+            # amax = 0: inverse 0, all codes 0; amax = inf or NaN: the scale carries it
+            pos = fn.val(f"fcmp ogt float {amax}, 0.0")
+            inv = fn.val(f"select i1 {pos}, float {fn.val(f'fdiv float {float(ACT_MAX):e}, {amax}')}, float 0.0")
+            invv = fn.val(f"shufflevector {F32x16} {fn.val(f'insertelement {F32x16} poison, float {inv}, i64 0')}, "
+                          f"{F32x16} poison, <16 x i32> zeroinitializer")
+            with fn.loop(0, spec.cols, 16, name="q") as c:
+                v = vx.load_f32x16(fn, fn.gep(srow, fn.mul(c, 2)), "bf16")
+                r = fn.val(f"call {F32x16} {rint}({F32x16} {vx.fmul(fn, v, invv)})")
+                q = fn.val(f"fptosi {F32x16} {r} to <16 x i32>")
+                fn.store("<16 x i16>", fn.val(f"trunc <16 x i32> {q} to <16 x i16>"), fn.gep(drow, fn.mul(c, 2)), 2)
+
+    return body
+
+
+class RowQuantKernel:
+    def __init__(self, spec: RowQuantSpec) -> None:
+        self.spec = spec
+        target = target_for("avx512")
+        mod = Module(spec.name, target.fn_attrs)
+        build_worker(mod, spec.name, ARGS, _body(spec))
+        self.addr = get_or_compile(spec.name, repr(spec), mod.render(), target, [spec.name])[spec.name]
+
+    def launch(self, dst: int, src: int, scales: int, n: int, num_threads: int | None = None) -> None:
+        """Quantize ``n`` rows at ``src`` (bf16) into ``dst`` (int16) and ``scales`` (fp32 [n])."""
+        items = -(-n // ROWS_PER_ITEM)
+        if items:
+            args = ARGS.make(items, dst=dst, src=src, scales=scales, n=n)
+            launch(self.addr, ctypes.addressof(args), num_threads)
+
+
+@functools.cache
+def get_kernel(spec: RowQuantSpec) -> RowQuantKernel:
+    """The compiled kernel for ``spec`` (memoised; from the disk cache after the first compile)."""
+    return RowQuantKernel(spec)
+
+
+def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``x [M, C]`` bf16, contiguous (C a multiple of 32) -> (``q [M, C]`` int16, ``s [M]`` fp32)
+    with ``x ~ q * s[:, None]``; 64-byte aligned outputs."""
+    if x.dim() != 2 or x.dtype != torch.bfloat16 or not x.is_contiguous() or x.device.type != "cpu":
+        raise ValueError("quantize_rows takes a contiguous 2-D bfloat16 CPU tensor")
+    q = aligned_empty(tuple(x.shape), torch.int16)
+    s = aligned_empty((x.shape[0],), torch.float32)
+    get_kernel(RowQuantSpec(x.shape[1])).launch(q.data_ptr(), x.data_ptr(), s.data_ptr(), x.shape[0])
+    return q, s
