@@ -58,6 +58,15 @@ def group_table(groups, fields: int) -> tuple[int, int]:
     return groups.shape[0], groups.data_ptr()
 
 
+def listed_row(fn: Function, idx: str, j: str) -> str:
+    """Row ``idx[j]`` of an optional int64 row list, or ``j`` itself when ``idx`` is null (kernels
+    that may skip the padding rows of the per-expert buffers)."""
+    row = fn.var("i64", j)
+    with fn.if_then(fn.icmp("ne", fn.val(f"ptrtoint ptr {idx} to i64"), 0), name="listed"):
+        row.set(fn.load("i64", fn.gep(idx, fn.mul(j, 8)), 8))
+    return row.get()
+
+
 def build_worker(module: Module, name: str, args: ArgBlock,
                  body: Callable[[Function, str, str, Tiles | None], None],
                  tile_config: TileConfig | None = None, emulate_amx: bool = False) -> Function:

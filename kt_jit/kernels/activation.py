@@ -16,12 +16,12 @@ from ..codegen import avx512 as vx
 from ..codegen.cache import get_or_compile
 from ..codegen.compile import target_for
 from ..codegen.ir import F32x16, Function, Module
-from ..codegen.worker import ArgBlock, build_worker
+from ..codegen.worker import ArgBlock, build_worker, listed_row
 from ..runtime.threads import launch
 
 ROWS_PER_ITEM = 8
-FWD_ARGS = ArgBlock(["gu", "act", "rows"])
-BWD_ARGS = ArgBlock(["d", "act", "gu", "w", "dw", "dgu", "rows"])
+FWD_ARGS = ArgBlock(["gu", "act", "rows", "idx"])
+BWD_ARGS = ArgBlock(["d", "act", "gu", "w", "dw", "dgu", "rows", "idx"])
 
 
 @dataclass(frozen=True)
@@ -43,10 +43,10 @@ def _bf16(fn: Function, v: str) -> str:
 
 
 def _rows(fn: Function, args: ArgBlock, ctx: str, item: str, body) -> None:
-    rows = args.load(fn, ctx, "rows")
+    rows, idx = args.load(fn, ctx, "rows"), args.load_ptr(fn, ctx, "idx")
     r0 = fn.mul(item, ROWS_PER_ITEM)
-    with fn.loop(r0, fn.min(fn.add(r0, ROWS_PER_ITEM), rows), name="row") as r:
-        body(r)
+    with fn.loop(r0, fn.min(fn.add(r0, ROWS_PER_ITEM), rows), name="row") as j:
+        body(listed_row(fn, idx, j))
 
 
 def _fwd_body(spec: ActSpec):
@@ -112,12 +112,13 @@ class ActKernel:
         build_worker(mod, spec.name, self.args, (_fwd_body if spec.op == "fwd" else _bwd_body)(spec))
         self.addr = get_or_compile(spec.name, repr(spec), mod.render(), target, [spec.name])[spec.name]
 
-    def launch(self, rows: int, num_threads: int | None = None, **ptrs: int) -> None:
-        """Process ``rows`` rows; ``ptrs`` are the data pointers named in the module docstring."""
+    def launch(self, rows: int, num_threads: int | None = None, idx: int = 0, **ptrs: int) -> None:
+        """Process ``rows`` rows: rows 0..rows-1, or with ``idx`` (address of int64 [rows]) the rows
+        listed there; ``ptrs`` are the data pointers named in the module docstring."""
         n_items = -(-rows // ROWS_PER_ITEM)
         if n_items == 0:
             return
-        args = self.args.make(n_items, rows=rows, **ptrs)
+        args = self.args.make(n_items, rows=rows, idx=idx, **ptrs)
         launch(self.addr, ctypes.addressof(args), num_threads)
 
 

@@ -26,13 +26,13 @@ from ..codegen import avx512 as vx
 from ..codegen.cache import get_or_compile
 from ..codegen.compile import target_for
 from ..codegen.ir import F32x16, Function, Module
-from ..codegen.worker import ArgBlock, build_worker
+from ..codegen.worker import ArgBlock, build_worker, listed_row
 from ..runtime.buffers import aligned_empty
 from ..runtime.threads import launch
 
 ACT_MAX = 16383
 ROWS_PER_ITEM = 8
-ARGS = ArgBlock(["dst", "src", "scales", "n"])
+ARGS = ArgBlock(["dst", "src", "scales", "n", "idx"])
 
 
 @dataclass(frozen=True)
@@ -53,7 +53,7 @@ class RowQuantSpec:
 def _body(spec: RowQuantSpec):
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
         dst, src, scales = (ARGS.load_ptr(fn, ctx, f) for f in ("dst", "src", "scales"))
-        n = ARGS.load(fn, ctx, "n")
+        n, idx = ARGS.load(fn, ctx, "n"), ARGS.load_ptr(fn, ctx, "idx")
         fabs = fn.module.declare("llvm.fabs.v16f32", f"declare {F32x16} @llvm.fabs.v16f32({F32x16})")
         # maximum (not maxnum) propagates NaN, so a NaN row gets a NaN scale
         vmax = fn.module.declare("llvm.maximum.v16f32", f"declare {F32x16} @llvm.maximum.v16f32({F32x16}, {F32x16})")
@@ -61,7 +61,8 @@ def _body(spec: RowQuantSpec):
                                  f"declare float @llvm.vector.reduce.fmaximum.v16f32({F32x16})")
         rint = fn.module.declare("llvm.roundeven.v16f32", f"declare {F32x16} @llvm.roundeven.v16f32({F32x16})")
         j0 = fn.mul(item, ROWS_PER_ITEM)
-        with fn.loop(j0, fn.min(fn.add(j0, ROWS_PER_ITEM), n), name="j") as j:
+        with fn.loop(j0, fn.min(fn.add(j0, ROWS_PER_ITEM), n), name="j") as jj:
+            j = listed_row(fn, idx, jj)
             srow = fn.gep(src, fn.mul(j, spec.cols * 2))
             drow = fn.gep(dst, fn.mul(j, spec.cols * 2))
             accs = [fn.var(F32x16, "zeroinitializer", 64) for _ in range(2)]  # two max chains
@@ -95,11 +96,12 @@ class RowQuantKernel:
         build_worker(mod, spec.name, ARGS, _body(spec))
         self.addr = get_or_compile(spec.name, repr(spec), mod.render(), target, [spec.name])[spec.name]
 
-    def launch(self, dst: int, src: int, scales: int, n: int, num_threads: int | None = None) -> None:
-        """Quantize ``n`` rows at ``src`` (bf16) into ``dst`` (int16) and ``scales`` (fp32 [n])."""
+    def launch(self, dst: int, src: int, scales: int, n: int, num_threads: int | None = None, idx: int = 0) -> None:
+        """Quantize ``n`` rows at ``src`` (bf16) into ``dst`` (int16) and ``scales`` (fp32): rows
+        0..n-1, or with ``idx`` (address of int64 [n]) the rows listed there."""
         items = -(-n // ROWS_PER_ITEM)
         if items:
-            args = ARGS.make(items, dst=dst, src=src, scales=scales, n=n)
+            args = ARGS.make(items, dst=dst, src=src, scales=scales, n=n, idx=idx)
             launch(self.addr, ctypes.addressof(args), num_threads)
 
 
@@ -109,12 +111,14 @@ def get_kernel(spec: RowQuantSpec) -> RowQuantKernel:
     return RowQuantKernel(spec)
 
 
-def quantize_rows(x: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [M, C]`` bf16, contiguous (C a multiple of 32) -> (``q [M, C]`` int16, ``s [M]`` fp32)
-    with ``x ~ q * s[:, None]``; 64-byte aligned outputs."""
+    with ``x ~ q * s[:, None]``; 64-byte aligned outputs. ``rows`` (int64, contiguous, values in
+    [0, M), trusted): quantize only these rows (the others of q and s are left unset)."""
     if x.dim() != 2 or x.dtype != torch.bfloat16 or not x.is_contiguous() or x.device.type != "cpu":
         raise ValueError("quantize_rows takes a contiguous 2-D bfloat16 CPU tensor")
     q = aligned_empty(tuple(x.shape), torch.int16)
     s = aligned_empty((x.shape[0],), torch.float32)
-    get_kernel(RowQuantSpec(x.shape[1])).launch(q.data_ptr(), x.data_ptr(), s.data_ptr(), x.shape[0])
+    n, idx = (x.shape[0], 0) if rows is None else (rows.numel(), rows.data_ptr())
+    get_kernel(RowQuantSpec(x.shape[1])).launch(q.data_ptr(), x.data_ptr(), s.data_ptr(), n, idx=idx)
     return q, s

@@ -143,7 +143,7 @@ def _grouped_fwd(x: torch.Tensor, experts: MoEExperts, name: str, y: torch.Tenso
     n, k = _dims(experts, name)
     xscales = None
     if experts.storage != "bf16":
-        x, xs = quantize_rows(x)
+        x, xs = quantize_rows(x, r.slot_row)
         xscales = _rows(xs, r)
     groups = _gemm_groups(r, _rows(x, r), experts, name, _rows(y, r), lora, xscales)
     if lora is None:
@@ -263,7 +263,9 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 _groups(r, _rows(hgu16, r, rank), _per_expert(ub, r), _rows(gu, r, idim))]),
                 _pitch(hgu16), _pitch(gu), accumulate=True)
     act = aligned_empty((r.rows, idim), torch.bfloat16)
-    get_act_kernel(ActSpec("fwd", idim)).launch(r.rows, gu=gu.data_ptr(), act=act.data_ptr())
+    # only the routed rows (segments are padded to 16 rows: at qlen 16 most rows are padding)
+    get_act_kernel(ActSpec("fwd", idim)).launch(r.slot_row.numel(), idx=r.slot_row.data_ptr(), gu=gu.data_ptr(),
+                                                act=act.data_ptr())
     y = aligned_empty((r.rows, hdim), torch.float32)
     if lora is None:
         _grouped_fwd(act, experts, "down", y, r)
@@ -321,8 +323,8 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     dw_rows = aligned_empty((r.rows,), torch.float32)
     dgu = aligned_empty((r.rows, 2 * idim), torch.bfloat16)
     get_act_kernel(ActSpec("bwd", idim)).launch(
-        r.rows, d=d.data_ptr(), act=act.data_ptr(), gu=saved.gu.data_ptr(), w=w_row.data_ptr(),
-        dw=dw_rows.data_ptr(), dgu=dgu.data_ptr())
+        r.slot_row.numel(), idx=r.slot_row.data_ptr(), d=d.data_ptr(), act=act.data_ptr(), gu=saved.gu.data_ptr(),
+        w=w_row.data_ptr(), dw=dw_rows.data_ptr(), dgu=dgu.data_ptr())
     dw = torch.zeros(t, kdim, dtype=torch.float32)
     dw[r.slot_token, r.slot_k] = dw_rows[r.slot_row]
     dxs = aligned_empty((r.rows, hdim), torch.float32)
