@@ -100,19 +100,21 @@ class GemmSchedule:
         return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{self.form}{small}"
 
 
-def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one_group: bool = False) -> GemmSchedule:
+def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one_group: bool = False,
+                     group_size: int = 0) -> GemmSchedule:
     """Schedule used when none is given (AVX-512: measured on Zen 4 and Zen 5; AMX: the 2x2-tile
     kernel). Transposed GEMM: groups of up to 12 rows are streamed whole by one thread, larger ones
-    go through the L1 panel. Small groups take the fold form instead for int4 (cheaper decode) and
-    for launches of a single group (``one_group``: streaming it would leave the other threads idle;
-    the fold form splits its outputs over work items)."""
+    go through the L1 panel. Small groups take the fold form instead for K-group int4 (whose rows
+    are dequantized through fp32; the fold form decodes fewer of them per output) and for launches
+    of a single group (``one_group``: streaming it would leave the other threads idle; the fold
+    form splits its outputs over work items)."""
     if isa == "avx512":
         if op == "fwd":  # quantized: prefetch 2 KB ahead like bf16's 16 rows (measured int8 +2-11%)
             pf = 16 if quant == "bf16" else 2048 // ROW_BYTES[quant]
             return GemmSchedule(mr=6, nr=4 if n % 64 == 0 else 2, kc=_chunk(k // 2, 256), pf=pf)
         # streaming a whole small group beats the panel up to 12-13 rows (measured on Zen 5: m=10
         # 1.4-1.5x, m=12 1.13-1.34x; beyond that the dX rows, K*4 bytes apart, overflow L1's ways)
-        small = "fold" if quant == "int4" or one_group else "stream"
+        small = "fold" if (quant == "int4" and group_size) or one_group else "stream"
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
                             sm=12 if small == "stream" else 8, small=small)
     return GemmSchedule(mr=2, nr=2)
@@ -170,9 +172,11 @@ class GemmSpec:
         if self.group_size and self.op == "fwd" and (not sch.kc or (self.group_size // 2) % sch.kc):
             raise ValueError(f"grouped weights need a kc that divides group_size/2 = {self.group_size // 2}, "
                              f"got kc={sch.kc}")
-        if self.int_x and 2 * (sch.kc or self.k // 2) * ACT_MAX * QMAX[self.quant] >= 2 ** 31:
-            raise ValueError(f"kc={sch.kc} k-pairs would overflow the int32 accumulators of the {self.quant} "
-                             "forward; use a smaller kc")
+        # products summed in int32 before a flush to fp32: fwd a K-chunk (2 kc), bwd an n-chunk (16 kc)
+        per_flush = (2 * (sch.kc or self.k // 2)) if self.op == "fwd" else 16 * (sch.kc or self.n // 16)
+        if self.int_x and per_flush * ACT_MAX * QMAX[self.quant] >= 2 ** 31:
+            raise ValueError(f"kc={sch.kc} would overflow the int32 accumulators of the {self.quant} kernel; "
+                             "use a smaller kc")
         if sch.form not in ("", "panel", "fold") or (sch.form and (self.op, self.isa) != ("bwd", "avx512")):
             raise ValueError(f"schedule form {sch.form!r}: 'panel' or 'fold' for the AVX-512 transposed GEMM only")
         if sch.small not in ("stream", "fold"):
@@ -206,9 +210,13 @@ class GemmSpec:
 
     @property
     def int_x(self) -> bool:
-        """Quantized forward: x arrives as int16 rows with a per-row fp32 scale
-        (:func:`kt_jit.kernels.rowquant.quantize_rows`), multiplied by the integer codes with vpdpwssd."""
-        return self.quant != "bf16" and self.op == "fwd"
+        """Integer kernel: x arrives as int16 rows with a per-row fp32 scale (made by
+        :func:`kt_jit.kernels.rowquant.quantize_rows`) and meets the integer codes in vpdpwssd. Every
+        quantized forward; the transposed GEMM (panel form, streamed small groups) of per-channel
+        modes, whose x is dY diag(channel scales) -- a K-group's scale cannot be folded into dY."""
+        if self.quant == "bf16":
+            return False
+        return self.op == "fwd" or (self.is_panel and not self.group_size and self.schedule.small == "stream")
 
     @property
     def group_fields(self) -> int:
@@ -271,14 +279,44 @@ def _weight_row(fn: Function, spec: GemmSpec, ptr: str, zero_words: str | None =
 
 
 def _int_row(fn: Function, spec: GemmSpec, ptr: str, neg_zero: str | None) -> str:
-    """One packed row (16 channels x one k-pair) as <32 x i16> integer weights (int8 q, or int4
-    q - z; ``neg_zero`` holds -z per element) for the integer forward micro-kernel."""
+    """One packed row (16 channels x one k-pair) of integer weights (int8 q, or int4 q - z;
+    ``neg_zero`` from :func:`_neg_zero`) as int16 words, typed <32 x bfloat> like every weight row
+    so the shuffles of the transposed GEMM apply unchanged (:func:`_mac` reads them as integers)."""
     if spec.quant == "int8":
-        return fn.val(f"sext <32 x i8> {fn.load('<32 x i8>', ptr, 1)} to {I16x32}")
-    b = fn.val(f"zext <16 x i8> {fn.load('<16 x i8>', ptr, 1)} to <16 x i16>")
-    lo = fn.val(f"and <16 x i16> {b}, <{', '.join(['i16 15'] * 16)}>")
-    hi = fn.val(f"lshr <16 x i16> {b}, <{', '.join(['i16 4'] * 16)}>")
-    return fn.val(f"add {I16x32} {vx.shuffle(fn, '<16 x i16>', lo, hi, list(range(32)))}, {neg_zero}")
+        v = fn.val(f"sext <32 x i8> {fn.load('<32 x i8>', ptr, 1)} to {I16x32}")
+    else:
+        b = fn.val(f"zext <16 x i8> {fn.load('<16 x i8>', ptr, 1)} to <16 x i16>")
+        lo = fn.val(f"and <16 x i16> {b}, <{', '.join(['i16 15'] * 16)}>")
+        hi = fn.val(f"lshr <16 x i16> {b}, <{', '.join(['i16 4'] * 16)}>")
+        v = fn.val(f"add {I16x32} {vx.shuffle(fn, '<16 x i16>', lo, hi, list(range(32)))}, {neg_zero}")
+    return vx.bitcast(fn, v, I16x32, BF16x32)
+
+
+def _neg_zero(fn: Function, spec: GemmSpec, zptr: str) -> str | None:
+    """int4: the words -z for the 32 elements of a row of channels zptr[0..16] (z = 8 when
+    symmetric), for :func:`_int_row`; None for int8."""
+    if spec.quant != "int4":
+        return None
+    return fn.val(f"sub {I16x32} {_zero_words(fn, spec, zptr)}, <{', '.join(['i16 16'] * 32)}>")
+
+
+def _weight_row_for(fn: Function, spec: GemmSpec, ptr: str, zero: str | None, scales: str | None) -> str:
+    """A transposed-GEMM weight row: integer (``zero`` from :func:`_neg_zero`) for integer kernels,
+    else dequantized to bf16 (``zero`` from :func:`_zero_words`, see :func:`_scaled_row`)."""
+    return _int_row(fn, spec, ptr, zero) if spec.int_x else _scaled_row(fn, spec, ptr, zero, scales)
+
+
+def _zero_for(fn: Function, spec: GemmSpec, zptr: str) -> str | None:
+    return _neg_zero(fn, spec, zptr) if spec.int_x else _zero_words(fn, spec, zptr)
+
+
+def _store_int(fn: Function, spec: GemmSpec, acc: str, p: str, first: str, scale: str) -> None:
+    """``out[p] (+)= float(acc) * scale`` for int32 partial sums (overwrite when ``first`` and not
+    accumulating)."""
+    old = fn.load(F32x16, p, 4)
+    if not spec.accumulate:
+        old = fn.val(f"select i1 {first}, {F32x16} zeroinitializer, {F32x16} {old}")
+    fn.store(F32x16, vx.fma(fn, fn.val(f"sitofp {I32x16} {acc} to {F32x16}"), scale, old), p, 4)
 
 
 def _bf16_bits(v: int) -> int:
@@ -307,32 +345,31 @@ def _open_acc(fn: Function, spec: GemmSpec, ptr: str, first: str) -> Var:
     return fn.var(F32x16, init, 64)
 
 
-def _mac(fn: Function, accs: dict, wv: list[str], xptrs: list[str]) -> None:
-    """``accs[i, j] += W_j . X_i``: row i's bf16 pair at ``xptrs[i]`` broadcast against weight vector j."""
+def _dot(fn: Function, acc: str, w: str, xb: str, integer: bool) -> str:
+    """One pair dot step: bf16 pairs into fp32, or (``integer``) int16 pairs into int32."""
+    if not integer:
+        return vx.dpbf16(fn, acc, w, xb)
+    return vx.dpwssd(fn, acc, vx.bitcast(fn, w, BF16x32, I16x32), vx.bitcast(fn, xb, BF16x32, I16x32))
+
+
+def _mac(fn: Function, accs: dict, wv: list[str], xptrs: list[str], integer: bool = False) -> None:
+    """``accs[i, j] += W_j . X_i``: row i's pair at ``xptrs[i]`` broadcast against weight vector j
+    (bf16, or int16 codes and activations into int32 accumulators)."""
     for i, xp in enumerate(xptrs):
         xb = vx.bcast_pair(fn, xp)
         for j, w in enumerate(wv):
             acc = accs[i, j][0]
-            acc.set(vx.dpbf16(fn, acc.get(), w, xb))
+            acc.set(_dot(fn, acc.get(), w, xb, integer))
 
 
-def _int_mac(fn: Function, accs: dict, wv: list[str], xptrs: list[str]) -> None:
-    """``accs[i, j] += W_j . X_i`` in int32: row i's int16 pair at ``xptrs[i]`` against weight vector j."""
-    for i, xp in enumerate(xptrs):
-        xb = vx.bitcast(fn, vx.bcast_pair(fn, xp), BF16x32, I16x32)
-        for j, w in enumerate(wv):
-            acc = accs[i, j][0]
-            acc.set(vx.dpwssd(fn, acc.get(), w, xb))
-
-
-def _panel_mac(fn: Function, accs: dict, panel: str, nr: int, steps: int | str, xptr) -> None:
+def _panel_mac(fn: Function, accs: dict, panel: str, nr: int, steps: int | str, xptr, integer: bool = False) -> None:
     """``accs += sum_q panel[q] . X(q)``: the forward micro-kernel over ``steps`` k-pair rows of a
-    stack panel (``nr`` vectors of 64 B per row); ``xptr(i, q)`` points at row i's bf16 pair q."""
+    stack panel (``nr`` vectors of 64 B per row); ``xptr(i, q)`` points at row i's pair q."""
     rows = 1 + max(i for i, _ in accs)
     with fn.loop(0, steps, name="pq") as q:
         wp = fn.gep(panel, fn.mul(q, nr * 64))
         _mac(fn, accs, [fn.load(BF16x32, fn.gep(wp, j * 64), 64) for j in range(nr)],
-             [xptr(i, q) for i in range(rows)])
+             [xptr(i, q) for i in range(rows)], integer)
 
 
 def _add_to_block(fn: Function, ptrs: dict, add) -> None:
@@ -413,10 +450,7 @@ def _avx512_fwd_body(spec: GemmSpec):
             grp = fn.val(f"udiv i64 {kc0}, {spec.group_size // 2}") if spec.group_size else "0"
             chan = fn.add(fn.mul(grp, spec.n), fn.mul(c, sch.nr * 16))
             scb = fn.gep(sc, fn.mul(chan, 4))
-            neg_zero = [None] * sch.nr
-            if spec.quant == "int4":  # -z per element (from the 16 - z words of the bf16 table lookup)
-                neg_zero = [fn.val(f"sub {I16x32} {_zero_words(fn, spec, fn.gep(zp, fn.add(chan, 16 * j)))}, "
-                                   f"<{', '.join(['i16 16'] * 32)}>") for j in range(sch.nr)]
+            neg_zero = [_neg_zero(fn, spec, fn.gep(zp, fn.add(chan, 16 * j))) for j in range(sch.nr)]
 
             def weights(r: str) -> list[str]:
                 """The nr weight rows at k-pair r (bf16, or integers for the quantized kernels)."""
@@ -449,7 +483,7 @@ def _avx512_fwd_body(spec: GemmSpec):
                         lora_mac(m0, accs)
                 with fn.loop(kc0, fn.add(kc0, kc), name="r") as r:
                     xptrs = [fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(r, 4))) for i in range(rows)]
-                    (_int_mac if int_x else _mac)(fn, accs, weights(r), xptrs)
+                    _mac(fn, accs, weights(r), xptrs, int_x)
                 if not int_x:
                     for acc, p in accs.values():
                         fn.store(F32x16, acc.get(), p, 4)
@@ -459,11 +493,7 @@ def _avx512_fwd_body(spec: GemmSpec):
                     xs = vx.splat_f32(fn, fn.gep(xsc, fn.mul(fn.add(m0, i), 4)), "f32")
                     for j in range(sch.nr):
                         acc, p = accs[i, j]
-                        old = fn.load(F32x16, p, 4)
-                        if not spec.accumulate:
-                            old = fn.val(f"select i1 {first}, {F32x16} zeroinitializer, {F32x16} {old}")
-                        v = fn.val(f"sitofp {I32x16} {acc.get()} to {F32x16}")
-                        fn.store(F32x16, vx.fma(fn, v, vx.fmul(fn, wscale[j], xs), old), p, 4)
+                        _store_int(fn, spec, acc.get(), p, first, vx.fmul(fn, wscale[j], xs))
                 if spec.lora_rank:  # (not scaled by the weight scales) added to the stored block
                     with fn.if_then(first, name="lora"):
                         _add_to_block(fn, {key: p for key, (_, p) in accs.items()}, lambda la: lora_mac(m0, la))
@@ -597,6 +627,7 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
         c, x, w, y, m, sc, zp, *extra = _group(fn, ctx, item, spec.items_per_group, spec.group_fields)
+        xsc = extra.pop(0) if spec.int_x else None  # per-row scales of the int16 dY diag(s)
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         ldh = ARGS.load(fn, ctx, "ldh") if spec.lora_rank else None
         if sch.sm:
@@ -612,9 +643,9 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                 with fn.if_then(fn.icmp("eq", c, 0), name="whole"):
                     unrolled = min(sch.sm, STREAM_UNROLL)
                     with fn.if_then(fn.icmp("sgt", m, unrolled), name="many"):
-                        _bwd_stream_group(fn, spec, x, w, y, sc, zp, ldx, ldy, None, m)
+                        _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, None, m)
                     for rows in fn.switch(m, list(range(1, unrolled + 1)), name="rows"):
-                        _bwd_stream_group(fn, spec, x, w, y, sc, zp, ldx, ldy, rows)
+                        _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, rows)
                     if spec.lora_rank:  # the whole group: every output column block
                         with fn.loop(0, spec.k // span, name="lcb") as cb:
                             _bwd_lora(fn, spec, y, ldy, m, fn.mul(cb, span), extra, ldh)
@@ -638,9 +669,9 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                 dst = fn.gep(panel, fn.mul(sl, 8 * sch.nr * 64))
                 for j in range(sch.nr):
                     chan = fn.add(fn.mul(grp[j], spec.n), fn.mul(s, 16))
-                    zw = _zero_words(fn, spec, fn.gep(zp, chan))
+                    zw = _zero_for(fn, spec, fn.gep(zp, chan))
                     scp = fn.gep(sc, fn.mul(chan, 4)) if spec.quant != "bf16" else None
-                    rows = [vx.swap_k_n_pairs(fn, _scaled_row(fn, spec, fn.gep(wrow, (8 * j + r) * rb), zw, scp))
+                    rows = [vx.swap_k_n_pairs(fn, _weight_row_for(fn, spec, fn.gep(wrow, (8 * j + r) * rb), zw, scp))
                             for r in range(8)]
                     for q, v in enumerate(vx.transpose_qwords_8x8(fn, rows)):
                         fn.store(BF16x32, v, fn.gep(dst, (q * sch.nr + j) * 64), 64)
@@ -653,12 +684,17 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                     yrow = fn.gep(yb, fn.mul(fn.add(m0, i), ldy))
                     for j in range(sch.nr):
                         p = fn.gep(yrow, j * 64)
-                        accs[i, j] = (_open_acc(fn, spec, p, first), p)
+                        acc = fn.var(I32x16, "zeroinitializer", 64) if spec.int_x else _open_acc(fn, spec, p, first)
+                        accs[i, j] = (acc, p)
                 # the forward micro-kernel, on the panel
                 _panel_mac(fn, accs, panel, sch.nr, kcn * 8,
-                           lambda i, q: fn.gep(xc, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(q, 4))))
-                for acc, p in accs.values():
-                    fn.store(F32x16, acc.get(), p, 4)
+                           lambda i, q: fn.gep(xc, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(q, 4))), spec.int_x)
+                for (i, _), (acc, p) in accs.items():
+                    if spec.int_x:
+                        _store_int(fn, spec, acc.get(), p, first,
+                                   vx.splat_f32(fn, fn.gep(xsc, fn.mul(fn.add(m0, i), 4)), "f32"))
+                    else:
+                        fn.store(F32x16, acc.get(), p, 4)
 
             row_blocks(fn, m, sch.mr, micro)
 
@@ -676,8 +712,8 @@ STREAM_UNROLL = 4  # groups of up to this many rows run fully unrolled, accumula
 STREAM_BLOCKS = 4  # n-blocks read side by side by the streamed transposed GEMM (4 streams, as fwd)
 
 
-def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, ldx: str, ldy: str,
-                      rows: int | None, m: str | None = None) -> None:
+def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, xsc: str | None,
+                      ldx: str, ldy: str, rows: int | None, m: str | None = None) -> None:
     """``dX = dY W`` for one whole (small) group, reading the packed weight in forward order: ``ns``
     n-blocks side by side, 8 k-pair rows (512 B) of each per step, so the weight streams like the
     forward's. Each 8-row group is transposed in registers (as in the panel form) and multiplied
@@ -704,9 +740,10 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 for off in range(0, 8 * rb, 64):
                     vx.prefetch(fn, fn.gep(wrow, STREAM_PREFETCH + off))
                 chan = fn.add(fn.mul(grp, spec.n), fn.mul(s, 16))
-                zw = _zero_words(fn, spec, fn.gep(zp, chan))
+                zw = _zero_for(fn, spec, fn.gep(zp, chan))
                 scp = fn.gep(sc, fn.mul(chan, 4)) if spec.quant != "bf16" else None
-                wrows = [vx.swap_k_n_pairs(fn, _scaled_row(fn, spec, fn.gep(wrow, r * rb), zw, scp)) for r in range(8)]
+                wrows = [vx.swap_k_n_pairs(fn, _weight_row_for(fn, spec, fn.gep(wrow, r * rb), zw, scp))
+                         for r in range(8)]
                 return vx.transpose_qwords_8x8(fn, wrows)
 
             def multiply(b: str, tv: list[str], m0: str | int, accs: list[list]) -> None:
@@ -715,29 +752,36 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                     for i, chs in enumerate(accs):
                         xb = vx.bcast_pair(fn, fn.gep(xs, fn.add(fn.mul(i, ldx), q * 4)))
                         acc = chs[q % len(chs)]
-                        acc.set(vx.dpbf16(fn, acc.get(), wv, xb))
+                        acc.set(_dot(fn, acc.get(), wv, xb, spec.int_x))
 
             def open_accs(m0: str | int, n_rows: int, zero_first: str, chains: int) -> list:
                 out = []
                 for i in range(n_rows):
                     p = fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4)))
-                    chs = [_open_acc(fn, spec, p, zero_first)]
-                    chs += [fn.var(F32x16, "zeroinitializer", 64) for _ in range(chains - 1)]
+                    if spec.int_x:  # int32 partial sums of this step, flushed into dX by close_accs
+                        chs = [fn.var(I32x16, "zeroinitializer", 64) for _ in range(chains)]
+                    else:
+                        chs = [_open_acc(fn, spec, p, zero_first)]
+                        chs += [fn.var(F32x16, "zeroinitializer", 64) for _ in range(chains - 1)]
                     out.append((p, chs))
                 return out
 
-            def close_accs(accs: list) -> None:
-                for p, chs in accs:
+            def close_accs(accs: list, m0: str | int, zero_first: str) -> None:
+                for i, (p, chs) in enumerate(accs):
                     v = chs[0].get()
                     for ch in chs[1:]:
-                        v = vx.fadd(fn, v, ch.get())
-                    fn.store(F32x16, v, p, 4)
+                        v = fn.val(f"add {I32x16} {v}, {ch.get()}") if spec.int_x else vx.fadd(fn, v, ch.get())
+                    if spec.int_x:
+                        _store_int(fn, spec, v, p, zero_first,
+                                   vx.splat_f32(fn, fn.gep(xsc, fn.mul(fn.add(m0, i), 4)), "f32"))
+                    else:
+                        fn.store(F32x16, v, p, 4)
 
             if rows is not None:  # accumulators live in registers across the ns blocks
                 accs = open_accs(0, rows, first, max(1, 4 // rows))  # chains hide dpbf16 latency
                 with fn.loop(0, ns, name="blk") as b:
                     multiply(b, block(b), 0, [chs for _, chs in accs])
-                close_accs(accs)
+                close_accs(accs, 0, first)
             else:
                 with fn.loop(0, ns, name="blk") as b:
                     for q, v in enumerate(block(b)):
@@ -748,7 +792,7 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                         accs = open_accs(m0, n_rows, zero_first, 2 if n_rows == 1 else 1)
                         tv = [fn.load(BF16x32, fn.gep(stage, q * 64), 64) for q in range(8)]
                         multiply(b, tv, m0, [chs for _, chs in accs])
-                        close_accs(accs)
+                        close_accs(accs, m0, zero_first)
 
                     row_blocks(fn, m, STREAM_UNROLL, micro)
 
@@ -942,7 +986,7 @@ def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str, schedule: G
                 quant: str, group_size: int, zero_point: bool, one_group: bool, lora_rank: int,
                 lora_split: int) -> GemmKernel:
     if schedule is None:
-        schedule = default_schedule(op, isa, n, k, quant, one_group)
+        schedule = default_schedule(op, isa, n, k, quant, one_group, group_size)
         if group_size and op == "fwd":  # a K-chunk within one group: its scale is applied per chunk
             schedule = dataclasses.replace(schedule, kc=_chunk(group_size // 2, schedule.kc))
         while op == "fwd" and lora_split % (16 * schedule.nr):  # a work item's outputs use one adapter

@@ -6,6 +6,8 @@ conversion to bf16 through fp32, which measured 1.2-1.7x faster than the bf16 pa
 per expert. Activations are quantized per row:
 
 ``q[i, :] = round(x[i, :] / s[i])`` with ``s[i] = max|x[i, :]| / ACT_MAX`` (round to nearest even).
+With column scales (the transposed GEMMs of per-channel quantized weights, ``dX = (dY diag(c)) Q``),
+each row is first multiplied by its own vector ``c`` (the row's expert's channel scales).
 
 The error ``|x - q s| <= s / 2 = max|x| / 32766`` is far below bf16's own rounding of the row's large
 elements (1/512 relative), so the forward stays within ~1e-4 of the computation on the bf16 input.
@@ -20,6 +22,7 @@ import ctypes
 import functools
 from dataclasses import dataclass
 
+import numpy as np
 import torch
 
 from ..codegen import avx512 as vx
@@ -32,14 +35,16 @@ from ..runtime.threads import launch
 
 ACT_MAX = 16383
 ROWS_PER_ITEM = 8
-ARGS = ArgBlock(["dst", "src", "scales", "n", "idx"])
+ARGS = ArgBlock(["dst", "src", "scales", "n", "idx", "cscales"])
 
 
 @dataclass(frozen=True)
 class RowQuantSpec:
-    """Rows of ``cols`` bf16 (a multiple of 32), contiguous; int16 out, same shape."""
+    """Rows of ``cols`` bf16 (a multiple of 32), contiguous; int16 out, same shape. ``col_scaled``:
+    row j is multiplied by the fp32 vector at ``cscales[j]`` (a pointer per listed row) first."""
 
     cols: int
+    col_scaled: bool = False
 
     def __post_init__(self) -> None:
         if self.cols <= 0 or self.cols % 32:
@@ -47,13 +52,14 @@ class RowQuantSpec:
 
     @property
     def name(self) -> str:
-        return f"rowquant_i16_c{self.cols}"
+        return f"rowquant_i16_c{self.cols}" + ("_cs" if self.col_scaled else "")
 
 
 def _body(spec: RowQuantSpec):
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
         dst, src, scales = (ARGS.load_ptr(fn, ctx, f) for f in ("dst", "src", "scales"))
         n, idx = ARGS.load(fn, ctx, "n"), ARGS.load_ptr(fn, ctx, "idx")
+        cscales = ARGS.load_ptr(fn, ctx, "cscales")
         fabs = fn.module.declare("llvm.fabs.v16f32", f"declare {F32x16} @llvm.fabs.v16f32({F32x16})")
         # maximum (not maxnum) propagates NaN, so a NaN row gets a NaN scale
         vmax = fn.module.declare("llvm.maximum.v16f32", f"declare {F32x16} @llvm.maximum.v16f32({F32x16}, {F32x16})")
@@ -64,12 +70,16 @@ def _body(spec: RowQuantSpec):
         with fn.loop(j0, fn.min(fn.add(j0, ROWS_PER_ITEM), n), name="j") as jj:
             j = listed_row(fn, idx, jj)
             srow = fn.gep(src, fn.mul(j, spec.cols * 2))
+            crow = fn.load("ptr", fn.gep(cscales, fn.mul(jj, 8)), 8) if spec.col_scaled else None
+
+            def load(col: str) -> str:
+                v = vx.load_f32x16(fn, fn.gep(srow, fn.mul(col, 2)), "bf16")
+                return vx.fmul(fn, v, fn.load(F32x16, fn.gep(crow, fn.mul(col, 4)), 4)) if crow else v
             drow = fn.gep(dst, fn.mul(j, spec.cols * 2))
             accs = [fn.var(F32x16, "zeroinitializer", 64) for _ in range(2)]  # two max chains
             with fn.loop(0, spec.cols, 32, name="c") as c:
                 for h, acc in enumerate(accs):
-                    v = vx.load_f32x16(fn, fn.gep(srow, fn.mul(fn.add(c, 16 * h), 2)), "bf16")
-                    a = fn.val(f"call {F32x16} {fabs}({F32x16} {v})")
+                    a = fn.val(f"call {F32x16} {fabs}({F32x16} {load(fn.add(c, 16 * h))})")
                     acc.set(fn.val(f"call {F32x16} {vmax}({F32x16} {acc.get()}, {F32x16} {a})"))
             both = fn.val(f"call {F32x16} {vmax}({F32x16} {accs[0].get()}, {F32x16} {accs[1].get()})")
             amax = fn.val(f"call float {rmax}({F32x16} {both})")
@@ -80,8 +90,7 @@ def _body(spec: RowQuantSpec):
             invv = fn.val(f"shufflevector {F32x16} {fn.val(f'insertelement {F32x16} poison, float {inv}, i64 0')}, "
                           f"{F32x16} poison, <16 x i32> zeroinitializer")
             with fn.loop(0, spec.cols, 16, name="q") as c:
-                v = vx.load_f32x16(fn, fn.gep(srow, fn.mul(c, 2)), "bf16")
-                r = fn.val(f"call {F32x16} {rint}({F32x16} {vx.fmul(fn, v, invv)})")
+                r = fn.val(f"call {F32x16} {rint}({F32x16} {vx.fmul(fn, load(c), invv)})")
                 q = fn.val(f"fptosi {F32x16} {r} to <16 x i32>")
                 fn.store("<16 x i16>", fn.val(f"trunc <16 x i32> {q} to <16 x i16>"), fn.gep(drow, fn.mul(c, 2)), 2)
 
@@ -96,12 +105,14 @@ class RowQuantKernel:
         build_worker(mod, spec.name, ARGS, _body(spec))
         self.addr = get_or_compile(spec.name, repr(spec), mod.render(), target, [spec.name])[spec.name]
 
-    def launch(self, dst: int, src: int, scales: int, n: int, num_threads: int | None = None, idx: int = 0) -> None:
+    def launch(self, dst: int, src: int, scales: int, n: int, num_threads: int | None = None, idx: int = 0,
+               cscales: int = 0) -> None:
         """Quantize ``n`` rows at ``src`` (bf16) into ``dst`` (int16) and ``scales`` (fp32): rows
-        0..n-1, or with ``idx`` (address of int64 [n]) the rows listed there."""
+        0..n-1, or with ``idx`` (address of int64 [n]) the rows listed there; ``cscales``: address
+        of int64 [n], the column-scale vector of each listed row (``col_scaled`` kernels)."""
         items = -(-n // ROWS_PER_ITEM)
         if items:
-            args = ARGS.make(items, dst=dst, src=src, scales=scales, n=n, idx=idx)
+            args = ARGS.make(items, dst=dst, src=src, scales=scales, n=n, idx=idx, cscales=cscales)
             launch(self.addr, ctypes.addressof(args), num_threads)
 
 
@@ -111,14 +122,22 @@ def get_kernel(spec: RowQuantSpec) -> RowQuantKernel:
     return RowQuantKernel(spec)
 
 
-def quantize_rows(x: torch.Tensor, rows: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def quantize_rows(x: torch.Tensor, rows: torch.Tensor | None = None,
+                  col_scales: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [M, C]`` bf16, contiguous (C a multiple of 32) -> (``q [M, C]`` int16, ``s [M]`` fp32)
     with ``x ~ q * s[:, None]``; 64-byte aligned outputs. ``rows`` (int64, contiguous, values in
-    [0, M), trusted): quantize only these rows (the others of q and s are left unset)."""
+    [0, M), trusted): quantize only these rows (the others of q and s are left unset).
+    ``col_scales`` (int64 NumPy array, one entry per quantized row, trusted): the address of the
+    fp32 [C] vector that row is multiplied by first."""
     if x.dim() != 2 or x.dtype != torch.bfloat16 or not x.is_contiguous() or x.device.type != "cpu":
         raise ValueError("quantize_rows takes a contiguous 2-D bfloat16 CPU tensor")
     q = aligned_empty(tuple(x.shape), torch.int16)
     s = aligned_empty((x.shape[0],), torch.float32)
     n, idx = (x.shape[0], 0) if rows is None else (rows.numel(), rows.data_ptr())
-    get_kernel(RowQuantSpec(x.shape[1])).launch(q.data_ptr(), x.data_ptr(), s.data_ptr(), n, idx=idx)
+    if col_scales is not None and (col_scales.dtype != np.int64 or col_scales.shape != (n,)
+                                   or not col_scales.flags.c_contiguous):
+        raise ValueError(f"col_scales must be a contiguous int64 array [{n}] of vector addresses")
+    cs = col_scales.ctypes.data if col_scales is not None else 0
+    get_kernel(RowQuantSpec(x.shape[1], col_scales is not None)).launch(
+        q.data_ptr(), x.data_ptr(), s.data_ptr(), n, idx=idx, cscales=cs)
     return q, s

@@ -161,13 +161,20 @@ def _grouped_bwd(dy: torch.Tensor, experts: MoEExperts, name: str, dx: torch.Ten
     ``lora = (t, a0, a1)`` (AVX-512 kernels) fuses ``dx += t[:, :r] a0_e (+ t[:, r:] a1_e)``:
     t [rows, r or 2r] bf16, a [E, r, K] bf16."""
     n, k = _dims(experts, name)
-    groups = _gemm_groups(r, _rows(dy, r), experts, name, _rows(dx, r), lora)
     if lora is not None:
         t, a0, a1 = lora
         kern = _kernel("bwd", experts, name, a0.shape[1], n // 2 if a1 is not None else 0)
-        kern.launch(groups, n * 2, k * 4, ldh=_pitch(t))
+    else:
+        kern = _kernel("bwd", experts, name)
+    xscales = None
+    if kern.spec.int_x:  # integer kernel: dY diag(s_e) as int16 rows (per-channel scales s_e)
+        col_scales = np.repeat(_per_expert(experts.scales(name), r), r.counts_np)
+        dy, dys = quantize_rows(dy, r.slot_row, col_scales)
+        xscales = _rows(dys, r)
+    groups = _gemm_groups(r, _rows(dy, r), experts, name, _rows(dx, r), lora, xscales)
+    if lora is not None:
+        kern.launch(groups, n * 2, k * 4, ldh=_pitch(lora[0]))
         return
-    kern = _kernel("bwd", experts, name)
     tiles = None
     if kern.spec.isa != "avx512":  # AMX reads dY pre-arranged in tiles; segments are whole tiles
         tiles = gemm.pack_dy_for_amx(dy)
