@@ -441,3 +441,20 @@ def test_experts_constructor_validates_tensors():
         kt_jit.MoEExperts(t, H, I, "int8")
     with pytest.raises(ValueError, match="need tensors"):
         kt_jit.MoEExperts({"gate_up": experts.gate_up, "down": experts.down}, H, I, "int8")
+
+
+@pytest.mark.parametrize("quant", ["bf16", "int8", "int4_1kgroup"])
+def test_row_buffers_padded_off_4kb_pitches(quant):
+    """H=2048, I=1024: every per-expert row buffer of the backward (dY, dX, D, [dG | dU]) would have a
+    4 KB-multiple pitch and gets 64 bytes of padding; ~20 rows per expert take the streamed
+    transposed GEMM (allowed up to 24 rows with padded pitches), T=3 the small-group paths."""
+    from kt_jit.moe.sft import _row_buffer
+
+    assert _row_buffer(3, 2048, torch.bfloat16).stride(0) == 2048 + 32
+    assert _row_buffer(3, 1024, torch.float32).stride(0) == 1024 + 16
+    assert _row_buffer(3, 7168, torch.bfloat16).stride(0) == 7168 + 32  # 14 KB: only two L1 sets
+    assert _row_buffer(3, 160, torch.bfloat16).stride(0) == 160  # 320 B = 5 x 64: already odd
+    layer = make_layer(e=4, h=2048, i=1024, quant=quant)
+    for t in (40, 3):
+        dout = torch.randn(t, 2048, generator=torch.Generator().manual_seed(t))
+        check_against_reference(layer, make_batch(t, 2, e=4, h=2048, seed=t), dout)

@@ -21,7 +21,7 @@ from ..runtime.threads import launch
 
 ROWS_PER_ITEM = 8
 FWD_ARGS = ArgBlock(["gu", "act", "rows", "idx"])
-BWD_ARGS = ArgBlock(["d", "act", "gu", "w", "dw", "dgu", "rows", "idx"])
+BWD_ARGS = ArgBlock(["d", "act", "gu", "w", "dw", "dgu", "rows", "idx", "ldd", "lddgu"])
 
 
 @dataclass(frozen=True)
@@ -72,12 +72,13 @@ def _bwd_body(spec: ActSpec):
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
         p = {f: BWD_ARGS.load_ptr(fn, ctx, f) for f in ("d", "act", "gu", "w", "dw", "dgu")}
+        ldd, lddgu = BWD_ARGS.load(fn, ctx, "ldd"), BWD_ARGS.load(fn, ctx, "lddgu")
 
         def row(r: str) -> None:
-            drow = fn.gep(p["d"], fn.mul(r, spec.i * 4))
+            drow = fn.gep(p["d"], fn.mul(r, ldd))
             arow = fn.gep(p["act"], fn.mul(r, spec.i * 2))
             grow = fn.gep(p["gu"], fn.mul(r, spec.i * 8))
-            orow = fn.gep(p["dgu"], fn.mul(r, spec.i * 4))
+            orow = fn.gep(p["dgu"], fn.mul(r, lddgu))
             w = vx.splat_f32(fn, fn.gep(p["w"], fn.mul(r, 4)), "f32")
             dot = fn.var(F32x16, "zeroinitializer", 64)
             with fn.loop(0, spec.i, 16, name="c") as c:
@@ -112,12 +113,16 @@ class ActKernel:
         build_worker(mod, spec.name, self.args, (_fwd_body if spec.op == "fwd" else _bwd_body)(spec))
         self.addr = get_or_compile(spec.name, repr(spec), mod.render(), target, [spec.name])[spec.name]
 
-    def launch(self, rows: int, num_threads: int | None = None, idx: int = 0, **ptrs: int) -> None:
+    def launch(self, rows: int, num_threads: int | None = None, idx: int = 0, ldd: int = 0, lddgu: int = 0,
+               **ptrs: int) -> None:
         """Process ``rows`` rows: rows 0..rows-1, or with ``idx`` (address of int64 [rows]) the rows
-        listed there; ``ptrs`` are the data pointers named in the module docstring."""
+        listed there; ``ptrs`` are the data pointers named in the module docstring. ``bwd``: ``ldd``
+        and ``lddgu`` are the row pitches of D and [dG | dU] in bytes (0: contiguous)."""
         n_items = -(-rows // ROWS_PER_ITEM)
         if n_items == 0:
             return
+        if self.spec.op == "bwd":
+            ptrs.update(ldd=ldd or self.spec.i * 4, lddgu=lddgu or self.spec.i * 4)
         args = self.args.make(n_items, rows=rows, idx=idx, **ptrs)
         launch(self.addr, ctypes.addressof(args), num_threads)
 

@@ -112,11 +112,12 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         if op == "fwd":  # quantized: prefetch 2 KB ahead like bf16's 16 rows (measured int8 +2-11%)
             pf = 16 if quant == "bf16" else 2048 // ROW_BYTES[quant]
             return GemmSchedule(mr=6, nr=4 if n % 64 == 0 else 2, kc=_chunk(k // 2, 256), pf=pf)
-        # streaming a whole small group beats the panel up to 12-13 rows (measured on Zen 5: m=10
-        # 1.4-1.5x, m=12 1.13-1.34x; beyond that the dX rows, K*4 bytes apart, overflow L1's ways)
+        # streaming a whole small group beats the panel up to 24 rows when the row pitches are odd
+        # multiples of 64 B (measured on Zen 5: m=14-24 1.1-1.6x, m=32 0.9x); otherwise the kernel
+        # lowers the limit to STREAM_ALIASED_MAX at run time (the rows would crowd a few L1 sets)
         small = "fold" if (quant == "int4" and group_size) or one_group else "stream"
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
-                            sm=12 if small == "stream" else 8, small=small)
+                            sm=24 if small == "stream" else 8, small=small)
     return GemmSchedule(mr=2, nr=2)
 
 
@@ -631,7 +632,10 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         ldh = ARGS.load(fn, ctx, "ldh") if spec.lora_rank else None
         if sch.sm:
-            small = fn.icmp("sle", m, sch.sm)
+            # rows spread over every L1 set only if both pitches are odd multiples of 64 bytes
+            spread = fn.icmp("ne", fn.val(f"and i64 {fn.val(f'and i64 {ldx}, {ldy}')}, 64"), 0)
+            limit = fn.val(f"select i1 {spread}, i64 {sch.sm}, i64 {min(sch.sm, STREAM_ALIASED_MAX)}")
+            small = fn.icmp("sle", m, limit)
             stream_bb, panel_bb, done_bb = fn.new_block("stream"), fn.new_block("panel"), fn.new_block("done")
             fn.cbr(small, stream_bb, panel_bb)
             fn.set_block(stream_bb)
@@ -708,6 +712,7 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
 
 
 STREAM_PREFETCH = 1024  # bytes ahead along each stream (as the forward's 16 rows)
+STREAM_ALIASED_MAX = 12  # most rows streamed unless both row pitches are odd multiples of 64 B
 STREAM_UNROLL = 4  # groups of up to this many rows run fully unrolled, accumulators in registers
 STREAM_BLOCKS = 4  # n-blocks read side by side by the streamed transposed GEMM (4 streams, as fwd)
 

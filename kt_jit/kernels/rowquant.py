@@ -35,7 +35,7 @@ from ..runtime.threads import launch
 
 ACT_MAX = 16383
 ROWS_PER_ITEM = 8
-ARGS = ArgBlock(["dst", "src", "scales", "n", "idx", "cscales"])
+ARGS = ArgBlock(["dst", "src", "scales", "n", "idx", "cscales", "ld"])
 
 
 @dataclass(frozen=True)
@@ -59,7 +59,7 @@ def _body(spec: RowQuantSpec):
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
         dst, src, scales = (ARGS.load_ptr(fn, ctx, f) for f in ("dst", "src", "scales"))
         n, idx = ARGS.load(fn, ctx, "n"), ARGS.load_ptr(fn, ctx, "idx")
-        cscales = ARGS.load_ptr(fn, ctx, "cscales")
+        cscales, ld = ARGS.load_ptr(fn, ctx, "cscales"), ARGS.load(fn, ctx, "ld")
         fabs = fn.module.declare("llvm.fabs.v16f32", f"declare {F32x16} @llvm.fabs.v16f32({F32x16})")
         # maximum (not maxnum) propagates NaN, so a NaN row gets a NaN scale
         vmax = fn.module.declare("llvm.maximum.v16f32", f"declare {F32x16} @llvm.maximum.v16f32({F32x16}, {F32x16})")
@@ -69,13 +69,13 @@ def _body(spec: RowQuantSpec):
         j0 = fn.mul(item, ROWS_PER_ITEM)
         with fn.loop(j0, fn.min(fn.add(j0, ROWS_PER_ITEM), n), name="j") as jj:
             j = listed_row(fn, idx, jj)
-            srow = fn.gep(src, fn.mul(j, spec.cols * 2))
+            srow = fn.gep(src, fn.mul(j, ld))
             crow = fn.load("ptr", fn.gep(cscales, fn.mul(jj, 8)), 8) if spec.col_scaled else None
 
             def load(col: str) -> str:
                 v = vx.load_f32x16(fn, fn.gep(srow, fn.mul(col, 2)), "bf16")
                 return vx.fmul(fn, v, fn.load(F32x16, fn.gep(crow, fn.mul(col, 4)), 4)) if crow else v
-            drow = fn.gep(dst, fn.mul(j, spec.cols * 2))
+            drow = fn.gep(dst, fn.mul(j, ld))
             accs = [fn.var(F32x16, "zeroinitializer", 64) for _ in range(2)]  # two max chains
             with fn.loop(0, spec.cols, 32, name="c") as c:
                 for h, acc in enumerate(accs):
@@ -106,13 +106,15 @@ class RowQuantKernel:
         self.addr = get_or_compile(spec.name, repr(spec), mod.render(), target, [spec.name])[spec.name]
 
     def launch(self, dst: int, src: int, scales: int, n: int, num_threads: int | None = None, idx: int = 0,
-               cscales: int = 0) -> None:
+               cscales: int = 0, ld: int = 0) -> None:
         """Quantize ``n`` rows at ``src`` (bf16) into ``dst`` (int16) and ``scales`` (fp32): rows
         0..n-1, or with ``idx`` (address of int64 [n]) the rows listed there; ``cscales``: address
-        of int64 [n], the column-scale vector of each listed row (``col_scaled`` kernels)."""
+        of int64 [n], the column-scale vector of each listed row (``col_scaled`` kernels); ``ld``: the
+        row pitch of src and dst in bytes (0: contiguous)."""
         items = -(-n // ROWS_PER_ITEM)
         if items:
-            args = ARGS.make(items, dst=dst, src=src, scales=scales, n=n, idx=idx, cscales=cscales)
+            args = ARGS.make(items, dst=dst, src=src, scales=scales, n=n, idx=idx, cscales=cscales,
+                             ld=ld or self.spec.cols * 2)
             launch(self.addr, ctypes.addressof(args), num_threads)
 
 
@@ -124,14 +126,16 @@ def get_kernel(spec: RowQuantSpec) -> RowQuantKernel:
 
 def quantize_rows(x: torch.Tensor, rows: torch.Tensor | None = None,
                   col_scales: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
-    """``x [M, C]`` bf16, contiguous (C a multiple of 32) -> (``q [M, C]`` int16, ``s [M]`` fp32)
-    with ``x ~ q * s[:, None]``; 64-byte aligned outputs. ``rows`` (int64, contiguous, values in
-    [0, M), trusted): quantize only these rows (the others of q and s are left unset).
+    """``x [M, C]`` bf16 with unit column stride (C a multiple of 32) -> (``q [M, C]`` int16 with
+    x's row stride, ``s [M]`` fp32) with ``x ~ q * s[:, None]``; 64-byte aligned outputs. ``rows``
+    (int64, contiguous, values in [0, M), trusted): quantize only these rows (the others of q and s
+    are left unset).
     ``col_scales`` (int64 NumPy array, one entry per quantized row, trusted): the address of the
     fp32 [C] vector that row is multiplied by first."""
-    if x.dim() != 2 or x.dtype != torch.bfloat16 or not x.is_contiguous() or x.device.type != "cpu":
-        raise ValueError("quantize_rows takes a contiguous 2-D bfloat16 CPU tensor")
-    q = aligned_empty(tuple(x.shape), torch.int16)
+    if x.dim() != 2 or x.dtype != torch.bfloat16 or x.stride(1) != 1 or x.stride(0) < x.shape[1] \
+            or x.device.type != "cpu":
+        raise ValueError("quantize_rows takes a 2-D bfloat16 CPU tensor with contiguous rows")
+    q = aligned_empty((x.shape[0], x.stride(0)), torch.int16)[:, :x.shape[1]]
     s = aligned_empty((x.shape[0],), torch.float32)
     n, idx = (x.shape[0], 0) if rows is None else (rows.numel(), rows.data_ptr())
     if col_scales is not None and (col_scales.dtype != np.int64 or col_scales.shape != (n,)
@@ -139,5 +143,5 @@ def quantize_rows(x: torch.Tensor, rows: torch.Tensor | None = None,
         raise ValueError(f"col_scales must be a contiguous int64 array [{n}] of vector addresses")
     cs = col_scales.ctypes.data if col_scales is not None else 0
     get_kernel(RowQuantSpec(x.shape[1], col_scales is not None)).launch(
-        q.data_ptr(), x.data_ptr(), s.data_ptr(), n, idx=idx, cscales=cs)
+        q.data_ptr(), x.data_ptr(), s.data_ptr(), n, idx=idx, cscales=cs, ld=x.stride(0) * 2)
     return q, s

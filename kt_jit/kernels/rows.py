@@ -25,8 +25,8 @@ from ..runtime.threads import launch
 
 GATHER_ROWS_PER_ITEM = 16
 COMBINE_TOKENS_PER_ITEM = 4
-GATHER_ARGS = ArgBlock(["dst", "src", "dst_idx", "src_idx", "n"])
-COMBINE_ARGS = ArgBlock(["out", "y", "rows", "w", "t", "k"])
+GATHER_ARGS = ArgBlock(["dst", "src", "dst_idx", "src_idx", "n", "ldd"])
+COMBINE_ARGS = ArgBlock(["out", "y", "rows", "w", "t", "k", "ldy"])
 DTYPES = ("f32", "bf16")
 
 
@@ -66,12 +66,12 @@ def _size(dtype: str) -> int:
 def _gather_body(spec: RowsSpec):
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
         a = {f: GATHER_ARGS.load_ptr(fn, ctx, f) for f in ("dst", "src", "dst_idx", "src_idx")}
-        n = GATHER_ARGS.load(fn, ctx, "n")
+        n, ldd = GATHER_ARGS.load(fn, ctx, "n"), GATHER_ARGS.load(fn, ctx, "ldd")
         j0 = fn.mul(item, GATHER_ROWS_PER_ITEM)
         with fn.loop(j0, fn.min(fn.add(j0, GATHER_ROWS_PER_ITEM), n), name="j") as j:
             d = fn.load("i64", fn.gep(a["dst_idx"], fn.mul(j, 8)), 8)
             s = fn.load("i64", fn.gep(a["src_idx"], fn.mul(j, 8)), 8)
-            drow = fn.gep(a["dst"], fn.mul(d, spec.cols * 2))
+            drow = fn.gep(a["dst"], fn.mul(d, ldd))
             srow = fn.gep(a["src"], fn.mul(s, spec.cols * _size(spec.src_dtype)))
             with fn.loop(0, spec.cols, 32, name="c") as c:
                 if spec.src_dtype == "bf16":  # a plain copy of 64 bytes
@@ -93,6 +93,7 @@ def _combine_body(spec: RowsSpec):
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
         a = {f: COMBINE_ARGS.load_ptr(fn, ctx, f) for f in ("out", "y", "rows", "w")}
         t, k = COMBINE_ARGS.load(fn, ctx, "t"), COMBINE_ARGS.load(fn, ctx, "k")
+        ldy = COMBINE_ARGS.load(fn, ctx, "ldy")
         t0 = fn.mul(item, COMBINE_TOKENS_PER_ITEM)
         with fn.loop(t0, fn.min(fn.add(t0, COMBINE_TOKENS_PER_ITEM), t), name="tok") as tok:
             orow = fn.gep(a["out"], fn.mul(tok, spec.cols * _size(spec.out_dtype)))
@@ -102,7 +103,7 @@ def _combine_body(spec: RowsSpec):
                 with fn.loop(0, k, name="k") as kk:
                     slot = fn.add(slot0, kk)
                     row = fn.load("i64", fn.gep(a["rows"], fn.mul(slot, 8)), 8)
-                    yp = fn.gep(a["y"], fn.add(fn.mul(row, spec.cols * 4), fn.mul(c, 4)))
+                    yp = fn.gep(a["y"], fn.add(fn.mul(row, ldy), fn.mul(c, 4)))
                     wv = vx.splat_f32(fn, fn.gep(a["w"], fn.mul(slot, 4)), "f32") if spec.weighted else None
                     for i, acc in enumerate(accs):
                         v = fn.load(F32x16, fn.gep(yp, 64 * i), 4)
@@ -125,18 +126,23 @@ class RowsKernel:
             build_worker(mod, spec.name, COMBINE_ARGS, _combine_body(spec))
         self.addr = get_or_compile(spec.name, repr(spec), mod.render(), target, [spec.name])[spec.name]
 
-    def gather(self, dst: int, src: int, dst_idx: int, src_idx: int, n: int, num_threads: int | None = None) -> None:
-        """Copy ``n`` rows (pointers to the row buffers and the two int64 index arrays)."""
+    def gather(self, dst: int, src: int, dst_idx: int, src_idx: int, n: int, num_threads: int | None = None,
+               ldd: int = 0) -> None:
+        """Copy ``n`` rows (pointers to the row buffers and the two int64 index arrays); ``ldd``: the
+        destination's row pitch in bytes (0: ``cols`` bf16, contiguous)."""
         items = -(-n // GATHER_ROWS_PER_ITEM)
         if items:
-            args = GATHER_ARGS.make(items, dst=dst, src=src, dst_idx=dst_idx, src_idx=src_idx, n=n)
+            args = GATHER_ARGS.make(items, dst=dst, src=src, dst_idx=dst_idx, src_idx=src_idx, n=n,
+                                    ldd=ldd or self.spec.cols * 2)
             launch(self.addr, ctypes.addressof(args), num_threads)
 
-    def combine(self, out: int, y: int, rows: int, w: int, t: int, k: int, num_threads: int | None = None) -> None:
-        """Write ``t`` output rows, each the (weighted) sum of its ``k`` rows of y."""
+    def combine(self, out: int, y: int, rows: int, w: int, t: int, k: int, num_threads: int | None = None,
+                ldy: int = 0) -> None:
+        """Write ``t`` output rows, each the (weighted) sum of its ``k`` rows of y (row pitch ``ldy``
+        bytes; 0: ``cols`` fp32, contiguous)."""
         items = -(-t // COMBINE_TOKENS_PER_ITEM)
         if items:
-            args = COMBINE_ARGS.make(items, out=out, y=y, rows=rows, w=w, t=t, k=k)
+            args = COMBINE_ARGS.make(items, out=out, y=y, rows=rows, w=w, t=t, k=k, ldy=ldy or self.spec.cols * 4)
             launch(self.addr, ctypes.addressof(args), num_threads)
 
 
