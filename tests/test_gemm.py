@@ -49,6 +49,18 @@ def test_linear_t_matches_reference(isa, m):
     assert rel_err(dx, ref_linear_t(dy, w)) < 1e-4
 
 
+@NEEDS_AVX512_BF16
+@pytest.mark.parametrize("m", [1, 7, 13])
+def test_forward_over_several_k_chunks(m):
+    """K = 1024 is 2 chunks of 256 k-pairs: row blocks after the first take the loop variant that
+    prefetches the next chunk (schedule ``pfn``)."""
+    w = _weights(64, 1024, seed=7)
+    x = torch.randn(m, 1024, generator=torch.Generator().manual_seed(m)).bfloat16()
+    kern = gemm.kernel_for("fwd", 64, 1024, isa="avx512")
+    assert kern.spec.schedule.pfn and kern.spec.schedule.kc * 2 < 1024
+    assert rel_err(gemm.linear(x, pack_bf16(w), isa="avx512"), ref_linear(x, w)) < 1e-4
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_accumulate_adds_into_output(isa):
     n, k = 64, 96
