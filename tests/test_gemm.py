@@ -61,6 +61,18 @@ def test_forward_over_several_k_chunks(m):
     assert rel_err(gemm.linear(x, pack_bf16(w), isa="avx512"), ref_linear(x, w)) < 1e-4
 
 
+@NEEDS_AVX512_BF16
+@pytest.mark.parametrize("m", [9, 30])
+def test_transposed_over_several_n_chunks(m):
+    """N = 768 is 3 panel chunks of 16 n-blocks: the first row block takes the loop variant that
+    prefetches the next chunk (schedule ``pfn``), the others the plain one."""
+    w = _weights(768, 64, seed=8)
+    dy = torch.randn(m, 768, generator=torch.Generator().manual_seed(m)).bfloat16()
+    kern = gemm.kernel_for("bwd", 768, 64, isa="avx512", one_group=True)
+    assert kern.spec.schedule.pfn and kern.spec.schedule.kc * 16 < 768
+    assert rel_err(gemm.linear_t(dy, pack_bf16(w), isa="avx512"), ref_linear_t(dy, w)) < 1e-4
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_accumulate_adds_into_output(isa):
     n, k = 64, 96

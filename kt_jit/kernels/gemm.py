@@ -78,8 +78,9 @@ class GemmSchedule:
     kc: fwd: k-pairs per L2 chunk of the weight panel; bwd "panel": 16-row n-blocks per L1 panel
         (0 = all of the reduction)
     pf: software prefetch distance for weight lines, in k-pair rows (fwd) or n-blocks (bwd); 0 = off
-    pfn: AVX-512 fwd: row blocks after the first of a K-chunk (which compute from L2) prefetch the
-        next chunk into L2, so DRAM keeps streaming while they run
+    pfn: prefetch the next chunk into L2 while computing from the current one, so DRAM keeps
+        streaming: AVX-512 fwd, in the row blocks after the first of a K-chunk; transposed "panel",
+        in the first row block over each n-chunk's panel
     form: AVX-512 transposed GEMM only: "panel" transposes each weight block in registers into an
         L1 panel in forward layout and runs the forward micro-kernel on it; "fold" multiplies the
         packed rows directly and folds lanes at the end (see the module docstring)
@@ -120,8 +121,9 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         # multiples of 64 B (measured on Zen 5: m=14-24 1.1-1.6x, m=32 0.9x); otherwise the kernel
         # lowers the limit to STREAM_ALIASED_MAX at run time (the rows would crowd a few L1 sets)
         small = "fold" if (quant == "int4" and group_size) or one_group else "stream"
+        # pfn: the panel's first row block prefetches the next n-chunk (measured m=16-32 +13-17%)
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
-                            sm=24 if small == "stream" else 8, small=small)
+                            sm=24 if small == "stream" else 8, small=small, pfn=True)
     return GemmSchedule(mr=2, nr=2)
 
 
@@ -367,11 +369,15 @@ def _mac(fn: Function, accs: dict, wv: list[str], xptrs: list[str], integer: boo
             acc.set(_dot(fn, acc.get(), w, xb, integer))
 
 
-def _panel_mac(fn: Function, accs: dict, panel: str, nr: int, steps: int | str, xptr, integer: bool = False) -> None:
+def _panel_mac(fn: Function, accs: dict, panel: str, nr: int, steps: int | str, xptr, integer: bool = False,
+               fetch=None) -> None:
     """``accs += sum_q panel[q] . X(q)``: the forward micro-kernel over ``steps`` k-pair rows of a
-    stack panel (``nr`` vectors of 64 B per row); ``xptr(i, q)`` points at row i's pair q."""
+    stack panel (``nr`` vectors of 64 B per row); ``xptr(i, q)`` points at row i's pair q;
+    ``fetch(q)`` emits prefetches at each step."""
     rows = 1 + max(i for i, _ in accs)
     with fn.loop(0, steps, name="pq") as q:
+        if fetch is not None:
+            fetch(q)
         wp = fn.gep(panel, fn.mul(q, nr * 64))
         _mac(fn, accs, [fn.load(BF16x32, fn.gep(wp, j * 64), 64) for j in range(nr)],
              [xptr(i, q) for i in range(rows)], integer)
@@ -411,6 +417,20 @@ def _lora_pairs(fn: Function, spec: GemmSpec, c: str, desc_extra: tuple[str, str
             for p, v in enumerate(vx.transpose_dwords_16x8(fn, rows)):
                 fn.store(I32x16, v, fn.gep(panel, fn.add(fn.mul(q, 8 * nr * 64), (p * nr + j) * 64)), 64)
     return panel, h, hoff
+
+
+def _either(fn: Function, cond: str, emit) -> None:
+    """``emit(True)`` where ``cond`` holds, else ``emit(False)``: two copies of a loop, one of which
+    also prefetches (a run-time test per step would cost more than the prefetch saves)."""
+    yes_bb, no_bb, done_bb = fn.new_block("yes"), fn.new_block("no"), fn.new_block("either")
+    fn.cbr(cond, yes_bb, no_bb)
+    fn.set_block(yes_bb)
+    emit(True)
+    fn.br(done_bb)
+    fn.set_block(no_bb)
+    emit(False)
+    fn.br(done_bb)
+    fn.set_block(done_bb)
 
 
 def row_blocks(fn: Function, m: str, mr: int, micro) -> None:
@@ -496,16 +516,8 @@ def _avx512_fwd_body(spec: GemmSpec):
                         _mac(fn, accs, weights(r), xptrs, int_x)
 
                 if sch.pfn:  # row blocks after the first of a chunk compute from L2
-                    go = fn.val(f"and i1 {fn.icmp('ult', fn.add(kc0, kc), kp)}, {fn.icmp('ne', m0, 0)}")
-                    fetch_bb, plain_bb, done_bb = fn.new_block("fetch"), fn.new_block("plain"), fn.new_block("kdone")
-                    fn.cbr(go, fetch_bb, plain_bb)
-                    fn.set_block(fetch_bb)
-                    k_loop(True)
-                    fn.br(done_bb)
-                    fn.set_block(plain_bb)
-                    k_loop(False)
-                    fn.br(done_bb)
-                    fn.set_block(done_bb)
+                    _either(fn, fn.val(f"and i1 {fn.icmp('ult', fn.add(kc0, kc), kp)}, {fn.icmp('ne', m0, 0)}"),
+                            k_loop)
                 else:
                     k_loop(False)
                 if not int_x:
@@ -704,6 +716,14 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                         fn.store(BF16x32, v, fn.gep(dst, (q * sch.nr + j) * 64), 64)
             first = fn.icmp("eq", nc0, 0)
             xc = fn.gep(x, fn.mul(nc0, 32))  # dY column 16 nc0
+            step_bytes = sch.nr * rb  # an eighth of this item's slice of one n-block
+
+            def fetch_next_chunk(q: str) -> None:
+                """At panel step q (block q / 8, eighth q % 8): its share of the next chunk's slice."""
+                blk = fn.add(fn.add(nc0, kcn), fn.val(f"udiv i64 {q}, 8"))
+                base = fn.gep(wb, fn.add(fn.mul(blk, block_stride), fn.mul(fn.val(f"urem i64 {q}, 8"), step_bytes)))
+                for off in range(0, step_bytes, 64):
+                    vx.prefetch(fn, fn.gep(base, off), 2)
 
             def micro(m0: str, rows: int) -> None:
                 accs = {}
@@ -714,8 +734,15 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                         acc = fn.var(I32x16, "zeroinitializer", 64) if spec.int_x else _open_acc(fn, spec, p, first)
                         accs[i, j] = (acc, p)
                 # the forward micro-kernel, on the panel
-                _panel_mac(fn, accs, panel, sch.nr, kcn * 8,
-                           lambda i, q: fn.gep(xc, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(q, 4))), spec.int_x)
+                def mac(fetch_next: bool) -> None:
+                    _panel_mac(fn, accs, panel, sch.nr, kcn * 8,
+                               lambda i, q: fn.gep(xc, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(q, 4))), spec.int_x,
+                               fetch_next_chunk if fetch_next else None)
+
+                if sch.pfn:  # the first row block fetches the next n-chunk while it computes
+                    _either(fn, fn.val(f"and i1 {fn.icmp('ult', fn.add(nc0, kcn), nb)}, {fn.icmp('eq', m0, 0)}"), mac)
+                else:
+                    mac(False)
                 for (i, _), (acc, p) in accs.items():
                     if spec.int_x:
                         _store_int(fn, spec, acc.get(), p, first,
