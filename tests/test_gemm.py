@@ -154,6 +154,14 @@ def test_schedule_validation():
         gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=4, small="x"))
     with pytest.raises(ValueError, match="N/16"):
         gemm.GemmSpec("bwd", 96, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, kc=4, form="panel"))
+    # integer kernels: a K-chunk (fwd) or n-chunk (bwd) must not overflow the int32 partial sums
+    with pytest.raises(ValueError, match="overflow"):
+        gemm.GemmSpec("fwd", 64, 4096, "avx512", False, gemm.GemmSchedule(mr=6, nr=4, kc=1024), "int8")
+    with pytest.raises(ValueError, match="overflow"):
+        gemm.GemmSpec("bwd", 8192, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=4, kc=128, form="panel"), "int8")
+    gemm.GemmSpec("fwd", 64, 4096, "avx512", False, gemm.GemmSchedule(mr=6, nr=4, kc=1024), "int4")  # |q-z| <= 15
+    with pytest.raises(ValueError, match="group_size/2"):
+        gemm.GemmSpec("fwd", 64, 256, "avx512", False, gemm.GemmSchedule(mr=6, nr=4, kc=48), "int4", 64)
 
 
 @pytest.mark.parametrize("isa", ISAS)
