@@ -267,22 +267,44 @@ def test_quantized_gemms_match_dequantized_reference(quant, gs, zp, m):
 
 @NEEDS_AVX512_BF16
 def test_quantize_rows():
-    """q = round(x * (1/s)), s = max|x| / ACT_MAX per row; zero rows give s = 0 and q = 0; a NaN or inf
-    in a row gives a non-finite scale (so the GEMM output is not finite either)."""
+    """q = round(x * (1/s)), s = max|x| / ACT_MAX per row; zero and tiny rows give q = 0 with a
+    finite 1/s; a NaN or inf in a row gives a non-finite scale (so the GEMM output is not finite
+    either) and codes that stay within +-ACT_MAX."""
     x = (torch.randn(37, 96, generator=torch.Generator().manual_seed(3)) * 3).bfloat16()
     x[3] = 0
+    x[4] *= 1e-36  # below TINY
     x[5, 7], x[6, 1] = float("nan"), float("inf")
     q, s = quantize_rows(x)
-    finite = [i for i in range(37) if i not in (3, 5, 6)]
+    finite = [i for i in range(37) if i not in (3, 4, 5, 6)]
     want_s = x[finite].float().abs().amax(1) / ACT_MAX
     assert torch.equal(s[finite], want_s)
     amax = x[finite].float().abs().amax(1, keepdim=True)
     inv = torch.full_like(amax, ACT_MAX) / amax  # the kernel multiplies by 1/s (IEEE division)
     assert torch.equal(q[finite].float(), torch.round(x[finite].float() * inv))
-    assert q.abs().max() == ACT_MAX and s[3] == 0 and not q[3].any()
+    assert q.abs().max() == ACT_MAX and not q[3].any()
+    assert s[3:5].isfinite().all() and s[3] > 0 and (q[4].float() * s[4] - x[4].float()).abs().max() < 1e-38
     assert not s[5:7].isfinite().any()
     with pytest.raises(ValueError, match="bfloat16"):
         quantize_rows(x.float())
+
+
+def test_quantize_rows_listed_scaled_and_pitched():
+    """Only the listed rows, each first multiplied by its own column-scale vector; rows with a
+    padded pitch keep it in the output."""
+    g = torch.Generator().manual_seed(4)
+    base = torch.randn(9, 96 + 32, generator=g).bfloat16()
+    x = base[:, :96]  # pitch 128 elements
+    cols = torch.rand(3, 96, generator=g) + 0.5
+    rows = torch.tensor([0, 2, 5, 8])
+    which = [0, 2, 1, 2]
+    q, s = quantize_rows(x, rows, np.array([cols[c].data_ptr() for c in which], dtype=np.int64))
+    assert q.stride(0) == 128
+    for r, c in zip(rows.tolist(), which, strict=True):
+        want = x[r].float() * cols[c]
+        assert torch.allclose(s[r], want.abs().max() / ACT_MAX)
+        assert (q[r].float() * s[r] - want).abs().max() <= s[r] * 0.5 * 1.001
+    with pytest.raises(ValueError, match="col_scales"):
+        quantize_rows(x, rows, np.zeros(3, dtype=np.int64))
 
 
 def test_int8_linear_api():

@@ -447,7 +447,8 @@ def test_experts_constructor_validates_tensors():
 def test_row_buffers_padded_off_4kb_pitches(quant):
     """H=2048, I=1024: every per-expert row buffer of the backward (dY, dX, D, [dG | dU]) would have a
     4 KB-multiple pitch and gets 64 bytes of padding; ~20 rows per expert take the streamed
-    transposed GEMM (allowed up to 24 rows with padded pitches), T=3 the small-group paths."""
+    transposed GEMM for bf16 and int8 (allowed up to 24 rows with padded pitches; int4_1kgroup's
+    small groups take the fold form up to 8 rows, so the panel), T=3 the small-group paths."""
     from kt_jit.moe.sft import _row_buffer
 
     assert _row_buffer(3, 2048, torch.bfloat16).stride(0) == 2048 + 32

@@ -212,13 +212,23 @@ def splat_arg_f32(fn: Function, bits_i64: str) -> str:
     return fn.val(f"shufflevector {F32x16} {v}, {F32x16} poison, <16 x i32> zeroinitializer")
 
 
-def f32_splat(value: float) -> str:
-    """A constant <16 x float> operand: ``value`` rounded to float, written as LLVM's exact hex form."""
+def f32_const(value: float) -> str:
+    """A float constant operand: ``value`` rounded to float, written as LLVM's exact hex form."""
     import struct
 
     as_f32 = struct.unpack("<f", struct.pack("<f", value))[0]
-    h = struct.unpack("<Q", struct.pack("<d", as_f32))[0]
-    return "<" + ", ".join([f"float 0x{h:016X}"] * 16) + ">"
+    return f"0x{struct.unpack('<Q', struct.pack('<d', as_f32))[0]:016X}"
+
+
+def f32_splat(value: float) -> str:
+    """A constant <16 x float> operand (see :func:`f32_const`)."""
+    return "<" + ", ".join([f"float {f32_const(value)}"] * 16) + ">"
+
+
+def f32_splat_value(fn: Function, scalar: str) -> str:
+    """A run-time float broadcast to <16 x float>."""
+    v = fn.val(f"insertelement {F32x16} poison, float {scalar}, i64 0")
+    return fn.val(f"shufflevector {F32x16} {v}, {F32x16} poison, <16 x i32> zeroinitializer")
 
 
 def exp_f32x16(fn: Function, x: str) -> str:

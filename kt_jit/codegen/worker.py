@@ -51,6 +51,9 @@ def group_table(groups, fields: int) -> tuple[int, int]:
             raise ValueError(f"group table must be a C-contiguous int64 array [G, {fields}]")
         return groups.shape[0], groups.ctypes.data
     if isinstance(groups, ctypes.Array):
+        if len(groups) % fields:
+            raise ValueError(f"group table of {len(groups)} int64 fields is not a whole number of "
+                             f"{fields}-field groups (this kernel's descriptor)")
         return len(groups) // fields, ctypes.addressof(groups)
     if groups.dtype.is_floating_point or groups.element_size() != 8 or not groups.is_contiguous() \
             or tuple(groups.shape[1:]) != (fields,):

@@ -26,8 +26,13 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
 - AVX-512 ``bwd``, form "fold" (the first version, kept for comparison): the swapped rows are
   multiplied directly against duplicated dY pairs; lane 2q+e accumulates output k = 2r+e for n-pair
   q and the 8 q-partials are folded with shuffles once per output vector.
-- Quantized weights in the transposed GEMM ("panel"): each row is dequantized in registers (codes
-  times the channel's, or the K-group's, scale) and rounded once to bf16 before the transpose.
+- Quantized weights (AVX-512 only): the forward multiplies the integer codes (int8, or int4 minus
+  its zero point, as int16 words) by int16 activation rows with ``vpdpwssd``; x arrives quantized
+  per row (kernels/rowquant.py) with its row scales in an extra group field, and the weight and
+  row scales are applied in fp32 per K-chunk. The transposed GEMM does the same for per-channel
+  modes, with x = dY diag(channel scales) quantized per row; for K-group modes each row is
+  dequantized in registers (codes times the group's scale) and rounded once to bf16 before the
+  transpose.
 - AMX ``fwd``: X rows are A tiles (stride = row pitch), packed rows are B tiles (16 x 64 B), 2x2
   tiles of C. X must be readable for ``ceil(m/16)*16`` rows (rows past m are ignored).
 - AMX ``bwd``: the packed block itself is the A tile (rows = k-pairs); dY is pre-arranged
@@ -59,11 +64,11 @@ from .pack import check_gemm_dims
 from .rowquant import ACT_MAX, quantize_rows
 
 GROUP_FIELDS = 6  # x, w, y, m, scales [G, N] fp32, zero points [G, N] uint8 per group descriptor
-XSCALE_FIELDS = 1  # integer-activation kernels (quantized fwd) append: per-row scales of x, fp32 [m]
+XSCALE_FIELDS = 1  # integer kernels (spec.int_x) append: per-row scales of the int16 x, fp32 [m]
 LORA_FIELDS = 3  # fused-LoRA kernels append: h (bf16 rows), LoRA B of the first and second adapter
 QUANTS = ("bf16", "int8", "int4")
 ROW_BYTES = {"bf16": 64, "int8": 32, "int4": 16}  # bytes of one packed row (16 channels x one k-pair)
-QMAX = {"int8": 127, "int4": 15}  # largest |integer weight| (int8 code, int4 code minus zero point)
+QMAX = {"int8": 128, "int4": 15}  # largest |integer weight| (int8 code, int4 code minus zero point)
 ARGS = ArgBlock(["groups", "ldx", "ldy", "ldh"])
 ISAS = ("avx512", "amx", "amx_emu")
 
@@ -84,10 +89,12 @@ class GemmSchedule:
     form: AVX-512 transposed GEMM only: "panel" transposes each weight block in registers into an
         L1 panel in forward layout and runs the forward micro-kernel on it; "fold" multiplies the
         packed rows directly and folds lanes at the end (see the module docstring)
-    sm: "panel" only: groups with at most this many rows take the ``small`` path instead (0 = never)
+    sm: "panel" only: groups with at most this many rows take the ``small`` path instead (0 = never);
+        at run time the limit drops to STREAM_ALIASED_MAX unless both row pitches are odd
+        multiples of 64 bytes (rows a multiple of 4 KB apart would crowd a few L1 sets)
     small: "stream": such a group is streamed whole by its first work item (the weight read front
-        to back as the forward reads it); "fold": the fold form's work item (cheaper for int4 rows,
-        whose decode would otherwise go through fp32 for the scales)
+        to back as the forward reads it); "fold": the fold form's work item (cheaper for K-group
+        int4 rows, whose decode goes through fp32 for the scales)
     """
 
     mr: int
@@ -107,11 +114,12 @@ class GemmSchedule:
 def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one_group: bool = False,
                      group_size: int = 0) -> GemmSchedule:
     """Schedule used when none is given (AVX-512: measured on Zen 4 and Zen 5; AMX: the 2x2-tile
-    kernel). Transposed GEMM: groups of up to 12 rows are streamed whole by one thread, larger ones
-    go through the L1 panel. Small groups take the fold form instead for K-group int4 (whose rows
-    are dequantized through fp32; the fold form decodes fewer of them per output) and for launches
-    of a single group (``one_group``: streaming it would leave the other threads idle; the fold
-    form splits its outputs over work items)."""
+    kernel). Transposed GEMM: groups of up to 24 rows (12 unless the row pitches are odd multiples
+    of 64 bytes) are streamed whole by one thread, larger ones go through the L1 panel. Small
+    groups take the fold form instead for K-group int4 (whose rows are dequantized through fp32;
+    the fold form decodes fewer of them per output) and for launches of a single group
+    (``one_group``: streaming it would leave the other threads idle; the fold form splits its
+    outputs over work items)."""
     if isa == "avx512":
         if op == "fwd":  # quantized: prefetch 2 KB ahead like bf16's 16 rows (measured int8 +2-11%);
             # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1%, so off)
@@ -668,7 +676,8 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
         ldh = ARGS.load(fn, ctx, "ldh") if spec.lora_rank else None
         if sch.sm:
             # rows spread over every L1 set only if both pitches are odd multiples of 64 bytes
-            spread = fn.icmp("ne", fn.val(f"and i64 {fn.val(f'and i64 {ldx}, {ldy}')}, 64"), 0)
+            odd = [fn.icmp("eq", fn.val(f"and i64 {ld}, 127"), 64) for ld in (ldx, ldy)]
+            spread = fn.val(f"and i1 {odd[0]}, {odd[1]}")
             limit = fn.val(f"select i1 {spread}, i64 {sch.sm}, i64 {min(sch.sm, STREAM_ALIASED_MAX)}")
             small = fn.icmp("sle", m, limit)
             stream_bb, panel_bb, done_bb = fn.new_block("stream"), fn.new_block("panel"), fn.new_block("done")
@@ -1003,8 +1012,9 @@ class GemmKernel:
 
         ``groups`` is an int64 table [G, spec.group_fields] (torch, NumPy or flat ctypes; see
         codegen.worker.group_table): x ptr, packed-w ptr, y ptr, m, scales ptr, zero-points ptr,
-        and for fused LoRA the H rows [m, rank * (2 if split else 1)] bf16 and the B [N or split,
-        rank] bf16 of each adapter. Pointers are trusted: callers validate shapes first (see
+        for integer kernels (``spec.int_x``) the row scales [m] fp32 of the int16 x, and for fused
+        LoRA the H rows [m, rank * (2 if split else 1)] bf16 and the B [N or split, rank] bf16 of
+        each adapter. Pointers are trusted: callers validate shapes first (see
         :func:`linear`).
         """
         if self.spec.isa == "amx":
@@ -1052,7 +1062,7 @@ def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str, schedule: G
 
 def _one_group(x: int, w: int, y: int, m: int, scales: int = 0, zeros: int = 0,
                xscales: int | None = None) -> ctypes.Array:
-    """A one-group table; ``xscales`` (the per-row scales of int16 x) for the quantized forward."""
+    """A one-group table; ``xscales``: the per-row scales of the int16 x of integer kernels."""
     fields = (x, w, y, m, scales, zeros) + ((xscales,) if xscales is not None else ())
     return (ctypes.c_int64 * len(fields))(*fields)
 

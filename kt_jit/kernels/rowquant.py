@@ -1,6 +1,6 @@
-"""Per-row int16 quantization of bf16 activation rows, the input of the integer forward GEMMs.
+"""Per-row int16 quantization of bf16 activation rows, the input of the integer GEMMs.
 
-The forward GEMMs of quantized weights multiply integer weight codes by int16 activations with
+The GEMMs of quantized weights multiply integer weight codes by int16 activations with
 ``vpdpwssd`` (int16 pairs, int32 accumulate): the weight row needs one sign extension instead of a
 conversion to bf16 through fp32, which measured 1.2-1.7x faster than the bf16 path at 6-16 rows
 per expert. Activations are quantized per row:
@@ -12,8 +12,11 @@ each row is first multiplied by its own vector ``c`` (the row's expert's channel
 The error ``|x - q s| <= s / 2 = max|x| / 32766`` is far below bf16's own rounding of the row's large
 elements (1/512 relative), so the forward stays within ~1e-4 of the computation on the bf16 input.
 ``ACT_MAX`` is 2^14 - 1, not 2^15 - 1, so that 2 * kc products of a K-chunk cannot overflow int32
-(see ``gemm.GemmSpec``). All-zero rows get ``s = 0``; a row holding inf or NaN gets ``s = NaN`` so
-the GEMM output is NaN too, never a silently wrong number.
+(see ``gemm.GemmSpec``). A row whose largest magnitude is below ``TINY`` (2^-112, about 1.9e-34;
+all-zero rows included) is scaled as if it were ``TINY``, so ``1/s`` stays finite: such rows keep
+an absolute error below 6e-39 but lose their relative precision. A row holding inf gets
+``s = inf`` and one holding NaN ``s = NaN`` (codes are clamped to ``±ACT_MAX``, never undefined), so
+the GEMM output is not finite either, never a silently wrong number.
 """
 
 from __future__ import annotations
@@ -34,14 +37,16 @@ from ..runtime.buffers import aligned_empty
 from ..runtime.threads import launch
 
 ACT_MAX = 16383
+TINY = 2.0**-112  # smallest row maximum used for the scale: ACT_MAX / TINY is still a finite float
 ROWS_PER_ITEM = 8
 ARGS = ArgBlock(["dst", "src", "scales", "n", "idx", "cscales", "ld"])
 
 
 @dataclass(frozen=True)
 class RowQuantSpec:
-    """Rows of ``cols`` bf16 (a multiple of 32), contiguous; int16 out, same shape. ``col_scaled``:
-    row j is multiplied by the fp32 vector at ``cscales[j]`` (a pointer per listed row) first."""
+    """Rows of ``cols`` bf16 (a multiple of 32; the row pitch is a launch argument); int16 out with
+    the same pitch. ``col_scaled``: row j is multiplied by the fp32 vector at ``cscales[j]`` (a
+    pointer per listed row) first."""
 
     cols: int
     col_scaled: bool = False
@@ -66,6 +71,8 @@ def _body(spec: RowQuantSpec):
         rmax = fn.module.declare("llvm.vector.reduce.fmaximum.v16f32",
                                  f"declare float @llvm.vector.reduce.fmaximum.v16f32({F32x16})")
         rint = fn.module.declare("llvm.roundeven.v16f32", f"declare {F32x16} @llvm.roundeven.v16f32({F32x16})")
+        vmin_n = fn.module.declare("llvm.minnum.v16f32", f"declare {F32x16} @llvm.minnum.v16f32({F32x16}, {F32x16})")
+        vmax_n = fn.module.declare("llvm.maxnum.v16f32", f"declare {F32x16} @llvm.maxnum.v16f32({F32x16}, {F32x16})")
         j0 = fn.mul(item, ROWS_PER_ITEM)
         with fn.loop(j0, fn.min(fn.add(j0, ROWS_PER_ITEM), n), name="j") as jj:
             j = listed_row(fn, idx, jj)
@@ -83,14 +90,18 @@ def _body(spec: RowQuantSpec):
                     acc.set(fn.val(f"call {F32x16} {vmax}({F32x16} {acc.get()}, {F32x16} {a})"))
             both = fn.val(f"call {F32x16} {vmax}({F32x16} {accs[0].get()}, {F32x16} {accs[1].get()})")
             amax = fn.val(f"call float {rmax}({F32x16} {both})")
+            # below TINY (zero rows too): scale as TINY; "olt" is false for NaN, which stays
+            tiny = vx.f32_const(TINY)
+            amax = fn.val(f"select i1 {fn.val(f'fcmp olt float {amax}, {tiny}')}, float {tiny}, float {amax}")
             fn.store("float", fn.val(f"fdiv float {amax}, {float(ACT_MAX):e}"), fn.gep(scales, fn.mul(j, 4)), 4)
-            # amax = 0: inverse 0, all codes 0; amax = inf or NaN: the scale carries it
-            pos = fn.val(f"fcmp ogt float {amax}, 0.0")
-            inv = fn.val(f"select i1 {pos}, float {fn.val(f'fdiv float {float(ACT_MAX):e}, {amax}')}, float 0.0")
-            invv = fn.val(f"shufflevector {F32x16} {fn.val(f'insertelement {F32x16} poison, float {inv}, i64 0')}, "
-                          f"{F32x16} poison, <16 x i32> zeroinitializer")
+            inv = fn.val(f"fdiv float {float(ACT_MAX):e}, {amax}")  # 0 for inf, NaN for NaN
+            invv = vx.f32_splat_value(fn, inv)
+            lo, hi = vx.f32_splat(-float(ACT_MAX)), vx.f32_splat(float(ACT_MAX))
             with fn.loop(0, spec.cols, 16, name="q") as c:
                 r = fn.val(f"call {F32x16} {rint}({F32x16} {vx.fmul(fn, load(c), invv)})")
+                # clamped (NaN becomes a bound) so the conversion is always defined
+                r = fn.val(f"call {F32x16} {vmin_n}({F32x16} {r}, {F32x16} {hi})")
+                r = fn.val(f"call {F32x16} {vmax_n}({F32x16} {r}, {F32x16} {lo})")
                 q = fn.val(f"fptosi {F32x16} {r} to <16 x i32>")
                 fn.store("<16 x i16>", fn.val(f"trunc <16 x i32> {q} to <16 x i16>"), fn.gep(drow, fn.mul(c, 2)), 2)
 
