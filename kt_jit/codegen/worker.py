@@ -13,7 +13,10 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..runtime.threads import launch
 from .amx import TileConfig, Tiles
+from .cache import get_or_compile
+from .compile import target_for
 from .ir import Function, Module
 
 
@@ -42,6 +45,12 @@ class ArgBlock:
             raise TypeError(f"missing kernel arguments: {sorted(missing)}")
         return self.struct(counter=0, n_items=n_items, **values)
 
+    def run(self, addr: int, n_items: int, num_threads: int | None = None, **values: int) -> None:
+        """Launch the compiled worker at ``addr`` over ``n_items`` work items (nothing when 0)."""
+        if n_items:
+            args = self.make(n_items, **values)
+            launch(addr, ctypes.addressof(args), num_threads)
+
 
 def group_table(groups, fields: int) -> tuple[int, int]:
     """(rows, address) of a group-descriptor table: an int64 torch tensor or NumPy array of shape
@@ -68,6 +77,16 @@ def listed_row(fn: Function, idx: str, j: str) -> str:
     with fn.if_then(fn.icmp("ne", fn.val(f"ptrtoint ptr {idx} to i64"), 0), name="listed"):
         row.set(fn.load("i64", fn.gep(idx, fn.mul(j, 8)), 8))
     return row.get()
+
+
+def compile_worker(name: str, key: str, args: ArgBlock, body: Callable[[Function, str, str, Tiles | None], None],
+                   isa: str = "avx512", tile_config: TileConfig | None = None, emulate_amx: bool = False) -> int:
+    """Build the worker ``name`` (:func:`build_worker`) for ``isa``, compile it or load it from the
+    disk cache (``key`` identifies what it was built from), and return its address."""
+    target = target_for(isa)
+    mod = Module(name, target.fn_attrs)
+    build_worker(mod, name, args, body, tile_config, emulate_amx)
+    return get_or_compile(name, key, mod.render(), target, [name])[name]
 
 
 def build_worker(module: Module, name: str, args: ArgBlock,

@@ -8,16 +8,12 @@
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from dataclasses import dataclass
 
 from ..codegen import avx512 as vx
-from ..codegen.cache import get_or_compile
-from ..codegen.compile import target_for
-from ..codegen.ir import F32x16, Function, Module
-from ..codegen.worker import ArgBlock, build_worker, listed_row
-from ..runtime.threads import launch
+from ..codegen.ir import F32x16, Function
+from ..codegen.worker import ArgBlock, compile_worker, listed_row
 
 ROWS_PER_ITEM = 8
 FWD_ARGS = ArgBlock(["gu", "act", "rows", "idx"])
@@ -108,23 +104,17 @@ class ActKernel:
     def __init__(self, spec: ActSpec) -> None:
         self.spec = spec
         self.args = FWD_ARGS if spec.op == "fwd" else BWD_ARGS
-        target = target_for("avx512")
-        mod = Module(spec.name, target.fn_attrs)
-        build_worker(mod, spec.name, self.args, (_fwd_body if spec.op == "fwd" else _bwd_body)(spec))
-        self.addr = get_or_compile(spec.name, repr(spec), mod.render(), target, [spec.name])[spec.name]
+        self.addr = compile_worker(spec.name, repr(spec), self.args,
+                                   (_fwd_body if spec.op == "fwd" else _bwd_body)(spec))
 
     def launch(self, rows: int, num_threads: int | None = None, idx: int = 0, ldd: int = 0, lddgu: int = 0,
                **ptrs: int) -> None:
         """Process ``rows`` rows: rows 0..rows-1, or with ``idx`` (address of int64 [rows]) the rows
         listed there; ``ptrs`` are the data pointers named in the module docstring. ``bwd``: ``ldd``
         and ``lddgu`` are the row pitches of D and [dG | dU] in bytes (0: contiguous)."""
-        n_items = -(-rows // ROWS_PER_ITEM)
-        if n_items == 0:
-            return
         if self.spec.op == "bwd":
             ptrs.update(ldd=ldd or self.spec.i * 4, lddgu=lddgu or self.spec.i * 4)
-        args = self.args.make(n_items, rows=rows, idx=idx, **ptrs)
-        launch(self.addr, ctypes.addressof(args), num_threads)
+        self.args.run(self.addr, -(-rows // ROWS_PER_ITEM), num_threads, rows=rows, idx=idx, **ptrs)
 
 
 @functools.cache

@@ -17,10 +17,8 @@ import torch
 
 from ..codegen import avx512 as vx
 from ..codegen.amx import TileConfig
-from ..codegen.cache import get_or_compile
-from ..codegen.compile import target_for
-from ..codegen.ir import F32x16, I32x16, Module
-from ..codegen.worker import ArgBlock, build_worker
+from ..codegen.ir import F32x16, I32x16
+from ..codegen.worker import ArgBlock, compile_worker
 from ..runtime.amx import active_isa
 from ..runtime.buffers import aligned_empty
 from ..runtime.threads import launch
@@ -32,9 +30,6 @@ PEAK_ARGS = ArgBlock(["iters", "sink"])
 
 @functools.cache
 def _read_kernel() -> int:
-    target = target_for("avx512")
-    mod = Module("probe_read", target.fn_attrs)
-
     def body(fn, ctx, item, tiles):
         base = fn.gep(READ_ARGS.load_ptr(fn, ctx, "src"), fn.mul(item, CHUNK))
         acc = fn.var(I32x16, "zeroinitializer", 64)
@@ -45,15 +40,12 @@ def _read_kernel() -> int:
         sink = fn.gep(READ_ARGS.load_ptr(fn, ctx, "sink"), fn.mul(item, 64))
         fn.store(I32x16, acc.get(), sink, 64)
 
-    build_worker(mod, "probe_read", READ_ARGS, body)
-    return get_or_compile("probe_read", "probe_read", mod.render(), target, ["probe_read"])["probe_read"]
+    return compile_worker("probe_read", "probe_read", READ_ARGS, body)
 
 
 @functools.cache
 def _peak_kernel(isa: str) -> int:
-    target = target_for(isa)
     name = f"probe_peak_{isa}"
-    mod = Module(name, target.fn_attrs)
     amx = isa in ("amx", "amx_emu")
 
     def body(fn, ctx, item, tiles):
@@ -80,8 +72,7 @@ def _peak_kernel(isa: str) -> int:
         fn.store(F32x16, x, sink, 64)
 
     tile_cfg = TileConfig.uniform() if amx else None
-    build_worker(mod, name, PEAK_ARGS, body, tile_cfg, emulate_amx=isa == "amx_emu")
-    return get_or_compile(name, name, mod.render(), target, [name])[name]
+    return compile_worker(name, name, PEAK_ARGS, body, isa, tile_cfg, emulate_amx=isa == "amx_emu")
 
 
 def _median_time(fn, repeats: int) -> float:
@@ -102,7 +93,7 @@ def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5, num_threads: int | N
     args = READ_ARGS.make(n_items, src=buf.data_ptr(), sink=sink.data_ptr())
     addr = _read_kernel()
 
-    def run():
+    def run():  # the argument block is built once: only the launch is timed
         args.counter = 0
         launch(addr, ctypes.addressof(args), num_threads)
 
@@ -124,8 +115,7 @@ def bf16_peak_flops(isa: str | None = None, seconds: float = 0.2, num_threads: i
     iters = 1000
 
     def run(n):
-        args = PEAK_ARGS.make(threads, iters=n, sink=sink.data_ptr())
-        launch(addr, ctypes.addressof(args), threads)
+        PEAK_ARGS.run(addr, threads, threads, iters=n, sink=sink.data_ptr())
 
     while True:  # grow the loop until one run takes long enough to time
         t = _median_time(lambda n=iters: run(n), 1)

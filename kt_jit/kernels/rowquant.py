@@ -21,7 +21,6 @@ the GEMM output is not finite either, never a silently wrong number.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from dataclasses import dataclass
 
@@ -29,12 +28,9 @@ import numpy as np
 import torch
 
 from ..codegen import avx512 as vx
-from ..codegen.cache import get_or_compile
-from ..codegen.compile import target_for
-from ..codegen.ir import F32x16, Function, Module
-from ..codegen.worker import ArgBlock, build_worker, listed_row
+from ..codegen.ir import F32x16, Function
+from ..codegen.worker import ArgBlock, compile_worker, listed_row
 from ..runtime.buffers import aligned_empty
-from ..runtime.threads import launch
 
 ACT_MAX = 16383
 TINY = 2.0**-112  # smallest row maximum used for the scale: ACT_MAX / TINY is still a finite float
@@ -111,10 +107,7 @@ def _body(spec: RowQuantSpec):
 class RowQuantKernel:
     def __init__(self, spec: RowQuantSpec) -> None:
         self.spec = spec
-        target = target_for("avx512")
-        mod = Module(spec.name, target.fn_attrs)
-        build_worker(mod, spec.name, ARGS, _body(spec))
-        self.addr = get_or_compile(spec.name, repr(spec), mod.render(), target, [spec.name])[spec.name]
+        self.addr = compile_worker(spec.name, repr(spec), ARGS, _body(spec))
 
     def launch(self, dst: int, src: int, scales: int, n: int, num_threads: int | None = None, idx: int = 0,
                cscales: int = 0, ld: int = 0) -> None:
@@ -122,11 +115,8 @@ class RowQuantKernel:
         0..n-1, or with ``idx`` (address of int64 [n]) the rows listed there; ``cscales``: address
         of int64 [n], the column-scale vector of each listed row (``col_scaled`` kernels); ``ld``: the
         row pitch of src and dst in bytes (0: contiguous)."""
-        items = -(-n // ROWS_PER_ITEM)
-        if items:
-            args = ARGS.make(items, dst=dst, src=src, scales=scales, n=n, idx=idx, cscales=cscales,
-                             ld=ld or self.spec.cols * 2)
-            launch(self.addr, ctypes.addressof(args), num_threads)
+        ARGS.run(self.addr, -(-n // ROWS_PER_ITEM), num_threads, dst=dst, src=src, scales=scales, n=n, idx=idx,
+                 cscales=cscales, ld=ld or self.spec.cols * 2)
 
 
 @functools.cache

@@ -12,16 +12,12 @@ Indices are trusted (the callers build them from a validated routing).
 
 from __future__ import annotations
 
-import ctypes
 import functools
 from dataclasses import dataclass
 
 from ..codegen import avx512 as vx
-from ..codegen.cache import get_or_compile
-from ..codegen.compile import target_for
-from ..codegen.ir import F32x16, Function, Module
-from ..codegen.worker import ArgBlock, build_worker
-from ..runtime.threads import launch
+from ..codegen.ir import F32x16, Function
+from ..codegen.worker import ArgBlock, compile_worker
 
 GATHER_ROWS_PER_ITEM = 16
 COMBINE_TOKENS_PER_ITEM = 4
@@ -118,32 +114,22 @@ def _combine_body(spec: RowsSpec):
 class RowsKernel:
     def __init__(self, spec: RowsSpec) -> None:
         self.spec = spec
-        target = target_for("avx512")
-        mod = Module(spec.name, target.fn_attrs)
-        if spec.op == "gather":
-            build_worker(mod, spec.name, GATHER_ARGS, _gather_body(spec))
-        else:
-            build_worker(mod, spec.name, COMBINE_ARGS, _combine_body(spec))
-        self.addr = get_or_compile(spec.name, repr(spec), mod.render(), target, [spec.name])[spec.name]
+        args, body = (GATHER_ARGS, _gather_body) if spec.op == "gather" else (COMBINE_ARGS, _combine_body)
+        self.addr = compile_worker(spec.name, repr(spec), args, body(spec))
 
     def gather(self, dst: int, src: int, dst_idx: int, src_idx: int, n: int, num_threads: int | None = None,
                ldd: int = 0) -> None:
         """Copy ``n`` rows (pointers to the row buffers and the two int64 index arrays); ``ldd``: the
         destination's row pitch in bytes (0: ``cols`` bf16, contiguous)."""
-        items = -(-n // GATHER_ROWS_PER_ITEM)
-        if items:
-            args = GATHER_ARGS.make(items, dst=dst, src=src, dst_idx=dst_idx, src_idx=src_idx, n=n,
-                                    ldd=ldd or self.spec.cols * 2)
-            launch(self.addr, ctypes.addressof(args), num_threads)
+        GATHER_ARGS.run(self.addr, -(-n // GATHER_ROWS_PER_ITEM), num_threads, dst=dst, src=src, dst_idx=dst_idx,
+                        src_idx=src_idx, n=n, ldd=ldd or self.spec.cols * 2)
 
     def combine(self, out: int, y: int, rows: int, w: int, t: int, k: int, num_threads: int | None = None,
                 ldy: int = 0) -> None:
         """Write ``t`` output rows, each the (weighted) sum of its ``k`` rows of y (row pitch ``ldy``
         bytes; 0: ``cols`` fp32, contiguous)."""
-        items = -(-t // COMBINE_TOKENS_PER_ITEM)
-        if items:
-            args = COMBINE_ARGS.make(items, out=out, y=y, rows=rows, w=w, t=t, k=k, ldy=ldy or self.spec.cols * 4)
-            launch(self.addr, ctypes.addressof(args), num_threads)
+        COMBINE_ARGS.run(self.addr, -(-t // COMBINE_TOKENS_PER_ITEM), num_threads, out=out, y=y, rows=rows, w=w,
+                         t=t, k=k, ldy=ldy or self.spec.cols * 4)
 
 
 @functools.cache
