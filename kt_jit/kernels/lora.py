@@ -138,27 +138,61 @@ def _blocked_body(spec: LoraSpec, block):
     return body
 
 
+XAT_MR = 8  # xat: token rows per pass over a W row (their X rows stay in L1)
+XAT_PREFETCH = 1024  # xat: bytes ahead along the W row being streamed
+
+
 def _xat_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: str, ldx: str, ldy: str,
                alpha: str) -> None:
     """Outputs 16c .. 16c+15 of every row."""
-    rho = 2 if spec.k == 16 else 1  # W rows per 32-element vector
-    n_acc = 16 // rho
-    chunks = max(1, spec.k // 32)
+    if spec.k == 16:
+        _xat_pairs_block(fn, spec, c, x, w, y, m, ldx, ldy, alpha)
+        return
+    # W rows are read one at a time, front to back (one contiguous stream, not 16 interleaved
+    # ones): each row's dot products with up to XAT_MR token rows stay as lane partials, staged
+    # per (token, output); the 16 staged vectors of a token row then fold to its 16 outputs.
+    chunks = spec.k // 32
+    wb = fn.gep(w, fn.mul(c, 16 * spec.k * 2))
+    stage = fn.alloca("i8", 64, XAT_MR * 16 * 64)
+    ysz = 4 if spec.y_dtype == "f32" else 2
+
+    def micro(m0: str, rows: int) -> None:
+        xrows = [fn.gep(x, fn.mul(fn.add(m0, i), ldx)) for i in range(rows)]
+        wa = 8 if rows == 1 else 16 // rows  # W rows side by side: 8-16 dpbf16 chains hide its latency
+        with fn.loop(0, 16, wa, name="wa") as a0:
+            wrow = fn.gep(wb, fn.mul(a0, spec.k * 2))
+            accs = [[fn.var(F32x16, "zeroinitializer", 64) for _ in range(wa)] for _ in range(rows)]
+            with fn.loop(0, chunks, name="kc") as kc:
+                wps = [fn.gep(wrow, fn.add(fn.mul(kc, 64), a * spec.k * 2)) for a in range(wa)]
+                for wp in wps:
+                    vx.prefetch(fn, fn.gep(wp, XAT_PREFETCH))
+                wv = [fn.load(BF16x32, wp, 2) for wp in wps]
+                for xrow, row_accs in zip(xrows, accs, strict=True):
+                    xv = fn.load(BF16x32, fn.gep(xrow, fn.mul(kc, 64)), 2)
+                    for acc, w_a in zip(row_accs, wv, strict=True):
+                        acc.set(vx.dpbf16(fn, acc.get(), w_a, xv))
+            for i, row_accs in enumerate(accs):
+                for a, acc in enumerate(row_accs):
+                    fn.store(F32x16, acc.get(), fn.gep(stage, fn.mul(fn.add(a0, 16 * i + a), 64)), 64)
+        for i in range(rows):
+            out = vx.reduce_lanes(fn, [fn.load(F32x16, fn.gep(stage, (16 * i + a) * 64), 64) for a in range(16)])
+            _finish(fn, spec, out, alpha, fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(c, 16 * ysz))))
+
+    row_blocks(fn, m, XAT_MR, micro)
+
+
+def _xat_pairs_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: str, ldx: str, ldy: str,
+                     alpha: str) -> None:
+    """K = 16: two W rows per vector against the token row twice; 8 accumulators fold to 16 outputs."""
     wb = fn.gep(w, fn.mul(c, 16 * spec.k * 2))
     with fn.loop(0, m, name="row") as i:
         xrow = fn.gep(x, fn.mul(i, ldx))
-        accs = [fn.var(F32x16, "zeroinitializer", 64) for _ in range(n_acc)]
-        with fn.loop(0, chunks, name="kc") as kc:
-            if rho == 2:  # K = 16: the row twice, against two W rows per vector
-                h = fn.load("<16 x bfloat>", xrow, 2)
-                xv = fn.val(f"shufflevector <16 x bfloat> {h}, <16 x bfloat> poison, "
-                            f"<32 x i32> <{', '.join(f'i32 {j % 16}' for j in range(32))}>")
-            else:
-                xv = fn.load(BF16x32, fn.gep(xrow, fn.mul(kc, 64)), 2)
-            for a, acc in enumerate(accs):
-                wp = fn.gep(wb, fn.add(fn.mul(kc, 64), a * rho * spec.k * 2))
-                acc.set(vx.dpbf16(fn, acc.get(), fn.load(BF16x32, wp, 2), xv))
-        out = vx.reduce_lanes(fn, [a.get() for a in accs])
+        h = fn.load("<16 x bfloat>", xrow, 2)
+        xv = fn.val(f"shufflevector <16 x bfloat> {h}, <16 x bfloat> poison, "
+                    f"<32 x i32> <{', '.join(f'i32 {j % 16}' for j in range(32))}>")
+        accs = [vx.dpbf16(fn, "zeroinitializer", fn.load(BF16x32, fn.gep(wb, a * 2 * spec.k * 2), 2), xv)
+                for a in range(8)]
+        out = vx.reduce_lanes(fn, accs)
         ysz = 4 if spec.y_dtype == "f32" else 2
         _finish(fn, spec, out, alpha, fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(c, 16 * ysz))))
 
