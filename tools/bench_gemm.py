@@ -67,13 +67,16 @@ def time_per_call(call, stream: Stream, batch_seconds: float, repeats: int) -> f
 
 
 def compile_and_load_times() -> dict[str, float]:
-    """Cold compile of one GEMM kernel (LLVM already initialised) and its load from the disk cache."""
+    """Cold compile of each GEMM kernel (forward, transposed; LLVM already initialised) and their
+    loads from the disk cache, in fresh processes."""
     code = (
         "import time, json, torch, kt_jit\n"
         "from kt_jit.kernels.gemm import kernel_for\n"
         "kernel_for('fwd', 64, 64)\n"  # initialises LLVM and the JIT
-        "t = time.perf_counter(); kernel_for('fwd', 2048, 7168); t = time.perf_counter() - t\n"
-        "print(json.dumps({'seconds': t, 'stats': kt_jit.cache_info()}))\n"
+        "out = {}\n"
+        "for op in ('fwd', 'bwd'):\n"
+        "    t = time.perf_counter(); kernel_for(op, 2048, 7168); out[op] = time.perf_counter() - t\n"
+        "print(json.dumps({'seconds': out, 'stats': kt_jit.cache_info()}))\n"
     )
     with tempfile.TemporaryDirectory() as d:
         env = dict(os.environ, KT_JIT_CACHE_DIR=d)
@@ -82,8 +85,9 @@ def compile_and_load_times() -> dict[str, float]:
             out = subprocess.run([sys.executable, "-c", code], env=env, capture_output=True, text=True,
                                  check=True)
             runs.append(json.loads(out.stdout.strip().splitlines()[-1]))
-    assert runs[0]["stats"]["compiles"] == 2 and runs[1]["stats"]["compiles"] == 0
-    return {"cold_compile_ms": runs[0]["seconds"] * 1e3, "disk_load_ms": runs[1]["seconds"] * 1e3}
+    assert runs[0]["stats"]["compiles"] == 3 and runs[1]["stats"]["compiles"] == 0
+    return {f"{what}_{op}_ms": run["seconds"][op] * 1e3
+            for what, run in (("cold_compile", runs[0]), ("disk_load", runs[1])) for op in ("fwd", "bwd")}
 
 
 def launch_overhead_us(threads: int) -> float:
@@ -165,9 +169,11 @@ def main() -> int:
     rows.append({"name": f"launch overhead ({threads} threads, empty kernel)", "ms": overhead / 1e3})
     print(f"launch overhead: {overhead:.2f} us per parallel launch ({threads} threads)")
     times = compile_and_load_times()
-    rows.append({"name": "cold compile, one GEMM kernel", "ms": times["cold_compile_ms"]})
-    rows.append({"name": "load from disk cache, one GEMM kernel", "ms": times["disk_load_ms"]})
-    print(f"cold compile {times['cold_compile_ms']:.1f} ms, load from disk cache {times['disk_load_ms']:.2f} ms")
+    for op, what in (("fwd", "forward"), ("bwd", "transposed")):
+        rows.append({"name": f"cold compile, {what} GEMM kernel", "ms": times[f"cold_compile_{op}_ms"]})
+        rows.append({"name": f"load from disk cache, {what} GEMM kernel", "ms": times[f"disk_load_{op}_ms"]})
+        print(f"{what} GEMM: cold compile {times[f'cold_compile_{op}_ms']:.1f} ms, "
+              f"load from disk cache {times[f'disk_load_{op}_ms']:.2f} ms")
     return finish(rows, args.json, bw, peak, threads)
 
 

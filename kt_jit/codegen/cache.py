@@ -24,7 +24,7 @@ from pathlib import Path
 from ..runtime import knobs
 from . import compile as cc
 
-CODEGEN_VERSION = 1
+CODEGEN_VERSION = 2
 
 
 @dataclass

