@@ -216,6 +216,23 @@ def test_transposed_gemm_forms_over_many_groups(sch):
             assert rel_err(got, want) < 1e-5, m
 
 
+@pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")
+def test_transposed_gemm_lane_partial_slices():
+    """The lane-partial form (bf16 groups of 1-4 rows) over several K-slices and 4-block passes,
+    overwriting the output, next to a 5-row group (the transposing streamed form)."""
+    n, k = 128, 2 * 2 * gemm.LANE_PARTIAL_SLICE
+    sizes = [1, 2, 3, 4, 5]
+    ws = [_weights(n, k, seed=10 + m) for m in sizes]
+    packed = [pack_bf16(w) for w in ws]
+    dys = [torch.randn(m, n, generator=torch.Generator().manual_seed(m)).bfloat16() for m in sizes]
+    outs = [torch.full((m, k), float("nan")) for m in sizes]
+    table = torch.tensor([[d.data_ptr(), p.data_ptr(), o.data_ptr(), d.shape[0], 0, 0]
+                          for d, p, o in zip(dys, packed, outs, strict=True)], dtype=torch.int64)
+    gemm.kernel_for("bwd", n, k).launch(table, n * 2, k * 4)
+    for m, d, w, got in zip(sizes, dys, ws, outs, strict=True):
+        assert rel_err(got, ref_linear_t(d, w)) < 1e-5, m
+
+
 QUANT_CASES = [("int8", 0, False), ("int4", 0, False), ("int4", 0, True), ("int4", 32, False), ("int4", 64, True)]
 
 

@@ -702,7 +702,13 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                     _bwd_lora(fn, spec, y, ldy, m, fn.mul(c, span), extra, ldh)
             else:
                 with fn.if_then(fn.icmp("eq", c, 0), name="whole"):
-                    _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, min(sch.sm, STREAM_UNROLL))
+                    if spec.quant == "bf16" and LANE_PARTIAL_ROWS:
+                        with fn.if_then(fn.icmp("sle", m, LANE_PARTIAL_ROWS), name="lp"):
+                            _bwd_lane_partial(fn, spec, x, w, y, ldx, ldy, m)
+                        with fn.if_then(fn.icmp("sgt", m, LANE_PARTIAL_ROWS), name="st"):
+                            _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, 0)
+                    else:
+                        _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, min(sch.sm, STREAM_UNROLL))
                     if spec.lora_rank:  # the whole group: every output column block
                         with fn.loop(0, spec.k // span, name="lcb") as cb:
                             _bwd_lora(fn, spec, y, ldy, m, fn.mul(cb, span), extra, ldh)
@@ -790,6 +796,64 @@ STREAM_SLOTS = 4  # those accumulators (rows x chains)
 STREAM_BLOCKS = 4  # n-blocks read side by side by the streamed transposed GEMM (4 streams, as fwd)
 
 
+LANE_PARTIAL_ROWS = 4  # bf16 groups of up to this many rows take the lane-partial form
+LANE_PARTIAL_SLICE = 256  # k-pair rows per slice of the lane-partial form (accumulators in L1)
+
+
+def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, ldx: str, ldy: str, m: str) -> None:
+    """``dX = dY W`` for one whole group of 1-4 rows (bf16), without transposing the weight.
+
+    A packed row r of n-block s, its k-pair words swapped (one in-lane shuffle), holds in lane
+    2p+e the pair (W[n_2p][2r+e], W[n_2p+1][2r+e]); a dot product with dY's pairs duplicated per
+    dword gives in that lane the partial sum over the n-pair p for output 2r+e. The partials of
+    every n-block accumulate in the lanes of one vector per (row, r), and 8 such vectors fold into
+    16 outputs at the end (the fold form's arithmetic). Per 64 bytes of weight this costs one
+    shuffle instead of the four of the transposition, which bounds the streamed form at 1-4 rows.
+
+    Order: K in slices of LANE_PARTIAL_SLICE k-pair rows (their accumulators, rows x 16 KB, stay in
+    L1), within a slice the n-blocks STREAM_BLOCKS at a time side by side, so each block is read
+    in contiguous 16 KB pieces.
+    """
+    nb, rb, kp = spec.n // 16, spec.row_bytes, spec.k // 2
+    block_stride = kp * rb
+    ns = max(d for d in (STREAM_BLOCKS, 2, 1) if nb % d == 0)
+    sl = _chunk(kp, LANE_PARTIAL_SLICE)
+    acc = fn.alloca("i8", 64, LANE_PARTIAL_ROWS * sl * 64)
+    dyd = fn.alloca("i8", 64, LANE_PARTIAL_ROWS * ns * 64)
+    with fn.loop(0, kp, sl, name="lks") as ks:
+        with fn.loop(0, fn.mul(m, sl), name="lz") as z:
+            fn.store(F32x16, "zeroinitializer", fn.gep(acc, fn.mul(z, 64)), 64)
+        with fn.loop(0, nb, ns, name="ls") as s0:
+            with fn.loop(0, m, name="ld") as i:  # dY pairs of these blocks, each dword twice
+                xrow = fn.gep(x, fn.add(fn.mul(i, ldx), fn.mul(s0, 32)))
+                for b in range(ns):
+                    fn.store(BF16x32, vx.dup_dwords(fn, fn.gep(xrow, b * 32)),
+                             fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
+            wblk = fn.gep(w, fn.add(fn.mul(s0, block_stride), fn.mul(ks, rb)))
+            with fn.loop(0, sl, name="lr") as r:
+                wrow = fn.gep(wblk, fn.mul(r, rb))
+                wv = []
+                for b in range(ns):
+                    p = fn.gep(wrow, b * block_stride)
+                    vx.prefetch(fn, fn.gep(p, STREAM_PREFETCH))
+                    wv.append(vx.swap_k_n_pairs(fn, fn.load(BF16x32, p, 64)))
+                with fn.loop(0, m, name="li") as i:
+                    ap = fn.gep(acc, fn.mul(fn.add(fn.mul(i, sl), r), 64))
+                    dp = fn.gep(dyd, fn.mul(i, ns * 64))
+                    v = fn.load(F32x16, ap, 64)
+                    for b in range(ns):
+                        v = vx.dpbf16(fn, v, wv[b], fn.load(BF16x32, fn.gep(dp, b * 64), 64))
+                    fn.store(F32x16, v, ap, 64)
+        with fn.loop(0, m, name="lo") as i:
+            with fn.loop(0, sl // 8, name="lg") as g:
+                ap = fn.gep(acc, fn.mul(fn.add(fn.mul(i, sl), fn.mul(g, 8)), 64))
+                out = vx.reduce_pair_lanes(fn, [fn.load(F32x16, fn.gep(ap, j * 64), 64) for j in range(8)])
+                p = fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(fn.add(ks, fn.mul(g, 8)), 8)))
+                if spec.accumulate:
+                    out = vx.fadd(fn, out, fn.load(F32x16, p, 4))
+                fn.store(F32x16, out, p, 4)
+
+
 def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, xsc: str | None,
                       ldx: str, ldy: str, m: str, few: int) -> None:
     """``dX = dY W`` for one whole (small) group, reading the packed weight in forward order: ``ns``
@@ -809,8 +873,8 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     ns = max(d for d in (STREAM_BLOCKS, 2, 1) if nb % d == 0)
     stage = fn.alloca("i8", 64, 512)  # one block's 8 transposed vectors (groups of more than few rows)
     acc_ty = I32x16 if spec.int_x else F32x16
-    slots = [fn.var(acc_ty, "zeroinitializer", 64) for _ in range(STREAM_SLOTS)]
-    in_slots = fn.icmp("sle", m, few)
+    slots = [fn.var(acc_ty, "zeroinitializer", 64) for _ in range(STREAM_SLOTS)] if few else []
+    in_slots = fn.icmp("sle", m, few) if few else "false"
     cases = list(range(1, few + 1))
 
     def slot_rows(rows: int) -> list[list]:
