@@ -24,6 +24,9 @@ def vec_const(elem_type: str, values: Sequence[int | float]) -> str:
     return "<" + ", ".join(f"{elem_type} {v}" for v in values) + ">"
 
 
+PIPELINE_MARK = "; kt_jit pipeline: "  # a module line naming its optimisation pipeline
+
+
 def shuffle_mask(indices: Sequence[int]) -> str:
     return f"<{len(indices)} x i32> " + vec_const("i32", indices)
 
@@ -38,6 +41,7 @@ class Module:
         self._globals: list[str] = []
         self._functions: list[Function] = []
         self._names: set[str] = set()
+        self.pipeline = "default"  # optimisation pipeline (codegen/compile.py), named in the text
 
     def declare(self, symbol: str, text: str) -> str:
         """Add ``declare ...`` once; return ``@symbol``."""
@@ -63,6 +67,8 @@ class Module:
 
     def render(self) -> str:
         parts = [f"; ModuleID = '{self.name}'"]
+        if self.pipeline != "default":
+            parts.append(f"{PIPELINE_MARK}{self.pipeline}")
         parts += self._globals
         parts += [f.render() for f in self._functions]
         parts += list(self._decls.values())

@@ -863,15 +863,14 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
 
     Groups of at most ``few`` rows keep their accumulators in registers across the ``ns`` blocks,
     in STREAM_SLOTS slots that every row count shares (m rows x STREAM_SLOTS / m chains); larger
-    ones stage the transposed block and run it in blocks of up to 4 rows, accumulating through
-    memory. Only the multiplies are specialised (a switch on m, predictable), the weight loads and
+    ones run the transposed block (kept in registers) in blocks of up to 4 rows, accumulating
+    through memory. Only the multiplies are specialised (a switch on m, predictable), the weight loads and
     the transposition are emitted once: one copy per row count made this kernel the slowest to
     compile (lowering the shuffles dominates).
     """
     nb, rb = spec.n // 16, spec.row_bytes
     block_stride = spec.k // 2 * rb
     ns = max(d for d in (STREAM_BLOCKS, 2, 1) if nb % d == 0)
-    stage = fn.alloca("i8", 64, 512)  # one block's 8 transposed vectors (groups of more than few rows)
     acc_ty = I32x16 if spec.int_x else F32x16
     slots = [fn.var(acc_ty, "zeroinitializer", 64) for _ in range(STREAM_SLOTS)] if few else []
     in_slots = fn.icmp("sle", m, few) if few else "false"
@@ -947,14 +946,11 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                     multiply(b, tv, 0, slot_rows(rows))
                 fn.br(next_bb)
                 fn.set_block(many_bb)
-                for q, v in enumerate(tv):
-                    fn.store(BF16x32, v, fn.gep(stage, q * 64), 64)
                 zero_first = fn.val(f"and i1 {first}, {fn.icmp('eq', b, 0)}")
 
-                def micro(m0: str, n_rows: int) -> None:
+                def micro(m0: str, n_rows: int) -> None:  # tv stays in registers across the row blocks
                     accs = open_accs(m0, n_rows, zero_first, 2 if n_rows == 1 else 1)
-                    staged = [fn.load(BF16x32, fn.gep(stage, q * 64), 64) for q in range(8)]
-                    multiply(b, staged, m0, [chs for _, chs in accs])
+                    multiply(b, tv, m0, [chs for _, chs in accs])
                     close_accs(accs, m0, zero_first)
 
                 row_blocks(fn, m, STREAM_UNROLL, micro)
@@ -1092,6 +1088,8 @@ def build_ir(spec: GemmSpec) -> str:
             body = _avx512_fwd_body(spec)
         else:
             body = _avx512_bwd_panel_body(spec) if spec.is_panel else _avx512_bwd_body(spec)
+            if spec.op == "bwd" and spec.quant == "bf16":
+                mod.pipeline = "light"  # see codegen/compile.py (measured on the bf16 kernels)
         build_worker(mod, spec.name, ARGS, body)
     else:
         body = _amx_fwd_body(spec) if spec.op == "fwd" else _amx_bwd_body(spec)
