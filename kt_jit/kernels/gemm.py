@@ -702,9 +702,9 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                     _bwd_lora(fn, spec, y, ldy, m, fn.mul(c, span), extra, ldh)
             else:
                 with fn.if_then(fn.icmp("eq", c, 0), name="whole"):
-                    if spec.quant == "bf16" and LANE_PARTIAL_ROWS:
+                    if (spec.quant == "bf16" or spec.int_x) and LANE_PARTIAL_ROWS:
                         with fn.if_then(fn.icmp("sle", m, LANE_PARTIAL_ROWS), name="lp"):
-                            _bwd_lane_partial(fn, spec, x, w, y, ldx, ldy, m)
+                            _bwd_lane_partial(fn, spec, x, w, y, zp, xsc, ldx, ldy, m)
                         with fn.if_then(fn.icmp("sgt", m, LANE_PARTIAL_ROWS), name="st"):
                             _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, 0)
                     else:
@@ -800,8 +800,10 @@ LANE_PARTIAL_ROWS = 4  # bf16 groups of up to this many rows take the lane-parti
 LANE_PARTIAL_SLICE = 256  # k-pair rows per slice of the lane-partial form (accumulators in L1)
 
 
-def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, ldx: str, ldy: str, m: str) -> None:
-    """``dX = dY W`` for one whole group of 1-4 rows (bf16), without transposing the weight.
+def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, zp: str, xsc: str | None, ldx: str,
+                      ldy: str, m: str) -> None:
+    """``dX = dY W`` for one whole group of 1-4 rows (bf16, or the integer kernels of per-channel
+    modes: int16 rows of dY diag(s) with row scales ``xsc``), without transposing the weight.
 
     A packed row r of n-block s, its k-pair words swapped (one in-lane shuffle), holds in lane
     2p+e the pair (W[n_2p][2r+e], W[n_2p+1][2r+e]); a dot product with dY's pairs duplicated per
@@ -812,8 +814,10 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, ldx:
 
     Order: K in slices of LANE_PARTIAL_SLICE k-pair rows (their accumulators, rows x 16 KB, stay in
     L1), within a slice the n-blocks STREAM_BLOCKS at a time side by side, so each block is read
-    in contiguous 16 KB pieces.
+    in contiguous pieces. Integer kernels sum the STREAM_BLOCKS products of a step in int32 (far
+    from overflow) and add them to fp32 accumulators; the row scale is applied at the end.
     """
+    integer = spec.int_x
     nb, rb, kp = spec.n // 16, spec.row_bytes, spec.k // 2
     block_stride = kp * rb
     ns = max(d for d in (STREAM_BLOCKS, 2, 1) if nb % d == 0)
@@ -830,24 +834,33 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, ldx:
                     fn.store(BF16x32, vx.dup_dwords(fn, fn.gep(xrow, b * 32)),
                              fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
             wblk = fn.gep(w, fn.add(fn.mul(s0, block_stride), fn.mul(ks, rb)))
+            # int4: the words -z of each block's 16 channels (per-channel modes: group 0)
+            neg_zero = [_neg_zero(fn, spec, fn.gep(zp, fn.mul(fn.add(s0, b), 16))) if integer else None
+                        for b in range(ns)]
             with fn.loop(0, sl, name="lr") as r:
                 wrow = fn.gep(wblk, fn.mul(r, rb))
                 wv = []
                 for b in range(ns):
                     p = fn.gep(wrow, b * block_stride)
                     vx.prefetch(fn, fn.gep(p, STREAM_PREFETCH))
-                    wv.append(vx.swap_k_n_pairs(fn, fn.load(BF16x32, p, 64)))
+                    row = _int_row(fn, spec, p, neg_zero[b]) if integer else fn.load(BF16x32, p, 64)
+                    wv.append(vx.swap_k_n_pairs(fn, row))
                 with fn.loop(0, m, name="li") as i:
                     ap = fn.gep(acc, fn.mul(fn.add(fn.mul(i, sl), r), 64))
                     dp = fn.gep(dyd, fn.mul(i, ns * 64))
                     v = fn.load(F32x16, ap, 64)
+                    part = "zeroinitializer" if integer else v
                     for b in range(ns):
-                        v = vx.dpbf16(fn, v, wv[b], fn.load(BF16x32, fn.gep(dp, b * 64), 64))
-                    fn.store(F32x16, v, ap, 64)
+                        part = _dot(fn, part, wv[b], fn.load(BF16x32, fn.gep(dp, b * 64), 64), integer)
+                    if integer:
+                        part = vx.fadd(fn, v, fn.val(f"sitofp {I32x16} {part} to {F32x16}"))
+                    fn.store(F32x16, part, ap, 64)
         with fn.loop(0, m, name="lo") as i:
             with fn.loop(0, sl // 8, name="lg") as g:
                 ap = fn.gep(acc, fn.mul(fn.add(fn.mul(i, sl), fn.mul(g, 8)), 64))
                 out = vx.reduce_pair_lanes(fn, [fn.load(F32x16, fn.gep(ap, j * 64), 64) for j in range(8)])
+                if integer:
+                    out = vx.fmul(fn, out, vx.splat_f32(fn, fn.gep(xsc, fn.mul(i, 4)), "f32"))
                 p = fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(fn.add(ks, fn.mul(g, 8)), 8)))
                 if spec.accumulate:
                     out = vx.fadd(fn, out, fn.load(F32x16, p, 4))
