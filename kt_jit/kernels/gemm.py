@@ -95,6 +95,8 @@ class GemmSchedule:
     small: "stream": such a group is streamed whole by its first work item (the weight read front
         to back as the forward reads it); "fold": the fold form's work item (cheaper for K-group
         int4 rows, whose decode goes through fp32 for the scales)
+    lp: "panel" only: groups with at most this many rows (<= LANE_PARTIAL_MAX, <= sm) take the
+        lane-partial form instead, whole by their first work item (0 = never)
     """
 
     mr: int
@@ -105,10 +107,12 @@ class GemmSchedule:
     sm: int = 0
     small: str = "stream"
     pfn: bool = False
+    lp: int = 0
 
     def __str__(self) -> str:
         small = f"s{self.sm}{self.small}" if self.sm else ""
-        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{'n' if self.pfn else ''}{self.form}{small}"
+        lp = f"l{self.lp}" if self.lp else ""
+        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{'n' if self.pfn else ''}{self.form}{small}{lp}"
 
 
 def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one_group: bool = False,
@@ -119,7 +123,8 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     groups take the fold form instead for K-group int4 (whose rows are dequantized through fp32;
     the fold form decodes fewer of them per output) and for launches of a single group
     (``one_group``: streaming it would leave the other threads idle; the fold form splits its
-    outputs over work items)."""
+    outputs over work items). Groups of 1-4 rows take the lane-partial form (one thread per
+    group) unless ``one_group``."""
     if isa == "avx512":
         if op == "fwd":  # quantized: prefetch 2 KB ahead like bf16's 16 rows (measured int8 +2-11%);
             # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1%, so off)
@@ -130,8 +135,11 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         # lowers the limit to STREAM_ALIASED_MAX at run time (the rows would crowd a few L1 sets)
         small = "fold" if (quant == "int4" and group_size) or one_group else "stream"
         # pfn: the panel's first row block prefetches the next n-chunk (measured m=16-32 +13-17%)
+        # lp: 1-4 rows against the transposing forms, same-run kernel A/B on Zen 5: bf16 1.1-1.2x
+        # (dsv3 gate/up), int4 per channel 1.15x (MoE qlen 16), K-group int4 1.13-1.55x over fold
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
-                            sm=24 if small == "stream" else 8, small=small, pfn=True)
+                            sm=24 if small == "stream" else 8, small=small, pfn=True,
+                            lp=0 if one_group else LANE_PARTIAL_MAX)
     return GemmSchedule(mr=2, nr=2)
 
 
@@ -198,6 +206,9 @@ class GemmSpec:
             raise ValueError(f"schedule small={sch.small!r}: 'stream' or 'fold'")
         if sch.sm and not self.is_panel:
             raise ValueError("schedule sm (streamed small groups) applies to the 'panel' transposed GEMM only")
+        if sch.lp and not (self.is_panel and 0 < sch.lp <= min(sch.sm, LANE_PARTIAL_MAX)):
+            raise ValueError(f"schedule lp={sch.lp}: the 'panel' transposed GEMM only, at most "
+                             f"min(sm, {LANE_PARTIAL_MAX}) rows")
         if self.is_panel:
             if sch.kc < 0 or (sch.kc and (self.n // 16) % sch.kc):
                 raise ValueError(f"schedule kc={sch.kc} must divide N/16={self.n // 16}")
@@ -696,22 +707,29 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
             stream_bb, panel_bb, done_bb = fn.new_block("stream"), fn.new_block("panel"), fn.new_block("done")
             fn.cbr(small, stream_bb, panel_bb)
             fn.set_block(stream_bb)
+
+            def whole_group_lora() -> None:
+                if spec.lora_rank:  # every output column block
+                    with fn.loop(0, spec.k // span, name="lcb") as cb:
+                        _bwd_lora(fn, spec, y, ldy, m, fn.mul(cb, span), extra, ldh)
+
+            if sch.lp:
+                lp_bb, rest_bb = fn.new_block("lanes"), fn.new_block("rest")
+                fn.cbr(fn.icmp("sle", m, sch.lp), lp_bb, rest_bb)
+                fn.set_block(lp_bb)
+                with fn.if_then(fn.icmp("eq", c, 0), name="lpwhole"):
+                    _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
+                    whole_group_lora()
+                fn.br(done_bb)
+                fn.set_block(rest_bb)
             if sch.small == "fold":
                 _fold_item(fn, spec, c, x, w, y, m, sc, zp, ldx, ldy, FOLD_MR)
                 if spec.lora_rank:
                     _bwd_lora(fn, spec, y, ldy, m, fn.mul(c, span), extra, ldh)
             else:
                 with fn.if_then(fn.icmp("eq", c, 0), name="whole"):
-                    if (spec.quant == "bf16" or spec.int_x) and LANE_PARTIAL_ROWS:
-                        with fn.if_then(fn.icmp("sle", m, LANE_PARTIAL_ROWS), name="lp"):
-                            _bwd_lane_partial(fn, spec, x, w, y, zp, xsc, ldx, ldy, m)
-                        with fn.if_then(fn.icmp("sgt", m, LANE_PARTIAL_ROWS), name="st"):
-                            _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, 0)
-                    else:
-                        _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, min(sch.sm, STREAM_UNROLL))
-                    if spec.lora_rank:  # the whole group: every output column block
-                        with fn.loop(0, spec.k // span, name="lcb") as cb:
-                            _bwd_lora(fn, spec, y, ldy, m, fn.mul(cb, span), extra, ldh)
+                    _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
+                    whole_group_lora()
             fn.br(done_bb)
             fn.set_block(panel_bb)
         panel = fn.alloca("i8", 64, kcn * 8 * sch.nr * 64)
@@ -791,19 +809,20 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
 
 STREAM_PREFETCH = 1024  # bytes ahead along each stream (as the forward's 16 rows)
 STREAM_ALIASED_MAX = 12  # most rows streamed unless both row pitches are odd multiples of 64 B
-STREAM_UNROLL = 4  # groups of up to this many rows keep their accumulators in registers
-STREAM_SLOTS = 4  # those accumulators (rows x chains)
+STREAM_ROWS = 4  # token rows per block of the streamed form
 STREAM_BLOCKS = 4  # n-blocks read side by side by the streamed transposed GEMM (4 streams, as fwd)
 
 
-LANE_PARTIAL_ROWS = 4  # bf16 groups of up to this many rows take the lane-partial form
+LANE_PARTIAL_MAX = 4  # most rows of the lane-partial form (GemmSchedule.lp; its stack buffers)
 LANE_PARTIAL_SLICE = 256  # k-pair rows per slice of the lane-partial form (accumulators in L1)
 
 
-def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, zp: str, xsc: str | None, ldx: str,
-                      ldy: str, m: str) -> None:
-    """``dX = dY W`` for one whole group of 1-4 rows (bf16, or the integer kernels of per-channel
-    modes: int16 rows of dY diag(s) with row scales ``xsc``), without transposing the weight.
+def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, xsc: str | None,
+                      ldx: str, ldy: str, m: str) -> None:
+    """``dX = dY W`` for one whole group of 1-4 rows, without transposing the weight. Operands:
+    bf16; integer kernels (per-channel modes): int16 rows of dY diag(s) with row scales ``xsc``
+    against the integer codes; other quantized kernels (K-groups): the fold form's numerics, exact
+    integer weights in bf16 against dY's pairs times their channel's scale in the slice's group.
 
     A packed row r of n-block s, its k-pair words swapped (one in-lane shuffle), holds in lane
     2p+e the pair (W[n_2p][2r+e], W[n_2p+1][2r+e]); a dot product with dY's pairs duplicated per
@@ -821,29 +840,32 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, zp: 
     nb, rb, kp = spec.n // 16, spec.row_bytes, spec.k // 2
     block_stride = kp * rb
     ns = max(d for d in (STREAM_BLOCKS, 2, 1) if nb % d == 0)
-    sl = _chunk(kp, LANE_PARTIAL_SLICE)
-    acc = fn.alloca("i8", 64, LANE_PARTIAL_ROWS * sl * 64)
-    dyd = fn.alloca("i8", 64, LANE_PARTIAL_ROWS * ns * 64)
+    # a slice lies within one K-group (its scales and zero points are per slice and block)
+    sl = _chunk(spec.group_size // 2 if spec.group_size else kp, LANE_PARTIAL_SLICE)
+    acc = fn.alloca("i8", 64, LANE_PARTIAL_MAX * sl * 64)
+    dyd = fn.alloca("i8", 64, LANE_PARTIAL_MAX * ns * 64)
     with fn.loop(0, kp, sl, name="lks") as ks:
+        grp = fn.val(f"udiv i64 {ks}, {spec.group_size // 2}") if spec.group_size else "0"
         with fn.loop(0, fn.mul(m, sl), name="lz") as z:
             fn.store(F32x16, "zeroinitializer", fn.gep(acc, fn.mul(z, 64)), 64)
         with fn.loop(0, nb, ns, name="ls") as s0:
+            chans = [fn.add(fn.mul(grp, spec.n), fn.mul(fn.add(s0, b), 16)) for b in range(ns)]
             with fn.loop(0, m, name="ld") as i:  # dY pairs of these blocks, each dword twice
                 xrow = fn.gep(x, fn.add(fn.mul(i, ldx), fn.mul(s0, 32)))
                 for b in range(ns):
-                    fn.store(BF16x32, vx.dup_dwords(fn, fn.gep(xrow, b * 32)),
-                             fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
+                    pairs = (vx.dup_dwords(fn, fn.gep(xrow, b * 32)) if integer
+                             else _dy_pairs(fn, spec, fn.gep(xrow, b * 32), fn.gep(sc, fn.mul(chans[b], 4))))
+                    fn.store(BF16x32, pairs, fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
             wblk = fn.gep(w, fn.add(fn.mul(s0, block_stride), fn.mul(ks, rb)))
-            # int4: the words -z of each block's 16 channels (per-channel modes: group 0)
-            neg_zero = [_neg_zero(fn, spec, fn.gep(zp, fn.mul(fn.add(s0, b), 16))) if integer else None
-                        for b in range(ns)]
+            # int4: each block's zero-point words (-z for the integer kernels, 16 - z otherwise)
+            zeros = [_zero_for(fn, spec, fn.gep(zp, chans[b])) for b in range(ns)]
             with fn.loop(0, sl, name="lr") as r:
                 wrow = fn.gep(wblk, fn.mul(r, rb))
                 wv = []
                 for b in range(ns):
                     p = fn.gep(wrow, b * block_stride)
                     vx.prefetch(fn, fn.gep(p, STREAM_PREFETCH))
-                    row = _int_row(fn, spec, p, neg_zero[b]) if integer else fn.load(BF16x32, p, 64)
+                    row = _int_row(fn, spec, p, zeros[b]) if integer else _weight_row(fn, spec, p, zeros[b])
                     wv.append(vx.swap_k_n_pairs(fn, row))
                 with fn.loop(0, m, name="li") as i:
                     ap = fn.gep(acc, fn.mul(fn.add(fn.mul(i, sl), r), 64))
@@ -868,31 +890,16 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, zp: 
 
 
 def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, xsc: str | None,
-                      ldx: str, ldy: str, m: str, few: int) -> None:
-    """``dX = dY W`` for one whole (small) group, reading the packed weight in forward order: ``ns``
-    n-blocks side by side, 8 k-pair rows (512 B) of each per step, so the weight streams like the
-    forward's. Each 8-row group is transposed in registers (as in the panel form) and multiplied
-    straight away into the ``m x K`` fp32 output, which stays in L1/L2 for small groups.
-
-    Groups of at most ``few`` rows keep their accumulators in registers across the ``ns`` blocks,
-    in STREAM_SLOTS slots that every row count shares (m rows x STREAM_SLOTS / m chains); larger
-    ones run the transposed block (kept in registers) in blocks of up to 4 rows, accumulating
-    through memory. Only the multiplies are specialised (a switch on m, predictable), the weight loads and
-    the transposition are emitted once: one copy per row count made this kernel the slowest to
-    compile (lowering the shuffles dominates).
+                      ldx: str, ldy: str, m: str) -> None:
+    """``dX = dY W`` for one whole (small) group (above the lane-partial form's rows), reading the
+    packed weight in forward order: ``ns`` n-blocks side by side, 8 k-pair rows (512 B) of each per
+    step, so the weight streams like the forward's. Each 8-row group is transposed in registers
+    (as in the panel form) and multiplied, in blocks of up to 4 token rows, into the ``m x K`` fp32
+    output, which stays in L1/L2 for small groups.
     """
     nb, rb = spec.n // 16, spec.row_bytes
     block_stride = spec.k // 2 * rb
     ns = max(d for d in (STREAM_BLOCKS, 2, 1) if nb % d == 0)
-    acc_ty = I32x16 if spec.int_x else F32x16
-    slots = [fn.var(acc_ty, "zeroinitializer", 64) for _ in range(STREAM_SLOTS)] if few else []
-    in_slots = fn.icmp("sle", m, few) if few else "false"
-    cases = list(range(1, few + 1))
-
-    def slot_rows(rows: int) -> list[list]:
-        """Row i's accumulator chains (chains hide the dot-product latency at few rows)."""
-        ch = max(1, STREAM_SLOTS // rows)
-        return [slots[i * ch:(i + 1) * ch] for i in range(rows)]
     with fn.loop(0, nb, ns, name="sb") as s0:
         first = fn.icmp("eq", s0, 0)
         wblk = fn.gep(w, fn.mul(s0, block_stride))
@@ -902,11 +909,10 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
 
             def block(b: str) -> list[str]:
                 """The 8 transposed vectors of n-block s0+b at this kb (q = n-pair within the block)."""
-                s = fn.add(s0, b)
                 wrow = fn.gep(wblk, fn.add(fn.mul(b, block_stride), fn.mul(kb, 8 * rb)))
                 for off in range(0, 8 * rb, 64):
                     vx.prefetch(fn, fn.gep(wrow, STREAM_PREFETCH + off))
-                chan = fn.add(fn.mul(grp, spec.n), fn.mul(s, 16))
+                chan = fn.add(fn.mul(grp, spec.n), fn.mul(fn.add(s0, b), 16))
                 zw = _zero_for(fn, spec, fn.gep(zp, chan))
                 scp = fn.gep(sc, fn.mul(chan, 4)) if spec.quant != "bf16" else None
                 wrows = [vx.swap_k_n_pairs(fn, _weight_row_for(fn, spec, fn.gep(wrow, r * rb), zw, scp))
@@ -921,58 +927,32 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                         acc = chs[q % len(chs)]
                         acc.set(_dot(fn, acc.get(), wv, xb, spec.int_x))
 
-            def open_accs(m0: str | int, n_rows: int, zero_first: str, chains: int) -> list:
-                out = []
-                for i in range(n_rows):
-                    p = fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4)))
-                    if spec.int_x:  # int32 partial sums of this step, flushed into dX by close_accs
-                        chs = [fn.var(I32x16, "zeroinitializer", 64) for _ in range(chains)]
-                    else:
-                        chs = [_open_acc(fn, spec, p, zero_first)]
-                        chs += [fn.var(F32x16, "zeroinitializer", 64) for _ in range(chains - 1)]
-                    out.append((p, chs))
-                return out
-
-            def close_accs(accs: list, m0: str | int, zero_first: str) -> None:
-                for i, (p, chs) in enumerate(accs):
-                    v = chs[0].get()
-                    for ch in chs[1:]:
-                        v = fn.val(f"add {I32x16} {v}, {ch.get()}") if spec.int_x else vx.fadd(fn, v, ch.get())
-                    if spec.int_x:
-                        _store_int(fn, spec, v, p, zero_first,
-                                   vx.splat_f32(fn, fn.gep(xsc, fn.mul(fn.add(m0, i), 4)), "f32"))
-                    else:
-                        fn.store(F32x16, v, p, 4)
-
-            with fn.if_then(in_slots, name="open"):
-                for rows in fn.switch(m, cases, name="open"):
-                    for i, chs in enumerate(slot_rows(rows)):
-                        p = fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(k0, 4)))
-                        for j, slot in enumerate(chs):
-                            slot.set("zeroinitializer" if spec.int_x or j else _open_acc(fn, spec, p, first).get())
             with fn.loop(0, ns, name="blk") as b:
                 tv = block(b)
-                few_bb, many_bb, next_bb = fn.new_block("few"), fn.new_block("many"), fn.new_block("blk.next")
-                fn.cbr(in_slots, few_bb, many_bb)
-                fn.set_block(few_bb)
-                for rows in fn.switch(m, cases, name="mul"):
-                    multiply(b, tv, 0, slot_rows(rows))
-                fn.br(next_bb)
-                fn.set_block(many_bb)
                 zero_first = fn.val(f"and i1 {first}, {fn.icmp('eq', b, 0)}")
 
                 def micro(m0: str, n_rows: int) -> None:  # tv stays in registers across the row blocks
-                    accs = open_accs(m0, n_rows, zero_first, 2 if n_rows == 1 else 1)
+                    accs = []
+                    for i in range(n_rows):
+                        p = fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4)))
+                        if spec.int_x:  # int32 partial sums of this block, flushed into dX below
+                            chs = [fn.var(I32x16, "zeroinitializer", 64) for _ in range(2 if n_rows == 1 else 1)]
+                        else:
+                            chs = [_open_acc(fn, spec, p, zero_first)]
+                            chs += [fn.var(F32x16, "zeroinitializer", 64) for _ in range(1 if n_rows == 1 else 0)]
+                        accs.append((p, chs))
                     multiply(b, tv, m0, [chs for _, chs in accs])
-                    close_accs(accs, m0, zero_first)
+                    for i, (p, chs) in enumerate(accs):
+                        v = chs[0].get()
+                        for ch in chs[1:]:
+                            v = fn.val(f"add {I32x16} {v}, {ch.get()}") if spec.int_x else vx.fadd(fn, v, ch.get())
+                        if spec.int_x:
+                            _store_int(fn, spec, v, p, zero_first,
+                                       vx.splat_f32(fn, fn.gep(xsc, fn.mul(fn.add(m0, i), 4)), "f32"))
+                        else:
+                            fn.store(F32x16, v, p, 4)
 
-                row_blocks(fn, m, STREAM_UNROLL, micro)
-                fn.br(next_bb)
-                fn.set_block(next_bb)
-            with fn.if_then(in_slots, name="close"):
-                for rows in fn.switch(m, cases, name="close"):
-                    close_accs([(fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(k0, 4))), chs)
-                                for i, chs in enumerate(slot_rows(rows))], 0, first)
+                row_blocks(fn, m, STREAM_ROWS, micro)
 
 
 def _copy_rows_out(fn: Function, src: str, dst: str, rows: str, ldy: str, vecs: int,
