@@ -351,6 +351,29 @@ def _weights_in(quant, gs, zp, n, k, g):
     return _quantized(quant, gs, zp, n, k)
 
 
+@NEEDS_AVX512_BF16
+@pytest.mark.parametrize("quant,gs,zp", [("int8", 0, False), ("int4", 0, True), ("int4", 64, True)])
+def test_quantized_transposed_default_forms(quant, gs, zp):
+    """The default transposed GEMM of each quantized mode over groups of 1..10 rows in one launch:
+    the lane-partial form (1-4 rows; K-group int4: 1-8), the streamed or fold form above it, and the
+    panel; several K-slices (K-groups) per group."""
+    n, k = 128, 512
+    g = torch.Generator().manual_seed(9)
+    p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
+    kern = gemm.kernel_for("bwd", n, k, quant=quant, group_size=gs, zero_point=zp)
+    ms = list(range(1, 11))
+    dys = [torch.randn(m, n, generator=g).bfloat16() for m in ms]
+    outs = [torch.full((m, k), float("nan")) for m in ms]
+    xq = [_kernel_input(kern.spec, d, s) for d in dys]
+    table = torch.tensor([[xq[e][0].data_ptr(), p.data_ptr(), o.data_ptr(), m, s.data_ptr(),
+                           z.data_ptr() if z is not None else 0]
+                          + ([xq[e][1].data_ptr()] if kern.spec.int_x else [])
+                          for e, (o, m) in enumerate(zip(outs, ms, strict=True))], dtype=torch.int64)
+    kern.launch(table, n * 2, k * 4)
+    for m, d, got in zip(ms, dys, outs, strict=True):  # K-groups: bf16-rounded scaled operands (~0.2%)
+        assert rel_err(got, ref_linear_t(d, wd)) < (5e-3 if gs else 2e-4), m
+
+
 def _lora_table(p, s, z, groups, xscales=None):
     """Fused-LoRA group table from (input, output, m, LoRA rows, adapter 0, adapter 1) per group
     (``xscales``: per group, the row scales of an int16 input, for the quantized forward)."""

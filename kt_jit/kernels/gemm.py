@@ -135,11 +135,12 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         # lowers the limit to STREAM_ALIASED_MAX at run time (the rows would crowd a few L1 sets)
         small = "fold" if (quant == "int4" and group_size) or one_group else "stream"
         # pfn: the panel's first row block prefetches the next n-chunk (measured m=16-32 +13-17%)
-        # lp: 1-4 rows against the transposing forms, same-run kernel A/B on Zen 5: bf16 1.1-1.2x
-        # (dsv3 gate/up), int4 per channel 1.15x (MoE qlen 16), K-group int4 1.13-1.55x over fold
+        # lp against the transposing forms, same-run kernel A/B on Zen 5: bf16 1-4 rows 1.1-1.2x
+        # (dsv3 gate/up; 5-8 rows 0.9-1.0x), int4 per channel 1.15x (MoE qlen 16); K-group int4
+        # 1-8 rows 1.5x over the fold form (their slices are a K-group: 8 rows of accumulators fit L1)
+        lp = 0 if one_group else 8 if small == "fold" else 4
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
-                            sm=24 if small == "stream" else 8, small=small, pfn=True,
-                            lp=0 if one_group else LANE_PARTIAL_MAX)
+                            sm=24 if small == "stream" else 8, small=small, pfn=True, lp=lp)
     return GemmSchedule(mr=2, nr=2)
 
 
@@ -813,13 +814,14 @@ STREAM_ROWS = 4  # token rows per block of the streamed form
 STREAM_BLOCKS = 4  # n-blocks read side by side by the streamed transposed GEMM (4 streams, as fwd)
 
 
-LANE_PARTIAL_MAX = 4  # most rows of the lane-partial form (GemmSchedule.lp; its stack buffers)
+LANE_PARTIAL_MAX = 8  # most rows of the lane-partial form (GemmSchedule.lp)
 LANE_PARTIAL_SLICE = 256  # k-pair rows per slice of the lane-partial form (accumulators in L1)
 
 
 def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, xsc: str | None,
                       ldx: str, ldy: str, m: str) -> None:
-    """``dX = dY W`` for one whole group of 1-4 rows, without transposing the weight. Operands:
+    """``dX = dY W`` for one whole group of at most ``schedule.lp`` rows, without transposing the
+    weight. Operands:
     bf16; integer kernels (per-channel modes): int16 rows of dY diag(s) with row scales ``xsc``
     against the integer codes; other quantized kernels (K-groups): the fold form's numerics, exact
     integer weights in bf16 against dY's pairs times their channel's scale in the slice's group.
@@ -829,12 +831,14 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     dword gives in that lane the partial sum over the n-pair p for output 2r+e. The partials of
     every n-block accumulate in the lanes of one vector per (row, r), and 8 such vectors fold into
     16 outputs at the end (the fold form's arithmetic). Per 64 bytes of weight this costs one
-    shuffle instead of the four of the transposition, which bounds the streamed form at 1-4 rows.
+    shuffle instead of the four of the transposition; it pays while the accumulator traffic is
+    small (see default_schedule).
 
-    Order: K in slices of LANE_PARTIAL_SLICE k-pair rows (their accumulators, rows x 16 KB, stay in
-    L1), within a slice the n-blocks STREAM_BLOCKS at a time side by side, so each block is read
-    in contiguous pieces. Integer kernels sum the STREAM_BLOCKS products of a step in int32 (far
-    from overflow) and add them to fp32 accumulators; the row scale is applied at the end.
+    Order: K in slices of LANE_PARTIAL_SLICE k-pair rows, or of a K-group (their accumulators, 64 B
+    per row and k-pair row, stay in L1/L2), within a slice the n-blocks STREAM_BLOCKS at a time
+    side by side, so each block is read in contiguous pieces. Integer kernels sum the
+    STREAM_BLOCKS products of a step in int32 (far from overflow) and add them to fp32
+    accumulators; the row scale is applied at the end.
     """
     integer = spec.int_x
     nb, rb, kp = spec.n // 16, spec.row_bytes, spec.k // 2
@@ -842,8 +846,8 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     ns = max(d for d in (STREAM_BLOCKS, 2, 1) if nb % d == 0)
     # a slice lies within one K-group (its scales and zero points are per slice and block)
     sl = _chunk(spec.group_size // 2 if spec.group_size else kp, LANE_PARTIAL_SLICE)
-    acc = fn.alloca("i8", 64, LANE_PARTIAL_MAX * sl * 64)
-    dyd = fn.alloca("i8", 64, LANE_PARTIAL_MAX * ns * 64)
+    acc = fn.alloca("i8", 64, spec.schedule.lp * sl * 64)
+    dyd = fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
     with fn.loop(0, kp, sl, name="lks") as ks:
         grp = fn.val(f"udiv i64 {ks}, {spec.group_size // 2}") if spec.group_size else "0"
         with fn.loop(0, fn.mul(m, sl), name="lz") as z:
