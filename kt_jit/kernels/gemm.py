@@ -135,10 +135,10 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         # lowers the limit to STREAM_ALIASED_MAX at run time (the rows would crowd a few L1 sets)
         small = "fold" if (quant == "int4" and group_size) or one_group else "stream"
         # pfn: the panel's first row block prefetches the next n-chunk (measured m=16-32 +13-17%)
-        # lp against the transposing forms, same-run kernel A/B on Zen 5: bf16 1-4 rows 1.1-1.2x
-        # (dsv3 gate/up; 5-8 rows 0.9-1.0x), int4 per channel 1.15x (MoE qlen 16); K-group int4
-        # 1-8 rows 1.5x over the fold form (their slices are a K-group: 8 rows of accumulators fit L1)
-        lp = 0 if one_group else 8 if small == "fold" else 4
+        # lp against the transposing forms, same-run A/B on Zen 5: bf16 1-4 rows 1.1-1.2x (dsv3
+        # gate/up; 5-8 rows 0.9-1.0x, so 4); int4 1-8 rows: K-group 1.5x over the fold form, per
+        # channel MoE backward qlen 16 -10%, qlen 128 -5%; int8 5-8 rows neutral (4)
+        lp = 0 if one_group else 8 if quant == "int4" else 4
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
                             sm=24 if small == "stream" else 8, small=small, pfn=True, lp=lp)
     return GemmSchedule(mr=2, nr=2)
@@ -815,7 +815,8 @@ STREAM_BLOCKS = 4  # n-blocks read side by side by the streamed transposed GEMM 
 
 
 LANE_PARTIAL_MAX = 8  # most rows of the lane-partial form (GemmSchedule.lp)
-LANE_PARTIAL_SLICE = 256  # k-pair rows per slice of the lane-partial form (accumulators in L1)
+LANE_PARTIAL_SLICE = 256  # k-pair rows per slice of the lane-partial form at <= 4 rows (a quarter
+# above): at most 64 KB of accumulators
 
 
 def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, xsc: str | None,
@@ -845,7 +846,8 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     block_stride = kp * rb
     ns = max(d for d in (STREAM_BLOCKS, 2, 1) if nb % d == 0)
     # a slice lies within one K-group (its scales and zero points are per slice and block)
-    sl = _chunk(spec.group_size // 2 if spec.group_size else kp, LANE_PARTIAL_SLICE)
+    sl = _chunk(spec.group_size // 2 if spec.group_size else kp,
+                LANE_PARTIAL_SLICE if spec.schedule.lp <= 4 else LANE_PARTIAL_SLICE // 4)
     acc = fn.alloca("i8", 64, spec.schedule.lp * sl * 64)
     dyd = fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
     with fn.loop(0, kp, sl, name="lks") as ks:
