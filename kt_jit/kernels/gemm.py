@@ -22,10 +22,14 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
   forward micro-kernel runs on it, so large M runs at the forward's speed. Groups of at most
   ``sm`` rows are instead streamed whole by their first work item: n-blocks read 4 side by side in
   forward order (long sequential runs instead of 2 KB pieces at a K-sized stride), transposed in
-  registers and multiplied at once into dX rows kept in L1.
-- AVX-512 ``bwd``, form "fold" (the first version, kept for comparison): the swapped rows are
-  multiplied directly against duplicated dY pairs; lane 2q+e accumulates output k = 2r+e for n-pair
-  q and the 8 q-partials are folded with shuffles once per output vector.
+  registers and multiplied at once into dX rows kept in L1. Groups of at most ``lp`` rows (4; int4:
+  8) take the lane-partial form, also whole and in forward order: no transposition at all (one
+  word swap per row, see :func:`_bwd_lane_partial`), partial sums per n-pair kept in the lanes of
+  L1 accumulators over a K-slice and folded to outputs at its end.
+- AVX-512 ``bwd``, form "fold" (the first version): the swapped rows are multiplied directly
+  against duplicated dY pairs; lane 2q+e accumulates output k = 2r+e for n-pair q and the 8
+  q-partials are folded with shuffles once per output vector. It serves the small groups of
+  launches of a single group (its work items split K, where the other forms use one thread).
 - Quantized weights (AVX-512 only): the forward multiplies the integer codes (int8, or int4 minus
   its zero point, as int16 words) by int16 activation rows with ``vpdpwssd``; x arrives quantized
   per row (kernels/rowquant.py) with its row scales in an extra group field, and the weight and
