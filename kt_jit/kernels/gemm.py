@@ -722,7 +722,8 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                 lp_bb, rest_bb = fn.new_block("lanes"), fn.new_block("rest")
                 fn.cbr(fn.icmp("sle", m, sch.lp), lp_bb, rest_bb)
                 fn.set_block(lp_bb)
-                with fn.if_then(fn.icmp("eq", c, 0), name="lpwhole"):
+                # the group's first item does it all; an empty group reads no weight
+                with fn.if_then(fn.val(f"and i1 {fn.icmp('eq', c, 0)}, {fn.icmp('sgt', m, 0)}"), name="lpwhole"):
                     _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
                     whole_group_lora()
                 fn.br(done_bb)
@@ -732,7 +733,7 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                 if spec.lora_rank:
                     _bwd_lora(fn, spec, y, ldy, m, fn.mul(c, span), extra, ldh)
             else:
-                with fn.if_then(fn.icmp("eq", c, 0), name="whole"):
+                with fn.if_then(fn.val(f"and i1 {fn.icmp('eq', c, 0)}, {fn.icmp('sgt', m, 0)}"), name="whole"):
                     _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
                     whole_group_lora()
             fn.br(done_bb)
