@@ -189,6 +189,21 @@ def store_f32x16(fn: Function, v: str, ptr: str, dtype: str) -> None:
         fn.store("<16 x bfloat>", fn.val(f"fptrunc {F32x16} {v} to <16 x bfloat>"), ptr, 2)
 
 
+NONTEMPORAL_MD = "!7001"
+
+
+def store_nontemporal(fn: Function, ty: str, v: str, ptr: str, align: int) -> None:
+    """A streaming store: the line is written without being read first. ``ptr`` must be aligned to
+    the vector's size; the stores are weakly ordered, so the kernel :func:`sfence`-s after them."""
+    fn.module.declare("kt_jit.nontemporal", f"{NONTEMPORAL_MD} = !{{i32 1}}")
+    fn.emit(f"store {ty} {v}, ptr {ptr}, align {align}, !nontemporal {NONTEMPORAL_MD}")
+
+
+def sfence(fn: Function) -> None:
+    """Order this thread's streaming stores before everything it does next."""
+    fn.emit(f"call void {fn.module.declare('llvm.x86.sse.sfence', 'declare void @llvm.x86.sse.sfence()')}()")
+
+
 def splat_f32(fn: Function, ptr: str, dtype: str) -> str:
     """The scalar at ``ptr`` (f32 or bf16) broadcast to <16 x float>."""
     if dtype == "f32":
