@@ -154,6 +154,13 @@ def test_schedule_validation():
         gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=4, small="x"))
     with pytest.raises(ValueError, match="N/16"):
         gemm.GemmSpec("bwd", 96, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, kc=4, form="panel"))
+    with pytest.raises(ValueError, match="lp"):  # more lane-partial rows than streamed ones
+        gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=2, lp=4))
+    with pytest.raises(ValueError, match="lp"):
+        gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=3, nr=2, form="fold", lp=4))
+    with pytest.raises(ValueError, match="lp"):
+        gemm.GemmSpec("bwd", 64, 64, "avx512", False,
+                      gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=16, lp=gemm.LANE_PARTIAL_MAX + 1))
     # integer kernels: a K-chunk (fwd) or n-chunk (bwd) must not overflow the int32 partial sums
     with pytest.raises(ValueError, match="overflow"):
         gemm.GemmSpec("fwd", 64, 4096, "avx512", False, gemm.GemmSchedule(mr=6, nr=4, kc=1024), "int8")
@@ -196,11 +203,14 @@ def test_every_schedule_variant_is_correct(isa):
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")
 @pytest.mark.parametrize("sch", [gemm.GemmSchedule(6, 4, 0, 2, "panel", 8),
                                  gemm.GemmSchedule(6, 4, 0, 2, "panel", 12),
+                                 gemm.GemmSchedule(6, 4, 0, 2, "panel", 8, lp=4),
+                                 gemm.GemmSchedule(6, 4, 0, 2, "panel", 8, "fold", lp=8),
                                  gemm.GemmSchedule(6, 2, 3, 2, "panel", 5, "fold"),
                                  gemm.GemmSchedule(3, 2, 0, 1, "fold")], ids=str)
 def test_transposed_gemm_forms_over_many_groups(sch):
-    """One launch over groups of every size around the streamed/unrolled/panel boundaries
-    (0..17 rows), accumulating into an existing output: the way the MoE backward calls it."""
+    """One launch over groups of every size around the lane-partial/streamed/panel boundaries
+    (0..17 rows), accumulating into an existing output: the way the MoE backward calls it
+    (N/16 = 6: the streamed forms read 2 n-blocks side by side)."""
     n, k = 96, 192
     sizes = list(range(18))
     ws = [_weights(n, k, seed=s) for s in sizes]
@@ -218,8 +228,9 @@ def test_transposed_gemm_forms_over_many_groups(sch):
 
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")
 def test_transposed_gemm_lane_partial_slices():
-    """The lane-partial form (bf16 groups of 1-4 rows) over several K-slices and 4-block passes,
-    overwriting the output, next to a 5-row group (the transposing streamed form)."""
+    """The lane-partial form (bf16 groups of 1-4 rows; the int4 modes take 1-8) over several
+    K-slices and 4-block passes, overwriting the output, next to a 5-row group (the transposing
+    streamed form)."""
     n, k = 128, 2 * 2 * gemm.LANE_PARTIAL_SLICE
     sizes = [1, 2, 3, 4, 5]
     ws = [_weights(n, k, seed=10 + m) for m in sizes]
@@ -228,7 +239,9 @@ def test_transposed_gemm_lane_partial_slices():
     outs = [torch.full((m, k), float("nan")) for m in sizes]
     table = torch.tensor([[d.data_ptr(), p.data_ptr(), o.data_ptr(), d.shape[0], 0, 0]
                           for d, p, o in zip(dys, packed, outs, strict=True)], dtype=torch.int64)
-    gemm.kernel_for("bwd", n, k).launch(table, n * 2, k * 4)
+    kern = gemm.kernel_for("bwd", n, k, isa="avx512")
+    assert kern.spec.schedule.lp == 4
+    kern.launch(table, n * 2, k * 4)
     for m, d, w, got in zip(sizes, dys, ws, outs, strict=True):
         assert rel_err(got, ref_linear_t(d, w)) < 1e-5, m
 
@@ -357,7 +370,7 @@ def test_quantized_transposed_default_forms(quant, gs, zp):
     """The default transposed GEMM of each quantized mode over groups of 1..10 rows in one launch:
     the lane-partial form (1-4 rows; K-group int4: 1-8), the streamed or fold form above it, and the
     panel; several K-slices (K-groups) per group."""
-    n, k = 128, 512
+    n, k = 128, 1024  # int8 and bf16 slices are 256 k-pairs: two; int4 (8 rows) 64: eight
     g = torch.Generator().manual_seed(9)
     p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
     kern = gemm.kernel_for("bwd", n, k, quant=quant, group_size=gs, zero_point=zp)

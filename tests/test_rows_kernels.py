@@ -58,3 +58,27 @@ def test_bad_specs_are_rejected():
         RowsSpec("scatter", 64)
     with pytest.raises(ValueError, match="bf16"):
         RowsSpec("gather", 64, "f32", "f32")
+
+
+def test_zero_ranges_writes_exactly_the_ranges():
+    """The streaming zero fill (idle experts' LoRA gradients): every byte of every range, across
+    64 KB work pieces, and nothing next to them; misaligned ranges are refused."""
+    import numpy as np
+
+    from kt_jit.kernels.fill import PIECE, zero_ranges
+    from kt_jit.runtime.buffers import aligned_empty
+
+    buf = aligned_empty((3 * PIECE // 4 + 64,), torch.float32)
+    buf.fill_(1.0)
+    base = buf.data_ptr()
+    starts = np.array([base + 64, base + 2 * PIECE + 128, base + 2 * PIECE + 1024], dtype=np.int64)
+    sizes = np.array([PIECE + 192, 64, 0], dtype=np.int64)
+    zero_ranges(starts, sizes)
+    expect = torch.ones_like(buf)
+    for s, n in zip(starts, sizes, strict=True):
+        expect[(s - base) // 4:(s - base + n) // 4] = 0
+    assert torch.equal(buf, expect)
+    with pytest.raises(ValueError, match="multiples of 64"):
+        zero_ranges(np.array([base + 32]), np.array([64]))
+    with pytest.raises(ValueError, match="multiples of 64"):
+        zero_ranges(np.array([base]), np.array([100]))

@@ -2,7 +2,8 @@
 
 Layout: ``$KT_JIT_CACHE_DIR/v<CODEGEN_VERSION>/<key[:2]>/<key>.o`` and ``<key>.json``. The key is a
 sha256 over the kernel spec, the IR text, the target (triple, CPU name, features), the LLVM and
-llvmlite versions and CODEGEN_VERSION. Writes go to a unique temp file and are renamed into place
+llvmlite versions, CODEGEN_VERSION and the optimisation pipelines' description
+(``compile.PIPELINE_VERSION``). Writes go to a unique temp file and are renamed into place
 (object first, metadata last), so readers never see half an entry and concurrent compilers of the
 same kernel both succeed. The metadata records the object's size and sha256: a truncated or
 corrupted entry is detected, reported with a warning and recompiled.
@@ -51,7 +52,7 @@ def cache_key(spec_text: str, ir_text: str, target: cc.Target) -> str:
     h = hashlib.sha256()
     versions = cc.toolchain_versions()
     for part in (spec_text, ir_text, target.triple, target.cpu, target.features,
-                 versions["llvm"], versions["llvmlite"], str(CODEGEN_VERSION)):
+                 versions["llvm"], versions["llvmlite"], str(CODEGEN_VERSION), cc.PIPELINE_VERSION):
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()

@@ -64,6 +64,9 @@ def _target_machine(target: Target):
 # generator's own LICM/LSR) compiles the transposed GEMM in 55 instead of 88 ms and runs it as fast
 # (same-run A/B at m = 1-64: 0.99-1.08x of O1); the forward GEMM lost ~2% with it, so it keeps O1.
 PIPELINES = {"light": ("sroa", "simplify_cfg")}
+# What the pipelines do is part of every disk-cache key (codegen/cache.py): edit this string with
+# any change to PIPELINES or to the O1 options below.
+PIPELINE_VERSION = f"O1-nounroll-novec;{sorted(PIPELINES.items())}"
 
 
 def _pipeline_of(ir_text: str) -> str:
@@ -109,7 +112,8 @@ def compile_object(ir_text: str, target: Target) -> bytes:
 
 
 def compile_assembly(ir_text: str, target: Target) -> str:
-    """Optimise (O1) and emit assembly text for ``target`` (for dumps and tests)."""
+    """Optimise (as :func:`compile_object`) and emit assembly text for ``target`` (for dumps and
+    tests)."""
     with _lock:
         tm, mod = _optimised_module(ir_text, target)
         return tm.emit_assembly(mod)

@@ -127,8 +127,8 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     groups take the fold form instead for K-group int4 (whose rows are dequantized through fp32;
     the fold form decodes fewer of them per output) and for launches of a single group
     (``one_group``: streaming it would leave the other threads idle; the fold form splits its
-    outputs over work items). Groups of 1-4 rows take the lane-partial form (one thread per
-    group) unless ``one_group``."""
+    outputs over work items). Groups of 1-4 rows (int4: 1-8) take the lane-partial form (one
+    thread per group) unless ``one_group``."""
     if isa == "avx512":
         if op == "fwd":  # quantized: prefetch 2 KB ahead like bf16's 16 rows (measured int8 +2-11%);
             # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1%, so off)
@@ -243,8 +243,9 @@ class GemmSpec:
     def int_x(self) -> bool:
         """Integer kernel: x arrives as int16 rows with a per-row fp32 scale (made by
         :func:`kt_jit.kernels.rowquant.quantize_rows`) and meets the integer codes in vpdpwssd. Every
-        quantized forward; the transposed GEMM (panel form, streamed small groups) of per-channel
-        modes, whose x is dY diag(channel scales) -- a K-group's scale cannot be folded into dY."""
+        quantized forward; the transposed GEMM (panel, streamed and lane-partial forms) of
+        per-channel modes, whose x is dY diag(channel scales) -- a K-group's scale varies along K
+        and cannot be folded into one int16 row of dY."""
         if self.quant == "bf16":
             return False
         return self.op == "fwd" or (self.is_panel and not self.group_size and self.schedule.small == "stream")
@@ -420,11 +421,12 @@ def _lora_pairs(fn: Function, spec: GemmSpec, c: str, desc_extra: tuple[str, str
     """Fused LoRA, once per work item: the item's ``16 nr`` rows of B [N, rank] rearranged like a
     packed weight (one vector per (column block j, rank pair p): lane l holds the pair
     B[n_l, 2p:2p+2]) into a stack panel, so the term H B^T runs as extra k-steps of the forward
-    micro-kernel. Prefetches those rows of B and returns (panel, h, byte offset of this item's
-    adapter in an H row, ``fill``): the caller emits ``fill()`` (which writes the panel) where the
-    rows have arrived, i.e. after the item's first K-chunk: at the item's start they are a cold
-    miss the stream cannot hide (measured: ~200 ns per item, +0.4 ms on a qlen-128 down
-    projection)."""
+    micro-kernel. Prefetches (the first 4 KB of) those rows of B and returns (panel, h, byte
+    offset of this item's adapter in an H row, ``fill``): the caller emits ``fill()`` (which
+    writes the panel) at the start of the item's last K-chunk, so with several chunks the rows
+    have arrived by then; at the item's start they are a cold miss the weight stream cannot hide
+    (~200 ns per item, +0.4 ms on a qlen-128 down projection). With a single K-chunk it is the
+    item's start again."""
     nr, rank = spec.schedule.nr, spec.lora_rank
     h, b0, b1 = desc_extra
     col = fn.mul(c, 16 * nr)
@@ -434,7 +436,7 @@ def _lora_pairs(fn: Function, spec: GemmSpec, c: str, desc_extra: tuple[str, str
         bptr = fn.val(f"select i1 {second}, ptr {fn.gep(b1, fn.mul(fn.sub(col, spec.lora_split), rank * 2))}, "
                       f"ptr {bptr}")
         hoff = fn.val(f"select i1 {second}, i64 {rank * 2}, i64 0")
-    for off in range(0, 16 * nr * rank * 2, 64):  # the item's B rows are contiguous
+    for off in range(0, min(16 * nr * rank * 2, 4096), 64):  # the item's B rows are contiguous
         vx.prefetch(fn, fn.gep(bptr, off))
     panel = fn.alloca("i8", 64, nr * rank // 2 * 64)
 
@@ -728,7 +730,9 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                     whole_group_lora()
                 fn.br(done_bb)
                 fn.set_block(rest_bb)
-            if sch.small == "fold":
+            if sch.lp >= sch.sm:  # the run-time limit is at most sm: nothing else is small
+                pass
+            elif sch.small == "fold":
                 _fold_item(fn, spec, c, x, w, y, m, sc, zp, ldx, ldy, FOLD_MR)
                 if spec.lora_rank:
                     _bwd_lora(fn, spec, y, ldy, m, fn.mul(c, span), extra, ldh)
@@ -840,8 +844,9 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     shuffle instead of the four of the transposition; it pays while the accumulator traffic is
     small (see default_schedule).
 
-    Order: K in slices of LANE_PARTIAL_SLICE k-pair rows, or of a K-group (their accumulators, 64 B
-    per row and k-pair row, stay in L1/L2), within a slice the n-blocks STREAM_BLOCKS at a time
+    Order: K in slices of LANE_PARTIAL_SLICE k-pair rows (a quarter of that above 4 rows), or
+    within one K-group (their accumulators, 64 B per row and k-pair row, stay in L1/L2), within a
+    slice the n-blocks STREAM_BLOCKS at a time
     side by side, so each block is read in contiguous pieces. Integer kernels sum the
     STREAM_BLOCKS products of a step in int32 (far from overflow) and add them to fp32
     accumulators; the row scale is applied at the end.
