@@ -297,13 +297,38 @@ def _weight_row(fn: Function, spec: GemmSpec, ptr: str, zero_words: str | None =
         q = fn.load("<32 x i8>", ptr, 1)
         f = fn.val(f"sitofp <32 x i8> {q} to <32 x float>")
         return fn.val(f"fptrunc <32 x float> {f} to {BF16x32}")
-    # int4: 16 bytes -> 32 codes (low nibbles then high nibbles), + (16 - z), then a 32-entry
-    # vpermw table whose entry v is bf16(v - 16): exact q - z for every zero point in 0..15
+    return _int4_row(fn, _int4_codes(fn, ptr), zero_words, False)
+
+
+def _int4_codes(fn: Function, ptr: str) -> str:
+    """One packed int4 row (16 bytes) as its 32 codes in int16 words: low nibbles, then high."""
     b = fn.val(f"zext <16 x i8> {fn.load('<16 x i8>', ptr, 1)} to <16 x i16>")
     lo = fn.val(f"and <16 x i16> {b}, <{', '.join(['i16 15'] * 16)}>")
     hi = fn.val(f"lshr <16 x i16> {b}, <{', '.join(['i16 4'] * 16)}>")
-    codes = vx.shuffle(fn, "<16 x i16>", lo, hi, list(range(32)))
-    idx = fn.val(f"add {I16x32} {codes}, {zero_words}")
+    return vx.shuffle(fn, "<16 x i16>", lo, hi, list(range(32)))
+
+
+def _int4_code_pairs(fn: Function, ptr: str) -> tuple[str, str]:
+    """Two consecutive packed int4 rows (32 bytes) as codes (see :func:`_int4_codes`), with one load
+    and one nibble split for both (forward and lane-partial kernels step two rows at a time)."""
+    b = fn.load("<32 x i8>", ptr, 1)
+    lo = fn.val(f"and <32 x i8> {b}, <{', '.join(['i8 15'] * 32)}>")
+    hi = fn.val(f"lshr <32 x i8> {b}, <{', '.join(['i8 4'] * 32)}>")
+    rows = []
+    for half in (0, 16):  # row r: bytes 0-15, row r+1: bytes 16-31
+        codes = vx.shuffle(fn, "<32 x i8>", lo, hi, [half + i for i in range(16)] + [32 + half + i for i in range(16)])
+        rows.append(fn.val(f"zext <32 x i8> {codes} to {I16x32}"))
+    return rows[0], rows[1]
+
+
+def _int4_row(fn: Function, codes: str, zero: str, integer: bool) -> str:
+    """int4 codes as a weight row (<32 x bfloat>-typed): ``integer``, the int16 words q - z
+    (``zero`` = -z from :func:`_neg_zero`); else the bf16 values q - z (``zero`` = 16 - z from
+    :func:`_zero_words`, then a 32-entry vpermw table whose entry v is bf16(v - 16): exact for every
+    zero point in 0..15)."""
+    idx = fn.val(f"add {I16x32} {codes}, {zero}")
+    if integer:
+        return vx.bitcast(fn, idx, I16x32, BF16x32)
     sym = fn.module.declare("llvm.x86.avx512.permvar.hi.512",
                             f"declare {I16x32} @llvm.x86.avx512.permvar.hi.512({I16x32}, {I16x32})")
     table = "<" + ", ".join(f"i16 {_bf16_bits(v - 16)}" for v in range(32)) + ">"
@@ -315,13 +340,8 @@ def _int_row(fn: Function, spec: GemmSpec, ptr: str, neg_zero: str | None) -> st
     ``neg_zero`` from :func:`_neg_zero`) as int16 words, typed <32 x bfloat> like every weight row
     so the shuffles of the transposed GEMM apply unchanged (:func:`_mac` reads them as integers)."""
     if spec.quant == "int8":
-        v = fn.val(f"sext <32 x i8> {fn.load('<32 x i8>', ptr, 1)} to {I16x32}")
-    else:
-        b = fn.val(f"zext <16 x i8> {fn.load('<16 x i8>', ptr, 1)} to <16 x i16>")
-        lo = fn.val(f"and <16 x i16> {b}, <{', '.join(['i16 15'] * 16)}>")
-        hi = fn.val(f"lshr <16 x i16> {b}, <{', '.join(['i16 4'] * 16)}>")
-        v = fn.val(f"add {I16x32} {vx.shuffle(fn, '<16 x i16>', lo, hi, list(range(32)))}, {neg_zero}")
-    return vx.bitcast(fn, v, I16x32, BF16x32)
+        return vx.bitcast(fn, fn.val(f"sext <32 x i8> {fn.load('<32 x i8>', ptr, 1)} to {I16x32}"), I16x32, BF16x32)
+    return _int4_row(fn, _int4_codes(fn, ptr), neg_zero, True)
 
 
 def _neg_zero(fn: Function, spec: GemmSpec, zptr: str) -> str | None:
@@ -530,23 +550,13 @@ def _avx512_fwd_body(spec: GemmSpec):
                 return wv
 
             def int4_row_pairs(r: str) -> list[tuple[str, str]]:
-                """int4: k-pair rows r and r+1 of each of the nr blocks (32 contiguous bytes) as
-                int16 codes minus zero point: one load and one nibble split for both rows."""
+                """int4: k-pair rows r and r+1 of each of the nr blocks, as int16 q - z."""
                 out = []
                 for j in range(sch.nr):
                     p = fn.gep(wb, fn.add(fn.mul(r, rb), j * block_stride))
                     if sch.pf:
                         vx.prefetch(fn, fn.gep(p, sch.pf * rb))
-                    b = fn.load("<32 x i8>", p, 1)
-                    lo = fn.val(f"and <32 x i8> {b}, <{', '.join(['i8 15'] * 32)}>")
-                    hi = fn.val(f"lshr <32 x i8> {b}, <{', '.join(['i8 4'] * 32)}>")
-                    rows2 = []
-                    for half in (0, 16):  # row r: bytes 0-15, row r+1: bytes 16-31 (low nibbles first)
-                        codes = vx.shuffle(fn, "<32 x i8>", lo, hi, [half + i for i in range(16)] +
-                                           [32 + half + i for i in range(16)])
-                        words = fn.val(f"zext <32 x i8> {codes} to {I16x32}")
-                        rows2.append(vx.bitcast(fn, fn.val(f"add {I16x32} {words}, {neg_zero[j]}"), I16x32, BF16x32))
-                    out.append(tuple(rows2))
+                    out.append(tuple(_int4_row(fn, c, neg_zero[j], True) for c in _int4_code_pairs(fn, p)))
                 return out
 
             def lora_mac(m0: str, accs: dict) -> None:
@@ -901,24 +911,30 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
             wblk = fn.gep(w, fn.add(fn.mul(s0, block_stride), fn.mul(ks, rb)))
             # int4: each block's zero-point words (-z for the integer kernels, 16 - z otherwise)
             zeros = [_zero_for(fn, spec, fn.gep(zp, chans[b])) for b in range(ns)]
-            with fn.loop(0, sl, name="lr") as r:
+            two = spec.quant == "int4"  # int4: rows r and r+1 share one load and nibble split
+            with fn.loop(0, sl, 2 if two else 1, name="lr") as r:
                 wrow = fn.gep(wblk, fn.mul(r, rb))
-                wv = []
+                wvs = [[], []] if two else [[]]  # per row of the step: one swapped row per block
                 for b in range(ns):
                     p = fn.gep(wrow, b * block_stride)
                     vx.prefetch(fn, fn.gep(p, STREAM_PREFETCH))
-                    row = _int_row(fn, spec, p, zeros[b]) if integer else _weight_row(fn, spec, p, zeros[b])
-                    wv.append(vx.swap_k_n_pairs(fn, row))
+                    if two:
+                        rows = [_int4_row(fn, c, zeros[b], integer) for c in _int4_code_pairs(fn, p)]
+                    else:
+                        rows = [_int_row(fn, spec, p, zeros[b]) if integer else _weight_row(fn, spec, p, zeros[b])]
+                    for wv, row in zip(wvs, rows, strict=True):
+                        wv.append(vx.swap_k_n_pairs(fn, row))
                 with fn.loop(0, m, name="li") as i:
-                    ap = fn.gep(acc, fn.mul(fn.add(fn.mul(i, sl), r), 64))
                     dp = fn.gep(dyd, fn.mul(i, ns * 64))
-                    v = fn.load(F32x16, ap, 64)
-                    part = "zeroinitializer" if integer else v
-                    for b in range(ns):
-                        part = _dot(fn, part, wv[b], fn.load(BF16x32, fn.gep(dp, b * 64), 64), integer)
-                    if integer:
-                        part = vx.fadd(fn, v, fn.val(f"sitofp {I32x16} {part} to {F32x16}"))
-                    fn.store(F32x16, part, ap, 64)
+                    for e, wv in enumerate(wvs):
+                        ap = fn.gep(acc, fn.mul(fn.add(fn.add(fn.mul(i, sl), r), e), 64))
+                        v = fn.load(F32x16, ap, 64)
+                        part = "zeroinitializer" if integer else v
+                        for b in range(ns):
+                            part = _dot(fn, part, wv[b], fn.load(BF16x32, fn.gep(dp, b * 64), 64), integer)
+                        if integer:
+                            part = vx.fadd(fn, v, fn.val(f"sitofp {I32x16} {part} to {F32x16}"))
+                        fn.store(F32x16, part, ap, 64)
         with fn.loop(0, m, name="lo") as i:
             with fn.loop(0, sl // 8, name="lg") as g:
                 ap = fn.gep(acc, fn.mul(fn.add(fn.mul(i, sl), fn.mul(g, 8)), 64))
