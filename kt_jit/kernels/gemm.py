@@ -751,31 +751,33 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
             fn.cbr(small, stream_bb, panel_bb)
             fn.set_block(stream_bb)
 
-            def whole_group_lora() -> None:
-                if spec.lora_rank:  # every output column block
-                    with fn.loop(0, spec.k // span, name="lcb") as cb:
-                        _bwd_lora(fn, spec, y, ldy, m, fn.mul(cb, span), extra, ldh)
+            # the whole-group forms: the group's first item does it all (an empty group reads no
+            # weight), then the LoRA term over every output column block
+            whole = fn.val(f"and i1 {fn.icmp('eq', c, 0)}, {fn.icmp('sgt', m, 0)}")
 
-            if sch.lp:
-                lp_bb, rest_bb = fn.new_block("lanes"), fn.new_block("rest")
-                fn.cbr(fn.icmp("sle", m, sch.lp), lp_bb, rest_bb)
-                fn.set_block(lp_bb)
-                # the group's first item does it all; an empty group reads no weight
-                with fn.if_then(fn.val(f"and i1 {fn.icmp('eq', c, 0)}, {fn.icmp('sgt', m, 0)}"), name="lpwhole"):
-                    _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
-                    whole_group_lora()
-                fn.br(done_bb)
-                fn.set_block(rest_bb)
-            if sch.lp >= sch.sm:  # the run-time limit is at most sm: nothing else is small
-                pass
-            elif sch.small == "fold":
-                _fold_item(fn, spec, c, x, w, y, m, sc, zp, ldx, ldy, FOLD_MR)
-                if spec.lora_rank:
-                    _bwd_lora(fn, spec, y, ldy, m, fn.mul(c, span), extra, ldh)
+            def whole_group(form) -> None:
+                with fn.if_then(whole, name="whole"):
+                    form(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
+                    if spec.lora_rank:
+                        with fn.loop(0, spec.k // span, name="lcb") as cb:
+                            _bwd_lora(fn, spec, y, ldy, m, fn.mul(cb, span), extra, ldh)
+
+            if sch.lp < sch.sm:  # the run-time limit is at most sm: with lp >= sm only lanes remain
+                if sch.lp:
+                    lp_bb, rest_bb = fn.new_block("lanes"), fn.new_block("rest")
+                    fn.cbr(fn.icmp("sle", m, sch.lp), lp_bb, rest_bb)
+                    fn.set_block(lp_bb)
+                    whole_group(_bwd_lane_partial)
+                    fn.br(done_bb)
+                    fn.set_block(rest_bb)
+                if sch.small == "fold":
+                    _fold_item(fn, spec, c, x, w, y, m, sc, zp, ldx, ldy, FOLD_MR)
+                    if spec.lora_rank:
+                        _bwd_lora(fn, spec, y, ldy, m, fn.mul(c, span), extra, ldh)
+                else:
+                    whole_group(_bwd_stream_group)
             else:
-                with fn.if_then(fn.val(f"and i1 {fn.icmp('eq', c, 0)}, {fn.icmp('sgt', m, 0)}"), name="whole"):
-                    _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
-                    whole_group_lora()
+                whole_group(_bwd_lane_partial)
             fn.br(done_bb)
             fn.set_block(panel_bb)
         panel = fn.alloca("i8", 64, kcn * 8 * sch.nr * 64)

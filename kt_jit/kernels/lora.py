@@ -20,17 +20,13 @@ bytes and ``alpha`` travel in the argument block. These run on AVX-512 (every AM
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import struct
 from dataclasses import dataclass
 
 from ..codegen import avx512 as vx
-from ..codegen.cache import get_or_compile
-from ..codegen.compile import target_for
-from ..codegen.ir import BF16x32, F32x16, Function, Module
-from ..codegen.worker import ArgBlock, build_worker, group_table
-from ..runtime.threads import launch
+from ..codegen.ir import BF16x32, F32x16, Function
+from ..codegen.worker import ArgBlock, compile_worker, group_table
 from .gemm import row_blocks
 
 ARGS = ArgBlock(["groups", "ldx", "ldw", "ldy", "alpha"])
@@ -264,30 +260,19 @@ def _xty_body(spec: LoraSpec):
     return body
 
 
-def build_ir(spec: LoraSpec) -> str:
-    target = target_for("avx512")
-    mod = Module(spec.name, target.fn_attrs)
-    body = {"xat": lambda sp: _blocked_body(sp, _xat_block), "xb": lambda sp: _blocked_body(sp, _xb_block),
-            "xty": _xty_body}[spec.form](spec)
-    build_worker(mod, spec.name, ARGS, body)
-    return mod.render()
-
-
 class LoraKernel:
     def __init__(self, spec: LoraSpec) -> None:
         self.spec = spec
-        self.addr = get_or_compile(spec.name, repr(spec), build_ir(spec), target_for("avx512"),
-                                   [spec.name])[spec.name]
+        body = {"xat": lambda sp: _blocked_body(sp, _xat_block), "xb": lambda sp: _blocked_body(sp, _xb_block),
+                "xty": _xty_body}[spec.form](spec)
+        self.addr = compile_worker(spec.name, repr(spec), ARGS, body)
 
     def launch(self, groups, ldx: int, ldw: int, ldy: int, alpha: float, num_threads: int | None = None) -> None:
         """Run over ``groups`` (int64 [G, 4], torch or NumPy); pitches in bytes; ``alpha`` scales the product."""
         n_groups, addr = group_table(groups, 4)
-        n_items = n_groups * self.spec.items_per_group
-        if n_items == 0:
-            return
         bits = struct.unpack("<I", struct.pack("<f", alpha))[0]
-        args = ARGS.make(n_items, groups=addr, ldx=ldx, ldw=ldw, ldy=ldy, alpha=bits)
-        launch(self.addr, ctypes.addressof(args), num_threads)
+        ARGS.run(self.addr, n_groups * self.spec.items_per_group, num_threads, groups=addr, ldx=ldx, ldw=ldw,
+                 ldy=ldy, alpha=bits)
 
 
 @functools.cache

@@ -202,22 +202,19 @@ def _lora(form: str, n: int, k: int, groups: torch.Tensor, ldx: int, ldy: int, a
     lk.get_kernel(spec).launch(groups, ldx, ldw, ldy, alpha)
 
 
-def _grad_groups(r: Routing, p: np.ndarray, q: np.ndarray, grad: torch.Tensor, zeros: list) -> np.ndarray:
-    """xty groups writing ``grad[e]`` of the active experts from their rows. The idle experts'
-    slices (their gradient is zero) are appended to ``zeros`` as (addresses, byte counts) of each
-    contiguous run of experts, for one :func:`kernels.fill.zero_ranges` launch over every gradient
-    (measured at qlen 1, 8 of 128 experts active: a ``Tensor.zero_`` per run took 0.90 ms, zero-row
-    launches of the xty kernel storing 32 bytes at a time 2.2 ms)."""
-    idle = np.ones(grad.shape[0], dtype=bool)
+def _zero_idle_grads(r: Routing, grads: tuple[torch.Tensor, ...]) -> None:
+    """The idle experts' slices of every LoRA gradient (their gradient is zero; dense Parameters
+    need dense grads) in one :func:`kernels.fill.zero_ranges` launch, a range per contiguous run of
+    idle experts (measured at qlen 1, 8 of 128 experts active: a ``Tensor.zero_`` per run and
+    gradient took 0.90 ms, zero-row launches of the xty kernel 2.2 ms). The gradients are 64-byte
+    aligned and every expert's slice is a multiple of 64 bytes (its dims are multiples of 16 and 32)."""
+    idle = np.ones(grads[0].shape[0], dtype=bool)
     idle[r.experts_np] = False
     edges = np.flatnonzero(np.diff(np.concatenate([[0], idle.view(np.int8), [0]])))
-    per = grad.stride(0) * grad.element_size()
-    if (grad.data_ptr() | per) % fill.ALIGN:  # not for streaming stores: one zero_ per run
-        for start, stop in zip(edges[::2], edges[1::2], strict=True):
-            grad[start:stop].zero_()
-    else:
-        zeros.append((grad.data_ptr() + edges[::2] * per, (edges[1::2] - edges[::2]) * per))
-    return _groups(r, p, q, _per_expert(grad, r))
+    first, count = edges[::2], edges[1::2] - edges[::2]
+    per = [g.stride(0) * g.element_size() for g in grads]
+    fill.zero_ranges(np.concatenate([g.data_ptr() + first * b for g, b in zip(grads, per, strict=True)]),
+                     np.concatenate([count * b for b in per]))
 
 
 def kernel_rank(rank: int) -> int:
@@ -370,23 +367,21 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
         xs = _gather(saved.x, r)
         grads = tuple(aligned_empty(p.shape, torch.bfloat16) for p in lora)
         g_ga, g_gb, g_ua, g_ub, g_da, g_db = grads
-        zeros: list = []  # the idle experts' slices of every gradient
+        _zero_idle_grads(r, grads)
         whd = hd * w_row[:, None]  # dY^T (w hd) = (w dOut)^T hd (hd carries the scaling)
-        _lora("xty", rank, hdim, _grad_groups(r, _rows(dos, r), _rows(whd, r), g_db, zeros), _pitch(dos),
+        _lora("xty", rank, hdim, _groups(r, _rows(dos, r), _rows(whd, r), _per_expert(g_db, r)), _pitch(dos),
               0, 1.0, ldw=_pitch(whd), w_dtype="f32", y_dtype="bf16")
         wtd = t_d * w_row[:, None]  # (t_d carries the scaling)
-        _lora("xty", idim, rank, _grad_groups(r, _rows(wtd, r), _rows(act, r), g_da, zeros), _pitch(wtd),
+        _lora("xty", idim, rank, _groups(r, _rows(wtd, r), _rows(act, r), _per_expert(g_da, r)), _pitch(wtd),
               0, 1.0, x_dtype="f32", ldw=_pitch(act), y_dtype="bf16")
         _lora("xty", rank, idim, np.concatenate([
-            _grad_groups(r, _rows(dgu, r), _rows(hgu, r), g_gb, zeros),
-            _grad_groups(r, _rows(dgu, r, idim), _rows(hgu, r, rank), g_ub, zeros)]), _pitch(dgu), 0,
+            _groups(r, _rows(dgu, r), _rows(hgu, r), _per_expert(g_gb, r)),
+            _groups(r, _rows(dgu, r, idim), _rows(hgu, r, rank), _per_expert(g_ub, r))]), _pitch(dgu), 0,
             1.0, ldw=_pitch(hgu), w_dtype="bf16", y_dtype="bf16")
         _lora("xty", hdim, rank, np.concatenate([
-            _grad_groups(r, _rows(t_gu, r), _rows(xs, r), g_ga, zeros),
-            _grad_groups(r, _rows(t_gu, r, rank), _rows(xs, r), g_ua, zeros)]), _pitch(t_gu), 0, 1.0,
+            _groups(r, _rows(t_gu, r), _rows(xs, r), _per_expert(g_ga, r)),
+            _groups(r, _rows(t_gu, r, rank), _rows(xs, r), _per_expert(g_ua, r))]), _pitch(t_gu), 0, 1.0,
             x_dtype="f32", ldw=_pitch(xs), y_dtype="bf16")
-        if zeros:
-            fill.zero_ranges(np.concatenate([a for a, _ in zeros]), np.concatenate([b for _, b in zeros]))
         grads = unpad_grads(grads, true_rank)
     dx = _combine(dxs, r, None, torch.float32)
     return dx, dw, grads
