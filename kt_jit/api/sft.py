@@ -14,7 +14,7 @@ from .validate import check_moe_inputs
 
 class _MoESFTFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_ids, topk_weights, experts, scaling, out_dtype, *lora):
+    def forward(ctx, x, topk_ids, topk_weights, experts, scaling, out_dtype, grad_buffers, *lora):
         lora_t = tuple(lora) if lora else None
         out, saved = core.forward(x.to(torch.bfloat16).contiguous(), topk_ids,
                                   topk_weights.to(torch.float32).contiguous(), experts, lora_t, scaling,
@@ -22,7 +22,7 @@ class _MoESFTFunction(torch.autograd.Function):
         # autograd keeps the inputs (and raises if they are modified in place before backward)
         ctx.save_for_backward(x, topk_weights, *lora)
         ctx.saved = saved
-        ctx.experts, ctx.scaling = experts, scaling
+        ctx.experts, ctx.scaling, ctx.grad_buffers = experts, scaling, grad_buffers
         ctx.x_dtype, ctx.w_dtype = x.dtype, topk_weights.dtype
         return out
 
@@ -34,9 +34,10 @@ class _MoESFTFunction(torch.autograd.Function):
         ctx.saved = None
         _, _, *lora = ctx.saved_tensors  # version-checked by autograd
         lora_t = tuple(lora) if lora else None
-        dx, dw, dlora = core.backward(saved, grad_out.contiguous(), ctx.experts, lora_t, ctx.scaling)
+        dx, dw, dlora = core.backward(saved, grad_out.contiguous(), ctx.experts, lora_t, ctx.scaling,
+                                      ctx.grad_buffers)
         lora_grads = () if dlora is None else tuple(g.to(p.dtype) for g, p in zip(dlora, lora_t, strict=True))
-        return (dx.to(ctx.x_dtype), None, dw.to(ctx.w_dtype), None, None, None, *lora_grads)
+        return (dx.to(ctx.x_dtype), None, dw.to(ctx.w_dtype), None, None, None, None, *lora_grads)
 
 
 def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -53,10 +54,10 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
     if lora is None:
-        return _MoESFTFunction.apply(hidden_states, topk_ids, topk_weights, experts, 0.0, out_dtype)
+        return _MoESFTFunction.apply(hidden_states, topk_ids, topk_weights, experts, 0.0, out_dtype, None)
     lora.check_matches(experts)
     return _MoESFTFunction.apply(hidden_states, topk_ids, topk_weights, experts, lora.scaling, out_dtype,
-                                 *lora.tensors())
+                                 lora.grad_buffers, *lora.tensors())
 
 
 class MoESFTOp:
@@ -138,7 +139,8 @@ class MoESFTOp:
             raise RuntimeError("the LoRA adapters changed rank or scaling (or were attached/removed) between "
                                "forward and backward; run the forward again")
         with torch.no_grad():
-            dx, dw, dlora = core.backward(saved, grad_output.contiguous(), self.experts, lora, scaling)
+            dx, dw, dlora = core.backward(saved, grad_output.contiguous(), self.experts, lora, scaling,
+                                          self.lora.grad_buffers if self.lora is not None else None)
         result = {"grad_input": dx.to(torch.bfloat16), "grad_weights": dw}
         if dlora is not None:
             from ..moe.weights import LORA_NAMES

@@ -35,6 +35,7 @@ from ..kernels.rows import RowsSpec
 from ..kernels.rows import get_kernel as get_rows_kernel
 from ..runtime.buffers import aligned_empty
 from ..runtime.memory import keep_freed_memory
+from .gradbuf import LoraGradBuffers
 from .routing import Routing, route
 from .weights import MoEExperts
 
@@ -202,15 +203,15 @@ def _lora(form: str, n: int, k: int, groups: torch.Tensor, ldx: int, ldy: int, a
     lk.get_kernel(spec).launch(groups, ldx, ldw, ldy, alpha)
 
 
-def _zero_idle_grads(r: Routing, grads: tuple[torch.Tensor, ...]) -> None:
-    """The idle experts' slices of every LoRA gradient (their gradient is zero; dense Parameters
-    need dense grads) in one :func:`kernels.fill.zero_ranges` launch, a range per contiguous run of
-    idle experts (measured at qlen 1, 8 of 128 experts active: a ``Tensor.zero_`` per run and
-    gradient took 0.90 ms, zero-row launches of the xty kernel 2.2 ms). The gradients are 64-byte
-    aligned and every expert's slice is a multiple of 64 bytes (its dims are multiples of 16 and 32)."""
-    idle = np.ones(grads[0].shape[0], dtype=bool)
-    idle[r.experts_np] = False
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], idle.view(np.int8), [0]])))
+def _zero_experts(mask: np.ndarray, grads: tuple[torch.Tensor, ...]) -> None:
+    """Zero the slices of the experts in ``mask`` (bool [E]) of every LoRA gradient in one
+    :func:`kernels.fill.zero_ranges` launch, a range per contiguous run of masked experts (measured
+    at qlen 1, 8 of 128 experts active: a ``Tensor.zero_`` per run and gradient took 0.90 ms,
+    zero-row launches of the xty kernel 2.2 ms). The gradients are 64-byte aligned and every
+    expert's slice is a multiple of 64 bytes (its dims are multiples of 16 and 32)."""
+    if not mask.any():
+        return
+    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.view(np.int8), [0]])))
     first, count = edges[::2], edges[1::2] - edges[::2]
     per = [g.stride(0) * g.element_size() for g in grads]
     fill.zero_ranges(np.concatenate([g.data_ptr() + first * b for g, b in zip(grads, per, strict=True)]),
@@ -308,8 +309,12 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
 
 
 def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tuple[torch.Tensor, ...] | None,
-             scaling: float) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
-    """Gradients for x (fp32 [T, H]), topk_weights (fp32 [T, K]) and the six LoRA tensors (bf16)."""
+             scaling: float, grad_buffers: LoraGradBuffers | None = None,
+             ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+    """Gradients for x (fp32 [T, H]), topk_weights (fp32 [T, K]) and the six LoRA tensors (bf16).
+
+    ``grad_buffers`` (the adapters' :class:`LoraGradBuffers`) lets the LoRA gradients reuse the
+    buffers of a previous backward that the caller has dropped; without it they are fresh."""
     r = saved.routing
     t, hdim = saved.x.shape
     kdim = saved.topk_weights.shape[1]
@@ -365,9 +370,12 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
                 _lora("xb", hdim, rank, _groups(r, _rows(t_gu, r, col), _per_expert(a, r), _rows(dxs, r)),
                       _pitch(t_gu), _pitch(dxs), x_dtype="f32", accumulate=True)
         xs = _gather(saved.x, r)
-        grads = tuple(aligned_empty(p.shape, torch.bfloat16) for p in lora)
+        active = np.zeros(experts.num_experts, dtype=bool)
+        active[r.experts_np] = True
+        pool = grad_buffers if grad_buffers is not None else LoraGradBuffers()
+        grads, to_zero = pool.acquire([tuple(p.shape) for p in lora], active)
         g_ga, g_gb, g_ua, g_ub, g_da, g_db = grads
-        _zero_idle_grads(r, grads)
+        _zero_experts(to_zero, grads)  # active experts' slices are written in full below
         whd = hd * w_row[:, None]  # dY^T (w hd) = (w dOut)^T hd (hd carries the scaling)
         _lora("xty", rank, hdim, _groups(r, _rows(dos, r), _rows(whd, r), _per_expert(g_db, r)), _pitch(dos),
               0, 1.0, ldw=_pitch(whd), w_dtype="f32", y_dtype="bf16")

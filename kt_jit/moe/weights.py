@@ -11,6 +11,7 @@ from torch import nn
 from ..kernels.pack import check_gemm_dims, pack_bf16, unpack_tiles
 from ..kernels.quant import dequantize_int4, dequantize_int8, pack_int4, pack_int8
 from ..runtime.buffers import aligned_empty
+from .gradbuf import LoraGradBuffers
 
 # mode -> (storage, grouped along K, zero points)
 QUANT_MODES = {
@@ -241,6 +242,7 @@ class MoELoRA(nn.Module):
         self.rank, self.alpha = rank, float(alpha)
         for name, shape in lora_shapes(num_experts, hidden_size, intermediate_size, rank).items():
             self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype)))
+        self.grad_buffers = LoraGradBuffers()  # backward reuses dropped gradient buffers (gradbuf.py)
         self.reset_parameters()
 
     @property

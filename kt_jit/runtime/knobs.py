@@ -7,6 +7,8 @@ KT_JIT_ISA          "auto" (default), "amx", "avx512" or "amx_emu" (AMX kernels 
                     IR-level tile emulator; for testing the AMX code path on CPUs without AMX)
 KT_JIT_DISABLE_CACHE  "1" compiles every kernel afresh and writes nothing to disk
 KT_JIT_MALLOC_TUNE  "0" leaves glibc's malloc thresholds alone (see runtime/memory.py)
+KT_JIT_REUSE_LORA_GRADS  "0" allocates fresh LoRA gradient buffers on every backward instead of
+                    reusing dropped ones (see moe/gradbuf.py for when reuse happens)
 """
 
 from __future__ import annotations
@@ -61,3 +63,8 @@ def isa_request() -> str:
 
 def malloc_tune() -> bool:
     return os.environ.get("KT_JIT_MALLOC_TUNE", "1") not in ("0", "")
+
+
+def reuse_lora_grads() -> bool:
+    """KT_JIT_REUSE_LORA_GRADS: reuse dropped LoRA gradient buffers (default on)."""
+    return os.environ.get("KT_JIT_REUSE_LORA_GRADS", "1").strip() not in ("0", "false", "no", "off")

@@ -1,0 +1,122 @@
+"""LoRA gradient buffers reused across backwards (kt_jit/moe/gradbuf.py): reused only when the
+previous gradients were dropped untouched, and the gradients are always those of fresh buffers."""
+
+import torch
+from test_moe_sft import make_batch, make_layer
+
+import kt_jit
+
+# two batches on disjoint experts: the second backward must zero what the first one wrote
+FIRST = torch.tensor([[0, 1], [2, 3], [1, 2]])
+SECOND = torch.tensor([[4, 5], [6, 7], [5, 6]])
+
+
+def backward_grads(experts, lora, ids, seed):
+    x, _, w = make_batch(ids.shape[0], ids.shape[1], seed=seed, ids=ids)
+    out = kt_jit.moe_sft(x.requires_grad_(), ids, w, experts, lora)
+    out.backward(torch.randn(out.shape, generator=torch.Generator().manual_seed(seed)))
+    return [p.grad for p in lora.tensors()]
+
+
+def fresh_grads(experts, lora, ids, seed, monkeypatch):
+    with monkeypatch.context() as m:
+        m.setenv("KT_JIT_REUSE_LORA_GRADS", "0")
+        for p in lora.tensors():
+            p.grad = None
+        grads = [g.clone() for g in backward_grads(experts, lora, ids, seed)]
+        for p in lora.tensors():
+            p.grad = None
+    return grads
+
+
+def assert_same(grads, expected):
+    for g, e in zip(grads, expected, strict=True):
+        assert torch.equal(g, e)
+    for g in grads:  # experts 0-3 had no tokens in the second batch
+        assert g[:4].abs().sum() == 0
+
+
+def test_dropped_gradients_are_reused_and_stale_experts_zeroed(monkeypatch):
+    *_, experts, lora = make_layer(r=16)  # a kernel rank: autograd adopts the buffers
+    expected = fresh_grads(experts, lora, SECOND, 2, monkeypatch)
+    backward_grads(experts, lora, FIRST, 1)
+    bufs = lora.grad_buffers._bufs
+    for p, b in zip(lora.tensors(), bufs, strict=True):
+        assert p.grad.data_ptr() == b.data_ptr()  # autograd adopted the returned buffer
+        p.grad = None  # optimizer.zero_grad()
+    grads = backward_grads(experts, lora, SECOND, 2)
+    assert lora.grad_buffers._bufs is bufs, "the dropped buffers were not reused"
+    assert_same(grads, expected)
+
+
+def test_gradients_still_held_are_not_overwritten(monkeypatch):
+    *_, experts, lora = make_layer(r=16)  # a kernel rank: autograd adopts the buffers
+    expected = fresh_grads(experts, lora, SECOND, 2, monkeypatch)
+    held = backward_grads(experts, lora, FIRST, 1)
+    copies = [g.clone() for g in held]
+    bufs = lora.grad_buffers._bufs
+    for p in lora.tensors():
+        p.grad = None  # the caller still holds them through `held`
+    grads = backward_grads(experts, lora, SECOND, 2)
+    assert lora.grad_buffers._bufs is not bufs
+    assert_same(grads, expected)
+    for g, c in zip(held, copies, strict=True):
+        assert torch.equal(g, c)
+
+
+def test_gradients_changed_in_place_are_not_reused(monkeypatch):
+    *_, experts, lora = make_layer(r=16)  # a kernel rank: autograd adopts the buffers
+    expected = fresh_grads(experts, lora, SECOND, 2, monkeypatch)
+    backward_grads(experts, lora, FIRST, 1)
+    bufs = lora.grad_buffers._bufs
+    for p in lora.tensors():
+        p.grad.add_(1.0)  # non-zero everywhere, idle experts included
+        p.grad = None
+    grads = backward_grads(experts, lora, SECOND, 2)
+    assert lora.grad_buffers._bufs is not bufs
+    assert_same(grads, expected)
+
+
+def test_accumulated_gradients_match_two_fresh_backwards(monkeypatch):
+    """Without zero_grad autograd adds the second gradient into the first (held) one."""
+    *_, experts, lora = make_layer(r=16)  # a kernel rank: autograd adopts the buffers
+    first = fresh_grads(experts, lora, FIRST, 1, monkeypatch)
+    second = fresh_grads(experts, lora, SECOND, 2, monkeypatch)
+    backward_grads(experts, lora, FIRST, 1)
+    grads = backward_grads(experts, lora, SECOND, 2)
+    for g, a, b in zip(grads, first, second, strict=True):
+        assert torch.equal(g, a + b)
+
+
+def test_op_gradients_reused_after_the_caller_drops_them(monkeypatch):
+    *_, experts, lora = make_layer(r=16)  # a kernel rank: autograd adopts the buffers
+    op = kt_jit.MoESFTOp(experts, lora)
+
+    def step(ids, seed):
+        x, _, w = make_batch(ids.shape[0], ids.shape[1], seed=seed, ids=ids)
+        op.forward(x, ids, w)
+        return op.backward(torch.randn(x.shape, generator=torch.Generator().manual_seed(seed)))
+
+    with monkeypatch.context() as m:
+        m.setenv("KT_JIT_REUSE_LORA_GRADS", "0")
+        expected = {k: v.clone() for k, v in step(SECOND, 2).items()}
+    step(FIRST, 1)
+    bufs = lora.grad_buffers._bufs
+    got = step(SECOND, 2)
+    assert lora.grad_buffers._bufs is bufs
+    for k, v in expected.items():
+        assert torch.equal(got[k], v), k
+
+
+def test_padded_rank_gradients_reuse_their_buffers(monkeypatch):
+    """Rank 8 runs at kernel rank 16: autograd copies the returned (sliced) gradients, so the
+    buffers are free again right after the backward."""
+    *_, experts, lora = make_layer(r=8)
+    expected = fresh_grads(experts, lora, SECOND, 2, monkeypatch)
+    backward_grads(experts, lora, FIRST, 1)
+    bufs = lora.grad_buffers._bufs
+    for p in lora.tensors():
+        p.grad = None
+    grads = backward_grads(experts, lora, SECOND, 2)
+    assert lora.grad_buffers._bufs is bufs
+    assert_same(grads, expected)
