@@ -288,37 +288,36 @@ def _group(fn: Function, ctx: str, item: str, ipg: int, fields: int = GROUP_FIEL
     return (c, x, w, y, m, *rest)
 
 
-def _weight_row(fn: Function, spec: GemmSpec, ptr: str, zero_words: str | None = None) -> str:
+def _weight_row(fn: Function, spec: GemmSpec, ptr: str, zero_words: str | None = None, odd: bool = False) -> str:
     """One packed row (16 channels x one k-pair) as <32 x bfloat> of exact integers for quantized
-    weights (int8 q, or int4 q - z); the scales are applied in fp32 elsewhere."""
+    weights (int8 q, or int4 q - z); the scales are applied in fp32 elsewhere. ``odd``: the row's
+    k-pair index is odd (int4 keeps rows 2i and 2i+1 in the two nibbles of the same bytes)."""
     if spec.quant == "bf16":
         return fn.load(BF16x32, ptr, 2)
     if spec.quant == "int8":
         q = fn.load("<32 x i8>", ptr, 1)
         f = fn.val(f"sitofp <32 x i8> {q} to <32 x float>")
         return fn.val(f"fptrunc <32 x float> {f} to {BF16x32}")
-    return _int4_row(fn, _int4_codes(fn, ptr), zero_words, False)
+    return _int4_row(fn, _int4_codes(fn, ptr, odd), zero_words, False)
 
 
-def _int4_codes(fn: Function, ptr: str) -> str:
-    """One packed int4 row (16 bytes) as its 32 codes in int16 words: low nibbles, then high."""
-    b = fn.val(f"zext <16 x i8> {fn.load('<16 x i8>', ptr, 1)} to <16 x i16>")
-    lo = fn.val(f"and <16 x i16> {b}, <{', '.join(['i16 15'] * 16)}>")
-    hi = fn.val(f"lshr <16 x i16> {b}, <{', '.join(['i16 4'] * 16)}>")
-    return vx.shuffle(fn, "<16 x i16>", lo, hi, list(range(32)))
+def _int4_codes(fn: Function, ptr: str, odd: bool) -> str:
+    """The 32 codes of one packed int4 row (``ptr`` = its nominal 16-byte slot) in int16 words:
+    rows 2i and 2i+1 share 32 bytes (low and high nibbles, see kernels/quant.py), so an even row
+    is the low nibbles of the 32 bytes at ``ptr``, an odd one the high nibbles of those at ``ptr - 16``."""
+    word = fn.gep(ptr, -16) if odd else ptr
+    w = fn.val(f"zext <32 x i8> {fn.load('<32 x i8>', word, 1)} to {I16x32}")
+    if odd:
+        return fn.val(f"lshr {I16x32} {w}, <{', '.join(['i16 4'] * 32)}>")
+    return fn.val(f"and {I16x32} {w}, <{', '.join(['i16 15'] * 32)}>")
 
 
 def _int4_code_pairs(fn: Function, ptr: str) -> tuple[str, str]:
-    """Two consecutive packed int4 rows (32 bytes) as codes (see :func:`_int4_codes`), with one load
-    and one nibble split for both (forward and lane-partial kernels step two rows at a time)."""
-    b = fn.load("<32 x i8>", ptr, 1)
-    lo = fn.val(f"and <32 x i8> {b}, <{', '.join(['i8 15'] * 32)}>")
-    hi = fn.val(f"lshr <32 x i8> {b}, <{', '.join(['i8 4'] * 32)}>")
-    rows = []
-    for half in (0, 16):  # row r: bytes 0-15, row r+1: bytes 16-31
-        codes = vx.shuffle(fn, "<32 x i8>", lo, hi, [half + i for i in range(16)] + [32 + half + i for i in range(16)])
-        rows.append(fn.val(f"zext <32 x i8> {codes} to {I16x32}"))
-    return rows[0], rows[1]
+    """Rows 2i and 2i+1 (``ptr`` at row 2i) as codes (see :func:`_int4_codes`) from one load: a
+    zero-extension to words, then a mask for the even row and a shift for the odd one."""
+    w = fn.val(f"zext <32 x i8> {fn.load('<32 x i8>', ptr, 1)} to {I16x32}")
+    return (fn.val(f"and {I16x32} {w}, <{', '.join(['i16 15'] * 32)}>"),
+            fn.val(f"lshr {I16x32} {w}, <{', '.join(['i16 4'] * 32)}>"))
 
 
 def _int4_row(fn: Function, codes: str, zero: str, integer: bool) -> str:
@@ -335,13 +334,13 @@ def _int4_row(fn: Function, codes: str, zero: str, integer: bool) -> str:
     return vx.bitcast(fn, fn.val(f"call {I16x32} {sym}({I16x32} {table}, {I16x32} {idx})"), I16x32, BF16x32)
 
 
-def _int_row(fn: Function, spec: GemmSpec, ptr: str, neg_zero: str | None) -> str:
+def _int_row(fn: Function, spec: GemmSpec, ptr: str, neg_zero: str | None, odd: bool = False) -> str:
     """One packed row (16 channels x one k-pair) of integer weights (int8 q, or int4 q - z;
     ``neg_zero`` from :func:`_neg_zero`) as int16 words, typed <32 x bfloat> like every weight row
     so the shuffles of the transposed GEMM apply unchanged (:func:`_mac` reads them as integers)."""
     if spec.quant == "int8":
         return vx.bitcast(fn, fn.val(f"sext <32 x i8> {fn.load('<32 x i8>', ptr, 1)} to {I16x32}"), I16x32, BF16x32)
-    return _int4_row(fn, _int4_codes(fn, ptr), neg_zero, True)
+    return _int4_row(fn, _int4_codes(fn, ptr, odd), neg_zero, True)
 
 
 def _neg_zero(fn: Function, spec: GemmSpec, zptr: str) -> str | None:
@@ -352,10 +351,11 @@ def _neg_zero(fn: Function, spec: GemmSpec, zptr: str) -> str | None:
     return fn.val(f"sub {I16x32} {_zero_words(fn, spec, zptr)}, <{', '.join(['i16 16'] * 32)}>")
 
 
-def _weight_row_for(fn: Function, spec: GemmSpec, ptr: str, zero: str | None, scales: str | None) -> str:
+def _weight_row_for(fn: Function, spec: GemmSpec, ptr: str, zero: str | None, scales: str | None,
+                    odd: bool) -> str:
     """A transposed-GEMM weight row: integer (``zero`` from :func:`_neg_zero`) for integer kernels,
     else dequantized to bf16 (``zero`` from :func:`_zero_words`, see :func:`_scaled_row`)."""
-    return _int_row(fn, spec, ptr, zero) if spec.int_x else _scaled_row(fn, spec, ptr, zero, scales)
+    return _int_row(fn, spec, ptr, zero, odd) if spec.int_x else _scaled_row(fn, spec, ptr, zero, scales, odd)
 
 
 def _zero_for(fn: Function, spec: GemmSpec, zptr: str) -> str | None:
@@ -578,7 +578,7 @@ def _avx512_fwd_body(spec: GemmSpec):
                 def k_loop(fetch_next: bool) -> None:
                     # int4: two k-pair rows per step share one load and nibble split (kernel A/B
                     # m=1-4 +4-8%, m=8 +-1%)
-                    pairs = spec.quant == "int4" and kc % 2 == 0
+                    pairs = spec.quant == "int4"  # (kc is a multiple of 16)
                     with fn.loop(kc0, fn.add(kc0, kc), 2 if pairs else 1, name="r") as r:
                         if fetch_next:  # this chunk is in L2 already: fetch the next one meanwhile
                             nb = fn.gep(wb, fn.mul(fn.add(r, kc), rb))
@@ -697,7 +697,7 @@ def _fold_item(fn: Function, spec: GemmSpec, c: str, x: str, w: str, y: str, m: 
                      for i in range(rows)]
                 zw = _zero_words(fn, spec, fn.gep(zpg, fn.mul(s, 16)))
                 for r in range(8):  # one weight row live at a time: 8*rows acc + rows + 1 regs
-                    wv = vx.swap_k_n_pairs(fn, _weight_row(fn, spec, fn.gep(wrow, r * rb), zw))
+                    wv = vx.swap_k_n_pairs(fn, _weight_row(fn, spec, fn.gep(wrow, r * rb), zw, r % 2 == 1))
                     for i in range(rows):
                         acc = accs[i, r]
                         acc.set(vx.dpbf16(fn, acc.get(), wv, a[i]))
@@ -711,11 +711,12 @@ def _fold_item(fn: Function, spec: GemmSpec, c: str, x: str, w: str, y: str, m: 
         row_blocks(fn, m, mr, micro)
 
 
-def _scaled_row(fn: Function, spec: GemmSpec, ptr: str, zero_words: str | None, scales: str | None) -> str:
+def _scaled_row(fn: Function, spec: GemmSpec, ptr: str, zero_words: str | None, scales: str | None,
+                odd: bool) -> str:
     """One packed row as <32 x bfloat> weights: bf16 as stored, quantized rows dequantized with the
     scales of their 16 channels (``scales`` points at 16 fp32; element e belongs to channel e // 2),
     rounded once to bf16."""
-    row = _weight_row(fn, spec, ptr, zero_words)
+    row = _weight_row(fn, spec, ptr, zero_words, odd)
     if spec.quant == "bf16":
         return row
     sv = fn.load(F32x16, scales, 4)
@@ -802,7 +803,8 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                     zw = _zero_for(fn, spec, fn.gep(zp, chan))
                     scp = fn.gep(sc, fn.mul(chan, 4)) if spec.quant != "bf16" else None
                     jrow = fn.gep(wrow, fn.mul(j, 8 * rb))
-                    rows = [vx.swap_k_n_pairs(fn, _weight_row_for(fn, spec, fn.gep(jrow, r * rb), zw, scp))
+                    rows = [vx.swap_k_n_pairs(fn, _weight_row_for(fn, spec, fn.gep(jrow, r * rb), zw, scp,
+                                                                  r % 2 == 1))
                             for r in range(8)]
                     jdst = fn.gep(dst, fn.mul(j, 64))
                     for q, v in enumerate(vx.transpose_qwords_8x8(fn, rows)):
@@ -975,7 +977,8 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 chan = fn.add(fn.mul(grp, spec.n), fn.mul(fn.add(s0, b), 16))
                 zw = _zero_for(fn, spec, fn.gep(zp, chan))
                 scp = fn.gep(sc, fn.mul(chan, 4)) if spec.quant != "bf16" else None
-                wrows = [vx.swap_k_n_pairs(fn, _weight_row_for(fn, spec, fn.gep(wrow, r * rb), zw, scp))
+                wrows = [vx.swap_k_n_pairs(fn, _weight_row_for(fn, spec, fn.gep(wrow, r * rb), zw, scp,
+                                                               r % 2 == 1))
                          for r in range(8)]
                 return vx.transpose_qwords_8x8(fn, wrows)
 

@@ -67,16 +67,22 @@ def quantize_int4(w: torch.Tensor, group_size: int = 0, asym: bool = False):
 
 
 def pack_int4_codes(codes: torch.Tensor) -> torch.Tensor:
-    """codes uint8 ``[..., N, K]`` -> nibble-packed ``[..., N/16, K/2, 16]`` uint8."""
+    """codes uint8 ``[..., N, K]`` -> nibble-packed ``[..., N/16, K/2, 16]`` uint8.
+
+    In tile order (kernels/pack.py) a k-pair row holds 32 codes (16 channels x 2 k). Rows 2i and
+    2i+1 of a block share the 32 bytes of slots 2i and 2i+1: byte j holds element j of row 2i in
+    its low nibble and element j of row 2i+1 in its high nibble, so a kernel gets both rows from
+    one load with a zero-extension to words and one mask or shift each (no byte shuffles)."""
     tiles = pack_tiles(codes)  # [..., N/16, K/2, 16, 2]
-    rows = tiles.reshape(*tiles.shape[:-2], 32)
-    return (rows[..., :16] | (rows[..., 16:] << 4)).contiguous()
+    rows = tiles.reshape(*tiles.shape[:-3], tiles.shape[-3] // 2, 2, 32)
+    return (rows[..., 0, :] | (rows[..., 1, :] << 4)).reshape(tiles.shape[:-1]).contiguous()
 
 
 def unpack_int4_codes(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_int4_codes`."""
-    rows = torch.cat([packed & 15, packed >> 4], -1)
-    return unpack_tiles(rows.reshape(*packed.shape[:-1], 16, 2))
+    words = packed.reshape(*packed.shape[:-2], packed.shape[-2] // 2, 1, 32)
+    rows = torch.cat([words & 15, words >> 4], -2)  # [..., K/4, 2, 32]
+    return unpack_tiles(rows.reshape(*packed.shape, 2))
 
 
 def pack_int4(w: torch.Tensor, group_size: int = 0, asym: bool = False):

@@ -22,7 +22,7 @@ QUANT_MODES = {
     "int4_kgroup": ("int4", True, False),  # symmetric, per group of group_size along K
     "int4_1kgroup": ("int4", True, True),  # asymmetric, per group
 }
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: int4 rows 2i and 2i+1 share bytes (low/high nibbles), see kernels/quant.py
 _FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)
 _PACK_CHUNK_BYTES = 256 << 20  # bound the temporary memory of packing
 
@@ -90,8 +90,9 @@ class MoEExperts:
     ``gate_up`` is the packed ``cat([gate, up], dim=1)`` (one GEMM with N = 2I computes gate and up
     together, forward and transposed) and ``down`` the packed down projection, in the tile order of
     kernels/pack.py: bf16 ``[E, N/16, K/2, 16, 2]``, int8 the same shape, int4 ``[E, N/16, K/2, 16]``
-    nibbles. Quantized modes add ``<name>_scale [E, G, N]`` fp32 (G = 1 per channel, else K /
-    group_size) and, for the asymmetric ``_1`` modes, ``<name>_zero [E, G, N]`` uint8. Nothing else
+    nibbles (rows 2i and 2i+1 of a block share bytes, see kernels/quant.py). Quantized modes add
+    ``<name>_scale [E, G, N]`` fp32 (G = 1 per channel, else K / group_size) and, for the asymmetric
+    ``_1`` modes, ``<name>_zero [E, G, N]`` uint8. Nothing else
     is kept: no transposed or dequantized copy.
     """
 
