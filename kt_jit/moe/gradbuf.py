@@ -25,17 +25,15 @@ from ..runtime import knobs
 from ..runtime.buffers import aligned_empty
 
 
-def _sole_owner(buf: torch.Tensor) -> bool:
-    # the count includes the temporary storage object made by untyped_storage()
-    return torch._C._storage_Use_Count(buf.untyped_storage()._cdata) <= 2
-
-
 class LoraGradBuffers:
     """Six bf16 gradient buffers, reused across backwards when nobody else can see them."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._bufs: tuple[torch.Tensor, ...] = ()
+        self._shapes: list[tuple[int, ...]] = []
+        self._storages: list[int] = []  # the buffers' StorageImpl pointers, for their use counts
+        self._own_refs: list[int] = []  # each use count while only this object holds the buffer
         self._versions: tuple[int, ...] = ()
         self._written = np.zeros(0, dtype=bool)  # experts whose slices may be non-zero
 
@@ -53,14 +51,19 @@ class LoraGradBuffers:
         if not knobs.reuse_lora_grads():
             return tuple(aligned_empty(s, torch.bfloat16) for s in shapes), ~active
         with self._lock:
-            reuse = ([tuple(b.shape) for b in self._bufs] == [tuple(s) for s in shapes]
-                     and all(_sole_owner(b) and b._version == v
-                             for b, v in zip(self._bufs, self._versions, strict=True)))
+            # in use elsewhere: a second reference to the storage (a view, a .grad, a saved copy)
+            reuse = self._shapes == shapes and all(
+                torch._C._storage_Use_Count(st) <= own and b._version == v
+                for st, own, b, v in zip(self._storages, self._own_refs, self._bufs, self._versions, strict=True))
             if reuse:
                 to_zero = self._written & ~active
             else:
                 self._bufs = tuple(aligned_empty(s, torch.bfloat16) for s in shapes)
+                self._shapes = list(shapes)
+                self._storages = [b.untyped_storage()._cdata for b in self._bufs]
+                # (torch keeps the Python storage object made above alive with the storage: +1)
+                self._own_refs = [torch._C._storage_Use_Count(st) for st in self._storages]
                 to_zero = ~active
             self._written = active.copy()
             self._versions = tuple(b._version for b in self._bufs)
-            return tuple(b.view(b.shape) for b in self._bufs), to_zero
+            return tuple(b.detach() for b in self._bufs), to_zero  # new tensors, shared version counter

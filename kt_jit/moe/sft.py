@@ -22,6 +22,7 @@ backward uses the same bf16 H for the B gradients.
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import NamedTuple
 
 import numpy as np
 import torch
@@ -57,38 +58,58 @@ class Saved:
     w_version: int = 0
 
 
-def _rows(buf: torch.Tensor, r: Routing, col: int = 0) -> np.ndarray:
-    """Address of each active expert's first row in a per-expert row buffer (plus a column offset)."""
-    return buf.data_ptr() + r.starts_np * (buf.stride(0) * buf.element_size()) + col * buf.element_size()
+class _Col(NamedTuple):
+    """One column of a group-descriptor table: the address ``base + row_pitch * (the expert's first
+    row) + expert_pitch * (the expert's id)`` for each active expert."""
+
+    base: int
+    row_pitch: int = 0
+    expert_pitch: int = 0
 
 
-def _per_expert(t: torch.Tensor, r: Routing) -> np.ndarray:
-    """Address of each active expert's slice of an [E, ...] tensor."""
-    return t.data_ptr() + r.experts_np * (t.stride(0) * t.element_size())
+COUNT = _Col(0)  # marks the column of the expert's row count
 
 
-def _groups(r: Routing, x: np.ndarray, w: np.ndarray, y: np.ndarray) -> np.ndarray:
-    """Group descriptors (x, w, y, m) from per-expert address vectors (LoRA kernels)."""
-    return np.ascontiguousarray(np.stack([x, w, y, r.counts_np], 1), dtype=np.int64)
+def _rows(buf: torch.Tensor, col: int = 0) -> _Col:
+    """Each active expert's first row in a per-expert row buffer (plus a column offset)."""
+    return _Col(buf.data_ptr() + col * buf.element_size(), buf.stride(0) * buf.element_size())
+
+
+def _per_expert(t: torch.Tensor | None) -> _Col:
+    """Each active expert's slice of an [E, ...] tensor (0 for None)."""
+    return _Col(0) if t is None else _Col(t.data_ptr(), 0, t.stride(0) * t.element_size())
+
+
+def _table(r: Routing, cols: list[_Col]) -> np.ndarray:
+    """Group descriptors int64 [active experts, len(cols)] (one NumPy broadcast for all columns)."""
+    base, rp, ep = (np.array(v, dtype=np.int64) for v in zip(*cols, strict=True))
+    table = base + r.starts_np[:, None] * rp + r.experts_np[:, None] * ep
+    for i, c in enumerate(cols):
+        if c is COUNT:
+            table[:, i] = r.counts_np
+    return table
+
+
+def _groups(r: Routing, x: _Col, w: _Col, y: _Col) -> np.ndarray:
+    """Group descriptors (x, w, y, m) of the LoRA kernels."""
+    return _table(r, [x, w, y, COUNT])
 
 
 LoraOperands = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # rows, adapter 0, adapter 1
 
 
-def _gemm_groups(r: Routing, x: np.ndarray, experts: MoEExperts, name: str, y: np.ndarray,
-                 lora: LoraOperands | None = None, xscales: np.ndarray | None = None) -> np.ndarray:
+def _gemm_groups(r: Routing, x: _Col, experts: MoEExperts, name: str, y: _Col,
+                 lora: LoraOperands | None = None, xscales: _Col | None = None) -> np.ndarray:
     """GEMM group descriptors (x, w, y, m, scales, zeros[, x row scales][, lora rows, adapter 0,
     adapter 1]) for the expert matrix ``name``."""
-    def addr(t: torch.Tensor | None) -> np.ndarray:
-        return _per_expert(t, r) if t is not None else np.zeros_like(r.counts_np)
-
-    cols = [x, addr(experts.tensors[name]), y, r.counts_np, addr(experts.scales(name)), addr(experts.zeros(name))]
+    cols = [x, _per_expert(experts.tensors[name]), y, COUNT, _per_expert(experts.scales(name)),
+            _per_expert(experts.zeros(name))]
     if xscales is not None:
         cols.append(xscales)
     if lora is not None:
         rows, a0, a1 = lora
-        cols += [_rows(rows, r), addr(a0), addr(a1 if a1 is not None else a0)]
-    return np.ascontiguousarray(np.stack(cols, 1), dtype=np.int64)
+        cols += [_rows(rows), _per_expert(a0), _per_expert(a1 if a1 is not None else a0)]
+    return _table(r, cols)
 
 
 def _row_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
@@ -157,8 +178,8 @@ def _grouped_fwd(x: torch.Tensor, experts: MoEExperts, name: str, y: torch.Tenso
     xscales = None
     if experts.storage != "bf16":
         x, xs = quantize_rows(x, r.slot_row)
-        xscales = _rows(xs, r)
-    groups = _gemm_groups(r, _rows(x, r), experts, name, _rows(y, r), lora, xscales)
+        xscales = _rows(xs)
+    groups = _gemm_groups(r, _rows(x), experts, name, _rows(y), lora, xscales)
     if lora is None:
         _kernel("fwd", experts, name).launch(groups, _pitch(x), _pitch(y))
         return
@@ -181,10 +202,10 @@ def _grouped_bwd(dy: torch.Tensor, experts: MoEExperts, name: str, dx: torch.Ten
         kern = _kernel("bwd", experts, name)
     xscales = None
     if kern.spec.int_x:  # integer kernel: dY diag(s_e) as int16 rows (per-channel scales s_e)
-        col_scales = np.repeat(_per_expert(experts.scales(name), r), r.counts_np)
+        col_scales = np.repeat(_table(r, [_per_expert(experts.scales(name))])[:, 0], r.counts_np)
         dy, dys = quantize_rows(dy, r.slot_row, col_scales)
-        xscales = _rows(dys, r)
-    groups = _gemm_groups(r, _rows(dy, r), experts, name, _rows(dx, r), lora, xscales)
+        xscales = _rows(dys)
+    groups = _gemm_groups(r, _rows(dy), experts, name, _rows(dx), lora, xscales)
     if lora is not None:
         kern.launch(groups, _pitch(dy), _pitch(dx), ldh=_pitch(lora[0]))
         return
@@ -271,17 +292,17 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
         rank = ga.shape[1]
         fused = _fuses_lora(experts)
         hgu16 = aligned_empty((r.rows, 2 * rank), torch.bfloat16)  # s [X Ag^T | X Au^T]
-        xrows = _rows(xs, r)
-        _lora("xat", rank, hdim, np.concatenate([_groups(r, xrows, _per_expert(ga, r), _rows(hgu16, r)),
-                                            _groups(r, xrows, _per_expert(ua, r), _rows(hgu16, r, rank))]),
+        xrows = _rows(xs)
+        _lora("xat", rank, hdim, np.concatenate([_groups(r, xrows, _per_expert(ga), _rows(hgu16)),
+                                            _groups(r, xrows, _per_expert(ua), _rows(hgu16, rank))]),
               _pitch(xs), _pitch(hgu16), scaling, y_dtype="bf16")
         if fused:
             _grouped_fwd(xs, experts, "gate_up", gu, r, (hgu16, gb, ub))
         else:
             _grouped_fwd(xs, experts, "gate_up", gu, r)
             _lora("xat", idim, rank, np.concatenate([
-                _groups(r, _rows(hgu16, r), _per_expert(gb, r), _rows(gu, r)),
-                _groups(r, _rows(hgu16, r, rank), _per_expert(ub, r), _rows(gu, r, idim))]),
+                _groups(r, _rows(hgu16), _per_expert(gb), _rows(gu)),
+                _groups(r, _rows(hgu16, rank), _per_expert(ub), _rows(gu, idim))]),
                 _pitch(hgu16), _pitch(gu), accumulate=True)
     act = aligned_empty((r.rows, idim), torch.bfloat16)
     # only the routed rows (segments are padded to 16 rows: at qlen 16 most rows are padding)
@@ -292,13 +313,13 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
         _grouped_fwd(act, experts, "down", y, r)
     else:
         hd16 = aligned_empty((r.rows, rank), torch.bfloat16)  # s A Ad^T
-        _lora("xat", rank, idim, _groups(r, _rows(act, r), _per_expert(da, r), _rows(hd16, r)), _pitch(act),
+        _lora("xat", rank, idim, _groups(r, _rows(act), _per_expert(da), _rows(hd16)), _pitch(act),
               _pitch(hd16), scaling, y_dtype="bf16")
         if fused:
             _grouped_fwd(act, experts, "down", y, r, (hd16, db, None))
         else:
             _grouped_fwd(act, experts, "down", y, r)
-            _lora("xat", hdim, rank, _groups(r, _rows(hd16, r), _per_expert(db, r), _rows(y, r)), _pitch(hd16),
+            _lora("xat", hdim, rank, _groups(r, _rows(hd16), _per_expert(db), _rows(y)), _pitch(hd16),
                   _pitch(y), accumulate=True)
         lora_h = (hgu16, hd16)
     out = _combine(y, r, topk_weights, out_dtype)
@@ -336,13 +357,13 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
         fused = _fuses_lora(experts)
         hgu, hd = saved.lora_h
         t_d = aligned_empty((r.rows, rank), torch.float32)  # s dOut Bd
-        _lora("xb", rank, hdim, _groups(r, _rows(dos, r), _per_expert(db, r), _rows(t_d, r)), _pitch(dos),
+        _lora("xb", rank, hdim, _groups(r, _rows(dos), _per_expert(db), _rows(t_d)), _pitch(dos),
               _pitch(t_d), scaling)
         if fused:
             _grouped_bwd(dos, experts, "down", d, r, (t_d.to(torch.bfloat16), da, None))
         else:
             _grouped_bwd(dos, experts, "down", d, r)
-            _lora("xb", idim, rank, _groups(r, _rows(t_d, r), _per_expert(da, r), _rows(d, r)), _pitch(t_d),
+            _lora("xb", idim, rank, _groups(r, _rows(t_d), _per_expert(da), _rows(d)), _pitch(t_d),
                   _pitch(d), x_dtype="f32", accumulate=True)
     act = saved.act
     dw_rows = aligned_empty((r.rows,), torch.float32)
@@ -359,15 +380,15 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     else:
         t_gu = aligned_empty((r.rows, 2 * rank), torch.float32)  # s [dG Bg | dU Bu]
         _lora("xb", rank, idim, np.concatenate([
-            _groups(r, _rows(dgu, r), _per_expert(gb, r), _rows(t_gu, r)),
-            _groups(r, _rows(dgu, r, idim), _per_expert(ub, r), _rows(t_gu, r, rank))]), _pitch(dgu), _pitch(t_gu),
+            _groups(r, _rows(dgu), _per_expert(gb), _rows(t_gu)),
+            _groups(r, _rows(dgu, idim), _per_expert(ub), _rows(t_gu, rank))]), _pitch(dgu), _pitch(t_gu),
             scaling)
         if fused:
             _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu.to(torch.bfloat16), ga, ua))
         else:
             _grouped_bwd(dgu, experts, "gate_up", dxs, r)
             for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
-                _lora("xb", hdim, rank, _groups(r, _rows(t_gu, r, col), _per_expert(a, r), _rows(dxs, r)),
+                _lora("xb", hdim, rank, _groups(r, _rows(t_gu, col), _per_expert(a), _rows(dxs)),
                       _pitch(t_gu), _pitch(dxs), x_dtype="f32", accumulate=True)
         xs = _gather(saved.x, r)
         active = np.zeros(experts.num_experts, dtype=bool)
@@ -377,18 +398,18 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
         g_ga, g_gb, g_ua, g_ub, g_da, g_db = grads
         _zero_experts(to_zero, grads)  # active experts' slices are written in full below
         whd = hd * w_row[:, None]  # dY^T (w hd) = (w dOut)^T hd (hd carries the scaling)
-        _lora("xty", rank, hdim, _groups(r, _rows(dos, r), _rows(whd, r), _per_expert(g_db, r)), _pitch(dos),
+        _lora("xty", rank, hdim, _groups(r, _rows(dos), _rows(whd), _per_expert(g_db)), _pitch(dos),
               0, 1.0, ldw=_pitch(whd), w_dtype="f32", y_dtype="bf16")
         wtd = t_d * w_row[:, None]  # (t_d carries the scaling)
-        _lora("xty", idim, rank, _groups(r, _rows(wtd, r), _rows(act, r), _per_expert(g_da, r)), _pitch(wtd),
+        _lora("xty", idim, rank, _groups(r, _rows(wtd), _rows(act), _per_expert(g_da)), _pitch(wtd),
               0, 1.0, x_dtype="f32", ldw=_pitch(act), y_dtype="bf16")
         _lora("xty", rank, idim, np.concatenate([
-            _groups(r, _rows(dgu, r), _rows(hgu, r), _per_expert(g_gb, r)),
-            _groups(r, _rows(dgu, r, idim), _rows(hgu, r, rank), _per_expert(g_ub, r))]), _pitch(dgu), 0,
+            _groups(r, _rows(dgu), _rows(hgu), _per_expert(g_gb)),
+            _groups(r, _rows(dgu, idim), _rows(hgu, rank), _per_expert(g_ub))]), _pitch(dgu), 0,
             1.0, ldw=_pitch(hgu), w_dtype="bf16", y_dtype="bf16")
         _lora("xty", hdim, rank, np.concatenate([
-            _groups(r, _rows(t_gu, r), _rows(xs, r), _per_expert(g_ga, r)),
-            _groups(r, _rows(t_gu, r, rank), _rows(xs, r), _per_expert(g_ua, r))]), _pitch(t_gu), 0, 1.0,
+            _groups(r, _rows(t_gu), _rows(xs), _per_expert(g_ga)),
+            _groups(r, _rows(t_gu, rank), _rows(xs), _per_expert(g_ua))]), _pitch(t_gu), 0, 1.0,
             x_dtype="f32", ldw=_pitch(xs), y_dtype="bf16")
         grads = unpad_grads(grads, true_rank)
     dx = _combine(dxs, r, None, torch.float32)
