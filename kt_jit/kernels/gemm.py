@@ -768,7 +768,7 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                     lp_bb, rest_bb = fn.new_block("lanes"), fn.new_block("rest")
                     fn.cbr(fn.icmp("sle", m, sch.lp), lp_bb, rest_bb)
                     fn.set_block(lp_bb)
-                    whole_group(_bwd_lane_partial)
+                    whole_group(_bwd_lane_partial_rows)
                     fn.br(done_bb)
                     fn.set_block(rest_bb)
                 if sch.small == "fold":
@@ -778,7 +778,7 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                 else:
                     whole_group(_bwd_stream_group)
             else:
-                whole_group(_bwd_lane_partial)
+                whole_group(_bwd_lane_partial_rows)
             fn.br(done_bb)
             fn.set_block(panel_bb)
         panel = fn.alloca("i8", 64, kcn * 8 * sch.nr * 64)
@@ -864,12 +864,35 @@ STREAM_BLOCKS = 4  # n-blocks read side by side by the streamed transposed GEMM 
 
 
 LANE_PARTIAL_MAX = 8  # most rows of the lane-partial form (GemmSchedule.lp)
+LANE_PARTIAL_UNROLL = 4  # rows up to this get code of their own (dY pairs in registers)
 LANE_PARTIAL_SLICE = 256  # k-pair rows per slice of the lane-partial form at <= 4 rows (a quarter
 # above): at most 64 KB of accumulators
 
 
+def _bwd_lane_partial_rows(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str,
+                           xsc: str | None, ldx: str, ldy: str, m: str) -> None:
+    """:func:`_bwd_lane_partial` with code specialised for 1..LANE_PARTIAL_UNROLL rows (their dY
+    pairs stay in registers over a step of n-blocks) and the generic form above that."""
+    unroll = min(spec.schedule.lp, LANE_PARTIAL_UNROLL)
+    if unroll == 0:
+        _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
+        return
+    if unroll < spec.schedule.lp:
+        few, many, done = fn.new_block("lpfew"), fn.new_block("lpmany"), fn.new_block("lpdone")
+        fn.cbr(fn.icmp("sle", m, unroll), few, many)
+        fn.set_block(many)
+        _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
+        fn.br(done)
+        fn.set_block(few)
+    for rows in fn.switch(m, range(1, unroll + 1), name="lprows"):
+        _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, str(rows), rows)
+    if unroll < spec.schedule.lp:
+        fn.br(done)
+        fn.set_block(done)
+
+
 def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, xsc: str | None,
-                      ldx: str, ldy: str, m: str) -> None:
+                      ldx: str, ldy: str, m: str, unrolled: int = 0) -> None:
     """``dX = dY W`` for one whole group of at most ``schedule.lp`` rows, without transposing the
     weight. Operands:
     bf16; integer kernels (per-channel modes): int16 rows of dY diag(s) with row scales ``xsc``
@@ -884,6 +907,8 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     shuffle instead of the four of the transposition; it pays while the accumulator traffic is
     small (see default_schedule).
 
+    ``unrolled`` (> 0: m equals it) unrolls the token rows and keeps their dY pairs in registers.
+
     Order: K in slices of LANE_PARTIAL_SLICE k-pair rows (a quarter of that above 4 rows), or
     within one K-group (their accumulators, 64 B per row and k-pair row, stay in L1/L2), within a
     slice the n-blocks STREAM_BLOCKS at a time
@@ -894,24 +919,33 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     integer = spec.int_x
     nb, rb, kp = spec.n // 16, spec.row_bytes, spec.k // 2
     block_stride = kp * rb
-    ns = max(d for d in (STREAM_BLOCKS, 2, 1) if nb % d == 0)
+    # bf16 at unrolled rows: 8 blocks per step halve the accumulator traffic per weight byte
+    # (kernel A/B, Zen 5 fast-memory mode: m=1-4 -3..-9% on top of the unrolling; int4 lost)
+    wide = (2 * STREAM_BLOCKS,) if unrolled and spec.quant == "bf16" else ()
+    ns = max(d for d in (*wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
     # a slice lies within one K-group (its scales and zero points are per slice and block)
     sl = _chunk(spec.group_size // 2 if spec.group_size else kp,
                 LANE_PARTIAL_SLICE if spec.schedule.lp <= 4 else LANE_PARTIAL_SLICE // 4)
     acc = fn.alloca("i8", 64, spec.schedule.lp * sl * 64)
-    dyd = fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
+    dyd = None if unrolled else fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
     with fn.loop(0, kp, sl, name="lks") as ks:
         grp = fn.val(f"udiv i64 {ks}, {spec.group_size // 2}") if spec.group_size else "0"
         with fn.loop(0, fn.mul(m, sl), name="lz") as z:
             fn.store(F32x16, "zeroinitializer", fn.gep(acc, fn.mul(z, 64)), 64)
         with fn.loop(0, nb, ns, name="ls") as s0:
             chans = [fn.add(fn.mul(grp, spec.n), fn.mul(fn.add(s0, b), 16)) for b in range(ns)]
-            with fn.loop(0, m, name="ld") as i:  # dY pairs of these blocks, each dword twice
+            def dy_pairs(i: str | int) -> list[str]:  # dY pairs of these blocks, each dword twice
                 xrow = fn.gep(x, fn.add(fn.mul(i, ldx), fn.mul(s0, 32)))
-                for b in range(ns):
-                    pairs = (vx.dup_dwords(fn, fn.gep(xrow, b * 32)) if integer
-                             else _dy_pairs(fn, spec, fn.gep(xrow, b * 32), fn.gep(sc, fn.mul(chans[b], 4))))
-                    fn.store(BF16x32, pairs, fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
+                return [vx.dup_dwords(fn, fn.gep(xrow, b * 32)) if integer
+                        else _dy_pairs(fn, spec, fn.gep(xrow, b * 32), fn.gep(sc, fn.mul(chans[b], 4)))
+                        for b in range(ns)]
+
+            if unrolled:
+                dyv = [dy_pairs(i) for i in range(unrolled)]
+            else:
+                with fn.loop(0, m, name="ld") as i:
+                    for b, pairs in enumerate(dy_pairs(i)):
+                        fn.store(BF16x32, pairs, fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
             wblk = fn.gep(w, fn.add(fn.mul(s0, block_stride), fn.mul(ks, rb)))
             # int4: each block's zero-point words (-z for the integer kernels, 16 - z otherwise)
             zeros = [_zero_for(fn, spec, fn.gep(zp, chans[b])) for b in range(ns)]
@@ -928,17 +962,24 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                         rows = [_int_row(fn, spec, p, zeros[b]) if integer else _weight_row(fn, spec, p, zeros[b])]
                     for wv, row in zip(wvs, rows, strict=True):
                         wv.append(vx.swap_k_n_pairs(fn, row))
-                with fn.loop(0, m, name="li") as i:
-                    dp = fn.gep(dyd, fn.mul(i, ns * 64))
+                def token_row(i: str | int, dy: list[str]) -> None:
                     for e, wv in enumerate(wvs):
                         ap = fn.gep(acc, fn.mul(fn.add(fn.add(fn.mul(i, sl), r), e), 64))
                         v = fn.load(F32x16, ap, 64)
                         part = "zeroinitializer" if integer else v
                         for b in range(ns):
-                            part = _dot(fn, part, wv[b], fn.load(BF16x32, fn.gep(dp, b * 64), 64), integer)
+                            part = _dot(fn, part, wv[b], dy[b], integer)
                         if integer:
                             part = vx.fadd(fn, v, fn.val(f"sitofp {I32x16} {part} to {F32x16}"))
                         fn.store(F32x16, part, ap, 64)
+
+                if unrolled:
+                    for i in range(unrolled):
+                        token_row(i, dyv[i])
+                else:
+                    with fn.loop(0, m, name="li") as i:
+                        dp = fn.gep(dyd, fn.mul(i, ns * 64))
+                        token_row(i, [fn.load(BF16x32, fn.gep(dp, b * 64), 64) for b in range(ns)])
         with fn.loop(0, m, name="lo") as i:
             with fn.loop(0, sl // 8, name="lg") as g:
                 ap = fn.gep(acc, fn.mul(fn.add(fn.mul(i, sl), fn.mul(g, 8)), 64))
