@@ -919,9 +919,10 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     integer = spec.int_x
     nb, rb, kp = spec.n // 16, spec.row_bytes, spec.k // 2
     block_stride = kp * rb
-    # bf16 at unrolled rows: 8 blocks per step halve the accumulator traffic per weight byte
-    # (kernel A/B, Zen 5 fast-memory mode: m=1-4 -3..-9% on top of the unrolling; int4 lost)
-    wide = (2 * STREAM_BLOCKS,) if unrolled and spec.quant == "bf16" else ()
+    # bf16 at 1-2 unrolled rows: 8 blocks per step halve the accumulator traffic per weight byte
+    # (kernel A/B, Zen 5 fast-memory mode: m=1-2 -3..-5% on top of the unrolling; int4 lost; at
+    # 3-4 rows the 24-32 dY vectors no longer fit the registers)
+    wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant == "bf16" else ()
     ns = max(d for d in (*wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
     # a slice lies within one K-group (its scales and zero points are per slice and block)
     sl = _chunk(spec.group_size // 2 if spec.group_size else kp,
