@@ -116,31 +116,35 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
     with every other layer in between, never does."""
     e, h = layer.e, layer.h
     batches = [batch(t, k, e, h, seed=1 + j) for j in range(BATCHES)]
-    turn = itertools.count()
 
-    def nxt():
-        return batches[next(turn) % BATCHES]
+    def picker():  # each pass cycles through the same batches in the same order
+        return itertools.cycle(batches).__next__
 
     dout = torch.randn(t, h, generator=torch.Generator().manual_seed(2))
     lora_params = list(layer.lora.tensors())
     active = statistics.mean(int(torch.unique(ids).numel()) for _, ids, _ in batches)
 
+    save_batch = picker()
+
     def fwd_save():
-        x, ids, w = nxt()
+        x, ids, w = save_batch()
         return kt_jit.moe_sft(x.clone().requires_grad_(), ids, w, layer.experts, layer.lora)
 
+    bwd_batch = picker()
+
     def fwd_bwd():
+        x, ids, w = bwd_batch()
         for p in lora_params:  # as optimizer.zero_grad(set_to_none=True) leaves them
             p.grad = None
-        fwd_save().backward(dout)
+        kt_jit.moe_sft(x.clone().requires_grad_(), ids, w, layer.experts, layer.lora).backward(dout)
+
+    no_save_batch, no_lora_batch = picker(), picker()
 
     def no_save():
-        x, ids, w = nxt()
-        op.forward(x, ids, w, save_for_backward=False)
+        op.forward(*no_save_batch(), save_for_backward=False)
 
     def no_lora():
-        x, ids, w = nxt()
-        kt_jit.moe_sft(x, ids, w, layer.experts)
+        kt_jit.moe_sft(*no_lora_batch(), layer.experts)
 
     ours = timed({"fwd (save)": fwd_save, "fwd (no save)": no_save, "fwd (no LoRA)": no_lora, "fwd+bwd": fwd_bwd},
                  repeats, min_seconds)
@@ -148,16 +152,17 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
     if torch_repeats == 0:
         return ours, None, active
 
-    def torch_fwd(grad: bool, lora: bool = True):
-        x, ids, w = nxt()
+    def torch_fwd(pick, grad: bool, lora: bool = True):
+        x, ids, w = pick()
         xr = x.clone().requires_grad_(grad)
         ps = [p.detach().requires_grad_(grad) for p in lora_params] if lora else None
         return torch_moe(xr, ids, w, layer.gate, layer.up, layer.down, ps, layer.lora.scaling,
                          dtype=torch.bfloat16)
 
-    ref = timed({"fwd (save)": lambda: torch_fwd(True), "fwd (no save)": lambda: torch_fwd(False),
-                 "fwd (no LoRA)": lambda: torch_fwd(False, lora=False),
-                 "fwd+bwd": lambda: torch_fwd(True).backward(dout)}, torch_repeats)
+    picks = [picker() for _ in range(4)]
+    ref = timed({"fwd (save)": lambda: torch_fwd(picks[0], True), "fwd (no save)": lambda: torch_fwd(picks[1], False),
+                 "fwd (no LoRA)": lambda: torch_fwd(picks[2], False, lora=False),
+                 "fwd+bwd": lambda: torch_fwd(picks[3], True).backward(dout)}, torch_repeats)
     ref["bwd"] = max(ref.pop("fwd+bwd") - ref["fwd (save)"], 1e-9)
     return ours, ref, active
 
