@@ -154,6 +154,8 @@ def test_schedule_validation():
         gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=4, small="x"))
     with pytest.raises(ValueError, match="N/16"):
         gemm.GemmSpec("bwd", 96, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, kc=4, form="panel"))
+    with pytest.raises(ValueError, match="even"):  # int4 rows are decoded in pairs
+        gemm.GemmSpec("fwd", 64, 96, "avx512", False, gemm.GemmSchedule(mr=6, nr=4, kc=3), quant="int4")
     with pytest.raises(ValueError, match="lp"):  # more lane-partial rows than streamed ones
         gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=2, lp=4))
     with pytest.raises(ValueError, match="lp"):

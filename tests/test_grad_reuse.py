@@ -120,3 +120,67 @@ def test_padded_rank_gradients_reuse_their_buffers(monkeypatch):
     grads = backward_grads(experts, lora, SECOND, 2)
     assert lora.grad_buffers._bufs is bufs
     assert_same(grads, expected)
+
+
+def test_knob_off_in_between_leaves_the_kept_buffers_consistent(monkeypatch):
+    """KT_JIT_REUSE_LORA_GRADS=0 for a backward between two reusing ones: that backward neither
+    takes nor forgets the kept buffers, so the next reuse still zeroes the experts written before."""
+    *_, experts, lora = make_layer(r=16)  # a kernel rank: autograd adopts the buffers
+    expected = fresh_grads(experts, lora, SECOND, 2, monkeypatch)
+    backward_grads(experts, lora, FIRST, 1)  # the kept buffers: experts 0-3 written
+    bufs = lora.grad_buffers._bufs
+    for p in lora.tensors():
+        p.grad = None
+    fresh_grads(experts, lora, FIRST, 3, monkeypatch)  # knob off: fresh buffers, dropped again
+    assert lora.grad_buffers._bufs is bufs
+    grads = backward_grads(experts, lora, SECOND, 2)
+    assert lora.grad_buffers._bufs is bufs, "the dropped buffers were not reused"
+    assert_same(grads, expected)
+
+
+def test_interrupted_zeroing_is_redone(monkeypatch):
+    """A backward that fails while zeroing stale experts leaves them marked as written: the next
+    reusing backward zeroes them."""
+    import kt_jit.moe.sft as core
+
+    *_, experts, lora = make_layer(r=16)
+    expected = fresh_grads(experts, lora, torch.tensor([[0, 1], [1, 0], [0, 1]]), 3, monkeypatch)
+    backward_grads(experts, lora, FIRST, 1)  # writes experts 0-3
+    for p in lora.tensors():
+        p.grad = None
+
+    def fail(*args):
+        raise RuntimeError("interrupted")
+
+    with monkeypatch.context() as m:
+        m.setattr(core.fill, "zero_ranges", fail)
+        try:
+            backward_grads(experts, lora, SECOND, 2)
+        except RuntimeError:
+            pass
+    for p in lora.tensors():
+        p.grad = None
+    grads = backward_grads(experts, lora, torch.tensor([[0, 1], [1, 0], [0, 1]]), 3)
+    for g, e in zip(grads, expected, strict=True):
+        assert torch.equal(g, e)
+        assert g[2:].abs().sum() == 0
+
+
+def test_no_reuse_under_torch_distributed(tmp_path):
+    """Collectives write gradients in place without a version bump: no reuse while initialised."""
+    import torch.distributed as dist
+
+    if not dist.is_available():
+        import pytest
+        pytest.skip("torch.distributed is not available in this build")
+    *_, experts, lora = make_layer(r=16)
+    dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
+    try:
+        backward_grads(experts, lora, FIRST, 1)
+        bufs = lora.grad_buffers._bufs
+        for p in lora.tensors():
+            p.grad = None
+        backward_grads(experts, lora, SECOND, 2)
+        assert lora.grad_buffers._bufs is bufs and not bufs  # never kept, never handed out
+    finally:
+        dist.destroy_process_group()

@@ -117,20 +117,22 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
     e, h = layer.e, layer.h
     batches = [batch(t, k, e, h, seed=1 + j) for j in range(BATCHES)]
 
-    def picker():  # each pass cycles through the same batches in the same order
-        return itertools.cycle(batches).__next__
+    def picker(phase: int):
+        """Each pass cycles through the same batches; ``timed`` calls the passes round-robin, so
+        pass p starts at batch 2p: no call follows one with the same routing."""
+        return itertools.cycle(batches[2 * phase:] + batches[:2 * phase]).__next__
 
     dout = torch.randn(t, h, generator=torch.Generator().manual_seed(2))
     lora_params = list(layer.lora.tensors())
     active = statistics.mean(int(torch.unique(ids).numel()) for _, ids, _ in batches)
 
-    save_batch = picker()
+    save_batch = picker(0)
 
     def fwd_save():
         x, ids, w = save_batch()
         return kt_jit.moe_sft(x.clone().requires_grad_(), ids, w, layer.experts, layer.lora)
 
-    bwd_batch = picker()
+    bwd_batch = picker(3)
 
     def fwd_bwd():
         x, ids, w = bwd_batch()
@@ -138,7 +140,7 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
             p.grad = None
         kt_jit.moe_sft(x.clone().requires_grad_(), ids, w, layer.experts, layer.lora).backward(dout)
 
-    no_save_batch, no_lora_batch = picker(), picker()
+    no_save_batch, no_lora_batch = picker(1), picker(2)
 
     def no_save():
         op.forward(*no_save_batch(), save_for_backward=False)
@@ -159,7 +161,7 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
         return torch_moe(xr, ids, w, layer.gate, layer.up, layer.down, ps, layer.lora.scaling,
                          dtype=torch.bfloat16)
 
-    picks = [picker() for _ in range(4)]
+    picks = [picker(p) for p in range(4)]
     ref = timed({"fwd (save)": lambda: torch_fwd(picks[0], True), "fwd (no save)": lambda: torch_fwd(picks[1], False),
                  "fwd (no LoRA)": lambda: torch_fwd(picks[2], False, lora=False),
                  "fwd+bwd": lambda: torch_fwd(picks[3], True).backward(dout)}, torch_repeats)

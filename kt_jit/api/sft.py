@@ -57,7 +57,7 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
         return _MoESFTFunction.apply(hidden_states, topk_ids, topk_weights, experts, 0.0, out_dtype, None)
     lora.check_matches(experts)
     return _MoESFTFunction.apply(hidden_states, topk_ids, topk_weights, experts, lora.scaling, out_dtype,
-                                 lora.grad_buffers, *lora.tensors())
+                                 getattr(lora, "grad_buffers", None), *lora.tensors())
 
 
 class MoESFTOp:
@@ -140,7 +140,7 @@ class MoESFTOp:
                                "forward and backward; run the forward again")
         with torch.no_grad():
             dx, dw, dlora = core.backward(saved, grad_output.contiguous(), self.experts, lora, scaling,
-                                          self.lora.grad_buffers if self.lora is not None else None)
+                                          getattr(self.lora, "grad_buffers", None))
         result = {"grad_input": dx.to(torch.bfloat16), "grad_weights": dw}
         if dlora is not None:
             from ..moe.weights import LORA_NAMES

@@ -197,6 +197,8 @@ class GemmSpec:
         if self.group_size and (self.group_size % 32 or self.k % self.group_size):
             raise ValueError(f"group_size={self.group_size} must be a multiple of 32 that divides K={self.k}")
         sch = self.schedule
+        if self.quant == "int4" and self.op == "fwd" and sch.kc % 2:
+            raise ValueError(f"int4 forward kernels step k-pair rows two at a time: kc={sch.kc} must be even")
         if self.group_size and self.op == "fwd" and (not sch.kc or (self.group_size // 2) % sch.kc):
             raise ValueError(f"grouped weights need a kc that divides group_size/2 = {self.group_size // 2}, "
                              f"got kc={sch.kc}")
@@ -869,6 +871,12 @@ LANE_PARTIAL_SLICE = 256  # k-pair rows per slice of the lane-partial form at <=
 # above): at most 64 KB of accumulators
 
 
+def _lane_partial_slice(spec: GemmSpec) -> int:
+    """k-pair rows per slice of the lane-partial form (within one K-group)."""
+    return _chunk(spec.group_size // 2 if spec.group_size else spec.k // 2,
+                  LANE_PARTIAL_SLICE if spec.schedule.lp <= 4 else LANE_PARTIAL_SLICE // 4)
+
+
 def _bwd_lane_partial_rows(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str,
                            xsc: str | None, ldx: str, ldy: str, m: str) -> None:
     """:func:`_bwd_lane_partial` with code specialised for 1..LANE_PARTIAL_UNROLL rows (their dY
@@ -877,22 +885,23 @@ def _bwd_lane_partial_rows(fn: Function, spec: GemmSpec, x: str, w: str, y: str,
     if unroll == 0:
         _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
         return
+    acc = fn.alloca("i8", 64, spec.schedule.lp * _lane_partial_slice(spec) * 64)  # one for all variants
     if unroll < spec.schedule.lp:
         few, many, done = fn.new_block("lpfew"), fn.new_block("lpmany"), fn.new_block("lpdone")
         fn.cbr(fn.icmp("sle", m, unroll), few, many)
         fn.set_block(many)
-        _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
+        _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, acc_buf=acc)
         fn.br(done)
         fn.set_block(few)
     for rows in fn.switch(m, range(1, unroll + 1), name="lprows"):
-        _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, str(rows), rows)
+        _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, str(rows), rows, acc)
     if unroll < spec.schedule.lp:
         fn.br(done)
         fn.set_block(done)
 
 
 def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, xsc: str | None,
-                      ldx: str, ldy: str, m: str, unrolled: int = 0) -> None:
+                      ldx: str, ldy: str, m: str, unrolled: int = 0, acc_buf: str | None = None) -> None:
     """``dX = dY W`` for one whole group of at most ``schedule.lp`` rows, without transposing the
     weight. Operands:
     bf16; integer kernels (per-channel modes): int16 rows of dY diag(s) with row scales ``xsc``
@@ -907,7 +916,8 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     shuffle instead of the four of the transposition; it pays while the accumulator traffic is
     small (see default_schedule).
 
-    ``unrolled`` (> 0: m equals it) unrolls the token rows and keeps their dY pairs in registers.
+    ``acc_buf``: the accumulators' stack buffer (``lp`` rows of a slice), shared by the row-count
+    variants. ``unrolled`` (> 0: m equals it) unrolls the token rows and keeps their dY pairs in registers.
 
     Order: K in slices of LANE_PARTIAL_SLICE k-pair rows (a quarter of that above 4 rows), or
     within one K-group (their accumulators, 64 B per row and k-pair row, stay in L1/L2), within a
@@ -925,9 +935,8 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant == "bf16" else ()
     ns = max(d for d in (*wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
     # a slice lies within one K-group (its scales and zero points are per slice and block)
-    sl = _chunk(spec.group_size // 2 if spec.group_size else kp,
-                LANE_PARTIAL_SLICE if spec.schedule.lp <= 4 else LANE_PARTIAL_SLICE // 4)
-    acc = fn.alloca("i8", 64, spec.schedule.lp * sl * 64)
+    sl = _lane_partial_slice(spec)
+    acc = acc_buf or fn.alloca("i8", 64, spec.schedule.lp * sl * 64)
     dyd = None if unrolled else fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
     with fn.loop(0, kp, sl, name="lks") as ks:
         grp = fn.val(f"udiv i64 {ks}, {spec.group_size // 2}") if spec.group_size else "0"

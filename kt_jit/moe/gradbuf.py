@@ -9,9 +9,11 @@ still holds zeros everywhere except in the experts written last time, so only th
 A buffer is reused only when nothing outside this object holds its storage (autograd's
 ``AccumulateGrad`` usually adopts the returned tensor as ``param.grad``; while that or any other
 view lives, a fresh buffer is allocated) and its version counter has not moved since it was
-handed out (any in-place change through the gradient or a view of it, e.g. clipping). Writes
-through ``.data`` or raw pointers bump no version counter; a loop that writes into gradients that
-way and then drops them must set ``KT_JIT_REUSE_LORA_GRADS=0``.
+handed out (any in-place change through the gradient or a view of it, e.g. clipping). Some
+writes bump no version counter: through ``.data``, a NumPy view or a raw pointer, and
+``torch.distributed`` collectives (``all_reduce`` of ``p.grad`` in place). Reuse is therefore off
+while ``torch.distributed`` is initialised, and a loop that writes into gradients in one of the
+other ways and then drops them must set ``KT_JIT_REUSE_LORA_GRADS=0``.
 """
 
 from __future__ import annotations
@@ -23,6 +25,11 @@ import torch
 
 from ..runtime import knobs
 from ..runtime.buffers import aligned_empty
+
+
+def _distributed() -> bool:
+    dist = torch.distributed
+    return dist.is_available() and dist.is_initialized()
 
 
 class LoraGradBuffers:
@@ -48,7 +55,7 @@ class LoraGradBuffers:
         are ``active`` (bool [E]), and the bool [E] mask of experts whose slices the caller must
         zero: every idle expert for fresh buffers, only those written last time for reused ones.
         The caller writes every active expert's slices in full."""
-        if not knobs.reuse_lora_grads():
+        if not knobs.reuse_lora_grads() or _distributed():
             return tuple(aligned_empty(s, torch.bfloat16) for s in shapes), ~active
         with self._lock:
             # in use elsewhere: a second reference to the storage (a view, a .grad, a saved copy)
@@ -64,6 +71,14 @@ class LoraGradBuffers:
                 # (torch keeps the Python storage object made above alive with the storage: +1)
                 self._own_refs = [torch._C._storage_Use_Count(st) for st in self._storages]
                 to_zero = ~active
-            self._written = active.copy()
+            # until the caller reports the zeroing done (zeroed()), those experts may hold old values
+            self._written = active | to_zero
             self._versions = tuple(b._version for b in self._bufs)
             return tuple(b.detach() for b in self._bufs), to_zero  # new tensors, shared version counter
+
+    def zeroed(self, grads: tuple[torch.Tensor, ...], mask: np.ndarray) -> None:
+        """The caller has zeroed the experts in ``mask`` of ``grads`` (what :meth:`acquire`
+        returned); a no-op unless those are this object's buffers."""
+        with self._lock:
+            if self._bufs and grads[0].data_ptr() == self._bufs[0].data_ptr():
+                self._written &= ~mask

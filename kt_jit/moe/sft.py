@@ -397,6 +397,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
         grads, to_zero = pool.acquire([tuple(p.shape) for p in lora], active)
         g_ga, g_gb, g_ua, g_ub, g_da, g_db = grads
         _zero_experts(to_zero, grads)  # active experts' slices are written in full below
+        pool.zeroed(grads, to_zero)
         whd = hd * w_row[:, None]  # dY^T (w hd) = (w dOut)^T hd (hd carries the scaling)
         _lora("xty", rank, hdim, _groups(r, _rows(dos), _rows(whd), _per_expert(g_db)), _pitch(dos),
               0, 1.0, ldw=_pitch(whd), w_dtype="f32", y_dtype="bf16")

@@ -193,7 +193,9 @@ class MoEExperts:
                 meta = f.metadata() or {}
                 if meta.get("format") != "kt_jit.MoEExperts":
                     raise ValueError(f"{path} is not a kt_jit MoEExperts file (no kt_jit metadata)")
-                if meta.get("format_version") != str(FORMAT_VERSION):
+                # version 1 differs only in the int4 layout
+                readable = {str(FORMAT_VERSION)} | ({"1"} if not meta.get("quant", "").startswith("int4") else set())
+                if meta.get("format_version") not in readable:
                     raise ValueError(f"{path} has format version {meta.get('format_version')}; this kt_jit reads "
                                      f"version {FORMAT_VERSION}. Re-create it with MoEExperts.from_tensors(...).save()")
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
