@@ -168,11 +168,8 @@ def test_interrupted_zeroing_is_redone(monkeypatch):
 
 def test_no_reuse_under_torch_distributed(tmp_path):
     """Collectives write gradients in place without a version bump: no reuse while initialised."""
-    import torch.distributed as dist
+    import torch.distributed as dist  # (the pinned CPU build of torch has it)
 
-    if not dist.is_available():
-        import pytest
-        pytest.skip("torch.distributed is not available in this build")
     *_, experts, lora = make_layer(r=16)
     dist.init_process_group("gloo", init_method=f"file://{tmp_path / 'store'}", rank=0, world_size=1)
     try:

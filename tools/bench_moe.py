@@ -126,27 +126,23 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
     lora_params = list(layer.lora.tensors())
     active = statistics.mean(int(torch.unique(ids).numel()) for _, ids, _ in batches)
 
-    save_batch = picker(0)
+    picks = [picker(p) for p in range(4)]  # fwd (save), fwd (no save), fwd (no LoRA), fwd+bwd
 
     def fwd_save():
-        x, ids, w = save_batch()
+        x, ids, w = picks[0]()
         return kt_jit.moe_sft(x.clone().requires_grad_(), ids, w, layer.experts, layer.lora)
 
-    bwd_batch = picker(3)
-
     def fwd_bwd():
-        x, ids, w = bwd_batch()
+        x, ids, w = picks[3]()
         for p in lora_params:  # as optimizer.zero_grad(set_to_none=True) leaves them
             p.grad = None
         kt_jit.moe_sft(x.clone().requires_grad_(), ids, w, layer.experts, layer.lora).backward(dout)
 
-    no_save_batch, no_lora_batch = picker(1), picker(2)
-
     def no_save():
-        op.forward(*no_save_batch(), save_for_backward=False)
+        op.forward(*picks[1](), save_for_backward=False)
 
     def no_lora():
-        kt_jit.moe_sft(*no_lora_batch(), layer.experts)
+        kt_jit.moe_sft(*picks[2](), layer.experts)
 
     ours = timed({"fwd (save)": fwd_save, "fwd (no save)": no_save, "fwd (no LoRA)": no_lora, "fwd+bwd": fwd_bwd},
                  repeats, min_seconds)
@@ -161,7 +157,6 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
         return torch_moe(xr, ids, w, layer.gate, layer.up, layer.down, ps, layer.lora.scaling,
                          dtype=torch.bfloat16)
 
-    picks = [picker(p) for p in range(4)]
     ref = timed({"fwd (save)": lambda: torch_fwd(picks[0], True), "fwd (no save)": lambda: torch_fwd(picks[1], False),
                  "fwd (no LoRA)": lambda: torch_fwd(picks[2], False, lora=False),
                  "fwd+bwd": lambda: torch_fwd(picks[3], True).backward(dout)}, torch_repeats)

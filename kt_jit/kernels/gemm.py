@@ -580,7 +580,7 @@ def _avx512_fwd_body(spec: GemmSpec):
                 def k_loop(fetch_next: bool) -> None:
                     # int4: two k-pair rows per step share one load and nibble split (kernel A/B
                     # m=1-4 +4-8%, m=8 +-1%)
-                    pairs = spec.quant == "int4"  # (kc is a multiple of 16)
+                    pairs = spec.quant == "int4"  # (GemmSpec requires an even kc for int4)
                     with fn.loop(kc0, fn.add(kc0, kc), 2 if pairs else 1, name="r") as r:
                         if fetch_next:  # this chunk is in L2 already: fetch the next one meanwhile
                             nb = fn.gep(wb, fn.mul(fn.add(r, kc), rb))

@@ -38,7 +38,6 @@ class LoraGradBuffers:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._bufs: tuple[torch.Tensor, ...] = ()
-        self._shapes: list[tuple[int, ...]] = []
         self._storages: list[int] = []  # the buffers' StorageImpl pointers, for their use counts
         self._own_refs: list[int] = []  # each use count while only this object holds the buffer
         self._versions: tuple[int, ...] = ()
@@ -59,14 +58,13 @@ class LoraGradBuffers:
             return tuple(aligned_empty(s, torch.bfloat16) for s in shapes), ~active
         with self._lock:
             # in use elsewhere: a second reference to the storage (a view, a .grad, a saved copy)
-            reuse = self._shapes == shapes and all(
+            reuse = [tuple(b.shape) for b in self._bufs] == [tuple(s) for s in shapes] and all(
                 torch._C._storage_Use_Count(st) <= own and b._version == v
                 for st, own, b, v in zip(self._storages, self._own_refs, self._bufs, self._versions, strict=True))
             if reuse:
                 to_zero = self._written & ~active
             else:
                 self._bufs = tuple(aligned_empty(s, torch.bfloat16) for s in shapes)
-                self._shapes = list(shapes)
                 self._storages = [b.untyped_storage()._cdata for b in self._bufs]
                 # (torch keeps the Python storage object made above alive with the storage: +1)
                 self._own_refs = [torch._C._storage_Use_Count(st) for st in self._storages]
