@@ -1,0 +1,1 @@
+"""Bridges to model libraries (each imports nothing from its library until used)."""

@@ -1,0 +1,170 @@
+"""Hugging Face transformers integration: tiny randomly initialised MoE models (no download) whose
+experts are swapped for kt_jit's, checked against the same model with the float32 oracle as its
+experts (kt_jit.reference.moe, sharing the adapters)."""
+
+import copy
+
+import pytest
+import torch
+from conftest import NEEDS_AVX512_BF16
+from reference import moe as ref_moe
+from reference import rel_err
+from torch import nn
+
+transformers = pytest.importorskip("transformers")
+
+from kt_jit.integrations.hf import KTJitExperts, moe_lora_parameters, patch_experts  # noqa: E402
+
+pytestmark = NEEDS_AVX512_BF16
+
+SMALL = dict(vocab_size=96, hidden_size=64, num_hidden_layers=2, num_attention_heads=4, num_key_value_heads=2,
+             head_dim=16, max_position_embeddings=64)
+
+
+def _model(arch: str) -> nn.Module:
+    """A two-layer model of ``arch`` with weights rounded to bf16 (so packing them is exact)."""
+    torch.manual_seed(0)
+    if arch == "qwen3_moe":
+        cfg = transformers.Qwen3MoeConfig(intermediate_size=128, moe_intermediate_size=64, num_experts=8,
+                                          num_experts_per_tok=2, norm_topk_prob=True, **SMALL)
+        model = transformers.Qwen3MoeForCausalLM(cfg)
+    elif arch == "mixtral":
+        cfg = transformers.MixtralConfig(intermediate_size=96, num_local_experts=6, num_experts_per_tok=2, **SMALL)
+        model = transformers.MixtralForCausalLM(cfg)
+    else:
+        raise AssertionError(arch)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.copy_(p.bfloat16().float())
+    return model
+
+
+class _OracleExperts(nn.Module):
+    """The float32 oracle behind the transformers experts call, with given adapters."""
+
+    def __init__(self, hf: nn.Module, lora: list[nn.Parameter], scaling: float) -> None:
+        super().__init__()
+        i = hf.down_proj.shape[2]
+        gu = hf.gate_up_proj.detach()
+        self.gate, self.up, self.down = gu[:, :i], gu[:, i:], hf.down_proj.detach()
+        self.lora = nn.ParameterList(lora)
+        self.scaling = scaling
+
+    def forward(self, x, top_k_index, top_k_weights):
+        return ref_moe(x, top_k_index, top_k_weights, self.gate, self.up, self.down, tuple(self.lora),
+                       self.scaling).to(x.dtype)
+
+
+def _pair(arch: str, rank: int = 16):
+    """(kt_jit-patched model, oracle model) with identical weights and nonzero adapters."""
+    model = _model(arch)
+    oracle = copy.deepcopy(model)
+    replaced = patch_experts(model, rank=rank, alpha=2.0 * rank)
+    g = torch.Generator().manual_seed(1)
+    for name, ours in replaced.items():
+        with torch.no_grad():
+            for p in ours.lora.parameters():
+                p.copy_(torch.randn(p.shape, generator=g) * 0.05)
+        theirs = oracle.get_submodule(name)
+        params = [nn.Parameter(p.detach().float().clone()) for p in ours.lora.tensors()]
+        parent, _, attr = name.rpartition(".")
+        setattr(oracle.get_submodule(parent), attr, _OracleExperts(theirs, params, ours.lora.scaling))
+    return model, oracle, replaced
+
+
+def _loss(model, ids):
+    return model(ids, labels=ids).loss
+
+
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_patched_model_matches_oracle(arch):
+    """Logits, the loss gradient of every LoRA tensor, of the routers and of the embeddings."""
+    model, oracle, replaced = _pair(arch)
+    assert all(isinstance(m, KTJitExperts) for m in replaced.values()) and len(replaced) == 2
+    ids = torch.randint(0, 96, (3, 11), generator=torch.Generator().manual_seed(2))
+    assert rel_err(model(ids).logits, oracle(ids).logits) < 5e-3
+    _loss(model, ids).backward()
+    _loss(oracle, ids).backward()
+    for name, ours in replaced.items():
+        theirs = oracle.get_submodule(name).lora
+        for a, b in zip(ours.lora.parameters(), theirs, strict=True):
+            assert rel_err(a.grad, b.grad) < 1e-2, name
+    theirs = dict(oracle.named_parameters())
+    for name, p in model.named_parameters():
+        if name in theirs and p.grad is not None and ("gate" in name or "embed" in name):
+            assert rel_err(p.grad, theirs[name].grad) < 1e-2, name
+
+
+def test_original_experts_are_released_and_state_dict_holds_adapters():
+    model = _model("qwen3_moe")
+    patch_experts(model, rank=8)
+    keys = model.state_dict().keys()
+    assert not any("gate_up_proj" in k or k.endswith("experts.down_proj") for k in keys)
+    assert sum(k.endswith("experts.lora.down_lora_b") for k in keys) == 2
+    assert len(moe_lora_parameters(model)) == 12
+
+
+def test_lora_fine_tuning_reduces_loss():
+    model = _model("qwen3_moe")
+    patch_experts(model, rank=8)
+    model.requires_grad_(False)
+    params = moe_lora_parameters(model)
+    for p in params:
+        p.requires_grad_(True)
+    opt = torch.optim.AdamW(params, lr=1e-2)
+    ids = torch.randint(0, 96, (4, 16), generator=torch.Generator().manual_seed(3))
+    losses = []
+    for _ in range(15):
+        loss = _loss(model, ids)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+        losses.append(loss.item())
+    assert losses[-1] < losses[0] - 0.05, losses
+    assert all(p.grad is not None for p in params)
+
+
+def test_inference_saves_nothing_and_matches():
+    model, _, replaced = _pair("qwen3_moe")
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(4))
+    with torch.no_grad():
+        fast = model(ids).logits
+    assert all(m._op.cache_depth == 0 for m in replaced.values())
+    assert torch.equal(fast, model(ids).logits.detach())
+
+
+def test_bf16_model_and_quantized_experts():
+    ids = torch.randint(0, 96, (2, 10), generator=torch.Generator().manual_seed(5))
+    ref = _model("qwen3_moe").to(torch.bfloat16)
+    want = ref(ids).logits.float()
+    ours = copy.deepcopy(ref)
+    patch_experts(ours, lora=False)
+    got = ours(ids).logits
+    assert got.dtype == torch.bfloat16 and rel_err(got, want) < 2e-2
+    int8 = copy.deepcopy(ref)
+    patch_experts(int8, quant="int8", lora=False)
+    assert rel_err(int8(ids).logits, want) < 5e-2
+
+
+class _BiasedExperts(nn.Module):
+    def __init__(self, h=64, i=64, bias=True):
+        super().__init__()
+        self.gate_up_proj = nn.Parameter(torch.zeros(4, 2 * i, h))
+        self.down_proj = nn.Parameter(torch.zeros(4, h, i))
+        self.act_fn = nn.SiLU()
+        self.has_bias = bias
+
+
+def test_unsupported_models_are_refused_before_any_change():
+    with pytest.raises(ValueError, match="no routed-experts module"):
+        patch_experts(nn.Sequential(nn.Linear(4, 4)))
+    model = nn.ModuleDict({"ok": _BiasedExperts(bias=False), "bad": _BiasedExperts()})
+    with pytest.raises(ValueError, match="bad .*biases"):
+        patch_experts(model)
+    assert not isinstance(model["ok"], KTJitExperts)
+    with pytest.raises(ValueError, match="multiples of 32"):
+        patch_experts(nn.ModuleDict({"odd": _BiasedExperts(h=48, bias=False)}))
+    act = _BiasedExperts(bias=False)
+    act.act_fn = nn.GELU()
+    with pytest.raises(ValueError, match="activation is GELU"):
+        KTJitExperts.from_hf(act)
