@@ -167,6 +167,39 @@ def test_moe_sft_training_loop():
         assert abs(a - b) <= 0.05 * b, (step, a, b)
 
 
+@pytest.mark.parametrize("quant", ["bf16", "int8"])
+def test_backward_skips_gradients_nobody_needs(quant, monkeypatch):
+    """An input that needs no gradient gets none, and the transposed gate/up GEMM (only the input
+    gradient uses it) does not run; frozen adapters get no gradients. What is computed is
+    unchanged."""
+    import kt_jit.moe.sft as core
+
+    gate, up, down, experts, lora = make_layer(quant=quant)
+    x, ids, w = make_batch(13, 3)
+    dout = torch.randn(13, H, generator=torch.Generator().manual_seed(7))
+    full = run_ours(x, ids, w, experts, lora, dout)
+    called = []
+    real = core._grouped_bwd
+    monkeypatch.setattr(core, "_grouped_bwd", lambda *a, **k: (called.append(a[2]), real(*a, **k)))
+    wo = w.clone().requires_grad_()
+    for p in lora.parameters():
+        p.grad = None
+    kt_jit.moe_sft(x, ids, wo, experts, lora).backward(dout)  # x needs no gradient
+    assert called == ["down"]
+    assert torch.equal(wo.grad, full[2])
+    for p, g in zip(lora.tensors(), full[3], strict=True):
+        assert torch.equal(p.grad, g)
+    called.clear()
+    lora.requires_grad_(False)
+    for p in lora.parameters():
+        p.grad = None
+    xo = x.clone().requires_grad_()
+    kt_jit.moe_sft(xo, ids, w, experts, lora).backward(dout)  # frozen adapters, no router gradient
+    assert called == ["down", "gate_up"]
+    assert torch.equal(xo.grad, full[1])
+    assert all(p.grad is None for p in lora.parameters())
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_checkpointing(use_reentrant):
     gate, up, down, experts, lora = make_layer()

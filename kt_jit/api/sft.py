@@ -34,10 +34,14 @@ class _MoESFTFunction(torch.autograd.Function):
         ctx.saved = None
         _, _, *lora = ctx.saved_tensors  # version-checked by autograd
         lora_t = tuple(lora) if lora else None
+        need = ctx.needs_input_grad  # (x, topk_ids, topk_weights, 4 non-tensors, *lora)
+        need_lora = any(need[7:])
         dx, dw, dlora = core.backward(saved, grad_out.contiguous(), ctx.experts, lora_t, ctx.scaling,
-                                      ctx.grad_buffers)
-        lora_grads = () if dlora is None else tuple(g.to(p.dtype) for g, p in zip(dlora, lora_t, strict=True))
-        return (dx.to(ctx.x_dtype), None, dw.to(ctx.w_dtype), None, None, None, None, *lora_grads)
+                                      ctx.grad_buffers, need_dx=need[0], need_lora_grads=need_lora)
+        lora_grads = (None,) * len(lora) if dlora is None else tuple(
+            g.to(p.dtype) for g, p in zip(dlora, lora_t, strict=True))
+        return (None if dx is None else dx.to(ctx.x_dtype), None, dw.to(ctx.w_dtype), None, None, None, None,
+                *lora_grads)
 
 
 def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,

@@ -330,12 +330,17 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
 
 
 def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tuple[torch.Tensor, ...] | None,
-             scaling: float, grad_buffers: LoraGradBuffers | None = None,
-             ) -> tuple[torch.Tensor, torch.Tensor, tuple[torch.Tensor, ...] | None]:
+             scaling: float, grad_buffers: LoraGradBuffers | None = None, need_dx: bool = True,
+             need_lora_grads: bool = True,
+             ) -> tuple[torch.Tensor | None, torch.Tensor, tuple[torch.Tensor, ...] | None]:
     """Gradients for x (fp32 [T, H]), topk_weights (fp32 [T, K]) and the six LoRA tensors (bf16).
 
     ``grad_buffers`` (the adapters' :class:`LoraGradBuffers`) lets the LoRA gradients reuse the
-    buffers of a previous backward that the caller has dropped; without it they are fresh."""
+    buffers of a previous backward that the caller has dropped; without it they are fresh.
+    ``need_dx=False`` skips the input gradient (returned as None): the transposed gate/up GEMM,
+    two thirds of the backward's weight reads, is not run (autograd asks for no input gradient
+    when nothing before the layer trains, e.g. the first MoE layer of a LoRA-only fine-tune).
+    ``need_lora_grads=False`` skips the adapters' gradients (returned as None)."""
     r = saved.routing
     t, hdim = saved.x.shape
     kdim = saved.topk_weights.shape[1]
@@ -373,23 +378,25 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
         w=w_row.data_ptr(), dw=dw_rows.data_ptr(), dgu=dgu.data_ptr(), ldd=_pitch(d), lddgu=_pitch(dgu))
     dw = torch.zeros(t, kdim, dtype=torch.float32)
     dw[r.slot_token, r.slot_k] = dw_rows[r.slot_row]
-    dxs = _row_buffer(r.rows, hdim, torch.float32)
+    dxs = _row_buffer(r.rows, hdim, torch.float32) if need_dx else None
     grads = None
     if lora is None:
-        _grouped_bwd(dgu, experts, "gate_up", dxs, r)
-    else:
+        if need_dx:
+            _grouped_bwd(dgu, experts, "gate_up", dxs, r)
+    elif need_dx or need_lora_grads:
         t_gu = aligned_empty((r.rows, 2 * rank), torch.float32)  # s [dG Bg | dU Bu]
         _lora("xb", rank, idim, np.concatenate([
             _groups(r, _rows(dgu), _per_expert(gb), _rows(t_gu)),
             _groups(r, _rows(dgu, idim), _per_expert(ub), _rows(t_gu, rank))]), _pitch(dgu), _pitch(t_gu),
             scaling)
-        if fused:
+        if need_dx and fused:
             _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu.to(torch.bfloat16), ga, ua))
-        else:
+        elif need_dx:
             _grouped_bwd(dgu, experts, "gate_up", dxs, r)
             for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
                 _lora("xb", hdim, rank, _groups(r, _rows(t_gu, col), _per_expert(a), _rows(dxs)),
                       _pitch(t_gu), _pitch(dxs), x_dtype="f32", accumulate=True)
+    if lora is not None and need_lora_grads:
         xs = _gather(saved.x, r)
         active = np.zeros(experts.num_experts, dtype=bool)
         active[r.experts_np] = True
@@ -413,5 +420,5 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
             _groups(r, _rows(t_gu, rank), _rows(xs), _per_expert(g_ua))]), _pitch(t_gu), 0, 1.0,
             x_dtype="f32", ldw=_pitch(xs), y_dtype="bf16")
         grads = unpad_grads(grads, true_rank)
-    dx = _combine(dxs, r, None, torch.float32)
+    dx = _combine(dxs, r, None, torch.float32) if need_dx else None
     return dx, dw, grads
