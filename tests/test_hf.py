@@ -124,13 +124,74 @@ def test_lora_fine_tuning_reduces_loss():
     assert all(p.grad is not None for p in params)
 
 
-def test_inference_saves_nothing_and_matches():
+def test_inference_saves_nothing_and_matches(monkeypatch):
+    import kt_jit.moe.sft as core
+
     model, _, replaced = _pair("qwen3_moe")
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(4))
+    saves = []
+    real = core.forward
+    monkeypatch.setattr(core, "forward", lambda *a, **k: (saves.append(k["save"]), real(*a, **k))[1])
     with torch.no_grad():
         fast = model(ids).logits
-    assert all(m._op.cache_depth == 0 for m in replaced.values())
+    assert saves == [False, False]
     assert torch.equal(fast, model(ids).logits.detach())
+    assert saves[2:] == [True, True]
+    # the adapter is read at every call: replacing it (or removing it) takes effect in both paths
+    for m in replaced.values():
+        m.lora = None
+    with torch.no_grad():
+        plain = model(ids).logits
+    assert not torch.equal(plain, fast)
+    assert torch.equal(plain, model(ids).logits.detach())
+
+
+def test_zero_tokens_transposed_layout_and_plain_silu():
+    """Layouts and calls some transformers models use: is_transposed weights ([E, H, 2I] and
+    [E, I, H]), the activation as the function F.silu, and a call with no tokens."""
+    g = torch.Generator().manual_seed(6)
+    e, h, i = 4, 64, 32
+    mod = _BiasedExperts(h, i, bias=False)
+    with torch.no_grad():
+        mod.gate_up_proj = nn.Parameter(torch.randn(e, h, 2 * i, generator=g).bfloat16().float() * 0.1)
+        mod.down_proj = nn.Parameter(torch.randn(e, i, h, generator=g).bfloat16().float() * 0.1)
+    mod.is_transposed = True
+    del mod.act_fn  # (a registered submodule; Lfm2-MoE keeps the plain function)
+    mod.act_fn = torch.nn.functional.silu
+    ours = KTJitExperts.from_hf(mod, lora=False)
+    x = torch.randn(7, h, generator=g)
+    idx = torch.randint(0, e, (7, 2), generator=g)
+    w = torch.rand(7, 2, generator=g)
+    gu = mod.gate_up_proj.detach().transpose(1, 2)
+    want = ref_moe(x, idx, w, gu[:, :i], gu[:, i:], mod.down_proj.detach().transpose(1, 2))
+    assert rel_err(ours(x, idx, w), want) < 5e-3
+    empty = ours(torch.zeros(0, h), torch.zeros(0, 2, dtype=torch.long), torch.zeros(0, 2))
+    assert empty.shape == (0, h)
+
+
+def test_patching_releases_each_layer_before_the_next_and_the_model_copies(monkeypatch):
+    import gc
+    import weakref
+
+    from kt_jit.moe.weights import MoEExperts
+
+    model = _model("qwen3_moe")
+    originals = [weakref.ref(layer.mlp.experts) for layer in model.model.layers]
+    alive_at_pack = []
+    real = MoEExperts.from_tensors.__func__
+
+    def spy(cls, *a, **k):
+        gc.collect()
+        alive_at_pack.append([r() is not None for r in originals])
+        return real(cls, *a, **k)
+
+    monkeypatch.setattr(MoEExperts, "from_tensors", classmethod(spy))
+    patch_experts(model, rank=8)
+    assert alive_at_pack == [[True, True], [False, True]]
+    twin = copy.deepcopy(model)  # (EMA copies, torch.save of the whole model)
+    ids = torch.randint(0, 96, (1, 6), generator=torch.Generator().manual_seed(7))
+    with torch.no_grad():
+        assert torch.equal(twin(ids).logits, model(ids).logits)
 
 
 def test_bf16_model_and_quantized_experts():
@@ -168,3 +229,20 @@ def test_unsupported_models_are_refused_before_any_change():
     act.act_fn = nn.GELU()
     with pytest.raises(ValueError, match="activation is GELU"):
         KTJitExperts.from_hf(act)
+    down_bias = _BiasedExperts(bias=False)
+    down_bias.down_proj_bias = nn.Parameter(torch.zeros(4, 64))
+    with pytest.raises(ValueError, match="biases"):
+        KTJitExperts.from_hf(down_bias)
+    fp8 = _BiasedExperts(bias=False)
+    fp8.gate_up_proj = nn.Parameter(torch.zeros(4, 128, 64, dtype=torch.float8_e4m3fn), requires_grad=False)
+    with pytest.raises(ValueError, match="dequantize"):
+        KTJitExperts.from_hf(fp8)
+    # arguments packing would refuse are refused before the first layer is replaced
+    two = nn.ModuleDict({"a": _BiasedExperts(bias=False), "b": _BiasedExperts(bias=False)})
+    with pytest.raises(ValueError, match="group_size=48"):
+        patch_experts(two, quant="int4_kgroup", group_size=48)
+    with pytest.raises(ValueError, match="quant='int3'"):
+        patch_experts(two, quant="int3")
+    with pytest.raises(ValueError, match="rank must be >= 1"):
+        patch_experts(two, rank=0)
+    assert not any(isinstance(m, KTJitExperts) for m in two.values())

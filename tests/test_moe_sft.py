@@ -193,11 +193,59 @@ def test_backward_skips_gradients_nobody_needs(quant, monkeypatch):
     lora.requires_grad_(False)
     for p in lora.parameters():
         p.grad = None
+    forms = []
+    real_lora = core._lora
+    monkeypatch.setattr(core, "_lora", lambda form, *a, **k: (forms.append(form), real_lora(form, *a, **k)))
     xo = x.clone().requires_grad_()
     kt_jit.moe_sft(xo, ids, w, experts, lora).backward(dout)  # frozen adapters, no router gradient
     assert called == ["down", "gate_up"]
+    assert "xty" not in forms and "xat" in forms  # the weight-gradient kernels did not run
     assert torch.equal(xo.grad, full[1])
     assert all(p.grad is None for p in lora.parameters())
+
+
+def test_non_reentrant_checkpointing_drops_the_saved_activations(monkeypatch):
+    """Under torch.utils.checkpoint(use_reentrant=False) nothing the forward saved stays alive
+    until the backward (it is recomputed); gradients are unchanged."""
+    import weakref
+
+    import kt_jit.moe.sft as core
+
+    gate, up, down, experts, lora = make_layer()
+    x, ids, w = make_batch(9, 2)
+    dout = torch.randn(9, H, generator=torch.Generator().manual_seed(8))
+    plain = run_ours(x, ids, w, experts, lora, dout)
+    refs = []
+    real = core.forward
+
+    def spy(*a, **k):
+        out, saved = real(*a, **k)
+        refs.append(weakref.ref(saved.gu))
+        return out, saved
+
+    monkeypatch.setattr(core, "forward", spy)
+    for p in lora.parameters():
+        p.grad = None
+    xo = x.clone().requires_grad_()
+    out = torch.utils.checkpoint.checkpoint(lambda a: kt_jit.moe_sft(a, ids, w, experts, lora), xo,
+                                            use_reentrant=False)
+    assert len(refs) == 1 and refs[0]() is None
+    out.backward(dout)
+    assert len(refs) == 2  # recomputed for the backward
+    assert torch.equal(xo.grad, plain[1])
+    for p, g in zip(lora.tensors(), plain[3], strict=True):
+        assert torch.equal(p.grad, g)
+
+
+def test_double_backward_is_refused():
+    """Second-order gradients through the MoE are not implemented: asking for them raises."""
+    _, _, _, experts, lora = make_layer()
+    x, ids, w = make_batch(5, 2)
+    xo = x.clone().requires_grad_()
+    out = kt_jit.moe_sft(xo, ids, w, experts, lora)
+    (gx,) = torch.autograd.grad(out.pow(2).sum(), xo, create_graph=True)  # grad_out carries a graph
+    with pytest.raises(RuntimeError, match="once_differentiable"):
+        gx.sum().backward()
 
 
 @pytest.mark.parametrize("use_reentrant", [True, False])

@@ -6,10 +6,14 @@ from __future__ import annotations
 import threading
 
 import torch
+from torch.autograd.function import once_differentiable
 
 from ..moe import sft as core
+from ..moe.routing import Routing
 from ..moe.weights import MoEExperts, MoELoRA
 from .validate import check_moe_inputs
+
+_ROUTING = ("slot_token", "slot_k", "slot_row", "row_of", "experts", "counts", "starts")
 
 
 class _MoESFTFunction(torch.autograd.Function):
@@ -19,20 +23,25 @@ class _MoESFTFunction(torch.autograd.Function):
         out, saved = core.forward(x.to(torch.bfloat16).contiguous(), topk_ids,
                                   topk_weights.to(torch.float32).contiguous(), experts, lora_t, scaling,
                                   save=True, out_dtype=out_dtype)
-        # autograd keeps the inputs (and raises if they are modified in place before backward)
-        ctx.save_for_backward(x, topk_weights, *lora)
-        ctx.saved = saved
+        # every saved tensor goes through save_for_backward: autograd checks the inputs' versions
+        # (in-place changes before backward raise), and non-reentrant checkpointing can drop them
+        # after the forward and recompute them for the backward
+        r = saved.routing
+        hgu, hd = saved.lora_h if saved.lora_h is not None else (None, None)
+        ctx.save_for_backward(saved.x, saved.topk_weights, saved.gu, saved.act, hgu, hd,
+                              *(getattr(r, f) for f in _ROUTING), *lora)
+        ctx.meta = (r.rows, saved.rank, saved.scaling, saved.lora_h is not None)
         ctx.experts, ctx.scaling, ctx.grad_buffers = experts, scaling, grad_buffers
         ctx.x_dtype, ctx.w_dtype = x.dtype, topk_weights.dtype
         return out
 
     @staticmethod
+    @once_differentiable
     def backward(ctx, grad_out):
-        saved = ctx.saved
-        if saved is None:
-            raise RuntimeError("moe_sft backward called twice; use retain_graph semantics via MoESFTOp instead")
-        ctx.saved = None
-        _, _, *lora = ctx.saved_tensors  # version-checked by autograd
+        x, w, gu, act, hgu, hd, *rest = ctx.saved_tensors
+        routing, lora = rest[:len(_ROUTING)], rest[len(_ROUTING):]
+        rows, rank, scaling, has_h = ctx.meta
+        saved = core.Saved(x, w, Routing(*routing, rows), gu, act, (hgu, hd) if has_h else None, rank, scaling)
         lora_t = tuple(lora) if lora else None
         need = ctx.needs_input_grad  # (x, topk_ids, topk_weights, 4 non-tensors, *lora)
         need_lora = any(need[7:])
@@ -83,6 +92,15 @@ class MoESFTOp:
             lora.check_matches(experts)
         self.experts, self.lora, self.max_cache_depth = experts, lora, max_cache_depth
         self._stack: list[core.Saved] = []
+        self._lock = threading.Lock()
+
+    def __getstate__(self) -> dict:
+        state = self.__dict__.copy()
+        del state["_lock"]  # (copy.deepcopy, torch.save of a model holding an op)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
         self._lock = threading.Lock()
 
     @property

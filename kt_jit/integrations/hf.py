@@ -17,10 +17,13 @@ from __future__ import annotations
 import torch
 from torch import nn
 
-from ..api import MoESFTOp, moe_sft
-from ..moe.weights import MoEExperts, MoELoRA
+from ..api import moe_sft
+from ..api.validate import check_moe_inputs
+from ..moe import sft as core
+from ..moe.weights import QUANT_MODES, MoEExperts, MoELoRA
 
-_SILU = ("SiLU", "SiLUActivation")  # torch.nn.SiLU and transformers' ACT2FN["silu"]
+_SILU = ("SiLU", "SiLUActivation", "silu")  # nn.SiLU, transformers' ACT2FN["silu"], F.silu
+_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
 
 def is_experts_module(module: nn.Module) -> bool:
@@ -41,7 +44,10 @@ def _dims(module: nn.Module) -> tuple[int, int, int]:
 def unsupported_reason(module: nn.Module) -> str | None:
     """Why an experts module cannot run on kt_jit (None if it can): kt_jit computes
     ``down(SiLU(gate(x)) * up(x))`` without biases, H and I multiples of 32."""
-    if getattr(module, "has_bias", False) or getattr(module, "gate_up_proj_bias", None) is not None:
+    if module.gate_up_proj.dtype not in _FLOATS or module.down_proj.dtype not in _FLOATS:
+        return f"its weights are {module.gate_up_proj.dtype} (dequantize them to bf16/fp16/fp32 first)"
+    if getattr(module, "has_bias", False) or any(getattr(module, b, None) is not None
+                                                for b in ("gate_up_proj_bias", "down_proj_bias")):
         return "its experts have biases"
     if not getattr(module, "has_gate", True):
         return "it has no gate projection"
@@ -53,8 +59,9 @@ def unsupported_reason(module: nn.Module) -> str | None:
     if gate is not None and getattr(gate, "__name__", "") != "_default_apply_gate":
         return f"it gates with its own {type(module).__name__}._apply_gate"
     act = getattr(module, "act_fn", None)
-    if type(act).__name__ not in _SILU:
-        return f"its activation is {type(act).__name__}, kt_jit computes SiLU(gate) * up"
+    act_name = act.__name__ if act is torch.nn.functional.silu else type(act).__name__
+    if act_name not in _SILU:
+        return f"its activation is {act_name}, kt_jit computes SiLU(gate) * up"
     e, h, i = _dims(module)
     gu_shape = (e, h, 2 * i) if getattr(module, "is_transposed", False) else (e, 2 * i, h)
     if tuple(module.gate_up_proj.shape) != gu_shape:
@@ -69,9 +76,11 @@ class KTJitExperts(nn.Module):
     top_k_index [T, K], top_k_weights [T, K]) -> [..., H]`` in hidden_states' dtype.
 
     ``experts`` holds the packed (frozen) weights; ``lora`` (a submodule, or None) the trainable
-    adapters. With gradients enabled the call is :func:`kt_jit.moe_sft` (gradients for the input,
-    the routing weights and the adapters); without (``torch.no_grad()``, inference, or nothing
-    requiring a gradient) it saves no activations.
+    adapters, read on every call (assigning another adapter, or None, takes effect at once). With
+    gradients enabled the call is :func:`kt_jit.moe_sft` (gradients for the input, the routing
+    weights and the adapters); without (``torch.no_grad()``, inference, or nothing requiring a
+    gradient) it saves no activations. The experts compute in bf16 whatever the model's dtype;
+    the adapters must stay bf16 (do not cast the patched model with ``.float()``/``.half()``).
     """
 
     def __init__(self, experts: MoEExperts, lora: MoELoRA | None = None) -> None:
@@ -80,7 +89,6 @@ class KTJitExperts(nn.Module):
             lora.check_matches(experts)
         self.experts = experts
         self.lora = lora
-        self._op = MoESFTOp(experts, lora)
 
     @classmethod
     def from_hf(cls, module: nn.Module, rank: int = 16, alpha: float = 32.0, quant: str = "bf16",
@@ -104,14 +112,21 @@ class KTJitExperts(nn.Module):
                 top_k_weights: torch.Tensor) -> torch.Tensor:
         shape = hidden_states.shape
         x = hidden_states.reshape(-1, shape[-1]).contiguous()
-        ids = top_k_index.reshape(x.shape[0], -1).long().contiguous()
+        ids = top_k_index.reshape(-1, top_k_index.shape[-1]).long().contiguous()
         w = top_k_weights.reshape(ids.shape).contiguous()
         out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-        trainable = self.lora is not None and any(p.requires_grad for p in self.lora.parameters())
+        lora = self.lora
+        trainable = lora is not None and any(p.requires_grad for p in lora.parameters())
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or trainable):
-            out = moe_sft(x, ids, w, self.experts, self.lora, out_dtype)
-        else:
-            out = self._op.forward(x, ids, w, save_for_backward=False, out_dtype=out_dtype)
+            out = moe_sft(x, ids, w, self.experts, lora, out_dtype)
+        else:  # nothing to differentiate: no activations saved
+            check_moe_inputs(x, ids, w, self.experts)
+            if lora is not None:
+                lora.check_matches(self.experts)
+            with torch.no_grad():
+                out, _ = core.forward(x.to(torch.bfloat16), ids, w.to(torch.float32), self.experts,
+                                      None if lora is None else lora.tensors(),
+                                      0.0 if lora is None else lora.scaling, save=False, out_dtype=out_dtype)
         return out.to(hidden_states.dtype).reshape(shape)
 
     def extra_repr(self) -> str:
@@ -128,20 +143,38 @@ def patch_experts(model: nn.Module, rank: int = 16, alpha: float = 32.0, quant: 
     Raises ValueError, before changing anything, when the model has no experts module or when one
     cannot run on kt_jit (biases, another activation or gating, sizes not multiples of 32).
     """
-    found = [(name, m) for name, m in model.named_modules() if is_experts_module(m)]
-    if not found:
+    names = [name for name, m in model.named_modules() if is_experts_module(m)]
+    if not names:
         raise ValueError(f"{type(model).__name__} has no routed-experts module (transformers >= 5 experts "
                          "with 3-D gate_up_proj [E, 2I, H] and down_proj [E, H, I] Parameters)")
-    problems = [f"{name} ({type(m).__name__}): {why}" for name, m in found if (why := unsupported_reason(m))]
+    problems = [f"{name} ({type(m).__name__}): {why}" for name in names
+                if (why := _patch_problem(m := model.get_submodule(name), rank, quant, group_size, lora))]
     if problems:
         raise ValueError("these experts modules cannot run on kt_jit: " + "; ".join(problems))
     replaced = {}
-    for name, m in found:
-        new = KTJitExperts.from_hf(m, rank, alpha, quant, group_size, lora)
+    for name in names:  # one layer at a time: its original weights are freed before the next is packed
         parent, _, attr = name.rpartition(".")
-        setattr(model.get_submodule(parent) if parent else model, attr, new)
+        owner = model.get_submodule(parent) if parent else model
+        new = KTJitExperts.from_hf(getattr(owner, attr), rank, alpha, quant, group_size, lora)
+        setattr(owner, attr, new)
         replaced[name] = new
     return replaced
+
+
+def _patch_problem(module: nn.Module, rank: int, quant: str, group_size: int, lora: bool) -> str | None:
+    """:func:`unsupported_reason`, plus the arguments' checks that packing and MoELoRA would make
+    (so that patch_experts fails before it changes anything)."""
+    why = unsupported_reason(module)
+    if why:
+        return why
+    if quant not in QUANT_MODES:
+        return f"quant={quant!r} is not one of {tuple(QUANT_MODES)}"
+    _, h, i = _dims(module)
+    if "kgroup" in quant and (group_size <= 0 or group_size % 32 or h % group_size or i % group_size):
+        return f"group_size={group_size} must be a multiple of 32 dividing H={h} and I={i}"
+    if lora and rank < 1:
+        return f"LoRA rank must be >= 1, got {rank}"
+    return None
 
 
 def moe_lora_parameters(model: nn.Module) -> list[nn.Parameter]:
