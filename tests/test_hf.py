@@ -246,3 +246,18 @@ def test_unsupported_models_are_refused_before_any_change():
     with pytest.raises(ValueError, match="rank must be >= 1"):
         patch_experts(two, rank=0)
     assert not any(isinstance(m, KTJitExperts) for m in two.values())
+
+
+def test_experts_from_a_saved_transformers_checkpoint(tmp_path):
+    """MoEExperts.from_checkpoint reads what save_pretrained writes (per-expert keys, shards)."""
+    from kt_jit import MoEExperts
+
+    model = _model("qwen3_moe").to(torch.bfloat16)
+    model.save_pretrained(tmp_path, max_shard_size="100KB")
+    for layer in (0, 1):
+        hf = model.model.layers[layer].mlp.experts
+        i = hf.down_proj.shape[2]
+        want = MoEExperts.from_tensors(hf.gate_up_proj[:, :i], hf.gate_up_proj[:, i:], hf.down_proj)
+        got = MoEExperts.from_checkpoint(tmp_path, f"model.layers.{layer}.mlp")
+        assert torch.equal(got.tensors["gate_up"], want.tensors["gate_up"])
+        assert torch.equal(got.tensors["down"], want.tensors["down"])

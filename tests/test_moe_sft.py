@@ -415,6 +415,72 @@ def test_load_rejects_bad_files(tmp_path):
         kt_jit.MoEExperts.load(plain)
 
 
+@pytest.mark.parametrize("layout", ["per_expert", "mixtral", "fused", "sharded"])
+def test_from_checkpoint_matches_from_tensors(layout, tmp_path, monkeypatch):
+    """A layer's experts read from safetensors in each key layout pack to the same bytes as
+    from_tensors, a few experts at a time (the packing never sees the whole layer)."""
+    from safetensors.torch import save_file
+
+    import kt_jit.moe.weights as weights
+
+    g = torch.Generator().manual_seed(3)
+    gate, up, down = (torch.randn(E, *s, generator=g).bfloat16() for s in ((I, H), (I, H), (H, I)))
+    prefix = "model.layers.2.mlp"
+    if layout == "fused":
+        tensors = {f"{prefix}.experts.gate_up_proj": torch.cat([gate, up], 1), f"{prefix}.experts.down_proj": down}
+    else:
+        names = ("w1", "w3", "w2") if layout == "mixtral" else ("gate_proj", "up_proj", "down_proj")
+        tensors = {f"{prefix}.experts.{e}.{n}.weight": t[e].clone() for e in range(E)
+                   for n, t in zip(names, (gate, up, down), strict=True)}
+    tensors["model.layers.2.mlp.gate.weight"] = torch.zeros(E, H)  # the router, ignored
+    if layout == "sharded":  # two files and an index, as save_pretrained writes them
+        import json
+
+        keys = sorted(tensors)
+        shards = {"a.safetensors": keys[: len(keys) // 2], "b.safetensors": keys[len(keys) // 2:]}
+        for file, ks in shards.items():
+            save_file({k: tensors[k] for k in ks}, tmp_path / file)
+        (tmp_path / "model.safetensors.index.json").write_text(
+            json.dumps({"weight_map": {k: f for f, ks in shards.items() for k in ks}}))
+        path = tmp_path
+    else:
+        path = tmp_path / "model.safetensors"
+        save_file(tensors, path)
+    monkeypatch.setattr(weights, "_PACK_CHUNK_BYTES", 3 * 6 * I * H)  # 3 experts per chunk
+    for quant in ("bf16", "int4_kgroup"):
+        got = kt_jit.MoEExperts.from_checkpoint(path, prefix, quant=quant, group_size=32)
+        want = kt_jit.MoEExperts.from_tensors(gate, up, down, quant=quant, group_size=32)
+        assert got.quant == quant and got.tensors.keys() == want.tensors.keys()
+        for name, t in want.tensors.items():
+            assert torch.equal(got.tensors[name], t), (quant, name)
+
+
+def test_from_checkpoint_errors(tmp_path):
+    from safetensors.torch import save_file
+
+    p = tmp_path / "m.safetensors"
+    save_file({"model.layers.0.mlp.experts.0.gate_proj.weight": torch.zeros(I, H, dtype=torch.bfloat16),
+               "model.layers.0.mlp.experts.0.up_proj.weight": torch.zeros(I, H, dtype=torch.bfloat16),
+               "model.layers.0.mlp.experts.0.down_proj.weight": torch.zeros(H, I, dtype=torch.bfloat16),
+               "model.layers.0.mlp.experts.1.gate_proj.weight": torch.zeros(I, H, dtype=torch.bfloat16)}, p)
+    with pytest.raises(ValueError, match=r"missing \['1.up', '1.down'\]"):
+        kt_jit.MoEExperts.from_checkpoint(p, "model.layers.0.mlp")
+    with pytest.raises(ValueError, match="no experts under 'model.layers.1.mlp'"):
+        kt_jit.MoEExperts.from_checkpoint(p, "model.layers.1.mlp")
+    with pytest.raises(ValueError, match="does not exist"):
+        kt_jit.MoEExperts.from_checkpoint(tmp_path / "nope", "model.layers.0.mlp")
+    bad = tmp_path / "bad.safetensors"
+    save_file({"x.experts.0.gate_proj.weight": torch.zeros(I, H), "x.experts.0.up_proj.weight": torch.zeros(I, H),
+               "x.experts.0.down_proj.weight": torch.zeros(I, H)}, bad)
+    with pytest.raises(ValueError, match="down_proj.weight has shape"):
+        kt_jit.MoEExperts.from_checkpoint(bad, "x")
+    fp8 = tmp_path / "fp8.safetensors"
+    save_file({f"x.experts.0.{n}.weight": torch.zeros(*s).to(torch.float8_e4m3fn)
+               for n, s in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I)))}, fp8)
+    with pytest.raises(ValueError, match="dequantize the checkpoint"):
+        kt_jit.MoEExperts.from_checkpoint(fp8, "x")
+
+
 @pytest.mark.parametrize("quant", QUANTS)
 def test_dequantize_shapes_and_error(quant):
     g = torch.Generator().manual_seed(0)

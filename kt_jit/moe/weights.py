@@ -125,12 +125,40 @@ class MoEExperts:
         QUANT_MODES); ``group_size`` (K-group modes only) any multiple of 32 dividing H and I.
         The inputs are not kept; free them to save memory.
         """
-        if quant not in QUANT_MODES:
-            raise ValueError(f"quant must be one of {tuple(QUANT_MODES)}, got {quant!r}")
         _check_expert_tensor("gate_proj", gate_proj, None)
         e, i, h = gate_proj.shape
         _check_expert_tensor("up_proj", up_proj, (e, i, h))
         _check_expert_tensor("down_proj", down_proj, (e, h, i))
+        return cls._pack_chunks(e, h, i, lambda sl: (gate_proj[sl], up_proj[sl], down_proj[sl]), quant, group_size)
+
+    @classmethod
+    def from_checkpoint(cls, path: str | os.PathLike, prefix: str, quant: str = "bf16",
+                        group_size: int = 128) -> MoEExperts:
+        """Pack (and quantize) one layer's routed experts straight from a safetensors checkpoint
+        (a file, or a directory with or without ``model.safetensors.index.json``), reading a few
+        experts at a time: the layer is never whole in memory before packing. ``prefix`` is the
+        layer's MoE module, e.g. ``"model.layers.3.mlp"`` (Mixtral: ``...block_sparse_moe``).
+        Per-expert keys (``experts.<e>.gate_proj/up_proj/down_proj`` or ``w1/w3/w2``) and fused
+        ones (``experts.gate_up_proj``, ``experts.down_proj``) are recognised; see
+        kt_jit/moe/checkpoint.py. ``quant``/``group_size`` as in :meth:`from_tensors`."""
+        from contextlib import ExitStack
+
+        from .checkpoint import expert_source
+
+        with ExitStack() as stack:
+            src = expert_source(path, prefix, stack)
+            if src.dtype not in _FLOAT_DTYPES:
+                raise ValueError(f"{prefix}: the checkpoint stores the experts as {src.dtype}; kt_jit packs "
+                                 "bf16/fp16/fp32 weights (dequantize the checkpoint first)")
+            return cls._pack_chunks(src.num_experts, src.hidden_size, src.intermediate_size, src.chunk, quant,
+                                    group_size)
+
+    @classmethod
+    def _pack_chunks(cls, e: int, h: int, i: int, chunk, quant: str, group_size: int) -> MoEExperts:
+        """Pack experts delivered by ``chunk(slice of experts) -> (gate, up, down)`` a few at a time
+        (bounded temporary memory)."""
+        if quant not in QUANT_MODES:
+            raise ValueError(f"quant must be one of {tuple(QUANT_MODES)}, got {quant!r}")
         check_gemm_dims(i, h, "expert")
         grouped = QUANT_MODES[quant][1]
         if grouped and (group_size <= 0 or group_size % 32 or h % group_size or i % group_size):
@@ -140,7 +168,8 @@ class MoEExperts:
         step = max(1, _PACK_CHUNK_BYTES // (6 * i * h))
         for e0 in range(0, e, step):
             sl = slice(e0, min(e, e0 + step))
-            for name, w in (("gate_up", torch.cat([gate_proj[sl], up_proj[sl]], dim=1)), ("down", down_proj[sl])):
+            gate, up, down = chunk(sl)
+            for name, w in (("gate_up", torch.cat([gate, up], dim=1)), ("down", down)):
                 for suffix, part in _pack(w, quant, group_size).items():
                     key = name + suffix
                     if key not in t:
