@@ -261,3 +261,35 @@ def test_experts_from_a_saved_transformers_checkpoint(tmp_path):
         got = MoEExperts.from_checkpoint(tmp_path, f"model.layers.{layer}.mlp")
         assert torch.equal(got.tensors["gate_up"], want.tensors["gate_up"])
         assert torch.equal(got.tensors["down"], want.tensors["down"])
+
+
+def test_from_pretrained_packs_experts_while_loading(tmp_path):
+    """kt_jit's transformers quantizer: the same model as from_pretrained + patch_experts, with
+    the experts packed as each layer's parameters arrive (no bf16 experts kept)."""
+    from kt_jit.integrations.hf_loading import from_pretrained
+
+    model = _model("qwen3_moe").to(torch.bfloat16)
+    model.save_pretrained(tmp_path)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(8))
+    for quant in ("bf16", "int8"):
+        ours = from_pretrained(tmp_path, quant=quant, rank=8)
+        twin = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
+        patch_experts(twin, quant=quant, rank=8)
+        experts = [layer.mlp.experts for layer in ours.model.layers]
+        assert all(isinstance(m, KTJitExperts) and m.experts.quant == quant and m.lora.rank == 8 for m in experts)
+        for a, b in zip(experts, (layer.mlp.experts for layer in twin.model.layers), strict=True):
+            assert a.experts.tensors.keys() == b.experts.tensors.keys()
+            assert all(torch.equal(a.experts.tensors[k], b.experts.tensors[k]) for k in a.experts.tensors)
+        with torch.no_grad():
+            assert torch.equal(ours(ids).logits, twin(ids).logits)  # (fresh adapters add nothing)
+    with pytest.raises(ValueError, match="group_size=48"):
+        from_pretrained(tmp_path, quant="int4_kgroup", group_size=48)
+
+
+def test_from_pretrained_refuses_models_without_usable_experts(tmp_path):
+    from kt_jit.integrations.hf_loading import from_pretrained
+
+    cfg = transformers.LlamaConfig(intermediate_size=128, **SMALL)
+    transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
+    with pytest.raises(ValueError, match="no routed-experts module"):
+        from_pretrained(tmp_path)

@@ -54,6 +54,30 @@ def _pack(w: torch.Tensor, quant: str, group_size: int) -> dict[str, torch.Tenso
     return out
 
 
+def _pack_into(t: dict[str, torch.Tensor], name: str, e: int, sl: slice, w: torch.Tensor, quant: str,
+               group_size: int) -> None:
+    """Pack experts ``sl`` (``w`` [n, N, K]) of an ``e``-expert matrix into ``t[name + suffix]``
+    (allocated on first use)."""
+    for suffix, part in _pack(w, quant, group_size).items():
+        key = name + suffix
+        if key not in t:
+            t[key] = aligned_empty((e, *part.shape[1:]), part.dtype)
+        t[key][sl] = part
+
+
+def pack_expert_matrix(w: torch.Tensor, name: str, quant: str, group_size: int) -> dict[str, torch.Tensor]:
+    """One stacked expert matrix ``w [E, N, K]`` packed (quantized) a few experts at a time, as the
+    tensors ``name``, ``name_scale``, ``name_zero`` of an :class:`MoEExperts` (``name`` "gate_up" or
+    "down"). ``quant``/``group_size`` as validated by :meth:`MoEExperts.from_tensors`."""
+    e, n, k = w.shape
+    t: dict[str, torch.Tensor] = {}
+    step = max(1, _PACK_CHUNK_BYTES // (2 * n * k))
+    for e0 in range(0, e, step):
+        sl = slice(e0, min(e, e0 + step))
+        _pack_into(t, name, e, sl, w[sl], quant, group_size)
+    return t
+
+
 _STORAGE_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
 
 
@@ -169,12 +193,8 @@ class MoEExperts:
         for e0 in range(0, e, step):
             sl = slice(e0, min(e, e0 + step))
             gate, up, down = chunk(sl)
-            for name, w in (("gate_up", torch.cat([gate, up], dim=1)), ("down", down)):
-                for suffix, part in _pack(w, quant, group_size).items():
-                    key = name + suffix
-                    if key not in t:
-                        t[key] = aligned_empty((e, *part.shape[1:]), part.dtype)
-                    t[key][sl] = part
+            _pack_into(t, "gate_up", e, sl, torch.cat([gate, up], dim=1), quant, group_size)
+            _pack_into(t, "down", e, sl, down, quant, group_size)
         return cls(t, h, i, quant, group_size if grouped else 0)
 
     def dequantize(self) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
