@@ -268,13 +268,13 @@ def test_from_pretrained_packs_experts_while_loading(tmp_path):
     the experts packed as each layer's parameters arrive (no bf16 experts kept)."""
     from kt_jit.integrations.hf_loading import from_pretrained
 
-    model = _model("qwen3_moe").to(torch.bfloat16)
-    model.save_pretrained(tmp_path)
     ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(8))
-    for quant in ("bf16", "int8"):
-        ours = from_pretrained(tmp_path, quant=quant, rank=8)
-        twin = transformers.AutoModelForCausalLM.from_pretrained(tmp_path, dtype=torch.bfloat16)
-        patch_experts(twin, quant=quant, rank=8)
+    for arch, quant in (("qwen3_moe", "bf16"), ("qwen3_moe", "int8"), ("mixtral", "int4_kgroup")):
+        _model(arch).to(torch.bfloat16).save_pretrained(tmp_path / arch)  # (mixtral: w1/w3/w2 keys)
+        ours = from_pretrained(tmp_path / arch, quant=quant, rank=8, group_size=32)
+        assert not any(n.endswith(("gate_up_proj", "down_proj")) for n, _ in ours.named_parameters())
+        twin = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / arch, dtype=torch.bfloat16)
+        patch_experts(twin, quant=quant, rank=8, group_size=32)
         experts = [layer.mlp.experts for layer in ours.model.layers]
         assert all(isinstance(m, KTJitExperts) and m.experts.quant == quant and m.lora.rank == 8 for m in experts)
         for a, b in zip(experts, (layer.mlp.experts for layer in twin.model.layers), strict=True):
@@ -282,8 +282,19 @@ def test_from_pretrained_packs_experts_while_loading(tmp_path):
             assert all(torch.equal(a.experts.tensors[k], b.experts.tensors[k]) for k in a.experts.tensors)
         with torch.no_grad():
             assert torch.equal(ours(ids).logits, twin(ids).logits)  # (fresh adapters add nothing)
+    path = tmp_path / "qwen3_moe"
     with pytest.raises(ValueError, match="group_size=48"):
-        from_pretrained(tmp_path, quant="int4_kgroup", group_size=48)
+        from_pretrained(path, quant="int4_kgroup", group_size=48)
+    with pytest.raises(ValueError, match="device_map"):
+        from_pretrained(path, device_map={"": "cuda"})
+    # a checkpoint whose experts disagree with the config is refused without loading a stand-in
+    import json
+
+    cfg = json.loads((path / "config.json").read_text())
+    cfg["moe_intermediate_size"] = 32
+    (path / "config.json").write_text(json.dumps(cfg))
+    with pytest.raises(ValueError, match="does not match the model's experts"):
+        from_pretrained(path)
 
 
 def test_from_pretrained_refuses_models_without_usable_experts(tmp_path):

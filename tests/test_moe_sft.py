@@ -415,7 +415,7 @@ def test_load_rejects_bad_files(tmp_path):
         kt_jit.MoEExperts.load(plain)
 
 
-@pytest.mark.parametrize("layout", ["per_expert", "mixtral", "fused", "sharded"])
+@pytest.mark.parametrize("layout", ["per_expert", "mixtral", "fused", "fused_transposed", "sharded"])
 def test_from_checkpoint_matches_from_tensors(layout, tmp_path, monkeypatch):
     """A layer's experts read from safetensors in each key layout pack to the same bytes as
     from_tensors, a few experts at a time (the packing never sees the whole layer)."""
@@ -428,6 +428,9 @@ def test_from_checkpoint_matches_from_tensors(layout, tmp_path, monkeypatch):
     prefix = "model.layers.2.mlp"
     if layout == "fused":
         tensors = {f"{prefix}.experts.gate_up_proj": torch.cat([gate, up], 1), f"{prefix}.experts.down_proj": down}
+    elif layout == "fused_transposed":  # (Qwen3-VL-MoE checkpoints)
+        tensors = {f"{prefix}.experts.gate_up_proj": torch.cat([gate, up], 1).transpose(1, 2).contiguous(),
+                   f"{prefix}.experts.down_proj": down.transpose(1, 2).contiguous()}
     else:
         names = ("w1", "w3", "w2") if layout == "mixtral" else ("gate_proj", "up_proj", "down_proj")
         tensors = {f"{prefix}.experts.{e}.{n}.weight": t[e].clone() for e in range(E)
@@ -469,6 +472,15 @@ def test_from_checkpoint_errors(tmp_path):
         kt_jit.MoEExperts.from_checkpoint(p, "model.layers.1.mlp")
     with pytest.raises(ValueError, match="does not exist"):
         kt_jit.MoEExperts.from_checkpoint(tmp_path / "nope", "model.layers.0.mlp")
+    # the expert count comes from config.json when there is one; a lone shard is refused
+    (tmp_path / "config.json").write_text('{"num_experts": 3}')
+    with pytest.raises(ValueError, match="missing .*1.up.*2.gate"):
+        kt_jit.MoEExperts.from_checkpoint(p, "model.layers.0.mlp.experts")  # (the module's name works too)
+    (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
+    with pytest.raises(ValueError, match="one shard of a sharded checkpoint"):
+        kt_jit.MoEExperts.from_checkpoint(p, "model.layers.0.mlp")
+    (tmp_path / "model.safetensors.index.json").unlink()
+    (tmp_path / "config.json").unlink()
     bad = tmp_path / "bad.safetensors"
     save_file({"x.experts.0.gate_proj.weight": torch.zeros(I, H), "x.experts.0.up_proj.weight": torch.zeros(I, H),
                "x.experts.0.down_proj.weight": torch.zeros(I, H)}, bad)

@@ -22,19 +22,23 @@ import torch
 from ..moe.weights import QUANT_MODES, MoEExperts, MoELoRA, pack_expert_matrix
 from .hf import KTJitExperts, _dims, _patch_problem, is_experts_module
 
-_registered: dict[str, type] = {}
-
 
 def _classes() -> tuple[type, type]:
-    """(KTJitConfig, KTJitQuantizer), defined and registered with transformers once."""
-    if _registered:
-        return _registered["config"], _registered["quantizer"]
+    """(KTJitConfig, KTJitQuantizer), defined and registered with transformers once per process
+    (a reloaded module finds them in transformers' registry)."""
     from transformers.core_model_loading import ConversionOps
-    from transformers.quantizers.auto import register_quantization_config, register_quantizer
+    from transformers.quantizers.auto import (
+        AUTO_QUANTIZATION_CONFIG_MAPPING,
+        AUTO_QUANTIZER_MAPPING,
+        register_quantization_config,
+        register_quantizer,
+    )
+
+    if "kt_jit" in AUTO_QUANTIZATION_CONFIG_MAPPING and "kt_jit" in AUTO_QUANTIZER_MAPPING:
+        return AUTO_QUANTIZATION_CONFIG_MAPPING["kt_jit"], AUTO_QUANTIZER_MAPPING["kt_jit"]
     from transformers.quantizers.base import HfQuantizer
     from transformers.utils.quantization_config import QuantizationConfigMixin
 
-    @register_quantization_config("kt_jit")
     class KTJitConfig(QuantizationConfigMixin):
         """transformers quantization config: routed experts packed by kt_jit (``quant`` as in
         :meth:`kt_jit.MoEExperts.from_tensors`), each with a LoRA adapter unless ``lora=False``."""
@@ -58,15 +62,20 @@ def _classes() -> tuple[type, type]:
                 w = value[0] if isinstance(value, list) else value
                 module_name, _, param = name.rpartition(".")
                 module = model.get_submodule(module_name)
-                if getattr(module, "is_transposed", False):
-                    w = w.transpose(1, 2)
-                part = "gate_up" if param == "gate_up_proj" else "down"
-                packed = pack_expert_matrix(w.contiguous(), part, cfg.quant, cfg.group_size)
-                self.quantizer.packed.setdefault(module_name, {}).update(packed)
-                out[name] = torch.empty(0, dtype=w.dtype)  # the bf16 copy is dropped here
+                expected = tuple(getattr(module, param).shape)  # the meta parameter's
+                if tuple(w.shape) != expected:
+                    # reported after loading: an exception here would make transformers allocate and
+                    # initialise a full-size replacement first
+                    self.quantizer.errors.append(f"{name}: the checkpoint gives {tuple(w.shape)}, the model "
+                                                 f"expects {expected}")
+                else:
+                    part = "gate_up" if param == "gate_up_proj" else "down"
+                    packed = pack_expert_matrix(w, part, cfg.quant, cfg.group_size,
+                                                transposed=getattr(module, "is_transposed", False))
+                    self.quantizer.packed.setdefault(module_name, {}).update(packed)
+                out[name] = torch.empty(0, dtype=w.dtype)  # the full-precision copy is dropped here
             return out
 
-    @register_quantizer("kt_jit")
     class KTJitQuantizer(HfQuantizer):
         requires_calibration = False
 
@@ -74,9 +83,14 @@ def _classes() -> tuple[type, type]:
             super().__init__(quantization_config, **kwargs)
             self.experts: dict[str, tuple[int, int, int]] = {}  # module name -> (E, H, I)
             self.packed: dict[str, dict[str, torch.Tensor]] = {}
+            self.errors: list[str] = []
 
         def validate_environment(self, *args, **kwargs) -> None:
-            pass
+            dm = kwargs.get("device_map")
+            places = set(dm.values()) if isinstance(dm, dict) else {dm}
+            if not places <= {None, "cpu", torch.device("cpu")}:
+                raise ValueError(f"kt_jit runs the experts on the CPU: device_map={dm!r} is not supported "
+                                 "(load on the CPU, then move the other modules yourself)")
 
         def _process_model_before_weight_loading(self, model, **kwargs) -> None:
             cfg = self.quantization_config
@@ -98,6 +112,8 @@ def _classes() -> tuple[type, type]:
 
         def _process_model_after_weight_loading(self, model, **kwargs):
             cfg = self.quantization_config
+            if self.errors:
+                raise ValueError("the checkpoint does not match the model's experts: " + "; ".join(self.errors))
             grouped = QUANT_MODES[cfg.quant][1]
             for name, (e, h, i) in self.experts.items():
                 tensors = self.packed.pop(name, {})
@@ -106,7 +122,8 @@ def _classes() -> tuple[type, type]:
                 experts = MoEExperts(tensors, h, i, cfg.quant, cfg.group_size if grouped else 0)
                 parent, _, attr = name.rpartition(".")
                 lora = MoELoRA(e, h, i, cfg.rank, cfg.alpha) if cfg.lora else None
-                setattr(model.get_submodule(parent) if parent else model, attr, KTJitExperts(experts, lora))
+                owner = model.get_submodule(parent) if parent else model
+                setattr(owner, attr, KTJitExperts(experts, lora).train(owner.training))
             return model
 
         def is_serializable(self, safe_serialization=None) -> bool:
@@ -116,14 +133,24 @@ def _classes() -> tuple[type, type]:
         def is_trainable(self) -> bool:
             return True
 
-    _registered.update(config=KTJitConfig, quantizer=KTJitQuantizer)
-    return KTJitConfig, KTJitQuantizer
+        @property
+        def is_qat_trainable(self) -> bool:
+            # the LoRA adapters train; transformers' Trainer otherwise refuses a "purely quantized" model
+            return True
+
+    if "kt_jit" not in AUTO_QUANTIZATION_CONFIG_MAPPING:
+        register_quantization_config("kt_jit")(KTJitConfig)
+    if "kt_jit" not in AUTO_QUANTIZER_MAPPING:
+        register_quantizer("kt_jit")(KTJitQuantizer)
+    return AUTO_QUANTIZATION_CONFIG_MAPPING["kt_jit"], AUTO_QUANTIZER_MAPPING["kt_jit"]
 
 
 def kt_jit_config(quant: str = "bf16", group_size: int = 128, rank: int = 16, alpha: float = 32.0,
                   lora: bool = True):
     """A transformers ``quantization_config`` for ``AutoModel*.from_pretrained``: the routed experts
     are packed (or quantized) by kt_jit while the checkpoint loads (see the module docstring)."""
+    if quant not in QUANT_MODES:
+        raise ValueError(f"quant must be one of {tuple(QUANT_MODES)}, got {quant!r}")
     return _classes()[0](quant=quant, group_size=group_size, rank=rank, alpha=alpha, lora=lora)
 
 
@@ -135,6 +162,9 @@ def from_pretrained(path: str | os.PathLike, quant: str = "bf16", group_size: in
     the model has no experts module or one cannot run on kt_jit."""
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
-    kwargs.setdefault("dtype", torch.bfloat16)
+    if "quantization_config" in kwargs:
+        raise ValueError("from_pretrained sets quantization_config itself (kt_jit packs the experts)")
+    if "dtype" not in kwargs and "torch_dtype" not in kwargs:
+        kwargs["dtype"] = torch.bfloat16
     return model_class.from_pretrained(path, quantization_config=kt_jit_config(quant, group_size, rank, alpha, lora),
                                        **kwargs)

@@ -65,16 +65,18 @@ def _pack_into(t: dict[str, torch.Tensor], name: str, e: int, sl: slice, w: torc
         t[key][sl] = part
 
 
-def pack_expert_matrix(w: torch.Tensor, name: str, quant: str, group_size: int) -> dict[str, torch.Tensor]:
-    """One stacked expert matrix ``w [E, N, K]`` packed (quantized) a few experts at a time, as the
-    tensors ``name``, ``name_scale``, ``name_zero`` of an :class:`MoEExperts` (``name`` "gate_up" or
-    "down"). ``quant``/``group_size`` as validated by :meth:`MoEExperts.from_tensors`."""
-    e, n, k = w.shape
+def pack_expert_matrix(w: torch.Tensor, name: str, quant: str, group_size: int,
+                       transposed: bool = False) -> dict[str, torch.Tensor]:
+    """One stacked expert matrix ``w [E, N, K]`` (``transposed``: ``[E, K, N]``) packed (quantized) a
+    few experts at a time, as the tensors ``name``, ``name_scale``, ``name_zero`` of an
+    :class:`MoEExperts` (``name`` "gate_up" or "down"). ``quant``/``group_size`` as validated by
+    :meth:`MoEExperts.from_tensors`."""
+    e = w.shape[0]
     t: dict[str, torch.Tensor] = {}
-    step = max(1, _PACK_CHUNK_BYTES // (2 * n * k))
+    step = max(1, _PACK_CHUNK_BYTES // (w[0].numel() * w.element_size()))
     for e0 in range(0, e, step):
         sl = slice(e0, min(e, e0 + step))
-        _pack_into(t, name, e, sl, w[sl], quant, group_size)
+        _pack_into(t, name, e, sl, w[sl].transpose(1, 2) if transposed else w[sl], quant, group_size)
     return t
 
 
@@ -157,23 +159,23 @@ class MoEExperts:
 
     @classmethod
     def from_checkpoint(cls, path: str | os.PathLike, prefix: str, quant: str = "bf16",
-                        group_size: int = 128) -> MoEExperts:
+                        group_size: int = 128, num_experts: int | None = None) -> MoEExperts:
         """Pack (and quantize) one layer's routed experts straight from a safetensors checkpoint
         (a file, or a directory with or without ``model.safetensors.index.json``), reading a few
         experts at a time: the layer is never whole in memory before packing. ``prefix`` is the
         layer's MoE module, e.g. ``"model.layers.3.mlp"`` (Mixtral: ``...block_sparse_moe``).
         Per-expert keys (``experts.<e>.gate_proj/up_proj/down_proj`` or ``w1/w3/w2``) and fused
-        ones (``experts.gate_up_proj``, ``experts.down_proj``) are recognised; see
-        kt_jit/moe/checkpoint.py. ``quant``/``group_size`` as in :meth:`from_tensors`."""
+        ones (``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``, or both
+        transposed) are recognised; see kt_jit/moe/checkpoint.py. The expert count comes from
+        ``num_experts``, else the checkpoint's ``config.json``, else the highest index found; pass
+        a sharded checkpoint's directory, not one shard. ``quant``/``group_size`` as in
+        :meth:`from_tensors`."""
         from contextlib import ExitStack
 
         from .checkpoint import expert_source
 
         with ExitStack() as stack:
-            src = expert_source(path, prefix, stack)
-            if src.dtype not in _FLOAT_DTYPES:
-                raise ValueError(f"{prefix}: the checkpoint stores the experts as {src.dtype}; kt_jit packs "
-                                 "bf16/fp16/fp32 weights (dequantize the checkpoint first)")
+            src = expert_source(path, prefix, stack, num_experts)
             return cls._pack_chunks(src.num_experts, src.hidden_size, src.intermediate_size, src.chunk, quant,
                                     group_size)
 
@@ -189,7 +191,7 @@ class MoEExperts:
             raise ValueError(f"group_size={group_size} must be a positive multiple of 32 that divides both "
                              f"hidden_size={h} and intermediate_size={i}")
         t: dict[str, torch.Tensor] = {}
-        step = max(1, _PACK_CHUNK_BYTES // (6 * i * h))
+        step = max(1, _PACK_CHUNK_BYTES // (12 * i * h))  # (fp32 inputs: 3 matrices of 4 bytes)
         for e0 in range(0, e, step):
             sl = slice(e0, min(e, e0 + step))
             gate, up, down = chunk(sl)
