@@ -9,7 +9,9 @@ routers and the attention query projections (so every MoE layer's input needs it
 when PEFT adapts the attention); kt_jit's model also trains its expert LoRA adapters (rank 16),
 work the transformers model does not do. ``vs_torch`` = transformers' time / kt_jit's.
 
-    python tools/bench_hf.py [--quick] [--json PATH] [--layers N]
+    python tools/bench_hf.py [--quick] [--json PATH] [--layers N] [--quant MODE]
+
+``--quant`` packs kt_jit's experts in that mode (default bf16); transformers keeps bf16.
 """
 
 from __future__ import annotations
@@ -28,7 +30,7 @@ from kt_jit.kernels.probe import bf16_peak_flops, read_bandwidth
 from kt_jit.runtime.threads import default_num_threads
 
 
-def build(layers: int):
+def build(layers: int, quant: str = "bf16"):
     """(transformers model, kt_jit-patched copy), both bf16, only routers and adapters trainable."""
     import transformers
 
@@ -42,7 +44,7 @@ def build(layers: int):
     hf.requires_grad_(False)
     ours = copy.deepcopy(hf)
     t0 = time.perf_counter()
-    patch_experts(ours, rank=16, alpha=32.0)
+    patch_experts(ours, rank=16, alpha=32.0, quant=quant)
     pack_s = time.perf_counter() - t0
     for model in (hf, ours):
         for name, p in model.named_parameters():
@@ -58,15 +60,16 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="1 layer, T = 1 and 128")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--layers", type=int, default=None)
+    ap.add_argument("--quant", default="bf16", help="kt_jit's expert storage (transformers keeps bf16)")
     args = ap.parse_args()
     threads = default_num_threads()
     torch.set_num_threads(threads)
     layers = args.layers or (1 if args.quick else 2)
     seqs = [1, 128] if args.quick else [1, 16, 128, 512]
     bw, peak = read_bandwidth(1 << 30), bf16_peak_flops()
-    hf, ours, pack_s, impl = build(layers)
-    print(f"kt_jit vs transformers ({impl} experts): Qwen3-30B-A3B dims, {layers} layer(s), threads={threads}; "
-          f"patch_experts {pack_s:.1f} s")
+    hf, ours, pack_s, impl = build(layers, args.quant)
+    print(f"kt_jit ({args.quant} experts) vs transformers ({impl} experts, bf16): Qwen3-30B-A3B dims, {layers} "
+          f"layer(s), threads={threads}; patch_experts {pack_s:.1f} s")
     print(f"{'T':>5} {'pass':>9} {'kt_jit ms':>10} {'transformers ms':>16} {'vs_torch':>9}")
     rows = []
     g = torch.Generator().manual_seed(1)
@@ -86,7 +89,7 @@ def main() -> int:
                         0.5 if args.quick else 2.0)
             ratio = med["hf"] / med["ours"]
             print(f"{t:>5} {kind:>9} {med['ours'] * 1e3:>10.1f} {med['hf'] * 1e3:>16.1f} {ratio:>8.2f}x", flush=True)
-            rows.append({"name": f"hf qwen3-30b-a3b L{layers} T={t} {kind}", "ms": med["ours"] * 1e3,
+            rows.append({"name": f"hf qwen3-30b-a3b L{layers} {args.quant} T={t} {kind}", "ms": med["ours"] * 1e3,
                          "vs_torch": ratio, "torch_ms": med["hf"] * 1e3, "experts_implementation": impl})
         gc.collect()
     rows.append({"name": "patch_experts (pack all layers)", "ms": pack_s * 1e3})
