@@ -304,3 +304,39 @@ def test_from_pretrained_refuses_models_without_usable_experts(tmp_path):
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no routed-experts module"):
         from_pretrained(tmp_path)
+
+
+def test_unpatch_merges_the_adapters_back_into_a_transformers_model(tmp_path):
+    """After fine-tuning, unpatch_experts gives a plain transformers model: without merging it is
+    the original model exactly; with merging its logits match the patched model's, and it saves
+    and loads with save_pretrained / from_pretrained (also when loaded through hf_loading)."""
+    from kt_jit.integrations.hf import unpatch_experts
+    from kt_jit.integrations.hf_loading import from_pretrained
+
+    original = _model("qwen3_moe")
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(9))
+    with torch.no_grad():
+        want = original(ids).logits
+    plain = copy.deepcopy(original)
+    patch_experts(plain)
+    restored = unpatch_experts(plain, merge_lora=False)
+    assert all(type(m).__name__ == "Qwen3MoeExperts" for m in restored.values())
+    with torch.no_grad():
+        assert torch.equal(plain(ids).logits, want)
+    model, _, replaced = _pair("qwen3_moe")  # nonzero adapters
+    with torch.no_grad():
+        tuned = model(ids).logits
+        unpatch_experts(model)
+        merged = model(ids).logits
+    assert rel_err(merged, tuned) < 1e-2 and rel_err(merged, want) > 1e-2
+    model.save_pretrained(tmp_path / "merged")
+    again = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "merged")
+    with torch.no_grad():
+        assert torch.equal(again(ids).logits, merged)
+    # a model loaded with the experts packed on load unpatches to its checkpoint's dtype
+    _model("qwen3_moe").to(torch.bfloat16).save_pretrained(tmp_path / "bf16")
+    loaded = from_pretrained(tmp_path / "bf16")
+    unpatch_experts(loaded)
+    assert loaded.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    with pytest.raises(ValueError, match="no KTJitExperts"):
+        unpatch_experts(loaded)

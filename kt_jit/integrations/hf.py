@@ -83,12 +83,21 @@ class KTJitExperts(nn.Module):
     the adapters must stay bf16 (do not cast the patched model with ``.float()``/``.half()``).
     """
 
-    def __init__(self, experts: MoEExperts, lora: MoELoRA | None = None) -> None:
+    def __init__(self, experts: MoEExperts, lora: MoELoRA | None = None, hf_origin: tuple | None = None) -> None:
         super().__init__()
         if lora is not None:
             lora.check_matches(experts)
         self.experts = experts
         self.lora = lora
+        # (class, config, is_transposed, weight dtype) of the transformers module this replaced:
+        # what :meth:`to_hf` rebuilds
+        self.hf_origin = hf_origin
+
+    @staticmethod
+    def origin_of(module: nn.Module) -> tuple:
+        """What :meth:`to_hf` needs to rebuild ``module`` (a transformers experts module)."""
+        return (type(module), getattr(module, "config", None), bool(getattr(module, "is_transposed", False)),
+                module.gate_up_proj.dtype)
 
     @classmethod
     def from_hf(cls, module: nn.Module, rank: int = 16, alpha: float = 32.0, quant: str = "bf16",
@@ -106,7 +115,45 @@ class KTJitExperts(nn.Module):
                 gu, down = gu.transpose(1, 2), down.transpose(1, 2)
             experts = MoEExperts.from_tensors(gu[:, :i].contiguous(), gu[:, i:].contiguous(), down.contiguous(),
                                               quant=quant, group_size=group_size)
-        return cls(experts, MoELoRA(e, h, i, rank, alpha) if lora else None)
+        return cls(experts, MoELoRA(e, h, i, rank, alpha) if lora else None, cls.origin_of(module))
+
+    def merged_weights(self, merge_lora: bool = True,
+                       dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+        """``(gate [E, I, H], up [E, I, H], down [E, H, I])`` in ``dtype``: the weights the kernels
+        compute with (quantized experts dequantized), plus the adapter's ``scaling * B @ A`` unless
+        ``merge_lora=False`` (summed in fp32, a few experts at a time, rounded once)."""
+        gate, up, down = self.experts.dequantize()
+        lora = self.lora if merge_lora else None
+        out = []
+        for w, (a, b) in zip((gate, up, down), ((0, 1), (2, 3), (4, 5)), strict=True):
+            if lora is None:
+                out.append(w.to(dtype))
+                continue
+            ta, tb = lora.tensors()[a], lora.tensors()[b]
+            merged = torch.empty(w.shape, dtype=dtype)
+            with torch.no_grad():
+                for e0 in range(0, w.shape[0], 8):
+                    sl = slice(e0, e0 + 8)
+                    merged[sl] = (w[sl].float() + lora.scaling * torch.bmm(tb[sl].float(), ta[sl].float())).to(dtype)
+            out.append(merged)
+        return out[0], out[1], out[2]
+
+    def to_hf(self, merge_lora: bool = True) -> nn.Module:
+        """The transformers experts module this replaced, rebuilt with :meth:`merged_weights` (LoRA
+        merged unless ``merge_lora=False``) in its original dtype and layout: e.g. to save a
+        fine-tuned model with ``save_pretrained``. Quantized experts come back dequantized."""
+        if self.hf_origin is None:
+            raise ValueError("this KTJitExperts was not made from a transformers module (no hf_origin)")
+        cls, config, transposed, dtype = self.hf_origin
+        gate, up, down = self.merged_weights(merge_lora, dtype)
+        gu = torch.cat([gate, up], dim=1)
+        if transposed:
+            gu, down = gu.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
+        with torch.device("meta"):
+            module = cls(config)
+        module.gate_up_proj = nn.Parameter(gu)
+        module.down_proj = nn.Parameter(down)
+        return module.train(self.training)
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -175,6 +222,23 @@ def _patch_problem(module: nn.Module, rank: int, quant: str, group_size: int, lo
     if lora and rank < 1:
         return f"LoRA rank must be >= 1, got {rank}"
     return None
+
+
+def unpatch_experts(model: nn.Module, merge_lora: bool = True) -> dict[str, nn.Module]:
+    """Replace every :class:`KTJitExperts` of ``model`` in place by the transformers module it
+    replaced (:meth:`KTJitExperts.to_hf`: adapters merged into the weights unless
+    ``merge_lora=False``), one layer at a time, and return the new modules by name. The model is
+    then a plain transformers model again (``save_pretrained`` works)."""
+    names = [name for name, m in model.named_modules() if isinstance(m, KTJitExperts)]
+    if not names:
+        raise ValueError(f"{type(model).__name__} has no KTJitExperts module to unpatch")
+    restored = {}
+    for name in names:
+        parent, _, attr = name.rpartition(".")
+        owner = model.get_submodule(parent) if parent else model
+        restored[name] = getattr(owner, attr).to_hf(merge_lora)
+        setattr(owner, attr, restored[name])
+    return restored
 
 
 def moe_lora_parameters(model: nn.Module) -> list[nn.Parameter]:

@@ -73,6 +73,7 @@ def _classes() -> tuple[type, type]:
                     packed = pack_expert_matrix(w, part, cfg.quant, cfg.group_size,
                                                 transposed=getattr(module, "is_transposed", False))
                     self.quantizer.packed.setdefault(module_name, {}).update(packed)
+                    self.quantizer.dtypes[module_name] = w.dtype
                 out[name] = torch.empty(0, dtype=w.dtype)  # the full-precision copy is dropped here
             return out
 
@@ -84,6 +85,7 @@ def _classes() -> tuple[type, type]:
             self.experts: dict[str, tuple[int, int, int]] = {}  # module name -> (E, H, I)
             self.packed: dict[str, dict[str, torch.Tensor]] = {}
             self.errors: list[str] = []
+            self.dtypes: dict[str, torch.dtype] = {}  # experts module -> dtype its weights loaded in
 
         def validate_environment(self, *args, **kwargs) -> None:
             dm = kwargs.get("device_map")
@@ -123,7 +125,8 @@ def _classes() -> tuple[type, type]:
                 parent, _, attr = name.rpartition(".")
                 lora = MoELoRA(e, h, i, cfg.rank, cfg.alpha) if cfg.lora else None
                 owner = model.get_submodule(parent) if parent else model
-                setattr(owner, attr, KTJitExperts(experts, lora).train(owner.training))
+                origin = (*KTJitExperts.origin_of(getattr(owner, attr))[:3], self.dtypes.get(name, torch.bfloat16))
+                setattr(owner, attr, KTJitExperts(experts, lora, origin).train(owner.training))
             return model
 
         def is_serializable(self, safe_serialization=None) -> bool:
