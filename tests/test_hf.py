@@ -338,5 +338,7 @@ def test_unpatch_merges_the_adapters_back_into_a_transformers_model(tmp_path):
     loaded = from_pretrained(tmp_path / "bf16")
     unpatch_experts(loaded)
     assert loaded.model.layers[0].mlp.experts.gate_up_proj.dtype == torch.bfloat16
+    loaded.save_pretrained(tmp_path / "bf16_merged")  # no kt_jit quantization config left behind
+    assert "quantization_config" not in (tmp_path / "bf16_merged" / "config.json").read_text()
     with pytest.raises(ValueError, match="no KTJitExperts"):
         unpatch_experts(loaded)

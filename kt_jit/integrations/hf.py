@@ -228,7 +228,8 @@ def unpatch_experts(model: nn.Module, merge_lora: bool = True) -> dict[str, nn.M
     """Replace every :class:`KTJitExperts` of ``model`` in place by the transformers module it
     replaced (:meth:`KTJitExperts.to_hf`: adapters merged into the weights unless
     ``merge_lora=False``), one layer at a time, and return the new modules by name. The model is
-    then a plain transformers model again (``save_pretrained`` works)."""
+    then a plain transformers model again (``save_pretrained`` works, also for a model loaded
+    through :func:`kt_jit.integrations.hf_loading.from_pretrained`)."""
     names = [name for name, m in model.named_modules() if isinstance(m, KTJitExperts)]
     if not names:
         raise ValueError(f"{type(model).__name__} has no KTJitExperts module to unpatch")
@@ -238,6 +239,9 @@ def unpatch_experts(model: nn.Module, merge_lora: bool = True) -> dict[str, nn.M
         owner = model.get_submodule(parent) if parent else model
         restored[name] = getattr(owner, attr).to_hf(merge_lora)
         setattr(owner, attr, restored[name])
+    quantizer = getattr(model, "hf_quantizer", None)
+    if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == "kt_jit":
+        quantizer.remove_quantization_config(model)  # (loaded by hf_loading: a plain model again)
     return restored
 
 
