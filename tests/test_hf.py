@@ -308,8 +308,9 @@ def test_from_pretrained_refuses_models_without_usable_experts(tmp_path):
 
 def test_unpatch_merges_the_adapters_back_into_a_transformers_model(tmp_path):
     """After fine-tuning, unpatch_experts gives a plain transformers model: without merging it is
-    the original model exactly; with merging its logits match the patched model's, and it saves
-    and loads with save_pretrained / from_pretrained (also when loaded through hf_loading)."""
+    the original model (exactly here: its weights are bf16 values); with merging its logits match
+    the patched model's, and it saves and loads with save_pretrained / from_pretrained (also when
+    loaded through hf_loading)."""
     from kt_jit.integrations.hf import unpatch_experts
     from kt_jit.integrations.hf_loading import from_pretrained
 
@@ -342,3 +343,35 @@ def test_unpatch_merges_the_adapters_back_into_a_transformers_model(tmp_path):
     assert "quantization_config" not in (tmp_path / "bf16_merged" / "config.json").read_text()
     with pytest.raises(ValueError, match="no KTJitExperts"):
         unpatch_experts(loaded)
+
+
+def test_to_hf_rounds_to_bf16_keeps_layout_flags_and_is_all_or_nothing():
+    """Weights that were not bf16 values come back rounded to bf16 (what the kernels used); a
+    transposed module comes back transposed, with its dtype, requires_grad and training mode; a
+    model with a module that cannot be restored is left unchanged."""
+    from kt_jit.integrations.hf import unpatch_experts
+
+    g = torch.Generator().manual_seed(10)
+    e, h, i = 4, 64, 32
+    mod = _BiasedExperts(h, i, bias=False)
+    mod.gate_up_proj = nn.Parameter(torch.randn(e, h, 2 * i, generator=g), requires_grad=False)
+    mod.down_proj = nn.Parameter(torch.randn(e, i, h, generator=g), requires_grad=False)
+    mod.is_transposed = True
+    mod.eval()
+    ours = KTJitExperts.from_hf(mod, rank=8)
+    back = ours.to_hf(merge_lora=False)
+    assert type(back) is type(mod) and back.is_transposed and not back.training
+    assert back.gate_up_proj.dtype == torch.float32 and not back.gate_up_proj.requires_grad
+    assert torch.equal(back.gate_up_proj, mod.gate_up_proj.bfloat16().float())
+    assert torch.equal(back.down_proj, mod.down_proj.bfloat16().float())
+    with torch.no_grad():
+        ours.lora.gate_lora_b.normal_(generator=g)
+    merged = ours.to_hf()
+    gate_a, gate_b = ours.lora.gate_lora_a.float(), ours.lora.gate_lora_b.float()
+    want = mod.gate_up_proj[:, :, :i].bfloat16().float() + ours.lora.scaling * (gate_b @ gate_a).transpose(1, 2)
+    assert torch.allclose(merged.gate_up_proj[:, :, :i], want, atol=1e-5)
+    assert torch.equal(merged.gate_up_proj[:, :, i:], back.gate_up_proj[:, :, i:])  # up's adapter is zero
+    two = nn.ModuleDict({"a": KTJitExperts.from_hf(_BiasedExperts(bias=False)), "b": KTJitExperts(ours.experts)})
+    with pytest.raises(ValueError, match="not made from transformers modules"):
+        unpatch_experts(two)
+    assert all(isinstance(m, KTJitExperts) for m in two.values())

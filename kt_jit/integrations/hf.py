@@ -14,6 +14,9 @@ Nothing here imports transformers: modules are recognised by their structure.
 
 from __future__ import annotations
 
+import copy
+from typing import NamedTuple
+
 import torch
 from torch import nn
 
@@ -71,6 +74,28 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
+class HFOrigin(NamedTuple):
+    """The transformers experts module a :class:`KTJitExperts` replaced: a meta-device copy of it
+    (its class, attributes, flags and training mode; parameters on the meta device), its layout
+    and its weights' dtypes (gate_up_proj, down_proj)."""
+
+    skeleton: nn.Module
+    transposed: bool
+    dtypes: tuple[torch.dtype, torch.dtype]
+
+
+def origin_of(module: nn.Module, dtypes: tuple[torch.dtype, torch.dtype] | None = None) -> HFOrigin:
+    """:class:`HFOrigin` of a transformers experts module (``dtypes``: override the weights' dtypes)."""
+    skeleton = copy.copy(module)
+    skeleton._parameters = {k: None if p is None else nn.Parameter(torch.empty_like(p, device="meta"),
+                                                                   requires_grad=p.requires_grad)
+                            for k, p in module._parameters.items()}
+    skeleton._buffers = {k: None if b is None else torch.empty_like(b, device="meta")
+                         for k, b in module._buffers.items()}
+    return HFOrigin(skeleton, bool(getattr(module, "is_transposed", False)),
+                    dtypes or (module.gate_up_proj.dtype, module.down_proj.dtype))
+
+
 class KTJitExperts(nn.Module):
     """Routed experts on kt_jit with the transformers call: ``forward(hidden_states [..., H],
     top_k_index [T, K], top_k_weights [T, K]) -> [..., H]`` in hidden_states' dtype.
@@ -83,21 +108,13 @@ class KTJitExperts(nn.Module):
     the adapters must stay bf16 (do not cast the patched model with ``.float()``/``.half()``).
     """
 
-    def __init__(self, experts: MoEExperts, lora: MoELoRA | None = None, hf_origin: tuple | None = None) -> None:
+    def __init__(self, experts: MoEExperts, lora: MoELoRA | None = None, hf_origin: HFOrigin | None = None) -> None:
         super().__init__()
         if lora is not None:
             lora.check_matches(experts)
         self.experts = experts
         self.lora = lora
-        # (class, config, is_transposed, weight dtype) of the transformers module this replaced:
-        # what :meth:`to_hf` rebuilds
-        self.hf_origin = hf_origin
-
-    @staticmethod
-    def origin_of(module: nn.Module) -> tuple:
-        """What :meth:`to_hf` needs to rebuild ``module`` (a transformers experts module)."""
-        return (type(module), getattr(module, "config", None), bool(getattr(module, "is_transposed", False)),
-                module.gate_up_proj.dtype)
+        self.hf_origin = hf_origin  # what :meth:`to_hf` rebuilds (None: made without a transformers module)
 
     @classmethod
     def from_hf(cls, module: nn.Module, rank: int = 16, alpha: float = 32.0, quant: str = "bf16",
@@ -115,45 +132,61 @@ class KTJitExperts(nn.Module):
                 gu, down = gu.transpose(1, 2), down.transpose(1, 2)
             experts = MoEExperts.from_tensors(gu[:, :i].contiguous(), gu[:, i:].contiguous(), down.contiguous(),
                                               quant=quant, group_size=group_size)
-        return cls(experts, MoELoRA(e, h, i, rank, alpha) if lora else None, cls.origin_of(module))
+        new = cls(experts, MoELoRA(e, h, i, rank, alpha) if lora else None, origin_of(module))
+        return new.train(module.training)
+
+    def _merged_chunks(self, merge_lora: bool, step: int = 8):
+        """``(experts slice, gate, up, down)`` in fp32 a few experts at a time: the weights the kernels
+        compute with (dequantized), plus ``scaling * B @ A`` of the adapter when ``merge_lora``."""
+        ex, lora = self.experts, (self.lora if merge_lora else None)
+        for e0 in range(0, ex.num_experts, step):
+            sl = slice(e0, min(ex.num_experts, e0 + step))
+            part = MoEExperts({k: v[sl] for k, v in ex.tensors.items()}, ex.hidden_size, ex.intermediate_size,
+                              ex.quant, ex.group_size)
+            ws = [w.float() for w in part.dequantize()]
+            if lora is not None:
+                t = [x[sl].float() for x in lora.tensors()]
+                with torch.no_grad():
+                    for w, (a, b) in zip(ws, ((0, 1), (2, 3), (4, 5)), strict=True):
+                        w += lora.scaling * torch.bmm(t[b], t[a])
+            yield sl, ws[0], ws[1], ws[2]
 
     def merged_weights(self, merge_lora: bool = True,
                        dtype: torch.dtype = torch.bfloat16) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """``(gate [E, I, H], up [E, I, H], down [E, H, I])`` in ``dtype``: the weights the kernels
-        compute with (quantized experts dequantized), plus the adapter's ``scaling * B @ A`` unless
-        ``merge_lora=False`` (summed in fp32, a few experts at a time, rounded once)."""
-        gate, up, down = self.experts.dequantize()
-        lora = self.lora if merge_lora else None
-        out = []
-        for w, (a, b) in zip((gate, up, down), ((0, 1), (2, 3), (4, 5)), strict=True):
-            if lora is None:
-                out.append(w.to(dtype))
-                continue
-            ta, tb = lora.tensors()[a], lora.tensors()[b]
-            merged = torch.empty(w.shape, dtype=dtype)
-            with torch.no_grad():
-                for e0 in range(0, w.shape[0], 8):
-                    sl = slice(e0, e0 + 8)
-                    merged[sl] = (w[sl].float() + lora.scaling * torch.bmm(tb[sl].float(), ta[sl].float())).to(dtype)
-            out.append(merged)
-        return out[0], out[1], out[2]
+        compute with (quantized experts dequantized; bf16 experts are the model's weights rounded to
+        bf16 when it was patched), plus the adapter's ``scaling * B @ A`` unless ``merge_lora=False``
+        (summed in fp32, a few experts at a time, rounded once)."""
+        e, h, i = self.experts.num_experts, self.experts.hidden_size, self.experts.intermediate_size
+        gate, up, down = torch.empty(e, i, h, dtype=dtype), torch.empty(e, i, h, dtype=dtype), \
+            torch.empty(e, h, i, dtype=dtype)
+        for sl, g, u, d in self._merged_chunks(merge_lora):
+            gate[sl], up[sl], down[sl] = g, u, d
+        return gate, up, down
 
     def to_hf(self, merge_lora: bool = True) -> nn.Module:
         """The transformers experts module this replaced, rebuilt with :meth:`merged_weights` (LoRA
-        merged unless ``merge_lora=False``) in its original dtype and layout: e.g. to save a
-        fine-tuned model with ``save_pretrained``. Quantized experts come back dequantized."""
+        merged unless ``merge_lora=False``) in its original dtypes, layout, ``requires_grad`` and
+        training mode: e.g. to save a fine-tuned model with ``save_pretrained``. The weights are
+        written a few experts at a time into the new parameters (peak: the layer in its original
+        dtype plus a chunk in fp32)."""
         if self.hf_origin is None:
             raise ValueError("this KTJitExperts was not made from a transformers module (no hf_origin)")
-        cls, config, transposed, dtype = self.hf_origin
-        gate, up, down = self.merged_weights(merge_lora, dtype)
-        gu = torch.cat([gate, up], dim=1)
-        if transposed:
-            gu, down = gu.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
-        with torch.device("meta"):
-            module = cls(config)
-        module.gate_up_proj = nn.Parameter(gu)
-        module.down_proj = nn.Parameter(down)
-        return module.train(self.training)
+        skeleton, transposed, (gu_dtype, down_dtype) = self.hf_origin
+        e, h, i = self.experts.num_experts, self.experts.hidden_size, self.experts.intermediate_size
+        gu = torch.empty((e, h, 2 * i) if transposed else (e, 2 * i, h), dtype=gu_dtype)
+        down = torch.empty((e, i, h) if transposed else (e, h, i), dtype=down_dtype)
+        for sl, g, u, d in self._merged_chunks(merge_lora):
+            if transposed:
+                gu[sl, :, :i], gu[sl, :, i:], down[sl] = g.transpose(1, 2), u.transpose(1, 2), d.transpose(1, 2)
+            else:
+                gu[sl, :i], gu[sl, i:], down[sl] = g, u, d
+        module = copy.copy(skeleton)  # (its other attributes and submodules are shared, as they were)
+        module._parameters = dict(skeleton._parameters)
+        grads = {k: p.requires_grad for k, p in skeleton._parameters.items() if p is not None}
+        module.gate_up_proj = nn.Parameter(gu, requires_grad=grads.get("gate_up_proj", True))
+        module.down_proj = nn.Parameter(down, requires_grad=grads.get("down_proj", True))
+        return module
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
                 top_k_weights: torch.Tensor) -> torch.Tensor:
@@ -229,19 +262,24 @@ def unpatch_experts(model: nn.Module, merge_lora: bool = True) -> dict[str, nn.M
     replaced (:meth:`KTJitExperts.to_hf`: adapters merged into the weights unless
     ``merge_lora=False``), one layer at a time, and return the new modules by name. The model is
     then a plain transformers model again (``save_pretrained`` works, also for a model loaded
-    through :func:`kt_jit.integrations.hf_loading.from_pretrained`)."""
+    through :func:`kt_jit.integrations.hf_loading.from_pretrained`). Its experts are back in full
+    precision: the memory of the plain model. Nothing changes unless every module can be rebuilt."""
     names = [name for name, m in model.named_modules() if isinstance(m, KTJitExperts)]
     if not names:
         raise ValueError(f"{type(model).__name__} has no KTJitExperts module to unpatch")
+    orphans = [name for name in names if model.get_submodule(name).hf_origin is None]
+    if orphans:
+        raise ValueError(f"these KTJitExperts were not made from transformers modules, nothing to restore: {orphans}")
     restored = {}
     for name in names:
         parent, _, attr = name.rpartition(".")
         owner = model.get_submodule(parent) if parent else model
         restored[name] = getattr(owner, attr).to_hf(merge_lora)
         setattr(owner, attr, restored[name])
-    quantizer = getattr(model, "hf_quantizer", None)
-    if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == "kt_jit":
-        quantizer.remove_quantization_config(model)  # (loaded by hf_loading: a plain model again)
+    for m in model.modules():  # (loaded by hf_loading: a plain model again; also inside wrappers)
+        quantizer = m.__dict__.get("hf_quantizer")
+        if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == "kt_jit":
+            quantizer.remove_quantization_config(m)
     return restored
 
 

@@ -20,7 +20,7 @@ import os
 import torch
 
 from ..moe.weights import QUANT_MODES, MoEExperts, MoELoRA, pack_expert_matrix
-from .hf import KTJitExperts, _dims, _patch_problem, is_experts_module
+from .hf import KTJitExperts, _dims, _patch_problem, is_experts_module, origin_of
 
 
 def _classes() -> tuple[type, type]:
@@ -73,7 +73,7 @@ def _classes() -> tuple[type, type]:
                     packed = pack_expert_matrix(w, part, cfg.quant, cfg.group_size,
                                                 transposed=getattr(module, "is_transposed", False))
                     self.quantizer.packed.setdefault(module_name, {}).update(packed)
-                    self.quantizer.dtypes[module_name] = w.dtype
+                    self.quantizer.dtypes[module_name] = w.dtype  # (gate_up and down load alike)
                 out[name] = torch.empty(0, dtype=w.dtype)  # the full-precision copy is dropped here
             return out
 
@@ -125,7 +125,8 @@ def _classes() -> tuple[type, type]:
                 parent, _, attr = name.rpartition(".")
                 lora = MoELoRA(e, h, i, cfg.rank, cfg.alpha) if cfg.lora else None
                 owner = model.get_submodule(parent) if parent else model
-                origin = (*KTJitExperts.origin_of(getattr(owner, attr))[:3], self.dtypes.get(name, torch.bfloat16))
+                dtype = self.dtypes.get(name, torch.bfloat16)
+                origin = origin_of(getattr(owner, attr), (dtype, dtype))
                 setattr(owner, attr, KTJitExperts(experts, lora, origin).train(owner.training))
             return model
 
