@@ -15,14 +15,11 @@ Nothing here imports transformers: modules are recognised by their structure.
 from __future__ import annotations
 
 import copy
-from typing import NamedTuple
 
 import torch
 from torch import nn
 
-from ..api import moe_sft
-from ..api.validate import check_moe_inputs
-from ..moe import sft as core
+from ..api import MoESFTOp, moe_sft
 from ..moe.weights import QUANT_MODES, MoEExperts, MoELoRA
 
 _SILU = ("SiLU", "SiLUActivation", "silu")  # nn.SiLU, transformers' ACT2FN["silu"], F.silu
@@ -74,26 +71,17 @@ def unsupported_reason(module: nn.Module) -> str | None:
     return None
 
 
-class HFOrigin(NamedTuple):
-    """The transformers experts module a :class:`KTJitExperts` replaced: a meta-device copy of it
-    (its class, attributes, flags and training mode; parameters on the meta device), its layout
-    and its weights' dtypes (gate_up_proj, down_proj)."""
-
-    skeleton: nn.Module
-    transposed: bool
-    dtypes: tuple[torch.dtype, torch.dtype]
-
-
-def origin_of(module: nn.Module, dtypes: tuple[torch.dtype, torch.dtype] | None = None) -> HFOrigin:
-    """:class:`HFOrigin` of a transformers experts module (``dtypes``: override the weights' dtypes)."""
+def skeleton_of(module: nn.Module) -> nn.Module:
+    """A meta-device copy of a transformers experts module: its class, attributes, flags, training
+    mode and its parameters' dtypes and ``requires_grad``, without their storage (what
+    :meth:`KTJitExperts.to_hf` rebuilds the module from)."""
     skeleton = copy.copy(module)
     skeleton._parameters = {k: None if p is None else nn.Parameter(torch.empty_like(p, device="meta"),
                                                                    requires_grad=p.requires_grad)
                             for k, p in module._parameters.items()}
     skeleton._buffers = {k: None if b is None else torch.empty_like(b, device="meta")
                          for k, b in module._buffers.items()}
-    return HFOrigin(skeleton, bool(getattr(module, "is_transposed", False)),
-                    dtypes or (module.gate_up_proj.dtype, module.down_proj.dtype))
+    return skeleton
 
 
 class KTJitExperts(nn.Module):
@@ -108,13 +96,15 @@ class KTJitExperts(nn.Module):
     the adapters must stay bf16 (do not cast the patched model with ``.float()``/``.half()``).
     """
 
-    def __init__(self, experts: MoEExperts, lora: MoELoRA | None = None, hf_origin: HFOrigin | None = None) -> None:
+    def __init__(self, experts: MoEExperts, lora: MoELoRA | None = None, hf_origin: nn.Module | None = None) -> None:
         super().__init__()
         if lora is not None:
             lora.check_matches(experts)
         self.experts = experts
         self.lora = lora
-        self.hf_origin = hf_origin  # what :meth:`to_hf` rebuilds (None: made without a transformers module)
+        # the :func:`skeleton_of` the transformers module this replaced (None: made without one); set
+        # past nn.Module.__setattr__ so that it is not a submodule (no parameters, no state_dict keys)
+        object.__setattr__(self, "hf_origin", hf_origin)
 
     @classmethod
     def from_hf(cls, module: nn.Module, rank: int = 16, alpha: float = 32.0, quant: str = "bf16",
@@ -132,7 +122,7 @@ class KTJitExperts(nn.Module):
                 gu, down = gu.transpose(1, 2), down.transpose(1, 2)
             experts = MoEExperts.from_tensors(gu[:, :i].contiguous(), gu[:, i:].contiguous(), down.contiguous(),
                                               quant=quant, group_size=group_size)
-        new = cls(experts, MoELoRA(e, h, i, rank, alpha) if lora else None, origin_of(module))
+        new = cls(experts, MoELoRA(e, h, i, rank, alpha) if lora else None, skeleton_of(module))
         return new.train(module.training)
 
     def _merged_chunks(self, merge_lora: bool, step: int = 8):
@@ -172,10 +162,11 @@ class KTJitExperts(nn.Module):
         dtype plus a chunk in fp32)."""
         if self.hf_origin is None:
             raise ValueError("this KTJitExperts was not made from a transformers module (no hf_origin)")
-        skeleton, transposed, (gu_dtype, down_dtype) = self.hf_origin
+        skeleton = self.hf_origin
+        transposed = getattr(skeleton, "is_transposed", False)
         e, h, i = self.experts.num_experts, self.experts.hidden_size, self.experts.intermediate_size
-        gu = torch.empty((e, h, 2 * i) if transposed else (e, 2 * i, h), dtype=gu_dtype)
-        down = torch.empty((e, i, h) if transposed else (e, h, i), dtype=down_dtype)
+        gu = torch.empty((e, h, 2 * i) if transposed else (e, 2 * i, h), dtype=skeleton.gate_up_proj.dtype)
+        down = torch.empty((e, i, h) if transposed else (e, h, i), dtype=skeleton.down_proj.dtype)
         for sl, g, u, d in self._merged_chunks(merge_lora):
             if transposed:
                 gu[sl, :, :i], gu[sl, :, i:], down[sl] = g.transpose(1, 2), u.transpose(1, 2), d.transpose(1, 2)
@@ -183,9 +174,8 @@ class KTJitExperts(nn.Module):
                 gu[sl, :i], gu[sl, i:], down[sl] = g, u, d
         module = copy.copy(skeleton)  # (its other attributes and submodules are shared, as they were)
         module._parameters = dict(skeleton._parameters)
-        grads = {k: p.requires_grad for k, p in skeleton._parameters.items() if p is not None}
-        module.gate_up_proj = nn.Parameter(gu, requires_grad=grads.get("gate_up_proj", True))
-        module.down_proj = nn.Parameter(down, requires_grad=grads.get("down_proj", True))
+        module.gate_up_proj = nn.Parameter(gu, requires_grad=skeleton.gate_up_proj.requires_grad)
+        module.down_proj = nn.Parameter(down, requires_grad=skeleton.down_proj.requires_grad)
         return module
 
     def forward(self, hidden_states: torch.Tensor, top_k_index: torch.Tensor,
@@ -199,14 +189,8 @@ class KTJitExperts(nn.Module):
         trainable = lora is not None and any(p.requires_grad for p in lora.parameters())
         if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or trainable):
             out = moe_sft(x, ids, w, self.experts, lora, out_dtype)
-        else:  # nothing to differentiate: no activations saved
-            check_moe_inputs(x, ids, w, self.experts)
-            if lora is not None:
-                lora.check_matches(self.experts)
-            with torch.no_grad():
-                out, _ = core.forward(x.to(torch.bfloat16), ids, w.to(torch.float32), self.experts,
-                                      None if lora is None else lora.tensors(),
-                                      0.0 if lora is None else lora.scaling, save=False, out_dtype=out_dtype)
+        else:  # nothing to differentiate: no activations saved (an op over the current adapter)
+            out = MoESFTOp(self.experts, lora).forward(x, ids, w, save_for_backward=False, out_dtype=out_dtype)
         return out.to(hidden_states.dtype).reshape(shape)
 
     def extra_repr(self) -> str:

@@ -20,7 +20,7 @@ import os
 import torch
 
 from ..moe.weights import QUANT_MODES, MoEExperts, MoELoRA, pack_expert_matrix
-from .hf import KTJitExperts, _dims, _patch_problem, is_experts_module, origin_of
+from .hf import KTJitExperts, _dims, _patch_problem, is_experts_module, skeleton_of
 
 
 def _classes() -> tuple[type, type]:
@@ -73,7 +73,6 @@ def _classes() -> tuple[type, type]:
                     packed = pack_expert_matrix(w, part, cfg.quant, cfg.group_size,
                                                 transposed=getattr(module, "is_transposed", False))
                     self.quantizer.packed.setdefault(module_name, {}).update(packed)
-                    self.quantizer.dtypes[module_name] = w.dtype  # (gate_up and down load alike)
                 out[name] = torch.empty(0, dtype=w.dtype)  # the full-precision copy is dropped here
             return out
 
@@ -85,7 +84,6 @@ def _classes() -> tuple[type, type]:
             self.experts: dict[str, tuple[int, int, int]] = {}  # module name -> (E, H, I)
             self.packed: dict[str, dict[str, torch.Tensor]] = {}
             self.errors: list[str] = []
-            self.dtypes: dict[str, torch.dtype] = {}  # experts module -> dtype its weights loaded in
 
         def validate_environment(self, *args, **kwargs) -> None:
             dm = kwargs.get("device_map")
@@ -125,9 +123,9 @@ def _classes() -> tuple[type, type]:
                 parent, _, attr = name.rpartition(".")
                 lora = MoELoRA(e, h, i, cfg.rank, cfg.alpha) if cfg.lora else None
                 owner = model.get_submodule(parent) if parent else model
-                dtype = self.dtypes.get(name, torch.bfloat16)
-                origin = origin_of(getattr(owner, attr), (dtype, dtype))
-                setattr(owner, attr, KTJitExperts(experts, lora, origin).train(owner.training))
+                # (its parameters are the stubs _PackOnLoad left, in the dtype the weights loaded in)
+                skeleton = skeleton_of(getattr(owner, attr))
+                setattr(owner, attr, KTJitExperts(experts, lora, skeleton).train(owner.training))
             return model
 
         def is_serializable(self, safe_serialization=None) -> bool:
