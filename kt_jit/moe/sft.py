@@ -239,6 +239,39 @@ def _zero_experts(mask: np.ndarray, grads: tuple[torch.Tensor, ...]) -> None:
                      np.concatenate([count * b for b in per]))
 
 
+def _lora_grads(saved: Saved, r: Routing, lora: tuple[torch.Tensor, ...], num_experts: int,
+                grad_buffers: LoraGradBuffers | None, dos: torch.Tensor, t_d: torch.Tensor,
+                w_row: torch.Tensor, dgu: torch.Tensor, t_gu: torch.Tensor) -> tuple[torch.Tensor, ...]:
+    """The six LoRA gradients (bf16, kernel rank) from the backward's per-row operands: dos
+    (gathered dOut), t_d = s dOut Bd and t_gu = s [dG Bg | dU Bu] (fp32), w_row (each row's routing
+    weight), dgu = [dG | dU] (bf16); idle experts' slices are zero."""
+    hdim, idim, rank = saved.x.shape[1], saved.act.shape[1], lora[0].shape[1]
+    hgu, hd = saved.lora_h
+    xs = _gather(saved.x, r)
+    active = np.zeros(num_experts, dtype=bool)
+    active[r.experts_np] = True
+    pool = grad_buffers if grad_buffers is not None else LoraGradBuffers()
+    grads, to_zero = pool.acquire([tuple(p.shape) for p in lora], active)
+    g_ga, g_gb, g_ua, g_ub, g_da, g_db = grads
+    _zero_experts(to_zero, grads)  # active experts' slices are written in full below
+    pool.zeroed(grads, to_zero)
+    whd = hd * w_row[:, None]  # dY^T (w hd) = (w dOut)^T hd (hd carries the scaling)
+    _lora("xty", rank, hdim, _groups(r, _rows(dos), _rows(whd), _per_expert(g_db)), _pitch(dos),
+          0, 1.0, ldw=_pitch(whd), w_dtype="f32", y_dtype="bf16")
+    wtd = t_d * w_row[:, None]  # (t_d carries the scaling)
+    _lora("xty", idim, rank, _groups(r, _rows(wtd), _rows(saved.act), _per_expert(g_da)), _pitch(wtd),
+          0, 1.0, x_dtype="f32", ldw=_pitch(saved.act), y_dtype="bf16")
+    _lora("xty", rank, idim, np.concatenate([
+        _groups(r, _rows(dgu), _rows(hgu), _per_expert(g_gb)),
+        _groups(r, _rows(dgu, idim), _rows(hgu, rank), _per_expert(g_ub))]), _pitch(dgu), 0,
+        1.0, ldw=_pitch(hgu), w_dtype="bf16", y_dtype="bf16")
+    _lora("xty", hdim, rank, np.concatenate([
+        _groups(r, _rows(t_gu), _rows(xs), _per_expert(g_ga)),
+        _groups(r, _rows(t_gu, rank), _rows(xs), _per_expert(g_ua))]), _pitch(t_gu), 0, 1.0,
+        x_dtype="f32", ldw=_pitch(xs), y_dtype="bf16")
+    return grads
+
+
 def kernel_rank(rank: int) -> int:
     """The rank the LoRA kernels run at: 16 or a multiple of 32 (others are zero-padded up)."""
     return 16 if rank <= 16 else -(-rank // 32) * 32
@@ -342,15 +375,14 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     when nothing before the layer trains, e.g. the first MoE layer of a LoRA-only fine-tune).
     ``need_lora_grads=False`` skips the adapters' gradients (returned as None)."""
     r = saved.routing
-    t, hdim = saved.x.shape
-    kdim = saved.topk_weights.shape[1]
+    hdim = saved.x.shape[1]
     idim = experts.intermediate_size
     if grad_out.dtype not in (torch.float32, torch.bfloat16):
         grad_out = grad_out.float()
     dos = _gather(grad_out.contiguous(), r)
     d = _row_buffer(r.rows, idim, torch.float32)
     w_row = torch.zeros(r.rows)  # routing weight of each row (0 on padding rows)
-    w_row[r.slot_row] = saved.topk_weights[r.slot_token, r.slot_k]
+    w_row[r.row_of.view(-1)] = saved.topk_weights.detach().reshape(-1)
     if lora is None:
         _grouped_bwd(dos, experts, "down", d, r)
     else:
@@ -376,49 +408,31 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     get_act_kernel(ActSpec("bwd", idim)).launch(
         r.slot_row.numel(), idx=r.slot_row.data_ptr(), d=d.data_ptr(), act=act.data_ptr(), gu=saved.gu.data_ptr(),
         w=w_row.data_ptr(), dw=dw_rows.data_ptr(), dgu=dgu.data_ptr(), ldd=_pitch(d), lddgu=_pitch(dgu))
-    dw = torch.zeros(t, kdim, dtype=torch.float32)
-    dw[r.slot_token, r.slot_k] = dw_rows[r.slot_row]
-    dxs = _row_buffer(r.rows, hdim, torch.float32) if need_dx else None
-    grads = None
-    if lora is None:
-        if need_dx:
-            _grouped_bwd(dgu, experts, "gate_up", dxs, r)
-    elif need_dx or need_lora_grads:
+    dw = dw_rows[r.row_of]
+    grads = t_gu = None
+    if lora is not None and (need_dx or need_lora_grads):
         t_gu = aligned_empty((r.rows, 2 * rank), torch.float32)  # s [dG Bg | dU Bu]
         _lora("xb", rank, idim, np.concatenate([
             _groups(r, _rows(dgu), _per_expert(gb), _rows(t_gu)),
             _groups(r, _rows(dgu, idim), _per_expert(ub), _rows(t_gu, rank))]), _pitch(dgu), _pitch(t_gu),
             scaling)
-        if need_dx and fused:
+    if lora is not None and need_lora_grads:
+        # before the transposed gate/up GEMM, not after: it streams the weights through the caches,
+        # and the many small steps here (Python, NumPy, short launches) run several times slower
+        # right after it (measured at qlen 1: 0.6 ms instead of 0.3)
+        grads = _lora_grads(saved, r, lora, experts.num_experts, grad_buffers, dos, t_d, w_row, dgu, t_gu)
+        grads = unpad_grads(grads, true_rank)
+    dxs = None
+    if need_dx:
+        dxs = _row_buffer(r.rows, hdim, torch.float32)
+        if lora is None:
+            _grouped_bwd(dgu, experts, "gate_up", dxs, r)
+        elif fused:
             _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu.to(torch.bfloat16), ga, ua))
-        elif need_dx:
+        else:
             _grouped_bwd(dgu, experts, "gate_up", dxs, r)
             for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
                 _lora("xb", hdim, rank, _groups(r, _rows(t_gu, col), _per_expert(a), _rows(dxs)),
                       _pitch(t_gu), _pitch(dxs), x_dtype="f32", accumulate=True)
-    if lora is not None and need_lora_grads:
-        xs = _gather(saved.x, r)
-        active = np.zeros(experts.num_experts, dtype=bool)
-        active[r.experts_np] = True
-        pool = grad_buffers if grad_buffers is not None else LoraGradBuffers()
-        grads, to_zero = pool.acquire([tuple(p.shape) for p in lora], active)
-        g_ga, g_gb, g_ua, g_ub, g_da, g_db = grads
-        _zero_experts(to_zero, grads)  # active experts' slices are written in full below
-        pool.zeroed(grads, to_zero)
-        whd = hd * w_row[:, None]  # dY^T (w hd) = (w dOut)^T hd (hd carries the scaling)
-        _lora("xty", rank, hdim, _groups(r, _rows(dos), _rows(whd), _per_expert(g_db)), _pitch(dos),
-              0, 1.0, ldw=_pitch(whd), w_dtype="f32", y_dtype="bf16")
-        wtd = t_d * w_row[:, None]  # (t_d carries the scaling)
-        _lora("xty", idim, rank, _groups(r, _rows(wtd), _rows(act), _per_expert(g_da)), _pitch(wtd),
-              0, 1.0, x_dtype="f32", ldw=_pitch(act), y_dtype="bf16")
-        _lora("xty", rank, idim, np.concatenate([
-            _groups(r, _rows(dgu), _rows(hgu), _per_expert(g_gb)),
-            _groups(r, _rows(dgu, idim), _rows(hgu, rank), _per_expert(g_ub))]), _pitch(dgu), 0,
-            1.0, ldw=_pitch(hgu), w_dtype="bf16", y_dtype="bf16")
-        _lora("xty", hdim, rank, np.concatenate([
-            _groups(r, _rows(t_gu), _rows(xs), _per_expert(g_ga)),
-            _groups(r, _rows(t_gu, rank), _rows(xs), _per_expert(g_ua))]), _pitch(t_gu), 0, 1.0,
-            x_dtype="f32", ldw=_pitch(xs), y_dtype="bf16")
-        grads = unpad_grads(grads, true_rank)
     dx = _combine(dxs, r, None, torch.float32) if need_dx else None
     return dx, dw, grads
