@@ -21,9 +21,10 @@ def test_gather_puts_each_token_on_its_rows(src_dtype, cols):
     src = torch.randn(t, cols, generator=g).to(src_dtype)
     dst = torch.full((r.rows, cols), float("nan"), dtype=torch.bfloat16)
     spec = RowsSpec("gather", cols, "bf16" if src_dtype == torch.bfloat16 else "f32", "bf16")
-    get_kernel(spec).gather(dst.data_ptr(), src.data_ptr(), r.slot_row.data_ptr(), r.slot_token.data_ptr(),
-                            r.slot_row.numel())
-    assert torch.equal(dst[r.slot_row], src[r.slot_token].bfloat16())  # fp32 -> bf16 rounds to nearest even
+    get_kernel(spec).gather(dst.data_ptr(), src.data_ptr(), r.slot_row.ctypes.data, r.slot_token.ctypes.data,
+                            r.slot_row.size)
+    rows, tokens = torch.from_numpy(r.slot_row), torch.from_numpy(r.slot_token)
+    assert torch.equal(dst[rows], src[tokens].bfloat16())  # fp32 -> bf16 rounds to nearest even
 
 
 @pytest.mark.parametrize("weighted", [True, False])
@@ -38,9 +39,9 @@ def test_combine_sums_each_tokens_rows(weighted, out_dtype, cols):
     w = torch.rand(t, k, generator=g)
     out = torch.full((t, cols), float("nan"), dtype=out_dtype)
     spec = RowsSpec("combine", cols, "f32", "bf16" if out_dtype == torch.bfloat16 else "f32", weighted)
-    get_kernel(spec).combine(out.data_ptr(), y.data_ptr(), r.row_of.data_ptr(), w.data_ptr() if weighted else 0,
+    get_kernel(spec).combine(out.data_ptr(), y.data_ptr(), r.row_of.ctypes.data, w.data_ptr() if weighted else 0,
                              t, k)
-    want = (y[r.row_of] * (w if weighted else torch.ones(t, k)).unsqueeze(-1)).sum(1)
+    want = (y[torch.from_numpy(r.row_of)] * (w if weighted else torch.ones(t, k)).unsqueeze(-1)).sum(1)
     assert rel_err(out.float(), want) < (1e-6 if out_dtype == torch.float32 else 4e-3)
 
 

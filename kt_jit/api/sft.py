@@ -9,11 +9,8 @@ import torch
 from torch.autograd.function import once_differentiable
 
 from ..moe import sft as core
-from ..moe.routing import Routing
 from ..moe.weights import MoEExperts, MoELoRA
 from .validate import check_moe_inputs
-
-_ROUTING = ("slot_token", "slot_k", "slot_row", "row_of", "experts", "counts", "starts")
 
 
 class _MoESFTFunction(torch.autograd.Function):
@@ -26,11 +23,10 @@ class _MoESFTFunction(torch.autograd.Function):
         # every saved tensor goes through save_for_backward: autograd checks the inputs' versions
         # (in-place changes before backward raise), and non-reentrant checkpointing can drop them
         # after the forward and recompute them for the backward
-        r = saved.routing
         hgu, hd = saved.lora_h if saved.lora_h is not None else (None, None)
-        ctx.save_for_backward(saved.x, saved.topk_weights, saved.gu, saved.act, hgu, hd,
-                              *(getattr(r, f) for f in _ROUTING), *lora)
-        ctx.meta = (r.rows, saved.rank, saved.scaling, saved.lora_h is not None)
+        ctx.save_for_backward(saved.x, saved.topk_weights, saved.gu, saved.act, hgu, hd, *lora)
+        ctx.routing = saved.routing  # small NumPy arrays (T*K entries), derived from topk_ids
+        ctx.meta = (saved.rank, saved.scaling, saved.lora_h is not None)
         ctx.experts, ctx.scaling, ctx.grad_buffers = experts, scaling, grad_buffers
         ctx.x_dtype, ctx.w_dtype = x.dtype, topk_weights.dtype
         return out
@@ -38,10 +34,9 @@ class _MoESFTFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
-        x, w, gu, act, hgu, hd, *rest = ctx.saved_tensors
-        routing, lora = rest[:len(_ROUTING)], rest[len(_ROUTING):]
-        rows, rank, scaling, has_h = ctx.meta
-        saved = core.Saved(x, w, Routing(*routing, rows), gu, act, (hgu, hd) if has_h else None, rank, scaling)
+        x, w, gu, act, hgu, hd, *lora = ctx.saved_tensors
+        rank, scaling, has_h = ctx.meta
+        saved = core.Saved(x, w, ctx.routing, gu, act, (hgu, hd) if has_h else None, rank, scaling)
         lora_t = tuple(lora) if lora else None
         need = ctx.needs_input_grad  # (x, topk_ids, topk_weights, 4 non-tensors, *lora)
         need_lora = any(need[7:])

@@ -125,7 +125,7 @@ def get_kernel(spec: RowQuantSpec) -> RowQuantKernel:
     return RowQuantKernel(spec)
 
 
-def quantize_rows(x: torch.Tensor, rows: torch.Tensor | None = None,
+def quantize_rows(x: torch.Tensor, rows: np.ndarray | None = None,
                   col_scales: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [M, C]`` bf16 with unit column stride (C a multiple of 32) -> (``q [M, C]`` int16 with
     x's row stride, ``s [M]`` fp32) with ``x ~ q * s[:, None]``; 64-byte aligned outputs. ``rows``
@@ -138,7 +138,7 @@ def quantize_rows(x: torch.Tensor, rows: torch.Tensor | None = None,
         raise ValueError("quantize_rows takes a 2-D bfloat16 CPU tensor with contiguous rows")
     q = aligned_empty((x.shape[0], x.stride(0)), torch.int16)[:, :x.shape[1]]
     s = aligned_empty((x.shape[0],), torch.float32)
-    n, idx = (x.shape[0], 0) if rows is None else (rows.numel(), rows.data_ptr())
+    n, idx = (x.shape[0], 0) if rows is None else (rows.size, rows.ctypes.data)
     if col_scales is not None and (col_scales.dtype != np.int64 or col_scales.shape != (n,)
                                    or not col_scales.flags.c_contiguous):
         raise ValueError(f"col_scales must be a contiguous int64 array [{n}] of vector addresses")

@@ -83,10 +83,10 @@ def _per_expert(t: torch.Tensor | None) -> _Col:
 def _table(r: Routing, cols: list[_Col]) -> np.ndarray:
     """Group descriptors int64 [active experts, len(cols)] (one NumPy broadcast for all columns)."""
     base, rp, ep = (np.array(v, dtype=np.int64) for v in zip(*cols, strict=True))
-    table = base + r.starts_np[:, None] * rp + r.experts_np[:, None] * ep
+    table = base + r.starts[:, None] * rp + r.experts[:, None] * ep
     for i, c in enumerate(cols):
         if c is COUNT:
-            table[:, i] = r.counts_np
+            table[:, i] = r.counts
     return table
 
 
@@ -130,7 +130,7 @@ def _gather(src: torch.Tensor, r: Routing) -> torch.Tensor:
     dst = _row_buffer(r.rows, cols, torch.bfloat16)
     src_dtype = "bf16" if src.dtype == torch.bfloat16 else "f32"
     get_rows_kernel(RowsSpec("gather", cols, src_dtype, "bf16")).gather(
-        dst.data_ptr(), src.data_ptr(), r.slot_row.data_ptr(), r.slot_token.data_ptr(), r.slot_row.numel(),
+        dst.data_ptr(), src.data_ptr(), r.slot_row.ctypes.data, r.slot_token.ctypes.data, r.slot_row.size,
         ldd=_pitch(dst))
     return dst
 
@@ -141,7 +141,7 @@ def _combine(y: torch.Tensor, r: Routing, weights: torch.Tensor | None, out_dtyp
     cols = y.shape[1]
     out = torch.empty(t, cols, dtype=out_dtype)
     spec = RowsSpec("combine", cols, "f32", "bf16" if out_dtype == torch.bfloat16 else "f32", weights is not None)
-    get_rows_kernel(spec).combine(out.data_ptr(), y.data_ptr(), r.row_of.data_ptr(),
+    get_rows_kernel(spec).combine(out.data_ptr(), y.data_ptr(), r.row_of.ctypes.data,
                                   weights.data_ptr() if weights is not None else 0, t, k, ldy=_pitch(y))
     return out
 
@@ -202,7 +202,7 @@ def _grouped_bwd(dy: torch.Tensor, experts: MoEExperts, name: str, dx: torch.Ten
         kern = _kernel("bwd", experts, name)
     xscales = None
     if kern.spec.int_x:  # integer kernel: dY diag(s_e) as int16 rows (per-channel scales s_e)
-        col_scales = np.repeat(_table(r, [_per_expert(experts.scales(name))])[:, 0], r.counts_np)
+        col_scales = np.repeat(_table(r, [_per_expert(experts.scales(name))])[:, 0], r.counts)
         dy, dys = quantize_rows(dy, r.slot_row, col_scales)
         xscales = _rows(dys)
     groups = _gemm_groups(r, _rows(dy), experts, name, _rows(dx), lora, xscales)
@@ -212,7 +212,7 @@ def _grouped_bwd(dy: torch.Tensor, experts: MoEExperts, name: str, dx: torch.Ten
     tiles = None
     if kern.spec.isa != "avx512":  # AMX reads dY pre-arranged in tiles; segments are whole tiles
         tiles = gemm.pack_dy_for_amx(dy)
-        groups[:, 0] = tiles.data_ptr() + (r.starts_np // 16) * (n // 16) * 2048
+        groups[:, 0] = tiles.data_ptr() + (r.starts // 16) * (n // 16) * 2048
     kern.launch(groups, _pitch(dy), _pitch(dx))
     del tiles  # kept alive until the launch returned
 
@@ -239,6 +239,23 @@ def _zero_experts(mask: np.ndarray, grads: tuple[torch.Tensor, ...]) -> None:
                      np.concatenate([count * b for b in per]))
 
 
+FOLD_ZEROS_MAX = 16  # idle experts to zero: up to this many ride along in the xty launches
+
+
+def _xty_groups(r: Routing, parts: list[tuple[_Col, _Col, torch.Tensor]], zero_ids: np.ndarray) -> np.ndarray:
+    """xty group descriptors for LoRA gradients: for each (P rows, Q rows, gradient [E, ...]) part,
+    a group per active expert, then a zero-row group per expert in ``zero_ids`` (the kernel stores
+    its zero sums over that expert's slice: no separate zeroing launch, the slices are small)."""
+    tables = []
+    for p, q, grad in parts:
+        tables.append(_groups(r, p, q, _per_expert(grad)))
+        if zero_ids.size:
+            z = np.zeros((zero_ids.size, 4), dtype=np.int64)
+            z[:, 2] = grad.data_ptr() + zero_ids * (grad.stride(0) * grad.element_size())
+            tables.append(z)
+    return tables[0] if len(tables) == 1 else np.concatenate(tables)
+
+
 def _lora_grads(saved: Saved, r: Routing, lora: tuple[torch.Tensor, ...], num_experts: int,
                 grad_buffers: LoraGradBuffers | None, dos: torch.Tensor, t_d: torch.Tensor,
                 w_row: torch.Tensor, dgu: torch.Tensor, t_gu: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -249,26 +266,28 @@ def _lora_grads(saved: Saved, r: Routing, lora: tuple[torch.Tensor, ...], num_ex
     hgu, hd = saved.lora_h
     xs = _gather(saved.x, r)
     active = np.zeros(num_experts, dtype=bool)
-    active[r.experts_np] = True
+    active[r.experts] = True
     pool = grad_buffers if grad_buffers is not None else LoraGradBuffers()
     grads, to_zero = pool.acquire([tuple(p.shape) for p in lora], active)
     g_ga, g_gb, g_ua, g_ub, g_da, g_db = grads
-    _zero_experts(to_zero, grads)  # active experts' slices are written in full below
-    pool.zeroed(grads, to_zero)
+    zero_ids = np.flatnonzero(to_zero)
+    if zero_ids.size > FOLD_ZEROS_MAX:
+        _zero_experts(to_zero, grads)
+        zero_ids = zero_ids[:0]
+    # else the xty launches below zero those experts' slices (zero-row groups)
     whd = hd * w_row[:, None]  # dY^T (w hd) = (w dOut)^T hd (hd carries the scaling)
-    _lora("xty", rank, hdim, _groups(r, _rows(dos), _rows(whd), _per_expert(g_db)), _pitch(dos),
+    _lora("xty", rank, hdim, _xty_groups(r, [(_rows(dos), _rows(whd), g_db)], zero_ids), _pitch(dos),
           0, 1.0, ldw=_pitch(whd), w_dtype="f32", y_dtype="bf16")
     wtd = t_d * w_row[:, None]  # (t_d carries the scaling)
-    _lora("xty", idim, rank, _groups(r, _rows(wtd), _rows(saved.act), _per_expert(g_da)), _pitch(wtd),
+    _lora("xty", idim, rank, _xty_groups(r, [(_rows(wtd), _rows(saved.act), g_da)], zero_ids), _pitch(wtd),
           0, 1.0, x_dtype="f32", ldw=_pitch(saved.act), y_dtype="bf16")
-    _lora("xty", rank, idim, np.concatenate([
-        _groups(r, _rows(dgu), _rows(hgu), _per_expert(g_gb)),
-        _groups(r, _rows(dgu, idim), _rows(hgu, rank), _per_expert(g_ub))]), _pitch(dgu), 0,
-        1.0, ldw=_pitch(hgu), w_dtype="bf16", y_dtype="bf16")
-    _lora("xty", hdim, rank, np.concatenate([
-        _groups(r, _rows(t_gu), _rows(xs), _per_expert(g_ga)),
-        _groups(r, _rows(t_gu, rank), _rows(xs), _per_expert(g_ua))]), _pitch(t_gu), 0, 1.0,
-        x_dtype="f32", ldw=_pitch(xs), y_dtype="bf16")
+    parts = [(_rows(dgu), _rows(hgu), g_gb), (_rows(dgu, idim), _rows(hgu, rank), g_ub)]
+    _lora("xty", rank, idim, _xty_groups(r, parts, zero_ids), _pitch(dgu), 0, 1.0, ldw=_pitch(hgu),
+          w_dtype="bf16", y_dtype="bf16")
+    parts = [(_rows(t_gu), _rows(xs), g_ga), (_rows(t_gu, rank), _rows(xs), g_ua)]
+    _lora("xty", hdim, rank, _xty_groups(r, parts, zero_ids), _pitch(t_gu), 0, 1.0, x_dtype="f32",
+          ldw=_pitch(xs), y_dtype="bf16")
+    pool.zeroed(grads, to_zero)
     return grads
 
 
@@ -339,7 +358,7 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                 _pitch(hgu16), _pitch(gu), accumulate=True)
     act = aligned_empty((r.rows, idim), torch.bfloat16)
     # only the routed rows (segments are padded to 16 rows: at qlen 16 most rows are padding)
-    get_act_kernel(ActSpec("fwd", idim)).launch(r.slot_row.numel(), idx=r.slot_row.data_ptr(), gu=gu.data_ptr(),
+    get_act_kernel(ActSpec("fwd", idim)).launch(r.slot_row.size, idx=r.slot_row.ctypes.data, gu=gu.data_ptr(),
                                                 act=act.data_ptr())
     y = aligned_empty((r.rows, hdim), torch.float32)
     if lora is None:
@@ -381,8 +400,9 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
         grad_out = grad_out.float()
     dos = _gather(grad_out.contiguous(), r)
     d = _row_buffer(r.rows, idim, torch.float32)
-    w_row = torch.zeros(r.rows)  # routing weight of each row (0 on padding rows)
-    w_row[r.row_of.view(-1)] = saved.topk_weights.detach().reshape(-1)
+    w_row = np.zeros(r.rows, dtype=np.float32)  # routing weight of each row (0 on padding rows)
+    w_row[r.row_of.reshape(-1)] = saved.topk_weights.detach().numpy().reshape(-1)
+    w_row = torch.from_numpy(w_row)
     if lora is None:
         _grouped_bwd(dos, experts, "down", d, r)
     else:
@@ -403,12 +423,12 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
             _lora("xb", idim, rank, _groups(r, _rows(t_d), _per_expert(da), _rows(d)), _pitch(t_d),
                   _pitch(d), x_dtype="f32", accumulate=True)
     act = saved.act
-    dw_rows = aligned_empty((r.rows,), torch.float32)
+    dw_rows = np.empty(r.rows, dtype=np.float32)
     dgu = _row_buffer(r.rows, 2 * idim, torch.bfloat16)
     get_act_kernel(ActSpec("bwd", idim)).launch(
-        r.slot_row.numel(), idx=r.slot_row.data_ptr(), d=d.data_ptr(), act=act.data_ptr(), gu=saved.gu.data_ptr(),
-        w=w_row.data_ptr(), dw=dw_rows.data_ptr(), dgu=dgu.data_ptr(), ldd=_pitch(d), lddgu=_pitch(dgu))
-    dw = dw_rows[r.row_of]
+        r.slot_row.size, idx=r.slot_row.ctypes.data, d=d.data_ptr(), act=act.data_ptr(), gu=saved.gu.data_ptr(),
+        w=w_row.data_ptr(), dw=dw_rows.ctypes.data, dgu=dgu.data_ptr(), ldd=_pitch(d), lddgu=_pitch(dgu))
+    dw = torch.from_numpy(dw_rows[r.row_of])
     grads = t_gu = None
     if lora is not None and (need_dx or need_lora_grads):
         t_gu = aligned_empty((r.rows, 2 * rank), torch.float32)  # s [dG Bg | dU Bu]
