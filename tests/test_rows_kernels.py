@@ -1,5 +1,6 @@
 """Row gather / weighted combine kernels against plain torch indexing (exact copies; fp32 sums)."""
 
+import numpy as np
 import pytest
 import torch
 from reference import rel_err
@@ -43,6 +44,24 @@ def test_combine_sums_each_tokens_rows(weighted, out_dtype, cols):
                              t, k)
     want = (y[torch.from_numpy(r.row_of)] * (w if weighted else torch.ones(t, k)).unsqueeze(-1)).sum(1)
     assert rel_err(out.float(), want) < (1e-6 if out_dtype == torch.float32 else 4e-3)
+
+
+@pytest.mark.parametrize("t,k,e", [(37, 3, 5), (1, 8, 128), (64, 6, 64), (0, 2, 4), (5, 1, 1)])
+def test_route_is_a_stable_sort_by_expert(t, k, e):
+    ids = torch.randint(0, e, (t, k), generator=torch.Generator().manual_seed(t + e))
+    r = route(ids, e)
+    flat = ids.reshape(-1).numpy()
+    order = np.argsort(flat, kind="stable")
+    assert np.array_equal(r.slot_token * k + r.slot_k, order)
+    counts = np.bincount(flat, minlength=e)
+    assert np.array_equal(r.experts, np.flatnonzero(counts))
+    assert np.array_equal(r.counts, counts[r.experts])
+    padded = -(-r.counts // 16) * 16
+    assert np.array_equal(r.starts, np.cumsum(padded) - padded)
+    assert r.rows == padded.sum()
+    within = np.repeat(np.arange(r.experts.size), r.counts)  # segment of each sorted pair
+    assert np.array_equal(r.slot_row, r.starts[within] + np.arange(t * k) - (np.cumsum(r.counts) - r.counts)[within])
+    assert np.array_equal(r.row_of.reshape(-1)[order], r.slot_row)
 
 
 def test_row_of_inverts_the_expert_order():

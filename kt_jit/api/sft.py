@@ -17,9 +17,8 @@ class _MoESFTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, experts, scaling, out_dtype, grad_buffers, *lora):
         lora_t = tuple(lora) if lora else None
-        out, saved = core.forward(x.to(torch.bfloat16).contiguous(), topk_ids,
-                                  topk_weights.to(torch.float32).contiguous(), experts, lora_t, scaling,
-                                  save=True, out_dtype=out_dtype)
+        out, saved = core.forward(_as(x, torch.bfloat16), topk_ids, _as(topk_weights, torch.float32), experts,
+                                  lora_t, scaling, save=True, out_dtype=out_dtype)
         # every saved tensor goes through save_for_backward: autograd checks the inputs' versions
         # (in-place changes before backward raise), and non-reentrant checkpointing can drop them
         # after the forward and recompute them for the backward
@@ -43,9 +42,16 @@ class _MoESFTFunction(torch.autograd.Function):
         dx, dw, dlora = core.backward(saved, grad_out.contiguous(), ctx.experts, lora_t, ctx.scaling,
                                       ctx.grad_buffers, need_dx=need[0], need_lora_grads=need_lora)
         lora_grads = (None,) * len(lora) if dlora is None else tuple(
-            g.to(p.dtype) for g, p in zip(dlora, lora_t, strict=True))
-        return (None if dx is None else dx.to(ctx.x_dtype), None, dw.to(ctx.w_dtype), None, None, None, None,
+            _as(g, p.dtype) for g, p in zip(dlora, lora_t, strict=True))
+        return (None if dx is None else _as(dx, ctx.x_dtype), None, _as(dw, ctx.w_dtype), None, None, None, None,
                 *lora_grads)
+
+
+def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+    """``t`` in ``dtype``, contiguous (itself when it already is: no torch call on the hot path)."""
+    if t.dtype != dtype:
+        t = t.to(dtype)
+    return t if t.is_contiguous() else t.contiguous()
 
 
 def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -61,11 +67,20 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     check_moe_inputs(hidden_states, topk_ids, topk_weights, experts)
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
+    tensors = lora.tensors() if lora is not None else ()
+    if lora is not None:
+        lora.check_matches(experts)
+    if not (torch.is_grad_enabled() and (hidden_states.requires_grad or topk_weights.requires_grad
+                                         or any(p.requires_grad for p in tensors))):
+        # nothing to differentiate (inference, torch.no_grad): no autograd node, nothing saved
+        out, _ = core.forward(_as(hidden_states, torch.bfloat16), topk_ids, _as(topk_weights, torch.float32),
+                              experts, tensors or None, lora.scaling if lora is not None else 0.0, save=False,
+                              out_dtype=out_dtype)
+        return out
     if lora is None:
         return _MoESFTFunction.apply(hidden_states, topk_ids, topk_weights, experts, 0.0, out_dtype, None)
-    lora.check_matches(experts)
     return _MoESFTFunction.apply(hidden_states, topk_ids, topk_weights, experts, lora.scaling, out_dtype,
-                                 getattr(lora, "grad_buffers", None), *lora.tensors())
+                                 getattr(lora, "grad_buffers", None), *tensors)
 
 
 class MoESFTOp:
@@ -122,9 +137,8 @@ class MoESFTOp:
                                        f"{self.max_cache_depth}. Call backward() first, or raise max_cache_depth.")
         lora, scaling = self._lora()
         with torch.no_grad():
-            out, saved = core.forward(hidden_states.to(torch.bfloat16).contiguous(), topk_ids,
-                                      topk_weights.to(torch.float32).contiguous(), self.experts, lora, scaling,
-                                      save=save_for_backward, out_dtype=out_dtype)
+            out, saved = core.forward(_as(hidden_states, torch.bfloat16), topk_ids, _as(topk_weights, torch.float32),
+                                      self.experts, lora, scaling, save=save_for_backward, out_dtype=out_dtype)
         if save_for_backward:
             with self._lock:
                 if len(self._stack) >= self.max_cache_depth:

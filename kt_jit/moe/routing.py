@@ -12,6 +12,8 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..kernels.route import out_size, route_into
+
 SEGMENT_ALIGN = 16
 
 
@@ -38,24 +40,13 @@ class Routing:
 
 
 def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
-    """Group ``topk_ids [T, K]`` (int64, contiguous, already validated to lie in [0, E)) by expert.
-
-    Done in NumPy: for the few hundred ids of a decode step, a dozen small torch ops cost more
-    than the expert GEMMs' launch.
-    """
+    """Group ``topk_ids [T, K]`` (int64, contiguous, already validated to lie in [0, E)) by expert,
+    stably (pairs of one expert keep their token order), in one compiled call (kernels/route.py)."""
     t, k = topk_ids.shape
-    flat = topk_ids.numpy().reshape(-1)
-    order = np.argsort(flat, kind="stable")
-    counts_all = np.bincount(flat, minlength=num_experts)
-    experts = np.flatnonzero(counts_all)
-    counts = counts_all[experts]
-    padded = (counts + SEGMENT_ALIGN - 1) // SEGMENT_ALIGN * SEGMENT_ALIGN
-    starts = np.cumsum(padded) - padded
-    first_slot = np.cumsum(counts) - counts  # position of each segment in sorted order
-    # row of sorted slot j = starts[seg(j)] + (j - first_slot[seg(j)])
-    slot_row = np.arange(t * k) + np.repeat(starts - first_slot, counts)
-    rows = int(starts[-1] + padded[-1]) if experts.size else 0
-    row_of = np.empty(t * k, dtype=np.int64)
-    row_of[order] = slot_row
-    slot_token, slot_k = np.divmod(order, k)
-    return Routing(slot_token, slot_k, slot_row, row_of.reshape(t, k), experts, counts, starts, rows)
+    n, e = t * k, num_experts
+    buf = np.empty(out_size(n, e), dtype=np.int64)
+    route_into(topk_ids.data_ptr(), n, k, e, SEGMENT_ALIGN, buf.ctypes.data)
+    active, rows = int(buf[0]), int(buf[1])
+    b = 2 + 5 * e
+    return Routing(buf[b:b + n], buf[b + n:b + 2 * n], buf[b + 2 * n:b + 3 * n], buf[b + 3 * n:b + 4 * n].reshape(t, k),
+                   buf[2:2 + active], buf[2 + e:2 + e + active], buf[2 + 2 * e:2 + 2 * e + active], rows)
