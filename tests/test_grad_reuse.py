@@ -1,10 +1,12 @@
 """LoRA gradient buffers reused across backwards (kt_jit/moe/gradbuf.py): reused only when the
 previous gradients were dropped untouched, and the gradients are always those of fresh buffers."""
 
+import pytest
 import torch
 from test_moe_sft import make_batch, make_layer
 
 import kt_jit
+import kt_jit.moe.sft as core
 
 # two batches on disjoint experts: the second backward must zero what the first one wrote
 FIRST = torch.tensor([[0, 1], [2, 3], [1, 2]])
@@ -36,7 +38,15 @@ def assert_same(grads, expected):
         assert g[:4].abs().sum() == 0
 
 
-def test_dropped_gradients_are_reused_and_stale_experts_zeroed(monkeypatch):
+@pytest.fixture(params=["in xty launches", "separate launch"])
+def zeroing(request, monkeypatch):
+    """Both ways stale experts get zeroed: zero-row groups of the xty launches (few experts) or one
+    zero_ranges launch (many)."""
+    monkeypatch.setattr(core, "FOLD_ZEROS_MAX", 16 if request.param == "in xty launches" else -1)
+    return request.param
+
+
+def test_dropped_gradients_are_reused_and_stale_experts_zeroed(monkeypatch, zeroing):
     *_, experts, lora = make_layer(r=16)  # a kernel rank: autograd adopts the buffers
     expected = fresh_grads(experts, lora, SECOND, 2, monkeypatch)
     backward_grads(experts, lora, FIRST, 1)
@@ -138,11 +148,9 @@ def test_knob_off_in_between_leaves_the_kept_buffers_consistent(monkeypatch):
     assert_same(grads, expected)
 
 
-def test_interrupted_zeroing_is_redone(monkeypatch):
+def test_interrupted_zeroing_is_redone(monkeypatch, zeroing):
     """A backward that fails while zeroing stale experts leaves them marked as written: the next
     reusing backward zeroes them."""
-    import kt_jit.moe.sft as core
-
     *_, experts, lora = make_layer(r=16)
     expected = fresh_grads(experts, lora, torch.tensor([[0, 1], [1, 0], [0, 1]]), 3, monkeypatch)
     backward_grads(experts, lora, FIRST, 1)  # writes experts 0-3
@@ -153,7 +161,18 @@ def test_interrupted_zeroing_is_redone(monkeypatch):
         raise RuntimeError("interrupted")
 
     with monkeypatch.context() as m:
-        m.setattr(core.fill, "zero_ranges", fail)
+        if zeroing == "separate launch":
+            m.setattr(core.fill, "zero_ranges", fail)
+        else:  # fails at the last xty launch, after the first ones zeroed their gradients' experts
+            real, xty_calls = core._lora, []
+
+            def fail_fourth_xty(form, *a, **kw):
+                xty_calls.append(form == "xty")
+                if sum(xty_calls) == 4:
+                    fail()
+                return real(form, *a, **kw)
+
+            m.setattr(core, "_lora", fail_fourth_xty)
         try:
             backward_grads(experts, lora, SECOND, 2)
         except RuntimeError:

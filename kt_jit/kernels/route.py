@@ -8,7 +8,8 @@ plus one over the E experts, called directly (no thread launch).
 Output, one int64 buffer of ``out_size(n, e)`` fields (n = T*K pairs, e experts)::
 
     [0] active experts A      [1] rows (sum of the counts, each rounded up to ``align``)
-    experts[e] counts[e] starts[e]      the active experts in id order (first A entries used)
+    basis[e, 4]                          per active expert, in id order (first A rows used):
+                                         (1, first row, expert id, row count)
     scratch[2e]                          per-expert row and slot cursors
     slot_token[n] slot_k[n] slot_row[n]  pair j of expert order: token, k, row in the buffers
     row_of[n]                            the row of pair t*K + k
@@ -30,7 +31,7 @@ _SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, c
 
 def out_size(n: int, e: int) -> int:
     """int64 fields of the output buffer for n routed pairs over e experts."""
-    return 2 + 5 * e + 4 * n
+    return 2 + 6 * e + 4 * n
 
 
 def _build(fn: Function) -> None:
@@ -42,12 +43,10 @@ def _build(fn: Function) -> None:
     def region(first: str | int) -> str:
         return at(out, first)
 
-    experts = region(2)
-    counts = region(fn.add(2, e))
-    starts = region(fn.add(2, fn.mul(e, 2)))
-    row_cur = region(fn.add(2, fn.mul(e, 3)))
-    slot_cur = region(fn.add(2, fn.mul(e, 4)))
-    base = fn.add(2, fn.mul(e, 5))
+    basis = region(2)
+    row_cur = region(fn.add(2, fn.mul(e, 4)))
+    slot_cur = region(fn.add(2, fn.mul(e, 5)))
+    base = fn.add(2, fn.mul(e, 6))
     slot_token, slot_k = region(base), region(fn.add(base, n))
     slot_row, row_of = region(fn.add(base, fn.mul(n, 2))), region(fn.add(base, fn.mul(n, 3)))
 
@@ -62,9 +61,8 @@ def _build(fn: Function) -> None:
         cnt = fn.load("i64", at(row_cur, x), 8)
         with fn.if_then(fn.icmp("sgt", cnt, 0), name="used"):
             a = active.get()
-            fn.store("i64", x, at(experts, a), 8)
-            fn.store("i64", cnt, at(counts, a), 8)
-            fn.store("i64", rows.get(), at(starts, a), 8)
+            for f, v in enumerate(("1", rows.get(), x, cnt)):
+                fn.store("i64", v, at(basis, fn.add(fn.mul(a, 4), f)), 8)
             active.set(fn.add(a, 1))
         fn.store("i64", rows.get(), at(row_cur, x), 8)
         fn.store("i64", slots.get(), at(slot_cur, x), 8)
@@ -91,7 +89,7 @@ def _kernel() -> ctypes._CFuncPtr:
     mod = Module(NAME, target.fn_attrs)
     _build(mod.function(NAME, [("ptr", "%ids"), ("i64", "%n"), ("i64", "%k"), ("i64", "%e"), ("i64", "%align"),
                                ("ptr", "%out")]))
-    return _SIG(get_or_compile(NAME, "route v1", mod.render(), target, [NAME])[NAME])
+    return _SIG(get_or_compile(NAME, "route v2", mod.render(), target, [NAME])[NAME])
 
 
 def route_into(ids_addr: int, n: int, k: int, e: int, align: int, out_addr: int) -> None:

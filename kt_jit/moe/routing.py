@@ -19,24 +19,38 @@ SEGMENT_ALIGN = 16
 
 @dataclass
 class Routing:
-    """Where each routed (token, k) pair lives in the per-expert row buffers (int64 NumPy arrays:
-    the host side of a call works on NumPy, which costs far less per small operation than torch;
-    kernels take the arrays' addresses).
+    """Where each routed (token, k) pair lives in the per-expert row buffers (int64 NumPy arrays,
+    views of the routing kernel's output: the host side of a call works on NumPy, which costs far
+    less per small operation than torch; kernels take the arrays' addresses).
 
     slot_token[j], slot_k[j]: token and k of the j-th pair in expert order (j < T*K)
     slot_row[j]: its row in the per-expert buffers (``rows`` rows in all)
     row_of[t, k]: the row of pair (t, k) (the inverse view, [T, K])
-    experts, counts, starts: the active experts, their token counts and first rows
+    basis [A, 4]: per active expert (1, first row, expert id, row count), the per-expert terms of
+    every group-descriptor column (moe/sft.py builds each launch's table as basis @ coefficients)
     """
 
     slot_token: np.ndarray
     slot_k: np.ndarray
     slot_row: np.ndarray
     row_of: np.ndarray
-    experts: np.ndarray
-    counts: np.ndarray
-    starts: np.ndarray
+    basis: np.ndarray
     rows: int
+
+    @property
+    def starts(self) -> np.ndarray:
+        """First row of each active expert's segment."""
+        return self.basis[:, 1]
+
+    @property
+    def experts(self) -> np.ndarray:
+        """The active experts, in id order."""
+        return self.basis[:, 2]
+
+    @property
+    def counts(self) -> np.ndarray:
+        """Each active expert's routed pairs."""
+        return self.basis[:, 3]
 
 
 def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
@@ -47,6 +61,6 @@ def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
     buf = np.empty(out_size(n, e), dtype=np.int64)
     route_into(topk_ids.data_ptr(), n, k, e, SEGMENT_ALIGN, buf.ctypes.data)
     active, rows = int(buf[0]), int(buf[1])
-    b = 2 + 5 * e
+    b = 2 + 6 * e
     return Routing(buf[b:b + n], buf[b + n:b + 2 * n], buf[b + 2 * n:b + 3 * n], buf[b + 3 * n:b + 4 * n].reshape(t, k),
-                   buf[2:2 + active], buf[2 + e:2 + e + active], buf[2 + 2 * e:2 + 2 * e + active], rows)
+                   buf[2:2 + 4 * active].reshape(active, 4), rows)

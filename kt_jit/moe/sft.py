@@ -59,15 +59,16 @@ class Saved:
 
 
 class _Col(NamedTuple):
-    """One column of a group-descriptor table: the address ``base + row_pitch * (the expert's first
-    row) + expert_pitch * (the expert's id)`` for each active expert."""
+    """One column of a group-descriptor table: ``base + row_pitch * (the expert's first row) +
+    expert_pitch * (the expert's id) + per_count * (its row count)`` for each active expert."""
 
     base: int
     row_pitch: int = 0
     expert_pitch: int = 0
+    per_count: int = 0
 
 
-COUNT = _Col(0)  # marks the column of the expert's row count
+COUNT = _Col(0, 0, 0, 1)  # the column of the expert's row count
 
 
 def _rows(buf: torch.Tensor, col: int = 0) -> _Col:
@@ -81,18 +82,16 @@ def _per_expert(t: torch.Tensor | None) -> _Col:
 
 
 def _table(r: Routing, cols: list[_Col]) -> np.ndarray:
-    """Group descriptors int64 [active experts, len(cols)] (one NumPy broadcast for all columns)."""
-    base, rp, ep = (np.array(v, dtype=np.int64) for v in zip(*cols, strict=True))
-    table = base + r.starts[:, None] * rp + r.experts[:, None] * ep
-    for i, c in enumerate(cols):
-        if c is COUNT:
-            table[:, i] = r.counts
-    return table
+    """Group descriptors int64 [active experts, len(cols)]: one small integer matrix product of the
+    routing's per-expert (1, first row, id, count) with the columns' coefficients."""
+    return r.basis @ np.array(cols, dtype=np.int64).T
 
 
-def _groups(r: Routing, x: _Col, w: _Col, y: _Col) -> np.ndarray:
-    """Group descriptors (x, w, y, m) of the LoRA kernels."""
-    return _table(r, [x, w, y, COUNT])
+def _groups(basis: np.ndarray, *parts: tuple[_Col, _Col, _Col]) -> np.ndarray:
+    """Group descriptors (x, w, y, m) of the LoRA kernels: for each (x, w, y) part a group per row of
+    ``basis`` (a routing's, see :class:`Routing`), the parts one after the other."""
+    coef = np.array([[*part, COUNT] for part in parts], dtype=np.int64)  # [parts, 4 columns, 4 terms]
+    return (basis @ coef.transpose(0, 2, 1)).reshape(-1, 4)
 
 
 LoraOperands = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # rows, adapter 0, adapter 1
@@ -242,20 +241,6 @@ def _zero_experts(mask: np.ndarray, grads: tuple[torch.Tensor, ...]) -> None:
 FOLD_ZEROS_MAX = 16  # idle experts to zero: up to this many ride along in the xty launches
 
 
-def _xty_groups(r: Routing, parts: list[tuple[_Col, _Col, torch.Tensor]], zero_ids: np.ndarray) -> np.ndarray:
-    """xty group descriptors for LoRA gradients: for each (P rows, Q rows, gradient [E, ...]) part,
-    a group per active expert, then a zero-row group per expert in ``zero_ids`` (the kernel stores
-    its zero sums over that expert's slice: no separate zeroing launch, the slices are small)."""
-    tables = []
-    for p, q, grad in parts:
-        tables.append(_groups(r, p, q, _per_expert(grad)))
-        if zero_ids.size:
-            z = np.zeros((zero_ids.size, 4), dtype=np.int64)
-            z[:, 2] = grad.data_ptr() + zero_ids * (grad.stride(0) * grad.element_size())
-            tables.append(z)
-    return tables[0] if len(tables) == 1 else np.concatenate(tables)
-
-
 def _lora_grads(saved: Saved, r: Routing, lora: tuple[torch.Tensor, ...], num_experts: int,
                 grad_buffers: LoraGradBuffers | None, dos: torch.Tensor, t_d: torch.Tensor,
                 w_row: torch.Tensor, dgu: torch.Tensor, t_gu: torch.Tensor) -> tuple[torch.Tensor, ...]:
@@ -271,21 +256,24 @@ def _lora_grads(saved: Saved, r: Routing, lora: tuple[torch.Tensor, ...], num_ex
     grads, to_zero = pool.acquire([tuple(p.shape) for p in lora], active)
     g_ga, g_gb, g_ua, g_ub, g_da, g_db = grads
     zero_ids = np.flatnonzero(to_zero)
+    basis = r.basis
     if zero_ids.size > FOLD_ZEROS_MAX:
         _zero_experts(to_zero, grads)
-        zero_ids = zero_ids[:0]
-    # else the xty launches below zero those experts' slices (zero-row groups)
+    elif zero_ids.size:  # the xty launches below zero those experts' slices: zero-row groups
+        zb = np.zeros((zero_ids.size, 4), dtype=np.int64)
+        zb[:, 0], zb[:, 2] = 1, zero_ids
+        basis = np.concatenate([basis, zb])
     whd = hd * w_row[:, None]  # dY^T (w hd) = (w dOut)^T hd (hd carries the scaling)
-    _lora("xty", rank, hdim, _xty_groups(r, [(_rows(dos), _rows(whd), g_db)], zero_ids), _pitch(dos),
+    _lora("xty", rank, hdim, _groups(basis, (_rows(dos), _rows(whd), _per_expert(g_db))), _pitch(dos),
           0, 1.0, ldw=_pitch(whd), w_dtype="f32", y_dtype="bf16")
     wtd = t_d * w_row[:, None]  # (t_d carries the scaling)
-    _lora("xty", idim, rank, _xty_groups(r, [(_rows(wtd), _rows(saved.act), g_da)], zero_ids), _pitch(wtd),
+    _lora("xty", idim, rank, _groups(basis, (_rows(wtd), _rows(saved.act), _per_expert(g_da))), _pitch(wtd),
           0, 1.0, x_dtype="f32", ldw=_pitch(saved.act), y_dtype="bf16")
-    parts = [(_rows(dgu), _rows(hgu), g_gb), (_rows(dgu, idim), _rows(hgu, rank), g_ub)]
-    _lora("xty", rank, idim, _xty_groups(r, parts, zero_ids), _pitch(dgu), 0, 1.0, ldw=_pitch(hgu),
+    parts = (_rows(dgu), _rows(hgu), _per_expert(g_gb)), (_rows(dgu, idim), _rows(hgu, rank), _per_expert(g_ub))
+    _lora("xty", rank, idim, _groups(basis, *parts), _pitch(dgu), 0, 1.0, ldw=_pitch(hgu),
           w_dtype="bf16", y_dtype="bf16")
-    parts = [(_rows(t_gu), _rows(xs), g_ga), (_rows(t_gu, rank), _rows(xs), g_ua)]
-    _lora("xty", hdim, rank, _xty_groups(r, parts, zero_ids), _pitch(t_gu), 0, 1.0, x_dtype="f32",
+    parts = (_rows(t_gu), _rows(xs), _per_expert(g_ga)), (_rows(t_gu, rank), _rows(xs), _per_expert(g_ua))
+    _lora("xty", hdim, rank, _groups(basis, *parts), _pitch(t_gu), 0, 1.0, x_dtype="f32",
           ldw=_pitch(xs), y_dtype="bf16")
     pool.zeroed(grads, to_zero)
     return grads
@@ -345,16 +333,15 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
         fused = _fuses_lora(experts)
         hgu16 = aligned_empty((r.rows, 2 * rank), torch.bfloat16)  # s [X Ag^T | X Au^T]
         xrows = _rows(xs)
-        _lora("xat", rank, hdim, np.concatenate([_groups(r, xrows, _per_expert(ga), _rows(hgu16)),
-                                            _groups(r, xrows, _per_expert(ua), _rows(hgu16, rank))]),
+        _lora("xat", rank, hdim, _groups(r.basis, (xrows, _per_expert(ga), _rows(hgu16)),
+                                         (xrows, _per_expert(ua), _rows(hgu16, rank))),
               _pitch(xs), _pitch(hgu16), scaling, y_dtype="bf16")
         if fused:
             _grouped_fwd(xs, experts, "gate_up", gu, r, (hgu16, gb, ub))
         else:
             _grouped_fwd(xs, experts, "gate_up", gu, r)
-            _lora("xat", idim, rank, np.concatenate([
-                _groups(r, _rows(hgu16), _per_expert(gb), _rows(gu)),
-                _groups(r, _rows(hgu16, rank), _per_expert(ub), _rows(gu, idim))]),
+            _lora("xat", idim, rank, _groups(r.basis, (_rows(hgu16), _per_expert(gb), _rows(gu)),
+                                             (_rows(hgu16, rank), _per_expert(ub), _rows(gu, idim))),
                 _pitch(hgu16), _pitch(gu), accumulate=True)
     act = aligned_empty((r.rows, idim), torch.bfloat16)
     # only the routed rows (segments are padded to 16 rows: at qlen 16 most rows are padding)
@@ -365,13 +352,13 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
         _grouped_fwd(act, experts, "down", y, r)
     else:
         hd16 = aligned_empty((r.rows, rank), torch.bfloat16)  # s A Ad^T
-        _lora("xat", rank, idim, _groups(r, _rows(act), _per_expert(da), _rows(hd16)), _pitch(act),
+        _lora("xat", rank, idim, _groups(r.basis, (_rows(act), _per_expert(da), _rows(hd16))), _pitch(act),
               _pitch(hd16), scaling, y_dtype="bf16")
         if fused:
             _grouped_fwd(act, experts, "down", y, r, (hd16, db, None))
         else:
             _grouped_fwd(act, experts, "down", y, r)
-            _lora("xat", hdim, rank, _groups(r, _rows(hd16), _per_expert(db), _rows(y)), _pitch(hd16),
+            _lora("xat", hdim, rank, _groups(r.basis, (_rows(hd16), _per_expert(db), _rows(y))), _pitch(hd16),
                   _pitch(y), accumulate=True)
         lora_h = (hgu16, hd16)
     out = _combine(y, r, topk_weights, out_dtype)
@@ -414,13 +401,13 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
         fused = _fuses_lora(experts)
         hgu, hd = saved.lora_h
         t_d = aligned_empty((r.rows, rank), torch.float32)  # s dOut Bd
-        _lora("xb", rank, hdim, _groups(r, _rows(dos), _per_expert(db), _rows(t_d)), _pitch(dos),
+        _lora("xb", rank, hdim, _groups(r.basis, (_rows(dos), _per_expert(db), _rows(t_d))), _pitch(dos),
               _pitch(t_d), scaling)
         if fused:
             _grouped_bwd(dos, experts, "down", d, r, (t_d.to(torch.bfloat16), da, None))
         else:
             _grouped_bwd(dos, experts, "down", d, r)
-            _lora("xb", idim, rank, _groups(r, _rows(t_d), _per_expert(da), _rows(d)), _pitch(t_d),
+            _lora("xb", idim, rank, _groups(r.basis, (_rows(t_d), _per_expert(da), _rows(d))), _pitch(t_d),
                   _pitch(d), x_dtype="f32", accumulate=True)
     act = saved.act
     dw_rows = np.empty(r.rows, dtype=np.float32)
@@ -432,10 +419,9 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     grads = t_gu = None
     if lora is not None and (need_dx or need_lora_grads):
         t_gu = aligned_empty((r.rows, 2 * rank), torch.float32)  # s [dG Bg | dU Bu]
-        _lora("xb", rank, idim, np.concatenate([
-            _groups(r, _rows(dgu), _per_expert(gb), _rows(t_gu)),
-            _groups(r, _rows(dgu, idim), _per_expert(ub), _rows(t_gu, rank))]), _pitch(dgu), _pitch(t_gu),
-            scaling)
+        _lora("xb", rank, idim, _groups(r.basis, (_rows(dgu), _per_expert(gb), _rows(t_gu)),
+                                        (_rows(dgu, idim), _per_expert(ub), _rows(t_gu, rank))),
+              _pitch(dgu), _pitch(t_gu), scaling)
     if lora is not None and need_lora_grads:
         # before the transposed gate/up GEMM, not after: it streams the weights through the caches,
         # and the many small steps here (Python, NumPy, short launches) run several times slower
@@ -452,7 +438,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
         else:
             _grouped_bwd(dgu, experts, "gate_up", dxs, r)
             for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
-                _lora("xb", hdim, rank, _groups(r, _rows(t_gu, col), _per_expert(a), _rows(dxs)),
+                _lora("xb", hdim, rank, _groups(r.basis, (_rows(t_gu, col), _per_expert(a), _rows(dxs))),
                       _pitch(t_gu), _pitch(dxs), x_dtype="f32", accumulate=True)
     dx = _combine(dxs, r, None, torch.float32) if need_dx else None
     return dx, dw, grads
