@@ -55,18 +55,22 @@ def test_xb(n, k, x_dtype):
 
 @pytest.mark.parametrize("a,bdim", [(256, 16), (16, 96), (64, 32), (8, 16)])
 @pytest.mark.parametrize("ms", [(7, 1), (3, 0)])
-@pytest.mark.parametrize("dtypes", [("bf16", "f32"), ("f32", "bf16"), ("f32", "f32")])
-def test_xty(a, bdim, dtypes, ms):
-    """Two groups; a group with no tokens writes zeros (how unused experts get their gradient)."""
-    kern = get_kernel(LoraSpec("xty", bdim, a, x_dtype=dtypes[0], w_dtype=dtypes[1]))
+@pytest.mark.parametrize("dtypes", [("bf16", "f32"), ("f32", "bf16"), ("f32", "f32"), ("bf16", "bf16")])
+@pytest.mark.parametrize("row_scale", [False, True])
+def test_xty(a, bdim, dtypes, ms, row_scale):
+    """Two groups; a group with no tokens writes zeros (how unused experts get their gradient); with
+    ``row_scale`` each token's Q row is weighted by its own factor (a fifth group field)."""
+    kern = get_kernel(LoraSpec("xty", bdim, a, x_dtype=dtypes[0], w_dtype=dtypes[1], row_scale=row_scale))
     ps = [(_bf(m, a, seed=m) if dtypes[0] == "bf16" else torch.randn(m, a)) for m in ms]
     qs = [(_bf(m, bdim, seed=m + 1) if dtypes[1] == "bf16" else torch.randn(m, bdim)) for m in ms]
+    ws = [torch.rand(max(m, 1)) if row_scale else torch.ones(max(m, 1)) for m in ms]
     cs = [torch.full((a, bdim), float("nan")) for _ in ms]
-    rows = [(p.data_ptr(), q.data_ptr(), c.data_ptr(), m) for p, q, c, m in zip(ps, qs, cs, ms, strict=True)]
+    rows = [(p.data_ptr(), q.data_ptr(), c.data_ptr(), m) + ((w.data_ptr(),) if row_scale else ())
+            for p, q, c, m, w in zip(ps, qs, cs, ms, ws, strict=True)]
     kern.launch(_groups(*rows),
                 ps[0].stride(0) * ps[0].element_size(), qs[0].stride(0) * qs[0].element_size(), 0, 0.25)
-    for p, q, c in zip(ps, qs, cs, strict=True):
-        assert rel_err(c, 0.25 * p.float().T @ q.float()) < 1e-5
+    for p, q, c, w in zip(ps, qs, cs, ws, strict=True):
+        assert rel_err(c, 0.25 * p.float().T @ (w[:q.shape[0], None] * q.float())) < 1e-5
 
 
 def test_spec_validation():
@@ -76,3 +80,5 @@ def test_spec_validation():
         LoraSpec("xat", 16, 48)
     with pytest.raises(ValueError, match="form"):
         LoraSpec("xyz", 16, 16)
+    with pytest.raises(ValueError, match="row weights"):
+        LoraSpec("xb", 16, 16, row_scale=True)

@@ -9,13 +9,15 @@ LoRA product of the forward and backward pass (r = rank, small; m = tokens of on
   shuffle fold reduces per 16 outputs. K = 16 (two W rows per vector) or a multiple of 32.
 - ``xb``: ``Y[m, N] (+)= alpha * X[m, K] @ B`` with ``B [K, N]`` row-major. Outer form: broadcast
   X[m, k] times a row of B, fp32 FMA. X is fp32 or bf16.
-- ``xty``: ``C[A, B] = alpha * P[m, A]^T @ Q[m, B]`` (reduction over the tokens): LoRA weight
-  gradients. Outer form with fp32 FMA; P and Q fp32 or bf16.
+- ``xty``: ``C[A, B] = alpha * P[m, A]^T @ diag(s) Q[m, B]`` (reduction over the tokens; ``s`` an
+  optional fp32 weight per token, else 1): LoRA weight gradients. Outer form with fp32 FMA; P and Q
+  fp32 or bf16.
 
 Non-accumulating ``xat`` and ``xty`` may store bf16 (rounded once from the fp32 sums).
 
-Groups are ``(x, w, y, m)`` as in kernels/gemm.py (for ``xty``: ``(p, q, c, m)``); row pitches in
-bytes and ``alpha`` travel in the argument block. These run on AVX-512 (every AMX CPU has it).
+Groups are ``(x, w, y, m)`` as in kernels/gemm.py (for ``xty``: ``(p, q, c, m)``, with row weights
+``(p, q, c, m, s)``: s the address of the group's first weight); row pitches in bytes and ``alpha``
+travel in the argument block. These run on AVX-512 (every AMX CPU has it).
 """
 
 from __future__ import annotations
@@ -44,6 +46,7 @@ class LoraSpec:
     w_dtype: str = "bf16"
     accumulate: bool = False
     y_dtype: str = "f32"  # xat / xty may store bf16 directly
+    row_scale: bool = False  # xty: Q's rows weighted by an fp32 per-token factor (a 5th group field)
 
     def __post_init__(self) -> None:
         if self.form not in ("xat", "xb", "xty"):
@@ -58,11 +61,18 @@ class LoraSpec:
             raise ValueError(f"xat: K={self.k} must be 16 or a multiple of 32")
         if self.form == "xty" and self.k % 8:
             raise ValueError(f"xty: A={self.k} must be a multiple of 8")
+        if self.row_scale and self.form != "xty":
+            raise ValueError("row weights are only for xty kernels")
 
     @property
     def name(self) -> str:
         acc = "_acc" if self.accumulate else ""
-        return f"lora_{self.form}_n{self.n}_k{self.k}_{self.x_dtype}_{self.w_dtype}_{self.y_dtype}{acc}"
+        rs = "_rs" if self.row_scale else ""
+        return f"lora_{self.form}_n{self.n}_k{self.k}_{self.x_dtype}_{self.w_dtype}_{self.y_dtype}{acc}{rs}"
+
+    @property
+    def group_fields(self) -> int:
+        return 5 if self.row_scale else 4
 
     @property
     def nb(self) -> int:
@@ -103,12 +113,14 @@ class LoraSpec:
         return -(-self.col_blocks // self.blocks_per_item)
 
 
-def _group(fn: Function, ctx: str, item: str, ipg: int):
+def _group(fn: Function, ctx: str, item: str, ipg: int, fields: int = 4):
+    """(item within its group, x, w, y, m[, s]) of the claimed item's group descriptor."""
     g = fn.val(f"udiv i64 {item}, {ipg}")
     c = fn.val(f"urem i64 {item}, {ipg}")
-    desc = fn.gep(ARGS.load_ptr(fn, ctx, "groups"), fn.mul(g, 32))
-    return (c, fn.load("ptr", desc, 8), fn.load("ptr", fn.gep(desc, 8), 8), fn.load("ptr", fn.gep(desc, 16), 8),
-            fn.load("i64", fn.gep(desc, 24), 8))
+    desc = fn.gep(ARGS.load_ptr(fn, ctx, "groups"), fn.mul(g, 8 * fields))
+    ptrs = [fn.load("ptr", fn.gep(desc, 8 * f), 8) for f in (0, 1, 2)]
+    extra = [fn.load("ptr", fn.gep(desc, 32), 8)] if fields > 4 else []
+    return (c, *ptrs, fn.load("i64", fn.gep(desc, 24), 8), *extra)
 
 
 def _finish(fn: Function, spec: LoraSpec, v: str, alpha: str, ptr: str) -> None:
@@ -229,7 +241,7 @@ def _xty_body(spec: LoraSpec):
     qsz = 4 if spec.w_dtype == "f32" else 2
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        c, p, q, out, m = _group(fn, ctx, item, spec.items_per_group)
+        c, p, q, out, m, *rs = _group(fn, ctx, item, spec.items_per_group, spec.group_fields)
         ldp, ldq = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldw")
         alpha = vx.splat_arg_f32(fn, ARGS.load(fn, ctx, "alpha"))
         u0 = fn.mul(c, spec.units_per_item)
@@ -240,6 +252,9 @@ def _xty_body(spec: LoraSpec):
             with fn.loop(0, m, name="tok") as t:
                 qrow = fn.gep(q, fn.add(fn.mul(t, ldq), fn.mul(b0, qsz)))
                 qv = [vx.load_f32x16(fn, fn.gep(qrow, j * 16 * qsz), spec.w_dtype) for j in range(nb)]
+                if spec.row_scale:
+                    wt = vx.splat_f32(fn, fn.gep(rs[0], fn.mul(t, 4)), "f32")
+                    qv = [vx.fmul(fn, v, wt) for v in qv]
                 prow = fn.gep(p, fn.add(fn.mul(t, ldp), fn.mul(a0, psz)))
                 # the rows are far apart (a token's row is K or N wide): the next units' slices of
                 # this row are prefetched, else every unit waits on m cold lines in m pages
@@ -268,8 +283,9 @@ class LoraKernel:
         self.addr = compile_worker(spec.name, repr(spec), ARGS, body)
 
     def launch(self, groups, ldx: int, ldw: int, ldy: int, alpha: float, num_threads: int | None = None) -> None:
-        """Run over ``groups`` (int64 [G, 4], torch or NumPy); pitches in bytes; ``alpha`` scales the product."""
-        n_groups, addr = group_table(groups, 4)
+        """Run over ``groups`` (int64 [G, spec.group_fields], torch or NumPy); pitches in bytes;
+        ``alpha`` scales the product."""
+        n_groups, addr = group_table(groups, self.spec.group_fields)
         bits = struct.unpack("<I", struct.pack("<f", alpha))[0]
         ARGS.run(self.addr, n_groups * self.spec.items_per_group, num_threads, groups=addr, ldx=ldx, ldw=ldw,
                  ldy=ldy, alpha=bits)

@@ -87,11 +87,11 @@ def _table(r: Routing, cols: list[_Col]) -> np.ndarray:
     return r.basis @ np.array(cols, dtype=np.int64).T
 
 
-def _groups(basis: np.ndarray, *parts: tuple[_Col, _Col, _Col]) -> np.ndarray:
-    """Group descriptors (x, w, y, m) of the LoRA kernels: for each (x, w, y) part a group per row of
-    ``basis`` (a routing's, see :class:`Routing`), the parts one after the other."""
-    coef = np.array([[*part, COUNT] for part in parts], dtype=np.int64)  # [parts, 4 columns, 4 terms]
-    return (basis @ coef.transpose(0, 2, 1)).reshape(-1, 4)
+def _groups(basis: np.ndarray, *parts: tuple[_Col, ...]) -> np.ndarray:
+    """Group descriptors (x, w, y, m[, s]) of the LoRA kernels: for each (x, w, y[, s]) part a group
+    per row of ``basis`` (a routing's, see :class:`Routing`), the parts one after the other."""
+    coef = np.array([[*part[:3], COUNT, *part[3:]] for part in parts], dtype=np.int64)  # [parts, cols, 4]
+    return (basis @ coef.transpose(0, 2, 1)).reshape(-1, coef.shape[1])
 
 
 LoraOperands = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # rows, adapter 0, adapter 1
@@ -219,7 +219,7 @@ def _grouped_bwd(dy: torch.Tensor, experts: MoEExperts, name: str, dx: torch.Ten
 def _lora(form: str, n: int, k: int, groups: torch.Tensor, ldx: int, ldy: int, alpha: float = 1.0,
           x_dtype: str = "bf16", accumulate: bool = False, w_dtype: str = "bf16", ldw: int = 0,
           y_dtype: str = "f32") -> None:
-    spec = lk.LoraSpec(form, n, k, x_dtype, w_dtype, accumulate, y_dtype)
+    spec = lk.LoraSpec(form, n, k, x_dtype, w_dtype, accumulate, y_dtype, groups.shape[1] == 5)
     lk.get_kernel(spec).launch(groups, ldx, ldw, ldy, alpha)
 
 
@@ -243,7 +243,7 @@ FOLD_ZEROS_MAX = 16  # idle experts to zero: up to this many ride along in the x
 
 def _lora_grads(saved: Saved, r: Routing, lora: tuple[torch.Tensor, ...], num_experts: int,
                 grad_buffers: LoraGradBuffers | None, dos: torch.Tensor, t_d: torch.Tensor,
-                w_row: torch.Tensor, dgu: torch.Tensor, t_gu: torch.Tensor) -> tuple[torch.Tensor, ...]:
+                w_row: np.ndarray, dgu: torch.Tensor, t_gu: torch.Tensor) -> tuple[torch.Tensor, ...]:
     """The six LoRA gradients (bf16, kernel rank) from the backward's per-row operands: dos
     (gathered dOut), t_d = s dOut Bd and t_gu = s [dG Bg | dU Bu] (fp32), w_row (each row's routing
     weight), dgu = [dG | dU] (bf16); idle experts' slices are zero."""
@@ -263,11 +263,12 @@ def _lora_grads(saved: Saved, r: Routing, lora: tuple[torch.Tensor, ...], num_ex
         zb = np.zeros((zero_ids.size, 4), dtype=np.int64)
         zb[:, 0], zb[:, 2] = 1, zero_ids
         basis = np.concatenate([basis, zb])
-    whd = hd * w_row[:, None]  # dY^T (w hd) = (w dOut)^T hd (hd carries the scaling)
-    _lora("xty", rank, hdim, _groups(basis, (_rows(dos), _rows(whd), _per_expert(g_db))), _pitch(dos),
-          0, 1.0, ldw=_pitch(whd), w_dtype="f32", y_dtype="bf16")
-    wtd = t_d * w_row[:, None]  # (t_d carries the scaling)
-    _lora("xty", idim, rank, _groups(basis, (_rows(wtd), _rows(saved.act), _per_expert(g_da))), _pitch(wtd),
+    # the down adapters' gradients weight each row by its routing weight w (dY = w dOut; hd and t_d
+    # carry the scaling): dBd = dOut^T diag(w) hd, dAd = t_d^T diag(w) A
+    w = _Col(w_row.ctypes.data, w_row.itemsize)
+    _lora("xty", rank, hdim, _groups(basis, (_rows(dos), _rows(hd), _per_expert(g_db), w)), _pitch(dos),
+          0, 1.0, ldw=_pitch(hd), y_dtype="bf16")
+    _lora("xty", idim, rank, _groups(basis, (_rows(t_d), _rows(saved.act), _per_expert(g_da), w)), _pitch(t_d),
           0, 1.0, x_dtype="f32", ldw=_pitch(saved.act), y_dtype="bf16")
     parts = (_rows(dgu), _rows(hgu), _per_expert(g_gb)), (_rows(dgu, idim), _rows(hgu, rank), _per_expert(g_ub))
     _lora("xty", rank, idim, _groups(basis, *parts), _pitch(dgu), 0, 1.0, ldw=_pitch(hgu),
@@ -389,7 +390,6 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     d = _row_buffer(r.rows, idim, torch.float32)
     w_row = np.zeros(r.rows, dtype=np.float32)  # routing weight of each row (0 on padding rows)
     w_row[r.row_of.reshape(-1)] = saved.topk_weights.detach().numpy().reshape(-1)
-    w_row = torch.from_numpy(w_row)
     if lora is None:
         _grouped_bwd(dos, experts, "down", d, r)
     else:
@@ -414,7 +414,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     dgu = _row_buffer(r.rows, 2 * idim, torch.bfloat16)
     get_act_kernel(ActSpec("bwd", idim)).launch(
         r.slot_row.size, idx=r.slot_row.ctypes.data, d=d.data_ptr(), act=act.data_ptr(), gu=saved.gu.data_ptr(),
-        w=w_row.data_ptr(), dw=dw_rows.ctypes.data, dgu=dgu.data_ptr(), ldd=_pitch(d), lddgu=_pitch(dgu))
+        w=w_row.ctypes.data, dw=dw_rows.ctypes.data, dgu=dgu.data_ptr(), ldd=_pitch(d), lddgu=_pitch(dgu))
     dw = torch.from_numpy(dw_rows[r.row_of])
     grads = t_gu = None
     if lora is not None and (need_dx or need_lora_grads):
