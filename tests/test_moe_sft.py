@@ -608,12 +608,17 @@ def test_row_buffers_padded_off_4kb_pitches(quant):
     4 KB-multiple pitch and gets 64 bytes of padding; ~20 rows per expert take the streamed
     transposed GEMM for bf16 and int8 (allowed up to 24 rows with padded pitches; int4_1kgroup's
     small groups take the fold form up to 8 rows, so the panel), T=3 the small-group paths."""
-    from kt_jit.moe.sft import _row_buffer
+    from kt_jit.moe.sft import _Arena, _row_pitch
 
-    assert _row_buffer(3, 2048, torch.bfloat16).stride(0) == 2048 + 32
-    assert _row_buffer(3, 1024, torch.float32).stride(0) == 1024 + 16
-    assert _row_buffer(3, 7168, torch.bfloat16).stride(0) == 7168 + 32  # 14 KB: only two L1 sets
-    assert _row_buffer(3, 160, torch.bfloat16).stride(0) == 160  # 320 B = 5 x 64: already odd
+    assert _row_pitch(2048, 2) == 2 * (2048 + 32)
+    assert _row_pitch(1024, 4) == 4 * (1024 + 16)
+    assert _row_pitch(7168, 2) == 2 * (7168 + 32)  # 14 KB: only two L1 sets
+    assert _row_pitch(160, 2) == 320  # 5 x 64: already odd
+    arena = _Arena(3, {"a": (2048, 2, True), "b": (16, 4, False), "c": (1024, 4, True)})
+    a, b, c = (arena.rows[n] for n in "abc")
+    assert (a.pitch, b.pitch, c.pitch) == (4160, 64, 4160)
+    assert all(v.addr % 64 == 0 for v in (a, b, c))
+    assert b.addr >= a.addr + 3 * a.pitch and c.addr >= b.addr + 3 * b.pitch  # no overlap
     layer = make_layer(e=4, h=2048, i=1024, quant=quant)
     for t in (40, 3):
         dout = torch.randn(t, 2048, generator=torch.Generator().manual_seed(t))

@@ -21,6 +21,7 @@ backward uses the same bf16 H for the B gradients.
 
 from __future__ import annotations
 
+import ctypes
 from dataclasses import dataclass
 from typing import NamedTuple
 
@@ -31,7 +32,8 @@ from ..kernels import fill, gemm
 from ..kernels import lora as lk
 from ..kernels.activation import ActSpec
 from ..kernels.activation import get_kernel as get_act_kernel
-from ..kernels.rowquant import quantize_rows
+from ..kernels.rowquant import RowQuantSpec
+from ..kernels.rowquant import get_kernel as get_rowquant_kernel
 from ..kernels.rows import RowsSpec
 from ..kernels.rows import get_kernel as get_rows_kernel
 from ..runtime.buffers import aligned_empty
@@ -71,8 +73,10 @@ class _Col(NamedTuple):
 COUNT = _Col(0, 0, 0, 1)  # the column of the expert's row count
 
 
-def _rows(buf: torch.Tensor, col: int = 0) -> _Col:
+def _rows(buf: torch.Tensor | _Rows, col: int = 0) -> _Col:
     """Each active expert's first row in a per-expert row buffer (plus a column offset)."""
+    if isinstance(buf, _Rows):
+        return _Col(buf.addr + col * buf.itemsize, buf.pitch)
     return _Col(buf.data_ptr() + col * buf.element_size(), buf.stride(0) * buf.element_size())
 
 
@@ -111,42 +115,98 @@ def _gemm_groups(r: Routing, x: _Col, experts: MoEExperts, name: str, y: _Col,
     return _table(r, cols)
 
 
-def _row_buffer(rows: int, cols: int, dtype: torch.dtype) -> torch.Tensor:
-    """An uninitialised per-expert row buffer [rows, cols] whose row pitch is an odd multiple of
-    64 bytes (64 bytes of padding when it would be even): the streamed transposed GEMM keeps up to
-    24 rows of dY and dX in L1, and rows whose pitch is an even multiple (a multiple of 4 KB at
-    worst) fall into few L1 sets (measured: streaming 13-24 rows went from 0.3-0.8x to 1.1-1.6x the
-    panel path's speed with padded pitches)."""
-    pad = 64 // dtype.itemsize if cols * dtype.itemsize % 128 == 0 else 0
-    return aligned_empty((rows, cols + pad), dtype)[:, :cols]
+class _Rows(NamedTuple):
+    """Per-expert scratch rows of one pass inside an :class:`_Arena`: no tensor object, only what
+    the kernels take (address, row pitch in bytes) and the row's shape."""
+
+    addr: int
+    pitch: int
+    cols: int
+    itemsize: int
 
 
-def _gather(src: torch.Tensor, r: Routing) -> torch.Tensor:
-    """Per-expert bf16 row buffer [r.rows, C] (see :func:`_row_buffer`) holding ``src[t]`` (fp32 or
-    bf16, contiguous [T, C]) at the row of every routed pair (t, k); padding rows are left unset
-    (never read back)."""
-    cols = src.shape[1]
-    dst = _row_buffer(r.rows, cols, torch.bfloat16)
+def _row_pitch(cols: int, itemsize: int) -> int:
+    """Row pitch of a per-expert row buffer: an odd multiple of 64 bytes (64 bytes of padding when
+    it would be even): the streamed transposed GEMM keeps up to 24 rows of dY and dX in L1, and
+    rows whose pitch is an even multiple (a multiple of 4 KB at worst) fall into few L1 sets
+    (measured: streaming 13-24 rows went from 0.3-0.8x to 1.1-1.6x the panel path's speed)."""
+    b = -(-cols * itemsize // 64) * 64
+    return b + 64 if b % 128 == 0 else b
+
+
+class _Arena:
+    """A pass's scratch row buffers in one NumPy allocation, each 64-byte aligned.
+
+    At decode sizes the host side of a pass costs as much as its kernels, and each torch
+    allocation (and view) costs ~20 us there: the previous layer's weights have just streamed
+    through the caches. ``buffers``: name -> (columns, item size, padded pitch (see
+    :func:`_row_pitch`) or exact)."""
+
+    def __init__(self, rows: int, buffers: dict[str, tuple[int, int, bool]]) -> None:
+        layout, total = {}, 0
+        for name, (cols, size, pad) in buffers.items():
+            pitch = _row_pitch(cols, size) if pad else cols * size
+            layout[name] = (total, pitch, cols, size)
+            total += -(-pitch * rows // 64) * 64
+        self._mem = np.empty(total + 64, dtype=np.uint8)
+        base = -(-self._mem.ctypes.data // 64) * 64
+        self.rows = {name: _Rows(base + off, pitch, cols, size) for name, (off, pitch, cols, size) in layout.items()}
+
+
+def _addr(buf: torch.Tensor | _Rows) -> int:
+    return buf.addr if isinstance(buf, _Rows) else buf.data_ptr()
+
+
+def _pitch(buf: torch.Tensor | _Rows) -> int:
+    return buf.pitch if isinstance(buf, _Rows) else buf.stride(0) * buf.element_size()
+
+
+def _ncols(buf: torch.Tensor | _Rows) -> int:
+    return buf.cols if isinstance(buf, _Rows) else buf.shape[1]
+
+
+def _as_tensor(buf: _Rows, rows: int, dtype: torch.dtype) -> torch.Tensor:
+    """A torch view [rows, cols] of scratch rows (for the few torch functions that take them)."""
+    raw = (ctypes.c_char * (buf.pitch * rows)).from_address(buf.addr)
+    return torch.frombuffer(raw, dtype=dtype).as_strided((rows, buf.cols), (buf.pitch // buf.itemsize, 1))
+
+
+def _gather(src: torch.Tensor, r: Routing, dst: _Rows) -> None:
+    """``dst`` (bf16 per-expert rows, ``C`` columns) gets ``src[t]`` (fp32 or bf16, contiguous
+    [T, C]) at the row of every routed pair (t, k); padding rows are left unset (never read back)."""
     src_dtype = "bf16" if src.dtype == torch.bfloat16 else "f32"
-    get_rows_kernel(RowsSpec("gather", cols, src_dtype, "bf16")).gather(
-        dst.data_ptr(), src.data_ptr(), r.slot_row.ctypes.data, r.slot_token.ctypes.data, r.slot_row.size,
-        ldd=_pitch(dst))
-    return dst
+    get_rows_kernel(RowsSpec("gather", dst.cols, src_dtype, "bf16")).gather(
+        dst.addr, src.data_ptr(), r.slot_row.ctypes.data, r.slot_token.ctypes.data, r.slot_row.size, ldd=dst.pitch)
 
 
-def _combine(y: torch.Tensor, r: Routing, weights: torch.Tensor | None, out_dtype: torch.dtype) -> torch.Tensor:
+def _combine(y: torch.Tensor | _Rows, r: Routing, weights: torch.Tensor | None,
+             out_dtype: torch.dtype) -> torch.Tensor:
     """``out[t] = sum_k w[t, k] y[row(t, k)]`` (w = 1 when None) from the fp32 per-expert rows ``y``."""
     t, k = r.row_of.shape
-    cols = y.shape[1]
+    cols = _ncols(y)
     out = torch.empty(t, cols, dtype=out_dtype)
     spec = RowsSpec("combine", cols, "f32", "bf16" if out_dtype == torch.bfloat16 else "f32", weights is not None)
-    get_rows_kernel(spec).combine(out.data_ptr(), y.data_ptr(), r.row_of.ctypes.data,
+    get_rows_kernel(spec).combine(out.data_ptr(), _addr(y), r.row_of.ctypes.data,
                                   weights.data_ptr() if weights is not None else 0, t, k, ldy=_pitch(y))
     return out
 
 
-def _pitch(t: torch.Tensor) -> int:
-    return t.stride(0) * t.element_size()
+def _quantize(x: torch.Tensor | _Rows, r: Routing, q: _Rows, scales: _Rows,
+              col_scales: np.ndarray | None = None) -> None:
+    """The routed rows of ``x`` (bf16) as int16 rows ``q`` (x's pitch) with fp32 row scales (see
+    kernels/rowquant.py; ``col_scales``: per routed row, the address of its column-scale vector)."""
+    spec = RowQuantSpec(_ncols(x), col_scales is not None)
+    get_rowquant_kernel(spec).launch(q.addr, _addr(x), scales.addr, r.slot_row.size, idx=r.slot_row.ctypes.data,
+                                     cscales=col_scales.ctypes.data if col_scales is not None else 0, ld=_pitch(x))
+
+
+def _bf16_copy(src: _Rows, dst: _Rows, r: Routing) -> _Rows:
+    """``dst`` (bf16) := the routed rows of ``src`` (fp32, same columns, a multiple of 32, contiguous
+    rows), through the row gather kernel; returns ``dst``."""
+    rows = r.slot_row.ctypes.data
+    get_rows_kernel(RowsSpec("gather", src.cols, "f32", "bf16")).gather(dst.addr, src.addr, rows, rows,
+                                                                         r.slot_row.size, ldd=dst.pitch)
+    return dst
 
 
 def _dims(experts: MoEExperts, name: str) -> tuple[int, int]:
@@ -166,18 +226,18 @@ def _fuses_lora(experts: MoEExperts) -> bool:
     return _kernel("fwd", experts, "gate_up").spec.isa == "avx512"
 
 
-def _grouped_fwd(x: torch.Tensor, experts: MoEExperts, name: str, y: torch.Tensor, r: Routing,
-                 lora: LoraOperands | None = None) -> None:
+def _grouped_fwd(x: torch.Tensor | _Rows, experts: MoEExperts, name: str, y: torch.Tensor | _Rows, r: Routing,
+                 lora: LoraOperands | None = None, xq: tuple[_Rows, _Rows] | None = None) -> None:
     """y[rows of e] = x[rows of e] @ W_e^T for every active expert (one launch); quantized weights
-    take x as int16 rows with per-row scales (quantized here, see kernels/rowquant.py).
+    take x as int16 rows with per-row scales, quantized here into ``xq`` (see kernels/rowquant.py).
 
     ``lora = (h, b0, b1)`` fuses ``y += h[:, :r] b0_e^T`` (outputs below the split; with ``b1``,
     ``y += h[:, r:] b1_e^T`` above it): h [rows, r or 2r] bf16, b [E, out, r] bf16."""
-    n, k = _dims(experts, name)
     xscales = None
     if experts.storage != "bf16":
-        x, xs = quantize_rows(x, r.slot_row)
-        xscales = _rows(xs)
+        q, qs = xq
+        _quantize(x, r, q, qs)
+        x, xscales = q, _rows(qs)
     groups = _gemm_groups(r, _rows(x), experts, name, _rows(y), lora, xscales)
     if lora is None:
         _kernel("fwd", experts, name).launch(groups, _pitch(x), _pitch(y))
@@ -187,9 +247,10 @@ def _grouped_fwd(x: torch.Tensor, experts: MoEExperts, name: str, y: torch.Tenso
     kern.launch(groups, _pitch(x), _pitch(y), ldh=_pitch(h))
 
 
-def _grouped_bwd(dy: torch.Tensor, experts: MoEExperts, name: str, dx: torch.Tensor, r: Routing,
-                 lora: LoraOperands | None = None) -> None:
-    """dx[rows of e] = dy[rows of e] @ W_e for every active expert (one launch).
+def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routing,
+                 lora: LoraOperands | None = None, dyq: tuple[_Rows, _Rows] | None = None) -> None:
+    """dx[rows of e] = dy[rows of e] @ W_e for every active expert (one launch); the integer kernels
+    take dY diag(s_e) as int16 rows, quantized here into ``dyq``.
 
     ``lora = (t, a0, a1)`` (AVX-512 kernels) fuses ``dx += t[:, :r] a0_e (+ t[:, r:] a1_e)``:
     t [rows, r or 2r] bf16, a [E, r, K] bf16."""
@@ -202,15 +263,16 @@ def _grouped_bwd(dy: torch.Tensor, experts: MoEExperts, name: str, dx: torch.Ten
     xscales = None
     if kern.spec.int_x:  # integer kernel: dY diag(s_e) as int16 rows (per-channel scales s_e)
         col_scales = np.repeat(_table(r, [_per_expert(experts.scales(name))])[:, 0], r.counts)
-        dy, dys = quantize_rows(dy, r.slot_row, col_scales)
-        xscales = _rows(dys)
+        q, qs = dyq
+        _quantize(dy, r, q, qs, col_scales)
+        dy, xscales = q, _rows(qs)
     groups = _gemm_groups(r, _rows(dy), experts, name, _rows(dx), lora, xscales)
     if lora is not None:
         kern.launch(groups, _pitch(dy), _pitch(dx), ldh=_pitch(lora[0]))
         return
     tiles = None
     if kern.spec.isa != "avx512":  # AMX reads dY pre-arranged in tiles; segments are whole tiles
-        tiles = gemm.pack_dy_for_amx(dy)
+        tiles = gemm.pack_dy_for_amx(_as_tensor(dy, r.rows, torch.bfloat16))
         groups[:, 0] = tiles.data_ptr() + (r.starts // 16) * (n // 16) * 2048
     kern.launch(groups, _pitch(dy), _pitch(dx))
     del tiles  # kept alive until the launch returned
@@ -242,14 +304,13 @@ FOLD_ZEROS_MAX = 16  # idle experts to zero: up to this many ride along in the x
 
 
 def _lora_grads(saved: Saved, r: Routing, lora: tuple[torch.Tensor, ...], num_experts: int,
-                grad_buffers: LoraGradBuffers | None, dos: torch.Tensor, t_d: torch.Tensor,
-                w_row: np.ndarray, dgu: torch.Tensor, t_gu: torch.Tensor) -> tuple[torch.Tensor, ...]:
-    """The six LoRA gradients (bf16, kernel rank) from the backward's per-row operands: dos
-    (gathered dOut), t_d = s dOut Bd and t_gu = s [dG Bg | dU Bu] (fp32), w_row (each row's routing
-    weight), dgu = [dG | dU] (bf16); idle experts' slices are zero."""
+                grad_buffers: LoraGradBuffers | None, dos: _Rows, t_d: _Rows,
+                w_row: np.ndarray, dgu: _Rows, t_gu: _Rows, xs: _Rows) -> tuple[torch.Tensor, ...]:
+    """The six LoRA gradients (bf16, kernel rank) from the backward's per-row operands: dos and xs
+    (gathered dOut and X), t_d = s dOut Bd and t_gu = s [dG Bg | dU Bu] (fp32), w_row (each row's
+    routing weight), dgu = [dG | dU] (bf16); idle experts' slices are zero."""
     hdim, idim, rank = saved.x.shape[1], saved.act.shape[1], lora[0].shape[1]
     hgu, hd = saved.lora_h
-    xs = _gather(saved.x, r)
     active = np.zeros(num_experts, dtype=bool)
     active[r.experts] = True
     pool = grad_buffers if grad_buffers is not None else LoraGradBuffers()
@@ -321,51 +382,63 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     t, hdim = x.shape
     idim = experts.intermediate_size
     r = route(topk_ids, experts.num_experts)
-    xs = _gather(x, r)
-    gu = aligned_empty((r.rows, 2 * idim), torch.float32)
-    lora_h = None
+    quant = experts.storage != "bf16"
     user_rank = lora[0].shape[1] if lora is not None else 0
+    rank = kernel_rank(user_rank) if lora is not None else 0
+    # scratch rows in one arena; what backward reads (gu, act and the LoRA H rows, contiguous) are
+    # tensors when saved
+    kept = {"gu": (2 * idim, 4, False), "act": (idim, 2, False)}
+    if lora is not None:  # s [X Ag^T | X Au^T] and s A Ad^T, bf16 (as the B products use them)
+        kept |= {"hgu": (2 * rank, 2, False), "hd": (rank, 2, False)}
+    scratch = {"xs": (hdim, 2, True), "y": (hdim, 4, True)}
+    if quant:  # int16 rows with the pitch of what they quantize, and their scales
+        scratch |= {"xq": (hdim, 2, True), "xqs": (1, 4, False), "aq": (idim, 2, False), "aqs": (1, 4, False)}
+    if not save:
+        scratch |= kept
+    arena = _Arena(r.rows, scratch)
+    b = arena.rows
+    if save:
+        dtypes = {4: torch.float32, 2: torch.bfloat16}
+        b |= {name: aligned_empty((r.rows, cols), dtypes[size]) for name, (cols, size, _) in kept.items()}
+    xs, gu, act, y = b["xs"], b["gu"], b["act"], b["y"]
+    xq, aq = ((b["xq"], b["xqs"]), (b["aq"], b["aqs"])) if quant else (None, None)
+    _gather(x, r, xs)
     if lora is None:
-        _grouped_fwd(xs, experts, "gate_up", gu, r)
+        _grouped_fwd(xs, experts, "gate_up", gu, r, xq=xq)
     else:
-        # H = s X A^T is computed first (fp32, saved for backward; its bf16 copy feeds the B product)
+        # H = s X A^T first (rounded to bf16 once: the B products and the backward use the same H)
         ga, gb, ua, ub, da, db = lora = pad_lora(lora)
-        rank = ga.shape[1]
         fused = _fuses_lora(experts)
-        hgu16 = aligned_empty((r.rows, 2 * rank), torch.bfloat16)  # s [X Ag^T | X Au^T]
-        xrows = _rows(xs)
-        _lora("xat", rank, hdim, _groups(r.basis, (xrows, _per_expert(ga), _rows(hgu16)),
-                                         (xrows, _per_expert(ua), _rows(hgu16, rank))),
-              _pitch(xs), _pitch(hgu16), scaling, y_dtype="bf16")
+        hgu, hd = b["hgu"], b["hd"]
+        _lora("xat", rank, hdim, _groups(r.basis, (_rows(xs), _per_expert(ga), _rows(hgu)),
+                                         (_rows(xs), _per_expert(ua), _rows(hgu, rank))),
+              _pitch(xs), _pitch(hgu), scaling, y_dtype="bf16")
         if fused:
-            _grouped_fwd(xs, experts, "gate_up", gu, r, (hgu16, gb, ub))
+            _grouped_fwd(xs, experts, "gate_up", gu, r, (hgu, gb, ub), xq=xq)
         else:
-            _grouped_fwd(xs, experts, "gate_up", gu, r)
-            _lora("xat", idim, rank, _groups(r.basis, (_rows(hgu16), _per_expert(gb), _rows(gu)),
-                                             (_rows(hgu16, rank), _per_expert(ub), _rows(gu, idim))),
-                _pitch(hgu16), _pitch(gu), accumulate=True)
-    act = aligned_empty((r.rows, idim), torch.bfloat16)
+            _grouped_fwd(xs, experts, "gate_up", gu, r, xq=xq)
+            _lora("xat", idim, rank, _groups(r.basis, (_rows(hgu), _per_expert(gb), _rows(gu)),
+                                             (_rows(hgu, rank), _per_expert(ub), _rows(gu, idim))),
+                  _pitch(hgu), _pitch(gu), accumulate=True)
     # only the routed rows (segments are padded to 16 rows: at qlen 16 most rows are padding)
-    get_act_kernel(ActSpec("fwd", idim)).launch(r.slot_row.size, idx=r.slot_row.ctypes.data, gu=gu.data_ptr(),
-                                                act=act.data_ptr())
-    y = aligned_empty((r.rows, hdim), torch.float32)
+    get_act_kernel(ActSpec("fwd", idim)).launch(r.slot_row.size, idx=r.slot_row.ctypes.data, gu=_addr(gu),
+                                                act=_addr(act))
     if lora is None:
-        _grouped_fwd(act, experts, "down", y, r)
+        _grouped_fwd(act, experts, "down", y, r, xq=aq)
     else:
-        hd16 = aligned_empty((r.rows, rank), torch.bfloat16)  # s A Ad^T
-        _lora("xat", rank, idim, _groups(r.basis, (_rows(act), _per_expert(da), _rows(hd16))), _pitch(act),
-              _pitch(hd16), scaling, y_dtype="bf16")
+        _lora("xat", rank, idim, _groups(r.basis, (_rows(act), _per_expert(da), _rows(hd))), _pitch(act),
+              _pitch(hd), scaling, y_dtype="bf16")
         if fused:
-            _grouped_fwd(act, experts, "down", y, r, (hd16, db, None))
+            _grouped_fwd(act, experts, "down", y, r, (hd, db, None), xq=aq)
         else:
-            _grouped_fwd(act, experts, "down", y, r)
-            _lora("xat", hdim, rank, _groups(r.basis, (_rows(hd16), _per_expert(db), _rows(y))), _pitch(hd16),
+            _grouped_fwd(act, experts, "down", y, r, xq=aq)
+            _lora("xat", hdim, rank, _groups(r.basis, (_rows(hd), _per_expert(db), _rows(y))), _pitch(hd),
                   _pitch(y), accumulate=True)
-        lora_h = (hgu16, hd16)
     out = _combine(y, r, topk_weights, out_dtype)
     saved = None
     if save:
-        saved = Saved(x, topk_weights, r, gu, act, lora_h, user_rank, scaling, x._version, topk_weights._version)
+        saved = Saved(x, topk_weights, r, gu, act, (hgu, hd) if lora is not None else None, user_rank, scaling,
+                      x._version, topk_weights._version)
     return out, saved
 
 
@@ -386,39 +459,49 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     idim = experts.intermediate_size
     if grad_out.dtype not in (torch.float32, torch.bfloat16):
         grad_out = grad_out.float()
-    dos = _gather(grad_out.contiguous(), r)
-    d = _row_buffer(r.rows, idim, torch.float32)
+    rank = kernel_rank(lora[0].shape[1]) if lora is not None else 0
+    tcols = max(rank, 32)  # T rows hold 32 columns at least: the row kernels' bf16 copy is 32-wide
+    scratch = {"dos": (hdim, 2, True), "d": (idim, 4, True), "dgu": (2 * idim, 2, True)}
+    if need_dx:
+        scratch["dxs"] = (hdim, 4, True)
+    if lora is not None:  # T = s dOut Bd, s [dG Bg | dU Bu] (fp32) and the bf16 copies the GEMMs add
+        scratch |= {"t_d": (tcols, 4, False), "t_gu": (2 * rank, 4, False), "t_d16": (tcols, 2, False),
+                    "t_gu16": (2 * rank, 2, False), "xs": (hdim, 2, True)}
+    if experts.storage != "bf16":  # int16 dY rows of the integer kernels, and their scales
+        scratch |= {"dosq": (hdim, 2, True), "dosqs": (1, 4, False), "dguq": (2 * idim, 2, True),
+                    "dguqs": (1, 4, False)}
+    arena = _Arena(r.rows, scratch)
+    b = arena.rows
+    dos, d, dgu, dxs = b["dos"], b["d"], b["dgu"], b.get("dxs")
+    dosq, dguq = ((b["dosq"], b["dosqs"]), (b["dguq"], b["dguqs"])) if experts.storage != "bf16" else (None, None)
+    _gather(grad_out if grad_out.is_contiguous() else grad_out.contiguous(), r, dos)
     w_row = np.zeros(r.rows, dtype=np.float32)  # routing weight of each row (0 on padding rows)
     w_row[r.row_of.reshape(-1)] = saved.topk_weights.detach().numpy().reshape(-1)
     if lora is None:
-        _grouped_bwd(dos, experts, "down", d, r)
+        _grouped_bwd(dos, experts, "down", d, r, dyq=dosq)
     else:
         # T = s dY B first (fp32, for the A gradients); the transposed GEMMs add T A themselves
         # from its bf16 copy on AVX-512, else separate passes add it
         true_rank = lora[0].shape[1]
         ga, gb, ua, ub, da, db = lora = pad_lora(lora)
-        rank = ga.shape[1]
         fused = _fuses_lora(experts)
-        hgu, hd = saved.lora_h
-        t_d = aligned_empty((r.rows, rank), torch.float32)  # s dOut Bd
+        t_d, t_gu = b["t_d"], b["t_gu"]
         _lora("xb", rank, hdim, _groups(r.basis, (_rows(dos), _per_expert(db), _rows(t_d))), _pitch(dos),
               _pitch(t_d), scaling)
         if fused:
-            _grouped_bwd(dos, experts, "down", d, r, (t_d.to(torch.bfloat16), da, None))
+            _grouped_bwd(dos, experts, "down", d, r, (_bf16_copy(t_d, b["t_d16"], r), da, None), dyq=dosq)
         else:
-            _grouped_bwd(dos, experts, "down", d, r)
+            _grouped_bwd(dos, experts, "down", d, r, dyq=dosq)
             _lora("xb", idim, rank, _groups(r.basis, (_rows(t_d), _per_expert(da), _rows(d))), _pitch(t_d),
                   _pitch(d), x_dtype="f32", accumulate=True)
     act = saved.act
     dw_rows = np.empty(r.rows, dtype=np.float32)
-    dgu = _row_buffer(r.rows, 2 * idim, torch.bfloat16)
     get_act_kernel(ActSpec("bwd", idim)).launch(
-        r.slot_row.size, idx=r.slot_row.ctypes.data, d=d.data_ptr(), act=act.data_ptr(), gu=saved.gu.data_ptr(),
-        w=w_row.ctypes.data, dw=dw_rows.ctypes.data, dgu=dgu.data_ptr(), ldd=_pitch(d), lddgu=_pitch(dgu))
+        r.slot_row.size, idx=r.slot_row.ctypes.data, d=d.addr, act=act.data_ptr(), gu=saved.gu.data_ptr(),
+        w=w_row.ctypes.data, dw=dw_rows.ctypes.data, dgu=dgu.addr, ldd=d.pitch, lddgu=dgu.pitch)
     dw = torch.from_numpy(dw_rows[r.row_of])
-    grads = t_gu = None
+    grads = None
     if lora is not None and (need_dx or need_lora_grads):
-        t_gu = aligned_empty((r.rows, 2 * rank), torch.float32)  # s [dG Bg | dU Bu]
         _lora("xb", rank, idim, _groups(r.basis, (_rows(dgu), _per_expert(gb), _rows(t_gu)),
                                         (_rows(dgu, idim), _per_expert(ub), _rows(t_gu, rank))),
               _pitch(dgu), _pitch(t_gu), scaling)
@@ -426,17 +509,16 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
         # before the transposed gate/up GEMM, not after: it streams the weights through the caches,
         # and the many small steps here (Python, NumPy, short launches) run several times slower
         # right after it (measured at qlen 1: 0.6 ms instead of 0.3)
-        grads = _lora_grads(saved, r, lora, experts.num_experts, grad_buffers, dos, t_d, w_row, dgu, t_gu)
+        _gather(saved.x, r, b["xs"])
+        grads = _lora_grads(saved, r, lora, experts.num_experts, grad_buffers, dos, t_d, w_row, dgu, t_gu, b["xs"])
         grads = unpad_grads(grads, true_rank)
-    dxs = None
     if need_dx:
-        dxs = _row_buffer(r.rows, hdim, torch.float32)
         if lora is None:
-            _grouped_bwd(dgu, experts, "gate_up", dxs, r)
+            _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq)
         elif fused:
-            _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu.to(torch.bfloat16), ga, ua))
+            _grouped_bwd(dgu, experts, "gate_up", dxs, r, (_bf16_copy(t_gu, b["t_gu16"], r), ga, ua), dyq=dguq)
         else:
-            _grouped_bwd(dgu, experts, "gate_up", dxs, r)
+            _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq)
             for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
                 _lora("xb", hdim, rank, _groups(r.basis, (_rows(t_gu, col), _per_expert(a), _rows(dxs))),
                       _pitch(t_gu), _pitch(dxs), x_dtype="f32", accumulate=True)
