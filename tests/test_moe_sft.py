@@ -333,6 +333,8 @@ def test_bad_inputs_are_clear_errors():
             kt_jit.moe_sft(a, b, c, experts, lora)
     with pytest.raises(ValueError, match="expert ids in"):
         kt_jit.moe_sft(x, ids - 1 - ids, w, experts, lora)
+    with torch.no_grad(), pytest.raises(ValueError, match="expert ids in"):  # the no-autograd path too
+        kt_jit.moe_sft(x, ids + E, w, experts)
     with pytest.raises(ValueError, match="out_dtype"):
         kt_jit.moe_sft(x, ids, w, experts, lora, out_dtype=torch.float16)
     with pytest.raises(ValueError, match="MoEExperts"):

@@ -64,6 +64,13 @@ def test_route_is_a_stable_sort_by_expert(t, k, e):
     assert np.array_equal(r.row_of.reshape(-1)[order], r.slot_row)
 
 
+@pytest.mark.parametrize("bad", [-1, 4, 1 << 40])
+def test_route_refuses_ids_out_of_range(bad):
+    ids = torch.tensor([[0, 1], [2, bad], [3, 0]])
+    with pytest.raises(ValueError, match=rf"expert ids in \[{min(bad, 0)}, {max(bad, 3)}\].*only 4 experts"):
+        route(ids, 4)
+
+
 def test_row_of_inverts_the_expert_order():
     ids = torch.tensor([[2, 0], [2, 1], [0, 2]])
     r = route(ids, 3)

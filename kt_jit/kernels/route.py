@@ -8,6 +8,7 @@ plus one over the E experts, called directly (no thread launch).
 Output, one int64 buffer of ``out_size(n, e)`` fields (n = T*K pairs, e experts)::
 
     [0] active experts A      [1] rows (sum of the counts, each rounded up to ``align``)
+    [2] smallest id           [3] largest id (when either is outside [0, e) nothing else is written)
     basis[e, 4]                          per active expert, in id order (first A rows used):
                                          (1, first row, expert id, row count)
     scratch[2e]                          per-expert row and slot cursors
@@ -25,13 +26,14 @@ from ..codegen.compile import target_for
 from ..codegen.ir import Function, Module
 
 NAME = "kt_route"
+HEADER = 4
 _SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64, ctypes.c_int64,
                         ctypes.c_void_p)
 
 
 def out_size(n: int, e: int) -> int:
     """int64 fields of the output buffer for n routed pairs over e experts."""
-    return 2 + 6 * e + 4 * n
+    return HEADER + 6 * e + 4 * n
 
 
 def _build(fn: Function) -> None:
@@ -43,10 +45,25 @@ def _build(fn: Function) -> None:
     def region(first: str | int) -> str:
         return at(out, first)
 
-    basis = region(2)
-    row_cur = region(fn.add(2, fn.mul(e, 4)))
-    slot_cur = region(fn.add(2, fn.mul(e, 5)))
-    base = fn.add(2, fn.mul(e, 6))
+    basis = region(HEADER)
+    row_cur = region(fn.add(HEADER, fn.mul(e, 4)))
+    slot_cur = region(fn.add(HEADER, fn.mul(e, 5)))
+    base = fn.add(HEADER, fn.mul(e, 6))
+
+    # the ids' range first: an id outside [0, e) must not be used as an index
+    lo, hi = fn.var("i64", "9223372036854775807"), fn.var("i64", "-9223372036854775808")
+    with fn.loop(0, n, name="range") as j:
+        x = fn.load("i64", at(ids, j), 8)
+        lo.set(fn.val(f"select i1 {fn.icmp('slt', x, lo.get())}, i64 {x}, i64 {lo.get()}"))
+        hi.set(fn.val(f"select i1 {fn.icmp('sgt', x, hi.get())}, i64 {x}, i64 {hi.get()}"))
+    fn.store("i64", lo.get(), fn.gep(out, 16), 8)
+    fn.store("i64", hi.get(), fn.gep(out, 24), 8)
+    bad = fn.val(f"or i1 {fn.icmp('slt', lo.get(), 0)}, {fn.icmp('sge', hi.get(), e)}")
+    bad_bb, ok_bb = fn.new_block("bad"), fn.new_block("ok")
+    fn.cbr(bad, bad_bb, ok_bb)
+    fn.set_block(bad_bb)
+    fn.ret()
+    fn.set_block(ok_bb)
     slot_token, slot_k = region(base), region(fn.add(base, n))
     slot_row, row_of = region(fn.add(base, fn.mul(n, 2))), region(fn.add(base, fn.mul(n, 3)))
 
@@ -89,11 +106,12 @@ def _kernel() -> ctypes._CFuncPtr:
     mod = Module(NAME, target.fn_attrs)
     _build(mod.function(NAME, [("ptr", "%ids"), ("i64", "%n"), ("i64", "%k"), ("i64", "%e"), ("i64", "%align"),
                                ("ptr", "%out")]))
-    return _SIG(get_or_compile(NAME, "route v2", mod.render(), target, [NAME])[NAME])
+    return _SIG(get_or_compile(NAME, "route v3", mod.render(), target, [NAME])[NAME])
 
 
 def route_into(ids_addr: int, n: int, k: int, e: int, align: int, out_addr: int) -> None:
-    """Sort the ``n`` int64 expert ids at ``ids_addr`` (pairs t*k + j; every id in [0, e), trusted)
-    into the int64 buffer at ``out_addr`` (``out_size(n, e)`` fields, layout in the module
-    docstring); each expert's rows start at a multiple of ``align`` (a power of two)."""
+    """Sort the ``n`` int64 expert ids at ``ids_addr`` (pairs t*k + j) into the int64 buffer at
+    ``out_addr`` (``out_size(n, e)`` fields, layout in the module docstring); each expert's rows
+    start at a multiple of ``align`` (a power of two). Ids outside [0, e) stop it after the header
+    (the caller checks fields 2 and 3)."""
     _kernel()(ids_addr, n, k, e, align, out_addr)

@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..kernels.route import out_size, route_into
+from ..kernels.route import HEADER, out_size, route_into
 
 SEGMENT_ALIGN = 16
 
@@ -54,13 +54,16 @@ class Routing:
 
 
 def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
-    """Group ``topk_ids [T, K]`` (int64, contiguous, already validated to lie in [0, E)) by expert,
-    stably (pairs of one expert keep their token order), in one compiled call (kernels/route.py)."""
+    """Group ``topk_ids [T, K]`` (int64, contiguous) by expert, stably (pairs of one expert keep their
+    token order), in one compiled call (kernels/route.py). Ids outside [0, E) raise ValueError."""
     t, k = topk_ids.shape
     n, e = t * k, num_experts
     buf = np.empty(out_size(n, e), dtype=np.int64)
     route_into(topk_ids.data_ptr(), n, k, e, SEGMENT_ALIGN, buf.ctypes.data)
+    if n and (buf[2] < 0 or buf[3] >= e):
+        raise ValueError(f"topk_ids holds expert ids in [{buf[2]}, {buf[3]}] but there are only {e} experts "
+                         f"(valid ids: 0..{e - 1})")
     active, rows = int(buf[0]), int(buf[1])
-    b = 2 + 6 * e
+    b = HEADER + 6 * e
     return Routing(buf[b:b + n], buf[b + n:b + 2 * n], buf[b + 2 * n:b + 3 * n], buf[b + 3 * n:b + 4 * n].reshape(t, k),
-                   buf[2:2 + 4 * active].reshape(active, 4), rows)
+                   buf[HEADER:HEADER + 4 * active].reshape(active, 4), rows)

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import math
 import os
 
@@ -278,6 +279,11 @@ def lora_shapes(e: int, h: int, i: int, r: int) -> dict[str, tuple[int, int, int
             "up_lora_b": (e, i, r), "down_lora_a": (e, r, i), "down_lora_b": (e, h, r)}
 
 
+@functools.cache
+def _lora_shape_list(e: int, h: int, i: int, r: int) -> tuple[tuple[str, torch.Size], ...]:
+    return tuple((n, torch.Size(s)) for n, s in lora_shapes(e, h, i, r).items())
+
+
 class MoELoRA(nn.Module):
     """Per-expert LoRA adapters on gate, up and down: six bf16 Parameters.
 
@@ -332,19 +338,23 @@ class MoELoRA(nn.Module):
 
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The six Parameters in the order of LORA_NAMES."""
-        return tuple(getattr(self, n) for n in LORA_NAMES)
+        params = self._parameters  # (nn.Module.__getattr__ per name is slow for a per-call path)
+        return tuple(params[n] for n in LORA_NAMES)
 
     def check_matches(self, experts: MoEExperts) -> None:
-        want = lora_shapes(experts.num_experts, experts.hidden_size, experts.intermediate_size, self.rank)
-        for name, shape in want.items():
-            p = getattr(self, name)
-            if tuple(p.shape) != shape:
+        """Raise ValueError unless the six Parameters fit ``experts`` (shapes), and are bf16, CPU and
+        contiguous (checked on every call: a Parameter may have been replaced)."""
+        want = _lora_shape_list(experts.num_experts, experts.hidden_size, experts.intermediate_size, self.rank)
+        params = self._parameters
+        for name, shape in want:
+            p = params[name]
+            if p.shape != shape:
                 raise ValueError(f"LoRA {name} has shape {tuple(p.shape)} but the experts need {shape} "
                                  f"(experts={experts.num_experts}, H={experts.hidden_size}, "
                                  f"I={experts.intermediate_size}, rank={self.rank})")
             if p.dtype != torch.bfloat16:
                 raise ValueError(f"LoRA {name} must be bfloat16, got {p.dtype}")
-            if p.device.type != "cpu":
+            if not p.is_cpu:
                 raise ValueError(f"LoRA {name} must be on the CPU, got {p.device}")
             if not p.is_contiguous():
                 raise ValueError(f"LoRA {name} must be contiguous")
