@@ -41,8 +41,7 @@ class _MoESFTFunction(torch.autograd.Function):
         need_lora = any(need[7:])
         dx, dw, dlora = core.backward(saved, grad_out.contiguous(), ctx.experts, lora_t, ctx.scaling,
                                       ctx.grad_buffers, need_dx=need[0], need_lora_grads=need_lora)
-        lora_grads = (None,) * len(lora) if dlora is None else tuple(
-            _as(g, p.dtype) for g, p in zip(dlora, lora_t, strict=True))
+        lora_grads = (None,) * len(lora) if dlora is None else dlora  # bf16, as the adapters (checked)
         return (None if dx is None else _as(dx, ctx.x_dtype), None, _as(dw, ctx.w_dtype), None, None, None, None,
                 *lora_grads)
 
