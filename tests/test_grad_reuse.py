@@ -43,7 +43,11 @@ def zeroing(request, monkeypatch):
     """Both ways stale experts get zeroed: zero-row groups of the xty launches (few experts) or one
     zero_ranges launch (many)."""
     monkeypatch.setattr(core, "FOLD_ZEROS_MAX", 16 if request.param == "in xty launches" else -1)
-    return request.param
+    calls = []
+    real = core.fill.zero_ranges
+    monkeypatch.setattr(core.fill, "zero_ranges", lambda *a: calls.append(1) or real(*a))
+    yield request.param
+    assert bool(calls) == (request.param == "separate launch"), "stale experts were zeroed the other way"
 
 
 def test_dropped_gradients_are_reused_and_stale_experts_zeroed(monkeypatch, zeroing):

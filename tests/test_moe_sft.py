@@ -530,6 +530,21 @@ def test_amx_kernel_path_through_the_operator(isa, monkeypatch):
     check_against_reference(make_layer(h=64, i=64), make_batch(21, 3, h=64), dout)
 
 
+@pytest.mark.parametrize("isa", [pytest.param("avx512", marks=NEEDS_AVX512_BF16), "amx_emu"])
+@pytest.mark.parametrize("quant", ["bf16", "int8"])
+def test_zero_tokens_forward_and_backward(isa, quant, monkeypatch):
+    """T = 0: empty output and input gradient, all-zero adapter gradients, on both kernel paths."""
+    monkeypatch.setenv("KT_JIT_ISA", isa)
+    *_, experts, lora = make_layer(h=64, i=64, quant=quant)
+    x = torch.zeros(0, 64, dtype=torch.bfloat16, requires_grad=True)
+    w = torch.zeros(0, 2, requires_grad=True)
+    out = kt_jit.moe_sft(x, torch.zeros(0, 2, dtype=torch.int64), w, experts, lora)
+    assert out.shape == (0, 64)
+    out.backward(torch.zeros(0, 64))
+    assert x.grad.shape == (0, 64) and w.grad.shape == (0, 2)
+    assert all(p.grad is not None and p.grad.abs().sum() == 0 for p in lora.tensors())
+
+
 @pytest.mark.parametrize("isa,i", [pytest.param("avx512", 96, marks=NEEDS_AVX512_BF16),
                                    pytest.param("avx512", 64, marks=NEEDS_AVX512_BF16), ("amx_emu", 64)])
 def test_fused_and_separate_lora_paths(isa, i, monkeypatch):
@@ -559,6 +574,11 @@ def test_inputs_modified_before_backward_are_detected():
     with torch.no_grad():
         xo.add_(1.0)
     with pytest.raises(RuntimeError, match="modified by an inplace operation"):
+        out.backward(torch.ones_like(out))
+    ids2 = ids.clone()  # the routing is derived from the ids: changing them in place is caught too
+    out = kt_jit.moe_sft(x.clone().requires_grad_(), ids2, w, experts, lora)
+    ids2[0, 0] = (ids2[0, 0] + 1) % E
+    with pytest.raises(RuntimeError, match="topk_ids was modified in place"):
         out.backward(torch.ones_like(out))
     op = kt_jit.MoESFTOp(experts, lora)
     x2 = x.clone()

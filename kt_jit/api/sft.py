@@ -24,7 +24,9 @@ class _MoESFTFunction(torch.autograd.Function):
         # after the forward and recompute them for the backward
         hgu, hd = saved.lora_h if saved.lora_h is not None else (None, None)
         ctx.save_for_backward(saved.x, saved.topk_weights, saved.gu, saved.act, hgu, hd, *lora)
-        ctx.routing = saved.routing  # small NumPy arrays (T*K entries), derived from topk_ids
+        # the routing (small NumPy arrays, T*K entries) stays on ctx; topk_ids' version guards it: under
+        # non-reentrant checkpointing the saved tensors are recomputed from the ids as they are then
+        ctx.routing, ctx.ids, ctx.ids_version = saved.routing, topk_ids, topk_ids._version
         ctx.meta = (saved.rank, saved.scaling, saved.lora_h is not None)
         ctx.experts, ctx.scaling, ctx.grad_buffers = experts, scaling, grad_buffers
         ctx.x_dtype, ctx.w_dtype = x.dtype, topk_weights.dtype
@@ -33,13 +35,16 @@ class _MoESFTFunction(torch.autograd.Function):
     @staticmethod
     @once_differentiable
     def backward(ctx, grad_out):
+        if ctx.ids._version != ctx.ids_version:
+            raise RuntimeError("topk_ids was modified in place between the forward and the backward of "
+                               "kt_jit.moe_sft; pass a copy (topk_ids.clone()) if you reuse its buffer")
         x, w, gu, act, hgu, hd, *lora = ctx.saved_tensors
         rank, scaling, has_h = ctx.meta
         saved = core.Saved(x, w, ctx.routing, gu, act, (hgu, hd) if has_h else None, rank, scaling)
         lora_t = tuple(lora) if lora else None
         need = ctx.needs_input_grad  # (x, topk_ids, topk_weights, 4 non-tensors, *lora)
         need_lora = any(need[7:])
-        dx, dw, dlora = core.backward(saved, grad_out.contiguous(), ctx.experts, lora_t, ctx.scaling,
+        dx, dw, dlora = core.backward(saved, grad_out, ctx.experts, lora_t, ctx.scaling,
                                       ctx.grad_buffers, need_dx=need[0], need_lora_grads=need_lora)
         lora_grads = (None,) * len(lora) if dlora is None else dlora  # bf16, as the adapters (checked)
         return (None if dx is None else _as(dx, ctx.x_dtype), None, _as(dw, ctx.w_dtype), None, None, None, None,

@@ -1,5 +1,6 @@
 """Checks at the public boundary: bad input becomes a ValueError that says what to fix, never a
-pointer handed to a kernel."""
+pointer handed to a kernel. (The expert ids' range is checked by the routing kernel as it copies
+them, kernels/route.py, before anything indexes with them.)"""
 
 from __future__ import annotations
 

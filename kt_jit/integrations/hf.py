@@ -19,7 +19,7 @@ import copy
 import torch
 from torch import nn
 
-from ..api import MoESFTOp, moe_sft
+from ..api import moe_sft
 from ..moe.weights import QUANT_MODES, MoEExperts, MoELoRA
 
 _SILU = ("SiLU", "SiLUActivation", "silu")  # nn.SiLU, transformers' ACT2FN["silu"], F.silu
@@ -185,12 +185,8 @@ class KTJitExperts(nn.Module):
         ids = top_k_index.reshape(-1, top_k_index.shape[-1]).long().contiguous()
         w = top_k_weights.reshape(ids.shape).contiguous()
         out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-        lora = self.lora
-        trainable = lora is not None and any(p.requires_grad for p in lora.parameters())
-        if torch.is_grad_enabled() and (x.requires_grad or w.requires_grad or trainable):
-            out = moe_sft(x, ids, w, self.experts, lora, out_dtype)
-        else:  # nothing to differentiate: no activations saved (an op over the current adapter)
-            out = MoESFTOp(self.experts, lora).forward(x, ids, w, save_for_backward=False, out_dtype=out_dtype)
+        # (with nothing to differentiate moe_sft saves no activations)
+        out = moe_sft(x, ids, w, self.experts, self.lora, out_dtype)
         return out.to(hidden_states.dtype).reshape(shape)
 
     def extra_repr(self) -> str:

@@ -8,12 +8,13 @@ plus one over the E experts, called directly (no thread launch).
 Output, one int64 buffer of ``out_size(n, e)`` fields (n = T*K pairs, e experts)::
 
     [0] active experts A      [1] rows (sum of the counts, each rounded up to ``align``)
-    [2] smallest id           [3] largest id (when either is outside [0, e) nothing else is written)
+    [2] 1 if an id is outside [0, e) (then the rest is unset)   [3] unused
     basis[e, 4]                          per active expert, in id order (first A rows used):
                                          (1, first row, expert id, row count)
     scratch[2e]                          per-expert row and slot cursors
     slot_token[n] slot_k[n] slot_row[n]  pair j of expert order: token, k, row in the buffers
     row_of[n]                            the row of pair t*K + k
+    ids[n]                               the kernel's own copy of the ids
 """
 
 from __future__ import annotations
@@ -33,7 +34,7 @@ _SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, c
 
 def out_size(n: int, e: int) -> int:
     """int64 fields of the output buffer for n routed pairs over e experts."""
-    return HEADER + 6 * e + 4 * n
+    return HEADER + 6 * e + 5 * n
 
 
 def _build(fn: Function) -> None:
@@ -50,27 +51,26 @@ def _build(fn: Function) -> None:
     slot_cur = region(fn.add(HEADER, fn.mul(e, 5)))
     base = fn.add(HEADER, fn.mul(e, 6))
 
-    # the ids' range first: an id outside [0, e) must not be used as an index
-    lo, hi = fn.var("i64", "9223372036854775807"), fn.var("i64", "-9223372036854775808")
-    with fn.loop(0, n, name="range") as j:
-        x = fn.load("i64", at(ids, j), 8)
-        lo.set(fn.val(f"select i1 {fn.icmp('slt', x, lo.get())}, i64 {x}, i64 {lo.get()}"))
-        hi.set(fn.val(f"select i1 {fn.icmp('sgt', x, hi.get())}, i64 {x}, i64 {hi.get()}"))
-    fn.store("i64", lo.get(), fn.gep(out, 16), 8)
-    fn.store("i64", hi.get(), fn.gep(out, 24), 8)
-    bad = fn.val(f"or i1 {fn.icmp('slt', lo.get(), 0)}, {fn.icmp('sge', hi.get(), e)}")
-    bad_bb, ok_bb = fn.new_block("bad"), fn.new_block("ok")
-    fn.cbr(bad, bad_bb, ok_bb)
-    fn.set_block(bad_bb)
-    fn.ret()
-    fn.set_block(ok_bb)
     slot_token, slot_k = region(base), region(fn.add(base, n))
     slot_row, row_of = region(fn.add(base, fn.mul(n, 2))), region(fn.add(base, fn.mul(n, 3)))
+    own = region(fn.add(base, fn.mul(n, 4)))
+
+    # the ids are read once, checked (one unsigned compare also catches negative ids) and copied:
+    # everything below indexes with the copy, so a caller changing its tensor meanwhile cannot
+    # make this or a later kernel write out of bounds
+    bad_bb = fn.new_block("bad")
+    fn.store("i64", "0", fn.gep(out, 16), 8)
+    with fn.loop(0, n, name="copy") as j:
+        x = fn.load("i64", at(ids, j), 8)
+        ok_bb = fn.new_block("idok")
+        fn.cbr(fn.icmp("uge", x, e), bad_bb, ok_bb)
+        fn.set_block(ok_bb)
+        fn.store("i64", x, at(own, j), 8)
 
     with fn.loop(0, e, name="zero") as x:
         fn.store("i64", "0", at(row_cur, x), 8)
     with fn.loop(0, n, name="count") as j:  # histogram (in the row cursors for now)
-        c = at(row_cur, fn.load("i64", at(ids, j), 8))
+        c = at(row_cur, fn.load("i64", at(own, j), 8))
         fn.store("i64", fn.add(fn.load("i64", c, 8), 1), c, 8)
     active, rows, slots = fn.var("i64", "0"), fn.var("i64", "0"), fn.var("i64", "0")
     mask = fn.sub(0, align)
@@ -86,7 +86,7 @@ def _build(fn: Function) -> None:
         rows.set(fn.add(rows.get(), fn.val(f"and i64 {fn.add(cnt, fn.sub(align, 1))}, {mask}")))
         slots.set(fn.add(slots.get(), cnt))
     with fn.loop(0, n, name="place") as j:  # ids in order: stable within each expert
-        x = fn.load("i64", at(ids, j), 8)
+        x = fn.load("i64", at(own, j), 8)
         rc, sc = at(row_cur, x), at(slot_cur, x)
         row, slot = fn.load("i64", rc, 8), fn.load("i64", sc, 8)
         fn.store("i64", fn.add(row, 1), rc, 8)
@@ -98,6 +98,9 @@ def _build(fn: Function) -> None:
     fn.store("i64", active.get(), out, 8)
     fn.store("i64", rows.get(), fn.gep(out, 8), 8)
     fn.ret()
+    fn.set_block(bad_bb)
+    fn.store("i64", "1", fn.gep(out, 16), 8)
+    fn.ret()
 
 
 @functools.cache
@@ -106,12 +109,12 @@ def _kernel() -> ctypes._CFuncPtr:
     mod = Module(NAME, target.fn_attrs)
     _build(mod.function(NAME, [("ptr", "%ids"), ("i64", "%n"), ("i64", "%k"), ("i64", "%e"), ("i64", "%align"),
                                ("ptr", "%out")]))
-    return _SIG(get_or_compile(NAME, "route v3", mod.render(), target, [NAME])[NAME])
+    return _SIG(get_or_compile(NAME, "route v4", mod.render(), target, [NAME])[NAME])
 
 
 def route_into(ids_addr: int, n: int, k: int, e: int, align: int, out_addr: int) -> None:
     """Sort the ``n`` int64 expert ids at ``ids_addr`` (pairs t*k + j) into the int64 buffer at
     ``out_addr`` (``out_size(n, e)`` fields, layout in the module docstring); each expert's rows
-    start at a multiple of ``align`` (a power of two). Ids outside [0, e) stop it after the header
-    (the caller checks fields 2 and 3)."""
+    start at a multiple of ``align`` (a power of two). An id outside [0, e) stops it and sets field 2
+    (the caller checks it)."""
     _kernel()(ids_addr, n, k, e, align, out_addr)

@@ -138,6 +138,9 @@ def quantize_rows(x: torch.Tensor, rows: np.ndarray | None = None,
         raise ValueError("quantize_rows takes a 2-D bfloat16 CPU tensor with contiguous rows")
     q = aligned_empty((x.shape[0], x.stride(0)), torch.int16)[:, :x.shape[1]]
     s = aligned_empty((x.shape[0],), torch.float32)
+    if rows is not None and (not isinstance(rows, np.ndarray) or rows.dtype != np.int64 or rows.ndim != 1
+                             or not rows.flags.c_contiguous):
+        raise ValueError("rows must be a contiguous 1-D int64 NumPy array of row indices")
     n, idx = (x.shape[0], 0) if rows is None else (rows.size, rows.ctypes.data)
     if col_scales is not None and (col_scales.dtype != np.int64 or col_scales.shape != (n,)
                                    or not col_scales.flags.c_contiguous):

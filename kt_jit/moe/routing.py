@@ -60,8 +60,9 @@ def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
     n, e = t * k, num_experts
     buf = np.empty(out_size(n, e), dtype=np.int64)
     route_into(topk_ids.data_ptr(), n, k, e, SEGMENT_ALIGN, buf.ctypes.data)
-    if n and (buf[2] < 0 or buf[3] >= e):
-        raise ValueError(f"topk_ids holds expert ids in [{buf[2]}, {buf[3]}] but there are only {e} experts "
+    if buf[2]:
+        ids = topk_ids.numpy()
+        raise ValueError(f"topk_ids holds expert ids in [{ids.min()}, {ids.max()}] but there are only {e} experts "
                          f"(valid ids: 0..{e - 1})")
     active, rows = int(buf[0]), int(buf[1])
     b = HEADER + 6 * e

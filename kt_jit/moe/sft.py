@@ -167,6 +167,8 @@ def _ncols(buf: torch.Tensor | _Rows) -> int:
 
 def _as_tensor(buf: _Rows, rows: int, dtype: torch.dtype) -> torch.Tensor:
     """A torch view [rows, cols] of scratch rows (for the few torch functions that take them)."""
+    if rows == 0:
+        return torch.empty(0, buf.cols, dtype=dtype)
     raw = (ctypes.c_char * (buf.pitch * rows)).from_address(buf.addr)
     return torch.frombuffer(raw, dtype=dtype).as_strided((rows, buf.cols), (buf.pitch // buf.itemsize, 1))
 
@@ -278,7 +280,7 @@ def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routin
     del tiles  # kept alive until the launch returned
 
 
-def _lora(form: str, n: int, k: int, groups: torch.Tensor, ldx: int, ldy: int, alpha: float = 1.0,
+def _lora(form: str, n: int, k: int, groups: np.ndarray, ldx: int, ldy: int, alpha: float = 1.0,
           x_dtype: str = "bf16", accumulate: bool = False, w_dtype: str = "bf16", ldw: int = 0,
           y_dtype: str = "f32") -> None:
     spec = lk.LoraSpec(form, n, k, x_dtype, w_dtype, accumulate, y_dtype, groups.shape[1] == 5)
@@ -466,14 +468,17 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
         scratch["dxs"] = (hdim, 4, True)
     if lora is not None:  # T = s dOut Bd, s [dG Bg | dU Bu] (fp32) and the bf16 copies the GEMMs add
         scratch |= {"t_d": (tcols, 4, False), "t_gu": (2 * rank, 4, False), "t_d16": (tcols, 2, False),
-                    "t_gu16": (2 * rank, 2, False), "xs": (hdim, 2, True)}
-    if experts.storage != "bf16":  # int16 dY rows of the integer kernels, and their scales
+                    "t_gu16": (2 * rank, 2, False)}
+        if need_lora_grads:
+            scratch["xs"] = (hdim, 2, True)
+    int_dy = _kernel("bwd", experts, "down").spec.int_x  # integer kernels take int16 dY rows and scales
+    if int_dy:
         scratch |= {"dosq": (hdim, 2, True), "dosqs": (1, 4, False), "dguq": (2 * idim, 2, True),
                     "dguqs": (1, 4, False)}
     arena = _Arena(r.rows, scratch)
     b = arena.rows
     dos, d, dgu, dxs = b["dos"], b["d"], b["dgu"], b.get("dxs")
-    dosq, dguq = ((b["dosq"], b["dosqs"]), (b["dguq"], b["dguqs"])) if experts.storage != "bf16" else (None, None)
+    dosq, dguq = ((b["dosq"], b["dosqs"]), (b["dguq"], b["dguqs"])) if int_dy else (None, None)
     _gather(grad_out if grad_out.is_contiguous() else grad_out.contiguous(), r, dos)
     w_row = np.zeros(r.rows, dtype=np.float32)  # routing weight of each row (0 on padding rows)
     w_row[r.row_of.reshape(-1)] = saved.topk_weights.detach().numpy().reshape(-1)

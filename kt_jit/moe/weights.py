@@ -339,15 +339,15 @@ class MoELoRA(nn.Module):
     def tensors(self) -> tuple[torch.Tensor, ...]:
         """The six Parameters in the order of LORA_NAMES."""
         params = self._parameters  # (nn.Module.__getattr__ per name is slow for a per-call path)
-        return tuple(params[n] for n in LORA_NAMES)
+        return tuple(params[n] if n in params else getattr(self, n) for n in LORA_NAMES)
 
     def check_matches(self, experts: MoEExperts) -> None:
         """Raise ValueError unless the six Parameters fit ``experts`` (shapes), and are bf16, CPU and
         contiguous (checked on every call: a Parameter may have been replaced)."""
         want = _lora_shape_list(experts.num_experts, experts.hidden_size, experts.intermediate_size, self.rank)
-        params = self._parameters
-        for name, shape in want:
-            p = params[name]
+        for (name, shape), p in zip(want, self.tensors(), strict=True):
+            if not isinstance(p, torch.Tensor):
+                raise ValueError(f"LoRA {name} is {type(p).__name__}, not a tensor")
             if p.shape != shape:
                 raise ValueError(f"LoRA {name} has shape {tuple(p.shape)} but the experts need {shape} "
                                  f"(experts={experts.num_experts}, H={experts.hidden_size}, "
