@@ -1,6 +1,9 @@
 """Row-wise MoE activation kernels between the GEMMs (AVX-512, every row independent).
 
 - ``fwd``: ``A[r, :] = bf16(silu(G[r, :]) * U[r, :])`` where row r of ``gu`` is ``[G | U]`` (fp32).
+  With ``lora_rank``, also the down adapter's A-product of the row just written,
+  ``H[r, :] = bf16(alpha A[r, :] Ad_e^T)`` (Ad_e [rank, I] bf16, the row's expert's; dot form: 16
+  adapter rows at a time in lane partials, folded to 16 outputs), instead of a separate LoRA launch.
 - ``bwd``: given ``D[r, :]`` (the unweighted gradient reaching A), the routing weight ``w[r]``, A and
   ``[G | U]``: ``dw[r] = <D, A>`` (the router gradient), ``dA = w D`` and
   ``[dG | dU] = bf16([dA U silu'(G) | dA silu(G)])`` with ``silu'(g) = s (1 + g (1 - s))``, s = sigmoid(g).
@@ -9,29 +12,40 @@
 from __future__ import annotations
 
 import functools
+import struct
 from dataclasses import dataclass
 
 from ..codegen import avx512 as vx
-from ..codegen.ir import F32x16, Function
+from ..codegen.ir import BF16x32, F32x16, Function
 from ..codegen.worker import ArgBlock, compile_worker, listed_row
 
 ROWS_PER_ITEM = 8
 FWD_ARGS = ArgBlock(["gu", "act", "rows", "idx"])
+FWD_LORA_ARGS = ArgBlock(["gu", "act", "rows", "idx", "eid", "a", "astride", "h", "ldh", "alpha"])
 BWD_ARGS = ArgBlock(["d", "act", "gu", "w", "dw", "dgu", "rows", "idx", "ldd", "lddgu"])
 
 
 @dataclass(frozen=True)
 class ActSpec:
     op: str   # "fwd" or "bwd"
-    i: int    # intermediate size (multiple of 16)
+    i: int    # intermediate size (multiple of 16; of 32 with lora_rank)
+    lora_rank: int = 0  # fwd: also the down adapter's A-product (a multiple of 16)
 
     def __post_init__(self) -> None:
         if self.op not in ("fwd", "bwd") or self.i % 16 or self.i <= 0:
             raise ValueError(f"bad activation spec {self}")
+        if self.lora_rank and (self.op != "fwd" or self.lora_rank % 16 or self.i % 32):
+            raise ValueError(f"bad activation spec {self}: the fused A-product is for fwd, rank a multiple of 16, "
+                             "I a multiple of 32")
 
     @property
     def name(self) -> str:
-        return f"silu_mul_{self.op}_i{self.i}"
+        lora = f"_lora{self.lora_rank}" if self.lora_rank else ""
+        return f"silu_mul_{self.op}_i{self.i}{lora}"
+
+    @property
+    def args(self) -> ArgBlock:
+        return BWD_ARGS if self.op == "bwd" else FWD_LORA_ARGS if self.lora_rank else FWD_ARGS
 
 
 def _bf16(fn: Function, v: str) -> str:
@@ -39,17 +53,20 @@ def _bf16(fn: Function, v: str) -> str:
 
 
 def _rows(fn: Function, args: ArgBlock, ctx: str, item: str, body) -> None:
+    """``body(row, j)`` for the item's rows (j: the index in the row list)."""
     rows, idx = args.load(fn, ctx, "rows"), args.load_ptr(fn, ctx, "idx")
     r0 = fn.mul(item, ROWS_PER_ITEM)
     with fn.loop(r0, fn.min(fn.add(r0, ROWS_PER_ITEM), rows), name="row") as j:
-        body(listed_row(fn, idx, j))
+        body(listed_row(fn, idx, j), j)
 
 
 def _fwd_body(spec: ActSpec):
-    def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        gu, act = FWD_ARGS.load_ptr(fn, ctx, "gu"), FWD_ARGS.load_ptr(fn, ctx, "act")
+    args = spec.args
 
-        def row(r: str) -> None:
+    def body(fn: Function, ctx: str, item: str, tiles) -> None:
+        gu, act = args.load_ptr(fn, ctx, "gu"), args.load_ptr(fn, ctx, "act")
+
+        def row(r: str, j: str) -> None:
             grow = fn.gep(gu, fn.mul(r, spec.i * 8))
             arow = fn.gep(act, fn.mul(r, spec.i * 2))
             with fn.loop(0, spec.i, 16, name="c") as c:
@@ -57,10 +74,31 @@ def _fwd_body(spec: ActSpec):
                 u = fn.load(F32x16, fn.gep(grow, fn.add(fn.mul(c, 4), spec.i * 4)), 4)
                 a = vx.fmul(fn, vx.fmul(fn, g, vx.sigmoid_f32x16(fn, g)), u)
                 fn.store("<16 x bfloat>", _bf16(fn, a), fn.gep(arow, fn.mul(c, 2)), 2)
+            if spec.lora_rank:
+                _a_product(fn, spec, ctx, arow, r, j)
 
-        _rows(fn, FWD_ARGS, ctx, item, row)
+        _rows(fn, args, ctx, item, row)
 
     return body
+
+
+def _a_product(fn: Function, spec: ActSpec, ctx: str, arow: str, r: str, j: str) -> None:
+    """H[r, :] = bf16(alpha * A[r, :] Ad_e^T), e = eid[j]: 16 adapter rows per pass, each dotted with
+    the bf16 row just stored (lane partials over 32-wide chunks, folded once)."""
+    args = FWD_LORA_ARGS
+    e = fn.load("i64", fn.gep(args.load_ptr(fn, ctx, "eid"), fn.mul(j, 8)), 8)
+    ad = fn.gep(args.load_ptr(fn, ctx, "a"), fn.mul(e, args.load(fn, ctx, "astride")))
+    hrow = fn.gep(args.load_ptr(fn, ctx, "h"), fn.mul(r, args.load(fn, ctx, "ldh")))
+    alpha = vx.splat_arg_f32(fn, args.load(fn, ctx, "alpha"))
+    for a0 in range(0, spec.lora_rank, 16):
+        accs = [fn.var(F32x16, "zeroinitializer", 64) for _ in range(16)]
+        with fn.loop(0, spec.i, 32, name="ac") as c:
+            xv = fn.load(BF16x32, fn.gep(arow, fn.mul(c, 2)), 2)
+            for a, acc in enumerate(accs):
+                w = fn.load(BF16x32, fn.gep(ad, fn.add(fn.mul(c, 2), (a0 + a) * spec.i * 2)), 2)
+                acc.set(vx.dpbf16(fn, acc.get(), w, xv))
+        out = vx.fmul(fn, vx.reduce_lanes(fn, [acc.get() for acc in accs]), alpha)
+        vx.store_f32x16(fn, out, fn.gep(hrow, a0 * 2), "bf16")
 
 
 def _bwd_body(spec: ActSpec):
@@ -70,7 +108,7 @@ def _bwd_body(spec: ActSpec):
         p = {f: BWD_ARGS.load_ptr(fn, ctx, f) for f in ("d", "act", "gu", "w", "dw", "dgu")}
         ldd, lddgu = BWD_ARGS.load(fn, ctx, "ldd"), BWD_ARGS.load(fn, ctx, "lddgu")
 
-        def row(r: str) -> None:
+        def row(r: str, j: str) -> None:
             drow = fn.gep(p["d"], fn.mul(r, ldd))
             arow = fn.gep(p["act"], fn.mul(r, spec.i * 2))
             grow = fn.gep(p["gu"], fn.mul(r, spec.i * 8))
@@ -103,17 +141,21 @@ def _bwd_body(spec: ActSpec):
 class ActKernel:
     def __init__(self, spec: ActSpec) -> None:
         self.spec = spec
-        self.args = FWD_ARGS if spec.op == "fwd" else BWD_ARGS
+        self.args = spec.args
         self.addr = compile_worker(spec.name, repr(spec), self.args,
                                    (_fwd_body if spec.op == "fwd" else _bwd_body)(spec))
 
     def launch(self, rows: int, num_threads: int | None = None, idx: int = 0, ldd: int = 0, lddgu: int = 0,
-               **ptrs: int) -> None:
+               alpha: float = 1.0, **ptrs: int) -> None:
         """Process ``rows`` rows: rows 0..rows-1, or with ``idx`` (address of int64 [rows]) the rows
         listed there; ``ptrs`` are the data pointers named in the module docstring. ``bwd``: ``ldd``
-        and ``lddgu`` are the row pitches of D and [dG | dU] in bytes (0: contiguous)."""
+        and ``lddgu`` are the row pitches of D and [dG | dU] in bytes (0: contiguous). ``fwd`` with
+        ``lora_rank``: ``eid`` (int64 [rows], each listed row's expert), ``a`` (Ad [E, rank, I] bf16),
+        ``astride`` (bytes per expert), ``h`` and ``ldh`` (its row pitch in bytes), ``alpha``."""
         if self.spec.op == "bwd":
             ptrs.update(ldd=ldd or self.spec.i * 4, lddgu=lddgu or self.spec.i * 4)
+        if self.spec.lora_rank:
+            ptrs["alpha"] = struct.unpack("<I", struct.pack("<f", alpha))[0]
         self.args.run(self.addr, -(-rows // ROWS_PER_ITEM), num_threads, rows=rows, idx=idx, **ptrs)
 
 

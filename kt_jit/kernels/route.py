@@ -15,6 +15,7 @@ Output, one int64 buffer of ``out_size(n, e)`` fields (n = T*K pairs, e experts)
     slot_token[n] slot_k[n] slot_row[n]  pair j of expert order: token, k, row in the buffers
     row_of[n]                            the row of pair t*K + k
     ids[n]                               the kernel's own copy of the ids
+    slot_expert[n]                       pair j of expert order: its expert
 """
 
 from __future__ import annotations
@@ -34,7 +35,7 @@ _SIG = ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64, c
 
 def out_size(n: int, e: int) -> int:
     """int64 fields of the output buffer for n routed pairs over e experts."""
-    return HEADER + 6 * e + 5 * n
+    return HEADER + 6 * e + 6 * n
 
 
 def _build(fn: Function) -> None:
@@ -53,7 +54,7 @@ def _build(fn: Function) -> None:
 
     slot_token, slot_k = region(base), region(fn.add(base, n))
     slot_row, row_of = region(fn.add(base, fn.mul(n, 2))), region(fn.add(base, fn.mul(n, 3)))
-    own = region(fn.add(base, fn.mul(n, 4)))
+    own, slot_expert = region(fn.add(base, fn.mul(n, 4))), region(fn.add(base, fn.mul(n, 5)))
 
     # the ids are read once, checked (one unsigned compare also catches negative ids) and copied:
     # everything below indexes with the copy, so a caller changing its tensor meanwhile cannot
@@ -95,6 +96,7 @@ def _build(fn: Function) -> None:
         fn.store("i64", row, at(slot_row, slot), 8)
         fn.store("i64", fn.val(f"udiv i64 {j}, {k}"), at(slot_token, slot), 8)
         fn.store("i64", fn.val(f"urem i64 {j}, {k}"), at(slot_k, slot), 8)
+        fn.store("i64", x, at(slot_expert, slot), 8)
     fn.store("i64", active.get(), out, 8)
     fn.store("i64", rows.get(), fn.gep(out, 8), 8)
     fn.ret()
@@ -109,7 +111,7 @@ def _kernel() -> ctypes._CFuncPtr:
     mod = Module(NAME, target.fn_attrs)
     _build(mod.function(NAME, [("ptr", "%ids"), ("i64", "%n"), ("i64", "%k"), ("i64", "%e"), ("i64", "%align"),
                                ("ptr", "%out")]))
-    return _SIG(get_or_compile(NAME, "route v4", mod.render(), target, [NAME])[NAME])
+    return _SIG(get_or_compile(NAME, "route v5", mod.render(), target, [NAME])[NAME])
 
 
 def route_into(ids_addr: int, n: int, k: int, e: int, align: int, out_addr: int) -> None:

@@ -24,7 +24,7 @@ class Routing:
     less per small operation than torch; kernels take the arrays' addresses).
 
     slot_token[j], slot_k[j]: token and k of the j-th pair in expert order (j < T*K)
-    slot_row[j]: its row in the per-expert buffers (``rows`` rows in all)
+    slot_row[j]: its row in the per-expert buffers (``rows`` rows in all); slot_expert[j]: its expert
     row_of[t, k]: the row of pair (t, k) (the inverse view, [T, K])
     basis [A, 4]: per active expert (1, first row, expert id, row count), the per-expert terms of
     every group-descriptor column (moe/sft.py builds each launch's table as basis @ coefficients)
@@ -36,6 +36,7 @@ class Routing:
     row_of: np.ndarray
     basis: np.ndarray
     rows: int
+    slot_expert: np.ndarray
 
     @property
     def starts(self) -> np.ndarray:
@@ -67,4 +68,4 @@ def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
     active, rows = int(buf[0]), int(buf[1])
     b = HEADER + 6 * e
     return Routing(buf[b:b + n], buf[b + n:b + 2 * n], buf[b + 2 * n:b + 3 * n], buf[b + 3 * n:b + 4 * n].reshape(t, k),
-                   buf[HEADER:HEADER + 4 * active].reshape(active, 4), rows)
+                   buf[HEADER:HEADER + 4 * active].reshape(active, 4), rows, buf[b + 5 * n:b + 6 * n])

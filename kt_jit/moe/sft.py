@@ -422,14 +422,16 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
             _lora("xat", idim, rank, _groups(r.basis, (_rows(hgu), _per_expert(gb), _rows(gu)),
                                              (_rows(hgu, rank), _per_expert(ub), _rows(gu, idim))),
                   _pitch(hgu), _pitch(gu), accumulate=True)
-    # only the routed rows (segments are padded to 16 rows: at qlen 16 most rows are padding)
-    get_act_kernel(ActSpec("fwd", idim)).launch(r.slot_row.size, idx=r.slot_row.ctypes.data, gu=_addr(gu),
-                                                act=_addr(act))
+    # only the routed rows (segments are padded to 16 rows: at qlen 16 most rows are padding); with
+    # LoRA the same launch computes H = s A Ad^T of each row it writes
+    rows = dict(idx=r.slot_row.ctypes.data, gu=_addr(gu), act=_addr(act))
     if lora is None:
+        get_act_kernel(ActSpec("fwd", idim)).launch(r.slot_row.size, **rows)
         _grouped_fwd(act, experts, "down", y, r, xq=aq)
     else:
-        _lora("xat", rank, idim, _groups(r.basis, (_rows(act), _per_expert(da), _rows(hd))), _pitch(act),
-              _pitch(hd), scaling, y_dtype="bf16")
+        get_act_kernel(ActSpec("fwd", idim, rank)).launch(
+            r.slot_row.size, **rows, eid=r.slot_expert.ctypes.data, a=da.data_ptr(),
+            astride=da.stride(0) * da.element_size(), h=_addr(hd), ldh=_pitch(hd), alpha=scaling)
         if fused:
             _grouped_fwd(act, experts, "down", y, r, (hd, db, None), xq=aq)
         else:
