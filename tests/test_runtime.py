@@ -42,6 +42,38 @@ def test_launcher_runs_every_item_exactly_once(threads, n_items):
     assert args.counter >= n_items  # every thread's last claim overshoots by one
 
 
+@pytest.mark.parametrize("threads", ["1", "2"])
+def test_launch_batch_defers_and_runs_in_order(threads, monkeypatch):
+    """Inside a LaunchBatch, launches run at the block's end (or at flush), in order, every item
+    once; an exception drops them; an explicit thread count runs at once, after the deferred ones;
+    batches do not nest."""
+    from kt_jit.codegen.worker import LaunchBatch, flush_launches
+
+    monkeypatch.setenv("KT_JIT_NUM_THREADS", threads)
+    addr = _counting_worker()
+    counts = torch.zeros(100, dtype=torch.int64)
+    with LaunchBatch():
+        for n in (100, 60, 10):  # items below n get one count per launch
+            COUNT_ARGS.run(addr, n, counts=counts.data_ptr(), thread_slots=0)
+        assert counts.sum() == 0, "ran before the batch ended"
+    assert counts[:10].eq(3).all() and counts[10:60].eq(2).all() and counts[60:].eq(1).all()
+    counts.zero_()
+    with LaunchBatch():
+        COUNT_ARGS.run(addr, 5, counts=counts.data_ptr(), thread_slots=0)
+        flush_launches()
+        assert counts[:5].eq(1).all()
+        COUNT_ARGS.run(addr, 5, counts=counts.data_ptr(), thread_slots=0)
+        COUNT_ARGS.run(addr, 5, 1, counts=counts.data_ptr(), thread_slots=0)  # explicit threads: now
+        assert counts[:5].eq(3).all()
+    counts.zero_()
+    with pytest.raises(ValueError), LaunchBatch():
+        COUNT_ARGS.run(addr, 5, counts=counts.data_ptr(), thread_slots=0)
+        raise ValueError("interrupted")
+    assert counts.sum() == 0
+    with LaunchBatch(), pytest.raises(RuntimeError, match="nest"), LaunchBatch():
+        pass
+
+
 def test_arg_block_names_missing_fields():
     with pytest.raises(TypeError, match="counts"):
         COUNT_ARGS.make(3, thread_slots=0)

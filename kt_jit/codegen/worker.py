@@ -9,11 +9,13 @@ the field offsets on the IR side, so the two cannot drift apart.
 from __future__ import annotations
 
 import ctypes
+import functools
+import threading
 from collections.abc import Callable, Sequence
 
 import numpy as np
 
-from ..runtime.threads import launch
+from ..runtime.threads import default_num_threads, gomp_parallel_address, launch
 from .amx import TileConfig, Tiles
 from .cache import get_or_compile
 from .compile import target_for
@@ -45,11 +47,112 @@ class ArgBlock:
             raise TypeError(f"missing kernel arguments: {sorted(missing)}")
         return self.struct(counter=0, n_items=n_items, **values)
 
-    def run(self, addr: int, n_items: int, num_threads: int | None = None, **values: int) -> None:
-        """Launch the compiled worker at ``addr`` over ``n_items`` work items (nothing when 0)."""
+    def run(self, addr: int, n_items: int, num_threads: int | None = None, keep: tuple = (), **values: int) -> None:
+        """Launch the compiled worker at ``addr`` over ``n_items`` work items (nothing when 0); inside
+        a :class:`LaunchBatch` the launch is deferred, and ``keep`` (objects owning memory the
+        arguments point into) is held until it ran."""
         if n_items:
-            args = self.make(n_items, **values)
-            launch(addr, ctypes.addressof(args), num_threads)
+            dispatch(addr, self.make(n_items, **values), num_threads, keep)
+
+
+_batch = threading.local()
+
+
+class LaunchBatch:
+    """Defers this thread's kernel launches (made through :func:`dispatch`) and runs them in order,
+    back to back, from one call into compiled code when the block exits (or at :meth:`flush`).
+
+    A pass of the MoE layer is a chain of launches whose arguments are all known before the first
+    one runs; between immediate launches the host work (Python, NumPy, ctypes) runs from caches
+    that the previous kernel's weight stream has just flushed, which at decode sizes costs as much
+    as the kernels. Code inside the block must not read what a deferred launch writes before
+    calling :meth:`flush`. On an exception the pending launches are dropped."""
+
+    def __init__(self) -> None:
+        self._pending: list[tuple[int, ctypes.Structure, tuple]] = []
+
+    def __enter__(self) -> LaunchBatch:
+        if getattr(_batch, "current", None) is not None:
+            raise RuntimeError("launch batches do not nest")
+        _batch.current = self
+        return self
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        _batch.current = None
+        if exc_type is None:
+            self.flush()
+        self._pending.clear()
+
+    def add(self, addr: int, args: ctypes.Structure, keep: tuple) -> None:
+        self._pending.append((addr, args, keep))
+
+    def flush(self) -> None:
+        """Run the launches deferred so far (in order) and wait for them."""
+        pending, self._pending = self._pending, []
+        if pending:
+            _run_launches([(addr, ctypes.addressof(args)) for addr, args, _ in pending])
+        del pending  # (their arguments and kept objects lived until here)
+
+
+def flush_launches() -> None:
+    """Run this thread's deferred launches now (no-op outside a :class:`LaunchBatch`)."""
+    batch = getattr(_batch, "current", None)
+    if batch is not None:
+        batch.flush()
+
+
+def dispatch(addr: int, args: ctypes.Structure, num_threads: int | None = None, keep: tuple = ()) -> None:
+    """Launch the worker at ``addr`` with the argument block ``args`` now, or defer it to the
+    thread's :class:`LaunchBatch` (launches with an explicit thread count run now, after the
+    deferred ones)."""
+    batch = getattr(_batch, "current", None)
+    if batch is None:
+        launch(addr, ctypes.addressof(args), num_threads)
+    elif num_threads is not None:
+        batch.flush()
+        launch(addr, ctypes.addressof(args), num_threads)
+    else:
+        batch.add(addr, args, keep)
+
+
+_RUN_LAUNCHES = "kt_run_launches"
+
+
+@functools.cache
+def _launch_driver() -> Callable[[int, int, int, int], None]:
+    """``run(gomp, table, n, threads)``: for each (worker, ctx) pair of ``table``, GOMP_parallel(worker,
+    ctx, threads) (or worker(ctx) when ``threads`` <= 1 or there is no libgomp), in order."""
+    target = target_for("avx512")
+    mod = Module(_RUN_LAUNCHES, target.fn_attrs)
+    fn = mod.function(_RUN_LAUNCHES, [("ptr", "%gomp"), ("ptr", "%table"), ("i64", "%n"), ("i64", "%threads")])
+    serial = fn.val(f"or i1 {fn.icmp('sle', '%threads', 1)}, {fn.val('icmp eq ptr %gomp, null')}")
+    nt = fn.val("trunc i64 %threads to i32")
+    with fn.loop(0, "%n", name="l") as i:
+        entry = fn.gep("%table", fn.mul(i, 16))
+        worker, ctx = fn.load("ptr", entry, 8), fn.load("ptr", fn.gep(entry, 8), 8)
+        par, one, done = fn.new_block("par"), fn.new_block("one"), fn.new_block("next")
+        fn.cbr(serial, one, par)
+        fn.set_block(par)
+        fn.emit(f"call void %gomp(ptr {worker}, ptr {ctx}, i32 {nt}, i32 0)")
+        fn.br(done)
+        fn.set_block(one)
+        fn.emit(f"call void {worker}(ptr {ctx})")
+        fn.br(done)
+        fn.set_block(done)
+    fn.ret()
+    addr = get_or_compile(_RUN_LAUNCHES, "run_launches v1", mod.render(), target, [_RUN_LAUNCHES])[_RUN_LAUNCHES]
+    return ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)(addr)
+
+
+def _run_launches(steps: list[tuple[int, int]]) -> None:
+    threads = default_num_threads()
+    gomp = gomp_parallel_address()
+    if gomp is None and threads > 1:  # no libgomp: the Python-thread launcher, one by one
+        for addr, ctx in steps:
+            launch(addr, ctx, threads)
+        return
+    table = (ctypes.c_int64 * (2 * len(steps)))(*(v for step in steps for v in step))
+    _launch_driver()(gomp or 0, ctypes.addressof(table), len(steps), threads)
 
 
 def group_table(groups, fields: int) -> tuple[int, int]:

@@ -51,4 +51,4 @@ def zero_ranges(starts: np.ndarray, sizes: np.ndarray) -> None:
     addr = first + index * PIECE
     end = np.repeat(starts + sizes, counts)
     table = np.ascontiguousarray(np.stack([addr, np.minimum(addr + PIECE, end) - addr], 1))
-    ARGS.run(_kernel(), len(table), table=table.ctypes.data)
+    ARGS.run(_kernel(), len(table), keep=(table,), table=table.ctypes.data)

@@ -60,10 +60,9 @@ from ..codegen.amx import TileConfig, Tiles
 from ..codegen.cache import get_or_compile
 from ..codegen.compile import target_for
 from ..codegen.ir import BF16x32, F32x16, Function, I16x32, I32x16, Module, Var
-from ..codegen.worker import ArgBlock, build_worker, group_table
+from ..codegen.worker import ArgBlock, build_worker, dispatch, group_table
 from ..runtime.amx import active_isa, require_amx
 from ..runtime.buffers import aligned_zeros
-from ..runtime.threads import launch
 from .pack import check_gemm_dims
 from .rowquant import ACT_MAX, quantize_rows
 
@@ -1233,8 +1232,7 @@ class GemmKernel:
         n_items = n_groups * self.spec.items_per_group
         if n_items == 0:
             return
-        args = ARGS.make(n_items, groups=addr, ldx=ldx, ldy=ldy, ldh=ldh)
-        launch(self.addr, ctypes.addressof(args), num_threads)
+        dispatch(self.addr, ARGS.make(n_items, groups=addr, ldx=ldx, ldy=ldy, ldh=ldh), num_threads, keep=(groups,))
 
 
 @functools.cache

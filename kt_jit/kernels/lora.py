@@ -287,8 +287,8 @@ class LoraKernel:
         ``alpha`` scales the product."""
         n_groups, addr = group_table(groups, self.spec.group_fields)
         bits = struct.unpack("<I", struct.pack("<f", alpha))[0]
-        ARGS.run(self.addr, n_groups * self.spec.items_per_group, num_threads, groups=addr, ldx=ldx, ldw=ldw,
-                 ldy=ldy, alpha=bits)
+        ARGS.run(self.addr, n_groups * self.spec.items_per_group, num_threads, keep=(groups,), groups=addr,
+                 ldx=ldx, ldw=ldw, ldy=ldy, alpha=bits)
 
 
 @functools.cache

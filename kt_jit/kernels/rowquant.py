@@ -110,12 +110,12 @@ class RowQuantKernel:
         self.addr = compile_worker(spec.name, repr(spec), ARGS, _body(spec))
 
     def launch(self, dst: int, src: int, scales: int, n: int, num_threads: int | None = None, idx: int = 0,
-               cscales: int = 0, ld: int = 0) -> None:
+               cscales: int = 0, ld: int = 0, keep: tuple = ()) -> None:
         """Quantize ``n`` rows at ``src`` (bf16) into ``dst`` (int16) and ``scales`` (fp32): rows
         0..n-1, or with ``idx`` (address of int64 [n]) the rows listed there; ``cscales``: address
         of int64 [n], the column-scale vector of each listed row (``col_scaled`` kernels); ``ld``: the
         row pitch of src and dst in bytes (0: contiguous)."""
-        ARGS.run(self.addr, -(-n // ROWS_PER_ITEM), num_threads, dst=dst, src=src, scales=scales, n=n, idx=idx,
+        ARGS.run(self.addr, -(-n // ROWS_PER_ITEM), num_threads, keep, dst=dst, src=src, scales=scales, n=n, idx=idx,
                  cscales=cscales, ld=ld or self.spec.cols * 2)
 
 

@@ -22,12 +22,14 @@ backward uses the same bf16 H for the B gradients.
 from __future__ import annotations
 
 import ctypes
+from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
 
 import numpy as np
 import torch
 
+from ..codegen.worker import LaunchBatch, flush_launches
 from ..kernels import fill, gemm
 from ..kernels import lora as lk
 from ..kernels.activation import ActSpec
@@ -199,7 +201,8 @@ def _quantize(x: torch.Tensor | _Rows, r: Routing, q: _Rows, scales: _Rows,
     kernels/rowquant.py; ``col_scales``: per routed row, the address of its column-scale vector)."""
     spec = RowQuantSpec(_ncols(x), col_scales is not None)
     get_rowquant_kernel(spec).launch(q.addr, _addr(x), scales.addr, r.slot_row.size, idx=r.slot_row.ctypes.data,
-                                     cscales=col_scales.ctypes.data if col_scales is not None else 0, ld=_pitch(x))
+                                     cscales=col_scales.ctypes.data if col_scales is not None else 0, ld=_pitch(x),
+                                     keep=(col_scales,))
 
 
 def _bf16_copy(src: _Rows, dst: _Rows, r: Routing) -> _Rows:
@@ -274,10 +277,12 @@ def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routin
         return
     tiles = None
     if kern.spec.isa != "avx512":  # AMX reads dY pre-arranged in tiles; segments are whole tiles
+        flush_launches()  # (the deferred launches that write dY)
         tiles = gemm.pack_dy_for_amx(_as_tensor(dy, r.rows, torch.bfloat16))
         groups[:, 0] = tiles.data_ptr() + (r.starts // 16) * (n // 16) * 2048
     kern.launch(groups, _pitch(dy), _pitch(dx))
-    del tiles  # kept alive until the launch returned
+    if tiles is not None:
+        flush_launches()  # (run while the tiles are alive)
 
 
 def _lora(form: str, n: int, k: int, groups: np.ndarray, ldx: int, ldy: int, alpha: float = 1.0,
@@ -307,10 +312,12 @@ FOLD_ZEROS_MAX = 16  # idle experts to zero: up to this many ride along in the x
 
 def _lora_grads(saved: Saved, r: Routing, lora: tuple[torch.Tensor, ...], num_experts: int,
                 grad_buffers: LoraGradBuffers | None, dos: _Rows, t_d: _Rows,
-                w_row: np.ndarray, dgu: _Rows, t_gu: _Rows, xs: _Rows) -> tuple[torch.Tensor, ...]:
+                w_row: np.ndarray, dgu: _Rows, t_gu: _Rows, xs: _Rows,
+                ) -> tuple[tuple[torch.Tensor, ...], Callable[[], None]]:
     """The six LoRA gradients (bf16, kernel rank) from the backward's per-row operands: dos and xs
     (gathered dOut and X), t_d = s dOut Bd and t_gu = s [dG Bg | dU Bu] (fp32), w_row (each row's
-    routing weight), dgu = [dG | dU] (bf16); idle experts' slices are zero."""
+    routing weight), dgu = [dG | dU] (bf16); idle experts' slices are zero once the launches ran.
+    Returns them and what to call after the launches ran (the buffers' zeroing bookkeeping)."""
     hdim, idim, rank = saved.x.shape[1], saved.act.shape[1], lora[0].shape[1]
     hgu, hd = saved.lora_h
     active = np.zeros(num_experts, dtype=bool)
@@ -339,8 +346,7 @@ def _lora_grads(saved: Saved, r: Routing, lora: tuple[torch.Tensor, ...], num_ex
     parts = (_rows(t_gu), _rows(xs), _per_expert(g_ga)), (_rows(t_gu, rank), _rows(xs), _per_expert(g_ua))
     _lora("xty", hdim, rank, _groups(basis, *parts), _pitch(t_gu), 0, 1.0, x_dtype="f32",
           ldw=_pitch(xs), y_dtype="bf16")
-    pool.zeroed(grads, to_zero)
-    return grads
+    return grads, lambda: pool.zeroed(grads, to_zero)
 
 
 def kernel_rank(rank: int) -> int:
@@ -373,43 +379,19 @@ def unpad_grads(grads: tuple[torch.Tensor, ...], rank: int) -> tuple[torch.Tenso
     return tuple(g[:, :rank] if i % 2 == 0 else g[:, :, :rank] for i, g in enumerate(grads))
 
 
-def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: MoEExperts,
-            lora: tuple[torch.Tensor, ...] | None, scaling: float, save: bool,
-            out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, Saved | None]:
-    """MoE forward. x [T, H] bf16, topk_ids [T, K] int64, topk_weights [T, K] fp32 (validated).
-
-    Returns out [T, H] (``out_dtype``) and, with ``save``, what :func:`backward` needs.
-    """
-    keep_freed_memory()
-    t, hdim = x.shape
-    idim = experts.intermediate_size
-    r = route(topk_ids, experts.num_experts)
-    quant = experts.storage != "bf16"
-    user_rank = lora[0].shape[1] if lora is not None else 0
-    rank = kernel_rank(user_rank) if lora is not None else 0
-    # scratch rows in one arena; what backward reads (gu, act and the LoRA H rows, contiguous) are
-    # tensors when saved
-    kept = {"gu": (2 * idim, 4, False), "act": (idim, 2, False)}
-    if lora is not None:  # s [X Ag^T | X Au^T] and s A Ad^T, bf16 (as the B products use them)
-        kept |= {"hgu": (2 * rank, 2, False), "hd": (rank, 2, False)}
-    scratch = {"xs": (hdim, 2, True), "y": (hdim, 4, True)}
-    if quant:  # int16 rows with the pitch of what they quantize, and their scales
-        scratch |= {"xq": (hdim, 2, True), "xqs": (1, 4, False), "aq": (idim, 2, False), "aqs": (1, 4, False)}
-    if not save:
-        scratch |= kept
-    arena = _Arena(r.rows, scratch)
-    b = arena.rows
-    if save:
-        dtypes = {4: torch.float32, 2: torch.bfloat16}
-        b |= {name: aligned_empty((r.rows, cols), dtypes[size]) for name, (cols, size, _) in kept.items()}
+def _forward_launches(x: torch.Tensor, topk_weights: torch.Tensor, experts: MoEExperts,
+                      lora: tuple[torch.Tensor, ...] | None, scaling: float, r: Routing, b: dict,
+                      xq: tuple[_Rows, _Rows] | None, aq: tuple[_Rows, _Rows] | None, rank: int,
+                      out_dtype: torch.dtype) -> None:
+    """The forward's launches into the buffers ``b`` (the output goes to ``b["out"]``)."""
+    hdim, idim = x.shape[1], experts.intermediate_size
     xs, gu, act, y = b["xs"], b["gu"], b["act"], b["y"]
-    xq, aq = ((b["xq"], b["xqs"]), (b["aq"], b["aqs"])) if quant else (None, None)
     _gather(x, r, xs)
     if lora is None:
         _grouped_fwd(xs, experts, "gate_up", gu, r, xq=xq)
     else:
         # H = s X A^T first (rounded to bf16 once: the B products and the backward use the same H)
-        ga, gb, ua, ub, da, db = lora = pad_lora(lora)
+        ga, gb, ua, ub, da, db = lora  # (padded to the kernel rank by the caller, which keeps them alive)
         fused = _fuses_lora(experts)
         hgu, hd = b["hgu"], b["hd"]
         _lora("xat", rank, hdim, _groups(r.basis, (_rows(xs), _per_expert(ga), _rows(hgu)),
@@ -438,11 +420,46 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
             _grouped_fwd(act, experts, "down", y, r, xq=aq)
             _lora("xat", hdim, rank, _groups(r.basis, (_rows(hd), _per_expert(db), _rows(y))), _pitch(hd),
                   _pitch(y), accumulate=True)
-    out = _combine(y, r, topk_weights, out_dtype)
+    b["out"] = _combine(y, r, topk_weights, out_dtype)
+
+
+def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: MoEExperts,
+            lora: tuple[torch.Tensor, ...] | None, scaling: float, save: bool,
+            out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, Saved | None]:
+    """MoE forward. x [T, H] bf16, topk_ids [T, K] int64, topk_weights [T, K] fp32 (validated).
+
+    Returns out [T, H] (``out_dtype``) and, with ``save``, what :func:`backward` needs.
+    """
+    keep_freed_memory()
+    hdim, idim = x.shape[1], experts.intermediate_size
+    r = route(topk_ids, experts.num_experts)
+    quant = experts.storage != "bf16"
+    user_rank = lora[0].shape[1] if lora is not None else 0
+    rank = kernel_rank(user_rank) if lora is not None else 0
+    # scratch rows in one arena; what backward reads (gu, act and the LoRA H rows, contiguous) are
+    # tensors when saved
+    kept = {"gu": (2 * idim, 4, False), "act": (idim, 2, False)}
+    if lora is not None:  # s [X Ag^T | X Au^T] and s A Ad^T, bf16 (as the B products use them)
+        kept |= {"hgu": (2 * rank, 2, False), "hd": (rank, 2, False)}
+    scratch = {"xs": (hdim, 2, True), "y": (hdim, 4, True)}
+    if quant:  # int16 rows with the pitch of what they quantize, and their scales
+        scratch |= {"xq": (hdim, 2, True), "xqs": (1, 4, False), "aq": (idim, 2, False), "aqs": (1, 4, False)}
+    if not save:
+        scratch |= kept
+    arena = _Arena(r.rows, scratch)
+    b = arena.rows
+    if save:
+        dtypes = {4: torch.float32, 2: torch.bfloat16}
+        b |= {name: aligned_empty((r.rows, cols), dtypes[size]) for name, (cols, size, _) in kept.items()}
+    xq, aq = ((b["xq"], b["xqs"]), (b["aq"], b["aqs"])) if quant else (None, None)
+    padded = pad_lora(lora) if lora is not None else None  # (alive until the launches ran)
+    with LaunchBatch():  # every launch is prepared first, then they run back to back
+        _forward_launches(x, topk_weights, experts, padded, scaling, r, b, xq, aq, rank, out_dtype)
+    out = b["out"]
     saved = None
     if save:
-        saved = Saved(x, topk_weights, r, gu, act, (hgu, hd) if lora is not None else None, user_rank, scaling,
-                      x._version, topk_weights._version)
+        saved = Saved(x, topk_weights, r, b["gu"], b["act"], (b["hgu"], b["hd"]) if lora is not None else None,
+                      user_rank, scaling, x._version, topk_weights._version)
     return out, saved
 
 
@@ -481,53 +498,55 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     b = arena.rows
     dos, d, dgu, dxs = b["dos"], b["d"], b["dgu"], b.get("dxs")
     dosq, dguq = ((b["dosq"], b["dosqs"]), (b["dguq"], b["dguqs"])) if int_dy else (None, None)
-    _gather(grad_out if grad_out.is_contiguous() else grad_out.contiguous(), r, dos)
+    g_out = grad_out if grad_out.is_contiguous() else grad_out.contiguous()
     w_row = np.zeros(r.rows, dtype=np.float32)  # routing weight of each row (0 on padding rows)
     w_row[r.row_of.reshape(-1)] = saved.topk_weights.detach().numpy().reshape(-1)
-    if lora is None:
-        _grouped_bwd(dos, experts, "down", d, r, dyq=dosq)
-    else:
-        # T = s dY B first (fp32, for the A gradients); the transposed GEMMs add T A themselves
-        # from its bf16 copy on AVX-512, else separate passes add it
-        true_rank = lora[0].shape[1]
-        ga, gb, ua, ub, da, db = lora = pad_lora(lora)
-        fused = _fuses_lora(experts)
-        t_d, t_gu = b["t_d"], b["t_gu"]
-        _lora("xb", rank, hdim, _groups(r.basis, (_rows(dos), _per_expert(db), _rows(t_d))), _pitch(dos),
-              _pitch(t_d), scaling)
-        if fused:
-            _grouped_bwd(dos, experts, "down", d, r, (_bf16_copy(t_d, b["t_d16"], r), da, None), dyq=dosq)
-        else:
-            _grouped_bwd(dos, experts, "down", d, r, dyq=dosq)
-            _lora("xb", idim, rank, _groups(r.basis, (_rows(t_d), _per_expert(da), _rows(d))), _pitch(t_d),
-                  _pitch(d), x_dtype="f32", accumulate=True)
-    act = saved.act
     dw_rows = np.empty(r.rows, dtype=np.float32)
-    get_act_kernel(ActSpec("bwd", idim)).launch(
-        r.slot_row.size, idx=r.slot_row.ctypes.data, d=d.addr, act=act.data_ptr(), gu=saved.gu.data_ptr(),
-        w=w_row.ctypes.data, dw=dw_rows.ctypes.data, dgu=dgu.addr, ldd=d.pitch, lddgu=dgu.pitch)
-    dw = torch.from_numpy(dw_rows[r.row_of])
-    grads = None
-    if lora is not None and (need_dx or need_lora_grads):
-        _lora("xb", rank, idim, _groups(r.basis, (_rows(dgu), _per_expert(gb), _rows(t_gu)),
-                                        (_rows(dgu, idim), _per_expert(ub), _rows(t_gu, rank))),
-              _pitch(dgu), _pitch(t_gu), scaling)
-    if lora is not None and need_lora_grads:
-        # before the transposed gate/up GEMM, not after: it streams the weights through the caches,
-        # and the many small steps here (Python, NumPy, short launches) run several times slower
-        # right after it (measured at qlen 1: 0.6 ms instead of 0.3)
-        _gather(saved.x, r, b["xs"])
-        grads = _lora_grads(saved, r, lora, experts.num_experts, grad_buffers, dos, t_d, w_row, dgu, t_gu, b["xs"])
-        grads = unpad_grads(grads, true_rank)
-    if need_dx:
+    grads = zeroed = None
+    with LaunchBatch():  # every launch is prepared first, then they run back to back
+        _gather(g_out, r, dos)
         if lora is None:
-            _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq)
-        elif fused:
-            _grouped_bwd(dgu, experts, "gate_up", dxs, r, (_bf16_copy(t_gu, b["t_gu16"], r), ga, ua), dyq=dguq)
+            _grouped_bwd(dos, experts, "down", d, r, dyq=dosq)
         else:
-            _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq)
-            for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
-                _lora("xb", hdim, rank, _groups(r.basis, (_rows(t_gu, col), _per_expert(a), _rows(dxs))),
-                      _pitch(t_gu), _pitch(dxs), x_dtype="f32", accumulate=True)
-    dx = _combine(dxs, r, None, torch.float32) if need_dx else None
+            # T = s dY B first (fp32, for the A gradients); the transposed GEMMs add T A themselves
+            # from its bf16 copy on AVX-512, else separate passes add it
+            true_rank = lora[0].shape[1]
+            ga, gb, ua, ub, da, db = lora = pad_lora(lora)
+            fused = _fuses_lora(experts)
+            t_d, t_gu = b["t_d"], b["t_gu"]
+            _lora("xb", rank, hdim, _groups(r.basis, (_rows(dos), _per_expert(db), _rows(t_d))), _pitch(dos),
+                  _pitch(t_d), scaling)
+            if fused:
+                _grouped_bwd(dos, experts, "down", d, r, (_bf16_copy(t_d, b["t_d16"], r), da, None), dyq=dosq)
+            else:
+                _grouped_bwd(dos, experts, "down", d, r, dyq=dosq)
+                _lora("xb", idim, rank, _groups(r.basis, (_rows(t_d), _per_expert(da), _rows(d))), _pitch(t_d),
+                      _pitch(d), x_dtype="f32", accumulate=True)
+        act = saved.act
+        get_act_kernel(ActSpec("bwd", idim)).launch(
+            r.slot_row.size, idx=r.slot_row.ctypes.data, d=d.addr, act=act.data_ptr(), gu=saved.gu.data_ptr(),
+            w=w_row.ctypes.data, dw=dw_rows.ctypes.data, dgu=dgu.addr, ldd=d.pitch, lddgu=dgu.pitch)
+        if lora is not None and (need_dx or need_lora_grads):
+            _lora("xb", rank, idim, _groups(r.basis, (_rows(dgu), _per_expert(gb), _rows(t_gu)),
+                                            (_rows(dgu, idim), _per_expert(ub), _rows(t_gu, rank))),
+                  _pitch(dgu), _pitch(t_gu), scaling)
+        if lora is not None and need_lora_grads:
+            _gather(saved.x, r, b["xs"])
+            grads, zeroed = _lora_grads(saved, r, lora, experts.num_experts, grad_buffers, dos, t_d, w_row, dgu, t_gu,
+                                        b["xs"])
+        if need_dx:
+            if lora is None:
+                _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq)
+            elif fused:
+                _grouped_bwd(dgu, experts, "gate_up", dxs, r, (_bf16_copy(t_gu, b["t_gu16"], r), ga, ua), dyq=dguq)
+            else:
+                _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq)
+                for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
+                    _lora("xb", hdim, rank, _groups(r.basis, (_rows(t_gu, col), _per_expert(a), _rows(dxs))),
+                          _pitch(t_gu), _pitch(dxs), x_dtype="f32", accumulate=True)
+        dx = _combine(dxs, r, None, torch.float32) if need_dx else None
+    dw = torch.from_numpy(dw_rows[r.row_of])
+    if grads is not None:
+        zeroed()
+        grads = unpad_grads(grads, true_rank)
     return dx, dw, grads

@@ -72,6 +72,13 @@ def _gomp_parallel():
     return fn
 
 
+def gomp_parallel_address() -> int | None:
+    """Address of ``GOMP_parallel`` in torch's libgomp (for compiled code that launches kernels
+    itself), or None when there is none."""
+    fn = _gomp_parallel()
+    return None if fn is None else ctypes.cast(fn, ctypes.c_void_p).value
+
+
 def launcher_name() -> str:
     return "GOMP_parallel (torch's libgomp)" if _gomp_parallel() is not None else "Python threads"
 
