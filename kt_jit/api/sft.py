@@ -44,8 +44,9 @@ class _MoESFTFunction(torch.autograd.Function):
         lora_t = tuple(lora) if lora else None
         need = ctx.needs_input_grad  # (x, topk_ids, topk_weights, 4 non-tensors, *lora)
         need_lora = any(need[7:])
-        dx, dw, dlora = core.backward(saved, grad_out, ctx.experts, lora_t, ctx.scaling,
-                                      ctx.grad_buffers, need_dx=need[0], need_lora_grads=need_lora)
+        dx_dtype = ctx.x_dtype if ctx.x_dtype in (torch.float32, torch.bfloat16) else torch.float32
+        dx, dw, dlora = core.backward(saved, grad_out, ctx.experts, lora_t, ctx.scaling, ctx.grad_buffers,
+                                      need_dx=need[0], need_lora_grads=need_lora, dx_dtype=dx_dtype)
         lora_grads = (None,) * len(lora) if dlora is None else dlora  # bf16, as the adapters (checked)
         return (None if dx is None else _as(dx, ctx.x_dtype), None, _as(dw, ctx.w_dtype), None, None, None, None,
                 *lora_grads)
@@ -174,9 +175,9 @@ class MoESFTOp:
             raise RuntimeError("the LoRA adapters changed rank or scaling (or were attached/removed) between "
                                "forward and backward; run the forward again")
         with torch.no_grad():
-            dx, dw, dlora = core.backward(saved, grad_output.contiguous(), self.experts, lora, scaling,
-                                          getattr(self.lora, "grad_buffers", None))
-        result = {"grad_input": dx.to(torch.bfloat16), "grad_weights": dw}
+            dx, dw, dlora = core.backward(saved, grad_output, self.experts, lora, scaling,
+                                          getattr(self.lora, "grad_buffers", None), dx_dtype=torch.bfloat16)
+        result = {"grad_input": dx, "grad_weights": dw}
         if dlora is not None:
             from ..moe.weights import LORA_NAMES
 

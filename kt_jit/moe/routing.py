@@ -38,6 +38,11 @@ class Routing:
     rows: int
     slot_expert: np.ndarray
 
+    def __post_init__(self) -> None:
+        # the addresses kernels take, once (NumPy's .ctypes costs a few microseconds per access)
+        self.slot_token_addr, self.slot_row_addr, self.row_of_addr, self.slot_expert_addr = (
+            a.__array_interface__["data"][0] for a in (self.slot_token, self.slot_row, self.row_of, self.slot_expert))
+
     @property
     def starts(self) -> np.ndarray:
         """First row of each active expert's segment."""

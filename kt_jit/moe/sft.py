@@ -180,7 +180,7 @@ def _gather(src: torch.Tensor, r: Routing, dst: _Rows) -> None:
     [T, C]) at the row of every routed pair (t, k); padding rows are left unset (never read back)."""
     src_dtype = "bf16" if src.dtype == torch.bfloat16 else "f32"
     get_rows_kernel(RowsSpec("gather", dst.cols, src_dtype, "bf16")).gather(
-        dst.addr, src.data_ptr(), r.slot_row.ctypes.data, r.slot_token.ctypes.data, r.slot_row.size, ldd=dst.pitch)
+        dst.addr, src.data_ptr(), r.slot_row_addr, r.slot_token_addr, r.slot_row.size, ldd=dst.pitch)
 
 
 def _combine(y: torch.Tensor | _Rows, r: Routing, weights: torch.Tensor | None,
@@ -190,7 +190,7 @@ def _combine(y: torch.Tensor | _Rows, r: Routing, weights: torch.Tensor | None,
     cols = _ncols(y)
     out = torch.empty(t, cols, dtype=out_dtype)
     spec = RowsSpec("combine", cols, "f32", "bf16" if out_dtype == torch.bfloat16 else "f32", weights is not None)
-    get_rows_kernel(spec).combine(out.data_ptr(), _addr(y), r.row_of.ctypes.data,
+    get_rows_kernel(spec).combine(out.data_ptr(), _addr(y), r.row_of_addr,
                                   weights.data_ptr() if weights is not None else 0, t, k, ldy=_pitch(y))
     return out
 
@@ -200,7 +200,7 @@ def _quantize(x: torch.Tensor | _Rows, r: Routing, q: _Rows, scales: _Rows,
     """The routed rows of ``x`` (bf16) as int16 rows ``q`` (x's pitch) with fp32 row scales (see
     kernels/rowquant.py; ``col_scales``: per routed row, the address of its column-scale vector)."""
     spec = RowQuantSpec(_ncols(x), col_scales is not None)
-    get_rowquant_kernel(spec).launch(q.addr, _addr(x), scales.addr, r.slot_row.size, idx=r.slot_row.ctypes.data,
+    get_rowquant_kernel(spec).launch(q.addr, _addr(x), scales.addr, r.slot_row.size, idx=r.slot_row_addr,
                                      cscales=col_scales.ctypes.data if col_scales is not None else 0, ld=_pitch(x),
                                      keep=(col_scales,))
 
@@ -208,7 +208,7 @@ def _quantize(x: torch.Tensor | _Rows, r: Routing, q: _Rows, scales: _Rows,
 def _bf16_copy(src: _Rows, dst: _Rows, r: Routing) -> _Rows:
     """``dst`` (bf16) := the routed rows of ``src`` (fp32, same columns, a multiple of 32, contiguous
     rows), through the row gather kernel; returns ``dst``."""
-    rows = r.slot_row.ctypes.data
+    rows = r.slot_row_addr
     get_rows_kernel(RowsSpec("gather", src.cols, "f32", "bf16")).gather(dst.addr, src.addr, rows, rows,
                                                                          r.slot_row.size, ldd=dst.pitch)
     return dst
@@ -406,13 +406,13 @@ def _forward_launches(x: torch.Tensor, topk_weights: torch.Tensor, experts: MoEE
                   _pitch(hgu), _pitch(gu), accumulate=True)
     # only the routed rows (segments are padded to 16 rows: at qlen 16 most rows are padding); with
     # LoRA the same launch computes H = s A Ad^T of each row it writes
-    rows = dict(idx=r.slot_row.ctypes.data, gu=_addr(gu), act=_addr(act))
+    rows = dict(idx=r.slot_row_addr, gu=_addr(gu), act=_addr(act))
     if lora is None:
         get_act_kernel(ActSpec("fwd", idim)).launch(r.slot_row.size, **rows)
         _grouped_fwd(act, experts, "down", y, r, xq=aq)
     else:
         get_act_kernel(ActSpec("fwd", idim, rank)).launch(
-            r.slot_row.size, **rows, eid=r.slot_expert.ctypes.data, a=da.data_ptr(),
+            r.slot_row.size, **rows, eid=r.slot_expert_addr, a=da.data_ptr(),
             astride=da.stride(0) * da.element_size(), h=_addr(hd), ldh=_pitch(hd), alpha=scaling)
         if fused:
             _grouped_fwd(act, experts, "down", y, r, (hd, db, None), xq=aq)
@@ -465,9 +465,10 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
 
 def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tuple[torch.Tensor, ...] | None,
              scaling: float, grad_buffers: LoraGradBuffers | None = None, need_dx: bool = True,
-             need_lora_grads: bool = True,
+             need_lora_grads: bool = True, dx_dtype: torch.dtype = torch.float32,
              ) -> tuple[torch.Tensor | None, torch.Tensor, tuple[torch.Tensor, ...] | None]:
-    """Gradients for x (fp32 [T, H]), topk_weights (fp32 [T, K]) and the six LoRA tensors (bf16).
+    """Gradients for x ([T, H], ``dx_dtype``: fp32 or bf16, rounded once from the fp32 sums),
+    topk_weights (fp32 [T, K]) and the six LoRA tensors (bf16).
 
     ``grad_buffers`` (the adapters' :class:`LoraGradBuffers`) lets the LoRA gradients reuse the
     buffers of a previous backward that the caller has dropped; without it they are fresh.
@@ -524,7 +525,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
                       _pitch(d), x_dtype="f32", accumulate=True)
         act = saved.act
         get_act_kernel(ActSpec("bwd", idim)).launch(
-            r.slot_row.size, idx=r.slot_row.ctypes.data, d=d.addr, act=act.data_ptr(), gu=saved.gu.data_ptr(),
+            r.slot_row.size, idx=r.slot_row_addr, d=d.addr, act=act.data_ptr(), gu=saved.gu.data_ptr(),
             w=w_row.ctypes.data, dw=dw_rows.ctypes.data, dgu=dgu.addr, ldd=d.pitch, lddgu=dgu.pitch)
         if lora is not None and (need_dx or need_lora_grads):
             _lora("xb", rank, idim, _groups(r.basis, (_rows(dgu), _per_expert(gb), _rows(t_gu)),
@@ -544,7 +545,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
                 for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
                     _lora("xb", hdim, rank, _groups(r.basis, (_rows(t_gu, col), _per_expert(a), _rows(dxs))),
                           _pitch(t_gu), _pitch(dxs), x_dtype="f32", accumulate=True)
-        dx = _combine(dxs, r, None, torch.float32) if need_dx else None
+        dx = _combine(dxs, r, None, dx_dtype) if need_dx else None
     dw = torch.from_numpy(dw_rows[r.row_of])
     if grads is not None:
         zeroed()
