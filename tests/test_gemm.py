@@ -110,6 +110,21 @@ def test_pack_round_trip_and_layout():
     assert torch.equal(unpack_bf16(stacked)[1], (w * 2))
 
 
+@NEEDS_AVX512_BF16
+def test_functions_returning_results_run_at_once_inside_a_launch_batch():
+    """linear, linear_t and quantize_rows return filled tensors even inside a LaunchBatch."""
+    from kt_jit.codegen.worker import LaunchBatch
+
+    g = torch.Generator().manual_seed(8)
+    w = torch.randn(64, 96, generator=g).bfloat16()
+    x, dy = torch.randn(5, 96, generator=g).bfloat16(), torch.randn(5, 64, generator=g).bfloat16()
+    packed = pack_bf16(w)
+    with LaunchBatch():
+        y, dx, (q, s) = gemm.linear(x, packed), gemm.linear_t(dy, packed), quantize_rows(x)
+        assert rel_err(y, ref_linear(x, w)) < 1e-4 and rel_err(dx, ref_linear_t(dy, w)) < 1e-4
+        assert rel_err(q.float() * s[:, None], x.float()) < 1e-3
+
+
 def test_zero_rows():
     w = _weights(64, 64)
     p = pack_bf16(w)

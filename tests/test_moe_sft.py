@@ -588,6 +588,40 @@ def test_inputs_modified_before_backward_are_detected():
         op.backward(torch.ones(6, H))
 
 
+def test_op_copied_with_a_saved_forward_runs_its_backward_alone():
+    """A deep copy (or pickle) of an op holding a saved forward has its own routing: its backward
+    after the original is gone gives the original's gradients."""
+    import copy
+    import gc
+    import pickle
+
+    *_, experts, lora = make_layer()
+    x, ids, w = make_batch(9, 3)
+    dout = torch.randn(9, H, generator=torch.Generator().manual_seed(4))
+    op = kt_jit.MoESFTOp(experts, lora)
+    op.forward(x, ids, w)
+    twins = [copy.deepcopy(op), pickle.loads(pickle.dumps(op))]
+    want = op.backward(dout)
+    del op
+    gc.collect()
+    for twin in twins:
+        got = twin.backward(dout)
+        assert got.keys() == want.keys() and all(torch.equal(got[k], want[k]) for k in want)
+
+
+def test_deferred_and_immediate_launches_agree(monkeypatch):
+    """An MoE pass's launches batched (the default) or run one by one: bit-identical results."""
+    results = []
+    *_, experts, lora = make_layer(quant="int8")
+    dout = torch.randn(11, H, generator=torch.Generator().manual_seed(5))
+    for defer in ("1", "0"):
+        monkeypatch.setenv("KT_JIT_DEFER_LAUNCHES", defer)
+        results.append(run_ours(*make_batch(11, 3), experts, lora, dout))
+    (out_a, dx_a, dw_a, lg_a), (out_b, dx_b, dw_b, lg_b) = results
+    assert torch.equal(out_a, out_b) and torch.equal(dx_a, dx_b) and torch.equal(dw_a, dw_b)
+    assert all(torch.equal(a, b) for a, b in zip(lg_a, lg_b, strict=True))
+
+
 def test_op_rechecks_replaced_lora():
     _, _, _, experts, lora = make_layer()
     op = kt_jit.MoESFTOp(experts, lora)

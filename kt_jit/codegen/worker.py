@@ -15,6 +15,8 @@ from collections.abc import Callable, Sequence
 
 import numpy as np
 
+from ..runtime import knobs
+from ..runtime import threads as _threads
 from ..runtime.threads import default_num_threads, gomp_parallel_address, launch
 from .amx import TileConfig, Tiles
 from .cache import get_or_compile
@@ -66,21 +68,30 @@ class LaunchBatch:
     one runs; between immediate launches the host work (Python, NumPy, ctypes) runs from caches
     that the previous kernel's weight stream has just flushed, which at decode sizes costs as much
     as the kernels. Code inside the block must not read what a deferred launch writes before
-    calling :meth:`flush`. On an exception the pending launches are dropped."""
+    calling :meth:`flush`. On an exception the pending launches are dropped.
+
+    Only launches whose operands the caller keeps alive until the block ends may be deferred: the
+    group-table kernels keep their tables (``keep=``), raw-address launches (row gather/combine,
+    activation, row quantization) rely on their caller; functions that return what they compute
+    (``kernels.gemm.linear``/``linear_t``, ``kernels.rowquant.quantize_rows``) run at once inside
+    :func:`immediate_launches`. ``KT_JIT_DEFER_LAUNCHES=0`` turns deferral off."""
 
     def __init__(self) -> None:
         self._pending: list[tuple[int, ctypes.Structure, tuple]] = []
+        self._active = False
 
     def __enter__(self) -> LaunchBatch:
         if getattr(_batch, "current", None) is not None:
             raise RuntimeError("launch batches do not nest")
-        _batch.current = self
+        if knobs.defer_launches():
+            _batch.current, self._active = self, True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        _batch.current = None
-        if exc_type is None:
-            self.flush()
+        if self._active:
+            _batch.current, self._active = None, False
+            if exc_type is None:
+                self.flush()
         self._pending.clear()
 
     def add(self, addr: int, args: ctypes.Structure, keep: tuple) -> None:
@@ -92,6 +103,20 @@ class LaunchBatch:
         if pending:
             _run_launches([(addr, ctypes.addressof(args)) for addr, args, _ in pending])
         del pending  # (their arguments and kept objects lived until here)
+
+
+class immediate_launches:  # noqa: N801 (a context manager used like a function)
+    """Within this block launches run at once (after this thread's deferred ones): for code that
+    reads what it launches, or whose operands do not outlive the call."""
+
+    def __enter__(self) -> None:
+        self._saved = getattr(_batch, "current", None)
+        if self._saved is not None:
+            self._saved.flush()
+            _batch.current = None
+
+    def __exit__(self, exc_type, exc, tb) -> None:
+        _batch.current = self._saved
 
 
 def flush_launches() -> None:
@@ -149,7 +174,7 @@ def _run_launches(steps: list[tuple[int, int]]) -> None:
     gomp = gomp_parallel_address()
     if gomp is None and threads > 1:  # no libgomp: the Python-thread launcher, one by one
         for addr, ctx in steps:
-            launch(addr, ctx, threads)
+            _threads.launch(addr, ctx, threads)
         return
     table = (ctypes.c_int64 * (2 * len(steps)))(*(v for step in steps for v in step))
     _launch_driver()(gomp or 0, ctypes.addressof(table), len(steps), threads)

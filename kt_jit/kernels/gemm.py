@@ -60,7 +60,7 @@ from ..codegen.amx import TileConfig, Tiles
 from ..codegen.cache import get_or_compile
 from ..codegen.compile import target_for
 from ..codegen.ir import BF16x32, F32x16, Function, I16x32, I32x16, Module, Var
-from ..codegen.worker import ArgBlock, build_worker, dispatch, group_table
+from ..codegen.worker import ArgBlock, build_worker, dispatch, group_table, immediate_launches
 from ..runtime.amx import active_isa, require_amx
 from ..runtime.buffers import aligned_zeros
 from .pack import check_gemm_dims
@@ -1356,13 +1356,15 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = Non
     kern = kernel_for("fwd", n, k, accumulate, isa, quant=quant)
     if m == 0:
         return y
-    if quant != "bf16":
-        xq, xs = quantize_rows(x)
-        table = _one_group(xq.data_ptr(), packed.data_ptr(), y.data_ptr(), m, scales.data_ptr(), 0, xs.data_ptr())
-        kern.launch(table, k * 2, n * 4, num_threads)
-        return y
-    xp = _pad_rows_for_amx(x) if kern.spec.isa != "avx512" else x
-    kern.launch(_one_group(xp.data_ptr(), packed.data_ptr(), y.data_ptr(), m), k * 2, n * 4, num_threads)
+    with immediate_launches():  # (returns what it computed, from temporaries)
+        if quant != "bf16":
+            xq, xs = quantize_rows(x)
+            table = _one_group(xq.data_ptr(), packed.data_ptr(), y.data_ptr(), m, scales.data_ptr(), 0,
+                               xs.data_ptr())
+            kern.launch(table, k * 2, n * 4, num_threads)
+            return y
+        xp = _pad_rows_for_amx(x) if kern.spec.isa != "avx512" else x
+        kern.launch(_one_group(xp.data_ptr(), packed.data_ptr(), y.data_ptr(), m), k * 2, n * 4, num_threads)
     return y
 
 
@@ -1379,7 +1381,9 @@ def linear_t(dy: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = 
     kern = kernel_for("bwd", n, k, accumulate, isa, quant=quant, one_group=True)
     if m == 0:
         return dx
-    src = pack_dy_for_amx(dy) if kern.spec.isa != "avx512" else dy
-    sptr = scales.data_ptr() if scales is not None else 0
-    kern.launch(_one_group(src.data_ptr(), packed.data_ptr(), dx.data_ptr(), m, sptr), n * 2, k * 4, num_threads)
+    with immediate_launches():  # (returns what it computed, from temporaries)
+        src = pack_dy_for_amx(dy) if kern.spec.isa != "avx512" else dy
+        sptr = scales.data_ptr() if scales is not None else 0
+        kern.launch(_one_group(src.data_ptr(), packed.data_ptr(), dx.data_ptr(), m, sptr), n * 2, k * 4,
+                    num_threads)
     return dx

@@ -29,7 +29,7 @@ import torch
 
 from ..codegen import avx512 as vx
 from ..codegen.ir import F32x16, Function
-from ..codegen.worker import ArgBlock, compile_worker, listed_row
+from ..codegen.worker import ArgBlock, compile_worker, immediate_launches, listed_row
 from ..runtime.buffers import aligned_empty
 
 ACT_MAX = 16383
@@ -146,6 +146,7 @@ def quantize_rows(x: torch.Tensor, rows: np.ndarray | None = None,
                                    or not col_scales.flags.c_contiguous):
         raise ValueError(f"col_scales must be a contiguous int64 array [{n}] of vector addresses")
     cs = col_scales.ctypes.data if col_scales is not None else 0
-    get_kernel(RowQuantSpec(x.shape[1], col_scales is not None)).launch(
-        q.data_ptr(), x.data_ptr(), s.data_ptr(), n, idx=idx, cscales=cs, ld=x.stride(0) * 2)
+    with immediate_launches():  # (returns what it computed)
+        get_kernel(RowQuantSpec(x.shape[1], col_scales is not None)).launch(
+            q.data_ptr(), x.data_ptr(), s.data_ptr(), n, idx=idx, cscales=cs, ld=x.stride(0) * 2)
     return q, s

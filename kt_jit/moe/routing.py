@@ -43,6 +43,10 @@ class Routing:
         self.slot_token_addr, self.slot_row_addr, self.row_of_addr, self.slot_expert_addr = (
             a.__array_interface__["data"][0] for a in (self.slot_token, self.slot_row, self.row_of, self.slot_expert))
 
+    def __setstate__(self, state: dict) -> None:  # copies and unpickled ones: their own arrays' addresses
+        self.__dict__.update(state)
+        self.__post_init__()
+
     @property
     def starts(self) -> np.ndarray:
         """First row of each active expert's segment."""

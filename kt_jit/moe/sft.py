@@ -61,6 +61,10 @@ class Saved:
     x_version: int = 0       # tensor versions at forward time (in-place changes invalidate)
     w_version: int = 0
 
+    def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) owns new tensors: new baselines
+        self.__dict__.update(state)
+        self.x_version, self.w_version = self.x._version, self.topk_weights._version
+
 
 class _Col(NamedTuple):
     """One column of a group-descriptor table: ``base + row_pitch * (the expert's first row) +

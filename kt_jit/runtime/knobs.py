@@ -9,6 +9,9 @@ KT_JIT_DISABLE_CACHE  "1" compiles every kernel afresh and writes nothing to dis
 KT_JIT_MALLOC_TUNE  "0" leaves glibc's malloc thresholds alone (see runtime/memory.py)
 KT_JIT_REUSE_LORA_GRADS  "0" allocates fresh LoRA gradient buffers on every backward instead of
                     reusing dropped ones (see moe/gradbuf.py for when reuse happens)
+KT_JIT_DEFER_LAUNCHES  "0" runs every kernel launch of an MoE pass at once instead of preparing them
+                    all and running them back to back (codegen/worker.LaunchBatch; for A/B runs and
+                    debugging)
 """
 
 from __future__ import annotations
@@ -68,3 +71,8 @@ def malloc_tune() -> bool:
 def reuse_lora_grads() -> bool:
     """KT_JIT_REUSE_LORA_GRADS: reuse dropped LoRA gradient buffers (default on)."""
     return os.environ.get("KT_JIT_REUSE_LORA_GRADS", "1").strip() not in ("0", "false", "no", "off")
+
+
+def defer_launches() -> bool:
+    """KT_JIT_DEFER_LAUNCHES: batch an MoE pass's launches (default on)."""
+    return os.environ.get("KT_JIT_DEFER_LAUNCHES", "1").strip() not in ("0", "false", "no", "off")
