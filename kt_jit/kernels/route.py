@@ -38,6 +38,18 @@ def out_size(n: int, e: int) -> int:
     return HEADER + 6 * e + 6 * n
 
 
+# the per-pair regions after the header and the 6e per-expert fields, in order
+PAIR_REGIONS = ("slot_token", "slot_k", "slot_row", "row_of", "ids", "slot_expert")
+
+
+def regions(buf, n: int, e: int) -> dict:
+    """Views of a filled output buffer (NumPy int64): ``basis`` [A, 4] and the per-pair regions."""
+    active, b = int(buf[0]), HEADER + 6 * e
+    views = {name: buf[b + i * n:b + (i + 1) * n] for i, name in enumerate(PAIR_REGIONS)}
+    views["basis"] = buf[HEADER:HEADER + 4 * active].reshape(active, 4)
+    return views
+
+
 def _build(fn: Function) -> None:
     ids, n, k, e, align, out = (a for _, a in fn.args)
 
@@ -52,9 +64,8 @@ def _build(fn: Function) -> None:
     slot_cur = region(fn.add(HEADER, fn.mul(e, 5)))
     base = fn.add(HEADER, fn.mul(e, 6))
 
-    slot_token, slot_k = region(base), region(fn.add(base, n))
-    slot_row, row_of = region(fn.add(base, fn.mul(n, 2))), region(fn.add(base, fn.mul(n, 3)))
-    own, slot_expert = region(fn.add(base, fn.mul(n, 4))), region(fn.add(base, fn.mul(n, 5)))
+    slot_token, slot_k, slot_row, row_of, own, slot_expert = (
+        region(fn.add(base, fn.mul(n, i))) for i in range(len(PAIR_REGIONS)))
 
     # the ids are read once, checked (one unsigned compare also catches negative ids) and copied:
     # everything below indexes with the copy, so a caller changing its tensor meanwhile cannot

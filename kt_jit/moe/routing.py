@@ -12,7 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
-from ..kernels.route import HEADER, out_size, route_into
+from ..kernels.route import out_size, regions, route_into
 
 SEGMENT_ALIGN = 16
 
@@ -33,10 +33,10 @@ class Routing:
     slot_token: np.ndarray
     slot_k: np.ndarray
     slot_row: np.ndarray
+    slot_expert: np.ndarray
     row_of: np.ndarray
     basis: np.ndarray
     rows: int
-    slot_expert: np.ndarray
 
     def __post_init__(self) -> None:
         # the addresses kernels take, once (NumPy's .ctypes costs a few microseconds per access)
@@ -74,7 +74,6 @@ def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
         ids = topk_ids.numpy()
         raise ValueError(f"topk_ids holds expert ids in [{ids.min()}, {ids.max()}] but there are only {e} experts "
                          f"(valid ids: 0..{e - 1})")
-    active, rows = int(buf[0]), int(buf[1])
-    b = HEADER + 6 * e
-    return Routing(buf[b:b + n], buf[b + n:b + 2 * n], buf[b + 2 * n:b + 3 * n], buf[b + 3 * n:b + 4 * n].reshape(t, k),
-                   buf[HEADER:HEADER + 4 * active].reshape(active, 4), rows, buf[b + 5 * n:b + 6 * n])
+    v = regions(buf, n, e)
+    return Routing(v["slot_token"], v["slot_k"], v["slot_row"], v["slot_expert"], v["row_of"].reshape(t, k),
+                   v["basis"], int(buf[1]))
