@@ -17,8 +17,7 @@ class _MoESFTFunction(torch.autograd.Function):
     @staticmethod
     def forward(ctx, x, topk_ids, topk_weights, experts, scaling, out_dtype, grad_buffers, *lora):
         lora_t = tuple(lora) if lora else None
-        out, saved = core.forward(_as(x, torch.bfloat16), topk_ids, _as(topk_weights, torch.float32), experts,
-                                  lora_t, scaling, save=True, out_dtype=out_dtype)
+        out, saved = _forward(x, topk_ids, topk_weights, experts, lora_t, scaling, True, out_dtype)
         # every saved tensor goes through save_for_backward: autograd checks the inputs' versions
         # (in-place changes before backward raise), and non-reentrant checkpointing can drop them
         # after the forward and recompute them for the backward
@@ -52,6 +51,13 @@ class _MoESFTFunction(torch.autograd.Function):
                 *lora_grads)
 
 
+def _forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: MoEExperts,
+             lora: tuple[torch.Tensor, ...] | None, scaling: float, save: bool, out_dtype: torch.dtype):
+    """core.forward on validated inputs, converted to what it takes (bf16 x, fp32 weights)."""
+    return core.forward(_as(x, torch.bfloat16), topk_ids, _as(topk_weights, torch.float32), experts, lora, scaling,
+                        save=save, out_dtype=out_dtype)
+
+
 def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype``, contiguous (itself when it already is: no torch call on the hot path)."""
     if t.dtype != dtype:
@@ -78,10 +84,8 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     if not (torch.is_grad_enabled() and (hidden_states.requires_grad or topk_weights.requires_grad
                                          or any(p.requires_grad for p in tensors))):
         # nothing to differentiate (inference, torch.no_grad): no autograd node, nothing saved
-        out, _ = core.forward(_as(hidden_states, torch.bfloat16), topk_ids, _as(topk_weights, torch.float32),
-                              experts, tensors or None, lora.scaling if lora is not None else 0.0, save=False,
-                              out_dtype=out_dtype)
-        return out
+        scaling = lora.scaling if lora is not None else 0.0
+        return _forward(hidden_states, topk_ids, topk_weights, experts, tensors or None, scaling, False, out_dtype)[0]
     if lora is None:
         return _MoESFTFunction.apply(hidden_states, topk_ids, topk_weights, experts, 0.0, out_dtype, None)
     return _MoESFTFunction.apply(hidden_states, topk_ids, topk_weights, experts, lora.scaling, out_dtype,
@@ -142,8 +146,8 @@ class MoESFTOp:
                                        f"{self.max_cache_depth}. Call backward() first, or raise max_cache_depth.")
         lora, scaling = self._lora()
         with torch.no_grad():
-            out, saved = core.forward(_as(hidden_states, torch.bfloat16), topk_ids, _as(topk_weights, torch.float32),
-                                      self.experts, lora, scaling, save=save_for_backward, out_dtype=out_dtype)
+            out, saved = _forward(hidden_states, topk_ids, topk_weights, self.experts, lora, scaling,
+                                  save_for_backward, out_dtype)
         if save_for_backward:
             with self._lock:
                 if len(self._stack) >= self.max_cache_depth:

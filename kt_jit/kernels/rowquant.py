@@ -125,6 +125,17 @@ def get_kernel(spec: RowQuantSpec) -> RowQuantKernel:
     return RowQuantKernel(spec)
 
 
+def quantize_rows_into(src: int, ld: int, cols: int, dst: int, scales: int, n: int, idx: int = 0,
+                       col_scales=None) -> None:
+    """Launch the row quantization on raw addresses (trusted): ``n`` bf16 rows of ``cols`` at
+    ``src`` (pitch ``ld`` bytes; with ``idx``, the address of int64 [n], the rows listed there) into
+    int16 rows at ``dst`` (same pitch) and fp32 ``scales``; ``col_scales`` (int64 NumPy [n] of
+    vector addresses, kept alive by a deferred launch) first multiplies each row by its vector."""
+    cs = col_scales.ctypes.data if col_scales is not None else 0
+    get_kernel(RowQuantSpec(cols, col_scales is not None)).launch(dst, src, scales, n, idx=idx, cscales=cs, ld=ld,
+                                                                  keep=(col_scales,))
+
+
 def quantize_rows(x: torch.Tensor, rows: np.ndarray | None = None,
                   col_scales: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [M, C]`` bf16 with unit column stride (C a multiple of 32) -> (``q [M, C]`` int16 with
@@ -145,8 +156,6 @@ def quantize_rows(x: torch.Tensor, rows: np.ndarray | None = None,
     if col_scales is not None and (col_scales.dtype != np.int64 or col_scales.shape != (n,)
                                    or not col_scales.flags.c_contiguous):
         raise ValueError(f"col_scales must be a contiguous int64 array [{n}] of vector addresses")
-    cs = col_scales.ctypes.data if col_scales is not None else 0
     with immediate_launches():  # (returns what it computed)
-        get_kernel(RowQuantSpec(x.shape[1], col_scales is not None)).launch(
-            q.data_ptr(), x.data_ptr(), s.data_ptr(), n, idx=idx, cscales=cs, ld=x.stride(0) * 2)
+        quantize_rows_into(x.data_ptr(), x.stride(0) * 2, x.shape[1], q.data_ptr(), s.data_ptr(), n, idx, col_scales)
     return q, s

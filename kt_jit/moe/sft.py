@@ -34,8 +34,7 @@ from ..kernels import fill, gemm
 from ..kernels import lora as lk
 from ..kernels.activation import ActSpec
 from ..kernels.activation import get_kernel as get_act_kernel
-from ..kernels.rowquant import RowQuantSpec
-from ..kernels.rowquant import get_kernel as get_rowquant_kernel
+from ..kernels.rowquant import quantize_rows_into
 from ..kernels.rows import RowsSpec
 from ..kernels.rows import get_kernel as get_rows_kernel
 from ..runtime.buffers import aligned_empty
@@ -203,10 +202,8 @@ def _quantize(x: torch.Tensor | _Rows, r: Routing, q: _Rows, scales: _Rows,
               col_scales: np.ndarray | None = None) -> None:
     """The routed rows of ``x`` (bf16) as int16 rows ``q`` (x's pitch) with fp32 row scales (see
     kernels/rowquant.py; ``col_scales``: per routed row, the address of its column-scale vector)."""
-    spec = RowQuantSpec(_ncols(x), col_scales is not None)
-    get_rowquant_kernel(spec).launch(q.addr, _addr(x), scales.addr, r.slot_row.size, idx=r.slot_row_addr,
-                                     cscales=col_scales.ctypes.data if col_scales is not None else 0, ld=_pitch(x),
-                                     keep=(col_scales,))
+    quantize_rows_into(_addr(x), _pitch(x), _ncols(x), q.addr, scales.addr, r.slot_row.size, r.slot_row_addr,
+                       col_scales)
 
 
 def _bf16_copy(src: _Rows, dst: _Rows, r: Routing) -> _Rows:
