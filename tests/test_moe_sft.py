@@ -559,6 +559,18 @@ def test_fused_and_separate_lora_paths(isa, i, monkeypatch):
     check_against_reference(layer, make_batch(13, 3, h=64), dout)
 
 
+@pytest.mark.parametrize("rows_max", [0, 1 << 20])
+@pytest.mark.parametrize("rank", [8, 32])
+def test_gate_up_a_products_in_the_gather_or_separate(rows_max, rank, monkeypatch):
+    """The gate/up adapters' A-products come from the gather launch at few rows per expert and
+    from a separate grouped launch above (both forced here, padded and native ranks)."""
+    from kt_jit.moe import sft
+
+    monkeypatch.setattr(sft, "GATHER_A_ROWS_MAX", rows_max)
+    dout = torch.randn(11, H, generator=torch.Generator().manual_seed(4))
+    check_against_reference(make_layer(r=rank), make_batch(11, 3), dout)
+
+
 @pytest.mark.parametrize("rank", [4, 16, 32, 48])
 def test_lora_ranks(rank):
     """Ranks the kernels run natively (16, 32) and ranks that are zero-padded (4 -> 16, 48 -> 64)."""

@@ -28,6 +28,37 @@ def test_gather_puts_each_token_on_its_rows(src_dtype, cols):
     assert torch.equal(dst[rows], src[tokens].bfloat16())  # fp32 -> bf16 rounds to nearest even
 
 
+@pytest.mark.parametrize("rank", [16, 32])
+@pytest.mark.parametrize("src_dtype", [torch.float32, torch.bfloat16])
+def test_gather_with_a_products(src_dtype, rank):
+    """The gather's fused A-products: h[row] = alpha [x_row a0_e^T | x_row a1_e^T] (bf16) of every
+    row it copies, from the bf16 row; padded rows' h untouched. A's expert stride padded."""
+    g = torch.Generator().manual_seed(rank)
+    t, k, e, cols, alpha = 9, 3, 5, 96, 1.75
+    ids = torch.randint(0, e, (t, k), generator=g)
+    r = route(ids, e)
+    src = torch.randn(t, cols, generator=g).to(src_dtype)
+    a0, a1 = (torch.randn(e, rank + 2, cols, generator=g).bfloat16()[:, :rank] for _ in range(2))
+    dst = torch.zeros(r.rows, cols, dtype=torch.bfloat16)
+    h = torch.full((r.rows, 2 * rank + 16), float("nan"), dtype=torch.bfloat16)
+    spec = RowsSpec("gather", cols, "bf16" if src_dtype == torch.bfloat16 else "f32", "bf16", lora_rank=rank)
+    assert a0.stride(0) == a1.stride(0)
+    get_kernel(spec).gather(dst.data_ptr(), src.data_ptr(), r.slot_row.ctypes.data, r.slot_token.ctypes.data,
+                            r.slot_row.size, alpha=alpha, eid=r.slot_expert.ctypes.data, a0=a0.data_ptr(),
+                            a1=a1.data_ptr(), astride=a0.stride(0) * 2, h=h.data_ptr(), ldh=h.stride(0) * 2)
+    rows, tokens = torch.from_numpy(r.slot_row), torch.from_numpy(r.slot_token)
+    ex = torch.from_numpy(r.slot_expert)
+    assert torch.equal(dst[rows], src[tokens].bfloat16())
+    xb = dst[rows].float()
+    for half, a in enumerate((a0, a1)):
+        want = alpha * torch.einsum("jc,jrc->jr", xb, a[ex].float())
+        assert rel_err(h[rows, half * rank:(half + 1) * rank].float(), want) < 4e-3
+    assert torch.isnan(h[rows, 2 * rank:].float()).all()  # nothing past the products
+    unrouted = torch.ones(r.rows, dtype=torch.bool)
+    unrouted[rows] = False
+    assert torch.isnan(h[unrouted].float()).all()
+
+
 @pytest.mark.parametrize("weighted", [True, False])
 @pytest.mark.parametrize("out_dtype", [torch.float32, torch.bfloat16])
 @pytest.mark.parametrize("cols", [32, 96, 2048])
@@ -85,6 +116,10 @@ def test_bad_specs_are_rejected():
         RowsSpec("scatter", 64)
     with pytest.raises(ValueError, match="bf16"):
         RowsSpec("gather", 64, "f32", "f32")
+    with pytest.raises(ValueError, match="lora_rank"):
+        RowsSpec("gather", 64, lora_rank=8)
+    with pytest.raises(ValueError, match="lora_rank"):
+        RowsSpec("combine", 64, lora_rank=16)
 
 
 def test_zero_ranges_writes_exactly_the_ranges():

@@ -16,8 +16,9 @@ import struct
 from dataclasses import dataclass
 
 from ..codegen import avx512 as vx
-from ..codegen.ir import BF16x32, F32x16, Function
+from ..codegen.ir import F32x16, Function
 from ..codegen.worker import ArgBlock, compile_worker, listed_row
+from .lora import row_a_product
 
 ROWS_PER_ITEM = 8
 FWD_ARGS = ArgBlock(["gu", "act", "rows", "idx"])
@@ -83,22 +84,12 @@ def _fwd_body(spec: ActSpec):
 
 
 def _a_product(fn: Function, spec: ActSpec, ctx: str, arow: str, r: str, j: str) -> None:
-    """H[r, :] = bf16(alpha * A[r, :] Ad_e^T), e = eid[j]: 16 adapter rows per pass, each dotted with
-    the bf16 row just stored (lane partials over 32-wide chunks, folded once)."""
+    """H[r, :] = bf16(alpha * A[r, :] Ad_e^T), e = eid[j], from the bf16 row just stored."""
     args = FWD_LORA_ARGS
     e = fn.load("i64", fn.gep(args.load_ptr(fn, ctx, "eid"), fn.mul(j, 8)), 8)
     ad = fn.gep(args.load_ptr(fn, ctx, "a"), fn.mul(e, args.load(fn, ctx, "astride")))
     hrow = fn.gep(args.load_ptr(fn, ctx, "h"), fn.mul(r, args.load(fn, ctx, "ldh")))
-    alpha = vx.splat_arg_f32(fn, args.load(fn, ctx, "alpha"))
-    for a0 in range(0, spec.lora_rank, 16):
-        accs = [fn.var(F32x16, "zeroinitializer", 64) for _ in range(16)]
-        with fn.loop(0, spec.i, 32, name="ac") as c:
-            xv = fn.load(BF16x32, fn.gep(arow, fn.mul(c, 2)), 2)
-            for a, acc in enumerate(accs):
-                w = fn.load(BF16x32, fn.gep(ad, fn.add(fn.mul(c, 2), (a0 + a) * spec.i * 2)), 2)
-                acc.set(vx.dpbf16(fn, acc.get(), w, xv))
-        out = vx.fmul(fn, vx.reduce_lanes(fn, [acc.get() for acc in accs]), alpha)
-        vx.store_f32x16(fn, out, fn.gep(hrow, a0 * 2), "bf16")
+    row_a_product(fn, arow, ad, spec.i, spec.lora_rank, hrow, vx.splat_arg_f32(fn, args.load(fn, ctx, "alpha")))
 
 
 def _bwd_body(spec: ActSpec):

@@ -146,6 +146,23 @@ def _blocked_body(spec: LoraSpec, block):
     return body
 
 
+def row_a_product(fn: Function, xrow: str, a: str, k: int, rank: int, hrow: str, alpha: str) -> None:
+    """``hrow[:rank] = bf16(alpha * xrow[:k] @ A^T)`` for one bf16 row (``k`` a multiple of 32)
+    against ``A [rank, k]`` bf16 (row-major, ``rank`` a multiple of 16); ``alpha`` a splat vector.
+    For kernels that compute an adapter's A-product of each row they write (one row at a time:
+    fine while an expert has few rows, as each row rereads A). Dot form: 16 adapter rows per pass,
+    their partial sums in the lanes of 16 accumulators over 32-wide chunks, folded once."""
+    for a0 in range(0, rank, 16):
+        accs = [fn.var(F32x16, "zeroinitializer", 64) for _ in range(16)]
+        with fn.loop(0, k, 32, name="ac") as c:
+            xv = fn.load(BF16x32, fn.gep(xrow, fn.mul(c, 2)), 2)
+            for i, acc in enumerate(accs):
+                w = fn.load(BF16x32, fn.gep(a, fn.add(fn.mul(c, 2), (a0 + i) * k * 2)), 2)
+                acc.set(vx.dpbf16(fn, acc.get(), w, xv))
+        out = vx.fmul(fn, vx.reduce_lanes(fn, [acc.get() for acc in accs]), alpha)
+        vx.store_f32x16(fn, out, fn.gep(hrow, a0 * 2), "bf16")
+
+
 XAT_MR = 8  # xat: token rows per pass over a W row (their X rows stay in L1)
 XAT_PREFETCH = 1024  # xat: bytes ahead along the W row being streamed
 

@@ -1,7 +1,11 @@
 """Row gather and weighted row combine: the token <-> per-expert-row traffic around the expert GEMMs.
 
 - ``gather``: ``dst[dst_idx[j], :] = src[src_idx[j], :]`` for ``j < n`` (src fp32 or bf16, dst bf16;
-  fp32 is rounded to nearest even). Moves tokens into the per-expert row buffers.
+  fp32 is rounded to nearest even). Moves tokens into the per-expert row buffers. With
+  ``lora_rank`` r it also writes the gate and up adapters' A-products of each row it copies,
+  ``h[d, :r] = bf16(alpha dst[d] A0_e^T)`` and ``h[d, r:2r] = bf16(alpha dst[d] A1_e^T)`` (d =
+  dst_idx[j], e = eid[j], A [E, r, cols] bf16), instead of a separate LoRA launch: each row rereads
+  its expert's A, so this is for few rows per expert (decode sizes).
 - ``combine``: ``out[t, :] = sum_k w[t, k] * y[rows[t, k], :]`` for ``t < T`` (y fp32, w fp32
   ``[T, K]`` or all ones when absent, out fp32 or bf16). Each token owns its output row and sums its
   K expert rows in k order, so no atomics and no zero-fill are needed; one pass over y replaces
@@ -13,15 +17,20 @@ Indices are trusted (the callers build them from a validated routing).
 from __future__ import annotations
 
 import functools
+import struct
 from dataclasses import dataclass
 
 from ..codegen import avx512 as vx
 from ..codegen.ir import F32x16, Function
 from ..codegen.worker import ArgBlock, compile_worker
+from .lora import row_a_product
 
 GATHER_ROWS_PER_ITEM = 16
+GATHER_LORA_ROWS_PER_ITEM = 1  # each row reads 2 r x cols of A: one row per item spreads them
 COMBINE_TOKENS_PER_ITEM = 4
 GATHER_ARGS = ArgBlock(["dst", "src", "dst_idx", "src_idx", "n", "ldd"])
+GATHER_LORA_ARGS = ArgBlock(["dst", "src", "dst_idx", "src_idx", "n", "ldd", "eid", "a0", "a1", "astride", "h",
+                             "ldh", "alpha"])
 COMBINE_ARGS = ArgBlock(["out", "y", "rows", "w", "t", "k", "ldy"])
 DTYPES = ("f32", "bf16")
 
@@ -36,6 +45,7 @@ class RowsSpec:
     src_dtype: str = "f32"
     out_dtype: str = "bf16"
     weighted: bool = True
+    lora_rank: int = 0  # gather: also the rows' A-products with two adapters (a multiple of 16)
 
     def __post_init__(self) -> None:
         if self.op not in ("gather", "combine"):
@@ -48,11 +58,19 @@ class RowsSpec:
             raise ValueError("gather writes bf16 rows")
         if self.op == "combine" and self.src_dtype != "f32":
             raise ValueError("combine reads fp32 rows")
+        if self.lora_rank and (self.op != "gather" or self.lora_rank % 16 or self.lora_rank < 0):
+            raise ValueError(f"lora_rank={self.lora_rank}: the fused A-products are for gather, at a rank that is "
+                             "a positive multiple of 16")
 
     @property
     def name(self) -> str:
         w = "w" if self.weighted and self.op == "combine" else ""
-        return f"rows_{self.op}{w}_{self.src_dtype}_{self.out_dtype}_c{self.cols}"
+        lora = f"_lora{self.lora_rank}" if self.lora_rank else ""
+        return f"rows_{self.op}{w}_{self.src_dtype}_{self.out_dtype}_c{self.cols}{lora}"
+
+    @property
+    def rows_per_item(self) -> int:
+        return GATHER_LORA_ROWS_PER_ITEM if self.lora_rank else GATHER_ROWS_PER_ITEM
 
 
 def _size(dtype: str) -> int:
@@ -60,11 +78,13 @@ def _size(dtype: str) -> int:
 
 
 def _gather_body(spec: RowsSpec):
+    args = GATHER_LORA_ARGS if spec.lora_rank else GATHER_ARGS
+
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        a = {f: GATHER_ARGS.load_ptr(fn, ctx, f) for f in ("dst", "src", "dst_idx", "src_idx")}
-        n, ldd = GATHER_ARGS.load(fn, ctx, "n"), GATHER_ARGS.load(fn, ctx, "ldd")
-        j0 = fn.mul(item, GATHER_ROWS_PER_ITEM)
-        with fn.loop(j0, fn.min(fn.add(j0, GATHER_ROWS_PER_ITEM), n), name="j") as j:
+        a = {f: args.load_ptr(fn, ctx, f) for f in ("dst", "src", "dst_idx", "src_idx")}
+        n, ldd = args.load(fn, ctx, "n"), args.load(fn, ctx, "ldd")
+        j0 = fn.mul(item, spec.rows_per_item)
+        with fn.loop(j0, fn.min(fn.add(j0, spec.rows_per_item), n), name="j") as j:
             d = fn.load("i64", fn.gep(a["dst_idx"], fn.mul(j, 8)), 8)
             s = fn.load("i64", fn.gep(a["src_idx"], fn.mul(j, 8)), 8)
             drow = fn.gep(a["dst"], fn.mul(d, ldd))
@@ -78,6 +98,14 @@ def _gather_body(spec: RowsSpec):
                         col = fn.add(c, 16 * h)
                         v = vx.load_f32x16(fn, fn.gep(srow, fn.mul(col, 4)), "f32")
                         vx.store_f32x16(fn, v, fn.gep(drow, fn.mul(col, 2)), "bf16")
+            if spec.lora_rank:  # from the bf16 row just written (what the GEMMs read)
+                e = fn.load("i64", fn.gep(args.load_ptr(fn, ctx, "eid"), fn.mul(j, 8)), 8)
+                aoff = fn.mul(e, args.load(fn, ctx, "astride"))
+                hrow = fn.gep(args.load_ptr(fn, ctx, "h"), fn.mul(d, args.load(fn, ctx, "ldh")))
+                alpha = vx.splat_arg_f32(fn, args.load(fn, ctx, "alpha"))
+                for half, name in enumerate(("a0", "a1")):
+                    row_a_product(fn, drow, fn.gep(args.load_ptr(fn, ctx, name), aoff), spec.cols, spec.lora_rank,
+                                  fn.gep(hrow, half * spec.lora_rank * 2), alpha)
 
     return body
 
@@ -114,15 +142,25 @@ def _combine_body(spec: RowsSpec):
 class RowsKernel:
     def __init__(self, spec: RowsSpec) -> None:
         self.spec = spec
-        args, body = (GATHER_ARGS, _gather_body) if spec.op == "gather" else (COMBINE_ARGS, _combine_body)
+        if spec.op == "gather":
+            args, body = (GATHER_LORA_ARGS if spec.lora_rank else GATHER_ARGS), _gather_body
+        else:
+            args, body = COMBINE_ARGS, _combine_body
+        self.args = args
         self.addr = compile_worker(spec.name, repr(spec), args, body(spec))
 
     def gather(self, dst: int, src: int, dst_idx: int, src_idx: int, n: int, num_threads: int | None = None,
-               ldd: int = 0) -> None:
+               ldd: int = 0, alpha: float = 1.0, **lora: int) -> None:
         """Copy ``n`` rows (pointers to the row buffers and the two int64 index arrays); ``ldd``: the
-        destination's row pitch in bytes (0: ``cols`` bf16, contiguous)."""
-        GATHER_ARGS.run(self.addr, -(-n // GATHER_ROWS_PER_ITEM), num_threads, dst=dst, src=src, dst_idx=dst_idx,
-                        src_idx=src_idx, n=n, ldd=ldd or self.spec.cols * 2)
+        destination's row pitch in bytes (0: ``cols`` bf16, contiguous). With ``lora_rank``,
+        ``lora`` names ``eid`` (int64 [n], each listed row's expert), ``a0`` and ``a1`` (the two
+        adapters' A [E, rank, cols] bf16), ``astride`` (bytes per expert of both), ``h`` and
+        ``ldh`` (the [rows, 2 rank] bf16 products and their row pitch in bytes); ``alpha`` scales
+        the products."""
+        if self.spec.lora_rank:
+            lora["alpha"] = struct.unpack("<I", struct.pack("<f", alpha))[0]
+        self.args.run(self.addr, -(-n // self.spec.rows_per_item), num_threads, dst=dst, src=src, dst_idx=dst_idx,
+                      src_idx=src_idx, n=n, ldd=ldd or self.spec.cols * 2, **lora)
 
     def combine(self, out: int, y: int, rows: int, w: int, t: int, k: int, num_threads: int | None = None,
                 ldy: int = 0) -> None:

@@ -178,12 +178,25 @@ def _as_tensor(buf: _Rows, rows: int, dtype: torch.dtype) -> torch.Tensor:
     return torch.frombuffer(raw, dtype=dtype).as_strided((rows, buf.cols), (buf.pitch // buf.itemsize, 1))
 
 
-def _gather(src: torch.Tensor, r: Routing, dst: _Rows) -> None:
+def _gather(src: torch.Tensor, r: Routing, dst: _Rows,
+            a_products: tuple[torch.Tensor | _Rows, torch.Tensor, torch.Tensor, float] | None = None) -> None:
     """``dst`` (bf16 per-expert rows, ``C`` columns) gets ``src[t]`` (fp32 or bf16, contiguous
-    [T, C]) at the row of every routed pair (t, k); padding rows are left unset (never read back)."""
+    [T, C]) at the row of every routed pair (t, k); padding rows are left unset (never read back).
+
+    ``a_products = (h, a0, a1, alpha)``: the same launch writes ``h[row] = alpha [dst[row] a0_e^T |
+    dst[row] a1_e^T]`` (bf16, A [E, r, C] bf16) for every row it writes."""
     src_dtype = "bf16" if src.dtype == torch.bfloat16 else "f32"
-    get_rows_kernel(RowsSpec("gather", dst.cols, src_dtype, "bf16")).gather(
-        dst.addr, src.data_ptr(), r.slot_row_addr, r.slot_token_addr, r.slot_row.size, ldd=dst.pitch)
+    rows = (dst.addr, src.data_ptr(), r.slot_row_addr, r.slot_token_addr, r.slot_row.size)
+    if a_products is None:
+        get_rows_kernel(RowsSpec("gather", dst.cols, src_dtype, "bf16")).gather(*rows, ldd=dst.pitch)
+        return
+    h, a0, a1, alpha = a_products
+    get_rows_kernel(RowsSpec("gather", dst.cols, src_dtype, "bf16", lora_rank=a0.shape[1])).gather(
+        *rows, ldd=dst.pitch, alpha=alpha, eid=r.slot_expert_addr, a0=a0.data_ptr(), a1=a1.data_ptr(),
+        astride=a0.stride(0) * a0.element_size(), h=_addr(h), ldh=_pitch(h))
+
+
+GATHER_A_ROWS_MAX = 2  # rows per active expert (mean) up to which the gather computes the A-products
 
 
 def _combine(y: torch.Tensor | _Rows, r: Routing, weights: torch.Tensor | None,
@@ -387,17 +400,21 @@ def _forward_launches(x: torch.Tensor, topk_weights: torch.Tensor, experts: MoEE
     """The forward's launches into the buffers ``b`` (the output goes to ``b["out"]``)."""
     hdim, idim = x.shape[1], experts.intermediate_size
     xs, gu, act, y = b["xs"], b["gu"], b["act"], b["y"]
-    _gather(x, r, xs)
     if lora is None:
+        _gather(x, r, xs)
         _grouped_fwd(xs, experts, "gate_up", gu, r, xq=xq)
     else:
         # H = s X A^T first (rounded to bf16 once: the B products and the backward use the same H)
         ga, gb, ua, ub, da, db = lora  # (padded to the kernel rank by the caller, which keeps them alive)
         fused = _fuses_lora(experts)
         hgu, hd = b["hgu"], b["hd"]
-        _lora("xat", rank, hdim, _groups(r.basis, (_rows(xs), _per_expert(ga), _rows(hgu)),
-                                         (_rows(xs), _per_expert(ua), _rows(hgu, rank))),
-              _pitch(xs), _pitch(hgu), scaling, y_dtype="bf16")
+        if r.slot_row.size <= GATHER_A_ROWS_MAX * r.basis.shape[0]:  # each row rereads its expert's A
+            _gather(x, r, xs, (hgu, ga, ua, scaling))
+        else:  # one pass over each expert's A for all its rows
+            _gather(x, r, xs)
+            _lora("xat", rank, hdim, _groups(r.basis, (_rows(xs), _per_expert(ga), _rows(hgu)),
+                                             (_rows(xs), _per_expert(ua), _rows(hgu, rank))),
+                  _pitch(xs), _pitch(hgu), scaling, y_dtype="bf16")
         if fused:
             _grouped_fwd(xs, experts, "gate_up", gu, r, (hgu, gb, ub), xq=xq)
         else:
