@@ -175,6 +175,12 @@ def test_schedule_validation():
         gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=2, lp=4))
     with pytest.raises(ValueError, match="lp"):
         gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=3, nr=2, form="fold", lp=4))
+    with pytest.raises(ValueError, match="pfw"):  # the wide blocks' prefetch distance is the forward's
+        gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel", pfw=32))
+    with pytest.raises(ValueError, match="pfw"):
+        gemm.GemmSpec("fwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, pf=16, pfw=-1))
+    # every field that changes the code is in the kernel's name (and so in its cache key)
+    assert str(gemm.GemmSchedule(6, 4, pf=16, pfw=32)) != str(gemm.GemmSchedule(6, 4, pf=16))
     with pytest.raises(ValueError, match="lp"):
         gemm.GemmSpec("bwd", 64, 64, "avx512", False,
                       gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=16, lp=gemm.LANE_PARTIAL_MAX + 1))

@@ -568,7 +568,14 @@ def test_gate_up_a_products_in_the_gather_or_separate(rows_max, rank, monkeypatc
 
     monkeypatch.setattr(sft, "GATHER_A_ROWS_MAX", rows_max)
     dout = torch.randn(11, H, generator=torch.Generator().manual_seed(4))
-    check_against_reference(make_layer(r=rank), make_batch(11, 3), dout)
+    layer = make_layer(r=rank)
+    check_against_reference(layer, make_batch(11, 3), dout)
+    # without saving, the products go to scratch rows instead of a saved tensor
+    gate, up, down, experts, lora = layer
+    x, ids, w = make_batch(11, 3, seed=5)
+    out = kt_jit.MoESFTOp(experts, lora).forward(x, ids, w, save_for_backward=False)
+    want = ref_moe(x.float(), ids, w, gate, up, down, [p.detach().float() for p in lora.tensors()], lora.scaling)
+    assert rel_err(out, want) < 0.005
 
 
 @pytest.mark.parametrize("rank", [4, 16, 32, 48])

@@ -57,7 +57,8 @@ def timed(fns: dict, repeats: int, min_seconds: float = 0.0) -> dict:
     """Median seconds of each ``fns[name]()``, measured round-robin (one call of each per round,
     after one warm-up call each) so that drift of this shared machine hits every pass alike; rounds
     continue until ``repeats`` are done and ``min_seconds`` have passed (at most 50 rounds). A
-    function that returns a number has timed itself (the part of its work that counts)."""
+    function that returns a float has timed itself: those seconds (the part of its work that
+    counts) are its sample."""
     for fn in fns.values():
         fn()
     times: dict = {name: [] for name in fns}
@@ -73,13 +74,14 @@ def timed(fns: dict, repeats: int, min_seconds: float = 0.0) -> dict:
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
-_FLUSH = torch.ones(64 << 20, dtype=torch.uint8)  # twice this VM's L3
+_FLUSH = torch.ones(16 << 20, dtype=torch.float32)  # 64 MB, twice this VM's L3
 
 
 def flush_l3() -> None:
-    """Stream 64 MB through the caches: what a pass's weights left in L3 is gone (as in a model,
-    where every other layer runs between a layer's forward and its backward)."""
-    _FLUSH.sum(dtype=torch.int32)
+    """Stream 64 MB through the caches (a float32 sum: no temporary): what a pass's weights left in
+    L3 is gone (as in a model, where every other layer runs between a layer's forward and its
+    backward)."""
+    _FLUSH.sum()
 
 
 def backward_seconds(out: torch.Tensor, dout: torch.Tensor) -> float:

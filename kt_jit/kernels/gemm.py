@@ -86,8 +86,9 @@ class GemmSchedule:
     kc: fwd: k-pairs per L2 chunk of the weight panel; bwd "panel": 16-row n-blocks per L1 panel
         (0 = all of the reduction)
     pf: software prefetch distance for weight lines, in k-pair rows (fwd) or n-blocks (bwd); 0 = off
-    pfw: AVX-512 fwd: the distance for register blocks of more than 2 token rows (0 = pf); their
-        longer compute per weight row needs the lines requested earlier for DRAM to stay busy
+    pfw: AVX-512 fwd: the distance for register blocks of more than 2 token rows (0 = pf; nonzero
+        prefetches those blocks even when pf is 0); their longer compute per weight row needs the
+        lines requested earlier for DRAM to stay busy
     pfn: prefetch the next chunk into L2 while computing from the current one, so DRAM keeps
         streaming: AVX-512 fwd, in the row blocks after the first of a K-chunk; transposed "panel",
         in the first row block over each n-chunk's panel
@@ -218,6 +219,8 @@ class GemmSpec:
             raise ValueError(f"schedule form {sch.form!r}: 'panel' or 'fold' for the AVX-512 transposed GEMM only")
         if sch.small not in ("stream", "fold"):
             raise ValueError(f"schedule small={sch.small!r}: 'stream' or 'fold'")
+        if sch.pfw < 0 or (sch.pfw and (self.op, self.isa) != ("fwd", "avx512")):
+            raise ValueError(f"schedule pfw={sch.pfw}: a non-negative distance, for the AVX-512 forward GEMM only")
         if sch.sm and not self.is_panel:
             raise ValueError("schedule sm (streamed small groups) applies to the 'panel' transposed GEMM only")
         if sch.lp and not (self.is_panel and 0 < sch.lp <= min(sch.sm, LANE_PARTIAL_MAX)):

@@ -38,7 +38,8 @@ DTYPES = ("f32", "bf16")
 @dataclass(frozen=True)
 class RowsSpec:
     """op "gather" (src_dtype -> bf16 rows) or "combine" (fp32 rows -> out_dtype), ``cols`` wide
-    (a multiple of 32); ``weighted``: combine multiplies by ``w`` (else sums)."""
+    (a multiple of 32); ``weighted``: combine multiplies by ``w`` (else sums); ``lora_rank``:
+    gather also writes each copied row's A-products with two adapters (module docstring)."""
 
     op: str
     cols: int
@@ -156,7 +157,7 @@ class RowsKernel:
         ``lora`` names ``eid`` (int64 [n], each listed row's expert), ``a0`` and ``a1`` (the two
         adapters' A [E, rank, cols] bf16), ``astride`` (bytes per expert of both), ``h`` and
         ``ldh`` (the [rows, 2 rank] bf16 products and their row pitch in bytes); ``alpha`` scales
-        the products."""
+        the products (unused without ``lora_rank``)."""
         if self.spec.lora_rank:
             lora["alpha"] = struct.unpack("<I", struct.pack("<f", alpha))[0]
         self.args.run(self.addr, -(-n // self.spec.rows_per_item), num_threads, dst=dst, src=src, dst_idx=dst_idx,
