@@ -153,3 +153,10 @@ class ActKernel:
 @functools.cache
 def get_kernel(spec: ActSpec) -> ActKernel:
     return ActKernel(spec)
+
+
+@functools.cache
+def kernel_for(op: str, i: int, lora_rank: int = 0) -> ActKernel:
+    """:func:`get_kernel` of ``ActSpec(op, i, lora_rank)``, memoised on the arguments."""
+    return get_kernel(ActSpec(op, i, lora_rank))
+

@@ -312,3 +312,11 @@ class LoraKernel:
 def get_kernel(spec: LoraSpec) -> LoraKernel:
     """The compiled kernel for ``spec`` (memoised; compiled or loaded from the disk cache once)."""
     return LoraKernel(spec)
+
+
+@functools.cache
+def kernel_for(form: str, n: int, k: int, x_dtype: str = "bf16", w_dtype: str = "bf16", accumulate: bool = False,
+               y_dtype: str = "f32", row_scale: bool = False) -> LoraKernel:
+    """:func:`get_kernel` of ``LoraSpec(form, n, k, ...)``, memoised on the arguments."""
+    return get_kernel(LoraSpec(form, n, k, x_dtype, w_dtype, accumulate, y_dtype, row_scale))
+

@@ -175,3 +175,13 @@ class RowsKernel:
 def get_kernel(spec: RowsSpec) -> RowsKernel:
     """The compiled kernel for ``spec`` (memoised; from the disk cache after the first compile)."""
     return RowsKernel(spec)
+
+
+@functools.cache
+def kernel_for(op: str, cols: int, src_dtype: str = "f32", out_dtype: str = "bf16", weighted: bool = True,
+               lora_rank: int = 0) -> RowsKernel:
+    """:func:`get_kernel` of ``RowsSpec(op, cols, ...)``, memoised on the arguments (a pass looks
+    kernels up on every call, and building and hashing a spec costs a microsecond warm, several
+    with cold caches)."""
+    return get_kernel(RowsSpec(op, cols, src_dtype, out_dtype, weighted, lora_rank))
+

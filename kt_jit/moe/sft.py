@@ -32,11 +32,9 @@ import torch
 from ..codegen.worker import LaunchBatch, flush_launches
 from ..kernels import fill, gemm
 from ..kernels import lora as lk
-from ..kernels.activation import ActSpec
-from ..kernels.activation import get_kernel as get_act_kernel
+from ..kernels.activation import kernel_for as act_kernel
 from ..kernels.rowquant import quantize_rows_into
-from ..kernels.rows import RowsSpec
-from ..kernels.rows import get_kernel as get_rows_kernel
+from ..kernels.rows import kernel_for as rows_kernel
 from ..runtime.buffers import aligned_empty
 from ..runtime.memory import keep_freed_memory
 from .gradbuf import LoraGradBuffers
@@ -188,10 +186,10 @@ def _gather(src: torch.Tensor, r: Routing, dst: _Rows,
     src_dtype = "bf16" if src.dtype == torch.bfloat16 else "f32"
     rows = (dst.addr, src.data_ptr(), r.slot_row_addr, r.slot_token_addr, r.slot_row.size)
     if a_products is None:
-        get_rows_kernel(RowsSpec("gather", dst.cols, src_dtype, "bf16")).gather(*rows, ldd=dst.pitch)
+        rows_kernel("gather", dst.cols, src_dtype).gather(*rows, ldd=dst.pitch)
         return
     h, a0, a1, alpha = a_products
-    get_rows_kernel(RowsSpec("gather", dst.cols, src_dtype, "bf16", lora_rank=a0.shape[1])).gather(
+    rows_kernel("gather", dst.cols, src_dtype, lora_rank=a0.shape[1]).gather(
         *rows, ldd=dst.pitch, alpha=alpha, eid=r.slot_expert_addr, a0=a0.data_ptr(), a1=a1.data_ptr(),
         astride=a0.stride(0) * a0.element_size(), h=_addr(h), ldh=_pitch(h))
 
@@ -205,8 +203,8 @@ def _combine(y: torch.Tensor | _Rows, r: Routing, weights: torch.Tensor | None,
     t, k = r.row_of.shape
     cols = _ncols(y)
     out = torch.empty(t, cols, dtype=out_dtype)
-    spec = RowsSpec("combine", cols, "f32", "bf16" if out_dtype == torch.bfloat16 else "f32", weights is not None)
-    get_rows_kernel(spec).combine(out.data_ptr(), _addr(y), r.row_of_addr,
+    kern = rows_kernel("combine", cols, "f32", "bf16" if out_dtype == torch.bfloat16 else "f32", weights is not None)
+    kern.combine(out.data_ptr(), _addr(y), r.row_of_addr,
                                   weights.data_ptr() if weights is not None else 0, t, k, ldy=_pitch(y))
     return out
 
@@ -223,7 +221,7 @@ def _bf16_copy(src: _Rows, dst: _Rows, r: Routing) -> _Rows:
     """``dst`` (bf16) := the routed rows of ``src`` (fp32, same columns, a multiple of 32, contiguous
     rows), through the row gather kernel; returns ``dst``."""
     rows = r.slot_row_addr
-    get_rows_kernel(RowsSpec("gather", src.cols, "f32", "bf16")).gather(dst.addr, src.addr, rows, rows,
+    rows_kernel("gather", src.cols, "f32").gather(dst.addr, src.addr, rows, rows,
                                                                          r.slot_row.size, ldd=dst.pitch)
     return dst
 
@@ -302,8 +300,8 @@ def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routin
 def _lora(form: str, n: int, k: int, groups: np.ndarray, ldx: int, ldy: int, alpha: float = 1.0,
           x_dtype: str = "bf16", accumulate: bool = False, w_dtype: str = "bf16", ldw: int = 0,
           y_dtype: str = "f32") -> None:
-    spec = lk.LoraSpec(form, n, k, x_dtype, w_dtype, accumulate, y_dtype, groups.shape[1] == 5)
-    lk.get_kernel(spec).launch(groups, ldx, ldw, ldy, alpha)
+    lk.kernel_for(form, n, k, x_dtype, w_dtype, accumulate, y_dtype, groups.shape[1] == 5).launch(
+        groups, ldx, ldw, ldy, alpha)
 
 
 def _zero_experts(mask: np.ndarray, grads: tuple[torch.Tensor, ...]) -> None:
@@ -426,10 +424,10 @@ def _forward_launches(x: torch.Tensor, topk_weights: torch.Tensor, experts: MoEE
     # LoRA the same launch computes H = s A Ad^T of each row it writes
     rows = dict(idx=r.slot_row_addr, gu=_addr(gu), act=_addr(act))
     if lora is None:
-        get_act_kernel(ActSpec("fwd", idim)).launch(r.slot_row.size, **rows)
+        act_kernel("fwd", idim).launch(r.slot_row.size, **rows)
         _grouped_fwd(act, experts, "down", y, r, xq=aq)
     else:
-        get_act_kernel(ActSpec("fwd", idim, rank)).launch(
+        act_kernel("fwd", idim, rank).launch(
             r.slot_row.size, **rows, eid=r.slot_expert_addr, a=da.data_ptr(),
             astride=da.stride(0) * da.element_size(), h=_addr(hd), ldh=_pitch(hd), alpha=scaling)
         if fused:
@@ -542,7 +540,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
                 _lora("xb", idim, rank, _groups(r.basis, (_rows(t_d), _per_expert(da), _rows(d))), _pitch(t_d),
                       _pitch(d), x_dtype="f32", accumulate=True)
         act = saved.act
-        get_act_kernel(ActSpec("bwd", idim)).launch(
+        act_kernel("bwd", idim).launch(
             r.slot_row.size, idx=r.slot_row_addr, d=d.addr, act=act.data_ptr(), gu=saved.gu.data_ptr(),
             w=w_row.ctypes.data, dw=dw_rows.ctypes.data, dgu=dgu.addr, ldd=d.pitch, lddgu=dgu.pitch)
         if lora is not None and (need_dx or need_lora_grads):
