@@ -7,8 +7,8 @@ it is prepared; a launcher thread (started once per process, blocked in native c
 needs the GIL) runs published launches in order with a team of ``threads - 1`` (on 2 threads: by
 itself), and when the Python thread has prepared everything it *joins*: it claims the remaining
 work items of each launch through the same atomic item counter the other threads use. Launches
-stay ordered: nobody starts launch i+1 before every item of launch i is done (every item claimed
-and no thread inside the worker: the argument block's ``active`` field).
+stay ordered: nobody starts launch i+1 before every item of launch i is done (the workers count
+finished items in the argument block's ``done`` field).
 
 Process-wide state (int64 fields, shared by the compiled functions and Python):
 ``published`` (launches written to the ring), ``completed`` (launches the launcher has seen
@@ -33,7 +33,7 @@ RING = 64  # launches in flight at most (a pass has ~15)
 SPINS = 20000  # pause loops (~0.1-1 ms) before the launcher sleeps on its futex
 FIELDS = ("published", "completed", "quit", "futex", "ring", "threads", "gomp", "syscall")
 _OFF = {f: 8 * i for i, f in enumerate(FIELDS)}
-CTX_COUNTER, CTX_N_ITEMS, CTX_ACTIVE = 0, 8, 16  # argument block fields (codegen/worker.ArgBlock.HEADER)
+CTX_N_ITEMS, CTX_DONE = 8, 16  # argument block fields (codegen/worker.ArgBlock.HEADER)
 SYS_FUTEX, FUTEX_WAIT_PRIVATE, FUTEX_WAKE_PRIVATE = 202, 128, 129
 
 
@@ -52,15 +52,13 @@ def _futex(fn: Function, st: str, op: int, val: int) -> None:
 
 
 def _wait_done(fn: Function, ctx: str) -> None:
-    """Spin until every work item of the launch at ``ctx`` has finished: all claimed, and no thread
-    inside the worker (a thread enters before its first claim and leaves after its last item)."""
+    """Spin until every work item of the launch at ``ctx`` has finished."""
     n = fn.load("i64", fn.gep(ctx, CTX_N_ITEMS), 8)
     head, body, out = fn.new_block("wd"), fn.new_block("wdp"), fn.new_block("wdx")
     fn.br(head)
     fn.set_block(head)
-    claimed = fn.val(f"load atomic i64, ptr {fn.gep(ctx, CTX_COUNTER)} seq_cst, align 8")
-    inside = fn.val(f"load atomic i64, ptr {fn.gep(ctx, CTX_ACTIVE)} seq_cst, align 8")
-    fn.cbr(fn.val(f"and i1 {fn.icmp('sge', claimed, n)}, {fn.icmp('eq', inside, 0)}"), out, body)
+    done = fn.val(f"load atomic i64, ptr {fn.gep(ctx, CTX_DONE)} acquire, align 8")
+    fn.cbr(fn.icmp("sge", done, n), out, body)
     fn.set_block(body)
     _pause(fn)
     fn.br(head)
@@ -178,7 +176,7 @@ def _functions() -> dict[str, int]:
     _build_launcher(mod.function("kt_pipe_launcher", [("ptr", "%st")]))
     _build_publish(mod.function("kt_pipe_publish", [("ptr", "%st"), ("ptr", "%worker"), ("ptr", "%ctx")]))
     _build_join(mod.function("kt_pipe_join", [("ptr", "%st")]))
-    return get_or_compile("kt_pipe", "pipeline v2", mod.render(), target, list(NAMES))
+    return get_or_compile("kt_pipe", "pipeline v1", mod.render(), target, list(NAMES))
 
 
 _ONE_PTR = ctypes.CFUNCTYPE(None, ctypes.c_void_p)

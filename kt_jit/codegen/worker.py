@@ -2,8 +2,8 @@
 
 A kernel's entry point is ``void <name>(ptr %ctx)``. ``ctx`` is an array of 8-byte fields: field 0
 is the item counter (atomically incremented by every thread), field 1 the number of items, field 2
-the number of threads inside the worker (for pipelined launches, codegen/pipeline.py), then the
-kernel's own fields. The same field list builds the ctypes Structure on the Python side and
+the number of finished items (for pipelined launches, codegen/pipeline.py), then the kernel's own
+fields. The same field list builds the ctypes Structure on the Python side and
 the field offsets on the IR side, so the two cannot drift apart.
 """
 
@@ -29,7 +29,7 @@ from .ir import Function, Module
 class ArgBlock:
     """Named 8-byte fields (pointers or int64) after the counter and item count."""
 
-    HEADER = ("counter", "n_items", "active")
+    HEADER = ("counter", "n_items", "done")
 
     def __init__(self, fields: Sequence[str]) -> None:
         self.fields = tuple(self.HEADER) + tuple(fields)
@@ -49,7 +49,7 @@ class ArgBlock:
         missing = set(self.fields[len(self.HEADER):]) - set(values)
         if missing:
             raise TypeError(f"missing kernel arguments: {sorted(missing)}")
-        return self.struct(counter=0, n_items=n_items, active=0, **values)
+        return self.struct(counter=0, n_items=n_items, done=0, **values)
 
     def run(self, addr: int, n_items: int, num_threads: int | None = None, keep: tuple = (), **values: int) -> None:
         """Launch the compiled worker at ``addr`` over ``n_items`` work items (nothing when 0); inside
@@ -254,22 +254,17 @@ def build_worker(module: Module, name: str, args: ArgBlock,
         tiles = Tiles(fn, emulate_amx)
         tiles.configure(tile_config)
     n_items = args.load(fn, "%ctx", "n_items")
-    # `active` counts the threads inside: with every item claimed (counter >= n_items) and none
-    # inside, the launch is complete (codegen/pipeline.py waits on that; GOMP's barrier does not
-    # need it). Two atomics per thread and launch instead of one per item on the counter's line.
-    active = fn.gep("%ctx", args.offset("active"))
-    fn.val(f"atomicrmw add ptr {active}, i64 1 seq_cst")
     head, body_bb, done = fn.new_block("claim"), fn.new_block("work"), fn.new_block("finish")
     fn.br(head)
     fn.set_block(head)
-    item = fn.val("atomicrmw add ptr %ctx, i64 1 seq_cst")  # (x86: the same lock xadd as monotonic)
+    item = fn.val("atomicrmw add ptr %ctx, i64 1 monotonic")
     fn.cbr(fn.icmp("slt", item, n_items), body_bb, done)
     fn.set_block(body_bb)
     body(fn, "%ctx", item, tiles)
+    fn.val(f"atomicrmw add ptr {fn.gep('%ctx', args.offset('done'))}, i64 1 release")
     fn.br(head)
     fn.set_block(done)
     if tiles is not None:
         tiles.release()
-    fn.val(f"atomicrmw sub ptr {active}, i64 1 seq_cst")
     fn.ret()
     return fn
