@@ -50,7 +50,6 @@ def test_launch_batch_defers_and_runs_in_order(threads, monkeypatch):
     from kt_jit.codegen.worker import LaunchBatch, flush_launches
 
     monkeypatch.setenv("KT_JIT_NUM_THREADS", threads)
-    monkeypatch.setenv("KT_JIT_PIPELINE_LAUNCHES", "0")
     addr = _counting_worker()
     counts = torch.zeros(100, dtype=torch.int64)
     with LaunchBatch():
@@ -73,90 +72,6 @@ def test_launch_batch_defers_and_runs_in_order(threads, monkeypatch):
     assert counts.sum() == 0
     with LaunchBatch(), pytest.raises(RuntimeError, match="nest"), LaunchBatch():
         pass
-
-
-STEP_ARGS = ArgBlock(["cells", "step"])
-
-
-def _step_worker():
-    """cells[item] = 3 * cells[item] + step (a plain read-modify-write: wrong if two launches touch
-    a cell at once or out of order)."""
-    target = target_for("avx512")
-    mod = Module("step_items", target.fn_attrs)
-
-    def body(fn, ctx, item, tiles):
-        cell = fn.gep(STEP_ARGS.load_ptr(fn, ctx, "cells"), fn.mul(item, 8))
-        v = fn.load("i64", cell, 8)
-        fn.store("i64", fn.add(fn.mul(v, 3), STEP_ARGS.load(fn, ctx, "step")), cell, 8)
-
-    build_worker(mod, "step_items", STEP_ARGS, body)
-    return get_or_compile("step_items", "step_items", mod.render(), target, ["step_items"])["step_items"]
-
-
-def _expected_cells(n_cells: int, launches: list[tuple[int, int]]) -> torch.Tensor:
-    want = torch.zeros(n_cells, dtype=torch.int64)
-    for n, step in launches:
-        want[:n] = want[:n] * 3 + step
-    return want
-
-
-@pytest.mark.parametrize("threads", ["2", "3"])
-def test_pipelined_launches_run_in_order(threads, monkeypatch):
-    """KT_JIT_PIPELINE_LAUNCHES=1: launches start while the batch is still being prepared, yet
-    each one runs after the previous one has finished every item (more launches than the ring
-    holds, too); an exception inside the block still waits for the launches already handed out."""
-    from kt_jit.codegen.worker import LaunchBatch
-
-    monkeypatch.setenv("KT_JIT_NUM_THREADS", threads)
-    monkeypatch.setenv("KT_JIT_PIPELINE_LAUNCHES", "1")
-    addr = _step_worker()
-    cells = torch.zeros(3000, dtype=torch.int64)
-    launches = [(3000 - 17 * j, j % 5 + 1) for j in range(150)]
-    with LaunchBatch():
-        for n, step in launches:
-            STEP_ARGS.run(addr, n, cells=cells.data_ptr(), step=step)
-    # (int64 wraps identically in the kernel and in torch)
-    assert torch.equal(cells, _expected_cells(3000, launches))
-    cells.zero_()
-    with pytest.raises(ValueError), LaunchBatch():
-        for n, step in launches[:20]:
-            STEP_ARGS.run(addr, n, cells=cells.data_ptr(), step=step)
-        raise ValueError("interrupted")
-    assert torch.equal(cells, _expected_cells(3000, launches[:20]))
-
-
-def test_pipelined_batches_from_two_threads(monkeypatch):
-    """Two Python threads batching at once: one pipelines, the other runs its batch the usual
-    way; both get every launch in order."""
-    import threading
-
-    from kt_jit.codegen.worker import LaunchBatch
-
-    monkeypatch.setenv("KT_JIT_NUM_THREADS", "2")
-    monkeypatch.setenv("KT_JIT_PIPELINE_LAUNCHES", "1")
-    addr = _step_worker()
-    launches = [(1000, j % 7) for j in range(40)]
-    results, errors = {}, []
-
-    def work(name):
-        try:
-            cells = torch.zeros(1000, dtype=torch.int64)
-            for _ in range(5):
-                with LaunchBatch():
-                    for n, step in launches:
-                        STEP_ARGS.run(addr, n, cells=cells.data_ptr(), step=step)
-            results[name] = cells
-        except Exception as e:  # noqa: BLE001 (reported below)
-            errors.append(e)
-
-    ts = [threading.Thread(target=work, args=(i,)) for i in range(2)]
-    for t in ts:
-        t.start()
-    for t in ts:
-        t.join()
-    assert not errors
-    want = _expected_cells(1000, launches * 5)
-    assert all(torch.equal(results[i], want) for i in range(2))
 
 
 def test_arg_block_names_missing_fields():

@@ -1,9 +1,8 @@
 """The work-stealing worker every kernel is wrapped in, and its argument block ABI.
 
 A kernel's entry point is ``void <name>(ptr %ctx)``. ``ctx`` is an array of 8-byte fields: field 0
-is the item counter (atomically incremented by every thread), field 1 the number of items, field 2
-the number of finished items (for pipelined launches, codegen/pipeline.py), then the kernel's own
-fields. The same field list builds the ctypes Structure on the Python side and
+is the item counter (atomically incremented by every thread), field 1 the number of items, then
+the kernel's own fields. The same field list builds the ctypes Structure on the Python side and
 the field offsets on the IR side, so the two cannot drift apart.
 """
 
@@ -19,7 +18,6 @@ import numpy as np
 from ..runtime import knobs
 from ..runtime import threads as _threads
 from ..runtime.threads import default_num_threads, gomp_parallel_address, launch
-from . import pipeline as _pipeline
 from .amx import TileConfig, Tiles
 from .cache import get_or_compile
 from .compile import target_for
@@ -29,7 +27,7 @@ from .ir import Function, Module
 class ArgBlock:
     """Named 8-byte fields (pointers or int64) after the counter and item count."""
 
-    HEADER = ("counter", "n_items", "done")
+    HEADER = ("counter", "n_items")
 
     def __init__(self, fields: Sequence[str]) -> None:
         self.fields = tuple(self.HEADER) + tuple(fields)
@@ -46,10 +44,10 @@ class ArgBlock:
         return fn.load("ptr", fn.gep(ctx, self.offset(name)), 8)
 
     def make(self, n_items: int, **values: int) -> ctypes.Structure:
-        missing = set(self.fields[len(self.HEADER):]) - set(values)
+        missing = set(self.fields[2:]) - set(values)
         if missing:
             raise TypeError(f"missing kernel arguments: {sorted(missing)}")
-        return self.struct(counter=0, n_items=n_items, done=0, **values)
+        return self.struct(counter=0, n_items=n_items, **values)
 
     def run(self, addr: int, n_items: int, num_threads: int | None = None, keep: tuple = (), **values: int) -> None:
         """Launch the compiled worker at ``addr`` over ``n_items`` work items (nothing when 0); inside
@@ -70,13 +68,7 @@ class LaunchBatch:
     one runs; between immediate launches the host work (Python, NumPy, ctypes) runs from caches
     that the previous kernel's weight stream has just flushed, which at decode sizes costs as much
     as the kernels. Code inside the block must not read what a deferred launch writes before
-    calling :meth:`flush`, nor write what it reads after handing it over. On an exception the
-    pending launches are dropped (pipelined ones are waited for).
-
-    ``pipelined`` (with ``KT_JIT_PIPELINE_LAUNCHES=1``, experimental): each launch is handed to a
-    launcher thread as it is added and starts while the rest are prepared; the block's end (or
-    :meth:`flush`) joins them (codegen/pipeline.py). One thread pipelines at a time; a batch that
-    cannot take the pipeline runs the usual way.
+    calling :meth:`flush`. On an exception the pending launches are dropped.
 
     Only launches whose operands the caller keeps alive until the block ends may be deferred: the
     group-table kernels keep their tables (``keep=``), raw-address launches (row gather/combine,
@@ -84,46 +76,31 @@ class LaunchBatch:
     (``kernels.gemm.linear``/``linear_t``, ``kernels.rowquant.quantize_rows``) run at once inside
     :func:`immediate_launches`. ``KT_JIT_DEFER_LAUNCHES=0`` turns deferral off."""
 
-    def __init__(self, pipelined: bool = True) -> None:
+    def __init__(self) -> None:
         self._pending: list[tuple[int, ctypes.Structure, tuple]] = []
         self._active = False
-        self._pipelined = pipelined  # (only with KT_JIT_PIPELINE_LAUNCHES=1)
-        self._pipe: _pipeline.Pipeline | None = None
 
     def __enter__(self) -> LaunchBatch:
         if getattr(_batch, "current", None) is not None:
             raise RuntimeError("launch batches do not nest")
         if knobs.defer_launches():
             _batch.current, self._active = self, True
-            threads = default_num_threads()
-            if self._pipelined and knobs.pipeline_launches() and threads > 1:
-                self._pipe = _pipeline.acquire(threads)
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
-        try:
-            if self._active:
-                _batch.current, self._active = None, False
-                # published launches run whatever happens: their memory must outlive them
-                if exc_type is None or self._pipe is not None:
-                    self.flush()
-        finally:
-            self._pending.clear()
-            if self._pipe is not None:
-                _pipeline.release(self._pipe)
-                self._pipe = None
+        if self._active:
+            _batch.current, self._active = None, False
+            if exc_type is None:
+                self.flush()
+        self._pending.clear()
 
     def add(self, addr: int, args: ctypes.Structure, keep: tuple) -> None:
         self._pending.append((addr, args, keep))
-        if self._pipe is not None:
-            self._pipe.publish(addr, ctypes.addressof(args))
 
     def flush(self) -> None:
         """Run the launches deferred so far (in order) and wait for them."""
         pending, self._pending = self._pending, []
-        if self._pipe is not None:
-            self._pipe.join()
-        elif pending:
+        if pending:
             _run_launches([(addr, ctypes.addressof(args)) for addr, args, _ in pending])
         del pending  # (their arguments and kept objects lived until here)
 
@@ -261,7 +238,6 @@ def build_worker(module: Module, name: str, args: ArgBlock,
     fn.cbr(fn.icmp("slt", item, n_items), body_bb, done)
     fn.set_block(body_bb)
     body(fn, "%ctx", item, tiles)
-    fn.val(f"atomicrmw add ptr {fn.gep('%ctx', args.offset('done'))}, i64 1 release")
     fn.br(head)
     fn.set_block(done)
     if tiles is not None:

@@ -194,18 +194,6 @@ def _gather(src: torch.Tensor, r: Routing, dst: _Rows,
         astride=a0.stride(0) * a0.element_size(), h=_addr(h), ldh=_pitch(h))
 
 
-PIPELINE_SLOTS_MAX = 128  # routed pairs up to which a pass may pipeline its launches (qlen 16 at K=8)
-
-
-def _pipelines(r: Routing) -> bool:
-    """Whether a pass over this routing may run its launches while preparing them
-    (KT_JIT_PIPELINE_LAUNCHES=1, codegen/pipeline.py): at decode sizes, where the host side is a
-    large part of a pass (measured, qwen3 qlen 1: backward -6% bf16, -12% int4_kgroup; qlen 16
-    backward -5%). Larger passes gain nothing from it, and a saving forward at qlen 128 measured
-    +4..+7% pipelined (not understood)."""
-    return r.slot_row.size <= PIPELINE_SLOTS_MAX
-
-
 GATHER_A_ROWS_MAX = 2  # rows per active expert (mean) up to which the gather computes the A-products
 
 
@@ -481,7 +469,7 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
         b |= {name: aligned_empty((r.rows, cols), dtypes[size]) for name, (cols, size, _) in kept.items()}
     xq, aq = ((b["xq"], b["xqs"]), (b["aq"], b["aqs"])) if quant else (None, None)
     padded = pad_lora(lora) if lora is not None else None  # (alive until the launches ran)
-    with LaunchBatch(pipelined=_pipelines(r)):  # every launch is prepared first, then they run back to back
+    with LaunchBatch():  # every launch is prepared first, then they run back to back
         _forward_launches(x, topk_weights, experts, padded, scaling, r, b, xq, aq, rank, out_dtype)
     out = b["out"]
     saved = None
@@ -532,7 +520,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     w_row[r.row_of.reshape(-1)] = saved.topk_weights.detach().numpy().reshape(-1)
     dw_rows = np.empty(r.rows, dtype=np.float32)
     grads = zeroed = None
-    with LaunchBatch(pipelined=_pipelines(r)):  # every launch is prepared first, then they run back to back
+    with LaunchBatch():  # every launch is prepared first, then they run back to back
         _gather(g_out, r, dos)
         if lora is None:
             _grouped_bwd(dos, experts, "down", d, r, dyq=dosq)

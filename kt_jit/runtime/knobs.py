@@ -12,9 +12,6 @@ KT_JIT_REUSE_LORA_GRADS  "0" allocates fresh LoRA gradient buffers on every back
 KT_JIT_DEFER_LAUNCHES  "0" runs every kernel launch of an MoE pass at once instead of preparing them
                     all and running them back to back (codegen/worker.LaunchBatch; for A/B runs and
                     debugging)
-KT_JIT_PIPELINE_LAUNCHES  "1" runs an MoE pass's launches on a launcher thread as soon as each is
-                    prepared, the calling thread joining once it has prepared them all
-                    (codegen/pipeline.py; experimental, default off)
 """
 
 from __future__ import annotations
@@ -79,9 +76,3 @@ def reuse_lora_grads() -> bool:
 def defer_launches() -> bool:
     """KT_JIT_DEFER_LAUNCHES: batch an MoE pass's launches (default on)."""
     return os.environ.get("KT_JIT_DEFER_LAUNCHES", "1").strip() not in ("0", "false", "no", "off")
-
-
-def pipeline_launches() -> bool:
-    """KT_JIT_PIPELINE_LAUNCHES: pipeline a batched pass's launches (default off)."""
-    return os.environ.get("KT_JIT_PIPELINE_LAUNCHES", "0").strip() in ("1", "true", "yes", "on")
-
