@@ -159,4 +159,3 @@ def get_kernel(spec: ActSpec) -> ActKernel:
 def kernel_for(op: str, i: int, lora_rank: int = 0) -> ActKernel:
     """:func:`get_kernel` of ``ActSpec(op, i, lora_rank)``, memoised on the arguments."""
     return get_kernel(ActSpec(op, i, lora_rank))
-

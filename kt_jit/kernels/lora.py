@@ -319,4 +319,3 @@ def kernel_for(form: str, n: int, k: int, x_dtype: str = "bf16", w_dtype: str = 
                y_dtype: str = "f32", row_scale: bool = False) -> LoraKernel:
     """:func:`get_kernel` of ``LoraSpec(form, n, k, ...)``, memoised on the arguments."""
     return get_kernel(LoraSpec(form, n, k, x_dtype, w_dtype, accumulate, y_dtype, row_scale))
-

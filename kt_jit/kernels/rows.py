@@ -184,4 +184,3 @@ def kernel_for(op: str, cols: int, src_dtype: str = "f32", out_dtype: str = "bf1
     kernels up on every call, and building and hashing a spec costs a microsecond warm, several
     with cold caches)."""
     return get_kernel(RowsSpec(op, cols, src_dtype, out_dtype, weighted, lora_rank))
-

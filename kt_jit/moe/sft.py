@@ -221,8 +221,7 @@ def _bf16_copy(src: _Rows, dst: _Rows, r: Routing) -> _Rows:
     """``dst`` (bf16) := the routed rows of ``src`` (fp32, same columns, a multiple of 32, contiguous
     rows), through the row gather kernel; returns ``dst``."""
     rows = r.slot_row_addr
-    rows_kernel("gather", src.cols, "f32").gather(dst.addr, src.addr, rows, rows,
-                                                                         r.slot_row.size, ldd=dst.pitch)
+    rows_kernel("gather", src.cols, "f32").gather(dst.addr, src.addr, rows, rows, r.slot_row.size, ldd=dst.pitch)
     return dst
 
 
