@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import struct
 import threading
 from collections.abc import Callable, Sequence
 
@@ -55,6 +56,11 @@ class ArgBlock:
         arguments point into) is held until it ran."""
         if n_items:
             dispatch(addr, self.make(n_items, **values), num_threads, keep)
+
+
+def f32_field(value: float) -> int:
+    """An argument-block field holding a float: its fp32 bits (what ``avx512.splat_arg_f32`` reads)."""
+    return struct.unpack("<I", struct.pack("<f", value))[0]
 
 
 _batch = threading.local()

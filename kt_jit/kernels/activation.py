@@ -12,12 +12,11 @@
 from __future__ import annotations
 
 import functools
-import struct
 from dataclasses import dataclass
 
 from ..codegen import avx512 as vx
 from ..codegen.ir import F32x16, Function
-from ..codegen.worker import ArgBlock, compile_worker, listed_row
+from ..codegen.worker import ArgBlock, compile_worker, f32_field, listed_row
 from .lora import row_a_product
 
 ROWS_PER_ITEM = 8
@@ -146,7 +145,7 @@ class ActKernel:
         if self.spec.op == "bwd":
             ptrs.update(ldd=ldd or self.spec.i * 4, lddgu=lddgu or self.spec.i * 4)
         if self.spec.lora_rank:
-            ptrs["alpha"] = struct.unpack("<I", struct.pack("<f", alpha))[0]
+            ptrs["alpha"] = f32_field(alpha)
         self.args.run(self.addr, -(-rows // ROWS_PER_ITEM), num_threads, rows=rows, idx=idx, **ptrs)
 
 

@@ -23,12 +23,11 @@ travel in the argument block. These run on AVX-512 (every AMX CPU has it).
 from __future__ import annotations
 
 import functools
-import struct
 from dataclasses import dataclass
 
 from ..codegen import avx512 as vx
 from ..codegen.ir import BF16x32, F32x16, Function
-from ..codegen.worker import ArgBlock, compile_worker, group_table
+from ..codegen.worker import ArgBlock, compile_worker, f32_field, group_table
 from .gemm import row_blocks
 
 ARGS = ArgBlock(["groups", "ldx", "ldw", "ldy", "alpha"])
@@ -303,9 +302,8 @@ class LoraKernel:
         """Run over ``groups`` (int64 [G, spec.group_fields], torch or NumPy); pitches in bytes;
         ``alpha`` scales the product."""
         n_groups, addr = group_table(groups, self.spec.group_fields)
-        bits = struct.unpack("<I", struct.pack("<f", alpha))[0]
         ARGS.run(self.addr, n_groups * self.spec.items_per_group, num_threads, keep=(groups,), groups=addr,
-                 ldx=ldx, ldw=ldw, ldy=ldy, alpha=bits)
+                 ldx=ldx, ldw=ldw, ldy=ldy, alpha=f32_field(alpha))
 
 
 @functools.cache

@@ -17,12 +17,11 @@ Indices are trusted (the callers build them from a validated routing).
 from __future__ import annotations
 
 import functools
-import struct
 from dataclasses import dataclass
 
 from ..codegen import avx512 as vx
 from ..codegen.ir import F32x16, Function
-from ..codegen.worker import ArgBlock, compile_worker
+from ..codegen.worker import ArgBlock, compile_worker, f32_field
 from .lora import row_a_product
 
 GATHER_ROWS_PER_ITEM = 16
@@ -159,7 +158,7 @@ class RowsKernel:
         ``ldh`` (the [rows, 2 rank] bf16 products and their row pitch in bytes); ``alpha`` scales
         the products (unused without ``lora_rank``)."""
         if self.spec.lora_rank:
-            lora["alpha"] = struct.unpack("<I", struct.pack("<f", alpha))[0]
+            lora["alpha"] = f32_field(alpha)
         self.args.run(self.addr, -(-n // self.spec.rows_per_item), num_threads, dst=dst, src=src, dst_idx=dst_idx,
                       src_idx=src_idx, n=n, ldd=ldd or self.spec.cols * 2, **lora)
 

@@ -204,8 +204,8 @@ def _combine(y: torch.Tensor | _Rows, r: Routing, weights: torch.Tensor | None,
     cols = _ncols(y)
     out = torch.empty(t, cols, dtype=out_dtype)
     kern = rows_kernel("combine", cols, "f32", "bf16" if out_dtype == torch.bfloat16 else "f32", weights is not None)
-    kern.combine(out.data_ptr(), _addr(y), r.row_of_addr,
-                                  weights.data_ptr() if weights is not None else 0, t, k, ldy=_pitch(y))
+    kern.combine(out.data_ptr(), _addr(y), r.row_of_addr, weights.data_ptr() if weights is not None else 0, t, k,
+                 ldy=_pitch(y))
     return out
 
 
