@@ -53,6 +53,25 @@ def test_xb(n, k, x_dtype):
     assert rel_err(y, y0 + 2.0 * (x.float() @ b.float())) < 1e-5
 
 
+@pytest.mark.parametrize("n,k", [(16, 128), (32, 16), (144, 16)])
+def test_xb_bf16_copy(n, k):
+    """Non-accumulating xb also storing a bf16 copy of Y (a fifth group field, its own pitch): the copy
+    is Y rounded once, and nothing is written past N in either."""
+    kern = get_kernel(LoraSpec("xb", n, k, x_dtype="f32", copy_bf16=True))
+    ms = (3, 9)
+    xs = [torch.randn(m, k, generator=torch.Generator().manual_seed(m)) for m in ms]
+    bs = [_bf(k, n, seed=20 + i) for i in range(2)]
+    ys = [torch.full((m, n + 16), float("nan")) for m in ms]
+    zs = [torch.full((m, n + 48), 7.0, dtype=torch.bfloat16) for m in ms]
+    rows = [(x.data_ptr(), b.data_ptr(), y.data_ptr(), m, z.data_ptr())
+            for x, b, y, m, z in zip(xs, bs, ys, ms, zs, strict=True)]
+    kern.launch(_groups(*rows), k * 4, 0, (n + 16) * 4, 0.5, ldz=(n + 48) * 2)
+    for x, b, y, z in zip(xs, bs, ys, zs, strict=True):
+        assert rel_err(y[:, :n], 0.5 * (x @ b.float())) < 1e-5
+        assert torch.equal(z[:, :n], y[:, :n].bfloat16())
+        assert torch.isnan(y[:, n:]).all() and (z[:, n:] == 7.0).all()
+
+
 @pytest.mark.parametrize("a,bdim", [(256, 16), (16, 96), (64, 32), (8, 16)])
 @pytest.mark.parametrize("ms", [(7, 1), (3, 0)])
 @pytest.mark.parametrize("dtypes", [("bf16", "f32"), ("f32", "bf16"), ("f32", "f32"), ("bf16", "bf16")])
@@ -82,3 +101,5 @@ def test_spec_validation():
         LoraSpec("xyz", 16, 16)
     with pytest.raises(ValueError, match="row weights"):
         LoraSpec("xb", 16, 16, row_scale=True)
+    with pytest.raises(ValueError, match="bf16 copy"):
+        LoraSpec("xb", 16, 16, accumulate=True, copy_bf16=True)

@@ -4,9 +4,11 @@
   With ``lora_rank``, also the down adapter's A-product of the row just written,
   ``H[r, :] = bf16(alpha A[r, :] Ad_e^T)`` (Ad_e [rank, I] bf16, the row's expert's; dot form: 16
   adapter rows at a time in lane partials, folded to 16 outputs), instead of a separate LoRA launch.
-- ``bwd``: given ``D[r, :]`` (the unweighted gradient reaching A), the routing weight ``w[r]``, A and
-  ``[G | U]``: ``dw[r] = <D, A>`` (the router gradient), ``dA = w D`` and
-  ``[dG | dU] = bf16([dA U silu'(G) | dA silu(G)])`` with ``silu'(g) = s (1 + g (1 - s))``, s = sigmoid(g).
+- ``bwd``: given ``D[r, :]`` (the unweighted gradient reaching A), A and ``[G | U]`` of the row r of
+  routed pair p = (t, k), and the routing weights ``w [T, K]``: ``dw[p] = <D, A>`` (the router
+  gradient, written straight into its [T, K] place), ``dA = w[p] D`` and
+  ``[dG | dU] = bf16([dA U silu'(G) | dA silu(G)])`` with ``silu'(g) = s (1 + g (1 - s))``, s = sigmoid(g);
+  optionally ``wrow[r] = w[p]`` (each row's weight, for the kernels that weight rows afterwards).
 """
 
 from __future__ import annotations
@@ -22,7 +24,7 @@ from .lora import row_a_product
 ROWS_PER_ITEM = 8
 FWD_ARGS = ArgBlock(["gu", "act", "rows", "idx"])
 FWD_LORA_ARGS = ArgBlock(["gu", "act", "rows", "idx", "eid", "a", "astride", "h", "ldh", "alpha"])
-BWD_ARGS = ArgBlock(["d", "act", "gu", "w", "dw", "dgu", "rows", "idx", "ldd", "lddgu"])
+BWD_ARGS = ArgBlock(["d", "act", "gu", "w", "dw", "wrow", "dgu", "rows", "idx", "tok", "kk", "k", "ldd", "lddgu"])
 
 
 @dataclass(frozen=True)
@@ -95,15 +97,21 @@ def _bwd_body(spec: ActSpec):
     one = vx.f32_splat(1.0)
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        p = {f: BWD_ARGS.load_ptr(fn, ctx, f) for f in ("d", "act", "gu", "w", "dw", "dgu")}
+        p = {f: BWD_ARGS.load_ptr(fn, ctx, f) for f in ("d", "act", "gu", "w", "dw", "wrow", "dgu", "tok", "kk")}
         ldd, lddgu = BWD_ARGS.load(fn, ctx, "ldd"), BWD_ARGS.load(fn, ctx, "lddgu")
+        topk = BWD_ARGS.load(fn, ctx, "k")
 
         def row(r: str, j: str) -> None:
             drow = fn.gep(p["d"], fn.mul(r, ldd))
             arow = fn.gep(p["act"], fn.mul(r, spec.i * 2))
             grow = fn.gep(p["gu"], fn.mul(r, spec.i * 8))
             orow = fn.gep(p["dgu"], fn.mul(r, lddgu))
-            w = vx.splat_f32(fn, fn.gep(p["w"], fn.mul(r, 4)), "f32")
+            tok, kk = (fn.load("i64", fn.gep(p[f], fn.mul(j, 8)), 8) for f in ("tok", "kk"))
+            pair = fn.add(fn.mul(tok, topk), kk)
+            wp = fn.gep(p["w"], fn.mul(pair, 4))
+            with fn.if_then(fn.icmp("ne", fn.val(f"ptrtoint ptr {p['wrow']} to i64"), 0), name="wrow"):
+                fn.store("float", fn.load("float", wp, 4), fn.gep(p["wrow"], fn.mul(r, 4)), 4)
+            w = vx.splat_f32(fn, wp, "f32")
             dot = fn.var(F32x16, "zeroinitializer", 64)
             with fn.loop(0, spec.i, 16, name="c") as c:
                 off4 = fn.mul(c, 4)
@@ -121,7 +129,7 @@ def _bwd_body(spec: ActSpec):
             total = fn.val(f"call reassoc float @llvm.vector.reduce.fadd.v16f32(float 0.0, {F32x16} {dot.get()})")
             fn.module.declare("llvm.vector.reduce.fadd.v16f32",
                               f"declare float @llvm.vector.reduce.fadd.v16f32(float, {F32x16})")
-            fn.store("float", total, fn.gep(p["dw"], fn.mul(r, 4)), 4)
+            fn.store("float", total, fn.gep(p["dw"], fn.mul(pair, 4)), 4)
 
         _rows(fn, BWD_ARGS, ctx, item, row)
 
@@ -139,7 +147,9 @@ class ActKernel:
                alpha: float = 1.0, **ptrs: int) -> None:
         """Process ``rows`` rows: rows 0..rows-1, or with ``idx`` (address of int64 [rows]) the rows
         listed there; ``ptrs`` are the data pointers named in the module docstring. ``bwd``: ``ldd``
-        and ``lddgu`` are the row pitches of D and [dG | dU] in bytes (0: contiguous). ``fwd`` with
+        and ``lddgu`` are the row pitches of D and [dG | dU] in bytes (0: contiguous); ``tok`` and
+        ``kk`` (int64 [rows]) the token and slot of each listed row's pair, ``k`` the slots per token
+        (w and dw: fp32 [T, k]); ``wrow`` (fp32 per row) may be 0. ``fwd`` with
         ``lora_rank``: ``eid`` (int64 [rows], each listed row's expert), ``a`` (Ad [E, rank, I] bf16),
         ``astride`` (bytes per expert), ``h`` and ``ldh`` (its row pitch in bytes), ``alpha``."""
         if self.spec.op == "bwd":

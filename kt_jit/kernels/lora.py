@@ -8,7 +8,8 @@ LoRA product of the forward and backward pass (r = rank, small; m = tokens of on
   Dot form: both operands run along K, so ``vdpbf16ps`` accumulates partial sums in lanes that a
   shuffle fold reduces per 16 outputs. K = 16 (two W rows per vector) or a multiple of 32.
 - ``xb``: ``Y[m, N] (+)= alpha * X[m, K] @ B`` with ``B [K, N]`` row-major. Outer form: broadcast
-  X[m, k] times a row of B, fp32 FMA. X is fp32 or bf16.
+  X[m, k] times a row of B, fp32 FMA. X is fp32 or bf16. Non-accumulating, it may also store a bf16
+  copy of Y (``copy_bf16``: a 5th group field, the copy's first row; its pitch is ``ldz``).
 - ``xty``: ``C[A, B] = alpha * P[m, A]^T @ diag(s) Q[m, B]`` (reduction over the tokens; ``s`` an
   optional fp32 weight per token, else 1): LoRA weight gradients. Outer form with fp32 FMA; P and Q
   fp32 or bf16.
@@ -30,7 +31,7 @@ from ..codegen.ir import BF16x32, F32x16, Function
 from ..codegen.worker import ArgBlock, compile_worker, f32_field, group_table
 from .gemm import row_blocks
 
-ARGS = ArgBlock(["groups", "ldx", "ldw", "ldy", "alpha"])
+ARGS = ArgBlock(["groups", "ldx", "ldw", "ldy", "alpha", "ldz"])
 DTYPES = ("f32", "bf16")
 
 
@@ -46,6 +47,7 @@ class LoraSpec:
     accumulate: bool = False
     y_dtype: str = "f32"  # xat / xty may store bf16 directly
     row_scale: bool = False  # xty: Q's rows weighted by an fp32 per-token factor (a 5th group field)
+    copy_bf16: bool = False  # xb: also store bf16(Y) (a 5th group field)
 
     def __post_init__(self) -> None:
         if self.form not in ("xat", "xb", "xty"):
@@ -62,16 +64,19 @@ class LoraSpec:
             raise ValueError(f"xty: A={self.k} must be a multiple of 8")
         if self.row_scale and self.form != "xty":
             raise ValueError("row weights are only for xty kernels")
+        if self.copy_bf16 and (self.form != "xb" or self.accumulate or self.y_dtype != "f32"):
+            raise ValueError("a bf16 copy of the output is only for non-accumulating xb kernels")
 
     @property
     def name(self) -> str:
         acc = "_acc" if self.accumulate else ""
         rs = "_rs" if self.row_scale else ""
-        return f"lora_{self.form}_n{self.n}_k{self.k}_{self.x_dtype}_{self.w_dtype}_{self.y_dtype}{acc}{rs}"
+        cp = "_cp16" if self.copy_bf16 else ""
+        return f"lora_{self.form}_n{self.n}_k{self.k}_{self.x_dtype}_{self.w_dtype}_{self.y_dtype}{acc}{rs}{cp}"
 
     @property
     def group_fields(self) -> int:
-        return 5 if self.row_scale else 4
+        return 5 if self.row_scale or self.copy_bf16 else 4
 
     @property
     def nb(self) -> int:
@@ -135,12 +140,13 @@ def _finish(fn: Function, spec: LoraSpec, v: str, alpha: str, ptr: str) -> None:
 def _blocked_body(spec: LoraSpec, block):
     """Worker body for xat/xb: run ``block`` on each output column block of the claimed item."""
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        item_c, x, w, y, m = _group(fn, ctx, item, spec.items_per_group)
+        item_c, x, w, y, m, *z = _group(fn, ctx, item, spec.items_per_group, spec.group_fields)
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         alpha = vx.splat_arg_f32(fn, ARGS.load(fn, ctx, "alpha"))
+        copy = (z[0], ARGS.load(fn, ctx, "ldz")) if z else None
         b0 = fn.mul(item_c, spec.blocks_per_item)
         with fn.loop(b0, fn.min(fn.add(b0, spec.blocks_per_item), spec.col_blocks), name="cb") as c:
-            block(fn, spec, c, x, w, y, m, ldx, ldy, alpha)
+            block(fn, spec, c, x, w, y, m, ldx, ldy, alpha, *([copy] if copy else []))
 
     return body
 
@@ -222,8 +228,8 @@ def _xat_pairs_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: st
 
 
 def _xb_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: str, ldx: str, ldy: str,
-              alpha: str) -> None:
-    """Output columns 16*nb*c .. of every row."""
+              alpha: str, copy: tuple[str, str] | None = None) -> None:
+    """Output columns 16*nb*c .. of every row (``copy``: the bf16 copy's first row and pitch)."""
     nb = spec.nb
     mr = max(1, min(8, 24 // nb))
     xsz = 4 if spec.x_dtype == "f32" else 2
@@ -243,6 +249,9 @@ def _xb_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: s
                     acc.set(vx.fma(fn, xs, bv[j], acc.get()))
         for (i, j), acc in accs.items():
             _finish(fn, spec, acc.get(), alpha, fn.gep(yb, fn.add(fn.mul(fn.add(m0, i), ldy), j * 64)))
+            if copy is not None:
+                zrow = fn.gep(copy[0], fn.add(fn.mul(fn.add(m0, i), copy[1]), fn.mul(c, nb * 32)))
+                vx.store_f32x16(fn, vx.fmul(fn, acc.get(), alpha), fn.gep(zrow, j * 32), "bf16")
 
     row_blocks(fn, m, mr, micro)
 
@@ -298,12 +307,13 @@ class LoraKernel:
                 "xty": _xty_body}[spec.form](spec)
         self.addr = compile_worker(spec.name, repr(spec), ARGS, body)
 
-    def launch(self, groups, ldx: int, ldw: int, ldy: int, alpha: float, num_threads: int | None = None) -> None:
-        """Run over ``groups`` (int64 [G, spec.group_fields], torch or NumPy); pitches in bytes;
-        ``alpha`` scales the product."""
+    def launch(self, groups, ldx: int, ldw: int, ldy: int, alpha: float, num_threads: int | None = None,
+               ldz: int = 0) -> None:
+        """Run over ``groups`` (int64 [G, spec.group_fields], torch or NumPy); pitches in bytes (``ldz``:
+        of the bf16 copy); ``alpha`` scales the product."""
         n_groups, addr = group_table(groups, self.spec.group_fields)
         ARGS.run(self.addr, n_groups * self.spec.items_per_group, num_threads, keep=(groups,), groups=addr,
-                 ldx=ldx, ldw=ldw, ldy=ldy, alpha=f32_field(alpha))
+                 ldx=ldx, ldw=ldw, ldy=ldy, alpha=f32_field(alpha), ldz=ldz)
 
 
 @functools.cache
@@ -314,6 +324,6 @@ def get_kernel(spec: LoraSpec) -> LoraKernel:
 
 @functools.cache
 def kernel_for(form: str, n: int, k: int, x_dtype: str = "bf16", w_dtype: str = "bf16", accumulate: bool = False,
-               y_dtype: str = "f32", row_scale: bool = False) -> LoraKernel:
+               y_dtype: str = "f32", row_scale: bool = False, copy_bf16: bool = False) -> LoraKernel:
     """:func:`get_kernel` of ``LoraSpec(form, n, k, ...)``, memoised on the arguments."""
-    return get_kernel(LoraSpec(form, n, k, x_dtype, w_dtype, accumulate, y_dtype, row_scale))
+    return get_kernel(LoraSpec(form, n, k, x_dtype, w_dtype, accumulate, y_dtype, row_scale, copy_bf16))

@@ -40,8 +40,9 @@ class Routing:
 
     def __post_init__(self) -> None:
         # the addresses kernels take, once (NumPy's .ctypes costs a few microseconds per access)
-        self.slot_token_addr, self.slot_row_addr, self.row_of_addr, self.slot_expert_addr = (
-            a.__array_interface__["data"][0] for a in (self.slot_token, self.slot_row, self.row_of, self.slot_expert))
+        self.slot_token_addr, self.slot_k_addr, self.slot_row_addr, self.row_of_addr, self.slot_expert_addr = (
+            a.__array_interface__["data"][0]
+            for a in (self.slot_token, self.slot_k, self.slot_row, self.row_of, self.slot_expert))
 
     def __setstate__(self, state: dict) -> None:  # copies and unpickled ones: their own arrays' addresses
         self.__dict__.update(state)

@@ -22,6 +22,8 @@ backward uses the same bf16 H for the B gradients.
 from __future__ import annotations
 
 import ctypes
+import functools
+import threading
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -137,23 +139,48 @@ def _row_pitch(cols: int, itemsize: int) -> int:
     return b + 64 if b % 128 == 0 else b
 
 
+ARENA_KEEP_MAX = 64 << 20  # bytes of scratch a thread keeps for its next pass (larger passes allocate theirs)
+_kept_scratch = threading.local()
+
+
 class _Arena:
-    """A pass's scratch row buffers in one NumPy allocation, each 64-byte aligned.
+    """A pass's scratch row buffers in one 64-byte aligned block, each buffer 64-byte aligned.
 
     At decode sizes the host side of a pass costs as much as its kernels, and each torch
     allocation (and view) costs ~20 us there: the previous layer's weights have just streamed
-    through the caches. ``buffers``: name -> (columns, item size, padded pitch (see
-    :func:`_row_pitch`) or exact)."""
+    through the caches. So the block is NumPy memory, and a thread reuses one block (up to
+    ``ARENA_KEEP_MAX``) from pass to pass, with the buffers' places memoised: nothing a pass
+    returns or saves lives in it, and a thread runs one pass at a time. ``buffers``: name ->
+    (columns, item size, padded pitch (see :func:`_row_pitch`) or exact)."""
 
     def __init__(self, rows: int, buffers: dict[str, tuple[int, int, bool]]) -> None:
-        layout, total = {}, 0
-        for name, (cols, size, pad) in buffers.items():
-            pitch = _row_pitch(cols, size) if pad else cols * size
-            layout[name] = (total, pitch, cols, size)
-            total += -(-pitch * rows // 64) * 64
-        self._mem = np.empty(total + 64, dtype=np.uint8)
-        base = -(-self._mem.ctypes.data // 64) * 64
-        self.rows = {name: _Rows(base + off, pitch, cols, size) for name, (off, pitch, cols, size) in layout.items()}
+        items = tuple(buffers.items())
+        total = _arena_layout(rows, items)[0] + 64
+        mem = getattr(_kept_scratch, "mem", None)
+        if mem is None or mem.size < total:
+            mem = np.empty(total, dtype=np.uint8)
+            if total <= ARENA_KEEP_MAX:
+                _kept_scratch.mem = mem
+        self._mem = mem  # (alive while the pass runs, also when not kept)
+        self.rows = dict(_arena_rows(-(-mem.ctypes.data // 64) * 64, rows, items))
+
+
+@functools.lru_cache(maxsize=64)
+def _arena_layout(rows: int, items: tuple) -> tuple[int, dict[str, tuple[int, int, int, int]]]:
+    """(bytes, name -> (offset, pitch, columns, item size)) of an arena's buffers."""
+    layout, total = {}, 0
+    for name, (cols, size, pad) in items:
+        pitch = _row_pitch(cols, size) if pad else cols * size
+        layout[name] = (total, pitch, cols, size)
+        total += -(-pitch * rows // 64) * 64
+    return total, layout
+
+
+@functools.lru_cache(maxsize=64)
+def _arena_rows(base: int, rows: int, items: tuple) -> dict[str, _Rows]:
+    """The buffers of an arena at ``base`` (callers copy the dict before changing it)."""
+    return {name: _Rows(base + off, pitch, cols, size)
+            for name, (off, pitch, cols, size) in _arena_layout(rows, items)[1].items()}
 
 
 def _addr(buf: torch.Tensor | _Rows) -> int:
@@ -215,14 +242,6 @@ def _quantize(x: torch.Tensor | _Rows, r: Routing, q: _Rows, scales: _Rows,
     kernels/rowquant.py; ``col_scales``: per routed row, the address of its column-scale vector)."""
     quantize_rows_into(_addr(x), _pitch(x), _ncols(x), q.addr, scales.addr, r.slot_row.size, r.slot_row_addr,
                        col_scales)
-
-
-def _bf16_copy(src: _Rows, dst: _Rows, r: Routing) -> _Rows:
-    """``dst`` (bf16) := the routed rows of ``src`` (fp32, same columns, a multiple of 32, contiguous
-    rows), through the row gather kernel; returns ``dst``."""
-    rows = r.slot_row_addr
-    rows_kernel("gather", src.cols, "f32").gather(dst.addr, src.addr, rows, rows, r.slot_row.size, ldd=dst.pitch)
-    return dst
 
 
 def _dims(experts: MoEExperts, name: str) -> tuple[int, int]:
@@ -298,9 +317,11 @@ def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routin
 
 def _lora(form: str, n: int, k: int, groups: np.ndarray, ldx: int, ldy: int, alpha: float = 1.0,
           x_dtype: str = "bf16", accumulate: bool = False, w_dtype: str = "bf16", ldw: int = 0,
-          y_dtype: str = "f32") -> None:
-    lk.kernel_for(form, n, k, x_dtype, w_dtype, accumulate, y_dtype, groups.shape[1] == 5).launch(
-        groups, ldx, ldw, ldy, alpha)
+          y_dtype: str = "f32", ldz: int = 0) -> None:
+    """A LoRA kernel launch; a 5th group field is xty's row weights or xb's bf16 copy (pitch ``ldz``)."""
+    fifth = groups.shape[1] == 5
+    lk.kernel_for(form, n, k, x_dtype, w_dtype, accumulate, y_dtype, fifth and form == "xty",
+                  fifth and form == "xb").launch(groups, ldx, ldw, ldy, alpha, ldz=ldz)
 
 
 def _zero_experts(mask: np.ndarray, grads: tuple[torch.Tensor, ...]) -> None:
@@ -323,7 +344,7 @@ FOLD_ZEROS_MAX = 16  # idle experts to zero: up to this many ride along in the x
 
 def _lora_grads(saved: Saved, r: Routing, lora: tuple[torch.Tensor, ...], num_experts: int,
                 grad_buffers: LoraGradBuffers | None, dos: _Rows, t_d: _Rows,
-                w_row: np.ndarray, dgu: _Rows, t_gu: _Rows, xs: _Rows,
+                w_row: _Rows, dgu: _Rows, t_gu: _Rows, xs: _Rows,
                 ) -> tuple[tuple[torch.Tensor, ...], Callable[[], None]]:
     """The six LoRA gradients (bf16, kernel rank) from the backward's per-row operands: dos and xs
     (gathered dOut and X), t_d = s dOut Bd and t_gu = s [dG Bg | dU Bu] (fp32), w_row (each row's
@@ -346,7 +367,7 @@ def _lora_grads(saved: Saved, r: Routing, lora: tuple[torch.Tensor, ...], num_ex
         basis = np.concatenate([basis, zb])
     # the down adapters' gradients weight each row by its routing weight w (dY = w dOut; hd and t_d
     # carry the scaling): dBd = dOut^T diag(w) hd, dAd = t_d^T diag(w) A
-    w = _Col(w_row.ctypes.data, w_row.itemsize)
+    w = _rows(w_row)
     _lora("xty", rank, hdim, _groups(basis, (_rows(dos), _rows(hd), _per_expert(g_db), w)), _pitch(dos),
           0, 1.0, ldw=_pitch(hd), y_dtype="bf16")
     _lora("xty", idim, rank, _groups(basis, (_rows(t_d), _rows(saved.act), _per_expert(g_da), w)), _pitch(t_d),
@@ -497,15 +518,14 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     if grad_out.dtype not in (torch.float32, torch.bfloat16):
         grad_out = grad_out.float()
     rank = kernel_rank(lora[0].shape[1]) if lora is not None else 0
-    tcols = max(rank, 32)  # T rows hold 32 columns at least: the row kernels' bf16 copy is 32-wide
     scratch = {"dos": (hdim, 2, True), "d": (idim, 4, True), "dgu": (2 * idim, 2, True)}
     if need_dx:
         scratch["dxs"] = (hdim, 4, True)
     if lora is not None:  # T = s dOut Bd, s [dG Bg | dU Bu] (fp32) and the bf16 copies the GEMMs add
-        scratch |= {"t_d": (tcols, 4, False), "t_gu": (2 * rank, 4, False), "t_d16": (tcols, 2, False),
+        scratch |= {"t_d": (rank, 4, False), "t_gu": (2 * rank, 4, False), "t_d16": (rank, 2, False),
                     "t_gu16": (2 * rank, 2, False)}
         if need_lora_grads:
-            scratch["xs"] = (hdim, 2, True)
+            scratch |= {"xs": (hdim, 2, True), "w_row": (1, 4, False)}
     int_dy = _kernel("bwd", experts, "down").spec.int_x  # integer kernels take int16 dY rows and scales
     if int_dy:
         scratch |= {"dosq": (hdim, 2, True), "dosqs": (1, 4, False), "dguq": (2 * idim, 2, True),
@@ -515,9 +535,8 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     dos, d, dgu, dxs = b["dos"], b["d"], b["dgu"], b.get("dxs")
     dosq, dguq = ((b["dosq"], b["dosqs"]), (b["dguq"], b["dguqs"])) if int_dy else (None, None)
     g_out = grad_out if grad_out.is_contiguous() else grad_out.contiguous()
-    w_row = np.zeros(r.rows, dtype=np.float32)  # routing weight of each row (0 on padding rows)
-    w_row[r.row_of.reshape(-1)] = saved.topk_weights.detach().numpy().reshape(-1)
-    dw_rows = np.empty(r.rows, dtype=np.float32)
+    w_row = b.get("w_row")  # routing weight of each routed row (written by the activation kernel)
+    dw = torch.empty(saved.topk_weights.shape, dtype=torch.float32)
     grads = zeroed = None
     with LaunchBatch():  # every launch is prepared first, then they run back to back
         _gather(g_out, r, dos)
@@ -529,23 +548,27 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
             true_rank = lora[0].shape[1]
             ga, gb, ua, ub, da, db = lora = pad_lora(lora)
             fused = _fuses_lora(experts)
-            t_d, t_gu = b["t_d"], b["t_gu"]
-            _lora("xb", rank, hdim, _groups(r.basis, (_rows(dos), _per_expert(db), _rows(t_d))), _pitch(dos),
-                  _pitch(t_d), scaling)
+            t_d, t_gu, t_d16, t_gu16 = b["t_d"], b["t_gu"], b["t_d16"], b["t_gu16"]
+            copy = (_rows(t_d16),) if fused else ()  # (the fused GEMM adds T A from T's bf16 copy)
+            _lora("xb", rank, hdim, _groups(r.basis, (_rows(dos), _per_expert(db), _rows(t_d), *copy)), _pitch(dos),
+                  _pitch(t_d), scaling, ldz=t_d16.pitch)
             if fused:
-                _grouped_bwd(dos, experts, "down", d, r, (_bf16_copy(t_d, b["t_d16"], r), da, None), dyq=dosq)
+                _grouped_bwd(dos, experts, "down", d, r, (t_d16, da, None), dyq=dosq)
             else:
                 _grouped_bwd(dos, experts, "down", d, r, dyq=dosq)
                 _lora("xb", idim, rank, _groups(r.basis, (_rows(t_d), _per_expert(da), _rows(d))), _pitch(t_d),
                       _pitch(d), x_dtype="f32", accumulate=True)
         act = saved.act
         act_kernel("bwd", idim).launch(
-            r.slot_row.size, idx=r.slot_row_addr, d=d.addr, act=act.data_ptr(), gu=saved.gu.data_ptr(),
-            w=w_row.ctypes.data, dw=dw_rows.ctypes.data, dgu=dgu.addr, ldd=d.pitch, lddgu=dgu.pitch)
+            r.slot_row.size, idx=r.slot_row_addr, tok=r.slot_token_addr, kk=r.slot_k_addr, k=r.row_of.shape[1],
+            d=d.addr, act=act.data_ptr(), gu=saved.gu.data_ptr(), w=saved.topk_weights.data_ptr(),
+            dw=dw.data_ptr(), wrow=w_row.addr if w_row is not None else 0, dgu=dgu.addr, ldd=d.pitch,
+            lddgu=dgu.pitch)
         if lora is not None and (need_dx or need_lora_grads):
-            _lora("xb", rank, idim, _groups(r.basis, (_rows(dgu), _per_expert(gb), _rows(t_gu)),
-                                            (_rows(dgu, idim), _per_expert(ub), _rows(t_gu, rank))),
-                  _pitch(dgu), _pitch(t_gu), scaling)
+            copies = ((_rows(t_gu16),), (_rows(t_gu16, rank),)) if fused and need_dx else ((), ())
+            _lora("xb", rank, idim, _groups(r.basis, (_rows(dgu), _per_expert(gb), _rows(t_gu), *copies[0]),
+                                            (_rows(dgu, idim), _per_expert(ub), _rows(t_gu, rank), *copies[1])),
+                  _pitch(dgu), _pitch(t_gu), scaling, ldz=t_gu16.pitch)
         if lora is not None and need_lora_grads:
             _gather(saved.x, r, b["xs"])
             grads, zeroed = _lora_grads(saved, r, lora, experts.num_experts, grad_buffers, dos, t_d, w_row, dgu, t_gu,
@@ -554,14 +577,13 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
             if lora is None:
                 _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq)
             elif fused:
-                _grouped_bwd(dgu, experts, "gate_up", dxs, r, (_bf16_copy(t_gu, b["t_gu16"], r), ga, ua), dyq=dguq)
+                _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu16, ga, ua), dyq=dguq)
             else:
                 _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq)
                 for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
                     _lora("xb", hdim, rank, _groups(r.basis, (_rows(t_gu, col), _per_expert(a), _rows(dxs))),
                           _pitch(t_gu), _pitch(dxs), x_dtype="f32", accumulate=True)
         dx = _combine(dxs, r, None, dx_dtype) if need_dx else None
-    dw = torch.from_numpy(dw_rows[r.row_of])
     if grads is not None:
         zeroed()
         grads = unpad_grads(grads, true_rank)
