@@ -290,7 +290,7 @@ def _kernel_input(spec, a, scales):
         return a, None
     if spec.op == "fwd":
         return quantize_rows(a)
-    return quantize_rows(a, col_scales=np.full(a.shape[0], scales.data_ptr(), dtype=np.int64))
+    return quantize_rows(a, col_scales=(scales.reshape(1, -1), np.zeros(a.shape[0], dtype=np.int64)))
 
 
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="quantized kernels need AVX-512 BF16")
@@ -350,14 +350,16 @@ def test_quantize_rows_listed_scaled_and_pitched():
     cols = torch.rand(3, 96, generator=g) + 0.5
     rows = np.array([0, 2, 5, 8])
     which = [0, 2, 1, 2]
-    q, s = quantize_rows(x, rows, np.array([cols[c].data_ptr() for c in which], dtype=np.int64))
+    q, s = quantize_rows(x, rows, (cols, np.array(which)))
     assert q.stride(0) == 128
     for r, c in zip(rows.tolist(), which, strict=True):
         want = x[r].float() * cols[c]
         assert torch.allclose(s[r], want.abs().max() / ACT_MAX)
         assert (q[r].float() * s[r] - want).abs().max() <= s[r] * 0.5 * 1.001
     with pytest.raises(ValueError, match="col_scales"):
-        quantize_rows(x, rows, np.zeros(3, dtype=np.int64))
+        quantize_rows(x, rows, (cols, np.zeros(3, dtype=np.int64)))
+    with pytest.raises(ValueError, match="col_scales"):
+        quantize_rows(x, rows, (cols.double(), np.zeros(4, dtype=np.int64)))
 
 
 def test_int8_linear_api():

@@ -6,8 +6,8 @@ cold caches right after a weight stream (see docs/benchmarks.md, seventh session
 through the public API (``kt_jit.moe_sft`` and ``.backward()``), each on a fresh routing (16
 batches cycled, so no pass finds the previous one's experts in L3); kernel time is the time spent
 in parallel launches, immediate or deferred (a pass prepares its launches, then runs them back to
-back from one native call: that call counts as kernel time; the routing kernel, a direct call,
-counts as host time).
+back from one native call, or replays the pass's launch plan in one: that call counts as kernel
+time; the routing kernel, a direct call, counts as host time).
 
     python tools/bench_host.py [--quick] [--shapes qwen3-30b-a3b] [--quants bf16,int4_kgroup]
                                [--qlens 1,16] [--json PATH]
@@ -27,6 +27,7 @@ from bench_moe import RANK, SHAPES, Layer, batch
 from benchlib import finish
 
 import kt_jit
+import kt_jit.codegen.plan
 import kt_jit.codegen.worker
 from kt_jit.kernels.probe import bf16_peak_flops, read_bandwidth
 from kt_jit.runtime.threads import default_num_threads
@@ -35,8 +36,10 @@ PASSES = ("fwd", "bwd", "infer")
 
 
 class LaunchTimer:
-    """Sums the time spent running kernels while installed (wraps the immediate launcher and the
-    runner of deferred launch batches in kt_jit.codegen.worker)."""
+    """Sums the time spent running kernels while installed: wraps the immediate launcher and the
+    runner of deferred launch batches in kt_jit.codegen.worker, and the replay of launch plans
+    (``Plan.run``: building a plan's tables and argument blocks natively is counted with its
+    kernels, a few microseconds)."""
 
     NAMES = ("launch", "_run_launches")
 
@@ -44,6 +47,7 @@ class LaunchTimer:
         self.seconds = 0.0
         mod = kt_jit.codegen.worker
         self._orig = {n: getattr(mod, n) for n in self.NAMES}
+        self._orig_plan_run = kt_jit.codegen.plan.Plan.run
 
         def timed(run):
             def wrapper(*args, **kwargs):
@@ -54,10 +58,12 @@ class LaunchTimer:
 
         for n, f in self._orig.items():
             setattr(mod, n, timed(f))
+        kt_jit.codegen.plan.Plan.run = timed(self._orig_plan_run)
 
     def remove(self) -> None:
         for n, f in self._orig.items():
             setattr(kt_jit.codegen.worker, n, f)
+        kt_jit.codegen.plan.Plan.run = self._orig_plan_run
 
 
 def measure(layer: Layer, t: int, k: int, passes: int, timer: LaunchTimer) -> dict[str, tuple[float, float]]:

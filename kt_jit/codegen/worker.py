@@ -23,17 +23,21 @@ from .amx import TileConfig, Tiles
 from .cache import get_or_compile
 from .compile import target_for
 from .ir import Function, Module
+from .plan import Capture, emit_launch_loop
 
 
 class ArgBlock:
-    """Named 8-byte fields (pointers or int64) after the counter and item count."""
+    """Named 8-byte fields (pointers or int64) after the counter and item count. Which fields are
+    pointers is learnt from the kernels built on the block (:meth:`load_ptr`); launch plans
+    (codegen/plan.py) rely on it to tell addresses from numbers."""
 
     HEADER = ("counter", "n_items")
 
     def __init__(self, fields: Sequence[str]) -> None:
         self.fields = tuple(self.HEADER) + tuple(fields)
+        self.pointers: frozenset[int] = frozenset()  # indices of the fields some kernel loads as a pointer
         self.struct = type("KernelArgs", (ctypes.Structure,),
-                           {"_fields_": [(f, ctypes.c_int64) for f in self.fields]})
+                           {"_fields_": [(f, ctypes.c_int64) for f in self.fields], "_arg_block": self})
 
     def offset(self, name: str) -> int:
         return 8 * self.fields.index(name)
@@ -42,6 +46,7 @@ class ArgBlock:
         return fn.load("i64", fn.gep(ctx, self.offset(name)), 8)
 
     def load_ptr(self, fn: Function, ctx: str, name: str) -> str:
+        self.pointers |= {self.fields.index(name)}
         return fn.load("ptr", fn.gep(ctx, self.offset(name)), 8)
 
     def make(self, n_items: int, **values: int) -> ctypes.Structure:
@@ -82,18 +87,25 @@ class LaunchBatch:
     (``kernels.gemm.linear``/``linear_t``, ``kernels.rowquant.quantize_rows``) run at once inside
     :func:`immediate_launches`. ``KT_JIT_DEFER_LAUNCHES=0`` turns deferral off."""
 
-    def __init__(self) -> None:
+    def __init__(self, capture: Capture | None = None) -> None:
         self._pending: list[tuple[int, ctypes.Structure, tuple]] = []
         self._active = False
+        self.capture = capture  # also records each launch (and the group tables built) into it
 
     def __enter__(self) -> LaunchBatch:
         if getattr(_batch, "current", None) is not None:
             raise RuntimeError("launch batches do not nest")
         if knobs.defer_launches():
             _batch.current, self._active = self, True
+        elif self.capture is not None:
+            self.capture.fail("launches are not deferred (KT_JIT_DEFER_LAUNCHES=0)")
+        if self.capture is not None:
+            self.capture.__enter__()
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:
+        if self.capture is not None:
+            self.capture.__exit__(exc_type, exc, tb)
         if self._active:
             _batch.current, self._active = None, False
             if exc_type is None:
@@ -101,6 +113,12 @@ class LaunchBatch:
         self._pending.clear()
 
     def add(self, addr: int, args: ctypes.Structure, keep: tuple) -> None:
+        if self.capture is not None:
+            block = getattr(type(args), "_arg_block", None)
+            if block is None:
+                self.capture.fail("a launch whose argument block is not an ArgBlock's")
+            else:
+                self.capture.launch(addr, args, block.pointers)
         self._pending.append((addr, args, keep))
 
     def flush(self) -> None:
@@ -118,6 +136,7 @@ class immediate_launches:  # noqa: N801 (a context manager used like a function)
     def __enter__(self) -> None:
         self._saved = getattr(_batch, "current", None)
         if self._saved is not None:
+            _interrupts(self._saved, "launches ran immediately inside the pass")
             self._saved.flush()
             _batch.current = None
 
@@ -129,7 +148,14 @@ def flush_launches() -> None:
     """Run this thread's deferred launches now (no-op outside a :class:`LaunchBatch`)."""
     batch = getattr(_batch, "current", None)
     if batch is not None:
+        _interrupts(batch, "the pass waited for its launches midway")
         batch.flush()
+
+
+def _interrupts(batch: LaunchBatch, why: str) -> None:
+    """A pass broke its batch's sequence of deferred launches: a capture of it cannot be replayed."""
+    if batch.capture is not None:
+        batch.capture.fail(why)
 
 
 def dispatch(addr: int, args: ctypes.Structure, num_threads: int | None = None, keep: tuple = ()) -> None:
@@ -140,6 +166,7 @@ def dispatch(addr: int, args: ctypes.Structure, num_threads: int | None = None, 
     if batch is None:
         launch(addr, ctypes.addressof(args), num_threads)
     elif num_threads is not None:
+        _interrupts(batch, "a launch with its own thread count")
         batch.flush()
         launch(addr, ctypes.addressof(args), num_threads)
     else:
@@ -156,20 +183,7 @@ def _launch_driver() -> Callable[[int, int, int, int], None]:
     target = target_for("avx512")
     mod = Module(_RUN_LAUNCHES, target.fn_attrs)
     fn = mod.function(_RUN_LAUNCHES, [("ptr", "%gomp"), ("ptr", "%table"), ("i64", "%n"), ("i64", "%threads")])
-    serial = fn.val(f"or i1 {fn.icmp('sle', '%threads', 1)}, {fn.val('icmp eq ptr %gomp, null')}")
-    nt = fn.val("trunc i64 %threads to i32")
-    with fn.loop(0, "%n", name="l") as i:
-        entry = fn.gep("%table", fn.mul(i, 16))
-        worker, ctx = fn.load("ptr", entry, 8), fn.load("ptr", fn.gep(entry, 8), 8)
-        par, one, done = fn.new_block("par"), fn.new_block("one"), fn.new_block("next")
-        fn.cbr(serial, one, par)
-        fn.set_block(par)
-        fn.emit(f"call void %gomp(ptr {worker}, ptr {ctx}, i32 {nt}, i32 0)")
-        fn.br(done)
-        fn.set_block(one)
-        fn.emit(f"call void {worker}(ptr {ctx})")
-        fn.br(done)
-        fn.set_block(done)
+    emit_launch_loop(fn, "%gomp", "%table", "%n", "%threads")
     fn.ret()
     addr = get_or_compile(_RUN_LAUNCHES, "run_launches v1", mod.render(), target, [_RUN_LAUNCHES])[_RUN_LAUNCHES]
     return ctypes.CFUNCTYPE(None, ctypes.c_void_p, ctypes.c_void_p, ctypes.c_int64, ctypes.c_int64)(addr)

@@ -35,14 +35,14 @@ from ..runtime.buffers import aligned_empty
 ACT_MAX = 16383
 TINY = 2.0**-112  # smallest row maximum used for the scale: ACT_MAX / TINY is still a finite float
 ROWS_PER_ITEM = 8
-ARGS = ArgBlock(["dst", "src", "scales", "n", "idx", "cscales", "ld"])
+ARGS = ArgBlock(["dst", "src", "scales", "n", "idx", "cbase", "cstride", "cidx", "ld"])
 
 
 @dataclass(frozen=True)
 class RowQuantSpec:
     """Rows of ``cols`` bf16 (a multiple of 32; the row pitch is a launch argument); int16 out with
-    the same pitch. ``col_scaled``: row j is multiplied by the fp32 vector at ``cscales[j]`` (a
-    pointer per listed row) first."""
+    the same pitch. ``col_scaled``: listed row j is first multiplied by the fp32 vector at
+    ``cbase + cstride * cidx[j]`` (``cidx`` int64 per listed row, e.g. each row's expert)."""
 
     cols: int
     col_scaled: bool = False
@@ -60,7 +60,8 @@ def _body(spec: RowQuantSpec):
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
         dst, src, scales = (ARGS.load_ptr(fn, ctx, f) for f in ("dst", "src", "scales"))
         n, idx = ARGS.load(fn, ctx, "n"), ARGS.load_ptr(fn, ctx, "idx")
-        cscales, ld = ARGS.load_ptr(fn, ctx, "cscales"), ARGS.load(fn, ctx, "ld")
+        cbase, cidx = ARGS.load_ptr(fn, ctx, "cbase"), ARGS.load_ptr(fn, ctx, "cidx")
+        cstride, ld = ARGS.load(fn, ctx, "cstride"), ARGS.load(fn, ctx, "ld")
         fabs = fn.module.declare("llvm.fabs.v16f32", f"declare {F32x16} @llvm.fabs.v16f32({F32x16})")
         # maximum (not maxnum) propagates NaN, so a NaN row gets a NaN scale
         vmax = fn.module.declare("llvm.maximum.v16f32", f"declare {F32x16} @llvm.maximum.v16f32({F32x16}, {F32x16})")
@@ -73,7 +74,9 @@ def _body(spec: RowQuantSpec):
         with fn.loop(j0, fn.min(fn.add(j0, ROWS_PER_ITEM), n), name="j") as jj:
             j = listed_row(fn, idx, jj)
             srow = fn.gep(src, fn.mul(j, ld))
-            crow = fn.load("ptr", fn.gep(cscales, fn.mul(jj, 8)), 8) if spec.col_scaled else None
+            crow = None
+            if spec.col_scaled:
+                crow = fn.gep(cbase, fn.mul(fn.load("i64", fn.gep(cidx, fn.mul(jj, 8)), 8), cstride))
 
             def load(col: str) -> str:
                 v = vx.load_f32x16(fn, fn.gep(srow, fn.mul(col, 2)), "bf16")
@@ -110,13 +113,15 @@ class RowQuantKernel:
         self.addr = compile_worker(spec.name, repr(spec), ARGS, _body(spec))
 
     def launch(self, dst: int, src: int, scales: int, n: int, num_threads: int | None = None, idx: int = 0,
-               cscales: int = 0, ld: int = 0, keep: tuple = ()) -> None:
+               col_scales: tuple[int, int, int] = (0, 0, 0), ld: int = 0) -> None:
         """Quantize ``n`` rows at ``src`` (bf16) into ``dst`` (int16) and ``scales`` (fp32): rows
-        0..n-1, or with ``idx`` (address of int64 [n]) the rows listed there; ``cscales``: address
-        of int64 [n], the column-scale vector of each listed row (``col_scaled`` kernels); ``ld``: the
-        row pitch of src and dst in bytes (0: contiguous)."""
-        ARGS.run(self.addr, -(-n // ROWS_PER_ITEM), num_threads, keep, dst=dst, src=src, scales=scales, n=n, idx=idx,
-                 cscales=cscales, ld=ld or self.spec.cols * 2)
+        0..n-1, or with ``idx`` (address of int64 [n]) the rows listed there; ``col_scales``
+        (``col_scaled`` kernels): (base address, stride in bytes, address of int64 [n]) placing the
+        column-scale vector of each listed row; ``ld``: the row pitch of src and dst in bytes (0:
+        contiguous)."""
+        cbase, cstride, cidx = col_scales
+        ARGS.run(self.addr, -(-n // ROWS_PER_ITEM), num_threads, dst=dst, src=src, scales=scales, n=n, idx=idx,
+                 cbase=cbase, cstride=cstride, cidx=cidx, ld=ld or self.spec.cols * 2)
 
 
 @functools.cache
@@ -126,24 +131,24 @@ def get_kernel(spec: RowQuantSpec) -> RowQuantKernel:
 
 
 def quantize_rows_into(src: int, ld: int, cols: int, dst: int, scales: int, n: int, idx: int = 0,
-                       col_scales=None) -> None:
+                       col_scales: tuple[int, int, int] | None = None) -> None:
     """Launch the row quantization on raw addresses (trusted): ``n`` bf16 rows of ``cols`` at
     ``src`` (pitch ``ld`` bytes; with ``idx``, the address of int64 [n], the rows listed there) into
-    int16 rows at ``dst`` (same pitch) and fp32 ``scales``; ``col_scales`` (int64 NumPy [n] of
-    vector addresses, kept alive by a deferred launch) first multiplies each row by its vector."""
-    cs = col_scales.ctypes.data if col_scales is not None else 0
-    get_kernel(RowQuantSpec(cols, col_scales is not None)).launch(dst, src, scales, n, idx=idx, cscales=cs, ld=ld,
-                                                                  keep=(col_scales,))
+    int16 rows at ``dst`` (same pitch) and fp32 ``scales``; ``col_scales`` = (base, stride in
+    bytes, address of int64 [n] indices) first multiplies listed row j by the fp32 vector at
+    ``base + stride * index[j]``."""
+    get_kernel(RowQuantSpec(cols, col_scales is not None)).launch(dst, src, scales, n, idx=idx,
+                                                                  col_scales=col_scales or (0, 0, 0), ld=ld)
 
 
 def quantize_rows(x: torch.Tensor, rows: np.ndarray | None = None,
-                  col_scales: np.ndarray | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+                  col_scales: tuple[torch.Tensor, np.ndarray] | None = None) -> tuple[torch.Tensor, torch.Tensor]:
     """``x [M, C]`` bf16 with unit column stride (C a multiple of 32) -> (``q [M, C]`` int16 with
     x's row stride, ``s [M]`` fp32) with ``x ~ q * s[:, None]``; 64-byte aligned outputs. ``rows``
     (int64, contiguous, values in [0, M), trusted): quantize only these rows (the others of q and s
     are left unset).
-    ``col_scales`` (int64 NumPy array, one entry per quantized row, trusted): the address of the
-    fp32 [C] vector that row is multiplied by first."""
+    ``col_scales = (vectors, which)``: quantized row j is first multiplied by ``vectors[which[j]]``
+    (vectors fp32 [V, C] contiguous, which int64 NumPy [rows quantized], values in [0, V), trusted)."""
     if x.dim() != 2 or x.dtype != torch.bfloat16 or x.stride(1) != 1 or x.stride(0) < x.shape[1] \
             or x.device.type != "cpu":
         raise ValueError("quantize_rows takes a 2-D bfloat16 CPU tensor with contiguous rows")
@@ -153,9 +158,16 @@ def quantize_rows(x: torch.Tensor, rows: np.ndarray | None = None,
                              or not rows.flags.c_contiguous):
         raise ValueError("rows must be a contiguous 1-D int64 NumPy array of row indices")
     n, idx = (x.shape[0], 0) if rows is None else (rows.size, rows.ctypes.data)
-    if col_scales is not None and (col_scales.dtype != np.int64 or col_scales.shape != (n,)
-                                   or not col_scales.flags.c_contiguous):
-        raise ValueError(f"col_scales must be a contiguous int64 array [{n}] of vector addresses")
+    cs = None
+    if col_scales is not None:
+        vectors, which = col_scales
+        if not isinstance(which, np.ndarray) or which.dtype != np.int64 or which.shape != (n,) \
+                or not which.flags.c_contiguous:
+            raise ValueError(f"col_scales: which must be a contiguous int64 array [{n}] of vector indices")
+        if vectors.dtype != torch.float32 or vectors.dim() != 2 or vectors.shape[1] != x.shape[1] \
+                or not vectors.is_contiguous():
+            raise ValueError(f"col_scales: vectors must be a contiguous float32 [V, {x.shape[1]}] tensor")
+        cs = (vectors.data_ptr(), vectors.stride(0) * 4, which.ctypes.data)
     with immediate_launches():  # (returns what it computed)
-        quantize_rows_into(x.data_ptr(), x.stride(0) * 2, x.shape[1], q.data_ptr(), s.data_ptr(), n, idx, col_scales)
+        quantize_rows_into(x.data_ptr(), x.stride(0) * 2, x.shape[1], q.data_ptr(), s.data_ptr(), n, idx, cs)
     return q, s

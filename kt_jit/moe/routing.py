@@ -12,6 +12,7 @@ from dataclasses import dataclass
 import numpy as np
 import torch
 
+from ..codegen.plan import Span
 from ..kernels.route import out_size, regions, route_into
 
 SEGMENT_ALIGN = 16
@@ -43,6 +44,10 @@ class Routing:
         self.slot_token_addr, self.slot_k_addr, self.slot_row_addr, self.row_of_addr, self.slot_expert_addr = (
             a.__array_interface__["data"][0]
             for a in (self.slot_token, self.slot_k, self.slot_row, self.row_of, self.slot_expert))
+        # the arrays kernels address, as launch-plan operands (codegen/plan.py)
+        nbytes = self.slot_row.nbytes
+        self.spans = [Span(a, nbytes) for a in (self.slot_token_addr, self.slot_k_addr, self.slot_row_addr,
+                                                 self.row_of_addr, self.slot_expert_addr)]
 
     def __setstate__(self, state: dict) -> None:  # copies and unpickled ones: their own arrays' addresses
         self.__dict__.update(state)

@@ -31,16 +31,18 @@ from typing import NamedTuple
 import numpy as np
 import torch
 
+from ..codegen.plan import Capture, Plan, Span, group_rows
 from ..codegen.worker import LaunchBatch, flush_launches
 from ..kernels import fill, gemm
 from ..kernels import lora as lk
 from ..kernels.activation import kernel_for as act_kernel
 from ..kernels.rowquant import quantize_rows_into
 from ..kernels.rows import kernel_for as rows_kernel
+from ..runtime import knobs
 from ..runtime.buffers import aligned_empty
 from ..runtime.memory import keep_freed_memory
 from .gradbuf import LoraGradBuffers
-from .routing import Routing, route
+from .routing import SEGMENT_ALIGN, Routing, route
 from .weights import MoEExperts
 
 
@@ -93,14 +95,13 @@ def _per_expert(t: torch.Tensor | None) -> _Col:
 def _table(r: Routing, cols: list[_Col]) -> np.ndarray:
     """Group descriptors int64 [active experts, len(cols)]: one small integer matrix product of the
     routing's per-expert (1, first row, id, count) with the columns' coefficients."""
-    return r.basis @ np.array(cols, dtype=np.int64).T
+    return group_rows(r.basis, [cols])
 
 
 def _groups(basis: np.ndarray, *parts: tuple[_Col, ...]) -> np.ndarray:
     """Group descriptors (x, w, y, m[, s]) of the LoRA kernels: for each (x, w, y[, s]) part a group
     per row of ``basis`` (a routing's, see :class:`Routing`), the parts one after the other."""
-    coef = np.array([[*part[:3], COUNT, *part[3:]] for part in parts], dtype=np.int64)  # [parts, cols, 4]
-    return (basis @ coef.transpose(0, 2, 1)).reshape(-1, coef.shape[1])
+    return group_rows(basis, [[*part[:3], COUNT, *part[3:]] for part in parts])
 
 
 LoraOperands = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # rows, adapter 0, adapter 1
@@ -162,7 +163,9 @@ class _Arena:
             if total <= ARENA_KEEP_MAX:
                 _kept_scratch.mem = mem
         self._mem = mem  # (alive while the pass runs, also when not kept)
-        self.rows = dict(_arena_rows(-(-mem.ctypes.data // 64) * 64, rows, items))
+        base = -(-mem.ctypes.data // 64) * 64
+        self.span = Span(base, total - 64)
+        self.rows = dict(_arena_rows(base, rows, items))
 
 
 @functools.lru_cache(maxsize=64)
@@ -224,22 +227,22 @@ def _gather(src: torch.Tensor, r: Routing, dst: _Rows,
 GATHER_A_ROWS_MAX = 2  # rows per active expert (mean) up to which the gather computes the A-products
 
 
-def _combine(y: torch.Tensor | _Rows, r: Routing, weights: torch.Tensor | None,
-             out_dtype: torch.dtype) -> torch.Tensor:
-    """``out[t] = sum_k w[t, k] y[row(t, k)]`` (w = 1 when None) from the fp32 per-expert rows ``y``."""
+def _combine(y: torch.Tensor | _Rows, r: Routing, weights: torch.Tensor | None, out: torch.Tensor) -> None:
+    """``out[t] = sum_k w[t, k] y[row(t, k)]`` (w = 1 when None; out [T, C] fp32 or bf16, contiguous)
+    from the fp32 per-expert rows ``y``."""
     t, k = r.row_of.shape
     cols = _ncols(y)
-    out = torch.empty(t, cols, dtype=out_dtype)
-    kern = rows_kernel("combine", cols, "f32", "bf16" if out_dtype == torch.bfloat16 else "f32", weights is not None)
+    kern = rows_kernel("combine", cols, "f32", "bf16" if out.dtype == torch.bfloat16 else "f32", weights is not None)
     kern.combine(out.data_ptr(), _addr(y), r.row_of_addr, weights.data_ptr() if weights is not None else 0, t, k,
                  ldy=_pitch(y))
-    return out
 
 
 def _quantize(x: torch.Tensor | _Rows, r: Routing, q: _Rows, scales: _Rows,
-              col_scales: np.ndarray | None = None) -> None:
+              col_scales: torch.Tensor | None = None) -> None:
     """The routed rows of ``x`` (bf16) as int16 rows ``q`` (x's pitch) with fp32 row scales (see
-    kernels/rowquant.py; ``col_scales``: per routed row, the address of its column-scale vector)."""
+    kernels/rowquant.py); ``col_scales`` [E, C] fp32: each row first multiplied by its expert's."""
+    if col_scales is not None:
+        col_scales = (col_scales.data_ptr(), col_scales.stride(0) * 4, r.slot_expert_addr)
     quantize_rows_into(_addr(x), _pitch(x), _ncols(x), q.addr, scales.addr, r.slot_row.size, r.slot_row_addr,
                        col_scales)
 
@@ -297,9 +300,8 @@ def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routin
         kern = _kernel("bwd", experts, name)
     xscales = None
     if kern.spec.int_x:  # integer kernel: dY diag(s_e) as int16 rows (per-channel scales s_e)
-        col_scales = np.repeat(_table(r, [_per_expert(experts.scales(name))])[:, 0], r.counts)
         q, qs = dyq
-        _quantize(dy, r, q, qs, col_scales)
+        _quantize(dy, r, q, qs, experts.scales(name))
         dy, xscales = q, _rows(qs)
     groups = _gemm_groups(r, _rows(dy), experts, name, _rows(dx), lora, xscales)
     if lora is not None:
@@ -342,29 +344,45 @@ def _zero_experts(mask: np.ndarray, grads: tuple[torch.Tensor, ...]) -> None:
 FOLD_ZEROS_MAX = 16  # idle experts to zero: up to this many ride along in the xty launches
 
 
-def _lora_grads(saved: Saved, r: Routing, lora: tuple[torch.Tensor, ...], num_experts: int,
-                grad_buffers: LoraGradBuffers | None, dos: _Rows, t_d: _Rows,
-                w_row: _Rows, dgu: _Rows, t_gu: _Rows, xs: _Rows,
-                ) -> tuple[tuple[torch.Tensor, ...], Callable[[], None]]:
-    """The six LoRA gradients (bf16, kernel rank) from the backward's per-row operands: dos and xs
-    (gathered dOut and X), t_d = s dOut Bd and t_gu = s [dG Bg | dU Bu] (fp32), w_row (each row's
-    routing weight), dgu = [dG | dU] (bf16); idle experts' slices are zero once the launches ran.
-    Returns them and what to call after the launches ran (the buffers' zeroing bookkeeping)."""
-    hdim, idim, rank = saved.x.shape[1], saved.act.shape[1], lora[0].shape[1]
-    hgu, hd = saved.lora_h
+class _GradPlan(NamedTuple):
+    """The LoRA gradients a backward writes: the six tensors (bf16, kernel rank), the experts whose
+    slices must end up zero (bool [E]), the pool they came from, and the basis of the gradient
+    launches (the routing's, plus a zero-row group per folded idle expert)."""
+
+    grads: tuple[torch.Tensor, ...]
+    to_zero: np.ndarray
+    pool: LoraGradBuffers
+    basis: np.ndarray
+
+
+def _acquire_grads(r: Routing, lora: tuple[torch.Tensor, ...], num_experts: int,
+                   grad_buffers: LoraGradBuffers | None) -> _GradPlan:
+    """Gradient buffers for a backward; idle experts to zero are zeroed now (more than
+    ``FOLD_ZEROS_MAX``) or folded into the gradient launches as zero-row groups."""
     active = np.zeros(num_experts, dtype=bool)
     active[r.experts] = True
     pool = grad_buffers if grad_buffers is not None else LoraGradBuffers()
     grads, to_zero = pool.acquire([tuple(p.shape) for p in lora], active)
-    g_ga, g_gb, g_ua, g_ub, g_da, g_db = grads
     zero_ids = np.flatnonzero(to_zero)
     basis = r.basis
     if zero_ids.size > FOLD_ZEROS_MAX:
         _zero_experts(to_zero, grads)
-    elif zero_ids.size:  # the xty launches below zero those experts' slices: zero-row groups
+    elif zero_ids.size:  # the xty launches zero those experts' slices: zero-row groups
         zb = np.zeros((zero_ids.size, 4), dtype=np.int64)
         zb[:, 0], zb[:, 2] = 1, zero_ids
         basis = np.concatenate([basis, zb])
+    return _GradPlan(grads, to_zero, pool, basis)
+
+
+def _lora_grads(saved: Saved, gp: _GradPlan, dos: _Rows, t_d: _Rows, w_row: _Rows, dgu: _Rows, t_gu: _Rows,
+                xs: _Rows) -> None:
+    """The six LoRA gradients' launches (into ``gp.grads``) from the backward's per-row operands: dos
+    and xs (gathered dOut and X), t_d = s dOut Bd and t_gu = s [dG Bg | dU Bu] (fp32), w_row (each
+    row's routing weight), dgu = [dG | dU] (bf16); the folded idle experts' slices become zero."""
+    hdim, idim, rank = saved.x.shape[1], saved.act.shape[1], gp.grads[0].shape[1]
+    hgu, hd = saved.lora_h
+    g_ga, g_gb, g_ua, g_ub, g_da, g_db = gp.grads
+    basis = gp.basis
     # the down adapters' gradients weight each row by its routing weight w (dY = w dOut; hd and t_d
     # carry the scaling): dBd = dOut^T diag(w) hd, dAd = t_d^T diag(w) A
     w = _rows(w_row)
@@ -378,7 +396,6 @@ def _lora_grads(saved: Saved, r: Routing, lora: tuple[torch.Tensor, ...], num_ex
     parts = (_rows(t_gu), _rows(xs), _per_expert(g_ga)), (_rows(t_gu, rank), _rows(xs), _per_expert(g_ua))
     _lora("xty", hdim, rank, _groups(basis, *parts), _pitch(t_gu), 0, 1.0, x_dtype="f32",
           ldw=_pitch(xs), y_dtype="bf16")
-    return grads, lambda: pool.zeroed(grads, to_zero)
 
 
 def kernel_rank(rank: int) -> int:
@@ -414,8 +431,8 @@ def unpad_grads(grads: tuple[torch.Tensor, ...], rank: int) -> tuple[torch.Tenso
 def _forward_launches(x: torch.Tensor, topk_weights: torch.Tensor, experts: MoEExperts,
                       lora: tuple[torch.Tensor, ...] | None, scaling: float, r: Routing, b: dict,
                       xq: tuple[_Rows, _Rows] | None, aq: tuple[_Rows, _Rows] | None, rank: int,
-                      out_dtype: torch.dtype) -> None:
-    """The forward's launches into the buffers ``b`` (the output goes to ``b["out"]``)."""
+                      out: torch.Tensor) -> None:
+    """The forward's launches into the buffers ``b`` and ``out``."""
     hdim, idim = x.shape[1], experts.intermediate_size
     xs, gu, act, y = b["xs"], b["gu"], b["act"], b["y"]
     if lora is None:
@@ -456,7 +473,56 @@ def _forward_launches(x: torch.Tensor, topk_weights: torch.Tensor, experts: MoEE
             _grouped_fwd(act, experts, "down", y, r, xq=aq)
             _lora("xat", hdim, rank, _groups(r.basis, (_rows(hd), _per_expert(db), _rows(y))), _pitch(hd),
                   _pitch(y), accumulate=True)
-    b["out"] = _combine(y, r, topk_weights, out_dtype)
+    _combine(y, r, topk_weights, out)
+
+
+# Launch plans of the passes (codegen/plan.py), per configuration: shapes, quantization, flags, token
+# count and active experts. A plan replays what the pass's Python would launch from the addresses of
+# its operands; a configuration that cannot be planned maps to the reason (it runs through Python).
+PLANS_MAX = 1024
+_plans: dict[tuple, Plan | str] = {}
+
+
+def _run_pass(key: tuple, operands: list, bases: tuple[np.ndarray, ...], launches: Callable[[], None]) -> None:
+    """Run a pass: from its plan when ``key`` has one, else by calling ``launches`` (which makes the
+    plan). ``operands`` are every tensor (contiguous) or :class:`Span` whose memory the launches
+    address, in an order fixed by ``key``; ``bases`` the basis arrays their group tables use."""
+    plan = _plans.get(key, None) if knobs.launch_plans() else "launch plans are off"
+    if isinstance(plan, Plan):
+        plan.run([o.data_ptr() if isinstance(o, torch.Tensor) else o.addr for o in operands], bases)
+        return
+    capture = Capture() if plan is None else None
+    with LaunchBatch(capture):  # every launch is prepared first, then they run back to back
+        launches()
+    if capture is not None:
+        spans = [Span(o.data_ptr(), o.numel() * o.element_size()) if isinstance(o, torch.Tensor) else o
+                 for o in operands]
+        if not all(o.is_contiguous() for o in operands if isinstance(o, torch.Tensor)):
+            plan = "a non-contiguous operand"
+        else:
+            plan = capture.compile(spans, bases)
+        if len(_plans) >= PLANS_MAX:
+            del _plans[next(iter(_plans))]
+        _plans[key] = plan
+
+
+def _config(experts: MoEExperts, lora: tuple[torch.Tensor, ...] | None, scaling: float) -> tuple:
+    """What fixes a pass's kernels and tables besides its token count, routing and flags."""
+    return (experts.num_experts, experts.hidden_size, experts.intermediate_size, experts.storage,
+            experts.group_size, experts.zero_point, lora[0].shape[1] if lora is not None else 0, scaling,
+            knobs.raw("KT_JIT_ISA"))
+
+
+def _expert_operands(experts: MoEExperts) -> list[torch.Tensor]:
+    """The experts' tensors in name order (fixed by the quantization mode, whatever order they were
+    loaded in)."""
+    return [t for _, t in sorted(experts.tensors.items()) if t is not None]
+
+
+def _row_bound(r: Routing) -> int:
+    """Rows the per-expert buffers of a routing may need: T*K plus each active expert's padding at
+    most (a bound fixed by the token count and the active experts, so the scratch layout is too)."""
+    return r.slot_row.size + (SEGMENT_ALIGN - 1) * r.basis.shape[0]
 
 
 def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: MoEExperts,
@@ -482,16 +548,20 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
         scratch |= {"xq": (hdim, 2, True), "xqs": (1, 4, False), "aq": (idim, 2, False), "aqs": (1, 4, False)}
     if not save:
         scratch |= kept
-    arena = _Arena(r.rows, scratch)
+    arena = _Arena(_row_bound(r), scratch)
     b = arena.rows
+    saved_rows = []
     if save:
         dtypes = {4: torch.float32, 2: torch.bfloat16}
-        b |= {name: aligned_empty((r.rows, cols), dtypes[size]) for name, (cols, size, _) in kept.items()}
+        saved_rows = [aligned_empty((r.rows, cols), dtypes[size]) for cols, size, _ in kept.values()]
+        b |= dict(zip(kept, saved_rows, strict=True))
     xq, aq = ((b["xq"], b["xqs"]), (b["aq"], b["aqs"])) if quant else (None, None)
-    padded = pad_lora(lora) if lora is not None else None  # (alive until the launches ran)
-    with LaunchBatch():  # every launch is prepared first, then they run back to back
-        _forward_launches(x, topk_weights, experts, padded, scaling, r, b, xq, aq, rank, out_dtype)
-    out = b["out"]
+    padded = pad_lora(lora) if lora is not None else ()  # (alive until the launches ran)
+    out = torch.empty(x.shape, dtype=out_dtype)
+    key = ("fwd", save, out_dtype, x.shape[0], topk_ids.shape[1], r.basis.shape[0], *_config(experts, lora, scaling))
+    operands = [x, topk_weights, out, arena.span, *r.spans, *padded, *saved_rows, *_expert_operands(experts)]
+    _run_pass(key, operands, (r.basis,), lambda: _forward_launches(
+        x, topk_weights, experts, padded or None, scaling, r, b, xq, aq, rank, out))
     saved = None
     if save:
         saved = Saved(x, topk_weights, r, b["gu"], b["act"], (b["hgu"], b["hd"]) if lora is not None else None,
@@ -517,7 +587,9 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     idim = experts.intermediate_size
     if grad_out.dtype not in (torch.float32, torch.bfloat16):
         grad_out = grad_out.float()
+    g_out = grad_out if grad_out.is_contiguous() else grad_out.contiguous()
     rank = kernel_rank(lora[0].shape[1]) if lora is not None else 0
+    need_lora_grads = need_lora_grads and lora is not None
     scratch = {"dos": (hdim, 2, True), "d": (idim, 4, True), "dgu": (2 * idim, 2, True)}
     if need_dx:
         scratch["dxs"] = (hdim, 4, True)
@@ -530,61 +602,75 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     if int_dy:
         scratch |= {"dosq": (hdim, 2, True), "dosqs": (1, 4, False), "dguq": (2 * idim, 2, True),
                     "dguqs": (1, 4, False)}
-    arena = _Arena(r.rows, scratch)
+    arena = _Arena(_row_bound(r), scratch)
     b = arena.rows
-    dos, d, dgu, dxs = b["dos"], b["d"], b["dgu"], b.get("dxs")
-    dosq, dguq = ((b["dosq"], b["dosqs"]), (b["dguq"], b["dguqs"])) if int_dy else (None, None)
-    g_out = grad_out if grad_out.is_contiguous() else grad_out.contiguous()
-    w_row = b.get("w_row")  # routing weight of each routed row (written by the activation kernel)
     dw = torch.empty(saved.topk_weights.shape, dtype=torch.float32)
-    grads = zeroed = None
-    with LaunchBatch():  # every launch is prepared first, then they run back to back
-        _gather(g_out, r, dos)
-        if lora is None:
-            _grouped_bwd(dos, experts, "down", d, r, dyq=dosq)
-        else:
-            # T = s dY B first (fp32, for the A gradients); the transposed GEMMs add T A themselves
-            # from its bf16 copy on AVX-512, else separate passes add it
-            true_rank = lora[0].shape[1]
-            ga, gb, ua, ub, da, db = lora = pad_lora(lora)
-            fused = _fuses_lora(experts)
-            t_d, t_gu, t_d16, t_gu16 = b["t_d"], b["t_gu"], b["t_d16"], b["t_gu16"]
-            copy = (_rows(t_d16),) if fused else ()  # (the fused GEMM adds T A from T's bf16 copy)
-            _lora("xb", rank, hdim, _groups(r.basis, (_rows(dos), _per_expert(db), _rows(t_d), *copy)), _pitch(dos),
-                  _pitch(t_d), scaling, ldz=t_d16.pitch)
-            if fused:
-                _grouped_bwd(dos, experts, "down", d, r, (t_d16, da, None), dyq=dosq)
-            else:
-                _grouped_bwd(dos, experts, "down", d, r, dyq=dosq)
-                _lora("xb", idim, rank, _groups(r.basis, (_rows(t_d), _per_expert(da), _rows(d))), _pitch(t_d),
-                      _pitch(d), x_dtype="f32", accumulate=True)
-        act = saved.act
-        act_kernel("bwd", idim).launch(
-            r.slot_row.size, idx=r.slot_row_addr, tok=r.slot_token_addr, kk=r.slot_k_addr, k=r.row_of.shape[1],
-            d=d.addr, act=act.data_ptr(), gu=saved.gu.data_ptr(), w=saved.topk_weights.data_ptr(),
-            dw=dw.data_ptr(), wrow=w_row.addr if w_row is not None else 0, dgu=dgu.addr, ldd=d.pitch,
-            lddgu=dgu.pitch)
-        if lora is not None and (need_dx or need_lora_grads):
-            copies = ((_rows(t_gu16),), (_rows(t_gu16, rank),)) if fused and need_dx else ((), ())
-            _lora("xb", rank, idim, _groups(r.basis, (_rows(dgu), _per_expert(gb), _rows(t_gu), *copies[0]),
-                                            (_rows(dgu, idim), _per_expert(ub), _rows(t_gu, rank), *copies[1])),
-                  _pitch(dgu), _pitch(t_gu), scaling, ldz=t_gu16.pitch)
-        if lora is not None and need_lora_grads:
-            _gather(saved.x, r, b["xs"])
-            grads, zeroed = _lora_grads(saved, r, lora, experts.num_experts, grad_buffers, dos, t_d, w_row, dgu, t_gu,
-                                        b["xs"])
-        if need_dx:
-            if lora is None:
-                _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq)
-            elif fused:
-                _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu16, ga, ua), dyq=dguq)
-            else:
-                _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq)
-                for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
-                    _lora("xb", hdim, rank, _groups(r.basis, (_rows(t_gu, col), _per_expert(a), _rows(dxs))),
-                          _pitch(t_gu), _pitch(dxs), x_dtype="f32", accumulate=True)
-        dx = _combine(dxs, r, None, dx_dtype) if need_dx else None
-    if grads is not None:
-        zeroed()
-        grads = unpad_grads(grads, true_rank)
+    dx = torch.empty(saved.x.shape, dtype=dx_dtype) if need_dx else None
+    padded = pad_lora(lora) if lora is not None else ()
+    gp = _acquire_grads(r, padded, experts.num_experts, grad_buffers) if need_lora_grads else None
+    hgu_hd = saved.lora_h if lora is not None else ()
+    key = ("bwd", need_dx, need_lora_grads, dx_dtype, g_out.dtype, g_out.shape[0], r.row_of.shape[1],
+           r.basis.shape[0], gp.basis.shape[0] if gp is not None else 0, *_config(experts, lora, scaling))
+    operands = [saved.x, saved.topk_weights, saved.gu, saved.act, *hgu_hd, g_out, dw, *([dx] if need_dx else []),
+                arena.span, *r.spans, *padded, *(gp.grads if gp is not None else ()), *_expert_operands(experts)]
+    _run_pass(key, operands, (r.basis,) if gp is None else (r.basis, gp.basis),
+              lambda: _backward_launches(saved, g_out, experts, padded or None, scaling, r, b, gp, dw, dx, rank))
+    grads = None
+    if gp is not None:
+        gp.pool.zeroed(gp.grads, gp.to_zero)
+        grads = unpad_grads(gp.grads, lora[0].shape[1])
     return dx, dw, grads
+
+
+def _backward_launches(saved: Saved, g_out: torch.Tensor, experts: MoEExperts, lora: tuple[torch.Tensor, ...] | None,
+                       scaling: float, r: Routing, b: dict, gp: _GradPlan | None, dw: torch.Tensor,
+                       dx: torch.Tensor | None, rank: int) -> None:
+    """The backward's launches (buffers ``b``, see :func:`backward`; ``gp``: the LoRA gradients to
+    write, or None)."""
+    hdim, idim = saved.x.shape[1], experts.intermediate_size
+    dos, d, dgu, dxs = b["dos"], b["d"], b["dgu"], b.get("dxs")
+    int_dy = "dosq" in b
+    dosq, dguq = ((b["dosq"], b["dosqs"]), (b["dguq"], b["dguqs"])) if int_dy else (None, None)
+    fused = lora is not None and _fuses_lora(experts)
+    _gather(g_out, r, dos)
+    if lora is None:
+        _grouped_bwd(dos, experts, "down", d, r, dyq=dosq)
+    else:
+        # T = s dY B first (fp32, for the A gradients); the transposed GEMMs add T A themselves
+        # from its bf16 copy on AVX-512, else separate passes add it
+        ga, gb, ua, ub, da, db = lora
+        t_d, t_gu, t_d16, t_gu16 = b["t_d"], b["t_gu"], b["t_d16"], b["t_gu16"]
+        copy = (_rows(t_d16),) if fused else ()  # (the fused GEMM adds T A from T's bf16 copy)
+        _lora("xb", rank, hdim, _groups(r.basis, (_rows(dos), _per_expert(db), _rows(t_d), *copy)), _pitch(dos),
+              _pitch(t_d), scaling, ldz=t_d16.pitch)
+        if fused:
+            _grouped_bwd(dos, experts, "down", d, r, (t_d16, da, None), dyq=dosq)
+        else:
+            _grouped_bwd(dos, experts, "down", d, r, dyq=dosq)
+            _lora("xb", idim, rank, _groups(r.basis, (_rows(t_d), _per_expert(da), _rows(d))), _pitch(t_d),
+                  _pitch(d), x_dtype="f32", accumulate=True)
+    w_row = b.get("w_row")  # routing weight of each routed row (written by the activation kernel)
+    act_kernel("bwd", idim).launch(
+        r.slot_row.size, idx=r.slot_row_addr, tok=r.slot_token_addr, kk=r.slot_k_addr, k=r.row_of.shape[1],
+        d=d.addr, act=saved.act.data_ptr(), gu=saved.gu.data_ptr(), w=saved.topk_weights.data_ptr(),
+        dw=dw.data_ptr(), wrow=w_row.addr if w_row is not None else 0, dgu=dgu.addr, ldd=d.pitch,
+        lddgu=dgu.pitch)
+    if lora is not None and (dx is not None or gp is not None):
+        copies = ((_rows(t_gu16),), (_rows(t_gu16, rank),)) if fused and dx is not None else ((), ())
+        _lora("xb", rank, idim, _groups(r.basis, (_rows(dgu), _per_expert(gb), _rows(t_gu), *copies[0]),
+                                        (_rows(dgu, idim), _per_expert(ub), _rows(t_gu, rank), *copies[1])),
+              _pitch(dgu), _pitch(t_gu), scaling, ldz=t_gu16.pitch)
+    if gp is not None:
+        _gather(saved.x, r, b["xs"])
+        _lora_grads(saved, gp, dos, t_d, w_row, dgu, t_gu, b["xs"])
+    if dx is not None:
+        if lora is None:
+            _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq)
+        elif fused:
+            _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu16, ga, ua), dyq=dguq)
+        else:
+            _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq)
+            for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
+                _lora("xb", hdim, rank, _groups(r.basis, (_rows(t_gu, col), _per_expert(a), _rows(dxs))),
+                      _pitch(t_gu), _pitch(dxs), x_dtype="f32", accumulate=True)
+        _combine(dxs, r, None, dx)

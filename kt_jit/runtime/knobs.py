@@ -12,6 +12,8 @@ KT_JIT_REUSE_LORA_GRADS  "0" allocates fresh LoRA gradient buffers on every back
 KT_JIT_DEFER_LAUNCHES  "0" runs every kernel launch of an MoE pass at once instead of preparing them
                     all and running them back to back (codegen/worker.LaunchBatch; for A/B runs and
                     debugging)
+KT_JIT_LAUNCH_PLANS  "0" prepares every MoE pass's launches in Python instead of replaying a launch plan
+                    recorded for its configuration (codegen/plan.py; for A/B runs and debugging)
 """
 
 from __future__ import annotations
@@ -76,3 +78,8 @@ def reuse_lora_grads() -> bool:
 def defer_launches() -> bool:
     """KT_JIT_DEFER_LAUNCHES: batch an MoE pass's launches (default on)."""
     return os.environ.get("KT_JIT_DEFER_LAUNCHES", "1").strip() not in ("0", "false", "no", "off")
+
+
+def launch_plans() -> bool:
+    """KT_JIT_LAUNCH_PLANS: replay recorded launch plans of MoE passes (default on)."""
+    return os.environ.get("KT_JIT_LAUNCH_PLANS", "1").strip() not in ("0", "false", "no", "off")
