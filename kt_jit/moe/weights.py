@@ -11,7 +11,7 @@ from torch import nn
 
 from ..kernels.pack import check_gemm_dims, pack_bf16, unpack_tiles
 from ..kernels.quant import dequantize_int4, dequantize_int8, pack_int4, pack_int8
-from ..runtime.buffers import aligned_empty
+from ..runtime.buffers import resident_empty
 from .gradbuf import LoraGradBuffers
 
 # mode -> (storage, grouped along K, zero points)
@@ -62,7 +62,7 @@ def _pack_into(t: dict[str, torch.Tensor], name: str, e: int, sl: slice, w: torc
     for suffix, part in _pack(w, quant, group_size).items():
         key = name + suffix
         if key not in t:
-            t[key] = aligned_empty((e, *part.shape[1:]), part.dtype)
+            t[key] = resident_empty((e, *part.shape[1:]), part.dtype)
         t[key][sl] = part
 
 
