@@ -3,7 +3,8 @@
 For M in {1, 16, 32, 128, 512} and (N, K) in {(768, 2048), (2048, 768), (2048, 7168), (7168, 2048)}:
 forward ``Y = X W^T`` (kt_jit.linear vs torch F.linear, bf16) and transposed ``dX = dY W``
 (kt_jit.linear_t vs torch ``dY @ W``, bf16). Weights are streamed from DRAM: each timed call uses
-the next of enough weight copies to fill >= 1 GiB, so no call finds its weight in cache.
+the next of enough weight copies to fill >= 1 GiB, so no call finds its weight in cache (both
+libraries' copies on huge pages where the OS gives them, as kt_jit's MoE experts are).
 
 Floors are measured in the same run with the JIT probes: read bandwidth (memory-bound floor =
 weight bytes / bandwidth) and bf16 dot-product peak (compute-bound floor = FLOPs / peak); a row's
@@ -29,6 +30,7 @@ from benchlib import finish
 
 import kt_jit
 from kt_jit.kernels.probe import bf16_peak_flops, read_bandwidth
+from kt_jit.runtime.buffers import resident_empty
 from kt_jit.runtime.threads import default_num_threads, launch
 
 SHAPES = [(768, 2048), (2048, 768), (2048, 7168), (7168, 2048)]
@@ -36,13 +38,19 @@ MS = [1, 16, 32, 128, 512]
 
 
 class Stream:
-    """Cycles through weight copies so consecutive calls never hit a cached weight."""
+    """Cycles through weight copies so consecutive calls never hit a cached weight. Both libraries'
+    copies live in one resident (huge-page backed) block each, as an MoE layer's experts do."""
 
     def __init__(self, n: int, k: int, total_bytes: int) -> None:
         copies = max(2, -(-total_bytes // (n * k * 2)))
         g = torch.Generator().manual_seed(0)
-        self.w = [(torch.randn(n, k, generator=g) * 0.05).bfloat16() for _ in range(copies)]
-        self.packed = [kt_jit.pack_bf16(w) for w in self.w]
+        plain = resident_empty((copies, n, k), torch.bfloat16)
+        for w in plain:
+            w.copy_(torch.randn(n, k, generator=g) * 0.05)
+        packed = resident_empty((copies, *kt_jit.pack_bf16(plain[0]).shape), torch.bfloat16)
+        for w, p in zip(plain, packed, strict=True):
+            p.copy_(kt_jit.pack_bf16(w))
+        self.w, self.packed = list(plain), list(packed)
         self.i = 0
 
     def next(self) -> int:
