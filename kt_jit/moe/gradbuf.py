@@ -38,6 +38,7 @@ class LoraGradBuffers:
     def __init__(self) -> None:
         self._lock = threading.Lock()
         self._bufs: tuple[torch.Tensor, ...] = ()
+        self._shapes: tuple[tuple[int, ...], ...] = ()
         self._storages: list[int] = []  # the buffers' StorageImpl pointers, for their use counts
         self._own_refs: list[int] = []  # each use count while only this object holds the buffer
         self._versions: tuple[int, ...] = ()
@@ -49,7 +50,8 @@ class LoraGradBuffers:
     def __setstate__(self, state: dict) -> None:
         self.__init__()
 
-    def acquire(self, shapes: list[tuple[int, ...]], active: np.ndarray) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
+    def acquire(self, shapes: tuple[tuple[int, ...], ...], active: np.ndarray,
+                ) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
         """Gradient tensors (bf16, ``shapes``, 64-byte aligned) for a backward whose active experts
         are ``active`` (bool [E]), and the bool [E] mask of experts whose slices the caller must
         zero: every idle expert for fresh buffers, only those written last time for reused ones.
@@ -58,20 +60,21 @@ class LoraGradBuffers:
             return tuple(aligned_empty(s, torch.bfloat16) for s in shapes), ~active
         with self._lock:
             # in use elsewhere: a second reference to the storage (a view, a .grad, a saved copy)
-            reuse = [tuple(b.shape) for b in self._bufs] == [tuple(s) for s in shapes] and all(
+            reuse = self._shapes == shapes and all(
                 torch._C._storage_Use_Count(st) <= own and b._version == v
                 for st, own, b, v in zip(self._storages, self._own_refs, self._bufs, self._versions, strict=True))
             if reuse:
                 to_zero = self._written & ~active
             else:
                 self._bufs = tuple(aligned_empty(s, torch.bfloat16) for s in shapes)
+                self._shapes = shapes
                 self._storages = [b.untyped_storage()._cdata for b in self._bufs]
                 # (torch keeps the Python storage object made above alive with the storage: +1)
                 self._own_refs = [torch._C._storage_Use_Count(st) for st in self._storages]
+                self._versions = tuple(b._version for b in self._bufs)
                 to_zero = ~active
             # until the caller reports the zeroing done (zeroed()), those experts may hold old values
             self._written = active | to_zero
-            self._versions = tuple(b._version for b in self._bufs)
             return tuple(b.detach() for b in self._bufs), to_zero  # new tensors, shared version counter
 
     def zeroed(self, grads: tuple[torch.Tensor, ...], mask: np.ndarray) -> None:

@@ -151,11 +151,10 @@ class _Arena:
     allocation (and view) costs ~20 us there: the previous layer's weights have just streamed
     through the caches. So the block is NumPy memory, and a thread reuses one block (up to
     ``ARENA_KEEP_MAX``) from pass to pass, with the buffers' places memoised: nothing a pass
-    returns or saves lives in it, and a thread runs one pass at a time. ``buffers``: name ->
-    (columns, item size, padded pitch (see :func:`_row_pitch`) or exact)."""
+    returns or saves lives in it, and a thread runs one pass at a time. ``items``: (name, (columns,
+    item size, padded pitch (see :func:`_row_pitch`) or exact)) per buffer."""
 
-    def __init__(self, rows: int, buffers: dict[str, tuple[int, int, bool]]) -> None:
-        items = tuple(buffers.items())
+    def __init__(self, rows: int, items: tuple[tuple[str, tuple[int, int, bool]], ...]) -> None:
         total = _arena_layout(rows, items)[0] + 64
         mem = getattr(_kept_scratch, "mem", None)
         if mem is None or mem.size < total:
@@ -355,6 +354,10 @@ class _GradPlan(NamedTuple):
     basis: np.ndarray
 
 
+def _shapes(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, ...], ...]:
+    return tuple(tuple(t.shape) for t in tensors)
+
+
 def _acquire_grads(r: Routing, lora: tuple[torch.Tensor, ...], num_experts: int,
                    grad_buffers: LoraGradBuffers | None) -> _GradPlan:
     """Gradient buffers for a backward; idle experts to zero are zeroed now (more than
@@ -362,7 +365,7 @@ def _acquire_grads(r: Routing, lora: tuple[torch.Tensor, ...], num_experts: int,
     active = np.zeros(num_experts, dtype=bool)
     active[r.experts] = True
     pool = grad_buffers if grad_buffers is not None else LoraGradBuffers()
-    grads, to_zero = pool.acquire([tuple(p.shape) for p in lora], active)
+    grads, to_zero = pool.acquire(_shapes(lora), active)
     zero_ids = np.flatnonzero(to_zero)
     basis = r.basis
     if zero_ids.size > FOLD_ZEROS_MAX:
@@ -525,6 +528,46 @@ def _row_bound(r: Routing) -> int:
     return r.slot_row.size + (SEGMENT_ALIGN - 1) * r.basis.shape[0]
 
 
+Buffers = tuple[tuple[str, tuple[int, int, bool]], ...]  # (name, (columns, item size, padded pitch))
+
+
+@functools.lru_cache(maxsize=256)
+def _forward_buffers(config: tuple, rank: int, save: bool) -> tuple[Buffers, Buffers]:
+    """The forward's scratch rows (one arena) and the rows it keeps for the backward (tensors when
+    saved, else scratch too), for a :func:`_config` configuration."""
+    _, hdim, idim, storage, *_ = config
+    # what backward reads: gu, act and the LoRA H rows (s [X Ag^T | X Au^T] and s A Ad^T, bf16 as the
+    # B products use them), contiguous
+    kept = {"gu": (2 * idim, 4, False), "act": (idim, 2, False)}
+    if rank:
+        kept |= {"hgu": (2 * rank, 2, False), "hd": (rank, 2, False)}
+    scratch = {"xs": (hdim, 2, True), "y": (hdim, 4, True)}
+    if storage != "bf16":  # int16 rows with the pitch of what they quantize, and their scales
+        scratch |= {"xq": (hdim, 2, True), "xqs": (1, 4, False), "aq": (idim, 2, False), "aqs": (1, 4, False)}
+    if not save:
+        scratch |= kept
+    return tuple(scratch.items()), tuple(kept.items())
+
+
+@functools.lru_cache(maxsize=256)
+def _backward_buffers(config: tuple, rank: int, need_dx: bool, need_lora_grads: bool) -> Buffers:
+    """The backward's scratch rows (one arena) for a :func:`_config` configuration."""
+    _, hdim, idim, storage, group_size, zero_point, *_ = config
+    scratch = {"dos": (hdim, 2, True), "d": (idim, 4, True), "dgu": (2 * idim, 2, True)}
+    if need_dx:
+        scratch["dxs"] = (hdim, 4, True)
+    if rank:  # T = s dOut Bd, s [dG Bg | dU Bu] (fp32) and the bf16 copies the GEMMs add
+        scratch |= {"t_d": (rank, 4, False), "t_gu": (2 * rank, 4, False), "t_d16": (rank, 2, False),
+                    "t_gu16": (2 * rank, 2, False)}
+        if need_lora_grads:
+            scratch |= {"xs": (hdim, 2, True), "w_row": (1, 4, False)}
+    down = gemm.kernel_for("bwd", hdim, idim, quant=storage, group_size=group_size, zero_point=zero_point)
+    if down.spec.int_x:  # integer kernels take int16 dY rows and scales
+        scratch |= {"dosq": (hdim, 2, True), "dosqs": (1, 4, False), "dguq": (2 * idim, 2, True),
+                    "dguqs": (1, 4, False)}
+    return tuple(scratch.items())
+
+
 def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: MoEExperts,
             lora: tuple[torch.Tensor, ...] | None, scaling: float, save: bool,
             out_dtype: torch.dtype = torch.float32) -> tuple[torch.Tensor, Saved | None]:
@@ -533,32 +576,23 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     Returns out [T, H] (``out_dtype``) and, with ``save``, what :func:`backward` needs.
     """
     keep_freed_memory()
-    hdim, idim = x.shape[1], experts.intermediate_size
     r = route(topk_ids, experts.num_experts)
     quant = experts.storage != "bf16"
     user_rank = lora[0].shape[1] if lora is not None else 0
     rank = kernel_rank(user_rank) if lora is not None else 0
-    # scratch rows in one arena; what backward reads (gu, act and the LoRA H rows, contiguous) are
-    # tensors when saved
-    kept = {"gu": (2 * idim, 4, False), "act": (idim, 2, False)}
-    if lora is not None:  # s [X Ag^T | X Au^T] and s A Ad^T, bf16 (as the B products use them)
-        kept |= {"hgu": (2 * rank, 2, False), "hd": (rank, 2, False)}
-    scratch = {"xs": (hdim, 2, True), "y": (hdim, 4, True)}
-    if quant:  # int16 rows with the pitch of what they quantize, and their scales
-        scratch |= {"xq": (hdim, 2, True), "xqs": (1, 4, False), "aq": (idim, 2, False), "aqs": (1, 4, False)}
-    if not save:
-        scratch |= kept
+    config = _config(experts, lora, scaling)
+    scratch, kept = _forward_buffers(config, rank, save)
     arena = _Arena(_row_bound(r), scratch)
     b = arena.rows
     saved_rows = []
     if save:
         dtypes = {4: torch.float32, 2: torch.bfloat16}
-        saved_rows = [aligned_empty((r.rows, cols), dtypes[size]) for cols, size, _ in kept.values()]
-        b |= dict(zip(kept, saved_rows, strict=True))
+        saved_rows = [aligned_empty((r.rows, cols), dtypes[size]) for _, (cols, size, _) in kept]
+        b |= {name: t for (name, _), t in zip(kept, saved_rows, strict=True)}
     xq, aq = ((b["xq"], b["xqs"]), (b["aq"], b["aqs"])) if quant else (None, None)
     padded = pad_lora(lora) if lora is not None else ()  # (alive until the launches ran)
     out = torch.empty(x.shape, dtype=out_dtype)
-    key = ("fwd", save, out_dtype, x.shape[0], topk_ids.shape[1], r.basis.shape[0], *_config(experts, lora, scaling))
+    key = ("fwd", save, out_dtype, x.shape[0], topk_ids.shape[1], r.basis.shape[0], *config)
     operands = [x, topk_weights, out, arena.span, *r.spans, *padded, *saved_rows, *_expert_operands(experts)]
     _run_pass(key, operands, (r.basis,), lambda: _forward_launches(
         x, topk_weights, experts, padded or None, scaling, r, b, xq, aq, rank, out))
@@ -583,26 +617,13 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     when nothing before the layer trains, e.g. the first MoE layer of a LoRA-only fine-tune).
     ``need_lora_grads=False`` skips the adapters' gradients (returned as None)."""
     r = saved.routing
-    hdim = saved.x.shape[1]
-    idim = experts.intermediate_size
     if grad_out.dtype not in (torch.float32, torch.bfloat16):
         grad_out = grad_out.float()
     g_out = grad_out if grad_out.is_contiguous() else grad_out.contiguous()
     rank = kernel_rank(lora[0].shape[1]) if lora is not None else 0
     need_lora_grads = need_lora_grads and lora is not None
-    scratch = {"dos": (hdim, 2, True), "d": (idim, 4, True), "dgu": (2 * idim, 2, True)}
-    if need_dx:
-        scratch["dxs"] = (hdim, 4, True)
-    if lora is not None:  # T = s dOut Bd, s [dG Bg | dU Bu] (fp32) and the bf16 copies the GEMMs add
-        scratch |= {"t_d": (rank, 4, False), "t_gu": (2 * rank, 4, False), "t_d16": (rank, 2, False),
-                    "t_gu16": (2 * rank, 2, False)}
-        if need_lora_grads:
-            scratch |= {"xs": (hdim, 2, True), "w_row": (1, 4, False)}
-    int_dy = _kernel("bwd", experts, "down").spec.int_x  # integer kernels take int16 dY rows and scales
-    if int_dy:
-        scratch |= {"dosq": (hdim, 2, True), "dosqs": (1, 4, False), "dguq": (2 * idim, 2, True),
-                    "dguqs": (1, 4, False)}
-    arena = _Arena(_row_bound(r), scratch)
+    config = _config(experts, lora, scaling)
+    arena = _Arena(_row_bound(r), _backward_buffers(config, rank, need_dx, need_lora_grads))
     b = arena.rows
     dw = torch.empty(saved.topk_weights.shape, dtype=torch.float32)
     dx = torch.empty(saved.x.shape, dtype=dx_dtype) if need_dx else None
@@ -610,7 +631,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     gp = _acquire_grads(r, padded, experts.num_experts, grad_buffers) if need_lora_grads else None
     hgu_hd = saved.lora_h if lora is not None else ()
     key = ("bwd", need_dx, need_lora_grads, dx_dtype, g_out.dtype, g_out.shape[0], r.row_of.shape[1],
-           r.basis.shape[0], gp.basis.shape[0] if gp is not None else 0, *_config(experts, lora, scaling))
+           r.basis.shape[0], gp.basis.shape[0] if gp is not None else 0, *config)
     operands = [saved.x, saved.topk_weights, saved.gu, saved.act, *hgu_hd, g_out, dw, *([dx] if need_dx else []),
                 arena.span, *r.spans, *padded, *(gp.grads if gp is not None else ()), *_expert_operands(experts)]
     _run_pass(key, operands, (r.basis,) if gp is None else (r.basis, gp.basis),

@@ -23,6 +23,19 @@ from pathlib import Path
 
 ISA_CHOICES = ("auto", "amx", "avx512", "amx_emu")
 
+# On POSIX os.environ keeps its variables in a dict of bytes, updated by every os.environ change.
+# The knobs read on each MoE call look there directly: os.environ.get runs several Python-level
+# calls, ~5-10 us each time a weight stream has just emptied the caches.
+_ENVIRON_BYTES = getattr(os.environ, "_data", None) if os.name == "posix" else None
+
+
+def _get(name: str, default: str | None = None) -> str | None:
+    """``os.environ.get(name, default)``, cheaper on POSIX."""
+    if _ENVIRON_BYTES is None:
+        return os.environ.get(name, default)
+    value = _ENVIRON_BYTES.get(name.encode())
+    return default if value is None else value.decode("utf-8", "surrogateescape")
+
 
 def cache_dir() -> Path:
     """Directory of the on-disk kernel cache."""
@@ -42,7 +55,7 @@ def cache_disabled() -> bool:
 
 def raw(name: str) -> str | None:
     """The raw value of one of the variables above (for memo keys in hot paths)."""
-    return os.environ.get(name)
+    return _get(name)
 
 
 def num_threads_override() -> int | None:
@@ -72,14 +85,14 @@ def malloc_tune() -> bool:
 
 def reuse_lora_grads() -> bool:
     """KT_JIT_REUSE_LORA_GRADS: reuse dropped LoRA gradient buffers (default on)."""
-    return os.environ.get("KT_JIT_REUSE_LORA_GRADS", "1").strip() not in ("0", "false", "no", "off")
+    return _get("KT_JIT_REUSE_LORA_GRADS", "1").strip() not in ("0", "false", "no", "off")
 
 
 def defer_launches() -> bool:
     """KT_JIT_DEFER_LAUNCHES: batch an MoE pass's launches (default on)."""
-    return os.environ.get("KT_JIT_DEFER_LAUNCHES", "1").strip() not in ("0", "false", "no", "off")
+    return _get("KT_JIT_DEFER_LAUNCHES", "1").strip() not in ("0", "false", "no", "off")
 
 
 def launch_plans() -> bool:
     """KT_JIT_LAUNCH_PLANS: replay recorded launch plans of MoE passes (default on)."""
-    return os.environ.get("KT_JIT_LAUNCH_PLANS", "1").strip() not in ("0", "false", "no", "off")
+    return _get("KT_JIT_LAUNCH_PLANS", "1").strip() not in ("0", "false", "no", "off")
