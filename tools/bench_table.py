@@ -1,4 +1,5 @@
-"""Render a ``tools/bench_moe.py --json`` file as the markdown tables of docs/benchmarks.md.
+"""Render a ``tools/bench_moe.py --json`` file as the markdown tables of docs/benchmarks.md (GB/s: the
+bandwidth reading the row's floor used; – for runs made before the per-qlen readings).
 
     python tools/bench_table.py docs/bench_moe.json
 """
@@ -14,9 +15,9 @@ def main(path: str) -> int:
     rows = json.load(open(path))
     by = {r["name"]: r for r in rows}
     pat = re.compile(r"^(\S+) (\S+) qlen=(\d+) fwd \(save\)$")
-    print("| shape | quant | qlen | fwd ms | of_floor | of_roof | vs torch | vs bf16 | bwd ms | of_floor | vs torch "
-          "| vs bf16 | LoRA on fwd | bwd/fwd |")
-    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
+    print("| shape | quant | qlen | GB/s | fwd ms | of_floor | of_roof | vs torch | vs bf16 | bwd ms | of_floor "
+          "| vs torch | vs bf16 | LoRA on fwd | bwd/fwd |")
+    print("| --- | --- | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: | ---: |")
     for r in rows:
         m = pat.match(r["name"])
         if not m:
@@ -28,9 +29,10 @@ def main(path: str) -> int:
         def f(x, key, fmt="{:.2f}"):
             return fmt.format(x[key]) if key in x else "–"
 
-        print(f"| {shape} | {quant} | {qlen} | {r['ms']:.1f} | {f(r, 'of_floor')} | {f(r, 'of_roof')} | "
-              f"{f(r, 'vs_torch')} | {f(r, 'vs_bf16')} | {b['ms']:.1f} | {f(b, 'of_floor')} | {f(b, 'vs_torch')} | "
-              f"{f(b, 'vs_bf16')} | {lora * 100:+.0f}% | {b['ms'] / r['ms']:.2f} |")
+        cells = [shape, quant, qlen, f(r, "bw_gbs", "{:.0f}"), f"{r['ms']:.1f}", f(r, "of_floor"), f(r, "of_roof"),
+                 f(r, "vs_torch"), f(r, "vs_bf16"), f"{b['ms']:.1f}", f(b, "of_floor"), f(b, "vs_torch"),
+                 f(b, "vs_bf16"), f"{lora * 100:+.0f}%", f"{b['ms'] / r['ms']:.2f}"]
+        print("| " + " | ".join(cells) + " |")
     return 0
 
 
