@@ -223,6 +223,26 @@ def test_every_schedule_variant_is_correct(isa):
         assert rel_err(dx, ref_linear_t(dy, w)) < 1e-4, sch
 
 
+@pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="the packing kernel is AVX-512")
+@pytest.mark.parametrize("n", [16, 64])
+def test_dy_tiles_kernel_matches_the_torch_packing(n):
+    """The MoE backward packs each expert's dY rows into the AMX transposed GEMM's B tiles in one
+    launch: bit for bit what pack_dy_for_amx builds, tokens past each group's count zero."""
+    from kt_jit.kernels.dytiles import kernel_for
+    from kt_jit.runtime.buffers import aligned_empty
+
+    ms, ld = [1, 16, 17, 33], n + 16  # rows per group; a padded row pitch (elements)
+    tiled = [-(-m // 16) * 16 for m in ms]
+    src = torch.randn(sum(tiled), ld, generator=torch.Generator().manual_seed(n)).bfloat16()
+    tiles = aligned_empty((sum(tiled) * n * 4,), torch.bfloat16).fill_(7.0)
+    firsts = [sum(tiled[:g]) for g in range(len(ms))]
+    groups = [(src.data_ptr() + f * ld * 2, tiles.data_ptr() + f * n * 8, m) for f, m in zip(firsts, ms, strict=True)]
+    kernel_for(n).launch(torch.tensor(groups, dtype=torch.int64), ld * 2)
+    for f, m in zip(firsts, ms, strict=True):
+        want = gemm.pack_dy_for_amx(src[f:f + m, :n].contiguous()).reshape(-1)
+        assert torch.equal(tiles[f * n * 4:f * n * 4 + want.numel()].view(torch.int16), want.view(torch.int16))
+
+
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")
 @pytest.mark.parametrize("sch", [gemm.GemmSchedule(6, 4, 0, 2, "panel", 8),
                                  gemm.GemmSchedule(6, 4, 0, 2, "panel", 12),

@@ -134,6 +134,24 @@ def test_moe_replays_equal_direct_runs(quant, t, with_lora, monkeypatch):
         assert torch.equal(a, b)
 
 
+def test_amx_backward_replays_equal_direct_runs(monkeypatch):
+    """The AMX kernel path (through the tile emulator here): the backward packs dY into tiles inside
+    its launches, so it is planned too, and its replays equal plans-off runs."""
+    monkeypatch.setenv("KT_JIT_ISA", "amx_emu")
+    layer = make_layer(h=64, i=64)
+    x, ids, w = make_batch(5, 2, h=64)
+    dout = torch.randn(5, 64, generator=torch.Generator().manual_seed(3))
+    core._plans.clear()
+    _run(layer, (x, ids, w), dout)  # records
+    assert all(isinstance(p, Plan) for p in core._plans.values()) and len(core._plans) == 3
+    batch2 = (make_batch(5, 2, h=64, seed=5)[0], _permuted(ids, 8, 6), w)
+    got = _run(layer, batch2, dout)
+    monkeypatch.setenv("KT_JIT_LAUNCH_PLANS", "0")
+    want = _run(layer, batch2, dout)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("fold", [True, False])
 def test_moe_replays_with_idle_experts_to_zero_and_no_input_grad(fold, monkeypatch):
     """Reused gradient buffers: idle experts written by the previous step are zeroed inside the

@@ -40,7 +40,8 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
 - AMX ``fwd``: X rows are A tiles (stride = row pitch), packed rows are B tiles (16 x 64 B), 2x2
   tiles of C. X must be readable for ``ceil(m/16)*16`` rows (rows past m are ignored).
 - AMX ``bwd``: the packed block itself is the A tile (rows = k-pairs); dY is pre-arranged
-  (:func:`pack_dy_for_amx`) into two B tiles per (16 tokens, 16 n) holding dY^T with zeros in the
+  (:func:`pack_dy_for_amx`; the MoE backward packs per expert with kernels/dytiles.py, inside its
+  launch batch) into two B tiles per (16 tokens, 16 n) holding dY^T with zeros in the
   odd (resp. even) half of each pair, which selects even (resp. odd) k. C tiles hold dX^T and are
   transposed on the way out. This spends 2x tile compute to read the weights with no repacking;
   at small M the layer is bandwidth-bound and AMX has compute to spare.

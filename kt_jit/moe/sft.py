@@ -21,7 +21,6 @@ backward uses the same bf16 H for the B gradients.
 
 from __future__ import annotations
 
-import ctypes
 import functools
 import threading
 from collections.abc import Callable
@@ -32,10 +31,11 @@ import numpy as np
 import torch
 
 from ..codegen.plan import Capture, Plan, Span, group_rows
-from ..codegen.worker import LaunchBatch, flush_launches
+from ..codegen.worker import LaunchBatch
 from ..kernels import fill, gemm
 from ..kernels import lora as lk
 from ..kernels.activation import kernel_for as act_kernel
+from ..kernels.dytiles import kernel_for as dytiles_kernel
 from ..kernels.rowquant import quantize_rows_into
 from ..kernels.rows import kernel_for as rows_kernel
 from ..runtime import knobs
@@ -197,14 +197,6 @@ def _ncols(buf: torch.Tensor | _Rows) -> int:
     return buf.cols if isinstance(buf, _Rows) else buf.shape[1]
 
 
-def _as_tensor(buf: _Rows, rows: int, dtype: torch.dtype) -> torch.Tensor:
-    """A torch view [rows, cols] of scratch rows (for the few torch functions that take them)."""
-    if rows == 0:
-        return torch.empty(0, buf.cols, dtype=dtype)
-    raw = (ctypes.c_char * (buf.pitch * rows)).from_address(buf.addr)
-    return torch.frombuffer(raw, dtype=dtype).as_strided((rows, buf.cols), (buf.pitch // buf.itemsize, 1))
-
-
 def _gather(src: torch.Tensor, r: Routing, dst: _Rows,
             a_products: tuple[torch.Tensor | _Rows, torch.Tensor, torch.Tensor, float] | None = None) -> None:
     """``dst`` (bf16 per-expert rows, ``C`` columns) gets ``src[t]`` (fp32 or bf16, contiguous
@@ -285,9 +277,11 @@ def _grouped_fwd(x: torch.Tensor | _Rows, experts: MoEExperts, name: str, y: tor
 
 
 def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routing,
-                 lora: LoraOperands | None = None, dyq: tuple[_Rows, _Rows] | None = None) -> None:
+                 lora: LoraOperands | None = None, dyq: tuple[_Rows, _Rows] | None = None,
+                 dyt: _Rows | None = None) -> None:
     """dx[rows of e] = dy[rows of e] @ W_e for every active expert (one launch); the integer kernels
-    take dY diag(s_e) as int16 rows, quantized here into ``dyq``.
+    take dY diag(s_e) as int16 rows, quantized here into ``dyq``; the AMX kernels take dY as B
+    tiles, packed here into ``dyt`` (8 n bytes per row: two 16 x 16 pair tiles per 16 rows and 16 n).
 
     ``lora = (t, a0, a1)`` (AVX-512 kernels) fuses ``dx += t[:, :r] a0_e (+ t[:, r:] a1_e)``:
     t [rows, r or 2r] bf16, a [E, r, K] bf16."""
@@ -302,18 +296,15 @@ def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routin
         q, qs = dyq
         _quantize(dy, r, q, qs, experts.scales(name))
         dy, xscales = q, _rows(qs)
-    groups = _gemm_groups(r, _rows(dy), experts, name, _rows(dx), lora, xscales)
+    x = _rows(dy)
+    if kern.spec.isa != "avx512":  # AMX reads dY pre-arranged in tiles; segments are whole tiles
+        dytiles_kernel(n).launch(_table(r, [x, _rows(dyt), COUNT]), _pitch(dy))
+        x = _rows(dyt)  # (each expert's first row is a multiple of 16: its tiles start at first * 8n)
+    groups = _gemm_groups(r, x, experts, name, _rows(dx), lora, xscales)
     if lora is not None:
         kern.launch(groups, _pitch(dy), _pitch(dx), ldh=_pitch(lora[0]))
         return
-    tiles = None
-    if kern.spec.isa != "avx512":  # AMX reads dY pre-arranged in tiles; segments are whole tiles
-        flush_launches()  # (the deferred launches that write dY)
-        tiles = gemm.pack_dy_for_amx(_as_tensor(dy, r.rows, torch.bfloat16))
-        groups[:, 0] = tiles.data_ptr() + (r.starts // 16) * (n // 16) * 2048
     kern.launch(groups, _pitch(dy), _pitch(dx))
-    if tiles is not None:
-        flush_launches()  # (run while the tiles are alive)
 
 
 def _lora(form: str, n: int, k: int, groups: np.ndarray, ldx: int, ldy: int, alpha: float = 1.0,
@@ -565,6 +556,10 @@ def _backward_buffers(config: tuple, rank: int, need_dx: bool, need_lora_grads: 
     if down.spec.int_x:  # integer kernels take int16 dY rows and scales
         scratch |= {"dosq": (hdim, 2, True), "dosqs": (1, 4, False), "dguq": (2 * idim, 2, True),
                     "dguqs": (1, 4, False)}
+    if down.spec.isa != "avx512":  # AMX kernels take dY as B tiles: 8 bytes per row and column
+        scratch["dost"] = (4 * hdim, 2, False)
+        if need_dx:
+            scratch["dgut"] = (8 * idim, 2, False)
     return tuple(scratch.items())
 
 
@@ -655,7 +650,7 @@ def _backward_launches(saved: Saved, g_out: torch.Tensor, experts: MoEExperts, l
     fused = lora is not None and _fuses_lora(experts)
     _gather(g_out, r, dos)
     if lora is None:
-        _grouped_bwd(dos, experts, "down", d, r, dyq=dosq)
+        _grouped_bwd(dos, experts, "down", d, r, dyq=dosq, dyt=b.get("dost"))
     else:
         # T = s dY B first (fp32, for the A gradients); the transposed GEMMs add T A themselves
         # from its bf16 copy on AVX-512, else separate passes add it
@@ -667,7 +662,7 @@ def _backward_launches(saved: Saved, g_out: torch.Tensor, experts: MoEExperts, l
         if fused:
             _grouped_bwd(dos, experts, "down", d, r, (t_d16, da, None), dyq=dosq)
         else:
-            _grouped_bwd(dos, experts, "down", d, r, dyq=dosq)
+            _grouped_bwd(dos, experts, "down", d, r, dyq=dosq, dyt=b.get("dost"))
             _lora("xb", idim, rank, _groups(r.basis, (_rows(t_d), _per_expert(da), _rows(d))), _pitch(t_d),
                   _pitch(d), x_dtype="f32", accumulate=True)
     w_row = b.get("w_row")  # routing weight of each routed row (written by the activation kernel)
@@ -686,11 +681,11 @@ def _backward_launches(saved: Saved, g_out: torch.Tensor, experts: MoEExperts, l
         _lora_grads(saved, gp, dos, t_d, w_row, dgu, t_gu, b["xs"])
     if dx is not None:
         if lora is None:
-            _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq)
+            _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq, dyt=b.get("dgut"))
         elif fused:
             _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu16, ga, ua), dyq=dguq)
         else:
-            _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq)
+            _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq, dyt=b.get("dgut"))
             for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
                 _lora("xb", hdim, rank, _groups(r.basis, (_rows(t_gu, col), _per_expert(a), _rows(dxs))),
                       _pitch(t_gu), _pitch(dxs), x_dtype="f32", accumulate=True)
