@@ -7,6 +7,7 @@ from test_moe_sft import make_batch, make_layer
 
 import kt_jit
 import kt_jit.moe.sft as core
+from kt_jit.codegen.worker import flush_launches
 
 # two batches on disjoint experts: the second backward must zero what the first one wrote
 FIRST = torch.tensor([[0, 1], [2, 3], [1, 2]])
@@ -161,10 +162,14 @@ def test_interrupted_zeroing_is_redone(monkeypatch, zeroing):
     for p in lora.tensors():
         p.grad = None
 
+    failed = []
+
     def fail(*args):
+        failed.append(1)
         raise RuntimeError("interrupted")
 
     with monkeypatch.context() as m:
+        m.setenv("KT_JIT_LAUNCH_PLANS", "0")  # (the failure is injected into the launches' Python)
         if zeroing == "separate launch":
             m.setattr(core.fill, "zero_ranges", fail)
         else:  # fails at the last xty launch, after the first ones zeroed their gradients' experts
@@ -173,7 +178,7 @@ def test_interrupted_zeroing_is_redone(monkeypatch, zeroing):
             def fail_fourth_xty(form, *a, **kw):
                 xty_calls.append(form == "xty")
                 if sum(xty_calls) == 4:
-                    core.flush_launches()  # the first three xty launches (and their zeroing) run
+                    flush_launches()  # the first three xty launches (and their zeroing) run
                     fail()
                 return real(form, *a, **kw)
 
@@ -182,6 +187,7 @@ def test_interrupted_zeroing_is_redone(monkeypatch, zeroing):
             backward_grads(experts, lora, SECOND, 2)
         except RuntimeError:
             pass
+    assert failed, "the failure was not injected"
     for p in lora.tensors():
         p.grad = None
     grads = backward_grads(experts, lora, torch.tensor([[0, 1], [1, 0], [0, 1]]), 3)

@@ -134,6 +134,28 @@ def test_moe_replays_equal_direct_runs(quant, t, with_lora, monkeypatch):
         assert torch.equal(a, b)
 
 
+@pytest.mark.parametrize("quant", ["bf16", "int4_kgroup"])
+def test_replay_with_other_rows_per_expert(quant, monkeypatch):
+    """Same token count and active experts, other rows per expert (one expert's rows now cross a
+    16-row tile): the replay equals a plans-off run."""
+    layer = make_layer(quant=quant)
+    x, _, w = make_batch(20, 2)
+    even = torch.tensor([[t % 8, (t + 1) % 8] for t in range(20)])  # 5 rows per expert
+    skewed = torch.tensor([[0, 1 + t % 7] for t in range(17)] + [[1, 2], [3, 4], [5, 6]])  # 17 on expert 0
+    dout = torch.randn(20, layer[3].hidden_size, generator=torch.Generator().manual_seed(3))
+    core._plans.clear()
+    _run(layer, (x, even, w), dout)  # records
+    replays = []
+    real = Plan.run
+    monkeypatch.setattr(Plan, "run", lambda self, *a: (replays.append(1), real(self, *a)))
+    got = _run(layer, (x, skewed, w), dout)
+    assert len(replays) == 3
+    monkeypatch.setenv("KT_JIT_LAUNCH_PLANS", "0")
+    want = _run(layer, (x, skewed, w), dout)
+    for a, b in zip(got, want, strict=True):
+        assert torch.equal(a, b)
+
+
 def test_amx_backward_replays_equal_direct_runs(monkeypatch):
     """The AMX kernel path (through the tile emulator here): the backward packs dY into tiles inside
     its launches, so it is planned too, and its replays equal plans-off runs."""

@@ -192,7 +192,8 @@ class _Compiler:
             n_launches += 1
         prog[:3] = [n_tables, n_launches, work]
         work += 16 * n_launches  # the (worker, argument block) steps
-        return Plan(np.array(prog, dtype=np.int64), self.n_operands + len(self.cap.tables), work, n_launches,
+        return Plan(np.array(prog, dtype=np.int64), self.n_operands, self.n_operands + len(self.cap.tables), work,
+                    n_launches,
                     table_places, launch_places, launch_specs)
 
 
@@ -204,6 +205,7 @@ class Plan:
     """A compiled launch sequence (see the module docstring); :meth:`run` replays it."""
 
     program: np.ndarray  # int64, the format the HEAD / TABLE_HEAD / LAUNCH_HEAD constants describe
+    operands: int        # the addresses a call passes
     slots: int           # operands + tables
     work_bytes: int      # tables, argument blocks, then the steps
     n_launches: int
@@ -212,6 +214,9 @@ class Plan:
     launch_specs: list[list[tuple[int, int]]]  # per captured launch: (slot, constant) of each field
 
     def _call(self, values: Sequence[int], bases: Sequence[np.ndarray], work: np.ndarray, run: bool) -> None:
+        if len(values) != self.operands or len(bases) > 2:
+            raise ValueError(f"a launch plan of {self.operands} operands and up to 2 bases got {len(values)} and "
+                             f"{len(bases)}")
         v = np.zeros(self.slots, dtype=np.int64)
         v[:len(values)] = values
         b = [x.ctypes.data for x in bases] + [0] * (2 - len(bases))

@@ -46,7 +46,8 @@ class ArgBlock:
         return fn.load("i64", fn.gep(ctx, self.offset(name)), 8)
 
     def load_ptr(self, fn: Function, ctx: str, name: str) -> str:
-        self.pointers |= {self.fields.index(name)}
+        with _pointers_lock:  # (two threads may build kernels on one block)
+            self.pointers |= {self.fields.index(name)}
         return fn.load("ptr", fn.gep(ctx, self.offset(name)), 8)
 
     def make(self, n_items: int, **values: int) -> ctypes.Structure:
@@ -69,6 +70,7 @@ def f32_field(value: float) -> int:
 
 
 _batch = threading.local()
+_pointers_lock = threading.Lock()
 
 
 class LaunchBatch:
@@ -95,12 +97,12 @@ class LaunchBatch:
     def __enter__(self) -> LaunchBatch:
         if getattr(_batch, "current", None) is not None:
             raise RuntimeError("launch batches do not nest")
-        if knobs.defer_launches():
-            _batch.current, self._active = self, True
-        elif self.capture is not None:
-            self.capture.fail("launches are not deferred (KT_JIT_DEFER_LAUNCHES=0)")
         if self.capture is not None:
             self.capture.__enter__()
+            if not knobs.defer_launches():
+                self.capture.fail("launches are not deferred (KT_JIT_DEFER_LAUNCHES=0)")
+        if knobs.defer_launches():
+            _batch.current, self._active = self, True
         return self
 
     def __exit__(self, exc_type, exc, tb) -> None:

@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import functools
 import threading
+import warnings
 from collections.abc import Callable
 from dataclasses import dataclass
 from typing import NamedTuple
@@ -471,7 +472,7 @@ def _forward_launches(x: torch.Tensor, topk_weights: torch.Tensor, experts: MoEE
 
 
 # Launch plans of the passes (codegen/plan.py), per configuration: shapes, quantization, flags, token
-# count and active experts. A plan replays what the pass's Python would launch from the addresses of
+# count and number of active experts. A plan replays what the pass's Python would launch from the addresses of
 # its operands; a configuration that cannot be planned maps to the reason (it runs through Python).
 PLANS_MAX = 1024
 _plans: dict[tuple, Plan | str] = {}
@@ -481,7 +482,8 @@ def _run_pass(key: tuple, operands: list, bases: tuple[np.ndarray, ...], launche
     """Run a pass: from its plan when ``key`` has one, else by calling ``launches`` (which makes the
     plan). ``operands`` are every tensor (contiguous) or :class:`Span` whose memory the launches
     address, in an order fixed by ``key``; ``bases`` the basis arrays their group tables use."""
-    plan = _plans.get(key, None) if knobs.launch_plans() else "launch plans are off"
+    # (plans replay deferred launches: with deferral off, as with plans off, the Python runs)
+    plan = _plans.get(key) if knobs.launch_plans() and knobs.defer_launches() else "off"
     if isinstance(plan, Plan):
         plan.run([o.data_ptr() if isinstance(o, torch.Tensor) else o.addr for o in operands], bases)
         return
@@ -494,9 +496,17 @@ def _run_pass(key: tuple, operands: list, bases: tuple[np.ndarray, ...], launche
         if not all(o.is_contiguous() for o in operands if isinstance(o, torch.Tensor)):
             plan = "a non-contiguous operand"
         else:
-            plan = capture.compile(spans, bases)
-        if len(_plans) >= PLANS_MAX:
-            del _plans[next(iter(_plans))]
+            try:
+                plan = capture.compile(spans, bases)
+            except Exception as e:  # (the pass itself ran: keep its results, run this configuration in Python)
+                warnings.warn(f"kt_jit: could not make a launch plan ({e!r}); this configuration keeps running "
+                              "through Python", RuntimeWarning, stacklevel=3)
+                plan = f"compiling failed: {e!r}"
+        while len(_plans) >= PLANS_MAX:
+            try:
+                _plans.pop(next(iter(_plans)), None)
+            except (StopIteration, RuntimeError):  # (another thread changed the dict meanwhile)
+                break
         _plans[key] = plan
 
 

@@ -11,7 +11,7 @@ KT_JIT_REUSE_LORA_GRADS  "0" allocates fresh LoRA gradient buffers on every back
                     reusing dropped ones (see moe/gradbuf.py for when reuse happens)
 KT_JIT_DEFER_LAUNCHES  "0" runs every kernel launch of an MoE pass at once instead of preparing them
                     all and running them back to back (codegen/worker.LaunchBatch; for A/B runs and
-                    debugging)
+                    debugging; also turns launch plans off)
 KT_JIT_LAUNCH_PLANS  "0" prepares every MoE pass's launches in Python instead of replaying a launch plan
                     recorded for its configuration (codegen/plan.py; for A/B runs and debugging)
 """
