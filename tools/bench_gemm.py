@@ -7,8 +7,10 @@ the next of enough weight copies to fill >= 1 GiB, so no call finds its weight i
 libraries' copies on huge pages where the OS gives them, as kt_jit's MoE experts are).
 
 Floors are measured in the same run with the JIT probes: read bandwidth (memory-bound floor =
-weight bytes / bandwidth) and bf16 dot-product peak (compute-bound floor = FLOPs / peak); a row's
-floor is the larger of the two, ``of_floor = floor / ours`` (1.0 = at the roofline).
+weight bytes / bandwidth; a 256 MB read after each timed batch of the row, median: this VM's
+bandwidth switches between modes within minutes; ``probe`` column, ``bw_gbs``) and bf16
+dot-product peak (compute-bound floor = FLOPs / peak); a row's floor is the larger of the two,
+``of_floor = floor / ours`` (1.0 = at the roofline).
 
     python tools/bench_gemm.py [--quick] [--json PATH] [--threads N]
 """
@@ -29,7 +31,7 @@ import torch.nn.functional as F
 from benchlib import finish
 
 import kt_jit
-from kt_jit.kernels.probe import bf16_peak_flops, read_bandwidth
+from kt_jit.kernels.probe import ReadProbe, bf16_peak_flops, read_bandwidth
 from kt_jit.runtime.buffers import resident_empty
 from kt_jit.runtime.threads import default_num_threads, launch
 
@@ -58,20 +60,24 @@ class Stream:
         return self.i
 
 
-def time_per_call(call, stream: Stream, batch_seconds: float, repeats: int) -> float:
-    """Median seconds per call over ``repeats`` batches of consecutive (cold-weight) calls."""
+def time_per_call(call, stream: Stream, batch_seconds: float, repeats: int,
+                  probe: ReadProbe | None = None) -> tuple[float, float]:
+    """Median seconds per call over ``repeats`` batches of consecutive (cold-weight) calls, and the
+    median bandwidth ``probe`` read right after each batch (bytes/s; 0 without a probe)."""
     call(stream.next())
     t0 = time.perf_counter()
     call(stream.next())
     one = max(time.perf_counter() - t0, 1e-6)
     batch = max(1, min(len(stream.w), int(batch_seconds / one)))
-    per_call = []
+    per_call, reads = [], []
     for _ in range(repeats):
         t0 = time.perf_counter()
         for _ in range(batch):
             call(stream.next())
         per_call.append((time.perf_counter() - t0) / batch)
-    return statistics.median(per_call)
+        if probe is not None:
+            reads.append(probe())
+    return statistics.median(per_call), statistics.median(reads) if reads else 0.0
 
 
 def compile_and_load_times() -> dict[str, float]:
@@ -137,11 +143,12 @@ def main() -> int:
 
     isa = kt_jit.active_isa()
     bw = read_bandwidth(1 << 30)
+    probe = ReadProbe(256 << 20)  # read after every timed batch: each row's floor uses its own readings
     peak = bf16_peak_flops(isa)
     print(f"kt_jit GEMM benchmark: isa={isa} threads={threads} | read bandwidth {bw / 1e9:.1f} GB/s, "
           f"bf16 peak {peak / 1e12:.2f} TFLOPS (both measured now)")
     rows: list[dict] = []
-    hdr = (f"{'op':4} {'N':>5} {'K':>5} {'M':>4} | {'ms':>8} {'GB/s':>6} {'TFLOPS':>6} {'of_floor':>8} | "
+    hdr = (f"{'op':4} {'N':>5} {'K':>5} {'M':>4} | {'ms':>8} {'GB/s':>6} {'TFLOPS':>6} {'probe':>6} {'of_floor':>8} | "
            f"{'torch ms':>8} {'vs_torch':>8}")
     print(hdr)
     print("-" * len(hdr))
@@ -161,17 +168,19 @@ def main() -> int:
                         lambda i, s=stream, dy=dy: torch.matmul(dy, s.w[i])),
             }
             for op, (ours_fn, torch_fn) in cases.items():
-                ours = time_per_call(ours_fn, stream, batch, repeats)
-                ref = time_per_call(torch_fn, stream, batch, repeats)
+                ours, row_bw = time_per_call(ours_fn, stream, batch, repeats, probe)
+                ref, _ = time_per_call(torch_fn, stream, batch, repeats)
+                bw = max(bw, row_bw)
                 nbytes, flops = n * k * 2, 2 * m * n * k
-                floor = max(nbytes / bw, flops / peak)
+                floor = max(nbytes / row_bw, flops / peak)
                 row = {"name": f"{op} N={n} K={k} M={m}", "ms": ours * 1e3, "vs_torch": ref / ours,
                        "of_floor": floor / ours, "torch_ms": ref * 1e3, "weight_gbps": nbytes / ours / 1e9,
-                       "tflops": flops / ours / 1e12, "bound": "memory" if nbytes / bw >= flops / peak else "compute"}
+                       "tflops": flops / ours / 1e12, "bw_gbs": row_bw / 1e9,
+                       "bound": "memory" if nbytes / row_bw >= flops / peak else "compute"}
                 rows.append(row)
                 print(f"{op:4} {n:5d} {k:5d} {m:4d} | {row['ms']:8.3f} {row['weight_gbps']:6.1f} "
-                      f"{row['tflops']:6.3f} {row['of_floor']:8.2f} | {row['torch_ms']:8.3f} {row['vs_torch']:8.2f}",
-                      flush=True)
+                      f"{row['tflops']:6.3f} {row['bw_gbs']:6.1f} {row['of_floor']:8.2f} | {row['torch_ms']:8.3f} "
+                      f"{row['vs_torch']:8.2f}", flush=True)
 
     overhead = launch_overhead_us(threads)
     rows.append({"name": f"launch overhead ({threads} threads, empty kernel)", "ms": overhead / 1e3})

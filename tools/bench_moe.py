@@ -5,8 +5,8 @@ Shapes: qwen3-30b-a3b (E128 H2048 I768 K8), deepseek-v2-lite (E64 H2048 I1408 K6
 (autograd), forward without saving (MoESFTOp, save_for_backward=False), forward without LoRA, and
 backward; the PyTorch reference is kt_jit.reference.moe in bf16 with autograd (a per-expert
 F.linear loop). Floors come from the JIT probes: ``of_floor`` = (bytes of the activated experts'
-weights / read bandwidth) / time, as the issue defines it, with the bandwidth read right before
-and right after each qlen's passes (the better of the two; rows carry it as ``bw_gbs``);
+weights / read bandwidth) / time, as the issue defines it, with the bandwidth read by a probe timed
+round-robin with each qlen's passes (the median reading; rows carry it as ``bw_gbs``);
 ``of_roof`` also counts the compute roof (FLOPs / bf16 peak), which binds first on CPUs without AMX.
 Also reported: peak RSS, and RSS growth over a training loop (forward, backward, AdamW step).
 
@@ -18,6 +18,7 @@ Every quantization mode is timed too (same shapes; ``vs_bf16`` = BF16 time / mod
 from __future__ import annotations
 
 import argparse
+import functools
 import gc
 import itertools
 import resource
@@ -29,7 +30,7 @@ from benchlib import finish
 
 import kt_jit
 import kt_jit.moe.weights
-from kt_jit.kernels.probe import bf16_peak_flops, read_bandwidth
+from kt_jit.kernels.probe import ReadProbe, bf16_peak_flops, read_bandwidth
 from kt_jit.reference import moe as torch_moe
 from kt_jit.runtime.threads import default_num_threads
 
@@ -128,12 +129,19 @@ def batch(t: int, k: int, e: int, h: int, seed: int = 1):
 
 
 BATCHES = 8  # distinct routings cycled through, so no pass finds the previous one's experts in L3
+PROBE_BYTES = 256 << 20  # the interleaved bandwidth probe's read (8x this VM's L3)
+
+
+@functools.cache
+def _probe() -> ReadProbe:
+    return ReadProbe(PROBE_BYTES)
 
 
 def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, torch_repeats: int,
             min_seconds: float):
-    """Seconds per pass for kt_jit and the PyTorch reference (None when ``torch_repeats`` is 0) at
-    one qlen, and the mean active expert count. Every call takes the next of BATCHES batches with
+    """Seconds per pass for kt_jit (and, under "read", the median read bandwidth in bytes/s of a
+    probe timed round-robin with the passes) and the PyTorch reference (None when ``torch_repeats``
+    is 0) at one qlen, and the mean active expert count. Every call takes the next of BATCHES batches with
     their own routing: with one fixed batch, a pass at small qlen found part of its experts'
     weights still in L3 from the previous pass (8 qwen3 experts are 75 MB; measured: the forward at
     qlen 1 ran 1.3-1.5x faster than with fresh experts, the backward less so), which a training step,
@@ -168,8 +176,10 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
     def no_lora():
         kt_jit.moe_sft(*picks[2](), layer.experts)
 
-    ours = timed({"fwd (save)": fwd_save, "fwd (no save)": no_save, "fwd (no LoRA)": no_lora, "bwd": bwd},
-                 repeats, min_seconds)
+    probe = _probe()
+    ours = timed({"fwd (save)": fwd_save, "fwd (no save)": no_save, "fwd (no LoRA)": no_lora, "bwd": bwd,
+                  "read": lambda: 1.0 / probe()}, repeats, min_seconds)  # (seconds per byte)
+    ours["read"] = 1.0 / ours["read"]  # the median reading among the passes: their floor's bandwidth
     if torch_repeats == 0:
         return ours, None, active
 
@@ -188,10 +198,10 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
 
 def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, quants, bw: float, peak: float, repeats: int,
                 torch_repeats: int, min_seconds: float) -> tuple[list[dict], float]:
-    """Rows for one shape, and the best bandwidth reading seen. Each qlen's floor uses the better of
-    the readings taken right before and right after its passes: this VM switches between a slow and
-    a fast memory mode within minutes, and a run-wide best reading would judge slow-mode passes
-    against a fast-mode floor (conservative locally: a switch inside the block counts as fast)."""
+    """Rows for one shape, and the best bandwidth reading seen. Each qlen's floor uses the median of
+    bandwidth readings timed round-robin with its passes: this VM switches between a slow and a
+    fast memory mode within minutes, and a run-wide (or a before/after) reading judged slow-mode
+    passes against a fast-mode floor whenever it switched during a run."""
     layer = Layer(e, h, i, RANK)
     print(f"\n{name}: E={e} H={h} I={i} K={k} rank={RANK}")
     hdr = (f"{'quant':<13} {'qlen':>4} {'pass':<14} {'ms':>9} {'floor ms':>9} {'of_floor':>8} {'of_roof':>7} "
@@ -208,10 +218,9 @@ def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, quants, bw: fl
         print("-" * len(hdr))
         op = kt_jit.MoESFTOp(layer.experts, layer.lora)
         for t in qlens:
-            before = read_bandwidth(1 << 30)
             ours, ref, active = measure(layer, op, t, k, repeats, torch_repeats if quant == quants[0] else 0,
                                        min_seconds)
-            local_bw = max(before, read_bandwidth(1 << 30))
+            local_bw = ours.pop("read")
             bw = max(bw, local_bw)
             if ref is not None:
                 torch_ref[t] = ref

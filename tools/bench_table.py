@@ -1,5 +1,6 @@
 """Render a ``tools/bench_moe.py --json`` file as the markdown tables of docs/benchmarks.md (GB/s: the
-bandwidth reading the row's floor used; – for runs made before the per-qlen readings).
+bandwidth the row's floor used: the median of probe reads timed round-robin with its passes; – for
+runs made before those readings).
 
     python tools/bench_table.py docs/bench_moe.json
 """

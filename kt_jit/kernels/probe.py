@@ -84,21 +84,36 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
+class ReadProbe:
+    """A parallel streaming read over one ``nbytes`` buffer (allocated and touched once); each call
+    returns the bytes per second of one read: cheap enough to interleave with what it is the floor
+    of (benchmarks on a VM whose bandwidth drifts)."""
+
+    def __init__(self, nbytes: int = 1 << 30, num_threads: int | None = None) -> None:
+        n_items = max(1, nbytes // CHUNK)
+        self.nbytes = n_items * CHUNK
+        self._buf = aligned_empty((self.nbytes,), torch.uint8)
+        self._buf.fill_(1)
+        self._sink = aligned_empty((n_items * 16,), torch.int32)
+        self._args = READ_ARGS.make(n_items, src=self._buf.data_ptr(), sink=self._sink.data_ptr())
+        self._addr, self._threads = _read_kernel(), num_threads
+        self._run()
+
+    def _run(self) -> None:  # the argument block is built once: only the launch is timed
+        self._args.counter = 0
+        launch(self._addr, ctypes.addressof(self._args), self._threads)
+
+    def __call__(self) -> float:
+        t0 = time.perf_counter()
+        self._run()
+        return self.nbytes / (time.perf_counter() - t0)
+
+
 def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5, num_threads: int | None = None) -> float:
-    """Bytes per second of a parallel streaming read over a fresh ``nbytes`` buffer."""
-    n_items = max(1, nbytes // CHUNK)
-    buf = aligned_empty((n_items * CHUNK,), torch.uint8)
-    buf.fill_(1)
-    sink = aligned_empty((n_items * 16,), torch.int32)
-    args = READ_ARGS.make(n_items, src=buf.data_ptr(), sink=sink.data_ptr())
-    addr = _read_kernel()
-
-    def run():  # the argument block is built once: only the launch is timed
-        args.counter = 0
-        launch(addr, ctypes.addressof(args), num_threads)
-
-    run()
-    return n_items * CHUNK / _median_time(run, repeats)
+    """Bytes per second of a parallel streaming read over a fresh ``nbytes`` buffer (median of
+    ``repeats`` reads)."""
+    probe = ReadProbe(nbytes, num_threads)
+    return statistics.median(probe() for _ in range(repeats))
 
 
 def bf16_peak_flops(isa: str | None = None, seconds: float = 0.2, num_threads: int | None = None) -> float:
