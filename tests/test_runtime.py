@@ -151,3 +151,17 @@ def test_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "kt_jit.info"], capture_output=True, text=True, check=True)
     for word in ("AMX", "threads", "kernel cache", "kernel ISA"):
         assert word in out.stdout
+
+
+def test_bandwidth_and_peak_probes_measure_something():
+    """The benchmarks' floors: a streaming read (one-shot and reusable) and the bf16 peak give
+    positive, finite rates (a read slower than 0.1 GB/s would mean the probe is broken)."""
+    import math
+
+    from kt_jit.kernels.probe import ReadProbe, bf16_peak_flops, read_bandwidth
+
+    probe = ReadProbe(16 << 20)
+    assert probe.nbytes >= 16 << 20
+    for bw in (probe(), probe(), read_bandwidth(16 << 20, repeats=2)):
+        assert math.isfinite(bw) and bw > 1e8
+    assert bf16_peak_flops(seconds=0.02) > 1e9
