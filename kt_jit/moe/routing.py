@@ -7,51 +7,75 @@ is whole AMX tiles (rows past a segment's end are never read back).
 
 from __future__ import annotations
 
-from dataclasses import dataclass
-
 import numpy as np
 import torch
 
 from ..codegen.plan import Span
-from ..kernels.route import out_size, regions, route_into
+from ..kernels.route import HEADER, PAIR_REGIONS, out_size, regions, route_into
 
 SEGMENT_ALIGN = 16
 
 
-@dataclass
 class Routing:
-    """Where each routed (token, k) pair lives in the per-expert row buffers (int64 NumPy arrays,
-    views of the routing kernel's output: the host side of a call works on NumPy, which costs far
-    less per small operation than torch; kernels take the arrays' addresses).
+    """Where each routed (token, k) pair lives in the per-expert row buffers: the routing kernel's
+    output buffer (int64, kernels/route.py) and what the host side reads of it.
 
-    slot_token[j], slot_k[j]: token and k of the j-th pair in expert order (j < T*K)
-    slot_row[j]: its row in the per-expert buffers (``rows`` rows in all); slot_expert[j]: its expert
-    row_of[t, k]: the row of pair (t, k) (the inverse view, [T, K])
-    basis [A, 4]: per active expert (1, first row, expert id, row count), the per-expert terms of
-    every group-descriptor column (moe/sft.py builds each launch's table as basis @ coefficients)
+    At decode sizes every small host step of a call costs 5-10x its warm time (a weight stream has
+    just emptied the caches), so a routing holds ints and one NumPy view; the per-pair arrays are
+    views made on demand (tests, debugging): kernels take their addresses.
+
+    ``basis`` [A, 4]: per active expert (1, first row, expert id, row count), the per-expert terms
+    of every group-descriptor column (moe/sft.py builds each launch's table as basis @ coefficients).
+    ``rows``: rows of the per-expert buffers; ``pairs`` = T*K. Per-pair arrays (views):
+    slot_token[j], slot_k[j]: token and k of the j-th pair in expert order; slot_row[j]: its row;
+    slot_expert[j]: its expert; row_of[t, k]: the row of pair (t, k) ([T, K]).
     """
 
-    slot_token: np.ndarray
-    slot_k: np.ndarray
-    slot_row: np.ndarray
-    slot_expert: np.ndarray
-    row_of: np.ndarray
-    basis: np.ndarray
-    rows: int
+    def __init__(self, buf: np.ndarray, tokens: int, k: int, num_experts: int) -> None:
+        self.buf, self.tokens, self.k, self.num_experts = buf, tokens, k, num_experts
+        self._place()
 
-    def __post_init__(self) -> None:
-        # the addresses kernels take, once (NumPy's .ctypes costs a few microseconds per access)
+    def _place(self) -> None:
+        """Addresses and views of ``buf`` (again after a copy, which owns a new buffer)."""
+        n, e = self.tokens * self.k, self.num_experts
+        self.pairs, self.rows = n, int(self.buf[1])
+        self.basis = self.buf[HEADER:HEADER + 4 * int(self.buf[0])].reshape(-1, 4)
+        first = self.buf.__array_interface__["data"][0] + 8 * (HEADER + 6 * e)
+        addr = {name: first + 8 * n * i for i, name in enumerate(PAIR_REGIONS)}
         self.slot_token_addr, self.slot_k_addr, self.slot_row_addr, self.row_of_addr, self.slot_expert_addr = (
-            a.__array_interface__["data"][0]
-            for a in (self.slot_token, self.slot_k, self.slot_row, self.row_of, self.slot_expert))
-        # the arrays kernels address, as launch-plan operands (codegen/plan.py)
-        nbytes = self.slot_row.nbytes
-        self.spans = [Span(a, nbytes) for a in (self.slot_token_addr, self.slot_k_addr, self.slot_row_addr,
-                                                 self.row_of_addr, self.slot_expert_addr)]
+            addr[name] for name in ("slot_token", "slot_k", "slot_row", "row_of", "slot_expert"))
+        # the per-pair arrays as one launch-plan operand (codegen/plan.py)
+        self.spans = [Span(first, 8 * n * len(PAIR_REGIONS))]
 
-    def __setstate__(self, state: dict) -> None:  # copies and unpickled ones: their own arrays' addresses
+    def __getstate__(self) -> dict:
+        return {"buf": self.buf, "tokens": self.tokens, "k": self.k, "num_experts": self.num_experts}
+
+    def __setstate__(self, state: dict) -> None:  # copies and unpickled ones: their own buffer's addresses
         self.__dict__.update(state)
-        self.__post_init__()
+        self._place()
+
+    def _regions(self) -> dict:
+        return regions(self.buf, self.pairs, self.num_experts)
+
+    @property
+    def slot_token(self) -> np.ndarray:
+        return self._regions()["slot_token"]
+
+    @property
+    def slot_k(self) -> np.ndarray:
+        return self._regions()["slot_k"]
+
+    @property
+    def slot_row(self) -> np.ndarray:
+        return self._regions()["slot_row"]
+
+    @property
+    def slot_expert(self) -> np.ndarray:
+        return self._regions()["slot_expert"]
+
+    @property
+    def row_of(self) -> np.ndarray:
+        return self._regions()["row_of"].reshape(self.tokens, self.k)
 
     @property
     def starts(self) -> np.ndarray:
@@ -75,11 +99,9 @@ def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
     t, k = topk_ids.shape
     n, e = t * k, num_experts
     buf = np.empty(out_size(n, e), dtype=np.int64)
-    route_into(topk_ids.data_ptr(), n, k, e, SEGMENT_ALIGN, buf.ctypes.data)
+    route_into(topk_ids.data_ptr(), n, k, e, SEGMENT_ALIGN, buf.__array_interface__["data"][0])
     if buf[2]:
         ids = topk_ids.numpy()
         raise ValueError(f"topk_ids holds expert ids in [{ids.min()}, {ids.max()}] but there are only {e} experts "
                          f"(valid ids: 0..{e - 1})")
-    v = regions(buf, n, e)
-    return Routing(v["slot_token"], v["slot_k"], v["slot_row"], v["slot_expert"], v["row_of"].reshape(t, k),
-                   v["basis"], int(buf[1]))
+    return Routing(buf, t, k, e)

@@ -206,7 +206,7 @@ def _gather(src: torch.Tensor, r: Routing, dst: _Rows,
     ``a_products = (h, a0, a1, alpha)``: the same launch writes ``h[row] = alpha [dst[row] a0_e^T |
     dst[row] a1_e^T]`` (bf16, A [E, r, C] bf16) for every row it writes."""
     src_dtype = "bf16" if src.dtype == torch.bfloat16 else "f32"
-    rows = (dst.addr, src.data_ptr(), r.slot_row_addr, r.slot_token_addr, r.slot_row.size)
+    rows = (dst.addr, src.data_ptr(), r.slot_row_addr, r.slot_token_addr, r.pairs)
     if a_products is None:
         rows_kernel("gather", dst.cols, src_dtype).gather(*rows, ldd=dst.pitch)
         return
@@ -222,7 +222,7 @@ GATHER_A_ROWS_MAX = 2  # rows per active expert (mean) up to which the gather co
 def _combine(y: torch.Tensor | _Rows, r: Routing, weights: torch.Tensor | None, out: torch.Tensor) -> None:
     """``out[t] = sum_k w[t, k] y[row(t, k)]`` (w = 1 when None; out [T, C] fp32 or bf16, contiguous)
     from the fp32 per-expert rows ``y``."""
-    t, k = r.row_of.shape
+    t, k = r.tokens, r.k
     cols = _ncols(y)
     kern = rows_kernel("combine", cols, "f32", "bf16" if out.dtype == torch.bfloat16 else "f32", weights is not None)
     kern.combine(out.data_ptr(), _addr(y), r.row_of_addr, weights.data_ptr() if weights is not None else 0, t, k,
@@ -235,7 +235,7 @@ def _quantize(x: torch.Tensor | _Rows, r: Routing, q: _Rows, scales: _Rows,
     kernels/rowquant.py); ``col_scales`` [E, C] fp32: each row first multiplied by its expert's."""
     if col_scales is not None:
         col_scales = (col_scales.data_ptr(), col_scales.stride(0) * 4, r.slot_expert_addr)
-    quantize_rows_into(_addr(x), _pitch(x), _ncols(x), q.addr, scales.addr, r.slot_row.size, r.slot_row_addr,
+    quantize_rows_into(_addr(x), _pitch(x), _ncols(x), q.addr, scales.addr, r.pairs, r.slot_row_addr,
                        col_scales)
 
 
@@ -438,7 +438,7 @@ def _forward_launches(x: torch.Tensor, topk_weights: torch.Tensor, experts: MoEE
         ga, gb, ua, ub, da, db = lora  # (padded to the kernel rank by the caller, which keeps them alive)
         fused = _fuses_lora(experts)
         hgu, hd = b["hgu"], b["hd"]
-        if r.slot_row.size <= GATHER_A_ROWS_MAX * r.basis.shape[0]:  # each row rereads its expert's A
+        if r.pairs <= GATHER_A_ROWS_MAX * r.basis.shape[0]:  # each row rereads its expert's A
             _gather(x, r, xs, (hgu, ga, ua, scaling))
         else:  # one pass over each expert's A for all its rows
             _gather(x, r, xs)
@@ -456,11 +456,11 @@ def _forward_launches(x: torch.Tensor, topk_weights: torch.Tensor, experts: MoEE
     # LoRA the same launch computes H = s A Ad^T of each row it writes
     rows = dict(idx=r.slot_row_addr, gu=_addr(gu), act=_addr(act))
     if lora is None:
-        act_kernel("fwd", idim).launch(r.slot_row.size, **rows)
+        act_kernel("fwd", idim).launch(r.pairs, **rows)
         _grouped_fwd(act, experts, "down", y, r, xq=aq)
     else:
         act_kernel("fwd", idim, rank).launch(
-            r.slot_row.size, **rows, eid=r.slot_expert_addr, a=da.data_ptr(),
+            r.pairs, **rows, eid=r.slot_expert_addr, a=da.data_ptr(),
             astride=da.stride(0) * da.element_size(), h=_addr(hd), ldh=_pitch(hd), alpha=scaling)
         if fused:
             _grouped_fwd(act, experts, "down", y, r, (hd, db, None), xq=aq)
@@ -526,7 +526,7 @@ def _expert_operands(experts: MoEExperts) -> list[torch.Tensor]:
 def _row_bound(r: Routing) -> int:
     """Rows the per-expert buffers of a routing may need: T*K plus each active expert's padding at
     most (a bound fixed by the token count and the active experts, so the scratch layout is too)."""
-    return r.slot_row.size + (SEGMENT_ALIGN - 1) * r.basis.shape[0]
+    return r.pairs + (SEGMENT_ALIGN - 1) * r.basis.shape[0]
 
 
 Buffers = tuple[tuple[str, tuple[int, int, bool]], ...]  # (name, (columns, item size, padded pitch))
@@ -635,7 +635,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     padded = pad_lora(lora) if lora is not None else ()
     gp = _acquire_grads(r, padded, experts.num_experts, grad_buffers) if need_lora_grads else None
     hgu_hd = saved.lora_h if lora is not None else ()
-    key = ("bwd", need_dx, need_lora_grads, dx_dtype, g_out.dtype, g_out.shape[0], r.row_of.shape[1],
+    key = ("bwd", need_dx, need_lora_grads, dx_dtype, g_out.dtype, g_out.shape[0], r.k,
            r.basis.shape[0], gp.basis.shape[0] if gp is not None else 0, *config)
     operands = [saved.x, saved.topk_weights, saved.gu, saved.act, *hgu_hd, g_out, dw, *([dx] if need_dx else []),
                 arena.span, *r.spans, *padded, *(gp.grads if gp is not None else ()), *_expert_operands(experts)]
@@ -677,7 +677,7 @@ def _backward_launches(saved: Saved, g_out: torch.Tensor, experts: MoEExperts, l
                   _pitch(d), x_dtype="f32", accumulate=True)
     w_row = b.get("w_row")  # routing weight of each routed row (written by the activation kernel)
     act_kernel("bwd", idim).launch(
-        r.slot_row.size, idx=r.slot_row_addr, tok=r.slot_token_addr, kk=r.slot_k_addr, k=r.row_of.shape[1],
+        r.pairs, idx=r.slot_row_addr, tok=r.slot_token_addr, kk=r.slot_k_addr, k=r.k,
         d=d.addr, act=saved.act.data_ptr(), gu=saved.gu.data_ptr(), w=saved.topk_weights.data_ptr(),
         dw=dw.data_ptr(), wrow=w_row.addr if w_row is not None else 0, dgu=dgu.addr, ldd=d.pitch,
         lddgu=dgu.pitch)
