@@ -10,7 +10,9 @@ round-robin with each qlen's passes (the median reading; rows carry it as ``bw_g
 ``of_roof`` also counts the compute roof (FLOPs / bf16 peak), which binds first on CPUs without AMX.
 Also reported: peak RSS, and RSS growth over a training loop (forward, backward, AdamW step).
 
-Every quantization mode is timed too (same shapes; ``vs_bf16`` = BF16 time / mode time, same run).
+Every quantization mode is timed too (same shapes; ``vs_bf16`` = BF16 time / mode time for the
+forward with saved activations and the backward, the bf16 experts' passes timed round-robin with
+the mode's own, so a switch of the VM's memory mode cannot skew the ratio).
 
     python tools/bench_moe.py [--quick] [--json PATH] [--shapes qwen3,...] [--quants int8,...] [--steps N]
 """
@@ -138,10 +140,13 @@ def _probe() -> ReadProbe:
 
 
 def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, torch_repeats: int,
-            min_seconds: float):
+            min_seconds: float, baseline: kt_jit.MoEExperts | None = None):
     """Seconds per pass for kt_jit (and, under "read", the median read bandwidth in bytes/s of a
     probe timed round-robin with the passes) and the PyTorch reference (None when ``torch_repeats``
-    is 0) at one qlen, and the mean active expert count. Every call takes the next of BATCHES batches with
+    is 0) at one qlen, and the mean active expert count. With ``baseline`` (the bf16 experts of the
+    same weights), its forward (save) and backward are timed in the same rounds too, as "bf16 fwd
+    (save)" and "bf16 bwd": the VM's memory mode switches within minutes, and a mode's speed-up over
+    bf16 is only fair from passes timed side by side. Every call takes the next of BATCHES batches with
     their own routing: with one fixed batch, a pass at small qlen found part of its experts'
     weights still in L3 from the previous pass (8 qwen3 experts are 75 MB; measured: the forward at
     qlen 1 ran 1.3-1.5x faster than with fresh experts, the backward less so), which a training step,
@@ -177,8 +182,23 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
         kt_jit.moe_sft(*picks[2](), layer.experts)
 
     probe = _probe()
-    ours = timed({"fwd (save)": fwd_save, "fwd (no save)": no_save, "fwd (no LoRA)": no_lora, "bwd": bwd,
-                  "read": lambda: 1.0 / probe()}, repeats, min_seconds)  # (seconds per byte)
+    passes = {"fwd (save)": fwd_save, "fwd (no save)": no_save, "fwd (no LoRA)": no_lora, "bwd": bwd,
+              "read": lambda: 1.0 / probe()}  # (seconds per byte)
+    if baseline is not None:
+        base_picks = [picker(p) for p in (0, 3)]
+
+        def base_fwd():
+            x, ids, w = base_picks[0]()
+            kt_jit.moe_sft(x.clone().requires_grad_(), ids, w, baseline, layer.lora)
+
+        def base_bwd() -> float:
+            x, ids, w = base_picks[1]()
+            for p in lora_params:
+                p.grad = None
+            return backward_seconds(kt_jit.moe_sft(x.clone().requires_grad_(), ids, w, baseline, layer.lora), dout)
+
+        passes |= {"bf16 fwd (save)": base_fwd, "bf16 bwd": base_bwd}
+    ours = timed(passes, repeats, min_seconds)
     ours["read"] = 1.0 / ours["read"]  # the median reading among the passes: their floor's bandwidth
     if torch_repeats == 0:
         return ours, None, active
@@ -206,7 +226,8 @@ def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, quants, bw: fl
     print(f"\n{name}: E={e} H={h} I={i} K={k} rank={RANK}")
     hdr = (f"{'quant':<13} {'qlen':>4} {'pass':<14} {'ms':>9} {'floor ms':>9} {'of_floor':>8} {'of_roof':>7} "
            f"{'torch ms':>9} {'vs_torch':>8} {'vs_bf16':>7}")
-    rows, torch_ref, bf16 = [], {}, {}
+    rows, torch_ref = [], {}
+    bf16_experts = layer.experts if layer.quant == "bf16" else None
     for quant in quants:
         if quant != layer.quant:
             layer.quantize(quant)
@@ -219,24 +240,25 @@ def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, quants, bw: fl
         op = kt_jit.MoESFTOp(layer.experts, layer.lora)
         for t in qlens:
             ours, ref, active = measure(layer, op, t, k, repeats, torch_repeats if quant == quants[0] else 0,
-                                       min_seconds)
+                                       min_seconds, bf16_experts if quant != "bf16" else None)
             local_bw = ours.pop("read")
+            base = {pas[5:]: ours.pop(pas) for pas in [p for p in ours if p.startswith("bf16 ")]}
             bw = max(bw, local_bw)
             if ref is not None:
                 torch_ref[t] = ref
             floor = active * layer.experts.expert_bytes() / local_bw
             roof = max(floor, 2 * t * k * 3 * h * i / peak)
             for pas, sec in ours.items():
-                if quant == "bf16":
-                    bf16[t, pas] = sec
                 ref_s = torch_ref.get(t, {}).get(pas)
                 row = {"name": f"{name} {quant} qlen={t} {pas}", "ms": sec * 1e3, "of_floor": floor / sec,
                        "of_roof": roof / sec, "floor_ms": floor * 1e3, "roof_ms": roof * 1e3, "active_experts": active,
                        "bw_gbs": local_bw / 1e9}
                 if ref_s:
                     row.update(vs_torch=ref_s / sec, torch_ms=ref_s * 1e3)
-                if (t, pas) in bf16:
-                    row["vs_bf16"] = bf16[t, pas] / sec
+                if pas in base:  # timed in the same rounds
+                    row["vs_bf16"] = base[pas] / sec
+                elif quant == "bf16":
+                    row["vs_bf16"] = 1.0
                 rows.append(row)
                 print(f"{quant:<13} {t:4d} {pas:<14} {row['ms']:9.2f} {row['floor_ms']:9.2f} {row['of_floor']:8.2f} "
                       f"{row['of_roof']:7.2f} {row.get('torch_ms', float('nan')):9.2f} "
