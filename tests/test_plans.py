@@ -21,6 +21,15 @@ pytestmark = NEEDS_AVX512_BF16
 N, K = 32, 64  # xat: Y [m, N] = alpha X [m, K] W_e^T
 
 
+@pytest.fixture(autouse=True)
+def _record_at_first_call(monkeypatch):
+    """These tests replay what a configuration's first call recorded (the library waits for its
+    second call: test_configurations_are_captured_at_their_second_call)."""
+    monkeypatch.setattr(core, "RECORD_AT_CALL", 1)
+    core._plans.clear()
+    core._calls.clear()
+
+
 def _xat_pass(x: torch.Tensor, w: torch.Tensor, y: torch.Tensor, basis: np.ndarray) -> None:
     """One grouped launch: per basis row (1, first row, expert, count), that expert's rows of x
     through its W into the same rows of y."""
@@ -200,3 +209,19 @@ def test_moe_replays_with_idle_experts_to_zero_and_no_input_grad(fold, monkeypat
         assert got[1] is None and want[1] is None
         for a, b in zip(got, want, strict=True):
             assert (a is None and b is None) or torch.equal(a, b)
+
+
+def test_configurations_are_captured_at_their_second_call(monkeypatch):
+    """A configuration seen once costs no capture; its second call records the plan, its third
+    replays it."""
+    monkeypatch.setattr(core, "RECORD_AT_CALL", 2)
+    _, _, _, experts, lora = make_layer()
+    captures, replays = [], []
+    real_compile, real_run = core.Capture.compile, Plan.run
+    monkeypatch.setattr(core.Capture, "compile", lambda self, *a: (captures.append(1), real_compile(self, *a))[1])
+    monkeypatch.setattr(Plan, "run", lambda self, *a: (replays.append(1), real_run(self, *a)))
+    x, ids, w = make_batch(3, 2)
+    with torch.no_grad():
+        outs = [kt_jit.moe_sft(x, ids, w, experts, lora) for _ in range(3)]
+    assert (len(captures), len(replays)) == (1, 1)
+    assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])

@@ -335,7 +335,7 @@ def _zero_experts(mask: np.ndarray, grads: tuple[torch.Tensor, ...]) -> None:
 FOLD_ZEROS_MAX = 16  # idle experts to zero: up to this many ride along in the xty launches
 
 
-class _GradPlan(NamedTuple):
+class _LoraGrads(NamedTuple):
     """The LoRA gradients a backward writes: the six tensors (bf16, kernel rank), the experts whose
     slices must end up zero (bool [E]), the pool they came from, and the basis of the gradient
     launches (the routing's, plus a zero-row group per folded idle expert)."""
@@ -351,7 +351,7 @@ def _shapes(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, ...], ...]:
 
 
 def _acquire_grads(r: Routing, lora: tuple[torch.Tensor, ...], num_experts: int,
-                   grad_buffers: LoraGradBuffers | None) -> _GradPlan:
+                   grad_buffers: LoraGradBuffers | None) -> _LoraGrads:
     """Gradient buffers for a backward; idle experts to zero are zeroed now (more than
     ``FOLD_ZEROS_MAX``) or folded into the gradient launches as zero-row groups."""
     active = np.zeros(num_experts, dtype=bool)
@@ -366,10 +366,10 @@ def _acquire_grads(r: Routing, lora: tuple[torch.Tensor, ...], num_experts: int,
         zb = np.zeros((zero_ids.size, 4), dtype=np.int64)
         zb[:, 0], zb[:, 2] = 1, zero_ids
         basis = np.concatenate([basis, zb])
-    return _GradPlan(grads, to_zero, pool, basis)
+    return _LoraGrads(grads, to_zero, pool, basis)
 
 
-def _lora_grads(saved: Saved, gp: _GradPlan, dos: _Rows, t_d: _Rows, w_row: _Rows, dgu: _Rows, t_gu: _Rows,
+def _lora_grads(saved: Saved, gp: _LoraGrads, dos: _Rows, t_d: _Rows, w_row: _Rows, dgu: _Rows, t_gu: _Rows,
                 xs: _Rows) -> None:
     """The six LoRA gradients' launches (into ``gp.grads``) from the backward's per-row operands: dos
     and xs (gathered dOut and X), t_d = s dOut Bd and t_gu = s [dG Bg | dU Bu] (fp32), w_row (each
@@ -472,10 +472,14 @@ def _forward_launches(x: torch.Tensor, topk_weights: torch.Tensor, experts: MoEE
 
 
 # Launch plans of the passes (codegen/plan.py), per configuration: shapes, quantization, flags, token
-# count and number of active experts. A plan replays what the pass's Python would launch from the addresses of
-# its operands; a configuration that cannot be planned maps to the reason (it runs through Python).
+# count and number of active experts. A plan replays what the pass's Python would launch from the
+# addresses of its operands; a configuration that cannot be planned maps to the reason (it runs
+# through Python). A configuration is captured at its RECORD_AT_CALL-th call: one that never comes
+# back (e.g. a token count seen once) costs no capture (~0.5 ms of compiling and checking).
 PLANS_MAX = 1024
+RECORD_AT_CALL = 2
 _plans: dict[tuple, Plan | str] = {}
+_calls: dict[tuple, int] = {}  # calls of configurations not captured yet
 
 
 def _run_pass(key: tuple, operands: list, bases: tuple[np.ndarray, ...], launches: Callable[[], None]) -> None:
@@ -487,7 +491,14 @@ def _run_pass(key: tuple, operands: list, bases: tuple[np.ndarray, ...], launche
     if isinstance(plan, Plan):
         plan.run([o.data_ptr() if isinstance(o, torch.Tensor) else o.addr for o in operands], bases)
         return
-    capture = Capture() if plan is None else None
+    capture = None
+    if plan is None:
+        calls = _calls.pop(key, 0) + 1
+        if calls >= RECORD_AT_CALL:
+            capture = Capture()
+        else:
+            _evict(_calls, PLANS_MAX)
+            _calls[key] = calls
     with LaunchBatch(capture):  # every launch is prepared first, then they run back to back
         launches()
     if capture is not None:
@@ -502,12 +513,17 @@ def _run_pass(key: tuple, operands: list, bases: tuple[np.ndarray, ...], launche
                 warnings.warn(f"kt_jit: could not make a launch plan ({e!r}); this configuration keeps running "
                               "through Python", RuntimeWarning, stacklevel=3)
                 plan = f"compiling failed: {e!r}"
-        while len(_plans) >= PLANS_MAX:
-            try:
-                _plans.pop(next(iter(_plans)), None)
-            except (StopIteration, RuntimeError):  # (another thread changed the dict meanwhile)
-                break
+        _evict(_plans, PLANS_MAX)
         _plans[key] = plan
+
+
+def _evict(memo: dict, limit: int) -> None:
+    """Drop the oldest entries of ``memo`` until there is room for one more."""
+    while len(memo) >= limit:
+        try:
+            memo.pop(next(iter(memo)), None)
+        except (StopIteration, RuntimeError):  # (another thread changed the dict meanwhile)
+            break
 
 
 def _config(experts: MoEExperts, lora: tuple[torch.Tensor, ...] | None, scaling: float) -> tuple:
@@ -649,7 +665,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
 
 
 def _backward_launches(saved: Saved, g_out: torch.Tensor, experts: MoEExperts, lora: tuple[torch.Tensor, ...] | None,
-                       scaling: float, r: Routing, b: dict, gp: _GradPlan | None, dw: torch.Tensor,
+                       scaling: float, r: Routing, b: dict, gp: _LoraGrads | None, dw: torch.Tensor,
                        dx: torch.Tensor | None, rank: int) -> None:
     """The backward's launches (buffers ``b``, see :func:`backward`; ``gp``: the LoRA gradients to
     write, or None)."""
