@@ -1,9 +1,9 @@
-"""Launch plans: the launches of a pass captured once per configuration and replayed natively.
+"""Launch plans: the launches of a pass captured for its configuration and replayed natively.
 
 At decode sizes the host side of an MoE pass (Python building a dozen group tables and argument
 blocks between kernel launches) costs as much as its kernels: each small step runs from caches
 the previous weight stream has just emptied. But for a fixed configuration (shapes, flags, token
-count, active experts) every launch is the same function of a few numbers known per call: the
+count, number of active experts) every launch is the same function of a few numbers known per call: the
 addresses of the pass's operands (tensors, scratch) and the routing's per-expert basis rows
 ``(1, first row, expert id, row count)``. A :class:`Capture` records a pass while it runs for real:
 each argument block as it is launched, and each group table as built by :func:`group_rows` (its
@@ -105,15 +105,13 @@ class Capture:
                 return "a group table was changed after it was built"
         # argument blocks: as captured, except that addresses into group tables now point into the
         # work area, where the tables were rebuilt
-        table_at = {slot: a for slot, (a, _) in enumerate(_Compiler(operands, bases, self).tables, len(operands))}
         for (_, args, _), off, specs in zip(self.launches, plan.launch_places, plan.launch_specs, strict=True):
             if off < 0:
                 continue
             want = args.copy()
             for f, (slot, const) in enumerate(specs):
-                if slot in table_at:
-                    place = plan.table_places[slot - len(operands)][0]
-                    want[f] = work.ctypes.data + place + const
+                if slot >= len(operands):  # (a table's slot)
+                    want[f] = work.ctypes.data + plan.table_places[slot - len(operands)][0] + const
             if not np.array_equal(work[off:off + args.nbytes].view(np.int64), want):
                 return "an argument block does not follow from the operands"
         return plan
@@ -126,6 +124,8 @@ class _Unplannable(Exception):
 class _Compiler:
     def __init__(self, operands: Sequence[tuple[int, int]], bases: Sequence[np.ndarray], cap: Capture) -> None:
         self.cap, self.bases = cap, bases
+        if len(bases) > 2:
+            raise _Unplannable("more than two bases (the runner takes two)")
         self.ranges = [(a, n) for a, n in operands]
         for i, (a, n) in enumerate(self.ranges):  # overlapping operands would make an address ambiguous
             for b, m in self.ranges[:i]:
@@ -192,9 +192,9 @@ class _Compiler:
             n_launches += 1
         prog[:3] = [n_tables, n_launches, work]
         work += 16 * n_launches  # the (worker, argument block) steps
-        return Plan(np.array(prog, dtype=np.int64), self.n_operands, self.n_operands + len(self.cap.tables), work,
-                    n_launches,
-                    table_places, launch_places, launch_specs)
+        return Plan(np.array(prog, dtype=np.int64), self.n_operands, tuple(b.shape[0] for b in self.bases),
+                    self.n_operands + len(self.cap.tables), work, n_launches, table_places, launch_places,
+                    launch_specs)
 
 
 _work = threading.local()
@@ -206,6 +206,7 @@ class Plan:
 
     program: np.ndarray  # int64, the format the HEAD / TABLE_HEAD / LAUNCH_HEAD constants describe
     operands: int        # the addresses a call passes
+    basis_rows: tuple[int, ...]  # rows of each basis (the tables are built for exactly these)
     slots: int           # operands + tables
     work_bytes: int      # tables, argument blocks, then the steps
     n_launches: int
@@ -214,9 +215,9 @@ class Plan:
     launch_specs: list[list[tuple[int, int]]]  # per captured launch: (slot, constant) of each field
 
     def _call(self, values: Sequence[int], bases: Sequence[np.ndarray], work: np.ndarray, run: bool) -> None:
-        if len(values) != self.operands or len(bases) > 2:
-            raise ValueError(f"a launch plan of {self.operands} operands and up to 2 bases got {len(values)} and "
-                             f"{len(bases)}")
+        if len(values) != self.operands or tuple(b.shape[0] for b in bases) != self.basis_rows:
+            raise ValueError(f"a launch plan of {self.operands} operands and bases of {self.basis_rows} rows got "
+                             f"{len(values)} operands and bases of {tuple(b.shape[0] for b in bases)} rows")
         v = np.zeros(self.slots, dtype=np.int64)
         v[:len(values)] = values
         b = [x.ctypes.data for x in bases] + [0] * (2 - len(bases))
