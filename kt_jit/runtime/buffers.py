@@ -44,9 +44,8 @@ def resident_empty(shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> to
     every call (the packed expert weights): from ``HUGE_MIN_BYTES`` up, on Linux, it starts on a 2 MB
     boundary in an anonymous mapping advised for transparent huge pages, so the OS backs it with 2 MB
     pages where it can (THP ``madvise`` or ``always``). A weight stream over 4 KB pages needs a page
-    walk every 4 KB and empties the TLB of everything else; with 2 MB pages the kernels ran 2-6%
-    faster (qwen3-30b-a3b layer, qlen 1-16) and the host code between them finds its translations.
-    Anywhere else this is :func:`aligned_empty`."""
+    walk every 4 KB; with 2 MB pages the MoE layer ran 1-6% faster (qwen3-30b-a3b, qlen 1-16, the
+    larger gains at qlen 16). Anywhere else this is :func:`aligned_empty`."""
     shape = tuple(int(s) for s in shape)
     itemsize = torch.empty((), dtype=dtype).element_size()
     nbytes = itemsize
