@@ -211,3 +211,30 @@ def test_no_reuse_under_torch_distributed(tmp_path):
         assert lora.grad_buffers._bufs is bufs and not bufs  # never kept, never handed out
     finally:
         dist.destroy_process_group()
+
+
+def test_idle_experts_kernel_against_numpy():
+    """The compiled bookkeeping of the experts to zero: to_zero = (written, or all for fresh buffers)
+    minus the active experts, written becomes active | to_zero, and up to fold_max of them are
+    appended to the basis as zero-row groups (1, 0, expert, 0)."""
+    import numpy as np
+
+    from kt_jit.kernels.idle import idle_experts
+
+    rng = np.random.default_rng(0)
+    for _ in range(200):
+        e = int(rng.integers(1, 40))
+        experts = np.sort(rng.choice(e, int(rng.integers(0, e + 1)), replace=False))
+        basis = np.zeros((experts.size, 4), np.int64)
+        basis[:, 0], basis[:, 1], basis[:, 2], basis[:, 3] = 1, rng.integers(0, 99, experts.size), experts, 3
+        written, reuse, fold_max = rng.random(e) < 0.4, bool(rng.integers(0, 2)), int(rng.integers(-1, 20))
+        active = np.zeros(e, bool)
+        active[experts] = True
+        want = (written if reuse else np.ones(e, bool)) & ~active
+        to_zero, folded = np.empty(e, bool), np.full((experts.size + max(fold_max, 0), 4), -7, np.int64)
+        n = idle_experts(basis, written, reuse, fold_max, to_zero, folded)
+        assert n == want.sum() and np.array_equal(to_zero, want) and np.array_equal(written, active | want)
+        if n <= fold_max:
+            rows = np.zeros((n, 4), np.int64)
+            rows[:, 0], rows[:, 2] = 1, np.flatnonzero(want)
+            assert np.array_equal(folded[:experts.size + n], np.concatenate([basis, rows]))

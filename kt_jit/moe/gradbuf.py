@@ -23,6 +23,7 @@ import threading
 import numpy as np
 import torch
 
+from ..kernels.idle import idle_experts
 from ..runtime import knobs
 from ..runtime.buffers import aligned_empty
 
@@ -50,32 +51,36 @@ class LoraGradBuffers:
     def __setstate__(self, state: dict) -> None:
         self.__init__()
 
-    def acquire(self, shapes: tuple[tuple[int, ...], ...], active: np.ndarray,
-                ) -> tuple[tuple[torch.Tensor, ...], np.ndarray]:
+    def acquire(self, shapes: tuple[tuple[int, ...], ...], basis: np.ndarray, fold_max: int, folded: np.ndarray,
+                ) -> tuple[tuple[torch.Tensor, ...], np.ndarray, int]:
         """Gradient tensors (bf16, ``shapes``, 64-byte aligned) for a backward whose active experts
-        are ``active`` (bool [E]), and the bool [E] mask of experts whose slices the caller must
-        zero: every idle expert for fresh buffers, only those written last time for reused ones.
-        The caller writes every active expert's slices in full."""
+        are those of ``basis`` (a routing's [A, 4] basis rows), the bool [E] mask of experts whose
+        slices the caller must zero (every idle expert for fresh buffers, only those written last
+        time for reused ones), and how many those are; when at most ``fold_max``, ``folded`` ([A +
+        fold_max, 4] int64) holds the basis rows then a zero-row group per such expert (see
+        kernels/idle.py). The caller writes every active expert's slices in full."""
+        e = shapes[0][0]
+        to_zero = np.empty(e, dtype=bool)
         if not knobs.reuse_lora_grads() or _distributed():
-            return tuple(aligned_empty(s, torch.bfloat16) for s in shapes), ~active
+            n = idle_experts(basis, np.zeros(e, dtype=bool), False, fold_max, to_zero, folded)
+            return tuple(aligned_empty(s, torch.bfloat16) for s in shapes), to_zero, n
         with self._lock:
             # in use elsewhere: a second reference to the storage (a view, a .grad, a saved copy)
             reuse = self._shapes == shapes and all(
                 torch._C._storage_Use_Count(st) <= own and b._version == v
                 for st, own, b, v in zip(self._storages, self._own_refs, self._bufs, self._versions, strict=True))
-            if reuse:
-                to_zero = self._written & ~active
-            else:
+            if not reuse:
                 self._bufs = tuple(aligned_empty(s, torch.bfloat16) for s in shapes)
                 self._shapes = shapes
                 self._storages = [b.untyped_storage()._cdata for b in self._bufs]
                 # (torch keeps the Python storage object made above alive with the storage: +1)
                 self._own_refs = [torch._C._storage_Use_Count(st) for st in self._storages]
                 self._versions = tuple(b._version for b in self._bufs)
-                to_zero = ~active
-            # until the caller reports the zeroing done (zeroed()), those experts may hold old values
-            self._written = active | to_zero
-            return tuple(b.detach() for b in self._bufs), to_zero  # new tensors, shared version counter
+                self._written = np.zeros(e, dtype=bool)
+            # written becomes active | to_zero: until the caller reports the zeroing done (zeroed()),
+            # those experts may hold old values
+            n = idle_experts(basis, self._written, reuse, fold_max, to_zero, folded)
+            return tuple(b.detach() for b in self._bufs), to_zero, n  # new tensors, shared version counter
 
     def zeroed(self, grads: tuple[torch.Tensor, ...], mask: np.ndarray) -> None:
         """The caller has zeroed the experts in ``mask`` of ``grads`` (what :meth:`acquire`

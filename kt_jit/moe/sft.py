@@ -350,22 +350,17 @@ def _shapes(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, ...], ...]:
     return tuple(tuple(t.shape) for t in tensors)
 
 
-def _acquire_grads(r: Routing, lora: tuple[torch.Tensor, ...], num_experts: int,
-                   grad_buffers: LoraGradBuffers | None) -> _LoraGrads:
+def _acquire_grads(r: Routing, lora: tuple[torch.Tensor, ...], grad_buffers: LoraGradBuffers | None) -> _LoraGrads:
     """Gradient buffers for a backward; idle experts to zero are zeroed now (more than
     ``FOLD_ZEROS_MAX``) or folded into the gradient launches as zero-row groups."""
-    active = np.zeros(num_experts, dtype=bool)
-    active[r.experts] = True
     pool = grad_buffers if grad_buffers is not None else LoraGradBuffers()
-    grads, to_zero = pool.acquire(_shapes(lora), active)
-    zero_ids = np.flatnonzero(to_zero)
+    folded = np.empty((r.basis.shape[0] + max(FOLD_ZEROS_MAX, 0), 4), dtype=np.int64)
+    grads, to_zero, n_zero = pool.acquire(_shapes(lora), r.basis, FOLD_ZEROS_MAX, folded)
     basis = r.basis
-    if zero_ids.size > FOLD_ZEROS_MAX:
+    if n_zero > FOLD_ZEROS_MAX:
         _zero_experts(to_zero, grads)
-    elif zero_ids.size:  # the xty launches zero those experts' slices: zero-row groups
-        zb = np.zeros((zero_ids.size, 4), dtype=np.int64)
-        zb[:, 0], zb[:, 2] = 1, zero_ids
-        basis = np.concatenate([basis, zb])
+    elif n_zero:  # the xty launches zero those experts' slices: zero-row groups
+        basis = folded[:r.basis.shape[0] + n_zero]
     return _LoraGrads(grads, to_zero, pool, basis)
 
 
@@ -649,7 +644,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     dw = torch.empty(saved.topk_weights.shape, dtype=torch.float32)
     dx = torch.empty(saved.x.shape, dtype=dx_dtype) if need_dx else None
     padded = pad_lora(lora) if lora is not None else ()
-    gp = _acquire_grads(r, padded, experts.num_experts, grad_buffers) if need_lora_grads else None
+    gp = _acquire_grads(r, padded, grad_buffers) if need_lora_grads else None
     hgu_hd = saved.lora_h if lora is not None else ()
     key = ("bwd", need_dx, need_lora_grads, dx_dtype, g_out.dtype, g_out.shape[0], r.k,
            r.basis.shape[0], gp.basis.shape[0] if gp is not None else 0, *config)
