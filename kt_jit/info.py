@@ -1,4 +1,5 @@
-"""``python -m kt_jit.info``: CPU features, AMX status, threads, kernel cache location and stats."""
+"""``python -m kt_jit.info``: CPU features, AMX status, threads, huge pages, kernel cache location and
+stats."""
 
 from __future__ import annotations
 
@@ -11,6 +12,7 @@ def collect() -> dict:
     from .codegen.cache import cache_info
     from .codegen.compile import toolchain_versions
     from .runtime.amx import active_isa, amx_status
+    from .runtime.buffers import huge_page_status
     from .runtime.cpu import cpu_info
     from .runtime.threads import default_num_threads, launcher_name
 
@@ -28,6 +30,7 @@ def collect() -> dict:
         "kernel_isa": isa,
         "threads": default_num_threads(),
         "launcher": launcher_name(),
+        "huge_pages": huge_page_status(),
         "toolchain": toolchain_versions(),
         "cache": cache_info(),
     }
@@ -45,6 +48,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"AMX            {'usable' if data['amx']['usable'] else 'not usable'}: {data['amx']['status']}")
     print(f"kernel ISA     {data['kernel_isa']}")
     print(f"threads        {data['threads']} via {data['launcher']}")
+    hp = data["huge_pages"]
+    note = "expert weights on 2 MB pages" if hp in ("always", "madvise") else "expert weights on 4 KB pages"
+    print(f"huge pages     transparent huge pages: {hp} ({note})")
     tc = data["toolchain"]
     print(f"toolchain      LLVM {tc['llvm']}, llvmlite {tc['llvmlite']}")
     c = data["cache"]

@@ -149,8 +149,19 @@ def test_resident_buffers_start_on_huge_pages():
 
 def test_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "kt_jit.info"], capture_output=True, text=True, check=True)
-    for word in ("AMX", "threads", "kernel cache", "kernel ISA"):
+    for word in ("AMX", "threads", "kernel cache", "kernel ISA", "huge pages"):
         assert word in out.stdout
+
+
+def test_huge_page_status_reads_the_bracketed_mode(tmp_path, monkeypatch):
+    import kt_jit.runtime.buffers as buffers
+
+    setting = tmp_path / "enabled"
+    setting.write_text("always [madvise] never\n")
+    monkeypatch.setattr(buffers, "THP_SETTING", str(setting))
+    assert buffers.huge_page_status() == "madvise"
+    monkeypatch.setattr(buffers, "THP_SETTING", str(tmp_path / "missing"))
+    assert buffers.huge_page_status() == "unknown"
 
 
 def test_bandwidth_and_peak_probes_measure_something():

@@ -64,3 +64,18 @@ def resident_empty(shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> to
     # the tensor holds the mapping (unmapped when the last tensor on it goes)
     raw = torch.frombuffer(region, dtype=torch.uint8, count=nbytes, offset=start)
     return raw.view(dtype).view(shape)
+
+
+THP_SETTING = "/sys/kernel/mm/transparent_hugepage/enabled"
+
+
+def huge_page_status() -> str:
+    """The OS's transparent-huge-page mode as :func:`resident_empty` meets it: "always", "madvise"
+    (both back its buffers with 2 MB pages where memory allows), "never", or "unknown"."""
+    try:
+        with open(THP_SETTING) as f:
+            text = f.read()
+    except OSError:
+        return "unknown"
+    chosen = [w[1:-1] for w in text.split() if w.startswith("[") and w.endswith("]")]
+    return chosen[0] if chosen else "unknown"
