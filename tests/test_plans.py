@@ -225,3 +225,34 @@ def test_configurations_are_captured_at_their_second_call(monkeypatch):
         outs = [kt_jit.moe_sft(x, ids, w, experts, lora) for _ in range(3)]
     assert (len(captures), len(replays)) == (1, 1)
     assert torch.equal(outs[0], outs[1]) and torch.equal(outs[0], outs[2])
+
+
+def test_replays_from_two_threads_at_once(monkeypatch):
+    """Two Python threads replaying the same plans at once (each with its own work area and scratch
+    arena) give what each call gives alone with plans off."""
+    import threading
+
+    experts = make_layer()[3]
+    x, ids, w = make_batch(4, 2)
+    batches = [(make_batch(4, 2, seed=10 + i)[0], _permuted(ids, 8, i), w) for i in range(8)]
+    with torch.no_grad():
+        monkeypatch.setenv("KT_JIT_LAUNCH_PLANS", "0")
+        want = [kt_jit.moe_sft(*b, experts) for b in batches]
+        monkeypatch.setenv("KT_JIT_LAUNCH_PLANS", "1")
+        replays = []
+        real = Plan.run
+        monkeypatch.setattr(Plan, "run", lambda self, *a: (replays.append(1), real(self, *a)))
+        got: dict[int, list] = {}
+
+        def worker(t: int) -> None:
+            got[t] = [kt_jit.moe_sft(*batches[(i + t) % 8], experts) for i in range(24)]
+
+        threads = [threading.Thread(target=worker, args=(t,)) for t in (0, 1)]
+        for th in threads:
+            th.start()
+        for th in threads:
+            th.join()
+    for t in (0, 1):
+        for i, out in enumerate(got[t]):
+            assert torch.equal(out, want[(i + t) % 8])
+    assert len(replays) >= 40  # (all but the calls that found no plan yet)
