@@ -114,6 +114,7 @@ class Capture:
                     want[f] = work.ctypes.data + plan.table_places[slot - len(operands)][0] + const
             if not np.array_equal(work[off:off + args.nbytes].view(np.int64), want):
                 return "an argument block does not follow from the operands"
+        plan.table_places = plan.launch_places = plan.launch_specs = []  # (only the check needs them)
         return plan
 
 
@@ -210,9 +211,12 @@ class Plan:
     slots: int           # operands + tables
     work_bytes: int      # tables, argument blocks, then the steps
     n_launches: int
-    table_places: list[tuple[int, int]]  # per captured table: (offset, bytes) in the work area, or (0, 0)
-    launch_places: list[int]             # per captured launch: offset of its argument block, or -1
-    launch_specs: list[list[tuple[int, int]]]  # per captured launch: (slot, constant) of each field
+    # for the check against the capture (emptied after it): per captured table (offset, bytes) in the
+    # work area or (0, 0); per captured launch the offset of its argument block or -1, and the
+    # (slot, constant) of each field
+    table_places: list[tuple[int, int]]
+    launch_places: list[int]
+    launch_specs: list[list[tuple[int, int]]]
 
     def _call(self, values: Sequence[int], bases: Sequence[np.ndarray], work: np.ndarray, run: bool) -> None:
         if len(values) != self.operands or tuple(b.shape[0] for b in bases) != self.basis_rows:
