@@ -31,6 +31,7 @@ from typing import NamedTuple
 import numpy as np
 
 from ..runtime import threads as _threads
+from ..runtime.buffers import array_address as _address
 from ..runtime.threads import default_num_threads, gomp_parallel_address
 from .cache import get_or_compile
 from .compile import target_for
@@ -222,13 +223,12 @@ class Plan:
         if len(values) != self.operands or tuple(b.shape[0] for b in bases) != self.basis_rows:
             raise ValueError(f"a launch plan of {self.operands} operands and bases of {self.basis_rows} rows got "
                              f"{len(values)} operands and bases of {tuple(b.shape[0] for b in bases)} rows")
-        v = np.zeros(self.slots, dtype=np.int64)
-        v[:len(values)] = values
-        b = [x.ctypes.data for x in bases] + [0] * (2 - len(bases))
+        v = np.array([*values, *[0] * (self.slots - self.operands)], dtype=np.int64)  # (table slots: filled there)
+        b = [_address(x) for x in bases] + [0] * (2 - len(bases))
         threads = default_num_threads() if run else 0
         gomp = gomp_parallel_address() or 0
         serial_python = run and not gomp and threads > 1  # no libgomp: Python threads launch each step
-        _plan_runner()(self.program.ctypes.data, v.ctypes.data, b[0], b[1], work.ctypes.data, gomp,
+        _plan_runner()(_address(self.program), _address(v), b[0], b[1], _address(work), gomp,
                        0 if serial_python else threads)
         if serial_python:
             steps = work[self.program[2]:].view(np.int64)

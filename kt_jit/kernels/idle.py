@@ -25,6 +25,7 @@ import numpy as np
 from ..codegen.cache import get_or_compile
 from ..codegen.compile import target_for
 from ..codegen.ir import Function, Module
+from ..runtime.buffers import array_address
 
 NAME = "kt_idle_experts"
 _SIG = ctypes.CFUNCTYPE(ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64, ctypes.c_void_p, ctypes.c_int64,
@@ -80,6 +81,5 @@ def _kernel() -> ctypes._CFuncPtr:
 def idle_experts(basis: np.ndarray, written: np.ndarray, reuse: bool, fold_max: int, to_zero: np.ndarray,
                  folded: np.ndarray) -> int:
     """See the module docstring (arrays C-contiguous, of the dtypes and sizes given there)."""
-    addr = lambda v: v.__array_interface__["data"][0]  # noqa: E731 (cheaper than .ctypes after a weight stream)
-    return _kernel()(addr(basis), basis.shape[0], addr(written), written.size, int(reuse), fold_max, addr(to_zero),
-                     addr(folded))
+    return _kernel()(array_address(basis), basis.shape[0], array_address(written), written.size, int(reuse), fold_max,
+                     array_address(to_zero), array_address(folded))

@@ -12,6 +12,7 @@ import torch
 
 from ..codegen.plan import Span
 from ..kernels.route import HEADER, PAIR_REGIONS, out_size, regions, route_into
+from ..runtime.buffers import array_address
 
 SEGMENT_ALIGN = 16
 
@@ -40,7 +41,7 @@ class Routing:
         n, e = self.tokens * self.k, self.num_experts
         self.pairs, self.rows = n, int(self.buf[1])
         self.basis = self.buf[HEADER:HEADER + 4 * int(self.buf[0])].reshape(-1, 4)
-        first = self.buf.__array_interface__["data"][0] + 8 * (HEADER + 6 * e)
+        first = array_address(self.buf) + 8 * (HEADER + 6 * e)
         addr = {name: first + 8 * n * i for i, name in enumerate(PAIR_REGIONS)}
         self.slot_token_addr, self.slot_k_addr, self.slot_row_addr, self.row_of_addr, self.slot_expert_addr = (
             addr[name] for name in ("slot_token", "slot_k", "slot_row", "row_of", "slot_expert"))
@@ -57,25 +58,11 @@ class Routing:
     def _regions(self) -> dict:
         return regions(self.buf, self.pairs, self.num_experts)
 
-    @property
-    def slot_token(self) -> np.ndarray:
-        return self._regions()["slot_token"]
-
-    @property
-    def slot_k(self) -> np.ndarray:
-        return self._regions()["slot_k"]
-
-    @property
-    def slot_row(self) -> np.ndarray:
-        return self._regions()["slot_row"]
-
-    @property
-    def slot_expert(self) -> np.ndarray:
-        return self._regions()["slot_expert"]
-
-    @property
-    def row_of(self) -> np.ndarray:
-        return self._regions()["row_of"].reshape(self.tokens, self.k)
+    slot_token = property(lambda self: self._regions()["slot_token"])
+    slot_k = property(lambda self: self._regions()["slot_k"])
+    slot_row = property(lambda self: self._regions()["slot_row"])
+    slot_expert = property(lambda self: self._regions()["slot_expert"])
+    row_of = property(lambda self: self._regions()["row_of"].reshape(self.tokens, self.k))
 
     @property
     def starts(self) -> np.ndarray:
@@ -99,7 +86,7 @@ def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:
     t, k = topk_ids.shape
     n, e = t * k, num_experts
     buf = np.empty(out_size(n, e), dtype=np.int64)
-    route_into(topk_ids.data_ptr(), n, k, e, SEGMENT_ALIGN, buf.__array_interface__["data"][0])
+    route_into(topk_ids.data_ptr(), n, k, e, SEGMENT_ALIGN, array_address(buf))
     if buf[2]:
         ids = topk_ids.numpy()
         raise ValueError(f"topk_ids holds expert ids in [{ids.min()}, {ids.max()}] but there are only {e} experts "

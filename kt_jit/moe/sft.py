@@ -40,7 +40,7 @@ from ..kernels.dytiles import kernel_for as dytiles_kernel
 from ..kernels.rowquant import quantize_rows_into
 from ..kernels.rows import kernel_for as rows_kernel
 from ..runtime import knobs
-from ..runtime.buffers import aligned_empty
+from ..runtime.buffers import aligned_empty, array_address
 from ..runtime.memory import keep_freed_memory
 from .gradbuf import LoraGradBuffers
 from .routing import SEGMENT_ALIGN, Routing, route
@@ -163,7 +163,7 @@ class _Arena:
             if total <= ARENA_KEEP_MAX:
                 _kept_scratch.mem = mem
         self._mem = mem  # (alive while the pass runs, also when not kept)
-        base = -(-mem.ctypes.data // 64) * 64
+        base = -(-array_address(mem) // 64) * 64
         self.span = Span(base, total - 64)
         self.rows = dict(_arena_rows(base, rows, items))
 

@@ -7,11 +7,18 @@ import ctypes
 import mmap
 import sys
 
+import numpy as np
 import torch
 
 ALIGN = 64
 HUGE_PAGE = 2 << 20
 HUGE_MIN_BYTES = 16 << 20  # smaller buffers stay on 4 KB pages (a huge page may round a buffer up by 2 MB)
+
+
+def array_address(a: np.ndarray) -> int:
+    """Address of a NumPy array's first element: cheaper than ``a.ctypes.data``, which builds a
+    ctypes object (hot paths of decode-sized calls run from cold caches)."""
+    return a.__array_interface__["data"][0]
 
 
 def aligned_empty(shape: tuple[int, ...] | list[int], dtype: torch.dtype) -> torch.Tensor:

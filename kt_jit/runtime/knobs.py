@@ -37,6 +37,11 @@ def _get(name: str, default: str | None = None) -> str | None:
     return default if value is None else value.decode("utf-8", "surrogateescape")
 
 
+def _switched_on(name: str) -> bool:
+    """A switch that is on unless set to 0, false, no or off."""
+    return _get(name, "1").strip() not in ("0", "false", "no", "off")
+
+
 def cache_dir() -> Path:
     """Directory of the on-disk kernel cache."""
     raw = os.environ.get("KT_JIT_CACHE_DIR")
@@ -85,14 +90,14 @@ def malloc_tune() -> bool:
 
 def reuse_lora_grads() -> bool:
     """KT_JIT_REUSE_LORA_GRADS: reuse dropped LoRA gradient buffers (default on)."""
-    return _get("KT_JIT_REUSE_LORA_GRADS", "1").strip() not in ("0", "false", "no", "off")
+    return _switched_on("KT_JIT_REUSE_LORA_GRADS")
 
 
 def defer_launches() -> bool:
     """KT_JIT_DEFER_LAUNCHES: batch an MoE pass's launches (default on)."""
-    return _get("KT_JIT_DEFER_LAUNCHES", "1").strip() not in ("0", "false", "no", "off")
+    return _switched_on("KT_JIT_DEFER_LAUNCHES")
 
 
 def launch_plans() -> bool:
     """KT_JIT_LAUNCH_PLANS: replay recorded launch plans of MoE passes (default on)."""
-    return _get("KT_JIT_LAUNCH_PLANS", "1").strip() not in ("0", "false", "no", "off")
+    return _switched_on("KT_JIT_LAUNCH_PLANS")
