@@ -487,7 +487,7 @@ def _lora_pairs(fn: Function, spec: GemmSpec, c: str, desc_extra: tuple[str, str
     return panel, h, hoff, fill
 
 
-def _either(fn: Function, cond: str, emit) -> None:
+def either(fn: Function, cond: str, emit) -> None:
     """``emit(True)`` where ``cond`` holds, else ``emit(False)``: two copies of a loop, one of which
     also prefetches (a run-time test per step would cost more than the prefetch saves)."""
     yes_bb, no_bb, done_bb = fn.new_block("yes"), fn.new_block("no"), fn.new_block("either")
@@ -606,7 +606,7 @@ def _avx512_fwd_body(spec: GemmSpec):
                             _mac(fn, accs, list(wv), xptrs, int_x)
 
                 if sch.pfn:  # row blocks after the first of a chunk compute from L2
-                    _either(fn, fn.val(f"and i1 {fn.icmp('ult', fn.add(kc0, kc), kp)}, {fn.icmp('ne', m0, 0)}"),
+                    either(fn, fn.val(f"and i1 {fn.icmp('ult', fn.add(kc0, kc), kp)}, {fn.icmp('ne', m0, 0)}"),
                             k_loop)
                 else:
                     k_loop(False)
@@ -851,7 +851,7 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
 
                 if sch.pfn and rows == sch.mr:  # the first row block fetches the next n-chunk while it
                     # computes (a full block: groups this large are streamed unless sm < mr)
-                    _either(fn, fn.val(f"and i1 {fn.icmp('ult', fn.add(nc0, kcn), nb)}, {fn.icmp('eq', m0, 0)}"), mac)
+                    either(fn, fn.val(f"and i1 {fn.icmp('ult', fn.add(nc0, kcn), nb)}, {fn.icmp('eq', m0, 0)}"), mac)
                 else:
                     mac(False)
                 for (i, _), (acc, p) in accs.items():

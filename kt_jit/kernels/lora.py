@@ -29,7 +29,7 @@ from dataclasses import dataclass
 from ..codegen import avx512 as vx
 from ..codegen.ir import BF16x32, F32x16, Function
 from ..codegen.worker import ArgBlock, compile_worker, f32_field, group_table
-from .gemm import row_blocks
+from .gemm import either, row_blocks
 
 ARGS = ArgBlock(["groups", "ldx", "ldw", "ldy", "alpha", "ldz"])
 DTYPES = ("f32", "bf16")
@@ -91,14 +91,21 @@ class LoraSpec:
         return 8 if self.nb == 2 else 16 if self.k % 16 == 0 else 8
 
     @property
+    def tile_cols(self) -> int:
+        """xty: columns of C per tile (a_block rows): 64 when B is a multiple of 1024 (see
+        XTY_WIDE_MAX), else 16 * nb."""
+        return 64 if self.nb == 2 and self.n % 1024 == 0 else 16 * self.nb
+
+    @property
     def units(self) -> int:
         """xty: (a-block, b-block) output tiles per group."""
-        return self.n // (16 * self.nb) * (self.k // self.a_block)
+        return self.n // self.tile_cols * (self.k // self.a_block)
 
     @property
     def units_per_item(self) -> int:
-        """xty: tiles per work item (items must not be tiny: each claim is a contended atomic)."""
-        return min(16, self.units)
+        """xty: tiles per work item, 4096 outputs at most (items must not be tiny: each claim is a
+        contended atomic)."""
+        return min(4096 // (self.a_block * self.tile_cols), self.units)
 
     @property
     def col_blocks(self) -> int:
@@ -256,46 +263,83 @@ def _xb_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: s
     row_blocks(fn, m, mr, micro)
 
 
-XTY_PREFETCH_UNITS = 2  # xty: prefetch distance along a token row, in work units
+XTY_PREFETCH_UNITS = 2  # xty: prefetch distance along a token row, in tiles
+# xty with B a multiple of 1024 (an adapter A's gradient, B = hidden size): a group of at most this
+# many tokens runs each item's outputs as 4 x 64 tiles (4 rows, each a 2 KB run stored a full line
+# at a time), more tokens as 8 x 32 ones (half as many Q vectors converted from bf16 per FMA).
+# Kernel alone on Zen 5, B=2048, 256 experts' gradients into cold memory, steady state (each variant
+# also pays the write-back of its own earlier output): 4 x 64 against 8 x 32, 1 token -3..-6%,
+# 4 -11%, 8 -24..-29%, 16 -15%, 32 +5%, 64 +10%. B=768 (runs of 1.5 KB cross rows): no gain.
+XTY_WIDE_MAX = 16
+
+
+def _xty_unit(fn: Function, spec: LoraSpec, ops: tuple, a0: str, b0: str, ab: int, nb: int, prefetch: int) -> None:
+    """C[a0:a0+ab, b0:b0+16nb] = alpha * sum over the m tokens of P[t, a] s[t] Q[t, b] (fp32 sums;
+    bf16 output is rounded once, stored a 64-byte line at a time where two vectors share one).
+    ``prefetch``: bytes ahead along each token's Q row to request (0: P's row instead)."""
+    p, q, out, m, rs, ldp, ldq, alpha = ops
+    psz = 4 if spec.x_dtype == "f32" else 2
+    qsz = 4 if spec.w_dtype == "f32" else 2
+    accs = {(a, j): fn.var(F32x16, "zeroinitializer", 64) for a in range(ab) for j in range(nb)}
+    with fn.loop(0, m, name="tok") as t:
+        qrow = fn.gep(q, fn.add(fn.mul(t, ldq), fn.mul(b0, qsz)))
+        qv = [vx.load_f32x16(fn, fn.gep(qrow, j * 16 * qsz), spec.w_dtype) for j in range(nb)]
+        if rs:
+            wt = vx.splat_f32(fn, fn.gep(rs[0], fn.mul(t, 4)), "f32")
+            qv = [vx.fmul(fn, v, wt) for v in qv]
+        prow = fn.gep(p, fn.add(fn.mul(t, ldp), fn.mul(a0, psz)))
+        # the rows are far apart (a token's row is K or N wide): the next tiles' slices of this
+        # row are prefetched, else every tile waits on m cold lines in m pages
+        vx.prefetch(fn, fn.gep(qrow, prefetch) if prefetch else fn.gep(prow, XTY_PREFETCH_UNITS * ab * psz))
+        for a in range(ab):
+            pv = vx.splat_f32(fn, fn.gep(prow, a * psz), spec.x_dtype)
+            for j in range(nb):
+                acc = accs[a, j]
+                acc.set(vx.fma(fn, pv, qv[j], acc.get()))
+    ysz = 4 if spec.y_dtype == "f32" else 2
+    for a in range(ab):
+        row = fn.gep(out, fn.mul(fn.add(fn.mul(fn.add(a0, a), spec.n), b0), ysz))
+        if spec.y_dtype == "bf16" and nb % 2 == 0:
+            for j in range(0, nb, 2):
+                halves = [fn.val(f"fptrunc {F32x16} {vx.fmul(fn, accs[a, j + e].get(), alpha)} to <16 x bfloat>")
+                          for e in (0, 1)]
+                fn.store(BF16x32, vx.shuffle(fn, "<16 x bfloat>", *halves, range(32)), fn.gep(row, j * 32), 2)
+            continue
+        for j in range(nb):
+            _finish(fn, spec, accs[a, j].get(), alpha, fn.gep(row, j * 16 * ysz))
 
 
 def _xty_body(spec: LoraSpec):
-    nb, ab = spec.nb, spec.a_block
-    cols = spec.n // (16 * nb)
-    psz = 4 if spec.x_dtype == "f32" else 2
+    nb, ab, tc = spec.nb, spec.a_block, spec.tile_cols
+    cols = spec.n // tc
     qsz = 4 if spec.w_dtype == "f32" else 2
+    ahead = XTY_PREFETCH_UNITS * tc * qsz if cols > 1 else 0
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
         c, p, q, out, m, *rs = _group(fn, ctx, item, spec.items_per_group, spec.group_fields)
-        ldp, ldq = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldw")
-        alpha = vx.splat_arg_f32(fn, ARGS.load(fn, ctx, "alpha"))
+        ops = (p, q, out, m, rs, ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldw"),
+               vx.splat_arg_f32(fn, ARGS.load(fn, ctx, "alpha")))
         u0 = fn.mul(c, spec.units_per_item)
-        with fn.loop(u0, fn.min(fn.add(u0, spec.units_per_item), spec.units), name="unit") as u:
-            a0 = fn.mul(fn.val(f"udiv i64 {u}, {cols}"), ab)
-            b0 = fn.mul(fn.val(f"urem i64 {u}, {cols}"), 16 * nb)
-            accs = {(a, j): fn.var(F32x16, "zeroinitializer", 64) for a in range(ab) for j in range(nb)}
-            with fn.loop(0, m, name="tok") as t:
-                qrow = fn.gep(q, fn.add(fn.mul(t, ldq), fn.mul(b0, qsz)))
-                qv = [vx.load_f32x16(fn, fn.gep(qrow, j * 16 * qsz), spec.w_dtype) for j in range(nb)]
-                if spec.row_scale:
-                    wt = vx.splat_f32(fn, fn.gep(rs[0], fn.mul(t, 4)), "f32")
-                    qv = [vx.fmul(fn, v, wt) for v in qv]
-                prow = fn.gep(p, fn.add(fn.mul(t, ldp), fn.mul(a0, psz)))
-                # the rows are far apart (a token's row is K or N wide): the next units' slices of
-                # this row are prefetched, else every unit waits on m cold lines in m pages
-                if cols > 1:
-                    vx.prefetch(fn, fn.gep(qrow, XTY_PREFETCH_UNITS * 16 * nb * qsz))
-                else:
-                    vx.prefetch(fn, fn.gep(prow, XTY_PREFETCH_UNITS * ab * psz))
-                for a in range(ab):
-                    pv = vx.splat_f32(fn, fn.gep(prow, a * psz), spec.x_dtype)
-                    for j in range(nb):
-                        acc = accs[a, j]
-                        acc.set(vx.fma(fn, pv, qv[j], acc.get()))
-            ysz = 4 if spec.y_dtype == "f32" else 2
-            for (a, j), acc in accs.items():
-                ptr = fn.gep(out, fn.mul(fn.add(fn.mul(fn.add(a0, a), spec.n), fn.add(b0, 16 * j)), ysz))
-                _finish(fn, spec, acc.get(), alpha, ptr)
+        u1 = fn.min(fn.add(u0, spec.units_per_item), spec.units)
+
+        def tiles(first: str, end: str, rows: int, width: int, emit) -> None:
+            """emit(a0, b0) for tiles first..end-1 of ``rows`` x ``width``, in row-major order."""
+            per_row = spec.n // width
+            with fn.loop(first, end, name="unit") as u:
+                a0, b0 = fn.val(f"udiv i64 {u}, {per_row}"), fn.val(f"urem i64 {u}, {per_row}")
+                emit(fn.mul(a0, rows), fn.mul(b0, width))
+
+        def wide_or_narrow(wide: bool) -> None:
+            # the item's outputs as twice as many 4 x 64 tiles (half the rows, twice the run per
+            # row), or as twice as many 8 x 32 ones
+            h, w = (4, 64) if wide else (8, 32)
+            tiles(fn.mul(u0, 2), fn.mul(u1, 2), h, w,
+                  lambda a0, b0: _xty_unit(fn, spec, ops, a0, b0, h, w // 16, XTY_PREFETCH_UNITS * w * qsz))
+
+        if tc == 16 * nb:
+            tiles(u0, u1, ab, tc, lambda a0, b0: _xty_unit(fn, spec, ops, a0, b0, ab, nb, ahead))
+        else:
+            either(fn, fn.icmp("ule", m, XTY_WIDE_MAX), wide_or_narrow)
 
     return body
 
