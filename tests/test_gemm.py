@@ -289,6 +289,29 @@ def test_transposed_gemm_lane_partial_slices():
         assert rel_err(got, ref_linear_t(d, w)) < 1e-5, m
 
 
+@pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")
+@pytest.mark.parametrize("quant", ["bf16", "int8"])
+def test_single_group_transposed_slices_over_work_items(quant):
+    """linear_t's single group of 1-8 rows: the lane-partial form with each K-slice a work item of
+    its own (2 slices at 1-4 rows, 8 above), every output written once; 9 rows: the fold form."""
+    from kt_jit.kernels.quant import dequantize_int8, pack_int8
+
+    n, k = 96, 4 * gemm.LANE_PARTIAL_SLICE
+    w = _weights(n, k, seed=7)
+    if quant == "int8":
+        packed, scales = pack_int8(w)
+        w = dequantize_int8(packed, scales)
+    else:
+        packed, scales = pack_bf16(w), None
+    sch = gemm.kernel_for("bwd", n, k, quant=quant, one_group=True).spec.schedule
+    assert (sch.lp, sch.lps) == (8, True)
+    for m in range(1, 10):
+        dy = torch.randn(m, n, generator=torch.Generator().manual_seed(m)).bfloat16()
+        dx = gemm.linear_t(dy, packed, out=torch.full((m, k), float("nan")), scales=scales)
+        # int8: dY times each channel's scale is rounded to bf16 (~1.5e-3, as in the fold form)
+        assert rel_err(dx, ref_linear_t(dy, w)) < (3e-3 if quant == "int8" else 1e-5), m
+
+
 QUANT_CASES = [("int8", 0, False), ("int4", 0, False), ("int4", 0, True), ("int4", 32, False), ("int4", 64, True)]
 
 

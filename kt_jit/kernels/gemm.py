@@ -104,6 +104,8 @@ class GemmSchedule:
         int4 rows, whose decode goes through fp32 for the scales)
     lp: "panel" only: groups with at most this many rows (<= LANE_PARTIAL_MAX, <= sm) take the
         lane-partial form instead, whole by their first work item (0 = never)
+    lps: with lp, the lane-partial form's K-slices go to the group's first work items, one each,
+        instead of all to the first (launches of a single group: the other threads get a share)
     """
 
     mr: int
@@ -116,10 +118,11 @@ class GemmSchedule:
     pfn: bool = False
     lp: int = 0
     pfw: int = 0
+    lps: bool = False
 
     def __str__(self) -> str:
         small = f"s{self.sm}{self.small}" if self.sm else ""
-        lp = f"l{self.lp}" if self.lp else ""
+        lp = f"l{self.lp}{'s' if self.lps else ''}" if self.lp else ""
         pfw = f"w{self.pfw}" if self.pfw else ""
         return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{pfw}{'n' if self.pfn else ''}{self.form}{small}{lp}"
 
@@ -133,7 +136,8 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     the fold form decodes fewer of them per output) and for launches of a single group
     (``one_group``: streaming it would leave the other threads idle; the fold form splits its
     outputs over work items). Groups of 1-4 rows (int4: 1-8) take the lane-partial form (one
-    thread per group) unless ``one_group``."""
+    thread per group); a single group (``one_group``, bf16 and int8) of 1-8 rows takes it with its
+    K-slices spread over the work items (``lps``)."""
     if isa == "avx512":
         if op == "fwd":  # quantized: prefetch 2 KB ahead like bf16's 16 rows (measured int8 +2-11%);
             # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1%, so off)
@@ -150,10 +154,14 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         # pfn: the panel's first row block prefetches the next n-chunk (measured m=16-32 +13-17%)
         # lp against the transposing forms, same-run A/B on Zen 5: bf16 1-4 rows 1.1-1.2x (dsv3
         # gate/up; 5-8 rows 0.9-1.0x, so 4); int4 1-8 rows: K-group 1.5x over the fold form, per
-        # channel MoE backward qlen 16 -10%, qlen 128 -5%; int8 5-8 rows neutral (4)
-        lp = 0 if one_group else 8 if quant == "int4" else 4
+        # channel MoE backward qlen 16 -10%, qlen 128 -5%; int8 5-8 rows neutral (4).
+        # A single group (one_group): its K-slices as work items (lps) against the fold form, kernel
+        # A/B on Zen 5, weights cold: bf16 1-4 rows +10..+36%, 5-8 rows +2..5%; int8 1-2 rows
+        # +0..+10%, 4 rows +40..55%, 8 rows +30..40% (int4 has no single-group API: unmeasured, fold)
+        one = one_group and quant in ("bf16", "int8")
+        lp = 8 if one or (quant == "int4" and not one_group) else 0 if one_group else 4
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
-                            sm=24 if small == "stream" else 8, small=small, pfn=True, lp=lp)
+                            sm=24 if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one)
     return GemmSchedule(mr=2, nr=2)
 
 
@@ -227,6 +235,10 @@ class GemmSpec:
         if sch.lp and not (self.is_panel and 0 < sch.lp <= min(sch.sm, LANE_PARTIAL_MAX)):
             raise ValueError(f"schedule lp={sch.lp}: the 'panel' transposed GEMM only, at most "
                              f"min(sm, {LANE_PARTIAL_MAX}) rows")
+        slices = max(self.k // 2 // _lane_partial_slice(self, r) for r in _lane_partial_variants(self)) if sch.lp else 0
+        if sch.lps and (not sch.lp or self.lora_rank or slices > self.items_per_group):
+            raise ValueError("schedule lps (lane-partial K-slices as work items): needs lp, no fused LoRA, and "
+                             "at most as many slices as work items per group")
         if self.is_panel:
             if sch.kc < 0 or (sch.kc and (self.n // 16) % sch.kc):
                 raise ValueError(f"schedule kc={sch.kc} must divide N/16={self.n // 16}")
@@ -778,12 +790,24 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                         with fn.loop(0, spec.k // span, name="lcb") as cb:
                             _bwd_lora(fn, spec, y, ldy, m, fn.mul(cb, span), extra, ldh)
 
+            def lane_partial() -> None:
+                if not sch.lps:
+                    whole_group(_bwd_lane_partial_rows)
+                    return
+                # item c < slices (of the code variant for m rows): K-slice c
+                few, *many = (spec.k // 2 // _lane_partial_slice(spec, r) for r in _lane_partial_variants(spec))
+                slices = fn.val(f"select i1 {fn.icmp('sle', m, LANE_PARTIAL_UNROLL)}, i64 {few}, i64 {many[0]}") \
+                    if many else str(few)
+                mine = fn.val(f"and i1 {fn.icmp('ult', c, slices)}, {fn.icmp('sgt', m, 0)}")
+                with fn.if_then(mine, name="lslice"):
+                    _bwd_lane_partial_rows(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, c)
+
             if sch.lp < sch.sm:  # the run-time limit is at most sm: with lp >= sm only lanes remain
                 if sch.lp:
                     lp_bb, rest_bb = fn.new_block("lanes"), fn.new_block("rest")
                     fn.cbr(fn.icmp("sle", m, sch.lp), lp_bb, rest_bb)
                     fn.set_block(lp_bb)
-                    whole_group(_bwd_lane_partial_rows)
+                    lane_partial()
                     fn.br(done_bb)
                     fn.set_block(rest_bb)
                 if sch.small == "fold":
@@ -793,7 +817,7 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                 else:
                     whole_group(_bwd_stream_group)
             else:
-                whole_group(_bwd_lane_partial_rows)
+                lane_partial()
             fn.br(done_bb)
             fn.set_block(panel_bb)
         panel = fn.alloca("i8", 64, kcn * 8 * sch.nr * 64)
@@ -884,37 +908,53 @@ LANE_PARTIAL_SLICE = 256  # k-pair rows per slice of the lane-partial form at <=
 # above): at most 64 KB of accumulators
 
 
-def _lane_partial_slice(spec: GemmSpec) -> int:
-    """k-pair rows per slice of the lane-partial form (within one K-group)."""
+def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
+    """k-pair rows per slice of the lane-partial form in code for up to ``rows`` token rows (within
+    one K-group)."""
     return _chunk(spec.group_size // 2 if spec.group_size else spec.k // 2,
-                  LANE_PARTIAL_SLICE if spec.schedule.lp <= 4 else LANE_PARTIAL_SLICE // 4)
+                  LANE_PARTIAL_SLICE if rows <= LANE_PARTIAL_UNROLL else LANE_PARTIAL_SLICE // 4)
+
+
+def _lane_partial_variants(spec: GemmSpec) -> tuple[int, ...]:
+    """The row bound that sizes the slices of each code variant of the lane-partial form: with
+    ``lps`` the unrolled variants' (LANE_PARTIAL_UNROLL; single groups of 1-4 rows measured
+    +0..6% with the larger slices) and the generic one's (schedule lp); otherwise lp for all (the
+    MoE's int4 groups of 1-4 rows measured 4-7% slower with the larger slices)."""
+    lp = spec.schedule.lp
+    if not spec.schedule.lps:
+        return (lp,)
+    return (min(lp, LANE_PARTIAL_UNROLL),) + ((lp,) if lp > LANE_PARTIAL_UNROLL else ())
 
 
 def _bwd_lane_partial_rows(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str,
-                           xsc: str | None, ldx: str, ldy: str, m: str) -> None:
+                           xsc: str | None, ldx: str, ldy: str, m: str, only: str | None = None) -> None:
     """:func:`_bwd_lane_partial` with code specialised for 1..LANE_PARTIAL_UNROLL rows (their dY
-    pairs stay in registers over a step of n-blocks) and the generic form above that."""
+    pairs stay in registers over a step of n-blocks) and the generic form above that; ``only``:
+    the index of the one K-slice to compute (default: all)."""
     unroll = min(spec.schedule.lp, LANE_PARTIAL_UNROLL)
     if unroll == 0:
-        _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
+        _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, only=only)
         return
-    acc = fn.alloca("i8", 64, spec.schedule.lp * _lane_partial_slice(spec) * 64)  # one for all variants
+    # one accumulator buffer for all variants (a variant's rows times its slice)
+    bounds = _lane_partial_variants(spec)
+    acc = fn.alloca("i8", 64, max(min(b, spec.schedule.lp) * _lane_partial_slice(spec, b) for b in bounds) * 64)
     if unroll < spec.schedule.lp:
         few, many, done = fn.new_block("lpfew"), fn.new_block("lpmany"), fn.new_block("lpdone")
         fn.cbr(fn.icmp("sle", m, unroll), few, many)
         fn.set_block(many)
-        _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, acc_buf=acc)
+        _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, acc_buf=acc, only=only)
         fn.br(done)
         fn.set_block(few)
     for rows in fn.switch(m, range(1, unroll + 1), name="lprows"):
-        _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, str(rows), rows, acc)
+        _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, str(rows), rows, acc, only)
     if unroll < spec.schedule.lp:
         fn.br(done)
         fn.set_block(done)
 
 
 def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, xsc: str | None,
-                      ldx: str, ldy: str, m: str, unrolled: int = 0, acc_buf: str | None = None) -> None:
+                      ldx: str, ldy: str, m: str, unrolled: int = 0, acc_buf: str | None = None,
+                      only: str | None = None) -> None:
     """``dX = dY W`` for one whole group of at most ``schedule.lp`` rows, without transposing the
     weight. Operands:
     bf16; integer kernels (per-channel modes): int16 rows of dY diag(s) with row scales ``xsc``
@@ -930,7 +970,8 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     small (see default_schedule).
 
     ``acc_buf``: the accumulators' stack buffer (``lp`` rows of a slice), shared by the row-count
-    variants. ``unrolled`` (> 0: m equals it) unrolls the token rows and keeps their dY pairs in registers.
+    variants. ``only``: compute K-slice ``only`` alone (schedule ``lps``). ``unrolled`` (> 0: m
+    equals it) unrolls the token rows and keeps their dY pairs in registers.
 
     Order: K in slices of LANE_PARTIAL_SLICE k-pair rows (a quarter of that above 4 rows), or
     within one K-group (their accumulators, 64 B per row and k-pair row, stay in L1/L2), within a
@@ -948,10 +989,12 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant == "bf16" else ()
     ns = max(d for d in (*wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
     # a slice lies within one K-group (its scales and zero points are per slice and block)
-    sl = _lane_partial_slice(spec)
-    acc = acc_buf or fn.alloca("i8", 64, spec.schedule.lp * sl * 64)
+    rows_max = unrolled or spec.schedule.lp
+    sl = _lane_partial_slice(spec, rows_max if spec.schedule.lps else spec.schedule.lp)
+    acc = acc_buf or fn.alloca("i8", 64, rows_max * sl * 64)
     dyd = None if unrolled else fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
-    with fn.loop(0, kp, sl, name="lks") as ks:
+    first_slice = fn.mul(only, sl) if only is not None else "0"
+    with fn.loop(first_slice, fn.add(first_slice, sl) if only is not None else kp, sl, name="lks") as ks:
         grp = fn.val(f"udiv i64 {ks}, {spec.group_size // 2}") if spec.group_size else "0"
         with fn.loop(0, fn.mul(m, sl), name="lz") as z:
             fn.store(F32x16, "zeroinitializer", fn.gep(acc, fn.mul(z, 64)), 64)
