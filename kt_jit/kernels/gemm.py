@@ -1321,6 +1321,8 @@ def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str, schedule: G
             schedule = dataclasses.replace(schedule, kc=_chunk(group_size // 2, schedule.kc))
         while op == "fwd" and lora_split % (16 * schedule.nr):  # a work item's outputs use one adapter
             schedule = dataclasses.replace(schedule, nr=schedule.nr // 2)
+        if lora_rank and schedule.lps:  # the fused LoRA term goes by output column blocks: the fold form
+            schedule = dataclasses.replace(schedule, lp=0, lps=False)
     return get_kernel(GemmSpec(op, n, k, isa, accumulate, schedule, quant, group_size, zero_point, lora_rank,
                                lora_split))
 
