@@ -293,7 +293,8 @@ def test_transposed_gemm_lane_partial_slices():
 @pytest.mark.parametrize("quant", ["bf16", "int8"])
 def test_single_group_transposed_slices_over_work_items(quant):
     """linear_t's single group of 1-8 rows: the lane-partial form with each K-slice a work item of
-    its own (2 slices at 1-4 rows, 8 above), every output written once; 9 rows: the fold form."""
+    its own (2 slices at 1-4 rows, 8 above), every output written exactly once (over NaN, and
+    accumulated into a random output); 9 rows: the panel form."""
     from kt_jit.kernels.quant import dequantize_int8, pack_int8
 
     n, k = 96, 4 * gemm.LANE_PARTIAL_SLICE
@@ -308,9 +309,14 @@ def test_single_group_transposed_slices_over_work_items(quant):
     assert not gemm.kernel_for("bwd", n, k, quant=quant, one_group=True, lora_rank=16).spec.schedule.lps
     for m in range(1, 10):
         dy = torch.randn(m, n, generator=torch.Generator().manual_seed(m)).bfloat16()
+        want = ref_linear_t(dy, w)
         dx = gemm.linear_t(dy, packed, out=torch.full((m, k), float("nan")), scales=scales)
         # int8: dY times each channel's scale is rounded to bf16 (~1.5e-3, as in the fold form)
-        assert rel_err(dx, ref_linear_t(dy, w)) < (3e-3 if quant == "int8" else 1e-5), m
+        tol = 3e-3 if quant == "int8" else 1e-5
+        assert rel_err(dx, want) < tol, m
+        base = torch.randn(m, k, generator=torch.Generator().manual_seed(50 + m))
+        dx = gemm.linear_t(dy, packed, out=base.clone(), accumulate=True, scales=scales)
+        assert rel_err(dx, base + want) < tol, m
 
 
 QUANT_CASES = [("int8", 0, False), ("int4", 0, False), ("int4", 0, True), ("int4", 32, False), ("int4", 64, True)]

@@ -101,6 +101,29 @@ def test_xty(a, bdim, dtypes, ms, row_scale, y_dtype):
             assert rel_err(c.float(), want.bfloat16().float()) < 4e-3
 
 
+@pytest.mark.parametrize("a,bdim", [(24, 2048), (264, 32), (136, 48), (8, 3072)])
+@pytest.mark.parametrize("accumulate,y_dtype", [(False, "bf16"), (True, "f32")])
+def test_xty_covers_every_output_once(a, bdim, accumulate, y_dtype):
+    """Tile numberings that cross rows or leave a partial last item (A a multiple of 8 but not 16,
+    B of 1024 with items splitting rows, 33 and 51 tiles), groups of few and of many tokens in one
+    launch: every output written once (accumulated into a random C, or over NaN)."""
+    kern = get_kernel(LoraSpec("xty", bdim, a, x_dtype="f32", w_dtype="bf16", accumulate=accumulate,
+                               y_dtype=y_dtype))
+    ms = (3, 40)
+    ps = [torch.randn(m, a, generator=torch.Generator().manual_seed(m)) for m in ms]
+    qs = [_bf(m, bdim, seed=m + 1) for m in ms]
+    dt = torch.float32 if y_dtype == "f32" else torch.bfloat16
+    cs = [torch.randn(a, bdim).to(dt) if accumulate else torch.full((a, bdim), float("nan"), dtype=dt) for _ in ms]
+    before = [c.float().clone() for c in cs]
+    kern.launch(_groups(*[(p.data_ptr(), q.data_ptr(), c.data_ptr(), m) for p, q, c, m in zip(ps, qs, cs, ms,
+                                                                                             strict=True)]),
+                a * 4, bdim * 2, 0, 0.5)
+    for p, q, c, b in zip(ps, qs, cs, before, strict=True):
+        want = 0.5 * p.T @ q.float() + (b if accumulate else 0)
+        assert rel_err(c.float(), want if y_dtype == "f32" else want.bfloat16().float()) < (1e-5 if accumulate
+                                                                                            else 4e-3)
+
+
 def test_spec_validation():
     with pytest.raises(ValueError, match="multiple of 16"):
         LoraSpec("xb", 24, 16)

@@ -25,11 +25,13 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
   registers and multiplied at once into dX rows kept in L1. Groups of at most ``lp`` rows (4; int4:
   8) take the lane-partial form, also whole and in forward order: no transposition at all (one
   word swap per row, see :func:`_bwd_lane_partial`), partial sums per n-pair kept in the lanes of
-  L1 accumulators over a K-slice and folded to outputs at its end.
+  L1 accumulators over a K-slice and folded to outputs at its end. A single group (the launches of
+  ``linear_t``, bf16 and int8: schedule ``lps``) gives each K-slice to a work item of its own.
 - AVX-512 ``bwd``, form "fold" (the first version): the swapped rows are multiplied directly
   against duplicated dY pairs; lane 2q+e accumulates output k = 2r+e for n-pair q and the 8
-  q-partials are folded with shuffles once per output vector. It serves the small groups of
-  launches of a single group (its work items split K, where the other forms use one thread).
+  q-partials are folded with shuffles once per output vector. Its work items split K; it serves
+  single groups with a fused LoRA term or of int4 weights, and K too short for two lane-partial
+  slices.
 - Quantized weights (AVX-512 only): the forward multiplies the integer codes (int8, or int4 minus
   its zero point, as int16 words) by int16 activation rows with ``vpdpwssd``; x arrives quantized
   per row (kernels/rowquant.py) with its row scales in an extra group field, and the weight and
@@ -103,7 +105,7 @@ class GemmSchedule:
         to back as the forward reads it); "fold": the fold form's work item (cheaper for K-group
         int4 rows, whose decode goes through fp32 for the scales)
     lp: "panel" only: groups with at most this many rows (<= LANE_PARTIAL_MAX, <= sm) take the
-        lane-partial form instead, whole by their first work item (0 = never)
+        lane-partial form instead, whole by their first work item unless ``lps`` (0 = never)
     lps: with lp, the lane-partial form's K-slices go to the group's first work items, one each,
         instead of all to the first (launches of a single group: the other threads get a share)
     """
@@ -136,8 +138,8 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     the fold form decodes fewer of them per output) and for launches of a single group
     (``one_group``: streaming it would leave the other threads idle; the fold form splits its
     outputs over work items). Groups of 1-4 rows (int4: 1-8) take the lane-partial form (one
-    thread per group); a single group (``one_group``, bf16 and int8) of 1-8 rows takes it with its
-    K-slices spread over the work items (``lps``)."""
+    thread per group); a single group (``one_group``, bf16 and int8, K long enough for two
+    slices) of 1-8 rows takes it with its K-slices spread over the work items (``lps``)."""
     if isa == "avx512":
         if op == "fwd":  # quantized: prefetch 2 KB ahead like bf16's 16 rows (measured int8 +2-11%);
             # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1%, so off)
@@ -156,9 +158,11 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         # gate/up; 5-8 rows 0.9-1.0x, so 4); int4 1-8 rows: K-group 1.5x over the fold form, per
         # channel MoE backward qlen 16 -10%, qlen 128 -5%; int8 5-8 rows neutral (4).
         # A single group (one_group): its K-slices as work items (lps) against the fold form, kernel
-        # A/B on Zen 5, weights cold: bf16 1-4 rows +10..+36%, 5-8 rows +2..5%; int8 1-2 rows
-        # +0..+10%, 4 rows +40..55%, 8 rows +30..40% (int4 has no single-group API: unmeasured, fold)
-        one = one_group and quant in ("bf16", "int8")
+        # A/B on Zen 5, weights cold, N x K in {2048 x 7168, 7168 x 2048, 2048 x 768, 768 x 2048}:
+        # bf16 1 row +5..+13%, 4 rows +17..+26%, 8 rows +4..+11%; int8 1 row -6..+30%, 4 rows
+        # +60..+67%, 8 rows +20..+58%. Only where K/2 holds two 1-4-row slices or more, else one
+        # thread would do it all (int4 has no single-group API: unmeasured, fold).
+        one = one_group and quant in ("bf16", "int8") and k // 2 // _chunk(k // 2, LANE_PARTIAL_SLICE) >= 2
         lp = 8 if one or (quant == "int4" and not one_group) else 0 if one_group else 4
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
                             sm=24 if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one)
@@ -500,8 +504,8 @@ def _lora_pairs(fn: Function, spec: GemmSpec, c: str, desc_extra: tuple[str, str
 
 
 def either(fn: Function, cond: str, emit) -> None:
-    """``emit(True)`` where ``cond`` holds, else ``emit(False)``: two copies of a loop, one of which
-    also prefetches (a run-time test per step would cost more than the prefetch saves)."""
+    """``emit(True)`` where ``cond`` holds, else ``emit(False)``: two copies of a loop chosen once
+    (e.g. one of which also prefetches: a run-time test per step would cost more than it saves)."""
     yes_bb, no_bb, done_bb = fn.new_block("yes"), fn.new_block("no"), fn.new_block("either")
     fn.cbr(cond, yes_bb, no_bb)
     fn.set_block(yes_bb)
@@ -909,20 +913,20 @@ LANE_PARTIAL_SLICE = 256  # k-pair rows per slice of the lane-partial form at <=
 
 
 def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
-    """k-pair rows per slice of the lane-partial form in code for up to ``rows`` token rows (within
-    one K-group)."""
+    """k-pair rows per slice (within one K-group) of the lane-partial code for up to ``rows`` token
+    rows: LANE_PARTIAL_SLICE up to LANE_PARTIAL_UNROLL rows, a quarter above (the accumulators, rows
+    x slice x 64 bytes, stay within 64 KB). Only ``lps`` schedules size each code variant's slices
+    by its own rows (single groups of 1-4 rows: +0..6% with the longer slices); the others size
+    all by ``lp`` (the MoE's int4 groups of 1-4 rows measured 4-7% slower with the longer ones)."""
+    bound = rows if spec.schedule.lps else spec.schedule.lp
     return _chunk(spec.group_size // 2 if spec.group_size else spec.k // 2,
-                  LANE_PARTIAL_SLICE if rows <= LANE_PARTIAL_UNROLL else LANE_PARTIAL_SLICE // 4)
+                  LANE_PARTIAL_SLICE if bound <= LANE_PARTIAL_UNROLL else LANE_PARTIAL_SLICE // 4)
 
 
 def _lane_partial_variants(spec: GemmSpec) -> tuple[int, ...]:
-    """The row bound that sizes the slices of each code variant of the lane-partial form: with
-    ``lps`` the unrolled variants' (LANE_PARTIAL_UNROLL; single groups of 1-4 rows measured
-    +0..6% with the larger slices) and the generic one's (schedule lp); otherwise lp for all (the
-    MoE's int4 groups of 1-4 rows measured 4-7% slower with the larger slices)."""
+    """Most rows of each code variant of the lane-partial form: the unrolled ones (up to
+    LANE_PARTIAL_UNROLL) and, above that, the generic one (the schedule's ``lp``)."""
     lp = spec.schedule.lp
-    if not spec.schedule.lps:
-        return (lp,)
     return (min(lp, LANE_PARTIAL_UNROLL),) + ((lp,) if lp > LANE_PARTIAL_UNROLL else ())
 
 
@@ -936,8 +940,7 @@ def _bwd_lane_partial_rows(fn: Function, spec: GemmSpec, x: str, w: str, y: str,
         _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, only=only)
         return
     # one accumulator buffer for all variants (a variant's rows times its slice)
-    bounds = _lane_partial_variants(spec)
-    acc = fn.alloca("i8", 64, max(min(b, spec.schedule.lp) * _lane_partial_slice(spec, b) for b in bounds) * 64)
+    acc = fn.alloca("i8", 64, max(r * _lane_partial_slice(spec, r) for r in _lane_partial_variants(spec)) * 64)
     if unroll < spec.schedule.lp:
         few, many, done = fn.new_block("lpfew"), fn.new_block("lpmany"), fn.new_block("lpdone")
         fn.cbr(fn.icmp("sle", m, unroll), few, many)
@@ -955,8 +958,8 @@ def _bwd_lane_partial_rows(fn: Function, spec: GemmSpec, x: str, w: str, y: str,
 def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, xsc: str | None,
                       ldx: str, ldy: str, m: str, unrolled: int = 0, acc_buf: str | None = None,
                       only: str | None = None) -> None:
-    """``dX = dY W`` for one whole group of at most ``schedule.lp`` rows, without transposing the
-    weight. Operands:
+    """``dX = dY W`` for one whole group of at most ``schedule.lp`` rows (or one K-slice of it,
+    ``only``), without transposing the weight. Operands:
     bf16; integer kernels (per-channel modes): int16 rows of dY diag(s) with row scales ``xsc``
     against the integer codes; other quantized kernels (K-groups): the fold form's numerics, exact
     integer weights in bf16 against dY's pairs times their channel's scale in the slice's group.
@@ -969,13 +972,12 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     shuffle instead of the four of the transposition; it pays while the accumulator traffic is
     small (see default_schedule).
 
-    ``acc_buf``: the accumulators' stack buffer (``lp`` rows of a slice), shared by the row-count
-    variants. ``only``: compute K-slice ``only`` alone (schedule ``lps``). ``unrolled`` (> 0: m
-    equals it) unrolls the token rows and keeps their dY pairs in registers.
+    ``acc_buf``: the accumulators' stack buffer (the largest variant's rows times its slice),
+    shared by the row-count variants. ``only``: compute K-slice ``only`` alone (schedule ``lps``).
+    ``unrolled`` (> 0: m equals it) unrolls the token rows and keeps their dY pairs in registers.
 
-    Order: K in slices of LANE_PARTIAL_SLICE k-pair rows (a quarter of that above 4 rows), or
-    within one K-group (their accumulators, 64 B per row and k-pair row, stay in L1/L2), within a
-    slice the n-blocks STREAM_BLOCKS at a time
+    Order: K in slices (:func:`_lane_partial_slice`; within one K-group; their accumulators, 64 B
+    per row and k-pair row, stay in L1/L2), within a slice the n-blocks STREAM_BLOCKS at a time
     side by side, so each block is read in contiguous pieces. Integer kernels sum the
     STREAM_BLOCKS products of a step in int32 (far from overflow) and add them to fp32
     accumulators; the row scale is applied at the end.
@@ -990,7 +992,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     ns = max(d for d in (*wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
     # a slice lies within one K-group (its scales and zero points are per slice and block)
     rows_max = unrolled or spec.schedule.lp
-    sl = _lane_partial_slice(spec, rows_max if spec.schedule.lps else spec.schedule.lp)
+    sl = _lane_partial_slice(spec, rows_max)
     acc = acc_buf or fn.alloca("i8", 64, rows_max * sl * 64)
     dyd = None if unrolled else fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
     first_slice = fn.mul(only, sl) if only is not None else "0"

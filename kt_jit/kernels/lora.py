@@ -80,14 +80,15 @@ class LoraSpec:
 
     @property
     def nb(self) -> int:
-        """16-wide output vectors per work item."""
+        """16-wide output vectors per column block (xat, xb) or per tile row (xty; the 8 x 32 shape
+        of a 64-column tile)."""
         if self.form == "xat":
             return 1
         return 4 if self.n % 64 == 0 and self.form == "xb" else (2 if self.n % 32 == 0 else 1)
 
     @property
     def a_block(self) -> int:
-        """xty: rows of C per work item."""
+        """xty: rows of C per tile."""
         return 8 if self.nb == 2 else 16 if self.k % 16 == 0 else 8
 
     @property
@@ -103,9 +104,9 @@ class LoraSpec:
 
     @property
     def units_per_item(self) -> int:
-        """xty: tiles per work item, 4096 outputs at most (items must not be tiny: each claim is a
-        contended atomic)."""
-        return min(4096 // (self.a_block * self.tile_cols), self.units)
+        """xty: tiles per work item (items must not be tiny: each claim is a contended atomic): 16,
+        or 8 of the 64-column tiles (the same 4096 outputs as 16 of their 8 x 32 halves)."""
+        return min(8 if self.tile_cols == 64 else 16, self.units)
 
     @property
     def col_blocks(self) -> int:
@@ -264,9 +265,10 @@ def _xb_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: s
 
 
 XTY_PREFETCH_UNITS = 2  # xty: prefetch distance along a token row, in tiles
-# xty with B a multiple of 1024 (an adapter A's gradient, B = hidden size): a group of at most this
-# many tokens runs each item's outputs as 4 x 64 tiles (4 rows, each a 2 KB run stored a full line
-# at a time), more tokens as 8 x 32 ones (half as many Q vectors converted from bf16 per FMA).
+# xty with B a multiple of 1024 (an adapter A's gradient, B = hidden size): in a group of at most
+# this many tokens an item takes 4 x 64 tiles (numbered row by row over the group, so an item's 16
+# tiles are 4 rows of 2 KB runs, stored a full line at a time), with more tokens 8 x 32 ones (half
+# as many Q vectors converted from bf16 per FMA); either way 4096 outputs per item.
 # Kernel alone on Zen 5, B=2048, 256 experts' gradients into cold memory, steady state (each variant
 # also pays the write-back of its own earlier output): 4 x 64 against 8 x 32, 1 token -3..-6%,
 # 4 -11%, 8 -24..-29%, 16 -15%, 32 +5%, 64 +10%. B=768 (runs of 1.5 KB cross rows): no gain.
@@ -322,7 +324,7 @@ def _xty_body(spec: LoraSpec):
         u0 = fn.mul(c, spec.units_per_item)
         u1 = fn.min(fn.add(u0, spec.units_per_item), spec.units)
 
-        def tiles(first: str, end: str, rows: int, width: int, emit) -> None:
+        def each_tile(first: str, end: str, rows: int, width: int, emit) -> None:
             """emit(a0, b0) for tiles first..end-1 of ``rows`` x ``width``, in row-major order."""
             per_row = spec.n // width
             with fn.loop(first, end, name="unit") as u:
@@ -330,14 +332,14 @@ def _xty_body(spec: LoraSpec):
                 emit(fn.mul(a0, rows), fn.mul(b0, width))
 
         def wide_or_narrow(wide: bool) -> None:
-            # the item's outputs as twice as many 4 x 64 tiles (half the rows, twice the run per
-            # row), or as twice as many 8 x 32 ones
+            # twice as many tiles of half the size, numbered row by row over the group: 4 x 64
+            # (half the rows, twice the run per row) or 8 x 32
             h, w = (4, 64) if wide else (8, 32)
-            tiles(fn.mul(u0, 2), fn.mul(u1, 2), h, w,
+            each_tile(fn.mul(u0, 2), fn.mul(u1, 2), h, w,
                   lambda a0, b0: _xty_unit(fn, spec, ops, a0, b0, h, w // 16, XTY_PREFETCH_UNITS * w * qsz))
 
         if tc == 16 * nb:
-            tiles(u0, u1, ab, tc, lambda a0, b0: _xty_unit(fn, spec, ops, a0, b0, ab, nb, ahead))
+            each_tile(u0, u1, ab, tc, lambda a0, b0: _xty_unit(fn, spec, ops, a0, b0, ab, nb, ahead))
         else:
             either(fn, fn.icmp("ule", m, XTY_WIDE_MAX), wide_or_narrow)
 
