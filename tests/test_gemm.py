@@ -291,12 +291,16 @@ def test_transposed_gemm_lane_partial_slices():
 
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")
 @pytest.mark.parametrize("quant", ["bf16", "int8"])
-def test_single_group_transposed_slices_over_work_items(quant):
+def test_single_group_transposed_slices_over_work_items(quant, monkeypatch, request):
     """linear_t's single group of 1-8 rows: the lane-partial form with each K-slice a work item of
     its own (2 slices at 1-4 rows, 8 above), every output written exactly once (over NaN, and
-    accumulated into a random output); 9 rows: the panel form."""
+    accumulated into a random output); 9 rows: the panel form. (Two threads: the schedule asks for a
+    1-4-row slice per thread.)"""
     from kt_jit.kernels.quant import dequantize_int8, pack_int8
 
+    monkeypatch.setattr(gemm, "default_num_threads", lambda: 2)
+    gemm._kernel_for.cache_clear()  # the schedules chosen under two threads do not outlive the test
+    request.addfinalizer(gemm._kernel_for.cache_clear)
     n, k = 96, 4 * gemm.LANE_PARTIAL_SLICE
     w = _weights(n, k, seed=7)
     if quant == "int8":

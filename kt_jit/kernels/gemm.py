@@ -66,6 +66,7 @@ from ..codegen.ir import BF16x32, F32x16, Function, I16x32, I32x16, Module, Var
 from ..codegen.worker import ArgBlock, build_worker, dispatch, group_table, immediate_launches
 from ..runtime.amx import active_isa, require_amx
 from ..runtime.buffers import aligned_zeros
+from ..runtime.threads import default_num_threads
 from .pack import check_gemm_dims
 from .rowquant import ACT_MAX, quantize_rows
 
@@ -160,9 +161,11 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         # A single group (one_group): its K-slices as work items (lps) against the fold form, kernel
         # A/B on Zen 5, weights cold, N x K in {2048 x 7168, 7168 x 2048, 2048 x 768, 768 x 2048}:
         # bf16 1 row +5..+13%, 4 rows +17..+26%, 8 rows +4..+11%; int8 1 row -6..+30%, 4 rows
-        # +60..+67%, 8 rows +20..+58%. Only where K/2 holds two 1-4-row slices or more, else one
-        # thread would do it all (int4 has no single-group API: unmeasured, fold).
-        one = one_group and quant in ("bf16", "int8") and k // 2 // _chunk(k // 2, LANE_PARTIAL_SLICE) >= 2
+        # +60..+67%, 8 rows +20..+58%. Only where K/2 holds at least one 1-4-row slice per thread
+        # (and two), else threads would idle where the fold form's K/64 items keep them all busy
+        # (int4 has no single-group API: unmeasured, fold).
+        slices = k // 2 // _chunk(k // 2, LANE_PARTIAL_SLICE)
+        one = one_group and quant in ("bf16", "int8") and slices >= max(2, default_num_threads())
         lp = 8 if one or (quant == "int4" and not one_group) else 0 if one_group else 4
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
                             sm=24 if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one)
