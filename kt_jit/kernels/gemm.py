@@ -30,8 +30,8 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
 - AVX-512 ``bwd``, form "fold" (the first version): the swapped rows are multiplied directly
   against duplicated dY pairs; lane 2q+e accumulates output k = 2r+e for n-pair q and the 8
   q-partials are folded with shuffles once per output vector. Its work items split K; it serves
-  single groups with a fused LoRA term or of int4 weights, and K too short for two lane-partial
-  slices.
+  single groups with a fused LoRA term or of int4 weights, and K too short for a lane-partial
+  slice per thread.
 - Quantized weights (AVX-512 only): the forward multiplies the integer codes (int8, or int4 minus
   its zero point, as int16 words) by int16 activation rows with ``vpdpwssd``; x arrives quantized
   per row (kernels/rowquant.py) with its row scales in an extra group field, and the weight and
@@ -139,8 +139,8 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     the fold form decodes fewer of them per output) and for launches of a single group
     (``one_group``: streaming it would leave the other threads idle; the fold form splits its
     outputs over work items). Groups of 1-4 rows (int4: 1-8) take the lane-partial form (one
-    thread per group); a single group (``one_group``, bf16 and int8, K long enough for two
-    slices) of 1-8 rows takes it with its K-slices spread over the work items (``lps``)."""
+    thread per group); a single group (``one_group``, bf16 and int8, K long enough for a slice
+    per thread) of 1-8 rows takes it with its K-slices spread over the work items (``lps``)."""
     if isa == "avx512":
         if op == "fwd":  # quantized: prefetch 2 KB ahead like bf16's 16 rows (measured int8 +2-11%);
             # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1%, so off)
