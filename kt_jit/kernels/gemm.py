@@ -989,11 +989,10 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     integer = spec.int_x
     nb, rb, kp = spec.n // 16, spec.row_bytes, spec.k // 2
     block_stride = kp * rb
-    # bf16 at 1-4 unrolled rows: 8 blocks per step halve the accumulator traffic per weight byte
-    # (kernel A/B, Zen 5 fast-memory mode: m=1-2 -3..-5% on top of the unrolling; int4 lost); at
-    # 3-4 rows only since every other block's prefetch went (slow mode m=3 -1.7..-3.4%, m=4
-    # -0.6..-2.8%; before, 24-32 dY vectors and a prefetch per block lost there)
-    wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 4 and spec.quant == "bf16" else ()
+    # bf16 at 1-2 unrolled rows: 8 blocks per step halve the accumulator traffic per weight byte
+    # (kernel A/B, Zen 5 fast-memory mode: m=1-2 -3..-5% on top of the unrolling; int4 lost; at
+    # 3-4 rows the 24-32 dY vectors no longer fit the registers)
+    wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant == "bf16" else ()
     ns = max(d for d in (*wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
     # 8 blocks per step: software prefetch for every other one, the hardware prefetcher keeps the
     # rest going (kernel A/B, 8 cold experts, Zen 5 slow memory mode, 1 row -3.5..-4.4%, 2 rows
