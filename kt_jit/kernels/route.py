@@ -42,11 +42,21 @@ def out_size(n: int, e: int) -> int:
 PAIR_REGIONS = ("slot_token", "slot_k", "slot_row", "row_of", "ids", "slot_expert")
 
 
+def pair_region(name: str, n: int, e: int) -> int:
+    """Index (in int64 fields) of the per-pair region ``name`` in the output buffer."""
+    return HEADER + 6 * e + n * PAIR_REGIONS.index(name)
+
+
+def basis_view(buf):
+    """The basis rows [A, 4] of a filled output buffer (NumPy int64)."""
+    active = int(buf[0])
+    return buf[HEADER:HEADER + 4 * active].reshape(active, 4)
+
+
 def regions(buf, n: int, e: int) -> dict:
     """Views of a filled output buffer (NumPy int64): ``basis`` [A, 4] and the per-pair regions."""
-    active, b = int(buf[0]), HEADER + 6 * e
-    views = {name: buf[b + i * n:b + (i + 1) * n] for i, name in enumerate(PAIR_REGIONS)}
-    views["basis"] = buf[HEADER:HEADER + 4 * active].reshape(active, 4)
+    views = {name: buf[pair_region(name, n, e):pair_region(name, n, e) + n] for name in PAIR_REGIONS}
+    views["basis"] = basis_view(buf)
     return views
 
 

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 
 from ..codegen.plan import Span
-from ..kernels.route import HEADER, PAIR_REGIONS, out_size, regions, route_into
+from ..kernels.route import PAIR_REGIONS, basis_view, out_size, pair_region, regions, route_into
 from ..runtime.buffers import array_address
 
 SEGMENT_ALIGN = 16
@@ -40,13 +40,13 @@ class Routing:
         """Addresses and views of ``buf`` (again after a copy, which owns a new buffer)."""
         n, e = self.tokens * self.k, self.num_experts
         self.pairs, self.rows = n, int(self.buf[1])
-        self.basis = self.buf[HEADER:HEADER + 4 * int(self.buf[0])].reshape(-1, 4)
-        first = array_address(self.buf) + 8 * (HEADER + 6 * e)
-        addr = {name: first + 8 * n * i for i, name in enumerate(PAIR_REGIONS)}
+        self.basis = basis_view(self.buf)
+        base = array_address(self.buf)
+        names = ("slot_token", "slot_k", "slot_row", "row_of", "slot_expert")
         self.slot_token_addr, self.slot_k_addr, self.slot_row_addr, self.row_of_addr, self.slot_expert_addr = (
-            addr[name] for name in ("slot_token", "slot_k", "slot_row", "row_of", "slot_expert"))
+            base + 8 * pair_region(name, n, e) for name in names)
         # the per-pair arrays as one launch-plan operand (codegen/plan.py)
-        self.spans = [Span(first, 8 * n * len(PAIR_REGIONS))]
+        self.spans = [Span(base + 8 * pair_region(PAIR_REGIONS[0], n, e), 8 * n * len(PAIR_REGIONS))]
 
     def __getstate__(self) -> dict:
         return {"buf": self.buf, "tokens": self.tokens, "k": self.k, "num_experts": self.num_experts}
