@@ -53,3 +53,13 @@ def test_kernel_names_describe_the_spec():
     spec = _spec("fwd", "avx512", 768, 2048)
     assert spec.name.startswith("gemm_fwd_bf16_n768_k2048_avx512_")
     assert str(spec.schedule) in spec.name
+
+
+@pytest.mark.parametrize("n,k", SHAPES)
+def test_avx512_transposed_gemm_regroups_weight_rows_as_they_load(n, k):
+    """bf16 rows are regrouped from k-pairs to n-pairs by a vpermw whose data operand is the
+    weight load itself (no separate load + vpshufb per 64 bytes streamed)."""
+    asm = _asm(_spec("bwd", "avx512", n, k))
+    assert "vpshufb" not in asm
+    assert re.findall(r"vpermw\s+-?\d*\(%r", asm) and all(
+        re.match(r"\s*vpermw\s+-?\d*\(%r", line) for line in asm.splitlines() if "vpermw" in line)

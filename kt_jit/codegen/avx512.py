@@ -67,6 +67,20 @@ def swap_k_n_pairs(fn: Function, row: str) -> str:
     return bitcast(fn, s, I16x32, BF16x32)
 
 
+def swap_k_n_pairs_at(fn: Function, ptr: str) -> str:
+    """:func:`swap_k_n_pairs` of the packed row at ``ptr``, as one ``vpermw`` whose data operand is
+    the load itself (the index vector comes from a module global LLVM cannot constant-fold, so the
+    permute is not turned back into a load plus an in-lane ``vpshufb``)."""
+    idx = [q * 4 + j for q in range(8) for j in (0, 2, 1, 3)]
+    table = fn.module.declare("kt_swap_k_n_idx", "@kt_swap_k_n_idx = global " + I16x32 + " <"
+                              + ", ".join(f"i16 {i}" for i in idx) + ">, align 64")
+    sym = fn.module.declare("llvm.x86.avx512.permvar.hi.512",
+                            f"declare {I16x32} @llvm.x86.avx512.permvar.hi.512({I16x32}, {I16x32})")
+    w = fn.load(I16x32, ptr, 2)
+    s = fn.val(f"call {I16x32} {sym}({I16x32} {w}, {I16x32} {fn.load(I16x32, table, 64)})")
+    return bitcast(fn, s, I16x32, BF16x32)
+
+
 def transpose_qwords_8x8(fn: Function, rows: Sequence[str]) -> list[str]:
     """Transpose 8 vectors of 8 qwords: ``out[q]`` qword ``r`` = ``rows[r]`` qword ``q``.
 

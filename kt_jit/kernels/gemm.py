@@ -390,6 +390,20 @@ def _weight_row_for(fn: Function, spec: GemmSpec, ptr: str, zero: str | None, sc
     return _int_row(fn, spec, ptr, zero, odd) if spec.int_x else _scaled_row(fn, spec, ptr, zero, scales, odd)
 
 
+def _swapped_row(fn: Function, spec: GemmSpec, ptr: str, zero: str | None, scales: str | None,
+                 odd: bool) -> str:
+    """The packed row at ``ptr`` regrouped to n-pairs (:func:`vx.swap_k_n_pairs`): with ``scales``
+    as :func:`_weight_row_for` gives it, else as :func:`_weight_row` (integer kernels: :func:`_int_row`).
+    bf16 rows are one ``vpermw`` reading memory (kernel A/B on Zen 5 against load + ``vpshufb``:
+    lane-partial 1-2 rows -1.5..-2%, MoE backward qlen 1-512 -1.5..-2.5%)."""
+    if spec.quant == "bf16":
+        return vx.swap_k_n_pairs_at(fn, ptr)
+    if scales is not None:
+        return vx.swap_k_n_pairs(fn, _weight_row_for(fn, spec, ptr, zero, scales, odd))
+    row = _int_row(fn, spec, ptr, zero, odd) if spec.int_x else _weight_row(fn, spec, ptr, zero, odd)
+    return vx.swap_k_n_pairs(fn, row)
+
+
 def _zero_for(fn: Function, spec: GemmSpec, zptr: str) -> str | None:
     return _neg_zero(fn, spec, zptr) if spec.int_x else _zero_words(fn, spec, zptr)
 
@@ -731,7 +745,7 @@ def _fold_item(fn: Function, spec: GemmSpec, c: str, x: str, w: str, y: str, m: 
                      for i in range(rows)]
                 zw = _zero_words(fn, spec, fn.gep(zpg, fn.mul(s, 16)))
                 for r in range(8):  # one weight row live at a time: 8*rows acc + rows + 1 regs
-                    wv = vx.swap_k_n_pairs(fn, _weight_row(fn, spec, fn.gep(wrow, r * rb), zw, r % 2 == 1))
+                    wv = _swapped_row(fn, spec, fn.gep(wrow, r * rb), zw, None, r % 2 == 1)
                     for i in range(rows):
                         acc = accs[i, r]
                         acc.set(vx.dpbf16(fn, acc.get(), wv, a[i]))
@@ -849,8 +863,7 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                     zw = _zero_for(fn, spec, fn.gep(zp, chan))
                     scp = fn.gep(sc, fn.mul(chan, 4)) if spec.quant != "bf16" else None
                     jrow = fn.gep(wrow, fn.mul(j, 8 * rb))
-                    rows = [vx.swap_k_n_pairs(fn, _weight_row_for(fn, spec, fn.gep(jrow, r * rb), zw, scp,
-                                                                  r % 2 == 1))
+                    rows = [_swapped_row(fn, spec, fn.gep(jrow, r * rb), zw, scp, r % 2 == 1)
                             for r in range(8)]
                     jdst = fn.gep(dst, fn.mul(j, 64))
                     for q, v in enumerate(vx.transpose_qwords_8x8(fn, rows)):
@@ -1036,10 +1049,10 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                         vx.prefetch(fn, fn.gep(p, STREAM_PREFETCH))
                     if two:
                         rows = [_int4_row(fn, c, zeros[b], integer) for c in _int4_code_pairs(fn, p)]
+                        for wv, row in zip(wvs, rows, strict=True):
+                            wv.append(vx.swap_k_n_pairs(fn, row))
                     else:
-                        rows = [_int_row(fn, spec, p, zeros[b]) if integer else _weight_row(fn, spec, p, zeros[b])]
-                    for wv, row in zip(wvs, rows, strict=True):
-                        wv.append(vx.swap_k_n_pairs(fn, row))
+                        wvs[0].append(_swapped_row(fn, spec, p, zeros[b], None, False))
                 def token_row(i: str | int, dy: list[str]) -> None:
                     for e, wv in enumerate(wvs):
                         ap = fn.gep(acc, fn.mul(fn.add(fn.add(fn.mul(i, sl), r), e), 64))
@@ -1096,8 +1109,7 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 chan = fn.add(fn.mul(grp, spec.n), fn.mul(fn.add(s0, b), 16))
                 zw = _zero_for(fn, spec, fn.gep(zp, chan))
                 scp = fn.gep(sc, fn.mul(chan, 4)) if spec.quant != "bf16" else None
-                wrows = [vx.swap_k_n_pairs(fn, _weight_row_for(fn, spec, fn.gep(wrow, r * rb), zw, scp,
-                                                               r % 2 == 1))
+                wrows = [_swapped_row(fn, spec, fn.gep(wrow, r * rb), zw, scp, r % 2 == 1)
                          for r in range(8)]
                 return vx.transpose_qwords_8x8(fn, wrows)
 
