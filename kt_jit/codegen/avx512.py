@@ -54,6 +54,10 @@ def bitcast(fn: Function, v: str, src: str, dst: str) -> str:
     return fn.val(f"bitcast {src} {v} to {dst}")
 
 
+# word order of a row regrouped from k-pairs to n-pairs: the middle two words of every qword swap
+SWAP_K_N_WORDS = tuple(q * 4 + j for q in range(8) for j in (0, 2, 1, 3))
+
+
 def swap_k_n_pairs(fn: Function, row: str) -> str:
     """Regroup a packed weight row (<32 x bfloat>) from k-pairs to n-pairs.
 
@@ -62,8 +66,7 @@ def swap_k_n_pairs(fn: Function, row: str) -> str:
     n, which is what the transposed GEMM (reduction over n) multiplies against.
     """
     w = bitcast(fn, row, BF16x32, I16x32)
-    idx = [q * 4 + j for q in range(8) for j in (0, 2, 1, 3)]
-    s = shuffle(fn, I16x32, w, None, idx)
+    s = shuffle(fn, I16x32, w, None, SWAP_K_N_WORDS)
     return bitcast(fn, s, I16x32, BF16x32)
 
 
@@ -71,9 +74,8 @@ def swap_k_n_pairs_at(fn: Function, ptr: str) -> str:
     """:func:`swap_k_n_pairs` of the packed row at ``ptr``, as one ``vpermw`` whose data operand is
     the load itself (the index vector comes from a module global LLVM cannot constant-fold, so the
     permute is not turned back into a load plus an in-lane ``vpshufb``)."""
-    idx = [q * 4 + j for q in range(8) for j in (0, 2, 1, 3)]
-    table = fn.module.declare("kt_swap_k_n_idx", "@kt_swap_k_n_idx = global " + I16x32 + " <"
-                              + ", ".join(f"i16 {i}" for i in idx) + ">, align 64")
+    table = fn.module.declare("kt_swap_k_n_idx", "@kt_swap_k_n_idx = global " + I16x32 + " "
+                              + vec_const("i16", SWAP_K_N_WORDS) + ", align 64")
     sym = fn.module.declare("llvm.x86.avx512.permvar.hi.512",
                             f"declare {I16x32} @llvm.x86.avx512.permvar.hi.512({I16x32}, {I16x32})")
     w = fn.load(I16x32, ptr, 2)
