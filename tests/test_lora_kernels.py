@@ -53,21 +53,25 @@ def test_xb(n, k, x_dtype):
     assert rel_err(y, y0 + 2.0 * (x.float() @ b.float())) < 1e-5
 
 
-@pytest.mark.parametrize("n,k", [(16, 128), (32, 16), (144, 16)])
-def test_xb_bf16_copy(n, k):
+@pytest.mark.parametrize("n,k", [(16, 128), (32, 16), (144, 16), (16, 2048)])
+@pytest.mark.parametrize("x_dtype", ["f32", "bf16"])
+def test_xb_bf16_copy(n, k, x_dtype):
     """Non-accumulating xb also storing a bf16 copy of Y (a fifth group field, its own pitch): the copy
-    is Y rounded once, and nothing is written past N in either."""
-    kern = get_kernel(LoraSpec("xb", n, k, x_dtype="f32", copy_bf16=True))
+    is Y rounded once, and nothing is written past N in either. bf16 X (the MoE backward's T = dY B,
+    two k per step) is read at a pitch wider than K."""
+    kern = get_kernel(LoraSpec("xb", n, k, x_dtype=x_dtype, copy_bf16=True))
     ms = (3, 9)
-    xs = [torch.randn(m, k, generator=torch.Generator().manual_seed(m)) for m in ms]
+    xs = [torch.randn(m, k + 32, generator=torch.Generator().manual_seed(m)) for m in ms]
+    if x_dtype == "bf16":
+        xs = [x.bfloat16() for x in xs]
     bs = [_bf(k, n, seed=20 + i) for i in range(2)]
     ys = [torch.full((m, n + 16), float("nan")) for m in ms]
     zs = [torch.full((m, n + 48), 7.0, dtype=torch.bfloat16) for m in ms]
     rows = [(x.data_ptr(), b.data_ptr(), y.data_ptr(), m, z.data_ptr())
             for x, b, y, m, z in zip(xs, bs, ys, ms, zs, strict=True)]
-    kern.launch(_groups(*rows), k * 4, 0, (n + 16) * 4, 0.5, ldz=(n + 48) * 2)
+    kern.launch(_groups(*rows), (k + 32) * xs[0].element_size(), 0, (n + 16) * 4, 0.5, ldz=(n + 48) * 2)
     for x, b, y, z in zip(xs, bs, ys, zs, strict=True):
-        assert rel_err(y[:, :n], 0.5 * (x @ b.float())) < 1e-5
+        assert rel_err(y[:, :n], 0.5 * (x[:, :k].float() @ b.float())) < 1e-5
         assert torch.equal(z[:, :n], y[:, :n].bfloat16())
         assert torch.isnan(y[:, n:]).all() and (z[:, n:] == 7.0).all()
 

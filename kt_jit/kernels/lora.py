@@ -27,7 +27,7 @@ import functools
 from dataclasses import dataclass
 
 from ..codegen import avx512 as vx
-from ..codegen.ir import BF16x32, F32x16, Function
+from ..codegen.ir import BF16x32, F32x16, Function, I16x32
 from ..codegen.worker import ArgBlock, compile_worker, f32_field, group_table
 from .gemm import either, row_blocks
 
@@ -235,26 +235,51 @@ def _xat_pairs_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: st
         _finish(fn, spec, out, alpha, fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(c, 16 * ysz))))
 
 
+XB_PREFETCH_ROWS = 128  # xb pair form: rows of B ahead to request (B is one stream per work item)
+
+
+def _xb_pairs(fn: Function, spec: LoraSpec, brow: str, j: int) -> str:
+    """B rows k and k+1 (at ``brow``), columns 16j .. 16j+15 of the block, as 16 lanes of (B[k, l],
+    B[k+1, l]) pairs: what ``vdpbf16ps`` multiplies against a broadcast (X[i, k], X[i, k+1])."""
+    rows = [fn.load("<16 x i16>", fn.gep(brow, r * spec.n * 2 + j * 32), 2) for r in (0, 1)]
+    pairs = vx.shuffle(fn, "<16 x i16>", rows[0], rows[1], [v for lane in range(16) for v in (lane, 16 + lane)])
+    return vx.bitcast(fn, pairs, I16x32, BF16x32)
+
+
 def _xb_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: str, ldx: str, ldy: str,
               alpha: str, copy: tuple[str, str] | None = None) -> None:
-    """Output columns 16*nb*c .. of every row (``copy``: the bf16 copy's first row and pitch)."""
+    """Output columns 16*nb*c .. of every row (``copy``: the bf16 copy's first row and pitch).
+
+    bf16 X and B, K even (the MoE backward's T = dY B): two k per step as a bf16 pair dot product
+    against a broadcast pair of X, B rows interleaved into pairs by one shuffle per 16 columns, and
+    the B stream prefetched. Otherwise one k per step: X[i, k] broadcast times B's row, fp32 FMA."""
     nb = spec.nb
     mr = max(1, min(8, 24 // nb))
     xsz = 4 if spec.x_dtype == "f32" else 2
     wb = fn.gep(w, fn.mul(c, nb * 32))
     yb = fn.gep(y, fn.mul(c, nb * 64))
+    pairs = spec.x_dtype == "bf16" and spec.w_dtype == "bf16" and spec.k % 2 == 0
+    # the lines of B one step reads (two rows of the block, adjacent when the block is the whole row)
+    lines = sorted({r * spec.n * 2 + o for r in (0, 1) for o in range(0, nb * 32, 64)})
+    if spec.n == 16 * nb:
+        lines = list(range(0, 2 * nb * 32, 64))
 
     def micro(m0: str, rows: int) -> None:
         accs = {(i, j): fn.var(F32x16, "zeroinitializer", 64) for i in range(rows) for j in range(nb)}
-        with fn.loop(0, spec.k, name="k") as kk:
+        with fn.loop(0, spec.k, 2 if pairs else 1, name="k") as kk:
             brow = fn.gep(wb, fn.mul(kk, spec.n * 2))
-            bv = [vx.load_f32x16(fn, fn.gep(brow, j * 32), "bf16") for j in range(nb)]
+            if pairs:
+                for off in lines:
+                    vx.prefetch(fn, fn.gep(brow, XB_PREFETCH_ROWS * spec.n * 2 + off))
+                bv = [_xb_pairs(fn, spec, brow, j) for j in range(nb)]
+            else:
+                bv = [vx.load_f32x16(fn, fn.gep(brow, j * 32), "bf16") for j in range(nb)]
             for i in range(rows):
-                xs = vx.splat_f32(fn, fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(kk, xsz))),
-                                  spec.x_dtype)
+                xp = fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(kk, xsz)))
+                xs = vx.bcast_pair(fn, xp) if pairs else vx.splat_f32(fn, xp, spec.x_dtype)
                 for j in range(nb):
                     acc = accs[i, j]
-                    acc.set(vx.fma(fn, xs, bv[j], acc.get()))
+                    acc.set(vx.dpbf16(fn, acc.get(), bv[j], xs) if pairs else vx.fma(fn, xs, bv[j], acc.get()))
         for (i, j), acc in accs.items():
             _finish(fn, spec, acc.get(), alpha, fn.gep(yb, fn.add(fn.mul(fn.add(m0, i), ldy), j * 64)))
             if copy is not None:
