@@ -656,6 +656,25 @@ def test_op_rechecks_replaced_lora():
         op.forward(x, ids, w)
 
 
+def test_op_records_no_graph_and_restores_grad_mode():
+    """The op runs with autograd recording off (its own switch, not torch.no_grad) and turns it back
+    on afterwards, also when the pass raises; under torch.no_grad it leaves the mode off."""
+    _, _, _, experts, lora = make_layer()
+    op = kt_jit.MoESFTOp(experts, lora)
+    x, ids, w = make_batch(4, 2)
+    x = x.float().requires_grad_()  # converted to bf16 inside: not recorded either
+    out = op.forward(x, ids, w)
+    assert not out.requires_grad and out.grad_fn is None and torch.is_grad_enabled()
+    grads = op.backward(torch.randn(4, H))
+    assert all(not g.requires_grad for g in grads.values()) and torch.is_grad_enabled()
+    with pytest.raises(ValueError, match="expert ids"):
+        op.forward(x, torch.full_like(ids, E), w)
+    assert torch.is_grad_enabled()
+    with torch.no_grad():
+        op.forward(x, ids, w, save_for_backward=False)
+        assert not torch.is_grad_enabled()
+
+
 def test_asymmetric_int4_groups_away_from_zero():
     """Groups whose values are all positive (or all negative) still quantize within range."""
     from kt_jit.kernels.quant import dequantize_int4, pack_int4

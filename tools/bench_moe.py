@@ -2,11 +2,11 @@
 
 Shapes: qwen3-30b-a3b (E128 H2048 I768 K8), deepseek-v2-lite (E64 H2048 I1408 K6), dsv3-64e
 (E64 H7168 I2048 K8); qlen 1, 16, 128, 512; LoRA rank 16. For each: forward with saved activations
-(autograd), forward without saving (MoESFTOp, save_for_backward=False), forward without LoRA, and
-backward; the PyTorch reference is kt_jit.reference.moe in bf16 with autograd (a per-expert
-F.linear loop). Floors come from the JIT probes: ``of_floor`` = (bytes of the activated experts'
-weights / read bandwidth) / time, as the issue defines it, with the bandwidth read by a probe timed
-round-robin with each qlen's passes (the median reading; rows carry it as ``bw_gbs``);
+(autograd), forward without saving (MoESFTOp, save_for_backward=False), the same without LoRA
+(the pair gives LoRA's cost), and backward; the PyTorch reference is kt_jit.reference.moe in bf16
+with autograd (a per-expert F.linear loop). Floors come from the JIT probes: ``of_floor`` = (bytes
+of the activated experts' weights / read bandwidth) / time, as the issue defines it, with the
+bandwidth read by a probe timed round-robin with each qlen's passes (the median reading; rows carry it as ``bw_gbs``);
 ``of_roof`` also counts the compute roof (FLOPs / bf16 peak), which binds first on CPUs without AMX.
 Also reported: peak RSS, and RSS growth over a training loop (forward, backward, AdamW step).
 
@@ -180,8 +180,10 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
     def no_save():
         op.forward(*picks[1](), save_for_backward=False)
 
+    plain = kt_jit.MoESFTOp(op.experts)  # (LoRA's cost is the no-save pass with against without it)
+
     def no_lora():
-        kt_jit.moe_sft(*picks[2](), layer.experts)
+        plain.forward(*picks[2](), save_for_backward=False)
 
     probe = _probe()
     passes = {"fwd (save)": fwd_save, "fwd (no save)": no_save, "fwd (no LoRA)": no_lora, "bwd": bwd,

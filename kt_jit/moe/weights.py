@@ -341,23 +341,29 @@ class MoELoRA(nn.Module):
         params = self._parameters  # (nn.Module.__getattr__ per name is slow for a per-call path)
         return tuple(params[n] if n in params else getattr(self, n) for n in LORA_NAMES)
 
-    def check_matches(self, experts: MoEExperts) -> None:
+    def check_matches(self, experts: MoEExperts) -> tuple[torch.Tensor, ...]:
         """Raise ValueError unless the six Parameters fit ``experts`` (shapes), and are bf16, CPU and
-        contiguous (checked on every call: a Parameter may have been replaced)."""
+        contiguous (checked on every call: a Parameter may have been replaced); returns them (the
+        order of LORA_NAMES)."""
         want = _lora_shape_list(experts.num_experts, experts.hidden_size, experts.intermediate_size, self.rank)
-        for (name, shape), p in zip(want, self.tensors(), strict=True):
+        tensors = self.tensors()
+        bf16 = torch.bfloat16
+        for (name, shape), p in zip(want, tensors, strict=True):
+            # (one test per tensor on the hot path; the messages below only when it fails)
+            if isinstance(p, torch.Tensor) and p.shape == shape and p.dtype == bf16 and p.is_cpu and p.is_contiguous():
+                continue
             if not isinstance(p, torch.Tensor):
                 raise ValueError(f"LoRA {name} is {type(p).__name__}, not a tensor")
             if p.shape != shape:
                 raise ValueError(f"LoRA {name} has shape {tuple(p.shape)} but the experts need {shape} "
                                  f"(experts={experts.num_experts}, H={experts.hidden_size}, "
                                  f"I={experts.intermediate_size}, rank={self.rank})")
-            if p.dtype != torch.bfloat16:
+            if p.dtype != bf16:
                 raise ValueError(f"LoRA {name} must be bfloat16, got {p.dtype}")
             if not p.is_cpu:
                 raise ValueError(f"LoRA {name} must be on the CPU, got {p.device}")
-            if not p.is_contiguous():
-                raise ValueError(f"LoRA {name} must be contiguous")
+            raise ValueError(f"LoRA {name} must be contiguous")
+        return tensors
 
     def extra_repr(self) -> str:
         return (f"experts={self.num_experts}, hidden={self.hidden_size}, intermediate={self.intermediate_size}, "
