@@ -705,6 +705,54 @@ def _bwd_lora(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, k0: str, e
     row_blocks(fn, m, spec.schedule.mr, micro)
 
 
+# whole-group transposed forms: A row pairs per pass over the outputs, and column blocks ahead whose
+# A lines a pass prefetches. Kernel A/B against every pair per column block (Zen 5, cold weights and
+# adapters; the fused term's cost over the same launch without LoRA, MoE routings of qlen 1 / 16 /
+# 128): qwen3 gate/up +60 / +434..+566 / +790 us -> +32 / +316..+487 / +506..+551 us; dsv3-64e
+# gate/up qlen 16 +1028 -> +354 us. 2 or 8 pairs per pass, or prefetching 0 or 8 blocks ahead: no
+# better.
+LORA_PAIRS_PER_PASS = 4
+LORA_A_AHEAD = 4
+
+
+def _bwd_lora_whole(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, extra: list[str], ldh: str) -> None:
+    """Fused LoRA of a whole group (the streamed and lane-partial forms): ``dX += T A`` over every
+    output, in passes of ``LORA_PAIRS_PER_PASS`` A row pairs, each walking the column blocks in
+    order (:func:`_bwd_lora` takes every pair per block instead: 16 to 32 rows of A, each 4 KB or
+    more apart, 128 bytes from each per block, which is more short streams than the hardware
+    prefetcher follows; here a pass reads a few rows front to back and prefetches ahead)."""
+    nr, rank, kdim = spec.schedule.nr, spec.lora_rank, spec.k
+    t, a0, a1 = extra
+    span, g = 16 * nr, min(LORA_PAIRS_PER_PASS, rank // 2)
+    half = rank // 2  # pairs per adapter (a pass never straddles two: g divides it)
+    with fn.loop(0, half * (2 if spec.lora_split else 1), g, name="lpg") as pg:
+        a = fn.gep(a0, fn.mul(pg, 2 * kdim * 2))
+        if spec.lora_split:
+            second = fn.icmp("uge", pg, half)
+            a = fn.val(f"select i1 {second}, ptr {fn.gep(a1, fn.mul(fn.sub(pg, half), 2 * kdim * 2))}, ptr {a}")
+        with fn.loop(0, kdim // span, name="lcb") as cb:
+            k0 = fn.mul(cb, span)
+            ahead = fn.mul(fn.add(k0, LORA_A_AHEAD * span), 2)  # (past a row's end: the next row's start)
+            for row in range(2 * g):
+                for off in range(0, span * 2, 64):
+                    vx.prefetch(fn, fn.gep(a, fn.add(ahead, row * kdim * 2 + off)))
+            panel = fn.alloca("i8", 64, g * nr * 64)
+            for p in range(g):
+                for j in range(nr):
+                    src = fn.gep(a, fn.add(fn.mul(fn.add(k0, 16 * j), 2), 2 * p * kdim * 2))
+                    lo, hi = (fn.load("<16 x i16>", fn.gep(src, e * kdim * 2), 2) for e in range(2))
+                    v = vx.shuffle(fn, "<16 x i16>", lo, hi, [i // 2 + 16 * (i % 2) for i in range(32)])
+                    fn.store(I16x32, v, fn.gep(panel, (p * nr + j) * 64), 64)
+
+            def micro(m0: str, rows: int) -> None:
+                yrows = [fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4))) for i in range(rows)]
+                _add_to_block(fn, {(i, j): fn.gep(yrows[i], j * 64) for i in range(rows) for j in range(nr)},
+                              lambda accs: _panel_mac(fn, accs, panel, nr, g, lambda i, q: fn.gep(
+                                  t, fn.add(fn.mul(fn.add(m0, i), ldh), fn.mul(fn.add(pg, q), 4)))))
+
+            row_blocks(fn, m, spec.schedule.mr, micro)
+
+
 def _avx512_bwd_body(spec: GemmSpec):
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
         c, x, w, y, m, sc, zp, *extra = _group(fn, ctx, item, spec.items_per_group, spec.group_fields)
@@ -808,8 +856,7 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                 with fn.if_then(whole, name="whole"):
                     form(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
                     if spec.lora_rank:
-                        with fn.loop(0, spec.k // span, name="lcb") as cb:
-                            _bwd_lora(fn, spec, y, ldy, m, fn.mul(cb, span), extra, ldh)
+                        _bwd_lora_whole(fn, spec, y, ldy, m, extra, ldh)
 
             def lane_partial() -> None:
                 if not sch.lps:
