@@ -516,11 +516,15 @@ def test_fused_lora_forward(quant, gs, zp, split, rank):
 @NEEDS_AVX512_BF16
 @pytest.mark.parametrize("quant,gs,zp", [("bf16", 0, False), ("int8", 0, False), ("int4", 0, True), ("int4", 64, True)])
 @pytest.mark.parametrize("two,rank", [(False, 16), (True, 16), (True, 32)])
-@pytest.mark.parametrize("form", ["panel", "fold"])
+@pytest.mark.parametrize("form", ["panel", "fold", "long"])
 def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
     """dX (+)= dY W + T A in one launch over groups of 0..14 rows: streamed (or fold) small groups
-    and panel groups; with two adapters T = [T0 | T1] and dX += T0 A0 + T1 A1."""
-    n, k = 128, 256
+    and panel groups; with two adapters T = [T0 | T1] and dX += T0 A0 + T1 A1. "long": K = 2048 and
+    every group streamed (row pitches odd multiples of 64 bytes), so that 14 rows (112 KB of output)
+    take the LoRA term in one pass and fewer rows in passes of a few A row pairs
+    (gemm.LORA_PASSES_MAX_BYTES)."""
+    n, k = (160, 2048) if form == "long" else (128, 256)
+    ldo = k + 16 if form == "long" else k  # output row pitch (elements)
     g = torch.Generator().manual_seed(6)
     p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
     tcols = rank * (2 if two else 1)
@@ -530,18 +534,20 @@ def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
     a0 = torch.randn(len(ms), rank, k, generator=g).bfloat16()
     a1 = torch.randn(len(ms), rank, k, generator=g).bfloat16()
     sch = gemm.default_schedule("bwd", "avx512", n, k, quant, form == "fold")
-    sch = dataclasses.replace(sch, sm=8)  # 9 and 14 rows take the panel path
+    sch = dataclasses.replace(sch, sm=24 if form == "long" else 8)  # (sm=8: 9 and 14 rows take the panel path)
+    if form == "long":
+        assert 5 * k * 4 <= gemm.LORA_PASSES_MAX_BYTES < 14 * k * 4
     if form == "fold":  # (a single group's default runs 1-8 rows as lane-partial K-slices, without LoRA)
         sch = dataclasses.replace(sch, lp=0, lps=False)
     for accumulate in (False, True):
-        outs = [torch.randn(m, k, generator=g) for m in ms]
+        outs = [torch.randn(m, ldo, generator=g)[:, :k] for m in ms]
         before = [o.clone() for o in outs]
         spec = gemm.GemmSpec("bwd", n, k, "avx512", accumulate, sch, quant, gs, zp, rank, n // 2 if two else 0)
         dq = [_kernel_input(spec, d, s) for d in dys]
         table = _lora_table(p, s, z, [(dq[e][0], o, m, t, a0[e], a1[e])
                                       for e, (o, t, m) in enumerate(zip(outs, ts, ms, strict=True))],
                             [sc for _, sc in dq] if spec.int_x else None)
-        gemm.get_kernel(spec).launch(table, n * 2, k * 4, ldh=tcols * 2)
+        gemm.get_kernel(spec).launch(table, n * 2, ldo * 4, ldh=tcols * 2)
         for e, m in enumerate(ms):
             if m == 0:
                 continue

@@ -705,14 +705,20 @@ def _bwd_lora(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, k0: str, e
     row_blocks(fn, m, spec.schedule.mr, micro)
 
 
-# whole-group transposed forms: A row pairs per pass over the outputs, and column blocks ahead whose
-# A lines a pass prefetches. Kernel A/B against every pair per column block (Zen 5, cold weights and
-# adapters; the fused term's cost over the same launch without LoRA, MoE routings of qlen 1 / 16 /
-# 128): qwen3 gate/up +60 / +434..+566 / +790 us -> +32 / +316..+487 / +506..+551 us; dsv3-64e
-# gate/up qlen 16 +1028 -> +354 us. 2 or 8 pairs per pass, or prefetching 0 or 8 blocks ahead: no
-# better.
+# The fused LoRA term of the whole-group transposed forms, in passes of LORA_PAIRS_PER_PASS A row
+# pairs (each prefetching the A lines LORA_A_AHEAD column blocks ahead) while the group's fp32 output
+# takes at most LORA_PASSES_MAX_BYTES (each pass rereads and rewrites it), else in one pass with
+# every pair per column block. Kernel A/B of the passes against the one pass (Zen 5, cold weights
+# and adapters; the term's cost over the same launch without LoRA, MoE routings of qlen 1 / 16 /
+# 128): qwen3 gate/up (8 KB of output per row) +60 / +434..+566 / +790 us -> +32 / +316..+487 /
+# +506..+551 us; dsv3-64e gate/up (28 KB per row) qlen 16 +1028 -> +354 us, but qlen 128 (16 rows,
+# 448 KB) +602 -> +4674 us, and qwen3 at 24 rows (192 KB) +600 us. 2 or 8 pairs per pass,
+# prefetching 0 or 8 blocks ahead, or the one pass prefetching 2-8 blocks ahead: no better.
 LORA_PAIRS_PER_PASS = 4
 LORA_A_AHEAD = 4
+LORA_PASSES_MAX_BYTES = 96 << 10
+
+
 
 
 def _bwd_lora_whole(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, extra: list[str], ldh: str) -> None:
@@ -856,7 +862,18 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                 with fn.if_then(whole, name="whole"):
                     form(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
                     if spec.lora_rank:
-                        _bwd_lora_whole(fn, spec, y, ldy, m, extra, ldh)
+                        def lora_term(in_passes: bool) -> None:
+                            if in_passes:
+                                _bwd_lora_whole(fn, spec, y, ldy, m, extra, ldh)
+                                return
+                            with fn.loop(0, spec.k // span, name="lcb") as cb:
+                                _bwd_lora(fn, spec, y, ldy, m, fn.mul(cb, span), extra, ldh)
+
+                        rows_max = LORA_PASSES_MAX_BYTES // (spec.k * 4)
+                        if rows_max:
+                            either(fn, fn.icmp("ule", m, rows_max), lora_term)
+                        else:
+                            lora_term(False)
 
             def lane_partial() -> None:
                 if not sch.lps:
