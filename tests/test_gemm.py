@@ -515,43 +515,50 @@ def test_fused_lora_forward(quant, gs, zp, split, rank):
 
 @NEEDS_AVX512_BF16
 @pytest.mark.parametrize("quant,gs,zp", [("bf16", 0, False), ("int8", 0, False), ("int4", 0, True), ("int4", 64, True)])
-@pytest.mark.parametrize("two,rank", [(False, 16), (True, 16), (True, 32)])
-@pytest.mark.parametrize("form", ["panel", "fold", "long"])
+@pytest.mark.parametrize("two,rank", [(False, 16), (True, 16), (True, 32), (False, 32)])
+@pytest.mark.parametrize("form", ["panel", "fold", "long", "lanes"])
 def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
     """dX (+)= dY W + T A in one launch over groups of 0..14 rows: streamed (or fold) small groups
-    and panel groups; with two adapters T = [T0 | T1] and dX += T0 A0 + T1 A1. "long": K = 2048 and
-    every group streamed (row pitches odd multiples of 64 bytes), so that 14 rows (112 KB of output)
-    take the LoRA term in one pass and fewer rows in passes of a few A row pairs
-    (gemm.LORA_PASSES_MAX_BYTES)."""
-    n, k = (160, 2048) if form == "long" else (128, 256)
+    and panel groups; with two adapters T = [T0 | T1] and dX += T0 A0 + T1 A1. "long" (K = 2048,
+    row pitches odd multiples of 64 bytes: groups up to 24 rows whole) and "lanes" (K = 4096,
+    lane-partial groups up to 8 rows): the whole-group forms add the LoRA term in passes of a few
+    A row pairs up to gemm.LORA_PASSES_MAX_BYTES of output (here 9 rows of K = 2048, 6 of 4096),
+    in one pass above (14 rows; 7 and 8). T rows and dX rows sit in wider buffers."""
+    n, k = {"long": (160, 2048), "lanes": (128, 4096)}.get(form, (128, 256))
     ldo = k + 16 if form == "long" else k  # output row pitch (elements)
     g = torch.Generator().manual_seed(6)
     p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
     tcols = rank * (2 if two else 1)
-    ms = [0, 1, 3, 5, 9, 14]
+    ms = [0, 1, 5, 7, 8] if form == "lanes" else [0, 1, 3, 5, 9, 14]
     dys = [torch.randn(m, n, generator=g).bfloat16() for m in ms]
-    ts = [torch.randn(m, tcols, generator=g).bfloat16() for m in ms]
+    ts = [torch.randn(m, tcols + 8, generator=g).bfloat16()[:, :tcols] for m in ms]
     a0 = torch.randn(len(ms), rank, k, generator=g).bfloat16()
     a1 = torch.randn(len(ms), rank, k, generator=g).bfloat16()
     sch = gemm.default_schedule("bwd", "avx512", n, k, quant, form == "fold")
-    sch = dataclasses.replace(sch, sm=24 if form == "long" else 8)  # (sm=8: 9 and 14 rows take the panel path)
-    if form == "long":
-        assert 5 * k * 4 <= gemm.LORA_PASSES_MAX_BYTES < 14 * k * 4
+    sch = dataclasses.replace(sch, sm=8 if form in ("panel", "fold") else 24)  # (sm=8: 9 and 14 rows: panel)
+    if form == "lanes":
+        sch = dataclasses.replace(sch, lp=8)
+    if form in ("long", "lanes"):
+        sizes = [m * k * 4 for m in ms if m]  # bytes of each group's output: both sides of the limit
+        assert min(sizes) <= gemm.LORA_PASSES_MAX_BYTES < max(sizes)
     if form == "fold":  # (a single group's default runs 1-8 rows as lane-partial K-slices, without LoRA)
         sch = dataclasses.replace(sch, lp=0, lps=False)
     for accumulate in (False, True):
-        outs = [torch.randn(m, ldo, generator=g)[:, :k] for m in ms]
-        before = [o.clone() for o in outs]
+        bases = [torch.randn(m, ldo, generator=g) for m in ms]
+        outs = [b[:, :k] for b in bases]
+        before = [b.clone() for b in bases]
         spec = gemm.GemmSpec("bwd", n, k, "avx512", accumulate, sch, quant, gs, zp, rank, n // 2 if two else 0)
         dq = [_kernel_input(spec, d, s) for d in dys]
         table = _lora_table(p, s, z, [(dq[e][0], o, m, t, a0[e], a1[e])
                                       for e, (o, t, m) in enumerate(zip(outs, ts, ms, strict=True))],
                             [sc for _, sc in dq] if spec.int_x else None)
-        gemm.get_kernel(spec).launch(table, n * 2, ldo * 4, ldh=tcols * 2)
+        gemm.get_kernel(spec).launch(table, n * 2, ldo * 4, ldh=(tcols + 8) * 2)
         for e, m in enumerate(ms):
+            assert torch.equal(bases[e][:, k:], before[e][:, k:])  # nothing written past K
             if m == 0:
                 continue
-            ref = ref_linear_t(dys[e], wd) + (before[e] if accumulate else 0) + ref_linear_t(ts[e][:, :rank], a0[e])
+            ref = (ref_linear_t(dys[e], wd) + (before[e][:, :k] if accumulate else 0)
+                   + ref_linear_t(ts[e][:, :rank], a0[e]))
             if two:
                 ref += ref_linear_t(ts[e][:, rank:], a1[e])
             tol = 1e-5 if quant == "bf16" else 2e-4 if spec.int_x else 5e-3

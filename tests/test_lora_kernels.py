@@ -40,9 +40,10 @@ def test_xat(n, k, accumulate, y_dtype):
         assert torch.equal(y[:, n:], b[:, n:])  # nothing written past N
 
 
-@pytest.mark.parametrize("n,k", [(16, 128), (64, 16), (32, 40), (128, 16), (144, 8), (1088, 16)])
+@pytest.mark.parametrize("n,k", [(16, 128), (64, 16), (32, 40), (128, 16), (144, 8), (1088, 16), (32, 15)])
 @pytest.mark.parametrize("x_dtype", ["f32", "bf16"])
 def test_xb(n, k, x_dtype):
+    """Y += alpha X B (bf16 X with even K: two k per step as pair dot products; odd K one at a time)."""
     kern = get_kernel(LoraSpec("xb", n, k, x_dtype=x_dtype, accumulate=True))
     m = 13
     x = torch.randn(m, k) if x_dtype == "f32" else _bf(m, k, seed=3)
@@ -51,6 +52,17 @@ def test_xb(n, k, x_dtype):
     y = y0.clone()
     kern.launch(_groups((x.data_ptr(), b.data_ptr(), y.data_ptr(), m)), k * x.element_size(), 0, n * 4, 2.0)
     assert rel_err(y, y0 + 2.0 * (x.float() @ b.float())) < 1e-5
+
+
+def test_xb_pair_form_needs_aligned_rows():
+    """The pair form reads X's (k, k+1) pairs as 4-byte words: a row pitch that is not a multiple of
+    4 bytes is refused before the kernel runs; B must be bf16."""
+    kern = get_kernel(LoraSpec("xb", 16, 32, x_dtype="bf16", accumulate=True))
+    x, b, y = _bf(2, 33), _bf(32, 16), torch.zeros(2, 16)
+    with pytest.raises(ValueError, match="multiple of 4"):
+        kern.launch(_groups((x.data_ptr(), b.data_ptr(), y.data_ptr(), 2)), 66, 0, 64, 1.0)
+    with pytest.raises(ValueError, match="bf16"):
+        LoraSpec("xb", 16, 32, w_dtype="f32")
 
 
 @pytest.mark.parametrize("n,k", [(16, 128), (32, 16), (144, 16), (16, 2048)])

@@ -6,9 +6,10 @@ Shapes: qwen3-30b-a3b (E128 H2048 I768 K8), deepseek-v2-lite (E64 H2048 I1408 K6
 (the pair gives LoRA's cost), and backward; the PyTorch reference is kt_jit.reference.moe in bf16
 with autograd (a per-expert F.linear loop). Floors come from the JIT probes: ``of_floor`` = (bytes
 of the activated experts' weights / read bandwidth) / time, as the issue defines it, with the
-bandwidth read by a probe timed round-robin with each qlen's passes (the median reading; rows carry it as ``bw_gbs``);
-``of_roof`` also counts the compute roof (FLOPs / bf16 peak), which binds first on CPUs without AMX.
-Also reported: peak RSS, and RSS growth over a training loop (forward, backward, AdamW step).
+bandwidth read by a probe timed round-robin with each qlen's passes (the median reading; rows
+carry it as ``bw_gbs``); ``of_roof`` also counts the compute roof (FLOPs / bf16 peak), which binds
+first on CPUs without AMX. Also reported: peak RSS, and RSS growth over a training loop (forward,
+backward, AdamW step).
 
 Every quantization mode is timed too (same shapes; ``vs_bf16`` = BF16 time / mode time for the
 forward with saved activations and the backward, the bf16 experts' passes timed round-robin with
@@ -180,7 +181,7 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
     def no_save():
         op.forward(*picks[1](), save_for_backward=False)
 
-    plain = kt_jit.MoESFTOp(op.experts)  # (LoRA's cost is the no-save pass with against without it)
+    plain = kt_jit.MoESFTOp(op.experts)  # (LoRA's cost: the no-save pass with LoRA against without)
 
     def no_lora():
         plain.forward(*picks[2](), save_for_backward=False)

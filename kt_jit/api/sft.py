@@ -65,8 +65,8 @@ def _without_grad(fn, *args, **kwargs):
     forward at qlen 1)."""
     if not torch.is_grad_enabled():
         return fn(*args, **kwargs)
-    torch._C._set_grad_enabled(False)
     try:
+        torch._C._set_grad_enabled(False)
         return fn(*args, **kwargs)
     finally:
         torch._C._set_grad_enabled(True)

@@ -54,6 +54,7 @@ from __future__ import annotations
 import ctypes
 import dataclasses
 import functools
+import math
 from dataclasses import dataclass
 
 import torch
@@ -719,8 +720,6 @@ LORA_A_AHEAD = 4
 LORA_PASSES_MAX_BYTES = 96 << 10
 
 
-
-
 def _bwd_lora_whole(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, extra: list[str], ldh: str) -> None:
     """Fused LoRA of a whole group (the streamed and lane-partial forms): ``dX += T A`` over every
     output, in passes of ``LORA_PAIRS_PER_PASS`` A row pairs, each walking the column blocks in
@@ -729,8 +728,8 @@ def _bwd_lora_whole(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, extr
     prefetcher follows; here a pass reads a few rows front to back and prefetches ahead)."""
     nr, rank, kdim = spec.schedule.nr, spec.lora_rank, spec.k
     t, a0, a1 = extra
-    span, g = 16 * nr, min(LORA_PAIRS_PER_PASS, rank // 2)
     half = rank // 2  # pairs per adapter (a pass never straddles two: g divides it)
+    span, g = 16 * nr, math.gcd(LORA_PAIRS_PER_PASS, half)
     with fn.loop(0, half * (2 if spec.lora_split else 1), g, name="lpg") as pg:
         a = fn.gep(a0, fn.mul(pg, 2 * kdim * 2))
         if spec.lora_split:

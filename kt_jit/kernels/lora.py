@@ -7,9 +7,11 @@ LoRA product of the forward and backward pass (r = rank, small; m = tokens of on
 - ``xat``: ``Y[m, N] (+)= alpha * X[m, K] @ W^T`` with ``W [N, K]`` row-major (nn.Linear layout).
   Dot form: both operands run along K, so ``vdpbf16ps`` accumulates partial sums in lanes that a
   shuffle fold reduces per 16 outputs. K = 16 (two W rows per vector) or a multiple of 32.
-- ``xb``: ``Y[m, N] (+)= alpha * X[m, K] @ B`` with ``B [K, N]`` row-major. Outer form: broadcast
-  X[m, k] times a row of B, fp32 FMA. X is fp32 or bf16. Non-accumulating, it may also store a bf16
-  copy of Y (``copy_bf16``: a 5th group field, the copy's first row; its pitch is ``ldz``).
+- ``xb``: ``Y[m, N] (+)= alpha * X[m, K] @ B`` with ``B [K, N]`` row-major (bf16). Outer form: with
+  bf16 X and even K, the pair (X[m, k], X[m, k+1]) broadcast against rows k and k+1 of B
+  interleaved into pairs (``vdpbf16ps``; X rows then 4-byte aligned); else X[m, k] broadcast times
+  a row of B, fp32 FMA. X is fp32 or bf16. Non-accumulating, it may also store a bf16 copy of Y
+  (``copy_bf16``: a 5th group field, the copy's first row; its pitch is ``ldz``).
 - ``xty``: ``C[A, B] = alpha * P[m, A]^T @ diag(s) Q[m, B]`` (reduction over the tokens; ``s`` an
   optional fp32 weight per token, else 1): LoRA weight gradients. Outer form with fp32 FMA; P and Q
   fp32 or bf16.
@@ -64,6 +66,8 @@ class LoraSpec:
             raise ValueError(f"xty: A={self.k} must be a multiple of 8")
         if self.row_scale and self.form != "xty":
             raise ValueError("row weights are only for xty kernels")
+        if self.form == "xb" and self.w_dtype != "bf16":
+            raise ValueError("xb kernels read B as bf16")
         if self.copy_bf16 and (self.form != "xb" or self.accumulate or self.y_dtype != "f32"):
             raise ValueError("a bf16 copy of the output is only for non-accumulating xb kernels")
 
@@ -235,7 +239,14 @@ def _xat_pairs_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: st
         _finish(fn, spec, out, alpha, fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(c, 16 * ysz))))
 
 
-XB_PREFETCH_ROWS = 128  # xb pair form: rows of B ahead to request (B is one stream per work item)
+# xb pair form: rows of B ahead to request, tuned for N = the LoRA rank (B one stream per work item;
+# kernel A/B, rank 16, cold B: 64 rows -2..-7% against 32 or none, 128 a little better, 256 no better)
+XB_PREFETCH_ROWS = 128
+
+
+def _xb_pair_form(spec: LoraSpec) -> bool:
+    """Whether an xb kernel takes two k per step (bf16 pair dot products)."""
+    return spec.form == "xb" and spec.x_dtype == "bf16" and spec.k % 2 == 0
 
 
 def _xb_pairs(fn: Function, spec: LoraSpec, brow: str, j: int) -> str:
@@ -258,7 +269,7 @@ def _xb_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: s
     xsz = 4 if spec.x_dtype == "f32" else 2
     wb = fn.gep(w, fn.mul(c, nb * 32))
     yb = fn.gep(y, fn.mul(c, nb * 64))
-    pairs = spec.x_dtype == "bf16" and spec.w_dtype == "bf16" and spec.k % 2 == 0
+    pairs = _xb_pair_form(spec)
     # the lines of B one step reads (two rows of the block, adjacent when the block is the whole row)
     lines = sorted({r * spec.n * 2 + o for r in (0, 1) for o in range(0, nb * 32, 64)})
     if spec.n == 16 * nb:
@@ -377,11 +388,15 @@ class LoraKernel:
         body = {"xat": lambda sp: _blocked_body(sp, _xat_block), "xb": lambda sp: _blocked_body(sp, _xb_block),
                 "xty": _xty_body}[spec.form](spec)
         self.addr = compile_worker(spec.name, repr(spec), ARGS, body)
+        self.pair_x = _xb_pair_form(spec)
 
     def launch(self, groups, ldx: int, ldw: int, ldy: int, alpha: float, num_threads: int | None = None,
                ldz: int = 0) -> None:
         """Run over ``groups`` (int64 [G, spec.group_fields], torch or NumPy); pitches in bytes (``ldz``:
-        of the bf16 copy); ``alpha`` scales the product."""
+        of the bf16 copy); ``alpha`` scales the product. The xb pair form (bf16 X, even K) reads X's
+        pairs as 4-byte words: X's rows must start 4-byte aligned (``ldx`` a multiple of 4)."""
+        if self.pair_x and ldx % 4:
+            raise ValueError(f"{self.spec.name}: ldx={ldx} must be a multiple of 4 bytes (X is read in bf16 pairs)")
         n_groups, addr = group_table(groups, self.spec.group_fields)
         ARGS.run(self.addr, n_groups * self.spec.items_per_group, num_threads, keep=(groups,), groups=addr,
                  ldx=ldx, ldw=ldw, ldy=ldy, alpha=f32_field(alpha), ldz=ldz)

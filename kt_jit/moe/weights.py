@@ -362,7 +362,9 @@ class MoELoRA(nn.Module):
                 raise ValueError(f"LoRA {name} must be bfloat16, got {p.dtype}")
             if not p.is_cpu:
                 raise ValueError(f"LoRA {name} must be on the CPU, got {p.device}")
-            raise ValueError(f"LoRA {name} must be contiguous")
+            if not p.is_contiguous():
+                raise ValueError(f"LoRA {name} must be contiguous")
+            raise ValueError(f"LoRA {name} does not fit the experts")  # (a test above without a message here)
         return tensors
 
     def extra_repr(self) -> str:
