@@ -712,9 +712,10 @@ def _bwd_lora(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, k0: str, e
 # every pair per column block. Kernel A/B of the passes against the one pass (Zen 5, cold weights
 # and adapters; the term's cost over the same launch without LoRA, MoE routings of qlen 1 / 16 /
 # 128): qwen3 gate/up (8 KB of output per row) +60 / +434..+566 / +790 us -> +32 / +316..+487 /
-# +506..+551 us; dsv3-64e gate/up (28 KB per row) qlen 16 +1028 -> +354 us, but qlen 128 (16 rows,
-# 448 KB) +602 -> +4674 us, and qwen3 at 24 rows (192 KB) +600 us. 2 or 8 pairs per pass,
-# prefetching 0 or 8 blocks ahead, or the one pass prefetching 2-8 blocks ahead: no better.
+# +506..+551 us; dsv3-64e gate/up (28 KB per row) qlen 16 +1028 -> +354 us; larger outputs lost:
+# qwen3 at 24 rows (192 KB) +600 us, dsv3-64e at qlen 128 (16 rows, 448 KB) read slower too (in an
+# A/B that also swung by 4-5 ms between identical kernels). 2 or 8 pairs per pass, prefetching 0 or
+# 8 blocks ahead, or the one pass prefetching 2-8 blocks ahead: no better.
 LORA_PAIRS_PER_PASS = 4
 LORA_A_AHEAD = 4
 LORA_PASSES_MAX_BYTES = 96 << 10
