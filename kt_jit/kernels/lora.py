@@ -240,7 +240,7 @@ def _xat_pairs_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: st
 
 
 # xb pair form: rows of B ahead to request, tuned for N = the LoRA rank (B one stream per work item;
-# kernel A/B, rank 16, cold B, against no prefetch: 32 rows -4..-7%, 64 and 128 -7..-26%, 256 no
+# kernel A/B, rank 16, cold B, against no prefetch: 32 rows -5..-20%, 128 -7..-27%; 64 and 256 no
 # better than 128)
 XB_PREFETCH_ROWS = 128
 
