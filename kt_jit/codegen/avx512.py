@@ -58,6 +58,13 @@ def bitcast(fn: Function, v: str, src: str, dst: str) -> str:
 SWAP_K_N_WORDS = tuple(q * 4 + j for q in range(8) for j in (0, 2, 1, 3))
 
 
+def interleave_words_at(fn: Function, lo: str, hi: str) -> str:
+    """The 16 words at ``lo`` and the 16 at ``hi`` as the <32 x i16> ``[lo0, hi0, lo1, hi1, ...]``:
+    two rows (e.g. k and k+1) of a row-major bf16 matrix as pairs along that dimension."""
+    rows = [fn.load("<16 x i16>", p, 2) for p in (lo, hi)]
+    return shuffle(fn, "<16 x i16>", rows[0], rows[1], [i // 2 + 16 * (i % 2) for i in range(32)])
+
+
 def swap_k_n_pairs(fn: Function, row: str) -> str:
     """Regroup a packed weight row (<32 x bfloat>) from k-pairs to n-pairs.
 

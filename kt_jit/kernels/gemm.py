@@ -678,32 +678,45 @@ def _dy_pairs(fn: Function, spec: GemmSpec, ptr: str, scales: str) -> str:
 FOLD_MR = 3  # token rows per block of the fold form when it serves a panel kernel's small groups
 
 
+def _fill_a_pairs(fn: Function, spec: GemmSpec, panel: str, slot0: int, a: str, pairs: int, k0: str) -> None:
+    """Panel rows ``slot0 ..`` (``nr`` vectors of 64 B each) = the ``pairs`` A row pairs from row
+    pointer ``a`` (rows 2p, 2p+1), outputs ``k0 .. k0 + 16 nr``, interleaved into bf16 pairs: the
+    k-steps the forward micro-kernel runs for ``dX += T A``."""
+    nr, kdim = spec.schedule.nr, spec.k
+    with fn.loop(0, pairs, name="ap") as p:
+        for j in range(nr):
+            src = fn.gep(a, fn.add(fn.mul(p, 2 * kdim * 2), fn.mul(fn.add(k0, 16 * j), 2)))
+            v = vx.interleave_words_at(fn, src, fn.gep(src, kdim * 2))
+            fn.store(I16x32, v, fn.gep(panel, fn.add(fn.mul(fn.add(p, slot0), nr * 64), j * 64)), 64)
+
+
+def _add_panel_product(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, k0: str, panel: str, pairs: int,
+                       t: str, pair0: str, ldh: str) -> None:
+    """``dX[:, k0 : k0 + 16 nr] += T[:, pairs pair0 ..] panel`` for all m rows (T bf16, 4 bytes per
+    pair), read-modify-write of the output block still in cache."""
+    nr = spec.schedule.nr
+
+    def micro(m0: str, rows: int) -> None:
+        yrows = [fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4))) for i in range(rows)]
+        _add_to_block(fn, {(i, j): fn.gep(yrows[i], j * 64) for i in range(rows) for j in range(nr)},
+                      lambda accs: _panel_mac(fn, accs, panel, nr, pairs, lambda i, q: fn.gep(
+                          t, fn.add(fn.mul(fn.add(m0, i), ldh), fn.mul(fn.add(pair0, q), 4)))))
+
+    row_blocks(fn, m, spec.schedule.mr, micro)
+
+
 def _bwd_lora(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, k0: str, extra: list[str], ldh: str) -> None:
     """Fused LoRA of the transposed GEMM: ``dX[:, k0 : k0 + 16 nr] += T A`` for all m rows, after
     the base product of those outputs is stored (they are still in L1/L2). T [m, pairs*2] bf16
     (``[T0 | T1]`` for two adapters), A [rank, K] bf16 per adapter. Each pair of A rows is
     interleaved into one vector per 16 outputs, then the forward micro-kernel runs over the pairs."""
-    nr, rank, kdim = spec.schedule.nr, spec.lora_rank, spec.k
+    half = spec.lora_rank // 2
     t, a0, a1 = extra
     adapters = [a0, a1] if spec.lora_split else [a0]
-    pairs = rank // 2 * len(adapters)
-    panel = fn.alloca("i8", 64, pairs * nr * 64)
+    panel = fn.alloca("i8", 64, half * len(adapters) * spec.schedule.nr * 64)
     for ai, a in enumerate(adapters):
-        with fn.loop(0, rank // 2, name="ap") as p:
-            for j in range(nr):
-                src = fn.gep(a, fn.add(fn.mul(p, 2 * kdim * 2), fn.mul(fn.add(k0, 16 * j), 2)))
-                lo, hi = (fn.load("<16 x i16>", fn.gep(src, e * kdim * 2), 2) for e in range(2))
-                v = vx.shuffle(fn, "<16 x i16>", lo, hi, [i // 2 + 16 * (i % 2) for i in range(32)])
-                dst = fn.gep(panel, fn.mul(fn.add(p, ai * rank // 2), nr * 64))
-                fn.store(I16x32, v, fn.gep(dst, j * 64), 64)
-
-    def micro(m0: str, rows: int) -> None:
-        yrows = [fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4))) for i in range(rows)]
-        _add_to_block(fn, {(i, j): fn.gep(yrows[i], j * 64) for i in range(rows) for j in range(nr)},
-                      lambda accs: _panel_mac(fn, accs, panel, nr, pairs,
-                                              lambda i, q: fn.gep(t, fn.add(fn.mul(fn.add(m0, i), ldh), fn.mul(q, 4)))))
-
-    row_blocks(fn, m, spec.schedule.mr, micro)
+        _fill_a_pairs(fn, spec, panel, ai * half, a, half, k0)
+    _add_panel_product(fn, spec, y, ldy, m, k0, panel, half * len(adapters), t, "0", ldh)
 
 
 # The fused LoRA term of the whole-group transposed forms, in passes of LORA_PAIRS_PER_PASS A row
@@ -743,20 +756,8 @@ def _bwd_lora_whole(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, extr
                 for off in range(0, span * 2, 64):
                     vx.prefetch(fn, fn.gep(a, fn.add(ahead, row * kdim * 2 + off)))
             panel = fn.alloca("i8", 64, g * nr * 64)
-            for p in range(g):
-                for j in range(nr):
-                    src = fn.gep(a, fn.add(fn.mul(fn.add(k0, 16 * j), 2), 2 * p * kdim * 2))
-                    lo, hi = (fn.load("<16 x i16>", fn.gep(src, e * kdim * 2), 2) for e in range(2))
-                    v = vx.shuffle(fn, "<16 x i16>", lo, hi, [i // 2 + 16 * (i % 2) for i in range(32)])
-                    fn.store(I16x32, v, fn.gep(panel, (p * nr + j) * 64), 64)
-
-            def micro(m0: str, rows: int) -> None:
-                yrows = [fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4))) for i in range(rows)]
-                _add_to_block(fn, {(i, j): fn.gep(yrows[i], j * 64) for i in range(rows) for j in range(nr)},
-                              lambda accs: _panel_mac(fn, accs, panel, nr, g, lambda i, q: fn.gep(
-                                  t, fn.add(fn.mul(fn.add(m0, i), ldh), fn.mul(fn.add(pg, q), 4)))))
-
-            row_blocks(fn, m, spec.schedule.mr, micro)
+            _fill_a_pairs(fn, spec, panel, 0, a, g, k0)
+            _add_panel_product(fn, spec, y, ldy, m, k0, panel, g, t, pg, ldh)
 
 
 def _avx512_bwd_body(spec: GemmSpec):

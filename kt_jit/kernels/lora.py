@@ -253,8 +253,7 @@ def _xb_pair_form(spec: LoraSpec) -> bool:
 def _xb_pairs(fn: Function, spec: LoraSpec, brow: str, j: int) -> str:
     """B rows k and k+1 (at ``brow``), columns 16j .. 16j+15 of the block, as 16 lanes of (B[k, l],
     B[k+1, l]) pairs: what ``vdpbf16ps`` multiplies against a broadcast (X[i, k], X[i, k+1])."""
-    rows = [fn.load("<16 x i16>", fn.gep(brow, r * spec.n * 2 + j * 32), 2) for r in (0, 1)]
-    pairs = vx.shuffle(fn, "<16 x i16>", rows[0], rows[1], [v for lane in range(16) for v in (lane, 16 + lane)])
+    pairs = vx.interleave_words_at(fn, fn.gep(brow, j * 32), fn.gep(brow, spec.n * 2 + j * 32))
     return vx.bitcast(fn, pairs, I16x32, BF16x32)
 
 
