@@ -16,17 +16,23 @@ from kt_jit.runtime.threads import default_num_threads, launch
 COUNT_ARGS = ArgBlock(["counts", "thread_slots"])
 
 
-def _counting_worker():
-    """A worker that adds 1 to counts[item] for every item it claims."""
+def _counting_worker(lookahead: bool = False):
+    """A worker that adds 1 to counts[item] for every item it claims; with ``lookahead`` it also
+    adds 1 to next_counts[j] for the next item j the body is told of (j < n_items)."""
+    name = "count_items_ahead" if lookahead else "count_items"
     target = target_for("avx512")
-    mod = Module("count_items", target.fn_attrs)
+    mod = Module(name, target.fn_attrs)
 
-    def body(fn, ctx, item, tiles):
+    def body(fn, ctx, item, tiles, following=None):
         counts = COUNT_ARGS.load_ptr(fn, ctx, "counts")
         fn.emit(f"atomicrmw add ptr {fn.gep(counts, fn.mul(item, 8))}, i64 1 monotonic")
+        if lookahead:
+            with fn.if_then(fn.icmp("slt", following, COUNT_ARGS.load(fn, ctx, "n_items"))):
+                nxt = COUNT_ARGS.load_ptr(fn, ctx, "thread_slots")
+                fn.emit(f"atomicrmw add ptr {fn.gep(nxt, fn.mul(following, 8))}, i64 1 monotonic")
 
-    build_worker(mod, "count_items", COUNT_ARGS, body)
-    return get_or_compile("count_items", "count_items", mod.render(), target, ["count_items"])["count_items"]
+    build_worker(mod, name, COUNT_ARGS, body, lookahead=lookahead)
+    return get_or_compile(name, name, mod.render(), target, [name])[name]
 
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
@@ -40,6 +46,25 @@ def test_launcher_runs_every_item_exactly_once(threads, n_items):
     launch(addr, ctypes.addressof(args), threads)
     assert counts[:n_items].eq(1).all()
     assert args.counter >= n_items  # every thread's last claim overshoots by one
+
+
+@pytest.mark.parametrize("threads", [1, 2, 3, 8])
+@pytest.mark.parametrize("n_items", [0, 1, 2, 7, 1000])
+def test_lookahead_worker_runs_every_item_once_and_names_each_next_item_once(threads, n_items):
+    """A worker claiming one item ahead runs every item exactly once, and every item but those
+    each thread claimed first is announced as some item's successor exactly once."""
+    import ctypes
+
+    addr = _counting_worker(lookahead=True)
+    counts = torch.zeros(max(n_items, 1), dtype=torch.int64)
+    announced = torch.zeros(max(n_items, 1), dtype=torch.int64)
+    args = COUNT_ARGS.make(n_items, counts=counts.data_ptr(), thread_slots=announced.data_ptr())
+    launch(addr, ctypes.addressof(args), threads)
+    assert counts[:n_items].eq(1).all()
+    assert announced[:n_items].le(1).all()
+    # only the first item of each thread that got one goes unannounced (a thread may find every
+    # item taken before it starts)
+    assert min(n_items, 1) <= n_items - int(announced[:n_items].sum()) <= min(n_items, threads)
 
 
 @pytest.mark.parametrize("threads", ["1", "2"])

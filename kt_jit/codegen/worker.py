@@ -240,12 +240,15 @@ def compile_worker(name: str, key: str, args: ArgBlock, body: Callable[[Function
 
 
 def build_worker(module: Module, name: str, args: ArgBlock,
-                 body: Callable[[Function, str, str, Tiles | None], None],
-                 tile_config: TileConfig | None = None, emulate_amx: bool = False) -> Function:
+                 body: Callable[..., None],
+                 tile_config: TileConfig | None = None, emulate_amx: bool = False,
+                 lookahead: bool = False) -> Function:
     """``void name(ptr ctx)``: claim items from the counter and run ``body(fn, ctx, item, tiles)``.
 
     With a tile config the worker loads it once on entry (tiles are per thread and do not survive
-    across calls into other code) and releases the tiles on exit.
+    across calls into other code) and releases the tiles on exit. With ``lookahead`` a thread
+    claims its next item before running the current one and the body gets it as a fifth argument
+    (``>= n_items`` when there is none), so it can prefetch what that item reads first.
     """
     fn = module.function(name, [("ptr", "%ctx")])
     tiles = None
@@ -254,12 +257,18 @@ def build_worker(module: Module, name: str, args: ArgBlock,
         tiles.configure(tile_config)
     n_items = args.load(fn, "%ctx", "n_items")
     head, body_bb, done = fn.new_block("claim"), fn.new_block("work"), fn.new_block("finish")
+    claimed = fn.var("i64", fn.val("atomicrmw add ptr %ctx, i64 1 monotonic")) if lookahead else None
     fn.br(head)
     fn.set_block(head)
-    item = fn.val("atomicrmw add ptr %ctx, i64 1 monotonic")
+    item = claimed.get() if claimed else fn.val("atomicrmw add ptr %ctx, i64 1 monotonic")
     fn.cbr(fn.icmp("slt", item, n_items), body_bb, done)
     fn.set_block(body_bb)
-    body(fn, "%ctx", item, tiles)
+    if claimed:
+        following = fn.val("atomicrmw add ptr %ctx, i64 1 monotonic")
+        claimed.set(following)
+        body(fn, "%ctx", item, tiles, following)
+    else:
+        body(fn, "%ctx", item, tiles)
     fn.br(head)
     fn.set_block(done)
     if tiles is not None:

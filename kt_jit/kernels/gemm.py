@@ -110,6 +110,10 @@ class GemmSchedule:
         lane-partial form instead, whole by their first work item unless ``lps`` (0 = never)
     lps: with lp, the lane-partial form's K-slices go to the group's first work items, one each,
         instead of all to the first (launches of a single group: the other threads get a share)
+    pfi: AVX-512 fwd with pfn: at an item's last K-chunk (where pfn has no next chunk to fetch)
+        the row blocks after the first prefetch the first chunk of the item this thread runs next
+        (claimed one ahead, see codegen.worker.build_worker), so DRAM keeps streaming while they
+        compute from L2
     """
 
     mr: int
@@ -123,12 +127,14 @@ class GemmSchedule:
     lp: int = 0
     pfw: int = 0
     lps: bool = False
+    pfi: bool = False
 
     def __str__(self) -> str:
         small = f"s{self.sm}{self.small}" if self.sm else ""
         lp = f"l{self.lp}{'s' if self.lps else ''}" if self.lp else ""
         pfw = f"w{self.pfw}" if self.pfw else ""
-        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{pfw}{'n' if self.pfn else ''}{self.form}{small}{lp}"
+        ahead = ("n" if self.pfn else "") + ("i" if self.pfi else "")
+        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{pfw}{ahead}{self.form}{small}{lp}"
 
 
 def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one_group: bool = False,
@@ -144,13 +150,15 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     per thread) of 1-8 rows takes it with its K-slices spread over the work items (``lps``)."""
     if isa == "avx512":
         if op == "fwd":  # quantized: prefetch 2 KB ahead like bf16's 16 rows (measured int8 +2-11%);
-            # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1%, so off)
+            # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1% alone)
             pf = 16 if quant == "bf16" else 2048 // ROW_BYTES[quant]
             # bf16 blocks of 4-6 rows: 32 rows ahead (kernel A/B, 8 cold experts, Zen 5: m=4 -3%,
             # m=6 -7%, m=8 -11%, m=12 -3%; m<=2 keeps 16, where 32 measured +3.5%)
             pfw = 32 if quant == "bf16" else 0
-            return GemmSchedule(mr=6, nr=4 if n % 64 == 0 else 2, kc=_chunk(k // 2, 256), pf=pf, pfn=quant == "bf16",
-                                pfw=pfw)
+            # pfi (with pfn): MoE forward A/B on Zen 5 (qwen3, no LoRA): bf16 qlen 128 -2.9%, 512 -4.1%,
+            # 16 -1.1%, 1 +-1%; qlen 128 int8 -2.7%, int4 -7.1%, int4_kgroup -3.7% (int8 qlen 16 +-1%)
+            return GemmSchedule(mr=6, nr=4 if n % 64 == 0 else 2, kc=_chunk(k // 2, 256), pf=pf, pfn=True, pfw=pfw,
+                                pfi=True)
         # streaming a whole small group beats the panel up to 24 rows when the row pitches are odd
         # multiples of 64 B (measured on Zen 5: m=14-24 1.1-1.6x, m=32 0.9x); otherwise the kernel
         # lowers the limit to STREAM_ALIASED_MAX at run time (the rows would crowd a few L1 sets)
@@ -238,6 +246,9 @@ class GemmSpec:
             raise ValueError(f"schedule small={sch.small!r}: 'stream' or 'fold'")
         if sch.pfw < 0 or (sch.pfw and (self.op, self.isa) != ("fwd", "avx512")):
             raise ValueError(f"schedule pfw={sch.pfw}: a non-negative distance, for the AVX-512 forward GEMM only")
+        if sch.pfi and ((self.op, self.isa) != ("fwd", "avx512") or not sch.pfn):
+            raise ValueError("schedule pfi (prefetch the next item's first chunk): the AVX-512 forward GEMM "
+                             "with pfn only")
         if sch.sm and not self.is_panel:
             raise ValueError("schedule sm (streamed small groups) applies to the 'panel' transposed GEMM only")
         if sch.lp and not (self.is_panel and 0 < sch.lp <= min(sch.sm, LANE_PARTIAL_MAX)):
@@ -562,11 +573,16 @@ def _avx512_fwd_body(spec: GemmSpec):
     block_stride = kp * rb  # bytes between consecutive n-blocks of the packed weight
     int_x = spec.int_x  # quantized: int32 partial sums per chunk, scaled into Y at its end
 
-    def body(fn: Function, ctx: str, item: str, tiles) -> None:
+    def body(fn: Function, ctx: str, item: str, tiles, following: str | None = None) -> None:
         c, x, w, y, m, sc, zp, *extra = _group(fn, ctx, item, spec.items_per_group, spec.group_fields)
         xsc = extra.pop(0) if int_x else None
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         wb = fn.gep(w, fn.mul(c, sch.nr * block_stride))
+        if sch.pfi:  # the weights of the item this thread runs next (its own, when there is none)
+            valid = fn.icmp("slt", following, ARGS.load(fn, ctx, "n_items"))
+            nc, _, nw, *_ = _group(fn, ctx, fn.val(f"select i1 {valid}, i64 {following}, i64 {item}"),
+                                   spec.items_per_group, spec.group_fields)
+            wb_next = fn.gep(nw, fn.mul(nc, sch.nr * block_stride))
         yb = fn.gep(y, fn.mul(c, sch.nr * 64))
         if spec.lora_rank:
             lpanel, h, hoff, fill_lora = _lora_pairs(fn, spec, c, tuple(extra))
@@ -630,7 +646,7 @@ def _avx512_fwd_body(spec: GemmSpec):
                     pairs = spec.quant == "int4"  # (GemmSpec requires an even kc for int4)
                     with fn.loop(kc0, fn.add(kc0, kc), 2 if pairs else 1, name="r") as r:
                         if fetch_next:  # this chunk is in L2 already: fetch the next one meanwhile
-                            nb = fn.gep(wb, fn.mul(fn.add(r, kc), rb))
+                            nb = fn.gep(fetch_base, fn.mul(r, rb))
                             for j in range(sch.nr):
                                 vx.prefetch(fn, fn.gep(nb, j * block_stride), 2)
                         steps = zip((r, fn.add(r, 1)), zip(*int4_row_pairs(r, pf), strict=True), strict=True) \
@@ -640,8 +656,14 @@ def _avx512_fwd_body(spec: GemmSpec):
                             _mac(fn, accs, list(wv), xptrs, int_x)
 
                 if sch.pfn:  # row blocks after the first of a chunk compute from L2
-                    either(fn, fn.val(f"and i1 {fn.icmp('ult', fn.add(kc0, kc), kp)}, {fn.icmp('ne', m0, 0)}"),
-                            k_loop)
+                    # the next chunk of this item, or with pfi at the last chunk the next item's first
+                    fetch_base = fn.gep(wb, fn.mul(kc, rb))
+                    more = fn.icmp('ult', fn.add(kc0, kc), kp)
+                    if sch.pfi:
+                        nxt = fn.gep(wb_next, fn.mul(fn.sub(0, kc0), rb))
+                        fetch_base = fn.val(f"select i1 {more}, ptr {fetch_base}, ptr {nxt}")
+                        more = "true"
+                    either(fn, fn.val(f"and i1 {more}, {fn.icmp('ne', m0, 0)}"), k_loop)
                 else:
                     k_loop(False)
                 if not int_x:
@@ -1342,7 +1364,7 @@ def build_ir(spec: GemmSpec) -> str:
             body = _avx512_bwd_panel_body(spec) if spec.is_panel else _avx512_bwd_body(spec)
             if spec.op == "bwd" and spec.quant == "bf16":
                 mod.pipeline = "light"  # see codegen/compile.py (measured on the bf16 kernels)
-        build_worker(mod, spec.name, ARGS, body)
+        build_worker(mod, spec.name, ARGS, body, lookahead=spec.schedule.pfi)
     else:
         body = _amx_fwd_body(spec) if spec.op == "fwd" else _amx_bwd_body(spec)
         build_worker(mod, spec.name, ARGS, body, TileConfig.uniform(), emulate_amx=spec.isa == "amx_emu")
