@@ -423,7 +423,9 @@ def _zero_for(fn: Function, spec: GemmSpec, zptr: str) -> str | None:
 def _store_int(fn: Function, spec: GemmSpec, acc: str, p: str, first: str, scale: str) -> None:
     """``out[p] (+)= float(acc) * scale`` for int32 partial sums (overwrite when ``first`` and not
     accumulating)."""
-    old = _old_output(fn, spec, p, first)
+    old = fn.load(F32x16, p, 4)
+    if not spec.accumulate:
+        old = fn.val(f"select i1 {first}, {F32x16} zeroinitializer, {F32x16} {old}")
     fn.store(F32x16, vx.fma(fn, fn.val(f"sitofp {I32x16} {acc} to {F32x16}"), scale, old), p, 4)
 
 
@@ -445,23 +447,12 @@ def _zero_words(fn: Function, spec: GemmSpec, zptr: str) -> str | None:
     return fn.val(f"sub {I16x32} <{', '.join(['i16 16'] * 32)}>, {zz}")
 
 
-def _old_output(fn: Function, spec: GemmSpec, ptr: str, first: str) -> str:
-    """The 16 fp32 outputs at ``ptr`` to add to: their current value when accumulating or past the
-    first reduction chunk (``first`` false), else zero. The first chunk does not read them: a load
-    whose value a select then drops still waits for its line, and an output block not written yet
-    is a cache miss on the dot chains' path (kernel A/B, Zen 5, the panel form of qwen3's transposed
-    gate/up at qlen 512: -17%)."""
-    if spec.accumulate:
-        return fn.load(F32x16, ptr, 4)
-    old = fn.var(F32x16, "zeroinitializer", 64)
-    with fn.if_then(fn.val(f"xor i1 {first}, true"), name="old"):
-        old.set(fn.load(F32x16, ptr, 4))
-    return old.get()
-
-
 def _open_acc(fn: Function, spec: GemmSpec, ptr: str, first: str) -> Var:
-    """An fp32 accumulator for the 16 outputs at ``ptr``, starting from :func:`_old_output`."""
-    return fn.var(F32x16, _old_output(fn, spec, ptr, first), 64)
+    """An fp32 accumulator for the 16 outputs at ``ptr``: their current value when accumulating or
+    past the first reduction chunk (``first`` false), else zero."""
+    old = fn.load(F32x16, ptr, 4)
+    init = old if spec.accumulate else fn.val(f"select i1 {first}, {F32x16} zeroinitializer, {F32x16} {old}")
+    return fn.var(F32x16, init, 64)
 
 
 def _dot(fn: Function, acc: str, w: str, xb: str, integer: bool) -> str:
