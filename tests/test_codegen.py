@@ -63,3 +63,13 @@ def test_avx512_transposed_gemm_regroups_weight_rows_as_they_load(n, k):
     assert "vpshufb" not in asm
     assert re.findall(r"vpermw\s+-?\d*\(%r", asm) and all(
         re.match(r"\s*vpermw\s+-?\d*\(%r", line) for line in asm.splitlines() if "vpermw" in line)
+
+
+def test_transposed_panel_requests_its_output_block_for_writing_unless_lora_is_fused():
+    """The panel form's items prefetch their output block for writing (its first chunk's loads
+    would otherwise each wait for a cold line); the fused-LoRA kernels leave it out (measured
+    without gain there)."""
+    plain = _asm(gemm.kernel_for("bwd", 1536, 2048, isa="avx512").spec)
+    fused = _asm(gemm.kernel_for("bwd", 1536, 2048, lora_rank=16, lora_split=768).spec)
+    assert "prefetchw" in plain
+    assert "prefetchw" not in fused

@@ -163,10 +163,11 @@ def i32x16_const(values: Sequence[int]) -> str:
     return vec_const("i32", values)
 
 
-def prefetch(fn: Function, ptr: str, locality: int = 3) -> None:
-    """Software prefetch of the cache line at ``ptr`` (locality 3 = prefetcht0, 2 = prefetcht1)."""
+def prefetch(fn: Function, ptr: str, locality: int = 3, write: bool = False) -> None:
+    """Software prefetch of the cache line at ``ptr`` (locality 3 = prefetcht0, 2 = prefetcht1;
+    ``write``: for writing, prefetchw)."""
     sym = fn.module.declare("llvm.prefetch.p0", "declare void @llvm.prefetch.p0(ptr, i32, i32, i32)")
-    fn.emit(f"call void {sym}(ptr {ptr}, i32 0, i32 {locality}, i32 1)")
+    fn.emit(f"call void {sym}(ptr {ptr}, i32 {int(write)}, i32 {locality}, i32 1)")
 
 
 def fold_groups(fn: Function, vs: Sequence[str], group: int) -> list[str]:
