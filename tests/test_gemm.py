@@ -179,8 +179,15 @@ def test_schedule_validation():
         gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel", pfw=32))
     with pytest.raises(ValueError, match="pfw"):
         gemm.GemmSpec("fwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, pf=16, pfw=-1))
+    with pytest.raises(ValueError, match="pfi"):  # the look-ahead rides on the next-chunk prefetch
+        gemm.GemmSpec("fwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, pfi=True))
+    with pytest.raises(ValueError, match="pfi"):
+        gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel", pfn=True, pfi=True))
+    with pytest.raises(ValueError, match="pfi"):
+        gemm.GemmSpec("fwd", 64, 64, "amx", False, gemm.GemmSchedule(mr=2, nr=2, pfn=True, pfi=True))
     # every field that changes the code is in the kernel's name (and so in its cache key)
     assert str(gemm.GemmSchedule(6, 4, pf=16, pfw=32)) != str(gemm.GemmSchedule(6, 4, pf=16))
+    assert str(gemm.GemmSchedule(6, 4, pfn=True, pfi=True)) != str(gemm.GemmSchedule(6, 4, pfn=True))
     with pytest.raises(ValueError, match="lp"):
         gemm.GemmSpec("bwd", 64, 64, "avx512", False,
                       gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=16, lp=gemm.LANE_PARTIAL_MAX + 1))
@@ -241,6 +248,42 @@ def test_dy_tiles_kernel_matches_the_torch_packing(n):
     for f, m in zip(firsts, ms, strict=True):
         want = gemm.pack_dy_for_amx(src[f:f + m, :n].contiguous()).reshape(-1)
         assert torch.equal(tiles[f * n * 4:f * n * 4 + want.numel()].view(torch.int16), want.view(torch.int16))
+
+
+@pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")
+@pytest.mark.parametrize("quant", ["bf16", "int8"])
+@pytest.mark.parametrize("kc", [0, 128])
+@pytest.mark.parametrize("threads", [1, 2, 3])
+def test_forward_gemm_over_many_groups_with_look_ahead(quant, kc, threads):
+    """One forward launch over groups of 0..25 rows (one and more register blocks, so the last
+    K-chunk's later row blocks prefetch the next item's first chunk, claimed ahead), the default
+    prefetch schedule with one K-chunk (kc=0) and with several; every output against the oracle."""
+    n, k = 256, 1024
+    sizes = [0, 7, 13, 1, 25, 6, 12]
+    sch = dataclasses.replace(gemm.default_schedule("fwd", "avx512", n, k, quant), kc=kc)
+    assert sch.pfn and sch.pfi
+    ws = [_weights(n, k, seed=s) for s in range(len(sizes))]
+    xs = [torch.randn(m, k, generator=torch.Generator().manual_seed(10 + m)).bfloat16() for m in sizes]
+    ys = [torch.full((m, n), float("nan")) for m in sizes]
+    if quant == "bf16":
+        spec = gemm.GemmSpec("fwd", n, k, "avx512", False, sch)
+        packed = [pack_bf16(w) for w in ws]
+        rows = [[x.data_ptr(), p.data_ptr(), y.data_ptr(), x.shape[0], 0, 0]
+                for x, p, y in zip(xs, packed, ys, strict=True)]
+        want = [ref_linear(x, w) for x, w in zip(xs, ws, strict=True)]
+    else:  # int16 rows with per-row scales (an empty group keeps a one-row dummy: never read)
+        spec = gemm.GemmSpec("fwd", n, k, "avx512", False, sch, quant="int8")
+        qs = [_quantized("int8", 0, False, n, k, seed=s) for s in range(len(sizes))]
+        inputs = [_kernel_input(spec, x if x.shape[0] else torch.zeros(1, k).bfloat16(), q[1])
+                  for x, q in zip(xs, qs, strict=True)]
+        rows = [[xq.data_ptr(), q[0].data_ptr(), y.data_ptr(), x.shape[0], q[1].data_ptr(), 0, xsc.data_ptr()]
+                for x, q, y, (xq, xsc) in zip(xs, qs, ys, inputs, strict=True)]
+        want = [ref_linear(x, q[3]) for x, q in zip(xs, qs, strict=True)]
+    table = torch.tensor(rows, dtype=torch.int64)
+    gemm.get_kernel(spec).launch(table, k * 2, n * 4, num_threads=threads)
+    for m, got, expect in zip(sizes, ys, want, strict=True):
+        if m:
+            assert rel_err(got, expect) < 2e-4, m
 
 
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")

@@ -16,22 +16,54 @@ from kt_jit.runtime.threads import default_num_threads, launch
 COUNT_ARGS = ArgBlock(["counts", "thread_slots"])
 
 
-def _counting_worker(lookahead: bool = False):
-    """A worker that adds 1 to counts[item] for every item it claims; with ``lookahead`` it also
-    adds 1 to next_counts[j] for the next item j the body is told of (j < n_items)."""
-    name = "count_items_ahead" if lookahead else "count_items"
+def _counting_worker():
+    """A worker that adds 1 to counts[item] for every item it claims."""
+    target = target_for("avx512")
+    mod = Module("count_items", target.fn_attrs)
+
+    def body(fn, ctx, item, tiles):
+        counts = COUNT_ARGS.load_ptr(fn, ctx, "counts")
+        fn.emit(f"atomicrmw add ptr {fn.gep(counts, fn.mul(item, 8))}, i64 1 monotonic")
+
+    build_worker(mod, "count_items", COUNT_ARGS, body)
+    return get_or_compile("count_items", "count_items", mod.render(), target, ["count_items"])["count_items"]
+
+
+def _lookahead_worker(name: str, wait_for_claims: int = 0):
+    """A worker built with ``lookahead``: each item adds 1 to counts[item]; even items claim their
+    thread's next item and add 1 to thread_slots[next] when there is one. With
+    ``wait_for_claims``, an item first spins (bounded) until that many claims were made, then
+    stores its thread's stack address in thread_slots[item] instead (a thread's identity)."""
     target = target_for("avx512")
     mod = Module(name, target.fn_attrs)
 
-    def body(fn, ctx, item, tiles, following=None):
+    def body(fn, ctx, item, tiles, claim_next):
         counts = COUNT_ARGS.load_ptr(fn, ctx, "counts")
+        slots = COUNT_ARGS.load_ptr(fn, ctx, "thread_slots")
         fn.emit(f"atomicrmw add ptr {fn.gep(counts, fn.mul(item, 8))}, i64 1 monotonic")
-        if lookahead:
-            with fn.if_then(fn.icmp("slt", following, COUNT_ARGS.load(fn, ctx, "n_items"))):
-                nxt = COUNT_ARGS.load_ptr(fn, ctx, "thread_slots")
-                fn.emit(f"atomicrmw add ptr {fn.gep(nxt, fn.mul(following, 8))}, i64 1 monotonic")
+        if wait_for_claims:  # spin until the counter shows that many claims (at most 2^28 rounds)
+            spins = fn.var("i64", "0")
+            head, again, out = fn.new_block("spin"), fn.new_block("again"), fn.new_block("spun")
+            fn.br(head)
+            fn.set_block(head)
+            claims = fn.val("load atomic i64, ptr %ctx monotonic, align 8")
+            short, bounded = fn.icmp("slt", claims, wait_for_claims), fn.icmp("slt", spins.get(), 1 << 28)
+            waiting = fn.val(f"and i1 {short}, {bounded}")
+            fn.cbr(waiting, again, out)
+            fn.set_block(again)
+            spins.set(fn.add(spins.get(), 1))
+            fn.br(head)
+            fn.set_block(out)
+            marker = fn.alloca("i8", 64)
+            fn.store("i64", fn.val(f"ptrtoint ptr {marker} to i64"), fn.gep(slots, fn.mul(item, 8)), 8)
+            claim_next()
+            return
+        with fn.if_then(fn.icmp("eq", fn.val(f"and i64 {item}, 1"), 0), name="even"):
+            following = claim_next()
+            with fn.if_then(fn.icmp("slt", following, COUNT_ARGS.load(fn, ctx, "n_items")), name="some"):
+                fn.emit(f"atomicrmw add ptr {fn.gep(slots, fn.mul(following, 8))}, i64 1 monotonic")
 
-    build_worker(mod, name, COUNT_ARGS, body, lookahead=lookahead)
+    build_worker(mod, name, COUNT_ARGS, body, lookahead=True)
     return get_or_compile(name, name, mod.render(), target, [name])[name]
 
 
@@ -50,21 +82,34 @@ def test_launcher_runs_every_item_exactly_once(threads, n_items):
 
 @pytest.mark.parametrize("threads", [1, 2, 3, 8])
 @pytest.mark.parametrize("n_items", [0, 1, 2, 7, 1000])
-def test_lookahead_worker_runs_every_item_once_and_names_each_next_item_once(threads, n_items):
-    """A worker claiming one item ahead runs every item exactly once, and every item but those
-    each thread claimed first is announced as some item's successor exactly once."""
+def test_lookahead_worker_runs_every_item_once(threads, n_items):
+    """Items that claim their thread's next one ahead (the even ones here) and items that do not:
+    every item runs exactly once, and an item is announced as a successor at most once."""
     import ctypes
 
-    addr = _counting_worker(lookahead=True)
+    addr = _lookahead_worker("count_items_ahead")
     counts = torch.zeros(max(n_items, 1), dtype=torch.int64)
     announced = torch.zeros(max(n_items, 1), dtype=torch.int64)
     args = COUNT_ARGS.make(n_items, counts=counts.data_ptr(), thread_slots=announced.data_ptr())
     launch(addr, ctypes.addressof(args), threads)
     assert counts[:n_items].eq(1).all()
     assert announced[:n_items].le(1).all()
-    # only the first item of each thread that got one goes unannounced (a thread may find every
-    # item taken before it starts)
-    assert min(n_items, 1) <= n_items - int(announced[:n_items].sum()) <= min(n_items, threads)
+    if threads == 1:  # one thread runs the items in order: each even item announces the odd one after it
+        assert announced[1:n_items:2].eq(1).all() and announced[0:n_items:2].eq(0).all()
+
+
+def test_lookahead_does_not_hold_an_item_back():
+    """Two items on two threads: the claim ahead happens inside the body (late), so the second
+    item goes to the second thread; a claim at the loop head would have run both on one thread."""
+    import ctypes
+
+    addr = _lookahead_worker("count_items_wait", wait_for_claims=2)
+    counts = torch.zeros(2, dtype=torch.int64)
+    owner = torch.zeros(2, dtype=torch.int64)
+    args = COUNT_ARGS.make(2, counts=counts.data_ptr(), thread_slots=owner.data_ptr())
+    launch(addr, ctypes.addressof(args), 2)
+    assert counts.eq(1).all()
+    assert owner[0] != owner[1], "both items ran on one thread"
 
 
 @pytest.mark.parametrize("threads", ["1", "2"])

@@ -246,9 +246,12 @@ def build_worker(module: Module, name: str, args: ArgBlock,
     """``void name(ptr ctx)``: claim items from the counter and run ``body(fn, ctx, item, tiles)``.
 
     With a tile config the worker loads it once on entry (tiles are per thread and do not survive
-    across calls into other code) and releases the tiles on exit. With ``lookahead`` a thread
-    claims its next item before running the current one and the body gets it as a fifth argument
-    (``>= n_items`` when there is none), so it can prefetch what that item reads first.
+    across calls into other code) and releases the tiles on exit. With ``lookahead`` the body gets
+    a fifth argument, ``claim_next()``: it emits code that claims the item this thread runs next
+    (at most once per item; the claim then stands in for the one at the loop's head) and returns
+    its index (``>= n_items`` when there is none), so the body can prefetch what that item reads
+    first. Claiming late in an item keeps the others' share of the items: a claim at the item's
+    start would hold an item back for the whole of the current one.
     """
     fn = module.function(name, [("ptr", "%ctx")])
     tiles = None
@@ -257,18 +260,28 @@ def build_worker(module: Module, name: str, args: ArgBlock,
         tiles.configure(tile_config)
     n_items = args.load(fn, "%ctx", "n_items")
     head, body_bb, done = fn.new_block("claim"), fn.new_block("work"), fn.new_block("finish")
-    claimed = fn.var("i64", fn.val("atomicrmw add ptr %ctx, i64 1 monotonic")) if lookahead else None
+    pending = fn.var("i64", "-1") if lookahead else None  # an item claimed ahead, or -1
     fn.br(head)
     fn.set_block(head)
-    item = claimed.get() if claimed else fn.val("atomicrmw add ptr %ctx, i64 1 monotonic")
+    if pending is None:
+        item = fn.val("atomicrmw add ptr %ctx, i64 1 monotonic")
+    else:
+        current = fn.var("i64", pending.get())
+        with fn.if_then(fn.icmp("slt", current.get(), 0), name="fresh"):
+            current.set(fn.val("atomicrmw add ptr %ctx, i64 1 monotonic"))
+        pending.set("-1")
+        item = current.get()
     fn.cbr(fn.icmp("slt", item, n_items), body_bb, done)
     fn.set_block(body_bb)
-    if claimed:
-        following = fn.val("atomicrmw add ptr %ctx, i64 1 monotonic")
-        claimed.set(following)
-        body(fn, "%ctx", item, tiles, following)
-    else:
+    if pending is None:
         body(fn, "%ctx", item, tiles)
+    else:
+        def claim_next() -> str:
+            with fn.if_then(fn.icmp("slt", pending.get(), 0), name="ahead"):
+                pending.set(fn.val("atomicrmw add ptr %ctx, i64 1 monotonic"))
+            return pending.get()
+
+        body(fn, "%ctx", item, tiles, claim_next)
     fn.br(head)
     fn.set_block(done)
     if tiles is not None:

@@ -112,8 +112,9 @@ class GemmSchedule:
         instead of all to the first (launches of a single group: the other threads get a share)
     pfi: AVX-512 fwd with pfn: at an item's last K-chunk (where pfn has no next chunk to fetch)
         the row blocks after the first prefetch the first chunk of the item this thread runs next
-        (claimed one ahead, see codegen.worker.build_worker), so DRAM keeps streaming while they
-        compute from L2
+        (claimed at the start of that chunk, see codegen.worker.build_worker; only by items with
+        more rows than mr, the ones with such blocks), so DRAM keeps streaming while they compute
+        from L2
     """
 
     mr: int
@@ -573,16 +574,13 @@ def _avx512_fwd_body(spec: GemmSpec):
     block_stride = kp * rb  # bytes between consecutive n-blocks of the packed weight
     int_x = spec.int_x  # quantized: int32 partial sums per chunk, scaled into Y at its end
 
-    def body(fn: Function, ctx: str, item: str, tiles, following: str | None = None) -> None:
+    def body(fn: Function, ctx: str, item: str, tiles, claim_next=None) -> None:
         c, x, w, y, m, sc, zp, *extra = _group(fn, ctx, item, spec.items_per_group, spec.group_fields)
         xsc = extra.pop(0) if int_x else None
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         wb = fn.gep(w, fn.mul(c, sch.nr * block_stride))
-        if sch.pfi:  # the weights of the item this thread runs next (its own, when there is none)
-            valid = fn.icmp("slt", following, ARGS.load(fn, ctx, "n_items"))
-            nc, _, nw, *_ = _group(fn, ctx, fn.val(f"select i1 {valid}, i64 {following}, i64 {item}"),
-                                   spec.items_per_group, spec.group_fields)
-            wb_next = fn.gep(nw, fn.mul(nc, sch.nr * block_stride))
+        if sch.pfi:  # set at the last chunk: the first weights of the item this thread runs next
+            next_wb, has_next = fn.var("ptr", wb), fn.var("i1", "false")
         yb = fn.gep(y, fn.mul(c, sch.nr * 64))
         if spec.lora_rank:
             lpanel, h, hoff, fill_lora = _lora_pairs(fn, spec, c, tuple(extra))
@@ -593,6 +591,14 @@ def _avx512_fwd_body(spec: GemmSpec):
             if spec.lora_rank:
                 with fn.if_then(last, name="lorafill"):
                     fill_lora()
+            if sch.pfi:  # only where row blocks after the first will fetch it
+                with fn.if_then(fn.val(f"and i1 {last}, {fn.icmp('sgt', m, sch.mr)}"), name="ahead"):
+                    following = claim_next()
+                    valid = fn.icmp("slt", following, ARGS.load(fn, ctx, "n_items"))
+                    has_next.set(valid)
+                    with fn.if_then(valid, name="next"):
+                        nc, _, nw, *_ = _group(fn, ctx, following, spec.items_per_group, spec.group_fields)
+                        next_wb.set(fn.gep(nw, fn.mul(nc, sch.nr * block_stride)))
             # scales/zeros of this chunk: per channel, or of the K-group holding it
             grp = fn.val(f"udiv i64 {kc0}, {spec.group_size // 2}") if spec.group_size else "0"
             chan = fn.add(fn.mul(grp, spec.n), fn.mul(c, sch.nr * 16))
@@ -646,7 +652,7 @@ def _avx512_fwd_body(spec: GemmSpec):
                     pairs = spec.quant == "int4"  # (GemmSpec requires an even kc for int4)
                     with fn.loop(kc0, fn.add(kc0, kc), 2 if pairs else 1, name="r") as r:
                         if fetch_next:  # this chunk is in L2 already: fetch the next one meanwhile
-                            nb = fn.gep(fetch_base, fn.mul(r, rb))
+                            nb = fn.gep(fetch_base, fn.mul(fn.sub(r, kc0), rb))
                             for j in range(sch.nr):
                                 vx.prefetch(fn, fn.gep(nb, j * block_stride), 2)
                         steps = zip((r, fn.add(r, 1)), zip(*int4_row_pairs(r, pf), strict=True), strict=True) \
@@ -656,13 +662,12 @@ def _avx512_fwd_body(spec: GemmSpec):
                             _mac(fn, accs, list(wv), xptrs, int_x)
 
                 if sch.pfn:  # row blocks after the first of a chunk compute from L2
-                    # the next chunk of this item, or with pfi at the last chunk the next item's first
-                    fetch_base = fn.gep(wb, fn.mul(kc, rb))
+                    # the start of this item's next chunk, or with pfi at the last chunk the next item's
+                    fetch_base = fn.gep(wb, fn.mul(fn.add(kc0, kc), rb))
                     more = fn.icmp('ult', fn.add(kc0, kc), kp)
                     if sch.pfi:
-                        nxt = fn.gep(wb_next, fn.mul(fn.sub(0, kc0), rb))
-                        fetch_base = fn.val(f"select i1 {more}, ptr {fetch_base}, ptr {nxt}")
-                        more = "true"
+                        fetch_base = fn.val(f"select i1 {more}, ptr {fetch_base}, ptr {next_wb.get()}")
+                        more = fn.val(f"or i1 {more}, {has_next.get()}")
                     either(fn, fn.val(f"and i1 {more}, {fn.icmp('ne', m0, 0)}"), k_loop)
                 else:
                     k_loop(False)
