@@ -156,8 +156,9 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
             # bf16 blocks of 4-6 rows: 32 rows ahead (kernel A/B, 8 cold experts, Zen 5: m=4 -3%,
             # m=6 -7%, m=8 -11%, m=12 -3%; m<=2 keeps 16, where 32 measured +3.5%)
             pfw = 32 if quant == "bf16" else 0
-            # pfi (with pfn): MoE forward A/B on Zen 5 (qwen3, no LoRA): bf16 qlen 128 -2.9%, 512 -4.1%,
-            # 16 -1.1%, 1 +-1%; qlen 128 int8 -2.7%, int4 -7.1%, int4_kgroup -3.7% (int8 qlen 16 +-1%)
+            # pfi (with pfn): MoE forward A/B on Zen 5 (qwen3, no LoRA), claiming at the item's start:
+            # bf16 qlen 128 -2.9%, 512 -4.1%, 16 -1.1%, 1 +-1%; qlen 128 int8 -2.7%, int4 -7.1%,
+            # int4_kgroup -3.7%; claiming at the last chunk (kept): bf16 qlen 128 -0.4..-1.6%, 512 -3.1%
             return GemmSchedule(mr=6, nr=4 if n % 64 == 0 else 2, kc=_chunk(k // 2, 256), pf=pf, pfn=True, pfw=pfw,
                                 pfi=True)
         # streaming a whole small group beats the panel up to 24 rows when the row pitches are odd
@@ -940,10 +941,11 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
         if not spec.lora_rank:
             # this item's output block, for writing: the first chunk's accumulators load it (values
             # a select then drops, but the load still waits for the line: with the block not in
-            # cache, a miss per accumulator on the dot chains' path). Kernel A/B on Zen 5, MoE
-            # routings of qlen 512, qwen3 gate/up: -12%; one group of 128/512 hot rows: +-1%. The
-            # fused-LoRA kernels do without (MoE backward +1%): their LoRA term rereads the block at
-            # the item's end, which has the hardware prefetcher fetch the next items' blocks.
+            # cache, a miss per accumulator on the dot chains' path). Zen 5, qwen3: kernel on MoE
+            # routings of qlen 512 (gate/up) -12%, MoE backward without LoRA -8.4% (qlen 512) and
+            # -3.4% (128); one group of 128/512 hot rows +-1%. The fused-LoRA kernels do without
+            # (MoE backward +1.3%): their LoRA term rereads the block at the item's end, which has
+            # the hardware prefetcher fetch the next items' blocks.
             with fn.loop(0, m, name="pwy") as i:
                 yr = fn.gep(yb, fn.mul(i, ldy))
                 for j in range(sch.nr):
