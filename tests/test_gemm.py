@@ -293,11 +293,13 @@ def test_forward_gemm_over_many_groups_with_look_ahead(quant, kc, threads):
                                  gemm.GemmSchedule(6, 4, 0, 2, "panel", 8, "fold", lp=8),
                                  gemm.GemmSchedule(6, 2, 3, 2, "panel", 5, "fold"),
                                  gemm.GemmSchedule(3, 2, 0, 1, "fold")], ids=str)
-def test_transposed_gemm_forms_over_many_groups(sch):
+@pytest.mark.parametrize("n", [96, 768])
+def test_transposed_gemm_forms_over_many_groups(sch, n):
     """One launch over groups of every size around the lane-partial/streamed/panel boundaries
     (0..17 rows), accumulating into an existing output: the way the MoE backward calls it
-    (N/16 = 6: the streamed forms read 2 n-blocks side by side)."""
-    n, k = 96, 192
+    (N/16 = 6: the streamed forms read 2 n-blocks side by side; N/16 = 48: the streamed form
+    reads 16 at a time, in three passes)."""
+    k = 192
     sizes = list(range(18))
     ws = [_weights(n, k, seed=s) for s in sizes]
     packed = [pack_bf16(w) for w in ws]

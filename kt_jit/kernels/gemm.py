@@ -1024,7 +1024,13 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
 STREAM_PREFETCH = 1024  # bytes ahead along each stream (as the forward's 16 rows)
 STREAM_ALIASED_MAX = 12  # most rows streamed unless both row pitches are odd multiples of 64 B
 STREAM_ROWS = 4  # token rows per block of the streamed form
-STREAM_BLOCKS = 4  # n-blocks read side by side by the streamed transposed GEMM (4 streams, as fwd)
+STREAM_BLOCKS = 4  # n-blocks read side by side by the lane-partial form (4 streams, as fwd)
+# n-blocks the streamed form (5-24 rows) reads side by side: each pass over them walks the group's
+# whole fp32 output (m x K, 64-448 KB) through L2, so more blocks per pass mean fewer passes. MoE
+# backward at qlen 128 (groups of 8-16 rows), same-process A/B on Zen 5 against 4: slow memory mode
+# qwen3 -2.9%, deepseek-v2-lite -2.3%, dsv3-64e -0.7%; fast mode deepseek-v2-lite -14.2% (8: -5.7%,
+# 32: +4.7%; 2: +14.6%); int8 / int4 -0.2% / +0.9%
+STREAM_GROUP_BLOCKS = 16
 
 
 _LP_PFEVERY = 2  # see _bwd_lane_partial
@@ -1191,14 +1197,14 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
 def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, xsc: str | None,
                       ldx: str, ldy: str, m: str) -> None:
     """``dX = dY W`` for one whole (small) group (above the lane-partial form's rows), reading the
-    packed weight in forward order: ``ns`` n-blocks side by side, 8 k-pair rows (512 B) of each per
-    step, so the weight streams like the forward's. Each 8-row group is transposed in registers
-    (as in the panel form) and multiplied, in blocks of up to 4 token rows, into the ``m x K`` fp32
-    output, which stays in L1/L2 for small groups.
+    packed weight in forward order: ``ns`` (up to STREAM_GROUP_BLOCKS) n-blocks side by side, 8
+    k-pair rows (512 B) of each per step, so the weight streams like the forward's. Each 8-row
+    group is transposed in registers (as in the panel form) and multiplied, in blocks of up to 4
+    token rows, into the ``m x K`` fp32 output, which stays in L1/L2 for small groups.
     """
     nb, rb = spec.n // 16, spec.row_bytes
     block_stride = spec.k // 2 * rb
-    ns = max(d for d in (STREAM_BLOCKS, 2, 1) if nb % d == 0)
+    ns = max(d for d in (STREAM_GROUP_BLOCKS, 8, 4, 2, 1) if nb % d == 0)
     with fn.loop(0, nb, ns, name="sb") as s0:
         first = fn.icmp("eq", s0, 0)
         wblk = fn.gep(w, fn.mul(s0, block_stride))
