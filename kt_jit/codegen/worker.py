@@ -260,28 +260,31 @@ def build_worker(module: Module, name: str, args: ArgBlock,
         tiles.configure(tile_config)
     n_items = args.load(fn, "%ctx", "n_items")
     head, body_bb, done = fn.new_block("claim"), fn.new_block("work"), fn.new_block("finish")
+
+    def claim() -> str:
+        return fn.val("atomicrmw add ptr %ctx, i64 1 monotonic")
+
     pending = fn.var("i64", "-1") if lookahead else None  # an item claimed ahead, or -1
+
+    def claim_once(var) -> str:
+        """``var`` if it holds a claim, else a fresh claim stored in it."""
+        with fn.if_then(fn.icmp("slt", var.get(), 0), name="claim"):
+            var.set(claim())
+        return var.get()
+
     fn.br(head)
     fn.set_block(head)
     if pending is None:
-        item = fn.val("atomicrmw add ptr %ctx, i64 1 monotonic")
+        item = claim()
     else:
-        current = fn.var("i64", pending.get())
-        with fn.if_then(fn.icmp("slt", current.get(), 0), name="fresh"):
-            current.set(fn.val("atomicrmw add ptr %ctx, i64 1 monotonic"))
+        item = claim_once(fn.var("i64", pending.get()))
         pending.set("-1")
-        item = current.get()
     fn.cbr(fn.icmp("slt", item, n_items), body_bb, done)
     fn.set_block(body_bb)
     if pending is None:
         body(fn, "%ctx", item, tiles)
     else:
-        def claim_next() -> str:
-            with fn.if_then(fn.icmp("slt", pending.get(), 0), name="ahead"):
-                pending.set(fn.val("atomicrmw add ptr %ctx, i64 1 monotonic"))
-            return pending.get()
-
-        body(fn, "%ctx", item, tiles, claim_next)
+        body(fn, "%ctx", item, tiles, lambda: claim_once(pending))
     fn.br(head)
     fn.set_block(done)
     if tiles is not None:

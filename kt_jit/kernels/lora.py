@@ -270,10 +270,9 @@ def _xb_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: s
     wb = fn.gep(w, fn.mul(c, nb * 32))
     yb = fn.gep(y, fn.mul(c, nb * 64))
     pairs = _xb_pair_form(spec)
-    # the lines of B one step reads (two rows of the block, adjacent when the block is the whole row)
-    lines = sorted({r * spec.n * 2 + o for r in (0, 1) for o in range(0, nb * 32, 64)})
-    if spec.n == 16 * nb:
-        lines = list(range(0, 2 * nb * 32, 64))
+    # the lines of B one step reads: two rows of the block, one run when the block is the whole row
+    lines = range(0, 2 * nb * 32, 64) if spec.n == 16 * nb else \
+        sorted({r * spec.n * 2 + o for r in (0, 1) for o in range(0, nb * 32, 64)})
 
     def micro(m0: str, rows: int) -> None:
         accs = {(i, j): fn.var(F32x16, "zeroinitializer", 64) for i in range(rows) for j in range(nb)}
