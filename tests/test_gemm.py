@@ -567,8 +567,9 @@ def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
     and panel groups; with two adapters T = [T0 | T1] and dX += T0 A0 + T1 A1. "long" (K = 2048,
     row pitches odd multiples of 64 bytes: groups up to 24 rows whole) and "lanes" (K = 4096,
     lane-partial groups up to 8 rows): the whole-group forms add the LoRA term in passes of a few
-    A row pairs up to gemm.LORA_PASSES_MAX_BYTES of output (here 9 rows of K = 2048, 6 of 4096),
-    in one pass above (14 rows; 7 and 8). T rows and dX rows sit in wider buffers."""
+    A row pairs over chunks of column blocks whose output takes up to gemm.LORA_PASSES_MAX_BYTES
+    (here all of it at 9 rows of K = 2048 or 6 of 4096; above, chunks ending in a partial one: 14
+    rows; 7 and 8). T rows and dX rows sit in wider buffers."""
     n, k = {"long": (160, 2048), "lanes": (128, 4096)}.get(form, (128, 256))
     ldo = k + 16 if form == "long" else k  # output row pitch (elements)
     g = torch.Generator().manual_seed(6)

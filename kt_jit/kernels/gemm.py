@@ -748,15 +748,17 @@ def _bwd_lora(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, k0: str, e
 
 
 # The fused LoRA term of the whole-group transposed forms, in passes of LORA_PAIRS_PER_PASS A row
-# pairs (each prefetching the A lines LORA_A_AHEAD column blocks ahead) while the group's fp32 output
-# takes at most LORA_PASSES_MAX_BYTES (each pass rereads and rewrites it), else in one pass with
-# every pair per column block. Kernel A/B of the passes against the one pass (Zen 5, cold weights
-# and adapters; the term's cost over the same launch without LoRA, MoE routings of qlen 1 / 16 /
-# 128): qwen3 gate/up (8 KB of output per row) +60 / +434..+566 / +790 us -> +32 / +316..+487 /
-# +506..+551 us; dsv3-64e gate/up (28 KB per row) qlen 16 +1028 -> +354 us; larger outputs lost:
-# qwen3 at 24 rows (192 KB) +600 us, dsv3-64e at qlen 128 (16 rows, 448 KB) read slower too (in an
-# A/B that also swung by 4-5 ms between identical kernels). 2 or 8 pairs per pass, prefetching 0 or
-# 8 blocks ahead, or the one pass prefetching 2-8 blocks ahead: no better.
+# pairs (each prefetching the A lines LORA_A_AHEAD column blocks ahead) over chunks of column blocks
+# whose output (all m rows) takes at most LORA_PASSES_MAX_BYTES: each pass rereads and rewrites the
+# chunk's output from L1/L2. Kernel A/B of the passes against one pass with every pair per column
+# block (Zen 5, cold weights and adapters; the term's cost over the same launch without LoRA, MoE
+# routings of qlen 1 / 16 / 128): qwen3 gate/up (8 KB of output per row) +60 / +434..+566 / +790 us
+# -> +32 / +316..+487 / +506..+551 us; dsv3-64e gate/up (28 KB per row) qlen 16 +1028 -> +354 us.
+# Outputs above the limit took the one pass until the fourteenth session; chunking them instead:
+# qlen 128 qwen3 +1917 -> +686 us, deepseek-v2-lite +703 -> -1098 us, dsv3-64e 0.8-5.2 ms less in
+# three runs (of +4.6..+15.0 ms; chunks of 16 or 32 KB: the same within noise); MoE backward
+# dsv3-64e qlen 128 -1.4 / -1.6% (two package copies), qwen3 and deepseek-v2-lite +-0.5%. 2 or 8 pairs per pass,
+# prefetching 0, 8 or 16 blocks ahead, or the one pass prefetching 2-8 blocks ahead: no better.
 LORA_PAIRS_PER_PASS = 4
 LORA_A_AHEAD = 4
 LORA_PASSES_MAX_BYTES = 96 << 10
@@ -772,20 +774,25 @@ def _bwd_lora_whole(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, extr
     t, a0, a1 = extra
     half = rank // 2  # pairs per adapter (a pass never straddles two: g divides it)
     span, g = 16 * nr, math.gcd(LORA_PAIRS_PER_PASS, half)
-    with fn.loop(0, half * (2 if spec.lora_split else 1), g, name="lpg") as pg:
-        a = fn.gep(a0, fn.mul(pg, 2 * kdim * 2))
-        if spec.lora_split:
-            second = fn.icmp("uge", pg, half)
-            a = fn.val(f"select i1 {second}, ptr {fn.gep(a1, fn.mul(fn.sub(pg, half), 2 * kdim * 2))}, ptr {a}")
-        with fn.loop(0, kdim // span, name="lcb") as cb:
-            k0 = fn.mul(cb, span)
-            ahead = fn.mul(fn.add(k0, LORA_A_AHEAD * span), 2)  # (past a row's end: the next row's start)
-            for row in range(2 * g):
-                for off in range(0, span * 2, 64):
-                    vx.prefetch(fn, fn.gep(a, fn.add(ahead, row * kdim * 2 + off)))
-            panel = fn.alloca("i8", 64, g * nr * 64)
-            _fill_a_pairs(fn, spec, panel, 0, a, g, k0)
-            _add_panel_product(fn, spec, y, ldy, m, k0, panel, g, t, pg, ldh)
+    blocks = kdim // span
+    per = fn.val(f"udiv i64 {LORA_PASSES_MAX_BYTES}, {fn.mul(m, span * 4)}")
+    chunk = fn.min(fn.val(f"select i1 {fn.icmp('eq', per, 0)}, i64 1, i64 {per}"), blocks)
+    with fn.loop(0, blocks, chunk, name="lch") as cb0:
+        cb1 = fn.min(fn.add(cb0, chunk), blocks)
+        with fn.loop(0, half * (2 if spec.lora_split else 1), g, name="lpg") as pg:
+            a = fn.gep(a0, fn.mul(pg, 2 * kdim * 2))
+            if spec.lora_split:
+                second = fn.icmp("uge", pg, half)
+                a = fn.val(f"select i1 {second}, ptr {fn.gep(a1, fn.mul(fn.sub(pg, half), 2 * kdim * 2))}, ptr {a}")
+            with fn.loop(cb0, cb1, name="lcb") as cb:
+                k0 = fn.mul(cb, span)
+                ahead = fn.mul(fn.add(k0, LORA_A_AHEAD * span), 2)  # (past a row's end: the next row's start)
+                for row in range(2 * g):
+                    for off in range(0, span * 2, 64):
+                        vx.prefetch(fn, fn.gep(a, fn.add(ahead, row * kdim * 2 + off)))
+                panel = fn.alloca("i8", 64, g * nr * 64)
+                _fill_a_pairs(fn, spec, panel, 0, a, g, k0)
+                _add_panel_product(fn, spec, y, ldy, m, k0, panel, g, t, pg, ldh)
 
 
 def _avx512_bwd_body(spec: GemmSpec):
@@ -891,18 +898,7 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                 with fn.if_then(whole, name="whole"):
                     form(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
                     if spec.lora_rank:
-                        def lora_term(in_passes: bool) -> None:
-                            if in_passes:
-                                _bwd_lora_whole(fn, spec, y, ldy, m, extra, ldh)
-                                return
-                            with fn.loop(0, spec.k // span, name="lcb") as cb:
-                                _bwd_lora(fn, spec, y, ldy, m, fn.mul(cb, span), extra, ldh)
-
-                        rows_max = LORA_PASSES_MAX_BYTES // (spec.k * 4)
-                        if rows_max:
-                            either(fn, fn.icmp("ule", m, rows_max), lora_term)
-                        else:
-                            lora_term(False)
+                        _bwd_lora_whole(fn, spec, y, ldy, m, extra, ldh)
 
             def lane_partial() -> None:
                 if not sch.lps:
