@@ -173,8 +173,9 @@ class Function:
 
     # -- structured control flow --------------------------------------------------------------
     @contextlib.contextmanager
-    def loop(self, lo: str | int, hi: str | int, step: int = 1, name: str = "i") -> Iterator[str]:
-        """``for (i = lo; i < hi; i += step)`` with a signed i64 counter; yields ``i``."""
+    def loop(self, lo: str | int, hi: str | int, step: str | int = 1, name: str = "i") -> Iterator[str]:
+        """``for (i = lo; i < hi; i += step)`` with a signed i64 counter (``step`` > 0, a constant or a
+        run-time value); yields ``i``."""
         iv = self.var("i64", str(lo))
         head, body, done = self.new_block(f"{name}.head"), self.new_block(f"{name}.body"), \
             self.new_block(f"{name}.done")

@@ -754,11 +754,13 @@ def _bwd_lora(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, k0: str, e
 # block (Zen 5, cold weights and adapters; the term's cost over the same launch without LoRA, MoE
 # routings of qlen 1 / 16 / 128): qwen3 gate/up (8 KB of output per row) +60 / +434..+566 / +790 us
 # -> +32 / +316..+487 / +506..+551 us; dsv3-64e gate/up (28 KB per row) qlen 16 +1028 -> +354 us.
-# Outputs above the limit took the one pass until the fourteenth session; chunking them instead:
-# qlen 128 qwen3 +1917 -> +686 us, deepseek-v2-lite +703 -> -1098 us, dsv3-64e 0.8-5.2 ms less in
-# three runs (of +4.6..+15.0 ms; chunks of 16 or 32 KB: the same within noise); MoE backward
-# dsv3-64e qlen 128 -1.4 / -1.6% (two package copies), qwen3 and deepseek-v2-lite +-0.5%. 2 or 8 pairs per pass,
-# prefetching 0, 8 or 16 blocks ahead, or the one pass prefetching 2-8 blocks ahead: no better.
+# Outputs above the limit took the one pass until the fourteenth session; chunks instead: qlen 128
+# qwen3 +1917 -> +686 us, deepseek-v2-lite +703 -> -1098 us, dsv3-64e 0.8-5.2 ms less (of +4.6..
+# +15.0 ms; 16 or 32 KB chunks: the same); MoE backward dsv3-64e qlen 128 -1.4 / -1.6%, qwen3 and
+# deepseek-v2-lite +-0.5%. Not better: 2 or 8 pairs per pass; prefetching 0, 8 or 16 blocks ahead;
+# every pair per block from a panel staged per chunk (hot 1.4x faster, cold as fast only with the
+# output rows prefetched: the cold cost is the output's lines, not A's); the term inside the
+# streamed form's last pass, 16 outputs at a time while they are in L1 (docs/benchmarks.md).
 LORA_PAIRS_PER_PASS = 4
 LORA_A_AHEAD = 4
 LORA_PASSES_MAX_BYTES = 96 << 10
@@ -766,10 +768,11 @@ LORA_PASSES_MAX_BYTES = 96 << 10
 
 def _bwd_lora_whole(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, extra: list[str], ldh: str) -> None:
     """Fused LoRA of a whole group (the streamed and lane-partial forms): ``dX += T A`` over every
-    output, in passes of ``LORA_PAIRS_PER_PASS`` A row pairs, each walking the column blocks in
-    order (:func:`_bwd_lora` takes every pair per block instead: 16 to 32 rows of A, each 4 KB or
-    more apart, 128 bytes from each per block, which is more short streams than the hardware
-    prefetcher follows; here a pass reads a few rows front to back and prefetches ahead)."""
+    output, chunk by chunk of column blocks (see LORA_PASSES_MAX_BYTES), in passes of
+    ``LORA_PAIRS_PER_PASS`` A row pairs, each walking the chunk's column blocks in order
+    (:func:`_bwd_lora` takes every pair per block instead: 16 to 32 rows of A, each 4 KB or more
+    apart, 128 bytes from each per block, which is more short streams than the hardware prefetcher
+    follows; here a pass reads a few rows front to back and prefetches ahead)."""
     nr, rank, kdim = spec.schedule.nr, spec.lora_rank, spec.k
     t, a0, a1 = extra
     half = rank // 2  # pairs per adapter (a pass never straddles two: g divides it)
