@@ -721,3 +721,120 @@ def test_row_buffers_padded_off_4kb_pitches(quant):
     for t in (40, 3):
         dout = torch.randn(t, 2048, generator=torch.Generator().manual_seed(t))
         check_against_reference(layer, make_batch(t, 2, e=4, h=2048, seed=t), dout)
+
+
+def test_op_refuses_experts_changed_between_forward_and_backward():
+    """Backward runs on the forward's saved rows and routing: experts of another shape would have the
+    kernels index them out of bounds (this crashed the process before it was checked)."""
+    _, _, _, experts, lora = make_layer()
+    x, ids, w = make_batch(5, 2)
+    for other in (make_layer(h=H + 32)[3], make_layer(i=I + 32)[3], make_layer(e=E // 2)[3],
+                  make_layer(quant="int8")[3]):
+        op = kt_jit.MoESFTOp(experts)
+        op.forward(x, ids, w)
+        op.experts = other
+        with pytest.raises(RuntimeError, match="experts changed"):
+            op.backward(torch.ones(5, H))
+    op = kt_jit.MoESFTOp(experts, lora)  # the same shapes (e.g. a reloaded copy) are accepted
+    op.forward(x, ids, w)
+    op.experts = make_layer(seed=3)[3]
+    assert op.backward(torch.ones(5, H))["grad_input"].shape == (5, H)
+
+
+def test_op_backward_checks_grad_output():
+    _, _, _, experts, lora = make_layer()
+    x, ids, w = make_batch(3, 2)
+    op = kt_jit.MoESFTOp(experts, lora)
+    op.forward(x, ids, w)
+    bad = {"CPU": torch.zeros(3, H, device="meta"), "dense": torch.zeros(3, H).to_sparse(),
+           "floating": torch.zeros(3, H, dtype=torch.complex64), "tensor": [[0.0] * H] * 3,
+           rf"\[3, {H}\]": torch.zeros(3, H + 1)}
+    for match, g in bad.items():
+        with pytest.raises(ValueError, match=match):
+            op.backward(g)
+        assert op.cache_depth == 1  # (the saved forward stays for a correct call)
+    assert op.backward(torch.ones(3, H, dtype=torch.float64))["grad_input"].shape == (3, H)
+
+
+def test_inference_mode_tensors_are_refused_only_when_saved():
+    _, _, _, experts, lora = make_layer()
+    with torch.inference_mode():
+        x, ids, w = make_batch(3, 2)
+        ref = kt_jit.moe_sft(x, ids, w, experts, lora)  # no grad: nothing saved, fine
+    with pytest.raises(ValueError, match="inference_mode"):
+        kt_jit.moe_sft(x, ids, w, experts, lora)  # the adapters require grad: it would save x
+    op = kt_jit.MoESFTOp(experts, lora)
+    with pytest.raises(ValueError, match="inference_mode"):
+        op.forward(x, ids, w)
+    assert torch.equal(op.forward(x, ids, w, save_for_backward=False), ref)
+
+
+def test_experts_are_read_only_and_copyable():
+    import copy
+    import pickle
+
+    _, _, _, experts, _ = make_layer(quant="int4_1kgroup")
+    with pytest.raises(TypeError):
+        experts.tensors["gate_up"] = experts.gate_up[:1].clone()  # (kernels would read past its end)
+    for twin in (copy.deepcopy(experts), pickle.loads(pickle.dumps(experts))):
+        assert sorted(twin.tensors) == sorted(experts.tensors)
+        assert all(torch.equal(twin.tensors[k], v) for k, v in experts.tensors.items())
+        with pytest.raises(TypeError):
+            twin.tensors["down"] = twin.down
+
+
+def test_experts_constructor_and_load_check_sizes_and_groups(tmp_path):
+    _, _, _, experts, _ = make_layer(quant="int4_kgroup")
+    with pytest.raises(ValueError, match="multiples of 32"):  # (the packed shapes alone allow I = 65)
+        kt_jit.MoEExperts(dict(experts.tensors), H, I + 1, "int4_kgroup", 32)
+    with pytest.raises(ValueError, match="group_size"):
+        kt_jit.MoEExperts(dict(experts.tensors), H, I, "int4_kgroup", 16)
+    from safetensors.torch import load_file, save_file
+
+    path = tmp_path / "experts.safetensors"
+    experts.save(path)
+    meta = {"format": "kt_jit.MoEExperts", "format_version": "2", "quant": "int4_kgroup", "group_size": "32",
+            "num_experts": str(E), "hidden_size": str(H), "intermediate_size": str(I)}
+    for change, match in (({"intermediate_size": str(I + 1)}, "multiples of 32"), ({"group_size": "abc"}, "metadata"),
+                          ({"hidden_size": None}, "metadata")):
+        edited = {k: v for k, v in (meta | change).items() if v is not None}
+        save_file(load_file(path), tmp_path / "edited.safetensors", metadata=edited)
+        with pytest.raises(ValueError, match=match):
+            kt_jit.MoEExperts.load(tmp_path / "edited.safetensors")
+    with pytest.raises(ValueError, match="directory"):
+        kt_jit.MoEExperts.load(tmp_path)
+    with pytest.raises(ValueError, match="directory"):
+        experts.save(tmp_path)
+    assert [p.name for p in tmp_path.iterdir() if ".tmp" in p.name] == []
+
+
+def test_load_without_mmap_survives_the_file_changing(tmp_path):
+    _, _, _, experts, lora = make_layer(quant="int8")
+    path = tmp_path / "experts.safetensors"
+    experts.save(path)
+    x, ids, w = make_batch(4, 2)
+    loaded = kt_jit.MoEExperts.load(path, mmap=False)
+    path.write_bytes(b"")  # (with the default mmap=True this would be a SIGBUS at the next read)
+    with torch.no_grad():
+        assert torch.equal(kt_jit.moe_sft(x, ids, w, loaded, lora), kt_jit.moe_sft(x, ids, w, experts, lora))
+
+
+def test_api_objects_are_checked_when_given():
+    _, _, _, experts, lora = make_layer()
+    x, ids, w = make_batch(2, 2)
+    with pytest.raises(ValueError, match="MoELoRA"):
+        kt_jit.moe_sft(x, ids, w, experts, tuple(lora.tensors()))
+    with pytest.raises(ValueError, match="MoEExperts"):
+        kt_jit.MoESFTOp("experts")
+    with pytest.raises(ValueError, match="MoELoRA"):
+        kt_jit.MoESFTOp(experts, lora=tuple(lora.tensors()))
+    for depth in (0, 1.5, "2", True):
+        with pytest.raises(ValueError, match="max_cache_depth"):
+            kt_jit.MoESFTOp(experts, max_cache_depth=depth)
+    with pytest.raises(ValueError, match="bfloat16"):
+        kt_jit.MoELoRA(E, H, I, dtype=torch.float32)
+    with pytest.raises(ValueError, match="3-D"):
+        kt_jit.MoELoRA.from_tensors(*(t[0] for t in lora.tensors()))
+    del lora.down_lora_b
+    with pytest.raises(ValueError, match="lack a tensor"):
+        kt_jit.moe_sft(x, ids, w, experts, lora)

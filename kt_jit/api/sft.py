@@ -10,7 +10,7 @@ from torch.autograd.function import once_differentiable
 
 from ..moe import sft as core
 from ..moe.weights import MoEExperts, MoELoRA
-from .validate import check_moe_inputs
+from .validate import check_grad_output, check_moe_inputs, check_saveable
 
 
 class _MoESFTFunction(torch.autograd.Function):
@@ -92,12 +92,15 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     check_moe_inputs(hidden_states, topk_ids, topk_weights, experts)
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
+    if lora is not None and not isinstance(lora, MoELoRA):
+        raise ValueError(f"lora must be a kt_jit.MoELoRA or None, got {type(lora).__name__}")
     tensors = lora.check_matches(experts) if lora is not None else ()
     if not (torch.is_grad_enabled() and (hidden_states.requires_grad or topk_weights.requires_grad
                                          or any(p.requires_grad for p in tensors))):
         # nothing to differentiate (inference, torch.no_grad): no autograd node, nothing saved
         scaling = lora.scaling if lora is not None else 0.0
         return _forward(hidden_states, topk_ids, topk_weights, experts, tensors or None, scaling, False, out_dtype)[0]
+    check_saveable(hidden_states, topk_weights)
     if lora is None:
         return _MoESFTFunction.apply(hidden_states, topk_ids, topk_weights, experts, 0.0, out_dtype, None)
     return _MoESFTFunction.apply(hidden_states, topk_ids, topk_weights, experts, lora.scaling, out_dtype,
@@ -117,8 +120,12 @@ class MoESFTOp:
     """
 
     def __init__(self, experts: MoEExperts, lora: MoELoRA | None = None, max_cache_depth: int = 1) -> None:
-        if max_cache_depth < 1:
-            raise ValueError(f"max_cache_depth must be >= 1, got {max_cache_depth}")
+        if not isinstance(experts, MoEExperts):
+            raise ValueError(f"experts must be a kt_jit.MoEExperts, got {type(experts).__name__}")
+        if lora is not None and not isinstance(lora, MoELoRA):
+            raise ValueError(f"lora must be a kt_jit.MoELoRA or None, got {type(lora).__name__}")
+        if not isinstance(max_cache_depth, int) or isinstance(max_cache_depth, bool) or max_cache_depth < 1:
+            raise ValueError(f"max_cache_depth must be an integer >= 1, got {max_cache_depth!r}")
         if lora is not None:
             lora.check_matches(experts)
         self.experts, self.lora, self.max_cache_depth = experts, lora, max_cache_depth
@@ -151,6 +158,7 @@ class MoESFTOp:
         if out_dtype not in (torch.float32, torch.bfloat16):
             raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
         if save_for_backward:
+            check_saveable(hidden_states, topk_weights)
             with self._lock:
                 if len(self._stack) >= self.max_cache_depth:
                     raise RuntimeError(f"Forward cache full: {len(self._stack)} forwards saved, max_cache_depth="
@@ -175,11 +183,15 @@ class MoESFTOp:
                                    "save_for_backward=True) first (each backward consumes one forward).")
             saved = self._stack.pop()
         t, h = saved.x.shape
-        if not isinstance(grad_output, torch.Tensor) or tuple(grad_output.shape) != (t, h):
+        try:
+            check_grad_output(grad_output, t, h)
+        except ValueError:
             with self._lock:
-                self._stack.append(saved)
-            shape = tuple(grad_output.shape) if isinstance(grad_output, torch.Tensor) else None
-            raise ValueError(f"grad_output must be a [{t}, {h}] tensor matching the forward, got {shape}")
+                self._stack.append(saved)  # (the forward stays usable with a correct grad_output)
+            raise
+        if core.experts_config(self.experts) != saved.experts_config:
+            raise RuntimeError("the op's experts changed shape, count or quantization between forward and "
+                               "backward; run the forward again with the experts the backward should use")
         lora, scaling = self._lora()
         if saved.x._version != saved.x_version or saved.topk_weights._version != saved.w_version:
             raise RuntimeError("hidden_states or topk_weights were modified in place between forward and "

@@ -42,3 +42,29 @@ def check_moe_inputs(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_w
     if topk_ids.shape[1] < 1:
         raise ValueError("topk_ids must route every token to at least one expert (K >= 1)")
     # (the ids' range is checked by the routing kernel, before any kernel indexes with them)
+
+
+def check_saveable(hidden_states: torch.Tensor, topk_weights: torch.Tensor) -> None:
+    """A forward that saves for backward keeps these two and checks their versions later, which
+    tensors made under ``torch.inference_mode()`` do not have."""
+    for name, t in (("hidden_states", hidden_states), ("topk_weights", topk_weights)):
+        if t.is_inference():
+            raise ValueError(f"{name} was created under torch.inference_mode(), so it cannot be saved for "
+                             "backward: create it outside inference mode (or .clone() it there), or run this "
+                             "forward without saving (torch.no_grad(), or save_for_backward=False)")
+
+
+def check_grad_output(grad_output: object, t: int, h: int) -> None:
+    """grad_output: a dense CPU tensor [T, H] of a real floating dtype (converted and made contiguous
+    by the backward)."""
+    if not isinstance(grad_output, torch.Tensor):
+        raise ValueError(f"grad_output must be a [{t}, {h}] tensor matching the forward, got "
+                         f"{type(grad_output).__name__}")
+    if tuple(grad_output.shape) != (t, h):
+        raise ValueError(f"grad_output must be a [{t}, {h}] tensor matching the forward, got "
+                         f"{tuple(grad_output.shape)}")
+    if grad_output.device.type != "cpu" or grad_output.layout != torch.strided:
+        raise ValueError(f"grad_output must be a dense CPU tensor, got {grad_output.layout} on "
+                         f"{grad_output.device}; use .cpu() (and .to_dense())")
+    if not grad_output.dtype.is_floating_point:
+        raise ValueError(f"grad_output must be a real floating-point tensor, got {grad_output.dtype}")

@@ -62,6 +62,7 @@ class Saved:
     scaling: float = 0.0
     x_version: int = 0       # tensor versions at forward time (in-place changes invalidate)
     w_version: int = 0
+    experts_config: tuple = ()  # _config(experts) of the forward (the backward must run on the same shapes)
 
     def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) owns new tensors: new baselines
         self.__dict__.update(state)
@@ -521,6 +522,12 @@ def _evict(memo: dict, limit: int) -> None:
             break
 
 
+def experts_config(experts: MoEExperts) -> tuple:
+    """What a saved forward's rows and routing depend on in the experts (count, sizes, storage)."""
+    return (experts.num_experts, experts.hidden_size, experts.intermediate_size, experts.storage,
+            experts.group_size, experts.zero_point)
+
+
 def _config(experts: MoEExperts, lora: tuple[torch.Tensor, ...] | None, scaling: float) -> tuple:
     """What fixes a pass's kernels and tables besides its token count, routing and flags."""
     return (experts.num_experts, experts.hidden_size, experts.intermediate_size, experts.storage,
@@ -615,7 +622,7 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     saved = None
     if save:
         saved = Saved(x, topk_weights, r, b["gu"], b["act"], (b["hgu"], b["hd"]) if lora is not None else None,
-                      user_rank, scaling, x._version, topk_weights._version)
+                      user_rank, scaling, x._version, topk_weights._version, experts_config(experts))
     return out, saved
 
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 import functools
 import math
 import os
+import types
 
 import torch
 from torch import nn
@@ -89,10 +90,12 @@ def _check_packed_tensors(t: dict[str, torch.Tensor], h: int, i: int, quant: str
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {tuple(QUANT_MODES)}, got {quant!r}")
     storage, grouped, zero_point = QUANT_MODES[quant]
+    check_gemm_dims(i, h, "expert")
     if "gate_up" not in t:
         raise ValueError("packed experts need a 'gate_up' tensor")
-    if grouped and (group_size <= 0 or h % group_size or i % group_size):
-        raise ValueError(f"group_size={group_size} does not divide hidden_size={h} and intermediate_size={i}")
+    if grouped and (group_size <= 0 or group_size % 32 or h % group_size or i % group_size):
+        raise ValueError(f"group_size={group_size} must be a positive multiple of 32 that divides both "
+                         f"hidden_size={h} and intermediate_size={i}")
     e = t["gate_up"].shape[0]
     g = {"gate_up": h // group_size if grouped else 1, "down": i // group_size if grouped else 1}
     expect: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -120,19 +123,30 @@ class MoEExperts:
     nibbles (rows 2i and 2i+1 of a block share bytes, see kernels/quant.py). Quantized modes add
     ``<name>_scale [E, G, N]`` fp32 (G = 1 per channel, else K / group_size) and, for the asymmetric
     ``_1`` modes, ``<name>_zero [E, G, N]`` uint8. Nothing else
-    is kept: no transposed or dequantized copy.
+    is kept: no transposed or dequantized copy. ``tensors`` is a read-only mapping: the kernels
+    address these tensors as they were checked, so an object never changes after construction
+    (build a new one instead).
     """
 
     def __init__(self, tensors: dict[str, torch.Tensor], hidden_size: int, intermediate_size: int,
                  quant: str = "bf16", group_size: int = 0) -> None:
         _check_packed_tensors(tensors, hidden_size, intermediate_size, quant, group_size)
-        self.tensors = tensors
+        self.tensors = types.MappingProxyType(dict(tensors))
         self.gate_up, self.down = tensors["gate_up"], tensors["down"]
         self.num_experts = self.gate_up.shape[0]
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.quant = quant
         self.storage, grouped, self.zero_point = QUANT_MODES[quant]
         self.group_size = group_size if grouped else 0
+
+    def __getstate__(self) -> dict:  # (copy.deepcopy, pickle: a mapping proxy is neither)
+        state = self.__dict__.copy()
+        state["tensors"] = dict(self.tensors)
+        return state
+
+    def __setstate__(self, state: dict) -> None:
+        self.__dict__.update(state)
+        self.tensors = types.MappingProxyType(dict(state["tensors"]))
 
     def zeros(self, name: str) -> torch.Tensor | None:
         """Zero points of ``"gate_up"`` or ``"down"`` ([E, G, N] uint8) for asymmetric modes."""
@@ -231,14 +245,31 @@ class MoEExperts:
         meta = {"format": "kt_jit.MoEExperts", "format_version": str(FORMAT_VERSION), "quant": self.quant,
                 "group_size": str(self.group_size), "num_experts": str(self.num_experts),
                 "hidden_size": str(self.hidden_size), "intermediate_size": str(self.intermediate_size)}
+        if os.path.isdir(path):
+            example = os.path.join(path, "experts.safetensors")
+            raise ValueError(f"{path} is a directory; give a file name (e.g. {example})")
         tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-        save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp, metadata=meta)
-        os.replace(tmp, path)
+        try:
+            save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp, metadata=meta)
+            os.replace(tmp, path)
+        except BaseException:
+            if os.path.exists(tmp):
+                os.remove(tmp)
+            raise
 
     @classmethod
-    def load(cls, path: str | os.PathLike) -> MoEExperts:
-        """Load a file written by :meth:`save` (memory-mapped; no re-quantization)."""
+    def load(cls, path: str | os.PathLike, mmap: bool = True) -> MoEExperts:
+        """Load a file written by :meth:`save` (no re-quantization).
+
+        With ``mmap`` (default) the tensors are memory-mapped from the file: nothing is read until
+        used and the pages are shared between processes, but the file must stay as it is while the
+        experts are in use (truncating or overwriting it in place kills the process with SIGBUS;
+        :meth:`save` itself replaces files atomically). ``mmap=False`` reads everything into memory.
+        """
         from safetensors import SafetensorError, safe_open
+
+        if os.path.isdir(path):
+            raise ValueError(f"{path} is a directory, not a file written by MoEExperts.save")
 
         try:
             with safe_open(os.fspath(path), framework="pt") as f:
@@ -253,8 +284,14 @@ class MoEExperts:
                 tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
         except SafetensorError as e:
             raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated") from e
-        e, h, i = int(meta["num_experts"]), int(meta["hidden_size"]), int(meta["intermediate_size"])
-        quant, gs = meta["quant"], int(meta.get("group_size", "0"))
+        if not mmap:
+            tensors = {k: v.clone() for k, v in tensors.items()}
+        try:
+            e, h, i = int(meta["num_experts"]), int(meta["hidden_size"]), int(meta["intermediate_size"])
+            quant, gs = meta["quant"], int(meta.get("group_size", "0"))
+        except (KeyError, ValueError) as err:
+            raise ValueError(f"{path}: its kt_jit metadata is incomplete or malformed ({err!r}); "
+                             "re-create it with MoEExperts.save()") from err
         if quant not in QUANT_MODES:
             raise ValueError(f"{path}: unknown quant mode {quant!r}")
         if "gate_up" in tensors and tensors["gate_up"].shape[0] != e:
@@ -298,6 +335,8 @@ class MoELoRA(nn.Module):
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
+        if dtype != torch.bfloat16:
+            raise ValueError(f"kt_jit's kernels read bfloat16 adapters; dtype must be torch.bfloat16, got {dtype}")
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.rank, self.alpha = rank, float(alpha)
         for name, shape in lora_shapes(num_experts, hidden_size, intermediate_size, rank).items():
@@ -323,6 +362,10 @@ class MoELoRA(nn.Module):
                      up_lora_b: torch.Tensor, down_lora_a: torch.Tensor, down_lora_b: torch.Tensor,
                      alpha: float = 32.0) -> MoELoRA:
         """Wrap existing tensors (copied into bf16 Parameters); shapes as in the class docstring."""
+        for name, t in (("gate_lora_a", gate_lora_a), ("gate_lora_b", gate_lora_b)):
+            if not isinstance(t, torch.Tensor) or t.dim() != 3:
+                raise ValueError(f"{name} must be a 3-D tensor [experts, ...], got "
+                                 f"{tuple(t.shape) if isinstance(t, torch.Tensor) else type(t).__name__}")
         e, r, h = gate_lora_a.shape
         i = gate_lora_b.shape[1]
         lora = cls(e, h, i, r, alpha)
@@ -346,7 +389,10 @@ class MoELoRA(nn.Module):
         contiguous (checked on every call: a Parameter may have been replaced); returns them (the
         order of LORA_NAMES)."""
         want = _lora_shape_list(experts.num_experts, experts.hidden_size, experts.intermediate_size, self.rank)
-        tensors = self.tensors()
+        try:
+            tensors = self.tensors()
+        except AttributeError as err:
+            raise ValueError(f"the LoRA adapters lack a tensor ({err}); every one of {LORA_NAMES} is needed") from err
         bf16 = torch.bfloat16
         for (name, shape), p in zip(want, tensors, strict=True):
             # (one test per tensor on the hot path; the messages below only when it fails)
