@@ -108,6 +108,9 @@ def test_pack_round_trip_and_layout():
     stacked = pack_bf16(torch.stack([w, w * 2]))
     assert stacked.shape == (2, 4, 64, 16, 2)
     assert torch.equal(unpack_bf16(stacked)[1], (w * 2))
+    for bad in (p.flatten(), p[..., 0], p.reshape(4, 64, 32)):
+        with pytest.raises(ValueError, match="not a packed weight"):
+            unpack_bf16(bad)
 
 
 @NEEDS_AVX512_BF16

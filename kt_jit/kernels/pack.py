@@ -50,9 +50,10 @@ def pack_bf16(w: torch.Tensor) -> torch.Tensor:
 
 def unpack_tiles(packed: torch.Tensor) -> torch.Tensor:
     """Inverse of :func:`pack_tiles`: ``[..., N/16, K/2, 16, 2]`` -> ``[..., N, K]`` (dtype kept)."""
-    *lead, nb, kp, t, p = packed.shape
-    if t != TILE_N or p != PAIR:
-        raise ValueError(f"not a packed weight: shape {tuple(packed.shape)}")
+    if not isinstance(packed, torch.Tensor) or packed.dim() < 4 or tuple(packed.shape[-2:]) != (TILE_N, PAIR):
+        shape = tuple(packed.shape) if isinstance(packed, torch.Tensor) else type(packed).__name__
+        raise ValueError(f"not a packed weight [..., N/16, K/2, 16, 2]: got {shape}")
+    *lead, nb, kp, _, _ = packed.shape
     return packed.transpose(-3, -2).reshape(*lead, nb * TILE_N, kp * PAIR).contiguous()
 
 
