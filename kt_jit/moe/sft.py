@@ -62,7 +62,7 @@ class Saved:
     scaling: float = 0.0
     x_version: int = 0       # tensor versions at forward time (in-place changes invalidate)
     w_version: int = 0
-    experts_config: tuple = ()  # _config(experts) of the forward (the backward must run on the same shapes)
+    experts_config: tuple = ()  # experts_config() of the forward (its backward needs the same shapes)
 
     def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) owns new tensors: new baselines
         self.__dict__.update(state)
