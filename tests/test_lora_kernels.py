@@ -151,3 +151,23 @@ def test_spec_validation():
         LoraSpec("xb", 16, 16, row_scale=True)
     with pytest.raises(ValueError, match="bf16 copy"):
         LoraSpec("xb", 16, 16, accumulate=True, copy_bf16=True)
+
+
+def test_xty_bf16_outputs_use_streaming_stores_and_must_be_aligned():
+    """The LoRA weight gradients (bf16 xty) are written with streaming stores (LLVM drops the hint on
+    stores of bfloat vectors unless the bits are made opaque first); a misaligned output would
+    fault, so the launch refuses it."""
+    from kt_jit.codegen.compile import compile_assembly, target_for
+    from kt_jit.kernels.lora import build_ir
+
+    for bdim in (2048, 64):  # the 4 x 64 / 8 x 32 tiles, and 16-column-pair tiles
+        asm = compile_assembly(build_ir(LoraSpec("xty", bdim, 16, x_dtype="f32", w_dtype="bf16", y_dtype="bf16")),
+                               target_for("avx512"))
+        assert "vmovnt" in asm and "sfence" in asm, bdim
+    f32 = compile_assembly(build_ir(LoraSpec("xty", 2048, 16, x_dtype="f32", w_dtype="bf16")), target_for("avx512"))
+    assert "vmovnt" not in f32  # (fp32 outputs may accumulate: read-modify-write)
+    kern = get_kernel(LoraSpec("xty", 64, 16, x_dtype="f32", w_dtype="bf16", y_dtype="bf16"))
+    p, q = torch.randn(3, 16), _bf(3, 64, seed=3)
+    c = torch.zeros(16 * 64 + 8, dtype=torch.bfloat16)
+    with pytest.raises(ValueError, match="32-byte aligned"):
+        kern.launch(_groups((p.data_ptr(), q.data_ptr(), c.data_ptr() + 2, 3)), 64, 128, 0, 1.0)

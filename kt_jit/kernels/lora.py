@@ -25,12 +25,16 @@ travel in the argument block. These run on AVX-512 (every AMX CPU has it).
 
 from __future__ import annotations
 
+import ctypes
 import functools
 from dataclasses import dataclass
 
+import numpy as np
+
 from ..codegen import avx512 as vx
-from ..codegen.ir import BF16x32, F32x16, Function, I16x32
-from ..codegen.worker import ArgBlock, compile_worker, f32_field, group_table
+from ..codegen.compile import target_for
+from ..codegen.ir import BF16x32, F32x16, Function, I16x32, Module
+from ..codegen.worker import ArgBlock, build_worker, compile_worker, f32_field, group_table
 from .gemm import either, row_blocks
 
 ARGS = ArgBlock(["groups", "ldx", "ldw", "ldy", "alpha", "ldz"])
@@ -308,6 +312,19 @@ XTY_PREFETCH_UNITS = 2  # xty: prefetch distance along a token row, in tiles
 # also pays the write-back of its own earlier output): 4 x 64 against 8 x 32, 1 token -3..-6%,
 # 4 -11%, 8 -24..-29%, 16 -15%, 32 +5%, 64 +10%. B=768 (runs of 1.5 KB cross rows): no gain.
 XTY_WIDE_MAX = 16
+# The bf16 outputs of xty (the LoRA weight gradients; tiles of an even count of 16-column vectors)
+# are written with streaming stores (vmovnt*, 32 bytes): each gradient line is written once, so a
+# normal store's read-for-ownership only doubles the traffic. MoE backward, qwen3, two package
+# copies with the variant in either copy (Zen 5): fast memory mode qlen 1 and 16 -2.5..-4%, slow
+# mode -0.5..-0.8%, qlen 128 +-0%; the demo's training step (optimizer included) the same. Earlier
+# sessions saw no gain, but LLVM had dropped the hint: it does so for stores of values that come
+# from bfloat vectors, hence the bits made opaque (xor with a zero global) before the store. The
+# output must be 32-byte aligned (checked at launch; tests check the assembly).
+
+
+def _opaque_zero(fn: Function) -> str:
+    """A <4 x i64> zero the optimizer cannot see through (a module global)."""
+    return fn.module.declare("kt_zero_v4i64", "@kt_zero_v4i64 = global <4 x i64> zeroinitializer, align 32")
 
 
 def _xty_unit(fn: Function, spec: LoraSpec, ops: tuple, a0: str, b0: str, ab: int, nb: int, prefetch: int) -> None:
@@ -340,7 +357,10 @@ def _xty_unit(fn: Function, spec: LoraSpec, ops: tuple, a0: str, b0: str, ab: in
             for j in range(0, nb, 2):
                 halves = [fn.val(f"fptrunc {F32x16} {vx.fmul(fn, accs[a, j + e].get(), alpha)} to <16 x bfloat>")
                           for e in (0, 1)]
-                fn.store(BF16x32, vx.shuffle(fn, "<16 x bfloat>", *halves, range(32)), fn.gep(row, j * 32), 2)
+                for e, hv in enumerate(halves):  # streaming stores (see _opaque_zero)
+                    bits = fn.val(f"xor <4 x i64> {vx.bitcast(fn, hv, '<16 x bfloat>', '<4 x i64>')}, "
+                                  f"{fn.load('<4 x i64>', _opaque_zero(fn), 32)}")
+                    vx.store_nontemporal(fn, "<4 x i64>", bits, fn.gep(row, (j + e) * 32), 32)
             continue
         for j in range(nb):
             _finish(fn, spec, accs[a, j].get(), alpha, fn.gep(row, j * 16 * ysz))
@@ -377,26 +397,44 @@ def _xty_body(spec: LoraSpec):
             each_tile(u0, u1, ab, tc, lambda a0, b0: _xty_unit(fn, spec, ops, a0, b0, ab, nb, ahead))
         else:
             either(fn, fn.icmp("ule", m, XTY_WIDE_MAX), wide_or_narrow)
+        if spec.y_dtype == "bf16":  # (the streaming stores are weakly ordered)
+            vx.sfence(fn)
 
     return body
+
+
+def _body_of(spec: LoraSpec):
+    return {"xat": lambda sp: _blocked_body(sp, _xat_block), "xb": lambda sp: _blocked_body(sp, _xb_block),
+            "xty": _xty_body}[spec.form](spec)
+
+
+def build_ir(spec: LoraSpec) -> str:
+    """The kernel's LLVM IR module text (for inspection and assembly tests)."""
+    mod = Module(spec.name, target_for("avx512").fn_attrs)
+    build_worker(mod, spec.name, ARGS, _body_of(spec))
+    return mod.render()
 
 
 class LoraKernel:
     def __init__(self, spec: LoraSpec) -> None:
         self.spec = spec
-        body = {"xat": lambda sp: _blocked_body(sp, _xat_block), "xb": lambda sp: _blocked_body(sp, _xb_block),
-                "xty": _xty_body}[spec.form](spec)
-        self.addr = compile_worker(spec.name, repr(spec), ARGS, body)
+        self.addr = compile_worker(spec.name, repr(spec), ARGS, _body_of(spec))
         self.pair_x = _xb_pair_form(spec)
+        self.streams_out = spec.form == "xty" and spec.y_dtype == "bf16"
 
     def launch(self, groups, ldx: int, ldw: int, ldy: int, alpha: float, num_threads: int | None = None,
                ldz: int = 0) -> None:
         """Run over ``groups`` (int64 [G, spec.group_fields], torch or NumPy); pitches in bytes (``ldz``:
         of the bf16 copy); ``alpha`` scales the product. The xb pair form (bf16 X, even K) reads X's
-        pairs as 4-byte words: X's rows must start 4-byte aligned (``ldx`` a multiple of 4)."""
+        pairs as 4-byte words: X's rows must start 4-byte aligned (``ldx`` a multiple of 4); xty's
+        bf16 outputs are written with 32-byte streaming stores: each must start 32-byte aligned."""
         if self.pair_x and ldx % 4:
             raise ValueError(f"{self.spec.name}: ldx={ldx} must be a multiple of 4 bytes (X is read in bf16 pairs)")
         n_groups, addr = group_table(groups, self.spec.group_fields)
+        if self.streams_out and n_groups:
+            table = np.ctypeslib.as_array((ctypes.c_int64 * (n_groups * self.spec.group_fields)).from_address(addr))
+            if (table.reshape(n_groups, -1)[:, 2] % 32).any():
+                raise ValueError(f"{self.spec.name}: every output must start 32-byte aligned (streaming stores)")
         ARGS.run(self.addr, n_groups * self.spec.items_per_group, num_threads, keep=(groups,), groups=addr,
                  ldx=ldx, ldw=ldw, ldy=ldy, alpha=f32_field(alpha), ldz=ldz)
 
