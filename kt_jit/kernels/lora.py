@@ -330,7 +330,7 @@ def _opaque_zero(fn: Function) -> str:
 
 def _xty_unit(fn: Function, spec: LoraSpec, ops: tuple, a0: str, b0: str, ab: int, nb: int, prefetch: int) -> None:
     """C[a0:a0+ab, b0:b0+16nb] = alpha * sum over the m tokens of P[t, a] s[t] Q[t, b] (fp32 sums;
-    bf16 output is rounded once, stored a 64-byte line at a time where two vectors share one).
+    bf16 output is rounded once and written with 32-byte streaming stores).
     ``prefetch``: bytes ahead along each token's Q row to request (0: P's row instead)."""
     p, q, out, m, rs, ldp, ldq, alpha = ops
     psz = 4 if spec.x_dtype == "f32" else 2
