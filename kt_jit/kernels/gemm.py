@@ -778,7 +778,7 @@ def _bwd_lora_whole(fn: Function, spec: GemmSpec, y: str, ldy: str, m: str, extr
     half = rank // 2  # pairs per adapter (a pass never straddles two: g divides it)
     span, g = 16 * nr, math.gcd(LORA_PAIRS_PER_PASS, half)
     blocks = kdim // span
-    per = fn.val(f"udiv i64 {LORA_PASSES_MAX_BYTES}, {fn.mul(m, span * 4)}")
+    per = fn.val(f"udiv i64 {LORA_PASSES_MAX_BYTES}, {fn.mul(m, span * 4)}")  # (m > 0: the callers guard)
     chunk = fn.min(fn.val(f"select i1 {fn.icmp('eq', per, 0)}, i64 1, i64 {per}"), blocks)
     with fn.loop(0, blocks, chunk, name="lch") as cb0:
         cb1 = fn.min(fn.add(cb0, chunk), blocks)
