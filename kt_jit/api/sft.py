@@ -10,7 +10,7 @@ from torch.autograd.function import once_differentiable
 
 from ..moe import sft as core
 from ..moe.weights import MoEExperts, MoELoRA
-from .validate import check_grad_output, check_moe_inputs, check_saveable
+from .validate import check_grad_output, check_lora_arg, check_moe_inputs, check_saveable
 
 
 class _MoESFTFunction(torch.autograd.Function):
@@ -92,8 +92,7 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     check_moe_inputs(hidden_states, topk_ids, topk_weights, experts)
     if out_dtype not in (torch.float32, torch.bfloat16):
         raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
-    if lora is not None and not isinstance(lora, MoELoRA):
-        raise ValueError(f"lora must be a kt_jit.MoELoRA or None, got {type(lora).__name__}")
+    check_lora_arg(lora)
     tensors = lora.check_matches(experts) if lora is not None else ()
     if not (torch.is_grad_enabled() and (hidden_states.requires_grad or topk_weights.requires_grad
                                          or any(p.requires_grad for p in tensors))):
@@ -122,8 +121,7 @@ class MoESFTOp:
     def __init__(self, experts: MoEExperts, lora: MoELoRA | None = None, max_cache_depth: int = 1) -> None:
         if not isinstance(experts, MoEExperts):
             raise ValueError(f"experts must be a kt_jit.MoEExperts, got {type(experts).__name__}")
-        if lora is not None and not isinstance(lora, MoELoRA):
-            raise ValueError(f"lora must be a kt_jit.MoELoRA or None, got {type(lora).__name__}")
+        check_lora_arg(lora)
         if not isinstance(max_cache_depth, int) or isinstance(max_cache_depth, bool) or max_cache_depth < 1:
             raise ValueError(f"max_cache_depth must be an integer >= 1, got {max_cache_depth!r}")
         if lora is not None:

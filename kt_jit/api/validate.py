@@ -6,7 +6,7 @@ from __future__ import annotations
 
 import torch
 
-from ..moe.weights import MoEExperts
+from ..moe.weights import MoEExperts, MoELoRA
 
 _FLOATS = (torch.bfloat16, torch.float16, torch.float32)
 
@@ -42,6 +42,12 @@ def check_moe_inputs(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_w
     if topk_ids.shape[1] < 1:
         raise ValueError("topk_ids must route every token to at least one expert (K >= 1)")
     # (the ids' range is checked by the routing kernel, before any kernel indexes with them)
+
+
+def check_lora_arg(lora: object) -> None:
+    """``lora``: a :class:`MoELoRA` or None."""
+    if lora is not None and not isinstance(lora, MoELoRA):
+        raise ValueError(f"lora must be a kt_jit.MoELoRA or None, got {type(lora).__name__}")
 
 
 def check_saveable(hidden_states: torch.Tensor, topk_weights: torch.Tensor) -> None:

@@ -223,6 +223,17 @@ def store_nontemporal(fn: Function, ty: str, v: str, ptr: str, align: int) -> No
     fn.emit(f"store {ty} {v}, ptr {ptr}, align {align}, !nontemporal {NONTEMPORAL_MD}")
 
 
+def store_bf16_streaming(fn: Function, v: str, ptr: str) -> None:
+    """``v`` (<16 x float>) rounded to bf16 and written to ``ptr`` (32-byte aligned) with a streaming
+    store. LLVM drops the non-temporal hint on stores of values that come from bfloat vectors (even
+    through a bitcast or a ``freeze``: plain ``vmovaps`` in the assembly); an ``xor`` with a zero it
+    cannot see through (a module global) keeps it."""
+    zero = fn.module.declare("kt_zero_v4i64", "@kt_zero_v4i64 = global <4 x i64> zeroinitializer, align 32")
+    h = fn.val(f"fptrunc {F32x16} {v} to <16 x bfloat>")
+    bits = fn.val(f"xor <4 x i64> {bitcast(fn, h, '<16 x bfloat>', '<4 x i64>')}, {fn.load('<4 x i64>', zero, 32)}")
+    store_nontemporal(fn, "<4 x i64>", bits, ptr, 32)
+
+
 def sfence(fn: Function) -> None:
     """Order this thread's streaming stores before everything it does next."""
     fn.emit(f"call void {fn.module.declare('llvm.x86.sse.sfence', 'declare void @llvm.x86.sse.sfence()')}()")

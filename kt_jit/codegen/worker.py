@@ -233,10 +233,16 @@ def compile_worker(name: str, key: str, args: ArgBlock, body: Callable[[Function
                    isa: str = "avx512", tile_config: TileConfig | None = None, emulate_amx: bool = False) -> int:
     """Build the worker ``name`` (:func:`build_worker`) for ``isa``, compile it or load it from the
     disk cache (``key`` identifies what it was built from), and return its address."""
-    target = target_for(isa)
-    mod = Module(name, target.fn_attrs)
+    mod = worker_module(name, args, body, isa, tile_config, emulate_amx)
+    return get_or_compile(name, key, mod.render(), target_for(isa), [name])[name]
+
+
+def worker_module(name: str, args: ArgBlock, body: Callable[[Function, str, str, Tiles | None], None],
+                  isa: str = "avx512", tile_config: TileConfig | None = None, emulate_amx: bool = False) -> Module:
+    """A module holding just the worker ``name`` (:func:`build_worker`) for ``isa``."""
+    mod = Module(name, target_for(isa).fn_attrs)
     build_worker(mod, name, args, body, tile_config, emulate_amx)
-    return get_or_compile(name, key, mod.render(), target, [name])[name]
+    return mod
 
 
 def build_worker(module: Module, name: str, args: ArgBlock,

@@ -32,9 +32,8 @@ from dataclasses import dataclass
 import numpy as np
 
 from ..codegen import avx512 as vx
-from ..codegen.compile import target_for
-from ..codegen.ir import BF16x32, F32x16, Function, I16x32, Module
-from ..codegen.worker import ArgBlock, build_worker, compile_worker, f32_field, group_table
+from ..codegen.ir import BF16x32, F32x16, Function, I16x32
+from ..codegen.worker import ArgBlock, compile_worker, f32_field, group_table, worker_module
 from .gemm import either, row_blocks
 
 ARGS = ArgBlock(["groups", "ldx", "ldw", "ldy", "alpha", "ldz"])
@@ -312,20 +311,14 @@ XTY_PREFETCH_UNITS = 2  # xty: prefetch distance along a token row, in tiles
 # also pays the write-back of its own earlier output): 4 x 64 against 8 x 32, 1 token -3..-6%,
 # 4 -11%, 8 -24..-29%, 16 -15%, 32 +5%, 64 +10%. B=768 (runs of 1.5 KB cross rows): no gain.
 XTY_WIDE_MAX = 16
-# The bf16 outputs of xty (the LoRA weight gradients) are written with streaming stores (vmovnt*,
-# 32 bytes): each gradient line is written once, so a normal store's read-for-ownership only
-# doubles the traffic. MoE backward, qwen3, two package copies with the variant in either copy
-# (Zen 5), for the A gradients' tiles: fast memory mode qlen 1 and 16 -2.5..-4%, slow mode
-# -0.1..-0.8%, qlen 128 +-0%; the demo's training step (optimizer included) the same; the B
-# gradients' 32-byte rows too: another -0.9..-1.2% at qlen 1 and 16 (both orderings). Earlier
-# sessions saw no gain, but LLVM had dropped the hint: it does so for stores of values that come
-# from bfloat vectors, hence the bits made opaque (xor with a zero global) before the store. The
-# output must be 32-byte aligned (checked at launch; tests check the assembly).
-
-
-def _opaque_zero(fn: Function) -> str:
-    """A <4 x i64> zero the optimizer cannot see through (a module global)."""
-    return fn.module.declare("kt_zero_v4i64", "@kt_zero_v4i64 = global <4 x i64> zeroinitializer, align 32")
+# The bf16 outputs of xty (the LoRA weight gradients) are written with streaming stores (32 bytes,
+# vx.store_bf16_streaming): each gradient line is written once, so a normal store's
+# read-for-ownership only doubles the traffic. MoE backward, qwen3, two package copies with the
+# variant in either copy (Zen 5), for the A gradients' tiles: fast memory mode qlen 1 and 16
+# -2.5..-4%, slow mode -0.1..-0.8%, qlen 128 +-0%; the demo's training step (optimizer included)
+# the same; the B gradients' 32-byte rows too: another -0.9..-1.2% at qlen 1 and 16 (both
+# orderings). Earlier sessions saw no gain because LLVM had dropped the hint (see that function).
+# The output must be 32-byte aligned (checked at launch; tests check the assembly).
 
 
 def _xty_unit(fn: Function, spec: LoraSpec, ops: tuple, a0: str, b0: str, ab: int, nb: int, prefetch: int) -> None:
@@ -354,12 +347,9 @@ def _xty_unit(fn: Function, spec: LoraSpec, ops: tuple, a0: str, b0: str, ab: in
     ysz = 4 if spec.y_dtype == "f32" else 2
     for a in range(ab):
         row = fn.gep(out, fn.mul(fn.add(fn.mul(fn.add(a0, a), spec.n), b0), ysz))
-        if spec.y_dtype == "bf16":  # 32-byte streaming stores (see _opaque_zero)
+        if spec.y_dtype == "bf16":
             for j in range(nb):
-                hv = fn.val(f"fptrunc {F32x16} {vx.fmul(fn, accs[a, j].get(), alpha)} to <16 x bfloat>")
-                bits = fn.val(f"xor <4 x i64> {vx.bitcast(fn, hv, '<16 x bfloat>', '<4 x i64>')}, "
-                              f"{fn.load('<4 x i64>', _opaque_zero(fn), 32)}")
-                vx.store_nontemporal(fn, "<4 x i64>", bits, fn.gep(row, j * 32), 32)
+                vx.store_bf16_streaming(fn, vx.fmul(fn, accs[a, j].get(), alpha), fn.gep(row, j * 32))
             continue
         for j in range(nb):
             _finish(fn, spec, accs[a, j].get(), alpha, fn.gep(row, j * 16 * ysz))
@@ -409,9 +399,7 @@ def _body_of(spec: LoraSpec):
 
 def build_ir(spec: LoraSpec) -> str:
     """The kernel's LLVM IR module text (for inspection and assembly tests)."""
-    mod = Module(spec.name, target_for("avx512").fn_attrs)
-    build_worker(mod, spec.name, ARGS, _body_of(spec))
-    return mod.render()
+    return worker_module(spec.name, ARGS, _body_of(spec)).render()
 
 
 class LoraKernel:

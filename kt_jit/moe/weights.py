@@ -85,17 +85,23 @@ def pack_expert_matrix(w: torch.Tensor, name: str, quant: str, group_size: int,
 _STORAGE_DTYPES = {"bf16": torch.bfloat16, "int8": torch.int8, "int4": torch.uint8}
 
 
-def _check_packed_tensors(t: dict[str, torch.Tensor], h: int, i: int, quant: str, group_size: int) -> None:
-    """Every tensor a kernel will be pointed at: present, CPU, contiguous, of the right dtype and shape."""
+def _check_layout(h: int, i: int, quant: str, group_size: int) -> None:
+    """A known quantization mode, H and I multiples of 32, and (K-group modes) a group size that is a
+    multiple of 32 dividing both."""
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {tuple(QUANT_MODES)}, got {quant!r}")
-    storage, grouped, zero_point = QUANT_MODES[quant]
     check_gemm_dims(i, h, "expert")
-    if "gate_up" not in t:
-        raise ValueError("packed experts need a 'gate_up' tensor")
-    if grouped and (group_size <= 0 or group_size % 32 or h % group_size or i % group_size):
+    if QUANT_MODES[quant][1] and (group_size <= 0 or group_size % 32 or h % group_size or i % group_size):
         raise ValueError(f"group_size={group_size} must be a positive multiple of 32 that divides both "
                          f"hidden_size={h} and intermediate_size={i}")
+
+
+def _check_packed_tensors(t: dict[str, torch.Tensor], h: int, i: int, quant: str, group_size: int) -> None:
+    """Every tensor a kernel will be pointed at: present, CPU, contiguous, of the right dtype and shape."""
+    _check_layout(h, i, quant, group_size)
+    storage, grouped, zero_point = QUANT_MODES[quant]
+    if "gate_up" not in t:
+        raise ValueError("packed experts need a 'gate_up' tensor")
     e = t["gate_up"].shape[0]
     g = {"gate_up": h // group_size if grouped else 1, "down": i // group_size if grouped else 1}
     expect: dict[str, tuple[tuple[int, ...], torch.dtype]] = {}
@@ -198,13 +204,8 @@ class MoEExperts:
     def _pack_chunks(cls, e: int, h: int, i: int, chunk, quant: str, group_size: int) -> MoEExperts:
         """Pack experts delivered by ``chunk(slice of experts) -> (gate, up, down)`` a few at a time
         (bounded temporary memory)."""
-        if quant not in QUANT_MODES:
-            raise ValueError(f"quant must be one of {tuple(QUANT_MODES)}, got {quant!r}")
-        check_gemm_dims(i, h, "expert")
+        _check_layout(h, i, quant, group_size)  # (before the packing: the constructor checks again)
         grouped = QUANT_MODES[quant][1]
-        if grouped and (group_size <= 0 or group_size % 32 or h % group_size or i % group_size):
-            raise ValueError(f"group_size={group_size} must be a positive multiple of 32 that divides both "
-                             f"hidden_size={h} and intermediate_size={i}")
         t: dict[str, torch.Tensor] = {}
         step = max(1, _PACK_CHUNK_BYTES // (12 * i * h))  # (fp32 inputs: 3 matrices of 4 bytes)
         for e0 in range(0, e, step):
