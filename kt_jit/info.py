@@ -13,7 +13,7 @@ def collect() -> dict:
     from .codegen.compile import toolchain_versions
     from .runtime.amx import active_isa, amx_status
     from .runtime.buffers import huge_page_status
-    from .runtime.cpu import cpu_info
+    from .runtime.cpu import cpu_info, l1d_cache_bytes
     from .runtime.threads import default_num_threads, launcher_name
 
     info = cpu_info()
@@ -26,6 +26,7 @@ def collect() -> dict:
         "cpu": info.model_name,
         "llvm_host_cpu": info.llvm_host_name,
         "features": info.summary(),
+        "l1d_bytes": l1d_cache_bytes(),
         "amx": {"usable": ok, "status": why},
         "kernel_isa": isa,
         "threads": default_num_threads(),
@@ -45,6 +46,8 @@ def main(argv: list[str] | None = None) -> int:
     print(f"CPU            {data['cpu']}  (LLVM host name: {data['llvm_host_cpu']})")
     feats = " ".join(f"{k}{'+' if v else '-'}" for k, v in data["features"].items())
     print(f"features       {feats}")
+    l1d = data["l1d_bytes"]
+    print(f"L1 data cache  {f'{l1d >> 10} KB per core' if l1d else 'unknown'}")
     print(f"AMX            {'usable' if data['amx']['usable'] else 'not usable'}: {data['amx']['status']}")
     print(f"kernel ISA     {data['kernel_isa']}")
     print(f"threads        {data['threads']} via {data['launcher']}")

@@ -191,6 +191,9 @@ def test_schedule_validation():
     # every field that changes the code is in the kernel's name (and so in its cache key)
     assert str(gemm.GemmSchedule(6, 4, pf=16, pfw=32)) != str(gemm.GemmSchedule(6, 4, pf=16))
     assert str(gemm.GemmSchedule(6, 4, pfn=True, pfi=True)) != str(gemm.GemmSchedule(6, 4, pfn=True))
+    assert str(gemm.GemmSchedule(6, 4, form="panel", sm=24, sb=8)) != str(gemm.GemmSchedule(6, 4, form="panel", sm=24))
+    with pytest.raises(ValueError, match="sb"):
+        gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=24, sb=0))
     with pytest.raises(ValueError, match="lp"):
         gemm.GemmSpec("bwd", 64, 64, "avx512", False,
                       gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=16, lp=gemm.LANE_PARTIAL_MAX + 1))
@@ -202,6 +205,13 @@ def test_schedule_validation():
     gemm.GemmSpec("fwd", 64, 4096, "avx512", False, gemm.GemmSchedule(mr=6, nr=4, kc=1024), "int4")  # |q-z| <= 15
     with pytest.raises(ValueError, match="group_size/2"):
         gemm.GemmSpec("fwd", 64, 256, "avx512", False, gemm.GemmSchedule(mr=6, nr=4, kc=48), "int4", 64)
+
+
+def test_streamed_form_blocks_follow_the_l1_size(monkeypatch):
+    """16 n-blocks per pass where the L1 data cache holds 48 KB, 8 on smaller (or unknown) ones."""
+    for size, blocks in ((48 << 10, 16), (64 << 10, 16), (32 << 10, 8), (0, 8)):
+        monkeypatch.setattr(gemm, "l1d_cache_bytes", lambda size=size: size)
+        assert gemm.default_schedule("bwd", "avx512", 1536, 2048).sb == blocks
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -292,6 +302,8 @@ def test_forward_gemm_over_many_groups_with_look_ahead(quant, kc, threads):
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")
 @pytest.mark.parametrize("sch", [gemm.GemmSchedule(6, 4, 0, 2, "panel", 8),
                                  gemm.GemmSchedule(6, 4, 0, 2, "panel", 12),
+                                 gemm.GemmSchedule(6, 4, 0, 2, "panel", 12, sb=8),
+                                 gemm.GemmSchedule(6, 4, 0, 2, "panel", 12, sb=3),
                                  gemm.GemmSchedule(6, 4, 0, 2, "panel", 8, lp=4),
                                  gemm.GemmSchedule(6, 4, 0, 2, "panel", 8, "fold", lp=8),
                                  gemm.GemmSchedule(6, 2, 3, 2, "panel", 5, "fold"),
@@ -301,7 +313,7 @@ def test_transposed_gemm_forms_over_many_groups(sch, n):
     """One launch over groups of every size around the lane-partial/streamed/panel boundaries
     (0..17 rows), accumulating into an existing output: the way the MoE backward calls it
     (N/16 = 6: the streamed forms read 2 n-blocks side by side; N/16 = 48: the streamed form
-    reads 16 at a time, in three passes)."""
+    reads ``sb`` at a time: 16 in three passes, 8 in six, 3 in sixteen)."""
     k = 192
     sizes = list(range(18))
     ws = [_weights(n, k, seed=s) for s in sizes]

@@ -173,6 +173,18 @@ def test_cpu_info_is_consistent():
     assert set(info.summary()) >= {"amx_tile", "amx_bf16", "amx_int8", "avx512_bf16"}
 
 
+def test_l1d_cache_size_parsing():
+    from kt_jit.runtime.cpu import _parse_cache_size, l1d_cache_bytes
+
+    assert _parse_cache_size("32K\n") == 32 << 10
+    assert _parse_cache_size("48K") == 48 << 10
+    assert _parse_cache_size("2M") == 2 << 20
+    assert _parse_cache_size("512") == 512
+    assert _parse_cache_size("") == 0 and _parse_cache_size("big") == 0
+    size = l1d_cache_bytes()
+    assert size == 0 or 4 << 10 <= size <= 1 << 20, size
+
+
 def test_amx_status_reason_is_clear():
     ok, why = amx_status()
     assert isinstance(ok, bool) and why

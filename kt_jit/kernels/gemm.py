@@ -67,6 +67,7 @@ from ..codegen.ir import BF16x32, F32x16, Function, I16x32, I32x16, Module, Var
 from ..codegen.worker import ArgBlock, build_worker, dispatch, group_table, immediate_launches
 from ..runtime.amx import active_isa, require_amx
 from ..runtime.buffers import aligned_zeros
+from ..runtime.cpu import l1d_cache_bytes
 from ..runtime.threads import default_num_threads
 from .pack import check_gemm_dims
 from .rowquant import ACT_MAX, quantize_rows
@@ -79,6 +80,24 @@ ROW_BYTES = {"bf16": 64, "int8": 32, "int4": 16}  # bytes of one packed row (16 
 QMAX = {"int8": 128, "int4": 15}  # largest |integer weight| (int8 code, int4 code minus zero point)
 ARGS = ArgBlock(["groups", "ldx", "ldy", "ldh"])
 ISAS = ("avx512", "amx", "amx_emu")
+
+
+# n-blocks the streamed transposed form (5-24 rows) reads side by side (GemmSchedule.sb): each pass
+# over them walks the group's whole fp32 output (m x K, 64-448 KB) through L2, so more blocks per pass
+# mean fewer passes; but each block is a stream prefetched STREAM_PREFETCH bytes ahead into L1, and
+# 16 streams' lines in flight crowd a 32 KB L1. MoE backward at qlen 128 (groups of 8-16 rows),
+# same-process A/B. Zen 5 (48 KB L1d), against 4: slow memory mode qwen3 -2.9%, deepseek-v2-lite
+# -2.3%, dsv3-64e -0.7%; fast mode deepseek-v2-lite -14.2% (8: -5.7%, 32: +4.7%; 2: +14.6%); int8 /
+# int4 -0.2% / +0.9%. Zen 4 (32 KB L1d), against 16: 8 blocks qwen3 -9..-15%, deepseek-v2-lite -10..
+# -13%, dsv3-64e -2..-7%, int8 / int4 +-0.5% (4 blocks about as 8; 16 blocks prefetching 512 B ahead
+# -5%, 2 KB ahead +2..+3%).
+STREAM_GROUP_BLOCKS = 16
+STREAM_GROUP_BLOCKS_L1_MIN = 48 << 10  # L1d size from which 16 blocks are used, else 8
+
+
+def stream_group_blocks() -> int:
+    """The streamed transposed form's n-blocks per pass on this CPU (see STREAM_GROUP_BLOCKS)."""
+    return STREAM_GROUP_BLOCKS if l1d_cache_bytes() >= STREAM_GROUP_BLOCKS_L1_MIN else 8
 
 
 @dataclass(frozen=True)
@@ -110,6 +129,8 @@ class GemmSchedule:
         lane-partial form instead, whole by their first work item unless ``lps`` (0 = never)
     lps: with lp, the lane-partial form's K-slices go to the group's first work items, one each,
         instead of all to the first (launches of a single group: the other threads get a share)
+    sb: "panel" with small "stream": n-blocks the streamed form reads side by side per pass over the
+        group's output (16 or fewer: the largest of sb, 8, 4, 2, 1 that divides N/16)
     pfi: AVX-512 fwd with pfn: at an item's last K-chunk (where pfn has no next chunk to fetch)
         the row blocks after the first prefetch the first chunk of the item this thread runs next
         (claimed at the start of that chunk, see codegen.worker.build_worker; only by items with
@@ -129,9 +150,11 @@ class GemmSchedule:
     pfw: int = 0
     lps: bool = False
     pfi: bool = False
+    sb: int = STREAM_GROUP_BLOCKS
 
     def __str__(self) -> str:
-        small = f"s{self.sm}{self.small}" if self.sm else ""
+        sb = f"b{self.sb}" if self.sm and self.small == "stream" else ""
+        small = f"s{self.sm}{self.small}{sb}" if self.sm else ""
         lp = f"l{self.lp}{'s' if self.lps else ''}" if self.lp else ""
         pfw = f"w{self.pfw}" if self.pfw else ""
         ahead = ("n" if self.pfn else "") + ("i" if self.pfi else "")
@@ -142,7 +165,8 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
                      group_size: int = 0) -> GemmSchedule:
     """Schedule used when none is given (AVX-512: measured on Zen 4 and Zen 5; AMX: the 2x2-tile
     kernel). Transposed GEMM: groups of up to 24 rows (12 unless the row pitches are odd multiples
-    of 64 bytes) are streamed whole by one thread, larger ones go through the L1 panel. Small
+    of 64 bytes) are streamed whole by one thread (16 n-blocks per pass with a 48 KB L1 data cache,
+    8 with a smaller one: :func:`stream_group_blocks`), larger ones go through the L1 panel. Small
     groups take the fold form instead for K-group int4 (whose rows are dequantized through fp32;
     the fold form decodes fewer of them per output) and for launches of a single group
     (``one_group``: streaming it would leave the other threads idle; the fold form splits its
@@ -179,7 +203,8 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         one = one_group and quant in ("bf16", "int8") and slices >= max(2, default_num_threads())
         lp = 8 if one or (quant == "int4" and not one_group) else 0 if one_group else 4
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
-                            sm=24 if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one)
+                            sm=24 if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one,
+                            sb=stream_group_blocks())
     return GemmSchedule(mr=2, nr=2)
 
 
@@ -251,6 +276,8 @@ class GemmSpec:
         if sch.pfi and ((self.op, self.isa) != ("fwd", "avx512") or not sch.pfn):
             raise ValueError("schedule pfi (prefetch the next item's first chunk): the AVX-512 forward GEMM "
                              "with pfn only")
+        if sch.sb < 1:
+            raise ValueError(f"schedule sb={sch.sb}: the streamed form reads at least one n-block per pass")
         if sch.sm and not self.is_panel:
             raise ValueError("schedule sm (streamed small groups) applies to the 'panel' transposed GEMM only")
         if sch.lp and not (self.is_panel and 0 < sch.lp <= min(sch.sm, LANE_PARTIAL_MAX)):
@@ -1024,12 +1051,6 @@ STREAM_PREFETCH = 1024  # bytes ahead along each stream (as the forward's 16 row
 STREAM_ALIASED_MAX = 12  # most rows streamed unless both row pitches are odd multiples of 64 B
 STREAM_ROWS = 4  # token rows per block of the streamed form
 STREAM_BLOCKS = 4  # n-blocks read side by side by the lane-partial form (4 streams, as fwd)
-# n-blocks the streamed form (5-24 rows) reads side by side: each pass over them walks the group's
-# whole fp32 output (m x K, 64-448 KB) through L2, so more blocks per pass mean fewer passes. MoE
-# backward at qlen 128 (groups of 8-16 rows), same-process A/B on Zen 5 against 4: slow memory mode
-# qwen3 -2.9%, deepseek-v2-lite -2.3%, dsv3-64e -0.7%; fast mode deepseek-v2-lite -14.2% (8: -5.7%,
-# 32: +4.7%; 2: +14.6%); int8 / int4 -0.2% / +0.9%
-STREAM_GROUP_BLOCKS = 16
 
 
 _LP_PFEVERY = 2  # see _bwd_lane_partial
@@ -1196,14 +1217,14 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
 def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, xsc: str | None,
                       ldx: str, ldy: str, m: str) -> None:
     """``dX = dY W`` for one whole (small) group (above the lane-partial form's rows), reading the
-    packed weight in forward order: ``ns`` (up to STREAM_GROUP_BLOCKS) n-blocks side by side, 8
+    packed weight in forward order: ``ns`` (up to the schedule's ``sb``) n-blocks side by side, 8
     k-pair rows (512 B) of each per step, so the weight streams like the forward's. Each 8-row
     group is transposed in registers (as in the panel form) and multiplied, in blocks of up to 4
     token rows, into the ``m x K`` fp32 output, which stays in L1/L2 for small groups.
     """
     nb, rb = spec.n // 16, spec.row_bytes
     block_stride = spec.k // 2 * rb
-    ns = max(d for d in (STREAM_GROUP_BLOCKS, 8, 4, 2, 1) if nb % d == 0)
+    ns = max(d for d in (spec.schedule.sb, 8, 4, 2, 1) if d <= spec.schedule.sb and nb % d == 0)
     with fn.loop(0, nb, ns, name="sb") as s0:
         first = fn.icmp("eq", s0, 0)
         wblk = fn.gep(w, fn.mul(s0, block_stride))
