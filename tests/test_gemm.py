@@ -194,6 +194,10 @@ def test_schedule_validation():
     assert str(gemm.GemmSchedule(6, 4, form="panel", sm=24, sb=8)) != str(gemm.GemmSchedule(6, 4, form="panel", sm=24))
     with pytest.raises(ValueError, match="sb"):
         gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=24, sb=0))
+    with pytest.raises(ValueError, match="ls"):
+        gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=8, lp=4, ls=32))
+    assert str(gemm.GemmSchedule(6, 4, form="panel", sm=8, lp=4, ls=1024)) != str(
+        gemm.GemmSchedule(6, 4, form="panel", sm=8, lp=4))
     with pytest.raises(ValueError, match="lp"):
         gemm.GemmSpec("bwd", 64, 64, "avx512", False,
                       gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=16, lp=gemm.LANE_PARTIAL_MAX + 1))
@@ -207,11 +211,15 @@ def test_schedule_validation():
         gemm.GemmSpec("fwd", 64, 256, "avx512", False, gemm.GemmSchedule(mr=6, nr=4, kc=48), "int4", 64)
 
 
-def test_streamed_form_blocks_follow_the_l1_size(monkeypatch):
-    """16 n-blocks per pass where the L1 data cache holds 48 KB, 8 on smaller (or unknown) ones."""
-    for size, blocks in ((48 << 10, 16), (64 << 10, 16), (32 << 10, 8), (0, 8)):
+def test_host_tuning_follows_the_l1_size(monkeypatch):
+    """The streamed form reads 16 n-blocks per pass and the lane-partial form's slices are 256 k-pair
+    rows where the L1 data cache holds 48 KB; 8 and 1024 on smaller (or unknown) ones; single
+    groups keep 256 (a slice per work item)."""
+    for size, blocks, slice_ in ((48 << 10, 16, 256), (64 << 10, 16, 256), (32 << 10, 8, 1024), (0, 8, 1024)):
         monkeypatch.setattr(gemm, "l1d_cache_bytes", lambda size=size: size)
-        assert gemm.default_schedule("bwd", "avx512", 1536, 2048).sb == blocks
+        sch = gemm.default_schedule("bwd", "avx512", 1536, 2048)
+        assert (sch.sb, sch.ls) == (blocks, slice_)
+        assert gemm.default_schedule("bwd", "avx512", 1536, 2048, one_group=True).ls == gemm.LANE_PARTIAL_SLICE
 
 
 @pytest.mark.parametrize("isa", ISAS)
@@ -330,11 +338,12 @@ def test_transposed_gemm_forms_over_many_groups(sch, n):
 
 
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")
-def test_transposed_gemm_lane_partial_slices():
+@pytest.mark.parametrize("slice_", [gemm.LARGE_L1_TUNING.lane_partial_slice, gemm.SMALL_L1_TUNING.lane_partial_slice])
+def test_transposed_gemm_lane_partial_slices(slice_):
     """The lane-partial form (bf16 groups of 1-4 rows; the int4 modes take 1-8) over several
-    K-slices and 4-block passes, overwriting the output, next to a 5-row group (the transposing
-    streamed form)."""
-    n, k = 128, 2 * 2 * gemm.LANE_PARTIAL_SLICE
+    K-slices (of either CPU class's length) and 4-block passes, overwriting the output, next to a
+    5-row group (the transposing streamed form)."""
+    n, k = 128, 2 * 2 * slice_
     sizes = [1, 2, 3, 4, 5]
     ws = [_weights(n, k, seed=10 + m) for m in sizes]
     packed = [pack_bf16(w) for w in ws]
@@ -342,9 +351,9 @@ def test_transposed_gemm_lane_partial_slices():
     outs = [torch.full((m, k), float("nan")) for m in sizes]
     table = torch.tensor([[d.data_ptr(), p.data_ptr(), o.data_ptr(), d.shape[0], 0, 0]
                           for d, p, o in zip(dys, packed, outs, strict=True)], dtype=torch.int64)
-    kern = gemm.kernel_for("bwd", n, k, isa="avx512")
-    assert kern.spec.schedule.lp == 4
-    kern.launch(table, n * 2, k * 4)
+    sch = dataclasses.replace(gemm.default_schedule("bwd", "avx512", n, k), ls=slice_)
+    assert sch.lp == 4
+    gemm.get_kernel(gemm.GemmSpec("bwd", n, k, "avx512", False, sch)).launch(table, n * 2, k * 4)
     for m, d, w, got in zip(sizes, dys, ws, outs, strict=True):
         assert rel_err(got, ref_linear_t(d, w)) < 1e-5, m
 

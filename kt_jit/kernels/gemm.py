@@ -92,12 +92,34 @@ ISAS = ("avx512", "amx", "amx_emu")
 # -13%, dsv3-64e -2..-7%, int8 / int4 +-0.5% (4 blocks about as 8; 16 blocks prefetching 512 B ahead
 # -5%, 2 KB ahead +2..+3%).
 STREAM_GROUP_BLOCKS = 16
-STREAM_GROUP_BLOCKS_L1_MIN = 48 << 10  # L1d size from which 16 blocks are used, else 8
+LANE_PARTIAL_SLICE = 256  # k-pair rows per K-slice of the lane-partial form at <= 4 rows (GemmSchedule.ls)
+SMALL_L1 = 48 << 10  # an L1 data cache below this size selects the small-L1 values below
 
 
-def stream_group_blocks() -> int:
-    """The streamed transposed form's n-blocks per pass on this CPU (see STREAM_GROUP_BLOCKS)."""
-    return STREAM_GROUP_BLOCKS if l1d_cache_bytes() >= STREAM_GROUP_BLOCKS_L1_MIN else 8
+@dataclass(frozen=True)
+class HostTuning:
+    """Schedule values that differ between the CPUs measured, chosen by the L1 data cache size:
+    Zen 5 (48 KB; also the values for every CPU with 48 KB or more, e.g. Sapphire Rapids) and Zen 4
+    (32 KB; used for every smaller or unknown L1). The slice length follows Zen 4 itself, not its
+    L1: the L1 size is how the two are told apart."""
+
+    stream_group_blocks: int
+    lane_partial_slice: int
+
+
+LARGE_L1_TUNING = HostTuning(STREAM_GROUP_BLOCKS, LANE_PARTIAL_SLICE)
+# The lane-partial form's slice: 1024 k-pair rows (one piece per n-block for K <= 2048, instead of
+# four visited at different times; 64 KB of accumulators per row, in L2). MoE backward, Zen 4,
+# same-process A/B against 256: qwen3 qlen 1 -4.5..-5.7%, qlen 16 -4.9..-5.0% (512: -4.1..-4.5%),
+# qlen 128 +-0.7%, deepseek-v2-lite qlen 16 -1.5..-10%, dsv3-64e qlen 16 -4.7%, int8 qlen 16 -12..-13%,
+# int4 (5-8-row slices 256 instead of 64) -1%. On Zen 5 (kernel level, 8 experts x 1 row) 1024 read
+# within +-3% of 256.
+SMALL_L1_TUNING = HostTuning(8, 1024)
+
+
+def host_tuning() -> HostTuning:
+    """The schedule values for this CPU (see :class:`HostTuning`)."""
+    return LARGE_L1_TUNING if l1d_cache_bytes() >= SMALL_L1 else SMALL_L1_TUNING
 
 
 @dataclass(frozen=True)
@@ -131,6 +153,8 @@ class GemmSchedule:
         instead of all to the first (launches of a single group: the other threads get a share)
     sb: "panel" with small "stream": n-blocks the streamed form reads side by side per pass over the
         group's output (16 or fewer: the largest of sb, 8, 4, 2, 1 that divides N/16)
+    ls: with lp, k-pair rows per K-slice of the lane-partial form at up to LANE_PARTIAL_UNROLL rows
+        (a quarter of it above; rounded down to a multiple of 16 that divides the K-group or K/2)
     pfi: AVX-512 fwd with pfn: at an item's last K-chunk (where pfn has no next chunk to fetch)
         the row blocks after the first prefetch the first chunk of the item this thread runs next
         (claimed at the start of that chunk, see codegen.worker.build_worker; only by items with
@@ -151,11 +175,12 @@ class GemmSchedule:
     lps: bool = False
     pfi: bool = False
     sb: int = STREAM_GROUP_BLOCKS
+    ls: int = LANE_PARTIAL_SLICE
 
     def __str__(self) -> str:
         sb = f"b{self.sb}" if self.sm and self.small == "stream" else ""
         small = f"s{self.sm}{self.small}{sb}" if self.sm else ""
-        lp = f"l{self.lp}{'s' if self.lps else ''}" if self.lp else ""
+        lp = f"l{self.lp}{'s' if self.lps else ''}{self.ls}" if self.lp else ""
         pfw = f"w{self.pfw}" if self.pfw else ""
         ahead = ("n" if self.pfn else "") + ("i" if self.pfi else "")
         return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{pfw}{ahead}{self.form}{small}{lp}"
@@ -166,7 +191,7 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     """Schedule used when none is given (AVX-512: measured on Zen 4 and Zen 5; AMX: the 2x2-tile
     kernel). Transposed GEMM: groups of up to 24 rows (12 unless the row pitches are odd multiples
     of 64 bytes) are streamed whole by one thread (16 n-blocks per pass with a 48 KB L1 data cache,
-    8 with a smaller one: :func:`stream_group_blocks`), larger ones go through the L1 panel. Small
+    8 with a smaller one: :func:`host_tuning`), larger ones go through the L1 panel. Small
     groups take the fold form instead for K-group int4 (whose rows are dequantized through fp32;
     the fold form decodes fewer of them per output) and for launches of a single group
     (``one_group``: streaming it would leave the other threads idle; the fold form splits its
@@ -199,12 +224,15 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         # +60..+67%, 8 rows +20..+58%. Only where K/2 holds at least one 1-4-row slice per thread
         # (and two), else threads would idle where the fold form's K/64 items keep them all busy
         # (int4 has no single-group API: unmeasured, fold).
+        # (Their slices keep LANE_PARTIAL_SLICE on every CPU: a slice per work item.)
         slices = k // 2 // _chunk(k // 2, LANE_PARTIAL_SLICE)
         one = one_group and quant in ("bf16", "int8") and slices >= max(2, default_num_threads())
         lp = 8 if one or (quant == "int4" and not one_group) else 0 if one_group else 4
+        host = host_tuning()
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
                             sm=24 if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one,
-                            sb=stream_group_blocks())
+                            sb=host.stream_group_blocks,
+                            ls=LANE_PARTIAL_SLICE if one_group else host.lane_partial_slice)
     return GemmSchedule(mr=2, nr=2)
 
 
@@ -278,6 +306,8 @@ class GemmSpec:
                              "with pfn only")
         if sch.sb < 1:
             raise ValueError(f"schedule sb={sch.sb}: the streamed form reads at least one n-block per pass")
+        if sch.ls < 64:
+            raise ValueError(f"schedule ls={sch.ls}: K-slices of at least 64 k-pair rows (16 above 4 rows)")
         if sch.sm and not self.is_panel:
             raise ValueError("schedule sm (streamed small groups) applies to the 'panel' transposed GEMM only")
         if sch.lp and not (self.is_panel and 0 < sch.lp <= min(sch.sm, LANE_PARTIAL_MAX)):
@@ -1056,19 +1086,17 @@ STREAM_BLOCKS = 4  # n-blocks read side by side by the lane-partial form (4 stre
 _LP_PFEVERY = 2  # see _bwd_lane_partial
 LANE_PARTIAL_MAX = 8  # most rows of the lane-partial form (GemmSchedule.lp)
 LANE_PARTIAL_UNROLL = 4  # rows up to this get code of their own (dY pairs in registers)
-LANE_PARTIAL_SLICE = 256  # k-pair rows per slice of the lane-partial form at <= 4 rows (a quarter
-# above): at most 64 KB of accumulators
 
 
 def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
     """k-pair rows per slice (within one K-group) of the lane-partial code for up to ``rows`` token
-    rows: LANE_PARTIAL_SLICE up to LANE_PARTIAL_UNROLL rows, a quarter above (the accumulators, rows
-    x slice x 64 bytes, stay within 64 KB). Only ``lps`` schedules size each code variant's slices
+    rows: the schedule's ``ls`` up to LANE_PARTIAL_UNROLL rows, a quarter above (the accumulators,
+    rows x slice x 64 bytes, stay in L1/L2). Only ``lps`` schedules size each code variant's slices
     by its own rows (single groups of 1-4 rows: +0..6% with the longer slices); the others size
     all by ``lp`` (the MoE's int4 groups of 1-4 rows measured 4-7% slower with the longer ones)."""
     bound = rows if spec.schedule.lps else spec.schedule.lp
     return _chunk(spec.group_size // 2 if spec.group_size else spec.k // 2,
-                  LANE_PARTIAL_SLICE if bound <= LANE_PARTIAL_UNROLL else LANE_PARTIAL_SLICE // 4)
+                  spec.schedule.ls if bound <= LANE_PARTIAL_UNROLL else spec.schedule.ls // 4)
 
 
 def _lane_partial_variants(spec: GemmSpec) -> tuple[int, ...]:
