@@ -513,16 +513,20 @@ def _weights_in(quant, gs, zp, n, k, g):
 
 
 @NEEDS_AVX512_BF16
-@pytest.mark.parametrize("quant,gs,zp", [("int8", 0, False), ("int4", 0, True), ("int4", 64, True)])
+@pytest.mark.parametrize("quant,gs,zp", [("int8", 0, False), ("int4", 0, True), ("int4", 64, True),
+                                         ("int4", 32, False)])
 def test_quantized_transposed_default_forms(quant, gs, zp):
-    """The default transposed GEMM of each quantized mode over groups of 1..10 rows in one launch:
-    the lane-partial form (1-4 rows; K-group int4: 1-8), the streamed or fold form above it, and the
-    panel; several K-slices (K-groups) per group."""
+    """The default transposed GEMM of each quantized mode over groups of 1..14 rows in one launch:
+    the lane-partial form (1-4 rows; int4: 1-8), the streamed form above it (K-groups: the group
+    scales on dY, rescaled as K enters each group), and the panel (13-14 rows: the pitches here
+    are even multiples of 64 bytes, so streaming stops at 12); several K-slices (K-groups) per
+    group."""
     n, k = 128, 1024  # int8 and bf16 slices are 256 k-pairs: two; int4 (8 rows) 64: eight
     g = torch.Generator().manual_seed(9)
     p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
     kern = gemm.kernel_for("bwd", n, k, quant=quant, group_size=gs, zero_point=zp)
-    ms = list(range(1, 11))
+    assert kern.spec.schedule.small == "stream"
+    ms = list(range(1, 15))
     dys = [torch.randn(m, n, generator=g).bfloat16() for m in ms]
     outs = [torch.full((m, k), float("nan")) for m in ms]
     xq = [_kernel_input(kern.spec, d, s) for d in dys]

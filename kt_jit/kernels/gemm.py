@@ -145,8 +145,8 @@ class GemmSchedule:
         at run time the limit drops to STREAM_ALIASED_MAX unless both row pitches are odd
         multiples of 64 bytes (rows a multiple of 4 KB apart would crowd a few L1 sets)
     small: "stream": such a group is streamed whole by its first work item (the weight read front
-        to back as the forward reads it); "fold": the fold form's work item (cheaper for K-group
-        int4 rows, whose decode goes through fp32 for the scales)
+        to back as the forward reads it); "fold": the fold form's work item (single groups: its items
+        split the outputs over the threads)
     lp: "panel" only: groups with at most this many rows (<= LANE_PARTIAL_MAX, <= sm) take the
         lane-partial form instead, whole by their first work item unless ``lps`` (0 = never)
     lps: with lp, the lane-partial form's K-slices go to the group's first work items, one each,
@@ -192,12 +192,11 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     kernel). Transposed GEMM: groups of up to 24 rows (12 unless the row pitches are odd multiples
     of 64 bytes) are streamed whole by one thread (16 n-blocks per pass with a 48 KB L1 data cache,
     8 with a smaller one: :func:`host_tuning`), larger ones go through the L1 panel. Small
-    groups take the fold form instead for K-group int4 (whose rows are dequantized through fp32;
-    the fold form decodes fewer of them per output) and for launches of a single group
-    (``one_group``: streaming it would leave the other threads idle; the fold form splits its
-    outputs over work items). Groups of 1-4 rows (int4: 1-8) take the lane-partial form (one
-    thread per group); a single group (``one_group``, bf16 and int8, K long enough for a slice
-    per thread) of 1-8 rows takes it with its K-slices spread over the work items (``lps``)."""
+    groups take the fold form instead in launches of a single group (``one_group``: streaming it
+    would leave the other threads idle; the fold form splits its outputs over work items). Groups
+    of 1-4 rows (int4: 1-8) take the lane-partial form (one thread per group); a single group
+    (``one_group``, bf16 and int8, K long enough for a slice per thread) of 1-8 rows takes it with
+    its K-slices spread over the work items (``lps``)."""
     if isa == "avx512":
         if op == "fwd":  # quantized: prefetch 2 KB ahead like bf16's 16 rows (measured int8 +2-11%);
             # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1% alone)
@@ -213,7 +212,10 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         # streaming a whole small group beats the panel up to 24 rows when the row pitches are odd
         # multiples of 64 B (measured on Zen 5: m=14-24 1.1-1.6x, m=32 0.9x); otherwise the kernel
         # lowers the limit to STREAM_ALIASED_MAX at run time (the rows would crowd a few L1 sets)
-        small = "fold" if (quant == "int4" and group_size) or one_group else "stream"
+        # K-group int4 streams too since its streamed form puts the group scales on dY (weights exact
+        # in bf16): MoE backward qlen 128, Zen 4, in-process against the fold form up to 8 rows and
+        # the panel above (the earlier default): int4_kgroup -13.5%, int4_1kgroup -13%
+        small = "fold" if one_group else "stream"
         # pfn: the panel's first row block prefetches the next n-chunk (measured m=16-32 +13-17%)
         # lp against the transposing forms, same-run A/B on Zen 5: bf16 1-4 rows 1.1-1.2x (dsv3
         # gate/up; 5-8 rows 0.9-1.0x, so 4); int4 1-8 rows: K-group 1.5x over the fold form, per
@@ -1249,16 +1251,36 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     k-pair rows (512 B) of each per step, so the weight streams like the forward's. Each 8-row
     group is transposed in registers (as in the panel form) and multiplied, in blocks of up to 4
     token rows, into the ``m x K`` fp32 output, which stays in L1/L2 for small groups.
+
+    K-group weights (bf16 numerics; their scale varies along K, the output dimension here) stay exact
+    integers in bf16 (one ``vpermw`` per row) and their group's scales move onto dY instead: when K
+    enters a group, each row's dY over the pass's n-blocks is multiplied by the group's channel
+    scales and rounded to bf16 into a scratch (``sm x ns x 32`` bytes) that the dot products read
+    (the numerics of the fold and lane-partial forms; MoE measurements in default_schedule).
     """
     nb, rb = spec.n // 16, spec.row_bytes
     block_stride = spec.k // 2 * rb
     ns = max(d for d in (spec.schedule.sb, 8, 4, 2, 1) if d <= spec.schedule.sb and nb % d == 0)
+    regroup = bool(spec.group_size) and not spec.int_x
+    if regroup:
+        sld = ns * 32  # scratch row pitch: the pass's n-blocks of one row, 16 bf16 each
+        sdy = fn.alloca("i8", 64, spec.schedule.sm * sld)
     with fn.loop(0, nb, ns, name="sb") as s0:
         first = fn.icmp("eq", s0, 0)
         wblk = fn.gep(w, fn.mul(s0, block_stride))
         with fn.loop(0, spec.k // 16, name="kb") as kb:
             k0 = fn.mul(kb, 16)
             grp = fn.val(f"udiv i64 {k0}, {spec.group_size}") if spec.group_size else "0"
+            if regroup:
+                with fn.if_then(fn.icmp("eq", fn.val(f"urem i64 {k0}, {spec.group_size}"), 0), name="sdy"):
+                    with fn.loop(0, m, name="sdr") as i:
+                        xrow = fn.gep(x, fn.add(fn.mul(i, ldx), fn.mul(s0, 32)))
+                        for b in range(ns):
+                            chan = fn.add(fn.mul(grp, spec.n), fn.mul(fn.add(s0, b), 16))
+                            v = vx.fmul(fn, vx.load_f32x16(fn, fn.gep(xrow, b * 32), "bf16"),
+                                        fn.load(F32x16, fn.gep(sc, fn.mul(chan, 4)), 4))
+                            fn.store("<16 x bfloat>", fn.val(f"fptrunc {F32x16} {v} to <16 x bfloat>"),
+                                     fn.gep(sdy, fn.add(fn.mul(i, sld), b * 32)), 32)
 
             def block(b: str) -> list[str]:
                 """The 8 transposed vectors of n-block s0+b at this kb (q = n-pair within the block)."""
@@ -1267,16 +1289,19 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                     vx.prefetch(fn, fn.gep(wrow, STREAM_PREFETCH + off))
                 chan = fn.add(fn.mul(grp, spec.n), fn.mul(fn.add(s0, b), 16))
                 zw = _zero_for(fn, spec, fn.gep(zp, chan))
-                scp = fn.gep(sc, fn.mul(chan, 4)) if spec.quant != "bf16" else None
+                scp = fn.gep(sc, fn.mul(chan, 4)) if spec.quant != "bf16" and not regroup else None
                 wrows = [_swapped_row(fn, spec, fn.gep(wrow, r * rb), zw, scp, r % 2 == 1)
                          for r in range(8)]
                 return vx.transpose_qwords_8x8(fn, wrows)
 
             def multiply(b: str, tv: list[str], m0: str | int, accs: list[list]) -> None:
-                xs = fn.gep(x, fn.add(fn.mul(fn.add(s0, b), 32), fn.mul(m0, ldx)))
+                if regroup:  # the scaled dY rows of the scratch
+                    xs, pitch = fn.gep(sdy, fn.add(fn.mul(b, 32), fn.mul(m0, sld))), str(sld)
+                else:
+                    xs, pitch = fn.gep(x, fn.add(fn.mul(fn.add(s0, b), 32), fn.mul(m0, ldx))), ldx
                 for q, wv in enumerate(tv):
                     for i, chs in enumerate(accs):
-                        xb = vx.bcast_pair(fn, fn.gep(xs, fn.add(fn.mul(i, ldx), q * 4)))
+                        xb = vx.bcast_pair(fn, fn.gep(xs, fn.add(fn.mul(i, pitch), q * 4)))
                         acc = chs[q % len(chs)]
                         acc.set(_dot(fn, acc.get(), wv, xb, spec.int_x))
 
