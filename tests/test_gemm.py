@@ -331,7 +331,11 @@ def test_transposed_gemm_forms_over_many_groups(sch, n):
     expect = [o + ref_linear_t(d, w) for o, d, w in zip(outs, dys, ws, strict=True)]
     table = torch.tensor([[d.data_ptr(), p.data_ptr(), o.data_ptr(), d.shape[0], 0, 0]
                           for d, p, o in zip(dys, packed, outs, strict=True)], dtype=torch.int64)
-    gemm.get_kernel(gemm.GemmSpec("bwd", n, k, "avx512", True, sch)).launch(table, n * 2, k * 4)
+    spec = gemm.GemmSpec("bwd", n, k, "avx512", True, sch)
+    if sch.sm and sch.small == "stream":
+        assert gemm._stream_blocks(spec) == {(96, 16): 2, (96, 8): 2, (96, 3): 3,
+                                             (768, 16): 16, (768, 8): 8, (768, 3): 3}[n, sch.sb]
+    gemm.get_kernel(spec).launch(table, n * 2, k * 4)
     for m, got, want in zip(sizes, outs, expect, strict=True):
         if m:
             assert rel_err(got, want) < 1e-5, m
@@ -353,7 +357,9 @@ def test_transposed_gemm_lane_partial_slices(slice_):
                           for d, p, o in zip(dys, packed, outs, strict=True)], dtype=torch.int64)
     sch = dataclasses.replace(gemm.default_schedule("bwd", "avx512", n, k), ls=slice_)
     assert sch.lp == 4
-    gemm.get_kernel(gemm.GemmSpec("bwd", n, k, "avx512", False, sch)).launch(table, n * 2, k * 4)
+    spec = gemm.GemmSpec("bwd", n, k, "avx512", False, sch)
+    assert gemm._lane_partial_slice(spec, 4) == slice_ and k // 2 // slice_ == 2
+    gemm.get_kernel(spec).launch(table, n * 2, k * 4)
     for m, d, w, got in zip(sizes, dys, ws, outs, strict=True):
         assert rel_err(got, ref_linear_t(d, w)) < 1e-5, m
 
@@ -423,8 +429,8 @@ def test_quantized_gemms_match_dequantized_reference(quant, gs, zp, m):
     """Integer kernels (every forward; the transposed GEMM of per-channel modes): codes times int16
     activations (per-row scales, |error| <= max|x|/32766) are within ~1e-4 of the dequantized
     weight's product. The K-group transposed GEMM rounds each dequantized weight to bf16 once
-    (~0.2%). m = 1 and 7 take the streamed (K-group: fold) path of the transposed GEMM, 33 the panel
-    path; k = 1024 has several K-chunks (and groups) per output."""
+    (~0.2%). m = 1 and 7 take the lane-partial form of the transposed GEMM (int8 at 7 rows: the
+    streamed form), 33 the panel path; k = 1024 has several K-chunks (and groups) per output."""
     for n, k in ((192, 128), (64, 1024)):
         p, s, z, wd = _quantized(quant, gs, zp, n, k)
         x = torch.randn(m, k).bfloat16()
@@ -516,27 +522,28 @@ def _weights_in(quant, gs, zp, n, k, g):
 @pytest.mark.parametrize("quant,gs,zp", [("int8", 0, False), ("int4", 0, True), ("int4", 64, True),
                                          ("int4", 32, False)])
 def test_quantized_transposed_default_forms(quant, gs, zp):
-    """The default transposed GEMM of each quantized mode over groups of 1..14 rows in one launch:
-    the lane-partial form (1-4 rows; int4: 1-8), the streamed form above it (K-groups: the group
-    scales on dY, rescaled as K enters each group), and the panel (13-14 rows: the pitches here
-    are even multiples of 64 bytes, so streaming stops at 12); several K-slices (K-groups) per
-    group."""
-    n, k = 128, 1024  # int8 and bf16 slices are 256 k-pairs: two; int4 (8 rows) 64: eight
+    """The default transposed GEMM of each quantized mode over groups of 1..14, 24 and 26 rows in
+    one launch: the lane-partial form (1-4 rows; int4: 1-8), the streamed form above it up to 24
+    (K-groups: the group scales on dY, rescaled as K enters each group; N/16 = 10: 2 n-blocks per
+    pass, 5 passes) and the panel (26 rows); the row pitches are odd multiples of 64 bytes, as the
+    MoE's; several K-slices (K-groups) per group."""
+    n, k, pad = 160, 1024, 16  # int8 and bf16 slices are 256 k-pairs: two; int4 (8 rows) 64: eight
     g = torch.Generator().manual_seed(9)
     p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
     kern = gemm.kernel_for("bwd", n, k, quant=quant, group_size=gs, zero_point=zp)
-    assert kern.spec.schedule.small == "stream"
-    ms = list(range(1, 15))
-    dys = [torch.randn(m, n, generator=g).bfloat16() for m in ms]
-    outs = [torch.full((m, k), float("nan")) for m in ms]
+    assert kern.spec.schedule.small == "stream" and kern.spec.schedule.sm == 24
+    assert gemm._stream_blocks(kern.spec) == 2
+    ms = [*range(1, 15), 24, 26]
+    dys = [torch.randn(m, n, generator=g).bfloat16() for m in ms]  # pitch 320 B: 5 lines
+    outs = [torch.full((m, k + pad), float("nan")) for m in ms]  # pitch 4160 B: 65 lines
     xq = [_kernel_input(kern.spec, d, s) for d in dys]
     table = torch.tensor([[xq[e][0].data_ptr(), p.data_ptr(), o.data_ptr(), m, s.data_ptr(),
                            z.data_ptr() if z is not None else 0]
                           + ([xq[e][1].data_ptr()] if kern.spec.int_x else [])
                           for e, (o, m) in enumerate(zip(outs, ms, strict=True))], dtype=torch.int64)
-    kern.launch(table, n * 2, k * 4)
+    kern.launch(table, n * 2, (k + pad) * 4)
     for m, d, got in zip(ms, dys, outs, strict=True):  # K-groups: bf16-rounded scaled operands (~0.2%)
-        assert rel_err(got, ref_linear_t(d, wd)) < (5e-3 if gs else 2e-4), m
+        assert rel_err(got[:, :k], ref_linear_t(d, wd)) < (5e-3 if gs else 2e-4), m
 
 
 def _lora_table(p, s, z, groups, xscales=None):

@@ -185,6 +185,31 @@ def test_l1d_cache_size_parsing():
     assert size == 0 or 4 << 10 <= size <= 1 << 20, size
 
 
+def test_small_openmp_stacks_are_refused(monkeypatch):
+    """The kernels keep up to ~300 KB on each thread's stack: a smaller OMP_STACKSIZE is a clear
+    error, not a crash inside a kernel."""
+    from kt_jit.runtime.threads import check_openmp_stack
+
+    for name in ("OMP_STACKSIZE", "GOMP_STACKSIZE"):
+        monkeypatch.delenv(name, raising=False)
+    assert knobs.openmp_stack_bytes() is None
+    check_openmp_stack()
+    for value, size in (("64K", 64 << 10), ("512", 512 << 10), ("2m", 2 << 20), ("1G", 1 << 30), ("4096 B", 4096)):
+        monkeypatch.setenv("OMP_STACKSIZE", value)
+        assert knobs.openmp_stack_bytes() == size, value
+    monkeypatch.setenv("OMP_STACKSIZE", "64K")
+    with pytest.raises(RuntimeError, match="OMP_STACKSIZE"):
+        check_openmp_stack()
+    monkeypatch.setenv("OMP_STACKSIZE", "16M")
+    check_openmp_stack()
+    monkeypatch.delenv("OMP_STACKSIZE")
+    monkeypatch.setenv("GOMP_STACKSIZE", "100")  # kilobytes
+    with pytest.raises(RuntimeError, match="at least 1M"):
+        check_openmp_stack()
+    monkeypatch.setenv("GOMP_STACKSIZE", "lots")  # unreadable: libgomp's default
+    check_openmp_stack()
+
+
 def test_amx_status_reason_is_clear():
     ok, why = amx_status()
     assert isinstance(ok, bool) and why

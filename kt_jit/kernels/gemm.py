@@ -36,9 +36,10 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
   its zero point, as int16 words) by int16 activation rows with ``vpdpwssd``; x arrives quantized
   per row (kernels/rowquant.py) with its row scales in an extra group field, and the weight and
   row scales are applied in fp32 per K-chunk. The transposed GEMM does the same for per-channel
-  modes, with x = dY diag(channel scales) quantized per row; for K-group modes each row is
-  dequantized in registers (codes times the group's scale) and rounded once to bf16 before the
-  transpose.
+  modes, with x = dY diag(channel scales) quantized per row. K-group modes keep bf16 numerics: the
+  lane-partial and streamed forms (up to 24 rows) decode the codes exactly to bf16 and multiply dY
+  by the group's scales instead (rescaled as K enters each group); the panel form dequantizes each
+  row in registers (codes times the group's scale), rounded once to bf16 before the transpose.
 - AMX ``fwd``: X rows are A tiles (stride = row pitch), packed rows are B tiles (16 x 64 B), 2x2
   tiles of C. X must be readable for ``ceil(m/16)*16`` rows (rows past m are ignored).
 - AMX ``bwd``: the packed block itself is the A tile (rows = k-pairs); dY is pre-arranged
@@ -152,7 +153,7 @@ class GemmSchedule:
     lps: with lp, the lane-partial form's K-slices go to the group's first work items, one each,
         instead of all to the first (launches of a single group: the other threads get a share)
     sb: "panel" with small "stream": n-blocks the streamed form reads side by side per pass over the
-        group's output (16 or fewer: the largest of sb, 8, 4, 2, 1 that divides N/16)
+        group's output (the largest of sb, 8, 4, 2, 1 that is at most sb and divides N/16)
     ls: with lp, k-pair rows per K-slice of the lane-partial form at up to LANE_PARTIAL_UNROLL rows
         (a quarter of it above; rounded down to a multiple of 16 that divides the K-group or K/2)
     pfi: AVX-512 fwd with pfn: at an item's last K-chunk (where pfn has no next chunk to fetch)
@@ -180,7 +181,7 @@ class GemmSchedule:
     def __str__(self) -> str:
         sb = f"b{self.sb}" if self.sm and self.small == "stream" else ""
         small = f"s{self.sm}{self.small}{sb}" if self.sm else ""
-        lp = f"l{self.lp}{'s' if self.lps else ''}{self.ls}" if self.lp else ""
+        lp = f"l{self.lp}{'s' if self.lps else ''}x{self.ls}" if self.lp else ""
         pfw = f"w{self.pfw}" if self.pfw else ""
         ahead = ("n" if self.pfn else "") + ("i" if self.pfi else "")
         return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{pfw}{ahead}{self.form}{small}{lp}"
@@ -1244,6 +1245,13 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 fn.store(F32x16, out, p, 4)
 
 
+def _stream_blocks(spec: GemmSpec) -> int:
+    """n-blocks per pass of the streamed form: the largest of the schedule's ``sb``, 8, 4, 2, 1
+    that is at most ``sb`` and divides N/16."""
+    sb = spec.schedule.sb
+    return max(d for d in (sb, 8, 4, 2, 1) if d <= sb and (spec.n // 16) % d == 0)
+
+
 def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, xsc: str | None,
                       ldx: str, ldy: str, m: str) -> None:
     """``dX = dY W`` for one whole (small) group (above the lane-partial form's rows), reading the
@@ -1260,7 +1268,7 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     """
     nb, rb = spec.n // 16, spec.row_bytes
     block_stride = spec.k // 2 * rb
-    ns = max(d for d in (spec.schedule.sb, 8, 4, 2, 1) if d <= spec.schedule.sb and nb % d == 0)
+    ns = _stream_blocks(spec)
     regroup = bool(spec.group_size) and not spec.int_x
     if regroup:
         sld = ns * 32  # scratch row pitch: the pass's n-blocks of one row, 16 bf16 each

@@ -8,6 +8,7 @@ what LLVM reports for the host. LLVM's host CPU *name* is not trusted (on AMX VM
 from __future__ import annotations
 
 import functools
+import os
 import platform
 import re
 from dataclasses import dataclass
@@ -112,7 +113,10 @@ def l1d_cache_bytes() -> int:
                 return _parse_cache_size((index / "size").read_text())
     except OSError:
         pass
-    return 0
+    try:  # glibc knows it on some systems without the sysfs entries
+        return max(0, int(os.sysconf("SC_LEVEL1_DCACHE_SIZE")))
+    except (ValueError, OSError, AttributeError):
+        return 0
 
 
 def llvm_cpu_name(info: CpuInfo, want_amx: bool) -> str:

@@ -14,11 +14,15 @@ KT_JIT_DEFER_LAUNCHES  "0" runs every kernel launch of an MoE pass at once inste
                     debugging; also turns launch plans off)
 KT_JIT_LAUNCH_PLANS  "0" prepares every MoE pass's launches in Python instead of replaying a launch plan
                     recorded for its configuration (codegen/plan.py; for A/B runs and debugging)
+
+Read, not owned: OMP_STACKSIZE and GOMP_STACKSIZE (the stack of libgomp's threads, which run the
+kernels; see runtime/threads.py).
 """
 
 from __future__ import annotations
 
 import os
+import re
 from pathlib import Path
 
 ISA_CHOICES = ("auto", "amx", "avx512", "amx_emu")
@@ -96,6 +100,22 @@ def reuse_lora_grads() -> bool:
 def defer_launches() -> bool:
     """KT_JIT_DEFER_LAUNCHES: batch an MoE pass's launches (default on)."""
     return _switched_on("KT_JIT_DEFER_LAUNCHES")
+
+
+def openmp_stack_bytes() -> int | None:
+    """The thread stack size OMP_STACKSIZE (or GNU's GOMP_STACKSIZE) asks libgomp for, in bytes
+    (a number with an optional B/K/M/G suffix, kilobytes without one), or None when neither is set
+    or the value is unreadable (libgomp then keeps its default)."""
+    for name in ("OMP_STACKSIZE", "GOMP_STACKSIZE"):
+        raw = os.environ.get(name, "").strip()
+        if not raw:
+            continue
+        m = re.fullmatch(r"(\d+)\s*([bBkKmMgG]?)", raw)
+        if m is None:
+            return None
+        unit = m.group(2).upper() or "K"
+        return int(m.group(1)) << {"B": 0, "K": 10, "M": 20, "G": 30}[unit]
+    return None
 
 
 def launch_plans() -> bool:

@@ -57,8 +57,25 @@ def _find_libgomp() -> str | None:
     return str(found[0]) if found else None
 
 
+# Stack the kernels need per thread: the worker frames keep their panels and accumulators on the
+# stack, up to ~300 KB (the lane-partial form's accumulators with the small-L1 tuning, see
+# kernels/gemm.py HostTuning); with a margin for the callers' frames.
+KERNEL_STACK_MIN = 1 << 20
+
+
+def check_openmp_stack() -> None:
+    """RuntimeError when OMP_STACKSIZE / GOMP_STACKSIZE would give libgomp's threads less stack than
+    the kernels need (a stack overflow inside a kernel kills the process without a message)."""
+    size = knobs.openmp_stack_bytes()
+    if size is not None and size < KERNEL_STACK_MIN:
+        raise RuntimeError(f"OpenMP threads get {size >> 10} KB of stack (OMP_STACKSIZE / GOMP_STACKSIZE), but "
+                           f"kt_jit's kernels keep up to ~300 KB of buffers on each thread's stack: unset the "
+                           f"variable or set it to at least {KERNEL_STACK_MIN >> 20}M")
+
+
 @functools.lru_cache(maxsize=1)
 def _gomp_parallel():
+    check_openmp_stack()
     path = _find_libgomp()
     if path is None:
         return None
