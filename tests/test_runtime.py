@@ -174,13 +174,13 @@ def test_cpu_info_is_consistent():
 
 
 def test_l1d_cache_size_parsing():
-    from kt_jit.runtime.cpu import _parse_cache_size, l1d_cache_bytes
+    from kt_jit.runtime.cpu import l1d_cache_bytes
 
-    assert _parse_cache_size("32K\n") == 32 << 10
-    assert _parse_cache_size("48K") == 48 << 10
-    assert _parse_cache_size("2M") == 2 << 20
-    assert _parse_cache_size("512") == 512
-    assert _parse_cache_size("") == 0 and _parse_cache_size("big") == 0
+    assert knobs.parse_size("32K\n") == 32 << 10
+    assert knobs.parse_size("48K") == 48 << 10
+    assert knobs.parse_size("2M") == 2 << 20
+    assert knobs.parse_size("512") == 512 and knobs.parse_size("512", "K") == 512 << 10
+    assert knobs.parse_size("") is None and knobs.parse_size("big") is None
     size = l1d_cache_bytes()
     assert size == 0 or 4 << 10 <= size <= 1 << 20, size
 

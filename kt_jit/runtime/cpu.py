@@ -10,9 +10,10 @@ from __future__ import annotations
 import functools
 import os
 import platform
-import re
 from dataclasses import dataclass
 from pathlib import Path
+
+from .knobs import parse_size
 
 # /proc/cpuinfo flag -> LLVM feature name
 _FLAG_TO_LLVM = {
@@ -92,14 +93,6 @@ def cpu_info() -> CpuInfo:
     return CpuInfo(model, flags, llvm.get_host_cpu_name(), host_feats.flatten())
 
 
-def _parse_cache_size(text: str) -> int:
-    """Bytes of a sysfs cache size such as "32K" or "1M" (0 if unreadable)."""
-    m = re.fullmatch(r"\s*(\d+)\s*([KMG]?)\s*", text)
-    if not m:
-        return 0
-    return int(m.group(1)) << {"": 0, "K": 10, "M": 20, "G": 30}[m.group(2)]
-
-
 @functools.lru_cache(maxsize=1)
 def l1d_cache_bytes() -> int:
     """Size of one core's level-1 data cache in bytes, from sysfs (0 if unknown). Some kernel
@@ -110,7 +103,7 @@ def l1d_cache_bytes() -> int:
             level = (index / "level").read_text().strip()
             kind = (index / "type").read_text().strip()
             if level == "1" and kind in ("Data", "Unified"):
-                return _parse_cache_size((index / "size").read_text())
+                return parse_size((index / "size").read_text()) or 0
     except OSError:
         pass
     try:  # glibc knows it on some systems without the sysfs entries

@@ -102,19 +102,23 @@ def defer_launches() -> bool:
     return _switched_on("KT_JIT_DEFER_LAUNCHES")
 
 
+def parse_size(text: str, default_unit: str = "B") -> int | None:
+    """Bytes of a size such as "32K", "2 m" or "4096" (B/K/M/G suffix, any case; ``default_unit``
+    without one), or None if unreadable."""
+    m = re.fullmatch(r"\s*(\d+)\s*([bBkKmMgG]?)\s*", text)
+    if m is None:
+        return None
+    return int(m.group(1)) << {"B": 0, "K": 10, "M": 20, "G": 30}[m.group(2).upper() or default_unit]
+
+
 def openmp_stack_bytes() -> int | None:
     """The thread stack size OMP_STACKSIZE (or GNU's GOMP_STACKSIZE) asks libgomp for, in bytes
-    (a number with an optional B/K/M/G suffix, kilobytes without one), or None when neither is set
-    or the value is unreadable (libgomp then keeps its default)."""
+    (kilobytes without a suffix), or None when neither is set or the value is unreadable (libgomp
+    then keeps its default)."""
     for name in ("OMP_STACKSIZE", "GOMP_STACKSIZE"):
         raw = os.environ.get(name, "").strip()
-        if not raw:
-            continue
-        m = re.fullmatch(r"(\d+)\s*([bBkKmMgG]?)", raw)
-        if m is None:
-            return None
-        unit = m.group(2).upper() or "K"
-        return int(m.group(1)) << {"B": 0, "K": 10, "M": 20, "G": 30}[unit]
+        if raw:
+            return parse_size(raw, "K")
     return None
 
 
