@@ -201,6 +201,12 @@ def test_schedule_validation():
     with pytest.raises(ValueError, match="lp"):
         gemm.GemmSpec("bwd", 64, 64, "avx512", False,
                       gemm.GemmSchedule(mr=6, nr=2, form="panel", sm=16, lp=gemm.LANE_PARTIAL_MAX + 1))
+    for bad in (dict(tl=17), dict(tl=-1), dict(tl=12, form="fold")):  # tokens in lanes: 1-16 rows, the panel kernel
+        with pytest.raises(ValueError, match="tl="):
+            gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, **{"form": "panel", **bad}))
+    with pytest.raises(ValueError, match="tl="):  # bf16 weights only
+        gemm.GemmSpec("bwd", 64, 64, "avx512", False, gemm.GemmSchedule(mr=6, nr=2, form="panel", tl=12), "int8")
+    assert str(gemm.GemmSchedule(6, 4, form="panel", tl=12)) != str(gemm.GemmSchedule(6, 4, form="panel"))
     # integer kernels: a K-chunk (fwd) or n-chunk (bwd) must not overflow the int32 partial sums
     with pytest.raises(ValueError, match="overflow"):
         gemm.GemmSpec("fwd", 64, 4096, "avx512", False, gemm.GemmSchedule(mr=6, nr=4, kc=1024), "int8")
@@ -269,6 +275,79 @@ def test_dy_tiles_kernel_matches_the_torch_packing(n):
     for f, m in zip(firsts, ms, strict=True):
         want = gemm.pack_dy_for_amx(src[f:f + m, :n].contiguous()).reshape(-1)
         assert torch.equal(tiles[f * n * 4:f * n * 4 + want.numel()].view(torch.int16), want.view(torch.int16))
+
+
+LANES_SIZES = [0, 1, 5, 11, 12, 13, 16, 17, 20, 27, 28, 31, 32, 33, 44, 64]  # around every tile's limit
+
+
+@NEEDS_AVX512_BF16
+@pytest.mark.parametrize("n", [48, 96])
+def test_dy_lanes_kernel_matches_the_torch_packing(n):
+    """The tokens-in-lanes layout of dY, written per group in one launch (each group's 2 m n bytes
+    after the previous one's), bit for bit what pack_dy_lanes builds, for the groups lanes_rows
+    admits; the other groups' bytes are left alone."""
+    from kt_jit.kernels.dytiles import kernel_for, lanes_rows, pack_dy_lanes
+
+    assert [m for m in LANES_SIZES if lanes_rows(m, 12)] == [12, 13, 16, 28, 31, 32, 44, 64]
+    assert not any(lanes_rows(m, 0) for m in LANES_SIZES)
+    ld = n + 24  # a padded row pitch (elements)
+    src = torch.randn(sum(LANES_SIZES), ld, generator=torch.Generator().manual_seed(n)).bfloat16()
+    out = torch.full((sum(LANES_SIZES) * n,), 7.0, dtype=torch.bfloat16)
+    firsts = np.cumsum([0] + LANES_SIZES[:-1])
+    groups = [(src.data_ptr() + f * ld * 2, out.data_ptr() + f * n * 2, m) for f, m in zip(firsts, LANES_SIZES,
+                                                                                             strict=True)]
+    kernel_for(n, "lanes", 12).launch(torch.tensor(groups, dtype=torch.int64), ld * 2)
+    for f, m in zip(firsts, LANES_SIZES, strict=True):
+        got = out[f * n:(f + m) * n]
+        if lanes_rows(m, 12):
+            assert torch.equal(got.view(torch.int16), pack_dy_lanes(src[f:f + m, :n]).view(torch.int16)), m
+        else:
+            assert bool((got == 7.0).all()), m
+    with pytest.raises(ValueError, match="min_rows"):
+        kernel_for(n, "lanes", 0)
+    with pytest.raises(ValueError, match="form"):
+        kernel_for(n, "rows", 0)
+
+
+def _lanes_inputs(dys, n):
+    """Each group's dY in the tokens-in-lanes layout (the MoE backward's way: one dytiles launch)."""
+    from kt_jit.kernels.dytiles import kernel_for
+
+    lanes = [torch.empty(d.shape[0] * n, dtype=torch.bfloat16) for d in dys]
+    table = [(d.data_ptr(), t.data_ptr(), d.shape[0]) for d, t in zip(dys, lanes, strict=True)]
+    kernel_for(n, "lanes", gemm.LANES_MIN_ROWS).launch(torch.tensor(table, dtype=torch.int64), dys[0].stride(0) * 2)
+    return lanes
+
+
+@NEEDS_AVX512_BF16
+@pytest.mark.parametrize("n,k", [(96, 192), (768, 96)], ids=str)
+def test_transposed_gemm_tokens_in_lanes(n, k):
+    """The default schedule of launches that pass dY in the tokens-in-lanes layout (the MoE
+    backward's): one launch over groups around every 16-row tile's limit, next to the streamed,
+    lane-partial and panel forms' groups, overwriting and accumulating (K = 192: 64 outputs per
+    work item, four 16-output slices; K = 96: two)."""
+    sch = gemm.default_schedule("bwd", "avx512", n, k, lanes_dy=True)
+    assert sch.tl == gemm.LANES_MIN_ROWS and sch.nr == (4 if k % 64 == 0 else 2)
+    assert gemm.default_schedule("bwd", "avx512", n, k).tl == 0
+    assert gemm.default_schedule("bwd", "avx512", n, k, "int8", lanes_dy=True).tl == 0
+    assert gemm.default_schedule("bwd", "avx512", n, k, one_group=True, lanes_dy=True).tl == 0
+    g = torch.Generator().manual_seed(n)
+    ws = [_weights(n, k, seed=s) for s in range(len(LANES_SIZES))]
+    packed = [pack_bf16(w) for w in ws]
+    dys = [torch.randn(m, n + 32, generator=g).bfloat16() for m in LANES_SIZES]  # rows in wider buffers
+    lanes = _lanes_inputs(dys, n)
+    for accumulate in (False, True):
+        outs = [torch.randn(m, k + 16, generator=g) for m in LANES_SIZES]
+        before = [o.clone() for o in outs]
+        table = torch.tensor([[d.data_ptr(), p.data_ptr(), o.data_ptr(), d.shape[0], 0, 0, t.data_ptr()]
+                              for d, p, o, t in zip(dys, packed, outs, lanes, strict=True)], dtype=torch.int64)
+        gemm.get_kernel(gemm.GemmSpec("bwd", n, k, "avx512", accumulate, sch)).launch(table, (n + 32) * 2,
+                                                                                      (k + 16) * 4)
+        for e, m in enumerate(LANES_SIZES):
+            if m:
+                want = ref_linear_t(dys[e][:, :n], ws[e]) + (before[e][:, :k] if accumulate else 0)
+                assert rel_err(outs[e][:, :k], want) < 1e-5, (m, accumulate)
+                assert torch.equal(outs[e][:, k:], before[e][:, k:]), m  # nothing written past K
 
 
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")
@@ -546,14 +625,16 @@ def test_quantized_transposed_default_forms(quant, gs, zp):
         assert rel_err(got[:, :k], ref_linear_t(d, wd)) < (5e-3 if gs else 2e-4), m
 
 
-def _lora_table(p, s, z, groups, xscales=None):
+def _lora_table(p, s, z, groups, xscales=None, lanes=None):
     """Fused-LoRA group table from (input, output, m, LoRA rows, adapter 0, adapter 1) per group
-    (``xscales``: per group, the row scales of an int16 input, for the quantized forward)."""
+    (``xscales``: per group, the row scales of an int16 input, for the quantized forward;
+    ``lanes``: per group, dY in the tokens-in-lanes layout)."""
     def ptr(t):
         return t.data_ptr() if t is not None else 0
 
     return torch.tensor([[a.data_ptr(), p.data_ptr(), o.data_ptr(), m, ptr(s), ptr(z)]
                          + ([xscales[e].data_ptr()] if xscales is not None else [])
+                         + ([lanes[e].data_ptr()] if lanes is not None else [])
                          + [h.data_ptr(), b0.data_ptr(), b1.data_ptr()]
                          for e, (a, o, m, h, b0, b1) in enumerate(groups)], dtype=torch.int64)
 
@@ -604,18 +685,20 @@ def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
     lane-partial groups up to 8 rows): the whole-group forms add the LoRA term in passes of a few
     A row pairs over chunks of column blocks whose output takes up to gemm.LORA_PASSES_MAX_BYTES
     (here all of it at 9 rows of K = 2048 or 6 of 4096; above, chunks ending in a partial one: 14
-    rows; 7 and 8). T rows and dX rows sit in wider buffers."""
+    rows; 7 and 8), "tokens" (bf16: dY also in the tokens-in-lanes layout, groups of 12, 13, 16 and
+    28 rows take that form: :func:`test_fused_lora_tokens_in_lanes`). T rows and dX rows sit in wider
+    buffers."""
     n, k = {"long": (160, 2048), "lanes": (128, 4096)}.get(form, (128, 256))
     ldo = k + 16 if form == "long" else k  # output row pitch (elements)
     g = torch.Generator().manual_seed(6)
     p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
     tcols = rank * (2 if two else 1)
-    ms = [0, 1, 5, 7, 8] if form == "lanes" else [0, 1, 3, 5, 9, 14]
+    ms = {"lanes": [0, 1, 5, 7, 8], "tokens": [0, 5, 12, 13, 16, 20, 28]}.get(form, [0, 1, 3, 5, 9, 14])
     dys = [torch.randn(m, n, generator=g).bfloat16() for m in ms]
     ts = [torch.randn(m, tcols + 8, generator=g).bfloat16()[:, :tcols] for m in ms]
     a0 = torch.randn(len(ms), rank, k, generator=g).bfloat16()
     a1 = torch.randn(len(ms), rank, k, generator=g).bfloat16()
-    sch = gemm.default_schedule("bwd", "avx512", n, k, quant, form == "fold")
+    sch = gemm.default_schedule("bwd", "avx512", n, k, quant, form == "fold", lanes_dy=form == "tokens")
     sch = dataclasses.replace(sch, sm=8 if form in ("panel", "fold") else 24)  # (sm=8: 9 and 14 rows: panel)
     if form == "lanes":
         sch = dataclasses.replace(sch, lp=8)
@@ -630,9 +713,10 @@ def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
         before = [b.clone() for b in bases]
         spec = gemm.GemmSpec("bwd", n, k, "avx512", accumulate, sch, quant, gs, zp, rank, n // 2 if two else 0)
         dq = [_kernel_input(spec, d, s) for d in dys]
+        lanes = _lanes_inputs(dys, n) if sch.tl else None  # (alive until the launch)
         table = _lora_table(p, s, z, [(dq[e][0], o, m, t, a0[e], a1[e])
                                       for e, (o, t, m) in enumerate(zip(outs, ts, ms, strict=True))],
-                            [sc for _, sc in dq] if spec.int_x else None)
+                            [sc for _, sc in dq] if spec.int_x else None, lanes)
         gemm.get_kernel(spec).launch(table, n * 2, ldo * 4, ldh=(tcols + 8) * 2)
         for e, m in enumerate(ms):
             assert torch.equal(bases[e][:, k:], before[e][:, k:])  # nothing written past K
@@ -644,6 +728,12 @@ def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
                 ref += ref_linear_t(ts[e][:, rank:], a1[e])
             tol = 1e-5 if quant == "bf16" else 2e-4 if spec.int_x else 5e-3
             assert rel_err(outs[e], ref) < tol, (m, accumulate)
+
+
+@NEEDS_AVX512_BF16
+@pytest.mark.parametrize("two,rank", [(False, 16), (True, 16), (True, 32)])
+def test_fused_lora_tokens_in_lanes(two, rank):
+    test_fused_lora_transposed("bf16", 0, False, two, rank, "tokens")
 
 
 def test_fused_lora_is_rejected_where_not_implemented():

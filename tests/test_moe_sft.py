@@ -111,6 +111,9 @@ ROUTING_CASES = {
     "experts with no tokens": dict(t=10, k=2, ids=torch.tensor([[0, 3]] * 10)),
     "weights not summing to 1": dict(t=17, k=4, normalise=False),
     "many tokens": dict(t=150, k=6),
+    # bf16: experts of 12, 13, 16, 28, 31 and 32 rows take the tokens-in-lanes transposed GEMM
+    "16-row tile sizes": dict(t=157, k=1, ids=torch.repeat_interleave(
+        torch.arange(8), torch.tensor([12, 13, 16, 28, 31, 32, 5, 20])).view(-1, 1)),
 }
 
 
@@ -121,6 +124,29 @@ def test_routing_edge_cases(case, quant):
     t, k = spec.pop("t"), spec.pop("k")
     dout = torch.randn(t, H, generator=torch.Generator().manual_seed(3))
     check_against_reference(make_layer(quant=quant), make_batch(t, k, **spec), dout)
+
+
+@NEEDS_AVX512_BF16
+def test_bf16_backward_passes_dy_in_lanes(monkeypatch):
+    """The bf16 AVX-512 backward's transposed GEMMs have the tokens-in-lanes form (schedule tl), and
+    the pass transposes dY for it in the same launch batch: one dytiles launch before each GEMM."""
+    from kt_jit.kernels import dytiles
+    from kt_jit.moe import sft
+
+    monkeypatch.setenv("KT_JIT_ISA", "avx512")
+    layer = make_layer()
+    for name in ("gate_up", "down"):
+        assert sft._kernel("bwd", layer[3], name).spec.schedule.tl == 12
+    launches = []
+    orig = dytiles.DyTilesKernel.launch
+    monkeypatch.setattr(dytiles.DyTilesKernel, "launch",
+                        lambda self, *a, **kw: (launches.append(self.spec), orig(self, *a, **kw))[1])
+    monkeypatch.setenv("KT_JIT_LAUNCH_PLANS", "0")
+    spec = dict(ROUTING_CASES["16-row tile sizes"])
+    t, k = spec.pop("t"), spec.pop("k")
+    check_against_reference(layer, make_batch(t, k, **spec), torch.randn(t, H, generator=torch.Generator()
+                                                                           .manual_seed(3)))
+    assert [(s.form, s.n) for s in launches] == [("lanes", H), ("lanes", 2 * I)]
 
 
 def test_moe_sft_lora_weight_sync():

@@ -139,6 +139,56 @@ def transpose_dwords_16x8(fn: Function, rows: Sequence[str]) -> list[str]:
     return vs
 
 
+def transpose_dwords_16x16(fn: Function, rows: Sequence[str], ty: str = I32x16) -> list[str]:
+    """Transpose 16 vectors of 16 dwords (``ty``: <16 x i32> or <16 x float>): ``out[p]`` lane
+    ``l`` = ``rows[l]`` lane ``p``. Four stages of two-source shuffles (64 in all); stage s swaps
+    bit s of the vector index with bit s of the lane index."""
+    vs = list(rows)
+    for s in range(4):
+        b = 1 << s
+        out = list(vs)
+        for v in range(16):
+            if v & b:
+                continue
+            for beta, dst in enumerate((v, v | b)):
+                # lane l of dst: lane (l with bit s = beta) of the source whose bit s is l's
+                src = [(lane >> s & 1) * 16 + (lane & ~b | beta << s) for lane in range(16)]
+                out[dst] = shuffle(fn, ty, vs[v], vs[v | b], src)
+        vs = out
+    return vs
+
+
+def lane_mask(fn: Function, count: str) -> str:
+    """<16 x i1> with the first ``count`` lanes set (``count`` an i64 in 0..16)."""
+    bits = fn.sub(fn.val(f"shl i64 1, {count}"), 1)
+    return fn.val(f"bitcast i16 {fn.val(f'trunc i64 {bits} to i16')} to <16 x i1>")
+
+
+def masked_load(fn: Function, ty: str, ptr: str, mask: str) -> str:
+    """The lanes of ``mask`` loaded from ``ptr`` (a 16-lane dword vector type), the others zero;
+    masked-off lanes are not read (no fault past the end of a buffer)."""
+    suffix = "v16f32" if "float" in ty else "v16i32"
+    sym = fn.module.declare(f"llvm.masked.load.{suffix}.p0",
+                            f"declare {ty} @llvm.masked.load.{suffix}.p0(ptr, i32 immarg, <16 x i1>, {ty})")
+    return fn.val(f"call {ty} {sym}(ptr {ptr}, i32 4, <16 x i1> {mask}, {ty} zeroinitializer)")
+
+
+def masked_store(fn: Function, ty: str, v: str, ptr: str, mask: str) -> None:
+    """Store the lanes of ``mask`` of ``v`` (a 16-lane dword vector type) to ``ptr``."""
+    suffix = "v16f32" if "float" in ty else "v16i32"
+    sym = fn.module.declare(f"llvm.masked.store.{suffix}.p0",
+                            f"declare void @llvm.masked.store.{suffix}.p0({ty}, ptr, i32 immarg, <16 x i1>)")
+    fn.emit(f"call void {sym}({ty} {v}, ptr {ptr}, i32 4, <16 x i1> {mask})")
+
+
+def opaque_zero(fn: Function) -> str:
+    """An i64 zero LLVM cannot see through (a module global): an offset that keeps a load a load
+    (e.g. a broadcast from a scratch buffer LLVM would otherwise forward the stored vector into,
+    as shuffles, instead of a broadcast operand of the instruction that uses it)."""
+    zero = fn.module.declare("kt_zero_i64", "@kt_zero_i64 = global i64 0, align 8")
+    return fn.load("i64", zero, 8)
+
+
 def dup_dwords(fn: Function, ptr: str) -> str:
     """Load 8 dwords (16 bf16) at ``ptr`` and return [d0,d0,d1,d1,...,d7,d7] as <32 x bfloat>."""
     v = fn.load("<8 x i32>", ptr, 4)

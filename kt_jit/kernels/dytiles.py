@@ -1,4 +1,6 @@
-"""dY rows into the B tiles of the AMX transposed GEMM, per expert group, in one launch.
+"""dY rows rearranged for a transposed GEMM, per expert group, in one launch: into the B tiles of
+the AMX kernels (form "amx") or into token-lane vectors for the AVX-512 tokens-in-lanes form
+(form "lanes").
 
 The AMX transposed GEMM (``dX = dY W``, kernels/gemm.py) reads dY pre-arranged as two B tiles per
 (16 tokens, 16 n): for row tile ``mt`` and n-block ``s``, tile ``e`` row ``i`` holds for each token
@@ -8,6 +10,12 @@ that layout for each group ``(dY rows, tiles, m)`` of a group table, a group per
 tiles of its ``ceil(m / 16)`` row tiles (tokens past ``m`` are zero), so an MoE backward packs
 every expert's rows inside its launch batch (and its launch plan) instead of in torch between
 launches.
+
+Form "lanes" (:func:`pack_dy_lanes` builds it with torch ops): a group of ``m`` rows takes ``m * n``
+bf16 (``2 m n`` bytes, the size of its rows). Row tile ``mt`` (16 tokens; the last one has
+``mt_rows = m - 16 mt`` of them) starts at byte ``32 n mt``; in it, n-pair ``q`` is ``mt_rows``
+dwords at byte ``4 mt_rows q``, dword ``t`` the pair ``(dY[16 mt + t, 2q], dY[16 mt + t, 2q+1])``.
+Only groups :func:`lanes_rows` admits are written (the others take other forms).
 
 Per (row tile, n-block): 16 token rows of 32 bytes (8 dwords: n-pairs 2p, 2p+1) are transposed as
 a 16 x 8 dword matrix into G_p (lane j = the pair of token j), then tile 0 row 2p = G_p & 0xffff,
@@ -19,6 +27,8 @@ from __future__ import annotations
 import functools
 from dataclasses import dataclass
 
+import torch
+
 from ..codegen import avx512 as vx
 from ..codegen.ir import Function, I32x16
 from ..codegen.worker import ArgBlock, compile_worker, group_table
@@ -27,19 +37,75 @@ ARGS = ArgBlock(["groups", "ldx"])
 GROUP_FIELDS = 3  # dY rows, tiles, m
 
 
+FORMS = ("amx", "lanes")
+
+
+def lanes_rows(m: int, min_rows: int) -> bool:
+    """Whether a group of ``m`` rows takes the tokens-in-lanes form whose smallest group is
+    ``min_rows`` (0 = never): at least that many rows, and as many in its last row tile (a tile's
+    16 lanes cost the same however many tokens fill them)."""
+    return 0 < min_rows <= m and (m % 16 == 0 or m % 16 >= min_rows)
+
+
+def lanes_rows_ir(fn: Function, m: str, min_rows: int) -> str:
+    """:func:`lanes_rows` as an i1 of the i64 ``m`` (``min_rows`` > 0)."""
+    tail = fn.val(f"and i64 {m}, 15")
+    full_tail = fn.val(f"or i1 {fn.icmp('eq', tail, 0)}, {fn.icmp('sge', tail, min_rows)}")
+    return fn.val(f"and i1 {fn.icmp('sge', m, min_rows)}, {full_tail}")
+
+
 @dataclass(frozen=True)
 class DyTilesSpec:
-    """dY rows of ``n`` bf16 columns (a multiple of 16; the row pitch is a launch argument)."""
+    """dY rows of ``n`` bf16 columns (a multiple of 16; the row pitch is a launch argument) into
+    ``form``'s layout; "lanes" writes the groups :func:`lanes_rows` admits for ``min_rows``."""
 
     n: int
+    form: str = "amx"
+    min_rows: int = 0
 
     def __post_init__(self) -> None:
         if self.n <= 0 or self.n % 16:
             raise ValueError(f"dY tiles: n={self.n} must be a positive multiple of 16")
+        if self.form not in FORMS:
+            raise ValueError(f"dY tiles: form must be one of {FORMS}, got {self.form!r}")
+        if (self.form == "lanes") != (self.min_rows > 0) or not 0 <= self.min_rows <= 16:
+            raise ValueError(f"dY tiles: min_rows={self.min_rows}: 1-16 for the 'lanes' form, else 0")
 
     @property
     def name(self) -> str:
+        if self.form == "lanes":
+            return f"dy_lanes_n{self.n}_min{self.min_rows}"
         return f"amx_dy_tiles_n{self.n}"
+
+
+def _lanes_body(spec: DyTilesSpec):
+    blocks = spec.n // 16
+
+    def body(fn: Function, ctx: str, item: str, tiles) -> None:
+        desc = fn.gep(ARGS.load_ptr(fn, ctx, "groups"), fn.mul(item, 8 * GROUP_FIELDS))
+        x, out = (fn.load("ptr", fn.gep(desc, 8 * f), 8) for f in (0, 1))
+        m = fn.load("i64", fn.gep(desc, 16), 8)
+        ldx = ARGS.load(fn, ctx, "ldx")
+        with fn.if_then(lanes_rows_ir(fn, m, spec.min_rows), name="lanes"):
+            with fn.loop(0, fn.val(f"udiv i64 {fn.add(m, 15)}, 16"), name="mt") as mt:
+                rows_here = fn.min(fn.sub(m, fn.mul(mt, 16)), 16)
+                mask = vx.lane_mask(fn, rows_here)
+                pitch = fn.mul(rows_here, 4)  # bytes per n-pair
+                xt = fn.gep(x, fn.mul(fn.mul(mt, 16), ldx))
+                ot = fn.gep(out, fn.mul(mt, 32 * spec.n))
+                # rows past the tile's last are read from its first (their lanes are not stored)
+                offs = [fn.mul(fn.val(f"select i1 {fn.icmp('slt', j, rows_here)}, i64 {j}, i64 0"), ldx)
+                        for j in range(16)]
+                with fn.loop(0, blocks, name="s") as s:
+                    xs = fn.gep(xt, fn.mul(s, 32))
+                    halves = [fn.load("<8 x i32>", fn.gep(xs, off), 4) for off in offs]
+                    rows = [vx.shuffle(fn, "<8 x i32>", halves[2 * a], halves[2 * a + 1], list(range(16)))
+                            for a in range(8)]
+                    ob = fn.gep(ot, fn.mul(fn.mul(s, 8), pitch))
+                    for p, g in enumerate(vx.transpose_dwords_16x8(fn, rows)):
+                        vx.masked_store(fn, I32x16, g, fn.gep(ob, fn.mul(pitch, p)), mask)
+
+    return body
 
 
 def _body(spec: DyTilesSpec):
@@ -77,12 +143,13 @@ def _body(spec: DyTilesSpec):
 class DyTilesKernel:
     def __init__(self, spec: DyTilesSpec) -> None:
         self.spec = spec
-        self.addr = compile_worker(spec.name, repr(spec), ARGS, _body(spec))
+        self.addr = compile_worker(spec.name, repr(spec), ARGS,
+                                   _lanes_body(spec) if spec.form == "lanes" else _body(spec))
 
     def launch(self, groups, ldx: int, num_threads: int | None = None) -> None:
-        """Pack each group of ``groups`` (int64 [G, 3]: dY rows (bf16, pitch ``ldx`` bytes, readable
-        up to the next multiple of 16 rows), tiles (64-byte aligned, ``ceil(m/16) * n/16 * 2048``
-        bytes), m)."""
+        """Pack each group of ``groups`` (int64 [G, 3]: dY rows (bf16, pitch ``ldx`` bytes; form
+        "amx": readable up to the next multiple of 16 rows), the destination (form "amx": tiles,
+        64-byte aligned, ``ceil(m/16) * n/16 * 2048`` bytes; "lanes": ``2 m n`` bytes), m)."""
         n_groups, addr = group_table(groups, GROUP_FIELDS)
         ARGS.run(self.addr, n_groups, num_threads, keep=(groups,), groups=addr, ldx=ldx)
 
@@ -94,6 +161,14 @@ def get_kernel(spec: DyTilesSpec) -> DyTilesKernel:
 
 
 @functools.cache
-def kernel_for(n: int) -> DyTilesKernel:
-    """:func:`get_kernel` of ``DyTilesSpec(n)``, memoised on the argument."""
-    return get_kernel(DyTilesSpec(n))
+def kernel_for(n: int, form: str = "amx", min_rows: int = 0) -> DyTilesKernel:
+    """:func:`get_kernel` of ``DyTilesSpec(n, form, min_rows)``, memoised on the arguments."""
+    return get_kernel(DyTilesSpec(n, form, min_rows))
+
+
+def pack_dy_lanes(dy: torch.Tensor) -> torch.Tensor:
+    """The "lanes" layout of one group's dY ([m, n] bf16) with torch ops: bf16 [m * n] (see the
+    module docstring; written whatever the group's row count)."""
+    m, n = dy.shape
+    parts = [dy[i:i + 16].contiguous().view(-1, n // 2, 2).transpose(0, 1).reshape(-1) for i in range(0, m, 16)]
+    return torch.cat(parts)

@@ -27,6 +27,10 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
   word swap per row, see :func:`_bwd_lane_partial`), partial sums per n-pair kept in the lanes of
   L1 accumulators over a K-slice and folded to outputs at its end. A single group (the launches of
   ``linear_t``, bf16 and int8: schedule ``lps``) gives each K-slice to a work item of its own.
+  bf16 groups of 12-16 rows (and any count that fills its last 16-row tile as far: 28-32, 44-48,
+  ...; schedule ``tl``) take the tokens-in-lanes form instead (:func:`_bwd_lanes_item`): dY comes
+  transposed (kernels/dytiles.py, form "lanes"), 16 tokens per vector, and a work item keeps 16
+  outputs x 16 tokens in registers over the whole reduction.
 - AVX-512 ``bwd``, form "fold" (the first version): the swapped rows are multiplied directly
   against duplicated dY pairs; lane 2q+e accumulates output k = 2r+e for n-pair q and the 8
   q-partials are folded with shuffles once per output vector. Its work items split K; it serves
@@ -70,11 +74,13 @@ from ..runtime.amx import active_isa, require_amx
 from ..runtime.buffers import aligned_zeros
 from ..runtime.cpu import l1d_cache_bytes
 from ..runtime.threads import default_num_threads
+from .dytiles import lanes_rows_ir
 from .pack import check_gemm_dims
 from .rowquant import ACT_MAX, quantize_rows
 
 GROUP_FIELDS = 6  # x, w, y, m, scales [G, N] fp32, zero points [G, N] uint8 per group descriptor
 XSCALE_FIELDS = 1  # integer kernels (spec.int_x) append: per-row scales of the int16 x, fp32 [m]
+LANES_FIELDS = 1  # kernels with the tokens-in-lanes form (schedule tl) append: dY in its layout
 LORA_FIELDS = 3  # fused-LoRA kernels append: h (bf16 rows), LoRA B of the first and second adapter
 QUANTS = ("bf16", "int8", "int4")
 ROW_BYTES = {"bf16": 64, "int8": 32, "int4": 16}  # bytes of one packed row (16 channels x one k-pair)
@@ -161,6 +167,9 @@ class GemmSchedule:
         (claimed at the start of that chunk, see codegen.worker.build_worker; only by items with
         more rows than mr, the ones with such blocks), so DRAM keeps streaming while they compute
         from L2
+    tl: "panel" bf16 only: groups of at least this many rows (1-16) whose last 16-row tile has at
+        least as many take the tokens-in-lanes form (0 = never; see kernels.dytiles.lanes_rows);
+        their dY arrives in that form's layout through an extra group field
     """
 
     mr: int
@@ -177,6 +186,7 @@ class GemmSchedule:
     pfi: bool = False
     sb: int = STREAM_GROUP_BLOCKS
     ls: int = LANE_PARTIAL_SLICE
+    tl: int = 0
 
     def __str__(self) -> str:
         sb = f"b{self.sb}" if self.sm and self.small == "stream" else ""
@@ -184,11 +194,12 @@ class GemmSchedule:
         lp = f"l{self.lp}{'s' if self.lps else ''}x{self.ls}" if self.lp else ""
         pfw = f"w{self.pfw}" if self.pfw else ""
         ahead = ("n" if self.pfn else "") + ("i" if self.pfi else "")
-        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{pfw}{ahead}{self.form}{small}{lp}"
+        tl = f"t{self.tl}" if self.tl else ""
+        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{pfw}{ahead}{self.form}{small}{lp}{tl}"
 
 
 def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one_group: bool = False,
-                     group_size: int = 0) -> GemmSchedule:
+                     group_size: int = 0, lanes_dy: bool = False) -> GemmSchedule:
     """Schedule used when none is given (AVX-512: measured on Zen 4 and Zen 5; AMX: the 2x2-tile
     kernel). Transposed GEMM: groups of up to 24 rows (12 unless the row pitches are odd multiples
     of 64 bytes) are streamed whole by one thread (16 n-blocks per pass with a 48 KB L1 data cache,
@@ -197,7 +208,9 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     would leave the other threads idle; the fold form splits its outputs over work items). Groups
     of 1-4 rows (int4: 1-8) take the lane-partial form (one thread per group); a single group
     (``one_group``, bf16 and int8, K long enough for a slice per thread) of 1-8 rows takes it with
-    its K-slices spread over the work items (``lps``)."""
+    its K-slices spread over the work items (``lps``). ``lanes_dy``: the launches also pass each
+    group's dY in the tokens-in-lanes layout (kernels/dytiles.py, an extra group field), so bf16
+    groups of 12 rows or more (see :data:`LANES_MIN_ROWS`) take that form."""
     if isa == "avx512":
         if op == "fwd":  # quantized: prefetch 2 KB ahead like bf16's 16 rows (measured int8 +2-11%);
             # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1% alone)
@@ -232,10 +245,11 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         one = one_group and quant in ("bf16", "int8") and slices >= max(2, default_num_threads())
         lp = 8 if one or (quant == "int4" and not one_group) else 0 if one_group else 4
         host = host_tuning()
+        tl = LANES_MIN_ROWS if lanes_dy and quant == "bf16" and not one_group else 0
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
                             sm=24 if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one,
                             sb=host.stream_group_blocks,
-                            ls=LANE_PARTIAL_SLICE if one_group else host.lane_partial_slice)
+                            ls=LANE_PARTIAL_SLICE if one_group else host.lane_partial_slice, tl=tl)
     return GemmSchedule(mr=2, nr=2)
 
 
@@ -311,6 +325,8 @@ class GemmSpec:
             raise ValueError(f"schedule sb={sch.sb}: the streamed form reads at least one n-block per pass")
         if sch.ls < 64:
             raise ValueError(f"schedule ls={sch.ls}: K-slices of at least 64 k-pair rows (16 above 4 rows)")
+        if sch.tl and not (self.is_panel and self.quant == "bf16" and 0 < sch.tl <= 16):
+            raise ValueError(f"schedule tl={sch.tl}: 1-16 rows, for the bf16 'panel' transposed GEMM only")
         if sch.sm and not self.is_panel:
             raise ValueError("schedule sm (streamed small groups) applies to the 'panel' transposed GEMM only")
         if sch.lp and not (self.is_panel and 0 < sch.lp <= min(sch.sm, LANE_PARTIAL_MAX)):
@@ -359,7 +375,8 @@ class GemmSpec:
     @property
     def group_fields(self) -> int:
         """int64 fields per group descriptor."""
-        return GROUP_FIELDS + (XSCALE_FIELDS if self.int_x else 0) + (LORA_FIELDS if self.lora_rank else 0)
+        return (GROUP_FIELDS + (XSCALE_FIELDS if self.int_x else 0) + (LANES_FIELDS if self.schedule.tl else 0)
+                + (LORA_FIELDS if self.lora_rank else 0))
 
     @property
     def is_panel(self) -> bool:
@@ -941,8 +958,18 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
         c, x, w, y, m, sc, zp, *extra = _group(fn, ctx, item, spec.items_per_group, spec.group_fields)
         xsc = extra.pop(0) if spec.int_x else None  # per-row scales of the int16 dY diag(s)
+        dyt = extra.pop(0) if sch.tl else None  # dY in the tokens-in-lanes layout
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         ldh = ARGS.load(fn, ctx, "ldh") if spec.lora_rank else None
+        if sch.tl:
+            lanes_bb, other_bb, end_bb = fn.new_block("tlanes"), fn.new_block("other"), fn.new_block("end")
+            fn.cbr(lanes_rows_ir(fn, m, sch.tl), lanes_bb, other_bb)
+            fn.set_block(lanes_bb)
+            _bwd_lanes_item(fn, spec, fn.mul(c, span), dyt, w, y, m, ldy)
+            if spec.lora_rank:
+                _bwd_lora(fn, spec, y, ldy, m, fn.mul(c, span), extra, ldh)
+            fn.br(end_bb)
+            fn.set_block(other_bb)
         if sch.sm:
             # rows spread over every L1 set only if both pitches are odd multiples of 64 bytes
             odd = [fn.icmp("eq", fn.val(f"and i64 {ld}, 127"), 64) for ld in (ldx, ldy)]
@@ -1076,8 +1103,70 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
         if sch.sm:
             fn.br(done_bb)
             fn.set_block(done_bb)
+        if sch.tl:
+            fn.br(end_bb)
+            fn.set_block(end_bb)
 
     return body
+
+
+# The tokens-in-lanes form from groups of this many rows (schedule tl). Zen 4, kernel level, 48-96
+# cold qwen3 gate/up experts (N 1536, K 2048), against the default forms in one process: 16 rows
+# -14..-17% (1.12-1.15x the forward's time, against 1.34-1.40x), 12 rows -7..-10%, 10 rows +7%,
+# 8 rows +4%; 28 rows -4%, 32 rows -11%, 48 rows -8%, 64 rows -5%; 20 and 24 rows (a tile of 4 or
+# 8 tokens after a full one) +33% and +18%. Hot (3 experts): 16 rows -30%, 12 rows -13%.
+LANES_MIN_ROWS = 12
+LANES_PREFETCH = 4  # n-blocks ahead (Zen 4 prototype: 2 +11%, 8 +9%, 16 +18% against 4)
+
+
+def _bwd_lanes_item(fn: Function, spec: GemmSpec, k0: str, dyt: str, w: str, y: str, m: str, ldy: str) -> None:
+    """``dX[:, k0 : k0 + 16 nr] = dY W`` for one work item of a bf16 group, tokens in the lanes.
+
+    ``dyt`` is the group's dY in the "lanes" layout of kernels/dytiles.py (per 16-row tile, one
+    dword per token and n-pair). For each 16 outputs k and each row tile, 16 accumulators (one per
+    output, a lane per token) stay in registers over the whole reduction: per n-block the item's 8
+    packed rows are word-swapped into a stack scratch (dword 2q+e of row r: the n-pair q of output
+    2r+e), and each n-pair's token vector meets every output's pair as an embedded broadcast
+    (``vdpbf16ps acc, dyT, [scratch]{1to16}``: no shuffles and no broadcast instruction per dot). A
+    16 x 16 transpose turns the accumulators into output rows. Row tiles after the first reread the
+    item's weight slice from L2."""
+    sch = spec.schedule
+    blocks, block_stride = spec.n // 16, spec.k // 2 * 64
+    scratch = fn.alloca("i8", 64, 8 * 64)
+    # the broadcasts read the scratch through an offset LLVM cannot see: else it forwards the stored
+    # rows into shuffles (three per broadcast, twice the time)
+    bcast_base = fn.gep(scratch, vx.opaque_zero(fn))
+    with fn.loop(0, sch.nr, name="lj") as j:
+        ks = fn.add(k0, fn.mul(j, 16))
+        wk = fn.gep(w, fn.mul(ks, 32))  # k-pair row ks / 2 of n-block 0
+        yk = fn.gep(y, fn.mul(ks, 4))
+        with fn.loop(0, fn.val(f"udiv i64 {fn.add(m, 15)}, 16"), name="lt") as mt:
+            rows_here = fn.min(fn.sub(m, fn.mul(mt, 16)), 16)
+            mask, pitch = vx.lane_mask(fn, rows_here), fn.mul(rows_here, 4)
+            xt = fn.gep(dyt, fn.mul(mt, 32 * spec.n))
+            accs = [fn.var(F32x16, "zeroinitializer", 64) for _ in range(16)]
+            with fn.loop(0, blocks, name="ls") as s:
+                wrow = fn.gep(wk, fn.mul(s, block_stride))
+                for off in range(0, 8 * 64, 64):
+                    vx.prefetch(fn, fn.gep(wrow, LANES_PREFETCH * block_stride + off))
+
+                for r in range(8):
+                    fn.store(BF16x32, vx.swap_k_n_pairs_at(fn, fn.gep(wrow, r * 64)), fn.gep(scratch, r * 64), 64)
+                xs = fn.gep(xt, fn.mul(fn.mul(s, 8), pitch))
+                for q in range(8):
+                    tokens = vx.bitcast(fn, vx.masked_load(fn, I32x16, fn.gep(xs, fn.mul(pitch, q)), mask),
+                                        I32x16, BF16x32)
+                    for r in range(8):
+                        for e in range(2):
+                            acc = accs[2 * r + e]
+                            pair = vx.bcast_pair(fn, fn.gep(bcast_base, r * 64 + (2 * q + e) * 4))
+                            acc.set(vx.dpbf16(fn, acc.get(), tokens, pair))
+            outs = vx.transpose_dwords_16x16(fn, [a.get() for a in accs], F32x16)
+            yt = fn.gep(yk, fn.mul(fn.mul(mt, 16), ldy))
+            for t, v in enumerate(outs):
+                with fn.if_then(fn.icmp("sgt", rows_here, t), name="lrow"):
+                    p = fn.gep(yt, fn.mul(ldy, t))
+                    fn.store(F32x16, vx.fadd(fn, v, fn.load(F32x16, p, 4)) if spec.accumulate else v, p, 4)
 
 
 STREAM_PREFETCH = 1024  # bytes ahead along each stream (as the forward's 16 rows)
@@ -1517,22 +1606,23 @@ def get_kernel(spec: GemmSpec) -> GemmKernel:
 def kernel_for(op: str, n: int, k: int, accumulate: bool = False, isa: str | None = None,
                schedule: GemmSchedule | None = None, quant: str = "bf16", group_size: int = 0,
                zero_point: bool = False, one_group: bool = False, lora_rank: int = 0,
-               lora_split: int = 0) -> GemmKernel:
+               lora_split: int = 0, lanes_dy: bool = False) -> GemmKernel:
     """The kernel for this problem on ``isa`` (default: the active ISA; quantized weights and
     fused LoRA always use the AVX-512 kernels) with the default schedule (``one_group``: for
-    launches of a single group, see :func:`default_schedule`)."""
+    launches of a single group; ``lanes_dy``: transposed launches that also pass dY in the
+    tokens-in-lanes layout; see :func:`default_schedule`)."""
     if quant != "bf16" or lora_rank:
         isa = "avx512"
     return _kernel_for(op, n, k, accumulate, isa or active_isa(), schedule, quant, group_size, zero_point,
-                       one_group, lora_rank, lora_split)
+                       one_group, lora_rank, lora_split, lanes_dy)
 
 
 @functools.cache
 def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str, schedule: GemmSchedule | None,
                 quant: str, group_size: int, zero_point: bool, one_group: bool, lora_rank: int,
-                lora_split: int) -> GemmKernel:
+                lora_split: int, lanes_dy: bool) -> GemmKernel:
     if schedule is None:
-        schedule = default_schedule(op, isa, n, k, quant, one_group, group_size)
+        schedule = default_schedule(op, isa, n, k, quant, one_group, group_size, lanes_dy)
         if group_size and op == "fwd":  # a K-chunk within one group: its scale is applied per chunk
             schedule = dataclasses.replace(schedule, kc=_chunk(group_size // 2, schedule.kc))
         while op == "fwd" and lora_split % (16 * schedule.nr):  # a work item's outputs use one adapter

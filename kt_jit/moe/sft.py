@@ -110,13 +110,16 @@ LoraOperands = tuple[torch.Tensor, torch.Tensor, torch.Tensor | None]  # rows, a
 
 
 def _gemm_groups(r: Routing, x: _Col, experts: MoEExperts, name: str, y: _Col,
-                 lora: LoraOperands | None = None, xscales: _Col | None = None) -> np.ndarray:
-    """GEMM group descriptors (x, w, y, m, scales, zeros[, x row scales][, lora rows, adapter 0,
-    adapter 1]) for the expert matrix ``name``."""
+                 lora: LoraOperands | None = None, xscales: _Col | None = None,
+                 x_lanes: _Col | None = None) -> np.ndarray:
+    """GEMM group descriptors (x, w, y, m, scales, zeros[, x row scales][, x in the tokens-in-lanes
+    layout][, lora rows, adapter 0, adapter 1]) for the expert matrix ``name``."""
     cols = [x, _per_expert(experts.tensors[name]), y, COUNT, _per_expert(experts.scales(name)),
             _per_expert(experts.zeros(name))]
     if xscales is not None:
         cols.append(xscales)
+    if x_lanes is not None:
+        cols.append(x_lanes)
     if lora is not None:
         rows, a0, a1 = lora
         cols += [_rows(rows), _per_expert(a0), _per_expert(a1 if a1 is not None else a0)]
@@ -246,9 +249,12 @@ def _dims(experts: MoEExperts, name: str) -> tuple[int, int]:
 
 
 def _kernel(op: str, experts: MoEExperts, name: str, lora_rank: int = 0, lora_split: int = 0) -> gemm.GemmKernel:
+    """The GEMM kernel of ``op`` for the expert matrix ``name`` (the transposed ones take the dY of
+    their tokens-in-lanes form's groups, see :func:`_grouped_bwd`)."""
     n, k = _dims(experts, name)
     return gemm.kernel_for(op, n, k, quant=experts.storage, group_size=experts.group_size,
-                           zero_point=experts.zero_point, lora_rank=lora_rank, lora_split=lora_split)
+                           zero_point=experts.zero_point, lora_rank=lora_rank, lora_split=lora_split,
+                           lanes_dy=op == "bwd")
 
 
 def _fuses_lora(experts: MoEExperts) -> bool:
@@ -283,7 +289,9 @@ def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routin
                  dyt: _Rows | None = None) -> None:
     """dx[rows of e] = dy[rows of e] @ W_e for every active expert (one launch); the integer kernels
     take dY diag(s_e) as int16 rows, quantized here into ``dyq``; the AMX kernels take dY as B
-    tiles, packed here into ``dyt`` (8 n bytes per row: two 16 x 16 pair tiles per 16 rows and 16 n).
+    tiles, packed here into ``dyt`` (8 n bytes per row: two 16 x 16 pair tiles per 16 rows and 16 n);
+    bf16 AVX-512 kernels take the groups of their tokens-in-lanes form also in that layout, packed
+    here into ``dyt`` (2 n bytes per row).
 
     ``lora = (t, a0, a1)`` (AVX-512 kernels) fuses ``dx += t[:, :r] a0_e (+ t[:, r:] a1_e)``:
     t [rows, r or 2r] bf16, a [E, r, K] bf16."""
@@ -298,11 +306,14 @@ def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routin
         q, qs = dyq
         _quantize(dy, r, q, qs, experts.scales(name))
         dy, xscales = q, _rows(qs)
-    x = _rows(dy)
+    x, x_lanes = _rows(dy), None
     if kern.spec.isa != "avx512":  # AMX reads dY pre-arranged in tiles; segments are whole tiles
         dytiles_kernel(n).launch(_table(r, [x, _rows(dyt), COUNT]), _pitch(dy))
         x = _rows(dyt)  # (each expert's first row is a multiple of 16: its tiles start at first * 8n)
-    groups = _gemm_groups(r, x, experts, name, _rows(dx), lora, xscales)
+    elif kern.spec.schedule.tl:  # (each expert's dY in lanes takes its rows' 2n bytes each)
+        x_lanes = _rows(dyt)
+        dytiles_kernel(n, "lanes", kern.spec.schedule.tl).launch(_table(r, [x, x_lanes, COUNT]), _pitch(dy))
+    groups = _gemm_groups(r, x, experts, name, _rows(dx), lora, xscales, x_lanes)
     if lora is not None:
         kern.launch(groups, _pitch(dy), _pitch(dx), ldh=_pitch(lora[0]))
         return
@@ -578,7 +589,8 @@ def _backward_buffers(config: tuple, rank: int, need_dx: bool, need_lora_grads: 
                     "t_gu16": (2 * rank, 2, False)}
         if need_lora_grads:
             scratch |= {"xs": (hdim, 2, True), "w_row": (1, 4, False)}
-    down = gemm.kernel_for("bwd", hdim, idim, quant=storage, group_size=group_size, zero_point=zero_point)
+    down = gemm.kernel_for("bwd", hdim, idim, quant=storage, group_size=group_size, zero_point=zero_point,
+                           lanes_dy=True)
     if down.spec.int_x:  # integer kernels take int16 dY rows and scales
         scratch |= {"dosq": (hdim, 2, True), "dosqs": (1, 4, False), "dguq": (2 * idim, 2, True),
                     "dguqs": (1, 4, False)}
@@ -586,6 +598,10 @@ def _backward_buffers(config: tuple, rank: int, need_dx: bool, need_lora_grads: 
         scratch["dost"] = (4 * hdim, 2, False)
         if need_dx:
             scratch["dgut"] = (8 * idim, 2, False)
+    elif down.spec.schedule.tl:  # the tokens-in-lanes form's dY: 2 bytes per row and column
+        scratch["dost"] = (hdim, 2, False)
+        if need_dx:
+            scratch["dgut"] = (2 * idim, 2, False)
     return tuple(scratch.items())
 
 
@@ -686,7 +702,7 @@ def _backward_launches(saved: Saved, g_out: torch.Tensor, experts: MoEExperts, l
         _lora("xb", rank, hdim, _groups(r.basis, (_rows(dos), _per_expert(db), _rows(t_d), *copy)), _pitch(dos),
               _pitch(t_d), scaling, ldz=t_d16.pitch)
         if fused:
-            _grouped_bwd(dos, experts, "down", d, r, (t_d16, da, None), dyq=dosq)
+            _grouped_bwd(dos, experts, "down", d, r, (t_d16, da, None), dyq=dosq, dyt=b.get("dost"))
         else:
             _grouped_bwd(dos, experts, "down", d, r, dyq=dosq, dyt=b.get("dost"))
             _lora("xb", idim, rank, _groups(r.basis, (_rows(t_d), _per_expert(da), _rows(d))), _pitch(t_d),
@@ -709,7 +725,7 @@ def _backward_launches(saved: Saved, g_out: torch.Tensor, experts: MoEExperts, l
         if lora is None:
             _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq, dyt=b.get("dgut"))
         elif fused:
-            _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu16, ga, ua), dyq=dguq)
+            _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu16, ga, ua), dyq=dguq, dyt=b.get("dgut"))
         else:
             _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq, dyt=b.get("dgut"))
             for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
