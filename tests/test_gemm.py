@@ -289,6 +289,7 @@ def test_dy_lanes_kernel_matches_the_torch_packing(n):
     from kt_jit.kernels.dytiles import kernel_for, lanes_rows, pack_dy_lanes
 
     assert [m for m in LANES_SIZES if lanes_rows(m, 12)] == [12, 13, 16, 28, 31, 32, 44, 64]
+    assert [m for m in LANES_SIZES if lanes_rows(m, 16)] == [16, 28, 31, 32, 44, 64]
     assert not any(lanes_rows(m, 0) for m in LANES_SIZES)
     ld = n + 24  # a padded row pitch (elements)
     src = torch.randn(sum(LANES_SIZES), ld, generator=torch.Generator().manual_seed(n)).bfloat16()
@@ -309,13 +310,14 @@ def test_dy_lanes_kernel_matches_the_torch_packing(n):
         kernel_for(n, "rows", 0)
 
 
-def _lanes_inputs(dys, n):
-    """Each group's dY in the tokens-in-lanes layout (the MoE backward's way: one dytiles launch)."""
+def _lanes_inputs(dys, n, min_rows):
+    """Each group's dY in the tokens-in-lanes layout of a form whose smallest group is ``min_rows``
+    (the MoE backward's way: one dytiles launch)."""
     from kt_jit.kernels.dytiles import kernel_for
 
     lanes = [torch.empty(d.shape[0] * n, dtype=torch.bfloat16) for d in dys]
     table = [(d.data_ptr(), t.data_ptr(), d.shape[0]) for d, t in zip(dys, lanes, strict=True)]
-    kernel_for(n, "lanes", gemm.LANES_MIN_ROWS).launch(torch.tensor(table, dtype=torch.int64), dys[0].stride(0) * 2)
+    kernel_for(n, "lanes", min_rows).launch(torch.tensor(table, dtype=torch.int64), dys[0].stride(0) * 2)
     return lanes
 
 
@@ -335,7 +337,7 @@ def test_transposed_gemm_tokens_in_lanes(n, k):
     ws = [_weights(n, k, seed=s) for s in range(len(LANES_SIZES))]
     packed = [pack_bf16(w) for w in ws]
     dys = [torch.randn(m, n + 32, generator=g).bfloat16() for m in LANES_SIZES]  # rows in wider buffers
-    lanes = _lanes_inputs(dys, n)
+    lanes = _lanes_inputs(dys, n, sch.tl)
     for accumulate in (False, True):
         outs = [torch.randn(m, k + 16, generator=g) for m in LANES_SIZES]
         before = [o.clone() for o in outs]
@@ -686,8 +688,8 @@ def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
     A row pairs over chunks of column blocks whose output takes up to gemm.LORA_PASSES_MAX_BYTES
     (here all of it at 9 rows of K = 2048 or 6 of 4096; above, chunks ending in a partial one: 14
     rows; 7 and 8), "tokens" (bf16: dY also in the tokens-in-lanes layout, groups of 12, 13, 16 and
-    28 rows take that form: :func:`test_fused_lora_tokens_in_lanes`). T rows and dX rows sit in wider
-    buffers."""
+    28 rows take that form with a smallest group of 12: :func:`test_fused_lora_tokens_in_lanes`).
+    T rows and dX rows sit in wider buffers."""
     n, k = {"long": (160, 2048), "lanes": (128, 4096)}.get(form, (128, 256))
     ldo = k + 16 if form == "long" else k  # output row pitch (elements)
     g = torch.Generator().manual_seed(6)
@@ -699,6 +701,8 @@ def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
     a0 = torch.randn(len(ms), rank, k, generator=g).bfloat16()
     a1 = torch.randn(len(ms), rank, k, generator=g).bfloat16()
     sch = gemm.default_schedule("bwd", "avx512", n, k, quant, form == "fold", lanes_dy=form == "tokens")
+    if form == "tokens":
+        sch = dataclasses.replace(sch, tl=12)
     sch = dataclasses.replace(sch, sm=8 if form in ("panel", "fold") else 24)  # (sm=8: 9 and 14 rows: panel)
     if form == "lanes":
         sch = dataclasses.replace(sch, lp=8)
@@ -713,7 +717,7 @@ def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
         before = [b.clone() for b in bases]
         spec = gemm.GemmSpec("bwd", n, k, "avx512", accumulate, sch, quant, gs, zp, rank, n // 2 if two else 0)
         dq = [_kernel_input(spec, d, s) for d in dys]
-        lanes = _lanes_inputs(dys, n) if sch.tl else None  # (alive until the launch)
+        lanes = _lanes_inputs(dys, n, sch.tl) if sch.tl else None  # (alive until the launch)
         table = _lora_table(p, s, z, [(dq[e][0], o, m, t, a0[e], a1[e])
                                       for e, (o, t, m) in enumerate(zip(outs, ts, ms, strict=True))],
                             [sc for _, sc in dq] if spec.int_x else None, lanes)

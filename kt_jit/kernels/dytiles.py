@@ -40,17 +40,20 @@ GROUP_FIELDS = 3  # dY rows, tiles, m
 FORMS = ("amx", "lanes")
 
 
+LANES_TAIL_MIN = 12  # fewest tokens in a group's last 16-row tile for the tokens-in-lanes form
+
+
 def lanes_rows(m: int, min_rows: int) -> bool:
     """Whether a group of ``m`` rows takes the tokens-in-lanes form whose smallest group is
-    ``min_rows`` (0 = never): at least that many rows, and as many in its last row tile (a tile's
-    16 lanes cost the same however many tokens fill them)."""
-    return 0 < min_rows <= m and (m % 16 == 0 or m % 16 >= min_rows)
+    ``min_rows`` (0 = never): at least that many rows, and a last row tile that is full or holds at
+    least LANES_TAIL_MIN tokens (a tile's 16 lanes cost the same however many tokens fill them)."""
+    return 0 < min_rows <= m and (m % 16 == 0 or m % 16 >= LANES_TAIL_MIN)
 
 
 def lanes_rows_ir(fn: Function, m: str, min_rows: int) -> str:
     """:func:`lanes_rows` as an i1 of the i64 ``m`` (``min_rows`` > 0)."""
     tail = fn.val(f"and i64 {m}, 15")
-    full_tail = fn.val(f"or i1 {fn.icmp('eq', tail, 0)}, {fn.icmp('sge', tail, min_rows)}")
+    full_tail = fn.val(f"or i1 {fn.icmp('eq', tail, 0)}, {fn.icmp('sge', tail, LANES_TAIL_MIN)}")
     return fn.val(f"and i1 {fn.icmp('sge', m, min_rows)}, {full_tail}")
 
 

@@ -27,8 +27,8 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
   word swap per row, see :func:`_bwd_lane_partial`), partial sums per n-pair kept in the lanes of
   L1 accumulators over a K-slice and folded to outputs at its end. A single group (the launches of
   ``linear_t``, bf16 and int8: schedule ``lps``) gives each K-slice to a work item of its own.
-  bf16 groups of 12-16 rows (and any count that fills its last 16-row tile as far: 28-32, 44-48,
-  ...; schedule ``tl``) take the tokens-in-lanes form instead (:func:`_bwd_lanes_item`): dY comes
+  bf16 groups of 16 rows, or more whose last 16-row tile holds at least 12 (28-32, 44-48, ...;
+  schedule ``tl``), take the tokens-in-lanes form instead (:func:`_bwd_lanes_item`): dY comes
   transposed (kernels/dytiles.py, form "lanes"), 16 tokens per vector, and a work item keeps 16
   outputs x 16 tokens in registers over the whole reduction.
 - AVX-512 ``bwd``, form "fold" (the first version): the swapped rows are multiplied directly
@@ -167,9 +167,10 @@ class GemmSchedule:
         (claimed at the start of that chunk, see codegen.worker.build_worker; only by items with
         more rows than mr, the ones with such blocks), so DRAM keeps streaming while they compute
         from L2
-    tl: "panel" bf16 only: groups of at least this many rows (1-16) whose last 16-row tile has at
-        least as many take the tokens-in-lanes form (0 = never; see kernels.dytiles.lanes_rows);
-        their dY arrives in that form's layout through an extra group field
+    tl: "panel" bf16 only: groups of at least this many rows (1-16) whose last 16-row tile is full
+        or holds at least 12 take the tokens-in-lanes form (0 = never; see
+        kernels.dytiles.lanes_rows); their dY arrives in that form's layout through an extra group
+        field
     """
 
     mr: int
@@ -210,7 +211,7 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     (``one_group``, bf16 and int8, K long enough for a slice per thread) of 1-8 rows takes it with
     its K-slices spread over the work items (``lps``). ``lanes_dy``: the launches also pass each
     group's dY in the tokens-in-lanes layout (kernels/dytiles.py, an extra group field), so bf16
-    groups of 12 rows or more (see :data:`LANES_MIN_ROWS`) take that form."""
+    groups of 16 rows or more (see :data:`LANES_MIN_ROWS`) take that form."""
     if isa == "avx512":
         if op == "fwd":  # quantized: prefetch 2 KB ahead like bf16's 16 rows (measured int8 +2-11%);
             # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1% alone)
@@ -1110,12 +1111,19 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
     return body
 
 
-# The tokens-in-lanes form from groups of this many rows (schedule tl). Zen 4, kernel level, 48-96
-# cold qwen3 gate/up experts (N 1536, K 2048), against the default forms in one process: 16 rows
-# -14..-17% (1.12-1.15x the forward's time, against 1.34-1.40x), 12 rows -7..-10%, 10 rows +7%,
-# 8 rows +4%; 28 rows -4%, 32 rows -11%, 48 rows -8%, 64 rows -5%; 20 and 24 rows (a tile of 4 or
-# 8 tokens after a full one) +33% and +18%. Hot (3 experts): 16 rows -30%, 12 rows -13%.
-LANES_MIN_ROWS = 12
+# The tokens-in-lanes form from groups of this many rows (schedule tl), and above only where the
+# last 16-row tile holds at least 12 (kernels.dytiles.LANES_TAIL_MIN). Zen 4, kernel level, 32-96
+# cold experts of one row count in one launch, against the default forms in the same process
+# (qwen3 gate/up N 1536 K 2048 / dsv3-64e gate/up N 4096 K 7168): 12-15 rows within -6..+7% either
+# way (+2% on average: all 16 lanes cost the same), 16 rows -8% / -6..-30%, 10 rows +7%, 20 and 24
+# rows (a tile of 4 or 8 tokens after a full one) +33% and +18%, 28 rows -4%, 32 rows -10..-11%,
+# 48 rows -8%, 64 rows -5..-6%. With the weights in L3 the form runs at the forward's speed
+# (16 rows 1.06x, 32 rows 1.01x; the streamed form 1.23x, the panel 1.17x); cold it reads 512-byte
+# pieces of each n-block where the forward reads whole blocks, and stays at 0.8x the forward's
+# bandwidth (a second prefetch into L2 further ahead: +4..+6%). MoE backward, same process, against
+# no tokens-in-lanes form: qlen 512 qwen3 -1.5%, deepseek-v2-lite -5%, dsv3-64e -3.7%; qlen 128
+# (8-16 rows per expert) within +-1%.
+LANES_MIN_ROWS = 16
 LANES_PREFETCH = 4  # n-blocks ahead (Zen 4 prototype: 2 +11%, 8 +9%, 16 +18% against 4)
 
 
