@@ -284,8 +284,8 @@ LANES_SIZES = [0, 1, 5, 11, 12, 13, 16, 17, 20, 27, 28, 31, 32, 33, 44, 64]  # a
 @pytest.mark.parametrize("n", [48, 96])
 def test_dy_lanes_kernel_matches_the_torch_packing(n):
     """The tokens-in-lanes layout of dY, written per group in one launch (each group's 2 m n bytes
-    after the previous one's), bit for bit what pack_dy_lanes builds, for the groups lanes_rows
-    admits; the other groups' bytes are left alone."""
+    after the previous one's and a guard gap), bit for bit what pack_dy_lanes builds, for the
+    groups lanes_rows admits; the other groups' bytes and the gaps are left alone."""
     from kt_jit.kernels.dytiles import kernel_for, lanes_rows, pack_dy_lanes
 
     assert [m for m in LANES_SIZES if lanes_rows(m, 12)] == [12, 13, 16, 28, 31, 32, 44, 64]
@@ -293,17 +293,20 @@ def test_dy_lanes_kernel_matches_the_torch_packing(n):
     assert not any(lanes_rows(m, 0) for m in LANES_SIZES)
     ld = n + 24  # a padded row pitch (elements)
     src = torch.randn(sum(LANES_SIZES), ld, generator=torch.Generator().manual_seed(n)).bfloat16()
-    out = torch.full((sum(LANES_SIZES) * n,), 7.0, dtype=torch.bfloat16)
+    gap = 32  # elements of guard after each group's region
+    out = torch.full((sum(LANES_SIZES) * n + gap * len(LANES_SIZES),), 7.0, dtype=torch.bfloat16)
     firsts = np.cumsum([0] + LANES_SIZES[:-1])
-    groups = [(src.data_ptr() + f * ld * 2, out.data_ptr() + f * n * 2, m) for f, m in zip(firsts, LANES_SIZES,
-                                                                                             strict=True)]
+    at = [int(f) * n + gap * e for e, f in enumerate(firsts)]  # each region's first element
+    groups = [(src.data_ptr() + f * ld * 2, out.data_ptr() + a * 2, m) for f, a, m in zip(firsts, at, LANES_SIZES,
+                                                                                            strict=True)]
     kernel_for(n, "lanes", 12).launch(torch.tensor(groups, dtype=torch.int64), ld * 2)
-    for f, m in zip(firsts, LANES_SIZES, strict=True):
-        got = out[f * n:(f + m) * n]
+    for f, a, m in zip(firsts, at, LANES_SIZES, strict=True):
+        got = out[a:a + m * n]
         if lanes_rows(m, 12):
             assert torch.equal(got.view(torch.int16), pack_dy_lanes(src[f:f + m, :n]).view(torch.int16)), m
         else:
             assert bool((got == 7.0).all()), m
+        assert bool((out[a + m * n:a + m * n + gap] == 7.0).all()), m
     with pytest.raises(ValueError, match="min_rows"):
         kernel_for(n, "lanes", 0)
     with pytest.raises(ValueError, match="form"):
@@ -311,14 +314,19 @@ def test_dy_lanes_kernel_matches_the_torch_packing(n):
 
 
 def _lanes_inputs(dys, n, min_rows):
-    """Each group's dY in the tokens-in-lanes layout of a form whose smallest group is ``min_rows``
-    (the MoE backward's way: one dytiles launch)."""
-    from kt_jit.kernels.dytiles import kernel_for
+    """(rows, lanes): each group's dY ([m, >= n] bf16) in the tokens-in-lanes layout of a form whose
+    smallest group is ``min_rows`` (the MoE backward's way: one dytiles launch), and copies of the
+    rows. Each group's unused layout is NaN (the rows of the groups the form takes, the lanes of
+    the others): a kernel reading the wrong one, or taking the wrong form, gives NaN."""
+    from kt_jit.kernels.dytiles import kernel_for, lanes_rows
 
     lanes = [torch.empty(d.shape[0] * n, dtype=torch.bfloat16) for d in dys]
     table = [(d.data_ptr(), t.data_ptr(), d.shape[0]) for d, t in zip(dys, lanes, strict=True)]
     kernel_for(n, "lanes", min_rows).launch(torch.tensor(table, dtype=torch.int64), dys[0].stride(0) * 2)
-    return lanes
+    rows = [d.clone() for d in dys]
+    for r, t in zip(rows, lanes, strict=True):
+        (r if lanes_rows(r.shape[0], min_rows) else t).fill_(float("nan"))
+    return rows, lanes
 
 
 @NEEDS_AVX512_BF16
@@ -337,19 +345,20 @@ def test_transposed_gemm_tokens_in_lanes(n, k):
     ws = [_weights(n, k, seed=s) for s in range(len(LANES_SIZES))]
     packed = [pack_bf16(w) for w in ws]
     dys = [torch.randn(m, n + 32, generator=g).bfloat16() for m in LANES_SIZES]  # rows in wider buffers
-    lanes = _lanes_inputs(dys, n, sch.tl)
+    rows, lanes = _lanes_inputs(dys, n, sch.tl)
     for accumulate in (False, True):
-        outs = [torch.randn(m, k + 16, generator=g) for m in LANES_SIZES]
+        outs = [torch.randn(m + 16, k + 16, generator=g) for m in LANES_SIZES]  # 16 guard rows, 16 columns
         before = [o.clone() for o in outs]
         table = torch.tensor([[d.data_ptr(), p.data_ptr(), o.data_ptr(), d.shape[0], 0, 0, t.data_ptr()]
-                              for d, p, o, t in zip(dys, packed, outs, lanes, strict=True)], dtype=torch.int64)
+                              for d, p, o, t in zip(rows, packed, outs, lanes, strict=True)], dtype=torch.int64)
         gemm.get_kernel(gemm.GemmSpec("bwd", n, k, "avx512", accumulate, sch)).launch(table, (n + 32) * 2,
                                                                                       (k + 16) * 4)
         for e, m in enumerate(LANES_SIZES):
             if m:
-                want = ref_linear_t(dys[e][:, :n], ws[e]) + (before[e][:, :k] if accumulate else 0)
-                assert rel_err(outs[e][:, :k], want) < 1e-5, (m, accumulate)
-                assert torch.equal(outs[e][:, k:], before[e][:, k:]), m  # nothing written past K
+                want = ref_linear_t(dys[e][:, :n], ws[e]) + (before[e][:m, :k] if accumulate else 0)
+                assert rel_err(outs[e][:m, :k], want) < 1e-5, (m, accumulate)
+            assert torch.equal(outs[e][:, k:], before[e][:, k:]), m  # nothing written past K
+            assert torch.equal(outs[e][m:], before[e][m:]), m  # nor past the group's rows
 
 
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")
@@ -691,7 +700,7 @@ def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
     28 rows take that form with a smallest group of 12: :func:`test_fused_lora_tokens_in_lanes`).
     T rows and dX rows sit in wider buffers."""
     n, k = {"long": (160, 2048), "lanes": (128, 4096)}.get(form, (128, 256))
-    ldo = k + 16 if form == "long" else k  # output row pitch (elements)
+    ldo = k + 16 if form in ("long", "tokens") else k  # output row pitch (elements)
     g = torch.Generator().manual_seed(6)
     p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
     tcols = rank * (2 if two else 1)
@@ -717,7 +726,10 @@ def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
         before = [b.clone() for b in bases]
         spec = gemm.GemmSpec("bwd", n, k, "avx512", accumulate, sch, quant, gs, zp, rank, n // 2 if two else 0)
         dq = [_kernel_input(spec, d, s) for d in dys]
-        lanes = _lanes_inputs(dys, n, sch.tl) if sch.tl else None  # (alive until the launch)
+        lanes = None
+        if sch.tl:  # (alive until the launch)
+            rows, lanes = _lanes_inputs(dys, n, sch.tl)
+            dq = [(r, None) for r in rows]
         table = _lora_table(p, s, z, [(dq[e][0], o, m, t, a0[e], a1[e])
                                       for e, (o, t, m) in enumerate(zip(outs, ts, ms, strict=True))],
                             [sc for _, sc in dq] if spec.int_x else None, lanes)

@@ -167,7 +167,8 @@ def lane_mask(fn: Function, count: str) -> str:
 def masked_load(fn: Function, ty: str, ptr: str, mask: str) -> str:
     """The lanes of ``mask`` loaded from ``ptr`` (a 16-lane dword vector type), the others zero;
     masked-off lanes are not read (no fault past the end of a buffer)."""
-    suffix = "v16f32" if "float" in ty else "v16i32"
+    assert ty in (I32x16, F32x16), ty
+    suffix = "v16f32" if ty == F32x16 else "v16i32"
     sym = fn.module.declare(f"llvm.masked.load.{suffix}.p0",
                             f"declare {ty} @llvm.masked.load.{suffix}.p0(ptr, i32 immarg, <16 x i1>, {ty})")
     return fn.val(f"call {ty} {sym}(ptr {ptr}, i32 4, <16 x i1> {mask}, {ty} zeroinitializer)")
@@ -175,7 +176,8 @@ def masked_load(fn: Function, ty: str, ptr: str, mask: str) -> str:
 
 def masked_store(fn: Function, ty: str, v: str, ptr: str, mask: str) -> None:
     """Store the lanes of ``mask`` of ``v`` (a 16-lane dword vector type) to ``ptr``."""
-    suffix = "v16f32" if "float" in ty else "v16i32"
+    assert ty in (I32x16, F32x16), ty
+    suffix = "v16f32" if ty == F32x16 else "v16i32"
     sym = fn.module.declare(f"llvm.masked.store.{suffix}.p0",
                             f"declare void @llvm.masked.store.{suffix}.p0({ty}, ptr, i32 immarg, <16 x i1>)")
     fn.emit(f"call void {sym}({ty} {v}, ptr {ptr}, i32 4, <16 x i1> {mask})")

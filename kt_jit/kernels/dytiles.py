@@ -17,7 +17,7 @@ bf16 (``2 m n`` bytes, the size of its rows). Row tile ``mt`` (16 tokens; the la
 dwords at byte ``4 mt_rows q``, dword ``t`` the pair ``(dY[16 mt + t, 2q], dY[16 mt + t, 2q+1])``.
 Only groups :func:`lanes_rows` admits are written (the others take other forms).
 
-Per (row tile, n-block): 16 token rows of 32 bytes (8 dwords: n-pairs 2p, 2p+1) are transposed as
+Form "amx", per (row tile, n-block): 16 token rows of 32 bytes (8 dwords: n-pairs 2p, 2p+1) are transposed as
 a 16 x 8 dword matrix into G_p (lane j = the pair of token j), then tile 0 row 2p = G_p & 0xffff,
 row 2p+1 = G_p >> 16, tile 1 row 2p = G_p << 16, row 2p+1 = G_p & 0xffff0000.
 """
@@ -34,7 +34,7 @@ from ..codegen.ir import Function, I32x16
 from ..codegen.worker import ArgBlock, compile_worker, group_table
 
 ARGS = ArgBlock(["groups", "ldx"])
-GROUP_FIELDS = 3  # dY rows, tiles, m
+GROUP_FIELDS = 3  # dY rows, destination (tiles or lanes), m
 
 
 FORMS = ("amx", "lanes")
@@ -71,8 +71,9 @@ class DyTilesSpec:
             raise ValueError(f"dY tiles: n={self.n} must be a positive multiple of 16")
         if self.form not in FORMS:
             raise ValueError(f"dY tiles: form must be one of {FORMS}, got {self.form!r}")
-        if (self.form == "lanes") != (self.min_rows > 0) or not 0 <= self.min_rows <= 16:
-            raise ValueError(f"dY tiles: min_rows={self.min_rows}: 1-16 for the 'lanes' form, else 0")
+        if (self.form == "lanes") != (self.min_rows > 0) or not (
+                self.min_rows == 0 or LANES_TAIL_MIN <= self.min_rows <= 16):
+            raise ValueError(f"dY tiles: min_rows={self.min_rows}: {LANES_TAIL_MIN}-16 for the 'lanes' form, else 0")
 
     @property
     def name(self) -> str:
@@ -170,8 +171,10 @@ def kernel_for(n: int, form: str = "amx", min_rows: int = 0) -> DyTilesKernel:
 
 
 def pack_dy_lanes(dy: torch.Tensor) -> torch.Tensor:
-    """The "lanes" layout of one group's dY ([m, n] bf16) with torch ops: bf16 [m * n] (see the
-    module docstring; written whatever the group's row count)."""
+    """The "lanes" layout of one group's dY ([m, n] bf16, n even) with torch ops: bf16 [m * n] (see
+    the module docstring; built whatever the group's row count)."""
+    if dy.dim() != 2 or dy.dtype != torch.bfloat16 or dy.shape[1] % 2:
+        raise ValueError(f"pack_dy_lanes: dY must be bf16 [m, n] with n even, got {dy.dtype} {tuple(dy.shape)}")
     m, n = dy.shape
     parts = [dy[i:i + 16].contiguous().view(-1, n // 2, 2).transpose(0, 1).reshape(-1) for i in range(0, m, 16)]
     return torch.cat(parts)

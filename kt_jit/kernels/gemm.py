@@ -74,7 +74,7 @@ from ..runtime.amx import active_isa, require_amx
 from ..runtime.buffers import aligned_zeros
 from ..runtime.cpu import l1d_cache_bytes
 from ..runtime.threads import default_num_threads
-from .dytiles import lanes_rows_ir
+from .dytiles import LANES_TAIL_MIN, lanes_rows_ir
 from .pack import check_gemm_dims
 from .rowquant import ACT_MAX, quantize_rows
 
@@ -167,8 +167,8 @@ class GemmSchedule:
         (claimed at the start of that chunk, see codegen.worker.build_worker; only by items with
         more rows than mr, the ones with such blocks), so DRAM keeps streaming while they compute
         from L2
-    tl: "panel" bf16 only: groups of at least this many rows (1-16) whose last 16-row tile is full
-        or holds at least 12 take the tokens-in-lanes form (0 = never; see
+    tl: "panel" bf16 only: groups of at least this many rows (12-16) whose last 16-row tile is full
+        or holds at least 12 take the tokens-in-lanes form before any of the forms above (0 = never; see
         kernels.dytiles.lanes_rows); their dY arrives in that form's layout through an extra group
         field
     """
@@ -326,8 +326,9 @@ class GemmSpec:
             raise ValueError(f"schedule sb={sch.sb}: the streamed form reads at least one n-block per pass")
         if sch.ls < 64:
             raise ValueError(f"schedule ls={sch.ls}: K-slices of at least 64 k-pair rows (16 above 4 rows)")
-        if sch.tl and not (self.is_panel and self.quant == "bf16" and 0 < sch.tl <= 16):
-            raise ValueError(f"schedule tl={sch.tl}: 1-16 rows, for the bf16 'panel' transposed GEMM only")
+        if sch.tl and not (self.is_panel and self.quant == "bf16" and LANES_TAIL_MIN <= sch.tl <= 16):
+            raise ValueError(f"schedule tl={sch.tl}: {LANES_TAIL_MIN}-16 rows, for the bf16 'panel' transposed GEMM "
+                             "only")
         if sch.sm and not self.is_panel:
             raise ValueError("schedule sm (streamed small groups) applies to the 'panel' transposed GEMM only")
         if sch.lp and not (self.is_panel and 0 < sch.lp <= min(sch.sm, LANE_PARTIAL_MAX)):
@@ -1128,7 +1129,7 @@ LANES_PREFETCH = 4  # n-blocks ahead (Zen 4 prototype: 2 +11%, 8 +9%, 16 +18% ag
 
 
 def _bwd_lanes_item(fn: Function, spec: GemmSpec, k0: str, dyt: str, w: str, y: str, m: str, ldy: str) -> None:
-    """``dX[:, k0 : k0 + 16 nr] = dY W`` for one work item of a bf16 group, tokens in the lanes.
+    """``dX[:, k0 : k0 + 16 nr] (+)= dY W`` for one work item of a bf16 group, tokens in the lanes.
 
     ``dyt`` is the group's dY in the "lanes" layout of kernels/dytiles.py (per 16-row tile, one
     dword per token and n-pair). For each 16 outputs k and each row tile, 16 accumulators (one per
@@ -1591,7 +1592,9 @@ class GemmKernel:
 
         ``groups`` is an int64 table [G, spec.group_fields] (torch, NumPy or flat ctypes; see
         codegen.worker.group_table): x ptr, packed-w ptr, y ptr, m, scales ptr, zero-points ptr,
-        for integer kernels (``spec.int_x``) the row scales [m] fp32 of the int16 x, and for fused
+        for integer kernels (``spec.int_x``) the row scales [m] fp32 of the int16 x, for kernels
+        with the tokens-in-lanes form (``schedule.tl``) x in the "lanes" layout of
+        kernels/dytiles.py (2 m N bytes; read for the groups that form takes), and for fused
         LoRA the H rows [m, rank * (2 if split else 1)] bf16 and the B [N or split, rank] bf16 of
         each adapter. Pointers are trusted: callers validate shapes first (see
         :func:`linear`).

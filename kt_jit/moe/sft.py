@@ -311,6 +311,7 @@ def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routin
         dytiles_kernel(n).launch(_table(r, [x, _rows(dyt), COUNT]), _pitch(dy))
         x = _rows(dyt)  # (each expert's first row is a multiple of 16: its tiles start at first * 8n)
     elif kern.spec.schedule.tl:  # (each expert's dY in lanes takes its rows' 2n bytes each)
+        assert dyt is not None, "the backward's buffers lack the tokens-in-lanes dY (see _backward_buffers)"
         x_lanes = _rows(dyt)
         dytiles_kernel(n, "lanes", kern.spec.schedule.tl).launch(_table(r, [x, x_lanes, COUNT]), _pitch(dy))
     groups = _gemm_groups(r, x, experts, name, _rows(dx), lora, xscales, x_lanes)
