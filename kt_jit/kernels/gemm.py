@@ -963,14 +963,16 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
         dyt = extra.pop(0) if sch.tl else None  # dY in the tokens-in-lanes layout
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         ldh = ARGS.load(fn, ctx, "ldh") if spec.lora_rank else None
+        k0 = fn.mul(c, span)  # this item's first output
+        # the tokens-in-lanes items end in the panel items' LoRA term (one copy of its code: a
+        # second took 50 ms more to compile)
+        lora_bb = fn.new_block("lora") if sch.tl and spec.lora_rank else None
         if sch.tl:
             lanes_bb, other_bb, end_bb = fn.new_block("tlanes"), fn.new_block("other"), fn.new_block("end")
             fn.cbr(lanes_rows_ir(fn, m, sch.tl), lanes_bb, other_bb)
             fn.set_block(lanes_bb)
-            _bwd_lanes_item(fn, spec, fn.mul(c, span), dyt, w, y, m, ldy)
-            if spec.lora_rank:
-                _bwd_lora(fn, spec, y, ldy, m, fn.mul(c, span), extra, ldh)
-            fn.br(end_bb)
+            _bwd_lanes_item(fn, spec, k0, dyt, w, y, m, ldy)
+            fn.br(lora_bb or end_bb)
             fn.set_block(other_bb)
         if sch.sm:
             # rows spread over every L1 set only if both pitches are odd multiples of 64 bytes
@@ -1023,7 +1025,6 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
             fn.br(done_bb)
             fn.set_block(panel_bb)
         panel = fn.alloca("i8", 64, kcn * 8 * sch.nr * 64)
-        k0 = fn.mul(c, span)
         wb = fn.gep(w, fn.mul(k0, rb // 2))  # row k0/2 of every n-block
         yb = fn.gep(y, fn.mul(k0, 4))
         if not spec.lora_rank:
@@ -1101,6 +1102,9 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
             row_blocks(fn, m, sch.mr, micro)
 
         if spec.lora_rank:
+            if lora_bb:
+                fn.br(lora_bb)
+                fn.set_block(lora_bb)
             _bwd_lora(fn, spec, y, ldy, m, k0, extra, ldh)
         if sch.sm:
             fn.br(done_bb)
