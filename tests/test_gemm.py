@@ -228,6 +228,28 @@ def test_host_tuning_follows_the_l1_size(monkeypatch):
         assert gemm.default_schedule("bwd", "avx512", 1536, 2048, one_group=True).ls == gemm.LANE_PARTIAL_SLICE
 
 
+def test_tuning_overrides_from_the_environment(monkeypatch):
+    """KT_JIT_TUNING overrides the host-tuned values (names: HostTuning's fields), the kernels are
+    looked up again under it, and a bad value is a ValueError naming the variable."""
+    default = gemm.default_schedule("bwd", "avx512", 1536, 2048, lanes_dy=True)
+    before = gemm.kernel_for("bwd", 96, 192, isa="avx512", lanes_dy=True)
+    monkeypatch.setenv("KT_JIT_TUNING", " stream_group_blocks=4, lanes_min_rows=0 ")
+    sch = gemm.default_schedule("bwd", "avx512", 1536, 2048, lanes_dy=True)
+    assert (sch.sb, sch.tl, sch.ls) == (4, 0, default.ls)
+    after = gemm.kernel_for("bwd", 96, 192, isa="avx512", lanes_dy=True)
+    assert (before.spec.schedule.tl, after.spec.schedule.tl) == (gemm.LANES_MIN_ROWS, 0)
+    monkeypatch.setenv("KT_JIT_TUNING", "lane_partial_slice=512,lanes_min_rows=12")
+    sch = gemm.default_schedule("bwd", "avx512", 1536, 2048, lanes_dy=True)
+    assert (sch.sb, sch.ls, sch.tl) == (default.sb, 512, 12)
+    for bad, match in (("bogus=1", "unknown name"), ("stream_group_blocks", "name=integer"),
+                       ("stream_group_blocks=x", "name=integer"), ("lanes_min_rows=5", "lanes_min_rows=5"),
+                       ("lane_partial_slice=100", "lane_partial_slice"), ("stream_group_blocks=0", "at least 1")):
+        monkeypatch.setenv("KT_JIT_TUNING", bad)
+        with pytest.raises(ValueError, match=match) as err:
+            gemm.default_schedule("bwd", "avx512", 1536, 2048)
+        assert "KT_JIT_TUNING" in str(err.value)
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_every_schedule_variant_is_correct(isa):
     """A few non-default schedules (the tuner's search space) give the same numbers."""

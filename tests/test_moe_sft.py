@@ -127,6 +127,27 @@ def test_routing_edge_cases(case, quant):
 
 
 @NEEDS_AVX512_BF16
+def test_tuning_override_reaches_the_operator(monkeypatch):
+    """A pass run after KT_JIT_TUNING changes takes kernels, buffers and launch plans made under the
+    new values (here a smallest tokens-in-lanes group of 12, two streamed blocks per pass)."""
+    from kt_jit.moe import sft
+
+    monkeypatch.setenv("KT_JIT_ISA", "avx512")
+    layer = make_layer()
+    spec = dict(ROUTING_CASES["16-row tile sizes"])
+    t, k = spec.pop("t"), spec.pop("k")
+    batch, dout = make_batch(t, k, **spec), torch.randn(t, H, generator=torch.Generator().manual_seed(3))
+    for _ in range(sft.RECORD_AT_CALL):  # (a launch plan for the default values, then a run from it)
+        check_against_reference(layer, batch, dout)
+    tuning = "lanes_min_rows=12,stream_group_blocks=2"
+    monkeypatch.setenv("KT_JIT_TUNING", tuning)
+    assert sft._kernel("bwd", layer[3], "gate_up").spec.schedule.tl == 12
+    check_against_reference(layer, batch, dout)
+    # (the passes' keys hold the values: a plan of the defaults would replay their kernels)
+    assert any(tuning in key for key in [*sft._plans, *sft._calls] if key[0] == "bwd")
+
+
+@NEEDS_AVX512_BF16
 def test_bf16_backward_passes_dy_in_lanes(monkeypatch):
     """The bf16 AVX-512 backward's transposed GEMMs have the tokens-in-lanes form (schedule tl), and
     the pass transposes dY for it in the same launch batch: one dytiles launch before each GEMM."""

@@ -70,6 +70,7 @@ from ..codegen.cache import get_or_compile
 from ..codegen.compile import target_for
 from ..codegen.ir import BF16x32, F32x16, Function, I16x32, I32x16, Module, Var
 from ..codegen.worker import ArgBlock, build_worker, dispatch, group_table, immediate_launches
+from ..runtime import knobs
 from ..runtime.amx import active_isa, require_amx
 from ..runtime.buffers import aligned_zeros
 from ..runtime.cpu import l1d_cache_bytes
@@ -101,6 +102,19 @@ ISAS = ("avx512", "amx", "amx_emu")
 STREAM_GROUP_BLOCKS = 16
 LANE_PARTIAL_SLICE = 256  # k-pair rows per K-slice of the lane-partial form at <= 4 rows (GemmSchedule.ls)
 SMALL_L1 = 48 << 10  # an L1 data cache below this size selects the small-L1 values below
+# The tokens-in-lanes form from groups of this many rows (schedule tl), and above only where the
+# last 16-row tile holds at least 12 (kernels.dytiles.LANES_TAIL_MIN). Zen 4, kernel level, 32-96
+# cold experts of one row count in one launch, against the default forms in the same process
+# (qwen3 gate/up N 1536 K 2048 / dsv3-64e gate/up N 4096 K 7168): 12-15 rows within -6..+7% either
+# way (+2% on average: all 16 lanes cost the same), 16 rows -8% / -6..-30%, 10 rows +7%, 20 and 24
+# rows (a tile of 4 or 8 tokens after a full one) +33% and +18%, 28 rows -4%, 32 rows -10..-11%,
+# 48 rows -8%, 64 rows -5..-6%. With the weights in L3 the form runs at the forward's speed
+# (16 rows 1.06x, 32 rows 1.01x; the streamed form 1.23x, the panel 1.17x); cold it reads 512-byte
+# pieces of each n-block where the forward reads whole blocks, and stays at 0.8x the forward's
+# bandwidth (a second prefetch into L2 further ahead: +4..+6%). MoE backward, same process, against
+# no tokens-in-lanes form: qlen 512 qwen3 -1.5%, deepseek-v2-lite -5%, dsv3-64e -3.7%; qlen 128
+# (8-16 rows per expert) within +-1%.
+LANES_MIN_ROWS = 16
 
 
 @dataclass(frozen=True)
@@ -108,10 +122,27 @@ class HostTuning:
     """Schedule values that differ between the CPUs measured, chosen by the L1 data cache size:
     Zen 5 (48 KB; also the values for every CPU with 48 KB or more, e.g. Sapphire Rapids) and Zen 4
     (32 KB; used for every smaller or unknown L1). The slice length follows Zen 4 itself, not its
-    L1: the L1 size is how the two are told apart."""
+    L1: the L1 size is how the two are told apart. KT_JIT_TUNING overrides any of them (names as
+    the fields; tools/tune.py measures candidates on the host).
+
+    stream_group_blocks: the streamed transposed form's n-blocks per pass (schedule ``sb``, >= 1)
+    lane_partial_slice: the lane-partial form's K-slice in k-pair rows (schedule ``ls``, a multiple
+        of 16, >= 64; single-group launches keep LANE_PARTIAL_SLICE)
+    lanes_min_rows: the smallest group of the tokens-in-lanes form (schedule ``tl``: 12-16, or 0
+        for none) in launches that pass dY in its layout
+    """
 
     stream_group_blocks: int
     lane_partial_slice: int
+    lanes_min_rows: int = LANES_MIN_ROWS
+
+    def __post_init__(self) -> None:
+        if self.stream_group_blocks < 1:
+            raise ValueError(f"stream_group_blocks={self.stream_group_blocks}: at least 1")
+        if self.lane_partial_slice < 64 or self.lane_partial_slice % 16:
+            raise ValueError(f"lane_partial_slice={self.lane_partial_slice}: a multiple of 16, at least 64")
+        if self.lanes_min_rows and not LANES_TAIL_MIN <= self.lanes_min_rows <= 16:
+            raise ValueError(f"lanes_min_rows={self.lanes_min_rows}: {LANES_TAIL_MIN}-16, or 0 for none")
 
 
 LARGE_L1_TUNING = HostTuning(STREAM_GROUP_BLOCKS, LANE_PARTIAL_SLICE)
@@ -125,8 +156,19 @@ SMALL_L1_TUNING = HostTuning(8, 1024)
 
 
 def host_tuning() -> HostTuning:
-    """The schedule values for this CPU (see :class:`HostTuning`)."""
-    return LARGE_L1_TUNING if l1d_cache_bytes() >= SMALL_L1 else SMALL_L1_TUNING
+    """The schedule values for this CPU (see :class:`HostTuning`), with KT_JIT_TUNING's overrides."""
+    base = LARGE_L1_TUNING if l1d_cache_bytes() >= SMALL_L1 else SMALL_L1_TUNING
+    overrides = knobs.tuning_overrides()
+    if not overrides:
+        return base
+    names = [f.name for f in dataclasses.fields(HostTuning)]
+    unknown = sorted(set(overrides) - set(names))
+    if unknown:
+        raise ValueError(f"KT_JIT_TUNING: unknown name(s) {unknown}; the names are {names}")
+    try:
+        return dataclasses.replace(base, **overrides)
+    except ValueError as e:
+        raise ValueError(f"KT_JIT_TUNING: {e}") from None
 
 
 @dataclass(frozen=True)
@@ -246,7 +288,7 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         one = one_group and quant in ("bf16", "int8") and slices >= max(2, default_num_threads())
         lp = 8 if one or (quant == "int4" and not one_group) else 0 if one_group else 4
         host = host_tuning()
-        tl = LANES_MIN_ROWS if lanes_dy and quant == "bf16" and not one_group else 0
+        tl = host.lanes_min_rows if lanes_dy and quant == "bf16" and not one_group else 0
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
                             sm=24 if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one,
                             sb=host.stream_group_blocks,
@@ -1116,19 +1158,6 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
     return body
 
 
-# The tokens-in-lanes form from groups of this many rows (schedule tl), and above only where the
-# last 16-row tile holds at least 12 (kernels.dytiles.LANES_TAIL_MIN). Zen 4, kernel level, 32-96
-# cold experts of one row count in one launch, against the default forms in the same process
-# (qwen3 gate/up N 1536 K 2048 / dsv3-64e gate/up N 4096 K 7168): 12-15 rows within -6..+7% either
-# way (+2% on average: all 16 lanes cost the same), 16 rows -8% / -6..-30%, 10 rows +7%, 20 and 24
-# rows (a tile of 4 or 8 tokens after a full one) +33% and +18%, 28 rows -4%, 32 rows -10..-11%,
-# 48 rows -8%, 64 rows -5..-6%. With the weights in L3 the form runs at the forward's speed
-# (16 rows 1.06x, 32 rows 1.01x; the streamed form 1.23x, the panel 1.17x); cold it reads 512-byte
-# pieces of each n-block where the forward reads whole blocks, and stays at 0.8x the forward's
-# bandwidth (a second prefetch into L2 further ahead: +4..+6%). MoE backward, same process, against
-# no tokens-in-lanes form: qlen 512 qwen3 -1.5%, deepseek-v2-lite -5%, dsv3-64e -3.7%; qlen 128
-# (8-16 rows per expert) within +-1%.
-LANES_MIN_ROWS = 16
 LANES_PREFETCH = 4  # n-blocks ahead (Zen 4 prototype: 2 +11%, 8 +9%, 16 +18% against 4)
 
 
@@ -1633,13 +1662,14 @@ def kernel_for(op: str, n: int, k: int, accumulate: bool = False, isa: str | Non
     if quant != "bf16" or lora_rank:
         isa = "avx512"
     return _kernel_for(op, n, k, accumulate, isa or active_isa(), schedule, quant, group_size, zero_point,
-                       one_group, lora_rank, lora_split, lanes_dy)
+                       one_group, lora_rank, lora_split, lanes_dy, knobs.raw("KT_JIT_TUNING"))
 
 
 @functools.cache
 def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str, schedule: GemmSchedule | None,
                 quant: str, group_size: int, zero_point: bool, one_group: bool, lora_rank: int,
-                lora_split: int, lanes_dy: bool) -> GemmKernel:
+                lora_split: int, lanes_dy: bool, tuning: str | None) -> GemmKernel:
+    # (``tuning``, KT_JIT_TUNING's raw value, only keys the memo: default_schedule reads it)
     if schedule is None:
         schedule = default_schedule(op, isa, n, k, quant, one_group, group_size, lanes_dy)
         if group_size and op == "fwd":  # a K-chunk within one group: its scale is applied per chunk

@@ -542,7 +542,8 @@ def experts_config(experts: MoEExperts) -> tuple:
 
 def _config(experts: MoEExperts, lora: tuple[torch.Tensor, ...] | None, scaling: float) -> tuple:
     """What fixes a pass's kernels and tables besides its token count, routing and flags."""
-    return experts_config(experts) + (lora[0].shape[1] if lora is not None else 0, scaling, knobs.raw("KT_JIT_ISA"))
+    return experts_config(experts) + (lora[0].shape[1] if lora is not None else 0, scaling, knobs.raw("KT_JIT_ISA"),
+                                      knobs.raw("KT_JIT_TUNING"))
 
 
 def _expert_operands(experts: MoEExperts) -> list[torch.Tensor]:

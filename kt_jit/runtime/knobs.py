@@ -14,6 +14,9 @@ KT_JIT_DEFER_LAUNCHES  "0" runs every kernel launch of an MoE pass at once inste
                     debugging; also turns launch plans off)
 KT_JIT_LAUNCH_PLANS  "0" prepares every MoE pass's launches in Python instead of replaying a launch plan
                     recorded for its configuration (codegen/plan.py; for A/B runs and debugging)
+KT_JIT_TUNING       overrides of the schedule values kt_jit picks per CPU, as comma-separated
+                    name=value pairs (names: the fields of kernels/gemm.HostTuning, e.g.
+                    "stream_group_blocks=16,lanes_min_rows=0"); tools/tune.py measures them
 
 Read, not owned: OMP_STACKSIZE and GOMP_STACKSIZE (the stack of libgomp's threads, which run the
 kernels; see runtime/threads.py).
@@ -65,6 +68,23 @@ def cache_disabled() -> bool:
 def raw(name: str) -> str | None:
     """The raw value of one of the variables above (for memo keys in hot paths)."""
     return _get(name)
+
+
+def tuning_overrides() -> dict[str, int]:
+    """KT_JIT_TUNING as {name: integer value} ({} when unset or empty); names are checked by the
+    caller (kernels/gemm.host_tuning)."""
+    raw_value = _get("KT_JIT_TUNING", "").strip()
+    out: dict[str, int] = {}
+    for part in filter(None, (p.strip() for p in raw_value.split(","))):
+        name, sep, value = part.partition("=")
+        try:
+            if not sep:
+                raise ValueError
+            out[name.strip()] = int(value.strip())
+        except ValueError:
+            raise ValueError(f"KT_JIT_TUNING must be comma-separated name=integer pairs, got {part!r} in "
+                             f"{raw_value!r}") from None
+    return out
 
 
 def num_threads_override() -> int | None:
