@@ -219,9 +219,9 @@ def test_schedule_validation():
 
 def test_host_tuning_follows_the_l1_size(monkeypatch):
     """The streamed form reads 16 n-blocks per pass and the lane-partial form's slices are 256 k-pair
-    rows where the L1 data cache holds 48 KB; 8 and 1024 on smaller (or unknown) ones; single
+    rows where the L1 data cache holds 48 KB; 4 and 1024 on smaller (or unknown) ones; single
     groups keep 256 (a slice per work item)."""
-    for size, blocks, slice_ in ((48 << 10, 16, 256), (64 << 10, 16, 256), (32 << 10, 8, 1024), (0, 8, 1024)):
+    for size, blocks, slice_ in ((48 << 10, 16, 256), (64 << 10, 16, 256), (32 << 10, 4, 1024), (0, 4, 1024)):
         monkeypatch.setattr(gemm, "l1d_cache_bytes", lambda size=size: size)
         sch = gemm.default_schedule("bwd", "avx512", 1536, 2048)
         assert (sch.sb, sch.ls) == (blocks, slice_)

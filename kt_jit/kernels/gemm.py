@@ -98,7 +98,8 @@ ISAS = ("avx512", "amx", "amx_emu")
 # -2.3%, dsv3-64e -0.7%; fast mode deepseek-v2-lite -14.2% (8: -5.7%, 32: +4.7%; 2: +14.6%); int8 /
 # int4 -0.2% / +0.9%. Zen 4 (32 KB L1d), against 16: 8 blocks qwen3 -9..-15%, deepseek-v2-lite -10..
 # -13%, dsv3-64e -2..-7%, int8 / int4 +-0.5% (4 blocks about as 8; 16 blocks prefetching 512 B ahead
-# -5%, 2 KB ahead +2..+3%).
+# -5%, 2 KB ahead +2..+3%). Sixteenth session, Zen 4, 4 against 8: qwen3 -2.2..-2.9% (tools/tune.py:
+# -1.6 / -5.7%), deepseek-v2-lite -4.8..-6.1%, dsv3-64e -4.6..-6.6%, int8 +0.7%, int4_kgroup -2%.
 STREAM_GROUP_BLOCKS = 16
 LANE_PARTIAL_SLICE = 256  # k-pair rows per K-slice of the lane-partial form at <= 4 rows (GemmSchedule.ls)
 SMALL_L1 = 48 << 10  # an L1 data cache below this size selects the small-L1 values below
@@ -152,7 +153,7 @@ LARGE_L1_TUNING = HostTuning(STREAM_GROUP_BLOCKS, LANE_PARTIAL_SLICE)
 # qlen 128 +-0.7%, deepseek-v2-lite qlen 16 -1.5..-10%, dsv3-64e qlen 16 -4.7%, int8 qlen 16 -12..-13%,
 # int4 (5-8-row slices 256 instead of 64) -1%. On Zen 5 (kernel level, 8 experts x 1 row) 1024 read
 # within +-3% of 256.
-SMALL_L1_TUNING = HostTuning(8, 1024)
+SMALL_L1_TUNING = HostTuning(4, 1024)
 
 
 def host_tuning() -> HostTuning:
@@ -246,7 +247,7 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     """Schedule used when none is given (AVX-512: measured on Zen 4 and Zen 5; AMX: the 2x2-tile
     kernel). Transposed GEMM: groups of up to 24 rows (12 unless the row pitches are odd multiples
     of 64 bytes) are streamed whole by one thread (16 n-blocks per pass with a 48 KB L1 data cache,
-    8 with a smaller one: :func:`host_tuning`), larger ones go through the L1 panel. Small
+    4 with a smaller one: :func:`host_tuning`), larger ones go through the L1 panel. Small
     groups take the fold form instead in launches of a single group (``one_group``: streaming it
     would leave the other threads idle; the fold form splits its outputs over work items). Groups
     of 1-4 rows (int4: 1-8) take the lane-partial form (one thread per group); a single group
