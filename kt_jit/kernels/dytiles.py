@@ -17,9 +17,10 @@ bf16 (``2 m n`` bytes, the size of its rows). Row tile ``mt`` (16 tokens; the la
 dwords at byte ``4 mt_rows q``, dword ``t`` the pair ``(dY[16 mt + t, 2q], dY[16 mt + t, 2q+1])``.
 Only groups :func:`lanes_rows` admits are written (the others take other forms).
 
-Form "amx", per (row tile, n-block): 16 token rows of 32 bytes (8 dwords: n-pairs 2p, 2p+1) are transposed as
-a 16 x 8 dword matrix into G_p (lane j = the pair of token j), then tile 0 row 2p = G_p & 0xffff,
-row 2p+1 = G_p >> 16, tile 1 row 2p = G_p << 16, row 2p+1 = G_p & 0xffff0000.
+Form "amx", per (row tile, n-block): 16 token rows of 32 bytes (8 dwords: n-pairs 2p, 2p+1) are
+transposed as a 16 x 8 dword matrix into G_p (lane j = the pair of token j), then tile 0 row 2p =
+G_p & 0xffff, row 2p+1 = G_p >> 16, tile 1 row 2p = G_p << 16, row 2p+1 = G_p & 0xffff0000 (form
+"lanes" stores G_p itself, its first ``mt_rows`` lanes).
 """
 
 from __future__ import annotations

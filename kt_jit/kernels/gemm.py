@@ -211,9 +211,9 @@ class GemmSchedule:
         more rows than mr, the ones with such blocks), so DRAM keeps streaming while they compute
         from L2
     tl: "panel" bf16 only: groups of at least this many rows (12-16) whose last 16-row tile is full
-        or holds at least 12 take the tokens-in-lanes form before any of the forms above (0 = never; see
-        kernels.dytiles.lanes_rows); their dY arrives in that form's layout through an extra group
-        field
+        or holds at least 12 take the tokens-in-lanes form, before any of the forms above (0 =
+        never; see kernels.dytiles.lanes_rows); their dY arrives in that form's layout through an
+        extra group field
     """
 
     mr: int
@@ -1159,7 +1159,9 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
     return body
 
 
-LANES_PREFETCH = 4  # n-blocks ahead (Zen 4 prototype: 2 +11%, 8 +9%, 16 +18% against 4)
+# n-blocks ahead; Zen 4 against 4: the prototype (16 rows) 2 +11%, 8 +9%, 16 +18%; the form at 32
+# rows 3 / 6 / 8 within +-1%
+LANES_PREFETCH = 4
 
 
 def _bwd_lanes_item(fn: Function, spec: GemmSpec, k0: str, dyt: str, w: str, y: str, m: str, ldy: str) -> None:
@@ -1192,7 +1194,6 @@ def _bwd_lanes_item(fn: Function, spec: GemmSpec, k0: str, dyt: str, w: str, y: 
                 wrow = fn.gep(wk, fn.mul(s, block_stride))
                 for off in range(0, 8 * 64, 64):
                     vx.prefetch(fn, fn.gep(wrow, LANES_PREFETCH * block_stride + off))
-
                 for r in range(8):
                     fn.store(BF16x32, vx.swap_k_n_pairs_at(fn, fn.gep(wrow, r * 64)), fn.gep(scratch, r * 64), 64)
                 xs = fn.gep(xt, fn.mul(fn.mul(s, 8), pitch))
