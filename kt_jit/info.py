@@ -11,6 +11,8 @@ def collect() -> dict:
     """Everything ``python -m kt_jit.info`` prints, as a dict."""
     from .codegen.cache import cache_info
     from .codegen.compile import toolchain_versions
+    from .kernels.gemm import host_tuning
+    from .runtime import knobs
     from .runtime.amx import active_isa, amx_status
     from .runtime.buffers import huge_page_status
     from .runtime.cpu import cpu_info, l1d_cache_bytes
@@ -18,6 +20,10 @@ def collect() -> dict:
 
     info = cpu_info()
     ok, why = amx_status()
+    try:
+        tuning = dict(vars(host_tuning()))
+    except ValueError as e:  # a bad KT_JIT_TUNING: say so instead of failing
+        tuning = {"error": str(e)}
     try:
         isa = active_isa()
     except RuntimeError as e:
@@ -27,6 +33,8 @@ def collect() -> dict:
         "llvm_host_cpu": info.llvm_host_name,
         "features": info.summary(),
         "l1d_bytes": l1d_cache_bytes(),
+        "tuning": tuning,
+        "tuning_override": knobs.raw("KT_JIT_TUNING") or "",
         "amx": {"usable": ok, "status": why},
         "kernel_isa": isa,
         "threads": default_num_threads(),
@@ -48,6 +56,9 @@ def main(argv: list[str] | None = None) -> int:
     print(f"features       {feats}")
     l1d = data["l1d_bytes"]
     print(f"L1 data cache  {f'{l1d >> 10} KB per core' if l1d else 'unknown'}")
+    values = ", ".join(f"{k}={v}" for k, v in data["tuning"].items())
+    source = f"KT_JIT_TUNING={data['tuning_override']!r}" if data["tuning_override"] else "by the L1 size"
+    print(f"tuning         {values} ({source}; tools/tune.py measures them)")
     print(f"AMX            {'usable' if data['amx']['usable'] else 'not usable'}: {data['amx']['status']}")
     print(f"kernel ISA     {data['kernel_isa']}")
     print(f"threads        {data['threads']} via {data['launcher']}")

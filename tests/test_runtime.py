@@ -1,5 +1,6 @@
 """Runtime layer: features, AMX permission, the parallel launcher, aligned buffers, knobs."""
 
+import os
 import subprocess
 import sys
 
@@ -256,8 +257,11 @@ def test_resident_buffers_start_on_huge_pages():
 
 def test_info_command_runs():
     out = subprocess.run([sys.executable, "-m", "kt_jit.info"], capture_output=True, text=True, check=True)
-    for word in ("AMX", "threads", "kernel cache", "kernel ISA", "huge pages"):
+    for word in ("AMX", "threads", "kernel cache", "kernel ISA", "huge pages", "stream_group_blocks="):
         assert word in out.stdout
+    env = dict(os.environ, KT_JIT_TUNING="lanes_min_rows=0,bogus=2")  # reported, not a crash
+    out = subprocess.run([sys.executable, "-m", "kt_jit.info"], capture_output=True, text=True, check=True, env=env)
+    assert "unknown name(s) ['bogus']" in out.stdout
 
 
 def test_huge_page_status_reads_the_bracketed_mode(tmp_path, monkeypatch):
