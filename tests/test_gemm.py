@@ -242,12 +242,14 @@ def test_tuning_overrides_from_the_environment(monkeypatch):
     sch = gemm.default_schedule("bwd", "avx512", 1536, 2048, lanes_dy=True)
     assert (sch.sb, sch.ls, sch.tl) == (default.sb, 512, 12)
     for bad, match in (("bogus=1", "unknown name"), ("stream_group_blocks", "name=integer"),
-                       ("stream_group_blocks=x", "name=integer"), ("lanes_min_rows=5", "lanes_min_rows=5"),
-                       ("lane_partial_slice=100", "lane_partial_slice"), ("stream_group_blocks=0", "at least 1")):
+                       ("stream_group_blocks=x", "name=integer"), ("=4", "name=integer"),
+                       ("lanes_min_rows=5", "lanes_min_rows=5"), ("lane_partial_slice=100", "lane_partial_slice"),
+                       ("lane_partial_slice=2048", "64-1024"), ("stream_group_blocks=0", "1-32"),
+                       ("stream_group_blocks=64", "1-32"), ("stream_group_blocks=4,stream_group_blocks=8", "twice")):
         monkeypatch.setenv("KT_JIT_TUNING", bad)
         with pytest.raises(ValueError, match=match) as err:
             gemm.default_schedule("bwd", "avx512", 1536, 2048)
-        assert "KT_JIT_TUNING" in str(err.value)
+        assert "KT_JIT_TUNING" in str(err.value) and "kt_jit.info" in str(err.value)
 
 
 @pytest.mark.parametrize("isa", ISAS)

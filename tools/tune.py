@@ -22,23 +22,23 @@ import argparse
 import os
 import statistics
 import sys
-import time
 
 import torch
-from bench_moe import RANK, SHAPES
+from bench_moe import RANK, SHAPES, backward_seconds
 from benchlib import finish
 
 import kt_jit
 from kt_jit.kernels import gemm
 from kt_jit.kernels.probe import bf16_peak_flops, read_bandwidth
+from kt_jit.moe.sft import RECORD_AT_CALL
 from kt_jit.runtime.threads import default_num_threads
 
 # value -> (candidates, token counts whose groups it shapes: 1-4 rows per expert for the lane-partial
-# slice, 5-24 for the streamed form's blocks, 16 and more for the tokens-in-lanes form)
+# slice, 5-24 for the streamed form's blocks, 12 and more for the tokens-in-lanes form)
 CANDIDATES = {
     "lane_partial_slice": ((256, 512, 1024), (1, 16)),
     "stream_group_blocks": ((4, 8, 16), (128,)),
-    "lanes_min_rows": ((0, 12, 16), (512,)),
+    "lanes_min_rows": ((0, 12, 16), (128, 512)),
 }
 QUICK_QLENS = {"lane_partial_slice": (16,), "stream_group_blocks": (128,), "lanes_min_rows": (512,)}
 
@@ -64,12 +64,13 @@ def _routings(shape: str, qlen: int, count: int = 4, seed: int = 1):
 
 
 def _backward_ms(experts, lora, batch) -> float:
+    """One training forward, then its backward timed as bench_moe.py times it (caches emptied
+    first; fresh gradients: nothing is accumulated into earlier ones)."""
     x, ids, w = batch
-    out = kt_jit.moe_sft(x, ids, w, experts, lora)
-    grad = torch.ones_like(out)
-    t0 = time.perf_counter()
-    out.backward(grad)
-    return (time.perf_counter() - t0) * 1e3
+    for p in lora.parameters():
+        p.grad = None
+    out = kt_jit.moe_sft(x.detach().requires_grad_(), ids, w, experts, lora)
+    return backward_seconds(out, torch.ones_like(out)) * 1e3
 
 
 def _set_tuning(setting: str) -> None:
@@ -77,6 +78,30 @@ def _set_tuning(setting: str) -> None:
         os.environ["KT_JIT_TUNING"] = setting
     else:
         os.environ.pop("KT_JIT_TUNING", None)
+
+
+def measure(settings: list[str], qlen: int, shape: str, experts, lora, rounds: int,
+            passes: int) -> dict[str, list[float]]:
+    """Per KT_JIT_TUNING setting ("" = unset), its median backward ms in each timed round; the
+    settings take turns, in alternating order, over the same routings."""
+    batches = _routings(shape, qlen)
+    times: dict[str, list[float]] = {s: [] for s in settings}
+    for setting in settings:  # compile, and record every routing's launch plan (not timed)
+        _set_tuning(setting)
+        for batch in batches * RECORD_AT_CALL:
+            _backward_ms(experts, lora, batch)
+    for r in range(rounds):
+        for setting in settings if r % 2 == 0 else settings[::-1]:
+            _set_tuning(setting)
+            times[setting].append(statistics.median(
+                _backward_ms(experts, lora, batches[(r + j) % len(batches)]) for j in range(passes)))
+    _set_tuning("")
+    return times
+
+
+def _ratio(base: list[float], times: list[float]) -> float:
+    """Median over rounds of base / times (> 1: faster than base)."""
+    return statistics.median(b / t for b, t in zip(base, times, strict=True))
 
 
 def tune_value(name: str, values: tuple[int, ...], qlens: tuple[int, ...], shape: str, experts, lora,
@@ -87,20 +112,12 @@ def tune_value(name: str, values: tuple[int, ...], qlens: tuple[int, ...], shape
     values = tuple(sorted({*values, default}))
     rows = []
     for qlen in qlens:
-        batches = _routings(shape, qlen)
-        times: dict[int, list[float]] = {v: [] for v in values}
-        for r in range(rounds + 1):  # round 0 compiles and records the launch plans (not timed)
-            for v in values if r % 2 == 0 else values[::-1]:
-                _set_tuning(f"{name}={v}")
-                ms = [_backward_ms(experts, lora, batches[(r + j) % len(batches)]) for j in range(passes)]
-                if r:
-                    times[v].append(statistics.median(ms))
-        _set_tuning("")
-        base = times[default]
+        times = measure([f"{name}={v}" for v in values], qlen, shape, experts, lora, rounds, passes)
+        base = times[f"{name}={default}"]
         for v in values:
-            ratio = statistics.median(b / t for b, t in zip(base, times[v], strict=True))
-            rows.append({"name": f"{shape} {name}={v} qlen={qlen}", "ms": statistics.median(times[v]),
-                         "vs_default": ratio, "value": name, "candidate": v, "qlen": qlen,
+            mine = times[f"{name}={v}"]
+            rows.append({"name": f"{shape} {name}={v} qlen={qlen}", "ms": statistics.median(mine),
+                         "vs_default": _ratio(base, mine), "value": name, "candidate": v, "qlen": qlen,
                          "default": v == default})
     return rows
 
@@ -128,6 +145,12 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--passes", type=int, default=3, help="backward passes per candidate and round")
     ap.add_argument("--margin", type=float, default=0.02, help="gain a candidate needs over the default")
     args = ap.parse_args(argv)
+    if args.rounds < 0 or args.passes < 1:
+        ap.error("--rounds and --passes must be at least 1")
+    if kt_jit.active_isa() != "avx512":
+        print(f"kt_jit runs the {kt_jit.active_isa()} kernels here; the tuned values shape only the AVX-512 "
+              "transposed GEMMs (set KT_JIT_ISA=avx512 to tune those)", file=sys.stderr)
+        return 2
     if os.environ.get("KT_JIT_TUNING"):
         print(f"note: KT_JIT_TUNING={os.environ['KT_JIT_TUNING']!r} is set; candidates replace it", file=sys.stderr)
     names = [n.strip() for n in args.values.split(",") if n.strip()]
@@ -150,8 +173,21 @@ def main(argv: list[str] | None = None) -> int:
             print(f"{name:22s} {row['candidate']:6d} {row['qlen']:5d} {row['ms']:9.2f} {row['vs_default']:10.3f}{mark}")
     best = recommend(rows, args.margin)
     setting = ",".join(f"{k}={v}" for k, v in best.items())
+    if len(best) > 1:  # each value was measured against the defaults alone: check them together
+        qlens = sorted({r["qlen"] for r in rows if r["value"] in best})
+        for qlen in qlens:
+            times = measure(["", setting], qlen, args.shape, experts, lora, rounds, args.passes)
+            gain = _ratio(times[""], times[setting])
+            rows.append({"name": f"{args.shape} {setting} qlen={qlen}", "ms": statistics.median(times[setting]),
+                         "vs_default": gain, "value": "combined", "candidate": setting, "qlen": qlen,
+                         "default": False})
+            print(f"{'combined':22s} {'':>6s} {qlen:5d} {rows[-1]['ms']:9.2f} {gain:10.3f}  ({setting})")
+        if min(r["vs_default"] for r in rows if r["value"] == "combined") <= 1 + args.margin:
+            setting = ""  # (together they do not hold up: keep the defaults)
     print(f"\nrecommended: KT_JIT_TUNING={setting}" if setting else "\nrecommended: the defaults (nothing beat them "
           f"by more than {args.margin:.0%})")
+    rows.append({"name": "recommended", "ms": 0.0, "setting": setting, "rounds": rounds, "passes": args.passes,
+                 "margin": args.margin, "quick": args.quick, "shape": args.shape})
     if args.quick:
         print(f"(--quick: {rounds} rounds, one token count per value; a smoke run, not a measurement: on a noisy "
               "VM 4 rounds have shown 5-10% wins that 12 did not confirm)")

@@ -120,11 +120,12 @@ LANES_MIN_ROWS = 16
 
 @dataclass(frozen=True)
 class HostTuning:
-    """Schedule values that differ between the CPUs measured, chosen by the L1 data cache size:
-    Zen 5 (48 KB; also the values for every CPU with 48 KB or more, e.g. Sapphire Rapids) and Zen 4
-    (32 KB; used for every smaller or unknown L1). The slice length follows Zen 4 itself, not its
-    L1: the L1 size is how the two are told apart. KT_JIT_TUNING overrides any of them (names as
-    the fields; tools/tune.py measures candidates on the host).
+    """Schedule values of the AVX-512 transposed GEMMs that may differ between CPUs. The first two
+    differ between the CPUs measured and are chosen by the L1 data cache size: Zen 5 (48 KB; also
+    the values for every CPU with 48 KB or more, e.g. Sapphire Rapids) and Zen 4 (32 KB; used for
+    every smaller or unknown L1); the slice length follows Zen 4 itself, not its L1: the L1 size is
+    how the two are told apart. KT_JIT_TUNING overrides any of them (names as the fields;
+    tools/tune.py measures candidates on the host). The AMX kernels do not use them.
 
     stream_group_blocks: the streamed transposed form's n-blocks per pass (schedule ``sb``, >= 1)
     lane_partial_slice: the lane-partial form's K-slice in k-pair rows (schedule ``ls``, a multiple
@@ -138,10 +139,12 @@ class HostTuning:
     lanes_min_rows: int = LANES_MIN_ROWS
 
     def __post_init__(self) -> None:
-        if self.stream_group_blocks < 1:
-            raise ValueError(f"stream_group_blocks={self.stream_group_blocks}: at least 1")
-        if self.lane_partial_slice < 64 or self.lane_partial_slice % 16:
-            raise ValueError(f"lane_partial_slice={self.lane_partial_slice}: a multiple of 16, at least 64")
+        # (upper bounds: the stack a worker may need, see runtime/threads.KERNEL_STACK_MIN: 4 rows of
+        # lane_partial_slice 64-byte accumulators; the int4 K-group streamed form's dY scratch)
+        if not 1 <= self.stream_group_blocks <= 32:
+            raise ValueError(f"stream_group_blocks={self.stream_group_blocks}: 1-32")
+        if not 64 <= self.lane_partial_slice <= 1024 or self.lane_partial_slice % 16:
+            raise ValueError(f"lane_partial_slice={self.lane_partial_slice}: a multiple of 16 in 64-1024")
         if self.lanes_min_rows and not LANES_TAIL_MIN <= self.lanes_min_rows <= 16:
             raise ValueError(f"lanes_min_rows={self.lanes_min_rows}: {LANES_TAIL_MIN}-16, or 0 for none")
 
@@ -157,19 +160,25 @@ SMALL_L1_TUNING = HostTuning(4, 1024)
 
 
 def host_tuning() -> HostTuning:
-    """The schedule values for this CPU (see :class:`HostTuning`), with KT_JIT_TUNING's overrides."""
-    base = LARGE_L1_TUNING if l1d_cache_bytes() >= SMALL_L1 else SMALL_L1_TUNING
-    overrides = knobs.tuning_overrides()
+    """The schedule values for this CPU (see :class:`HostTuning`), with KT_JIT_TUNING's overrides
+    (a ValueError for a bad setting; the MoE operator checks it at every call, before any work)."""
+    return _tuning_for(knobs.raw("KT_JIT_TUNING"), l1d_cache_bytes())
+
+
+@functools.lru_cache(maxsize=16)
+def _tuning_for(raw_value: str | None, l1d_bytes: int) -> HostTuning:
+    base = LARGE_L1_TUNING if l1d_bytes >= SMALL_L1 else SMALL_L1_TUNING
+    overrides = knobs.parse_tuning(raw_value)
     if not overrides:
         return base
     names = [f.name for f in dataclasses.fields(HostTuning)]
     unknown = sorted(set(overrides) - set(names))
     if unknown:
-        raise ValueError(f"KT_JIT_TUNING: unknown name(s) {unknown}; the names are {names}")
+        raise ValueError(f"KT_JIT_TUNING: unknown name(s) {unknown}; the names are {names} ({knobs.TUNING_HINT})")
     try:
         return dataclasses.replace(base, **overrides)
     except ValueError as e:
-        raise ValueError(f"KT_JIT_TUNING: {e}") from None
+        raise ValueError(f"KT_JIT_TUNING: {e} ({knobs.TUNING_HINT})") from None
 
 
 @dataclass(frozen=True)
@@ -254,7 +263,8 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     (``one_group``, bf16 and int8, K long enough for a slice per thread) of 1-8 rows takes it with
     its K-slices spread over the work items (``lps``). ``lanes_dy``: the launches also pass each
     group's dY in the tokens-in-lanes layout (kernels/dytiles.py, an extra group field), so bf16
-    groups of 16 rows or more (see :data:`LANES_MIN_ROWS`) take that form."""
+    groups of ``HostTuning.lanes_min_rows`` rows or more (16: :data:`LANES_MIN_ROWS`) take that
+    form."""
     if isa == "avx512":
         if op == "fwd":  # quantized: prefetch 2 KB ahead like bf16's 16 rows (measured int8 +2-11%);
             # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1% alone)

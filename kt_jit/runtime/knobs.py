@@ -14,9 +14,10 @@ KT_JIT_DEFER_LAUNCHES  "0" runs every kernel launch of an MoE pass at once inste
                     debugging; also turns launch plans off)
 KT_JIT_LAUNCH_PLANS  "0" prepares every MoE pass's launches in Python instead of replaying a launch plan
                     recorded for its configuration (codegen/plan.py; for A/B runs and debugging)
-KT_JIT_TUNING       overrides of the schedule values kt_jit picks per CPU, as comma-separated
-                    name=value pairs (names: the fields of kernels/gemm.HostTuning, e.g.
-                    "stream_group_blocks=16,lanes_min_rows=0"); tools/tune.py measures them
+KT_JIT_TUNING       overrides of the schedule values kt_jit picks per CPU for its AVX-512 transposed
+                    GEMMs, as comma-separated name=value pairs (names: the fields of
+                    kernels/gemm.HostTuning, e.g. "stream_group_blocks=16,lanes_min_rows=0");
+                    tools/tune.py measures them
 
 Read, not owned: OMP_STACKSIZE and GOMP_STACKSIZE (the stack of libgomp's threads, which run the
 kernels; see runtime/threads.py).
@@ -70,20 +71,25 @@ def raw(name: str) -> str | None:
     return _get(name)
 
 
-def tuning_overrides() -> dict[str, int]:
-    """KT_JIT_TUNING as {name: integer value} ({} when unset or empty); names are checked by the
-    caller (kernels/gemm.host_tuning)."""
-    raw_value = _get("KT_JIT_TUNING", "").strip()
+TUNING_HINT = "unset KT_JIT_TUNING for the defaults; python -m kt_jit.info shows the values in effect"
+
+
+def parse_tuning(raw_value: str | None) -> dict[str, int]:
+    """A KT_JIT_TUNING value as {name: integer value} ({} for None or empty); the names and values
+    are checked by the caller (kernels/gemm.host_tuning)."""
     out: dict[str, int] = {}
-    for part in filter(None, (p.strip() for p in raw_value.split(","))):
-        name, sep, value = part.partition("=")
+    for part in filter(None, (p.strip() for p in (raw_value or "").split(","))):
+        name, sep, value = (s.strip() for s in part.partition("="))
         try:
-            if not sep:
+            if not sep or not name:
                 raise ValueError
-            out[name.strip()] = int(value.strip())
+            number = int(value)
         except ValueError:
             raise ValueError(f"KT_JIT_TUNING must be comma-separated name=integer pairs, got {part!r} in "
-                             f"{raw_value!r}") from None
+                             f"{raw_value!r} ({TUNING_HINT})") from None
+        if name in out:
+            raise ValueError(f"KT_JIT_TUNING sets {name} twice in {raw_value!r} ({TUNING_HINT})")
+        out[name] = number
     return out
 
 
