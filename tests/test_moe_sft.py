@@ -171,6 +171,9 @@ def test_bf16_backward_passes_dy_in_lanes(monkeypatch):
     check_against_reference(layer, make_batch(t, k, **spec), torch.randn(t, H, generator=torch.Generator()
                                                                            .manual_seed(3)))
     assert [(s.form, s.n) for s in launches] == [("lanes", H), ("lanes", 2 * I)]
+    launches.clear()  # 15 routed rows: no expert can reach 16, so no rearrangement is launched
+    check_against_reference(layer, make_batch(5, 3), torch.randn(5, H, generator=torch.Generator().manual_seed(4)))
+    assert launches == []
 
 
 def test_moe_sft_lora_weight_sync():

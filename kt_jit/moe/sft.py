@@ -313,7 +313,8 @@ def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routin
     elif kern.spec.schedule.tl:  # (each expert's dY in lanes takes its rows' 2n bytes each)
         assert dyt is not None, "the backward's buffers lack the tokens-in-lanes dY (see _backward_buffers)"
         x_lanes = _rows(dyt)
-        dytiles_kernel(n, "lanes", kern.spec.schedule.tl).launch(_table(r, [x, x_lanes, COUNT]), _pitch(dy))
+        if r.pairs >= kern.spec.schedule.tl:  # (fewer routed rows than that: no group can take the form)
+            dytiles_kernel(n, "lanes", kern.spec.schedule.tl).launch(_table(r, [x, x_lanes, COUNT]), _pitch(dy))
     groups = _gemm_groups(r, x, experts, name, _rows(dx), lora, xscales, x_lanes)
     if lora is not None:
         kern.launch(groups, _pitch(dy), _pitch(dx), ldh=_pitch(lora[0]))
