@@ -83,14 +83,25 @@ class DyTilesSpec:
         return f"amx_dy_tiles_n{self.n}"
 
 
+def _group(fn: Function, ctx: str, item: str) -> tuple[str, str, str, str]:
+    """(dY rows, destination, m, dY row pitch) of work item ``item``'s group."""
+    desc = fn.gep(ARGS.load_ptr(fn, ctx, "groups"), fn.mul(item, 8 * GROUP_FIELDS))
+    x, out = (fn.load("ptr", fn.gep(desc, 8 * f), 8) for f in (0, 1))
+    return x, out, fn.load("i64", fn.gep(desc, 16), 8), ARGS.load(fn, ctx, "ldx")
+
+
+def _pairs_by_token(fn: Function, halves: list[str]) -> list[str]:
+    """16 token rows of 8 dwords (``halves``, <8 x i32>; n-pairs 0-7 of a 16-n block) as 8
+    <16 x i32>: vector p lane j = n-pair p of token j."""
+    rows = [vx.shuffle(fn, "<8 x i32>", halves[2 * a], halves[2 * a + 1], list(range(16))) for a in range(8)]
+    return vx.transpose_dwords_16x8(fn, rows)
+
+
 def _lanes_body(spec: DyTilesSpec):
     blocks = spec.n // 16
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        desc = fn.gep(ARGS.load_ptr(fn, ctx, "groups"), fn.mul(item, 8 * GROUP_FIELDS))
-        x, out = (fn.load("ptr", fn.gep(desc, 8 * f), 8) for f in (0, 1))
-        m = fn.load("i64", fn.gep(desc, 16), 8)
-        ldx = ARGS.load(fn, ctx, "ldx")
+        x, out, m, ldx = _group(fn, ctx, item)
         with fn.if_then(lanes_rows_ir(fn, m, spec.min_rows), name="lanes"):
             with fn.loop(0, fn.val(f"udiv i64 {fn.add(m, 15)}, 16"), name="mt") as mt:
                 rows_here = fn.min(fn.sub(m, fn.mul(mt, 16)), 16)
@@ -104,10 +115,8 @@ def _lanes_body(spec: DyTilesSpec):
                 with fn.loop(0, blocks, name="s") as s:
                     xs = fn.gep(xt, fn.mul(s, 32))
                     halves = [fn.load("<8 x i32>", fn.gep(xs, off), 4) for off in offs]
-                    rows = [vx.shuffle(fn, "<8 x i32>", halves[2 * a], halves[2 * a + 1], list(range(16)))
-                            for a in range(8)]
                     ob = fn.gep(ot, fn.mul(fn.mul(s, 8), pitch))
-                    for p, g in enumerate(vx.transpose_dwords_16x8(fn, rows)):
+                    for p, g in enumerate(_pairs_by_token(fn, halves)):
                         vx.masked_store(fn, I32x16, g, fn.gep(ob, fn.mul(pitch, p)), mask)
 
     return body
@@ -117,10 +126,7 @@ def _body(spec: DyTilesSpec):
     blocks = spec.n // 16
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        desc = fn.gep(ARGS.load_ptr(fn, ctx, "groups"), fn.mul(item, 8 * GROUP_FIELDS))
-        x, out = (fn.load("ptr", fn.gep(desc, 8 * f), 8) for f in (0, 1))
-        m = fn.load("i64", fn.gep(desc, 16), 8)
-        ldx = ARGS.load(fn, ctx, "ldx")
+        x, out, m, ldx = _group(fn, ctx, item)
         lo16, hi16 = vx.i32x16_const([0xFFFF] * 16), vx.i32x16_const([-0x10000] * 16)
         sixteen = vx.i32x16_const([16] * 16)
         with fn.loop(0, fn.val(f"udiv i64 {fn.add(m, 15)}, 16"), name="mt") as mt:
@@ -133,10 +139,8 @@ def _body(spec: DyTilesSpec):
                     row = fn.load("<8 x i32>", fn.gep(xt, fn.add(fn.mul(ldx, j), fn.mul(s, 32))), 4)
                     keep = fn.icmp("sgt", valid, j)
                     halves.append(fn.val(f"select i1 {keep}, <8 x i32> {row}, <8 x i32> zeroinitializer"))
-                rows = [vx.shuffle(fn, "<8 x i32>", halves[2 * a], halves[2 * a + 1], list(range(16)))
-                        for a in range(8)]
                 ob = fn.gep(ot, fn.mul(s, 2048))
-                for p, g in enumerate(vx.transpose_dwords_16x8(fn, rows)):
+                for p, g in enumerate(_pairs_by_token(fn, halves)):
                     parts = ((0, 2 * p, f"and {I32x16} {g}, {lo16}"), (0, 2 * p + 1, f"lshr {I32x16} {g}, {sixteen}"),
                              (1, 2 * p, f"shl {I32x16} {g}, {sixteen}"), (1, 2 * p + 1, f"and {I32x16} {g}, {hi16}"))
                     for tile, i, op in parts:
