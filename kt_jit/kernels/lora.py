@@ -14,7 +14,9 @@ LoRA product of the forward and backward pass (r = rank, small; m = tokens of on
   (``copy_bf16``: a 5th group field, the copy's first row; its pitch is ``ldz``).
 - ``xty``: ``C[A, B] = alpha * P[m, A]^T @ diag(s) Q[m, B]`` (reduction over the tokens; ``s`` an
   optional fp32 weight per token, else 1): LoRA weight gradients. Outer form with fp32 FMA; P and Q
-  fp32 or bf16.
+  fp32 or bf16. With ``token_pairs`` (the MoE backward's gradients) the products are bf16 over
+  pairs of tokens instead (``vdpbf16ps``, two tokens per instruction): P and s Q (or s P for fp32
+  P) are rounded to bf16 first, the sums stay fp32.
 
 Non-accumulating ``xat`` and ``xty`` may store bf16 (rounded once from the fp32 sums).
 
@@ -53,6 +55,7 @@ class LoraSpec:
     y_dtype: str = "f32"  # xat / xty may store bf16 directly
     row_scale: bool = False  # xty: Q's rows weighted by an fp32 per-token factor (a 5th group field)
     copy_bf16: bool = False  # xb: also store bf16(Y) (a 5th group field)
+    token_pairs: bool = False  # xty: bf16 products over token pairs (P, and Q times its row weights, rounded)
 
     def __post_init__(self) -> None:
         if self.form not in ("xat", "xb", "xty"):
@@ -71,6 +74,8 @@ class LoraSpec:
             raise ValueError("row weights are only for xty kernels")
         if self.form == "xb" and self.w_dtype != "bf16":
             raise ValueError("xb kernels read B as bf16")
+        if self.token_pairs and self.form != "xty":
+            raise ValueError("token pairs are only for xty kernels")
         if self.copy_bf16 and (self.form != "xb" or self.accumulate or self.y_dtype != "f32"):
             raise ValueError("a bf16 copy of the output is only for non-accumulating xb kernels")
 
@@ -79,7 +84,8 @@ class LoraSpec:
         acc = "_acc" if self.accumulate else ""
         rs = "_rs" if self.row_scale else ""
         cp = "_cp16" if self.copy_bf16 else ""
-        return f"lora_{self.form}_n{self.n}_k{self.k}_{self.x_dtype}_{self.w_dtype}_{self.y_dtype}{acc}{rs}{cp}"
+        tp = "_tp" if self.token_pairs else ""
+        return f"lora_{self.form}_n{self.n}_k{self.k}_{self.x_dtype}_{self.w_dtype}_{self.y_dtype}{acc}{rs}{cp}{tp}"
 
     @property
     def group_fields(self) -> int:
@@ -344,6 +350,116 @@ def _xty_unit(fn: Function, spec: LoraSpec, ops: tuple, a0: str, b0: str, ab: in
             for j in range(nb):
                 acc = accs[a, j]
                 acc.set(vx.fma(fn, pv, qv[j], acc.get()))
+    _xty_store(fn, spec, accs, out, a0, b0, ab, nb, alpha)
+
+
+def _pair_rows(fn: Function, row0: str, row1: str | None, count: int, dtype: str,
+               scales: tuple[str, str] | None) -> str:
+    """``count`` values of two token rows (f32 or bf16; ``row1`` None: zeros) interleaved into bf16
+    pairs, element 2i = row0[i], 2i+1 = row1[i], as <2 count x bfloat>; with ``scales`` (two
+    <count x float> splats) each row is first multiplied by its own, in fp32, and rounded once."""
+    half, full = f"<{count} x float>", f"<{2 * count} x float>"
+    interleave = [i // 2 + (count if i % 2 else 0) for i in range(2 * count)]
+    if dtype == "bf16" and scales is None:
+        ty = f"<{count} x bfloat>"
+        second = fn.load(ty, row1, 2) if row1 is not None else "zeroinitializer"
+        return vx.shuffle(fn, ty, fn.load(ty, row0, 2), second, interleave)
+
+    def load(row: str, scale: str | None) -> str:
+        if dtype == "f32":
+            v = fn.load(half, row, 4)
+        else:
+            v = fn.val(f"fpext <{count} x bfloat> {fn.load(f'<{count} x bfloat>', row, 2)} to {half}")
+        return fn.val(f"fmul {half} {v}, {scale}") if scale is not None else v
+
+    first = load(row0, scales[0] if scales else None)
+    second = load(row1, scales[1] if scales else None) if row1 is not None else "zeroinitializer"
+    pairs = vx.shuffle(fn, half, first, second, interleave)
+    return fn.val(f"fptrunc {full} {pairs} to <{2 * count} x bfloat>")
+
+
+def _row_scale(fn: Function, rs: str, t: str, count: int) -> str:
+    """Token t's row weight (fp32 at ``rs[t]``) as a <count x float> splat."""
+    s = fn.load("float", fn.gep(rs, fn.mul(t, 4)), 4)
+    v = fn.val(f"insertelement <{count} x float> poison, float {s}, i64 0")
+    return fn.val(f"shufflevector <{count} x float> {v}, <{count} x float> poison, <{count} x i32> zeroinitializer")
+
+
+XTY_PAIR_CHUNK = 32  # token pairs whose P pairs are staged before their products (see below)
+
+
+def _xty_pairs_unit(fn: Function, spec: LoraSpec, ops: tuple, a0: str, b0: str, ab: int, nb: int,
+                    prefetch: int) -> None:
+    """:func:`_xty_unit` with bf16 products over token pairs (``LoraSpec.token_pairs``): per pair
+    (t, t+1), P's ab values of both tokens interleaved into bf16 pairs and Q's 16 nb likewise;
+    ``vdpbf16ps`` adds both tokens' products per lane, two per instruction where the fp32 form has
+    one FMA per token. The row weights scale P's rows when P is fp32 (one rounding of the
+    product), else Q's.
+
+    P's pairs are staged on the stack for up to XTY_PAIR_CHUNK token pairs before their products
+    run, each read back as the embedded-broadcast operand of its dots (one copy per Q vector:
+    LLVM would merge two reads of one address into a separate broadcast instruction, 1.3x slower
+    on Zen 4). Staging each pair just before its dots made every broadcast wait on the store it
+    reads from: kernel alone on Zen 4, A 16 x B 2048 in L2, 0.22 TF against 0.38 with the
+    broadcasts not waiting on a store."""
+    p, q, out, m, rs, ldp, ldq, alpha = ops
+    psz = 4 if spec.x_dtype == "f32" else 2
+    qsz = 4 if spec.w_dtype == "f32" else 2
+    scale_p = bool(rs) and spec.x_dtype == "f32"
+    accs = {(a, j): fn.var(F32x16, "zeroinitializer", 64) for a in range(ab) for j in range(nb)}
+    staged = fn.alloca("i8", 64, XTY_PAIR_CHUNK * nb * 64)
+    # the broadcasts read the stage through an offset LLVM cannot see (else it forwards the
+    # stored pairs into shuffles; see kernels/gemm._bwd_lanes_item)
+    bcast = fn.gep(staged, vx.opaque_zero(fn))
+
+    def splats(t: str, pair: bool, count: int) -> tuple[str, str]:
+        """The row weights of tokens t and t+1 (zero without a second token)."""
+        return (_row_scale(fn, rs[0], t, count),
+                _row_scale(fn, rs[0], fn.add(t, 1), count) if pair else "zeroinitializer")
+
+    def stage(t: str, pair: bool, slot: str) -> None:
+        """P's pairs of tokens t, t+1 into stage slot ``slot`` (nb copies)."""
+        prows = [fn.gep(p, fn.add(fn.mul(r, ldp), fn.mul(a0, psz))) for r in ((t, fn.add(t, 1)) if pair else (t,))]
+        if not prefetch:
+            for pr in prows:
+                vx.prefetch(fn, fn.gep(pr, XTY_PREFETCH_UNITS * ab * psz))
+        ppairs = _pair_rows(fn, prows[0], prows[1] if pair else None, ab, spec.x_dtype,
+                            splats(t, pair, ab) if scale_p else None)
+        for j in range(nb):
+            fn.store(f"<{2 * ab} x bfloat>", ppairs, fn.gep(staged, fn.add(fn.mul(slot, nb * 64), 64 * j)), 64)
+
+    def products(t: str, pair: bool, slot: str) -> None:
+        """accs += the products of tokens t, t+1 (P's pairs from stage slot ``slot``)."""
+        qrows = [fn.gep(q, fn.add(fn.mul(r, ldq), fn.mul(b0, qsz))) for r in ((t, fn.add(t, 1)) if pair else (t,))]
+        if prefetch:
+            for qr in qrows:
+                vx.prefetch(fn, fn.gep(qr, prefetch))
+        scales = splats(t, pair, 16) if rs and not scale_p else None
+        qpairs = [_pair_rows(fn, fn.gep(qrows[0], 16 * j * qsz), fn.gep(qrows[1], 16 * j * qsz) if pair else None,
+                             16, spec.w_dtype, scales)
+                  for j in range(nb)]
+        slot_bytes = fn.gep(bcast, fn.mul(slot, nb * 64))
+        for a in range(ab):
+            for j in range(nb):
+                acc = accs[a, j]
+                acc.set(vx.dpbf16(fn, acc.get(), qpairs[j], vx.bcast_pair(fn, fn.gep(slot_bytes, 64 * j + 4 * a))))
+
+    pairs = fn.val(f"udiv i64 {m}, 2")
+    with fn.loop(0, pairs, XTY_PAIR_CHUNK, name="tpc") as c0:
+        count = fn.min(fn.sub(pairs, c0), XTY_PAIR_CHUNK)
+        with fn.loop(0, count, name="tps") as i:
+            stage(fn.mul(fn.add(c0, i), 2), True, i)
+        with fn.loop(0, count, name="tpp") as i:
+            products(fn.mul(fn.add(c0, i), 2), True, i)
+    with fn.if_then(fn.icmp("ne", fn.val(f"and i64 {m}, 1"), 0), name="todd"):
+        stage(fn.sub(m, 1), False, "0")
+        products(fn.sub(m, 1), False, "0")
+    _xty_store(fn, spec, accs, out, a0, b0, ab, nb, alpha)
+
+
+def _xty_store(fn: Function, spec: LoraSpec, accs: dict, out: str, a0: str, b0: str, ab: int, nb: int,
+               alpha: str) -> None:
+    """C[a0:a0+ab, b0:b0+16nb] = alpha * accs (bf16: rounded once, 32-byte streaming stores)."""
     ysz = 4 if spec.y_dtype == "f32" else 2
     for a in range(ab):
         row = fn.gep(out, fn.mul(fn.add(fn.mul(fn.add(a0, a), spec.n), b0), ysz))
@@ -360,6 +476,8 @@ def _xty_body(spec: LoraSpec):
     cols = spec.n // tc
     qsz = 4 if spec.w_dtype == "f32" else 2
     ahead = XTY_PREFETCH_UNITS * tc * qsz if cols > 1 else 0
+
+    unit_form = _xty_pairs_unit if spec.token_pairs else _xty_unit
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
         c, p, q, out, m, *rs = _group(fn, ctx, item, spec.items_per_group, spec.group_fields)
@@ -380,10 +498,10 @@ def _xty_body(spec: LoraSpec):
             # (half the rows, twice the run per row) or 8 x 32
             h, w = (4, 64) if wide else (8, 32)
             each_tile(fn.mul(u0, 2), fn.mul(u1, 2), h, w,
-                  lambda a0, b0: _xty_unit(fn, spec, ops, a0, b0, h, w // 16, XTY_PREFETCH_UNITS * w * qsz))
+                  lambda a0, b0: unit_form(fn, spec, ops, a0, b0, h, w // 16, XTY_PREFETCH_UNITS * w * qsz))
 
         if tc == 16 * nb:
-            each_tile(u0, u1, ab, tc, lambda a0, b0: _xty_unit(fn, spec, ops, a0, b0, ab, nb, ahead))
+            each_tile(u0, u1, ab, tc, lambda a0, b0: unit_form(fn, spec, ops, a0, b0, ab, nb, ahead))
         else:
             either(fn, fn.icmp("ule", m, XTY_WIDE_MAX), wide_or_narrow)
         if spec.y_dtype == "bf16":  # (the streaming stores are weakly ordered)
@@ -434,6 +552,7 @@ def get_kernel(spec: LoraSpec) -> LoraKernel:
 
 @functools.cache
 def kernel_for(form: str, n: int, k: int, x_dtype: str = "bf16", w_dtype: str = "bf16", accumulate: bool = False,
-               y_dtype: str = "f32", row_scale: bool = False, copy_bf16: bool = False) -> LoraKernel:
+               y_dtype: str = "f32", row_scale: bool = False, copy_bf16: bool = False,
+               token_pairs: bool = False) -> LoraKernel:
     """:func:`get_kernel` of ``LoraSpec(form, n, k, ...)``, memoised on the arguments."""
-    return get_kernel(LoraSpec(form, n, k, x_dtype, w_dtype, accumulate, y_dtype, row_scale, copy_bf16))
+    return get_kernel(LoraSpec(form, n, k, x_dtype, w_dtype, accumulate, y_dtype, row_scale, copy_bf16, token_pairs))
