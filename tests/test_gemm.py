@@ -218,14 +218,19 @@ def test_schedule_validation():
 
 
 def test_host_tuning_follows_the_l1_size(monkeypatch):
-    """The streamed form reads 16 n-blocks per pass and the lane-partial form's slices are 256 k-pair
-    rows where the L1 data cache holds 48 KB; 4 and 1024 on smaller (or unknown) ones; single
-    groups keep 256 (a slice per work item)."""
-    for size, blocks, slice_ in ((48 << 10, 16, 256), (64 << 10, 16, 256), (32 << 10, 4, 1024), (0, 4, 1024)):
+    """The streamed form reads 16 n-blocks per pass, the lane-partial form's slices are 256 k-pair
+    rows, and the streams are prefetched 1 KB ahead (2 KB in the quantized forward) where the L1
+    data cache holds 48 KB; 4 blocks, 1024 rows, 512 B and 256 B on smaller (or unknown) ones;
+    single groups keep 256-row slices (a slice per work item)."""
+    for size, blocks, slice_, ahead, quant_ahead in ((48 << 10, 16, 256, 1024, 2048), (64 << 10, 16, 256, 1024, 2048),
+                                                     (32 << 10, 4, 1024, 512, 256), (0, 4, 1024, 512, 256)):
         monkeypatch.setattr(gemm, "l1d_cache_bytes", lambda size=size: size)
         sch = gemm.default_schedule("bwd", "avx512", 1536, 2048)
-        assert (sch.sb, sch.ls) == (blocks, slice_)
+        assert (sch.sb, sch.ls, sch.sp) == (blocks, slice_, ahead)
         assert gemm.default_schedule("bwd", "avx512", 1536, 2048, one_group=True).ls == gemm.LANE_PARTIAL_SLICE
+        for quant in ("int8", "int4"):  # the forward's pf counts packed rows
+            assert gemm.default_schedule("fwd", "avx512", 1536, 2048, quant).pf * gemm.ROW_BYTES[quant] == quant_ahead
+        assert gemm.default_schedule("fwd", "avx512", 1536, 2048).pf == 16  # (bf16: not a per-CPU value)
 
 
 def test_tuning_overrides_from_the_environment(monkeypatch):
@@ -238,14 +243,18 @@ def test_tuning_overrides_from_the_environment(monkeypatch):
     assert (sch.sb, sch.tl, sch.ls) == (4, 0, default.ls)
     after = gemm.kernel_for("bwd", 96, 192, isa="avx512", lanes_dy=True)
     assert (before.spec.schedule.tl, after.spec.schedule.tl) == (gemm.LANES_MIN_ROWS, 0)
-    monkeypatch.setenv("KT_JIT_TUNING", "lane_partial_slice=512,lanes_min_rows=12")
+    monkeypatch.setenv("KT_JIT_TUNING", "lane_partial_slice=512,lanes_min_rows=12,stream_prefetch=2048")
     sch = gemm.default_schedule("bwd", "avx512", 1536, 2048, lanes_dy=True)
-    assert (sch.sb, sch.ls, sch.tl) == (default.sb, 512, 12)
+    assert (sch.sb, sch.ls, sch.tl, sch.sp) == (default.sb, 512, 12, 2048)
+    monkeypatch.setenv("KT_JIT_TUNING", "quant_prefetch=1024")
+    assert gemm.default_schedule("fwd", "avx512", 1536, 2048, "int8").pf == 1024 // gemm.ROW_BYTES["int8"]
     for bad, match in (("bogus=1", "unknown name"), ("stream_group_blocks", "name=integer"),
                        ("stream_group_blocks=x", "name=integer"), ("=4", "name=integer"),
                        ("lanes_min_rows=5", "lanes_min_rows=5"), ("lane_partial_slice=100", "lane_partial_slice"),
                        ("lane_partial_slice=2048", "64-1024"), ("stream_group_blocks=0", "1-32"),
-                       ("stream_group_blocks=64", "1-32"), ("stream_group_blocks=4,stream_group_blocks=8", "twice")):
+                       ("stream_group_blocks=64", "1-32"), ("stream_group_blocks=4,stream_group_blocks=8", "twice"),
+                       ("stream_prefetch=100", "stream_prefetch=100"), ("quant_prefetch=0", "64-8192"),
+                       ("quant_prefetch=16384", "64-8192")):
         monkeypatch.setenv("KT_JIT_TUNING", bad)
         with pytest.raises(ValueError, match=match) as err:
             gemm.default_schedule("bwd", "avx512", 1536, 2048)

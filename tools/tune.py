@@ -3,8 +3,9 @@ KT_JIT_TUNING setting that wins.
 
 kt_jit picks a few blocking values of the transposed GEMMs by the CPU's L1 data cache size (two
 CPUs measured: Zen 4 and Zen 5). On another CPU other values may be faster; this script finds out.
-For each value it times the MoE backward (LoRA rank 16, random top-k routing as in bench_moe.py)
-at the token counts whose groups that value shapes, with every candidate in one process: the
+For each value it times the MoE backward (the forward for ``quant_prefetch``; LoRA rank 16, random
+top-k routing as in bench_moe.py; bf16 experts, int8 for the two prefetch distances) at the token
+counts whose groups that value shapes, with every candidate in one process: the
 candidates take turns round by round (in alternating order), each under its own KT_JIT_TUNING (which
 keys its kernels and launch plans), and each gets the median of its passes. A candidate replaces
 the default only when the median of its per-round time ratios beats it by more than ``--margin``.
@@ -22,9 +23,10 @@ import argparse
 import os
 import statistics
 import sys
+import time
 
 import torch
-from bench_moe import RANK, SHAPES, backward_seconds
+from bench_moe import RANK, SHAPES, backward_seconds, flush_l3
 from benchlib import finish
 
 import kt_jit
@@ -34,20 +36,24 @@ from kt_jit.moe.sft import RECORD_AT_CALL
 from kt_jit.runtime.threads import default_num_threads
 
 # value -> (candidates, token counts whose groups it shapes: 1-4 rows per expert for the lane-partial
-# slice, 5-24 for the streamed form's blocks, 12 and more for the tokens-in-lanes form)
+# slice and the streams' prefetch, 5-24 for the streamed form's blocks, 12 and more for the
+# tokens-in-lanes form; the experts' weights; the pass timed)
 CANDIDATES = {
-    "lane_partial_slice": ((256, 512, 1024), (1, 16)),
-    "stream_group_blocks": ((4, 8, 16), (128,)),
-    "lanes_min_rows": ((0, 12, 16), (128, 512)),
+    "lane_partial_slice": ((256, 512, 1024), (1, 16), "bf16", "bwd"),
+    "stream_group_blocks": ((4, 8, 16), (128,), "bf16", "bwd"),
+    "lanes_min_rows": ((0, 12, 16), (128, 512), "bf16", "bwd"),
+    "stream_prefetch": ((256, 512, 1024, 2048), (1, 16), "int8", "bwd"),
+    "quant_prefetch": ((256, 512, 1024, 2048), (1, 16), "int8", "fwd"),
 }
-QUICK_QLENS = {"lane_partial_slice": (16,), "stream_group_blocks": (128,), "lanes_min_rows": (512,)}
+QUICK_QLENS = {"lane_partial_slice": (16,), "stream_group_blocks": (128,), "lanes_min_rows": (512,),
+               "stream_prefetch": (16,), "quant_prefetch": (16,)}
 
 
-def _layer(shape: str, seed: int = 0):
+def _layer(shape: str, quant: str = "bf16", seed: int = 0):
     e, h, i, _ = SHAPES[shape]
     g = torch.Generator().manual_seed(seed)
     experts = kt_jit.MoEExperts.from_tensors(*((torch.randn(*s, generator=g) * 0.02).bfloat16()
-                                               for s in ((e, i, h), (e, i, h), (e, h, i))))
+                                               for s in ((e, i, h), (e, i, h), (e, h, i))), quant=quant)
     lora = kt_jit.MoELoRA(e, h, i, rank=RANK)
     with torch.no_grad():
         for p in lora.parameters():
@@ -73,6 +79,19 @@ def _backward_ms(experts, lora, batch) -> float:
     return backward_seconds(out, torch.ones_like(out)) * 1e3
 
 
+def _forward_ms(experts, lora, batch) -> float:
+    """One training forward (activations saved for a backward), timed with cold caches like
+    :func:`_backward_ms`."""
+    x, ids, w = batch
+    flush_l3()
+    t0 = time.perf_counter()
+    kt_jit.moe_sft(x.detach().requires_grad_(), ids, w, experts, lora)
+    return (time.perf_counter() - t0) * 1e3
+
+
+PASSES = {"fwd": _forward_ms, "bwd": _backward_ms}
+
+
 def _set_tuning(setting: str) -> None:
     if setting:
         os.environ["KT_JIT_TUNING"] = setting
@@ -81,12 +100,13 @@ def _set_tuning(setting: str) -> None:
 
 
 def measure(settings: list[str], qlen: int, shape: str, experts, lora, rounds: int,
-            passes: int) -> dict[str, list[float]]:
-    """Per KT_JIT_TUNING setting ("" = unset), its median backward ms in each timed round; the
-    settings take turns, in alternating order, over the same routings."""
+            passes: int, timed: str = "bwd") -> dict[str, list[float]]:
+    """Per KT_JIT_TUNING setting ("" = unset), its median ms of the ``timed`` pass ("fwd" or "bwd")
+    in each timed round; the settings take turns, in alternating order, over the same routings."""
     batches = _routings(shape, qlen)
+    run = PASSES[timed]
     times: dict[str, list[float]] = {s: [] for s in settings}
-    for setting in settings:  # compile, and record every routing's launch plan (not timed)
+    for setting in settings:  # compile, and record every routing's launch plans (not timed)
         _set_tuning(setting)
         for batch in batches * RECORD_AT_CALL:
             _backward_ms(experts, lora, batch)
@@ -94,7 +114,7 @@ def measure(settings: list[str], qlen: int, shape: str, experts, lora, rounds: i
         for setting in settings if r % 2 == 0 else settings[::-1]:
             _set_tuning(setting)
             times[setting].append(statistics.median(
-                _backward_ms(experts, lora, batches[(r + j) % len(batches)]) for j in range(passes)))
+                run(experts, lora, batches[(r + j) % len(batches)]) for j in range(passes)))
     _set_tuning("")
     return times
 
@@ -105,20 +125,20 @@ def _ratio(base: list[float], times: list[float]) -> float:
 
 
 def tune_value(name: str, values: tuple[int, ...], qlens: tuple[int, ...], shape: str, experts, lora,
-               rounds: int, passes: int) -> list[dict]:
-    """Rows (one per candidate and qlen: median backward ms, and ``vs_default`` = the default's
-    time / the candidate's, as the median of per-round ratios) for one HostTuning value."""
+               rounds: int, passes: int, timed: str = "bwd") -> list[dict]:
+    """Rows (one per candidate and qlen: median ms of the ``timed`` pass, and ``vs_default`` = the
+    default's time / the candidate's, as the median of per-round ratios) for one HostTuning value."""
     default = getattr(gemm.host_tuning(), name)
     values = tuple(sorted({*values, default}))
     rows = []
     for qlen in qlens:
-        times = measure([f"{name}={v}" for v in values], qlen, shape, experts, lora, rounds, passes)
+        times = measure([f"{name}={v}" for v in values], qlen, shape, experts, lora, rounds, passes, timed)
         base = times[f"{name}={default}"]
         for v in values:
             mine = times[f"{name}={v}"]
             rows.append({"name": f"{shape} {name}={v} qlen={qlen}", "ms": statistics.median(mine),
                          "vs_default": _ratio(base, mine), "value": name, "candidate": v, "qlen": qlen,
-                         "default": v == default})
+                         "default": v == default, "pass": timed})
     return rows
 
 
@@ -161,27 +181,36 @@ def main(argv: list[str] | None = None) -> int:
     threads = default_num_threads()
     _set_tuning("")
     print(f"kt_jit tune: {args.shape}, isa={kt_jit.active_isa()} threads={threads}, defaults {gemm.host_tuning()}")
-    experts, lora = _layer(args.shape)
+    layers: dict[str, tuple] = {}  # weights -> (experts, lora), built when first needed
+
+    def layer(quant: str) -> tuple:
+        if quant not in layers:
+            layers[quant] = _layer(args.shape, quant)
+        return layers[quant]
+
     rows = []
-    print(f"{'value':22s} {'cand':>6s} {'qlen':>5s} {'bwd ms':>9s} {'vs_default':>10s}")
+    print(f"{'value':22s} {'cand':>6s} {'qlen':>5s} {'pass':>10s} {'ms':>9s} {'vs_default':>10s}")
     for name in names:
-        values, qlens = CANDIDATES[name]
-        for row in tune_value(name, values, QUICK_QLENS[name] if args.quick else qlens, args.shape, experts, lora,
-                              rounds, args.passes):
+        values, qlens, quant, timed = CANDIDATES[name]
+        for row in tune_value(name, values, QUICK_QLENS[name] if args.quick else qlens, args.shape, *layer(quant),
+                              rounds, args.passes, timed):
             rows.append(row)
             mark = " (default)" if row["default"] else ""
-            print(f"{name:22s} {row['candidate']:6d} {row['qlen']:5d} {row['ms']:9.2f} {row['vs_default']:10.3f}{mark}")
+            print(f"{name:22s} {row['candidate']:6d} {row['qlen']:5d} {quant + ' ' + timed:>10s} {row['ms']:9.2f} "
+                  f"{row['vs_default']:10.3f}{mark}")
     best = recommend(rows, args.margin)
     setting = ",".join(f"{k}={v}" for k, v in best.items())
     if len(best) > 1:  # each value was measured against the defaults alone: check them together
-        qlens = sorted({r["qlen"] for r in rows if r["value"] in best})
-        for qlen in qlens:
-            times = measure(["", setting], qlen, args.shape, experts, lora, rounds, args.passes)
+        checks = sorted({(CANDIDATES[r["value"]][2], CANDIDATES[r["value"]][3], r["qlen"])
+                         for r in rows if r["value"] in best})
+        for quant, timed, qlen in checks:
+            times = measure(["", setting], qlen, args.shape, *layer(quant), rounds, args.passes, timed)
             gain = _ratio(times[""], times[setting])
             rows.append({"name": f"{args.shape} {setting} qlen={qlen}", "ms": statistics.median(times[setting]),
                          "vs_default": gain, "value": "combined", "candidate": setting, "qlen": qlen,
-                         "default": False})
-            print(f"{'combined':22s} {'':>6s} {qlen:5d} {rows[-1]['ms']:9.2f} {gain:10.3f}  ({setting})")
+                         "default": False, "pass": timed})
+            print(f"{'combined':22s} {'':>6s} {qlen:5d} {quant + ' ' + timed:>10s} {rows[-1]['ms']:9.2f} "
+                  f"{gain:10.3f}  ({setting})")
         if min(r["vs_default"] for r in rows if r["value"] == "combined") <= 1 + args.margin:
             setting = ""  # (together they do not hold up: keep the defaults)
     print(f"\nrecommended: KT_JIT_TUNING={setting}" if setting else "\nrecommended: the defaults (nothing beat them "

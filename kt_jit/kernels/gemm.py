@@ -102,6 +102,8 @@ ISAS = ("avx512", "amx", "amx_emu")
 # -1.6 / -5.7%), deepseek-v2-lite -4.8..-6.1%, dsv3-64e -4.6..-6.6%, int8 +0.7%, int4_kgroup -2%.
 STREAM_GROUP_BLOCKS = 16
 LANE_PARTIAL_SLICE = 256  # k-pair rows per K-slice of the lane-partial form at <= 4 rows (GemmSchedule.ls)
+STREAM_PREFETCH = 1024  # bytes ahead along each weight stream of the streamed and lane-partial forms
+QUANT_PREFETCH = 2048  # bytes ahead along each weight stream of the quantized forward (Zen 5: int8 +2-11%)
 SMALL_L1 = 48 << 10  # an L1 data cache below this size selects the small-L1 values below
 # The tokens-in-lanes form from groups of this many rows (schedule tl), and above only where the
 # last 16-row tile holds at least 12 (kernels.dytiles.LANES_TAIL_MIN). Zen 4, kernel level, 32-96
@@ -120,23 +122,30 @@ LANES_MIN_ROWS = 16
 
 @dataclass(frozen=True)
 class HostTuning:
-    """Schedule values of the AVX-512 transposed GEMMs that may differ between CPUs. The first two
-    differ between the CPUs measured and are chosen by the L1 data cache size: Zen 5 (48 KB; also
-    the values for every CPU with 48 KB or more, e.g. Sapphire Rapids) and Zen 4 (32 KB; used for
-    every smaller or unknown L1); the slice length follows Zen 4 itself, not its L1: the L1 size is
-    how the two are told apart. KT_JIT_TUNING overrides any of them (names as the fields;
-    tools/tune.py measures candidates on the host). The AMX kernels do not use them.
+    """Schedule values of the AVX-512 GEMMs (mostly the transposed ones) that may differ between
+    CPUs. All but ``lanes_min_rows`` differ between the CPUs measured and are chosen by the L1 data
+    cache size: Zen 5 (48 KB; also the values for every CPU with 48 KB or more, e.g. Sapphire
+    Rapids) and Zen 4 (32 KB; used for every smaller or unknown L1); the slice length and the
+    prefetch distances follow Zen 4 itself, not its L1: the L1 size is how the two are told apart.
+    KT_JIT_TUNING overrides any of them (names as the fields; tools/tune.py measures candidates on
+    the host). The AMX kernels do not use them.
 
     stream_group_blocks: the streamed transposed form's n-blocks per pass (schedule ``sb``, >= 1)
     lane_partial_slice: the lane-partial form's K-slice in k-pair rows (schedule ``ls``, a multiple
         of 16, >= 64; single-group launches keep LANE_PARTIAL_SLICE)
     lanes_min_rows: the smallest group of the tokens-in-lanes form (schedule ``tl``: 12-16, or 0
         for none) in launches that pass dY in its layout
+    stream_prefetch: bytes the streamed and lane-partial transposed forms prefetch ahead along each
+        weight stream (schedule ``sp``)
+    quant_prefetch: bytes the quantized forward GEMM prefetches ahead along each weight stream
+        (schedule ``pf`` = this / the packed row's bytes)
     """
 
     stream_group_blocks: int
     lane_partial_slice: int
     lanes_min_rows: int = LANES_MIN_ROWS
+    stream_prefetch: int = STREAM_PREFETCH
+    quant_prefetch: int = QUANT_PREFETCH
 
     def __post_init__(self) -> None:
         # (upper bounds: the stack a worker may need, see runtime/threads.KERNEL_STACK_MIN: 4 rows of
@@ -147,6 +156,10 @@ class HostTuning:
             raise ValueError(f"lane_partial_slice={self.lane_partial_slice}: a multiple of 16 in 64-1024")
         if self.lanes_min_rows and not LANES_TAIL_MIN <= self.lanes_min_rows <= 16:
             raise ValueError(f"lanes_min_rows={self.lanes_min_rows}: {LANES_TAIL_MIN}-16, or 0 for none")
+        for name in ("stream_prefetch", "quant_prefetch"):
+            value = getattr(self, name)
+            if not 64 <= value <= 8192 or value % 64:
+                raise ValueError(f"{name}={value}: a multiple of 64 in 64-8192 (bytes)")
 
 
 LARGE_L1_TUNING = HostTuning(STREAM_GROUP_BLOCKS, LANE_PARTIAL_SLICE)
@@ -156,7 +169,13 @@ LARGE_L1_TUNING = HostTuning(STREAM_GROUP_BLOCKS, LANE_PARTIAL_SLICE)
 # qlen 128 +-0.7%, deepseek-v2-lite qlen 16 -1.5..-10%, dsv3-64e qlen 16 -4.7%, int8 qlen 16 -12..-13%,
 # int4 (5-8-row slices 256 instead of 64) -1%. On Zen 5 (kernel level, 8 experts x 1 row) 1024 read
 # within +-3% of 256.
-SMALL_L1_TUNING = HostTuning(4, 1024)
+# Both prefetch distances shorter on Zen 4 (seventeenth session, MoE in-process A/B, qwen3, LoRA on,
+# 25 GB/s memory mode): the quantized forward 256 B ahead against 2 KB, qlen 1 / 16: int8 -5 / -8%,
+# int4 -5 / -7%, int4_kgroup -10 / -7%, qlen 128 +-1% (512 B: int8 -6 / -7%, int4 -4..-10%,
+# int4_kgroup +3 / -4%); the streamed and lane-partial transposed forms 512 B ahead against 1 KB,
+# backward at qlen 1 / 16: int8 -6 / -4%, int4 -6 / -1..-5%, bf16 -1..-6 / -3..-7% (256 B about
+# the same, 2 KB +-5%).
+SMALL_L1_TUNING = HostTuning(4, 1024, stream_prefetch=512, quant_prefetch=256)
 
 
 def host_tuning() -> HostTuning:
@@ -223,6 +242,7 @@ class GemmSchedule:
         or holds at least 12 take the tokens-in-lanes form, before any of the forms above (0 =
         never; see kernels.dytiles.lanes_rows); their dY arrives in that form's layout through an
         extra group field
+    sp: bytes the streamed and lane-partial forms prefetch ahead along each weight stream
     """
 
     mr: int
@@ -240,6 +260,7 @@ class GemmSchedule:
     sb: int = STREAM_GROUP_BLOCKS
     ls: int = LANE_PARTIAL_SLICE
     tl: int = 0
+    sp: int = STREAM_PREFETCH
 
     def __str__(self) -> str:
         sb = f"b{self.sb}" if self.sm and self.small == "stream" else ""
@@ -248,7 +269,8 @@ class GemmSchedule:
         pfw = f"w{self.pfw}" if self.pfw else ""
         ahead = ("n" if self.pfn else "") + ("i" if self.pfi else "")
         tl = f"t{self.tl}" if self.tl else ""
-        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{pfw}{ahead}{self.form}{small}{lp}{tl}"
+        sp = f"f{self.sp}" if self.sp != STREAM_PREFETCH else ""
+        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{pfw}{ahead}{self.form}{small}{lp}{tl}{sp}"
 
 
 def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one_group: bool = False,
@@ -266,9 +288,9 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     groups of ``HostTuning.lanes_min_rows`` rows or more (16: :data:`LANES_MIN_ROWS`) take that
     form."""
     if isa == "avx512":
-        if op == "fwd":  # quantized: prefetch 2 KB ahead like bf16's 16 rows (measured int8 +2-11%);
+        if op == "fwd":  # quantized: HostTuning.quant_prefetch bytes ahead (Zen 5 2 KB, Zen 4 256 B);
             # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1% alone)
-            pf = 16 if quant == "bf16" else 2048 // ROW_BYTES[quant]
+            pf = 16 if quant == "bf16" else host_tuning().quant_prefetch // ROW_BYTES[quant]
             # bf16 blocks of 4-6 rows: 32 rows ahead (kernel A/B, 8 cold experts, Zen 5: m=4 -3%,
             # m=6 -7%, m=8 -11%, m=12 -3%; m<=2 keeps 16, where 32 measured +3.5%)
             pfw = 32 if quant == "bf16" else 0
@@ -303,7 +325,8 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
                             sm=24 if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one,
                             sb=host.stream_group_blocks,
-                            ls=LANE_PARTIAL_SLICE if one_group else host.lane_partial_slice, tl=tl)
+                            ls=LANE_PARTIAL_SLICE if one_group else host.lane_partial_slice, tl=tl,
+                            sp=host.stream_prefetch)
     return GemmSchedule(mr=2, nr=2)
 
 
@@ -1227,7 +1250,6 @@ def _bwd_lanes_item(fn: Function, spec: GemmSpec, k0: str, dyt: str, w: str, y: 
                     fn.store(F32x16, vx.fadd(fn, v, fn.load(F32x16, p, 4)) if spec.accumulate else v, p, 4)
 
 
-STREAM_PREFETCH = 1024  # bytes ahead along each stream (as the forward's 16 rows)
 STREAM_ALIASED_MAX = 12  # most rows streamed unless both row pitches are odd multiples of 64 B
 STREAM_ROWS = 4  # token rows per block of the streamed form
 STREAM_BLOCKS = 4  # n-blocks read side by side by the lane-partial form (4 streams, as fwd)
@@ -1355,7 +1377,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 for b in range(ns):
                     p = fn.gep(wrow, b * block_stride)
                     if b % pf_every == 0:
-                        vx.prefetch(fn, fn.gep(p, STREAM_PREFETCH))
+                        vx.prefetch(fn, fn.gep(p, spec.schedule.sp))
                     if two:
                         rows = [_int4_row(fn, c, zeros[b], integer) for c in _int4_code_pairs(fn, p)]
                         for wv, row in zip(wvs, rows, strict=True):
@@ -1441,7 +1463,7 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 """The 8 transposed vectors of n-block s0+b at this kb (q = n-pair within the block)."""
                 wrow = fn.gep(wblk, fn.add(fn.mul(b, block_stride), fn.mul(kb, 8 * rb)))
                 for off in range(0, 8 * rb, 64):
-                    vx.prefetch(fn, fn.gep(wrow, STREAM_PREFETCH + off))
+                    vx.prefetch(fn, fn.gep(wrow, spec.schedule.sp + off))
                 chan = fn.add(fn.mul(grp, spec.n), fn.mul(fn.add(s0, b), 16))
                 zw = _zero_for(fn, spec, fn.gep(zp, chan))
                 scp = fn.gep(sc, fn.mul(chan, 4)) if spec.quant != "bf16" and not regroup else None
