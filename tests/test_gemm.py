@@ -233,6 +233,19 @@ def test_host_tuning_follows_the_l1_size(monkeypatch):
         assert gemm.default_schedule("fwd", "avx512", 1536, 2048).pf == 16  # (bf16: not a per-CPU value)
 
 
+@pytest.mark.parametrize("quant", ["bf16", "int8"])
+def test_stream_prefetch_reaches_the_streaming_forms(quant):
+    """The schedule's ``sp`` is the distance the lane-partial and streamed transposed forms prefetch
+    ahead (an offset no other address of the kernel uses)."""
+    base = gemm.default_schedule("bwd", "avx512", 1536, 2048, quant)
+    # each form alone next to the panel: streamed (no lane-partial), lane-partial (the fold form above)
+    for form in (dict(lp=0), dict(small="fold", sm=8)):
+        irs = {sp: gemm.build_ir(gemm.GemmSpec("bwd", 1536, 2048, "avx512", False,
+                                               dataclasses.replace(base, sp=sp, **form), quant)) for sp in (2112, 6208)}
+        for sp, other in ((2112, 6208), (6208, 2112)):
+            assert f"i64 {sp}\n" in irs[sp] and f"i64 {sp}\n" not in irs[other], form
+
+
 def test_tuning_overrides_from_the_environment(monkeypatch):
     """KT_JIT_TUNING overrides the host-tuned values (names: HostTuning's fields), the kernels are
     looked up again under it, and a bad value is a ValueError naming the variable."""

@@ -24,3 +24,12 @@ def test_tune_recommends_only_clear_wins_at_every_token_count():
     assert tune.recommend(rows, 0.02) == {"lane_partial_slice": 1024, "lanes_min_rows": 12}
     assert tune.recommend(rows, 0.05) == {"lanes_min_rows": 12}
     assert set(tune.CANDIDATES) == {f.name for f in dataclasses.fields(tune.gemm.HostTuning)}
+
+
+def test_tune_measures_int8_experts_where_bf16_runs_amx():
+    """On AMX hosts bf16 layers run the AMX kernels, so the values are timed on int8 experts (whose
+    kernels they shape), and the bf16-only ones are left out."""
+    assert tune.weights_for("stream_prefetch", "avx512") == "bf16"
+    assert tune.weights_for("stream_prefetch", "amx") == "int8"
+    assert tune.weights_for("quant_prefetch", "avx512") == tune.weights_for("quant_prefetch", "amx") == "int8"
+    assert set(tune.BF16_ONLY) == {"lanes_min_rows"} and set(tune.QUICK_QLENS) == set(tune.CANDIDATES)

@@ -1,14 +1,15 @@
 """Measure the per-CPU schedule values (kernels/gemm.HostTuning) on this host and print the
 KT_JIT_TUNING setting that wins.
 
-kt_jit picks a few blocking values of the transposed GEMMs by the CPU's L1 data cache size (two
-CPUs measured: Zen 4 and Zen 5). On another CPU other values may be faster; this script finds out.
-For each value it times the MoE backward (the forward for ``quant_prefetch``; LoRA rank 16, random
-top-k routing as in bench_moe.py; bf16 experts, int8 for the two prefetch distances) at the token
-counts whose groups that value shapes, with every candidate in one process: the
-candidates take turns round by round (in alternating order), each under its own KT_JIT_TUNING (which
-keys its kernels and launch plans), and each gets the median of its passes. A candidate replaces
-the default only when the median of its per-round time ratios beats it by more than ``--margin``.
+kt_jit picks a few blocking and prefetch values of its AVX-512 GEMMs (mostly the transposed ones) by
+the CPU's L1 data cache size (two CPUs measured: Zen 4 and Zen 5). On another CPU other values may be
+faster; this script finds out. For each value it times the MoE backward (the forward for
+``quant_prefetch``; LoRA rank 16, random top-k routing as in bench_moe.py; bf16 experts, int8 ones for
+``quant_prefetch`` and on AMX hosts, whose bf16 layers run the AMX kernels) at the token counts whose
+groups that value shapes, with every candidate in one process: the candidates take turns round by
+round (in alternating order), each under its own KT_JIT_TUNING (which keys its kernels and launch
+plans), and each gets the median of its passes. A candidate replaces the default only when the
+median of its per-round time ratios beats it by more than ``--margin``.
 
     python tools/tune.py [--quick] [--json PATH] [--shape qwen3-30b-a3b] [--rounds N] [--margin 0.02]
 
@@ -36,17 +37,25 @@ from kt_jit.moe.sft import RECORD_AT_CALL
 from kt_jit.runtime.threads import default_num_threads
 
 # value -> (candidates, token counts whose groups it shapes: 1-4 rows per expert for the lane-partial
-# slice and the streams' prefetch, 5-24 for the streamed form's blocks, 12 and more for the
-# tokens-in-lanes form; the experts' weights; the pass timed)
+# slice, 1-24 for the streams' prefetch (lane-partial and streamed forms), 5-24 for the streamed
+# form's blocks, 12 and more for the tokens-in-lanes form; the experts' weights; the pass timed)
 CANDIDATES = {
     "lane_partial_slice": ((256, 512, 1024), (1, 16), "bf16", "bwd"),
     "stream_group_blocks": ((4, 8, 16), (128,), "bf16", "bwd"),
     "lanes_min_rows": ((0, 12, 16), (128, 512), "bf16", "bwd"),
-    "stream_prefetch": ((256, 512, 1024, 2048), (1, 16), "int8", "bwd"),
+    "stream_prefetch": ((256, 512, 1024, 2048), (1, 16, 128), "bf16", "bwd"),
     "quant_prefetch": ((256, 512, 1024, 2048), (1, 16), "int8", "fwd"),
 }
 QUICK_QLENS = {"lane_partial_slice": (16,), "stream_group_blocks": (128,), "lanes_min_rows": (512,),
                "stream_prefetch": (16,), "quant_prefetch": (16,)}
+BF16_ONLY = ("lanes_min_rows",)  # values that shape only bf16 kernels (none run on AMX hosts)
+
+
+def weights_for(name: str, isa: str) -> str:
+    """The experts' weights a value is measured on: bf16 ones run the AMX kernels on AMX hosts,
+    where the AVX-512 kernels these values shape serve the quantized modes (int8 stands in)."""
+    quant = CANDIDATES[name][2]
+    return "int8" if quant == "bf16" and isa != "avx512" else quant
 
 
 def _layer(shape: str, quant: str = "bf16", seed: int = 0):
@@ -162,21 +171,26 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
     ap.add_argument("--values", default=",".join(CANDIDATES), help="comma-separated subset of " + ",".join(CANDIDATES))
     ap.add_argument("--rounds", type=int, default=0, help="timed rounds per candidate (default 10, quick 4)")
-    ap.add_argument("--passes", type=int, default=3, help="backward passes per candidate and round")
+    ap.add_argument("--passes", type=int, default=3, help="timed passes per candidate and round")
     ap.add_argument("--margin", type=float, default=0.02, help="gain a candidate needs over the default")
     args = ap.parse_args(argv)
     if args.rounds < 0 or args.passes < 1:
         ap.error("--rounds and --passes must be at least 1")
-    if kt_jit.active_isa() != "avx512":
-        print(f"kt_jit runs the {kt_jit.active_isa()} kernels here; the tuned values shape only the AVX-512 "
-              "transposed GEMMs (set KT_JIT_ISA=avx512 to tune those)", file=sys.stderr)
-        return 2
     if os.environ.get("KT_JIT_TUNING"):
         print(f"note: KT_JIT_TUNING={os.environ['KT_JIT_TUNING']!r} is set; candidates replace it", file=sys.stderr)
     names = [n.strip() for n in args.values.split(",") if n.strip()]
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
         ap.error(f"unknown value(s) {unknown}; choose from {list(CANDIDATES)}")
+    isa = kt_jit.active_isa()
+    if isa != "avx512":  # bf16 runs the AMX kernels: the values shape the quantized modes' kernels
+        skipped = [n for n in names if n in BF16_ONLY]
+        names = [n for n in names if n not in BF16_ONLY]
+        print(f"kt_jit runs the {isa} kernels for bf16 here: the values are measured on int8 experts"
+              + (f"; {skipped} shape only bf16's AVX-512 kernels (KT_JIT_ISA=avx512 to tune them)" if skipped else ""),
+              file=sys.stderr)
+        if not names:
+            return 2
     rounds = args.rounds or (4 if args.quick else 10)
     threads = default_num_threads()
     _set_tuning("")
@@ -191,7 +205,8 @@ def main(argv: list[str] | None = None) -> int:
     rows = []
     print(f"{'value':22s} {'cand':>6s} {'qlen':>5s} {'pass':>10s} {'ms':>9s} {'vs_default':>10s}")
     for name in names:
-        values, qlens, quant, timed = CANDIDATES[name]
+        values, qlens, _, timed = CANDIDATES[name]
+        quant = weights_for(name, isa)
         for row in tune_value(name, values, QUICK_QLENS[name] if args.quick else qlens, args.shape, *layer(quant),
                               rounds, args.passes, timed):
             rows.append(row)
@@ -201,14 +216,14 @@ def main(argv: list[str] | None = None) -> int:
     best = recommend(rows, args.margin)
     setting = ",".join(f"{k}={v}" for k, v in best.items())
     if len(best) > 1:  # each value was measured against the defaults alone: check them together
-        checks = sorted({(CANDIDATES[r["value"]][2], CANDIDATES[r["value"]][3], r["qlen"])
+        checks = sorted({(weights_for(r["value"], isa), CANDIDATES[r["value"]][3], r["qlen"])
                          for r in rows if r["value"] in best})
         for quant, timed, qlen in checks:
             times = measure(["", setting], qlen, args.shape, *layer(quant), rounds, args.passes, timed)
             gain = _ratio(times[""], times[setting])
-            rows.append({"name": f"{args.shape} {setting} qlen={qlen}", "ms": statistics.median(times[setting]),
-                         "vs_default": gain, "value": "combined", "candidate": setting, "qlen": qlen,
-                         "default": False, "pass": timed})
+            rows.append({"name": f"{args.shape} {quant} {timed} {setting} qlen={qlen}",
+                         "ms": statistics.median(times[setting]), "vs_default": gain, "value": "combined",
+                         "candidate": setting, "qlen": qlen, "default": False, "pass": timed})
             print(f"{'combined':22s} {'':>6s} {qlen:5d} {quant + ' ' + timed:>10s} {rows[-1]['ms']:9.2f} "
                   f"{gain:10.3f}  ({setting})")
         if min(r["vs_default"] for r in rows if r["value"] == "combined") <= 1 + args.margin:

@@ -325,7 +325,8 @@ def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routin
 # The LoRA weight gradients as bf16 products over token pairs (kernels/lora.py, ``token_pairs``):
 # MoE backward on Zen 4, qwen3, in one process against the fp32 form: the four gradient launches
 # qlen 512 7.8 -> 5.9 ms, qlen 128 3.0 -> 2.4 ms; gradient errors against the float32 reference
-# (tests' layer) 0.27-0.33% -> 0.31-0.38% (the bf16 rounding of P or of the row-weighted Q).
+# (tests' layer) 0.27-0.33% -> 0.31-0.38% (the bf16 rounding of P or of the row-weighted Q). (Part of
+# the launch plans' key: a plan records its kernels.)
 XTY_TOKEN_PAIRS = True
 
 
@@ -554,7 +555,7 @@ def _config(experts: MoEExperts, lora: tuple[torch.Tensor, ...] | None, scaling:
     KT_JIT_TUNING raises here, before the pass does anything)."""
     gemm.host_tuning()  # (memoised per setting)
     return experts_config(experts) + (lora[0].shape[1] if lora is not None else 0, scaling, knobs.raw("KT_JIT_ISA"),
-                                      knobs.raw("KT_JIT_TUNING"))
+                                      knobs.raw("KT_JIT_TUNING"), XTY_TOKEN_PAIRS)
 
 
 def _expert_operands(experts: MoEExperts) -> list[torch.Tensor]:
