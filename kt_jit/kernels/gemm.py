@@ -92,8 +92,8 @@ ISAS = ("avx512", "amx", "amx_emu")
 
 # n-blocks the streamed transposed form (5-24 rows) reads side by side (GemmSchedule.sb): each pass
 # over them walks the group's whole fp32 output (m x K, 64-448 KB) through L2, so more blocks per pass
-# mean fewer passes; but each block is a stream prefetched STREAM_PREFETCH bytes ahead into L1, and
-# 16 streams' lines in flight crowd a 32 KB L1. MoE backward at qlen 128 (groups of 8-16 rows),
+# mean fewer passes; but each block is a stream prefetched ahead into L1 (HostTuning.stream_prefetch),
+# and 16 streams' lines in flight crowd a 32 KB L1. MoE backward at qlen 128 (groups of 8-16 rows),
 # same-process A/B. Zen 5 (48 KB L1d), against 4: slow memory mode qwen3 -2.9%, deepseek-v2-lite
 # -2.3%, dsv3-64e -0.7%; fast mode deepseek-v2-lite -14.2% (8: -5.7%, 32: +4.7%; 2: +14.6%); int8 /
 # int4 -0.2% / +0.9%. Zen 4 (32 KB L1d), against 16: 8 blocks qwen3 -9..-15%, deepseek-v2-lite -10..
@@ -170,11 +170,11 @@ LARGE_L1_TUNING = HostTuning(STREAM_GROUP_BLOCKS, LANE_PARTIAL_SLICE)
 # int4 (5-8-row slices 256 instead of 64) -1%. On Zen 5 (kernel level, 8 experts x 1 row) 1024 read
 # within +-3% of 256.
 # Both prefetch distances shorter on Zen 4 (seventeenth session, MoE in-process A/B, qwen3, LoRA on,
-# 25 GB/s memory mode): the quantized forward 256 B ahead against 2 KB, qlen 1 / 16: int8 -5 / -8%,
-# int4 -5 / -7%, int4_kgroup -10 / -7%, qlen 128 +-1% (512 B: int8 -6 / -7%, int4 -4..-10%,
-# int4_kgroup +3 / -4%); the streamed and lane-partial transposed forms 512 B ahead against 1 KB,
-# backward at qlen 1 / 16: int8 -6 / -4%, int4 -6 / -1..-5%, bf16 -1..-6 / -3..-7% (256 B about
-# the same, 2 KB +-5%).
+# 25-30 GB/s memory mode): the quantized forward 256 B ahead against 2 KB, qlen 1 / 16 / 128: int8
+# -5..-8 / -6..-8 / -1..-5%, int4 -5 / -6..-7 / +-1%, int4_kgroup -10 / -7% (512 B: int8 -6 / -7%,
+# int4 -4..-10%, int4_kgroup +3 / -4%); the streamed and lane-partial transposed forms 512 B ahead
+# against 1 KB, backward at qlen 1 / 16 / 128: int8 -6 / -1..-4 / 0%, int4 -6 / -1..-6%, bf16
+# -1..-6 / -1..-7 / -6..-8% (256 B about the same, 2 KB +-5%). tools/tune.py: docs/tune_zen4_prefetch.json.
 SMALL_L1_TUNING = HostTuning(4, 1024, stream_prefetch=512, quant_prefetch=256)
 
 

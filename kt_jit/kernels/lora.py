@@ -53,7 +53,7 @@ class LoraSpec:
     w_dtype: str = "bf16"
     accumulate: bool = False
     y_dtype: str = "f32"  # xat / xty may store bf16 directly
-    row_scale: bool = False  # xty: Q's rows weighted by an fp32 per-token factor (a 5th group field)
+    row_scale: bool = False  # xty: a per-token fp32 factor on Q's rows (P's with token_pairs and fp32 P; a 5th field)
     copy_bf16: bool = False  # xb: also store bf16(Y) (a 5th group field)
     token_pairs: bool = False  # xty: bf16 products over token pairs (P, and Q times its row weights, rounded)
 

@@ -14,8 +14,8 @@ KT_JIT_DEFER_LAUNCHES  "0" runs every kernel launch of an MoE pass at once inste
                     debugging; also turns launch plans off)
 KT_JIT_LAUNCH_PLANS  "0" prepares every MoE pass's launches in Python instead of replaying a launch plan
                     recorded for its configuration (codegen/plan.py; for A/B runs and debugging)
-KT_JIT_TUNING       overrides of the schedule values kt_jit picks per CPU for its AVX-512 transposed
-                    GEMMs, as comma-separated name=value pairs (names: the fields of
+KT_JIT_TUNING       overrides of the schedule values kt_jit picks per CPU for its AVX-512 GEMMs
+                    (mostly the transposed ones), as comma-separated name=value pairs (names: the fields of
                     kernels/gemm.HostTuning, e.g. "stream_group_blocks=16,lanes_min_rows=0");
                     tools/tune.py measures them
 
