@@ -219,9 +219,9 @@ def test_schedule_validation():
 
 def test_host_tuning_follows_the_l1_size(monkeypatch):
     """The streamed form reads 16 n-blocks per pass, the lane-partial form's slices are 256 k-pair
-    rows, and the streams are prefetched 1 KB ahead (2 KB in the quantized forward) where the L1
-    data cache holds 48 KB; 4 blocks, 1024 rows, 512 B and 256 B on smaller (or unknown) ones;
-    single groups keep 256-row slices (a slice per work item)."""
+    rows, and the streams are prefetched 1 KB ahead (2 KB in the quantized forward and the bf16
+    forward's blocks of 3+ rows) where the L1 data cache holds 48 KB; 4 blocks, 1024 rows, 512 B,
+    256 B and 512 B on smaller (or unknown) ones; single groups keep 256-row slices."""
     for size, blocks, slice_, ahead, quant_ahead in ((48 << 10, 16, 256, 1024, 2048), (64 << 10, 16, 256, 1024, 2048),
                                                      (32 << 10, 4, 1024, 512, 256), (0, 4, 1024, 512, 256)):
         monkeypatch.setattr(gemm, "l1d_cache_bytes", lambda size=size: size)
@@ -230,7 +230,8 @@ def test_host_tuning_follows_the_l1_size(monkeypatch):
         assert gemm.default_schedule("bwd", "avx512", 1536, 2048, one_group=True).ls == gemm.LANE_PARTIAL_SLICE
         for quant in ("int8", "int4"):  # the forward's pf counts packed rows
             assert gemm.default_schedule("fwd", "avx512", 1536, 2048, quant).pf * gemm.ROW_BYTES[quant] == quant_ahead
-        assert gemm.default_schedule("fwd", "avx512", 1536, 2048).pf == 16  # (bf16: not a per-CPU value)
+        bf16 = gemm.default_schedule("fwd", "avx512", 1536, 2048)
+        assert (bf16.pf, bf16.pfw * 64) == (16, 2048 if size >= 48 << 10 else 512)  # (pf: not a per-CPU value)
 
 
 @pytest.mark.parametrize("quant", ["bf16", "int8"])
@@ -259,8 +260,9 @@ def test_tuning_overrides_from_the_environment(monkeypatch):
     monkeypatch.setenv("KT_JIT_TUNING", "lane_partial_slice=512,lanes_min_rows=12,stream_prefetch=2048")
     sch = gemm.default_schedule("bwd", "avx512", 1536, 2048, lanes_dy=True)
     assert (sch.sb, sch.ls, sch.tl, sch.sp) == (default.sb, 512, 12, 2048)
-    monkeypatch.setenv("KT_JIT_TUNING", "quant_prefetch=1024")
+    monkeypatch.setenv("KT_JIT_TUNING", "quant_prefetch=1024,multirow_prefetch=4096")
     assert gemm.default_schedule("fwd", "avx512", 1536, 2048, "int8").pf == 1024 // gemm.ROW_BYTES["int8"]
+    assert gemm.default_schedule("fwd", "avx512", 1536, 2048).pfw == 4096 // 64
     for bad, match in (("bogus=1", "unknown name"), ("stream_group_blocks", "name=integer"),
                        ("stream_group_blocks=x", "name=integer"), ("=4", "name=integer"),
                        ("lanes_min_rows=5", "lanes_min_rows=5"), ("lane_partial_slice=100", "lane_partial_slice"),

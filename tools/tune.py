@@ -3,8 +3,8 @@ KT_JIT_TUNING setting that wins.
 
 kt_jit picks a few blocking and prefetch values of its AVX-512 GEMMs (mostly the transposed ones) by
 the CPU's L1 data cache size (two CPUs measured: Zen 4 and Zen 5). On another CPU other values may be
-faster; this script finds out. For each value it times the MoE backward (the forward for
-``quant_prefetch``; LoRA rank 16, random top-k routing as in bench_moe.py; bf16 experts, int8 ones for
+faster; this script finds out. For each value it times the MoE backward (the forward for the
+two forward prefetch distances; LoRA rank 16, random top-k routing as in bench_moe.py; bf16 experts, int8 ones for
 ``quant_prefetch`` and on AMX hosts, whose bf16 layers run the AMX kernels) at the token counts whose
 groups that value shapes, with every candidate in one process: the candidates take turns round by
 round (in alternating order), each under its own KT_JIT_TUNING (which keys its kernels and launch
@@ -45,10 +45,11 @@ CANDIDATES = {
     "lanes_min_rows": ((0, 12, 16), (128, 512), "bf16", "bwd"),
     "stream_prefetch": ((256, 512, 1024, 2048), (1, 16, 128), "bf16", "bwd"),
     "quant_prefetch": ((256, 512, 1024, 2048), (1, 16), "int8", "fwd"),
+    "multirow_prefetch": ((256, 512, 1024, 2048), (128, 512), "bf16", "fwd"),
 }
 QUICK_QLENS = {"lane_partial_slice": (16,), "stream_group_blocks": (128,), "lanes_min_rows": (512,),
-               "stream_prefetch": (16,), "quant_prefetch": (16,)}
-BF16_ONLY = ("lanes_min_rows",)  # values that shape only bf16 kernels (none run on AMX hosts)
+               "stream_prefetch": (16,), "quant_prefetch": (16,), "multirow_prefetch": (128,)}
+BF16_ONLY = ("lanes_min_rows", "multirow_prefetch")  # values that shape only bf16 kernels (AMX on AMX hosts)
 
 
 def weights_for(name: str, isa: str) -> str:

@@ -104,6 +104,7 @@ STREAM_GROUP_BLOCKS = 16
 LANE_PARTIAL_SLICE = 256  # k-pair rows per K-slice of the lane-partial form at <= 4 rows (GemmSchedule.ls)
 STREAM_PREFETCH = 1024  # bytes ahead along each weight stream of the streamed and lane-partial forms
 QUANT_PREFETCH = 2048  # bytes ahead along each weight stream of the quantized forward (Zen 5: int8 +2-11%)
+MULTIROW_PREFETCH = 2048  # bytes ahead of the bf16 forward's blocks of 3+ token rows (GemmSchedule.pfw)
 SMALL_L1 = 48 << 10  # an L1 data cache below this size selects the small-L1 values below
 # The tokens-in-lanes form from groups of this many rows (schedule tl), and above only where the
 # last 16-row tile holds at least 12 (kernels.dytiles.LANES_TAIL_MIN). Zen 4, kernel level, 32-96
@@ -139,6 +140,8 @@ class HostTuning:
         weight stream (schedule ``sp``)
     quant_prefetch: bytes the quantized forward GEMM prefetches ahead along each weight stream
         (schedule ``pf`` = this / the packed row's bytes)
+    multirow_prefetch: bytes the bf16 forward GEMM prefetches ahead for its register blocks of more
+        than 2 token rows (schedule ``pfw`` = this / 64)
     """
 
     stream_group_blocks: int
@@ -146,6 +149,7 @@ class HostTuning:
     lanes_min_rows: int = LANES_MIN_ROWS
     stream_prefetch: int = STREAM_PREFETCH
     quant_prefetch: int = QUANT_PREFETCH
+    multirow_prefetch: int = MULTIROW_PREFETCH
 
     def __post_init__(self) -> None:
         # (upper bounds: the stack a worker may need, see runtime/threads.KERNEL_STACK_MIN: 4 rows of
@@ -156,7 +160,7 @@ class HostTuning:
             raise ValueError(f"lane_partial_slice={self.lane_partial_slice}: a multiple of 16 in 64-1024")
         if self.lanes_min_rows and not LANES_TAIL_MIN <= self.lanes_min_rows <= 16:
             raise ValueError(f"lanes_min_rows={self.lanes_min_rows}: {LANES_TAIL_MIN}-16, or 0 for none")
-        for name in ("stream_prefetch", "quant_prefetch"):
+        for name in ("stream_prefetch", "quant_prefetch", "multirow_prefetch"):
             value = getattr(self, name)
             if not 64 <= value <= 8192 or value % 64:
                 raise ValueError(f"{name}={value}: a multiple of 64 in 64-8192 (bytes)")
@@ -175,7 +179,10 @@ LARGE_L1_TUNING = HostTuning(STREAM_GROUP_BLOCKS, LANE_PARTIAL_SLICE)
 # int4 -4..-10%, int4_kgroup +3 / -4%); the streamed and lane-partial transposed forms 512 B ahead
 # against 1 KB, backward at qlen 1 / 16 / 128: int8 -6 / -1..-4 / 0%, int4 -6 / -1..-6%, bf16
 # -1..-6 / -1..-7 / -6..-8% (256 B about the same, 2 KB +-5%). tools/tune.py: docs/tune_zen4_prefetch.json.
-SMALL_L1_TUNING = HostTuning(4, 1024, stream_prefetch=512, quant_prefetch=256)
+# The bf16 forward's blocks of 3+ rows 512 B ahead against 2 KB: qwen3 qlen 128 -4.4 / -4.8%, qlen
+# 512 -3..-4%, deepseek-v2-lite qlen 128 +-0 (its blocks of 1-2 rows keep 1 KB: 256 B was -4.5% at
+# qlen 16 but +2% at qlen 1, 512 B -1% / +3%).
+SMALL_L1_TUNING = HostTuning(4, 1024, stream_prefetch=512, quant_prefetch=256, multirow_prefetch=512)
 
 
 def host_tuning() -> HostTuning:
@@ -291,9 +298,10 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         if op == "fwd":  # quantized: HostTuning.quant_prefetch bytes ahead (Zen 5 2 KB, Zen 4 256 B);
             # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1% alone)
             pf = 16 if quant == "bf16" else host_tuning().quant_prefetch // ROW_BYTES[quant]
-            # bf16 blocks of 4-6 rows: 32 rows ahead (kernel A/B, 8 cold experts, Zen 5: m=4 -3%,
-            # m=6 -7%, m=8 -11%, m=12 -3%; m<=2 keeps 16, where 32 measured +3.5%)
-            pfw = 32 if quant == "bf16" else 0
+            # bf16 blocks of 4-6 rows: HostTuning.multirow_prefetch ahead, 32 rows on Zen 5 (kernel
+            # A/B, 8 cold experts: m=4 -3%, m=6 -7%, m=8 -11%, m=12 -3%; m<=2 keeps 16, where 32
+            # measured +3.5%), 8 on Zen 4
+            pfw = host_tuning().multirow_prefetch // ROW_BYTES["bf16"] if quant == "bf16" else 0
             # pfi (with pfn): MoE forward A/B on Zen 5 (qwen3, no LoRA), claiming at the item's start:
             # bf16 qlen 128 -2.9%, 512 -4.1%, 16 -1.1%, 1 +-1%; qlen 128 int8 -2.7%, int4 -7.1%,
             # int4_kgroup -3.7%; claiming at the last chunk (kept): bf16 qlen 128 -0.4..-1.6%, 512 -3.1%
