@@ -295,13 +295,14 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     groups of ``HostTuning.lanes_min_rows`` rows or more (16: :data:`LANES_MIN_ROWS`) take that
     form."""
     if isa == "avx512":
+        host = host_tuning()
         if op == "fwd":  # quantized: HostTuning.quant_prefetch bytes ahead (Zen 5 2 KB, Zen 4 256 B);
             # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1% alone)
-            pf = 16 if quant == "bf16" else host_tuning().quant_prefetch // ROW_BYTES[quant]
+            pf = 16 if quant == "bf16" else host.quant_prefetch // ROW_BYTES[quant]
             # bf16 blocks of 4-6 rows: HostTuning.multirow_prefetch ahead, 32 rows on Zen 5 (kernel
             # A/B, 8 cold experts: m=4 -3%, m=6 -7%, m=8 -11%, m=12 -3%; m<=2 keeps 16, where 32
             # measured +3.5%), 8 on Zen 4
-            pfw = host_tuning().multirow_prefetch // ROW_BYTES["bf16"] if quant == "bf16" else 0
+            pfw = host.multirow_prefetch // ROW_BYTES["bf16"] if quant == "bf16" else 0
             # pfi (with pfn): MoE forward A/B on Zen 5 (qwen3, no LoRA), claiming at the item's start:
             # bf16 qlen 128 -2.9%, 512 -4.1%, 16 -1.1%, 1 +-1%; qlen 128 int8 -2.7%, int4 -7.1%,
             # int4_kgroup -3.7%; claiming at the last chunk (kept): bf16 qlen 128 -0.4..-1.6%, 512 -3.1%
@@ -328,7 +329,6 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         slices = k // 2 // _chunk(k // 2, LANE_PARTIAL_SLICE)
         one = one_group and quant in ("bf16", "int8") and slices >= max(2, default_num_threads())
         lp = 8 if one or (quant == "int4" and not one_group) else 0 if one_group else 4
-        host = host_tuning()
         tl = host.lanes_min_rows if lanes_dy and quant == "bf16" and not one_group else 0
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
                             sm=24 if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one,

@@ -55,7 +55,7 @@ class LoraSpec:
     y_dtype: str = "f32"  # xat / xty may store bf16 directly
     row_scale: bool = False  # xty: a per-token fp32 factor on Q's rows (P's with token_pairs and fp32 P; a 5th field)
     copy_bf16: bool = False  # xb: also store bf16(Y) (a 5th group field)
-    token_pairs: bool = False  # xty: bf16 products over token pairs (P, and Q times its row weights, rounded)
+    token_pairs: bool = False  # xty: bf16 products over token pairs (operands rounded to bf16 first)
 
     def __post_init__(self) -> None:
         if self.form not in ("xat", "xb", "xty"):
@@ -400,8 +400,9 @@ def _xty_pairs_unit(fn: Function, spec: LoraSpec, ops: tuple, a0: str, b0: str, 
     run, each read back as the embedded-broadcast operand of its dots (one copy per Q vector:
     LLVM would merge two reads of one address into a separate broadcast instruction, 1.3x slower
     on Zen 4). Staging each pair just before its dots made every broadcast wait on the store it
-    reads from: kernel alone on Zen 4, A 16 x B 2048 in L2, 0.22 TF against 0.38 with the
-    broadcasts not waiting on a store."""
+    reads from: kernel alone on Zen 4, A 16 x B 2048 in L2, 128 tokens, 0.22 TF against 0.38 with
+    the broadcasts not waiting on a store (wrong numbers, as a bound); staged per chunk 0.27 (the
+    fp32 form 0.18-0.20)."""
     p, q, out, m, rs, ldp, ldq, alpha = ops
     psz = 4 if spec.x_dtype == "f32" else 2
     qsz = 4 if spec.w_dtype == "f32" else 2
