@@ -27,7 +27,7 @@ import sys
 import time
 
 import torch
-from bench_moe import RANK, SHAPES, backward_seconds, flush_l3
+from bench_moe import RANK, SHAPES, backward_seconds, batch, flush_l3
 from benchlib import finish
 
 import kt_jit
@@ -72,11 +72,9 @@ def _layer(shape: str, quant: str = "bf16", seed: int = 0):
 
 
 def _routings(shape: str, qlen: int, count: int = 4, seed: int = 1):
+    """``count`` batches (x, topk ids, weights) of ``qlen`` tokens, as bench_moe.py routes them."""
     e, h, _, k = SHAPES[shape]
-    g = torch.Generator().manual_seed(seed)
-    return [(torch.randn(qlen, h, generator=g).bfloat16().requires_grad_(),
-             torch.stack([torch.randperm(e, generator=g)[:k] for _ in range(qlen)]),
-             torch.rand(qlen, k, generator=g)) for _ in range(count)]
+    return [batch(qlen, k, e, h, seed + i) for i in range(count)]
 
 
 def _backward_ms(experts, lora, batch) -> float:
@@ -118,8 +116,8 @@ def measure(settings: list[str], qlen: int, shape: str, experts, lora, rounds: i
     times: dict[str, list[float]] = {s: [] for s in settings}
     for setting in settings:  # compile, and record every routing's launch plans (not timed)
         _set_tuning(setting)
-        for batch in batches * RECORD_AT_CALL:
-            _backward_ms(experts, lora, batch)
+        for one in batches * RECORD_AT_CALL:
+            _backward_ms(experts, lora, one)
     for r in range(rounds):
         for setting in settings if r % 2 == 0 else settings[::-1]:
             _set_tuning(setting)

@@ -291,14 +291,15 @@ def sfence(fn: Function) -> None:
     fn.emit(f"call void {fn.module.declare('llvm.x86.sse.sfence', 'declare void @llvm.x86.sse.sfence()')}()")
 
 
-def splat_f32(fn: Function, ptr: str, dtype: str) -> str:
-    """The scalar at ``ptr`` (f32 or bf16) broadcast to <16 x float>."""
+def splat_f32(fn: Function, ptr: str, dtype: str, lanes: int = 16) -> str:
+    """The scalar at ``ptr`` (f32 or bf16) broadcast to <lanes x float>."""
     if dtype == "f32":
         s = fn.load("float", ptr, 4)
     else:
         s = fn.val(f"fpext bfloat {fn.load('bfloat', ptr, 2)} to float")
-    v = fn.val(f"insertelement {F32x16} poison, float {s}, i64 0")
-    return fn.val(f"shufflevector {F32x16} {v}, {F32x16} poison, <16 x i32> zeroinitializer")
+    ty = f"<{lanes} x float>"
+    v = fn.val(f"insertelement {ty} poison, float {s}, i64 0")
+    return fn.val(f"shufflevector {ty} {v}, {ty} poison, <{lanes} x i32> zeroinitializer")
 
 
 def fma(fn: Function, a: str, b: str, c: str) -> str:

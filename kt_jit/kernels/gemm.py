@@ -160,7 +160,7 @@ class HostTuning:
             raise ValueError(f"lane_partial_slice={self.lane_partial_slice}: a multiple of 16 in 64-1024")
         if self.lanes_min_rows and not LANES_TAIL_MIN <= self.lanes_min_rows <= 16:
             raise ValueError(f"lanes_min_rows={self.lanes_min_rows}: {LANES_TAIL_MIN}-16, or 0 for none")
-        for name in ("stream_prefetch", "quant_prefetch", "multirow_prefetch"):
+        for name in (f.name for f in dataclasses.fields(self) if f.name.endswith("_prefetch")):
             value = getattr(self, name)
             if not 64 <= value <= 8192 or value % 64:
                 raise ValueError(f"{name}={value}: a multiple of 64 in 64-8192 (bytes)")

@@ -378,13 +378,6 @@ def _pair_rows(fn: Function, row0: str, row1: str | None, count: int, dtype: str
     return fn.val(f"fptrunc {full} {pairs} to <{2 * count} x bfloat>")
 
 
-def _row_scale(fn: Function, rs: str, t: str, count: int) -> str:
-    """Token t's row weight (fp32 at ``rs[t]``) as a <count x float> splat."""
-    s = fn.load("float", fn.gep(rs, fn.mul(t, 4)), 4)
-    v = fn.val(f"insertelement <{count} x float> poison, float {s}, i64 0")
-    return fn.val(f"shufflevector <{count} x float> {v}, <{count} x float> poison, <{count} x i32> zeroinitializer")
-
-
 XTY_PAIR_CHUNK = 32  # token pairs whose P pairs are staged before their products (see below)
 
 
@@ -415,8 +408,8 @@ def _xty_pairs_unit(fn: Function, spec: LoraSpec, ops: tuple, a0: str, b0: str, 
 
     def splats(t: str, pair: bool, count: int) -> tuple[str, str]:
         """The row weights of tokens t and t+1 (zero without a second token)."""
-        return (_row_scale(fn, rs[0], t, count),
-                _row_scale(fn, rs[0], fn.add(t, 1), count) if pair else "zeroinitializer")
+        return (vx.splat_f32(fn, fn.gep(rs[0], fn.mul(t, 4)), "f32", count),
+                vx.splat_f32(fn, fn.gep(rs[0], fn.mul(fn.add(t, 1), 4)), "f32", count) if pair else "zeroinitializer")
 
     def stage(t: str, pair: bool, slot: str) -> None:
         """P's pairs of tokens t, t+1 into stage slot ``slot`` (nb copies)."""

@@ -715,10 +715,8 @@ def _backward_launches(saved: Saved, g_out: torch.Tensor, experts: MoEExperts, l
         copy = (_rows(t_d16),) if fused else ()  # (the fused GEMM adds T A from T's bf16 copy)
         _lora("xb", rank, hdim, _groups(r.basis, (_rows(dos), _per_expert(db), _rows(t_d), *copy)), _pitch(dos),
               _pitch(t_d), scaling, ldz=t_d16.pitch)
-        if fused:
-            _grouped_bwd(dos, experts, "down", d, r, (t_d16, da, None), dyq=dosq, dyt=b.get("dost"))
-        else:
-            _grouped_bwd(dos, experts, "down", d, r, dyq=dosq, dyt=b.get("dost"))
+        _grouped_bwd(dos, experts, "down", d, r, (t_d16, da, None) if fused else None, dyq=dosq, dyt=b.get("dost"))
+        if not fused:
             _lora("xb", idim, rank, _groups(r.basis, (_rows(t_d), _per_expert(da), _rows(d))), _pitch(t_d),
                   _pitch(d), x_dtype="f32", accumulate=True)
     w_row = b.get("w_row")  # routing weight of each routed row (written by the activation kernel)
@@ -736,12 +734,9 @@ def _backward_launches(saved: Saved, g_out: torch.Tensor, experts: MoEExperts, l
         _gather(saved.x, r, b["xs"])
         _lora_grads(saved, gp, dos, t_d, w_row, dgu, t_gu, b["xs"])
     if dx is not None:
-        if lora is None:
-            _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq, dyt=b.get("dgut"))
-        elif fused:
-            _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu16, ga, ua), dyq=dguq, dyt=b.get("dgut"))
-        else:
-            _grouped_bwd(dgu, experts, "gate_up", dxs, r, dyq=dguq, dyt=b.get("dgut"))
+        _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu16, ga, ua) if fused else None, dyq=dguq,
+                     dyt=b.get("dgut"))
+        if lora is not None and not fused:
             for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
                 _lora("xb", hdim, rank, _groups(r.basis, (_rows(t_gu, col), _per_expert(a), _rows(dxs))),
                       _pitch(t_gu), _pitch(dxs), x_dtype="f32", accumulate=True)
