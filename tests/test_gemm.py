@@ -276,6 +276,55 @@ def test_tuning_overrides_from_the_environment(monkeypatch):
         assert "KT_JIT_TUNING" in str(err.value) and "kt_jit.info" in str(err.value)
 
 
+def test_stored_tuning_sits_between_the_built_in_values_and_the_environment(tmp_path, monkeypatch):
+    """A setting stored for this CPU kind (runtime/tuning_store.py) replaces the built-in values,
+    KT_JIT_TUNING replaces it in turn, KT_JIT_STORED_TUNING=0 ignores it, and a file kt_jit cannot
+    use (garbage, another format, an unknown name, a value out of range) is ignored with a warning
+    that names it, never an error."""
+    import json
+    import warnings
+
+    from kt_jit.runtime import tuning_store
+    from kt_jit.runtime.cpu import l1d_cache_bytes
+
+    monkeypatch.setenv("KT_JIT_CACHE_DIR", str(tmp_path))
+    for name in ("KT_JIT_TUNING", "KT_JIT_STORED_TUNING"):
+        monkeypatch.delenv(name, raising=False)
+    built_in = gemm.host_tuning()
+    key = tuning_store.host_key()
+    assert f"l1d{l1d_cache_bytes() >> 10}k" in key and "/" not in key
+    path = tuning_store.save({"stream_prefetch": 2048, "stream_group_blocks": 8}, {"rounds": 10})
+    assert json.loads(path.read_text())["values"] == {"stream_prefetch": 2048, "stream_group_blocks": 8}
+    assert not list(path.parent.glob("*.tmp"))
+
+    def tuning(**env):
+        for name, value in env.items():
+            monkeypatch.setenv(name, value)
+        tuning_store.reset_memo()
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            got = gemm.host_tuning()
+        for name in env:
+            monkeypatch.delenv(name)
+        return got, [str(w.message) for w in caught]
+
+    assert tuning() == (dataclasses.replace(built_in, stream_prefetch=2048, stream_group_blocks=8), [])
+    assert gemm.default_schedule("bwd", "avx512", 1536, 2048).sp == 2048
+    assert tuning(KT_JIT_TUNING="stream_prefetch=256")[0] == dataclasses.replace(
+        built_in, stream_prefetch=256, stream_group_blocks=8)
+    assert tuning(KT_JIT_STORED_TUNING="0") == (built_in, [])
+    for text, why in (("garbage", "Expecting value"), ('{"format": 99, "values": {}}', "format 99"),
+                      ('{"format": 1, "values": {"stream_prefetch": "big"}}', "integers"),
+                      ('{"format": 1, "values": {"bogus": 1}}', "unknown name(s) ['bogus']"),
+                      ('{"format": 1, "values": {"stream_prefetch": 100}}', "stream_prefetch=100")):
+        path.write_text(text)
+        got, messages = tuning()
+        assert got == built_in and len(messages) == 1, (text, messages)
+        assert str(path) in messages[0] and why in messages[0] and "tune.py --save" in messages[0]
+    assert tuning_store.forget() and not tuning_store.forget()
+    tuning_store.reset_memo()
+
+
 @pytest.mark.parametrize("isa", ISAS)
 def test_every_schedule_variant_is_correct(isa):
     """A few non-default schedules (the tuner's search space) give the same numbers."""

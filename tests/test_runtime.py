@@ -264,6 +264,18 @@ def test_info_command_runs():
     assert "unknown name(s) ['bogus']" in out.stdout
 
 
+def test_info_command_shows_a_stored_tuning(tmp_path):
+    env = dict(os.environ, KT_JIT_CACHE_DIR=str(tmp_path))
+    env.pop("KT_JIT_TUNING", None), env.pop("KT_JIT_STORED_TUNING", None)
+    code = "from kt_jit.runtime import tuning_store; tuning_store.save({'stream_prefetch': 2048}, {})"
+    subprocess.run([sys.executable, "-c", code], check=True, env=env)
+    out = subprocess.run([sys.executable, "-m", "kt_jit.info"], capture_output=True, text=True, check=True, env=env)
+    assert "stream_prefetch=2048," in out.stdout and "stored stream_prefetch=2048 from " + str(tmp_path) in out.stdout
+    (next((tmp_path / "tuning").glob("*.json"))).write_text("{")
+    out = subprocess.run([sys.executable, "-m", "kt_jit.info"], capture_output=True, text=True, check=True, env=env)
+    assert "ignoring the stored tuning" in out.stdout and "stream_prefetch=2048," not in out.stdout
+
+
 def test_huge_page_status_reads_the_bracketed_mode(tmp_path, monkeypatch):
     import kt_jit.runtime.buffers as buffers
 

@@ -34,3 +34,24 @@ def test_tune_measures_int8_experts_where_bf16_runs_amx():
     assert tune.weights_for("quant_prefetch", "avx512") == tune.weights_for("quant_prefetch", "amx") == "int8"
     assert set(tune.BF16_ONLY) == {"lanes_min_rows", "multirow_prefetch"}
     assert set(tune.QUICK_QLENS) == set(tune.CANDIDATES)
+
+
+def test_tune_saves_a_setting_the_next_process_starts_from(tmp_path, monkeypatch):
+    """``tune.py --save`` stores its setting for this CPU kind; a later process's host_tuning starts
+    from it (``--forget`` deletes it); a setting kt_jit would refuse is not stored."""
+    import pytest
+
+    from kt_jit.runtime import tuning_store
+
+    monkeypatch.setenv("KT_JIT_CACHE_DIR", str(tmp_path))
+    monkeypatch.delenv("KT_JIT_TUNING", raising=False)
+    monkeypatch.delenv("KT_JIT_STORED_TUNING", raising=False)
+    path = tune.save_setting("stream_prefetch=2048,lane_partial_slice=256", {"rounds": 10})
+    assert path == tuning_store.tuning_path() and path.parent == tmp_path / "tuning"
+    tuning_store.reset_memo()
+    tuned = tune.gemm.host_tuning()
+    assert (tuned.stream_prefetch, tuned.lane_partial_slice) == (2048, 256)
+    with pytest.raises(ValueError, match="64-1024"):
+        tune.save_setting("lane_partial_slice=2048", {})
+    assert tune.main(["--forget"]) == 0 and not path.exists()
+    tuning_store.reset_memo()

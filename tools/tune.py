@@ -11,9 +11,14 @@ round (in alternating order), each under its own KT_JIT_TUNING (which keys its k
 plans), and each gets the median of its passes. A candidate replaces the default only when the
 median of its per-round time ratios beats it by more than ``--margin``.
 
-    python tools/tune.py [--quick] [--json PATH] [--shape qwen3-30b-a3b] [--rounds N] [--margin 0.02]
+    python tools/tune.py [--save] [--quick] [--json PATH] [--shape qwen3-30b-a3b] [--rounds N] [--margin 0.02]
 
-Then run with the printed setting, e.g. ``KT_JIT_TUNING=stream_group_blocks=16 python train.py``.
+With ``--save`` the winners are stored for this CPU kind next to the kernel cache
+(``KT_JIT_CACHE_DIR/tuning/<cpu>.json``, see kt_jit/runtime/tuning_store.py) and every later kt_jit
+process on such a CPU starts from them (``python -m kt_jit.info`` shows them; ``--forget`` deletes
+them; ``KT_JIT_STORED_TUNING=0`` ignores them). Without it, run with the printed setting, e.g.
+``KT_JIT_TUNING=stream_group_blocks=16 python train.py``. Candidates are always measured against the
+built-in values (a stored setting is ignored while measuring).
 Timings on a shared machine are noisy: rerun before trusting a small win (``--quick`` is a smoke
 run: its 4 rounds have shown wins of 5-10% on a noisy VM that 12 rounds did not confirm).
 """
@@ -25,6 +30,7 @@ import os
 import statistics
 import sys
 import time
+from pathlib import Path
 
 import torch
 from bench_moe import RANK, SHAPES, backward_seconds, batch, flush_l3
@@ -34,6 +40,7 @@ import kt_jit
 from kt_jit.kernels import gemm
 from kt_jit.kernels.probe import bf16_peak_flops, read_bandwidth
 from kt_jit.moe.sft import RECORD_AT_CALL
+from kt_jit.runtime import knobs, tuning_store
 from kt_jit.runtime.threads import default_num_threads
 
 # value -> (candidates, token counts whose groups it shapes: 1-4 rows per expert for the lane-partial
@@ -163,6 +170,14 @@ def recommend(rows: list[dict], margin: float) -> dict[str, int]:
     return best
 
 
+def save_setting(setting: str, measured: dict) -> Path:
+    """Store a recommended KT_JIT_TUNING-style setting ("" = the built-in values) for this CPU kind
+    (checked first: a setting kt_jit would refuse is not stored); returns the file."""
+    values = knobs.parse_tuning(setting)
+    gemm._replaced(gemm.host_tuning(), values, "the setting")  # (a ValueError for a bad one)
+    return tuning_store.save(values, measured)
+
+
 def main(argv: list[str] | None = None) -> int:
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--quick", action="store_true", help="one token count per value, 4 rounds")
@@ -172,11 +187,23 @@ def main(argv: list[str] | None = None) -> int:
     ap.add_argument("--rounds", type=int, default=0, help="timed rounds per candidate (default 10, quick 4)")
     ap.add_argument("--passes", type=int, default=3, help="timed passes per candidate and round")
     ap.add_argument("--margin", type=float, default=0.02, help="gain a candidate needs over the default")
+    ap.add_argument("--save", action="store_true", help="store the recommended setting for this CPU kind (replacing "
+                    "a stored one; the built-in values when nothing wins), for every later kt_jit process to use")
+    ap.add_argument("--forget", action="store_true", help="delete this CPU kind's stored setting and exit")
     args = ap.parse_args(argv)
+    if args.forget:
+        path = tuning_store.tuning_path()
+        print(f"deleted {path}" if tuning_store.forget() else f"nothing stored at {path}")
+        return 0
     if args.rounds < 0 or args.passes < 1:
         ap.error("--rounds and --passes must be at least 1")
     if os.environ.get("KT_JIT_TUNING"):
         print(f"note: KT_JIT_TUNING={os.environ['KT_JIT_TUNING']!r} is set; candidates replace it", file=sys.stderr)
+    stored = dict(tuning_store.stored_values())
+    os.environ["KT_JIT_STORED_TUNING"] = "0"  # candidates against the built-in values
+    if stored:
+        print(f"note: the stored setting {stored} ({tuning_store.tuning_path()}) is left out while measuring",
+              file=sys.stderr)
     names = [n.strip() for n in args.values.split(",") if n.strip()]
     unknown = [n for n in names if n not in CANDIDATES]
     if unknown:
@@ -231,6 +258,10 @@ def main(argv: list[str] | None = None) -> int:
           f"by more than {args.margin:.0%})")
     rows.append({"name": "recommended", "ms": 0.0, "setting": setting, "rounds": rounds, "passes": args.passes,
                  "margin": args.margin, "quick": args.quick, "shape": args.shape})
+    if args.save:
+        measured = {k: rows[-1][k] for k in ("rounds", "passes", "margin", "quick", "shape")}
+        path = save_setting(setting, dict(measured, threads=threads, isa=isa, values_measured=names))
+        print(f"stored {setting or 'the built-in values'} for this CPU kind in {path}")
     if args.quick:
         print(f"(--quick: {rounds} rounds, one token count per value; a smoke run, not a measurement: on a noisy "
               "VM 4 rounds have shown 5-10% wins that 12 did not confirm)")

@@ -60,6 +60,7 @@ import ctypes
 import dataclasses
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -70,7 +71,7 @@ from ..codegen.cache import get_or_compile
 from ..codegen.compile import target_for
 from ..codegen.ir import BF16x32, F32x16, Function, I16x32, I32x16, Module, Var
 from ..codegen.worker import ArgBlock, build_worker, dispatch, group_table, immediate_launches
-from ..runtime import knobs
+from ..runtime import knobs, tuning_store
 from ..runtime.amx import active_isa, require_amx
 from ..runtime.buffers import aligned_zeros
 from ..runtime.cpu import l1d_cache_bytes
@@ -186,25 +187,35 @@ SMALL_L1_TUNING = HostTuning(4, 1024, stream_prefetch=512, quant_prefetch=256, m
 
 
 def host_tuning() -> HostTuning:
-    """The schedule values for this CPU (see :class:`HostTuning`), with KT_JIT_TUNING's overrides
-    (a ValueError for a bad setting; the MoE operator checks it at every call, before any work)."""
-    return _tuning_for(knobs.raw("KT_JIT_TUNING"), l1d_cache_bytes())
+    """The schedule values for this CPU (see :class:`HostTuning`): the built-in ones chosen by the L1
+    size, replaced by the setting ``tools/tune.py --save`` stored for this CPU kind (a file it cannot
+    use is ignored with a warning), then by KT_JIT_TUNING's overrides (a ValueError for a bad one;
+    the MoE operator checks it at every call, before any work)."""
+    return _tuning_for(knobs.raw("KT_JIT_TUNING"), l1d_cache_bytes(), tuning_store.stored_values())
 
 
 @functools.lru_cache(maxsize=16)
-def _tuning_for(raw_value: str | None, l1d_bytes: int) -> HostTuning:
+def _tuning_for(raw_value: str | None, l1d_bytes: int, stored: tuple[tuple[str, int], ...] = ()) -> HostTuning:
     base = LARGE_L1_TUNING if l1d_bytes >= SMALL_L1 else SMALL_L1_TUNING
+    if stored:
+        try:
+            base = _replaced(base, dict(stored), "the stored setting")
+        except ValueError as e:
+            warnings.warn(f"kt_jit: ignoring the stored tuning {tuning_store.tuning_path()}: {e}; rerun "
+                          "tools/tune.py --save or delete the file", stacklevel=3)
     overrides = knobs.parse_tuning(raw_value)
-    if not overrides:
-        return base
-    names = [f.name for f in dataclasses.fields(HostTuning)]
-    unknown = sorted(set(overrides) - set(names))
-    if unknown:
-        raise ValueError(f"KT_JIT_TUNING: unknown name(s) {unknown}; the names are {names} ({knobs.TUNING_HINT})")
     try:
-        return dataclasses.replace(base, **overrides)
+        return _replaced(base, overrides, "KT_JIT_TUNING") if overrides else base
     except ValueError as e:
         raise ValueError(f"KT_JIT_TUNING: {e} ({knobs.TUNING_HINT})") from None
+
+
+def _replaced(base: HostTuning, values: dict[str, int], source: str) -> HostTuning:
+    names = [f.name for f in dataclasses.fields(HostTuning)]
+    unknown = sorted(set(values) - set(names))
+    if unknown:
+        raise ValueError(f"unknown name(s) {unknown} in {source}; the names are {names}")
+    return dataclasses.replace(base, **values)
 
 
 @dataclass(frozen=True)
@@ -1704,14 +1715,14 @@ def kernel_for(op: str, n: int, k: int, accumulate: bool = False, isa: str | Non
     if quant != "bf16" or lora_rank:
         isa = "avx512"
     return _kernel_for(op, n, k, accumulate, isa or active_isa(), schedule, quant, group_size, zero_point,
-                       one_group, lora_rank, lora_split, lanes_dy, knobs.raw("KT_JIT_TUNING"))
+                       one_group, lora_rank, lora_split, lanes_dy, host_tuning())
 
 
 @functools.cache
 def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str, schedule: GemmSchedule | None,
                 quant: str, group_size: int, zero_point: bool, one_group: bool, lora_rank: int,
-                lora_split: int, lanes_dy: bool, tuning: str | None) -> GemmKernel:
-    # (``tuning``, KT_JIT_TUNING's raw value, only keys the memo: default_schedule reads it)
+                lora_split: int, lanes_dy: bool, tuning: HostTuning) -> GemmKernel:
+    # (``tuning``, the host's values in effect, only keys the memo: default_schedule reads them)
     if schedule is None:
         schedule = default_schedule(op, isa, n, k, quant, one_group, group_size, lanes_dy)
         if group_size and op == "fwd":  # a K-chunk within one group: its scale is applied per chunk

@@ -553,9 +553,8 @@ def experts_config(experts: MoEExperts) -> tuple:
 def _config(experts: MoEExperts, lora: tuple[torch.Tensor, ...] | None, scaling: float) -> tuple:
     """What fixes a pass's kernels and tables besides its token count, routing and flags (a bad
     KT_JIT_TUNING raises here, before the pass does anything)."""
-    gemm.host_tuning()  # (memoised per setting)
     return experts_config(experts) + (lora[0].shape[1] if lora is not None else 0, scaling, knobs.raw("KT_JIT_ISA"),
-                                      knobs.raw("KT_JIT_TUNING"), XTY_TOKEN_PAIRS)
+                                      gemm.host_tuning(), XTY_TOKEN_PAIRS)
 
 
 def _expert_operands(experts: MoEExperts) -> list[torch.Tensor]:

@@ -93,23 +93,34 @@ def cpu_info() -> CpuInfo:
     return CpuInfo(model, flags, llvm.get_host_cpu_name(), host_feats.flatten())
 
 
-@functools.lru_cache(maxsize=1)
-def l1d_cache_bytes() -> int:
-    """Size of one core's level-1 data cache in bytes, from sysfs (0 if unknown). Some kernel
-    schedules size what they keep in flight by it (Zen 4: 32 KB, Zen 5 and Sapphire Rapids: 48 KB)."""
+@functools.lru_cache(maxsize=4)
+def _cache_bytes(level: int) -> int:
+    """Size of one core's data (or unified) cache of this level in bytes, from sysfs (0 if unknown)."""
     base = Path("/sys/devices/system/cpu/cpu0/cache")
     try:
         for index in sorted(base.glob("index*")):
-            level = (index / "level").read_text().strip()
+            here = (index / "level").read_text().strip()
             kind = (index / "type").read_text().strip()
-            if level == "1" and kind in ("Data", "Unified"):
+            if here == str(level) and kind in ("Data", "Unified"):
                 return parse_size((index / "size").read_text()) or 0
     except OSError:
         pass
     try:  # glibc knows it on some systems without the sysfs entries
-        return max(0, int(os.sysconf("SC_LEVEL1_DCACHE_SIZE")))
+        return max(0, int(os.sysconf("SC_LEVEL1_DCACHE_SIZE" if level == 1 else f"SC_LEVEL{level}_CACHE_SIZE")))
     except (ValueError, OSError, AttributeError):
         return 0
+
+
+def l1d_cache_bytes() -> int:
+    """Size of one core's level-1 data cache in bytes, from sysfs (0 if unknown). Some kernel
+    schedules size what they keep in flight by it (Zen 4: 32 KB, Zen 5 and Sapphire Rapids: 48 KB)."""
+    return _cache_bytes(1)
+
+
+def l2_cache_bytes() -> int:
+    """Size of one core's level-2 cache in bytes (0 if unknown); part of the key a tuned setting is
+    stored under (runtime/tuning_store.py)."""
+    return _cache_bytes(2)
 
 
 def llvm_cpu_name(info: CpuInfo, want_amx: bool) -> str:

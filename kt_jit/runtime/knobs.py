@@ -17,7 +17,9 @@ KT_JIT_LAUNCH_PLANS  "0" prepares every MoE pass's launches in Python instead of
 KT_JIT_TUNING       overrides of the schedule values kt_jit picks per CPU for its AVX-512 GEMMs
                     (mostly the transposed ones), as comma-separated name=value pairs (names: the fields of
                     kernels/gemm.HostTuning, e.g. "stream_group_blocks=16,lanes_min_rows=0");
-                    tools/tune.py measures them
+                    tools/tune.py measures them; they apply on top of a stored setting
+KT_JIT_STORED_TUNING  "0" ignores the setting tools/tune.py --save stored for this CPU kind under
+                    KT_JIT_CACHE_DIR/tuning (see runtime/tuning_store.py)
 
 Read, not owned: OMP_STACKSIZE and GOMP_STACKSIZE (the stack of libgomp's threads, which run the
 kernels; see runtime/threads.py).
@@ -146,6 +148,11 @@ def openmp_stack_bytes() -> int | None:
         if raw:
             return parse_size(raw, "K")
     return None
+
+
+def stored_tuning_enabled() -> bool:
+    """KT_JIT_STORED_TUNING: start from the setting tools/tune.py stored for this CPU (default on)."""
+    return _switched_on("KT_JIT_STORED_TUNING")
 
 
 def launch_plans() -> bool:
