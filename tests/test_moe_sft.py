@@ -144,7 +144,9 @@ def test_tuning_override_reaches_the_operator(monkeypatch):
     assert sft._kernel("bwd", layer[3], "gate_up").spec.schedule.tl == 12
     check_against_reference(layer, batch, dout)
     # (the passes' keys hold the values: a plan of the defaults would replay their kernels)
-    assert any(tuning in key for key in [*sft._plans, *sft._calls] if key[0] == "bwd")
+    tuned = sft.gemm.host_tuning()
+    assert (tuned.lanes_min_rows, tuned.stream_group_blocks) == (12, 2)
+    assert any(tuned in key for key in [*sft._plans, *sft._calls] if key[0] == "bwd")
     monkeypatch.setenv("KT_JIT_TUNING", "lanes_min_rows=3")  # a bad setting stops the forward at once
     with pytest.raises(ValueError, match="KT_JIT_TUNING"):
         kt_jit.moe_sft(batch[0], batch[1], batch[2], layer[3])
