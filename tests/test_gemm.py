@@ -334,7 +334,9 @@ def test_every_schedule_variant_is_correct(isa):
     x = torch.randn(13, k).bfloat16()
     dy = torch.randn(13, n).bfloat16()
     if isa == "avx512":
-        fwd = [gemm.GemmSchedule(mr, nr, kc, pf) for mr, nr, kc, pf in [(1, 8, 0, 0), (4, 2, 16, 8), (6, 4, 32, 0)]]
+        # (6, 8): blocks of 3+ rows run as column groups (gemm.FWD_ACCUMULATORS)
+        fwd = [gemm.GemmSchedule(mr, nr, kc, pf) for mr, nr, kc, pf in [(1, 8, 0, 0), (4, 2, 16, 8), (6, 4, 32, 0),
+                                                                        (6, 8, 32, 0)]]
         bwd = [gemm.GemmSchedule(mr, nr, 0, pf, "fold") for mr, nr, pf in [(1, 1, 0), (2, 8, 1), (3, 2, 4)]]
         bwd += [gemm.GemmSchedule(mr, nr, kc, pf, "panel", sm) for mr, nr, kc, pf, sm in
                 [(6, 4, 0, 0, 0), (3, 2, 2, 4, 0), (6, 4, 4, 4, 8), (1, 8, 8, 0, 2), (4, 1, 1, 1, 16)]]
@@ -748,11 +750,13 @@ def _lora_table(p, s, z, groups, xscales=None, lanes=None):
 
 
 @NEEDS_AVX512_BF16
-@pytest.mark.parametrize("quant,gs,zp", [("bf16", 0, False), ("int8", 0, False), ("int4", 64, True)])
+@pytest.mark.parametrize("quant,gs,zp", [("bf16", 0, False), ("int8", 0, False), ("int4", 64, True),
+                                         ("int4", 0, False)])
 @pytest.mark.parametrize("split,rank", [(0, 16), (128, 16), (128, 32)])
 def test_fused_lora_forward(quant, gs, zp, split, rank):
     """Y (+)= X W^T + H B^T in one launch, over groups of 0..13 rows (every row-block tail), with one
-    adapter or two (outputs past ``split`` read the second adapter and the second half of H)."""
+    adapter or two (outputs past ``split`` read the second adapter and the second half of H).
+    Per-channel int4 takes 8 column blocks per item, its blocks of 3+ rows in two column groups."""
     n, k = 256, 128
     g = torch.Generator().manual_seed(5)
     p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
@@ -767,6 +771,7 @@ def test_fused_lora_forward(quant, gs, zp, split, rank):
         before = [y.clone() for y in ys]
         kern = gemm.kernel_for("fwd", n, k, accumulate, quant=quant, group_size=gs, zero_point=zp, lora_rank=rank,
                                lora_split=split)
+        assert kern.spec.schedule.nr == (8 if quant == "int4" and not gs else 4)
         xq = [_kernel_input(kern.spec, x, s) for x in xs]
         table = _lora_table(p, s, z, [(xq[e][0], y, m, h, b0[e], b1[e])
                                       for e, (y, h, m) in enumerate(zip(ys, hs, ms, strict=True))],

@@ -121,6 +121,10 @@ SMALL_L1 = 48 << 10  # an L1 data cache below this size selects the small-L1 val
 # (8-16 rows per expert) within +-1%.
 LANES_MIN_ROWS = 16
 
+# The AVX-512 forward's register block: at most this many fp32/int32 accumulators (rows x column
+# blocks; 6 x 4 by default); a wider item runs a block of more rows as column groups in turn.
+FWD_ACCUMULATORS = 24
+
 
 @dataclass(frozen=True)
 class HostTuning:
@@ -317,8 +321,11 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
             # pfi (with pfn): MoE forward A/B on Zen 5 (qwen3, no LoRA), claiming at the item's start:
             # bf16 qlen 128 -2.9%, 512 -4.1%, 16 -1.1%, 1 +-1%; qlen 128 int8 -2.7%, int4 -7.1%,
             # int4_kgroup -3.7%; claiming at the last chunk (kept): bf16 qlen 128 -0.4..-1.6%, 512 -3.1%
-            return GemmSchedule(mr=6, nr=4 if n % 64 == 0 else 2, kc=_chunk(k // 2, 256), pf=pf, pfn=True, pfw=pfw,
-                                pfi=True)
+            # per-channel int4: 8 column blocks per item (blocks of 3+ rows as two groups of 4: FWD_ACCUMULATORS).
+            # MoE forward A/B, Zen 4, qwen3, LoRA on, against 4: qlen 1 -5..-7%, qlen 16 -5..-6%, qlen 128
+            # +-1% (int4_1: -5 / -3%); int8 (-1 / -2 / 0%) and int4_kgroup (+2 / -3%) keep 4
+            nr = 8 if quant == "int4" and not group_size and n % 128 == 0 else 4 if n % 64 == 0 else 2
+            return GemmSchedule(mr=6, nr=nr, kc=_chunk(k // 2, 256), pf=pf, pfn=True, pfw=pfw, pfi=True)
         # streaming a whole small group beats the panel up to 24 rows when the row pitches are odd
         # multiples of 64 B (measured on Zen 5: m=14-24 1.1-1.6x, m=32 0.9x); otherwise the kernel
         # lowers the limit to STREAM_ALIASED_MAX at run time (the rows would crowd a few L1 sets)
@@ -649,16 +656,17 @@ def _mac(fn: Function, accs: dict, wv: list[str], xptrs: list[str], integer: boo
 
 
 def _panel_mac(fn: Function, accs: dict, panel: str, nr: int, steps: int | str, xptr, integer: bool = False,
-               fetch=None) -> None:
+               fetch=None, cols: range | None = None) -> None:
     """``accs += sum_q panel[q] . X(q)``: the forward micro-kernel over ``steps`` k-pair rows of a
-    stack panel (``nr`` vectors of 64 B per row); ``xptr(i, q)`` points at row i's pair q;
-    ``fetch(q)`` emits prefetches at each step."""
+    stack panel (``nr`` vectors of 64 B per row; ``cols``: those of the accumulators' column
+    blocks, default all, ``accs[i, j]`` for the j-th of them); ``xptr(i, q)`` points at row i's
+    pair q; ``fetch(q)`` emits prefetches at each step."""
     rows = 1 + max(i for i, _ in accs)
     with fn.loop(0, steps, name="pq") as q:
         if fetch is not None:
             fetch(q)
         wp = fn.gep(panel, fn.mul(q, nr * 64))
-        _mac(fn, accs, [fn.load(BF16x32, fn.gep(wp, j * 64), 64) for j in range(nr)],
+        _mac(fn, accs, [fn.load(BF16x32, fn.gep(wp, j * 64), 64) for j in cols or range(nr)],
              [xptr(i, q) for i in range(rows)], integer)
 
 
@@ -780,12 +788,13 @@ def _avx512_fwd_body(spec: GemmSpec):
             scb = fn.gep(sc, fn.mul(chan, 4))
             neg_zero = [_neg_zero(fn, spec, fn.gep(zp, fn.add(chan, 16 * j))) for j in range(sch.nr)]
 
-            def weights(r: str, pf: int) -> list[str]:
-                """The nr weight rows at k-pair r (bf16, or integers for the quantized kernels)."""
+            def weights(r: str, pf: int, cols: range) -> list[str]:
+                """The weight rows at k-pair r of column blocks ``cols`` (bf16, or integers for the
+                quantized kernels)."""
                 roff = fn.mul(r, rb)
-                wptrs = [fn.gep(wb, fn.add(roff, j * block_stride)) for j in range(sch.nr)]
+                wptrs = [fn.gep(wb, fn.add(roff, j * block_stride)) for j in cols]
                 if int_x:
-                    wv = [_int_row(fn, spec, p, nz) for p, nz in zip(wptrs, neg_zero, strict=True)]
+                    wv = [_int_row(fn, spec, p, neg_zero[j]) for p, j in zip(wptrs, cols, strict=True)]
                 else:
                     wv = [fn.load(BF16x32, p, 2) for p in wptrs]
                 if pf:
@@ -793,32 +802,40 @@ def _avx512_fwd_body(spec: GemmSpec):
                         vx.prefetch(fn, fn.gep(p, pf * rb))
                 return wv
 
-            def int4_row_pairs(r: str, pf: int) -> list[tuple[str, str]]:
-                """int4: k-pair rows r and r+1 of each of the nr blocks, as int16 q - z."""
+            def int4_row_pairs(r: str, pf: int, cols: range) -> list[tuple[str, str]]:
+                """int4: k-pair rows r and r+1 of column blocks ``cols``, as int16 q - z."""
                 out = []
-                for j in range(sch.nr):
+                for j in cols:
                     p = fn.gep(wb, fn.add(fn.mul(r, rb), j * block_stride))
                     if pf:
                         vx.prefetch(fn, fn.gep(p, pf * rb))
                     out.append(tuple(_int4_row(fn, c, neg_zero[j], True) for c in _int4_code_pairs(fn, p)))
                 return out
 
-            def lora_mac(m0: str, accs: dict) -> None:
+            def lora_mac(m0: str, accs: dict, cols: range) -> None:
                 """accs += H B^T (the fused LoRA term) for these rows, as rank/2 extra k-steps."""
                 _panel_mac(fn, accs, lpanel, sch.nr, spec.lora_rank // 2,
-                           lambda i, q: fn.gep(h, fn.add(fn.add(fn.mul(fn.add(m0, i), ldh), hoff), fn.mul(q, 4))))
+                           lambda i, q: fn.gep(h, fn.add(fn.add(fn.mul(fn.add(m0, i), ldh), hoff), fn.mul(q, 4))),
+                           cols=cols)
 
             def micro(m0: str, rows: int) -> None:
+                # at most FWD_ACCUMULATORS accumulators in registers: wider items (int4's nr=8) run
+                # blocks of more rows as column groups one after another
+                width = max(d for d in range(1, sch.nr + 1) if sch.nr % d == 0 and rows * d <= FWD_ACCUMULATORS)
+                for j0 in range(0, sch.nr, width):
+                    micro_cols(m0, rows, range(j0, j0 + width))
+
+            def micro_cols(m0: str, rows: int, cols: range) -> None:
                 accs = {}
                 for i in range(rows):
                     yrow = fn.gep(yb, fn.mul(fn.add(m0, i), ldy))
-                    for j in range(sch.nr):
+                    for jj, j in enumerate(cols):
                         p = fn.gep(yrow, j * 64)
                         acc = fn.var(I32x16, "zeroinitializer", 64) if int_x else _open_acc(fn, spec, p, first)
-                        accs[i, j] = (acc, p)
+                        accs[i, jj] = (acc, p)
                 if spec.lora_rank and not int_x:  # last chunk: the LoRA term joins the accumulators
                     with fn.if_then(last, name="lora"):
-                        lora_mac(m0, accs)
+                        lora_mac(m0, accs, cols)
                 pf = sch.pfw if sch.pfw and rows > 2 else sch.pf
 
                 def k_loop(fetch_next: bool) -> None:
@@ -828,10 +845,10 @@ def _avx512_fwd_body(spec: GemmSpec):
                     with fn.loop(kc0, fn.add(kc0, kc), 2 if pairs else 1, name="r") as r:
                         if fetch_next:  # this chunk is in L2 already: fetch the next one meanwhile
                             nb = fn.gep(fetch_base, fn.mul(fn.sub(r, kc0), rb))
-                            for j in range(sch.nr):
+                            for j in cols:
                                 vx.prefetch(fn, fn.gep(nb, j * block_stride), 2)
-                        steps = zip((r, fn.add(r, 1)), zip(*int4_row_pairs(r, pf), strict=True), strict=True) \
-                            if pairs else [(r, weights(r, pf))]
+                        steps = zip((r, fn.add(r, 1)), zip(*int4_row_pairs(r, pf, cols), strict=True), strict=True) \
+                            if pairs else [(r, weights(r, pf, cols))]
                         for rr, wv in steps:
                             xptrs = [fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(rr, 4))) for i in range(rows)]
                             _mac(fn, accs, list(wv), xptrs, int_x)
@@ -850,15 +867,15 @@ def _avx512_fwd_body(spec: GemmSpec):
                     for acc, p in accs.values():
                         fn.store(F32x16, acc.get(), p, 4)
                     return
-                wscale = [fn.load(F32x16, fn.gep(scb, j * 64), 4) for j in range(sch.nr)]
+                wscale = [fn.load(F32x16, fn.gep(scb, j * 64), 4) for j in cols]
                 for i in range(rows):
                     xs = vx.splat_f32(fn, fn.gep(xsc, fn.mul(fn.add(m0, i), 4)), "f32")
-                    for j in range(sch.nr):
-                        acc, p = accs[i, j]
-                        _store_int(fn, spec, acc.get(), p, first, vx.fmul(fn, wscale[j], xs))
+                    for jj in range(len(cols)):
+                        acc, p = accs[i, jj]
+                        _store_int(fn, spec, acc.get(), p, first, vx.fmul(fn, wscale[jj], xs))
                 if spec.lora_rank:  # (not scaled by the weight scales) added to the stored block
                     with fn.if_then(last, name="lora"):
-                        _add_to_block(fn, {key: p for key, (_, p) in accs.items()}, lambda la: lora_mac(m0, la))
+                        _add_to_block(fn, {key: p for key, (_, p) in accs.items()}, lambda la: lora_mac(m0, la, cols))
 
             row_blocks(fn, m, sch.mr, micro)
 
