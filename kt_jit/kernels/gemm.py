@@ -1296,6 +1296,12 @@ LANE_PARTIAL_MAX = 8  # most rows of the lane-partial form (GemmSchedule.lp)
 LANE_PARTIAL_UNROLL = 4  # rows up to this get code of their own (dY pairs in registers)
 
 
+# Weights whose lane-partial form reads 8 n-blocks per step at 1-2 unrolled rows (see _bwd_lane_partial).
+# int8, MoE backward A/B on Zen 4 (qwen3, LoRA on) against 4 blocks: qlen 1 -3..-5%, qlen 16 -2.5..-3%
+# (kernel level, 8 cold experts: 1 row -5%, 2 rows -4%); int4 +-1% there (and lost on Zen 5).
+LP_WIDE_QUANTS = ("bf16", "int8")
+
+
 def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
     """k-pair rows per slice (within one K-group) of the lane-partial code for up to ``rows`` token
     rows: the schedule's ``ls`` up to LANE_PARTIAL_UNROLL rows, a quarter above (the accumulators,
@@ -1369,10 +1375,10 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     integer = spec.int_x
     nb, rb, kp = spec.n // 16, spec.row_bytes, spec.k // 2
     block_stride = kp * rb
-    # bf16 at 1-2 unrolled rows: 8 blocks per step halve the accumulator traffic per weight byte
-    # (kernel A/B, Zen 5 fast-memory mode: m=1-2 -3..-5% on top of the unrolling; int4 lost; at
-    # 3-4 rows the 24-32 dY vectors no longer fit the registers)
-    wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant == "bf16" else ()
+    # bf16 and int8 (LP_WIDE_QUANTS) at 1-2 unrolled rows: 8 blocks per step halve the accumulator
+    # traffic per weight byte (kernel A/B, Zen 5 fast-memory mode: bf16 m=1-2 -3..-5% on top of the
+    # unrolling; int4 lost; at 3-4 rows the 24-32 dY vectors no longer fit the registers)
+    wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant in LP_WIDE_QUANTS else ()
     ns = max(d for d in (*wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
     # 8 blocks per step: software prefetch for every other one, the hardware prefetcher keeps the
     # rest going (kernel A/B, 8 cold experts, Zen 5 slow memory mode, 1 row -3.5..-4.4%, 2 rows
