@@ -637,6 +637,26 @@ def test_quantized_gemms_match_dequantized_reference(quant, gs, zp, m):
 
 
 @NEEDS_AVX512_BF16
+@pytest.mark.parametrize("zp", [False, True])
+def test_int4_zero_point_terms_hold_for_one_signed_inputs(zp):
+    """The int4 kernels sum x q and subtract z sum x once (forward: per K-chunk, exact in int32;
+    transposed lane-partial form: per row, in fp32): inputs of one sign, where the two terms are
+    large and nearly cancel, stay within the kernels' usual error of the dequantized product."""
+    n, k = 256, 1024
+    p, s, z, wd = _quantized("int4", 0, zp, n, k)
+    for m in (1, 3, 7):
+        x, dy = torch.rand(m, k).bfloat16() + 2, torch.rand(m, n).bfloat16() + 2
+        y, dx = torch.empty(m, n), torch.empty(m, k)
+        for op, a, out, lda, ldo in (("fwd", x, y, k * 2, n * 4), ("bwd", dy, dx, n * 2, k * 4)):
+            kern = gemm.kernel_for(op, n, k, quant="int4", zero_point=zp)
+            xa, xs = _kernel_input(kern.spec, a, s)
+            kern.launch(gemm._one_group(xa.data_ptr(), p.data_ptr(), out.data_ptr(), m, s.data_ptr(),
+                                        z.data_ptr() if z is not None else 0, xs.data_ptr()), lda, ldo)
+        assert rel_err(y, ref_linear(x, wd)) < 2e-4, m
+        assert rel_err(dx, ref_linear_t(dy, wd)) < 2e-4, m
+
+
+@NEEDS_AVX512_BF16
 def test_quantize_rows():
     """q = round(x * (1/s)), s = max|x| / ACT_MAX per row; zero and tiny rows give q = 0 with a
     finite 1/s; a NaN or inf in a row gives a non-finite scale (so the GEMM output is not finite

@@ -539,10 +539,15 @@ def _int4_codes(fn: Function, ptr: str, odd: bool) -> str:
     return fn.val(f"and {I16x32} {w}, <{', '.join(['i16 15'] * 32)}>")
 
 
-def _int4_code_pairs(fn: Function, ptr: str) -> tuple[str, str]:
+def _int4_code_pairs(fn: Function, ptr: str, swapped: bool = False) -> tuple[str, str]:
     """Rows 2i and 2i+1 (``ptr`` at row 2i) as codes (see :func:`_int4_codes`) from one load: a
-    zero-extension to words, then a mask for the even row and a shift for the odd one."""
-    w = fn.val(f"zext <32 x i8> {fn.load('<32 x i8>', ptr, 1)} to {I16x32}")
+    zero-extension to words, then a mask for the even row and a shift for the odd one.
+    ``swapped``: both rows regrouped to n-pairs (:func:`vx.swap_k_n_pairs`) by one shuffle of the
+    32 code bytes before the extension (byte i becomes word i) instead of one per row after it."""
+    codes = fn.load('<32 x i8>', ptr, 1)
+    if swapped:
+        codes = vx.shuffle(fn, "<32 x i8>", codes, None, vx.SWAP_K_N_WORDS)
+    w = fn.val(f"zext <32 x i8> {codes} to {I16x32}")
     return (fn.val(f"and {I16x32} {w}, <{', '.join(['i16 15'] * 32)}>"),
             fn.val(f"lshr {I16x32} {w}, <{', '.join(['i16 4'] * 32)}>"))
 
@@ -552,6 +557,8 @@ def _int4_row(fn: Function, codes: str, zero: str, integer: bool) -> str:
     (``zero`` = -z from :func:`_neg_zero`); else the bf16 values q - z (``zero`` = 16 - z from
     :func:`_zero_words`, then a 32-entry vpermw table whose entry v is bf16(v - 16): exact for every
     zero point in 0..15)."""
+    if zero is None:  # (integer kernels that subtract the zero points' term after the sum)
+        return vx.bitcast(fn, codes, I16x32, BF16x32)
     idx = fn.val(f"add {I16x32} {codes}, {zero}")
     if integer:
         return vx.bitcast(fn, idx, I16x32, BF16x32)
@@ -576,6 +583,46 @@ def _neg_zero(fn: Function, spec: GemmSpec, zptr: str) -> str | None:
     if spec.quant != "int4":
         return None
     return fn.val(f"sub {I16x32} {_zero_words(fn, spec, zptr)}, <{', '.join(['i16 16'] * 32)}>")
+
+
+def _channel_zeros(fn: Function, spec: GemmSpec, zptr: str) -> str:
+    """int4: the zero points of channels zptr[0..16] as <16 x i32> (8 when symmetric)."""
+    if not spec.zero_point:
+        return "<" + ", ".join(["i32 8"] * 16) + ">"
+    return fn.val(f"zext <16 x i8> {fn.load('<16 x i8>', zptr, 1)} to {I32x16}")
+
+
+def _sum_i16(fn: Function, ptr: str, vectors: int) -> str:
+    """The i32 sum of ``vectors`` x 32 int16 values at ``ptr``."""
+    ones = "<" + ", ".join(["i16 1"] * 32) + ">"
+    acc = fn.var(I32x16, "zeroinitializer", 64)
+    with fn.loop(0, vectors, name="xsum") as v:
+        acc.set(vx.dpwssd(fn, acc.get(), fn.load(I16x32, fn.gep(ptr, fn.mul(v, 64)), 2), ones))
+    sym = fn.module.declare("llvm.vector.reduce.add.v16i32", f"declare i32 @llvm.vector.reduce.add.v16i32({I32x16})")
+    return fn.val(f"call i32 {sym}({I32x16} {acc.get()})")
+
+
+def _zero_term(fn: Function, spec: GemmSpec, row: str, zp: str) -> str:
+    """Per-channel int4: sum_n row[n] z_n over the N int16 values of a dY row, splat as fp32 (each
+    lane's int32 sum stays far from overflow: N/16 products; the lanes add in fp32)."""
+    acc = fn.var(I32x16, "zeroinitializer", 64)
+    with fn.loop(0, spec.n // 32, name="zsum") as v:
+        if spec.zero_point:
+            z = fn.val(f"zext <32 x i8> {fn.load('<32 x i8>', fn.gep(zp, fn.mul(v, 32)), 1)} to {I16x32}")
+        else:
+            z = "<" + ", ".join(["i16 8"] * 32) + ">"
+        acc.set(vx.dpwssd(fn, acc.get(), fn.load(I16x32, fn.gep(row, fn.mul(v, 64)), 2), z))
+    f = fn.val(f"sitofp {I32x16} {acc.get()} to {F32x16}")
+    sym = fn.module.declare("llvm.vector.reduce.fadd.v16f32",
+                            f"declare float @llvm.vector.reduce.fadd.v16f32(float, {F32x16})")
+    total = fn.val(f"call reassoc float {sym}(float 0.0, {F32x16} {f})")
+    v0 = fn.val(f"insertelement {F32x16} poison, float {total}, i64 0")
+    return fn.val(f"shufflevector {F32x16} {v0}, {F32x16} poison, <16 x i32> zeroinitializer")
+
+
+def _splat_i32(fn: Function, scalar: str) -> str:
+    v = fn.val(f"insertelement {I32x16} poison, i32 {scalar}, i64 0")
+    return fn.val(f"shufflevector {I32x16} {v}, {I32x16} poison, <16 x i32> zeroinitializer")
 
 
 def _weight_row_for(fn: Function, spec: GemmSpec, ptr: str, zero: str | None, scales: str | None,
@@ -756,6 +803,10 @@ def _avx512_fwd_body(spec: GemmSpec):
     rb = spec.row_bytes
     block_stride = kp * rb  # bytes between consecutive n-blocks of the packed weight
     int_x = spec.int_x  # quantized: int32 partial sums per chunk, scaled into Y at its end
+    # int4: sum x (q - z) as sum x q - z sum x, the second term once per chunk, row and column block
+    # instead of a zero-point add per weight vector
+    # (MoE forward A/B on Zen 4, qwen3: int4 qlen 1 / 16 / 128 -2..-3%, int4_1 -2 / -7 / -2%)
+    fold_zero = spec.quant == "int4" and kc % 16 == 0
 
     def body(fn: Function, ctx: str, item: str, tiles, claim_next=None) -> None:
         c, x, w, y, m, sc, zp, *extra = _group(fn, ctx, item, spec.items_per_group, spec.group_fields)
@@ -786,7 +837,11 @@ def _avx512_fwd_body(spec: GemmSpec):
             grp = fn.val(f"udiv i64 {kc0}, {spec.group_size // 2}") if spec.group_size else "0"
             chan = fn.add(fn.mul(grp, spec.n), fn.mul(c, sch.nr * 16))
             scb = fn.gep(sc, fn.mul(chan, 4))
-            neg_zero = [_neg_zero(fn, spec, fn.gep(zp, fn.add(chan, 16 * j))) for j in range(sch.nr)]
+            if fold_zero:  # the codes as they are; z_n sum_k x[m, k] comes off each chunk's sums
+                neg_zero = [None] * sch.nr
+                zeros = [_channel_zeros(fn, spec, fn.gep(zp, fn.add(chan, 16 * j))) for j in range(sch.nr)]
+            else:
+                neg_zero = [_neg_zero(fn, spec, fn.gep(zp, fn.add(chan, 16 * j))) for j in range(sch.nr)]
 
             def weights(r: str, pf: int, cols: range) -> list[str]:
                 """The weight rows at k-pair r of column blocks ``cols`` (bf16, or integers for the
@@ -869,6 +924,12 @@ def _avx512_fwd_body(spec: GemmSpec):
                     return
                 wscale = [fn.load(F32x16, fn.gep(scb, j * 64), 4) for j in cols]
                 for i in range(rows):
+                    if fold_zero:
+                        xrow = fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(kc0, 4)))
+                        xsum = _splat_i32(fn, _sum_i16(fn, xrow, kc // 16))
+                        for jj, j in enumerate(cols):
+                            acc = accs[i, jj][0]
+                            acc.set(fn.val(f"sub {I32x16} {acc.get()}, {fn.val(f'mul {I32x16} {xsum}, {zeros[j]}')}"))
                     xs = vx.splat_f32(fn, fn.gep(xsc, fn.mul(fn.add(m0, i), 4)), "f32")
                     for jj in range(len(cols)):
                         acc, p = accs[i, jj]
@@ -1375,6 +1436,9 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     integer = spec.int_x
     nb, rb, kp = spec.n // 16, spec.row_bytes, spec.k // 2
     block_stride = kp * rb
+    # per-channel int4: sum_n dY (q - z) as sum_n dY q - sum_n dY z, the second term once per row
+    # (MoE backward A/B on Zen 4, qwen3, int4 and int4_1: qlen 1 -6..-7%, qlen 16 -2.5..-3%)
+    fold_zero = integer and spec.quant == "int4"
     # bf16 and int8 (LP_WIDE_QUANTS) at 1-2 unrolled rows: 8 blocks per step halve the accumulator
     # traffic per weight byte (kernel A/B, Zen 5 fast-memory mode: bf16 m=1-2 -3..-5% on top of the
     # unrolling; int4 lost; at 3-4 rows the 24-32 dY vectors no longer fit the registers)
@@ -1411,8 +1475,10 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                         fn.store(BF16x32, pairs, fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
             wblk = fn.gep(w, fn.add(fn.mul(s0, block_stride), fn.mul(ks, rb)))
             # int4: each block's zero-point words (-z for the integer kernels, 16 - z otherwise)
-            zeros = [_zero_for(fn, spec, fn.gep(zp, chans[b])) for b in range(ns)]
-            two = spec.quant == "int4"  # int4: rows r and r+1 share one load and nibble split
+            zeros = [None if fold_zero else _zero_for(fn, spec, fn.gep(zp, chans[b])) for b in range(ns)]
+            two = spec.quant == "int4"  # int4: rows r and r+1 share one load, nibble split and swap
+            if two and not fold_zero:  # (the codes are regrouped before the zero points are added)
+                zeros = [vx.shuffle(fn, I16x32, z, None, vx.SWAP_K_N_WORDS) for z in zeros]
             with fn.loop(0, sl, 2 if two else 1, name="lr") as r:
                 wrow = fn.gep(wblk, fn.mul(r, rb))
                 wvs = [[], []] if two else [[]]  # per row of the step: one swapped row per block
@@ -1420,10 +1486,11 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                     p = fn.gep(wrow, b * block_stride)
                     if b % pf_every == 0:
                         vx.prefetch(fn, fn.gep(p, spec.schedule.sp))
-                    if two:
-                        rows = [_int4_row(fn, c, zeros[b], integer) for c in _int4_code_pairs(fn, p)]
+                    if two:  # (one byte shuffle regroups both rows: kernel A/B, Zen 4, 8 cold
+                        # experts, against a word shuffle per row: 1 / 2 / 4 rows -1 / -3 / -6%)
+                        rows = [_int4_row(fn, c, zeros[b], integer) for c in _int4_code_pairs(fn, p, True)]
                         for wv, row in zip(wvs, rows, strict=True):
-                            wv.append(vx.swap_k_n_pairs(fn, row))
+                            wv.append(row)
                     else:
                         wvs[0].append(_swapped_row(fn, spec, p, zeros[b], None, False))
                 def token_row(i: str | int, dy: list[str]) -> None:
@@ -1445,9 +1512,13 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                         dp = fn.gep(dyd, fn.mul(i, ns * 64))
                         token_row(i, [fn.load(BF16x32, fn.gep(dp, b * 64), 64) for b in range(ns)])
         with fn.loop(0, m, name="lo") as i:
+            if fold_zero:  # sum_n dY[i, n] z_n, the same for every output
+                zsum = _zero_term(fn, spec, fn.gep(x, fn.mul(i, ldx)), zp)
             with fn.loop(0, sl // 8, name="lg") as g:
                 ap = fn.gep(acc, fn.mul(fn.add(fn.mul(i, sl), fn.mul(g, 8)), 64))
                 out = vx.reduce_pair_lanes(fn, [fn.load(F32x16, fn.gep(ap, j * 64), 64) for j in range(8)])
+                if fold_zero:
+                    out = fn.val(f"fsub {F32x16} {out}, {zsum}")
                 if integer:
                     out = vx.fmul(fn, out, vx.splat_f32(fn, fn.gep(xsc, fn.mul(i, 4)), "f32"))
                 p = fn.gep(y, fn.add(fn.mul(i, ldy), fn.mul(fn.add(ks, fn.mul(g, 8)), 8)))
