@@ -1358,9 +1358,11 @@ LANE_PARTIAL_UNROLL = 4  # rows up to this get code of their own (dY pairs in re
 
 
 # Weights whose lane-partial form reads 8 n-blocks per step at 1-2 unrolled rows (see _bwd_lane_partial).
-# int8, MoE backward A/B on Zen 4 (qwen3, LoRA on) against 4 blocks: qlen 1 -3..-5%, qlen 16 -2.5..-3%
-# (kernel level, 8 cold experts: 1 row -5%, 2 rows -4%); int4 +-1% there (and lost on Zen 5).
-LP_WIDE_QUANTS = ("bf16", "int8")
+# MoE backward A/B on Zen 4 (qwen3, LoRA on) against 4 blocks: int8 qlen 1 -3..-5%, qlen 16 -2.5..-3%
+# (kernel level, 8 cold experts: 1 row -5%, 2 rows -4%); int4 and int4_1 (with the zero points folded
+# out and one byte shuffle per two rows; before that +-1%, and a loss on Zen 5) qlen 1 -2..-3%,
+# qlen 16 -3..-6% (kernel level: 1 row -3.5%, 2 rows -6%). K-group int4 keeps 4 (not measured).
+LP_WIDE_QUANTS = ("bf16", "int8", "int4")
 
 
 def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
@@ -1439,10 +1441,10 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     # per-channel int4: sum_n dY (q - z) as sum_n dY q - sum_n dY z, the second term once per row
     # (MoE backward A/B on Zen 4, qwen3, int4 and int4_1: qlen 1 -6..-7%, qlen 16 -2.5..-3%)
     fold_zero = integer and spec.quant == "int4"
-    # bf16 and int8 (LP_WIDE_QUANTS) at 1-2 unrolled rows: 8 blocks per step halve the accumulator
+    # bf16, int8 and per-channel int4 (LP_WIDE_QUANTS) at 1-2 unrolled rows: 8 blocks per step halve the accumulator
     # traffic per weight byte (kernel A/B, Zen 5 fast-memory mode: bf16 m=1-2 -3..-5% on top of the
     # unrolling; int4 lost; at 3-4 rows the 24-32 dY vectors no longer fit the registers)
-    wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant in LP_WIDE_QUANTS else ()
+    wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant in LP_WIDE_QUANTS and not spec.group_size else ()
     ns = max(d for d in (*wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
     # 8 blocks per step: software prefetch for every other one, the hardware prefetcher keeps the
     # rest going (kernel A/B, 8 cold experts, Zen 5 slow memory mode, 1 row -3.5..-4.4%, 2 rows
