@@ -197,6 +197,8 @@ def main(argv: list[str] | None = None) -> int:
         return 0
     if args.rounds < 0 or args.passes < 1:
         ap.error("--rounds and --passes must be at least 1")
+    if args.save and args.quick:
+        ap.error("--save stores what a full run measures; --quick is a smoke run whose winners can be noise")
     if os.environ.get("KT_JIT_TUNING"):
         print(f"note: KT_JIT_TUNING={os.environ['KT_JIT_TUNING']!r} is set; candidates replace it", file=sys.stderr)
     stored = dict(tuning_store.stored_values())
