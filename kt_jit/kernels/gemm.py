@@ -1366,14 +1366,22 @@ LP_WIDE_QUANTS = ("bf16", "int8", "int4")
 
 
 def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
-    """k-pair rows per slice (within one K-group) of the lane-partial code for up to ``rows`` token
+    """k-pair rows per slice (whole K-groups) of the lane-partial code for up to ``rows`` token
     rows: the schedule's ``ls`` up to LANE_PARTIAL_UNROLL rows, a quarter above (the accumulators,
     rows x slice x 64 bytes, stay in L1/L2). Only ``lps`` schedules size each code variant's slices
     by its own rows (single groups of 1-4 rows: +0..6% with the longer slices); the others size
-    all by ``lp`` (the MoE's int4 groups of 1-4 rows measured 4-7% slower with the longer ones)."""
+    all by ``lp`` (the MoE's int4 groups of 1-4 rows measured 4-7% slower with the longer ones).
+    K-group weights take whole groups, as many as keep ``rows`` x slice within that target (the
+    accumulators of 1-2 rows in L1): one 64-pair group reads each n-block in 1 KB pieces (per-channel
+    int4 in 64-pair slices: 1.17-1.25x the time of 256-pair ones). Kernel A/B, Zen 4, 8 cold experts,
+    int4 group 128, against one group per slice: 1 row -6%, 2 rows -3% (4 groups: 2 rows +7%, 4
+    rows +33%); MoE backward qwen3 int4_kgroup qlen 16 -5..-6%, qlen 1 -0..-3%."""
     bound = rows if spec.schedule.lps else spec.schedule.lp
-    return _chunk(spec.group_size // 2 if spec.group_size else spec.k // 2,
-                  spec.schedule.ls if bound <= LANE_PARTIAL_UNROLL else spec.schedule.ls // 4)
+    target = spec.schedule.ls if bound <= LANE_PARTIAL_UNROLL else spec.schedule.ls // 4
+    if spec.group_size:  # as many whole groups as keep rows x slice within the target (one at least)
+        pairs = spec.group_size // 2
+        return pairs * _divisor(spec.k // spec.group_size, max(1, target // rows // pairs))
+    return _chunk(spec.k // 2, target)
 
 
 def _lane_partial_variants(spec: GemmSpec) -> tuple[int, ...]:
@@ -1393,7 +1401,7 @@ def _bwd_lane_partial_rows(fn: Function, spec: GemmSpec, x: str, w: str, y: str,
         _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, only=only)
         return
     # one accumulator buffer for all variants (a variant's rows times its slice)
-    acc = fn.alloca("i8", 64, max(r * _lane_partial_slice(spec, r) for r in _lane_partial_variants(spec)) * 64)
+    acc = fn.alloca("i8", 64, max(r * _lane_partial_slice(spec, r) for r in range(1, spec.schedule.lp + 1)) * 64)
     if unroll < spec.schedule.lp:
         few, many, done = fn.new_block("lpfew"), fn.new_block("lpmany"), fn.new_block("lpdone")
         fn.cbr(fn.icmp("sle", m, unroll), few, many)
@@ -1429,11 +1437,12 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     shared by the row-count variants. ``only``: compute K-slice ``only`` alone (schedule ``lps``).
     ``unrolled`` (> 0: m equals it) unrolls the token rows and keeps their dY pairs in registers.
 
-    Order: K in slices (:func:`_lane_partial_slice`; within one K-group; their accumulators, 64 B
-    per row and k-pair row, stay in L1/L2), within a slice the n-blocks STREAM_BLOCKS at a time
-    side by side, so each block is read in contiguous pieces. Integer kernels sum the
-    STREAM_BLOCKS products of a step in int32 (far from overflow) and add them to fp32
-    accumulators; the row scale is applied at the end.
+    Order: K in slices (:func:`_lane_partial_slice`; whole K-groups; their accumulators, 64 B per
+    row and k-pair row, stay in L1/L2), within a slice the n-blocks STREAM_BLOCKS at a time side by
+    side (8 at 1-2 rows, see LP_WIDE_QUANTS), so each block is read in contiguous pieces; a step
+    runs the slice's K-groups one after another, each with its own scaled dY pairs and zero
+    points. Integer kernels sum the products of a step in int32 (far from overflow) and add them
+    to fp32 accumulators; the row scale is applied at the end.
     """
     integer = spec.int_x
     nb, rb, kp = spec.n // 16, spec.row_bytes, spec.k // 2
@@ -1451,17 +1460,19 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     # -0.9..-3.4%; in the fast mode 2 rows +1.5%; at 4 blocks per step, or prefetching one block in
     # 4 or 8: +5..+9%): fewer instructions per weight byte while streaming
     pf_every = _LP_PFEVERY if ns == 2 * STREAM_BLOCKS else 1
-    # a slice lies within one K-group (its scales and zero points are per slice and block)
     rows_max = unrolled or spec.schedule.lp
     sl = _lane_partial_slice(spec, rows_max)
+    # a slice holds whole K-groups: dY's pairs (scaled by the group's channel scales) and the zero
+    # points change from one group to the next within each step of n-blocks
+    gsl = spec.group_size // 2 if spec.group_size else sl
     acc = acc_buf or fn.alloca("i8", 64, rows_max * sl * 64)
     dyd = None if unrolled else fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
     first_slice = fn.mul(only, sl) if only is not None else "0"
     with fn.loop(first_slice, fn.add(first_slice, sl) if only is not None else kp, sl, name="lks") as ks:
-        grp = fn.val(f"udiv i64 {ks}, {spec.group_size // 2}") if spec.group_size else "0"
         with fn.loop(0, fn.mul(m, sl), name="lz") as z:
             fn.store(F32x16, "zeroinitializer", fn.gep(acc, fn.mul(z, 64)), 64)
-        with fn.loop(0, nb, ns, name="ls") as s0:
+        with fn.loop(0, nb, ns, name="ls") as s0, fn.loop(0, sl, gsl, name="lkg") as g0:
+            grp = fn.val(f"udiv i64 {fn.add(ks, g0)}, {gsl}") if spec.group_size else "0"
             chans = [fn.add(fn.mul(grp, spec.n), fn.mul(fn.add(s0, b), 16)) for b in range(ns)]
             def dy_pairs(i: str | int) -> list[str]:  # dY pairs of these blocks, each dword twice
                 xrow = fn.gep(x, fn.add(fn.mul(i, ldx), fn.mul(s0, 32)))
@@ -1475,13 +1486,13 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 with fn.loop(0, m, name="ld") as i:
                     for b, pairs in enumerate(dy_pairs(i)):
                         fn.store(BF16x32, pairs, fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
-            wblk = fn.gep(w, fn.add(fn.mul(s0, block_stride), fn.mul(ks, rb)))
+            wblk = fn.gep(w, fn.add(fn.mul(s0, block_stride), fn.mul(fn.add(ks, g0), rb)))
             # int4: each block's zero-point words (-z for the integer kernels, 16 - z otherwise)
             zeros = [None if fold_zero else _zero_for(fn, spec, fn.gep(zp, chans[b])) for b in range(ns)]
             two = spec.quant == "int4"  # int4: rows r and r+1 share one load, nibble split and swap
             if two and not fold_zero:  # (the codes are regrouped before the zero points are added)
                 zeros = [vx.shuffle(fn, I16x32, z, None, vx.SWAP_K_N_WORDS) for z in zeros]
-            with fn.loop(0, sl, 2 if two else 1, name="lr") as r:
+            with fn.loop(0, gsl, 2 if two else 1, name="lr") as r:
                 wrow = fn.gep(wblk, fn.mul(r, rb))
                 wvs = [[], []] if two else [[]]  # per row of the step: one swapped row per block
                 for b in range(ns):
@@ -1497,7 +1508,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                         wvs[0].append(_swapped_row(fn, spec, p, zeros[b], None, False))
                 def token_row(i: str | int, dy: list[str]) -> None:
                     for e, wv in enumerate(wvs):
-                        ap = fn.gep(acc, fn.mul(fn.add(fn.add(fn.mul(i, sl), r), e), 64))
+                        ap = fn.gep(acc, fn.mul(fn.add(fn.add(fn.mul(i, sl), fn.add(g0, r)), e), 64))
                         v = fn.load(F32x16, ap, 64)
                         part = "zeroinitializer" if integer else v
                         for b in range(ns):
