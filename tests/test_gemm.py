@@ -313,11 +313,12 @@ def test_stored_tuning_sits_between_the_built_in_values_and_the_environment(tmp_
     assert tuning(KT_JIT_TUNING="stream_prefetch=256")[0] == dataclasses.replace(
         built_in, stream_prefetch=256, stream_group_blocks=8)
     assert tuning(KT_JIT_STORED_TUNING="0") == (built_in, [])
-    for text, why in (("garbage", "Expecting value"), ('{"format": 99, "values": {}}', "format 99"),
+    for text, why in (("garbage", "Expecting value"), (b"\xff{", "utf-8"),
+                      ('{"format": 99, "values": {}}', "format 99"),
                       ('{"format": 1, "values": {"stream_prefetch": "big"}}', "integers"),
                       ('{"format": 1, "values": {"bogus": 1}}', "unknown name(s) ['bogus']"),
                       ('{"format": 1, "values": {"stream_prefetch": 100}}', "stream_prefetch=100")):
-        path.write_text(text)
+        path.write_bytes(text if isinstance(text, bytes) else text.encode())
         got, messages = tuning()
         assert got == built_in and len(messages) == 1, (text, messages)
         assert str(path) in messages[0] and why in messages[0] and "tune.py --save" in messages[0]
@@ -334,7 +335,7 @@ def test_every_schedule_variant_is_correct(isa):
     x = torch.randn(13, k).bfloat16()
     dy = torch.randn(13, n).bfloat16()
     if isa == "avx512":
-        # (6, 8): blocks of 3+ rows run as column groups (gemm.FWD_ACCUMULATORS)
+        # (6, 8): blocks of 4+ rows run as column groups (gemm.FWD_ACCUMULATORS)
         fwd = [gemm.GemmSchedule(mr, nr, kc, pf) for mr, nr, kc, pf in [(1, 8, 0, 0), (4, 2, 16, 8), (6, 4, 32, 0),
                                                                         (6, 8, 32, 0)]]
         bwd = [gemm.GemmSchedule(mr, nr, 0, pf, "fold") for mr, nr, pf in [(1, 1, 0), (2, 8, 1), (3, 2, 4)]]
@@ -641,18 +642,23 @@ def test_quantized_gemms_match_dequantized_reference(quant, gs, zp, m):
 def test_int4_zero_point_terms_hold_for_one_signed_inputs(zp):
     """The int4 kernels sum x q and subtract z sum x once (forward: per K-chunk, exact in int32;
     transposed lane-partial form: per row, in fp32): inputs of one sign, where the two terms are
-    large and nearly cancel, stay within the kernels' usual error of the dequantized product."""
+    large and nearly cancel, stay within the kernels' usual error of the dequantized product. A
+    forward whose K-chunks are not whole vectors (8 pairs) adds -z to every code instead."""
     n, k = 256, 1024
     p, s, z, wd = _quantized("int4", 0, zp, n, k)
     for m in (1, 3, 7):
         x, dy = torch.rand(m, k).bfloat16() + 2, torch.rand(m, n).bfloat16() + 2
         y, dx = torch.empty(m, n), torch.empty(m, k)
-        for op, a, out, lda, ldo in (("fwd", x, y, k * 2, n * 4), ("bwd", dy, dx, n * 2, k * 4)):
-            kern = gemm.kernel_for(op, n, k, quant="int4", zero_point=zp)
+        y8 = torch.empty(m, n)  # (K-chunks of 8 pairs: the forward adds -z to every code instead)
+        chunks8 = gemm.get_kernel(gemm.GemmSpec("fwd", n, k, "avx512", False, gemm.GemmSchedule(6, 4, 8), "int4",
+                                                zero_point=zp))
+        fwd, bwd = (gemm.kernel_for(op, n, k, quant="int4", zero_point=zp) for op in ("fwd", "bwd"))
+        for kern, a, out, lda, ldo in ((fwd, x, y, k * 2, n * 4), (chunks8, x, y8, k * 2, n * 4),
+                                       (bwd, dy, dx, n * 2, k * 4)):
             xa, xs = _kernel_input(kern.spec, a, s)
             kern.launch(gemm._one_group(xa.data_ptr(), p.data_ptr(), out.data_ptr(), m, s.data_ptr(),
                                         z.data_ptr() if z is not None else 0, xs.data_ptr()), lda, ldo)
-        assert rel_err(y, ref_linear(x, wd)) < 2e-4, m
+        assert rel_err(y, ref_linear(x, wd)) < 2e-4 and rel_err(y8, ref_linear(x, wd)) < 2e-4, m
         assert rel_err(dx, ref_linear_t(dy, wd)) < 2e-4, m
 
 
@@ -778,7 +784,7 @@ def _lora_table(p, s, z, groups, xscales=None, lanes=None):
 def test_fused_lora_forward(quant, gs, zp, split, rank):
     """Y (+)= X W^T + H B^T in one launch, over groups of 0..13 rows (every row-block tail), with one
     adapter or two (outputs past ``split`` read the second adapter and the second half of H).
-    Per-channel int4 takes 8 column blocks per item, its blocks of 3+ rows in two column groups."""
+    Per-channel int4 takes 8 column blocks per item, its blocks of 4+ rows in two column groups."""
     n, k = 256, 128
     g = torch.Generator().manual_seed(5)
     p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)

@@ -53,5 +53,11 @@ def test_tune_saves_a_setting_the_next_process_starts_from(tmp_path, monkeypatch
     assert (tuned.stream_prefetch, tuned.lane_partial_slice) == (2048, 256)
     with pytest.raises(ValueError, match="64-1024"):
         tune.save_setting("lane_partial_slice=2048", {})
+    tune.save_setting("quant_prefetch=512", {}, kept={"stream_prefetch": 2048})  # (--values of one name)
+    tuning_store.reset_memo()
+    monkeypatch.setenv("KT_JIT_STORED_TUNING", "0")
+    built_in = tune.gemm.host_tuning()
+    monkeypatch.delenv("KT_JIT_STORED_TUNING")
+    assert tune.gemm.host_tuning() == tune.gemm.replaced(built_in, {"stream_prefetch": 2048, "quant_prefetch": 512})
     assert tune.main(["--forget"]) == 0 and not path.exists()
     tuning_store.reset_memo()

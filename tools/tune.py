@@ -14,8 +14,9 @@ median of its per-round time ratios beats it by more than ``--margin``.
     python tools/tune.py [--save] [--quick] [--json PATH] [--shape qwen3-30b-a3b] [--rounds N] [--margin 0.02]
 
 With ``--save`` the winners are stored for this CPU kind next to the kernel cache
-(``KT_JIT_CACHE_DIR/tuning/<cpu>.json``, see kt_jit/runtime/tuning_store.py) and every later kt_jit
-process on such a CPU starts from them (``python -m kt_jit.info`` shows them; ``--forget`` deletes
+(``KT_JIT_CACHE_DIR/tuning/<cpu>.json``, see kt_jit/runtime/tuning_store.py; values a ``--values``
+run did not measure keep what an earlier run stored) and every later kt_jit process on such a CPU
+starts from them (``python -m kt_jit.info`` shows them; ``--forget`` deletes
 them; ``KT_JIT_STORED_TUNING=0`` ignores them). Without it, run with the printed setting, e.g.
 ``KT_JIT_TUNING=stream_group_blocks=16 python train.py``. Candidates are always measured against the
 built-in values (a stored setting is ignored while measuring).
@@ -170,11 +171,12 @@ def recommend(rows: list[dict], margin: float) -> dict[str, int]:
     return best
 
 
-def save_setting(setting: str, measured: dict) -> Path:
-    """Store a recommended KT_JIT_TUNING-style setting ("" = the built-in values) for this CPU kind
-    (checked first: a setting kt_jit would refuse is not stored); returns the file."""
-    values = knobs.parse_tuning(setting)
-    gemm._replaced(gemm.host_tuning(), values, "the setting")  # (a ValueError for a bad one)
+def save_setting(setting: str, measured: dict, kept: dict[str, int] | None = None) -> Path:
+    """Store a recommended KT_JIT_TUNING-style setting ("" = the built-in values) for this CPU kind,
+    with ``kept`` (earlier stored values of names this run did not measure) alongside; a setting
+    kt_jit would refuse is not stored (ValueError). Returns the file."""
+    values = {**(kept or {}), **knobs.parse_tuning(setting)}
+    gemm.replaced(gemm.host_tuning(), values)
     return tuning_store.save(values, measured)
 
 
@@ -262,8 +264,10 @@ def main(argv: list[str] | None = None) -> int:
                  "margin": args.margin, "quick": args.quick, "shape": args.shape})
     if args.save:
         measured = {k: rows[-1][k] for k in ("rounds", "passes", "margin", "quick", "shape")}
-        path = save_setting(setting, dict(measured, threads=threads, isa=isa, values_measured=names))
-        print(f"stored {setting or 'the built-in values'} for this CPU kind in {path}")
+        kept = {k: v for k, v in stored.items() if k not in names}  # (earlier runs' other values)
+        path = save_setting(setting, dict(measured, threads=threads, isa=isa, values_measured=names), kept)
+        print(f"stored {setting or 'the built-in values'} for this CPU kind in {path}"
+              + (f" (kept from before: {kept})" if kept else ""))
     if args.quick:
         print(f"(--quick: {rounds} rounds, one token count per value; a smoke run, not a measurement: on a noisy "
               "VM 4 rounds have shown 5-10% wins that 12 did not confirm)")

@@ -24,7 +24,8 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
   forward order (long sequential runs instead of 2 KB pieces at a K-sized stride), transposed in
   registers and multiplied at once into dX rows kept in L1. Groups of at most ``lp`` rows (4; int4:
   8) take the lane-partial form, also whole and in forward order: no transposition at all (one
-  word swap per row, see :func:`_bwd_lane_partial`), partial sums per n-pair kept in the lanes of
+  word swap per row, int4 one byte shuffle per two rows; see :func:`_bwd_lane_partial`), partial
+  sums per n-pair kept in the lanes of
   L1 accumulators over a K-slice and folded to outputs at its end. A single group (the launches of
   ``linear_t``, bf16 and int8: schedule ``lps``) gives each K-slice to a work item of its own.
   bf16 groups of 16 rows, or more whose last 16-row tile holds at least 12 (28-32, 44-48, ...;
@@ -36,12 +37,13 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
   q-partials are folded with shuffles once per output vector. Its work items split K; it serves
   single groups with a fused LoRA term or of int4 weights, and K too short for a lane-partial
   slice per thread.
-- Quantized weights (AVX-512 only): the forward multiplies the integer codes (int8, or int4 minus
-  its zero point, as int16 words) by int16 activation rows with ``vpdpwssd``; x arrives quantized
-  per row (kernels/rowquant.py) with its row scales in an extra group field, and the weight and
-  row scales are applied in fp32 per K-chunk. The transposed GEMM does the same for per-channel
-  modes, with x = dY diag(channel scales) quantized per row. K-group modes keep bf16 numerics: the
-  lane-partial and streamed forms (up to 24 rows) decode the codes exactly to bf16 and multiply dY
+- Quantized weights (AVX-512 only): the forward multiplies the integer codes (int8, or the int4
+  codes as int16 words, their zero points' term z sum(x) subtracted once per K-chunk) by int16
+  activation rows with ``vpdpwssd``; x arrives quantized per row (kernels/rowquant.py) with its row
+  scales in an extra group field, and the weight and row scales are applied in fp32 per K-chunk.
+  The transposed GEMM does the same for per-channel modes, with x = dY diag(channel scales)
+  quantized per row (the lane-partial form subtracts sum_n dY z_n once per row). K-group modes keep
+  bf16 numerics: the lane-partial and streamed forms (up to 24 rows) decode the codes exactly to bf16 and multiply dY
   by the group's scales instead (rescaled as K enters each group); the panel form dequantizes each
   row in registers (codes times the group's scale), rounded once to bf16 before the transpose.
 - AMX ``fwd``: X rows are A tiles (stride = row pitch), packed rows are B tiles (16 x 64 B), 2x2
@@ -60,7 +62,6 @@ import ctypes
 import dataclasses
 import functools
 import math
-import warnings
 from dataclasses import dataclass
 
 import torch
@@ -69,7 +70,7 @@ from ..codegen import avx512 as vx
 from ..codegen.amx import TileConfig, Tiles
 from ..codegen.cache import get_or_compile
 from ..codegen.compile import target_for
-from ..codegen.ir import BF16x32, F32x16, Function, I16x32, I32x16, Module, Var
+from ..codegen.ir import BF16x32, F32x16, Function, I16x32, I32x16, Module, Var, vec_const
 from ..codegen.worker import ArgBlock, build_worker, dispatch, group_table, immediate_launches
 from ..runtime import knobs, tuning_store
 from ..runtime.amx import active_isa, require_amx
@@ -133,8 +134,9 @@ class HostTuning:
     cache size: Zen 5 (48 KB; also the values for every CPU with 48 KB or more, e.g. Sapphire
     Rapids) and Zen 4 (32 KB; used for every smaller or unknown L1); the slice length and the
     prefetch distances follow Zen 4 itself, not its L1: the L1 size is how the two are told apart.
-    KT_JIT_TUNING overrides any of them (names as the fields; tools/tune.py measures candidates on
-    the host). The AMX kernels do not use them.
+    A setting ``tools/tune.py --save`` measured and stored for this CPU kind replaces them
+    (runtime/tuning_store.py), and KT_JIT_TUNING overrides any of them (names as the fields). The
+    AMX kernels do not use them.
 
     stream_group_blocks: the streamed transposed form's n-blocks per pass (schedule ``sb``, >= 1)
     lane_partial_slice: the lane-partial form's K-slice in k-pair rows (schedule ``ls``, a multiple
@@ -203,22 +205,23 @@ def _tuning_for(raw_value: str | None, l1d_bytes: int, stored: tuple[tuple[str, 
     base = LARGE_L1_TUNING if l1d_bytes >= SMALL_L1 else SMALL_L1_TUNING
     if stored:
         try:
-            base = _replaced(base, dict(stored), "the stored setting")
+            base = replaced(base, dict(stored))
         except ValueError as e:
-            warnings.warn(f"kt_jit: ignoring the stored tuning {tuning_store.tuning_path()}: {e}; rerun "
-                          "tools/tune.py --save or delete the file", stacklevel=3)
+            tuning_store.warn_unusable(str(e), stacklevel=4)
     overrides = knobs.parse_tuning(raw_value)
     try:
-        return _replaced(base, overrides, "KT_JIT_TUNING") if overrides else base
+        return replaced(base, overrides) if overrides else base
     except ValueError as e:
         raise ValueError(f"KT_JIT_TUNING: {e} ({knobs.TUNING_HINT})") from None
 
 
-def _replaced(base: HostTuning, values: dict[str, int], source: str) -> HostTuning:
+def replaced(base: HostTuning, values: dict[str, int]) -> HostTuning:
+    """``base`` with ``values`` ({field name: integer}); a ValueError names an unknown field or a
+    value out of range."""
     names = [f.name for f in dataclasses.fields(HostTuning)]
     unknown = sorted(set(values) - set(names))
     if unknown:
-        raise ValueError(f"unknown name(s) {unknown} in {source}; the names are {names}")
+        raise ValueError(f"unknown name(s) {unknown}; the names are {names}")
     return dataclasses.replace(base, **values)
 
 
@@ -296,7 +299,7 @@ class GemmSchedule:
 
 
 def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one_group: bool = False,
-                     group_size: int = 0, lanes_dy: bool = False) -> GemmSchedule:
+                     group_size: int = 0, lanes_dy: bool = False, tuning: HostTuning | None = None) -> GemmSchedule:
     """Schedule used when none is given (AVX-512: measured on Zen 4 and Zen 5; AMX: the 2x2-tile
     kernel). Transposed GEMM: groups of up to 24 rows (12 unless the row pitches are odd multiples
     of 64 bytes) are streamed whole by one thread (16 n-blocks per pass with a 48 KB L1 data cache,
@@ -308,9 +311,9 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     its K-slices spread over the work items (``lps``). ``lanes_dy``: the launches also pass each
     group's dY in the tokens-in-lanes layout (kernels/dytiles.py, an extra group field), so bf16
     groups of ``HostTuning.lanes_min_rows`` rows or more (16: :data:`LANES_MIN_ROWS`) take that
-    form."""
+    form. ``tuning``: the per-CPU values to use (default: :func:`host_tuning`)."""
     if isa == "avx512":
-        host = host_tuning()
+        host = tuning or host_tuning()
         if op == "fwd":  # quantized: HostTuning.quant_prefetch bytes ahead (Zen 5 2 KB, Zen 4 256 B);
             # bf16: next-chunk prefetch measured m=12 +6%, m=24 +13%, m<=8 +-2% (int8: +-1% alone)
             pf = 16 if quant == "bf16" else host.quant_prefetch // ROW_BYTES[quant]
@@ -321,7 +324,7 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
             # pfi (with pfn): MoE forward A/B on Zen 5 (qwen3, no LoRA), claiming at the item's start:
             # bf16 qlen 128 -2.9%, 512 -4.1%, 16 -1.1%, 1 +-1%; qlen 128 int8 -2.7%, int4 -7.1%,
             # int4_kgroup -3.7%; claiming at the last chunk (kept): bf16 qlen 128 -0.4..-1.6%, 512 -3.1%
-            # per-channel int4: 8 column blocks per item (blocks of 3+ rows as two groups of 4: FWD_ACCUMULATORS).
+            # per-channel int4: 8 column blocks per item (blocks of 4+ rows as two groups of 4: FWD_ACCUMULATORS).
             # MoE forward A/B, Zen 4, qwen3, LoRA on, against 4: qlen 1 -5..-7%, qlen 16 -5..-6%, qlen 128
             # +-1% (int4_1: -5 / -3%); int8 (-1 / -2 / 0%) and int4_kgroup (+2 / -3%) keep 4
             nr = 8 if quant == "int4" and not group_size and n % 128 == 0 else 4 if n % 64 == 0 else 2
@@ -552,7 +555,7 @@ def _int4_code_pairs(fn: Function, ptr: str, swapped: bool = False) -> tuple[str
             fn.val(f"lshr {I16x32} {w}, <{', '.join(['i16 4'] * 32)}>"))
 
 
-def _int4_row(fn: Function, codes: str, zero: str, integer: bool) -> str:
+def _int4_row(fn: Function, codes: str, zero: str | None, integer: bool) -> str:
     """int4 codes as a weight row (<32 x bfloat>-typed): ``integer``, the int16 words q - z
     (``zero`` = -z from :func:`_neg_zero`); else the bf16 values q - z (``zero`` = 16 - z from
     :func:`_zero_words`, then a 32-entry vpermw table whose entry v is bf16(v - 16): exact for every
@@ -588,36 +591,39 @@ def _neg_zero(fn: Function, spec: GemmSpec, zptr: str) -> str | None:
 def _channel_zeros(fn: Function, spec: GemmSpec, zptr: str) -> str:
     """int4: the zero points of channels zptr[0..16] as <16 x i32> (8 when symmetric)."""
     if not spec.zero_point:
-        return "<" + ", ".join(["i32 8"] * 16) + ">"
+        return vx.i32x16_const([8] * 16)
     return fn.val(f"zext <16 x i8> {fn.load('<16 x i8>', zptr, 1)} to {I32x16}")
+
+
+def _i16_dots(fn: Function, ptr: str, vectors: int | str, other) -> str:
+    """<16 x i32> lane sums over ``vectors`` x 32 int16 values at ``ptr`` of their pairwise
+    products with ``other(v)`` (the <32 x i16> matching vector v)."""
+    acc = fn.var(I32x16, "zeroinitializer", 64)
+    with fn.loop(0, vectors, name="i16dot") as v:
+        acc.set(vx.dpwssd(fn, acc.get(), fn.load(I16x32, fn.gep(ptr, fn.mul(v, 64)), 2), other(v)))
+    return acc.get()
 
 
 def _sum_i16(fn: Function, ptr: str, vectors: int) -> str:
     """The i32 sum of ``vectors`` x 32 int16 values at ``ptr``."""
-    ones = "<" + ", ".join(["i16 1"] * 32) + ">"
-    acc = fn.var(I32x16, "zeroinitializer", 64)
-    with fn.loop(0, vectors, name="xsum") as v:
-        acc.set(vx.dpwssd(fn, acc.get(), fn.load(I16x32, fn.gep(ptr, fn.mul(v, 64)), 2), ones))
+    lanes = _i16_dots(fn, ptr, vectors, lambda v: vec_const("i16", [1] * 32))
     sym = fn.module.declare("llvm.vector.reduce.add.v16i32", f"declare i32 @llvm.vector.reduce.add.v16i32({I32x16})")
-    return fn.val(f"call i32 {sym}({I32x16} {acc.get()})")
+    return fn.val(f"call i32 {sym}({I32x16} {lanes})")
 
 
 def _zero_term(fn: Function, spec: GemmSpec, row: str, zp: str) -> str:
-    """Per-channel int4: sum_n row[n] z_n over the N int16 values of a dY row, splat as fp32 (each
-    lane's int32 sum stays far from overflow: N/16 products; the lanes add in fp32)."""
-    acc = fn.var(I32x16, "zeroinitializer", 64)
-    with fn.loop(0, spec.n // 32, name="zsum") as v:
-        if spec.zero_point:
-            z = fn.val(f"zext <32 x i8> {fn.load('<32 x i8>', fn.gep(zp, fn.mul(v, 32)), 1)} to {I16x32}")
-        else:
-            z = "<" + ", ".join(["i16 8"] * 32) + ">"
-        acc.set(vx.dpwssd(fn, acc.get(), fn.load(I16x32, fn.gep(row, fn.mul(v, 64)), 2), z))
-    f = fn.val(f"sitofp {I32x16} {acc.get()} to {F32x16}")
+    """Per-channel int4: sum_n row[n] z_n over the N int16 values of a dY row, splat as fp32. Each
+    lane's int32 sum holds N/16 products of at most ACT_MAX x 15 (exact below N = 139,000); the
+    lanes add in fp32."""
+    def zeros(v: str) -> str:
+        if not spec.zero_point:
+            return vec_const("i16", [8] * 32)
+        return fn.val(f"zext <32 x i8> {fn.load('<32 x i8>', fn.gep(zp, fn.mul(v, 32)), 1)} to {I16x32}")
+
+    f = fn.val(f"sitofp {I32x16} {_i16_dots(fn, row, spec.n // 32, zeros)} to {F32x16}")
     sym = fn.module.declare("llvm.vector.reduce.fadd.v16f32",
                             f"declare float @llvm.vector.reduce.fadd.v16f32(float, {F32x16})")
-    total = fn.val(f"call reassoc float {sym}(float 0.0, {F32x16} {f})")
-    v0 = fn.val(f"insertelement {F32x16} poison, float {total}, i64 0")
-    return fn.val(f"shufflevector {F32x16} {v0}, {F32x16} poison, <16 x i32> zeroinitializer")
+    return vx.f32_splat_value(fn, fn.val(f"call reassoc float {sym}(float 0.0, {F32x16} {f})"))
 
 
 def _splat_i32(fn: Function, scalar: str) -> str:
@@ -858,7 +864,8 @@ def _avx512_fwd_body(spec: GemmSpec):
                 return wv
 
             def int4_row_pairs(r: str, pf: int, cols: range) -> list[tuple[str, str]]:
-                """int4: k-pair rows r and r+1 of column blocks ``cols``, as int16 q - z."""
+                """int4: k-pair rows r and r+1 of column blocks ``cols``, as int16 codes (q - z
+                without ``fold_zero``)."""
                 out = []
                 for j in cols:
                     p = fn.gep(wb, fn.add(fn.mul(r, rb), j * block_stride))
@@ -876,7 +883,8 @@ def _avx512_fwd_body(spec: GemmSpec):
             def micro(m0: str, rows: int) -> None:
                 # at most FWD_ACCUMULATORS accumulators in registers: wider items (int4's nr=8) run
                 # blocks of more rows as column groups one after another
-                width = max(d for d in range(1, sch.nr + 1) if sch.nr % d == 0 and rows * d <= FWD_ACCUMULATORS)
+                width = max((d for d in range(1, sch.nr + 1) if sch.nr % d == 0 and rows * d <= FWD_ACCUMULATORS),
+                            default=1)
                 for j0 in range(0, sch.nr, width):
                     micro_cols(m0, rows, range(j0, j0 + width))
 
@@ -1349,7 +1357,7 @@ def _bwd_lanes_item(fn: Function, spec: GemmSpec, k0: str, dyt: str, w: str, y: 
 
 STREAM_ALIASED_MAX = 12  # most rows streamed unless both row pitches are odd multiples of 64 B
 STREAM_ROWS = 4  # token rows per block of the streamed form
-STREAM_BLOCKS = 4  # n-blocks read side by side by the lane-partial form (4 streams, as fwd)
+STREAM_BLOCKS = 4  # n-blocks read side by side by the lane-partial form (4 streams; 8 see LP_WIDE_QUANTS)
 
 
 _LP_PFEVERY = 2  # see _bwd_lane_partial
@@ -1452,7 +1460,8 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     fold_zero = integer and spec.quant == "int4"
     # bf16, int8 and per-channel int4 (LP_WIDE_QUANTS) at 1-2 unrolled rows: 8 blocks per step halve the accumulator
     # traffic per weight byte (kernel A/B, Zen 5 fast-memory mode: bf16 m=1-2 -3..-5% on top of the
-    # unrolling; int4 lost; at 3-4 rows the 24-32 dY vectors no longer fit the registers)
+    # unrolling; int8 and int4: LP_WIDE_QUANTS; at 3-4 rows the 24-32 dY vectors no longer fit the
+    # registers)
     wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant in LP_WIDE_QUANTS and not spec.group_size else ()
     ns = max(d for d in (*wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
     # 8 blocks per step: software prefetch for every other one, the hardware prefetcher keeps the
@@ -1829,9 +1838,9 @@ def kernel_for(op: str, n: int, k: int, accumulate: bool = False, isa: str | Non
 def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str, schedule: GemmSchedule | None,
                 quant: str, group_size: int, zero_point: bool, one_group: bool, lora_rank: int,
                 lora_split: int, lanes_dy: bool, tuning: HostTuning) -> GemmKernel:
-    # (``tuning``, the host's values in effect, only keys the memo: default_schedule reads them)
+    # (``tuning``: the host's values in effect, the memo's key and default_schedule's input)
     if schedule is None:
-        schedule = default_schedule(op, isa, n, k, quant, one_group, group_size, lanes_dy)
+        schedule = default_schedule(op, isa, n, k, quant, one_group, group_size, lanes_dy, tuning)
         if group_size and op == "fwd":  # a K-chunk within one group: its scale is applied per chunk
             schedule = dataclasses.replace(schedule, kc=_chunk(group_size // 2, schedule.kc))
         while op == "fwd" and lora_split % (16 * schedule.nr):  # a work item's outputs use one adapter

@@ -19,7 +19,7 @@ import functools
 import json
 import os
 import re
-import tempfile
+import uuid
 import warnings
 from pathlib import Path
 
@@ -53,14 +53,14 @@ def _read(_cache_dir: str | None, enabled: bool) -> tuple[tuple[str, int], ...]:
         return ()
     path = tuning_path()
     try:
-        text = path.read_text()
+        raw = path.read_bytes()
     except FileNotFoundError:
         return ()
     except OSError as e:
-        warnings.warn(f"kt_jit: cannot read the stored tuning {path} ({e}); using the built-in values", stacklevel=3)
+        warn_unusable(f"cannot read it ({e})", stacklevel=4)
         return ()
-    try:
-        data = json.loads(text)
+    try:  # (bad UTF-8 is a ValueError too; absurdly nested JSON a RecursionError)
+        data = json.loads(raw.decode())
         if not isinstance(data, dict) or data.get("format") != FORMAT:
             raise ValueError(f"format {data.get('format') if isinstance(data, dict) else None!r}, "
                              f"this kt_jit reads format {FORMAT}")
@@ -68,39 +68,35 @@ def _read(_cache_dir: str | None, enabled: bool) -> tuple[tuple[str, int], ...]:
         if not isinstance(values, dict) or not all(
                 isinstance(k, str) and type(v) is int for k, v in values.items()):
             raise ValueError("'values' must map names to integers")
-    except ValueError as e:
-        warnings.warn(f"kt_jit: ignoring the stored tuning {path}: {e}; rerun tools/tune.py --save or delete "
-                      "the file", stacklevel=3)
+    except (ValueError, RecursionError) as e:
+        warn_unusable(str(e), stacklevel=4)
         return ()
     return tuple(sorted(values.items()))
 
 
-def load_record() -> dict | None:
-    """The whole stored file of this host (values and how they were measured), or None."""
-    try:
-        data = json.loads(tuning_path().read_text())
-    except (OSError, ValueError):
-        return None
-    return data if isinstance(data, dict) else None
+def warn_unusable(why: str, stacklevel: int = 2) -> None:
+    """Warn that this host's stored setting is ignored (a training run never stops over it)."""
+    warnings.warn(f"kt_jit: ignoring the stored tuning {tuning_path()}: {why}; rerun tools/tune.py --save or "
+                  "delete the file", stacklevel=stacklevel + 1)
 
 
 def save(values: dict[str, int], measured: dict | None = None) -> Path:
     """Store ``values`` ({HostTuning field: integer}; {} = the built-in values measured best) as
-    this host's setting, atomically, with ``measured`` (how they were found) alongside. Returns the
-    path. Processes started afterwards use it; this one keeps what it has read."""
+    this host's setting, atomically (readable by every user of a shared cache directory), with
+    ``measured`` (how they were found) alongside. Returns the path. Processes started afterwards use
+    it; this one keeps what it has read."""
     path = tuning_path()
     path.parent.mkdir(parents=True, exist_ok=True)
     record = {"format": FORMAT, "key": host_key(), "cpu": cpu_info().model_name,
               "values": {k: int(v) for k, v in values.items()},
               "written": datetime.datetime.now(datetime.timezone.utc).isoformat(timespec="seconds"),
               "measured": measured or {}}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=path.name, suffix=".tmp")
+    tmp = path.with_name(f".{path.name}.{os.getpid()}.{uuid.uuid4().hex}.tmp")
     try:
-        with os.fdopen(fd, "w") as f:
-            json.dump(record, f, indent=1)
+        tmp.write_text(json.dumps(record, indent=1))
         os.replace(tmp, path)
     except BaseException:
-        Path(tmp).unlink(missing_ok=True)
+        tmp.unlink(missing_ok=True)
         raise
     return path
 
