@@ -739,16 +739,16 @@ def _weights_in(quant, gs, zp, n, k, g):
 @pytest.mark.parametrize("n", [160, 256])
 def test_quantized_transposed_default_forms(quant, gs, zp, n):
     """The default transposed GEMM of each quantized mode over groups of 1..14, 24 and 26 rows in
-    one launch: the lane-partial form (1-4 rows; int4: 1-8), the streamed form above it up to 24
-    (K-groups: the group scales on dY, rescaled as K enters each group; N/16 = 10: 2 n-blocks per
-    pass, 5 passes) and the panel (26 rows); the row pitches are odd multiples of 64 bytes, as the
-    MoE's; several K-slices (K-groups) per group. N = 256 (16 n-blocks): the lane-partial form's
-    8-block steps at 1-2 rows (int8: LP_WIDE_QUANTS)."""
+    one launch: the lane-partial form (1-4 rows; int4: 1-8), the streamed form above it up to 12
+    (K-groups: up to 24, the group scales on dY, rescaled as K enters each group; N/16 = 10: 2
+    n-blocks per pass, 5 passes) and the panel (above; 26 rows for all); the row pitches are odd
+    multiples of 64 bytes, as the MoE's; several K-slices (K-groups) per group. N = 256 (16
+    n-blocks): the lane-partial form's 8-block steps at 1-2 rows (int8: LP_WIDE_QUANTS)."""
     k, pad = 1024, 16  # int8 and bf16 slices are 256 k-pairs: two; int4 (8 rows) 64: eight
     g = torch.Generator().manual_seed(9)
     p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
     kern = gemm.kernel_for("bwd", n, k, quant=quant, group_size=gs, zero_point=zp)
-    assert kern.spec.schedule.small == "stream" and kern.spec.schedule.sm == 24
+    assert kern.spec.schedule.small == "stream" and kern.spec.schedule.sm == (24 if gs else gemm.STREAM_INT_MAX)
     assert gemm._stream_blocks(kern.spec) == 2 or n != 160
     ms = [*range(1, 15), 24, 26]
     dys = [torch.randn(m, n, generator=g).bfloat16() for m in ms]  # pitch 320 B: 5 lines

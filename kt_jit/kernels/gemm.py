@@ -301,11 +301,12 @@ class GemmSchedule:
 def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one_group: bool = False,
                      group_size: int = 0, lanes_dy: bool = False, tuning: HostTuning | None = None) -> GemmSchedule:
     """Schedule used when none is given (AVX-512: measured on Zen 4 and Zen 5; AMX: the 2x2-tile
-    kernel). Transposed GEMM: groups of up to 24 rows (12 unless the row pitches are odd multiples
-    of 64 bytes) are streamed whole by one thread (16 n-blocks per pass with a 48 KB L1 data cache,
-    4 with a smaller one: :func:`host_tuning`), larger ones go through the L1 panel. Small
-    groups take the fold form instead in launches of a single group (``one_group``: streaming it
-    would leave the other threads idle; the fold form splits its outputs over work items). Groups
+    kernel). Transposed GEMM: groups of up to 24 rows (per-channel int8 and int4: STREAM_INT_MAX;
+    12 unless the row pitches are odd multiples of 64 bytes) are streamed whole by one thread (16
+    n-blocks per pass with a 48 KB L1 data cache, 4 with a smaller one: :func:`host_tuning`),
+    larger ones go through the L1 panel. Small groups take the fold form instead in launches of a
+    single group (``one_group``: streaming it would leave the other threads idle; the fold form
+    splits its outputs over work items). Groups
     of 1-4 rows (int4: 1-8) take the lane-partial form (one thread per group); a single group
     (``one_group``, bf16 and int8, K long enough for a slice per thread) of 1-8 rows takes it with
     its K-slices spread over the work items (``lps``). ``lanes_dy``: the launches also pass each
@@ -351,8 +352,13 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         one = one_group and quant in ("bf16", "int8") and slices >= max(2, default_num_threads())
         lp = 8 if one or (quant == "int4" and not one_group) else 0 if one_group else 4
         tl = host.lanes_min_rows if lanes_dy and quant == "bf16" and not one_group else 0
+        # per-channel int8 / int4 stream up to 12 rows (kernel A/B on Zen 4, 8 cold experts, row
+        # pitches odd multiples of 64 B, the panel against the streamed form: int4 12 / 14 / 16 /
+        # 20 / 24 rows -4 / -6 / -18 / -21 / -22%, int8 +5 / -2 / -15 / -18 / -20%); K-group int4
+        # keeps 24 (the panel +22..+47% there: it dequantizes through fp32)
+        stream_max = STREAM_INT_MAX if quant != "bf16" and not group_size else 24
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
-                            sm=24 if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one,
+                            sm=stream_max if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one,
                             sb=host.stream_group_blocks,
                             ls=LANE_PARTIAL_SLICE if one_group else host.lane_partial_slice, tl=tl,
                             sp=host.stream_prefetch)
@@ -1371,6 +1377,7 @@ LANE_PARTIAL_UNROLL = 4  # rows up to this get code of their own (dY pairs in re
 # out and one byte shuffle per two rows; before that +-1%, and a loss on Zen 5) qlen 1 -2..-3%,
 # qlen 16 -3..-6% (kernel level: 1 row -3.5%, 2 rows -6%). K-group int4 keeps 4 (not measured).
 LP_WIDE_QUANTS = ("bf16", "int8", "int4")
+STREAM_INT_MAX = 12
 
 
 def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
