@@ -25,8 +25,8 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
   registers and multiplied at once into dX rows kept in L1. Groups of at most ``lp`` rows (4; int4:
   8) take the lane-partial form, also whole and in forward order: no transposition at all (one
   word swap per row, int4 one byte shuffle per two rows; see :func:`_bwd_lane_partial`), partial
-  sums per n-pair kept in the lanes of
-  L1 accumulators over a K-slice and folded to outputs at its end. A single group (the launches of
+  sums per n-pair kept in the lanes of L1 accumulators over a K-slice and folded to outputs at its
+  end. A single group (the launches of
   ``linear_t``, bf16 and int8: schedule ``lps``) gives each K-slice to a work item of its own.
   bf16 groups of 16 rows, or more whose last 16-row tile holds at least 12 (28-32, 44-48, ...;
   schedule ``tl``), take the tokens-in-lanes form instead (:func:`_bwd_lanes_item`): dY comes
@@ -43,9 +43,10 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
   scales in an extra group field, and the weight and row scales are applied in fp32 per K-chunk.
   The transposed GEMM does the same for per-channel modes, with x = dY diag(channel scales)
   quantized per row (the lane-partial form subtracts sum_n dY z_n once per row). K-group modes keep
-  bf16 numerics: the lane-partial and streamed forms (up to 24 rows) decode the codes exactly to bf16 and multiply dY
-  by the group's scales instead (rescaled as K enters each group); the panel form dequantizes each
-  row in registers (codes times the group's scale), rounded once to bf16 before the transpose.
+  bf16 numerics: the lane-partial and streamed forms (up to 24 rows) decode the codes exactly to
+  bf16 and multiply dY by the group's scales instead (rescaled as K enters each group); the panel
+  form dequantizes each row in registers (codes times the group's scale), rounded once to bf16
+  before the transpose.
 - AMX ``fwd``: X rows are A tiles (stride = row pitch), packed rows are B tiles (16 x 64 B), 2x2
   tiles of C. X must be readable for ``ceil(m/16)*16`` rows (rows past m are ignored).
 - AMX ``bwd``: the packed block itself is the A tile (rows = k-pairs); dY is pre-arranged
@@ -1377,7 +1378,7 @@ LANE_PARTIAL_UNROLL = 4  # rows up to this get code of their own (dY pairs in re
 # out and one byte shuffle per two rows; before that +-1%, and a loss on Zen 5) qlen 1 -2..-3%,
 # qlen 16 -3..-6% (kernel level: 1 row -3.5%, 2 rows -6%). K-group int4 keeps 4 (not measured).
 LP_WIDE_QUANTS = ("bf16", "int8", "int4")
-STREAM_INT_MAX = 12
+STREAM_INT_MAX = 12  # most rows the per-channel int8 / int4 transposed GEMM streams (see default_schedule)
 
 
 def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
@@ -1465,10 +1466,10 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     # per-channel int4: sum_n dY (q - z) as sum_n dY q - sum_n dY z, the second term once per row
     # (MoE backward A/B on Zen 4, qwen3, int4 and int4_1: qlen 1 -6..-7%, qlen 16 -2.5..-3%)
     fold_zero = integer and spec.quant == "int4"
-    # bf16, int8 and per-channel int4 (LP_WIDE_QUANTS) at 1-2 unrolled rows: 8 blocks per step halve the accumulator
-    # traffic per weight byte (kernel A/B, Zen 5 fast-memory mode: bf16 m=1-2 -3..-5% on top of the
-    # unrolling; int8 and int4: LP_WIDE_QUANTS; at 3-4 rows the 24-32 dY vectors no longer fit the
-    # registers)
+    # bf16, int8 and per-channel int4 (LP_WIDE_QUANTS) at 1-2 unrolled rows: 8 blocks per step halve
+    # the accumulator traffic per weight byte (kernel A/B, Zen 5 fast-memory mode: bf16 m=1-2
+    # -3..-5% on top of the unrolling; int8 and int4: see LP_WIDE_QUANTS; at 3-4 rows the 24-32 dY
+    # vectors no longer fit the registers)
     wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant in LP_WIDE_QUANTS and not spec.group_size else ()
     ns = max(d for d in (*wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
     # 8 blocks per step: software prefetch for every other one, the hardware prefetcher keeps the
