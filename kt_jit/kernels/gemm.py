@@ -59,6 +59,7 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
 
 from __future__ import annotations
 
+import contextlib
 import ctypes
 import dataclasses
 import functools
@@ -1488,8 +1489,11 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     with fn.loop(first_slice, fn.add(first_slice, sl) if only is not None else kp, sl, name="lks") as ks:
         with fn.loop(0, fn.mul(m, sl), name="lz") as z:
             fn.store(F32x16, "zeroinitializer", fn.gep(acc, fn.mul(z, 64)), 64)
-        with fn.loop(0, nb, ns, name="ls") as s0, fn.loop(0, sl, gsl, name="lkg") as g0:
-            grp = fn.val(f"udiv i64 {fn.add(ks, g0)}, {gsl}") if spec.group_size else "0"
+        # (without K-groups the slice is one step: no group loop, the code as before it existed)
+        groups = fn.loop(0, sl, gsl, name="lkg") if spec.group_size else contextlib.nullcontext("0")
+        with fn.loop(0, nb, ns, name="ls") as s0, groups as g0:
+            k0 = fn.add(ks, g0) if spec.group_size else ks
+            grp = fn.val(f"udiv i64 {k0}, {gsl}") if spec.group_size else "0"
             chans = [fn.add(fn.mul(grp, spec.n), fn.mul(fn.add(s0, b), 16)) for b in range(ns)]
             def dy_pairs(i: str | int) -> list[str]:  # dY pairs of these blocks, each dword twice
                 xrow = fn.gep(x, fn.add(fn.mul(i, ldx), fn.mul(s0, 32)))
@@ -1503,7 +1507,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 with fn.loop(0, m, name="ld") as i:
                     for b, pairs in enumerate(dy_pairs(i)):
                         fn.store(BF16x32, pairs, fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
-            wblk = fn.gep(w, fn.add(fn.mul(s0, block_stride), fn.mul(fn.add(ks, g0), rb)))
+            wblk = fn.gep(w, fn.add(fn.mul(s0, block_stride), fn.mul(k0, rb)))
             # int4: each block's zero-point words (-z for the integer kernels, 16 - z otherwise)
             zeros = [None if fold_zero else _zero_for(fn, spec, fn.gep(zp, chans[b])) for b in range(ns)]
             two = spec.quant == "int4"  # int4: rows r and r+1 share one load, nibble split and swap
@@ -1525,7 +1529,8 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                         wvs[0].append(_swapped_row(fn, spec, p, zeros[b], None, False))
                 def token_row(i: str | int, dy: list[str]) -> None:
                     for e, wv in enumerate(wvs):
-                        ap = fn.gep(acc, fn.mul(fn.add(fn.add(fn.mul(i, sl), fn.add(g0, r)), e), 64))
+                        kr = fn.add(g0, r) if spec.group_size else r
+                        ap = fn.gep(acc, fn.mul(fn.add(fn.add(fn.mul(i, sl), kr), e), 64))
                         v = fn.load(F32x16, ap, 64)
                         part = "zeroinitializer" if integer else v
                         for b in range(ns):
