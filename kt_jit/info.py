@@ -5,7 +5,6 @@ from __future__ import annotations
 
 import json
 import sys
-import warnings
 from pathlib import Path
 
 
@@ -13,8 +12,7 @@ def collect() -> dict:
     """Everything ``python -m kt_jit.info`` prints, as a dict."""
     from .codegen.cache import cache_info
     from .codegen.compile import toolchain_versions
-    from .kernels.gemm import host_tuning
-    from .runtime import knobs, tuning_store
+    from .kernels.gemm import tuning_report
     from .runtime.amx import active_isa, amx_status
     from .runtime.buffers import huge_page_status
     from .runtime.cpu import cpu_info, l1d_cache_bytes
@@ -22,12 +20,6 @@ def collect() -> dict:
 
     info = cpu_info()
     ok, why = amx_status()
-    with warnings.catch_warnings(record=True) as caught:  # an unusable stored setting: shown below
-        warnings.simplefilter("always")
-        try:
-            tuning = dict(vars(host_tuning()))
-        except ValueError as e:  # a bad KT_JIT_TUNING: say so instead of failing
-            tuning = {"error": str(e)}
     try:
         isa = active_isa()
     except RuntimeError as e:
@@ -37,12 +29,7 @@ def collect() -> dict:
         "llvm_host_cpu": info.llvm_host_name,
         "features": info.summary(),
         "l1d_bytes": l1d_cache_bytes(),
-        "tuning": tuning,
-        "tuning_override": knobs.raw("KT_JIT_TUNING") or "",
-        "tuning_stored": dict(tuning_store.stored_values()),
-        "tuning_file": str(tuning_store.tuning_path()),
-        "tuning_file_used": knobs.stored_tuning_enabled(),
-        "tuning_file_problem": "; ".join(str(w.message) for w in caught),
+        "tuning": tuning_report(),  # (a bad KT_JIT_TUNING or stored file is reported, not raised)
         "amx": {"usable": ok, "status": why},
         "kernel_isa": isa,
         "threads": default_num_threads(),
@@ -64,19 +51,17 @@ def main(argv: list[str] | None = None) -> int:
     print(f"features       {feats}")
     l1d = data["l1d_bytes"]
     print(f"L1 data cache  {f'{l1d >> 10} KB per core' if l1d else 'unknown'}")
-    values = ", ".join(f"{k}={v}" for k, v in data["tuning"].items())
+    t = data["tuning"]
+    values = ", ".join(f"{k}={v}" for k, v in t["values"].items()) if "values" in t else t["error"]
     sources = ["by the L1 size"]
-    if data["tuning_file_problem"]:
-        sources.append(data["tuning_file_problem"].removeprefix("kt_jit: "))
-    elif not Path(data["tuning_file"]).exists():
-        pass
-    elif not data["tuning_file_used"]:
-        sources.append(f"KT_JIT_STORED_TUNING=0 ignores {data['tuning_file']}")
-    else:
-        stored = ",".join(f"{k}={v}" for k, v in data["tuning_stored"].items())
-        sources.append(f"stored {stored or '(the built-in values measured best)'} from {data['tuning_file']}")
-    if data["tuning_override"]:
-        sources.append(f"KT_JIT_TUNING={data['tuning_override']!r}")
+    if t["file_problem"]:
+        sources.append(t["file_problem"])
+    elif Path(t["file"]).exists():
+        stored = ",".join(f"{k}={v}" for k, v in t["stored"].items()) or "(the built-in values measured best)"
+        sources.append(f"stored {stored} from {t['file']}" if t["file_used"]
+                       else f"KT_JIT_STORED_TUNING=0 ignores {t['file']}")
+    if t["env"]:
+        sources.append(f"KT_JIT_TUNING={t['env']!r}")
     print(f"tuning         {values}")
     print(f"               ({', then '.join(sources)}; tools/tune.py --save measures and stores them)")
     print(f"AMX            {'usable' if data['amx']['usable'] else 'not usable'}: {data['amx']['status']}")

@@ -10,12 +10,10 @@ import kt_jit
 
 def finish(rows: list[dict], json_path: str | None, bw: float, peak: float, threads: int) -> int:
     """Append the machine row (measured read bandwidth, bf16 peak) and write ``--json`` if asked."""
-    from kt_jit.kernels.gemm import host_tuning
-    from kt_jit.runtime import knobs, tuning_store
+    from kt_jit.kernels.gemm import tuning_report
 
     rows.append({"name": "machine", "ms": 0.0, "isa": kt_jit.active_isa(), "threads": threads,
-                 "read_gbps": bw / 1e9, "peak_tflops": peak / 1e12, "tuning": dict(vars(host_tuning())),
-                 "tuning_stored": dict(tuning_store.stored_values()), "tuning_env": knobs.raw("KT_JIT_TUNING") or ""})
+                 "read_gbps": bw / 1e9, "peak_tflops": peak / 1e12, "tuning": tuning_report()})
     if json_path:
         with open(json_path, "w") as f:
             json.dump(rows, f, indent=1)

@@ -328,6 +328,12 @@ def f32_splat(value: float) -> str:
     return "<" + ", ".join([f"float {f32_const(value)}"] * 16) + ">"
 
 
+def i32_splat_value(fn: Function, scalar: str) -> str:
+    """A run-time i32 broadcast to <16 x i32>."""
+    v = fn.val(f"insertelement {I32x16} poison, i32 {scalar}, i64 0")
+    return fn.val(f"shufflevector {I32x16} {v}, {I32x16} poison, <16 x i32> zeroinitializer")
+
+
 def f32_splat_value(fn: Function, scalar: str) -> str:
     """A run-time float broadcast to <16 x float>."""
     v = fn.val(f"insertelement {F32x16} poison, float {scalar}, i64 0")

@@ -64,6 +64,7 @@ import ctypes
 import dataclasses
 import functools
 import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -203,7 +204,7 @@ def host_tuning() -> HostTuning:
 
 
 @functools.lru_cache(maxsize=16)
-def _tuning_for(raw_value: str | None, l1d_bytes: int, stored: tuple[tuple[str, int], ...] = ()) -> HostTuning:
+def _tuning_for(raw_value: str | None, l1d_bytes: int, stored: tuple[tuple[str, int], ...]) -> HostTuning:
     base = LARGE_L1_TUNING if l1d_bytes >= SMALL_L1 else SMALL_L1_TUNING
     if stored:
         try:
@@ -215,6 +216,23 @@ def _tuning_for(raw_value: str | None, l1d_bytes: int, stored: tuple[tuple[str, 
         return replaced(base, overrides) if overrides else base
     except ValueError as e:
         raise ValueError(f"KT_JIT_TUNING: {e} ({knobs.TUNING_HINT})") from None
+
+
+def tuning_report() -> dict:
+    """The HostTuning values in effect and where they came from, for ``python -m kt_jit.info`` and
+    the benchmarks' machine rows: ``values`` (or ``error``, a bad KT_JIT_TUNING), ``env``
+    (KT_JIT_TUNING), ``stored`` (the stored setting used), ``file`` and ``file_used``
+    (KT_JIT_STORED_TUNING), ``file_problem`` (why the stored file is ignored, "" if it is not;
+    reported by a process's first look only)."""
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            values: dict = {"values": dict(vars(host_tuning()))}
+        except ValueError as e:
+            values = {"error": str(e)}
+    return {**values, "env": knobs.raw("KT_JIT_TUNING") or "", "stored": dict(tuning_store.stored_values()),
+            "file": str(tuning_store.tuning_path()), "file_used": knobs.stored_tuning_enabled(),
+            "file_problem": "; ".join(str(w.message).removeprefix("kt_jit: ") for w in caught)}
 
 
 def replaced(base: HostTuning, values: dict[str, int]) -> HostTuning:
@@ -308,13 +326,13 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     n-blocks per pass with a 48 KB L1 data cache, 4 with a smaller one: :func:`host_tuning`),
     larger ones go through the L1 panel. Small groups take the fold form instead in launches of a
     single group (``one_group``: streaming it would leave the other threads idle; the fold form
-    splits its outputs over work items). Groups
-    of 1-4 rows (int4: 1-8) take the lane-partial form (one thread per group); a single group
-    (``one_group``, bf16 and int8, K long enough for a slice per thread) of 1-8 rows takes it with
-    its K-slices spread over the work items (``lps``). ``lanes_dy``: the launches also pass each
-    group's dY in the tokens-in-lanes layout (kernels/dytiles.py, an extra group field), so bf16
-    groups of ``HostTuning.lanes_min_rows`` rows or more (16: :data:`LANES_MIN_ROWS`) take that
-    form. ``tuning``: the per-CPU values to use (default: :func:`host_tuning`)."""
+    splits its outputs over work items). Groups of 1-4 rows (int4: 1-8) take the lane-partial form
+    (one thread per group); a single group (``one_group``, bf16 and int8, K long enough for a slice
+    per thread) of 1-8 rows takes it with its K-slices spread over the work items (``lps``).
+    ``lanes_dy``: the launches also pass each group's dY in the tokens-in-lanes layout
+    (kernels/dytiles.py, an extra group field), so bf16 groups of ``HostTuning.lanes_min_rows`` rows
+    or more (16: :data:`LANES_MIN_ROWS`) take that form. ``tuning``: the per-CPU values to use
+    (default: :func:`host_tuning`)."""
     if isa == "avx512":
         host = tuning or host_tuning()
         if op == "fwd":  # quantized: HostTuning.quant_prefetch bytes ahead (Zen 5 2 KB, Zen 4 256 B);
@@ -634,11 +652,6 @@ def _zero_term(fn: Function, spec: GemmSpec, row: str, zp: str) -> str:
     return vx.f32_splat_value(fn, fn.val(f"call reassoc float {sym}(float 0.0, {F32x16} {f})"))
 
 
-def _splat_i32(fn: Function, scalar: str) -> str:
-    v = fn.val(f"insertelement {I32x16} poison, i32 {scalar}, i64 0")
-    return fn.val(f"shufflevector {I32x16} {v}, {I32x16} poison, <16 x i32> zeroinitializer")
-
-
 def _weight_row_for(fn: Function, spec: GemmSpec, ptr: str, zero: str | None, scales: str | None,
                     odd: bool) -> str:
     """A transposed-GEMM weight row: integer (``zero`` from :func:`_neg_zero`) for integer kernels,
@@ -942,7 +955,7 @@ def _avx512_fwd_body(spec: GemmSpec):
                 for i in range(rows):
                     if fold_zero:
                         xrow = fn.gep(x, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(kc0, 4)))
-                        xsum = _splat_i32(fn, _sum_i16(fn, xrow, kc // 16))
+                        xsum = vx.i32_splat_value(fn, _sum_i16(fn, xrow, kc // 16))
                         for jj, j in enumerate(cols):
                             acc = accs[i, jj][0]
                             acc.set(fn.val(f"sub {I32x16} {acc.get()}, {fn.val(f'mul {I32x16} {xsum}, {zeros[j]}')}"))
