@@ -614,13 +614,14 @@ def _kernel_input(spec, a, scales):
 
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="quantized kernels need AVX-512 BF16")
 @pytest.mark.parametrize("quant,gs,zp", QUANT_CASES)
-@pytest.mark.parametrize("m", [1, 7, 33])
+@pytest.mark.parametrize("m", [1, 3, 7, 33])
 def test_quantized_gemms_match_dequantized_reference(quant, gs, zp, m):
     """Integer kernels (every forward; the transposed GEMM of per-channel modes): codes times int16
     activations (per-row scales, |error| <= max|x|/32766) are within ~1e-4 of the dequantized
     weight's product. The K-group transposed GEMM rounds each dequantized weight to bf16 once
-    (~0.2%). m = 1 and 7 take the lane-partial form of the transposed GEMM (int8 at 7 rows: the
-    streamed form), 33 the panel path; k = 1024 has several K-chunks (and groups) per output."""
+    (~0.2%). m = 1, 3 and 7 take the lane-partial form of the transposed GEMM (1 and 3 its code
+    per row count, int4's four k-pair rows per step; int8 at 7 rows: the streamed form), 33 the
+    panel path; k = 1024 has several K-chunks (and groups) per output."""
     for n, k in ((192, 128), (64, 1024)):
         p, s, z, wd = _quantized(quant, gs, zp, n, k)
         x = torch.randn(m, k).bfloat16()

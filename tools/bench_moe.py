@@ -304,14 +304,18 @@ def main() -> int:
     ap.add_argument("--quick", action="store_true", help="qwen3 only, qlen 1/16/128, 50 training steps")
     ap.add_argument("--json", metavar="PATH")
     ap.add_argument("--shapes", default=None, help="comma-separated subset of " + ",".join(SHAPES))
+    ap.add_argument("--qlens", default=None,
+                    help="comma-separated qlens (default: 1,16,128,512; quick: 1,16,128)")
     ap.add_argument("--steps", type=int, default=None, help="training steps of the RSS loop")
     ap.add_argument("--quants", default=None,
                     help="comma-separated quant modes (default: all; quick: bf16,int8,int4_kgroup)")
     args = ap.parse_args()
+    if args.steps is not None and args.steps < 10:
+        ap.error("--steps must be at least 10 (the RSS loop compares step 10 with the last)")
     threads = default_num_threads()
     torch.set_num_threads(threads)
     names = args.shapes.split(",") if args.shapes else (["qwen3-30b-a3b"] if args.quick else list(SHAPES))
-    qlens = [1, 16, 128] if args.quick else QLENS
+    qlens = [int(q) for q in args.qlens.split(",")] if args.qlens else ([1, 16, 128] if args.quick else QLENS)
     quants = args.quants.split(",") if args.quants else (
         ["bf16", "int8", "int4_kgroup"] if args.quick else list(kt_jit.moe.weights.QUANT_MODES))
     if quants[0] != "bf16":

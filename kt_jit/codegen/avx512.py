@@ -199,6 +199,36 @@ def dup_dwords(fn: Function, ptr: str) -> str:
     return bitcast(fn, s, I32x16, BF16x32)
 
 
+def dup_halves(fn: Function, ptr: str) -> str:
+    """Load 8 dwords (16 bf16) at ``ptr`` and return them twice, [d0..d7, d0..d7], as <32 x bfloat>."""
+    v = fn.load("<8 x i32>", ptr, 4)
+    s = fn.val(f"shufflevector <8 x i32> {v}, <8 x i32> poison, {shuffle_mask(list(range(8)) * 2)}")
+    return bitcast(fn, s, I32x16, BF16x32)
+
+
+def reduce_half_lanes(fn: Function, accs: Sequence[str], order: Sequence[int]) -> str:
+    """Fold 8 accumulators whose lanes 8h..8h+7 hold partial sums of one output (accumulator m,
+    half h) into one <16 x float>: output lane ``order[2 * m + h]`` is the sum of accs[m]'s half h
+    (three halving steps of shuffle+add, then one permutation)."""
+    assert len(accs) == 8 and sorted(order) == list(range(16))
+    vs = fold_groups(fn, accs, 8)
+    vs = fold_groups(fn, vs, 4)
+    out = fold_groups(fn, vs, 2)[0]
+    # where each (accumulator, half) ended up: replay the folds on lane labels
+    labels = [[(m, lane // 8)] * 1 for m in range(8) for lane in range(16)]
+    vecs = [labels[16 * m:16 * m + 16] for m in range(8)]
+    for group in (8, 4, 2):
+        half = group // 2
+        lo = [g * group + j for g in range(16 // group) for j in range(half)]
+        vecs = [[(a + b)[i] for i in lo + [16 + i for i in lo]] for a, b in zip(vecs[0::2], vecs[1::2], strict=True)]
+    where = {lab[0]: lane for lane, lab in enumerate(vecs[0])}
+    perm = [0] * 16
+    for m in range(8):
+        for h in range(2):
+            perm[order[2 * m + h]] = where[(m, h)]
+    return shuffle(fn, F32x16, out, None, perm)
+
+
 def reduce_pair_lanes(fn: Function, accs: Sequence[str]) -> str:
     """Fold 8 accumulators whose lane 2q+e holds a partial sum for output (row r, parity e).
 

@@ -972,15 +972,16 @@ def _avx512_fwd_body(spec: GemmSpec):
     return body
 
 
-def _dy_pairs(fn: Function, spec: GemmSpec, ptr: str, scales: str) -> str:
-    """dY[m, 16s:16s+16] as 8 bf16 pairs, each dword duplicated; for quantized weights each dY
-    column is first multiplied by its channel's scale (dX = (dY diag(s)) Q)."""
+def _dy_pairs(fn: Function, spec: GemmSpec, ptr: str, scales: str, halves: bool = False) -> str:
+    """dY[m, 16s:16s+16] as 8 bf16 pairs, each dword duplicated (``halves``: the 8 dwords twice,
+    as the quad step takes them); for quantized weights each dY column is first multiplied by its
+    channel's scale (dX = (dY diag(s)) Q)."""
+    order = list(range(8)) * 2 if halves else [i // 2 for i in range(16)]
     if spec.quant == "bf16":
-        return vx.dup_dwords(fn, ptr)
+        return vx.dup_halves(fn, ptr) if halves else vx.dup_dwords(fn, ptr)
     v = vx.fmul(fn, vx.load_f32x16(fn, ptr, "bf16"), fn.load(F32x16, scales, 4))
     pairs = fn.val(f"bitcast <16 x bfloat> {fn.val(f'fptrunc {F32x16} {v} to <16 x bfloat>')} to <8 x i32>")
-    dup = fn.val(f"shufflevector <8 x i32> {pairs}, <8 x i32> poison, "
-                 f"<16 x i32> <{', '.join(f'i32 {i // 2}' for i in range(16))}>")
+    dup = fn.val(f"shufflevector <8 x i32> {pairs}, <8 x i32> poison, {vx.shuffle_mask(order)}")
     return vx.bitcast(fn, dup, I32x16, BF16x32)
 
 
@@ -1493,6 +1494,10 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     pf_every = _LP_PFEVERY if ns == 2 * STREAM_BLOCKS else 1
     rows_max = unrolled or spec.schedule.lp
     sl = _lane_partial_slice(spec, rows_max)
+    # int4 at unrolled rows: four k-pair rows per block and step, one 64-byte load split into four
+    # code vectors by masks (see _lane_partial_quad_step)
+    quad = (LP_QUAD and spec.quant == "int4" and (fold_zero or not integer) and unrolled > 0 and sl % 8 == 0
+            and (not spec.group_size or spec.group_size % 8 == 0))
     # a slice holds whole K-groups: dY's pairs (scaled by the group's channel scales) and the zero
     # points change from one group to the next within each step of n-blocks
     gsl = spec.group_size // 2 if spec.group_size else sl
@@ -1508,10 +1513,20 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
             k0 = fn.add(ks, g0) if spec.group_size else ks
             grp = fn.val(f"udiv i64 {k0}, {gsl}") if spec.group_size else "0"
             chans = [fn.add(fn.mul(grp, spec.n), fn.mul(fn.add(s0, b), 16)) for b in range(ns)]
+            # the next group's scales (and zero points): a step runs for ~64 rows x 1 KB of codes, so
+            # its first scale load found the line cold (kernel A/B, Zen 4, 8 cold experts: 1 row -3..-5%,
+            # 2 rows -4%)
+            if spec.group_size and LP_SCALE_PREFETCH:
+                for b in range(ns):
+                    vx.prefetch(fn, fn.gep(sc, fn.mul(fn.add(chans[b], spec.n), 4)))
+                    if spec.zero_point:
+                        vx.prefetch(fn, fn.gep(zp, fn.add(chans[b], spec.n)))
             def dy_pairs(i: str | int) -> list[str]:  # dY pairs of these blocks, each dword twice
-                xrow = fn.gep(x, fn.add(fn.mul(i, ldx), fn.mul(s0, 32)))
-                return [vx.dup_dwords(fn, fn.gep(xrow, b * 32)) if integer
-                        else _dy_pairs(fn, spec, fn.gep(xrow, b * 32), fn.gep(sc, fn.mul(chans[b], 4)))
+                xrow = fn.gep(x, fn.add(fn.mul(i, ldx), fn.mul(s0, 32)))  # (quad: the 8 dwords twice)
+                if integer:
+                    dup = vx.dup_halves if quad else vx.dup_dwords
+                    return [dup(fn, fn.gep(xrow, b * 32)) for b in range(ns)]
+                return [_dy_pairs(fn, spec, fn.gep(xrow, b * 32), fn.gep(sc, fn.mul(chans[b], 4)), quad)
                         for b in range(ns)]
 
             if unrolled:
@@ -1526,45 +1541,51 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
             two = spec.quant == "int4"  # int4: rows r and r+1 share one load, nibble split and swap
             if two and not fold_zero:  # (the codes are regrouped before the zero points are added)
                 zeros = [vx.shuffle(fn, I16x32, z, None, vx.SWAP_K_N_WORDS) for z in zeros]
-            with fn.loop(0, gsl, 2 if two else 1, name="lr") as r:
-                wrow = fn.gep(wblk, fn.mul(r, rb))
-                wvs = [[], []] if two else [[]]  # per row of the step: one swapped row per block
-                for b in range(ns):
-                    p = fn.gep(wrow, b * block_stride)
-                    if b % pf_every == 0:
-                        vx.prefetch(fn, fn.gep(p, spec.schedule.sp))
-                    if two:  # (one byte shuffle regroups both rows: kernel A/B, Zen 4, 8 cold
-                        # experts, against a word shuffle per row: 1 / 2 / 4 rows -1 / -3 / -6%)
-                        rows = [_int4_row(fn, c, zeros[b], integer) for c in _int4_code_pairs(fn, p, True)]
-                        for wv, row in zip(wvs, rows, strict=True):
-                            wv.append(row)
-                    else:
-                        wvs[0].append(_swapped_row(fn, spec, p, zeros[b], None, False))
-                def token_row(i: str | int, dy: list[str]) -> None:
-                    for e, wv in enumerate(wvs):
-                        kr = fn.add(g0, r) if spec.group_size else r
-                        ap = fn.gep(acc, fn.mul(fn.add(fn.add(fn.mul(i, sl), kr), e), 64))
-                        v = fn.load(F32x16, ap, 64)
-                        part = "zeroinitializer" if integer else v
-                        for b in range(ns):
-                            part = _dot(fn, part, wv[b], dy[b], integer)
-                        if integer:
-                            part = vx.fadd(fn, v, fn.val(f"sitofp {I32x16} {part} to {F32x16}"))
-                        fn.store(F32x16, part, ap, 64)
+            if quad:
+                qz = None if integer else [_quad_zero_words(fn, spec, fn.gep(zp, chans[b])) for b in range(ns)]
+                _lane_partial_quad_step(fn, spec, wblk, block_stride, gsl, ns, pf_every, dyv, acc, sl,
+                                        g0 if spec.group_size else "0", qz)
+            else:
+                with fn.loop(0, gsl, 2 if two else 1, name="lr") as r:
+                    wrow = fn.gep(wblk, fn.mul(r, rb))
+                    wvs = [[], []] if two else [[]]  # per row of the step: one swapped row per block
+                    for b in range(ns):
+                        p = fn.gep(wrow, b * block_stride)
+                        if b % pf_every == 0:
+                            vx.prefetch(fn, fn.gep(p, spec.schedule.sp))
+                        if two:  # (one byte shuffle regroups both rows: kernel A/B, Zen 4, 8 cold
+                            # experts, against a word shuffle per row: 1 / 2 / 4 rows -1 / -3 / -6%)
+                            rows = [_int4_row(fn, c, zeros[b], integer) for c in _int4_code_pairs(fn, p, True)]
+                            for wv, row in zip(wvs, rows, strict=True):
+                                wv.append(row)
+                        else:
+                            wvs[0].append(_swapped_row(fn, spec, p, zeros[b], None, False))
+                    def token_row(i: str | int, dy: list[str]) -> None:
+                        for e, wv in enumerate(wvs):
+                            kr = fn.add(g0, r) if spec.group_size else r
+                            ap = fn.gep(acc, fn.mul(fn.add(fn.add(fn.mul(i, sl), kr), e), 64))
+                            v = fn.load(F32x16, ap, 64)
+                            part = "zeroinitializer" if integer else v
+                            for b in range(ns):
+                                part = _dot(fn, part, wv[b], dy[b], integer)
+                            if integer:
+                                part = vx.fadd(fn, v, fn.val(f"sitofp {I32x16} {part} to {F32x16}"))
+                            fn.store(F32x16, part, ap, 64)
 
-                if unrolled:
-                    for i in range(unrolled):
-                        token_row(i, dyv[i])
-                else:
-                    with fn.loop(0, m, name="li") as i:
-                        dp = fn.gep(dyd, fn.mul(i, ns * 64))
-                        token_row(i, [fn.load(BF16x32, fn.gep(dp, b * 64), 64) for b in range(ns)])
+                    if unrolled:
+                        for i in range(unrolled):
+                            token_row(i, dyv[i])
+                    else:
+                        with fn.loop(0, m, name="li") as i:
+                            dp = fn.gep(dyd, fn.mul(i, ns * 64))
+                            token_row(i, [fn.load(BF16x32, fn.gep(dp, b * 64), 64) for b in range(ns)])
         with fn.loop(0, m, name="lo") as i:
             if fold_zero:  # sum_n dY[i, n] z_n, the same for every output
                 zsum = _zero_term(fn, spec, fn.gep(x, fn.mul(i, ldx)), zp)
             with fn.loop(0, sl // 8, name="lg") as g:
                 ap = fn.gep(acc, fn.mul(fn.add(fn.mul(i, sl), fn.mul(g, 8)), 64))
-                out = vx.reduce_pair_lanes(fn, [fn.load(F32x16, fn.gep(ap, j * 64), 64) for j in range(8)])
+                vs = [fn.load(F32x16, fn.gep(ap, j * 64), 64) for j in range(8)]
+                out = vx.reduce_half_lanes(fn, vs, QUAD_ORDER) if quad else vx.reduce_pair_lanes(fn, vs)
                 if fold_zero:
                     out = fn.val(f"fsub {F32x16} {out}, {zsum}")
                 if integer:
@@ -1573,6 +1594,86 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 if spec.accumulate:
                     out = vx.fadd(fn, out, fn.load(F32x16, p, 4))
                 fn.store(F32x16, out, p, 4)
+
+
+LP_QUAD = True
+LP_SCALE_PREFETCH = True
+# The quad step's code vectors: word w of a 64-byte load (4 packed rows r..r+3 of a block, bytes
+# 2w, 2w+1 = channel w % 16, elements j = 0, 1 of rows r + 2h, h = w // 16, in their low nibbles and
+# of rows r + 2h + 1 in their high ones) masked to one nibble: code x holds k = 2r + 4h + QUAD_K[x]
+# (scaled by QUAD_SHIFT[x]; the shift is undone in fp32, exactly)
+QUAD_MASKS = (0x000F, 0x00F0, 0x0F00, None)  # (None: the top nibble, shifted down)
+QUAD_SHIFT = (0, 4, 8, 0)
+QUAD_K = (0, 2, 1, 3)
+# accumulator j of a group of 8 (slots r..r+7, r % 8 == 0) holds code j % 4 of the quad at r + 4 (j // 4):
+# its half h sums output 8 (j // 4) + 4 h + QUAD_K[j % 4] of the group's 16
+QUAD_ORDER = tuple(8 * (j // 4) + 4 * h + QUAD_K[j % 4] for j in range(8) for h in range(2))
+
+
+def _quad_zero_words(fn: Function, spec: GemmSpec, zptr: str) -> str:
+    """The words 16 - z of the quad step's code vectors for the channels zptr[0..16] (word w is
+    channel w % 16; z = 8 when symmetric)."""
+    if not spec.zero_point:
+        return vec_const("i16", [8] * 32)
+    z = fn.val(f"zext <16 x i8> {fn.load('<16 x i8>', zptr, 1)} to <16 x i16>")
+    zz = vx.shuffle(fn, "<16 x i16>", z, None, list(range(16)) * 2)
+    return fn.val(f"sub {I16x32} {vec_const('i16', [16] * 32)}, {zz}")
+
+
+def _lane_partial_quad_step(fn: Function, spec: GemmSpec, wblk: str, block_stride: int, gsl: int, ns: int,
+                            pf_every: int, dyv: list[list[str]], acc: str, sl: int, kbase: str,
+                            zero_words: list[str] | None) -> None:
+    """One step of n-blocks of :func:`_bwd_lane_partial` for int4 at unrolled rows, four k-pair rows
+    per block at a time: a 64-byte load per block split into four code vectors by masks and one
+    shift (no byte shuffle or zero extension: per 64 bytes one op on the shuffle ports instead of
+    six), each the operand of one dot per row against dY's pairs (``dyv``, the block's 8 pairs in
+    both 256-bit halves). Per-channel (integer, ``zero_words`` None, zero points folded out): the
+    masked codes x 16^j go straight into vpdpwssd (products within int32: 16 x 16383 x 3840 <
+    2^31) and the scale 16^-j is undone in fp32. K-groups: each code shifted down, plus its zero
+    word, indexes the bf16 table of :func:`_int4_row`. Code vector x lands in accumulator slot
+    ``kbase`` + r + x; its lane 8h + p sums n-pair p's part of output 2(kbase + r) + 4h + QUAD_K[x].
+
+    Kernel A/B, Zen 4, 8 cold experts, per-channel int4: 1 row -2..+3% (at the memory's rate),
+    2 rows -7..-9%, 3 rows -13%, 4 rows +-1%; weights in L3, 1 row -29%. K-group: cold +-1%, in L3
+    -10%."""
+    rows = len(dyv)
+    rb = spec.row_bytes
+    integer = zero_words is None
+    with fn.loop(0, gsl, 4, name="lq") as r:
+        wrow = fn.gep(wblk, fn.mul(r, rb))
+        parts = {(i, c): "zeroinitializer" for i in range(rows) for c in range(4)}
+        for b in range(ns):
+            p = fn.gep(wrow, b * block_stride)
+            if b % pf_every == 0:
+                vx.prefetch(fn, fn.gep(p, spec.schedule.sp))
+            w = fn.load(I16x32, p, 1)
+            if integer:
+                codes = [vx.bitcast(fn, fn.val(f"and {I16x32} {w}, {vec_const('i16', [m] * 32)}") if m is not None
+                                    else fn.val(f"lshr {I16x32} {w}, {vec_const('i16', [12] * 32)}"), I16x32, BF16x32)
+                         for m in QUAD_MASKS]
+            else:  # bf16 q - z: each code shifted down to an index of the vpermw table (_int4_row)
+                codes = []
+                for m, sh in zip(QUAD_MASKS, QUAD_SHIFT, strict=True):
+                    v = w if m is None else fn.val(f"and {I16x32} {w}, {vec_const('i16', [m] * 32)}")
+                    v = fn.val(f"lshr {I16x32} {v}, {vec_const('i16', [12 if m is None else sh] * 32)}") \
+                        if (m is None or sh) else v
+                    codes.append(_int4_row(fn, v, zero_words[b], False))
+            for i in range(rows):
+                for c in range(4):
+                    parts[i, c] = _dot(fn, parts[i, c], codes[c], dyv[i][b], integer)
+        for i in range(rows):
+            for c in range(4):
+                ap = fn.gep(acc, fn.mul(fn.add(fn.add(fn.mul(str(i), sl), fn.add(kbase, r)), c), 64))
+                v = fn.load(F32x16, ap, 64)
+                if not integer:
+                    fn.store(F32x16, vx.fadd(fn, v, parts[i, c]), ap, 64)
+                    continue
+                f = fn.val(f"sitofp {I32x16} {parts[i, c]} to {F32x16}")
+                if QUAD_SHIFT[c]:
+                    v = vx.fma(fn, f, vx.f32_splat(2.0 ** -QUAD_SHIFT[c]), v)
+                else:
+                    v = vx.fadd(fn, v, f)
+                fn.store(F32x16, v, ap, 64)
 
 
 def _stream_blocks(spec: GemmSpec) -> int:
