@@ -739,19 +739,22 @@ def _weights_in(quant, gs, zp, n, k, g):
                                          ("int4", 32, False)])
 @pytest.mark.parametrize("n", [160, 256])
 def test_quantized_transposed_default_forms(quant, gs, zp, n):
-    """The default transposed GEMM of each quantized mode over groups of 1..14, 24 and 26 rows in
-    one launch: the lane-partial form (1-4 rows; int4: 1-8), the streamed form above it up to 12
+    """The default transposed GEMM of each quantized mode over groups of 1..17, 24 and 26 rows in
+    one launch: the lane-partial form (1-4 rows; K-group int4: 1-8; per-channel int4: 1-16, its
+    quad steps with rows in chunks of 4 and the 1-3 left), the streamed form above it up to 12
     (K-groups: up to 24, the group scales on dY, rescaled as K enters each group; N/16 = 10: 2
-    n-blocks per pass, 5 passes) and the panel (above; 26 rows for all); the row pitches are odd
-    multiples of 64 bytes, as the MoE's; several K-slices (K-groups) per group. N = 256 (16
-    n-blocks): the lane-partial form's 8-block steps at 1-2 rows (int8: LP_WIDE_QUANTS)."""
+    n-blocks per pass, 5 passes; per-channel int4: none) and the panel (above; 26 rows for all);
+    the row pitches are odd multiples of 64 bytes, as the MoE's; several K-slices (K-groups) per
+    group. N = 256 (16 n-blocks): the lane-partial form's 8-block steps at 1-2 rows (int8:
+    LP_WIDE_QUANTS; per-channel int4: 16 at 3+ rows)."""
     k, pad = 1024, 16  # int8 and bf16 slices are 256 k-pairs: two; int4 (8 rows) 64: eight
     g = torch.Generator().manual_seed(9)
     p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
     kern = gemm.kernel_for("bwd", n, k, quant=quant, group_size=gs, zero_point=zp)
-    assert kern.spec.schedule.small == "stream" and kern.spec.schedule.sm == (24 if gs else gemm.STREAM_INT_MAX)
+    sm = 24 if gs else gemm.QUAD_MAX_ROWS if quant == "int4" else gemm.STREAM_INT_MAX
+    assert kern.spec.schedule.small == "stream" and kern.spec.schedule.sm == sm
     assert gemm._stream_blocks(kern.spec) == 2 or n != 160
-    ms = [*range(1, 15), 24, 26]
+    ms = [*range(1, 18), 24, 26]
     dys = [torch.randn(m, n, generator=g).bfloat16() for m in ms]  # pitch 320 B: 5 lines
     outs = [torch.full((m, k + pad), float("nan")) for m in ms]  # pitch 4160 B: 65 lines
     xq = [_kernel_input(kern.spec, d, s) for d in dys]
@@ -840,10 +843,11 @@ def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
     ts = [torch.randn(m, tcols + 8, generator=g).bfloat16()[:, :tcols] for m in ms]
     a0 = torch.randn(len(ms), rank, k, generator=g).bfloat16()
     a1 = torch.randn(len(ms), rank, k, generator=g).bfloat16()
-    sch = gemm.default_schedule("bwd", "avx512", n, k, quant, form == "fold", lanes_dy=form == "tokens")
+    sch = gemm.default_schedule("bwd", "avx512", n, k, quant, form == "fold", gs, lanes_dy=form == "tokens")
     if form == "tokens":
         sch = dataclasses.replace(sch, tl=12)
-    sch = dataclasses.replace(sch, sm=8 if form in ("panel", "fold") else 24)  # (sm=8: 9 and 14 rows: panel)
+    sm = 8 if form in ("panel", "fold") else 24  # (sm=8: 9 and 14 rows: panel)
+    sch = dataclasses.replace(sch, sm=sm, lp=min(sch.lp, sm))
     if form == "lanes":
         sch = dataclasses.replace(sch, lp=8)
     if form in ("long", "lanes"):

@@ -377,6 +377,9 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         # 20 / 24 rows -4 / -6 / -18 / -21 / -22%, int8 +5 / -2 / -15 / -18 / -20%); K-group int4
         # keeps 24 (the panel +22..+47% there: it dequantizes through fp32)
         stream_max = STREAM_INT_MAX if quant != "bf16" and not group_size else 24
+        if quant == "int4" and not group_size and not one_group and LP_QUAD:
+            # per-channel int4: the lane-partial form's quad step up to QUAD_MAX_ROWS, none streamed
+            lp = stream_max = QUAD_MAX_ROWS
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
                             sm=stream_max if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one,
                             sb=host.stream_group_blocks,
@@ -462,9 +465,10 @@ class GemmSpec:
                              "only")
         if sch.sm and not self.is_panel:
             raise ValueError("schedule sm (streamed small groups) applies to the 'panel' transposed GEMM only")
-        if sch.lp and not (self.is_panel and 0 < sch.lp <= min(sch.sm, LANE_PARTIAL_MAX)):
+        lp_max = QUAD_MAX_ROWS if self.quant == "int4" and self.int_x else LANE_PARTIAL_MAX
+        if sch.lp and not (self.is_panel and 0 < sch.lp <= min(sch.sm, lp_max)):
             raise ValueError(f"schedule lp={sch.lp}: the 'panel' transposed GEMM only, at most "
-                             f"min(sm, {LANE_PARTIAL_MAX}) rows")
+                             f"min(sm, {lp_max}) rows")
         slices = max(self.k // 2 // _lane_partial_slice(self, r) for r in _lane_partial_variants(self)) if sch.lp else 0
         if sch.lps and (not sch.lp or self.lora_rank or slices > self.items_per_group):
             raise ValueError("schedule lps (lane-partial K-slices as work items): needs lp, no fused LoRA, and "
@@ -1427,7 +1431,8 @@ def _bwd_lane_partial_rows(fn: Function, spec: GemmSpec, x: str, w: str, y: str,
     """:func:`_bwd_lane_partial` with code specialised for 1..LANE_PARTIAL_UNROLL rows (their dY
     pairs stay in registers over a step of n-blocks) and the generic form above that; ``only``:
     the index of the one K-slice to compute (default: all)."""
-    unroll = min(spec.schedule.lp, LANE_PARTIAL_UNROLL)
+    unroll = min(spec.schedule.lp, QUAD_UNROLL if _quad_rows(spec) else LANE_PARTIAL_UNROLL)  # (quad: the rest
+    # take the quad step with rows in a loop)
     if unroll == 0:
         _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, only=only)
         return
@@ -1485,24 +1490,27 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     # the accumulator traffic per weight byte (kernel A/B, Zen 5 fast-memory mode: bf16 m=1-2
     # -3..-5% on top of the unrolling; int8 and int4: see LP_WIDE_QUANTS; at 3-4 rows the 24-32 dY
     # vectors no longer fit the registers)
-    wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant in LP_WIDE_QUANTS and not spec.group_size else ()
-    ns = max(d for d in (*wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
-    # 8 blocks per step: software prefetch for every other one, the hardware prefetcher keeps the
-    # rest going (kernel A/B, 8 cold experts, Zen 5 slow memory mode, 1 row -3.5..-4.4%, 2 rows
-    # -0.9..-3.4%; in the fast mode 2 rows +1.5%; at 4 blocks per step, or prefetching one block in
-    # 4 or 8: +5..+9%): fewer instructions per weight byte while streaming
-    pf_every = _LP_PFEVERY if ns == 2 * STREAM_BLOCKS else 1
     rows_max = unrolled or spec.schedule.lp
     sl = _lane_partial_slice(spec, rows_max)
     # int4 at unrolled rows: four k-pair rows per block and step, one 64-byte load split into four
     # code vectors by masks (see _lane_partial_quad_step)
-    quad = (LP_QUAD and spec.quant == "int4" and (fold_zero or not integer) and unrolled > 0 and sl % 8 == 0
-            and (not spec.group_size or spec.group_size % 8 == 0))
+    quad = (_quad_rows(spec) or (LP_QUAD and spec.quant == "int4" and not integer and unrolled > 0 and sl % 8 == 0
+                                 and spec.group_size % 8 == 0))
+    # per-channel quad steps read dY's pairs where they use them (not held over the step), so they
+    # can take more n-blocks per step: fewer accumulator updates per weight byte (LP_QUAD_BLOCKS)
+    quad_wide = (LP_QUAD_BLOCKS[0 < unrolled <= 2],) if quad and integer else ()
+    wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant in LP_WIDE_QUANTS and not spec.group_size else ()
+    ns = max(d for d in (*quad_wide, *wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
+    # 8 blocks per step: software prefetch for every other one, the hardware prefetcher keeps the
+    # rest going (kernel A/B, 8 cold experts, Zen 5 slow memory mode, 1 row -3.5..-4.4%, 2 rows
+    # -0.9..-3.4%; in the fast mode 2 rows +1.5%; at 4 blocks per step, or prefetching one block in
+    # 4 or 8: +5..+9%): fewer instructions per weight byte while streaming
+    pf_every = _LP_PFEVERY if ns >= 2 * STREAM_BLOCKS else 1
     # a slice holds whole K-groups: dY's pairs (scaled by the group's channel scales) and the zero
     # points change from one group to the next within each step of n-blocks
     gsl = spec.group_size // 2 if spec.group_size else sl
     acc = acc_buf or fn.alloca("i8", 64, rows_max * sl * 64)
-    dyd = None if unrolled else fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
+    dyd = None if unrolled or quad else fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
     first_slice = fn.mul(only, sl) if only is not None else "0"
     with fn.loop(first_slice, fn.add(first_slice, sl) if only is not None else kp, sl, name="lks") as ks:
         with fn.loop(0, fn.mul(m, sl), name="lz") as z:
@@ -1529,7 +1537,10 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 return [_dy_pairs(fn, spec, fn.gep(xrow, b * 32), fn.gep(sc, fn.mul(chans[b], 4)), quad)
                         for b in range(ns)]
 
-            if unrolled:
+            if quad and integer:  # (loaded where used: see _lane_partial_quad_step)
+                dyv = lambda i, b: vx.dup_halves(  # noqa: E731
+                    fn, fn.gep(x, fn.add(fn.add(fn.mul(i, ldx), fn.mul(s0, 32)), b * 32)))
+            elif unrolled:
                 dyv = [dy_pairs(i) for i in range(unrolled)]
             else:
                 with fn.loop(0, m, name="ld") as i:
@@ -1543,8 +1554,8 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 zeros = [vx.shuffle(fn, I16x32, z, None, vx.SWAP_K_N_WORDS) for z in zeros]
             if quad:
                 qz = None if integer else [_quad_zero_words(fn, spec, fn.gep(zp, chans[b])) for b in range(ns)]
-                _lane_partial_quad_step(fn, spec, wblk, block_stride, gsl, ns, pf_every, dyv, acc, sl,
-                                        g0 if spec.group_size else "0", qz)
+                _lane_partial_quad_step(fn, spec, wblk, block_stride, gsl, ns, pf_every, dyv, unrolled or m, acc,
+                                        sl, g0 if spec.group_size else "0", qz)
             else:
                 with fn.loop(0, gsl, 2 if two else 1, name="lr") as r:
                     wrow = fn.gep(wblk, fn.mul(r, rb))
@@ -1597,6 +1608,10 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
 
 
 LP_QUAD = True
+# n-blocks per quad step of the per-channel form at 3-4 and at 1-2 rows (int32 step sums: up to 32
+# products of 16383 x 3840 < 2^31). Kernel A/B, Zen 4, 8 cold experts, 16 against 8: 3 rows -8%, 4 rows
+# -10%, 1-2 rows +1..+2% (against 4: 3-4 rows -13..-20%)
+LP_QUAD_BLOCKS = (16, 8)
 LP_SCALE_PREFETCH = True
 # The quad step's code vectors: word w of a 64-byte load (4 packed rows r..r+3 of a block, bytes
 # 2w, 2w+1 = channel w % 16, elements j = 0, 1 of rows r + 2h, h = w // 16, in their low nibbles and
@@ -1610,6 +1625,20 @@ QUAD_K = (0, 2, 1, 3)
 QUAD_ORDER = tuple(8 * (j // 4) + 4 * h + QUAD_K[j % 4] for j in range(8) for h in range(2))
 
 
+# most rows of the per-channel int4 lane-partial form (quad steps), against the streamed form (up to
+# 12 rows) and the panel: kernel A/B, Zen 4, 8 cold experts: 5 / 6 / 8 rows -19 / -22 / -41% (against
+# the lane-partial form's generic code), 10 / 12 rows -27 / -26% , 16 rows -13%; 24 rows +9..+15%
+QUAD_MAX_ROWS = 16
+QUAD_UNROLL = 2  # rows with code of their own in the per-channel quad form (more: chunks of 4 in a loop)
+
+
+def _quad_rows(spec: GemmSpec) -> bool:
+    """Whether the per-channel (integer) int4 lane-partial form takes the quad step at every row
+    count up to QUAD_UNROLL (its dY pairs are loaded where used, so more rows cost no registers)."""
+    return (LP_QUAD and spec.quant == "int4" and spec.int_x and spec.schedule.lp > 0
+            and _lane_partial_slice(spec, spec.schedule.lp) % 8 == 0)
+
+
 def _quad_zero_words(fn: Function, spec: GemmSpec, zptr: str) -> str:
     """The words 16 - z of the quad step's code vectors for the channels zptr[0..16] (word w is
     channel w % 16; z = 8 when symmetric)."""
@@ -1621,7 +1650,7 @@ def _quad_zero_words(fn: Function, spec: GemmSpec, zptr: str) -> str:
 
 
 def _lane_partial_quad_step(fn: Function, spec: GemmSpec, wblk: str, block_stride: int, gsl: int, ns: int,
-                            pf_every: int, dyv: list[list[str]], acc: str, sl: int, kbase: str,
+                            pf_every: int, dyv, rows: int, acc: str, sl: int, kbase: str,
                             zero_words: list[str] | None) -> None:
     """One step of n-blocks of :func:`_bwd_lane_partial` for int4 at unrolled rows, four k-pair rows
     per block at a time: a 64-byte load per block split into four code vectors by masks and one
@@ -1636,44 +1665,69 @@ def _lane_partial_quad_step(fn: Function, spec: GemmSpec, wblk: str, block_strid
     Kernel A/B, Zen 4, 8 cold experts, per-channel int4: 1 row -2..+3% (at the memory's rate),
     2 rows -7..-9%, 3 rows -13%, 4 rows +-1%; weights in L3, 1 row -29%. K-group: cold +-1%, in L3
     -10%."""
-    rows = len(dyv)
     rb = spec.row_bytes
-    integer = zero_words is None
+    dy = dyv if callable(dyv) else lambda i, b: dyv[i][b]
+    # rows in chunks of up to 4 (their 16 sums in registers), each chunk reading the step's weights
+    # again (from L1 after the first); ``rows`` a count (code per row count) or a run-time value
+    # (chunks of 4 in a loop, then the 1-3 left)
     with fn.loop(0, gsl, 4, name="lq") as r:
         wrow = fn.gep(wblk, fn.mul(r, rb))
-        parts = {(i, c): "zeroinitializer" for i in range(rows) for c in range(4)}
-        for b in range(ns):
-            p = fn.gep(wrow, b * block_stride)
-            if b % pf_every == 0:
-                vx.prefetch(fn, fn.gep(p, spec.schedule.sp))
-            w = fn.load(I16x32, p, 1)
-            if integer:
-                codes = [vx.bitcast(fn, fn.val(f"and {I16x32} {w}, {vec_const('i16', [m] * 32)}") if m is not None
-                                    else fn.val(f"lshr {I16x32} {w}, {vec_const('i16', [12] * 32)}"), I16x32, BF16x32)
-                         for m in QUAD_MASKS]
-            else:  # bf16 q - z: each code shifted down to an index of the vpermw table (_int4_row)
-                codes = []
-                for m, sh in zip(QUAD_MASKS, QUAD_SHIFT, strict=True):
-                    v = w if m is None else fn.val(f"and {I16x32} {w}, {vec_const('i16', [m] * 32)}")
-                    v = fn.val(f"lshr {I16x32} {v}, {vec_const('i16', [12 if m is None else sh] * 32)}") \
-                        if (m is None or sh) else v
-                    codes.append(_int4_row(fn, v, zero_words[b], False))
-            for i in range(rows):
-                for c in range(4):
-                    parts[i, c] = _dot(fn, parts[i, c], codes[c], dyv[i][b], integer)
-        for i in range(rows):
+        kr = fn.add(kbase, r)
+        for b in range(0, ns, pf_every):
+            vx.prefetch(fn, fn.gep(wrow, b * block_stride + spec.schedule.sp))
+        if isinstance(rows, int):
+            count = -(-rows // 4)
+            for j in range(count):
+                first = j * rows // count
+                _quad_chunk(fn, spec, wrow, block_stride, ns, dy, first, (j + 1) * rows // count - first, acc, sl,
+                            kr, zero_words)
+        else:
+            full = fn.val(f"udiv i64 {rows}, 4")
+            with fn.loop(0, full, name="lqc") as q:
+                _quad_chunk(fn, spec, wrow, block_stride, ns, dy, fn.mul(q, 4), 4, acc, sl, kr, zero_words)
+            first = fn.mul(full, 4)
+            for left in fn.switch(fn.sub(rows, first), range(1, 4), name="lqr"):
+                _quad_chunk(fn, spec, wrow, block_stride, ns, dy, first, left, acc, sl, kr, zero_words)
+
+
+def _quad_chunk(fn: Function, spec: GemmSpec, wrow: str, block_stride: int, ns: int, dy, first: int | str,
+                count: int, acc: str, sl: int, kr: str, zero_words: list[str] | None) -> None:
+    """The quad step's work for the ``count`` token rows from row ``first`` at the 4 k-pair rows
+    from ``wrow`` (see :func:`_lane_partial_quad_step`)."""
+    integer = zero_words is None
+    rows = [first + j if isinstance(first, int) else fn.add(first, j) for j in range(count)]
+    parts = {(i, c): "zeroinitializer" for i in range(count) for c in range(4)}
+    for b in range(ns):
+        p = fn.gep(wrow, b * block_stride)
+        w = fn.load(I16x32, p, 1)
+        if integer:
+            codes = [vx.bitcast(fn, fn.val(f"and {I16x32} {w}, {vec_const('i16', [m] * 32)}") if m is not None
+                                else fn.val(f"lshr {I16x32} {w}, {vec_const('i16', [12] * 32)}"), I16x32, BF16x32)
+                     for m in QUAD_MASKS]
+        else:  # bf16 q - z: each code shifted down to an index of the vpermw table (_int4_row)
+            codes = []
+            for m, sh in zip(QUAD_MASKS, QUAD_SHIFT, strict=True):
+                v = w if m is None else fn.val(f"and {I16x32} {w}, {vec_const('i16', [m] * 32)}")
+                v = fn.val(f"lshr {I16x32} {v}, {vec_const('i16', [12 if m is None else sh] * 32)}") \
+                    if (m is None or sh) else v
+                codes.append(_int4_row(fn, v, zero_words[b], False))
+        for i, row in enumerate(rows):
+            pairs = dy(row, b)
             for c in range(4):
-                ap = fn.gep(acc, fn.mul(fn.add(fn.add(fn.mul(str(i), sl), fn.add(kbase, r)), c), 64))
-                v = fn.load(F32x16, ap, 64)
-                if not integer:
-                    fn.store(F32x16, vx.fadd(fn, v, parts[i, c]), ap, 64)
-                    continue
-                f = fn.val(f"sitofp {I32x16} {parts[i, c]} to {F32x16}")
-                if QUAD_SHIFT[c]:
-                    v = vx.fma(fn, f, vx.f32_splat(2.0 ** -QUAD_SHIFT[c]), v)
-                else:
-                    v = vx.fadd(fn, v, f)
-                fn.store(F32x16, v, ap, 64)
+                parts[i, c] = _dot(fn, parts[i, c], codes[c], pairs, integer)
+    for i, row in enumerate(rows):
+        for c in range(4):
+            ap = fn.gep(acc, fn.mul(fn.add(fn.add(fn.mul(row, sl), kr), c), 64))
+            v = fn.load(F32x16, ap, 64)
+            if not integer:
+                fn.store(F32x16, vx.fadd(fn, v, parts[i, c]), ap, 64)
+                continue
+            f = fn.val(f"sitofp {I32x16} {parts[i, c]} to {F32x16}")
+            if QUAD_SHIFT[c]:
+                v = vx.fma(fn, f, vx.f32_splat(2.0 ** -QUAD_SHIFT[c]), v)
+            else:
+                v = vx.fadd(fn, v, f)
+            fn.store(F32x16, v, ap, 64)
 
 
 def _stream_blocks(spec: GemmSpec) -> int:
