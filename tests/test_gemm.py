@@ -739,22 +739,21 @@ def _weights_in(quant, gs, zp, n, k, g):
                                          ("int4", 32, False)])
 @pytest.mark.parametrize("n", [160, 256])
 def test_quantized_transposed_default_forms(quant, gs, zp, n):
-    """The default transposed GEMM of each quantized mode over groups of 1..17, 24 and 26 rows in
-    one launch: the lane-partial form (1-4 rows; K-group int4: 1-8; per-channel int4: 1-16, its
-    quad steps with rows in chunks of 4 and the 1-3 left), the streamed form above it up to 12
-    (K-groups: up to 24, the group scales on dY, rescaled as K enters each group; N/16 = 10: 2
-    n-blocks per pass, 5 passes; per-channel int4: none) and the panel (above; 26 rows for all);
-    the row pitches are odd multiples of 64 bytes, as the MoE's; several K-slices (K-groups) per
-    group. N = 256 (16 n-blocks): the lane-partial form's 8-block steps at 1-2 rows (int8:
-    LP_WIDE_QUANTS; per-channel int4: 16 at 3+ rows)."""
+    """The default transposed GEMM of each quantized mode over groups of 1..17, 24, 26 and 34 rows
+    in one launch: the lane-partial form (int8: 1-4 rows, then the streamed form up to 12; int4 per
+    channel 1-16, K-groups 1-32: quad steps, rows above 2 (K-groups: 4) in chunks of 4 and the 1-3
+    left; N/16 = 10: 2 n-blocks per step) and the panel above; the row pitches are odd multiples of
+    64 bytes, as the MoE's; several K-slices (K-groups) per group. N = 256 (16 n-blocks): the
+    lane-partial form's 8-block steps at 1-2 rows (int8: LP_WIDE_QUANTS; per-channel int4: 16 at
+    3+ rows)."""
     k, pad = 1024, 16  # int8 and bf16 slices are 256 k-pairs: two; int4 (8 rows) 64: eight
     g = torch.Generator().manual_seed(9)
     p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
     kern = gemm.kernel_for("bwd", n, k, quant=quant, group_size=gs, zero_point=zp)
-    sm = 24 if gs else gemm.QUAD_MAX_ROWS if quant == "int4" else gemm.STREAM_INT_MAX
+    sm = gemm.QUAD_MAX_ROWS[bool(gs)] if quant == "int4" else gemm.STREAM_INT_MAX
     assert kern.spec.schedule.small == "stream" and kern.spec.schedule.sm == sm
     assert gemm._stream_blocks(kern.spec) == 2 or n != 160
-    ms = [*range(1, 18), 24, 26]
+    ms = [*range(1, 18), 24, 26, 34]
     dys = [torch.randn(m, n, generator=g).bfloat16() for m in ms]  # pitch 320 B: 5 lines
     outs = [torch.full((m, k + pad), float("nan")) for m in ms]  # pitch 4160 B: 65 lines
     xq = [_kernel_input(kern.spec, d, s) for d in dys]

@@ -377,9 +377,9 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         # 20 / 24 rows -4 / -6 / -18 / -21 / -22%, int8 +5 / -2 / -15 / -18 / -20%); K-group int4
         # keeps 24 (the panel +22..+47% there: it dequantizes through fp32)
         stream_max = STREAM_INT_MAX if quant != "bf16" and not group_size else 24
-        if quant == "int4" and not group_size and not one_group and LP_QUAD:
-            # per-channel int4: the lane-partial form's quad step up to QUAD_MAX_ROWS, none streamed
-            lp = stream_max = QUAD_MAX_ROWS
+        if quant == "int4" and not one_group and LP_QUAD:
+            # int4: the lane-partial form's quad steps up to QUAD_MAX_ROWS, none streamed
+            lp = stream_max = QUAD_MAX_ROWS[bool(group_size)]
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
                             sm=stream_max if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one,
                             sb=host.stream_group_blocks,
@@ -465,7 +465,7 @@ class GemmSpec:
                              "only")
         if sch.sm and not self.is_panel:
             raise ValueError("schedule sm (streamed small groups) applies to the 'panel' transposed GEMM only")
-        lp_max = QUAD_MAX_ROWS if self.quant == "int4" and self.int_x else LANE_PARTIAL_MAX
+        lp_max = max(QUAD_MAX_ROWS) if self.quant == "int4" else LANE_PARTIAL_MAX
         if sch.lp and not (self.is_panel and 0 < sch.lp <= min(sch.sm, lp_max)):
             raise ValueError(f"schedule lp={sch.lp}: the 'panel' transposed GEMM only, at most "
                              f"min(sm, {lp_max}) rows")
@@ -1431,8 +1431,8 @@ def _bwd_lane_partial_rows(fn: Function, spec: GemmSpec, x: str, w: str, y: str,
     """:func:`_bwd_lane_partial` with code specialised for 1..LANE_PARTIAL_UNROLL rows (their dY
     pairs stay in registers over a step of n-blocks) and the generic form above that; ``only``:
     the index of the one K-slice to compute (default: all)."""
-    unroll = min(spec.schedule.lp, QUAD_UNROLL if _quad_rows(spec) else LANE_PARTIAL_UNROLL)  # (quad: the rest
-    # take the quad step with rows in a loop)
+    # (quad: rows above QUAD_UNROLL take its step with rows in a loop)
+    unroll = min(spec.schedule.lp, QUAD_UNROLL[bool(spec.group_size)] if _quad_rows(spec) else LANE_PARTIAL_UNROLL)
     if unroll == 0:
         _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, only=only)
         return
@@ -1494,11 +1494,10 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     sl = _lane_partial_slice(spec, rows_max)
     # int4 at unrolled rows: four k-pair rows per block and step, one 64-byte load split into four
     # code vectors by masks (see _lane_partial_quad_step)
-    quad = (_quad_rows(spec) or (LP_QUAD and spec.quant == "int4" and not integer and unrolled > 0 and sl % 8 == 0
-                                 and spec.group_size % 8 == 0))
+    quad = _quad_rows(spec)
     # per-channel quad steps read dY's pairs where they use them (not held over the step), so they
     # can take more n-blocks per step: fewer accumulator updates per weight byte (LP_QUAD_BLOCKS)
-    quad_wide = (LP_QUAD_BLOCKS[0 < unrolled <= 2],) if quad and integer else ()
+    quad_wide = (LP_QUAD_BLOCKS[0 < unrolled <= 2],) if quad and (integer or not unrolled) else ()
     wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant in LP_WIDE_QUANTS and not spec.group_size else ()
     ns = max(d for d in (*quad_wide, *wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
     # 8 blocks per step: software prefetch for every other one, the hardware prefetcher keeps the
@@ -1510,11 +1509,18 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     # points change from one group to the next within each step of n-blocks
     gsl = spec.group_size // 2 if spec.group_size else sl
     acc = acc_buf or fn.alloca("i8", 64, rows_max * sl * 64)
-    dyd = None if unrolled or quad else fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
+    dyd = None if unrolled or (quad and integer) else fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
+    # K-group quad steps dot dY's scaled pairs with the codes as bf16 128 + q (one OR, no table):
+    # sum_n dYs (128 + z) comes off every output of the group at the end, from these per-row sums
+    offset_codes = quad and not integer
+    cacc = fn.alloca("i8", 64, rows_max * (sl // gsl) * 64) if offset_codes else None
     first_slice = fn.mul(only, sl) if only is not None else "0"
     with fn.loop(first_slice, fn.add(first_slice, sl) if only is not None else kp, sl, name="lks") as ks:
         with fn.loop(0, fn.mul(m, sl), name="lz") as z:
             fn.store(F32x16, "zeroinitializer", fn.gep(acc, fn.mul(z, 64)), 64)
+        if offset_codes:
+            with fn.loop(0, fn.mul(m, sl // gsl), name="lzc") as z:
+                fn.store(F32x16, "zeroinitializer", fn.gep(cacc, fn.mul(z, 64)), 64)
         # (without K-groups the slice is one step: no group loop, the code as before it existed)
         groups = fn.loop(0, sl, gsl, name="lkg") if spec.group_size else contextlib.nullcontext("0")
         with fn.loop(0, nb, ns, name="ls") as s0, groups as g0:
@@ -1546,6 +1552,9 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 with fn.loop(0, m, name="ld") as i:
                     for b, pairs in enumerate(dy_pairs(i)):
                         fn.store(BF16x32, pairs, fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
+                if quad:  # (K-groups: each group's scaled pairs staged above, loaded where used)
+                    dyv = lambda i, b: fn.load(  # noqa: E731
+                        BF16x32, fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
             wblk = fn.gep(w, fn.add(fn.mul(s0, block_stride), fn.mul(k0, rb)))
             # int4: each block's zero-point words (-z for the integer kernels, 16 - z otherwise)
             zeros = [None if fold_zero else _zero_for(fn, spec, fn.gep(zp, chans[b])) for b in range(ns)]
@@ -1554,6 +1563,23 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 zeros = [vx.shuffle(fn, I16x32, z, None, vx.SWAP_K_N_WORDS) for z in zeros]
             if quad:
                 qz = None if integer else [_quad_zero_words(fn, spec, fn.gep(zp, chans[b])) for b in range(ns)]
+                if offset_codes:
+                    cslot = fn.val(f"udiv i64 {g0}, {gsl}")
+
+                    def offset_sum(i: str | int) -> None:
+                        cp = fn.gep(cacc, fn.mul(fn.add(fn.mul(i, sl // gsl), cslot), 64))
+                        t = fn.load(F32x16, cp, 64)
+                        for b in range(ns):
+                            t = vx.dpbf16(fn, t, vx.bitcast(fn, qz[b], I16x32, BF16x32), dyv(i, b) if callable(dyv)
+                                          else dyv[i][b])
+                        fn.store(F32x16, t, cp, 64)
+
+                    if unrolled:
+                        for i in range(unrolled):
+                            offset_sum(i)
+                    else:
+                        with fn.loop(0, m, name="lco") as i:
+                            offset_sum(i)
                 _lane_partial_quad_step(fn, spec, wblk, block_stride, gsl, ns, pf_every, dyv, unrolled or m, acc,
                                         sl, g0 if spec.group_size else "0", qz)
             else:
@@ -1597,6 +1623,14 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 ap = fn.gep(acc, fn.mul(fn.add(fn.mul(i, sl), fn.mul(g, 8)), 64))
                 vs = [fn.load(F32x16, fn.gep(ap, j * 64), 64) for j in range(8)]
                 out = vx.reduce_half_lanes(fn, vs, QUAD_ORDER) if quad else vx.reduce_pair_lanes(fn, vs)
+                if offset_codes:  # (lanes 0-7 of the group's sums: its 8 n-pairs' parts; 8-15 the same again)
+                    cv = fn.load(F32x16, fn.gep(cacc, fn.mul(fn.add(fn.mul(i, sl // gsl),
+                                                                   fn.val(f"udiv i64 {fn.mul(g, 8)}, {gsl}")), 64)), 64)
+                    lo8 = fn.val(f"shufflevector {F32x16} {cv}, {F32x16} poison, {vx.shuffle_mask(list(range(8)))}")
+                    sym = fn.module.declare("llvm.vector.reduce.fadd.v8f32",
+                                            "declare float @llvm.vector.reduce.fadd.v8f32(float, <8 x float>)")
+                    csum = fn.val(f"call reassoc float {sym}(float 0.0, <8 x float> {lo8})")
+                    out = fn.val(f"fsub {F32x16} {out}, {vx.f32_splat_value(fn, csum)}")
                 if fold_zero:
                     out = fn.val(f"fsub {F32x16} {out}, {zsum}")
                 if integer:
@@ -1625,28 +1659,36 @@ QUAD_K = (0, 2, 1, 3)
 QUAD_ORDER = tuple(8 * (j // 4) + 4 * h + QUAD_K[j % 4] for j in range(8) for h in range(2))
 
 
-# most rows of the per-channel int4 lane-partial form (quad steps), against the streamed form (up to
-# 12 rows) and the panel: kernel A/B, Zen 4, 8 cold experts: 5 / 6 / 8 rows -19 / -22 / -41% (against
-# the lane-partial form's generic code), 10 / 12 rows -27 / -26% , 16 rows -13%; 24 rows +9..+15%
-QUAD_MAX_ROWS = 16
-QUAD_UNROLL = 2  # rows with code of their own in the per-channel quad form (more: chunks of 4 in a loop)
+# most rows of the int4 lane-partial form (quad steps), per channel and K-groups, against the forms
+# they replace (kernel A/B, Zen 4, 8 cold experts). Per channel: the lane-partial form's generic code
+# at 5 / 6 / 8 rows -19 / -22 / -41%, the streamed form at 10 / 12 rows -27 / -26%, the panel at 16
+# rows -13%, 24 rows +9..+15%, 32 rows +-1%. K-groups: the generic code at 5 / 7 rows -17 / -33%, the
+# streamed form at 10 / 16 / 20 / 24 rows -11 / -31 / -6 / -3..-5%, the panel at 32 rows -13%, 48 -2.5%
+QUAD_MAX_ROWS = (16, 32)
+# rows with code of their own in the quad form, per channel and K-groups (more: chunks of 4 in a
+# loop). Kernel A/B, Zen 4, 8 cold experts: per channel 3 rows in the loop -3..-5%; K-groups 3 rows
+# unrolled (dY pairs in registers) -28..-30%, 4 rows +-4%
+QUAD_UNROLL = (2, 4)
 
 
 def _quad_rows(spec: GemmSpec) -> bool:
     """Whether the per-channel (integer) int4 lane-partial form takes the quad step at every row
     count up to QUAD_UNROLL (its dY pairs are loaded where used, so more rows cost no registers)."""
-    return (LP_QUAD and spec.quant == "int4" and spec.int_x and spec.schedule.lp > 0
+    return (LP_QUAD and spec.quant == "int4" and spec.schedule.lp > 0 and spec.group_size % 8 == 0
             and _lane_partial_slice(spec, spec.schedule.lp) % 8 == 0)
 
 
+QUAD_CODE_BASE = 0x4300  # bf16 128: OR-ed with a code q in 0..15 it is bf16 128 + q, exactly
+
+
 def _quad_zero_words(fn: Function, spec: GemmSpec, zptr: str) -> str:
-    """The words 16 - z of the quad step's code vectors for the channels zptr[0..16] (word w is
-    channel w % 16; z = 8 when symmetric)."""
+    """The words of bf16 128 + z matching the quad step's code vectors for the channels
+    zptr[0..16] (word w is channel w % 16; z = 8 when symmetric)."""
     if not spec.zero_point:
-        return vec_const("i16", [8] * 32)
+        return vec_const("i16", [QUAD_CODE_BASE | 8] * 32)
     z = fn.val(f"zext <16 x i8> {fn.load('<16 x i8>', zptr, 1)} to <16 x i16>")
     zz = vx.shuffle(fn, "<16 x i16>", z, None, list(range(16)) * 2)
-    return fn.val(f"sub {I16x32} {vec_const('i16', [16] * 32)}, {zz}")
+    return fn.val(f"or {I16x32} {zz}, {vec_const('i16', [QUAD_CODE_BASE] * 32)}")
 
 
 def _lane_partial_quad_step(fn: Function, spec: GemmSpec, wblk: str, block_stride: int, gsl: int, ns: int,
@@ -1704,13 +1746,15 @@ def _quad_chunk(fn: Function, spec: GemmSpec, wrow: str, block_stride: int, ns: 
             codes = [vx.bitcast(fn, fn.val(f"and {I16x32} {w}, {vec_const('i16', [m] * 32)}") if m is not None
                                 else fn.val(f"lshr {I16x32} {w}, {vec_const('i16', [12] * 32)}"), I16x32, BF16x32)
                      for m in QUAD_MASKS]
-        else:  # bf16 q - z: each code shifted down to an index of the vpermw table (_int4_row)
+        else:  # bf16 128 + q: each code shifted down and OR-ed into the mantissa of 128
             codes = []
             for m, sh in zip(QUAD_MASKS, QUAD_SHIFT, strict=True):
-                v = w if m is None else fn.val(f"and {I16x32} {w}, {vec_const('i16', [m] * 32)}")
-                v = fn.val(f"lshr {I16x32} {v}, {vec_const('i16', [12 if m is None else sh] * 32)}") \
-                    if (m is None or sh) else v
-                codes.append(_int4_row(fn, v, zero_words[b], False))
+                v = fn.val(f"lshr {I16x32} {w}, {vec_const('i16', [12 if m is None else sh] * 32)}") \
+                    if (m is None or sh) else w
+                if m is not None:
+                    v = fn.val(f"and {I16x32} {v}, {vec_const('i16', [15] * 32)}")
+                v = fn.val(f"or {I16x32} {v}, {vec_const('i16', [QUAD_CODE_BASE] * 32)}")
+                codes.append(vx.bitcast(fn, v, I16x32, BF16x32))
         for i, row in enumerate(rows):
             pairs = dy(row, b)
             for c in range(4):
