@@ -240,7 +240,7 @@ def test_stream_prefetch_reaches_the_streaming_forms(quant):
     ahead (an offset no other address of the kernel uses)."""
     base = gemm.default_schedule("bwd", "avx512", 1536, 2048, quant)
     # each form alone next to the panel: streamed (no lane-partial), lane-partial (the fold form above)
-    for form in (dict(lp=0), dict(small="fold", sm=8)):
+    for form in (dict(lp=0), dict(small="fold", sm=8, lp=min(base.lp, 8))):
         irs = {sp: gemm.build_ir(gemm.GemmSpec("bwd", 1536, 2048, "avx512", False,
                                                dataclasses.replace(base, sp=sp, **form), quant)) for sp in (2112, 6208)}
         for sp, other in ((2112, 6208), (6208, 2112)):
@@ -740,9 +740,9 @@ def _weights_in(quant, gs, zp, n, k, g):
 @pytest.mark.parametrize("n", [160, 256])
 def test_quantized_transposed_default_forms(quant, gs, zp, n):
     """The default transposed GEMM of each quantized mode over groups of 1..17, 24, 26 and 34 rows
-    in one launch: the lane-partial form (int8: 1-4 rows, then the streamed form up to 12; int4 per
-    channel 1-16, K-groups 1-32: quad steps, rows above 2 (K-groups: 4) in chunks of 4 and the 1-3
-    left; N/16 = 10: 2 n-blocks per step) and the panel above; the row pitches are odd multiples of
+    in one launch: the lane-partial form (int8 1-12 rows, int4 per channel 1-16, K-groups 1-32;
+    above 4 rows (int4 per channel: 2) quad steps, rows in chunks of 4 and the 1-3 left; N/16 = 10:
+    2 n-blocks per step) and the panel above; the row pitches are odd multiples of
     64 bytes, as the MoE's; several K-slices (K-groups) per group. N = 256 (16 n-blocks): the
     lane-partial form's 8-block steps at 1-2 rows (int8: LP_WIDE_QUANTS; per-channel int4: 16 at
     3+ rows)."""

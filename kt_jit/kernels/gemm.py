@@ -380,6 +380,8 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         if quant == "int4" and not one_group and LP_QUAD:
             # int4: the lane-partial form's quad steps up to QUAD_MAX_ROWS, none streamed
             lp = stream_max = QUAD_MAX_ROWS[bool(group_size)]
+        if quant == "int8" and not one_group and LP_QUAD and LP_QUAD_INT8:
+            lp = stream_max = QUAD_MAX_ROWS[2]
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
                             sm=stream_max if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one,
                             sb=host.stream_group_blocks,
@@ -465,7 +467,7 @@ class GemmSpec:
                              "only")
         if sch.sm and not self.is_panel:
             raise ValueError("schedule sm (streamed small groups) applies to the 'panel' transposed GEMM only")
-        lp_max = max(QUAD_MAX_ROWS) if self.quant == "int4" else LANE_PARTIAL_MAX
+        lp_max = max(QUAD_MAX_ROWS) if self.quant in ("int4", "int8") else LANE_PARTIAL_MAX
         if sch.lp and not (self.is_panel and 0 < sch.lp <= min(sch.sm, lp_max)):
             raise ValueError(f"schedule lp={sch.lp}: the 'panel' transposed GEMM only, at most "
                              f"min(sm, {lp_max}) rows")
@@ -1432,7 +1434,7 @@ def _bwd_lane_partial_rows(fn: Function, spec: GemmSpec, x: str, w: str, y: str,
     pairs stay in registers over a step of n-blocks) and the generic form above that; ``only``:
     the index of the one K-slice to compute (default: all)."""
     # (quad: rows above QUAD_UNROLL take its step with rows in a loop)
-    unroll = min(spec.schedule.lp, QUAD_UNROLL[bool(spec.group_size)] if _quad_rows(spec) else LANE_PARTIAL_UNROLL)
+    unroll = min(spec.schedule.lp, QUAD_UNROLL[_quad_kind(spec)] if _quad_rows(spec) else LANE_PARTIAL_UNROLL)
     if unroll == 0:
         _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, only=only)
         return
@@ -1494,7 +1496,10 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     sl = _lane_partial_slice(spec, rows_max)
     # int4 at unrolled rows: four k-pair rows per block and step, one 64-byte load split into four
     # code vectors by masks (see _lane_partial_quad_step)
-    quad = _quad_rows(spec)
+    # (int8: quad steps above its unrolled rows only; two k-pair rows per load, the lane layout of
+    # the other steps; int4: four, lanes 8h + p, see _lane_partial_quad_step)
+    quad = _quad_rows(spec) and not (spec.quant == "int8" and unrolled)
+    halves = quad and spec.quant == "int4"
     # per-channel quad steps read dY's pairs where they use them (not held over the step), so they
     # can take more n-blocks per step: fewer accumulator updates per weight byte (LP_QUAD_BLOCKS)
     quad_wide = (LP_QUAD_BLOCKS[0 < unrolled <= 2],) if quad and (integer or not unrolled) else ()
@@ -1509,7 +1514,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     # points change from one group to the next within each step of n-blocks
     gsl = spec.group_size // 2 if spec.group_size else sl
     acc = acc_buf or fn.alloca("i8", 64, rows_max * sl * 64)
-    dyd = None if unrolled or (quad and integer) else fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
+    dyd = None if unrolled or (halves and integer) else fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
     # K-group quad steps dot dY's scaled pairs with the codes as bf16 128 + q (one OR, no table):
     # sum_n dYs (128 + z) comes off every output of the group at the end, from these per-row sums
     offset_codes = quad and not integer
@@ -1538,12 +1543,12 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
             def dy_pairs(i: str | int) -> list[str]:  # dY pairs of these blocks, each dword twice
                 xrow = fn.gep(x, fn.add(fn.mul(i, ldx), fn.mul(s0, 32)))  # (quad: the 8 dwords twice)
                 if integer:
-                    dup = vx.dup_halves if quad else vx.dup_dwords
+                    dup = vx.dup_halves if halves else vx.dup_dwords
                     return [dup(fn, fn.gep(xrow, b * 32)) for b in range(ns)]
-                return [_dy_pairs(fn, spec, fn.gep(xrow, b * 32), fn.gep(sc, fn.mul(chans[b], 4)), quad)
+                return [_dy_pairs(fn, spec, fn.gep(xrow, b * 32), fn.gep(sc, fn.mul(chans[b], 4)), halves)
                         for b in range(ns)]
 
-            if quad and integer:  # (loaded where used: see _lane_partial_quad_step)
+            if halves and integer:  # (loaded where used: see _lane_partial_quad_step)
                 dyv = lambda i, b: vx.dup_halves(  # noqa: E731
                     fn, fn.gep(x, fn.add(fn.add(fn.mul(i, ldx), fn.mul(s0, 32)), b * 32)))
             elif unrolled:
@@ -1552,7 +1557,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 with fn.loop(0, m, name="ld") as i:
                     for b, pairs in enumerate(dy_pairs(i)):
                         fn.store(BF16x32, pairs, fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
-                if quad:  # (K-groups: each group's scaled pairs staged above, loaded where used)
+                if quad:  # (K-groups and int8: the pairs staged above, loaded where used)
                     dyv = lambda i, b: fn.load(  # noqa: E731
                         BF16x32, fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
             wblk = fn.gep(w, fn.add(fn.mul(s0, block_stride), fn.mul(k0, rb)))
@@ -1622,7 +1627,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
             with fn.loop(0, sl // 8, name="lg") as g:
                 ap = fn.gep(acc, fn.mul(fn.add(fn.mul(i, sl), fn.mul(g, 8)), 64))
                 vs = [fn.load(F32x16, fn.gep(ap, j * 64), 64) for j in range(8)]
-                out = vx.reduce_half_lanes(fn, vs, QUAD_ORDER) if quad else vx.reduce_pair_lanes(fn, vs)
+                out = vx.reduce_half_lanes(fn, vs, QUAD_ORDER) if halves else vx.reduce_pair_lanes(fn, vs)
                 if offset_codes:  # (lanes 0-7 of the group's sums: its 8 n-pairs' parts; 8-15 the same again)
                     cv = fn.load(F32x16, fn.gep(cacc, fn.mul(fn.add(fn.mul(i, sl // gsl),
                                                                    fn.val(f"udiv i64 {fn.mul(g, 8)}, {gsl}")), 64)), 64)
@@ -1642,6 +1647,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
 
 
 LP_QUAD = True
+LP_QUAD_INT8 = True
 # n-blocks per quad step of the per-channel form at 3-4 and at 1-2 rows (int32 step sums: up to 32
 # products of 16383 x 3840 < 2^31). Kernel A/B, Zen 4, 8 cold experts, 16 against 8: 3 rows -8%, 4 rows
 # -10%, 1-2 rows +1..+2% (against 4: 3-4 rows -13..-20%)
@@ -1664,18 +1670,28 @@ QUAD_ORDER = tuple(8 * (j // 4) + 4 * h + QUAD_K[j % 4] for j in range(8) for h 
 # at 5 / 6 / 8 rows -19 / -22 / -41%, the streamed form at 10 / 12 rows -27 / -26%, the panel at 16
 # rows -13%, 24 rows +9..+15%, 32 rows +-1%. K-groups: the generic code at 5 / 7 rows -17 / -33%, the
 # streamed form at 10 / 16 / 20 / 24 rows -11 / -31 / -6 / -3..-5%, the panel at 32 rows -13%, 48 -2.5%
-QUAD_MAX_ROWS = (16, 32)
-# rows with code of their own in the quad form, per channel and K-groups (more: chunks of 4 in a
-# loop). Kernel A/B, Zen 4, 8 cold experts: per channel 3 rows in the loop -3..-5%; K-groups 3 rows
-# unrolled (dY pairs in registers) -28..-30%, 4 rows +-4%
-QUAD_UNROLL = (2, 4)
+# int8 (two k-pair rows per load, the quad step's structure: rows in chunks, dY pairs staged, 16
+# n-blocks): the streamed form at 6 / 8 / 12 rows -5 / -13 / -10%, the panel at 16 rows +-0
+QUAD_MAX_ROWS = (16, 32, 12)
+# rows with code of their own (the unrolled lane-partial code) below the quad form's row loop, per
+# channel, K-groups, int8. Kernel A/B, Zen 4, 8 cold experts: per channel 3 rows in the loop
+# -3..-5%; K-groups 3 rows unrolled (dY pairs in registers) -28..-30%, 4 rows +-4%; int8 3 / 4 rows
+# in the loop +6..+8 / +4..+5%
+QUAD_UNROLL = (2, 4, 4)
+
+
+def _quad_kind(spec: GemmSpec) -> int:
+    """Index of a quad-capable spec's values in QUAD_UNROLL and QUAD_MAX_ROWS: int4 per channel, int4
+    K-groups, int8."""
+    return 2 if spec.quant == "int8" else int(bool(spec.group_size))
 
 
 def _quad_rows(spec: GemmSpec) -> bool:
     """Whether the per-channel (integer) int4 lane-partial form takes the quad step at every row
     count up to QUAD_UNROLL (its dY pairs are loaded where used, so more rows cost no registers)."""
-    return (LP_QUAD and spec.quant == "int4" and spec.schedule.lp > 0 and spec.group_size % 8 == 0
-            and _lane_partial_slice(spec, spec.schedule.lp) % 8 == 0)
+    return (LP_QUAD and spec.schedule.lp > 0 and not spec.schedule.lps
+            and _lane_partial_slice(spec, spec.schedule.lp) % 8 == 0
+            and ((spec.quant == "int4" and spec.group_size % 8 == 0) or (spec.quant == "int8" and LP_QUAD_INT8)))
 
 
 QUAD_CODE_BASE = 0x4300  # bf16 128: OR-ed with a code q in 0..15 it is bf16 128 + q, exactly
@@ -1712,7 +1728,7 @@ def _lane_partial_quad_step(fn: Function, spec: GemmSpec, wblk: str, block_strid
     # rows in chunks of up to 4 (their 16 sums in registers), each chunk reading the step's weights
     # again (from L1 after the first); ``rows`` a count (code per row count) or a run-time value
     # (chunks of 4 in a loop, then the 1-3 left)
-    with fn.loop(0, gsl, 4, name="lq") as r:
+    with fn.loop(0, gsl, 4 if spec.quant == "int4" else 2, name="lq") as r:
         wrow = fn.gep(wblk, fn.mul(r, rb))
         kr = fn.add(kbase, r)
         for b in range(0, ns, pf_every):
@@ -1738,15 +1754,20 @@ def _quad_chunk(fn: Function, spec: GemmSpec, wrow: str, block_stride: int, ns: 
     from ``wrow`` (see :func:`_lane_partial_quad_step`)."""
     integer = zero_words is None
     rows = [first + j if isinstance(first, int) else fn.add(first, j) for j in range(count)]
-    parts = {(i, c): "zeroinitializer" for i in range(count) for c in range(4)}
+    ncodes = 4 if spec.quant == "int4" else 2
+    shifts = QUAD_SHIFT if spec.quant == "int4" else (0, 0)
+    parts = {(i, c): "zeroinitializer" for i in range(count) for c in range(ncodes)}
     for b in range(ns):
         p = fn.gep(wrow, b * block_stride)
-        w = fn.load(I16x32, p, 1)
-        if integer:
+        if spec.quant == "int8":  # two k-pair rows, each regrouped to n-pairs (the other steps' lanes)
+            codes = [_swapped_row(fn, spec, fn.gep(p, e * spec.row_bytes), None, None, False) for e in range(2)]
+        elif integer:
+            w = fn.load(I16x32, p, 1)
             codes = [vx.bitcast(fn, fn.val(f"and {I16x32} {w}, {vec_const('i16', [m] * 32)}") if m is not None
                                 else fn.val(f"lshr {I16x32} {w}, {vec_const('i16', [12] * 32)}"), I16x32, BF16x32)
                      for m in QUAD_MASKS]
         else:  # bf16 128 + q: each code shifted down and OR-ed into the mantissa of 128
+            w = fn.load(I16x32, p, 1)
             codes = []
             for m, sh in zip(QUAD_MASKS, QUAD_SHIFT, strict=True):
                 v = fn.val(f"lshr {I16x32} {w}, {vec_const('i16', [12 if m is None else sh] * 32)}") \
@@ -1757,18 +1778,18 @@ def _quad_chunk(fn: Function, spec: GemmSpec, wrow: str, block_stride: int, ns: 
                 codes.append(vx.bitcast(fn, v, I16x32, BF16x32))
         for i, row in enumerate(rows):
             pairs = dy(row, b)
-            for c in range(4):
+            for c in range(ncodes):
                 parts[i, c] = _dot(fn, parts[i, c], codes[c], pairs, integer)
     for i, row in enumerate(rows):
-        for c in range(4):
+        for c in range(ncodes):
             ap = fn.gep(acc, fn.mul(fn.add(fn.add(fn.mul(row, sl), kr), c), 64))
             v = fn.load(F32x16, ap, 64)
             if not integer:
                 fn.store(F32x16, vx.fadd(fn, v, parts[i, c]), ap, 64)
                 continue
             f = fn.val(f"sitofp {I32x16} {parts[i, c]} to {F32x16}")
-            if QUAD_SHIFT[c]:
-                v = vx.fma(fn, f, vx.f32_splat(2.0 ** -QUAD_SHIFT[c]), v)
+            if shifts[c]:
+                v = vx.fma(fn, f, vx.f32_splat(2.0 ** -shifts[c]), v)
             else:
                 v = vx.fadd(fn, v, f)
             fn.store(F32x16, v, ap, 64)
