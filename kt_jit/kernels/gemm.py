@@ -1502,7 +1502,8 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     halves = quad and spec.quant == "int4"
     # per-channel quad steps read dY's pairs where they use them (not held over the step), so they
     # can take more n-blocks per step: fewer accumulator updates per weight byte (LP_QUAD_BLOCKS)
-    quad_wide = (LP_QUAD_BLOCKS[0 < unrolled <= 2],) if quad and (integer or not unrolled) else ()
+    # K-groups at unrolled rows hold their dY pairs and zero words over the step: KG_QUAD_BLOCKS
+    quad_wide = ((KG_QUAD_BLOCKS if unrolled and not integer else LP_QUAD_BLOCKS[0 < unrolled <= 2]),) if quad else ()
     wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant in LP_WIDE_QUANTS and not spec.group_size else ()
     ns = max(d for d in (*quad_wide, *wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
     # 8 blocks per step: software prefetch for every other one, the hardware prefetcher keeps the
@@ -1648,6 +1649,9 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
 
 LP_QUAD = True
 LP_QUAD_INT8 = True
+# n-blocks per quad step of the K-group form at its unrolled 1-4 rows (kernel A/B, Zen 4, 8 cold
+# experts, against 4: 1 / 2 / 3 / 4 rows -8 / -11 / -6 / -3..-4%; 16 at 1 row -9%)
+KG_QUAD_BLOCKS = 8
 # n-blocks per quad step of the per-channel form at 3-4 and at 1-2 rows (int32 step sums: up to 32
 # products of 16383 x 3840 < 2^31). Kernel A/B, Zen 4, 8 cold experts, 16 against 8: 3 rows -8%, 4 rows
 # -10%, 1-2 rows +1..+2% (against 4: 3-4 rows -13..-20%)
