@@ -87,4 +87,5 @@ class LoraGradBuffers:
         returned); a no-op unless those are this object's buffers."""
         with self._lock:
             if self._bufs and grads[0].data_ptr() == self._bufs[0].data_ptr():
-                self._written &= ~mask
+                np.greater(self._written, mask, out=self._written)  # written & ~mask in one step (decode
+                # sizes: each NumPy call costs ~10-20 us right after a weight stream)
