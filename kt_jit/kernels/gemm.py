@@ -1405,15 +1405,19 @@ STREAM_INT_MAX = 12  # most rows the per-channel int8 / int4 transposed GEMM str
 def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
     """k-pair rows per slice (whole K-groups) of the lane-partial code for up to ``rows`` token
     rows: the schedule's ``ls`` up to LANE_PARTIAL_UNROLL rows, a quarter above (the accumulators,
-    rows x slice x 64 bytes, stay in L1/L2). Only ``lps`` schedules size each code variant's slices
-    by its own rows (single groups of 1-4 rows: +0..6% with the longer slices); the others size
-    all by ``lp`` (the MoE's int4 groups of 1-4 rows measured 4-7% slower with the longer ones).
+    rows x slice x 64 bytes, stay in L1/L2). ``lps`` schedules size each code variant's slices by
+    its own rows (single groups of 1-4 rows: +0..6% with the longer slices), and so do int4's
+    unrolled quad variants (per channel 1-2 rows, K-groups 1-4; kernel A/B, Zen 4, 8 cold experts:
+    1 row -6..-8%, 2 rows -3..-7%; MoE backward qlen 1 and 16 -3..-5%; before the quad steps the
+    MoE's int4 groups of 1-4 rows measured 4-7% slower with the longer slices); the others size all
+    by ``lp``.
     K-group weights take whole groups, as many as keep ``rows`` x slice within that target (the
     accumulators of 1-2 rows in L1): one 64-pair group reads each n-block in 1 KB pieces (per-channel
     int4 in 64-pair slices: 1.17-1.25x the time of 256-pair ones). Kernel A/B, Zen 4, 8 cold experts,
     int4 group 128, against one group per slice: 1 row -6%, 2 rows -3% (4 groups: 2 rows +7%, 4
     rows +33%); MoE backward qwen3 int4_kgroup qlen 16 -5..-6%, qlen 1 -0..-3%."""
-    bound = rows if spec.schedule.lps else spec.schedule.lp
+    own = LP_QUAD and spec.quant == "int4" and rows <= QUAD_UNROLL[_quad_kind(spec)]  # (int4's unrolled quad code)
+    bound = rows if spec.schedule.lps or own else spec.schedule.lp
     target = spec.schedule.ls if bound <= LANE_PARTIAL_UNROLL else spec.schedule.ls // 4
     if spec.group_size:  # as many whole groups as keep rows x slice within the target (one at least)
         pairs = spec.group_size // 2
@@ -1498,7 +1502,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     # code vectors by masks (see _lane_partial_quad_step)
     # (int8: quad steps above its unrolled rows only; two k-pair rows per load, the lane layout of
     # the other steps; int4: four, lanes 8h + p, see _lane_partial_quad_step)
-    quad = _quad_rows(spec) and not (spec.quant == "int8" and unrolled)
+    quad = _quad_rows(spec) and not (spec.quant == "int8" and unrolled) and sl % 8 == 0
     halves = quad and spec.quant == "int4"
     # per-channel quad steps read dY's pairs where they use them (not held over the step), so they
     # can take more n-blocks per step: fewer accumulator updates per weight byte (LP_QUAD_BLOCKS)
