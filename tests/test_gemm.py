@@ -619,9 +619,10 @@ def test_quantized_gemms_match_dequantized_reference(quant, gs, zp, m):
     """Integer kernels (every forward; the transposed GEMM of per-channel modes): codes times int16
     activations (per-row scales, |error| <= max|x|/32766) are within ~1e-4 of the dequantized
     weight's product. The K-group transposed GEMM rounds each dequantized weight to bf16 once
-    (~0.2%). m = 1, 3 and 7 take the lane-partial form of the transposed GEMM (1 and 3 its code
-    per row count, int4's four k-pair rows per step; int8 at 7 rows: the streamed form), 33 the
-    panel path; k = 1024 has several K-chunks (and groups) per output."""
+    (~0.2%). m = 1, 3 and 7 take the lane-partial form of the transposed GEMM (int8: 1 and 3 its
+    code per row count, 7 its quad steps; int4: quad steps, per channel 1 unrolled and 3 and 7 in
+    the row loop, K-groups 1 and 3 unrolled), 33 the panel path; k = 1024 has several K-chunks
+    (and groups) per output."""
     for n, k in ((192, 128), (64, 1024)):
         p, s, z, wd = _quantized(quant, gs, zp, n, k)
         x = torch.randn(m, k).bfloat16()
@@ -735,8 +736,8 @@ def _weights_in(quant, gs, zp, n, k, g):
 
 
 @NEEDS_AVX512_BF16
-@pytest.mark.parametrize("quant,gs,zp", [("int8", 0, False), ("int4", 0, True), ("int4", 64, True),
-                                         ("int4", 32, False)])
+@pytest.mark.parametrize("quant,gs,zp", [("int8", 0, False), ("int4", 0, True), ("int4", 0, False),
+                                         ("int4", 64, True), ("int4", 32, False), ("int4", 128, False)])
 @pytest.mark.parametrize("n", [160, 256])
 def test_quantized_transposed_default_forms(quant, gs, zp, n):
     """The default transposed GEMM of each quantized mode over groups of 1..17, 24, 26 and 34 rows
@@ -753,7 +754,7 @@ def test_quantized_transposed_default_forms(quant, gs, zp, n):
     sm = gemm.QUAD_MAX_ROWS[bool(gs)] if quant == "int4" else gemm.STREAM_INT_MAX
     assert kern.spec.schedule.small == "stream" and kern.spec.schedule.sm == sm
     assert gemm._stream_blocks(kern.spec) == 2 or n != 160
-    ms = [*range(1, 18), 24, 26, 34]
+    ms = [*range(1, 18), 24, 26, 30, 32, 34]
     dys = [torch.randn(m, n, generator=g).bfloat16() for m in ms]  # pitch 320 B: 5 lines
     outs = [torch.full((m, k + pad), float("nan")) for m in ms]  # pitch 4160 B: 65 lines
     xq = [_kernel_input(kern.spec, d, s) for d in dys]
@@ -764,6 +765,27 @@ def test_quantized_transposed_default_forms(quant, gs, zp, n):
     kern.launch(table, n * 2, (k + pad) * 4)
     for m, d, got in zip(ms, dys, outs, strict=True):  # K-groups: bf16-rounded scaled operands (~0.2%)
         assert rel_err(got[:, :k], ref_linear_t(d, wd)) < (5e-3 if gs else 2e-4), m
+
+
+@NEEDS_AVX512_BF16
+@pytest.mark.parametrize("m", [1, 3, 6])
+def test_int4_transposed_step_sums_stay_in_int32(m):
+    """The per-channel int4 quad steps sum 2 products per n-block in int32, codes kept times up to
+    2^8 (gemm.QUAD_STEP_MAX): the largest codes against the largest dY codes in every block stay
+    exact (N = 512: 16 n-blocks per step at 3+ rows, 8 at 1-2; 32 would overflow)."""
+    from kt_jit.kernels.quant import dequantize_int4, pack_int4
+    from kt_jit.kernels.rowquant import ACT_MAX
+
+    n, k = 512, 128
+    p, s, z = pack_int4(torch.ones(n, k), 0, False)  # every code 15 (q - 8 = 7)
+    dy = torch.ones(m, n).bfloat16()
+    kern = gemm.kernel_for("bwd", n, k, quant="int4")
+    xq, xs = _kernel_input(kern.spec, dy, s)
+    assert int(xq.abs().max()) == ACT_MAX and kern.spec.schedule.lp >= m
+    out = torch.empty(m, k)
+    kern.launch(gemm._one_group(xq.data_ptr(), p.data_ptr(), out.data_ptr(), m, s.data_ptr(), 0, xs.data_ptr()),
+                n * 2, k * 4)
+    assert rel_err(out, ref_linear_t(dy, dequantize_int4(p, s, z))) < 2e-4
 
 
 def _lora_table(p, s, z, groups, xscales=None, lanes=None):
@@ -884,6 +906,13 @@ def test_fused_lora_transposed(quant, gs, zp, two, rank, form):
 @pytest.mark.parametrize("two,rank", [(False, 16), (True, 16), (True, 32)])
 def test_fused_lora_tokens_in_lanes(two, rank):
     test_fused_lora_transposed("bf16", 0, False, two, rank, "tokens")
+
+
+def test_int4_lane_partial_slices_as_work_items_are_rejected():
+    sch = dataclasses.replace(gemm.default_schedule("bwd", "avx512", 256, 1024, "int8", one_group=True), lp=8)
+    assert sch.lps
+    with pytest.raises(ValueError, match="bf16 and int8 only"):
+        gemm.GemmSpec("bwd", 256, 1024, "avx512", False, sch, "int4")
 
 
 def test_fused_lora_is_rejected_where_not_implemented():

@@ -215,13 +215,12 @@ def reduce_half_lanes(fn: Function, accs: Sequence[str], order: Sequence[int]) -
     vs = fold_groups(fn, vs, 4)
     out = fold_groups(fn, vs, 2)[0]
     # where each (accumulator, half) ended up: replay the folds on lane labels
-    labels = [[(m, lane // 8)] * 1 for m in range(8) for lane in range(16)]
-    vecs = [labels[16 * m:16 * m + 16] for m in range(8)]
-    for group in (8, 4, 2):
+    vecs = [[(m, lane // 8) for lane in range(16)] for m in range(8)]
+    for group in (8, 4, 2):  # (a lane's label: the lower half of its group, which fold_groups keeps)
         half = group // 2
         lo = [g * group + j for g in range(16 // group) for j in range(half)]
         vecs = [[(a + b)[i] for i in lo + [16 + i for i in lo]] for a, b in zip(vecs[0::2], vecs[1::2], strict=True)]
-    where = {lab[0]: lane for lane, lab in enumerate(vecs[0])}
+    where = {lab: lane for lane, lab in enumerate(vecs[0])}
     perm = [0] * 16
     for m in range(8):
         for h in range(2):

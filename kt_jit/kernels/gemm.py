@@ -162,8 +162,8 @@ class HostTuning:
     multirow_prefetch: int = MULTIROW_PREFETCH
 
     def __post_init__(self) -> None:
-        # (upper bounds: the stack a worker may need, see runtime/threads.KERNEL_STACK_MIN: 4 rows of
-        # lane_partial_slice 64-byte accumulators; the int4 K-group streamed form's dY scratch)
+        # (upper bounds: the stack a worker may need, see runtime/threads.KERNEL_STACK_MIN: the
+        # lane-partial form's accumulators, within LP_ACC_BYTES; the int4 K-group streamed form's dY scratch)
         if not 1 <= self.stream_group_blocks <= 32:
             raise ValueError(f"stream_group_blocks={self.stream_group_blocks}: 1-32")
         if not 64 <= self.lane_partial_slice <= 1024 or self.lane_partial_slice % 16:
@@ -270,8 +270,9 @@ class GemmSchedule:
     small: "stream": such a group is streamed whole by its first work item (the weight read front
         to back as the forward reads it); "fold": the fold form's work item (single groups: its items
         split the outputs over the threads)
-    lp: "panel" only: groups with at most this many rows (<= LANE_PARTIAL_MAX, <= sm) take the
-        lane-partial form instead, whole by their first work item unless ``lps`` (0 = never)
+    lp: "panel" only: groups with at most this many rows (<= sm; <= LANE_PARTIAL_MAX for bf16,
+        QUAD_MAX_ROWS for int4 and int8) take the lane-partial form instead, whole by their first
+        work item unless ``lps`` (0 = never)
     lps: with lp, the lane-partial form's K-slices go to the group's first work items, one each,
         instead of all to the first (launches of a single group: the other threads get a share)
     sb: "panel" with small "stream": n-blocks the streamed form reads side by side per pass over the
@@ -321,14 +322,15 @@ class GemmSchedule:
 def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one_group: bool = False,
                      group_size: int = 0, lanes_dy: bool = False, tuning: HostTuning | None = None) -> GemmSchedule:
     """Schedule used when none is given (AVX-512: measured on Zen 4 and Zen 5; AMX: the 2x2-tile
-    kernel). Transposed GEMM: groups of up to 24 rows (per-channel int8 and int4: STREAM_INT_MAX;
-    12 unless the row pitches are odd multiples of 64 bytes) are streamed whole by one thread (16
-    n-blocks per pass with a 48 KB L1 data cache, 4 with a smaller one: :func:`host_tuning`),
-    larger ones go through the L1 panel. Small groups take the fold form instead in launches of a
-    single group (``one_group``: streaming it would leave the other threads idle; the fold form
-    splits its outputs over work items). Groups of 1-4 rows (int4: 1-8) take the lane-partial form
-    (one thread per group); a single group (``one_group``, bf16 and int8, K long enough for a slice
-    per thread) of 1-8 rows takes it with its K-slices spread over the work items (``lps``).
+    kernel). Transposed GEMM: groups of 1-4 rows (int4 and int8: up to QUAD_MAX_ROWS, K-group int4
+    fewer for long groups, see LP_ACC_BYTES) take the lane-partial form (one thread per group);
+    larger groups of up to 24 rows (bf16 and K-group int4; 12 unless the row pitches are odd
+    multiples of 64 bytes) are streamed whole by one thread (16 n-blocks per pass with a 48 KB L1
+    data cache, 4 with a smaller one: :func:`host_tuning`), larger ones go through the L1 panel.
+    Small groups take the fold form instead in launches of a single group (``one_group``:
+    streaming it would leave the other threads idle; the fold form splits its outputs over work
+    items); a single group (``one_group``, bf16 and int8, K long enough for a slice per thread) of
+    1-8 rows takes the lane-partial form with its K-slices spread over the work items (``lps``).
     ``lanes_dy``: the launches also pass each group's dY in the tokens-in-lanes layout
     (kernels/dytiles.py, an extra group field), so bf16 groups of ``HostTuning.lanes_min_rows`` rows
     or more (16: :data:`LANES_MIN_ROWS`) take that form. ``tuning``: the per-CPU values to use
@@ -370,18 +372,21 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         # (Their slices keep LANE_PARTIAL_SLICE on every CPU: a slice per work item.)
         slices = k // 2 // _chunk(k // 2, LANE_PARTIAL_SLICE)
         one = one_group and quant in ("bf16", "int8") and slices >= max(2, default_num_threads())
-        lp = 8 if one or (quant == "int4" and not one_group) else 0 if one_group else 4
+        lp = 8 if one else 0 if one_group else 4
         tl = host.lanes_min_rows if lanes_dy and quant == "bf16" and not one_group else 0
-        # per-channel int8 / int4 stream up to 12 rows (kernel A/B on Zen 4, 8 cold experts, row
-        # pitches odd multiples of 64 B, the panel against the streamed form: int4 12 / 14 / 16 /
-        # 20 / 24 rows -4 / -6 / -18 / -21 / -22%, int8 +5 / -2 / -15 / -18 / -20%); K-group int4
-        # keeps 24 (the panel +22..+47% there: it dequantizes through fp32)
+        # int8 (without LP_QUAD_INT8) streams up to 12 rows (kernel A/B on Zen 4, 8 cold experts, row
+        # pitches odd multiples of 64 B, the panel against the streamed form: int8 12 / 14 / 16 / 20 /
+        # 24 rows +5 / -2 / -15 / -18 / -20%); K-group int4 streams above its lane-partial rows up to
+        # 24 (the panel +22..+47% there: it dequantizes through fp32)
         stream_max = STREAM_INT_MAX if quant != "bf16" and not group_size else 24
-        if quant == "int4" and not one_group and LP_QUAD:
-            # int4: the lane-partial form's quad steps up to QUAD_MAX_ROWS, none streamed
-            lp = stream_max = QUAD_MAX_ROWS[bool(group_size)]
-        if quant == "int8" and not one_group and LP_QUAD and LP_QUAD_INT8:
-            lp = stream_max = QUAD_MAX_ROWS[2]
+        if quant != "bf16" and not one_group and (quant == "int4" or LP_QUAD_INT8):
+            # the lane-partial form's quad steps up to QUAD_MAX_ROWS rows (K-groups: fewer when their
+            # accumulators, rows x one group's pairs x 64 B, would pass LP_ACC_BYTES), none streamed
+            kind = 2 if quant == "int8" else int(bool(group_size))
+            lp = QUAD_MAX_ROWS[kind]
+            if group_size:
+                lp = max(QUAD_UNROLL[kind], min(lp, LP_ACC_BYTES // (group_size // 2 * 64)))
+            stream_max = max(lp, stream_max if group_size else 0)
         return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
                             sm=stream_max if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one,
                             sb=host.stream_group_blocks,
@@ -467,7 +472,9 @@ class GemmSpec:
                              "only")
         if sch.sm and not self.is_panel:
             raise ValueError("schedule sm (streamed small groups) applies to the 'panel' transposed GEMM only")
-        lp_max = max(QUAD_MAX_ROWS) if self.quant in ("int4", "int8") else LANE_PARTIAL_MAX
+        lp_max = QUAD_MAX_ROWS[_quad_kind(self)] if self.quant != "bf16" else LANE_PARTIAL_MAX
+        if sch.lps and self.quant == "int4":
+            raise ValueError("schedule lps (lane-partial K-slices as work items): bf16 and int8 only")
         if sch.lp and not (self.is_panel and 0 < sch.lp <= min(sch.sm, lp_max)):
             raise ValueError(f"schedule lp={sch.lp}: the 'panel' transposed GEMM only, at most "
                              f"min(sm, {lp_max}) rows")
@@ -574,14 +581,10 @@ def _int4_codes(fn: Function, ptr: str, odd: bool) -> str:
     return fn.val(f"and {I16x32} {w}, <{', '.join(['i16 15'] * 32)}>")
 
 
-def _int4_code_pairs(fn: Function, ptr: str, swapped: bool = False) -> tuple[str, str]:
+def _int4_code_pairs(fn: Function, ptr: str) -> tuple[str, str]:
     """Rows 2i and 2i+1 (``ptr`` at row 2i) as codes (see :func:`_int4_codes`) from one load: a
-    zero-extension to words, then a mask for the even row and a shift for the odd one.
-    ``swapped``: both rows regrouped to n-pairs (:func:`vx.swap_k_n_pairs`) by one shuffle of the
-    32 code bytes before the extension (byte i becomes word i) instead of one per row after it."""
+    zero-extension to words, then a mask for the even row and a shift for the odd one."""
     codes = fn.load('<32 x i8>', ptr, 1)
-    if swapped:
-        codes = vx.shuffle(fn, "<32 x i8>", codes, None, vx.SWAP_K_N_WORDS)
     w = fn.val(f"zext <32 x i8> {codes} to {I16x32}")
     return (fn.val(f"and {I16x32} {w}, <{', '.join(['i16 15'] * 32)}>"),
             fn.val(f"lshr {I16x32} {w}, <{', '.join(['i16 4'] * 32)}>"))
@@ -984,7 +987,7 @@ def _dy_pairs(fn: Function, spec: GemmSpec, ptr: str, scales: str, halves: bool 
     channel's scale (dX = (dY diag(s)) Q)."""
     order = list(range(8)) * 2 if halves else [i // 2 for i in range(16)]
     if spec.quant == "bf16":
-        return vx.dup_halves(fn, ptr) if halves else vx.dup_dwords(fn, ptr)
+        return vx.dup_dwords(fn, ptr)
     v = vx.fmul(fn, vx.load_f32x16(fn, ptr, "bf16"), fn.load(F32x16, scales, 4))
     pairs = fn.val(f"bitcast <16 x bfloat> {fn.val(f'fptrunc {F32x16} {v} to <16 x bfloat>')} to <8 x i32>")
     dup = fn.val(f"shufflevector <8 x i32> {pairs}, <8 x i32> poison, {vx.shuffle_mask(order)}")
@@ -1389,7 +1392,7 @@ STREAM_BLOCKS = 4  # n-blocks read side by side by the lane-partial form (4 stre
 
 
 _LP_PFEVERY = 2  # see _bwd_lane_partial
-LANE_PARTIAL_MAX = 8  # most rows of the lane-partial form (GemmSchedule.lp)
+LANE_PARTIAL_MAX = 8  # most rows of the bf16 lane-partial form (GemmSchedule.lp; int4, int8: QUAD_MAX_ROWS)
 LANE_PARTIAL_UNROLL = 4  # rows up to this get code of their own (dY pairs in registers)
 
 
@@ -1399,7 +1402,7 @@ LANE_PARTIAL_UNROLL = 4  # rows up to this get code of their own (dY pairs in re
 # out and one byte shuffle per two rows; before that +-1%, and a loss on Zen 5) qlen 1 -2..-3%,
 # qlen 16 -3..-6% (kernel level: 1 row -3.5%, 2 rows -6%). K-group int4 keeps 4 (not measured).
 LP_WIDE_QUANTS = ("bf16", "int8", "int4")
-STREAM_INT_MAX = 12  # most rows the per-channel int8 / int4 transposed GEMM streams (see default_schedule)
+STREAM_INT_MAX = 12  # most rows int8 streams without LP_QUAD_INT8 (see default_schedule)
 
 
 def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
@@ -1416,7 +1419,7 @@ def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
     int4 in 64-pair slices: 1.17-1.25x the time of 256-pair ones). Kernel A/B, Zen 4, 8 cold experts,
     int4 group 128, against one group per slice: 1 row -6%, 2 rows -3% (4 groups: 2 rows +7%, 4
     rows +33%); MoE backward qwen3 int4_kgroup qlen 16 -5..-6%, qlen 1 -0..-3%."""
-    own = LP_QUAD and spec.quant == "int4" and rows <= QUAD_UNROLL[_quad_kind(spec)]  # (int4's unrolled quad code)
+    own = spec.quant == "int4" and rows <= QUAD_UNROLL[_quad_kind(spec)]  # (int4's unrolled quad code)
     bound = rows if spec.schedule.lps or own else spec.schedule.lp
     target = spec.schedule.ls if bound <= LANE_PARTIAL_UNROLL else spec.schedule.ls // 4
     if spec.group_size:  # as many whole groups as keep rows x slice within the target (one at least)
@@ -1483,7 +1486,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     row and k-pair row, stay in L1/L2), within a slice the n-blocks STREAM_BLOCKS at a time side by
     side (8 at 1-2 rows, see LP_WIDE_QUANTS), so each block is read in contiguous pieces; a step
     runs the slice's K-groups one after another, each with its own scaled dY pairs and zero
-    points. Integer kernels sum the products of a step in int32 (far from overflow) and add them
+    points. Integer kernels sum the products of a step in int32 (below 2^31: see QUAD_STEP_MAX) and add them
     to fp32 accumulators; the row scale is applied at the end.
     """
     integer = spec.int_x
@@ -1498,10 +1501,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     # vectors no longer fit the registers)
     rows_max = unrolled or spec.schedule.lp
     sl = _lane_partial_slice(spec, rows_max)
-    # int4 at unrolled rows: four k-pair rows per block and step, one 64-byte load split into four
-    # code vectors by masks (see _lane_partial_quad_step)
-    # (int8: quad steps above its unrolled rows only; two k-pair rows per load, the lane layout of
-    # the other steps; int4: four, lanes 8h + p, see _lane_partial_quad_step)
+    # quad steps (_lane_partial_quad_step): int4 at every row count, int8 above its unrolled rows
     quad = _quad_rows(spec) and not (spec.quant == "int8" and unrolled) and sl % 8 == 0
     halves = quad and spec.quant == "int4"
     # per-channel quad steps read dY's pairs where they use them (not held over the step), so they
@@ -1540,37 +1540,37 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
             # the next group's scales (and zero points): a step runs for ~64 rows x 1 KB of codes, so
             # its first scale load found the line cold (kernel A/B, Zen 4, 8 cold experts: 1 row -3..-5%,
             # 2 rows -4%)
-            if spec.group_size and LP_SCALE_PREFETCH:
+            if spec.group_size:
                 for b in range(ns):
                     vx.prefetch(fn, fn.gep(sc, fn.mul(fn.add(chans[b], spec.n), 4)))
                     if spec.zero_point:
                         vx.prefetch(fn, fn.gep(zp, fn.add(chans[b], spec.n)))
             def dy_pairs(i: str | int) -> list[str]:  # dY pairs of these blocks, each dword twice
-                xrow = fn.gep(x, fn.add(fn.mul(i, ldx), fn.mul(s0, 32)))  # (quad: the 8 dwords twice)
-                if integer:
-                    dup = vx.dup_halves if halves else vx.dup_dwords
-                    return [dup(fn, fn.gep(xrow, b * 32)) for b in range(ns)]
+                xrow = fn.gep(x, fn.add(fn.mul(i, ldx), fn.mul(s0, 32)))  # (int4: the 8 dwords twice)
+                if integer:  # (int8; per-channel int4 loads its pairs where used)
+                    return [vx.dup_dwords(fn, fn.gep(xrow, b * 32)) for b in range(ns)]
                 return [_dy_pairs(fn, spec, fn.gep(xrow, b * 32), fn.gep(sc, fn.mul(chans[b], 4)), halves)
                         for b in range(ns)]
 
-            if halves and integer:  # (loaded where used: see _lane_partial_quad_step)
-                dyv = lambda i, b: vx.dup_halves(  # noqa: E731
-                    fn, fn.gep(x, fn.add(fn.add(fn.mul(i, ldx), fn.mul(s0, 32)), b * 32)))
+            # dy_at(i, b): row i's dY pairs of block b: per-channel int4 broadcast-loads them where
+            # used; unrolled rows hold them in registers over the step; the others stage them per step
+            dyv: list[list[str]] = []
+            if halves and integer:
+                def dy_at(i: str | int, b: int) -> str:
+                    return vx.dup_halves(fn, fn.gep(x, fn.add(fn.add(fn.mul(i, ldx), fn.mul(s0, 32)), b * 32)))
             elif unrolled:
                 dyv = [dy_pairs(i) for i in range(unrolled)]
+
+                def dy_at(i: str | int, b: int) -> str:
+                    return dyv[i][b]
             else:
                 with fn.loop(0, m, name="ld") as i:
                     for b, pairs in enumerate(dy_pairs(i)):
                         fn.store(BF16x32, pairs, fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
-                if quad:  # (K-groups and int8: the pairs staged above, loaded where used)
-                    dyv = lambda i, b: fn.load(  # noqa: E731
-                        BF16x32, fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
+
+                def dy_at(i: str | int, b: int) -> str:
+                    return fn.load(BF16x32, fn.gep(dyd, fn.add(fn.mul(i, ns * 64), b * 64)), 64)
             wblk = fn.gep(w, fn.add(fn.mul(s0, block_stride), fn.mul(k0, rb)))
-            # int4: each block's zero-point words (-z for the integer kernels, 16 - z otherwise)
-            zeros = [None if fold_zero else _zero_for(fn, spec, fn.gep(zp, chans[b])) for b in range(ns)]
-            two = spec.quant == "int4"  # int4: rows r and r+1 share one load, nibble split and swap
-            if two and not fold_zero:  # (the codes are regrouped before the zero points are added)
-                zeros = [vx.shuffle(fn, I16x32, z, None, vx.SWAP_K_N_WORDS) for z in zeros]
             if quad:
                 qz = None if integer else [_quad_zero_words(fn, spec, fn.gep(zp, chans[b])) for b in range(ns)]
                 if offset_codes:
@@ -1580,8 +1580,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                         cp = fn.gep(cacc, fn.mul(fn.add(fn.mul(i, sl // gsl), cslot), 64))
                         t = fn.load(F32x16, cp, 64)
                         for b in range(ns):
-                            t = vx.dpbf16(fn, t, vx.bitcast(fn, qz[b], I16x32, BF16x32), dyv(i, b) if callable(dyv)
-                                          else dyv[i][b])
+                            t = vx.dpbf16(fn, t, vx.bitcast(fn, qz[b], I16x32, BF16x32), dy_at(i, b))
                         fn.store(F32x16, t, cp, 64)
 
                     if unrolled:
@@ -1590,34 +1589,28 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                     else:
                         with fn.loop(0, m, name="lco") as i:
                             offset_sum(i)
-                _lane_partial_quad_step(fn, spec, wblk, block_stride, gsl, ns, pf_every, dyv, unrolled or m, acc,
+                _lane_partial_quad_step(fn, spec, wblk, block_stride, gsl, ns, pf_every, dy_at, unrolled or m, acc,
                                         sl, g0 if spec.group_size else "0", qz)
-            else:
-                with fn.loop(0, gsl, 2 if two else 1, name="lr") as r:
+            else:  # bf16 and int8 at their unrolled rows: one k-pair row per step
+                with fn.loop(0, gsl, name="lr") as r:
                     wrow = fn.gep(wblk, fn.mul(r, rb))
-                    wvs = [[], []] if two else [[]]  # per row of the step: one swapped row per block
+                    wv = []  # one swapped row per block
                     for b in range(ns):
                         p = fn.gep(wrow, b * block_stride)
                         if b % pf_every == 0:
                             vx.prefetch(fn, fn.gep(p, spec.schedule.sp))
-                        if two:  # (one byte shuffle regroups both rows: kernel A/B, Zen 4, 8 cold
-                            # experts, against a word shuffle per row: 1 / 2 / 4 rows -1 / -3 / -6%)
-                            rows = [_int4_row(fn, c, zeros[b], integer) for c in _int4_code_pairs(fn, p, True)]
-                            for wv, row in zip(wvs, rows, strict=True):
-                                wv.append(row)
-                        else:
-                            wvs[0].append(_swapped_row(fn, spec, p, zeros[b], None, False))
+                        wv.append(_swapped_row(fn, spec, p, None, None, False))
+
                     def token_row(i: str | int, dy: list[str]) -> None:
-                        for e, wv in enumerate(wvs):
-                            kr = fn.add(g0, r) if spec.group_size else r
-                            ap = fn.gep(acc, fn.mul(fn.add(fn.add(fn.mul(i, sl), kr), e), 64))
-                            v = fn.load(F32x16, ap, 64)
-                            part = "zeroinitializer" if integer else v
-                            for b in range(ns):
-                                part = _dot(fn, part, wv[b], dy[b], integer)
-                            if integer:
-                                part = vx.fadd(fn, v, fn.val(f"sitofp {I32x16} {part} to {F32x16}"))
-                            fn.store(F32x16, part, ap, 64)
+                        kr = fn.add(g0, r) if spec.group_size else r
+                        ap = fn.gep(acc, fn.mul(fn.add(fn.mul(i, sl), kr), 64))
+                        v = fn.load(F32x16, ap, 64)
+                        part = "zeroinitializer" if integer else v
+                        for b in range(ns):
+                            part = _dot(fn, part, wv[b], dy[b], integer)
+                        if integer:
+                            part = vx.fadd(fn, v, fn.val(f"sitofp {I32x16} {part} to {F32x16}"))
+                        fn.store(F32x16, part, ap, 64)
 
                     if unrolled:
                         for i in range(unrolled):
@@ -1651,7 +1644,6 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 fn.store(F32x16, out, p, 4)
 
 
-LP_QUAD = True
 LP_QUAD_INT8 = True
 # n-blocks per quad step of the K-group form at its unrolled 1-4 rows (kernel A/B, Zen 4, 8 cold
 # experts, against 4: 1 / 2 / 3 / 4 rows -8 / -11 / -6 / -3..-4%; 16 at 1 row -9%)
@@ -1660,13 +1652,15 @@ KG_QUAD_BLOCKS = 8
 # products of 16383 x 3840 < 2^31). Kernel A/B, Zen 4, 8 cold experts, 16 against 8: 3 rows -8%, 4 rows
 # -10%, 1-2 rows +1..+2% (against 4: 3-4 rows -13..-20%)
 LP_QUAD_BLOCKS = (16, 8)
-LP_SCALE_PREFETCH = True
+# largest int32 sum of a per-channel int4 quad step in one lane: 2 products per block of dY codes
+# (at most ACT_MAX) and codes times 2^8 (at most 15 << 8)
+QUAD_STEP_MAX = 2 * max(LP_QUAD_BLOCKS) * ACT_MAX * (15 << 8)
+assert QUAD_STEP_MAX < 2**31
 # The quad step's code vectors: word w of a 64-byte load (4 packed rows r..r+3 of a block, bytes
 # 2w, 2w+1 = channel w % 16, elements j = 0, 1 of rows r + 2h, h = w // 16, in their low nibbles and
 # of rows r + 2h + 1 in their high ones) masked to one nibble: code x holds k = 2r + 4h + QUAD_K[x]
 # (scaled by QUAD_SHIFT[x]; the shift is undone in fp32, exactly)
-QUAD_MASKS = (0x000F, 0x00F0, 0x0F00, None)  # (None: the top nibble, shifted down)
-QUAD_SHIFT = (0, 4, 8, 0)
+QUAD_SHIFT = (0, 4, 8, 12)  # bit offset of code vector x's nibble in each word
 QUAD_K = (0, 2, 1, 3)
 # accumulator j of a group of 8 (slots r..r+7, r % 8 == 0) holds code j % 4 of the quad at r + 4 (j // 4):
 # its half h sums output 8 (j // 4) + 4 h + QUAD_K[j % 4] of the group's 16
@@ -1681,6 +1675,7 @@ QUAD_ORDER = tuple(8 * (j // 4) + 4 * h + QUAD_K[j % 4] for j in range(8) for h 
 # int8 (two k-pair rows per load, the quad step's structure: rows in chunks, dY pairs staged, 16
 # n-blocks): the streamed form at 6 / 8 / 12 rows -5 / -13 / -10%, the panel at 16 rows +-0
 QUAD_MAX_ROWS = (16, 32, 12)
+LP_ACC_BYTES = 256 << 10  # most bytes of the lane-partial form's stack accumulators (see runtime/threads.py)
 # rows with code of their own (the unrolled lane-partial code) below the quad form's row loop, per
 # channel, K-groups, int8. Kernel A/B, Zen 4, 8 cold experts: per channel 3 rows in the loop
 # -3..-5%; K-groups 3 rows unrolled (dY pairs in registers) -28..-30%, 4 rows +-4%; int8 3 / 4 rows
@@ -1695,9 +1690,9 @@ def _quad_kind(spec: GemmSpec) -> int:
 
 
 def _quad_rows(spec: GemmSpec) -> bool:
-    """Whether the per-channel (integer) int4 lane-partial form takes the quad step at every row
-    count up to QUAD_UNROLL (its dY pairs are loaded where used, so more rows cost no registers)."""
-    return (LP_QUAD and spec.schedule.lp > 0 and not spec.schedule.lps
+    """Whether the lane-partial form of ``spec`` takes quad steps (int4 always; int8 above its
+    unrolled rows, with LP_QUAD_INT8): not for ``lps`` schedules."""
+    return (spec.schedule.lp > 0 and not spec.schedule.lps
             and _lane_partial_slice(spec, spec.schedule.lp) % 8 == 0
             and ((spec.quant == "int4" and spec.group_size % 8 == 0) or (spec.quant == "int8" and LP_QUAD_INT8)))
 
@@ -1716,23 +1711,31 @@ def _quad_zero_words(fn: Function, spec: GemmSpec, zptr: str) -> str:
 
 
 def _lane_partial_quad_step(fn: Function, spec: GemmSpec, wblk: str, block_stride: int, gsl: int, ns: int,
-                            pf_every: int, dyv, rows: int, acc: str, sl: int, kbase: str,
+                            pf_every: int, dy_at, rows: int | str, acc: str, sl: int, kbase: str,
                             zero_words: list[str] | None) -> None:
-    """One step of n-blocks of :func:`_bwd_lane_partial` for int4 at unrolled rows, four k-pair rows
-    per block at a time: a 64-byte load per block split into four code vectors by masks and one
-    shift (no byte shuffle or zero extension: per 64 bytes one op on the shuffle ports instead of
-    six), each the operand of one dot per row against dY's pairs (``dyv``, the block's 8 pairs in
-    both 256-bit halves). Per-channel (integer, ``zero_words`` None, zero points folded out): the
-    masked codes x 16^j go straight into vpdpwssd (products within int32: 16 x 16383 x 3840 <
-    2^31) and the scale 16^-j is undone in fp32. K-groups: each code shifted down, plus its zero
-    word, indexes the bf16 table of :func:`_int4_row`. Code vector x lands in accumulator slot
-    ``kbase`` + r + x; its lane 8h + p sums n-pair p's part of output 2(kbase + r) + 4h + QUAD_K[x].
+    """One step of n-blocks of :func:`_bwd_lane_partial` in the quad form (int4, and int8 above its
+    unrolled rows): per block one 64-byte load of the step's packed k-pair rows (int4: four, int8:
+    two), each token row's dots against it (dY pairs from ``dy_at(row, block)``), the step's sums
+    added to the accumulators. ``rows``: a count (code per count, in balanced chunks of at most 4)
+    or a run-time value (chunks of 4 in a loop, then a switch over the 1-3 left); each chunk keeps
+    its sums (4 per row and code vector) in registers and reads the step's weights again (from L1
+    after the first chunk).
 
-    Kernel A/B, Zen 4, 8 cold experts, per-channel int4: 1 row -2..+3% (at the memory's rate),
-    2 rows -7..-9%, 3 rows -13%, 4 rows +-1%; weights in L3, 1 row -29%. K-group: cold +-1%, in L3
-    -10%."""
+    int4 (:func:`_quad_codes`): three masks and a shift split the load into four code vectors, no
+    byte shuffle or zero extension (per 64 bytes one op on the shuffle ports instead of six).
+    Per channel (integer, ``zero_words`` None, zero points folded out) the masked codes keep their
+    2^_quad_scale_bits(x), undone in fp32 (int32 step sums below QUAD_STEP_MAX); K-groups take the
+    codes as bf16 128 + q against dY times the group's scales, and :func:`_bwd_lane_partial`
+    subtracts sum_n dYs (128 + z) per row and group at the end (``zero_words``: bf16 128 + z). Code
+    vector x lands in accumulator slot ``kbase`` + r + x, its lane 8h + p summing n-pair p's part
+    of output 2(kbase + r) + 4h + QUAD_K[x] (dY pairs in both 256-bit halves). int8: two k-pair
+    rows regrouped to n-pairs as the other steps do (lane 2p + e, slots r and r + 1).
+
+    Kernel A/B, Zen 4, 8 cold experts, per-channel int4 decode at unrolled rows: 1 row -2..+3% (at
+    the memory's rate), 2 rows -7..-9%, 3 rows -13%; weights in L3, 1 row -29%. K-group: cold +-1%,
+    in L3 -10%. The rows and blocks: see QUAD_MAX_ROWS, LP_QUAD_BLOCKS."""
     rb = spec.row_bytes
-    dy = dyv if callable(dyv) else lambda i, b: dyv[i][b]
+    dy = dy_at
     # rows in chunks of up to 4 (their 16 sums in registers), each chunk reading the step's weights
     # again (from L1 after the first); ``rows`` a count (code per row count) or a run-time value
     # (chunks of 4 in a loop, then the 1-3 left)
@@ -1756,6 +1759,30 @@ def _lane_partial_quad_step(fn: Function, spec: GemmSpec, wblk: str, block_strid
                 _quad_chunk(fn, spec, wrow, block_stride, ns, dy, first, left, acc, sl, kr, zero_words)
 
 
+def _quad_scale_bits(x: int) -> int:
+    """Per-channel int4: code vector x holds its codes times 2^this (masked in place; the top
+    nibble is shifted down)."""
+    return QUAD_SHIFT[x] if QUAD_SHIFT[x] < 12 else 0
+
+
+def _quad_codes(fn: Function, w: str, integer: bool) -> list[str]:
+    """The four code vectors of a quad step's 64-byte load ``w`` (<32 x i16>), typed <32 x bfloat>:
+    ``integer``, int16 codes times 2^_quad_scale_bits(x) (one mask each; the top nibble a shift);
+    else bf16 128 + q (each code shifted down and OR-ed into the mantissa of 128)."""
+    out = []
+    for sh in QUAD_SHIFT:
+        if integer and sh < 12:
+            v = fn.val(f"and {I16x32} {w}, {vec_const('i16', [15 << sh] * 32)}")
+        else:
+            v = fn.val(f"lshr {I16x32} {w}, {vec_const('i16', [sh] * 32)}") if sh else w
+            if sh < 12:
+                v = fn.val(f"and {I16x32} {v}, {vec_const('i16', [15] * 32)}")
+            if not integer:
+                v = fn.val(f"or {I16x32} {v}, {vec_const('i16', [QUAD_CODE_BASE] * 32)}")
+        out.append(vx.bitcast(fn, v, I16x32, BF16x32))
+    return out
+
+
 def _quad_chunk(fn: Function, spec: GemmSpec, wrow: str, block_stride: int, ns: int, dy, first: int | str,
                 count: int, acc: str, sl: int, kr: str, zero_words: list[str] | None) -> None:
     """The quad step's work for the ``count`` token rows from row ``first`` at the 4 k-pair rows
@@ -1763,27 +1790,14 @@ def _quad_chunk(fn: Function, spec: GemmSpec, wrow: str, block_stride: int, ns: 
     integer = zero_words is None
     rows = [first + j if isinstance(first, int) else fn.add(first, j) for j in range(count)]
     ncodes = 4 if spec.quant == "int4" else 2
-    shifts = QUAD_SHIFT if spec.quant == "int4" else (0, 0)
+    scale_bits = [_quad_scale_bits(c) for c in range(4)] if spec.quant == "int4" else [0, 0]
     parts = {(i, c): "zeroinitializer" for i in range(count) for c in range(ncodes)}
     for b in range(ns):
         p = fn.gep(wrow, b * block_stride)
         if spec.quant == "int8":  # two k-pair rows, each regrouped to n-pairs (the other steps' lanes)
             codes = [_swapped_row(fn, spec, fn.gep(p, e * spec.row_bytes), None, None, False) for e in range(2)]
-        elif integer:
-            w = fn.load(I16x32, p, 1)
-            codes = [vx.bitcast(fn, fn.val(f"and {I16x32} {w}, {vec_const('i16', [m] * 32)}") if m is not None
-                                else fn.val(f"lshr {I16x32} {w}, {vec_const('i16', [12] * 32)}"), I16x32, BF16x32)
-                     for m in QUAD_MASKS]
-        else:  # bf16 128 + q: each code shifted down and OR-ed into the mantissa of 128
-            w = fn.load(I16x32, p, 1)
-            codes = []
-            for m, sh in zip(QUAD_MASKS, QUAD_SHIFT, strict=True):
-                v = fn.val(f"lshr {I16x32} {w}, {vec_const('i16', [12 if m is None else sh] * 32)}") \
-                    if (m is None or sh) else w
-                if m is not None:
-                    v = fn.val(f"and {I16x32} {v}, {vec_const('i16', [15] * 32)}")
-                v = fn.val(f"or {I16x32} {v}, {vec_const('i16', [QUAD_CODE_BASE] * 32)}")
-                codes.append(vx.bitcast(fn, v, I16x32, BF16x32))
+        else:
+            codes = _quad_codes(fn, fn.load(I16x32, p, 1), integer)
         for i, row in enumerate(rows):
             pairs = dy(row, b)
             for c in range(ncodes):
@@ -1796,8 +1810,8 @@ def _quad_chunk(fn: Function, spec: GemmSpec, wrow: str, block_stride: int, ns: 
                 fn.store(F32x16, vx.fadd(fn, v, parts[i, c]), ap, 64)
                 continue
             f = fn.val(f"sitofp {I32x16} {parts[i, c]} to {F32x16}")
-            if shifts[c]:
-                v = vx.fma(fn, f, vx.f32_splat(2.0 ** -shifts[c]), v)
+            if scale_bits[c]:
+                v = vx.fma(fn, f, vx.f32_splat(2.0 ** -scale_bits[c]), v)
             else:
                 v = vx.fadd(fn, v, f)
             fn.store(F32x16, v, ap, 64)

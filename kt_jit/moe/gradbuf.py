@@ -87,5 +87,6 @@ class LoraGradBuffers:
         returned); a no-op unless those are this object's buffers."""
         with self._lock:
             if self._bufs and grads[0].data_ptr() == self._bufs[0].data_ptr():
-                np.greater(self._written, mask, out=self._written)  # written & ~mask in one step (decode
-                # sizes: each NumPy call costs ~10-20 us right after a weight stream)
+                # written & ~mask in one step (at decode sizes each NumPy call costs ~10-20 us right
+                # after a weight stream)
+                np.greater(self._written, mask, out=self._written)
