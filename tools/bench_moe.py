@@ -15,7 +15,8 @@ Every quantization mode is timed too (same shapes; ``vs_bf16`` = BF16 time / mod
 forward with saved activations and the backward, the bf16 experts' passes timed round-robin with
 the mode's own, so a switch of the VM's memory mode cannot skew the ratio).
 
-    python tools/bench_moe.py [--quick] [--json PATH] [--shapes qwen3,...] [--quants int8,...] [--steps N]
+    python tools/bench_moe.py [--quick] [--json PATH] [--shapes qwen3,...] [--quants int8,...]
+                              [--qlens 1,16] [--steps N]
 """
 
 from __future__ import annotations
@@ -315,7 +316,12 @@ def main() -> int:
     threads = default_num_threads()
     torch.set_num_threads(threads)
     names = args.shapes.split(",") if args.shapes else (["qwen3-30b-a3b"] if args.quick else list(SHAPES))
-    qlens = [int(q) for q in args.qlens.split(",")] if args.qlens else ([1, 16, 128] if args.quick else QLENS)
+    try:
+        qlens = [int(q) for q in args.qlens.split(",")] if args.qlens else ([1, 16, 128] if args.quick else QLENS)
+    except ValueError:
+        ap.error(f"--qlens takes comma-separated positive integers, got {args.qlens!r}")
+    if min(qlens) < 1:
+        ap.error(f"--qlens takes comma-separated positive integers, got {args.qlens!r}")
     quants = args.quants.split(",") if args.quants else (
         ["bf16", "int8", "int4_kgroup"] if args.quick else list(kt_jit.moe.weights.QUANT_MODES))
     if quants[0] != "bf16":

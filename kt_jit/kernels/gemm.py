@@ -1400,8 +1400,9 @@ LANE_PARTIAL_UNROLL = 4  # rows up to this get code of their own (dY pairs in re
 # MoE backward A/B on Zen 4 (qwen3, LoRA on) against 4 blocks: int8 qlen 1 -3..-5%, qlen 16 -2.5..-3%
 # (kernel level, 8 cold experts: 1 row -5%, 2 rows -4%); int4 and int4_1 (with the zero points folded
 # out and one byte shuffle per two rows; before that +-1%, and a loss on Zen 5) qlen 1 -2..-3%,
-# qlen 16 -3..-6% (kernel level: 1 row -3.5%, 2 rows -6%). K-group int4 keeps 4 (not measured).
-LP_WIDE_QUANTS = ("bf16", "int8", "int4")
+# qlen 16 -3..-6% (kernel level: 1 row -3.5%, 2 rows -6%): since the quad steps int4 takes its
+# blocks per step from LP_QUAD_BLOCKS / KG_QUAD_BLOCKS.
+LP_WIDE_QUANTS = ("bf16", "int8")  # (int4: LP_QUAD_BLOCKS)
 STREAM_INT_MAX = 12  # most rows int8 streams without LP_QUAD_INT8 (see default_schedule)
 
 
@@ -1495,10 +1496,6 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     # per-channel int4: sum_n dY (q - z) as sum_n dY q - sum_n dY z, the second term once per row
     # (MoE backward A/B on Zen 4, qwen3, int4 and int4_1: qlen 1 -6..-7%, qlen 16 -2.5..-3%)
     fold_zero = integer and spec.quant == "int4"
-    # bf16, int8 and per-channel int4 (LP_WIDE_QUANTS) at 1-2 unrolled rows: 8 blocks per step halve
-    # the accumulator traffic per weight byte (kernel A/B, Zen 5 fast-memory mode: bf16 m=1-2
-    # -3..-5% on top of the unrolling; int8 and int4: see LP_WIDE_QUANTS; at 3-4 rows the 24-32 dY
-    # vectors no longer fit the registers)
     rows_max = unrolled or spec.schedule.lp
     sl = _lane_partial_slice(spec, rows_max)
     # quad steps (_lane_partial_quad_step): int4 at every row count, int8 above its unrolled rows
@@ -1508,6 +1505,9 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     # can take more n-blocks per step: fewer accumulator updates per weight byte (LP_QUAD_BLOCKS)
     # K-groups at unrolled rows hold their dY pairs and zero words over the step: KG_QUAD_BLOCKS
     quad_wide = ((KG_QUAD_BLOCKS if unrolled and not integer else LP_QUAD_BLOCKS[0 < unrolled <= 2]),) if quad else ()
+    # bf16 and int8 (LP_WIDE_QUANTS) at 1-2 unrolled rows: 8 blocks per step halve the accumulator
+    # traffic per weight byte (kernel A/B, Zen 5 fast-memory mode: bf16 m=1-2 -3..-5% on top of the
+    # unrolling; int8: see LP_WIDE_QUANTS; at 3-4 rows the 24-32 dY vectors no longer fit the registers)
     wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant in LP_WIDE_QUANTS and not spec.group_size else ()
     ns = max(d for d in (*quad_wide, *wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
     # 8 blocks per step: software prefetch for every other one, the hardware prefetcher keeps the
@@ -1658,8 +1658,8 @@ QUAD_STEP_MAX = 2 * max(LP_QUAD_BLOCKS) * ACT_MAX * (15 << 8)
 assert QUAD_STEP_MAX < 2**31
 # The quad step's code vectors: word w of a 64-byte load (4 packed rows r..r+3 of a block, bytes
 # 2w, 2w+1 = channel w % 16, elements j = 0, 1 of rows r + 2h, h = w // 16, in their low nibbles and
-# of rows r + 2h + 1 in their high ones) masked to one nibble: code x holds k = 2r + 4h + QUAD_K[x]
-# (scaled by QUAD_SHIFT[x]; the shift is undone in fp32, exactly)
+# of rows r + 2h + 1 in their high ones) cut to one nibble: code x holds k = 2r + 4h + QUAD_K[x]
+# (per channel masked in place below the top nibble: see _quad_scale_bits)
 QUAD_SHIFT = (0, 4, 8, 12)  # bit offset of code vector x's nibble in each word
 QUAD_K = (0, 2, 1, 3)
 # accumulator j of a group of 8 (slots r..r+7, r % 8 == 0) holds code j % 4 of the quad at r + 4 (j // 4):
@@ -1735,10 +1735,6 @@ def _lane_partial_quad_step(fn: Function, spec: GemmSpec, wblk: str, block_strid
     the memory's rate), 2 rows -7..-9%, 3 rows -13%; weights in L3, 1 row -29%. K-group: cold +-1%,
     in L3 -10%. The rows and blocks: see QUAD_MAX_ROWS, LP_QUAD_BLOCKS."""
     rb = spec.row_bytes
-    dy = dy_at
-    # rows in chunks of up to 4 (their 16 sums in registers), each chunk reading the step's weights
-    # again (from L1 after the first); ``rows`` a count (code per row count) or a run-time value
-    # (chunks of 4 in a loop, then the 1-3 left)
     with fn.loop(0, gsl, 4 if spec.quant == "int4" else 2, name="lq") as r:
         wrow = fn.gep(wblk, fn.mul(r, rb))
         kr = fn.add(kbase, r)
@@ -1748,15 +1744,15 @@ def _lane_partial_quad_step(fn: Function, spec: GemmSpec, wblk: str, block_strid
             count = -(-rows // 4)
             for j in range(count):
                 first = j * rows // count
-                _quad_chunk(fn, spec, wrow, block_stride, ns, dy, first, (j + 1) * rows // count - first, acc, sl,
+                _quad_chunk(fn, spec, wrow, block_stride, ns, dy_at, first, (j + 1) * rows // count - first, acc, sl,
                             kr, zero_words)
         else:
             full = fn.val(f"udiv i64 {rows}, 4")
             with fn.loop(0, full, name="lqc") as q:
-                _quad_chunk(fn, spec, wrow, block_stride, ns, dy, fn.mul(q, 4), 4, acc, sl, kr, zero_words)
+                _quad_chunk(fn, spec, wrow, block_stride, ns, dy_at, fn.mul(q, 4), 4, acc, sl, kr, zero_words)
             first = fn.mul(full, 4)
             for left in fn.switch(fn.sub(rows, first), range(1, 4), name="lqr"):
-                _quad_chunk(fn, spec, wrow, block_stride, ns, dy, first, left, acc, sl, kr, zero_words)
+                _quad_chunk(fn, spec, wrow, block_stride, ns, dy_at, first, left, acc, sl, kr, zero_words)
 
 
 def _quad_scale_bits(x: int) -> int:
@@ -1783,10 +1779,11 @@ def _quad_codes(fn: Function, w: str, integer: bool) -> list[str]:
     return out
 
 
-def _quad_chunk(fn: Function, spec: GemmSpec, wrow: str, block_stride: int, ns: int, dy, first: int | str,
+def _quad_chunk(fn: Function, spec: GemmSpec, wrow: str, block_stride: int, ns: int, dy_at, first: int | str,
                 count: int, acc: str, sl: int, kr: str, zero_words: list[str] | None) -> None:
-    """The quad step's work for the ``count`` token rows from row ``first`` at the 4 k-pair rows
-    from ``wrow`` (see :func:`_lane_partial_quad_step`)."""
+    """The quad step's work for the ``count`` token rows from row ``first`` (a count or a run-time
+    value) at the step's k-pair rows from ``wrow`` (int4: 4, int8: 2; see
+    :func:`_lane_partial_quad_step`)."""
     integer = zero_words is None
     rows = [first + j if isinstance(first, int) else fn.add(first, j) for j in range(count)]
     ncodes = 4 if spec.quant == "int4" else 2
@@ -1799,7 +1796,7 @@ def _quad_chunk(fn: Function, spec: GemmSpec, wrow: str, block_stride: int, ns: 
         else:
             codes = _quad_codes(fn, fn.load(I16x32, p, 1), integer)
         for i, row in enumerate(rows):
-            pairs = dy(row, b)
+            pairs = dy_at(row, b)
             for c in range(ncodes):
                 parts[i, c] = _dot(fn, parts[i, c], codes[c], pairs, integer)
     for i, row in enumerate(rows):
