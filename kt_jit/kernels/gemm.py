@@ -1498,9 +1498,9 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     fold_zero = integer and spec.quant == "int4"
     rows_max = unrolled or spec.schedule.lp
     sl = _lane_partial_slice(spec, rows_max)
-    # quad steps (_lane_partial_quad_step): int4 at every row count, int8 above its unrolled rows
-    quad = _quad_rows(spec) and not (spec.quant == "int8" and unrolled) and sl % 8 == 0
-    halves = quad and spec.quant == "int4"
+    # quad steps (_lane_partial_quad_step): int4 at every row count, int8 from 3 rows (kernel A/B,
+    # Zen 4, 8 cold experts, against its unrolled code: 3 rows -9..-11%, 4 rows -22%; 1-2 rows +-1%)
+    quad = _quad_rows(spec) and not (spec.quant == "int8" and 0 < unrolled <= 2) and sl % 8 == 0
     # per-channel quad steps read dY's pairs where they use them (not held over the step), so they
     # can take more n-blocks per step: fewer accumulator updates per weight byte (LP_QUAD_BLOCKS)
     # K-groups at unrolled rows hold their dY pairs and zero words over the step: KG_QUAD_BLOCKS
@@ -1519,7 +1519,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     # points change from one group to the next within each step of n-blocks
     gsl = spec.group_size // 2 if spec.group_size else sl
     acc = acc_buf or fn.alloca("i8", 64, rows_max * sl * 64)
-    dyd = None if unrolled or (halves and integer) else fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
+    dyd = None if unrolled or (quad and integer) else fn.alloca("i8", 64, spec.schedule.lp * ns * 64)
     # K-group quad steps dot dY's scaled pairs with the codes as bf16 128 + q (one OR, no table):
     # sum_n dYs (128 + z) comes off every output of the group at the end, from these per-row sums
     offset_codes = quad and not integer
@@ -1547,15 +1547,15 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                         vx.prefetch(fn, fn.gep(zp, fn.add(chans[b], spec.n)))
             def dy_pairs(i: str | int) -> list[str]:  # dY pairs of these blocks, each dword twice
                 xrow = fn.gep(x, fn.add(fn.mul(i, ldx), fn.mul(s0, 32)))  # (int4: the 8 dwords twice)
-                if integer:  # (int8; per-channel int4 loads its pairs where used)
+                if integer:  # (int8 at 1-2 rows; quad steps load their pairs where used)
                     return [vx.dup_dwords(fn, fn.gep(xrow, b * 32)) for b in range(ns)]
-                return [_dy_pairs(fn, spec, fn.gep(xrow, b * 32), fn.gep(sc, fn.mul(chans[b], 4)), halves)
+                return [_dy_pairs(fn, spec, fn.gep(xrow, b * 32), fn.gep(sc, fn.mul(chans[b], 4)), quad)
                         for b in range(ns)]
 
             # dy_at(i, b): row i's dY pairs of block b: per-channel int4 broadcast-loads them where
             # used; unrolled rows hold them in registers over the step; the others stage them per step
             dyv: list[list[str]] = []
-            if halves and integer:
+            if quad and integer:
                 def dy_at(i: str | int, b: int) -> str:
                     return vx.dup_halves(fn, fn.gep(x, fn.add(fn.add(fn.mul(i, ldx), fn.mul(s0, 32)), b * 32)))
             elif unrolled:
@@ -1625,7 +1625,8 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
             with fn.loop(0, sl // 8, name="lg") as g:
                 ap = fn.gep(acc, fn.mul(fn.add(fn.mul(i, sl), fn.mul(g, 8)), 64))
                 vs = [fn.load(F32x16, fn.gep(ap, j * 64), 64) for j in range(8)]
-                out = vx.reduce_half_lanes(fn, vs, QUAD_ORDER) if halves else vx.reduce_pair_lanes(fn, vs)
+                order = QUAD_ORDER if spec.quant == "int4" else QUAD_ORDER_INT8
+                out = vx.reduce_half_lanes(fn, vs, order) if quad else vx.reduce_pair_lanes(fn, vs)
                 if offset_codes:  # (lanes 0-7 of the group's sums: its 8 n-pairs' parts; 8-15 the same again)
                     cv = fn.load(F32x16, fn.gep(cacc, fn.mul(fn.add(fn.mul(i, sl // gsl),
                                                                    fn.val(f"udiv i64 {fn.mul(g, 8)}, {gsl}")), 64)), 64)
@@ -1665,6 +1666,10 @@ QUAD_K = (0, 2, 1, 3)
 # accumulator j of a group of 8 (slots r..r+7, r % 8 == 0) holds code j % 4 of the quad at r + 4 (j // 4):
 # its half h sums output 8 (j // 4) + 4 h + QUAD_K[j % 4] of the group's 16
 QUAD_ORDER = tuple(8 * (j // 4) + 4 * h + QUAD_K[j % 4] for j in range(8) for h in range(2))
+# int8 in the same lanes: a 64-byte load holds k-pair rows r, r + 1; code x (the low or high byte of
+# each word) holds k = 2r + 2h + x in lane 8h + p: accumulator j of a group of 8 (slots r..r+7) is code
+# j % 2 of the step at r + 2 (j // 2), its half h output 4 (j // 2) + 2h + j % 2
+QUAD_ORDER_INT8 = tuple(4 * (j // 2) + 2 * h + j % 2 for j in range(8) for h in range(2))
 
 
 # most rows of the int4 lane-partial form (quad steps), per channel and K-groups, against the forms
@@ -1672,14 +1677,15 @@ QUAD_ORDER = tuple(8 * (j // 4) + 4 * h + QUAD_K[j % 4] for j in range(8) for h 
 # at 5 / 6 / 8 rows -19 / -22 / -41%, the streamed form at 10 / 12 rows -27 / -26%, the panel at 16
 # rows -13%, 24 rows +9..+15%, 32 rows +-1%. K-groups: the generic code at 5 / 7 rows -17 / -33%, the
 # streamed form at 10 / 16 / 20 / 24 rows -11 / -31 / -6 / -3..-5%, the panel at 32 rows -13%, 48 -2.5%
-# int8 (two k-pair rows per load, the quad step's structure: rows in chunks, dY pairs staged, 16
-# n-blocks): the streamed form at 6 / 8 / 12 rows -5 / -13 / -10%, the panel at 16 rows +-0
+# int8 (two k-pair rows per load in the quad step's structure: rows in chunks, 16 n-blocks; then with
+# the other steps' shuffles and staged dY pairs): the streamed form at 6 / 8 / 12 rows -5 / -13 / -10%,
+# the panel at 16 rows +-0
 QUAD_MAX_ROWS = (16, 32, 12)
 LP_ACC_BYTES = 256 << 10  # most bytes of the lane-partial form's stack accumulators (see runtime/threads.py)
 # rows with code of their own (the unrolled lane-partial code) below the quad form's row loop, per
-# channel, K-groups, int8. Kernel A/B, Zen 4, 8 cold experts: per channel 3 rows in the loop
-# -3..-5%; K-groups 3 rows unrolled (dY pairs in registers) -28..-30%, 4 rows +-4%; int8 3 / 4 rows
-# in the loop +6..+8 / +4..+5%
+# channel, K-groups, int8 (whose 1-2 rows keep the one-row steps). Kernel A/B, Zen 4, 8 cold experts:
+# per channel 3 rows in the loop -3..-5%; K-groups 3 rows unrolled (dY pairs in registers) -28..-30%,
+# 4 rows +-4%
 QUAD_UNROLL = (2, 4, 4)
 
 
@@ -1690,8 +1696,8 @@ def _quad_kind(spec: GemmSpec) -> int:
 
 
 def _quad_rows(spec: GemmSpec) -> bool:
-    """Whether the lane-partial form of ``spec`` takes quad steps (int4 always; int8 above its
-    unrolled rows, with LP_QUAD_INT8): not for ``lps`` schedules."""
+    """Whether the lane-partial form of ``spec`` takes quad steps (int4 always; int8 from 3 rows,
+    with LP_QUAD_INT8): not for ``lps`` schedules."""
     return (spec.schedule.lp > 0 and not spec.schedule.lps
             and _lane_partial_slice(spec, spec.schedule.lp) % 8 == 0
             and ((spec.quant == "int4" and spec.group_size % 8 == 0) or (spec.quant == "int8" and LP_QUAD_INT8)))
@@ -1713,8 +1719,8 @@ def _quad_zero_words(fn: Function, spec: GemmSpec, zptr: str) -> str:
 def _lane_partial_quad_step(fn: Function, spec: GemmSpec, wblk: str, block_stride: int, gsl: int, ns: int,
                             pf_every: int, dy_at, rows: int | str, acc: str, sl: int, kbase: str,
                             zero_words: list[str] | None) -> None:
-    """One step of n-blocks of :func:`_bwd_lane_partial` in the quad form (int4, and int8 above its
-    unrolled rows): per block one 64-byte load of the step's packed k-pair rows (int4: four, int8:
+    """One step of n-blocks of :func:`_bwd_lane_partial` in the quad form (int4, and int8 from 3
+    rows): per block one 64-byte load of the step's packed k-pair rows (int4: four, int8:
     two), each token row's dots against it (dY pairs from ``dy_at(row, block)``), the step's sums
     added to the accumulators. ``rows``: a count (code per count, in balanced chunks of at most 4)
     or a run-time value (chunks of 4 in a loop, then a switch over the 1-3 left); each chunk keeps
@@ -1729,7 +1735,9 @@ def _lane_partial_quad_step(fn: Function, spec: GemmSpec, wblk: str, block_strid
     subtracts sum_n dYs (128 + z) per row and group at the end (``zero_words``: bf16 128 + z). Code
     vector x lands in accumulator slot ``kbase`` + r + x, its lane 8h + p summing n-pair p's part
     of output 2(kbase + r) + 4h + QUAD_K[x] (dY pairs in both 256-bit halves). int8: two k-pair
-    rows regrouped to n-pairs as the other steps do (lane 2p + e, slots r and r + 1).
+    rows per load, each word's two bytes sign-extended by shifts (no shuffle), in the same lanes:
+    code x (byte x) in slot r + x sums output 2(kbase + r) + 2h + x (QUAD_ORDER_INT8); against the
+    shuffles of the other steps (kernel A/B): 6 rows -8%, 8-12 rows +-0..-4%.
 
     Kernel A/B, Zen 4, 8 cold experts, per-channel int4 decode at unrolled rows: 1 row -2..+3% (at
     the memory's rate), 2 rows -7..-9%, 3 rows -13%; weights in L3, 1 row -29%. K-group: cold +-1%,
@@ -1791,8 +1799,12 @@ def _quad_chunk(fn: Function, spec: GemmSpec, wrow: str, block_stride: int, ns: 
     parts = {(i, c): "zeroinitializer" for i in range(count) for c in range(ncodes)}
     for b in range(ns):
         p = fn.gep(wrow, b * block_stride)
-        if spec.quant == "int8":  # two k-pair rows, each regrouped to n-pairs (the other steps' lanes)
-            codes = [_swapped_row(fn, spec, fn.gep(p, e * spec.row_bytes), None, None, False) for e in range(2)]
+        if spec.quant == "int8":  # word w: channel w % 16, its bytes j = 0, 1 of row r + w // 16, sign-extended
+            w = fn.load(I16x32, p, 1)
+            eight = vec_const("i16", [8] * 32)
+            codes = [vx.bitcast(fn, fn.val(f"ashr {I16x32} {fn.val(f'shl {I16x32} {w}, {eight}')}, {eight}"), I16x32,
+                                BF16x32),
+                     vx.bitcast(fn, fn.val(f"ashr {I16x32} {w}, {eight}"), I16x32, BF16x32)]
         else:
             codes = _quad_codes(fn, fn.load(I16x32, p, 1), integer)
         for i, row in enumerate(rows):
