@@ -751,7 +751,7 @@ def test_quantized_transposed_default_forms(quant, gs, zp, n):
     g = torch.Generator().manual_seed(9)
     p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
     kern = gemm.kernel_for("bwd", n, k, quant=quant, group_size=gs, zero_point=zp)
-    sm = gemm.QUAD_MAX_ROWS[bool(gs)] if quant == "int4" else gemm.STREAM_INT_MAX
+    sm = gemm.QUAD_MAX_ROWS[gemm._quad_kind(quant, gs)]
     assert kern.spec.schedule.small == "stream" and kern.spec.schedule.sm == sm
     assert gemm._stream_blocks(kern.spec) == 2 or n != 160
     ms = [*range(1, 18), 24, 26, 30, 32, 34]

@@ -319,7 +319,7 @@ def main() -> int:
     try:
         qlens = [int(q) for q in args.qlens.split(",")] if args.qlens else ([1, 16, 128] if args.quick else QLENS)
     except ValueError:
-        ap.error(f"--qlens takes comma-separated positive integers, got {args.qlens!r}")
+        qlens = [0]
     if min(qlens) < 1:
         ap.error(f"--qlens takes comma-separated positive integers, got {args.qlens!r}")
     quants = args.quants.split(",") if args.quants else (

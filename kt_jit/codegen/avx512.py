@@ -191,19 +191,22 @@ def opaque_zero(fn: Function) -> str:
     return fn.load("i64", zero, 8)
 
 
+def dup_pairs(fn: Function, v: str, halves: bool = False) -> str:
+    """8 dwords (<8 x i32> ``v``, 16 bf16 as pairs) each twice as <32 x bfloat>: [d0,d0,d1,d1,...,d7,d7],
+    or with ``halves`` [d0..d7, d0..d7]."""
+    order = list(range(8)) * 2 if halves else [i // 2 for i in range(16)]
+    return bitcast(fn, fn.val(f"shufflevector <8 x i32> {v}, <8 x i32> poison, {shuffle_mask(order)}"), I32x16,
+                   BF16x32)
+
+
 def dup_dwords(fn: Function, ptr: str) -> str:
-    """Load 8 dwords (16 bf16) at ``ptr`` and return [d0,d0,d1,d1,...,d7,d7] as <32 x bfloat>."""
-    v = fn.load("<8 x i32>", ptr, 4)
-    s = fn.val(f"shufflevector <8 x i32> {v}, <8 x i32> poison, "
-               f"{shuffle_mask([i // 2 for i in range(16)])}")
-    return bitcast(fn, s, I32x16, BF16x32)
+    """:func:`dup_pairs` of the 8 dwords at ``ptr``: [d0,d0,d1,d1,...,d7,d7]."""
+    return dup_pairs(fn, fn.load("<8 x i32>", ptr, 4))
 
 
 def dup_halves(fn: Function, ptr: str) -> str:
-    """Load 8 dwords (16 bf16) at ``ptr`` and return them twice, [d0..d7, d0..d7], as <32 x bfloat>."""
-    v = fn.load("<8 x i32>", ptr, 4)
-    s = fn.val(f"shufflevector <8 x i32> {v}, <8 x i32> poison, {shuffle_mask(list(range(8)) * 2)}")
-    return bitcast(fn, s, I32x16, BF16x32)
+    """:func:`dup_pairs` of the 8 dwords at ``ptr``, halves: [d0..d7, d0..d7]."""
+    return dup_pairs(fn, fn.load("<8 x i32>", ptr, 4), halves=True)
 
 
 def reduce_half_lanes(fn: Function, accs: Sequence[str], order: Sequence[int]) -> str:
@@ -217,9 +220,8 @@ def reduce_half_lanes(fn: Function, accs: Sequence[str], order: Sequence[int]) -
     # where each (accumulator, half) ended up: replay the folds on lane labels
     vecs = [[(m, lane // 8) for lane in range(16)] for m in range(8)]
     for group in (8, 4, 2):  # (a lane's label: the lower half of its group, which fold_groups keeps)
-        half = group // 2
-        lo = [g * group + j for g in range(16 // group) for j in range(half)]
-        vecs = [[(a + b)[i] for i in lo + [16 + i for i in lo]] for a, b in zip(vecs[0::2], vecs[1::2], strict=True)]
+        lo = _fold_lanes(group)[0]
+        vecs = [[(a + b)[i] for i in lo] for a, b in zip(vecs[0::2], vecs[1::2], strict=True)]
     where = {lab: lane for lane, lab in enumerate(vecs[0])}
     perm = [0] * 16
     for m in range(8):
@@ -257,12 +259,18 @@ def fold_groups(fn: Function, vs: Sequence[str], group: int) -> list[str]:
     Each input vector is made of 16/group lane groups; the lower and upper half of every group are
     added, and pairs of inputs are packed into one output (so the output count halves too).
     """
+    lo, hi = _fold_lanes(group)
+    return [fadd(fn, shuffle(fn, F32x16, a, b, lo), shuffle(fn, F32x16, a, b, hi))
+            for a, b in zip(vs[0::2], vs[1::2], strict=True)]
+
+
+def _fold_lanes(group: int) -> tuple[list[int], list[int]]:
+    """The lanes of a pair of vectors (the second one's numbered from 16) whose sums one
+    :func:`fold_groups` step makes: the lower and the upper half of every group of ``group`` lanes."""
     half = group // 2
     lo = [g * group + j for g in range(16 // group) for j in range(half)]
     hi = [g * group + half + j for g in range(16 // group) for j in range(half)]
-    lo, hi = lo + [16 + i for i in lo], hi + [16 + i for i in hi]
-    return [fadd(fn, shuffle(fn, F32x16, a, b, lo), shuffle(fn, F32x16, a, b, hi))
-            for a, b in zip(vs[0::2], vs[1::2], strict=True)]
+    return lo + [16 + i for i in lo], hi + [16 + i for i in hi]
 
 
 def reduce_lanes(fn: Function, accs: Sequence[str]) -> str:

@@ -374,15 +374,12 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
         one = one_group and quant in ("bf16", "int8") and slices >= max(2, default_num_threads())
         lp = 8 if one else 0 if one_group else 4
         tl = host.lanes_min_rows if lanes_dy and quant == "bf16" and not one_group else 0
-        # int8 (without LP_QUAD_INT8) streams up to 12 rows (kernel A/B on Zen 4, 8 cold experts, row
-        # pitches odd multiples of 64 B, the panel against the streamed form: int8 12 / 14 / 16 / 20 /
-        # 24 rows +5 / -2 / -15 / -18 / -20%); K-group int4 streams above its lane-partial rows up to
-        # 24 (the panel +22..+47% there: it dequantizes through fp32)
-        stream_max = STREAM_INT_MAX if quant != "bf16" and not group_size else 24
-        if quant != "bf16" and not one_group and (quant == "int4" or LP_QUAD_INT8):
-            # the lane-partial form's quad steps up to QUAD_MAX_ROWS rows (K-groups: fewer when their
-            # accumulators, rows x one group's pairs x 64 B, would pass LP_ACC_BYTES), none streamed
-            kind = 2 if quant == "int8" else int(bool(group_size))
+        stream_max = 24
+        if quant != "bf16" and not one_group:
+            # the lane-partial form's quad steps up to QUAD_MAX_ROWS rows, none streamed; K-groups:
+            # fewer when their accumulators, rows x one group's pairs x 64 B, would pass LP_ACC_BYTES,
+            # then streamed up to 24 rows (the panel +22..+47% there: it dequantizes through fp32)
+            kind = _quad_kind(quant, group_size)
             lp = QUAD_MAX_ROWS[kind]
             if group_size:
                 lp = max(QUAD_UNROLL[kind], min(lp, LP_ACC_BYTES // (group_size // 2 * 64)))
@@ -472,7 +469,7 @@ class GemmSpec:
                              "only")
         if sch.sm and not self.is_panel:
             raise ValueError("schedule sm (streamed small groups) applies to the 'panel' transposed GEMM only")
-        lp_max = QUAD_MAX_ROWS[_quad_kind(self)] if self.quant != "bf16" else LANE_PARTIAL_MAX
+        lp_max = QUAD_MAX_ROWS[_quad_kind(self.quant, self.group_size)] if self.quant != "bf16" else LANE_PARTIAL_MAX
         if sch.lps and self.quant == "int4":
             raise ValueError("schedule lps (lane-partial K-slices as work items): bf16 and int8 only")
         if sch.lp and not (self.is_panel and 0 < sch.lp <= min(sch.sm, lp_max)):
@@ -985,13 +982,11 @@ def _dy_pairs(fn: Function, spec: GemmSpec, ptr: str, scales: str, halves: bool 
     """dY[m, 16s:16s+16] as 8 bf16 pairs, each dword duplicated (``halves``: the 8 dwords twice,
     as the quad step takes them); for quantized weights each dY column is first multiplied by its
     channel's scale (dX = (dY diag(s)) Q)."""
-    order = list(range(8)) * 2 if halves else [i // 2 for i in range(16)]
     if spec.quant == "bf16":
         return vx.dup_dwords(fn, ptr)
     v = vx.fmul(fn, vx.load_f32x16(fn, ptr, "bf16"), fn.load(F32x16, scales, 4))
     pairs = fn.val(f"bitcast <16 x bfloat> {fn.val(f'fptrunc {F32x16} {v} to <16 x bfloat>')} to <8 x i32>")
-    dup = fn.val(f"shufflevector <8 x i32> {pairs}, <8 x i32> poison, {vx.shuffle_mask(order)}")
-    return vx.bitcast(fn, dup, I32x16, BF16x32)
+    return vx.dup_pairs(fn, pairs, halves)
 
 
 FOLD_MR = 3  # token rows per block of the fold form when it serves a panel kernel's small groups
@@ -1403,7 +1398,6 @@ LANE_PARTIAL_UNROLL = 4  # rows up to this get code of their own (dY pairs in re
 # qlen 16 -3..-6% (kernel level: 1 row -3.5%, 2 rows -6%): since the quad steps int4 takes its
 # blocks per step from LP_QUAD_BLOCKS / KG_QUAD_BLOCKS.
 LP_WIDE_QUANTS = ("bf16", "int8")  # (int4: LP_QUAD_BLOCKS)
-STREAM_INT_MAX = 12  # most rows int8 streams without LP_QUAD_INT8 (see default_schedule)
 
 
 def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
@@ -1420,7 +1414,7 @@ def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
     int4 in 64-pair slices: 1.17-1.25x the time of 256-pair ones). Kernel A/B, Zen 4, 8 cold experts,
     int4 group 128, against one group per slice: 1 row -6%, 2 rows -3% (4 groups: 2 rows +7%, 4
     rows +33%); MoE backward qwen3 int4_kgroup qlen 16 -5..-6%, qlen 1 -0..-3%."""
-    own = spec.quant == "int4" and rows <= QUAD_UNROLL[_quad_kind(spec)]  # (int4's unrolled quad code)
+    own = spec.quant == "int4" and rows <= QUAD_UNROLL[_quad_kind(spec.quant, spec.group_size)]  # (its quad code)
     bound = rows if spec.schedule.lps or own else spec.schedule.lp
     target = spec.schedule.ls if bound <= LANE_PARTIAL_UNROLL else spec.schedule.ls // 4
     if spec.group_size:  # as many whole groups as keep rows x slice within the target (one at least)
@@ -1442,7 +1436,8 @@ def _bwd_lane_partial_rows(fn: Function, spec: GemmSpec, x: str, w: str, y: str,
     pairs stay in registers over a step of n-blocks) and the generic form above that; ``only``:
     the index of the one K-slice to compute (default: all)."""
     # (quad: rows above QUAD_UNROLL take its step with rows in a loop)
-    unroll = min(spec.schedule.lp, QUAD_UNROLL[_quad_kind(spec)] if _quad_rows(spec) else LANE_PARTIAL_UNROLL)
+    quad_unroll = QUAD_UNROLL[_quad_kind(spec.quant, spec.group_size)] if _quad_rows(spec) else LANE_PARTIAL_UNROLL
+    unroll = min(spec.schedule.lp, quad_unroll)
     if unroll == 0:
         _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, only=only)
         return
@@ -1500,7 +1495,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     sl = _lane_partial_slice(spec, rows_max)
     # quad steps (_lane_partial_quad_step): int4 at every row count, int8 from 3 rows (kernel A/B,
     # Zen 4, 8 cold experts, against its unrolled code: 3 rows -9..-11%, 4 rows -22%; 1-2 rows +-1%)
-    quad = _quad_rows(spec) and not (spec.quant == "int8" and 0 < unrolled <= 2) and sl % 8 == 0
+    quad = _quad_rows(spec) and not (spec.quant == "int8" and 0 < unrolled <= 2)
     # per-channel quad steps read dY's pairs where they use them (not held over the step), so they
     # can take more n-blocks per step: fewer accumulator updates per weight byte (LP_QUAD_BLOCKS)
     # K-groups at unrolled rows hold their dY pairs and zero words over the step: KG_QUAD_BLOCKS
@@ -1645,7 +1640,6 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 fn.store(F32x16, out, p, 4)
 
 
-LP_QUAD_INT8 = True
 # n-blocks per quad step of the K-group form at its unrolled 1-4 rows (kernel A/B, Zen 4, 8 cold
 # experts, against 4: 1 / 2 / 3 / 4 rows -8 / -11 / -6 / -3..-4%; 16 at 1 row -9%)
 KG_QUAD_BLOCKS = 8
@@ -1679,7 +1673,8 @@ QUAD_ORDER_INT8 = tuple(4 * (j // 2) + 2 * h + j % 2 for j in range(8) for h in 
 # streamed form at 10 / 16 / 20 / 24 rows -11 / -31 / -6 / -3..-5%, the panel at 32 rows -13%, 48 -2.5%
 # int8 (two k-pair rows per load in the quad step's structure: rows in chunks, 16 n-blocks; then with
 # the other steps' shuffles and staged dY pairs): the streamed form at 6 / 8 / 12 rows -5 / -13 / -10%,
-# the panel at 16 rows +-0
+# the panel at 16 rows +-0 (the streamed form against the panel, eighteenth session: 12 / 14 / 16 /
+# 20 / 24 rows -5 / +2 / +15 / +18 / +20%)
 QUAD_MAX_ROWS = (16, 32, 12)
 LP_ACC_BYTES = 256 << 10  # most bytes of the lane-partial form's stack accumulators (see runtime/threads.py)
 # rows with code of their own (the unrolled lane-partial code) below the quad form's row loop, per
@@ -1689,18 +1684,17 @@ LP_ACC_BYTES = 256 << 10  # most bytes of the lane-partial form's stack accumula
 QUAD_UNROLL = (2, 4, 4)
 
 
-def _quad_kind(spec: GemmSpec) -> int:
-    """Index of a quad-capable spec's values in QUAD_UNROLL and QUAD_MAX_ROWS: int4 per channel, int4
+def _quad_kind(quant: str, group_size: int) -> int:
+    """Index of a quantized mode's values in QUAD_UNROLL and QUAD_MAX_ROWS: int4 per channel, int4
     K-groups, int8."""
-    return 2 if spec.quant == "int8" else int(bool(spec.group_size))
+    return 2 if quant == "int8" else int(bool(group_size))
 
 
 def _quad_rows(spec: GemmSpec) -> bool:
-    """Whether the lane-partial form of ``spec`` takes quad steps (int4 always; int8 from 3 rows,
-    with LP_QUAD_INT8): not for ``lps`` schedules."""
-    return (spec.schedule.lp > 0 and not spec.schedule.lps
-            and _lane_partial_slice(spec, spec.schedule.lp) % 8 == 0
-            and ((spec.quant == "int4" and spec.group_size % 8 == 0) or (spec.quant == "int8" and LP_QUAD_INT8)))
+    """Whether the lane-partial form of ``spec`` takes quad steps (int4 always, int8 from 3 rows;
+    not for ``lps`` schedules). (Its slices are multiples of 16 k-pair rows: whole quads and groups
+    of 8 accumulators.)"""
+    return spec.quant != "bf16" and spec.schedule.lp > 0 and not spec.schedule.lps
 
 
 QUAD_CODE_BASE = 0x4300  # bf16 128: OR-ed with a code q in 0..15 it is bf16 128 + q, exactly
