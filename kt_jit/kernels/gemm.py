@@ -1398,6 +1398,12 @@ LANE_PARTIAL_UNROLL = 4  # rows up to this get code of their own (dY pairs in re
 # qlen 16 -3..-6% (kernel level: 1 row -3.5%, 2 rows -6%): since the quad steps int4 takes its
 # blocks per step from LP_QUAD_BLOCKS / KG_QUAD_BLOCKS.
 LP_WIDE_QUANTS = ("bf16", "int8")  # (int4: LP_QUAD_BLOCKS)
+# Bytes ahead of the quantized lane-partial forms' L2 prefetch (prefetcht1), next to their L1 one
+# (schedule sp): cold, these kernels ran at ~0.82-0.89 of the bf16 form's bytes per second at 1-2
+# rows, as if the decode did not overlap the misses. Kernel A/B, Zen 4, 8 cold experts, against
+# none: int8 1 / 2 rows -4 / -6%, int4 -4..-5 / -5%, K-group int4 -4..-5 / -3%, int4 4 rows -1%
+# (2 and 8 KB about the same or less; bf16, at the memory's rate already: +-1%, so not there).
+LP_FAR_PREFETCH = 4096  # (0: none; prefetches never fault past the weights' end)
 
 
 def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
@@ -1594,6 +1600,8 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                         p = fn.gep(wrow, b * block_stride)
                         if b % pf_every == 0:
                             vx.prefetch(fn, fn.gep(p, spec.schedule.sp))
+                            if spec.quant != "bf16" and LP_FAR_PREFETCH:
+                                vx.prefetch(fn, fn.gep(p, LP_FAR_PREFETCH), 2)
                         wv.append(_swapped_row(fn, spec, p, None, None, False))
 
                     def token_row(i: str | int, dy: list[str]) -> None:
@@ -1742,6 +1750,8 @@ def _lane_partial_quad_step(fn: Function, spec: GemmSpec, wblk: str, block_strid
         kr = fn.add(kbase, r)
         for b in range(0, ns, pf_every):
             vx.prefetch(fn, fn.gep(wrow, b * block_stride + spec.schedule.sp))
+            if LP_FAR_PREFETCH:
+                vx.prefetch(fn, fn.gep(wrow, b * block_stride + LP_FAR_PREFETCH), 2)
         if isinstance(rows, int):
             count = -(-rows // 4)
             for j in range(count):
