@@ -42,11 +42,11 @@ def assert_same(grads, expected):
 @pytest.fixture(params=["in xty launches", "separate launch"])
 def zeroing(request, monkeypatch):
     """Both ways stale experts get zeroed: zero-row groups of the xty launches (few experts) or one
-    zero_ranges launch (many)."""
+    zero_slices launch (many)."""
     monkeypatch.setattr(core, "FOLD_ZEROS_MAX", 16 if request.param == "in xty launches" else -1)
     calls = []
-    real = core.fill.zero_ranges
-    monkeypatch.setattr(core.fill, "zero_ranges", lambda *a: calls.append(1) or real(*a))
+    real = core.fill.zero_slices
+    monkeypatch.setattr(core.fill, "zero_slices", lambda *a: calls.append(1) or real(*a))
     yield request.param
     assert bool(calls) == (request.param == "separate launch"), "stale experts were zeroed the other way"
 
@@ -171,7 +171,7 @@ def test_interrupted_zeroing_is_redone(monkeypatch, zeroing):
     with monkeypatch.context() as m:
         m.setenv("KT_JIT_LAUNCH_PLANS", "0")  # (the failure is injected into the launches' Python)
         if zeroing == "separate launch":
-            m.setattr(core.fill, "zero_ranges", fail)
+            m.setattr(core.fill, "zero_slices", fail)
         else:  # fails at the last xty launch, after the first ones zeroed their gradients' experts
             real, xty_calls = core._lora, []
 

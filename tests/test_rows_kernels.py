@@ -123,25 +123,32 @@ def test_bad_specs_are_rejected():
         RowsSpec("combine", 64, lora_rank=16)
 
 
-def test_zero_ranges_writes_exactly_the_ranges():
-    """The streaming zero fill (idle experts' LoRA gradients): every byte of every range, across
-    64 KB work pieces, and nothing next to them; misaligned ranges are refused."""
+def test_zero_slices_writes_exactly_the_masked_experts():
+    """The streaming zero fill (idle experts' LoRA gradients): every byte of every masked expert's
+    slice of every tensor, across the work items' expert shares, and nothing else; bad masks and
+    misaligned tensors are refused."""
     import numpy as np
 
-    from kt_jit.kernels.fill import PIECE, zero_ranges
+    from kt_jit.kernels.fill import SPLIT, zero_slices
     from kt_jit.runtime.buffers import aligned_empty
 
-    buf = aligned_empty((3 * PIECE // 4 + 64,), torch.float32)
-    buf.fill_(1.0)
-    base = buf.data_ptr()
-    starts = np.array([base + 64, base + 2 * PIECE + 128, base + 2 * PIECE + 1024], dtype=np.int64)
-    sizes = np.array([PIECE + 192, 64, 0], dtype=np.int64)
-    zero_ranges(starts, sizes)
-    expect = torch.ones_like(buf)
-    for s, n in zip(starts, sizes, strict=True):
-        expect[(s - base) // 4:(s - base + n) // 4] = 0
-    assert torch.equal(buf, expect)
+    experts = 3 * SPLIT + 5  # (shares of unequal size)
+    tensors = [aligned_empty((experts, 16, 32), torch.bfloat16), aligned_empty((experts, 48), torch.float32)]
+    for t in tensors:
+        t.fill_(1.0)
+    mask = np.random.default_rng(0).random(experts) < 0.5
+    mask[[0, experts - 1]] = True
+    zero_slices(mask, tensors)
+    for t in tensors:
+        expect = torch.ones_like(t)
+        expect[torch.from_numpy(mask)] = 0
+        assert torch.equal(t, expect)
+    zero_slices(np.zeros(experts, dtype=np.uint8), tensors)  # nothing masked: nothing written
+    with pytest.raises(ValueError, match="1-D bool or uint8"):
+        zero_slices(mask.astype(np.int32), tensors)
+    with pytest.raises(ValueError, match="expert slices"):
+        zero_slices(mask[:-1], tensors)
     with pytest.raises(ValueError, match="multiples of 64"):
-        zero_ranges(np.array([base + 32]), np.array([64]))
+        zero_slices(mask, [aligned_empty((experts, 8), torch.float32)])  # 32-byte slices
     with pytest.raises(ValueError, match="multiples of 64"):
-        zero_ranges(np.array([base]), np.array([100]))
+        zero_slices(mask, [aligned_empty((experts * 16 + 1,), torch.float32)[1:].view(experts, 16)])

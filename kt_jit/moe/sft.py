@@ -340,21 +340,6 @@ def _lora(form: str, n: int, k: int, groups: np.ndarray, ldx: int, ldy: int, alp
     kern.launch(groups, ldx, ldw, ldy, alpha, ldz=ldz)
 
 
-def _zero_experts(mask: np.ndarray, grads: tuple[torch.Tensor, ...]) -> None:
-    """Zero the slices of the experts in ``mask`` (bool [E]) of every LoRA gradient in one
-    :func:`kernels.fill.zero_ranges` launch, a range per contiguous run of masked experts (measured
-    at qlen 1, 8 of 128 experts active: a ``Tensor.zero_`` per run and gradient took 0.90 ms,
-    zero-row launches of the xty kernel 2.2 ms). The gradients are 64-byte aligned and every
-    expert's slice is a multiple of 64 bytes (its dims are multiples of 16 and 32)."""
-    if not mask.any():
-        return
-    edges = np.flatnonzero(np.diff(np.concatenate([[0], mask.view(np.int8), [0]])))
-    first, count = edges[::2], edges[1::2] - edges[::2]
-    per = [g.stride(0) * g.element_size() for g in grads]
-    fill.zero_ranges(np.concatenate([g.data_ptr() + first * b for g, b in zip(grads, per, strict=True)]),
-                     np.concatenate([count * b for b in per]))
-
-
 FOLD_ZEROS_MAX = 16  # idle experts to zero: up to this many ride along in the xty launches
 
 
@@ -380,8 +365,10 @@ def _acquire_grads(r: Routing, lora: tuple[torch.Tensor, ...], grad_buffers: Lor
     folded = np.empty((r.basis.shape[0] + max(FOLD_ZEROS_MAX, 0), 4), dtype=np.int64)
     grads, to_zero, n_zero = pool.acquire(_shapes(lora), r.basis, FOLD_ZEROS_MAX, folded)
     basis = r.basis
-    if n_zero > FOLD_ZEROS_MAX:
-        _zero_experts(to_zero, grads)
+    if n_zero > FOLD_ZEROS_MAX:  # one launch over every gradient (a Tensor.zero_ per run of idle
+        # experts and gradient took 0.90 ms at qlen 1, zero-row xty launches 2.2 ms; the gradients'
+        # slices are multiples of 64 bytes: their dims are multiples of 16 and 32)
+        fill.zero_slices(to_zero, grads)
     elif n_zero:  # the xty launches zero those experts' slices: zero-row groups
         basis = folded[:r.basis.shape[0] + n_zero]
     return _LoraGrads(grads, to_zero, pool, basis)
