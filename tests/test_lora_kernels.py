@@ -117,14 +117,15 @@ def test_xty(a, bdim, dtypes, ms, row_scale, y_dtype):
             assert rel_err(c.float(), want.bfloat16().float()) < 4e-3
 
 
-@pytest.mark.parametrize("a,bdim", [(256, 16), (16, 96), (8, 16), (16, 1024)])
+@pytest.mark.parametrize("a,bdim", [(256, 16), (16, 96), (8, 16), (16, 1024), (64, 2048), (4096, 16)])
 @pytest.mark.parametrize("dtypes", [("bf16", "f32"), ("f32", "bf16"), ("f32", "f32"), ("bf16", "bf16")])
 @pytest.mark.parametrize("row_scale", [False, True])
 @pytest.mark.parametrize("y_dtype", ["f32", "bf16"])
 def test_xty_token_pairs(a, bdim, dtypes, row_scale, y_dtype):
     """bf16 products over token pairs: the fp32 reference on the operands the kernel rounds to bf16
     (P and the row-weighted Q, or the row-weighted P when P is fp32). Groups of odd and even sizes,
-    none, and more token pairs than one stage (XTY_PAIR_CHUNK) in one launch."""
+    none, and more token pairs than one stage (XTY_PAIR_CHUNK) in one launch; groups of several work
+    items (64 x 2048, 4096 x 16: more than XTY_ITEM_OUTPUTS outputs)."""
     kern = get_kernel(LoraSpec("xty", bdim, a, x_dtype=dtypes[0], w_dtype=dtypes[1], row_scale=row_scale,
                                y_dtype=y_dtype, token_pairs=True))
     ms = (7, 1, 0, 2 * XTY_PAIR_CHUNK + 3, 2)

@@ -117,9 +117,8 @@ class LoraSpec:
 
     @property
     def units_per_item(self) -> int:
-        """xty: tiles per work item (items must not be tiny: each claim is a contended atomic): 16,
-        or 8 of the 64-column tiles (the same 4096 outputs as 16 of their 8 x 32 halves)."""
-        return min(8 if self.tile_cols == 64 else 16, self.units)
+        """xty: tiles per work item: up to XTY_ITEM_OUTPUTS outputs (each claim is a contended atomic)."""
+        return max(1, min(XTY_ITEM_OUTPUTS // (self.a_block * self.tile_cols), self.units))
 
     @property
     def col_blocks(self) -> int:
@@ -308,6 +307,10 @@ def _xb_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: s
     row_blocks(fn, m, mr, micro)
 
 
+# xty: outputs per work item (rank-16 gradients: a group's whole A or B gradient at the MoE's sizes).
+# Kernel alone on Zen 4, qwen3's A gradients into cold memory, against 4096: 81 experts x 1-3 tokens
+# -15..-17%, 128 x ~8 tokens -13%; MoE backward (int4, qwen3) qlen 1 -1..-3%, 16 -2%, 128 -1%.
+XTY_ITEM_OUTPUTS = 32768
 XTY_PREFETCH_UNITS = 2  # xty: prefetch distance along a token row, in tiles
 # xty with B a multiple of 1024 (an adapter A's gradient, B = hidden size): in a group of at most
 # this many tokens an item takes 4 x 64 tiles (numbered row by row over the group, so an item's 16
