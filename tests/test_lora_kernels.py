@@ -117,7 +117,7 @@ def test_xty(a, bdim, dtypes, ms, row_scale, y_dtype):
             assert rel_err(c.float(), want.bfloat16().float()) < 4e-3
 
 
-@pytest.mark.parametrize("a,bdim", [(256, 16), (16, 96), (8, 16), (16, 1024), (64, 2048), (4096, 16)])
+@pytest.mark.parametrize("a,bdim", [(256, 16), (16, 96), (8, 16), (16, 1024), (64, 2048), (4096, 16), (24, 3072)])
 @pytest.mark.parametrize("dtypes", [("bf16", "f32"), ("f32", "bf16"), ("f32", "f32"), ("bf16", "bf16")])
 @pytest.mark.parametrize("row_scale", [False, True])
 @pytest.mark.parametrize("y_dtype", ["f32", "bf16"])
@@ -125,7 +125,8 @@ def test_xty_token_pairs(a, bdim, dtypes, row_scale, y_dtype):
     """bf16 products over token pairs: the fp32 reference on the operands the kernel rounds to bf16
     (P and the row-weighted Q, or the row-weighted P when P is fp32). Groups of odd and even sizes,
     none, and more token pairs than one stage (XTY_PAIR_CHUNK) in one launch; groups of several work
-    items (64 x 2048, 4096 x 16: more than XTY_ITEM_OUTPUTS outputs)."""
+    items (64 x 2048, 4096 x 16, 24 x 3072: more than XTY_ITEM_OUTPUTS outputs; the last one ends
+    mid-row and is partial)."""
     kern = get_kernel(LoraSpec("xty", bdim, a, x_dtype=dtypes[0], w_dtype=dtypes[1], row_scale=row_scale,
                                y_dtype=y_dtype, token_pairs=True))
     ms = (7, 1, 0, 2 * XTY_PAIR_CHUNK + 3, 2)
@@ -165,12 +166,14 @@ def test_xty_token_pairs_broadcast_from_the_stage():
         assert dots and all("{1to16}" in line for line in dots), (bdim, a)
 
 
-@pytest.mark.parametrize("a,bdim", [(24, 2048), (264, 32), (136, 48), (8, 3072)])
+@pytest.mark.parametrize("a,bdim", [(24, 2048), (264, 32), (136, 48), (8, 3072), (24, 3072), (16, 7168),
+                                    (32, 1408), (696, 48)])
 @pytest.mark.parametrize("accumulate,y_dtype", [(False, "bf16"), (True, "f32")])
 def test_xty_covers_every_output_once(a, bdim, accumulate, y_dtype):
-    """Tile numberings that cross rows or leave a partial last item (A a multiple of 8 but not 16,
-    B of 1024 with items splitting rows, 33 and 51 tiles), groups of few and of many tokens in one
-    launch: every output written once (accumulated into a random C, or over NaN)."""
+    """Tile numberings that cross rows or leave a partial last item (A a multiple of 8 but not 16;
+    groups of one item, and of several whose items end mid-row or leave a partial last one: 24 x
+    3072, 16 x 7168, 32 x 1408, 696 x 48), groups of few and of many tokens in one launch: every
+    output written once (accumulated into a random C, or over NaN)."""
     kern = get_kernel(LoraSpec("xty", bdim, a, x_dtype="f32", w_dtype="bf16", accumulate=accumulate,
                                y_dtype=y_dtype))
     ms = (3, 40)

@@ -125,30 +125,35 @@ def test_bad_specs_are_rejected():
 
 def test_zero_slices_writes_exactly_the_masked_experts():
     """The streaming zero fill (idle experts' LoRA gradients): every byte of every masked expert's
-    slice of every tensor, across the work items' expert shares, and nothing else; bad masks and
-    misaligned tensors are refused."""
+    slice of every tensor, across the work items' expert shares (more experts than SPLIT, not a
+    multiple of it, and fewer), and nothing else (the bytes after the tensors, an empty mask); bad
+    masks and misaligned tensors are refused."""
     import numpy as np
 
     from kt_jit.kernels.fill import SPLIT, zero_slices
     from kt_jit.runtime.buffers import aligned_empty
 
-    experts = 3 * SPLIT + 5  # (shares of unequal size)
-    tensors = [aligned_empty((experts, 16, 32), torch.bfloat16), aligned_empty((experts, 48), torch.float32)]
-    for t in tensors:
-        t.fill_(1.0)
-    mask = np.random.default_rng(0).random(experts) < 0.5
-    mask[[0, experts - 1]] = True
-    zero_slices(mask, tensors)
-    for t in tensors:
-        expect = torch.ones_like(t)
-        expect[torch.from_numpy(mask)] = 0
-        assert torch.equal(t, expect)
-    zero_slices(np.zeros(experts, dtype=np.uint8), tensors)  # nothing masked: nothing written
+    for experts in (3 * SPLIT + 5, 3):
+        bufs = [aligned_empty((experts + 1, 16, 32), torch.bfloat16), aligned_empty((experts + 1, 48), torch.float32)]
+        for t in bufs:
+            t.fill_(1.0)
+        tensors = [t[:experts] for t in bufs]  # (the row after them must stay untouched)
+        zero_slices(np.zeros(experts, dtype=np.uint8), tensors)  # nothing masked: nothing written
+        assert all((t == 1).all() for t in bufs)
+        mask = np.random.default_rng(experts).random(experts) < 0.5
+        mask[[0, experts - 1]] = True
+        zero_slices(mask, tensors)
+        for t in bufs:
+            expect = torch.ones_like(t)
+            expect[:experts][torch.from_numpy(mask)] = 0
+            assert torch.equal(t, expect), experts
     with pytest.raises(ValueError, match="1-D bool or uint8"):
         zero_slices(mask.astype(np.int32), tensors)
+    with pytest.raises(ValueError, match="1-D bool or uint8"):
+        zero_slices(torch.from_numpy(mask), tensors)
     with pytest.raises(ValueError, match="expert slices"):
         zero_slices(mask[:-1], tensors)
     with pytest.raises(ValueError, match="multiples of 64"):
-        zero_slices(mask, [aligned_empty((experts, 8), torch.float32)])  # 32-byte slices
+        zero_slices(mask, [aligned_empty((3, 8), torch.float32)])  # 32-byte slices
     with pytest.raises(ValueError, match="multiples of 64"):
-        zero_slices(mask, [aligned_empty((experts * 16 + 1,), torch.float32)[1:].view(experts, 16)])
+        zero_slices(mask, [aligned_empty((3 * 16 + 1,), torch.float32)[1:].view(3, 16)])

@@ -160,8 +160,9 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
     batches = [batch(t, k, e, h, seed=1 + j) for j in range(BATCHES)]
 
     def picker(phase: int):
-        """Each pass cycles through the same batches; ``timed`` calls the passes round-robin, so
-        pass p starts at batch 2p: no call follows one with the same routing."""
+        """Each pass cycles through the same batches from batch 2 ``phase``; ``timed`` calls the
+        passes round-robin in the order of ``passes`` (phases 0, 1, 2, 3, 1, then the bf16 baseline's
+        0 and 3 after the probe): no call follows one with the same routing."""
         return itertools.cycle(batches[2 * phase:] + batches[:2 * phase]).__next__
 
     dout = torch.randn(t, h, generator=torch.Generator().manual_seed(2))

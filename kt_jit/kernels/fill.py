@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import ctypes
 import functools
+import math
 from collections.abc import Sequence
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 
 from ..codegen import avx512 as vx
 from ..codegen.ir import F32x16, Function
-from ..codegen.worker import ArgBlock, compile_worker
+from ..codegen.worker import ArgBlock, compile_worker, immediate_launches
 from ..runtime.buffers import array_address
 
 ALIGN = 64
@@ -55,13 +56,15 @@ def zero_slices(mask: np.ndarray, tensors: Sequence[torch.Tensor]) -> None:
 
     ``mask``: bool or uint8 NumPy array [E], contiguous. ``tensors``: contiguous CPU tensors of
     shape [E, ...] (any dtype) whose data pointers and per-expert slices are multiples of 64 bytes;
-    the caller keeps them alive (the launch runs at once)."""
-    if mask.ndim != 1 or mask.dtype.itemsize != 1 or not mask.flags.c_contiguous:
-        raise ValueError("zero_slices needs a contiguous 1-D bool or uint8 mask")
+    the launch runs at once, also inside a LaunchBatch)."""
+    if not isinstance(mask, np.ndarray) or mask.ndim != 1 or mask.dtype.itemsize != 1 \
+            or not mask.flags.c_contiguous:
+        raise ValueError("zero_slices needs a contiguous 1-D bool or uint8 NumPy mask")
     experts = mask.shape[0]
     fields = []
     for t in tensors:
-        size = t.stride(0) * t.element_size() if t.dim() else 0
+        # (from the shape: is_contiguous() ignores the stride of a size-1 dimension)
+        size = math.prod(t.shape[1:]) * t.element_size()
         if t.dim() == 0 or t.shape[0] != experts or not t.is_contiguous() or t.device.type != "cpu":
             raise ValueError(f"zero_slices needs contiguous CPU tensors of {experts} expert slices, "
                              f"got shape {tuple(t.shape)}")
@@ -72,5 +75,6 @@ def zero_slices(mask: np.ndarray, tensors: Sequence[torch.Tensor]) -> None:
     if not fields or not experts:
         return
     table = (ctypes.c_int64 * len(fields))(*fields)
-    ARGS.run(_kernel(), len(tensors) * SPLIT, keep=(table, mask), mask=array_address(mask), experts=experts,
-             split=SPLIT, table=ctypes.addressof(table))
+    with immediate_launches():
+        ARGS.run(_kernel(), len(tensors) * SPLIT, keep=(table, mask), mask=array_address(mask), experts=experts,
+                 split=SPLIT, table=ctypes.addressof(table))

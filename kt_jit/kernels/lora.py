@@ -307,15 +307,17 @@ def _xb_block(fn: Function, spec: LoraSpec, c: str, x: str, w: str, y: str, m: s
     row_blocks(fn, m, mr, micro)
 
 
-# xty: outputs per work item (rank-16 gradients: a group's whole A or B gradient at the MoE's sizes).
-# Kernel alone on Zen 4, qwen3's A gradients into cold memory, against 4096: 81 experts x 1-3 tokens
-# -15..-17%, 128 x ~8 tokens -13%; MoE backward (int4, qwen3) qlen 1 -1..-3%, 16 -2%, 128 -1%.
+# xty: outputs per work item (at rank 16 and hidden size 2048, a group's whole A or B gradient; 7168:
+# 4 items). Kernel alone on Zen 4 (2 threads), qwen3's A gradients into cold memory, against 4096:
+# 81 experts x 1-3 tokens -15..-17%, 128 x ~8 tokens -13%; MoE backward (int4, qwen3) qlen 1 -1..-3%,
+# 16 -2%, 128 -1%. Hosts with many threads get fewer items than threads only where the gradients are
+# small (e.g. qlen 1: 16 items of 64 KB, a few microseconds either way).
 XTY_ITEM_OUTPUTS = 32768
 XTY_PREFETCH_UNITS = 2  # xty: prefetch distance along a token row, in tiles
 # xty with B a multiple of 1024 (an adapter A's gradient, B = hidden size): in a group of at most
-# this many tokens an item takes 4 x 64 tiles (numbered row by row over the group, so an item's 16
-# tiles are 4 rows of 2 KB runs, stored a full line at a time), with more tokens 8 x 32 ones (half
-# as many Q vectors converted from bf16 per FMA); either way 4096 outputs per item.
+# this many tokens an item's tiles are 4 x 64 (numbered row by row over the group, so they cover
+# whole rows or runs of rows, stored a full line at a time), with more tokens 8 x 32 (half as many Q
+# vectors converted from bf16 per FMA); either way XTY_ITEM_OUTPUTS outputs per item.
 # Kernel alone on Zen 5, B=2048, 256 experts' gradients into cold memory, steady state (each variant
 # also pays the write-back of its own earlier output): 4 x 64 against 8 x 32, 1 token -3..-6%,
 # 4 -11%, 8 -24..-29%, 16 -15%, 32 +5%, 64 +10%. B=768 (runs of 1.5 KB cross rows): no gain.
