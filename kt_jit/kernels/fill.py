@@ -55,8 +55,8 @@ def zero_slices(mask: np.ndarray, tensors: Sequence[torch.Tensor]) -> None:
     """Write zeros to ``t[e]`` of every tensor ``t`` for every expert ``e`` with ``mask[e]`` set.
 
     ``mask``: bool or uint8 NumPy array [E], contiguous. ``tensors``: contiguous CPU tensors of
-    shape [E, ...] (any dtype) whose data pointers and per-expert slices are multiples of 64 bytes;
-    the launch runs at once, also inside a LaunchBatch)."""
+    shape [E, ...] (any dtype) whose data pointers and per-expert slices are multiples of 64 bytes.
+    The launch runs at once, also inside a LaunchBatch."""
     if not isinstance(mask, np.ndarray) or mask.ndim != 1 or mask.dtype.itemsize != 1 \
             or not mask.flags.c_contiguous:
         raise ValueError("zero_slices needs a contiguous 1-D bool or uint8 NumPy mask")

@@ -1403,7 +1403,14 @@ LP_WIDE_QUANTS = ("bf16", "int8")  # (int4: LP_QUAD_BLOCKS)
 # rows, as if the decode did not overlap the misses. Kernel A/B, Zen 4, 8 cold experts, against
 # none: int8 1 / 2 rows -4 / -6%, int4 -4..-5 / -5%, K-group int4 -4..-5 / -3%, int4 4 rows -1%
 # (2 and 8 KB about the same or less; bf16, at the memory's rate already: +-1%, so not there).
-LP_FAR_PREFETCH = 4096  # (none where not beyond the L1 one; prefetches never fault past the weights' end)
+LP_FAR_PREFETCH = 4096  # (prefetches never fault past the weights' end)
+
+
+def _far_prefetch(spec: GemmSpec) -> bool:
+    """Whether the lane-partial form of ``spec`` adds the LP_FAR_PREFETCH one: quantized weights,
+    a distance beyond the L1 prefetch's, and not ``lps`` schedules (single-group calls, whose
+    one-row steps go to 8 rows: not measured)."""
+    return spec.quant != "bf16" and not spec.schedule.lps and LP_FAR_PREFETCH > spec.schedule.sp
 
 
 def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
@@ -1516,8 +1523,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     # -0.9..-3.4%; in the fast mode 2 rows +1.5%; at 4 blocks per step, or prefetching one block in
     # 4 or 8: +5..+9%): fewer instructions per weight byte while streaming
     pf_every = _LP_PFEVERY if ns >= 2 * STREAM_BLOCKS else 1
-    # (measured for the MoE's groups; not for single-group lps calls, whose one-row steps go to 8 rows)
-    far = spec.quant != "bf16" and not spec.schedule.lps and LP_FAR_PREFETCH > spec.schedule.sp
+    far = _far_prefetch(spec)
     # a slice holds whole K-groups: dY's pairs (scaled by the group's channel scales) and the zero
     # points change from one group to the next within each step of n-blocks
     gsl = spec.group_size // 2 if spec.group_size else sl
@@ -1752,7 +1758,7 @@ def _lane_partial_quad_step(fn: Function, spec: GemmSpec, wblk: str, block_strid
         kr = fn.add(kbase, r)
         for b in range(0, ns, pf_every):
             vx.prefetch(fn, fn.gep(wrow, b * block_stride + spec.schedule.sp))
-            if LP_FAR_PREFETCH > spec.schedule.sp:
+            if _far_prefetch(spec):
                 vx.prefetch(fn, fn.gep(wrow, b * block_stride + LP_FAR_PREFETCH), 2)
         if isinstance(rows, int):
             count = -(-rows // 4)
