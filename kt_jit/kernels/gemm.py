@@ -22,11 +22,12 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
   forward micro-kernel runs on it, so large M runs at the forward's speed. Groups of at most
   ``sm`` rows are instead streamed whole by their first work item: n-blocks read 4 side by side in
   forward order (long sequential runs instead of 2 KB pieces at a K-sized stride), transposed in
-  registers and multiplied at once into dX rows kept in L1. Groups of at most ``lp`` rows (4; int4:
-  8) take the lane-partial form, also whole and in forward order: no transposition at all (one
-  word swap per row, int4 one byte shuffle per two rows; see :func:`_bwd_lane_partial`), partial
-  sums per n-pair kept in the lanes of L1 accumulators over a K-slice and folded to outputs at its
-  end. A single group (the launches of
+  registers and multiplied at once into dX rows kept in L1. Groups of at most ``lp`` rows (bf16 4;
+  int4 and int8: QUAD_MAX_ROWS) take the lane-partial form, also whole and in forward order: no
+  transposition at all (bf16 one word swap per row; int4 and int8 from 3 rows quad steps, codes cut
+  from one 64-byte load by masks and shifts; see :func:`_bwd_lane_partial`), partial sums per
+  n-pair kept in the lanes of L1 accumulators over a K-slice and folded to outputs at its end. A
+  single group (the launches of
   ``linear_t``, bf16 and int8: schedule ``lps``) gives each K-slice to a work item of its own.
   bf16 groups of 16 rows, or more whose last 16-row tile holds at least 12 (28-32, 44-48, ...;
   schedule ``tl``), take the tokens-in-lanes form instead (:func:`_bwd_lanes_item`): dY comes
@@ -1600,7 +1601,7 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                             offset_sum(i)
                 _lane_partial_quad_step(fn, spec, wblk, block_stride, gsl, ns, pf_every, dy_at, unrolled or m, acc,
                                         sl, g0 if spec.group_size else "0", qz)
-            else:  # bf16 and int8 at their unrolled rows: one k-pair row per step
+            else:  # bf16, and int8 at 1-2 rows or in lps schedules: one k-pair row per step
                 with fn.loop(0, gsl, name="lr") as r:
                     wrow = fn.gep(wblk, fn.mul(r, rb))
                     wv = []  # one swapped row per block
