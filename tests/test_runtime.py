@@ -288,14 +288,23 @@ def test_huge_page_status_reads_the_bracketed_mode(tmp_path, monkeypatch):
 
 
 def test_bandwidth_and_peak_probes_measure_something():
-    """The benchmarks' floors: a streaming read (one-shot and reusable) and the bf16 peak give
-    positive, finite rates (a read slower than 0.1 GB/s would mean the probe is broken)."""
+    """The benchmarks' floors: a streaming read and write (one-shot and reusable) and the bf16 peak
+    give positive, finite rates (slower than 0.1 GB/s would mean a probe is broken); the write
+    leaves its pattern in every byte of its buffer."""
     import math
 
-    from kt_jit.kernels.probe import ReadProbe, bf16_peak_flops, read_bandwidth
+    from kt_jit.kernels.probe import ReadProbe, WriteProbe, bf16_peak_flops, read_bandwidth, write_bandwidth
 
     probe = ReadProbe(16 << 20)
     assert probe.nbytes >= 16 << 20
     for bw in (probe(), probe(), read_bandwidth(16 << 20, repeats=2)):
         assert math.isfinite(bw) and bw > 1e8
+    for pattern in (0, 0x3F80_3F80_3F80_3F80, 0xFFFF_0000_1234_5678):
+        writer = WriteProbe((16 << 20) + 4096, pattern)  # (whole work items: the 4 KB tail is dropped)
+        assert writer.nbytes == 16 << 20 and writer.buffer.numel() == writer.nbytes // 8
+        writer.buffer.fill_(1)
+        assert math.isfinite(writer()) and writer() > 1e8
+        want = pattern - (1 << 64) if pattern >= 1 << 63 else pattern
+        assert (writer.buffer == want).all()
+    assert write_bandwidth(16 << 20, repeats=2, pattern=0) > 1e8
     assert bf16_peak_flops(seconds=0.02) > 1e9

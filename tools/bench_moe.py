@@ -35,7 +35,7 @@ from benchlib import finish
 
 import kt_jit
 import kt_jit.moe.weights
-from kt_jit.kernels.probe import ReadProbe, bf16_peak_flops, read_bandwidth
+from kt_jit.kernels.probe import ReadProbe, bf16_peak_flops, read_bandwidth, write_bandwidth
 from kt_jit.reference import moe as torch_moe
 from kt_jit.runtime.threads import default_num_threads
 
@@ -340,8 +340,13 @@ def main() -> int:
     min_seconds = 0.3 if args.quick else 1.0  # small passes get more rounds
 
     bw, peak = read_bandwidth(1 << 30), bf16_peak_flops()
+    # what the backward's LoRA gradients are written at (values; zeros, for idle experts' slices,
+    # can be much faster: see kernels/probe.py)
+    writes = {"write_gbps": write_bandwidth(1 << 30) / 1e9,
+              "zero_write_gbps": write_bandwidth(1 << 30, pattern=0) / 1e9}
     print(f"kt_jit MoE benchmark: isa={kt_jit.active_isa()} threads={threads} | read bandwidth "
-          f"{bw / 1e9:.1f} GB/s, bf16 peak {peak / 1e12:.2f} TFLOPS (measured now)")
+          f"{bw / 1e9:.1f} GB/s, streaming write {writes['write_gbps']:.1f} GB/s (zeros "
+          f"{writes['zero_write_gbps']:.1f}), bf16 peak {peak / 1e12:.2f} TFLOPS (measured now)")
     rows: list[dict] = []
     for name in names:
         e, h, i, k = SHAPES[name]
@@ -355,7 +360,7 @@ def main() -> int:
           f"({loop['growth_mb']:+.1f} MB); peak RSS of the whole run {peak_rss_mb():.0f} MB")
     rows.append({"name": f"RSS growth over {loop['steps']} training steps (MB)", "ms": loop["step_ms"], **loop})
     rows.append({"name": "peak RSS (MB)", "ms": 0.0, "peak_rss_mb": peak_rss_mb()})
-    return finish(rows, args.json, bw, peak, threads)
+    return finish(rows, args.json, bw, peak, threads, **writes)
 
 
 if __name__ == "__main__":
