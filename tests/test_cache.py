@@ -108,3 +108,40 @@ def test_clear_cache_only_removes_its_own_files(tmp_path, monkeypatch):
     monkeypatch.setenv("KT_JIT_CACHE_DIR", str(tmp_path))
     assert kt_jit.clear_cache() == 2
     assert all(k.exists() for k in keep)
+
+
+PERF_CHILD = textwrap.dedent("""
+    import json, os, torch, kt_jit
+    from kt_jit.codegen import perfmap
+    perfmap.map_path().unlink(missing_ok=True)  # (a file left by an earlier process with this pid)
+    w = kt_jit.pack_bf16(torch.randn(64, 128).bfloat16())
+    kt_jit.linear(torch.randn(5, 128).bfloat16(), w)
+    kt_jit.linear_t(torch.randn(5, 64).bfloat16(), w)
+    print(json.dumps({"pid": os.getpid(), "map": perfmap.read_map()}))
+""")
+
+
+def test_perf_map_names_every_loaded_kernel(tmp_path):
+    """KT_JIT_PERF_MAP=1: each kernel linked, compiled or loaded from the cache, gets a line in
+    /tmp/perf-<pid>.map with its name, start and size (from the object's symbol table); ranges do
+    not overlap. Off by default."""
+    from kt_jit.codegen import perfmap
+
+    assert perfmap.symbol_sizes(b"not an object file") == {}
+    for on in (True, True, False):  # (the first run compiles, the second loads from the cache)
+        env = {k: v for k, v in os.environ.items() if k != "KT_JIT_PERF_MAP"}
+        env |= {"KT_JIT_CACHE_DIR": str(tmp_path)} | ({"KT_JIT_PERF_MAP": "1"} if on else {})
+        proc = subprocess.run([sys.executable, "-c", PERF_CHILD], env=env, capture_output=True, text=True)
+        assert proc.returncode == 0, proc.stderr
+        out = json.loads(proc.stdout.strip().splitlines()[-1])
+        perfmap.map_path(out["pid"]).unlink(missing_ok=True)
+        if not on:
+            assert out["map"] == []
+            continue
+        names = [name for _, _, name in out["map"]]
+        assert sum(name.startswith("gemm_fwd") for name in names) == 1, names
+        assert sum(name.startswith("gemm_bwd") for name in names) == 1, names
+        ends = 0
+        for start, size, _ in out["map"]:
+            assert size > 0 and start >= ends
+            ends = start + size

@@ -9,7 +9,9 @@ from dataclasses import dataclass
 import llvmlite
 import llvmlite.binding as llvm
 
+from ..runtime import knobs
 from ..runtime.cpu import cpu_info, llvm_cpu_name
+from . import perfmap
 from .ir import PIPELINE_MARK
 
 _lock = threading.RLock()  # LLVM's global state (target machines, pass builders) is not thread-safe
@@ -138,7 +140,10 @@ class ObjectLoader:
                 builder.export_symbol(s)
             tracker = builder.link(self._lljit, f"kt_jit_lib{self._n}")
             self._trackers.append(tracker)
-            return {s: tracker[s] for s in symbols}
+            addresses = {s: tracker[s] for s in symbols}
+        if knobs.perf_map():
+            perfmap.record(addresses, perfmap.symbol_sizes(obj))
+        return addresses
 
 
 loader = ObjectLoader()
