@@ -6,6 +6,7 @@ from pathlib import Path
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1] / "tools"))
 
+import profile_kernels  # noqa: E402
 import tune  # noqa: E402
 
 
@@ -61,3 +62,12 @@ def test_tune_saves_a_setting_the_next_process_starts_from(tmp_path, monkeypatch
     assert tune.gemm.host_tuning() == tune.gemm.replaced(built_in, {"stream_prefetch": 2048, "quant_prefetch": 512})
     assert tune.main(["--forget"]) == 0 and not path.exists()
     tuning_store.reset_memo()
+
+
+def test_profile_attributes_samples_to_the_kernel_whose_range_holds_them():
+    """profile_kernels: a sample belongs to a kernel when its address is in [start, start + size)
+    (perf map ranges), at that offset; anything else is "(not a kernel)"."""
+    kernels = [(100, 50, "a"), (200, 10, "b")]
+    per, offsets = profile_kernels.attribute([99, 100, 149, 150, 205, 209, 210, 300], kernels)
+    assert per == {"a": 2, "b": 2, "(not a kernel)": 4}
+    assert offsets["a"] == {0: 1, 49: 1} and offsets["b"] == {5: 1, 9: 1}
