@@ -56,8 +56,8 @@ def run_passes(layer: Layer, kind: str, t: int, k: int, seconds: float) -> int:
     return n
 
 
-def sample(fn, out: str) -> list[int]:
-    """Instruction pointers sampled from this process while ``fn()`` runs."""
+def sample(fn, out: str) -> list[tuple[int, str]]:
+    """(instruction pointer, file it lies in) of each sample taken from this process while ``fn()`` runs."""
     rec = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", str(FREQ), "-p", str(os.getpid()),
                             "-o", out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.5)  # (perf attaches to every thread of the process)
@@ -69,21 +69,26 @@ def sample(fn, out: str) -> list[int]:
     finally:
         rec.send_signal(signal.SIGINT)
         rec.wait()
-    script = subprocess.run(["perf", "script", "-i", out, "-F", "ip"], capture_output=True, text=True, check=True)
-    return [int(line, 16) for line in script.stdout.split()]
+    script = subprocess.run(["perf", "script", "-i", out, "-F", "ip,dso"], capture_output=True, text=True, check=True)
+    samples = []
+    for line in script.stdout.splitlines():
+        ip, _, dso = line.strip().partition(" ")
+        samples.append((int(ip, 16), os.path.basename(dso.strip("()")) or "?"))
+    return samples
 
 
-def attribute(ips: list[int], kernels: list[tuple[int, int, str]]) -> tuple[collections.Counter, dict]:
-    """Samples per kernel name (others: "(not a kernel)") and, per kernel, samples per code offset."""
+def attribute(samples: list[tuple[int, str]], kernels: list[tuple[int, int, str]]) -> tuple[collections.Counter, dict]:
+    """Samples per kernel name (others: "(outside kernels: <file>)", e.g. libgomp.so.1 for threads
+    waiting for work, libpython/libtorch for host code) and, per kernel, samples per code offset."""
     per, offsets = collections.Counter(), collections.defaultdict(collections.Counter)
     starts = [s for s, _, _ in kernels]
-    for ip in ips:
+    for ip, dso in samples:
         i = bisect.bisect_right(starts, ip) - 1
         if i >= 0 and ip < kernels[i][0] + kernels[i][1]:
             per[kernels[i][2]] += 1
             offsets[kernels[i][2]][ip - kernels[i][0]] += 1
         else:
-            per["(not a kernel)"] += 1
+            per[f"(outside kernels: {dso})"] += 1
     return per, offsets
 
 
@@ -136,12 +141,13 @@ def main() -> int:
     run_passes(layer, args.kind, args.qlen, k, 1.0)
     runs = [0]
     with tempfile.TemporaryDirectory() as tmp:
-        ips = sample(lambda: runs.__setitem__(0, run_passes(layer, args.kind, args.qlen, k, seconds)),
+        samples = sample(lambda: runs.__setitem__(0, run_passes(layer, args.kind, args.qlen, k, seconds)),
                      os.path.join(tmp, "perf.data"))
     kernels = perfmap.read_map()
     perfmap.map_path().unlink(missing_ok=True)
-    per, offsets = attribute(ips, kernels)
-    total, in_kernels = len(ips), len(ips) - per["(not a kernel)"]
+    per, offsets = attribute(samples, kernels)
+    total = len(samples)
+    in_kernels = total - sum(n for name, n in per.items() if name.startswith("(outside"))
     print(f"{args.shape} {args.quant} qlen {args.qlen} {args.kind}: {runs[0]} passes, {total} samples at "
           f"{FREQ}/s per thread, {in_kernels / max(total, 1):.0%} of them in kernels")
     print(f"{'kernel':<96} {'share':>6} {'thread ms/pass':>15}")
