@@ -38,7 +38,7 @@ from kt_jit.codegen import perfmap
 FREQ = 4999  # samples per second per thread (an odd rate: no lock-step with periodic work)
 
 
-def run_passes(layer: Layer, kind: str, t: int, k: int, seconds: float) -> int:
+def run_passes(layer: Layer, kind: str, t: int, k: int, seconds: float, lora: bool = True) -> int:
     """Repeat the pass for ``seconds`` (routings cycled, LoRA gradients dropped as zero_grad does);
     returns how many ran."""
     batches = [batch(t, k, layer.e, layer.h, seed=1 + j) for j in range(8)]
@@ -49,7 +49,7 @@ def run_passes(layer: Layer, kind: str, t: int, k: int, seconds: float) -> int:
         x, ids, w = batches[n % len(batches)]
         for p in params:
             p.grad = None
-        y = kt_jit.moe_sft(x.clone().requires_grad_(kind != "fwd"), ids, w, layer.experts, layer.lora)
+        y = kt_jit.moe_sft(x.clone().requires_grad_(kind != "fwd"), ids, w, layer.experts, layer.lora if lora else None)
         if kind != "fwd":
             y.backward(dout)
         n += 1
@@ -122,6 +122,7 @@ def main() -> int:
     ap.add_argument("--quant", default="bf16")
     ap.add_argument("--qlen", type=int, default=16)
     ap.add_argument("--pass", dest="kind", default="step", choices=("fwd", "step"))
+    ap.add_argument("--no-lora", action="store_true", help="passes without the LoRA adapters")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--top", type=int, default=20, help="kernels listed (and instructions annotated)")
     ap.add_argument("--annotate", metavar="PREFIX", help="annotate the kernel whose name starts with this")
@@ -137,18 +138,20 @@ def main() -> int:
     layer = Layer(e, h, i, RANK)
     if args.quant != "bf16":
         layer.quantize(args.quant)
-    run_passes(layer, args.kind, args.qlen, k, 0.0)  # compile, record launch plans
-    run_passes(layer, args.kind, args.qlen, k, 1.0)
+    lora = not args.no_lora
+    run_passes(layer, args.kind, args.qlen, k, 0.0, lora)  # compile, record launch plans
+    run_passes(layer, args.kind, args.qlen, k, 1.0, lora)
     runs = [0]
     with tempfile.TemporaryDirectory() as tmp:
-        samples = sample(lambda: runs.__setitem__(0, run_passes(layer, args.kind, args.qlen, k, seconds)),
+        samples = sample(lambda: runs.__setitem__(0, run_passes(layer, args.kind, args.qlen, k, seconds, lora)),
                      os.path.join(tmp, "perf.data"))
     kernels = perfmap.read_map()
     perfmap.map_path().unlink(missing_ok=True)
     per, offsets = attribute(samples, kernels)
     total = len(samples)
     in_kernels = total - sum(n for name, n in per.items() if name.startswith("(outside"))
-    print(f"{args.shape} {args.quant} qlen {args.qlen} {args.kind}: {runs[0]} passes, {total} samples at "
+    what = f"{args.shape} {args.quant} qlen {args.qlen} {args.kind}{'' if lora else ' (no LoRA)'}"
+    print(f"{what}: {runs[0]} passes, {total} samples at "
           f"{FREQ}/s per thread, {in_kernels / max(total, 1):.0%} of them in kernels")
     print(f"{'kernel':<96} {'share':>6} {'thread ms/pass':>15}")
     rows = []
