@@ -4,6 +4,7 @@ import os
 import subprocess
 import sys
 
+import numpy as np
 import pytest
 import torch
 
@@ -299,12 +300,14 @@ def test_bandwidth_and_peak_probes_measure_something():
     assert probe.nbytes >= 16 << 20
     for bw in (probe(), probe(), read_bandwidth(16 << 20, repeats=2)):
         assert math.isfinite(bw) and bw > 1e8
-    for pattern in (0, 0x3F80_3F80_3F80_3F80, 0xFFFF_0000_1234_5678):
+    for pattern in (0, 0x3F80_3F80_3F80_3F80, 0xFFFF_0000_1234_5678, -2):
         writer = WriteProbe((16 << 20) + 4096, pattern)  # (whole work items: the 4 KB tail is dropped)
         assert writer.nbytes == 16 << 20 and writer.buffer.numel() == writer.nbytes // 8
         writer.buffer.fill_(1)
         assert math.isfinite(writer()) and writer() > 1e8
-        want = pattern - (1 << 64) if pattern >= 1 << 63 else pattern
-        assert (writer.buffer == want).all()
+        assert (writer.buffer.numpy().view(np.uint64) == np.uint64(pattern % (1 << 64))).all()
+    for bad in (1 << 64, -(1 << 63) - 1):
+        with pytest.raises(ValueError, match="64 bits"):
+            WriteProbe(1 << 18, bad)
     assert write_bandwidth(16 << 20, repeats=2, pattern=0) > 1e8
     assert bf16_peak_flops(seconds=0.02) > 1e9

@@ -65,12 +65,13 @@ def test_tune_saves_a_setting_the_next_process_starts_from(tmp_path, monkeypatch
 
 
 def test_profile_attributes_samples_to_the_kernel_whose_range_holds_them():
-    """profile_kernels: a sample belongs to a kernel when its address is in [start, start + size)
-    (perf map ranges), at that offset; the others are counted by the file they lie in."""
+    """profile_kernels: a sample's time belongs to a kernel when its address is in [start, start +
+    size) (perf map ranges), at that offset; the others' time is counted by the file they lie in."""
     kernels = [(100, 50, "a"), (200, 10, "b")]
     ips = [99, 100, 149, 150, 205, 209, 210, 300]
     dsos = ["libgomp.so.1", "[JIT]", "[JIT]", "[JIT]", "[JIT]", "[JIT]", "libgomp.so.1", "libpython3.11.so.1.0"]
-    per, offsets = profile_kernels.attribute(list(zip(ips, dsos, strict=True)), kernels)
-    assert per == {"a": 2, "b": 2, "(outside kernels: libgomp.so.1)": 2, "(outside kernels: [JIT])": 1,
-                   "(outside kernels: libpython3.11.so.1.0)": 1}
+    periods = [1, 2, 4, 8, 16, 32, 64, 128]
+    per, offsets = profile_kernels.attribute(list(zip(ips, dsos, periods, strict=True)), kernels)
+    assert per == {"a": 6, "b": 48, "(outside kernels: libgomp.so.1)": 65, "(outside kernels: [JIT])": 8,
+                   "(outside kernels: libpython3.11.so.1.0)": 128}
     assert offsets["a"] == {0: 1, 49: 1} and offsets["b"] == {5: 1, 9: 1}

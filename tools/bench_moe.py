@@ -9,8 +9,10 @@ probes: ``of_floor`` = (bytes of the activated experts' weights / read bandwidth
 issues define it (LoRA's bytes are not in it: the passes without LoRA show how far its cost is
 from the experts' own), with the bandwidth read by a probe timed round-robin with each qlen's
 passes (the median reading; rows carry it as ``bw_gbs``); ``of_roof`` also counts the compute roof
-(FLOPs / bf16 peak), which binds first on CPUs without AMX. Also reported: peak RSS, and RSS
-growth over a training loop (forward, backward, AdamW step).
+(FLOPs / bf16 peak), which binds first on CPUs without AMX. Also reported: peak RSS, RSS growth
+over a training loop (forward, backward, AdamW step), and the streaming-write bandwidth for values
+and for zeros (the LoRA gradients' writes and the idle experts' zeroing; the machine row's
+``write_gbps`` and ``zero_write_gbps``).
 
 Every quantization mode is timed too (same shapes; ``vs_bf16`` = BF16 time / mode time for the
 forward with saved activations and the backward, the bf16 experts' passes timed round-robin with

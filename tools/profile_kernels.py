@@ -30,18 +30,19 @@ import tempfile
 import time
 
 import torch
-from bench_moe import RANK, SHAPES, Layer, batch
 
 import kt_jit
 from kt_jit.codegen import perfmap
 
-FREQ = 4999  # samples per second per thread (an odd rate: no lock-step with periodic work)
+FREQ = 4999  # samples per second per thread asked for (an odd rate: no lock-step with periodic work)
 
 
-def run_passes(layer: Layer, kind: str, t: int, k: int, seconds: float, lora: bool = True) -> int:
-    """Repeat the pass for ``seconds`` (routings cycled, LoRA gradients dropped as zero_grad does);
-    returns how many ran."""
-    batches = [batch(t, k, layer.e, layer.h, seed=1 + j) for j in range(8)]
+def run_passes(layer, kind: str, t: int, k: int, seconds: float, lora: bool = True) -> int:
+    """Repeat the pass for ``seconds`` on ``layer`` (a bench_moe.Layer; routings cycled, LoRA
+    gradients dropped as zero_grad does); returns how many ran."""
+    from bench_moe import BATCHES, batch  # (imported here: it allocates its L3 flush buffer)
+
+    batches = [batch(t, k, layer.e, layer.h, seed=1 + j) for j in range(BATCHES)]
     dout = torch.randn(t, layer.h)
     params = list(layer.lora.tensors())
     end, n = time.perf_counter() + seconds, 0
@@ -56,39 +57,54 @@ def run_passes(layer: Layer, kind: str, t: int, k: int, seconds: float, lora: bo
     return n
 
 
-def sample(fn, out: str) -> list[tuple[int, str]]:
-    """(instruction pointer, file it lies in) of each sample taken from this process while ``fn()`` runs."""
+def _perf_failed(what: str, stderr: str) -> SystemExit:
+    return SystemExit(f"perf {what} failed: {stderr.strip()} (a user may profile their own processes when "
+                      f"/proc/sys/kernel/perf_event_paranoid is at most 2; the sampling rate, {FREQ}/s, must not "
+                      "exceed /proc/sys/kernel/perf_event_max_sample_rate)")
+
+
+def sample(fn, out: str) -> list[tuple[int, str, int]]:
+    """(instruction pointer, file it lies in, nanoseconds it stands for) of each sample taken from
+    this process while ``fn()`` runs."""
     rec = subprocess.Popen(["perf", "record", "-q", "-e", "cpu-clock", "-F", str(FREQ), "-p", str(os.getpid()),
                             "-o", out], stdout=subprocess.DEVNULL, stderr=subprocess.PIPE)
     time.sleep(0.5)  # (perf attaches to every thread of the process)
     if rec.poll() is not None:
-        raise SystemExit(f"perf record failed: {rec.stderr.read().decode().strip()} (perf_event_paranoid "
-                         "at most 2 lets a user profile their own processes)")
+        raise _perf_failed("record", rec.stderr.read().decode())
     try:
         fn()
     finally:
         rec.send_signal(signal.SIGINT)
-        rec.wait()
-    script = subprocess.run(["perf", "script", "-i", out, "-F", "ip,dso"], capture_output=True, text=True, check=True)
+        _, err = rec.communicate()
+    if rec.returncode not in (0, -signal.SIGINT):
+        raise _perf_failed("record", err.decode())
+    script = subprocess.run(["perf", "script", "-i", out, "-F", "period,ip,dso"], capture_output=True, text=True)
+    if script.returncode:
+        raise _perf_failed("script", script.stderr)
     samples = []
     for line in script.stdout.splitlines():
-        ip, _, dso = line.strip().partition(" ")
-        samples.append((int(ip, 16), os.path.basename(dso.strip("()")) or "?"))
+        parts = line.split(None, 2)
+        try:
+            samples.append((int(parts[1], 16), os.path.basename(parts[2].strip().strip("()")), int(parts[0])))
+        except (IndexError, ValueError):  # (a line perf did not write as asked: skipped)
+            continue
     return samples
 
 
-def attribute(samples: list[tuple[int, str]], kernels: list[tuple[int, int, str]]) -> tuple[collections.Counter, dict]:
-    """Samples per kernel name (others: "(outside kernels: <file>)", e.g. libgomp.so.1 for threads
-    waiting for work, libpython/libtorch for host code) and, per kernel, samples per code offset."""
+def attribute(samples: list[tuple[int, str, int]], kernels: list[tuple[int, int, str]],
+              ) -> tuple[collections.Counter, dict]:
+    """Nanoseconds per kernel name (others: "(outside kernels: <file>)", e.g. libgomp.so.1 for
+    threads waiting for work, libpython/libtorch for host code) and, per kernel, samples per code
+    offset. ``kernels``: (start, size, name) sorted by start, as perfmap.read_map gives them."""
     per, offsets = collections.Counter(), collections.defaultdict(collections.Counter)
     starts = [s for s, _, _ in kernels]
-    for ip, dso in samples:
+    for ip, dso, ns in samples:
         i = bisect.bisect_right(starts, ip) - 1
         if i >= 0 and ip < kernels[i][0] + kernels[i][1]:
-            per[kernels[i][2]] += 1
+            per[kernels[i][2]] += ns
             offsets[kernels[i][2]][ip - kernels[i][0]] += 1
         else:
-            per[f"(outside kernels: {dso})"] += 1
+            per[f"(outside kernels: {dso})"] += ns
     return per, offsets
 
 
@@ -117,6 +133,8 @@ def annotate(name: str, start: int, size: int, hits: collections.Counter, top: i
 
 
 def main() -> int:
+    from bench_moe import RANK, SHAPES, Layer
+
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
     ap.add_argument("--quant", default="bf16")
@@ -125,17 +143,25 @@ def main() -> int:
     ap.add_argument("--no-lora", action="store_true", help="passes without the LoRA adapters")
     ap.add_argument("--seconds", type=float, default=10.0)
     ap.add_argument("--top", type=int, default=20, help="kernels listed (and instructions annotated)")
-    ap.add_argument("--annotate", metavar="PREFIX", help="annotate the kernel whose name starts with this")
+    ap.add_argument("--annotate", metavar="PREFIX",
+                    help="annotate the most-sampled kernel whose name starts with this")
     ap.add_argument("--quick", action="store_true", help="a short run (3 s of samples)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
-    os.environ["KT_JIT_PERF_MAP"] = "1"  # (before the first kernel loads)
     if not shutil.which("perf"):
         print("profile_kernels: needs Linux perf (e.g. apt install linux-tools-generic)", file=sys.stderr)
         return 2
+    os.environ["KT_JIT_PERF_MAP"] = "1"  # (before the first kernel loads)
+    try:
+        return _profile(args, RANK, SHAPES, Layer)
+    finally:
+        perfmap.map_path().unlink(missing_ok=True)
+
+
+def _profile(args, rank: int, shapes: dict, layer_class) -> int:
     seconds = 3.0 if args.quick else args.seconds
-    e, h, i, k = SHAPES[args.shape]
-    layer = Layer(e, h, i, RANK)
+    e, h, i, k = shapes[args.shape]
+    layer = layer_class(e, h, i, rank)
     if args.quant != "bf16":
         layer.quantize(args.quant)
     lora = not args.no_lora
@@ -144,21 +170,20 @@ def main() -> int:
     runs = [0]
     with tempfile.TemporaryDirectory() as tmp:
         samples = sample(lambda: runs.__setitem__(0, run_passes(layer, args.kind, args.qlen, k, seconds, lora)),
-                     os.path.join(tmp, "perf.data"))
+                         os.path.join(tmp, "perf.data"))
     kernels = perfmap.read_map()
-    perfmap.map_path().unlink(missing_ok=True)
     per, offsets = attribute(samples, kernels)
-    total = len(samples)
-    in_kernels = total - sum(n for name, n in per.items() if name.startswith("(outside"))
+    total_ns = sum(per.values())
+    in_kernels = total_ns - sum(ns for name, ns in per.items() if name.startswith("(outside"))
     what = f"{args.shape} {args.quant} qlen {args.qlen} {args.kind}{'' if lora else ' (no LoRA)'}"
-    print(f"{what}: {runs[0]} passes, {total} samples at "
-          f"{FREQ}/s per thread, {in_kernels / max(total, 1):.0%} of them in kernels")
+    print(f"{what}: {runs[0]} passes, {len(samples)} samples ({total_ns / 1e9:.1f} thread-seconds), "
+          f"{in_kernels / max(total_ns, 1):.0%} of them in kernels")
     print(f"{'kernel':<96} {'share':>6} {'thread ms/pass':>15}")
     rows = []
-    for name, n in per.most_common(args.top):
-        ms = n / FREQ / runs[0] * 1e3
-        print(f"{name[:96]:<96} {n / total:6.1%} {ms:15.3f}")
-        rows.append({"name": name, "ms": ms, "share": n / total, "samples": n})
+    for name, ns in per.most_common(args.top):
+        ms = ns / 1e6 / runs[0]
+        print(f"{name[:96]:<96} {ns / total_ns:6.1%} {ms:15.3f}")
+        rows.append({"name": name, "ms": ms, "share": ns / total_ns})
     if args.annotate:
         hit = [(per[name], start, size, name) for start, size, name in kernels if name.startswith(args.annotate)]
         if not hit:

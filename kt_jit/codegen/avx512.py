@@ -371,6 +371,12 @@ def i32_splat_value(fn: Function, scalar: str) -> str:
     return fn.val(f"shufflevector {I32x16} {v}, {I32x16} poison, <16 x i32> zeroinitializer")
 
 
+def i64_splat_value(fn: Function, scalar: str) -> str:
+    """A run-time i64 broadcast to <8 x i64>."""
+    v = fn.val(f"insertelement <8 x i64> poison, i64 {scalar}, i64 0")
+    return fn.val(f"shufflevector <8 x i64> {v}, <8 x i64> poison, <8 x i32> zeroinitializer")
+
+
 def f32_splat_value(fn: Function, scalar: str) -> str:
     """A run-time float broadcast to <16 x float>."""
     v = fn.val(f"insertelement {F32x16} poison, float {scalar}, i64 0")

@@ -142,7 +142,7 @@ class ObjectLoader:
             self._trackers.append(tracker)
             addresses = {s: tracker[s] for s in symbols}
         if knobs.perf_map():
-            perfmap.record(addresses, perfmap.symbol_sizes(obj))
+            perfmap.record(addresses, obj)
         return addresses
 
 

@@ -4,8 +4,8 @@
   memory-bound floor of a pass is bytes / this).
 - :func:`write_bandwidth`: bytes/s of a parallel streaming-store write (the floor of what a pass
   writes, e.g. the LoRA gradients). The written bytes matter on some machines: on the Zen 4 VM
-  these kernels were tuned on, zero lines were written ~2.7x as fast as any other data (65 against
-  24 GB/s, NT stores, 2 threads), so a zero fill is no floor for writing real values.
+  these kernels were tuned on, zero lines were written 2-3x as fast as any other data (80-96
+  against 26-50 GB/s, 2 threads), so a zero fill is no floor for writing real values.
 - :func:`bf16_peak_flops`: FLOP/s of back-to-back bf16 dot products on all threads (AMX ``tdpbf16ps``
   where AMX is in use, AVX-512 ``vdpbf16ps`` otherwise): the compute-bound floor.
 """
@@ -27,7 +27,7 @@ from ..runtime.amx import active_isa
 from ..runtime.buffers import aligned_empty
 from ..runtime.threads import launch
 
-CHUNK = 1 << 18  # bytes per work item of the read probe
+CHUNK = 1 << 18  # bytes per work item of the read and write probes
 READ_ARGS = ArgBlock(["src", "sink"])
 WRITE_ARGS = ArgBlock(["dst", "pattern"])
 PEAK_ARGS = ArgBlock(["iters", "sink"])
@@ -52,8 +52,7 @@ def _read_kernel() -> int:
 def _write_kernel() -> int:
     def body(fn, ctx, item, tiles):
         base = fn.gep(WRITE_ARGS.load_ptr(fn, ctx, "dst"), fn.mul(item, CHUNK))
-        word = fn.val(f"insertelement <8 x i64> poison, i64 {WRITE_ARGS.load(fn, ctx, 'pattern')}, i64 0")
-        line = fn.val(f"shufflevector <8 x i64> {word}, <8 x i64> poison, <8 x i32> zeroinitializer")
+        line = vx.i64_splat_value(fn, WRITE_ARGS.load(fn, ctx, "pattern"))
         with fn.loop(0, CHUNK, 64, name="b") as off:
             vx.store_nontemporal(fn, "<8 x i64>", line, fn.gep(base, off), 64)
         vx.sfence(fn)
@@ -102,69 +101,73 @@ def _median_time(fn, repeats: int) -> float:
     return statistics.median(times)
 
 
-class ReadProbe:
-    """A parallel streaming read over one ``nbytes`` buffer (allocated and touched once); each call
-    returns the bytes per second of one read: cheap enough to interleave with what it is the floor
-    of (benchmarks on a VM whose bandwidth drifts)."""
+class _StreamProbe:
+    """A parallel streaming pass over one buffer of ``nbytes`` rounded down to whole CHUNK-byte
+    work items (one at least); the argument block is built once, so a call times only the launch."""
 
-    def __init__(self, nbytes: int = 1 << 30, num_threads: int | None = None) -> None:
-        n_items = max(1, nbytes // CHUNK)
-        self.nbytes = n_items * CHUNK
-        self._buf = aligned_empty((self.nbytes,), torch.uint8)
-        self._buf.fill_(1)
-        self._sink = aligned_empty((n_items * 16,), torch.int32)
-        self._args = READ_ARGS.make(n_items, src=self._buf.data_ptr(), sink=self._sink.data_ptr())
-        self._addr, self._threads = _read_kernel(), num_threads
-        self._run()
-
-    def _run(self) -> None:  # the argument block is built once: only the launch is timed
-        self._args.counter = 0
-        launch(self._addr, ctypes.addressof(self._args), self._threads)
-
-    def __call__(self) -> float:
-        t0 = time.perf_counter()
-        self._run()
-        return self.nbytes / (time.perf_counter() - t0)
-
-
-class WriteProbe:
-    """A parallel streaming-store write of the 64-bit ``pattern`` over one ``nbytes`` buffer
-    (allocated and touched once); each call returns the bytes per second of one write."""
-
-    def __init__(self, nbytes: int = 1 << 30, pattern: int = 0x3F80_3F80_3F80_3F80,
-                 num_threads: int | None = None) -> None:
-        n_items = max(1, nbytes // CHUNK)
-        self.nbytes = n_items * CHUNK
-        self.buffer = aligned_empty((self.nbytes // 8,), torch.int64)
-        self.buffer.fill_(1)
-        word = pattern - (1 << 64) if pattern >= 1 << 63 else pattern  # (an int64 field)
-        self._args = WRITE_ARGS.make(n_items, dst=self.buffer.data_ptr(), pattern=word)
-        self._addr, self._threads = _write_kernel(), num_threads
-        self._run()
+    def __init__(self, nbytes: int, kernel: int, num_threads: int | None) -> None:
+        self.n_items = max(1, nbytes // CHUNK)
+        self.nbytes = self.n_items * CHUNK
+        self._addr, self._threads = kernel, num_threads
+        self._args = None
 
     def _run(self) -> None:
         self._args.counter = 0
         launch(self._addr, ctypes.addressof(self._args), self._threads)
 
     def __call__(self) -> float:
+        """Bytes per second of one pass."""
         t0 = time.perf_counter()
         self._run()
         return self.nbytes / (time.perf_counter() - t0)
+
+
+class ReadProbe(_StreamProbe):
+    """A parallel streaming read over one ``nbytes`` buffer (allocated and touched once); each call
+    returns the bytes per second of one read: cheap enough to interleave with what it is the floor
+    of (benchmarks on a VM whose bandwidth drifts)."""
+
+    def __init__(self, nbytes: int = 1 << 30, num_threads: int | None = None) -> None:
+        super().__init__(nbytes, _read_kernel(), num_threads)
+        self._buf = aligned_empty((self.nbytes,), torch.uint8)
+        self._buf.fill_(1)
+        self._sink = aligned_empty((self.n_items * 16,), torch.int32)
+        self._args = READ_ARGS.make(self.n_items, src=self._buf.data_ptr(), sink=self._sink.data_ptr())
+        self._run()
+
+
+class WriteProbe(_StreamProbe):
+    """A parallel streaming-store write of the 64-bit ``pattern`` (as unsigned or signed: -2^63 to
+    2^64 - 1) over ``buffer``, int64 [nbytes // 8] (allocated and touched once); each call returns
+    the bytes per second of one write."""
+
+    def __init__(self, nbytes: int = 1 << 30, pattern: int = 0x3F80_3F80_3F80_3F80,
+                 num_threads: int | None = None) -> None:
+        if not -(1 << 63) <= pattern < 1 << 64:
+            raise ValueError(f"pattern must fit in 64 bits, got {pattern:#x}")
+        super().__init__(nbytes, _write_kernel(), num_threads)
+        self.buffer = aligned_empty((self.nbytes // 8,), torch.int64)
+        self.buffer.fill_(1)
+        word = pattern - (1 << 64) if pattern >= 1 << 63 else pattern  # (an int64 field)
+        self._args = WRITE_ARGS.make(self.n_items, dst=self.buffer.data_ptr(), pattern=word)
+        self._run()
+
+
+def _median_rate(probe: _StreamProbe, repeats: int) -> float:
+    return statistics.median(probe() for _ in range(repeats))
 
 
 def write_bandwidth(nbytes: int = 1 << 30, repeats: int = 5, pattern: int = 0x3F80_3F80_3F80_3F80,
                     num_threads: int | None = None) -> float:
     """Bytes per second of a parallel streaming-store write of ``pattern`` (default: bf16 ones;
     0 measures the zero fill) over a fresh ``nbytes`` buffer (median of ``repeats`` writes)."""
-    probe = WriteProbe(nbytes, pattern, num_threads)
-    return statistics.median(probe() for _ in range(repeats))
+    return _median_rate(WriteProbe(nbytes, pattern, num_threads), repeats)
 
 
 def read_bandwidth(nbytes: int = 1 << 30, repeats: int = 5, num_threads: int | None = None) -> float:
     """Bytes per second of a parallel streaming read over a fresh ``nbytes`` buffer (median of
     ``repeats`` reads)."""
-    probe = ReadProbe(nbytes, num_threads)
-    return statistics.median(probe() for _ in range(repeats))
+    return _median_rate(ReadProbe(nbytes, num_threads), repeats)
 
 
 def bf16_peak_flops(isa: str | None = None, seconds: float = 0.2, num_threads: int | None = None) -> float:

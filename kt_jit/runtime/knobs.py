@@ -2,8 +2,9 @@
 
 KT_JIT_CACHE_DIR    on-disk kernel cache (default ~/.cache/kt_jit)
 KT_JIT_DUMP_DIR     if set, each compiled kernel's .ll and .s are written here
-KT_JIT_PERF_MAP     "1" appends each loaded kernel's address range and name to /tmp/perf-<pid>.map,
-                    where Linux perf looks for names of JIT code (codegen/perfmap.py)
+KT_JIT_PERF_MAP     "1" writes each loaded kernel's address range and name to /tmp/perf-<pid>.map,
+                    where Linux perf looks for names of JIT code (codegen/perfmap.py; the file is
+                    left in place for perf report)
 KT_JIT_NUM_THREADS  worker threads per kernel launch (default: cores this process may use)
 KT_JIT_ISA          "auto" (default), "amx", "avx512" or "amx_emu" (AMX kernels run through an
                     IR-level tile emulator; for testing the AMX code path on CPUs without AMX)
@@ -68,7 +69,7 @@ def dump_dir() -> Path | None:
 
 def perf_map() -> bool:
     """KT_JIT_PERF_MAP: name loaded kernels for perf in /tmp/perf-<pid>.map (default off)."""
-    return _get("KT_JIT_PERF_MAP", "0").strip() in ("1", "true", "yes", "on")
+    return _get("KT_JIT_PERF_MAP", "0").strip().lower() in ("1", "true", "yes", "on")
 
 
 def cache_disabled() -> bool:
