@@ -3,7 +3,7 @@
 Runs the training forward (``--pass fwd``) or forward and backward (``step``) of a bench_moe shape
 in a loop while Linux ``perf record -e cpu-clock`` samples this process (software sampling: works
 in VMs without hardware counters). Kernels are named through KT_JIT_PERF_MAP (codegen/perfmap.py).
-Prints each kernel's share of the samples and its thread-milliseconds per pass (the backward's
+Prints each kernel's share of the sampled time and its thread-milliseconds per pass (the backward's
 kernels are those named ``gemm_bwd``, ``lora_xb``, ``lora_xty``, ...); ``--annotate PREFIX`` also
 prints the most-sampled instructions of the kernel whose name starts with PREFIX (disassembled
 from this process's memory with objdump).
