@@ -133,7 +133,7 @@ def annotate(name: str, start: int, size: int, hits: collections.Counter, top: i
 
 
 def main() -> int:
-    from bench_moe import RANK, SHAPES, Layer
+    from bench_moe import SHAPES
 
     ap = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
     ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
@@ -153,15 +153,17 @@ def main() -> int:
         return 2
     os.environ["KT_JIT_PERF_MAP"] = "1"  # (before the first kernel loads)
     try:
-        return _profile(args, RANK, SHAPES, Layer)
+        return _profile(args)
     finally:
         perfmap.map_path().unlink(missing_ok=True)
 
 
-def _profile(args, rank: int, shapes: dict, layer_class) -> int:
+def _profile(args: argparse.Namespace) -> int:
+    from bench_moe import RANK, SHAPES, Layer
+
     seconds = 3.0 if args.quick else args.seconds
-    e, h, i, k = shapes[args.shape]
-    layer = layer_class(e, h, i, rank)
+    e, h, i, k = SHAPES[args.shape]
+    layer = Layer(e, h, i, RANK)
     if args.quant != "bf16":
         layer.quantize(args.quant)
     lora = not args.no_lora

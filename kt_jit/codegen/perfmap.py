@@ -81,14 +81,14 @@ def record(addresses: dict[str, int], obj: bytes) -> None:
     """Add ``start size name`` for each symbol of ``addresses`` (name -> address) whose size the
     object ``obj`` gives. Never raises."""
     global _written_by, _written, _failed
+    if _failed:  # (for good: the first failure's warning said so)
+        return
     sizes = symbol_sizes(obj)
     new = [f"{addr:x} {sizes[name]:x} {name}\n" for name, addr in addresses.items() if addr and sizes.get(name)]
     if not new:
         return
     with _lock:
         _lines.extend(new)
-        if _failed:
-            return
         path, pid = map_path(), os.getpid()
         try:
             if _written_by != pid:  # this process's first write (or a fork's): everything so far
