@@ -215,8 +215,8 @@ def test_no_reuse_under_torch_distributed(tmp_path):
 
 def test_idle_experts_kernel_against_numpy():
     """The compiled bookkeeping of the experts to zero: to_zero = (written, or all for fresh buffers)
-    minus the active experts, written becomes active | to_zero, and up to fold_max of them are
-    appended to the basis as zero-row groups (1, 0, expert, 0)."""
+    minus the active experts, written becomes active | to_zero, after the active experts, and up to
+    fold_max of them are appended to the basis as zero-row groups (1, 0, expert, 0)."""
     import numpy as np
 
     from kt_jit.kernels.idle import idle_experts
@@ -232,8 +232,10 @@ def test_idle_experts_kernel_against_numpy():
         active[experts] = True
         want = (written if reuse else np.ones(e, bool)) & ~active
         to_zero, folded = np.empty(e, bool), np.full((experts.size + max(fold_max, 0), 4), -7, np.int64)
-        n = idle_experts(basis, written, reuse, fold_max, to_zero, folded)
+        after = rng.random(e) < 0.5  # (every entry is written)
+        n = idle_experts(basis, written, reuse, fold_max, to_zero, folded, after)
         assert n == want.sum() and np.array_equal(to_zero, want) and np.array_equal(written, active | want)
+        assert np.array_equal(after, active)
         if n <= fold_max:
             rows = np.zeros((n, 4), np.int64)
             rows[:, 0], rows[:, 2] = 1, np.flatnonzero(want)

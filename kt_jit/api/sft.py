@@ -21,34 +21,56 @@ class _MoESFTFunction(torch.autograd.Function):
         # every saved tensor goes through save_for_backward: autograd checks the inputs' versions
         # (in-place changes before backward raise), and non-reentrant checkpointing can drop them
         # after the forward and recompute them for the backward
-        hgu, hd = saved.lora_h if saved.lora_h is not None else (None, None)
-        ctx.save_for_backward(saved.x, saved.topk_weights, saved.gu, saved.act, hgu, hd, *lora)
+        ctx.save_for_backward(saved.x, saved.topk_weights, saved.rows, *lora)
         # the routing (small NumPy arrays, T*K entries) stays on ctx; topk_ids' version guards it: under
         # non-reentrant checkpointing the saved tensors are recomputed from the ids as they are then
         ctx.routing, ctx.ids, ctx.ids_version = saved.routing, topk_ids, topk_ids._version
-        ctx.meta = (saved.rank, saved.scaling, saved.lora_h is not None)
+        ctx.meta = (saved.kept, saved.rank, saved.scaling)
         ctx.experts, ctx.scaling, ctx.grad_buffers = experts, scaling, grad_buffers
         ctx.x_dtype, ctx.w_dtype = x.dtype, topk_weights.dtype
         return out
 
     @staticmethod
-    @once_differentiable
     def backward(ctx, grad_out):
-        if ctx.ids._version != ctx.ids_version:
-            raise RuntimeError("topk_ids was modified in place between the forward and the backward of "
-                               "kt_jit.moe_sft; pass a copy (topk_ids.clone()) if you reuse its buffer")
-        x, w, gu, act, hgu, hd, *lora = ctx.saved_tensors
-        rank, scaling, has_h = ctx.meta
-        saved = core.Saved(x, w, ctx.routing, gu, act, (hgu, hd) if has_h else None, rank, scaling)
-        lora_t = tuple(lora) if lora else None
-        need = ctx.needs_input_grad  # (x, topk_ids, topk_weights, 4 non-tensors, *lora)
-        need_lora = any(need[7:])
-        dx_dtype = ctx.x_dtype if ctx.x_dtype in (torch.float32, torch.bfloat16) else torch.float32
-        dx, dw, dlora = core.backward(saved, grad_out, ctx.experts, lora_t, ctx.scaling, ctx.grad_buffers,
-                                      need_dx=need[0], need_lora_grads=need_lora, dx_dtype=dx_dtype)
-        lora_grads = (None,) * len(lora) if dlora is None else dlora  # bf16, as the adapters (checked)
-        return (None if dx is None else _as(dx, ctx.x_dtype), None, _as(dw, ctx.w_dtype), None, None, None, None,
-                *lora_grads)
+        if torch.is_grad_enabled():  # create_graph=True: a second differentiation must raise
+            return _backward_once(ctx, grad_out)
+        return _backward(ctx, grad_out)  # (grad mode is off: once_differentiable's no_grad is not needed)
+
+
+def _backward(ctx, grad_out):
+    """The backward of :class:`_MoESFTFunction`, which runs it without recording (kernels only)."""
+    if ctx.ids._version != ctx.ids_version:
+        raise RuntimeError("topk_ids was modified in place between the forward and the backward of "
+                           "kt_jit.moe_sft; pass a copy (topk_ids.clone()) if you reuse its buffer")
+    x, w, rows, *lora = ctx.saved_tensors
+    saved = core.Saved(x, w, ctx.routing, rows, *ctx.meta)
+    lora_t = tuple(lora) if lora else None
+    need = ctx.needs_input_grad  # (x, topk_ids, topk_weights, 4 non-tensors, *lora)
+    need_lora = any(need[7:])
+    dx_dtype = ctx.x_dtype if ctx.x_dtype in (torch.float32, torch.bfloat16) else torch.float32
+    dx, dw, dlora = core.backward(saved, grad_out, ctx.experts, lora_t, ctx.scaling, ctx.grad_buffers,
+                                  need_dx=need[0], need_lora_grads=need_lora, dx_dtype=dx_dtype)
+    lora_grads = (None,) * len(lora) if dlora is None else dlora  # bf16, as the adapters (checked)
+    return (None if dx is None else _as(dx, ctx.x_dtype), None, _as(dw, ctx.w_dtype), None, None, None, None,
+            *lora_grads)
+
+
+_backward_once = once_differentiable(_backward)
+
+# _MoESFTFunction.apply is a Python layer over the C apply: it binds default arguments when a
+# setup_context is defined (none is), hands over to functorch while its transforms are active, and
+# unwraps dead functorch wrappers. After a pass's weight stream that layer cost ~45 us of a ~60 us
+# qlen-1 forward's autograd overhead (measured); _apply does the same without it.
+_c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _MoESFTFunction)
+_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+
+
+def _apply(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *rest) -> torch.Tensor:
+    """``_MoESFTFunction.apply(x, topk_ids, topk_weights, *rest)`` (``rest`` holds no tensor but the
+    LoRA Parameters, which are never functorch wrappers outside a transform)."""
+    if torch._C._are_functorch_transforms_active():
+        return _MoESFTFunction.apply(x, topk_ids, topk_weights, *rest)
+    return _c_apply(_unwrap_if_dead(x), _unwrap_if_dead(topk_ids), _unwrap_if_dead(topk_weights), *rest)
 
 
 def _forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: MoEExperts,
@@ -101,8 +123,8 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
         return _forward(hidden_states, topk_ids, topk_weights, experts, tensors or None, scaling, False, out_dtype)[0]
     check_saveable(hidden_states, topk_weights)
     if lora is None:
-        return _MoESFTFunction.apply(hidden_states, topk_ids, topk_weights, experts, 0.0, out_dtype, None)
-    return _MoESFTFunction.apply(hidden_states, topk_ids, topk_weights, experts, lora.scaling, out_dtype,
+        return _apply(hidden_states, topk_ids, topk_weights, experts, 0.0, out_dtype, None)
+    return _apply(hidden_states, topk_ids, topk_weights, experts, lora.scaling, out_dtype,
                                  getattr(lora, "grad_buffers", None), *tensors)
 
 
@@ -194,7 +216,7 @@ class MoESFTOp:
         if saved.x._version != saved.x_version or saved.topk_weights._version != saved.w_version:
             raise RuntimeError("hidden_states or topk_weights were modified in place between forward and "
                                "backward; the saved forward is no longer valid (clone them before changing).")
-        if (lora is None) != (saved.lora_h is None) or (lora is not None and (
+        if (lora is None) != (saved.rank == 0) or (lora is not None and (
                 lora[0].shape[1] != saved.rank or scaling != saved.scaling)):
             raise RuntimeError("the LoRA adapters changed rank or scaling (or were attached/removed) between "
                                "forward and backward; run the forward again")

@@ -27,10 +27,11 @@ from ..kernels.idle import idle_experts
 from ..runtime import knobs
 from ..runtime.buffers import aligned_empty
 
+_DIST_AVAILABLE = torch.distributed.is_available()
+
 
 def _distributed() -> bool:
-    dist = torch.distributed
-    return dist.is_available() and dist.is_initialized()
+    return _DIST_AVAILABLE and torch.distributed.is_initialized()
 
 
 class LoraGradBuffers:
@@ -44,6 +45,7 @@ class LoraGradBuffers:
         self._own_refs: list[int] = []  # each use count while only this object holds the buffer
         self._versions: tuple[int, ...] = ()
         self._written = np.zeros(0, dtype=bool)  # experts whose slices may be non-zero
+        self._after = np.zeros(0, dtype=bool)  # what _written becomes once the caller has zeroed
 
     def __getstate__(self) -> dict:  # copies and pickles of the adapters start with no buffers
         return {}
@@ -62,7 +64,7 @@ class LoraGradBuffers:
         e = shapes[0][0]
         to_zero = np.empty(e, dtype=bool)
         if not knobs.reuse_lora_grads() or _distributed():
-            n = idle_experts(basis, np.zeros(e, dtype=bool), False, fold_max, to_zero, folded)
+            n = idle_experts(basis, np.zeros(e, dtype=bool), False, fold_max, to_zero, folded, np.empty(e, dtype=bool))
             return tuple(aligned_empty(s, torch.bfloat16) for s in shapes), to_zero, n
         with self._lock:
             # in use elsewhere: a second reference to the storage (a view, a .grad, a saved copy)
@@ -76,17 +78,17 @@ class LoraGradBuffers:
                 # (torch keeps the Python storage object made above alive with the storage: +1)
                 self._own_refs = [torch._C._storage_Use_Count(st) for st in self._storages]
                 self._versions = tuple(b._version for b in self._bufs)
-                self._written = np.zeros(e, dtype=bool)
+                self._written, self._after = np.zeros(e, dtype=bool), np.zeros(e, dtype=bool)
             # written becomes active | to_zero: until the caller reports the zeroing done (zeroed()),
-            # those experts may hold old values
-            n = idle_experts(basis, self._written, reuse, fold_max, to_zero, folded)
+            # those experts may hold old values; after becomes the active experts
+            n = idle_experts(basis, self._written, reuse, fold_max, to_zero, folded, self._after)
             return tuple(b.detach() for b in self._bufs), to_zero, n  # new tensors, shared version counter
 
-    def zeroed(self, grads: tuple[torch.Tensor, ...], mask: np.ndarray) -> None:
-        """The caller has zeroed the experts in ``mask`` of ``grads`` (what :meth:`acquire`
+    def zeroed(self, grads: tuple[torch.Tensor, ...]) -> None:
+        """The caller has zeroed the experts :meth:`acquire` told it to zero in ``grads`` (what it
         returned); a no-op unless those are this object's buffers."""
         with self._lock:
             if self._bufs and grads[0].data_ptr() == self._bufs[0].data_ptr():
-                # written & ~mask in one step (at decode sizes each NumPy call costs ~10-20 us right
-                # after a weight stream)
-                np.greater(self._written, mask, out=self._written)
+                # written = the active experts, as acquire's kernel wrote them (no NumPy call: at decode
+                # sizes each costs ~10-30 us right after a weight stream)
+                self._written, self._after = self._after, self._written

@@ -7,11 +7,13 @@ is whole AMX tiles (rows past a segment's end are never read back).
 
 from __future__ import annotations
 
+import functools
+
 import numpy as np
 import torch
 
 from ..codegen.plan import Span
-from ..kernels.route import PAIR_REGIONS, basis_view, out_size, pair_region, regions, route_into
+from ..kernels.route import HEADER, PAIR_REGIONS, out_size, pair_region, regions, route_into
 from ..runtime.buffers import array_address
 
 SEGMENT_ALIGN = 16
@@ -39,14 +41,15 @@ class Routing:
     def _place(self) -> None:
         """Addresses and views of ``buf`` (again after a copy, which owns a new buffer)."""
         n, e = self.tokens * self.k, self.num_experts
-        self.pairs, self.rows = n, int(self.buf[1])
-        self.basis = basis_view(self.buf)
+        active, self.rows = self.buf[:2].tolist()
+        self.pairs = n
+        self.basis = self.buf[HEADER:HEADER + 4 * active].reshape(active, 4)
         base = array_address(self.buf)
-        names = ("slot_token", "slot_k", "slot_row", "row_of", "slot_expert")
+        offsets = _pair_offsets(n, e)
         self.slot_token_addr, self.slot_k_addr, self.slot_row_addr, self.row_of_addr, self.slot_expert_addr = (
-            base + 8 * pair_region(name, n, e) for name in names)
+            base + off for off in offsets[:5])
         # the per-pair arrays as one launch-plan operand (codegen/plan.py)
-        self.spans = [Span(base + 8 * pair_region(PAIR_REGIONS[0], n, e), 8 * n * len(PAIR_REGIONS))]
+        self.spans = [Span(base + offsets[5], 8 * n * len(PAIR_REGIONS))]
 
     def __getstate__(self) -> dict:
         return {"buf": self.buf, "tokens": self.tokens, "k": self.k, "num_experts": self.num_experts}
@@ -78,6 +81,14 @@ class Routing:
     def counts(self) -> np.ndarray:
         """Each active expert's routed pairs."""
         return self.basis[:, 3]
+
+
+@functools.lru_cache(maxsize=64)
+def _pair_offsets(n: int, e: int) -> tuple[int, ...]:
+    """Byte offsets in a routing's buffer of slot_token, slot_k, slot_row, row_of and slot_expert,
+    then of the first per-pair region (one call: at decode sizes each small host step is costly)."""
+    names = ("slot_token", "slot_k", "slot_row", "row_of", "slot_expert", PAIR_REGIONS[0])
+    return tuple(8 * pair_region(name, n, e) for name in names)
 
 
 def route(topk_ids: torch.Tensor, num_experts: int) -> Routing:

@@ -44,7 +44,7 @@ from ..runtime.buffers import aligned_empty, array_address
 from ..runtime.memory import keep_freed_memory
 from .gradbuf import LoraGradBuffers
 from .routing import SEGMENT_ALIGN, Routing, route
-from .weights import MoEExperts
+from .weights import MoEExperts, lora_shapes
 
 
 @dataclass
@@ -54,11 +54,14 @@ class Saved:
     x: torch.Tensor          # [T, H] bf16 input (re-gathered in backward, not stored per row)
     topk_weights: torch.Tensor  # [T, K] fp32
     routing: Routing
-    gu: torch.Tensor         # [R, 2I] fp32: [G | U] before the activation
-    act: torch.Tensor        # [R, I] bf16
-    # s [X Ag^T | X Au^T] [R, 2r], s A Ad^T [R, r] (bf16, as the forward's B products used them)
-    lora_h: tuple[torch.Tensor, torch.Tensor] | None
-    rank: int = 0            # LoRA rank and scaling the forward ran with
+    # the kept per-row buffers in one 64-byte aligned uint8 block, laid out by ``kept`` (see
+    # :meth:`kept_rows`; one allocation and one saved tensor instead of four: at decode sizes each
+    # torch allocation and saved tensor costs microseconds): gu [R, 2I] fp32 ([G | U] before the
+    # activation), act [R, I] bf16 and, with LoRA, hgu = s [X Ag^T | X Au^T] [R, 2r] and hd = s A Ad^T
+    # [R, r] (bf16, as the forward's B products used them)
+    rows: torch.Tensor
+    kept: Buffers
+    rank: int = 0            # LoRA rank and scaling the forward ran with (rank 0: no LoRA)
     scaling: float = 0.0
     x_version: int = 0       # tensor versions at forward time (in-place changes invalidate)
     w_version: int = 0
@@ -67,6 +70,10 @@ class Saved:
     def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) owns new tensors: new baselines
         self.__dict__.update(state)
         self.x_version, self.w_version = self.x._version, self.topk_weights._version
+
+    def kept_rows(self) -> dict[str, _Rows]:
+        """The kept buffers by name (gu, act[, hgu, hd]) at the block's current address."""
+        return _arena_rows(self.rows.data_ptr(), self.routing.rows, self.kept)
 
 
 class _Col(NamedTuple):
@@ -188,6 +195,12 @@ def _arena_rows(base: int, rows: int, items: tuple) -> dict[str, _Rows]:
     """The buffers of an arena at ``base`` (callers copy the dict before changing it)."""
     return {name: _Rows(base + off, pitch, cols, size)
             for name, (off, pitch, cols, size) in _arena_layout(rows, items)[1].items()}
+
+
+def _spans(rows: dict[str, _Rows], nrows: int) -> list[Span]:
+    """Launch-plan operands of row buffers (``nrows`` rows each): one each, so that a plan does not
+    depend on where they lie relative to each other (their block's layout varies with the row count)."""
+    return [Span(b.addr, b.pitch * nrows) for b in rows.values()]
 
 
 def _addr(buf: torch.Tensor | _Rows) -> int:
@@ -344,26 +357,28 @@ FOLD_ZEROS_MAX = 16  # idle experts to zero: up to this many ride along in the x
 
 
 class _LoraGrads(NamedTuple):
-    """The LoRA gradients a backward writes: the six tensors (bf16, kernel rank), the experts whose
-    slices must end up zero (bool [E]), the pool they came from, and the basis of the gradient
-    launches (the routing's, plus a zero-row group per folded idle expert)."""
+    """The LoRA gradients a backward writes: the six tensors (bf16, kernel rank), the pool they came
+    from, and the basis of the gradient launches (the routing's, plus a zero-row group per folded
+    idle expert)."""
 
     grads: tuple[torch.Tensor, ...]
-    to_zero: np.ndarray
     pool: LoraGradBuffers
     basis: np.ndarray
 
 
-def _shapes(tensors: tuple[torch.Tensor, ...]) -> tuple[tuple[int, ...], ...]:
-    return tuple(tuple(t.shape) for t in tensors)
+@functools.lru_cache(maxsize=16)
+def _grad_shapes(e: int, h: int, i: int, rank: int) -> tuple[tuple[int, int, int], ...]:
+    """The six LoRA gradients' shapes (those of the adapters, in LORA_NAMES order)."""
+    return tuple(lora_shapes(e, h, i, rank).values())
 
 
-def _acquire_grads(r: Routing, lora: tuple[torch.Tensor, ...], grad_buffers: LoraGradBuffers | None) -> _LoraGrads:
-    """Gradient buffers for a backward; idle experts to zero are zeroed now (more than
-    ``FOLD_ZEROS_MAX``) or folded into the gradient launches as zero-row groups."""
+def _acquire_grads(r: Routing, experts: MoEExperts, rank: int, grad_buffers: LoraGradBuffers | None) -> _LoraGrads:
+    """Gradient buffers (kernel ``rank``) for a backward; idle experts to zero are zeroed now (more
+    than ``FOLD_ZEROS_MAX``) or folded into the gradient launches as zero-row groups."""
     pool = grad_buffers if grad_buffers is not None else LoraGradBuffers()
     folded = np.empty((r.basis.shape[0] + max(FOLD_ZEROS_MAX, 0), 4), dtype=np.int64)
-    grads, to_zero, n_zero = pool.acquire(_shapes(lora), r.basis, FOLD_ZEROS_MAX, folded)
+    shapes = _grad_shapes(experts.num_experts, experts.hidden_size, experts.intermediate_size, rank)
+    grads, to_zero, n_zero = pool.acquire(shapes, r.basis, FOLD_ZEROS_MAX, folded)
     basis = r.basis
     if n_zero > FOLD_ZEROS_MAX:  # one launch over every gradient (a Tensor.zero_ per run of idle
         # experts and gradient took 0.90 ms at qlen 1, zero-row xty launches 2.2 ms; the gradients'
@@ -371,16 +386,17 @@ def _acquire_grads(r: Routing, lora: tuple[torch.Tensor, ...], grad_buffers: Lor
         fill.zero_slices(to_zero, grads)
     elif n_zero:  # the xty launches zero those experts' slices: zero-row groups
         basis = folded[:r.basis.shape[0] + n_zero]
-    return _LoraGrads(grads, to_zero, pool, basis)
+    return _LoraGrads(grads, pool, basis)
 
 
-def _lora_grads(saved: Saved, gp: _LoraGrads, dos: _Rows, t_d: _Rows, w_row: _Rows, dgu: _Rows, t_gu: _Rows,
+def _lora_grads(kept: dict[str, _Rows], gp: _LoraGrads, dos: _Rows, t_d: _Rows, w_row: _Rows, dgu: _Rows, t_gu: _Rows,
                 xs: _Rows) -> None:
-    """The six LoRA gradients' launches (into ``gp.grads``) from the backward's per-row operands: dos
+    """The six LoRA gradients' launches (into ``gp.grads``) from the forward's ``kept`` rows and the
+    backward's per-row operands: dos
     and xs (gathered dOut and X), t_d = s dOut Bd and t_gu = s [dG Bg | dU Bu] (fp32), w_row (each
     row's routing weight), dgu = [dG | dU] (bf16); the folded idle experts' slices become zero."""
-    hdim, idim, rank = saved.x.shape[1], saved.act.shape[1], gp.grads[0].shape[1]
-    hgu, hd = saved.lora_h
+    hdim, idim, rank = dos.cols, kept["act"].cols, gp.grads[0].shape[1]
+    act, hgu, hd = kept["act"], kept["hgu"], kept["hd"]
     g_ga, g_gb, g_ua, g_ub, g_da, g_db = gp.grads
     basis = gp.basis
     # the down adapters' gradients weight each row by its routing weight w (dY = w dOut; hd and t_d
@@ -388,8 +404,8 @@ def _lora_grads(saved: Saved, gp: _LoraGrads, dos: _Rows, t_d: _Rows, w_row: _Ro
     w = _rows(w_row)
     _lora("xty", rank, hdim, _groups(basis, (_rows(dos), _rows(hd), _per_expert(g_db), w)), _pitch(dos),
           0, 1.0, ldw=_pitch(hd), y_dtype="bf16")
-    _lora("xty", idim, rank, _groups(basis, (_rows(t_d), _rows(saved.act), _per_expert(g_da), w)), _pitch(t_d),
-          0, 1.0, x_dtype="f32", ldw=_pitch(saved.act), y_dtype="bf16")
+    _lora("xty", idim, rank, _groups(basis, (_rows(t_d), _rows(act), _per_expert(g_da), w)), _pitch(t_d),
+          0, 1.0, x_dtype="f32", ldw=_pitch(act), y_dtype="bf16")
     parts = (_rows(dgu), _rows(hgu), _per_expert(g_gb)), (_rows(dgu, idim), _rows(hgu, rank), _per_expert(g_ub))
     _lora("xty", rank, idim, _groups(basis, *parts), _pitch(dgu), 0, 1.0, ldw=_pitch(hgu),
           w_dtype="bf16", y_dtype="bf16")
@@ -621,22 +637,23 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     scratch, kept = _forward_buffers(config, rank, save)
     arena = _Arena(_row_bound(r), scratch)
     b = arena.rows
-    saved_rows = []
+    block, kept_spans = None, []
     if save:
-        dtypes = {4: torch.float32, 2: torch.bfloat16}
-        saved_rows = [aligned_empty((r.rows, cols), dtypes[size]) for _, (cols, size, _) in kept]
-        b |= {name: t for (name, _), t in zip(kept, saved_rows, strict=True)}
+        block = aligned_empty((_arena_layout(r.rows, kept)[0],), torch.uint8)
+        kept_rows = _arena_rows(block.data_ptr(), r.rows, kept)
+        b |= kept_rows
+        kept_spans = _spans(kept_rows, r.rows)
     xq, aq = ((b["xq"], b["xqs"]), (b["aq"], b["aqs"])) if quant else (None, None)
     padded = pad_lora(lora) if lora is not None else ()  # (alive until the launches ran)
     out = torch.empty(x.shape, dtype=out_dtype)
     key = ("fwd", save, out_dtype, x.shape[0], topk_ids.shape[1], r.basis.shape[0], *config)
-    operands = [x, topk_weights, out, arena.span, *r.spans, *padded, *saved_rows, *_expert_operands(experts)]
+    operands = [x, topk_weights, out, arena.span, *r.spans, *padded, *kept_spans, *_expert_operands(experts)]
     _run_pass(key, operands, (r.basis,), lambda: _forward_launches(
         x, topk_weights, experts, padded or None, scaling, r, b, xq, aq, rank, out))
     saved = None
     if save:
-        saved = Saved(x, topk_weights, r, b["gu"], b["act"], (b["hgu"], b["hd"]) if lora is not None else None,
-                      user_rank, scaling, x._version, topk_weights._version, experts_config(experts))
+        saved = Saved(x, topk_weights, r, block, kept, user_rank, scaling, x._version, topk_weights._version,
+                      experts_config(experts))
     return out, saved
 
 
@@ -665,26 +682,26 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     dw = torch.empty(saved.topk_weights.shape, dtype=torch.float32)
     dx = torch.empty(saved.x.shape, dtype=dx_dtype) if need_dx else None
     padded = pad_lora(lora) if lora is not None else ()
-    gp = _acquire_grads(r, padded, grad_buffers) if need_lora_grads else None
-    hgu_hd = saved.lora_h if lora is not None else ()
+    gp = _acquire_grads(r, experts, rank, grad_buffers) if need_lora_grads else None
+    kept = saved.kept_rows()
     key = ("bwd", need_dx, need_lora_grads, dx_dtype, g_out.dtype, g_out.shape[0], r.k,
            r.basis.shape[0], gp.basis.shape[0] if gp is not None else 0, *config)
-    operands = [saved.x, saved.topk_weights, saved.gu, saved.act, *hgu_hd, g_out, dw, *([dx] if need_dx else []),
+    operands = [saved.x, saved.topk_weights, *_spans(kept, r.rows), g_out, dw, *([dx] if need_dx else []),
                 arena.span, *r.spans, *padded, *(gp.grads if gp is not None else ()), *_expert_operands(experts)]
     _run_pass(key, operands, (r.basis,) if gp is None else (r.basis, gp.basis),
-              lambda: _backward_launches(saved, g_out, experts, padded or None, scaling, r, b, gp, dw, dx, rank))
+              lambda: _backward_launches(saved, kept, g_out, experts, padded or None, scaling, r, b, gp, dw, dx, rank))
     grads = None
     if gp is not None:
-        gp.pool.zeroed(gp.grads, gp.to_zero)
+        gp.pool.zeroed(gp.grads)
         grads = unpad_grads(gp.grads, lora[0].shape[1])
     return dx, dw, grads
 
 
-def _backward_launches(saved: Saved, g_out: torch.Tensor, experts: MoEExperts, lora: tuple[torch.Tensor, ...] | None,
-                       scaling: float, r: Routing, b: dict, gp: _LoraGrads | None, dw: torch.Tensor,
-                       dx: torch.Tensor | None, rank: int) -> None:
-    """The backward's launches (buffers ``b``, see :func:`backward`; ``gp``: the LoRA gradients to
-    write, or None)."""
+def _backward_launches(saved: Saved, kept: dict[str, _Rows], g_out: torch.Tensor, experts: MoEExperts,
+                       lora: tuple[torch.Tensor, ...] | None, scaling: float, r: Routing, b: dict,
+                       gp: _LoraGrads | None, dw: torch.Tensor, dx: torch.Tensor | None, rank: int) -> None:
+    """The backward's launches (buffers ``b``, the forward's ``kept`` rows, see :func:`backward`;
+    ``gp``: the LoRA gradients to write, or None)."""
     hdim, idim = saved.x.shape[1], experts.intermediate_size
     dos, d, dgu, dxs = b["dos"], b["d"], b["dgu"], b.get("dxs")
     int_dy = "dosq" in b
@@ -708,7 +725,7 @@ def _backward_launches(saved: Saved, g_out: torch.Tensor, experts: MoEExperts, l
     w_row = b.get("w_row")  # routing weight of each routed row (written by the activation kernel)
     act_kernel("bwd", idim).launch(
         r.pairs, idx=r.slot_row_addr, tok=r.slot_token_addr, kk=r.slot_k_addr, k=r.k,
-        d=d.addr, act=saved.act.data_ptr(), gu=saved.gu.data_ptr(), w=saved.topk_weights.data_ptr(),
+        d=d.addr, act=kept["act"].addr, gu=kept["gu"].addr, w=saved.topk_weights.data_ptr(),
         dw=dw.data_ptr(), wrow=w_row.addr if w_row is not None else 0, dgu=dgu.addr, ldd=d.pitch,
         lddgu=dgu.pitch)
     if lora is not None and (dx is not None or gp is not None):
@@ -718,7 +735,7 @@ def _backward_launches(saved: Saved, g_out: torch.Tensor, experts: MoEExperts, l
               _pitch(dgu), _pitch(t_gu), scaling, ldz=t_gu16.pitch)
     if gp is not None:
         _gather(saved.x, r, b["xs"])
-        _lora_grads(saved, gp, dos, t_d, w_row, dgu, t_gu, b["xs"])
+        _lora_grads(kept, gp, dos, t_d, w_row, dgu, t_gu, b["xs"])
     if dx is not None:
         _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu16, ga, ua) if fused else None, dyq=dguq,
                      dyt=b.get("dgut"))
