@@ -761,13 +761,13 @@ def test_row_buffers_padded_off_4kb_pitches(quant):
     4 KB-multiple pitch and gets 64 bytes of padding; ~20 rows per expert take the streamed
     transposed GEMM for bf16 and int8 (allowed up to 24 rows with padded pitches; int4_1kgroup's
     small groups take the fold form up to 8 rows, so the panel), T=3 the small-group paths."""
-    from kt_jit.moe.sft import _Arena, _row_pitch
+    from kt_jit.moe.sft import _Arena, _Layout, _row_pitch
 
     assert _row_pitch(2048, 2) == 2 * (2048 + 32)
     assert _row_pitch(1024, 4) == 4 * (1024 + 16)
     assert _row_pitch(7168, 2) == 2 * (7168 + 32)  # 14 KB: only two L1 sets
     assert _row_pitch(160, 2) == 320  # 5 x 64: already odd
-    arena = _Arena(3, (("a", (2048, 2, True)), ("b", (16, 4, False)), ("c", (1024, 4, True))))
+    arena = _Arena(3, _Layout((("a", (2048, 2, True)), ("b", (16, 4, False)), ("c", (1024, 4, True)))))
     a, b, c = (arena.rows[n] for n in "abc")
     assert (a.pitch, b.pitch, c.pitch) == (4160, 64, 4160)
     assert all(v.addr % 64 == 0 for v in (a, b, c))

@@ -20,7 +20,7 @@ def check_moe_inputs(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_w
     for name, t in (("hidden_states", hidden_states), ("topk_ids", topk_ids), ("topk_weights", topk_weights)):
         if not isinstance(t, torch.Tensor):
             raise ValueError(f"{name} must be a torch.Tensor, got {type(t).__name__}")
-        if t.device.type != "cpu":
+        if not t.is_cpu:  # (t.device builds an object: ~10 us at decode sizes)
             raise ValueError(f"{name} is on {t.device}; kt_jit runs on the CPU: move it with .cpu()")
         if t.dim() != 2:
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")

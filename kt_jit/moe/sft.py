@@ -60,7 +60,7 @@ class Saved:
     # activation), act [R, I] bf16 and, with LoRA, hgu = s [X Ag^T | X Au^T] [R, 2r] and hd = s A Ad^T
     # [R, r] (bf16, as the forward's B products used them)
     rows: torch.Tensor
-    kept: Buffers
+    kept: _Layout
     rank: int = 0            # LoRA rank and scaling the forward ran with (rank 0: no LoRA)
     scaling: float = 0.0
     x_version: int = 0       # tensor versions at forward time (in-place changes invalidate)
@@ -152,6 +152,21 @@ def _row_pitch(cols: int, itemsize: int) -> int:
     return b + 64 if b % 128 == 0 else b
 
 
+Buffers = tuple[tuple[str, tuple[int, int, bool]], ...]  # (name, (columns, item size, padded pitch))
+
+
+class _Layout:
+    """The row buffers of an arena or a saved block: ``items`` = (name, (columns, item size, padded
+    pitch (see :func:`_row_pitch`) or exact)) per buffer. Memo keys hash it by identity (the nested
+    tuples took microseconds to hash at decode sizes); :func:`_forward_buffers` and
+    :func:`_backward_buffers` memoise one per configuration."""
+
+    __slots__ = ("items",)
+
+    def __init__(self, items: Buffers) -> None:
+        self.items = items
+
+
 ARENA_KEEP_MAX = 64 << 20  # bytes of scratch a thread keeps for its next pass (larger passes allocate theirs)
 _kept_scratch = threading.local()
 
@@ -163,11 +178,10 @@ class _Arena:
     allocation (and view) costs ~20 us there: the previous layer's weights have just streamed
     through the caches. So the block is NumPy memory, and a thread reuses one block (up to
     ``ARENA_KEEP_MAX``) from pass to pass, with the buffers' places memoised: nothing a pass
-    returns or saves lives in it, and a thread runs one pass at a time. ``items``: (name, (columns,
-    item size, padded pitch (see :func:`_row_pitch`) or exact)) per buffer."""
+    returns or saves lives in it, and a thread runs one pass at a time."""
 
-    def __init__(self, rows: int, items: tuple[tuple[str, tuple[int, int, bool]], ...]) -> None:
-        total = _arena_layout(rows, items)[0] + 64
+    def __init__(self, rows: int, layout: _Layout) -> None:
+        total = _arena_layout(rows, layout)[0] + 64
         mem = getattr(_kept_scratch, "mem", None)
         if mem is None or mem.size < total:
             mem = np.empty(total, dtype=np.uint8)
@@ -176,25 +190,25 @@ class _Arena:
         self._mem = mem  # (alive while the pass runs, also when not kept)
         base = -(-array_address(mem) // 64) * 64
         self.span = Span(base, total - 64)
-        self.rows = dict(_arena_rows(base, rows, items))
+        self.rows = dict(_arena_rows(base, rows, layout))
 
 
 @functools.lru_cache(maxsize=64)
-def _arena_layout(rows: int, items: tuple) -> tuple[int, dict[str, tuple[int, int, int, int]]]:
+def _arena_layout(rows: int, layout: _Layout) -> tuple[int, dict[str, tuple[int, int, int, int]]]:
     """(bytes, name -> (offset, pitch, columns, item size)) of an arena's buffers."""
-    layout, total = {}, 0
-    for name, (cols, size, pad) in items:
+    places, total = {}, 0
+    for name, (cols, size, pad) in layout.items:
         pitch = _row_pitch(cols, size) if pad else cols * size
-        layout[name] = (total, pitch, cols, size)
+        places[name] = (total, pitch, cols, size)
         total += -(-pitch * rows // 64) * 64
-    return total, layout
+    return total, places
 
 
 @functools.lru_cache(maxsize=64)
-def _arena_rows(base: int, rows: int, items: tuple) -> dict[str, _Rows]:
+def _arena_rows(base: int, rows: int, layout: _Layout) -> dict[str, _Rows]:
     """The buffers of an arena at ``base`` (callers copy the dict before changing it)."""
     return {name: _Rows(base + off, pitch, cols, size)
-            for name, (off, pitch, cols, size) in _arena_layout(rows, items)[1].items()}
+            for name, (off, pitch, cols, size) in _arena_layout(rows, layout)[1].items()}
 
 
 def _spans(rows: dict[str, _Rows], nrows: int) -> list[Span]:
@@ -572,11 +586,8 @@ def _row_bound(r: Routing) -> int:
     return r.pairs + (SEGMENT_ALIGN - 1) * r.basis.shape[0]
 
 
-Buffers = tuple[tuple[str, tuple[int, int, bool]], ...]  # (name, (columns, item size, padded pitch))
-
-
 @functools.lru_cache(maxsize=256)
-def _forward_buffers(config: tuple, rank: int, save: bool) -> tuple[Buffers, Buffers]:
+def _forward_buffers(config: tuple, rank: int, save: bool) -> tuple[_Layout, _Layout]:
     """The forward's scratch rows (one arena) and the rows it keeps for the backward (tensors when
     saved, else scratch too), for a :func:`_config` configuration."""
     _, hdim, idim, storage, *_ = config
@@ -590,11 +601,11 @@ def _forward_buffers(config: tuple, rank: int, save: bool) -> tuple[Buffers, Buf
         scratch |= {"xq": (hdim, 2, True), "xqs": (1, 4, False), "aq": (idim, 2, False), "aqs": (1, 4, False)}
     if not save:
         scratch |= kept
-    return tuple(scratch.items()), tuple(kept.items())
+    return _Layout(tuple(scratch.items())), _Layout(tuple(kept.items()))
 
 
 @functools.lru_cache(maxsize=256)
-def _backward_buffers(config: tuple, rank: int, need_dx: bool, need_lora_grads: bool) -> Buffers:
+def _backward_buffers(config: tuple, rank: int, need_dx: bool, need_lora_grads: bool) -> _Layout:
     """The backward's scratch rows (one arena) for a :func:`_config` configuration."""
     _, hdim, idim, storage, group_size, zero_point, *_ = config
     scratch = {"dos": (hdim, 2, True), "d": (idim, 4, True), "dgu": (2 * idim, 2, True)}
@@ -618,7 +629,7 @@ def _backward_buffers(config: tuple, rank: int, need_dx: bool, need_lora_grads: 
         scratch["dost"] = (hdim, 2, False)
         if need_dx:
             scratch["dgut"] = (2 * idim, 2, False)
-    return tuple(scratch.items())
+    return _Layout(tuple(scratch.items()))
 
 
 def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: MoEExperts,
