@@ -305,6 +305,22 @@ def test_double_backward_is_refused():
         gx.sum().backward()
 
 
+def test_direct_apply_equals_the_public_apply(monkeypatch):
+    """moe_sft calls the autograd Function's C apply directly (kt_jit/api/sft.py::_apply); with the
+    public ``Function.apply`` instead, output and every gradient are the same, bit for bit."""
+    from kt_jit.api import sft as api_sft
+
+    assert api_sft._direct_apply  # (this torch has the internals; the fallback is what runs below)
+    _, _, _, experts, lora = make_layer()
+    x, ids, w = make_batch(6, 2)
+    dout = torch.randn(6, H, generator=torch.Generator().manual_seed(5))
+    direct = run_ours(x, ids, w, experts, lora, dout)
+    monkeypatch.setattr(api_sft, "_direct_apply", False)
+    public = run_ours(x, ids, w, experts, lora, dout)
+    for a, b in zip(direct[:3] + tuple(direct[3]), public[:3] + tuple(public[3]), strict=True):
+        assert torch.equal(a, b)
+
+
 @pytest.mark.parametrize("use_reentrant", [True, False])
 def test_checkpointing(use_reentrant):
     gate, up, down, experts, lora = make_layer()

@@ -61,14 +61,18 @@ _backward_once = once_differentiable(_backward)
 # setup_context is defined (none is), hands over to functorch while its transforms are active, and
 # unwraps dead functorch wrappers. After a pass's weight stream that layer cost ~45 us of a ~60 us
 # qlen-1 forward's autograd overhead (measured); _apply does the same without it.
-_c_apply = torch._C._FunctionBase.__dict__["apply"].__get__(None, _MoESFTFunction)
-_unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+# (a torch without these internals takes the public apply)
+_c_apply_descriptor = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
+_c_apply = _c_apply_descriptor.__get__(None, _MoESFTFunction) if _c_apply_descriptor is not None else None
+_unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
+_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
+_direct_apply = None not in (_c_apply, _unwrap_if_dead, _transforms_active)
 
 
 def _apply(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *rest) -> torch.Tensor:
     """``_MoESFTFunction.apply(x, topk_ids, topk_weights, *rest)`` (``rest`` holds no tensor but the
     LoRA Parameters, which are never functorch wrappers outside a transform)."""
-    if torch._C._are_functorch_transforms_active():
+    if not _direct_apply or _transforms_active():
         return _MoESFTFunction.apply(x, topk_ids, topk_weights, *rest)
     return _c_apply(_unwrap_if_dead(x), _unwrap_if_dead(topk_ids), _unwrap_if_dead(topk_weights), *rest)
 
