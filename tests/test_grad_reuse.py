@@ -64,6 +64,26 @@ def test_dropped_gradients_are_reused_and_stale_experts_zeroed(monkeypatch, zero
     assert_same(grads, expected)
 
 
+def test_a_run_of_reusing_backwards_matches_fresh_ones(monkeypatch, zeroing):
+    """Five backwards on the same reused buffers, the active experts changing each time (disjoint,
+    overlapping, back again): the bookkeeping of which experts may hold values swaps its two arrays
+    once per backward, and every backward's gradients equal those of fresh buffers."""
+    *_, experts, lora = make_layer(r=16)  # a kernel rank: autograd adopts the buffers
+    mixed = torch.tensor([[1, 4], [0, 7], [3, 4]])
+    steps = [(FIRST, 1), (SECOND, 2), (FIRST, 3), (mixed, 4), (SECOND, 5)]
+    expected = [fresh_grads(experts, lora, ids, seed, monkeypatch) for ids, seed in steps]
+    bufs = None
+    for (ids, seed), want in zip(steps, expected, strict=True):
+        grads = backward_grads(experts, lora, ids, seed)
+        if bufs is None:
+            bufs = lora.grad_buffers._bufs
+        assert lora.grad_buffers._bufs is bufs, "the dropped buffers were not reused"
+        assert all(torch.equal(g, e) for g, e in zip(grads, want, strict=True))
+        del grads  # (held, the buffers would not be reused)
+        for p in lora.tensors():
+            p.grad = None  # optimizer.zero_grad()
+
+
 def test_gradients_still_held_are_not_overwritten(monkeypatch):
     *_, experts, lora = make_layer(r=16)  # a kernel rank: autograd adopts the buffers
     expected = fresh_grads(experts, lora, SECOND, 2, monkeypatch)

@@ -277,7 +277,7 @@ def test_non_reentrant_checkpointing_drops_the_saved_activations(monkeypatch):
 
     def spy(*a, **k):
         out, saved = real(*a, **k)
-        refs.append(weakref.ref(saved.rows))
+        refs.append(weakref.ref(saved.block))
         return out, saved
 
     monkeypatch.setattr(core, "forward", spy)
@@ -318,6 +318,27 @@ def test_direct_apply_equals_the_public_apply(monkeypatch):
     monkeypatch.setattr(api_sft, "_direct_apply", False)
     public = run_ours(x, ids, w, experts, lora, dout)
     for a, b in zip(direct[:3] + tuple(direct[3]), public[:3] + tuple(public[3]), strict=True):
+        assert torch.equal(a, b)
+
+
+def test_functorch_transforms_refused_and_dead_wrappers_unwrapped():
+    """As with the public apply: under a torch.func transform the op refuses (it has no
+    setup_context), and a tensor leaked out of a finished transform (a dead wrapper) works."""
+    _, _, _, experts, lora = make_layer()
+    x, ids, w = make_batch(4, 2)
+    leaked = []
+
+    def loss(a):
+        leaked.append(a)
+        return kt_jit.moe_sft(a, ids, w, experts, lora).sum()
+
+    with pytest.raises(RuntimeError, match="setup_context"):
+        torch.func.grad(loss)(x.float())
+    dead = leaked[0]
+    assert torch._C._functorch.is_functorch_wrapped_tensor(dead)
+    want = run_ours(x.float(), ids, w, experts, lora, torch.ones(4, H))
+    got = run_ours(dead, ids, w, experts, lora, torch.ones(4, H))
+    for a, b in zip(got[:3] + tuple(got[3]), want[:3] + tuple(want[3]), strict=True):
         assert torch.equal(a, b)
 
 

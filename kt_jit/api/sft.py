@@ -21,7 +21,7 @@ class _MoESFTFunction(torch.autograd.Function):
         # every saved tensor goes through save_for_backward: autograd checks the inputs' versions
         # (in-place changes before backward raise), and non-reentrant checkpointing can drop them
         # after the forward and recompute them for the backward
-        ctx.save_for_backward(saved.x, saved.topk_weights, saved.rows, *lora)
+        ctx.save_for_backward(saved.x, saved.topk_weights, saved.block, *lora)
         # the routing (small NumPy arrays, T*K entries) stays on ctx; topk_ids' version guards it: under
         # non-reentrant checkpointing the saved tensors are recomputed from the ids as they are then
         ctx.routing, ctx.ids, ctx.ids_version = saved.routing, topk_ids, topk_ids._version
@@ -42,8 +42,8 @@ def _backward(ctx, grad_out):
     if ctx.ids._version != ctx.ids_version:
         raise RuntimeError("topk_ids was modified in place between the forward and the backward of "
                            "kt_jit.moe_sft; pass a copy (topk_ids.clone()) if you reuse its buffer")
-    x, w, rows, *lora = ctx.saved_tensors
-    saved = core.Saved(x, w, ctx.routing, rows, *ctx.meta)
+    x, w, block, *lora = ctx.saved_tensors
+    saved = core.Saved(x, w, ctx.routing, block, *ctx.meta)
     lora_t = tuple(lora) if lora else None
     need = ctx.needs_input_grad  # (x, topk_ids, topk_weights, 4 non-tensors, *lora)
     need_lora = any(need[7:])
@@ -58,20 +58,22 @@ def _backward(ctx, grad_out):
 _backward_once = once_differentiable(_backward)
 
 # _MoESFTFunction.apply is a Python layer over the C apply: it binds default arguments when a
-# setup_context is defined (none is), hands over to functorch while its transforms are active, and
-# unwraps dead functorch wrappers. After a pass's weight stream that layer cost ~45 us of a ~60 us
-# qlen-1 forward's autograd overhead (measured); _apply does the same without it.
-# (a torch without these internals takes the public apply)
-_c_apply_descriptor = getattr(torch._C._FunctionBase, "__dict__", {}).get("apply")
-_c_apply = _c_apply_descriptor.__get__(None, _MoESFTFunction) if _c_apply_descriptor is not None else None
-_unwrap_if_dead = getattr(getattr(torch._C, "_functorch", None), "unwrap_if_dead", None)
-_transforms_active = getattr(torch._C, "_are_functorch_transforms_active", None)
-_direct_apply = None not in (_c_apply, _unwrap_if_dead, _transforms_active)
+# setup_context is defined (none is), refuses functorch transforms (they need a setup_context), and
+# unwraps dead functorch wrappers. After a pass's weight stream that layer cost ~45 us of a ~100 us
+# Function.apply (measured); _apply does the same without it. A torch without these internals
+# takes the public apply.
+try:
+    _c_apply = super(torch.autograd.Function, _MoESFTFunction).apply
+    _unwrap_if_dead = torch._C._functorch.unwrap_if_dead
+    _transforms_active = torch._C._are_functorch_transforms_active
+    _direct_apply = True
+except AttributeError:
+    _direct_apply = False
 
 
 def _apply(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, *rest) -> torch.Tensor:
-    """``_MoESFTFunction.apply(x, topk_ids, topk_weights, *rest)`` (``rest`` holds no tensor but the
-    LoRA Parameters, which are never functorch wrappers outside a transform)."""
+    """``_MoESFTFunction.apply(x, topk_ids, topk_weights, *rest)`` (of ``rest`` only the LoRA
+    Parameters are tensors; they are passed as they are)."""
     if not _direct_apply or _transforms_active():
         return _MoESFTFunction.apply(x, topk_ids, topk_weights, *rest)
     return _c_apply(_unwrap_if_dead(x), _unwrap_if_dead(topk_ids), _unwrap_if_dead(topk_weights), *rest)
@@ -129,7 +131,7 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     if lora is None:
         return _apply(hidden_states, topk_ids, topk_weights, experts, 0.0, out_dtype, None)
     return _apply(hidden_states, topk_ids, topk_weights, experts, lora.scaling, out_dtype,
-                                 getattr(lora, "grad_buffers", None), *tensors)
+                  getattr(lora, "grad_buffers", None), *tensors)
 
 
 class MoESFTOp:

@@ -86,7 +86,9 @@ class LoraGradBuffers:
 
     def zeroed(self, grads: tuple[torch.Tensor, ...]) -> None:
         """The caller has zeroed the experts :meth:`acquire` told it to zero in ``grads`` (what it
-        returned); a no-op unless those are this object's buffers."""
+        returned); a no-op unless those are this object's buffers. Valid only for the latest
+        acquire of these buffers, which holds: while the caller holds ``grads`` no other acquire
+        reuses them (their use count), and a later acquire of fresh ones fails the address check."""
         with self._lock:
             if self._bufs and grads[0].data_ptr() == self._bufs[0].data_ptr():
                 # written = the active experts, as acquire's kernel wrote them (no NumPy call: at decode

@@ -59,7 +59,7 @@ class Saved:
     # torch allocation and saved tensor costs microseconds): gu [R, 2I] fp32 ([G | U] before the
     # activation), act [R, I] bf16 and, with LoRA, hgu = s [X Ag^T | X Au^T] [R, 2r] and hd = s A Ad^T
     # [R, r] (bf16, as the forward's B products used them)
-    rows: torch.Tensor
+    block: torch.Tensor
     kept: _Layout
     rank: int = 0            # LoRA rank and scaling the forward ran with (rank 0: no LoRA)
     scaling: float = 0.0
@@ -73,7 +73,7 @@ class Saved:
 
     def kept_rows(self) -> dict[str, _Rows]:
         """The kept buffers by name (gu, act[, hgu, hd]) at the block's current address."""
-        return _arena_rows(self.rows.data_ptr(), self.routing.rows, self.kept)
+        return _rows_at(self.block.data_ptr(), self.routing.rows, self.kept)
 
 
 class _Col(NamedTuple):
@@ -161,8 +161,6 @@ class _Layout:
     tuples took microseconds to hash at decode sizes); :func:`_forward_buffers` and
     :func:`_backward_buffers` memoise one per configuration."""
 
-    __slots__ = ("items",)
-
     def __init__(self, items: Buffers) -> None:
         self.items = items
 
@@ -195,7 +193,7 @@ class _Arena:
 
 @functools.lru_cache(maxsize=64)
 def _arena_layout(rows: int, layout: _Layout) -> tuple[int, dict[str, tuple[int, int, int, int]]]:
-    """(bytes, name -> (offset, pitch, columns, item size)) of an arena's buffers."""
+    """(bytes, name -> (offset, pitch, columns, item size)) of the buffers of an arena or saved block."""
     places, total = {}, 0
     for name, (cols, size, pad) in layout.items:
         pitch = _row_pitch(cols, size) if pad else cols * size
@@ -204,11 +202,14 @@ def _arena_layout(rows: int, layout: _Layout) -> tuple[int, dict[str, tuple[int,
     return total, places
 
 
-@functools.lru_cache(maxsize=64)
-def _arena_rows(base: int, rows: int, layout: _Layout) -> dict[str, _Rows]:
-    """The buffers of an arena at ``base`` (callers copy the dict before changing it)."""
+def _rows_at(base: int, rows: int, layout: _Layout) -> dict[str, _Rows]:
+    """The buffers of an arena or saved block at ``base``."""
     return {name: _Rows(base + off, pitch, cols, size)
             for name, (off, pitch, cols, size) in _arena_layout(rows, layout)[1].items()}
+
+
+# (an arena's base rarely changes: a thread reuses its scratch; a saved block's changes every time)
+_arena_rows = functools.lru_cache(maxsize=64)(_rows_at)  # callers copy the dict before changing it
 
 
 def _spans(rows: dict[str, _Rows], nrows: int) -> list[Span]:
@@ -406,9 +407,9 @@ def _acquire_grads(r: Routing, experts: MoEExperts, rank: int, grad_buffers: Lor
 def _lora_grads(kept: dict[str, _Rows], gp: _LoraGrads, dos: _Rows, t_d: _Rows, w_row: _Rows, dgu: _Rows, t_gu: _Rows,
                 xs: _Rows) -> None:
     """The six LoRA gradients' launches (into ``gp.grads``) from the forward's ``kept`` rows and the
-    backward's per-row operands: dos
-    and xs (gathered dOut and X), t_d = s dOut Bd and t_gu = s [dG Bg | dU Bu] (fp32), w_row (each
-    row's routing weight), dgu = [dG | dU] (bf16); the folded idle experts' slices become zero."""
+    backward's per-row operands: dos and xs (gathered dOut and X), t_d = s dOut Bd and t_gu = s
+    [dG Bg | dU Bu] (fp32), w_row (each row's routing weight), dgu = [dG | dU] (bf16); the folded
+    idle experts' slices become zero."""
     hdim, idim, rank = dos.cols, kept["act"].cols, gp.grads[0].shape[1]
     act, hgu, hd = kept["act"], kept["hgu"], kept["hd"]
     g_ga, g_gb, g_ua, g_ub, g_da, g_db = gp.grads
@@ -588,8 +589,8 @@ def _row_bound(r: Routing) -> int:
 
 @functools.lru_cache(maxsize=256)
 def _forward_buffers(config: tuple, rank: int, save: bool) -> tuple[_Layout, _Layout]:
-    """The forward's scratch rows (one arena) and the rows it keeps for the backward (tensors when
-    saved, else scratch too), for a :func:`_config` configuration."""
+    """The forward's scratch rows (one arena) and the rows it keeps for the backward (one saved
+    block when saved, else scratch too), for a :func:`_config` configuration."""
     _, hdim, idim, storage, *_ = config
     # what backward reads: gu, act and the LoRA H rows (s [X Ag^T | X Au^T] and s A Ad^T, bf16 as the
     # B products use them), contiguous
@@ -651,7 +652,7 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     block, kept_spans = None, []
     if save:
         block = aligned_empty((_arena_layout(r.rows, kept)[0],), torch.uint8)
-        kept_rows = _arena_rows(block.data_ptr(), r.rows, kept)
+        kept_rows = _rows_at(block.data_ptr(), r.rows, kept)
         b |= kept_rows
         kept_spans = _spans(kept_rows, r.rows)
     xq, aq = ((b["xq"], b["xqs"]), (b["aq"], b["aqs"])) if quant else (None, None)
