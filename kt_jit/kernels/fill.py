@@ -65,7 +65,7 @@ def zero_slices(mask: np.ndarray, tensors: Sequence[torch.Tensor]) -> None:
     for t in tensors:
         # (from the shape: is_contiguous() ignores the stride of a size-1 dimension)
         size = math.prod(t.shape[1:]) * t.element_size()
-        if t.dim() == 0 or t.shape[0] != experts or not t.is_contiguous() or t.device.type != "cpu":
+        if t.dim() == 0 or t.shape[0] != experts or not t.is_contiguous() or not t.is_cpu:
             raise ValueError(f"zero_slices needs contiguous CPU tensors of {experts} expert slices, "
                              f"got shape {tuple(t.shape)}")
         if (t.data_ptr() | size) % ALIGN:
