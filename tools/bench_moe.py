@@ -28,6 +28,7 @@ import argparse
 import functools
 import gc
 import itertools
+import math
 import resource
 import statistics
 import time
@@ -62,25 +63,48 @@ def peak_rss_mb() -> float:
     return resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
 
 
-def timed(fns: dict, repeats: int, min_seconds: float = 0.0, warmup: int = 1) -> dict:
+def timed(fns: dict, repeats: int, min_seconds: float = 0.0, warmup: int = 1,
+          swaps: tuple[tuple[str, str], ...] = (), paired: dict | None = None,
+          work: dict[str, list[float]] | None = None) -> dict:
     """Median seconds of each ``fns[name]()``, measured round-robin (one call of each per round,
     after ``warmup`` calls each) so that drift of this shared machine hits every pass alike; rounds
     continue until ``repeats`` are done and ``min_seconds`` have passed (at most 50 rounds). A
     function that returns a float has timed itself: those seconds (the part of its work that
-    counts) are its sample."""
+    counts) are its sample. ``swaps``: pairs of passes that trade places every other round, for
+    passes compared with each other (a pass's time depends on the one before it: at qlen 1 the
+    forward run right after a training forward measured 5-8% slower than the one after it); with
+    swaps the rounds come in pairs, one of each order. ``paired`` (a dict) receives, per swapped
+    pair (a, b), a's time over b's in the same round: the geometric mean of the two orders' medians
+    of it (drift between rounds cancels, and so does the order). ``work``: per pass, the amount of
+    work of each of its calls (warm-up included; the passes append to it), which ``paired`` divides
+    each time by: the two passes of a round run different routings (at qlen 16 their active experts
+    differ by up to ~10%)."""
+    missing = {name for pair in swaps for name in pair} - fns.keys()
+    if missing:
+        raise ValueError(f"swaps names passes that are not timed: {sorted(missing)}")
+    names = list(fns)
+    swapped = list(names)
+    for a, b in swaps:
+        i, j = swapped.index(a), swapped.index(b)
+        swapped[i], swapped[j] = b, a
     for _ in range(warmup):
         for fn in fns.values():
             fn()
     times: dict = {name: [] for name in fns}
-    start = time.perf_counter()
+    start, rounds = time.perf_counter(), 0
     while True:
-        for name, fn in fns.items():
+        for name in (names, swapped)[rounds % 2]:
             t0 = time.perf_counter()
-            own = fn()
+            own = fns[name]()
             times[name].append(own if isinstance(own, float) else time.perf_counter() - t0)
-        rounds = len(times[next(iter(fns))])
-        if rounds >= 50 or (rounds >= repeats and time.perf_counter() - start >= min_seconds):
+        rounds += 1
+        if rounds >= 50 or (rounds >= repeats and time.perf_counter() - start >= min_seconds
+                            and not (swaps and rounds % 2)):
             break
+    for a, b in swaps if paired is not None else ():
+        wa, wb = (work[a][-rounds:], work[b][-rounds:]) if work else ([1.0] * rounds,) * 2
+        ratios = [(x / u) / (y / v) for x, y, u, v in zip(times[a], times[b], wa, wb, strict=True)]
+        paired[a, b] = math.sqrt(statistics.median(ratios[0::2]) * statistics.median(ratios[1::2]))
     return {name: statistics.median(ts) for name, ts in times.items()}
 
 
@@ -137,6 +161,8 @@ def batch(t: int, k: int, e: int, h: int, seed: int = 1):
 
 
 BATCHES = 8  # distinct routings cycled through, so no pass finds the previous one's experts in L3
+# passes compared with each other (LoRA's cost), timed in both orders (see timed)
+LORA_PAIRS = (("fwd (no save)", "fwd (no LoRA)"), ("bwd", "bwd (no LoRA)"))
 PROBE_BYTES = 256 << 20  # the interleaved bandwidth probe's read (8x this VM's L3)
 WARM_PLANS_MAX_QLEN = 128  # (above, every routing activates nearly all experts: few configurations)
 
@@ -153,7 +179,10 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
     is 0) at one qlen, and the mean active expert count. With ``baseline`` (the bf16 experts of the
     same weights), its forward (save) and backward are timed in the same rounds too, as "bf16 fwd
     (save)" and "bf16 bwd": the VM's memory mode switches within minutes, and a mode's speed-up over
-    bf16 is only fair from passes timed side by side. Every call takes the next of BATCHES batches with
+    bf16 is only fair from passes timed side by side. Under "lora", LoRA's cost: the forward (no
+    save) and the backward with LoRA over without, each from :func:`timed`'s ``paired`` ratios
+    per active expert.
+    Every call takes the next of BATCHES batches with
     their own routing: with one fixed batch, a pass at small qlen found part of its experts'
     weights still in L3 from the previous pass (8 qwen3 experts are 75 MB; measured: the forward at
     qlen 1 ran 1.3-1.5x faster than with fresh experts, the backward less so), which a training step,
@@ -161,18 +190,32 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
     e, h = layer.e, layer.h
     batches = [batch(t, k, e, h, seed=1 + j) for j in range(BATCHES)]
 
-    def picker(phase: int):
-        """Each pass cycles through the same batches from batch 2 ``phase``; ``timed`` calls the
-        passes round-robin in the order of ``passes`` (phases 0, 1, 2, 3, 1, then the bf16 baseline's
-        0 and 3 after the probe): no call follows one with the same routing."""
-        return itertools.cycle(batches[2 * phase:] + batches[:2 * phase]).__next__
+    active_of = [int(torch.unique(ids).numel()) for _, ids, _ in batches]
+    work: dict[str, list[float]] = {name: [] for pair in LORA_PAIRS for name in pair}
+
+    def picker(offset: int, name: str | None = None):
+        """Each pass cycles through the same batches from batch ``offset``; ``timed`` calls the
+        passes round-robin in the order of ``passes`` (offsets 0, 2, 4, 6, 3, then the bf16
+        baseline's 0 and 6 after the probe) or, every other round, with the two pairs compared
+        (with and without LoRA) swapped (0, 4, 2, 3, 6): no call follows one with the same routing.
+        With ``name``, each call logs its batch's active experts in ``work[name]``."""
+        order = itertools.cycle(list(range(offset, BATCHES)) + list(range(offset)))
+
+        def pick():
+            j = next(order)
+            if name is not None:
+                work[name].append(active_of[j])
+            return batches[j]
+        return pick
 
     dout = torch.randn(t, h, generator=torch.Generator().manual_seed(2))
     lora_params = list(layer.lora.tensors())
-    active = statistics.mean(int(torch.unique(ids).numel()) for _, ids, _ in batches)
+    active = statistics.mean(active_of)
 
-    # fwd (save), fwd (no save), fwd (no LoRA), bwd, bwd (no LoRA) (after bwd: another routing than it)
-    picks = [picker(p) for p in (0, 1, 2, 3, 1)]
+    # fwd (save), fwd (no save), fwd (no LoRA), bwd, bwd (no LoRA) (offset 3: another routing than
+    # the passes next to it in either order)
+    picks = [picker(p, name) for p, name in zip((0, 2, 4, 6, 3), (None, "fwd (no save)", "fwd (no LoRA)", "bwd",
+                                                                 "bwd (no LoRA)"), strict=True)]
 
     def fwd_save():
         x, ids, w = picks[0]()
@@ -200,7 +243,7 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
     passes = {"fwd (save)": fwd_save, "fwd (no save)": no_save, "fwd (no LoRA)": no_lora, "bwd": bwd,
               "bwd (no LoRA)": bwd_plain, "read": lambda: 1.0 / probe()}  # (seconds per byte)
     if baseline is not None:
-        base_picks = [picker(p) for p in (0, 3)]
+        base_picks = [picker(p) for p in (0, 6)]
 
         def base_fwd():
             x, ids, w = base_picks[0]()
@@ -215,7 +258,10 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
         passes |= {"bf16 fwd (save)": base_fwd, "bf16 bwd": base_bwd}
     # warm-up: every batch twice through every pass, so the timed calls replay launch plans as a
     # training run does after its first steps (a configuration is captured at its second call)
-    ours = timed(passes, repeats, min_seconds, warmup=2 * BATCHES if t <= WARM_PLANS_MAX_QLEN else 1)
+    ratios: dict = {}
+    ours = timed(passes, repeats, min_seconds, warmup=2 * BATCHES if t <= WARM_PLANS_MAX_QLEN else 1,
+                 swaps=LORA_PAIRS, paired=ratios, work=work)
+    ours["lora"] = tuple(ratios[pair] for pair in LORA_PAIRS)  # (forward, backward) with / without LoRA
     ours["read"] = 1.0 / ours["read"]  # the median reading among the passes: their floor's bandwidth
     if torch_repeats == 0:
         return ours, None, active
@@ -259,6 +305,7 @@ def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, quants, bw: fl
             ours, ref, active = measure(layer, op, t, k, repeats, torch_repeats if quant == quants[0] else 0,
                                        min_seconds, bf16_experts if quant != "bf16" else None)
             local_bw = ours.pop("read")
+            lora_fwd, lora_bwd = (r - 1 for r in ours.pop("lora"))
             base = {pas[5:]: ours.pop(pas) for pas in [p for p in ours if p.startswith("bf16 ")]}
             bw = max(bw, local_bw)
             if ref is not None:
@@ -280,11 +327,11 @@ def bench_shape(name: str, e: int, h: int, i: int, k: int, qlens, quants, bw: fl
                 print(f"{quant:<13} {t:4d} {pas:<14} {row['ms']:9.2f} {row['floor_ms']:9.2f} {row['of_floor']:8.2f} "
                       f"{row['of_roof']:7.2f} {row.get('torch_ms', float('nan')):9.2f} "
                       f"{row.get('vs_torch', float('nan')):8.2f} {row.get('vs_bf16', float('nan')):7.2f}", flush=True)
-            lora_cost = ours["fwd (no save)"] / ours["fwd (no LoRA)"] - 1  # both without saving
-            lora_bwd = ours["bwd"] / ours["bwd (no LoRA)"] - 1
-            print(f"     LoRA adds {lora_cost * 100:.1f}% to the forward (no save, with vs without LoRA), "
-                  f"{lora_bwd * 100:.1f}% to the backward; backward = {ours['bwd'] / ours['fwd (save)']:.2f}x forward")
-            rows.append({"name": f"{name} {quant} qlen={t} lora overhead", "ms": 0.0, "ratio": lora_cost,
+            # (both forwards without saving; each round's pair timed back to back, in both orders)
+            print(f"     LoRA adds {lora_fwd * 100:.1f}% to the forward (no save, with vs without LoRA), "
+                  f"{lora_bwd * 100:.1f}% to the backward (per-round ratios per active expert); backward = "
+                  f"{ours['bwd'] / ours['fwd (save)']:.2f}x forward")
+            rows.append({"name": f"{name} {quant} qlen={t} lora overhead", "ms": 0.0, "ratio": lora_fwd,
                          "bwd_ratio": lora_bwd})
     return rows, bw
 
