@@ -180,13 +180,12 @@ def measure(layer: Layer, op: kt_jit.MoESFTOp, t: int, k: int, repeats: int, tor
     same weights), its forward (save) and backward are timed in the same rounds too, as "bf16 fwd
     (save)" and "bf16 bwd": the VM's memory mode switches within minutes, and a mode's speed-up over
     bf16 is only fair from passes timed side by side. Under "lora", LoRA's cost: the forward (no
-    save) and the backward with LoRA over without, each from :func:`timed`'s ``paired`` ratios
-    per active expert.
-    Every call takes the next of BATCHES batches with
-    their own routing: with one fixed batch, a pass at small qlen found part of its experts'
-    weights still in L3 from the previous pass (8 qwen3 experts are 75 MB; measured: the forward at
-    qlen 1 ran 1.3-1.5x faster than with fresh experts, the backward less so), which a training step,
-    with every other layer in between, never does."""
+    save) and the backward with LoRA over without, each from :func:`timed`'s ``paired`` ratios per
+    active expert. Every call takes the next of BATCHES batches with their own routing: with one
+    fixed batch, a pass at small qlen found part of its experts' weights still in L3 from the
+    previous pass (8 qwen3 experts are 75 MB; measured: the forward at qlen 1 ran 1.3-1.5x faster
+    than with fresh experts, the backward less so), which a training step, with every other layer
+    in between, never does."""
     e, h = layer.e, layer.h
     batches = [batch(t, k, e, h, seed=1 + j) for j in range(BATCHES)]
 
