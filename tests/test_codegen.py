@@ -34,6 +34,23 @@ def test_amx_kernels_have_no_tile_spills(op, n, k):
 
 
 @pytest.mark.parametrize("op", ["fwd", "bwd"])
+@pytest.mark.parametrize("quant,gs,zp", [("int8", 0, False), ("int4", 0, False), ("int4", 128, True)])
+def test_amx_quantized_kernels_decode_without_spills(op, quant, gs, zp):
+    """Quantized weights on AMX: the same tile traffic as bf16, plus the decoded blocks' stores to
+    the stack (read back only by tile loads): no vector register is reloaded from the stack."""
+    spec = gemm.GemmSpec(op, 768, 2048, "amx", False, gemm.default_schedule(op, "amx", 768, 2048), quant, gs, zp)
+    asm = _asm(spec)
+    assert asm.count("ldtilecfg") == 1 and asm.count("tilerelease") == 1 and "tdpbf16ps" in asm
+    assert len(re.findall(r"\btilestored\b", asm)) == 6
+    assert not re.search(r"^\s*call", asm, re.M)
+    stack = re.findall(r"^\s*(\S+)\s+(.*\(%rsp\).*)$", asm, re.M)
+    vector = [(op_, args) for op_, args in stack if "mm" in args]
+    # decoded rows: 16 per block, 2 blocks per forward step (the 1- and 2-row-tile paths), 1 per transposed
+    assert len(vector) == (64 if op == "fwd" else 32)
+    assert all(args.startswith("%zmm") and not args.endswith("%zmm") for _, args in vector), vector[:3]
+
+
+@pytest.mark.parametrize("op", ["fwd", "bwd"])
 @pytest.mark.parametrize("n,k", SHAPES)
 def test_avx512_kernels_keep_accumulators_in_registers(op, n, k):
     asm = _asm(_spec(op, "avx512", n, k))

@@ -921,3 +921,43 @@ def test_fused_lora_is_rejected_where_not_implemented():
     with pytest.raises(ValueError, match="lora_split"):
         gemm.GemmSpec("fwd", 256, 64, "avx512", False, gemm.default_schedule("fwd", "avx512", 256, 64), lora_rank=16,
                       lora_split=32)
+
+
+AMX_ISAS = [p for p in ISAS if p.values[0] != "avx512"]
+
+
+@pytest.mark.parametrize("isa", AMX_ISAS)
+@pytest.mark.parametrize("quant,gs,zp", QUANT_CASES)
+def test_amx_quantized_gemms_match_dequantized_reference(isa, quant, gs, zp):
+    """The AMX kernels decode each 16-row block of codes to a bf16 tile: per-channel forwards use the
+    exact codes and scale the fp32 outputs (~1e-6 of the dequantized product); K-group forwards and
+    every transposed GEMM round each dequantized weight to bf16 once (~0.2%). m = 1, 17 and 40: one
+    and two row tiles, and a second pass of the row loop with a tail; k = 128 holds several K-groups."""
+    n, k = 64, 128
+    p, s, z, wd = _quantized(quant, gs, zp, n, k, seed=3)
+    zptr = z.data_ptr() if z is not None else 0
+    for m in (1, 17, 40):
+        g = torch.Generator().manual_seed(m)
+        x, dy = torch.randn(m, k, generator=g).bfloat16(), torch.randn(m, n, generator=g).bfloat16()
+        y, dx = torch.empty(m, n), torch.empty(m, k)
+        fwd = gemm.kernel_for("fwd", n, k, isa=isa, quant=quant, group_size=gs, zero_point=zp)
+        bwd = gemm.kernel_for("bwd", n, k, isa=isa, quant=quant, group_size=gs, zero_point=zp)
+        assert fwd.spec.isa == bwd.spec.isa == isa and not fwd.spec.int_x and not bwd.spec.int_x
+        xp, dyt = gemm._pad_rows_for_amx(x), gemm.pack_dy_for_amx(dy)
+        fwd.launch(gemm._one_group(xp.data_ptr(), p.data_ptr(), y.data_ptr(), m, s.data_ptr(), zptr), k * 2, n * 4)
+        bwd.launch(gemm._one_group(dyt.data_ptr(), p.data_ptr(), dx.data_ptr(), m, s.data_ptr(), zptr), n * 2, k * 4)
+        assert rel_err(y, ref_linear(x, wd)) < (5e-3 if gs else 1e-5), m
+        assert rel_err(dx, ref_linear_t(dy, wd)) < 5e-3, m
+
+
+@pytest.mark.parametrize("isa", AMX_ISAS)
+def test_amx_int8_linear_and_linear_t(isa):
+    """The public single-group entry points take int8 weights on AMX too (given ``isa``)."""
+    from kt_jit.kernels.quant import dequantize_int8, pack_int8
+
+    n, k = 64, 96
+    p, s = pack_int8(torch.randn(n, k, generator=torch.Generator().manual_seed(5)))
+    wd = dequantize_int8(p, s)
+    x, dy = torch.randn(19, k).bfloat16(), torch.randn(19, n).bfloat16()
+    assert rel_err(gemm.linear(x, p, isa=isa, scales=s), ref_linear(x, wd)) < 1e-5
+    assert rel_err(gemm.linear_t(dy, p, isa=isa, scales=s), ref_linear_t(dy, wd)) < 5e-3

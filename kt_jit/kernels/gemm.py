@@ -417,7 +417,7 @@ class GemmSpec:
     isa: str           # "avx512", "amx" or "amx_emu"
     accumulate: bool   # add into the output instead of overwriting it
     schedule: GemmSchedule
-    quant: str = "bf16"  # weight storage: "bf16", "int8" or "int4" (quantized: AVX-512 kernels)
+    quant: str = "bf16"  # weight storage: "bf16", "int8" or "int4"
     group_size: int = 0  # int4: scales per group of this many K (0 = per output channel)
     zero_point: bool = False  # int4: per-channel/group zero points (else symmetric, z = 8)
     # fused LoRA (AVX-512): fwd Y += H B^T with H [m, rank] bf16 and B [N, rank] bf16 (nn.Linear
@@ -435,16 +435,15 @@ class GemmSpec:
         check_gemm_dims(self.n, self.k)
         if self.quant not in QUANTS:
             raise ValueError(f"quant must be one of {QUANTS}, got {self.quant!r}")
-        if self.quant != "bf16" and self.isa != "avx512":
-            raise ValueError(f"{self.quant} weights run on the AVX-512 kernels (isa='avx512'), not {self.isa!r}")
         if (self.group_size or self.zero_point) and self.quant != "int4":
             raise ValueError("group_size and zero_point apply to int4 weights only")
         if self.group_size and (self.group_size % 32 or self.k % self.group_size):
             raise ValueError(f"group_size={self.group_size} must be a multiple of 32 that divides K={self.k}")
         sch = self.schedule
-        if self.quant == "int4" and self.op == "fwd" and sch.kc % 2:
+        avx512_fwd = (self.op, self.isa) == ("fwd", "avx512")
+        if self.quant == "int4" and avx512_fwd and sch.kc % 2:
             raise ValueError(f"int4 forward kernels step k-pair rows two at a time: kc={sch.kc} must be even")
-        if self.group_size and self.op == "fwd" and (not sch.kc or (self.group_size // 2) % sch.kc):
+        if self.group_size and avx512_fwd and (not sch.kc or (self.group_size // 2) % sch.kc):
             raise ValueError(f"grouped weights need a kc that divides group_size/2 = {self.group_size // 2}, "
                              f"got kc={sch.kc}")
         # products summed in int32 before a flush to fp32: fwd a K-chunk (2 kc), bwd an n-chunk (16 kc)
@@ -511,8 +510,9 @@ class GemmSpec:
         :func:`kt_jit.kernels.rowquant.quantize_rows`) and meets the integer codes in vpdpwssd. Every
         quantized forward; the transposed GEMM (panel, streamed and lane-partial forms) of
         per-channel modes, whose x is dY diag(channel scales) -- a K-group's scale varies along K
-        and cannot be folded into one int16 row of dY."""
-        if self.quant == "bf16":
+        and cannot be folded into one int16 row of dY. (The AMX kernels decode the codes to bf16
+        tiles: their x is bf16.)"""
+        if self.quant == "bf16" or self.isa != "avx512":
             return False
         return self.op == "fwd" or (self.is_panel and not self.group_size and self.schedule.small == "stream")
 
@@ -1936,29 +1936,87 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
 
 
 def _copy_rows_out(fn: Function, src: str, dst: str, rows: str, ldy: str, vecs: int,
-                   accumulate: bool) -> None:
-    """dst[i, 0:16*vecs] (+)= src[i*64*?]: copy ``rows`` fp32 rows of a staged C tile pair."""
+                   accumulate: bool, scales: list[str] | None = None) -> None:
+    """dst[i, 0:16*vecs] (+)= src[i*64*?] (times ``scales[j]``, one <16 x float> per 16 columns):
+    copy ``rows`` fp32 rows of a staged C tile pair."""
     with fn.loop(0, rows, name="cp") as i:
         drow = fn.gep(dst, fn.mul(i, ldy))
         for j in range(vecs):
             v = fn.load(F32x16, fn.gep(src, fn.add(fn.mul(i, 64), j * 1024)), 64)
+            if scales:
+                v = fn.val(f"fmul {F32x16} {v}, {scales[j]}")
             p = fn.gep(drow, j * 64)
             if accumulate:
                 v = vx.fadd(fn, v, fn.load(F32x16, p, 4))
             fn.store(F32x16, v, p, 4)
 
 
+# Quantized weights on AMX: each 16-row block of codes (int8: 512 B, int4: 256 B) is decoded with
+# AVX-512 into a 1 KB bf16 tile in the bf16 packed layout on the stack, then used like a packed
+# bf16 block (B tile of the forward, A tile of the transposed GEMM); x and dY stay bf16. The
+# forward of per-channel modes decodes exact integers (q, or q - z) and applies the channel scales
+# to the fp32 output; K-group forwards and every transposed GEMM (whose channel scales lie along
+# the reduction) decode s (q - z), rounded once to bf16 (as the AVX-512 panel form does).
+
+def _amx_block_offsets(spec: GemmSpec) -> tuple[int, int]:
+    """Bytes between consecutive n-blocks of the packed weight, and between its 16-row blocks."""
+    return spec.k // 2 * spec.row_bytes, 16 * spec.row_bytes
+
+
+def _quant_params(fn: Function, spec: GemmSpec, sc: str, zp: str, n0, kb) -> tuple[str, str | None]:
+    """Pointers to the fp32 scales and uint8 zero points of the 16 channels from ``n0`` in the
+    K-group of 16-row block ``kb`` (per-channel modes: group 0)."""
+    row = n0
+    if spec.group_size:
+        row = fn.add(fn.mul(fn.val(f"udiv i64 {fn.mul(kb, 32)}, {spec.group_size}"), spec.n), n0)
+    return fn.gep(sc, fn.mul(row, 4)), fn.gep(zp, row)
+
+
+def _decode_block(fn: Function, spec: GemmSpec, src: str, dst: str, zero_words: str | None,
+                  scales: str | None) -> None:
+    """One 16-row block of quantized codes at ``src`` -> 16 x 32 bf16 at ``dst`` (64-byte rows):
+    the exact integers (``scales`` None) or times the 16 channels' fp32 ``scales``; int4 takes
+    ``zero_words`` from :func:`_zero_words`."""
+    s32 = None
+    if scales is not None:
+        s32 = vx.shuffle(fn, F32x16, fn.load(F32x16, scales, 4), None, [e // 2 for e in range(32)])
+
+    def put(r: int, row: str) -> None:
+        if s32 is not None:
+            wide = fn.val(f"fpext {BF16x32} {row} to <32 x float>")
+            row = fn.val(f"fptrunc <32 x float> {fn.val(f'fmul <32 x float> {wide}, {s32}')} to {BF16x32}")
+        fn.store(BF16x32, row, fn.gep(dst, 64 * r), 64)
+
+    # (each row stored as soon as it is made: 16 rows decoded first would not fit the registers)
+    for r in range(0, 16, 2):
+        if spec.quant == "int8":
+            pair = [_weight_row(fn, spec, fn.gep(src, 32 * (r + e))) for e in range(2)]
+        else:  # rows 2i and 2i+1 share one 32-byte load
+            pair = [_int4_row(fn, codes, zero_words, False) for codes in _int4_code_pairs(fn, fn.gep(src, 16 * r))]
+        for e, row in enumerate(pair):
+            put(r + e, row)
+
+
 def _amx_fwd_body(spec: GemmSpec):
     kb_count = spec.k // 32
-    block_stride = spec.k * 32
+    block_stride, kb_bytes = _amx_block_offsets(spec)
+    quant, grouped = spec.quant != "bf16", bool(spec.group_size)
 
     def body(fn: Function, ctx: str, item: str, t: Tiles) -> None:
         scratch = fn.alloca("i8", 64, 4096)
-        c, x, w, y, m, _, _ = _group(fn, ctx, item, spec.items_per_group)
+        decoded = fn.alloca("i8", 64, 2048) if quant else None
+        c, x, w, y, m, sc, zp = _group(fn, ctx, item, spec.items_per_group)
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         w0 = fn.gep(w, fn.mul(c, 2 * block_stride))
         w1 = fn.gep(w0, block_stride)
         yb = fn.gep(y, fn.mul(c, 128))
+        n0 = fn.mul(c, 32)
+        out_scales, zeros = None, [None, None]
+        if quant and not grouped:  # per channel: exact codes in the tiles, scales on the output
+            out_scales = [fn.load(F32x16, _quant_params(fn, spec, sc, zp, fn.add(n0, 16 * j), 0)[0], 4)
+                          for j in range(2)]
+            zeros = [_zero_words(fn, spec, _quant_params(fn, spec, sc, zp, fn.add(n0, 16 * j), 0)[1])
+                     for j in range(2)]
         with fn.loop(0, m, 32, name="mt") as m0:
             rem = fn.sub(m, m0)
             xa = fn.gep(x, fn.mul(m0, ldx))
@@ -1975,9 +2033,19 @@ def _amx_fwd_body(spec: GemmSpec):
                     t.load(0, fn.gep(xa, koff), ldx)
                     if n_mt == 2:
                         t.load(1, fn.gep(xb, koff), ldx)
-                    boff = fn.mul(kb, 1024)
-                    t.load(2, fn.gep(w0, boff), 64)
-                    t.load(3, fn.gep(w1, boff), 64)
+                    boff = fn.mul(kb, kb_bytes)
+                    if quant:
+                        for j, wj in enumerate((w0, w1)):
+                            scales, zero = None, zeros[j]
+                            if grouped:
+                                scales, zptr = _quant_params(fn, spec, sc, zp, fn.add(n0, 16 * j), kb)
+                                zero = _zero_words(fn, spec, zptr)
+                            _decode_block(fn, spec, fn.gep(wj, boff), fn.gep(decoded, 1024 * j), zero, scales)
+                        t.load(2, decoded, 64)
+                        t.load(3, fn.gep(decoded, 1024), 64)
+                    else:
+                        t.load(2, fn.gep(w0, boff), 64)
+                        t.load(3, fn.gep(w1, boff), 64)
                     t.dp_bf16(4, 0, 2)
                     t.dp_bf16(5, 0, 3)
                     if n_mt == 2:
@@ -1988,22 +2056,25 @@ def _amx_fwd_body(spec: GemmSpec):
                 fn.br(join)
             fn.set_block(join)
             _copy_rows_out(fn, scratch, fn.gep(yb, fn.mul(m0, ldy)), fn.min(rem, 16), ldy, 2,
-                           spec.accumulate)
+                           spec.accumulate, out_scales)
             with fn.if_then(two):
                 _copy_rows_out(fn, fn.gep(scratch, 2048), fn.gep(yb, fn.mul(fn.add(m0, 16), ldy)),
-                               fn.min(fn.sub(rem, 16), 16), ldy, 2, spec.accumulate)
+                               fn.min(fn.sub(rem, 16), 16), ldy, 2, spec.accumulate, out_scales)
 
     return body
 
 
 def _amx_bwd_body(spec: GemmSpec):
-    kb_count, nb = spec.k // 32, spec.n // 16
+    nb = spec.n // 16
+    block_stride, kb_bytes = _amx_block_offsets(spec)
+    quant = spec.quant != "bf16"
 
     def body(fn: Function, ctx: str, item: str, t: Tiles) -> None:
         scratch = fn.alloca("i8", 64, 4096)
-        kb, x, w, y, m, _, _ = _group(fn, ctx, item, spec.items_per_group)
+        decoded = fn.alloca("i8", 64, 1024) if quant else None
+        kb, x, w, y, m, sc, zp = _group(fn, ctx, item, spec.items_per_group)
         ldy = ARGS.load(fn, ctx, "ldy")
-        wk = fn.gep(w, fn.mul(kb, 1024))
+        wk = fn.gep(w, fn.mul(kb, kb_bytes))
         yb = fn.gep(y, fn.mul(kb, 128))
         n_mt = fn.val(f"udiv i64 {fn.add(m, 15)}, 16")
         with fn.loop(0, n_mt, 2, name="mt") as mt0:
@@ -2015,7 +2086,12 @@ def _amx_bwd_body(spec: GemmSpec):
                 for ct in range(4, 4 + 2 * count):
                     t.zero(ct)
                 with fn.loop(0, nb, name="s") as s:
-                    t.load(0, fn.gep(wk, fn.mul(s, kb_count * 1024)), 64)
+                    block = fn.gep(wk, fn.mul(s, block_stride))
+                    if quant:  # the channel scales lie along the reduction: decoded into the weights
+                        scales, zptr = _quant_params(fn, spec, sc, zp, fn.mul(s, 16), kb)
+                        _decode_block(fn, spec, block, decoded, _zero_words(fn, spec, zptr), scales)
+                        block = decoded
+                    t.load(0, block, 64)
                     for h in range(count):
                         # dY tiles of m-tile (mt0+h), n-block s: even-k then odd-k selector
                         dyt = fn.gep(x, fn.mul(fn.add(fn.mul(fn.add(mt0, h), nb), s), 2048))
@@ -2114,11 +2190,11 @@ def kernel_for(op: str, n: int, k: int, accumulate: bool = False, isa: str | Non
                schedule: GemmSchedule | None = None, quant: str = "bf16", group_size: int = 0,
                zero_point: bool = False, one_group: bool = False, lora_rank: int = 0,
                lora_split: int = 0, lanes_dy: bool = False) -> GemmKernel:
-    """The kernel for this problem on ``isa`` (default: the active ISA; quantized weights and
-    fused LoRA always use the AVX-512 kernels) with the default schedule (``one_group``: for
-    launches of a single group; ``lanes_dy``: transposed launches that also pass dY in the
-    tokens-in-lanes layout; see :func:`default_schedule`)."""
-    if quant != "bf16" or lora_rank:
+    """The kernel for this problem on ``isa`` (default: the active ISA for bf16 weights, AVX-512
+    for quantized ones; fused LoRA always uses the AVX-512 kernels) with the default schedule
+    (``one_group``: for launches of a single group; ``lanes_dy``: transposed launches that also
+    pass dY in the tokens-in-lanes layout; see :func:`default_schedule`)."""
+    if lora_rank or (quant != "bf16" and isa is None):
         isa = "avx512"
     return _kernel_for(op, n, k, accumulate, isa or active_isa(), schedule, quant, group_size, zero_point,
                        one_group, lora_rank, lora_split, lanes_dy, host_tuning())
@@ -2131,7 +2207,7 @@ def _kernel_for(op: str, n: int, k: int, accumulate: bool, isa: str, schedule: G
     # (``tuning``: the host's values in effect, the memo's key and default_schedule's input)
     if schedule is None:
         schedule = default_schedule(op, isa, n, k, quant, one_group, group_size, lanes_dy, tuning)
-        if group_size and op == "fwd":  # a K-chunk within one group: its scale is applied per chunk
+        if group_size and (op, isa) == ("fwd", "avx512"):  # a K-chunk within one group: its scale is applied per chunk
             schedule = dataclasses.replace(schedule, kc=_chunk(group_size // 2, schedule.kc))
         while op == "fwd" and lora_split % (16 * schedule.nr):  # a work item's outputs use one adapter
             schedule = dataclasses.replace(schedule, nr=schedule.nr // 2)
@@ -2230,14 +2306,15 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = Non
     if m == 0:
         return y
     with immediate_launches():  # (returns what it computed, from temporaries)
-        if quant != "bf16":
+        if kern.spec.int_x:
             xq, xs = quantize_rows(x)
             table = _one_group(xq.data_ptr(), packed.data_ptr(), y.data_ptr(), m, scales.data_ptr(), 0,
                                xs.data_ptr())
             kern.launch(table, k * 2, n * 4, num_threads)
             return y
         xp = _pad_rows_for_amx(x) if kern.spec.isa != "avx512" else x
-        kern.launch(_one_group(xp.data_ptr(), packed.data_ptr(), y.data_ptr(), m), k * 2, n * 4, num_threads)
+        sptr = scales.data_ptr() if scales is not None else 0
+        kern.launch(_one_group(xp.data_ptr(), packed.data_ptr(), y.data_ptr(), m, sptr), k * 2, n * 4, num_threads)
     return y
 
 
