@@ -4,7 +4,7 @@ import threading
 
 import pytest
 import torch
-from conftest import NEEDS_AVX512_BF16
+from conftest import ISAS, NEEDS_AVX512_BF16
 from reference import moe as ref_moe
 from reference import rel_err
 
@@ -622,6 +622,25 @@ def test_amx_kernel_path_through_the_operator(isa, monkeypatch):
     monkeypatch.setenv("KT_JIT_ISA", isa)
     dout = torch.randn(21, 64, generator=torch.Generator().manual_seed(2))
     check_against_reference(make_layer(h=64, i=64), make_batch(21, 3, h=64), dout)
+
+
+@pytest.mark.parametrize("isa", [p for p in ISAS if p.values[0] != "avx512"])
+@pytest.mark.parametrize("quant", QUANTS[1:])
+def test_quantized_experts_on_amx_kernels(isa, quant, monkeypatch):
+    """Quantized experts on an AMX CPU: a pass with at least AMX_QUANT_MIN_ROWS routed rows per
+    active expert runs the AMX kernels (codes decoded to bf16 tiles, LoRA in separate passes), a
+    sparser one the AVX-512 integer kernels; forward and every gradient match the reference."""
+    from kt_jit.moe import sft
+    from kt_jit.moe.routing import route
+
+    monkeypatch.setenv("KT_JIT_ISA", isa)
+    layer = make_layer(h=64, i=64, quant=quant)
+    for t, k, want in ((21, 3, isa), (2, 2, None)):
+        batch = make_batch(t, k, h=64)
+        assert sft.pass_isa(layer[3], route(batch[1], E)) == want
+        assert sft._fuses_lora(layer[3], want) == (want is None)
+        dout = torch.randn(t, 64, generator=torch.Generator().manual_seed(t))
+        check_against_reference(layer, batch, dout)
 
 
 @pytest.mark.parametrize("isa", [pytest.param("avx512", marks=NEEDS_AVX512_BF16), "amx_emu"])

@@ -40,6 +40,7 @@ from ..kernels.dytiles import kernel_for as dytiles_kernel
 from ..kernels.rowquant import quantize_rows_into
 from ..kernels.rows import kernel_for as rows_kernel
 from ..runtime import knobs
+from ..runtime.amx import active_isa
 from ..runtime.buffers import aligned_empty, array_address
 from ..runtime.memory import keep_freed_memory
 from .gradbuf import LoraGradBuffers
@@ -276,46 +277,70 @@ def _dims(experts: MoEExperts, name: str) -> tuple[int, int]:
     return packed.shape[1] * 16, packed.shape[2] * 2
 
 
-def _kernel(op: str, experts: MoEExperts, name: str, lora_rank: int = 0, lora_split: int = 0) -> gemm.GemmKernel:
-    """The GEMM kernel of ``op`` for the expert matrix ``name`` (the transposed ones take the dY of
-    their tokens-in-lanes form's groups, see :func:`_grouped_bwd`)."""
+# Quantized experts on AMX CPUs: a pass whose routed rows per active expert (mean) reach this takes
+# the AMX kernels (codes decoded to bf16 tiles, kernels/gemm.py); sparser passes keep the AVX-512
+# integer kernels, which stream at the read bandwidth at 1-4 rows per expert (measured on Zen 4) and
+# fuse LoRA, but are compute-bound from a few rows on. Not timed on an AMX CPU yet.
+AMX_QUANT_MIN_ROWS = 4
+
+
+def pass_isa(experts: MoEExperts, r: Routing) -> str | None:
+    """The ISA of a pass's GEMMs when it is not the default (:func:`gemm.kernel_for`: the active ISA
+    for bf16 experts, AVX-512 for quantized ones): quantized experts on AMX at
+    ``AMX_QUANT_MIN_ROWS`` routed rows per active expert or more."""
+    if experts.storage == "bf16" or r.pairs < AMX_QUANT_MIN_ROWS * r.basis.shape[0]:
+        return None
+    isa = active_isa()
+    return None if isa == "avx512" else isa
+
+
+def _kernel(op: str, experts: MoEExperts, name: str, lora_rank: int = 0, lora_split: int = 0,
+            isa: str | None = None) -> gemm.GemmKernel:
+    """The GEMM kernel of ``op`` for the expert matrix ``name`` on ``isa`` (from :func:`pass_isa`;
+    the transposed ones take the dY of their tokens-in-lanes form's groups, see :func:`_grouped_bwd`)."""
     n, k = _dims(experts, name)
-    return gemm.kernel_for(op, n, k, quant=experts.storage, group_size=experts.group_size,
+    return gemm.kernel_for(op, n, k, isa=isa, quant=experts.storage, group_size=experts.group_size,
                            zero_point=experts.zero_point, lora_rank=lora_rank, lora_split=lora_split,
                            lanes_dy=op == "bwd")
 
 
-def _fuses_lora(experts: MoEExperts) -> bool:
+def _fuses_lora(experts: MoEExperts, isa: str | None = None) -> bool:
     """Whether the forward GEMMs add the LoRA B products themselves (the AVX-512 kernels can),
     instead of separate accumulate passes over the fp32 outputs (the AMX kernels)."""
-    return _kernel("fwd", experts, "gate_up").spec.isa == "avx512"
+    return _kernel("fwd", experts, "gate_up", isa=isa).spec.isa == "avx512"
 
 
 def _grouped_fwd(x: torch.Tensor | _Rows, experts: MoEExperts, name: str, y: torch.Tensor | _Rows, r: Routing,
-                 lora: LoraOperands | None = None, xq: tuple[_Rows, _Rows] | None = None) -> None:
-    """y[rows of e] = x[rows of e] @ W_e^T for every active expert (one launch); quantized weights
-    take x as int16 rows with per-row scales, quantized here into ``xq`` (see kernels/rowquant.py).
+                 lora: LoraOperands | None = None, xq: tuple[_Rows, _Rows] | None = None,
+                 isa: str | None = None) -> None:
+    """y[rows of e] = x[rows of e] @ W_e^T for every active expert (one launch, on ``isa`` from
+    :func:`pass_isa`); the integer kernels take x as int16 rows with per-row scales, quantized here
+    into ``xq`` (see kernels/rowquant.py).
 
     ``lora = (h, b0, b1)`` fuses ``y += h[:, :r] b0_e^T`` (outputs below the split; with ``b1``,
     ``y += h[:, r:] b1_e^T`` above it): h [rows, r or 2r] bf16, b [E, out, r] bf16."""
+    if lora is None:
+        kern = _kernel("fwd", experts, name, isa=isa)
+    else:
+        h, b0, b1 = lora
+        kern = _kernel("fwd", experts, name, b0.shape[2], b0.shape[1] if b1 is not None else 0)
     xscales = None
-    if experts.storage != "bf16":
+    if kern.spec.int_x:
         q, qs = xq
         _quantize(x, r, q, qs)
         x, xscales = q, _rows(qs)
     groups = _gemm_groups(r, _rows(x), experts, name, _rows(y), lora, xscales)
     if lora is None:
-        _kernel("fwd", experts, name).launch(groups, _pitch(x), _pitch(y))
+        kern.launch(groups, _pitch(x), _pitch(y))
         return
-    h, b0, b1 = lora
-    kern = _kernel("fwd", experts, name, b0.shape[2], b0.shape[1] if b1 is not None else 0)
     kern.launch(groups, _pitch(x), _pitch(y), ldh=_pitch(h))
 
 
 def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routing,
                  lora: LoraOperands | None = None, dyq: tuple[_Rows, _Rows] | None = None,
-                 dyt: _Rows | None = None) -> None:
-    """dx[rows of e] = dy[rows of e] @ W_e for every active expert (one launch); the integer kernels
+                 dyt: _Rows | None = None, isa: str | None = None) -> None:
+    """dx[rows of e] = dy[rows of e] @ W_e for every active expert (one launch, on ``isa`` from
+    :func:`pass_isa`); the integer kernels
     take dY diag(s_e) as int16 rows, quantized here into ``dyq``; the AMX kernels take dY as B
     tiles, packed here into ``dyt`` (8 n bytes per row: two 16 x 16 pair tiles per 16 rows and 16 n);
     bf16 AVX-512 kernels take the groups of their tokens-in-lanes form also in that layout, packed
@@ -328,7 +353,7 @@ def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routin
         t, a0, a1 = lora
         kern = _kernel("bwd", experts, name, a0.shape[1], n // 2 if a1 is not None else 0)
     else:
-        kern = _kernel("bwd", experts, name)
+        kern = _kernel("bwd", experts, name, isa=isa)
     xscales = None
     if kern.spec.int_x:  # integer kernel: dY diag(s_e) as int16 rows (per-channel scales s_e)
         q, qs = dyq
@@ -462,17 +487,17 @@ def unpad_grads(grads: tuple[torch.Tensor, ...], rank: int) -> tuple[torch.Tenso
 def _forward_launches(x: torch.Tensor, topk_weights: torch.Tensor, experts: MoEExperts,
                       lora: tuple[torch.Tensor, ...] | None, scaling: float, r: Routing, b: dict,
                       xq: tuple[_Rows, _Rows] | None, aq: tuple[_Rows, _Rows] | None, rank: int,
-                      out: torch.Tensor) -> None:
-    """The forward's launches into the buffers ``b`` and ``out``."""
+                      out: torch.Tensor, isa: str | None) -> None:
+    """The forward's launches into the buffers ``b`` and ``out`` (GEMMs on ``isa``, see :func:`pass_isa`)."""
     hdim, idim = x.shape[1], experts.intermediate_size
     xs, gu, act, y = b["xs"], b["gu"], b["act"], b["y"]
     if lora is None:
         _gather(x, r, xs)
-        _grouped_fwd(xs, experts, "gate_up", gu, r, xq=xq)
+        _grouped_fwd(xs, experts, "gate_up", gu, r, xq=xq, isa=isa)
     else:
         # H = s X A^T first (rounded to bf16 once: the B products and the backward use the same H)
         ga, gb, ua, ub, da, db = lora  # (padded to the kernel rank by the caller, which keeps them alive)
-        fused = _fuses_lora(experts)
+        fused = _fuses_lora(experts, isa)
         hgu, hd = b["hgu"], b["hd"]
         if r.pairs <= GATHER_A_ROWS_MAX * r.basis.shape[0]:  # each row rereads its expert's A
             _gather(x, r, xs, (hgu, ga, ua, scaling))
@@ -484,7 +509,7 @@ def _forward_launches(x: torch.Tensor, topk_weights: torch.Tensor, experts: MoEE
         if fused:
             _grouped_fwd(xs, experts, "gate_up", gu, r, (hgu, gb, ub), xq=xq)
         else:
-            _grouped_fwd(xs, experts, "gate_up", gu, r, xq=xq)
+            _grouped_fwd(xs, experts, "gate_up", gu, r, xq=xq, isa=isa)
             _lora("xat", idim, rank, _groups(r.basis, (_rows(hgu), _per_expert(gb), _rows(gu)),
                                              (_rows(hgu, rank), _per_expert(ub), _rows(gu, idim))),
                   _pitch(hgu), _pitch(gu), accumulate=True)
@@ -493,7 +518,7 @@ def _forward_launches(x: torch.Tensor, topk_weights: torch.Tensor, experts: MoEE
     rows = dict(idx=r.slot_row_addr, gu=_addr(gu), act=_addr(act))
     if lora is None:
         act_kernel("fwd", idim).launch(r.pairs, **rows)
-        _grouped_fwd(act, experts, "down", y, r, xq=aq)
+        _grouped_fwd(act, experts, "down", y, r, xq=aq, isa=isa)
     else:
         act_kernel("fwd", idim, rank).launch(
             r.pairs, **rows, eid=r.slot_expert_addr, a=da.data_ptr(),
@@ -501,7 +526,7 @@ def _forward_launches(x: torch.Tensor, topk_weights: torch.Tensor, experts: MoEE
         if fused:
             _grouped_fwd(act, experts, "down", y, r, (hd, db, None), xq=aq)
         else:
-            _grouped_fwd(act, experts, "down", y, r, xq=aq)
+            _grouped_fwd(act, experts, "down", y, r, xq=aq, isa=isa)
             _lora("xat", hdim, rank, _groups(r.basis, (_rows(hd), _per_expert(db), _rows(y))), _pitch(hd),
                   _pitch(y), accumulate=True)
     _combine(y, r, topk_weights, out)
@@ -606,8 +631,9 @@ def _forward_buffers(config: tuple, rank: int, save: bool) -> tuple[_Layout, _La
 
 
 @functools.lru_cache(maxsize=256)
-def _backward_buffers(config: tuple, rank: int, need_dx: bool, need_lora_grads: bool) -> _Layout:
-    """The backward's scratch rows (one arena) for a :func:`_config` configuration."""
+def _backward_buffers(config: tuple, rank: int, need_dx: bool, need_lora_grads: bool, isa: str | None) -> _Layout:
+    """The backward's scratch rows (one arena) for a :func:`_config` configuration and a pass's
+    GEMMs on ``isa`` (:func:`pass_isa`)."""
     _, hdim, idim, storage, group_size, zero_point, *_ = config
     scratch = {"dos": (hdim, 2, True), "d": (idim, 4, True), "dgu": (2 * idim, 2, True)}
     if need_dx:
@@ -617,7 +643,7 @@ def _backward_buffers(config: tuple, rank: int, need_dx: bool, need_lora_grads: 
                     "t_gu16": (2 * rank, 2, False)}
         if need_lora_grads:
             scratch |= {"xs": (hdim, 2, True), "w_row": (1, 4, False)}
-    down = gemm.kernel_for("bwd", hdim, idim, quant=storage, group_size=group_size, zero_point=zero_point,
+    down = gemm.kernel_for("bwd", hdim, idim, isa=isa, quant=storage, group_size=group_size, zero_point=zero_point,
                            lanes_dy=True)
     if down.spec.int_x:  # integer kernels take int16 dY rows and scales
         scratch |= {"dosq": (hdim, 2, True), "dosqs": (1, 4, False), "dguq": (2 * idim, 2, True),
@@ -658,10 +684,11 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     xq, aq = ((b["xq"], b["xqs"]), (b["aq"], b["aqs"])) if quant else (None, None)
     padded = pad_lora(lora) if lora is not None else ()  # (alive until the launches ran)
     out = torch.empty(x.shape, dtype=out_dtype)
-    key = ("fwd", save, out_dtype, x.shape[0], topk_ids.shape[1], r.basis.shape[0], *config)
+    isa = pass_isa(experts, r)
+    key = ("fwd", save, out_dtype, x.shape[0], topk_ids.shape[1], r.basis.shape[0], isa, *config)
     operands = [x, topk_weights, out, arena.span, *r.spans, *padded, *kept_spans, *_expert_operands(experts)]
     _run_pass(key, operands, (r.basis,), lambda: _forward_launches(
-        x, topk_weights, experts, padded or None, scaling, r, b, xq, aq, rank, out))
+        x, topk_weights, experts, padded or None, scaling, r, b, xq, aq, rank, out, isa))
     saved = None
     if save:
         saved = Saved(x, topk_weights, r, block, kept, user_rank, scaling, x._version, topk_weights._version,
@@ -689,7 +716,8 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     rank = kernel_rank(lora[0].shape[1]) if lora is not None else 0
     need_lora_grads = need_lora_grads and lora is not None
     config = _config(experts, lora, scaling)
-    arena = _Arena(_row_bound(r), _backward_buffers(config, rank, need_dx, need_lora_grads))
+    isa = pass_isa(experts, r)
+    arena = _Arena(_row_bound(r), _backward_buffers(config, rank, need_dx, need_lora_grads, isa))
     b = arena.rows
     dw = torch.empty(saved.topk_weights.shape, dtype=torch.float32)
     dx = torch.empty(saved.x.shape, dtype=dx_dtype) if need_dx else None
@@ -697,11 +725,12 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     gp = _acquire_grads(r, experts, rank, grad_buffers) if need_lora_grads else None
     kept = saved.kept_rows()
     key = ("bwd", need_dx, need_lora_grads, dx_dtype, g_out.dtype, g_out.shape[0], r.k,
-           r.basis.shape[0], gp.basis.shape[0] if gp is not None else 0, *config)
+           r.basis.shape[0], gp.basis.shape[0] if gp is not None else 0, isa, *config)
     operands = [saved.x, saved.topk_weights, *_spans(kept, r.rows), g_out, dw, *([dx] if need_dx else []),
                 arena.span, *r.spans, *padded, *(gp.grads if gp is not None else ()), *_expert_operands(experts)]
     _run_pass(key, operands, (r.basis,) if gp is None else (r.basis, gp.basis),
-              lambda: _backward_launches(saved, kept, g_out, experts, padded or None, scaling, r, b, gp, dw, dx, rank))
+              lambda: _backward_launches(saved, kept, g_out, experts, padded or None, scaling, r, b, gp, dw, dx, rank,
+                                         isa))
     grads = None
     if gp is not None:
         gp.pool.zeroed(gp.grads)
@@ -711,17 +740,18 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
 
 def _backward_launches(saved: Saved, kept: dict[str, _Rows], g_out: torch.Tensor, experts: MoEExperts,
                        lora: tuple[torch.Tensor, ...] | None, scaling: float, r: Routing, b: dict,
-                       gp: _LoraGrads | None, dw: torch.Tensor, dx: torch.Tensor | None, rank: int) -> None:
+                       gp: _LoraGrads | None, dw: torch.Tensor, dx: torch.Tensor | None, rank: int,
+                       isa: str | None) -> None:
     """The backward's launches (buffers ``b``, the forward's ``kept`` rows, see :func:`backward`;
-    ``gp``: the LoRA gradients to write, or None)."""
+    ``gp``: the LoRA gradients to write, or None; GEMMs on ``isa``, see :func:`pass_isa`)."""
     hdim, idim = saved.x.shape[1], experts.intermediate_size
     dos, d, dgu, dxs = b["dos"], b["d"], b["dgu"], b.get("dxs")
     int_dy = "dosq" in b
     dosq, dguq = ((b["dosq"], b["dosqs"]), (b["dguq"], b["dguqs"])) if int_dy else (None, None)
-    fused = lora is not None and _fuses_lora(experts)
+    fused = lora is not None and _fuses_lora(experts, isa)
     _gather(g_out, r, dos)
     if lora is None:
-        _grouped_bwd(dos, experts, "down", d, r, dyq=dosq, dyt=b.get("dost"))
+        _grouped_bwd(dos, experts, "down", d, r, dyq=dosq, dyt=b.get("dost"), isa=isa)
     else:
         # T = s dY B first (fp32, for the A gradients); the transposed GEMMs add T A themselves
         # from its bf16 copy on AVX-512, else separate passes add it
@@ -730,7 +760,8 @@ def _backward_launches(saved: Saved, kept: dict[str, _Rows], g_out: torch.Tensor
         copy = (_rows(t_d16),) if fused else ()  # (the fused GEMM adds T A from T's bf16 copy)
         _lora("xb", rank, hdim, _groups(r.basis, (_rows(dos), _per_expert(db), _rows(t_d), *copy)), _pitch(dos),
               _pitch(t_d), scaling, ldz=t_d16.pitch)
-        _grouped_bwd(dos, experts, "down", d, r, (t_d16, da, None) if fused else None, dyq=dosq, dyt=b.get("dost"))
+        _grouped_bwd(dos, experts, "down", d, r, (t_d16, da, None) if fused else None, dyq=dosq, dyt=b.get("dost"),
+                     isa=isa)
         if not fused:
             _lora("xb", idim, rank, _groups(r.basis, (_rows(t_d), _per_expert(da), _rows(d))), _pitch(t_d),
                   _pitch(d), x_dtype="f32", accumulate=True)
@@ -750,7 +781,7 @@ def _backward_launches(saved: Saved, kept: dict[str, _Rows], g_out: torch.Tensor
         _lora_grads(kept, gp, dos, t_d, w_row, dgu, t_gu, b["xs"])
     if dx is not None:
         _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu16, ga, ua) if fused else None, dyq=dguq,
-                     dyt=b.get("dgut"))
+                     dyt=b.get("dgut"), isa=isa)
         if lora is not None and not fused:
             for col, a in ((0, ga), (rank, ua)):  # two launches: both add into the same dX rows
                 _lora("xb", hdim, rank, _groups(r.basis, (_rows(t_gu, col), _per_expert(a), _rows(dxs))),
