@@ -358,10 +358,12 @@ def test_every_schedule_variant_is_correct(isa):
 
 
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="the packing kernel is AVX-512")
+@pytest.mark.parametrize("scaled", [False, True])
 @pytest.mark.parametrize("n", [16, 64])
-def test_dy_tiles_kernel_matches_the_torch_packing(n):
+def test_dy_tiles_kernel_matches_the_torch_packing(n, scaled):
     """The MoE backward packs each expert's dY rows into the AMX transposed GEMM's B tiles in one
-    launch: bit for bit what pack_dy_for_amx builds, tokens past each group's count zero."""
+    launch: bit for bit what pack_dy_for_amx builds, tokens past each group's count zero; ``scaled``
+    (per-channel quantized weights): each group's dY times its own column scales, rounded to bf16."""
     from kt_jit.kernels.dytiles import kernel_for
     from kt_jit.runtime.buffers import aligned_empty
 
@@ -370,10 +372,12 @@ def test_dy_tiles_kernel_matches_the_torch_packing(n):
     src = torch.randn(sum(tiled), ld, generator=torch.Generator().manual_seed(n)).bfloat16()
     tiles = aligned_empty((sum(tiled) * n * 4,), torch.bfloat16).fill_(7.0)
     firsts = [sum(tiled[:g]) for g in range(len(ms))]
-    groups = [(src.data_ptr() + f * ld * 2, tiles.data_ptr() + f * n * 8, m) for f, m in zip(firsts, ms, strict=True)]
-    kernel_for(n).launch(torch.tensor(groups, dtype=torch.int64), ld * 2)
-    for f, m in zip(firsts, ms, strict=True):
-        want = gemm.pack_dy_for_amx(src[f:f + m, :n].contiguous()).reshape(-1)
+    scales = torch.rand(len(ms), n, generator=torch.Generator().manual_seed(1)) + 0.5
+    groups = [(src.data_ptr() + f * ld * 2, tiles.data_ptr() + f * n * 8, m)
+              + ((scales[g].data_ptr(),) if scaled else ()) for g, (f, m) in enumerate(zip(firsts, ms, strict=True))]
+    kernel_for(n, scaled=scaled).launch(torch.tensor(groups, dtype=torch.int64), ld * 2)
+    for g, (f, m) in enumerate(zip(firsts, ms, strict=True)):
+        want = gemm.pack_dy_for_amx(src[f:f + m, :n].contiguous(), scales[g] if scaled else None).reshape(-1)
         assert torch.equal(tiles[f * n * 4:f * n * 4 + want.numel()].view(torch.int16), want.view(torch.int16))
 
 
@@ -930,9 +934,10 @@ AMX_ISAS = [p for p in ISAS if p.values[0] != "avx512"]
 @pytest.mark.parametrize("quant,gs,zp", QUANT_CASES)
 def test_amx_quantized_gemms_match_dequantized_reference(isa, quant, gs, zp):
     """The AMX kernels decode each 16-row block of codes to a bf16 tile: per-channel forwards use the
-    exact codes and scale the fp32 outputs (~1e-6 of the dequantized product); K-group forwards and
-    every transposed GEMM round each dequantized weight to bf16 once (~0.2%). m = 1, 17 and 40: one
-    and two row tiles, and a second pass of the row loop with a tail; k = 128 holds several K-groups."""
+    exact codes and scale the fp32 outputs (~1e-6 of the dequantized product), their transposed
+    GEMMs take dY diag(s) rounded to bf16; K-group kernels round each dequantized weight to bf16
+    once (~0.2%). m = 1, 17 and 40: one and two row tiles, and a second pass of the row loop with a
+    tail; k = 128 holds several K-groups."""
     n, k = 64, 128
     p, s, z, wd = _quantized(quant, gs, zp, n, k, seed=3)
     zptr = z.data_ptr() if z is not None else 0
@@ -943,7 +948,8 @@ def test_amx_quantized_gemms_match_dequantized_reference(isa, quant, gs, zp):
         fwd = gemm.kernel_for("fwd", n, k, isa=isa, quant=quant, group_size=gs, zero_point=zp)
         bwd = gemm.kernel_for("bwd", n, k, isa=isa, quant=quant, group_size=gs, zero_point=zp)
         assert fwd.spec.isa == bwd.spec.isa == isa and not fwd.spec.int_x and not bwd.spec.int_x
-        xp, dyt = gemm._pad_rows_for_amx(x), gemm.pack_dy_for_amx(dy)
+        assert bwd.spec.scaled_dy == (not gs)  # per channel: dY diag(s) in the tiles, exact codes
+        xp, dyt = gemm._pad_rows_for_amx(x), gemm.pack_dy_for_amx(dy, None if gs else s)
         fwd.launch(gemm._one_group(xp.data_ptr(), p.data_ptr(), y.data_ptr(), m, s.data_ptr(), zptr), k * 2, n * 4)
         bwd.launch(gemm._one_group(dyt.data_ptr(), p.data_ptr(), dx.data_ptr(), m, s.data_ptr(), zptr), n * 2, k * 4)
         assert rel_err(y, ref_linear(x, wd)) < (5e-3 if gs else 1e-5), m

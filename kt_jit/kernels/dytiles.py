@@ -31,11 +31,11 @@ from dataclasses import dataclass
 import torch
 
 from ..codegen import avx512 as vx
-from ..codegen.ir import Function, I32x16
+from ..codegen.ir import F32x16, Function, I32x16
 from ..codegen.worker import ArgBlock, compile_worker, group_table
 
 ARGS = ArgBlock(["groups", "ldx"])
-GROUP_FIELDS = 3  # dY rows, destination (tiles or lanes), m
+GROUP_FIELDS = 3  # dY rows, destination (tiles or lanes), m; form "amx" with ``scaled``: + fp32 scales [n]
 
 
 FORMS = ("amx", "lanes")
@@ -61,11 +61,14 @@ def lanes_rows_ir(fn: Function, m: str, min_rows: int) -> str:
 @dataclass(frozen=True)
 class DyTilesSpec:
     """dY rows of ``n`` bf16 columns (a multiple of 16; the row pitch is a launch argument) into
-    ``form``'s layout; "lanes" writes the groups :func:`lanes_rows` admits for ``min_rows``."""
+    ``form``'s layout; "lanes" writes the groups :func:`lanes_rows` admits for ``min_rows``.
+    ``scaled`` (form "amx"): each group also gives fp32 column scales [n], and the tiles hold
+    dY diag(scales) rounded to bf16 (the AMX transposed GEMMs of per-channel quantized weights)."""
 
     n: int
     form: str = "amx"
     min_rows: int = 0
+    scaled: bool = False
 
     def __post_init__(self) -> None:
         if self.n <= 0 or self.n % 16:
@@ -75,17 +78,23 @@ class DyTilesSpec:
         if (self.form == "lanes") != (self.min_rows > 0) or not (
                 self.min_rows == 0 or LANES_TAIL_MIN <= self.min_rows <= 16):
             raise ValueError(f"dY tiles: min_rows={self.min_rows}: {LANES_TAIL_MIN}-16 for the 'lanes' form, else 0")
+        if self.scaled and self.form != "amx":
+            raise ValueError("dY tiles: scaled applies to the 'amx' form only")
+
+    @property
+    def group_fields(self) -> int:
+        return GROUP_FIELDS + int(self.scaled)
 
     @property
     def name(self) -> str:
         if self.form == "lanes":
             return f"dy_lanes_n{self.n}_min{self.min_rows}"
-        return f"amx_dy_tiles_n{self.n}"
+        return f"amx_dy_tiles_n{self.n}" + ("_scaled" if self.scaled else "")
 
 
-def _group(fn: Function, ctx: str, item: str) -> tuple[str, str, str, str]:
+def _group(fn: Function, ctx: str, item: str, fields: int = GROUP_FIELDS) -> tuple[str, str, str, str]:
     """(dY rows, destination, m, dY row pitch) of work item ``item``'s group."""
-    desc = fn.gep(ARGS.load_ptr(fn, ctx, "groups"), fn.mul(item, 8 * GROUP_FIELDS))
+    desc = fn.gep(ARGS.load_ptr(fn, ctx, "groups"), fn.mul(item, 8 * fields))
     x, out = (fn.load("ptr", fn.gep(desc, 8 * f), 8) for f in (0, 1))
     return x, out, fn.load("i64", fn.gep(desc, 16), 8), ARGS.load(fn, ctx, "ldx")
 
@@ -126,7 +135,11 @@ def _body(spec: DyTilesSpec):
     blocks = spec.n // 16
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        x, out, m, ldx = _group(fn, ctx, item)
+        x, out, m, ldx = _group(fn, ctx, item, spec.group_fields)
+        scales = None
+        if spec.scaled:
+            desc = fn.gep(ARGS.load_ptr(fn, ctx, "groups"), fn.mul(item, 8 * spec.group_fields))
+            scales = fn.load("ptr", fn.gep(desc, 8 * GROUP_FIELDS), 8)
         lo16, hi16 = vx.i32x16_const([0xFFFF] * 16), vx.i32x16_const([-0x10000] * 16)
         sixteen = vx.i32x16_const([16] * 16)
         with fn.loop(0, fn.val(f"udiv i64 {fn.add(m, 15)}, 16"), name="mt") as mt:
@@ -134,9 +147,15 @@ def _body(spec: DyTilesSpec):
             xt = fn.gep(x, fn.mul(fn.mul(mt, 16), ldx))
             ot = fn.gep(out, fn.mul(mt, blocks * 2048))
             with fn.loop(0, blocks, name="s") as s:
+                sv = fn.load(F32x16, fn.gep(scales, fn.mul(s, 64)), 4) if scales else None
                 halves = []
                 for j in range(16):
                     row = fn.load("<8 x i32>", fn.gep(xt, fn.add(fn.mul(ldx, j), fn.mul(s, 32))), 4)
+                    if sv is not None:  # dY diag(s) of the block's 16 columns, rounded once to bf16
+                        wide = fn.val(f"fpext <16 x bfloat> {vx.bitcast(fn, row, '<8 x i32>', '<16 x bfloat>')} "
+                                      f"to {F32x16}")
+                        narrow = fn.val(f"fptrunc {F32x16} {fn.val(f'fmul {F32x16} {wide}, {sv}')} to <16 x bfloat>")
+                        row = vx.bitcast(fn, narrow, "<16 x bfloat>", "<8 x i32>")
                     keep = fn.icmp("sgt", valid, j)
                     halves.append(fn.val(f"select i1 {keep}, <8 x i32> {row}, <8 x i32> zeroinitializer"))
                 ob = fn.gep(ot, fn.mul(s, 2048))
@@ -158,8 +177,9 @@ class DyTilesKernel:
     def launch(self, groups, ldx: int, num_threads: int | None = None) -> None:
         """Pack each group of ``groups`` (int64 [G, 3]: dY rows (bf16, pitch ``ldx`` bytes; form
         "amx": readable up to the next multiple of 16 rows), the destination (form "amx": tiles,
-        64-byte aligned, ``ceil(m/16) * n/16 * 2048`` bytes; "lanes": ``2 m n`` bytes), m)."""
-        n_groups, addr = group_table(groups, GROUP_FIELDS)
+        64-byte aligned, ``ceil(m/16) * n/16 * 2048`` bytes; "lanes": ``2 m n`` bytes), m; with
+        ``scaled``, [G, 4]: + the fp32 column scales [n])."""
+        n_groups, addr = group_table(groups, self.spec.group_fields)
         ARGS.run(self.addr, n_groups, num_threads, keep=(groups,), groups=addr, ldx=ldx)
 
 
@@ -170,9 +190,9 @@ def get_kernel(spec: DyTilesSpec) -> DyTilesKernel:
 
 
 @functools.cache
-def kernel_for(n: int, form: str = "amx", min_rows: int = 0) -> DyTilesKernel:
-    """:func:`get_kernel` of ``DyTilesSpec(n, form, min_rows)``, memoised on the arguments."""
-    return get_kernel(DyTilesSpec(n, form, min_rows))
+def kernel_for(n: int, form: str = "amx", min_rows: int = 0, scaled: bool = False) -> DyTilesKernel:
+    """:func:`get_kernel` of ``DyTilesSpec(n, form, min_rows, scaled)``, memoised on the arguments."""
+    return get_kernel(DyTilesSpec(n, form, min_rows, scaled))
 
 
 def pack_dy_lanes(dy: torch.Tensor) -> torch.Tensor:

@@ -517,6 +517,13 @@ class GemmSpec:
         return self.op == "fwd" or (self.is_panel and not self.group_size and self.schedule.small == "stream")
 
     @property
+    def scaled_dy(self) -> bool:
+        """AMX transposed GEMM of per-channel quantized weights: its dY tiles hold dY diag(channel
+        scales) rounded to bf16 (:func:`pack_dy_for_amx` with ``scales``; kernels/dytiles.py, scaled)
+        and the codes are decoded exactly."""
+        return self.op == "bwd" and self.isa != "avx512" and self.quant != "bf16" and not self.group_size
+
+    @property
     def group_fields(self) -> int:
         """int64 fields per group descriptor."""
         return (GROUP_FIELDS + (XSCALE_FIELDS if self.int_x else 0) + (LANES_FIELDS if self.schedule.tl else 0)
@@ -1955,8 +1962,21 @@ def _copy_rows_out(fn: Function, src: str, dst: str, rows: str, ldy: str, vecs: 
 # AVX-512 into a 1 KB bf16 tile in the bf16 packed layout on the stack, then used like a packed
 # bf16 block (B tile of the forward, A tile of the transposed GEMM); x and dY stay bf16. The
 # forward of per-channel modes decodes exact integers (q, or q - z) and applies the channel scales
-# to the fp32 output; K-group forwards and every transposed GEMM (whose channel scales lie along
-# the reduction) decode s (q - z), rounded once to bf16 (as the AVX-512 panel form does).
+# to the fp32 output; their transposed GEMM (channel scales along the reduction) takes dY diag(s)
+# rounded to bf16 (spec.scaled_dy) with the same exact codes; K-group modes decode s (q - z),
+# rounded once to bf16 (as the AVX-512 panel form does). Decoding is the cost of these kernels:
+# measured on Zen 4 with the tile instructions removed, a block's decode alone streams 22-25 GB/s
+# of codes (int8, and int4 exact) on 2 threads, ~10 GB/s when it also scales (tools notes in
+# docs/benchmarks.md).
+
+AMX_QUANT_PREFETCH = 4  # 16-row blocks ahead that the quantized AMX GEMMs prefetch (0: none)
+
+
+def _prefetch_block(fn: Function, spec: GemmSpec, block: str) -> None:
+    """Prefetch the lines of the 16-row block of codes at ``block``."""
+    for line in range(0, 16 * spec.row_bytes, 64):
+        vx.prefetch(fn, fn.gep(block, line))
+
 
 def _amx_block_offsets(spec: GemmSpec) -> tuple[int, int]:
     """Bytes between consecutive n-blocks of the packed weight, and between its 16-row blocks."""
@@ -2036,6 +2056,8 @@ def _amx_fwd_body(spec: GemmSpec):
                     boff = fn.mul(kb, kb_bytes)
                     if quant:
                         for j, wj in enumerate((w0, w1)):
+                            if AMX_QUANT_PREFETCH:
+                                _prefetch_block(fn, spec, fn.gep(wj, fn.add(boff, AMX_QUANT_PREFETCH * kb_bytes)))
                             scales, zero = None, zeros[j]
                             if grouped:
                                 scales, zptr = _quant_params(fn, spec, sc, zp, fn.add(n0, 16 * j), kb)
@@ -2087,9 +2109,12 @@ def _amx_bwd_body(spec: GemmSpec):
                     t.zero(ct)
                 with fn.loop(0, nb, name="s") as s:
                     block = fn.gep(wk, fn.mul(s, block_stride))
-                    if quant:  # the channel scales lie along the reduction: decoded into the weights
+                    if quant:  # K-groups: their scales are decoded into the weights (per channel: on dY)
+                        if AMX_QUANT_PREFETCH:  # (blocks of one item are block_stride apart)
+                            _prefetch_block(fn, spec, fn.gep(block, AMX_QUANT_PREFETCH * block_stride))
                         scales, zptr = _quant_params(fn, spec, sc, zp, fn.mul(s, 16), kb)
-                        _decode_block(fn, spec, block, decoded, _zero_words(fn, spec, zptr), scales)
+                        _decode_block(fn, spec, block, decoded, _zero_words(fn, spec, zptr),
+                                      None if spec.scaled_dy else scales)
                         block = decoded
                     t.load(0, block, 64)
                     for h in range(count):
@@ -2224,13 +2249,16 @@ def _one_group(x: int, w: int, y: int, m: int, scales: int = 0, zeros: int = 0,
     return (ctypes.c_int64 * len(fields))(*fields)
 
 
-def pack_dy_for_amx(dy: torch.Tensor) -> torch.Tensor:
-    """Arrange dY [M, N] bf16 into the B tiles of the AMX transposed GEMM.
+def pack_dy_for_amx(dy: torch.Tensor, scales: torch.Tensor | None = None) -> torch.Tensor:
+    """Arrange dY [M, N] bf16 (times the column ``scales`` [N] fp32, rounded to bf16, for kernels
+    with ``spec.scaled_dy``) into the B tiles of the AMX transposed GEMM.
 
     Returns ``[ceil(M/16), N/16, 2, 16, 16, 2]`` bf16: ``out[mt, s, e, i, j, e] = dY[16mt+j, 16s+i]``
     and zero in the other half of each pair (tokens past M are zero).
     """
     m, n = dy.shape
+    if scales is not None:
+        dy = (dy.float() * scales).bfloat16()
     mt = (m + 15) // 16
     padded = torch.zeros(mt * 16, n, dtype=torch.bfloat16)
     padded[:m] = dy
@@ -2332,7 +2360,7 @@ def linear_t(dy: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = 
     if m == 0:
         return dx
     with immediate_launches():  # (returns what it computed, from temporaries)
-        src = pack_dy_for_amx(dy) if kern.spec.isa != "avx512" else dy
+        src = pack_dy_for_amx(dy, scales if kern.spec.scaled_dy else None) if kern.spec.isa != "avx512" else dy
         sptr = scales.data_ptr() if scales is not None else 0
         kern.launch(_one_group(src.data_ptr(), packed.data_ptr(), dx.data_ptr(), m, sptr), n * 2, k * 4,
                     num_threads)

@@ -278,17 +278,26 @@ def _dims(experts: MoEExperts, name: str) -> tuple[int, int]:
 
 
 # Quantized experts on AMX CPUs: a pass whose routed rows per active expert (mean) reach this takes
-# the AMX kernels (codes decoded to bf16 tiles, kernels/gemm.py); sparser passes keep the AVX-512
-# integer kernels, which stream at the read bandwidth at 1-4 rows per expert (measured on Zen 4) and
-# fuse LoRA, but are compute-bound from a few rows on. Not timed on an AMX CPU yet.
-AMX_QUANT_MIN_ROWS = 4
+# the AMX kernels (codes decoded to bf16 tiles, kernels/gemm.py), sparser ones keep the AVX-512
+# integer kernels (which fuse LoRA). Set on Zen 4 without AMX, from the AMX kernels with their tile
+# instructions removed (the decode, a lower bound of their cost) against the AVX-512 kernels, cold
+# experts, GB/s of codes: at 4 rows AVX-512 is faster (int8 32 against 25); at 8 the decode alone
+# is as fast or faster per channel (int8 forward 25.5 against 22.9, int4 23 against 12) but not
+# for K-groups (9 against 12; it also scales each weight); at 16 it is for K-groups too (forward 8.8
+# against 6.1, transposed 9.4 against 3.4). Not timed on an AMX CPU yet (docs/benchmarks.md).
+AMX_QUANT_MIN_ROWS = 8
+AMX_KGROUP_MIN_ROWS = 16
 
 
 def pass_isa(experts: MoEExperts, r: Routing) -> str | None:
     """The ISA of a pass's GEMMs when it is not the default (:func:`gemm.kernel_for`: the active ISA
-    for bf16 experts, AVX-512 for quantized ones): quantized experts on AMX at
-    ``AMX_QUANT_MIN_ROWS`` routed rows per active expert or more."""
-    if experts.storage == "bf16" or r.pairs < AMX_QUANT_MIN_ROWS * r.basis.shape[0]:
+    for bf16 experts, AVX-512 for quantized ones): quantized experts on AMX, at
+    ``AMX_QUANT_MIN_ROWS`` routed rows per active expert or more (K-group modes
+    ``AMX_KGROUP_MIN_ROWS``)."""
+    if experts.storage == "bf16":
+        return None
+    least = AMX_KGROUP_MIN_ROWS if experts.group_size else AMX_QUANT_MIN_ROWS
+    if r.pairs < least * r.basis.shape[0]:
         return None
     isa = active_isa()
     return None if isa == "avx512" else isa
@@ -361,7 +370,11 @@ def _grouped_bwd(dy: _Rows, experts: MoEExperts, name: str, dx: _Rows, r: Routin
         dy, xscales = q, _rows(qs)
     x, x_lanes = _rows(dy), None
     if kern.spec.isa != "avx512":  # AMX reads dY pre-arranged in tiles; segments are whole tiles
-        dytiles_kernel(n).launch(_table(r, [x, _rows(dyt), COUNT]), _pitch(dy))
+        if kern.spec.scaled_dy:  # (per-channel quantized: dY diag(s_e) in the tiles)
+            dytiles_kernel(n, scaled=True).launch(
+                _table(r, [x, _rows(dyt), COUNT, _per_expert(experts.scales(name))]), _pitch(dy))
+        else:
+            dytiles_kernel(n).launch(_table(r, [x, _rows(dyt), COUNT]), _pitch(dy))
         x = _rows(dyt)  # (each expert's first row is a multiple of 16: its tiles start at first * 8n)
     elif kern.spec.schedule.tl:  # (each expert's dY in lanes takes its rows' 2n bytes each)
         assert dyt is not None, "the backward's buffers lack the tokens-in-lanes dY (see _backward_buffers)"
