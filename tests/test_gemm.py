@@ -967,3 +967,6 @@ def test_amx_int8_linear_and_linear_t(isa):
     x, dy = torch.randn(19, k).bfloat16(), torch.randn(19, n).bfloat16()
     assert rel_err(gemm.linear(x, p, isa=isa, scales=s), ref_linear(x, wd)) < 1e-5
     assert rel_err(gemm.linear_t(dy, p, isa=isa, scales=s), ref_linear_t(dy, wd)) < 5e-3
+    base = torch.randn(19, n)  # accumulate: the scaled outputs added to what is there
+    y = gemm.linear(x, p, out=base.clone(), accumulate=True, isa=isa, scales=s)
+    assert rel_err(y, base + ref_linear(x, wd)) < 1e-5

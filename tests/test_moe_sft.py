@@ -631,17 +631,32 @@ def test_quantized_experts_on_amx_kernels(isa, quant, monkeypatch):
     active expert (K-groups: AMX_KGROUP_MIN_ROWS) runs the AMX kernels (codes decoded to bf16 tiles,
     LoRA in separate passes), a sparser one the AVX-512 integer kernels; forward and every gradient
     match the reference."""
+    from kt_jit.kernels import dytiles, gemm
     from kt_jit.moe import sft
     from kt_jit.moe.routing import route
 
     monkeypatch.setenv("KT_JIT_ISA", isa)
+    monkeypatch.setenv("KT_JIT_LAUNCH_PLANS", "0")  # (a plan replays without the launches seen below)
+    launched = []
+    for cls, what in ((gemm.GemmKernel, lambda k: (k.spec.op, k.spec.isa)), (dytiles.DyTilesKernel,
+                                                                              lambda k: ("dy", k.spec.scaled))):
+        def spy(self, *args, _orig=cls.launch, _what=what, **kwargs):
+            launched.append(_what(self))
+            return _orig(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "launch", spy)
     layer = make_layer(h=64, i=64, quant=quant)
     for t, k, want in ((48, 3, isa), (2, 2, None)):  # 18 and 1 rows per active expert
         batch = make_batch(t, k, h=64)
         assert sft.pass_isa(layer[3], route(batch[1], E)) == want
         assert sft._fuses_lora(layer[3], want) == (want is None)
         dout = torch.randn(t, 64, generator=torch.Generator().manual_seed(t))
+        launched.clear()
         check_against_reference(layer, batch, dout)
+        gemm_isas = {isa_ for op, isa_ in launched if op != "dy"}
+        assert gemm_isas == {want or "avx512"}, launched
+        assert {op for op, _ in launched} == {"fwd", "bwd"} | ({"dy"} if want else set()), launched
+        if want:  # per channel: dY diag(s) tiles
+            assert {s for op, s in launched if op == "dy"} == {quant in ("int8", "int4", "int4_1")}
 
 
 @pytest.mark.parametrize("isa", [pytest.param("avx512", marks=NEEDS_AVX512_BF16), "amx_emu"])

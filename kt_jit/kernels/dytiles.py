@@ -17,6 +17,9 @@ bf16 (``2 m n`` bytes, the size of its rows). Row tile ``mt`` (16 tokens; the la
 dwords at byte ``4 mt_rows q``, dword ``t`` the pair ``(dY[16 mt + t, 2q], dY[16 mt + t, 2q+1])``.
 Only groups :func:`lanes_rows` admits are written (the others take other forms).
 
+Form "amx" with ``scaled`` (the AMX transposed GEMMs of per-channel quantized weights): each group
+also gives fp32 column scales, and its tiles hold dY diag(scales) rounded to bf16.
+
 Form "amx", per (row tile, n-block): 16 token rows of 32 bytes (8 dwords: n-pairs 2p, 2p+1) are
 transposed as a 16 x 8 dword matrix into G_p (lane j = the pair of token j), then tile 0 row 2p =
 G_p & 0xffff, row 2p+1 = G_p >> 16, tile 1 row 2p = G_p << 16, row 2p+1 = G_p & 0xffff0000 (form

@@ -38,7 +38,7 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
   q-partials are folded with shuffles once per output vector. Its work items split K; it serves
   single groups with a fused LoRA term or of int4 weights, and K too short for a lane-partial
   slice per thread.
-- Quantized weights (AVX-512 only): the forward multiplies the integer codes (int8, or the int4
+- Quantized weights, AVX-512 integer kernels: the forward multiplies the integer codes (int8, or the int4
   codes as int16 words, their zero points' term z sum(x) subtracted once per K-chunk) by int16
   activation rows with ``vpdpwssd``; x arrives quantized per row (kernels/rowquant.py) with its row
   scales in an extra group field, and the weight and row scales are applied in fp32 per K-chunk.
@@ -50,6 +50,9 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
   before the transpose.
 - AMX ``fwd``: X rows are A tiles (stride = row pitch), packed rows are B tiles (16 x 64 B), 2x2
   tiles of C. X must be readable for ``ceil(m/16)*16`` rows (rows past m are ignored).
+- AMX with quantized weights: each 16-row block of codes is first decoded into a bf16 tile on the
+  stack and used as the packed block below and above (see :func:`_decode_block`); x and dY stay
+  bf16, per-channel transposed kernels take dY diag(s) (``spec.scaled_dy``).
 - AMX ``bwd``: the packed block itself is the A tile (rows = k-pairs); dY is pre-arranged
   (:func:`pack_dy_for_amx`; the MoE backward packs per expert with kernels/dytiles.py, inside its
   launch batch) into two B tiles per (16 tokens, 16 n) holding dY^T with zeros in the
@@ -1983,7 +1986,7 @@ def _amx_block_offsets(spec: GemmSpec) -> tuple[int, int]:
     return spec.k // 2 * spec.row_bytes, 16 * spec.row_bytes
 
 
-def _quant_params(fn: Function, spec: GemmSpec, sc: str, zp: str, n0, kb) -> tuple[str, str | None]:
+def _quant_params(fn: Function, spec: GemmSpec, sc: str, zp: str, n0, kb) -> tuple[str, str]:
     """Pointers to the fp32 scales and uint8 zero points of the 16 channels from ``n0`` in the
     K-group of 16-row block ``kb`` (per-channel modes: group 0)."""
     row = n0
@@ -2033,10 +2036,9 @@ def _amx_fwd_body(spec: GemmSpec):
         n0 = fn.mul(c, 32)
         out_scales, zeros = None, [None, None]
         if quant and not grouped:  # per channel: exact codes in the tiles, scales on the output
-            out_scales = [fn.load(F32x16, _quant_params(fn, spec, sc, zp, fn.add(n0, 16 * j), 0)[0], 4)
-                          for j in range(2)]
-            zeros = [_zero_words(fn, spec, _quant_params(fn, spec, sc, zp, fn.add(n0, 16 * j), 0)[1])
-                     for j in range(2)]
+            params = [_quant_params(fn, spec, sc, zp, fn.add(n0, 16 * j), 0) for j in range(2)]
+            out_scales = [fn.load(F32x16, sptr, 4) for sptr, _ in params]
+            zeros = [_zero_words(fn, spec, zptr) for _, zptr in params]
         with fn.loop(0, m, 32, name="mt") as m0:
             rem = fn.sub(m, m0)
             xa = fn.gep(x, fn.mul(m0, ldx))

@@ -294,7 +294,7 @@ def pass_isa(experts: MoEExperts, r: Routing) -> str | None:
     for bf16 experts, AVX-512 for quantized ones): quantized experts on AMX, at
     ``AMX_QUANT_MIN_ROWS`` routed rows per active expert or more (K-group modes
     ``AMX_KGROUP_MIN_ROWS``)."""
-    if experts.storage == "bf16":
+    if experts.storage == "bf16" or not r.pairs:
         return None
     least = AMX_KGROUP_MIN_ROWS if experts.group_size else AMX_QUANT_MIN_ROWS
     if r.pairs < least * r.basis.shape[0]:
@@ -626,9 +626,10 @@ def _row_bound(r: Routing) -> int:
 
 
 @functools.lru_cache(maxsize=256)
-def _forward_buffers(config: tuple, rank: int, save: bool) -> tuple[_Layout, _Layout]:
+def _forward_buffers(config: tuple, rank: int, save: bool, isa: str | None) -> tuple[_Layout, _Layout]:
     """The forward's scratch rows (one arena) and the rows it keeps for the backward (one saved
-    block when saved, else scratch too), for a :func:`_config` configuration."""
+    block when saved, else scratch too), for a :func:`_config` configuration and a pass's GEMMs on
+    ``isa`` (:func:`pass_isa`)."""
     _, hdim, idim, storage, *_ = config
     # what backward reads: gu, act and the LoRA H rows (s [X Ag^T | X Au^T] and s A Ad^T, bf16 as the
     # B products use them), contiguous
@@ -636,7 +637,8 @@ def _forward_buffers(config: tuple, rank: int, save: bool) -> tuple[_Layout, _La
     if rank:
         kept |= {"hgu": (2 * rank, 2, False), "hd": (rank, 2, False)}
     scratch = {"xs": (hdim, 2, True), "y": (hdim, 4, True)}
-    if storage != "bf16":  # int16 rows with the pitch of what they quantize, and their scales
+    if storage != "bf16" and isa is None:  # (integer kernels) int16 rows with the pitch of what they
+        # quantize, and their scales
         scratch |= {"xq": (hdim, 2, True), "xqs": (1, 4, False), "aq": (idim, 2, False), "aqs": (1, 4, False)}
     if not save:
         scratch |= kept
@@ -681,11 +683,11 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     """
     keep_freed_memory()
     r = route(topk_ids, experts.num_experts)
-    quant = experts.storage != "bf16"
     user_rank = lora[0].shape[1] if lora is not None else 0
     rank = kernel_rank(user_rank) if lora is not None else 0
     config = _config(experts, lora, scaling)
-    scratch, kept = _forward_buffers(config, rank, save)
+    isa = pass_isa(experts, r)
+    scratch, kept = _forward_buffers(config, rank, save, isa)
     arena = _Arena(_row_bound(r), scratch)
     b = arena.rows
     block, kept_spans = None, []
@@ -694,10 +696,9 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
         kept_rows = _rows_at(block.data_ptr(), r.rows, kept)
         b |= kept_rows
         kept_spans = _spans(kept_rows, r.rows)
-    xq, aq = ((b["xq"], b["xqs"]), (b["aq"], b["aqs"])) if quant else (None, None)
+    xq, aq = ((b["xq"], b["xqs"]), (b["aq"], b["aqs"])) if "xq" in b else (None, None)
     padded = pad_lora(lora) if lora is not None else ()  # (alive until the launches ran)
     out = torch.empty(x.shape, dtype=out_dtype)
-    isa = pass_isa(experts, r)
     key = ("fwd", save, out_dtype, x.shape[0], topk_ids.shape[1], r.basis.shape[0], isa, *config)
     operands = [x, topk_weights, out, arena.span, *r.spans, *padded, *kept_spans, *_expert_operands(experts)]
     _run_pass(key, operands, (r.basis,), lambda: _forward_launches(
