@@ -1968,9 +1968,9 @@ def _copy_rows_out(fn: Function, src: str, dst: str, rows: str, ldy: str, vecs: 
 # to the fp32 output; their transposed GEMM (channel scales along the reduction) takes dY diag(s)
 # rounded to bf16 (spec.scaled_dy) with the same exact codes; K-group modes decode s (q - z),
 # rounded once to bf16 (as the AVX-512 panel form does). Decoding is the cost of these kernels:
-# measured on Zen 4 with the tile instructions removed, a block's decode alone streams 22-25 GB/s
-# of codes (int8, and int4 exact) on 2 threads, ~10 GB/s when it also scales (tools notes in
-# docs/benchmarks.md).
+# measured on Zen 4 with the tile instructions removed, the decode alone streams 17-26 GB/s of
+# codes on 2 threads (int8, and exact int4), ~9 GB/s where it also scales (K-groups; see
+# docs/benchmarks.md, "Twenty-fourth session").
 
 AMX_QUANT_PREFETCH = 4  # 16-row blocks ahead that the quantized AMX GEMMs prefetch (0: none)
 
