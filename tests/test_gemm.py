@@ -933,11 +933,11 @@ AMX_ISAS = [p for p in ISAS if p.values[0] != "avx512"]
 @pytest.mark.parametrize("isa", AMX_ISAS)
 @pytest.mark.parametrize("quant,gs,zp", QUANT_CASES)
 def test_amx_quantized_gemms_match_dequantized_reference(isa, quant, gs, zp):
-    """The AMX kernels decode each 16-row block of codes to a bf16 tile: per-channel forwards use the
-    exact codes and scale the fp32 outputs (~1e-6 of the dequantized product), their transposed
-    GEMMs take dY diag(s) rounded to bf16; K-group kernels round each dequantized weight to bf16
-    once (~0.2%). m = 1, 17 and 40: one and two row tiles, and a second pass of the row loop with a
-    tail; k = 128 holds several K-groups."""
+    """The AMX kernels decode each 16-row block of codes to a bf16 tile: forwards use the exact codes
+    and scale the fp32 outputs, per channel or each K-group's partial products (~1e-6 of the
+    dequantized product); per-channel transposed GEMMs take dY diag(s) rounded to bf16, K-group ones
+    round each dequantized weight to bf16 once (~0.2%). m = 1, 17 and 40: one and two row tiles,
+    and a second pass of the row loop with a tail; k = 128 holds several K-groups."""
     n, k = 64, 128
     p, s, z, wd = _quantized(quant, gs, zp, n, k, seed=3)
     zptr = z.data_ptr() if z is not None else 0
@@ -952,8 +952,14 @@ def test_amx_quantized_gemms_match_dequantized_reference(isa, quant, gs, zp):
         xp, dyt = gemm._pad_rows_for_amx(x), gemm.pack_dy_for_amx(dy, None if gs else s)
         fwd.launch(gemm._one_group(xp.data_ptr(), p.data_ptr(), y.data_ptr(), m, s.data_ptr(), zptr), k * 2, n * 4)
         bwd.launch(gemm._one_group(dyt.data_ptr(), p.data_ptr(), dx.data_ptr(), m, s.data_ptr(), zptr), n * 2, k * 4)
-        assert rel_err(y, ref_linear(x, wd)) < (5e-3 if gs else 1e-5), m
+        assert rel_err(y, ref_linear(x, wd)) < 1e-5, m
         assert rel_err(dx, ref_linear_t(dy, wd)) < 5e-3, m
+        if m == 17:  # accumulate: the (scaled) products added to what Y holds
+            acc = gemm.kernel_for("fwd", n, k, accumulate=True, isa=isa, quant=quant, group_size=gs, zero_point=zp)
+            base = torch.randn(m, n, generator=g)
+            y = base.clone()
+            acc.launch(gemm._one_group(xp.data_ptr(), p.data_ptr(), y.data_ptr(), m, s.data_ptr(), zptr), k * 2, n * 4)
+            assert rel_err(y, base + ref_linear(x, wd)) < 1e-5
 
 
 @pytest.mark.parametrize("isa", AMX_ISAS)

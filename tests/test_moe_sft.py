@@ -628,7 +628,7 @@ def test_amx_kernel_path_through_the_operator(isa, monkeypatch):
 @pytest.mark.parametrize("quant", QUANTS[1:])
 def test_quantized_experts_on_amx_kernels(isa, quant, monkeypatch):
     """Quantized experts on an AMX CPU: a pass with at least AMX_QUANT_MIN_ROWS routed rows per
-    active expert (K-groups: AMX_KGROUP_MIN_ROWS) runs the AMX kernels (codes decoded to bf16 tiles,
+    active expert runs the AMX kernels (codes decoded to bf16 tiles,
     LoRA in separate passes), a sparser one the AVX-512 integer kernels; forward and every gradient
     match the reference."""
     from kt_jit.kernels import dytiles, gemm
@@ -645,6 +645,9 @@ def test_quantized_experts_on_amx_kernels(isa, quant, monkeypatch):
             return _orig(self, *args, **kwargs)
         monkeypatch.setattr(cls, "launch", spy)
     layer = make_layer(h=64, i=64, quant=quant)
+    for t in (7, 8):  # the switch point: AMX_QUANT_MIN_ROWS rows per active expert, every mode
+        ids = torch.tensor([[0, 1]] * t)
+        assert sft.pass_isa(layer[3], route(ids, E)) == (isa if t >= sft.AMX_QUANT_MIN_ROWS else None)
     for t, k, want in ((48, 3, isa), (2, 2, None)):  # 18 and 1 rows per active expert
         batch = make_batch(t, k, h=64)
         assert sft.pass_isa(layer[3], route(batch[1], E)) == want

@@ -1946,31 +1946,37 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
 
 
 def _copy_rows_out(fn: Function, src: str, dst: str, rows: str, ldy: str, vecs: int,
-                   accumulate: bool, scales: list[str] | None = None) -> None:
+                   accumulate: bool | str, scales: list[str] | None = None) -> None:
     """dst[i, 0:16*vecs] (+)= src[i*64*?] (times ``scales[j]``, one <16 x float> per 16 columns):
-    copy ``rows`` fp32 rows of a staged C tile pair."""
+    copy ``rows`` fp32 rows of a staged C tile pair; ``accumulate`` may be a run-time i1."""
     with fn.loop(0, rows, name="cp") as i:
         drow = fn.gep(dst, fn.mul(i, ldy))
         for j in range(vecs):
             v = fn.load(F32x16, fn.gep(src, fn.add(fn.mul(i, 64), j * 1024)), 64)
-            if scales:
-                v = fn.val(f"fmul {F32x16} {v}, {scales[j]}")
             p = fn.gep(drow, j * 64)
+            old = None
             if accumulate:
-                v = vx.fadd(fn, v, fn.load(F32x16, p, 4))
+                old = fn.load(F32x16, p, 4)
+                if isinstance(accumulate, str):
+                    old = fn.val(f"select i1 {accumulate}, {F32x16} {old}, {F32x16} zeroinitializer")
+            if scales:
+                v = vx.fma(fn, v, scales[j], old) if old is not None else fn.val(f"fmul {F32x16} {v}, {scales[j]}")
+            elif old is not None:
+                v = vx.fadd(fn, v, old)
             fn.store(F32x16, v, p, 4)
 
 
 # Quantized weights on AMX: each 16-row block of codes (int8: 512 B, int4: 256 B) is decoded with
 # AVX-512 into a 1 KB bf16 tile in the bf16 packed layout on the stack, then used like a packed
-# bf16 block (B tile of the forward, A tile of the transposed GEMM); x and dY stay bf16. The
-# forward of per-channel modes decodes exact integers (q, or q - z) and applies the channel scales
-# to the fp32 output; their transposed GEMM (channel scales along the reduction) takes dY diag(s)
-# rounded to bf16 (spec.scaled_dy) with the same exact codes; K-group modes decode s (q - z),
-# rounded once to bf16 (as the AVX-512 panel form does). Decoding is the cost of these kernels:
-# measured on Zen 4 with the tile instructions removed, the decode alone streams 17-26 GB/s of
-# codes on 2 threads (int8, and exact int4), ~9 GB/s where it also scales (K-groups; see
-# docs/benchmarks.md, "Twenty-fourth session").
+# bf16 block (B tile of the forward, A tile of the transposed GEMM); x and dY stay bf16. Forwards
+# decode exact integers (q, or q - z) and apply the scales to fp32 outputs: per channel once, per
+# K-group to each group's partial products. The per-channel transposed GEMM (channel scales along
+# the reduction) takes dY diag(s) rounded to bf16 (spec.scaled_dy) with the same exact codes; the
+# K-group one decodes s (q - z), rounded once to bf16 (as the AVX-512 panel form does; its scales
+# vary along both dimensions). Decoding is the cost of these kernels: measured on Zen 4 with the
+# tile instructions removed, the decode alone streams 16-26 GB/s of codes on 2 threads (int8, exact
+# int4, the K-group forward at groups of 128; 14 at 64, 10 at 32), ~9 GB/s where it also scales
+# (the K-group transposed GEMM; docs/benchmarks.md, "Twenty-fourth/fifth session").
 
 AMX_QUANT_PREFETCH = 4  # 16-row blocks ahead that the quantized AMX GEMMs prefetch (0: none)
 
@@ -2024,6 +2030,11 @@ def _amx_fwd_body(spec: GemmSpec):
     kb_count = spec.k // 32
     block_stride, kb_bytes = _amx_block_offsets(spec)
     quant, grouped = spec.quant != "bf16", bool(spec.group_size)
+    # K-groups: each group's partial products run on exact codes into zeroed C tiles, which are
+    # then scaled by the group's channel scales and added to Y in fp32 (per group and 16 rows, 32
+    # multiply-adds; decoding s (q - z) instead cost ~4x the exact decode: 9 against 17 GB/s of
+    # codes, Zen 4, tile instructions removed)
+    group_blocks = spec.group_size // 32 if grouped else kb_count
 
     def body(fn: Function, ctx: str, item: str, t: Tiles) -> None:
         scratch = fn.alloca("i8", 64, 4096)
@@ -2039,6 +2050,41 @@ def _amx_fwd_body(spec: GemmSpec):
             params = [_quant_params(fn, spec, sc, zp, fn.add(n0, 16 * j), 0) for j in range(2)]
             out_scales = [fn.load(F32x16, sptr, 4) for sptr, _ in params]
             zeros = [_zero_words(fn, spec, zptr) for _, zptr in params]
+
+        def k_blocks(xa: str, xb: str | None, n_mt: int, kb0, zero_words: list) -> None:
+            """C tiles += the products of k-blocks kb0 .. kb0 + group_blocks."""
+            with fn.loop(kb0, fn.add(kb0, group_blocks), name="kb") as kb:
+                koff = fn.mul(kb, 64)
+                t.load(0, fn.gep(xa, koff), ldx)
+                if n_mt == 2:
+                    t.load(1, fn.gep(xb, koff), ldx)
+                boff = fn.mul(kb, kb_bytes)
+                if quant:
+                    for j, wj in enumerate((w0, w1)):
+                        if AMX_QUANT_PREFETCH:
+                            _prefetch_block(fn, spec, fn.gep(wj, fn.add(boff, AMX_QUANT_PREFETCH * kb_bytes)))
+                        _decode_block(fn, spec, fn.gep(wj, boff), fn.gep(decoded, 1024 * j), zero_words[j], None)
+                    t.load(2, decoded, 64)
+                    t.load(3, fn.gep(decoded, 1024), 64)
+                else:
+                    t.load(2, fn.gep(w0, boff), 64)
+                    t.load(3, fn.gep(w1, boff), 64)
+                t.dp_bf16(4, 0, 2)
+                t.dp_bf16(5, 0, 3)
+                if n_mt == 2:
+                    t.dp_bf16(6, 1, 2)
+                    t.dp_bf16(7, 1, 3)
+
+        def stage(n_mt: int) -> None:
+            for ct in range(4, 4 + 2 * n_mt):
+                t.store(ct, fn.gep(scratch, (ct - 4) * 1024), 64)
+
+        def rows_out(m0: str, rem: str, n_mt: int, accumulate, scales) -> None:
+            """Y rows m0.. (+)= the staged C tiles (times ``scales``)."""
+            for h in range(n_mt):
+                _copy_rows_out(fn, fn.gep(scratch, 2048 * h), fn.gep(yb, fn.mul(fn.add(m0, 16 * h), ldy)),
+                               fn.min(fn.sub(rem, 16 * h), 16), ldy, 2, accumulate, scales)
+
         with fn.loop(0, m, 32, name="mt") as m0:
             rem = fn.sub(m, m0)
             xa = fn.gep(x, fn.mul(m0, ldx))
@@ -2047,43 +2093,29 @@ def _amx_fwd_body(spec: GemmSpec):
             fn.cbr(two, two_bb, one_bb)
             for label, n_mt in ((one_bb, 1), (two_bb, 2)):
                 fn.set_block(label)
-                for ct in range(4, 4 + 2 * n_mt):
-                    t.zero(ct)
                 xb = fn.gep(xa, fn.mul(16, ldx)) if n_mt == 2 else None
-                with fn.loop(0, kb_count, name="kb") as kb:
-                    koff = fn.mul(kb, 64)
-                    t.load(0, fn.gep(xa, koff), ldx)
-                    if n_mt == 2:
-                        t.load(1, fn.gep(xb, koff), ldx)
-                    boff = fn.mul(kb, kb_bytes)
-                    if quant:
-                        for j, wj in enumerate((w0, w1)):
-                            if AMX_QUANT_PREFETCH:
-                                _prefetch_block(fn, spec, fn.gep(wj, fn.add(boff, AMX_QUANT_PREFETCH * kb_bytes)))
-                            scales, zero = None, zeros[j]
-                            if grouped:
-                                scales, zptr = _quant_params(fn, spec, sc, zp, fn.add(n0, 16 * j), kb)
-                                zero = _zero_words(fn, spec, zptr)
-                            _decode_block(fn, spec, fn.gep(wj, boff), fn.gep(decoded, 1024 * j), zero, scales)
-                        t.load(2, decoded, 64)
-                        t.load(3, fn.gep(decoded, 1024), 64)
-                    else:
-                        t.load(2, fn.gep(w0, boff), 64)
-                        t.load(3, fn.gep(w1, boff), 64)
-                    t.dp_bf16(4, 0, 2)
-                    t.dp_bf16(5, 0, 3)
-                    if n_mt == 2:
-                        t.dp_bf16(6, 1, 2)
-                        t.dp_bf16(7, 1, 3)
-                for ct in range(4, 4 + 2 * n_mt):
-                    t.store(ct, fn.gep(scratch, (ct - 4) * 1024), 64)
+                if not grouped:
+                    for ct in range(4, 4 + 2 * n_mt):
+                        t.zero(ct)
+                    k_blocks(xa, xb, n_mt, "0", zeros)
+                    stage(n_mt)
+                else:
+                    with fn.loop(0, kb_count, group_blocks, name="grp") as kb0:
+                        for ct in range(4, 4 + 2 * n_mt):
+                            t.zero(ct)
+                        params = [_quant_params(fn, spec, sc, zp, fn.add(n0, 16 * j), kb0) for j in range(2)]
+                        k_blocks(xa, xb, n_mt, kb0, [_zero_words(fn, spec, zptr) for _, zptr in params])
+                        stage(n_mt)
+                        later = True if spec.accumulate else fn.icmp("ne", kb0, 0)
+                        rows_out(m0, rem, n_mt, later, [fn.load(F32x16, sptr, 4) for sptr, _ in params])
                 fn.br(join)
             fn.set_block(join)
-            _copy_rows_out(fn, scratch, fn.gep(yb, fn.mul(m0, ldy)), fn.min(rem, 16), ldy, 2,
-                           spec.accumulate, out_scales)
-            with fn.if_then(two):
-                _copy_rows_out(fn, fn.gep(scratch, 2048), fn.gep(yb, fn.mul(fn.add(m0, 16), ldy)),
-                               fn.min(fn.sub(rem, 16), 16), ldy, 2, spec.accumulate, out_scales)
+            if not grouped:  # (one copy of the copy-out code for both branches)
+                _copy_rows_out(fn, scratch, fn.gep(yb, fn.mul(m0, ldy)), fn.min(rem, 16), ldy, 2,
+                               spec.accumulate, out_scales)
+                with fn.if_then(two):
+                    _copy_rows_out(fn, fn.gep(scratch, 2048), fn.gep(yb, fn.mul(fn.add(m0, 16), ldy)),
+                                   fn.min(fn.sub(rem, 16), 16), ldy, 2, spec.accumulate, out_scales)
 
     return body
 

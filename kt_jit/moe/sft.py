@@ -282,22 +282,19 @@ def _dims(experts: MoEExperts, name: str) -> tuple[int, int]:
 # integer kernels (which fuse LoRA). Set on Zen 4 without AMX, from the AMX kernels with their tile
 # instructions removed (the decode, a lower bound of their cost) against the AVX-512 kernels, cold
 # experts, GB/s of codes: at 4 rows AVX-512 is faster (int8 32 against 25); at 8 the decode alone
-# is as fast or faster per channel (int8 forward 25.5 against 22.9, int4 23 against 12) but not
-# for K-groups (9 against 12; it also scales each weight); at 16 it is for K-groups too (forward 8.8
-# against 6.1, transposed 9.4 against 3.4). Not timed on an AMX CPU yet (docs/benchmarks.md).
+# is as fast or faster (int8 forward 25.5 against 22.9, int4 23 against 12, int4 K-group forward
+# 21.7 against 11.7 and transposed 9.8 against 10.1). Not timed on an AMX CPU yet
+# (docs/benchmarks.md, "Twenty-fourth session" and "Twenty-fifth session").
 AMX_QUANT_MIN_ROWS = 8
-AMX_KGROUP_MIN_ROWS = 16
 
 
 def pass_isa(experts: MoEExperts, r: Routing) -> str | None:
     """The ISA of a pass's GEMMs when it is not the default (:func:`gemm.kernel_for`: the active ISA
     for bf16 experts, AVX-512 for quantized ones): quantized experts on AMX, at
-    ``AMX_QUANT_MIN_ROWS`` routed rows per active expert or more (K-group modes
-    ``AMX_KGROUP_MIN_ROWS``)."""
+    ``AMX_QUANT_MIN_ROWS`` routed rows per active expert or more."""
     if experts.storage == "bf16" or not r.pairs:
         return None
-    least = AMX_KGROUP_MIN_ROWS if experts.group_size else AMX_QUANT_MIN_ROWS
-    if r.pairs < least * r.basis.shape[0]:
+    if r.pairs < AMX_QUANT_MIN_ROWS * r.basis.shape[0]:
         return None
     isa = active_isa()
     return None if isa == "avx512" else isa
