@@ -648,7 +648,7 @@ def test_quantized_experts_on_amx_kernels(isa, quant, monkeypatch):
     for t in (7, 8):  # the switch point: AMX_QUANT_MIN_ROWS rows per active expert, every mode
         ids = torch.tensor([[0, 1]] * t)
         assert sft.pass_isa(layer[3], route(ids, E)) == (isa if t >= sft.AMX_QUANT_MIN_ROWS else None)
-    for t, k, want in ((48, 3, isa), (2, 2, None)):  # 18 and 1 rows per active expert
+    for t, k, want in ((48, 3, isa), (96, 3, isa), (2, 2, None)):  # 18, 36 and 1 rows per active expert
         batch = make_batch(t, k, h=64)
         assert sft.pass_isa(layer[3], route(batch[1], E)) == want
         assert sft._fuses_lora(layer[3], want) == (want is None)

@@ -1970,13 +1970,15 @@ def _copy_rows_out(fn: Function, src: str, dst: str, rows: str, ldy: str, vecs: 
 # AVX-512 into a 1 KB bf16 tile in the bf16 packed layout on the stack, then used like a packed
 # bf16 block (B tile of the forward, A tile of the transposed GEMM); x and dY stay bf16. Forwards
 # decode exact integers (q, or q - z) and apply the scales to fp32 outputs: per channel once, per
-# K-group to each group's partial products. The per-channel transposed GEMM (channel scales along
-# the reduction) takes dY diag(s) rounded to bf16 (spec.scaled_dy) with the same exact codes; the
-# K-group one decodes s (q - z), rounded once to bf16 (as the AVX-512 panel form does; its scales
-# vary along both dimensions). Decoding is the cost of these kernels: measured on Zen 4 with the
-# tile instructions removed, the decode alone streams 16-26 GB/s of codes on 2 threads (int8, exact
+# K-group to each group's partial products (up to 32 rows, see _amx_quant_fwd_body). The
+# per-channel transposed GEMM (channel scales along the reduction) takes dY diag(s) rounded to
+# bf16 (spec.scaled_dy) with the same exact codes; K-group weights are otherwise decoded as s (q -
+# z), rounded once to bf16 (as the AVX-512 panel form does; in the transposed GEMM the scales vary
+# along both dimensions). Above 32 rows both kernels decode each block once per work item, not per
+# 32-row chunk. Decoding is the cost of these kernels: measured on Zen 4 with the tile
+# instructions removed, the decode alone streams 16-26 GB/s of codes on 2 threads (int8, exact
 # int4, the K-group forward at groups of 128; 14 at 64, 10 at 32), ~9 GB/s where it also scales
-# (the K-group transposed GEMM; docs/benchmarks.md, "Twenty-fourth/fifth session").
+# (docs/benchmarks.md, "Twenty-fourth/fifth session").
 
 AMX_QUANT_PREFETCH = 4  # 16-row blocks ahead that the quantized AMX GEMMs prefetch (0: none)
 
@@ -2027,64 +2029,18 @@ def _decode_block(fn: Function, spec: GemmSpec, src: str, dst: str, zero_words: 
 
 
 def _amx_fwd_body(spec: GemmSpec):
+    if spec.quant != "bf16":
+        return _amx_quant_fwd_body(spec)
     kb_count = spec.k // 32
     block_stride, kb_bytes = _amx_block_offsets(spec)
-    quant, grouped = spec.quant != "bf16", bool(spec.group_size)
-    # K-groups: each group's partial products run on exact codes into zeroed C tiles, which are
-    # then scaled by the group's channel scales and added to Y in fp32 (per group and 16 rows, 32
-    # multiply-adds; decoding s (q - z) instead cost ~4x the exact decode: 9 against 17 GB/s of
-    # codes, Zen 4, tile instructions removed)
-    group_blocks = spec.group_size // 32 if grouped else kb_count
 
     def body(fn: Function, ctx: str, item: str, t: Tiles) -> None:
         scratch = fn.alloca("i8", 64, 4096)
-        decoded = fn.alloca("i8", 64, 2048) if quant else None
-        c, x, w, y, m, sc, zp = _group(fn, ctx, item, spec.items_per_group)
+        c, x, w, y, m, *_ = _group(fn, ctx, item, spec.items_per_group)
         ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
         w0 = fn.gep(w, fn.mul(c, 2 * block_stride))
         w1 = fn.gep(w0, block_stride)
         yb = fn.gep(y, fn.mul(c, 128))
-        n0 = fn.mul(c, 32)
-        out_scales, zeros = None, [None, None]
-        if quant and not grouped:  # per channel: exact codes in the tiles, scales on the output
-            params = [_quant_params(fn, spec, sc, zp, fn.add(n0, 16 * j), 0) for j in range(2)]
-            out_scales = [fn.load(F32x16, sptr, 4) for sptr, _ in params]
-            zeros = [_zero_words(fn, spec, zptr) for _, zptr in params]
-
-        def k_blocks(xa: str, xb: str | None, n_mt: int, kb0, zero_words: list) -> None:
-            """C tiles += the products of k-blocks kb0 .. kb0 + group_blocks."""
-            with fn.loop(kb0, fn.add(kb0, group_blocks), name="kb") as kb:
-                koff = fn.mul(kb, 64)
-                t.load(0, fn.gep(xa, koff), ldx)
-                if n_mt == 2:
-                    t.load(1, fn.gep(xb, koff), ldx)
-                boff = fn.mul(kb, kb_bytes)
-                if quant:
-                    for j, wj in enumerate((w0, w1)):
-                        if AMX_QUANT_PREFETCH:
-                            _prefetch_block(fn, spec, fn.gep(wj, fn.add(boff, AMX_QUANT_PREFETCH * kb_bytes)))
-                        _decode_block(fn, spec, fn.gep(wj, boff), fn.gep(decoded, 1024 * j), zero_words[j], None)
-                    t.load(2, decoded, 64)
-                    t.load(3, fn.gep(decoded, 1024), 64)
-                else:
-                    t.load(2, fn.gep(w0, boff), 64)
-                    t.load(3, fn.gep(w1, boff), 64)
-                t.dp_bf16(4, 0, 2)
-                t.dp_bf16(5, 0, 3)
-                if n_mt == 2:
-                    t.dp_bf16(6, 1, 2)
-                    t.dp_bf16(7, 1, 3)
-
-        def stage(n_mt: int) -> None:
-            for ct in range(4, 4 + 2 * n_mt):
-                t.store(ct, fn.gep(scratch, (ct - 4) * 1024), 64)
-
-        def rows_out(m0: str, rem: str, n_mt: int, accumulate, scales) -> None:
-            """Y rows m0.. (+)= the staged C tiles (times ``scales``)."""
-            for h in range(n_mt):
-                _copy_rows_out(fn, fn.gep(scratch, 2048 * h), fn.gep(yb, fn.mul(fn.add(m0, 16 * h), ldy)),
-                               fn.min(fn.sub(rem, 16 * h), 16), ldy, 2, accumulate, scales)
-
         with fn.loop(0, m, 32, name="mt") as m0:
             rem = fn.sub(m, m0)
             xa = fn.gep(x, fn.mul(m0, ldx))
@@ -2093,96 +2049,253 @@ def _amx_fwd_body(spec: GemmSpec):
             fn.cbr(two, two_bb, one_bb)
             for label, n_mt in ((one_bb, 1), (two_bb, 2)):
                 fn.set_block(label)
+                for ct in range(4, 4 + 2 * n_mt):
+                    t.zero(ct)
                 xb = fn.gep(xa, fn.mul(16, ldx)) if n_mt == 2 else None
-                if not grouped:
-                    for ct in range(4, 4 + 2 * n_mt):
-                        t.zero(ct)
-                    k_blocks(xa, xb, n_mt, "0", zeros)
-                    stage(n_mt)
-                else:
-                    with fn.loop(0, kb_count, group_blocks, name="grp") as kb0:
-                        for ct in range(4, 4 + 2 * n_mt):
-                            t.zero(ct)
-                        params = [_quant_params(fn, spec, sc, zp, fn.add(n0, 16 * j), kb0) for j in range(2)]
-                        k_blocks(xa, xb, n_mt, kb0, [_zero_words(fn, spec, zptr) for _, zptr in params])
-                        stage(n_mt)
-                        later = True if spec.accumulate else fn.icmp("ne", kb0, 0)
-                        rows_out(m0, rem, n_mt, later, [fn.load(F32x16, sptr, 4) for sptr, _ in params])
+                with fn.loop(0, kb_count, name="kb") as kb:
+                    koff = fn.mul(kb, 64)
+                    t.load(0, fn.gep(xa, koff), ldx)
+                    if n_mt == 2:
+                        t.load(1, fn.gep(xb, koff), ldx)
+                    boff = fn.mul(kb, kb_bytes)
+                    t.load(2, fn.gep(w0, boff), 64)
+                    t.load(3, fn.gep(w1, boff), 64)
+                    t.dp_bf16(4, 0, 2)
+                    t.dp_bf16(5, 0, 3)
+                    if n_mt == 2:
+                        t.dp_bf16(6, 1, 2)
+                        t.dp_bf16(7, 1, 3)
+                for ct in range(4, 4 + 2 * n_mt):
+                    t.store(ct, fn.gep(scratch, (ct - 4) * 1024), 64)
                 fn.br(join)
             fn.set_block(join)
-            if not grouped:  # (one copy of the copy-out code for both branches)
-                _copy_rows_out(fn, scratch, fn.gep(yb, fn.mul(m0, ldy)), fn.min(rem, 16), ldy, 2,
-                               spec.accumulate, out_scales)
-                with fn.if_then(two):
-                    _copy_rows_out(fn, fn.gep(scratch, 2048), fn.gep(yb, fn.mul(fn.add(m0, 16), ldy)),
-                                   fn.min(fn.sub(rem, 16), 16), ldy, 2, spec.accumulate, out_scales)
+            _copy_rows_out(fn, scratch, fn.gep(yb, fn.mul(m0, ldy)), fn.min(rem, 16), ldy, 2, spec.accumulate)
+            with fn.if_then(two):
+                _copy_rows_out(fn, fn.gep(scratch, 2048), fn.gep(yb, fn.mul(fn.add(m0, 16), ldy)),
+                               fn.min(fn.sub(rem, 16), 16), ldy, 2, spec.accumulate)
 
     return body
+
+
+AMX_DECODE_UNIT = 32  # most 16-row blocks per n-block the quantized AMX forward decodes at once (64 KB)
+
+
+def _decode_unit(spec: GemmSpec) -> int:
+    """k-blocks per decode unit of the quantized AMX forward above 32 rows: the largest divisor of
+    K's blocks up to AMX_DECODE_UNIT."""
+    span = spec.k // 32
+    return max(d for d in range(1, min(span, AMX_DECODE_UNIT) + 1) if span % d == 0)
+
+
+def _amx_quant_fwd_body(spec: GemmSpec):
+    # Up to 32 rows (one row chunk) each block is decoded just before its tile loads (1 KB per
+    # n-block, hot in L1), to exact integers (q, or q - z): the C tiles sum all of K, or a K-group,
+    # and the scales are applied to those fp32 sums as they go to Y (per K-group and 16 rows 32
+    # multiply-adds; decoding s (q - z) instead cost ~4x the exact decode: 9 against 17 GB/s of
+    # codes at groups of 128, Zen 4, tile instructions removed).
+    # Above 32 rows a work item runs decode unit by decode unit along K: the unit's blocks are
+    # decoded once, into at most 64 KB of the stack, and every 32-row chunk multiplies them and
+    # adds its C tiles to Y (per channel times the scales). The decode, the cost of these kernels,
+    # then no longer grows with the row count (decoded per chunk, int8 went from 25 GB/s of codes at
+    # 16 rows to 7.5 at 128; per unit 13-16 at 128, tile instructions removed). K-groups decode s (q -
+    # z) here, rounded once to bf16 as in the transposed GEMM: a copy-out per group and chunk would
+    # cost more than the decode (4 GB/s of codes at 128 rows).
+    kb_count, unit = spec.k // 32, _decode_unit(spec)
+    group_blocks = spec.group_size // 32 if spec.group_size else kb_count
+    block_stride, kb_bytes = _amx_block_offsets(spec)
+
+    def body(fn: Function, ctx: str, item: str, t: Tiles) -> None:
+        scratch = fn.alloca("i8", 64, 4096)
+        decoded = fn.alloca("i8", 64, unit * 2048)  # block (kb, n-block j) at (2 (kb - unit start) + j) KB
+        c, x, w, y, m, sc, zp = _group(fn, ctx, item, spec.items_per_group)
+        ldx, ldy = ARGS.load(fn, ctx, "ldx"), ARGS.load(fn, ctx, "ldy")
+        wj = [fn.gep(w, fn.mul(c, 2 * block_stride))]
+        wj.append(fn.gep(wj[0], block_stride))
+        yb = fn.gep(y, fn.mul(c, 128))
+        n0 = fn.mul(c, 32)
+
+        def quant_params(kb) -> tuple[list[str], list[str | None]]:
+            """Pointers to the scales, and the zero words, of both n-blocks at k-block ``kb``."""
+            params = [_quant_params(fn, spec, sc, zp, fn.add(n0, 16 * j), kb) for j in range(2)]
+            return [sptr for sptr, _ in params], [_zero_words(fn, spec, zptr) for _, zptr in params]
+
+        def scale_vectors(sptrs: list[str]) -> list[str]:
+            return [fn.load(F32x16, sptr, 4) for sptr in sptrs]
+
+        if not spec.group_size:  # per channel: the same for all of K
+            channel_scales, channel_zeros = quant_params(0)
+            channel_scales = scale_vectors(channel_scales)
+
+        def decode(kb, dst, zeros, scales=(None, None)) -> None:
+            """Both n-blocks' blocks at k-block ``kb`` -> dst, dst + 1 KB (times ``scales``)."""
+            boff = fn.mul(kb, kb_bytes)
+            for j in range(2):
+                if AMX_QUANT_PREFETCH:
+                    _prefetch_block(fn, spec, fn.gep(wj[j], fn.add(boff, AMX_QUANT_PREFETCH * kb_bytes)))
+                _decode_block(fn, spec, fn.gep(wj[j], boff), fn.gep(dst, 1024 * j), zeros[j], scales[j])
+
+        def mac(xa: str, n_mt: int, kb, blocks: str) -> None:
+            """C tiles += x's k-block ``kb`` (``n_mt`` row tiles from ``xa``) times the decoded pair."""
+            for h in range(n_mt):
+                t.load(h, fn.gep(xa, fn.add(fn.mul(16 * h, ldx), fn.mul(kb, 64))), ldx)
+            t.load(2, blocks, 64)
+            t.load(3, fn.gep(blocks, 1024), 64)
+            for h in range(n_mt):
+                t.dp_bf16(4 + 2 * h, h, 2)
+                t.dp_bf16(5 + 2 * h, h, 3)
+
+        def flush(m0: str, rem: str, n_mt: int, later, scales: list[str] | None) -> None:
+            """Y rows m0.. (+)= the C tiles (times ``scales``); then the C tiles are zero."""
+            for ct in range(4, 4 + 2 * n_mt):
+                t.store(ct, fn.gep(scratch, (ct - 4) * 1024), 64)
+                t.zero(ct)
+            for h in range(n_mt):
+                _copy_rows_out(fn, fn.gep(scratch, 2048 * h), fn.gep(yb, fn.mul(fn.add(m0, 16 * h), ldy)),
+                               fn.min(fn.sub(rem, 16 * h), 16), ldy, 2, later, scales)
+
+        def by_row_tiles(rem: str, emit) -> None:
+            """``emit(n_mt)`` for one row tile (rem <= 16) or two."""
+            one_bb, two_bb, join = fn.new_block("one"), fn.new_block("two"), fn.new_block("join")
+            fn.cbr(fn.icmp("sgt", rem, 16), two_bb, one_bb)
+            for label, n_mt in ((one_bb, 1), (two_bb, 2)):
+                fn.set_block(label)
+                for ct in range(4, 4 + 2 * n_mt):
+                    t.zero(ct)
+                emit(n_mt)
+                fn.br(join)
+            fn.set_block(join)
+
+        def one_chunk(n_mt: int) -> None:  # m <= 32: decode each block as it is used
+            with fn.loop(0, kb_count, group_blocks, name="grp") as g0:
+                if spec.group_size:
+                    sptrs, zeros = quant_params(g0)
+                else:
+                    zeros = channel_zeros
+                with fn.loop(g0, fn.add(g0, group_blocks), name="kb") as kb:
+                    decode(kb, decoded, zeros)
+                    mac(x, n_mt, kb, decoded)
+                if spec.group_size:
+                    flush("0", m, n_mt, True if spec.accumulate else fn.icmp("ne", g0, 0), scale_vectors(sptrs))
+            if not spec.group_size:
+                flush("0", m, n_mt, spec.accumulate, channel_scales)
+
+        def chunks() -> None:  # m > 32: decode a unit of blocks once for every row chunk
+            with fn.loop(0, kb_count, unit, name="u") as u0:
+                with fn.loop(0, unit, name="dec") as d:
+                    kb = fn.add(u0, d)
+                    dst = fn.gep(decoded, fn.mul(d, 2048))
+                    if spec.group_size:
+                        sptrs, zeros = quant_params(kb)
+                        decode(kb, dst, zeros, sptrs)
+                    else:
+                        decode(kb, dst, channel_zeros)
+                later = True if spec.accumulate else fn.icmp("ne", u0, 0)  # (Y holds the earlier units' sums)
+                with fn.loop(0, m, 32, name="mt") as m0:
+                    rem = fn.sub(m, m0)
+                    xa = fn.gep(x, fn.mul(m0, ldx))
+
+                    def unit_chunk(n_mt: int) -> None:
+                        with fn.loop(0, unit, name="kb") as d:
+                            mac(xa, n_mt, fn.add(u0, d), fn.gep(decoded, fn.mul(d, 2048)))
+                        flush(m0, rem, n_mt, later, None if spec.group_size else channel_scales)
+
+                    by_row_tiles(rem, unit_chunk)
+
+        either(fn, fn.icmp("sle", m, 32), lambda few: by_row_tiles(m, one_chunk) if few else chunks())
+
+    return body
+
+
+AMX_PREDECODE_BYTES = 256 << 10  # most decoded bytes per item the quantized AMX transposed GEMM keeps
 
 
 def _amx_bwd_body(spec: GemmSpec):
     nb = spec.n // 16
     block_stride, kb_bytes = _amx_block_offsets(spec)
     quant = spec.quant != "bf16"
+    # quantized, above 32 rows: the item's nb blocks are decoded once, before its row-tile pairs
+    # (decoded per pair, the decode, the cost of these kernels, would grow with the rows)
+    predecode = quant and nb * 1024 <= AMX_PREDECODE_BYTES
 
     def body(fn: Function, ctx: str, item: str, t: Tiles) -> None:
         scratch = fn.alloca("i8", 64, 4096)
-        decoded = fn.alloca("i8", 64, 1024) if quant else None
+        decoded = fn.alloca("i8", 64, nb * 1024 if predecode else 1024) if quant else None
         kb, x, w, y, m, sc, zp = _group(fn, ctx, item, spec.items_per_group)
         ldy = ARGS.load(fn, ctx, "ldy")
         wk = fn.gep(w, fn.mul(kb, kb_bytes))
         yb = fn.gep(y, fn.mul(kb, 128))
         n_mt = fn.val(f"udiv i64 {fn.add(m, 15)}, 16")
-        with fn.loop(0, n_mt, 2, name="mt") as mt0:
-            two = fn.icmp("slt", fn.add(mt0, 1), n_mt)
-            one_bb, two_bb, join = fn.new_block("one"), fn.new_block("two"), fn.new_block("join")
-            fn.cbr(two, two_bb, one_bb)
-            for label, count in ((one_bb, 1), (two_bb, 2)):
-                fn.set_block(label)
-                for ct in range(4, 4 + 2 * count):
-                    t.zero(ct)
-                with fn.loop(0, nb, name="s") as s:
-                    block = fn.gep(wk, fn.mul(s, block_stride))
-                    if quant:  # K-groups: their scales are decoded into the weights (per channel: on dY)
-                        if AMX_QUANT_PREFETCH:  # (blocks of one item are block_stride apart)
-                            _prefetch_block(fn, spec, fn.gep(block, AMX_QUANT_PREFETCH * block_stride))
-                        scales, zptr = _quant_params(fn, spec, sc, zp, fn.mul(s, 16), kb)
-                        _decode_block(fn, spec, block, decoded, _zero_words(fn, spec, zptr),
-                                      None if spec.scaled_dy else scales)
-                        block = decoded
-                    t.load(0, block, 64)
-                    for h in range(count):
-                        # dY tiles of m-tile (mt0+h), n-block s: even-k then odd-k selector
-                        dyt = fn.gep(x, fn.mul(fn.add(fn.mul(fn.add(mt0, h), nb), s), 2048))
-                        t.load(2, dyt, 64)
-                        t.load(3, fn.gep(dyt, 1024), 64)
-                        t.dp_bf16(4 + 2 * h, 0, 2)
-                        t.dp_bf16(5 + 2 * h, 0, 3)
-                for ct in range(4, 4 + 2 * count):
-                    t.store(ct, fn.gep(scratch, (ct - 4) * 1024), 64)
-                fn.br(join)
-            fn.set_block(join)
-            for h in range(2):
-                tok0 = fn.mul(fn.add(mt0, h), 16)
-                valid = fn.min(fn.sub(m, tok0), 16)
-                with fn.loop(0, valid, name=f"tr{h}") as j:
-                    # C_e[r][j] and C_o[r][j] -> dX[tok0 + j, 32*kb + 2r + e]
-                    cols = []
-                    for e in range(2):
-                        base = fn.gep(scratch, fn.add(fn.mul(j, 4), (2 * h + e) * 1024))
-                        v = "poison"
-                        for r in range(16):
-                            f = fn.load("float", fn.gep(base, r * 64), 4)
-                            v = fn.val(f"insertelement {F32x16} {v}, float {f}, i64 {r}")
-                        cols.append(v)
-                    lo = vx.shuffle(fn, F32x16, cols[0], cols[1], [i // 2 + 16 * (i % 2) for i in range(16)])
-                    hi = vx.shuffle(fn, F32x16, cols[0], cols[1], [8 + i // 2 + 16 * (i % 2) for i in range(16)])
-                    row = fn.gep(yb, fn.mul(fn.add(tok0, j), ldy))
-                    for q, v in enumerate((lo, hi)):
-                        p = fn.gep(row, q * 64)
-                        if spec.accumulate:
-                            v = vx.fadd(fn, v, fn.load(F32x16, p, 4))
-                        fn.store(F32x16, v, p, 4)
+
+        def decode(s: str, dst: str) -> str:
+            """n-block ``s``'s block of this item's codes -> dst (a bf16 tile); returns dst."""
+            block = fn.gep(wk, fn.mul(s, block_stride))
+            if AMX_QUANT_PREFETCH:  # (blocks of one item are block_stride apart)
+                _prefetch_block(fn, spec, fn.gep(block, AMX_QUANT_PREFETCH * block_stride))
+            # K-groups: their scales are decoded into the weights (per channel: on dY)
+            scales, zptr = _quant_params(fn, spec, sc, zp, fn.mul(s, 16), kb)
+            _decode_block(fn, spec, block, dst, _zero_words(fn, spec, zptr), None if spec.scaled_dy else scales)
+            return dst
+
+        def a_tile(s: str, decoded_once: bool) -> str:
+            """The A tile of n-block ``s``: the packed bf16 block, or its codes decoded."""
+            if not quant:
+                return fn.gep(wk, fn.mul(s, block_stride))
+            return fn.gep(decoded, fn.mul(s, 1024)) if decoded_once else decode(s, decoded)
+
+        def row_tiles(decoded_once: bool) -> None:
+            with fn.loop(0, n_mt, 2, name="mt") as mt0:
+                two = fn.icmp("slt", fn.add(mt0, 1), n_mt)
+                one_bb, two_bb, join = fn.new_block("one"), fn.new_block("two"), fn.new_block("join")
+                fn.cbr(two, two_bb, one_bb)
+                for label, count in ((one_bb, 1), (two_bb, 2)):
+                    fn.set_block(label)
+                    for ct in range(4, 4 + 2 * count):
+                        t.zero(ct)
+                    with fn.loop(0, nb, name="s") as s:
+                        t.load(0, a_tile(s, decoded_once), 64)
+                        for h in range(count):
+                            # dY tiles of m-tile (mt0+h), n-block s: even-k then odd-k selector
+                            dyt = fn.gep(x, fn.mul(fn.add(fn.mul(fn.add(mt0, h), nb), s), 2048))
+                            t.load(2, dyt, 64)
+                            t.load(3, fn.gep(dyt, 1024), 64)
+                            t.dp_bf16(4 + 2 * h, 0, 2)
+                            t.dp_bf16(5 + 2 * h, 0, 3)
+                    for ct in range(4, 4 + 2 * count):
+                        t.store(ct, fn.gep(scratch, (ct - 4) * 1024), 64)
+                    fn.br(join)
+                fn.set_block(join)
+                for h in range(2):
+                    tok0 = fn.mul(fn.add(mt0, h), 16)
+                    valid = fn.min(fn.sub(m, tok0), 16)
+                    with fn.loop(0, valid, name=f"tr{h}") as j:
+                        # C_e[r][j] and C_o[r][j] -> dX[tok0 + j, 32*kb + 2r + e]
+                        cols = []
+                        for e in range(2):
+                            base = fn.gep(scratch, fn.add(fn.mul(j, 4), (2 * h + e) * 1024))
+                            v = "poison"
+                            for r in range(16):
+                                f = fn.load("float", fn.gep(base, r * 64), 4)
+                                v = fn.val(f"insertelement {F32x16} {v}, float {f}, i64 {r}")
+                            cols.append(v)
+                        lo = vx.shuffle(fn, F32x16, cols[0], cols[1], [i // 2 + 16 * (i % 2) for i in range(16)])
+                        hi = vx.shuffle(fn, F32x16, cols[0], cols[1], [8 + i // 2 + 16 * (i % 2) for i in range(16)])
+                        row = fn.gep(yb, fn.mul(fn.add(tok0, j), ldy))
+                        for q, v in enumerate((lo, hi)):
+                            p = fn.gep(row, q * 64)
+                            if spec.accumulate:
+                                v = vx.fadd(fn, v, fn.load(F32x16, p, 4))
+                            fn.store(F32x16, v, p, 4)
+
+        def rows_after_decoding(once: bool) -> None:
+            if once:
+                with fn.loop(0, nb, name="dec") as s:
+                    decode(s, fn.gep(decoded, fn.mul(s, 1024)))
+            row_tiles(once)
+
+        if predecode:
+            either(fn, fn.icmp("sgt", m, 32), rows_after_decoding)
+        else:
+            row_tiles(False)
 
     return body
 
