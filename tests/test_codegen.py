@@ -45,8 +45,9 @@ def test_amx_quantized_kernels_decode_without_spills(op, quant, gs, zp):
     # (blocks decoded as used) and one for more (blocks decoded once for every row chunk)
     assert len(re.findall(r"\btilestored\b", asm)) == 12
     assert not re.search(r"^\s*call", asm, re.M)
-    stack = re.findall(r"^\s*(\S+)\s+(.*\(%rsp[,)].*)$", asm, re.M)
-    vector = [(op_, args) for op_, args in stack if "zmm" in args]
+    stack = re.findall(r"^[ \t]*(\S+)[ \t]+(.*\(%rsp[,)].*)$", asm, re.M)
+    # (the transposed GEMM's copy-out reads the staged C tiles with vinsertps / vmovss)
+    vector = [(op_, args) for op_, args in stack if "mm" in args and op_ not in ("vinsertps", "vmovss")]
     # decoded rows: 16 per block and copy of the decode, which the up-to-32-rows paths hold once per
     # row-tile count and the paths for more once: 2 blocks per step in the forward, 1 in the
     # transposed GEMM (whose decode-once loop addresses its buffer through another register)

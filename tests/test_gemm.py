@@ -956,28 +956,61 @@ def test_amx_quantized_gemms_match_dequantized_reference(isa, quant, gs, zp):
         bwd.launch(gemm._one_group(dyt.data_ptr(), p.data_ptr(), dx.data_ptr(), m, s.data_ptr(), zptr), n * 2, k * 4)
         assert rel_err(y, ref_linear(x, wd)) < (5e-3 if gs and m > 32 else 1e-5), m
         assert rel_err(dx, ref_linear_t(dy, wd)) < 5e-3, m
-        if m == 17:  # accumulate: the (scaled) products added to what Y holds
+        if m in (17, 40):  # accumulate: the (scaled) products added to what Y holds (both paths)
             acc = gemm.kernel_for("fwd", n, k, accumulate=True, isa=isa, quant=quant, group_size=gs, zero_point=zp)
             base = torch.randn(m, n, generator=g)
             y = base.clone()
             acc.launch(gemm._one_group(xp.data_ptr(), p.data_ptr(), y.data_ptr(), m, s.data_ptr(), zptr), k * 2, n * 4)
-            assert rel_err(y, base + ref_linear(x, wd)) < 1e-5
+            assert rel_err(y, base + ref_linear(x, wd)) < (5e-3 if gs and m > 32 else 1e-5)
 
 
 @pytest.mark.parametrize("isa", AMX_ISAS)
-@pytest.mark.parametrize("quant,gs,zp", [("int8", 0, False), ("int4", 0, True), ("int4", 1280, False)])
+@pytest.mark.parametrize("quant,gs,zp", QUANT_CASES)
 def test_amx_quantized_forward_over_several_decode_units(isa, quant, gs, zp):
-    """Above 32 rows: k = 1280 is 40 k-blocks, two decode units of 20 (AMX_DECODE_UNIT 32), each
-    added to Y (per channel times the scales; K-group weights are decoded times theirs)."""
+    """Above 32 rows: k = 1280 is 40 k-blocks, a decode unit of 32 (AMX_DECODE_UNIT) and a shorter
+    one of 8, each added to Y (per channel times the scales; K-group weights are decoded times
+    theirs, several groups per unit); the first writes Y (NaN before), unless accumulating. An
+    empty group in the same launch reads and writes nothing."""
     n, k, m = 64, 1280, 40
     p, s, z, wd = _quantized(quant, gs, zp, n, k, seed=4)
-    spec = gemm.kernel_for("fwd", n, k, isa=isa, quant=quant, group_size=gs, zero_point=zp).spec
-    assert gemm._decode_unit(spec) == 20
+    zptr = z.data_ptr() if z is not None else 0
     x = torch.randn(m, k, generator=torch.Generator().manual_seed(6)).bfloat16()
-    xp, y = gemm._pad_rows_for_amx(x), torch.full((m, n), float("nan"))  # (the first unit overwrites Y)
-    gemm.get_kernel(spec).launch(gemm._one_group(xp.data_ptr(), p.data_ptr(), y.data_ptr(), m, s.data_ptr(),
-                                                 z.data_ptr() if z is not None else 0), k * 2, n * 4)
-    assert rel_err(y, ref_linear(x, wd)) < (5e-3 if gs else 1e-5)
+    xp = gemm._pad_rows_for_amx(x)
+    want = ref_linear(x, wd)
+    tol = 5e-3 if gs else 1e-5
+    for accumulate in (False, True):
+        kern = gemm.kernel_for("fwd", n, k, accumulate=accumulate, isa=isa, quant=quant, group_size=gs, zero_point=zp)
+        assert gemm._decode_unit(kern.spec) == 32
+        base = torch.randn(m, n, generator=torch.Generator().manual_seed(7)) if accumulate else None
+        y = base.clone() if accumulate else torch.full((m, n), float("nan"))
+        groups = np.array([[0, 0, 0, 0, 0, 0], [xp.data_ptr(), p.data_ptr(), y.data_ptr(), m, s.data_ptr(), zptr]],
+                          dtype=np.int64)  # (an empty group with null pointers first)
+        kern.launch(groups, k * 2, n * 4)
+        assert rel_err(y, (base + want) if accumulate else want) < tol, accumulate
+
+
+@pytest.mark.parametrize("isa", AMX_ISAS)
+def test_amx_quantized_transposed_gemm_without_predecoding(isa, monkeypatch):
+    """Where an item's decoded blocks would pass AMX_PREDECODE_BYTES (N > 4096) the transposed GEMM
+    has one path, decoding per pair of row tiles at every row count (forced here: n = 64 decodes
+    4 KB per item)."""
+    n, k, m = 64, 96, 40
+    spec = gemm.kernel_for("bwd", n, k, isa=isa, quant="int4", group_size=32, zero_point=True).spec
+    amx = dataclasses.replace(spec, isa="amx")
+    stores = "call void @llvm.x86.tilestored64"
+    assert gemm.build_ir(amx).count(stores) == 12  # (both paths)
+    monkeypatch.setattr(gemm, "AMX_PREDECODE_BYTES", 2048)
+    assert gemm.build_ir(amx).count(stores) == 6
+    p, s, z, wd = _quantized("int4", 32, True, n, k, seed=8)
+    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(9)).bfloat16()
+    dyt, dx = gemm.pack_dy_for_amx(dy), torch.empty(m, k)
+    gemm.get_kernel.cache_clear()  # (its memo holds the kernel built with the default limit)
+    try:
+        gemm.get_kernel(spec).launch(gemm._one_group(dyt.data_ptr(), p.data_ptr(), dx.data_ptr(), m, s.data_ptr(),
+                                                     z.data_ptr()), n * 2, k * 4)
+    finally:
+        gemm.get_kernel.cache_clear()
+    assert rel_err(dx, ref_linear_t(dy, wd)) < 5e-3
 
 
 @pytest.mark.parametrize("isa", AMX_ISAS)

@@ -1975,10 +1975,10 @@ def _copy_rows_out(fn: Function, src: str, dst: str, rows: str, ldy: str, vecs: 
 # bf16 (spec.scaled_dy) with the same exact codes; K-group weights are otherwise decoded as s (q -
 # z), rounded once to bf16 (as the AVX-512 panel form does; in the transposed GEMM the scales vary
 # along both dimensions). Above 32 rows both kernels decode each block once per work item, not per
-# 32-row chunk. Decoding is the cost of these kernels: measured on Zen 4 with the tile
-# instructions removed, the decode alone streams 16-26 GB/s of codes on 2 threads (int8, exact
-# int4, the K-group forward at groups of 128; 14 at 64, 10 at 32), ~9 GB/s where it also scales
-# (docs/benchmarks.md, "Twenty-fourth/fifth session").
+# 32-row chunk (the transposed GEMM for N up to 4096, AMX_PREDECODE_BYTES). Decoding is the cost
+# of these kernels: measured on Zen 4 with the tile instructions removed, the decode alone streams
+# 16-26 GB/s of codes on 2 threads (int8, exact int4, the K-group forward at groups of 128; 14 at
+# 64, 10 at 32), ~13 GB/s where it also scales (docs/benchmarks.md, "Twenty-fourth/fifth session").
 
 AMX_QUANT_PREFETCH = 4  # 16-row blocks ahead that the quantized AMX GEMMs prefetch (0: none)
 
@@ -2008,14 +2008,36 @@ def _decode_block(fn: Function, spec: GemmSpec, src: str, dst: str, zero_words: 
     """One 16-row block of quantized codes at ``src`` -> 16 x 32 bf16 at ``dst`` (64-byte rows):
     the exact integers (``scales`` None) or times the 16 channels' fp32 ``scales``; int4 takes
     ``zero_words`` from :func:`_zero_words`."""
-    s32 = None
     if scales is not None:
-        s32 = vx.shuffle(fn, F32x16, fn.load(F32x16, scales, 4), None, [e // 2 for e in range(32)])
+        # row element e (channel e // 2) sits, as fp32, in dword d of the low or high word
+        # interleave (vpunpck{l,h}wd: 128-bit lane d // 4, word d % 4, or + 4 for the high one);
+        # vcvtne2ps2bf16 puts the low products first, one word permutation restores the row order
+        # (a vpermpd: whole qwords move). ~6 operations per row against ~11 through fpext/fptrunc
+        # (decode-only, K-group transposed GEMM at 16 rows: 9.4 -> 13.1 GB/s of codes)
+        s16 = fn.load(F32x16, scales, 4)
+        lo_e = [8 * (d // 4) + d % 4 for d in range(16)]
+        hi_e = [e + 4 for e in lo_e]
+        s_lo = vx.shuffle(fn, F32x16, s16, None, [e // 2 for e in lo_e])
+        s_hi = vx.shuffle(fn, F32x16, s16, None, [e // 2 for e in hi_e])
+        order = lo_e + hi_e
+        back = "<" + ", ".join(f"i16 {order.index(e)}" for e in range(32)) + ">"
+        cvt = fn.module.declare("llvm.x86.avx512bf16.cvtne2ps2bf16.512",
+                                f"declare {BF16x32} @llvm.x86.avx512bf16.cvtne2ps2bf16.512({F32x16}, {F32x16})")
+        perm = fn.module.declare("llvm.x86.avx512.permvar.hi.512",
+                                 f"declare {I16x32} @llvm.x86.avx512.permvar.hi.512({I16x32}, {I16x32})")
 
     def put(r: int, row: str) -> None:
-        if s32 is not None:
-            wide = fn.val(f"fpext {BF16x32} {row} to <32 x float>")
-            row = fn.val(f"fptrunc <32 x float> {fn.val(f'fmul <32 x float> {wide}, {s32}')} to {BF16x32}")
+        if scales is not None:
+            words = vx.bitcast(fn, row, BF16x32, I16x32)
+            halves = []
+            for es, sv in ((lo_e, s_lo), (hi_e, s_hi)):
+                mask = [v for e in es for v in (32, e)]  # (zero word below each bf16: its fp32 value)
+                wide = fn.val(f"shufflevector {I16x32} {words}, {I16x32} zeroinitializer, "
+                              f"<32 x i32> <{', '.join(f'i32 {v}' for v in mask)}>")
+                halves.append(fn.val(f"fmul {F32x16} {vx.bitcast(fn, wide, I16x32, F32x16)}, {sv}"))
+            packed = fn.val(f"call {BF16x32} {cvt}({F32x16} {halves[1]}, {F32x16} {halves[0]})")
+            row = vx.bitcast(fn, fn.val(f"call {I16x32} {perm}({I16x32} {vx.bitcast(fn, packed, BF16x32, I16x32)}, "
+                                        f"{I16x32} {back})"), I16x32, BF16x32)
         fn.store(BF16x32, row, fn.gep(dst, 64 * r), 64)
 
     # (each row stored as soon as it is made: 16 rows decoded first would not fit the registers)
@@ -2044,13 +2066,8 @@ def _amx_fwd_body(spec: GemmSpec):
         with fn.loop(0, m, 32, name="mt") as m0:
             rem = fn.sub(m, m0)
             xa = fn.gep(x, fn.mul(m0, ldx))
-            two = fn.icmp("sgt", rem, 16)
-            one_bb, two_bb, join = fn.new_block("one"), fn.new_block("two"), fn.new_block("join")
-            fn.cbr(two, two_bb, one_bb)
-            for label, n_mt in ((one_bb, 1), (two_bb, 2)):
-                fn.set_block(label)
-                for ct in range(4, 4 + 2 * n_mt):
-                    t.zero(ct)
+
+            def tiles(n_mt: int) -> None:
                 xb = fn.gep(xa, fn.mul(16, ldx)) if n_mt == 2 else None
                 with fn.loop(0, kb_count, name="kb") as kb:
                     koff = fn.mul(kb, 64)
@@ -2067,39 +2084,51 @@ def _amx_fwd_body(spec: GemmSpec):
                         t.dp_bf16(7, 1, 3)
                 for ct in range(4, 4 + 2 * n_mt):
                     t.store(ct, fn.gep(scratch, (ct - 4) * 1024), 64)
-                fn.br(join)
-            fn.set_block(join)
+
+            _by_row_tiles(fn, t, rem, tiles)
             _copy_rows_out(fn, scratch, fn.gep(yb, fn.mul(m0, ldy)), fn.min(rem, 16), ldy, 2, spec.accumulate)
-            with fn.if_then(two):
+            with fn.if_then(fn.icmp("sgt", rem, 16)):
                 _copy_rows_out(fn, fn.gep(scratch, 2048), fn.gep(yb, fn.mul(fn.add(m0, 16), ldy)),
                                fn.min(fn.sub(rem, 16), 16), ldy, 2, spec.accumulate)
 
     return body
 
 
-AMX_DECODE_UNIT = 32  # most 16-row blocks per n-block the quantized AMX forward decodes at once (64 KB)
+def _by_row_tiles(fn: Function, t: Tiles, rem: str, emit) -> None:
+    """``emit(n_mt)`` with the C tiles of ``n_mt`` row tiles zeroed: one (``rem`` <= 16) or two."""
+    one_bb, two_bb, join = fn.new_block("one"), fn.new_block("two"), fn.new_block("join")
+    fn.cbr(fn.icmp("sgt", rem, 16), two_bb, one_bb)
+    for label, n_mt in ((one_bb, 1), (two_bb, 2)):
+        fn.set_block(label)
+        for ct in range(4, 4 + 2 * n_mt):
+            t.zero(ct)
+        emit(n_mt)
+        fn.br(join)
+    fn.set_block(join)
+
+
+AMX_DECODE_UNIT = 32  # most k-blocks the quantized AMX forward decodes at once above 32 rows (64 KB)
 
 
 def _decode_unit(spec: GemmSpec) -> int:
-    """k-blocks per decode unit of the quantized AMX forward above 32 rows: the largest divisor of
-    K's blocks up to AMX_DECODE_UNIT."""
-    span = spec.k // 32
-    return max(d for d in range(1, min(span, AMX_DECODE_UNIT) + 1) if span % d == 0)
+    """k-blocks per decode unit of the quantized AMX forward above 32 rows (the last may be shorter)."""
+    return min(spec.k // 32, AMX_DECODE_UNIT)
 
 
 def _amx_quant_fwd_body(spec: GemmSpec):
     # Up to 32 rows (one row chunk) each block is decoded just before its tile loads (1 KB per
     # n-block, hot in L1), to exact integers (q, or q - z): the C tiles sum all of K, or a K-group,
     # and the scales are applied to those fp32 sums as they go to Y (per K-group and 16 rows 32
-    # multiply-adds; decoding s (q - z) instead cost ~4x the exact decode: 9 against 17 GB/s of
-    # codes at groups of 128, Zen 4, tile instructions removed).
+    # multiply-adds; decoding s (q - z) for every weight read 9 GB/s of codes at groups of 128
+    # against 17 for this, Zen 4, tile instructions removed).
     # Above 32 rows a work item runs decode unit by decode unit along K: the unit's blocks are
     # decoded once, into at most 64 KB of the stack, and every 32-row chunk multiplies them and
     # adds its C tiles to Y (per channel times the scales). The decode, the cost of these kernels,
     # then no longer grows with the row count (decoded per chunk, int8 went from 25 GB/s of codes at
-    # 16 rows to 7.5 at 128; per unit 13-16 at 128, tile instructions removed). K-groups decode s (q -
-    # z) here, rounded once to bf16 as in the transposed GEMM: a copy-out per group and chunk would
-    # cost more than the decode (4 GB/s of codes at 128 rows).
+    # 16 rows to 7.5 at 128; per unit 16-17 at 128, tile instructions removed). K-groups decode s (q -
+    # z) here, rounded once to bf16 as in the transposed GEMM: a copy-out per group and chunk cost
+    # more than the decode (4 GB/s of codes at 128 rows). The B tiles then come from L2; the unit's
+    # size trades that against one copy-out per unit and chunk (to time on an AMX CPU).
     kb_count, unit = spec.k // 32, _decode_unit(spec)
     group_blocks = spec.group_size // 32 if spec.group_size else kb_count
     block_stride, kb_bytes = _amx_block_offsets(spec)
@@ -2144,26 +2173,15 @@ def _amx_quant_fwd_body(spec: GemmSpec):
                 t.dp_bf16(4 + 2 * h, h, 2)
                 t.dp_bf16(5 + 2 * h, h, 3)
 
-        def flush(m0: str, rem: str, n_mt: int, later, scales: list[str] | None) -> None:
-            """Y rows m0.. (+)= the C tiles (times ``scales``); then the C tiles are zero."""
+        def flush(m0: str, rem: str, n_mt: int, later, scales: list[str] | None, rezero: bool = False) -> None:
+            """Y rows m0.. (+)= the C tiles (times ``scales``); ``rezero``: then the C tiles are zero."""
             for ct in range(4, 4 + 2 * n_mt):
                 t.store(ct, fn.gep(scratch, (ct - 4) * 1024), 64)
-                t.zero(ct)
+                if rezero:
+                    t.zero(ct)
             for h in range(n_mt):
                 _copy_rows_out(fn, fn.gep(scratch, 2048 * h), fn.gep(yb, fn.mul(fn.add(m0, 16 * h), ldy)),
                                fn.min(fn.sub(rem, 16 * h), 16), ldy, 2, later, scales)
-
-        def by_row_tiles(rem: str, emit) -> None:
-            """``emit(n_mt)`` for one row tile (rem <= 16) or two."""
-            one_bb, two_bb, join = fn.new_block("one"), fn.new_block("two"), fn.new_block("join")
-            fn.cbr(fn.icmp("sgt", rem, 16), two_bb, one_bb)
-            for label, n_mt in ((one_bb, 1), (two_bb, 2)):
-                fn.set_block(label)
-                for ct in range(4, 4 + 2 * n_mt):
-                    t.zero(ct)
-                emit(n_mt)
-                fn.br(join)
-            fn.set_block(join)
 
         def one_chunk(n_mt: int) -> None:  # m <= 32: decode each block as it is used
             with fn.loop(0, kb_count, group_blocks, name="grp") as g0:
@@ -2175,13 +2193,15 @@ def _amx_quant_fwd_body(spec: GemmSpec):
                     decode(kb, decoded, zeros)
                     mac(x, n_mt, kb, decoded)
                 if spec.group_size:
-                    flush("0", m, n_mt, True if spec.accumulate else fn.icmp("ne", g0, 0), scale_vectors(sptrs))
+                    flush("0", m, n_mt, True if spec.accumulate else fn.icmp("ne", g0, 0), scale_vectors(sptrs),
+                          rezero=True)
             if not spec.group_size:
                 flush("0", m, n_mt, spec.accumulate, channel_scales)
 
         def chunks() -> None:  # m > 32: decode a unit of blocks once for every row chunk
             with fn.loop(0, kb_count, unit, name="u") as u0:
-                with fn.loop(0, unit, name="dec") as d:
+                n = fn.min(unit, fn.sub(kb_count, u0))  # (the last unit may be shorter)
+                with fn.loop(0, n, name="dec") as d:
                     kb = fn.add(u0, d)
                     dst = fn.gep(decoded, fn.mul(d, 2048))
                     if spec.group_size:
@@ -2195,18 +2215,21 @@ def _amx_quant_fwd_body(spec: GemmSpec):
                     xa = fn.gep(x, fn.mul(m0, ldx))
 
                     def unit_chunk(n_mt: int) -> None:
-                        with fn.loop(0, unit, name="kb") as d:
+                        with fn.loop(0, n, name="kb") as d:
                             mac(xa, n_mt, fn.add(u0, d), fn.gep(decoded, fn.mul(d, 2048)))
                         flush(m0, rem, n_mt, later, None if spec.group_size else channel_scales)
 
-                    by_row_tiles(rem, unit_chunk)
+                    _by_row_tiles(fn, t, rem, unit_chunk)
 
-        either(fn, fn.icmp("sle", m, 32), lambda few: by_row_tiles(m, one_chunk) if few else chunks())
+        with fn.if_then(fn.icmp("sgt", m, 0)):  # (an empty group reads nothing)
+            either(fn, fn.icmp("sle", m, 32), lambda few: _by_row_tiles(fn, t, m, one_chunk) if few else chunks())
 
     return body
 
 
-AMX_PREDECODE_BYTES = 256 << 10  # most decoded bytes per item the quantized AMX transposed GEMM keeps
+# most decoded bytes per item the quantized AMX transposed GEMM keeps (on the stack: see
+# runtime/threads.py); above (N > 4096) it decodes per pair of row tiles
+AMX_PREDECODE_BYTES = 256 << 10
 
 
 def _amx_bwd_body(spec: GemmSpec):

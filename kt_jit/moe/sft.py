@@ -283,7 +283,7 @@ def _dims(experts: MoEExperts, name: str) -> tuple[int, int]:
 # instructions removed (the decode, a lower bound of their cost) against the AVX-512 kernels, cold
 # experts, GB/s of codes: at 4 rows AVX-512 is faster (int8 32 against 25); at 8 the decode alone
 # is as fast or faster (int8 forward 25.5 against 22.9, int4 23 against 12, int4 K-group forward
-# 21.7 against 11.7 and transposed 9.8 against 10.1). Not timed on an AMX CPU yet
+# 21.8 against 11.7 and transposed 9.9 against 6.9-10.1). Not timed on an AMX CPU yet
 # (docs/benchmarks.md, "Twenty-fourth session" and "Twenty-fifth session").
 AMX_QUANT_MIN_ROWS = 8
 

@@ -59,7 +59,8 @@ def _find_libgomp() -> str | None:
 
 # Stack the kernels need per thread: the worker frames keep their panels and accumulators on the
 # stack, up to ~300 KB (the lane-partial form's accumulators, at most kernels/gemm.py LP_ACC_BYTES,
-# and its staged dY pairs); with a margin for the callers' frames.
+# and its staged dY pairs; the quantized AMX transposed GEMM's decoded blocks, at most
+# AMX_PREDECODE_BYTES); with a margin for the callers' frames.
 KERNEL_STACK_MIN = 1 << 20
 
 
