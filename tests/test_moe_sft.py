@@ -628,9 +628,8 @@ def test_amx_kernel_path_through_the_operator(isa, monkeypatch):
 @pytest.mark.parametrize("quant", QUANTS[1:])
 def test_quantized_experts_on_amx_kernels(isa, quant, monkeypatch):
     """Quantized experts on an AMX CPU: a pass with at least AMX_QUANT_MIN_ROWS routed rows per
-    active expert runs the AMX kernels (codes decoded to bf16 tiles,
-    LoRA in separate passes), a sparser one the AVX-512 integer kernels; forward and every gradient
-    match the reference."""
+    active expert runs the AMX kernels (codes decoded to bf16 tiles, LoRA in separate passes), a
+    sparser one the AVX-512 integer kernels; forward and every gradient match the reference."""
     from kt_jit.kernels import dytiles, gemm
     from kt_jit.moe import sft
     from kt_jit.moe.routing import route

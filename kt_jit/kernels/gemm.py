@@ -2267,13 +2267,8 @@ def _amx_bwd_body(spec: GemmSpec):
 
         def row_tiles(decoded_once: bool) -> None:
             with fn.loop(0, n_mt, 2, name="mt") as mt0:
-                two = fn.icmp("slt", fn.add(mt0, 1), n_mt)
-                one_bb, two_bb, join = fn.new_block("one"), fn.new_block("two"), fn.new_block("join")
-                fn.cbr(two, two_bb, one_bb)
-                for label, count in ((one_bb, 1), (two_bb, 2)):
-                    fn.set_block(label)
-                    for ct in range(4, 4 + 2 * count):
-                        t.zero(ct)
+
+                def tiles(count: int) -> None:
                     with fn.loop(0, nb, name="s") as s:
                         t.load(0, a_tile(s, decoded_once), 64)
                         for h in range(count):
@@ -2285,8 +2280,8 @@ def _amx_bwd_body(spec: GemmSpec):
                             t.dp_bf16(5 + 2 * h, 0, 3)
                     for ct in range(4, 4 + 2 * count):
                         t.store(ct, fn.gep(scratch, (ct - 4) * 1024), 64)
-                    fn.br(join)
-                fn.set_block(join)
+
+                _by_row_tiles(fn, t, fn.sub(m, fn.mul(mt0, 16)), tiles)
                 for h in range(2):
                     tok0 = fn.mul(fn.add(mt0, h), 16)
                     valid = fn.min(fn.sub(m, tok0), 16)
