@@ -990,27 +990,32 @@ def test_amx_quantized_forward_over_several_decode_units(isa, quant, gs, zp):
 
 
 @pytest.mark.parametrize("isa", AMX_ISAS)
-def test_amx_quantized_transposed_gemm_without_predecoding(isa, monkeypatch):
+@pytest.mark.parametrize("quant,gs,zp", [("int8", 0, False), ("int4", 32, True)])
+def test_amx_quantized_transposed_gemm_in_pieces(isa, quant, gs, zp, monkeypatch):
     """Where an item's decoded blocks would pass AMX_PREDECODE_BYTES (N > 4096) the transposed GEMM
-    has one path, decoding per pair of row tiles at every row count (forced here: n = 64 decodes
-    4 KB per item)."""
-    n, k, m = 64, 96, 40
-    spec = gemm.kernel_for("bwd", n, k, isa=isa, quant="int4", group_size=32, zero_point=True).spec
-    amx = dataclasses.replace(spec, isa="amx")
-    stores = "call void @llvm.x86.tilestored64"
-    assert gemm.build_ir(amx).count(stores) == 12  # (both paths)
-    monkeypatch.setattr(gemm, "AMX_PREDECODE_BYTES", 2048)
-    assert gemm.build_ir(amx).count(stores) == 6
-    p, s, z, wd = _quantized("int4", 32, True, n, k, seed=8)
-    dy = torch.randn(m, n, generator=torch.Generator().manual_seed(9)).bfloat16()
-    dyt, dx = gemm.pack_dy_for_amx(dy), torch.empty(m, k)
-    gemm.get_kernel.cache_clear()  # (its memo holds the kernel built with the default limit)
+    decodes them above 32 rows in equal pieces of n-blocks, each added to dX by its own copy-out
+    (forced here: 4 KB, so n = 160, 10 n-blocks, runs pieces of 4, 4 and 2); the first piece writes
+    dX (NaN before) unless accumulating. m = 40 (pieces) and 17 (each block decoded as used)."""
+    n, k = 160, 96
+    monkeypatch.setattr(gemm, "AMX_PREDECODE_BYTES", 4096)
+    gemm.get_kernel.cache_clear()  # (its memo holds kernels built with the default limit)
+    p, s, z, wd = _quantized(quant, gs, zp, n, k, seed=8)
+    zptr = z.data_ptr() if z is not None else 0
     try:
-        gemm.get_kernel(spec).launch(gemm._one_group(dyt.data_ptr(), p.data_ptr(), dx.data_ptr(), m, s.data_ptr(),
-                                                     z.data_ptr()), n * 2, k * 4)
+        for m in (40, 17):
+            dy = torch.randn(m, n, generator=torch.Generator().manual_seed(m)).bfloat16()
+            want = ref_linear_t(dy, wd)
+            for accumulate in (False, True):
+                kern = gemm.get_kernel(gemm.kernel_for("bwd", n, k, accumulate=accumulate, isa=isa, quant=quant,
+                                                       group_size=gs, zero_point=zp).spec)
+                dyt = gemm.pack_dy_for_amx(dy, None if gs else s)
+                base = torch.randn(m, k, generator=torch.Generator().manual_seed(9)) if accumulate else None
+                dx = base.clone() if accumulate else torch.full((m, k), float("nan"))
+                kern.launch(gemm._one_group(dyt.data_ptr(), p.data_ptr(), dx.data_ptr(), m, s.data_ptr(), zptr),
+                            n * 2, k * 4)
+                assert rel_err(dx, (base + want) if accumulate else want) < 5e-3, (m, accumulate)
     finally:
         gemm.get_kernel.cache_clear()
-    assert rel_err(dx, ref_linear_t(dy, wd)) < 5e-3
 
 
 @pytest.mark.parametrize("isa", AMX_ISAS)

@@ -1945,6 +1945,17 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                 row_blocks(fn, m, STREAM_ROWS, micro)
 
 
+def _old_out(fn: Function, p: str, accumulate: bool | str) -> str | None:
+    """The 16 fp32 outputs at ``p`` an accumulating copy-out adds to: None without ``accumulate``;
+    with a run-time i1 ``accumulate``, zeros where it is false."""
+    if not accumulate:
+        return None
+    old = fn.load(F32x16, p, 4)
+    if isinstance(accumulate, str):
+        old = fn.val(f"select i1 {accumulate}, {F32x16} {old}, {F32x16} zeroinitializer")
+    return old
+
+
 def _copy_rows_out(fn: Function, src: str, dst: str, rows: str, ldy: str, vecs: int,
                    accumulate: bool | str, scales: list[str] | None = None) -> None:
     """dst[i, 0:16*vecs] (+)= src[i*64*?] (times ``scales[j]``, one <16 x float> per 16 columns):
@@ -1954,11 +1965,7 @@ def _copy_rows_out(fn: Function, src: str, dst: str, rows: str, ldy: str, vecs: 
         for j in range(vecs):
             v = fn.load(F32x16, fn.gep(src, fn.add(fn.mul(i, 64), j * 1024)), 64)
             p = fn.gep(drow, j * 64)
-            old = None
-            if accumulate:
-                old = fn.load(F32x16, p, 4)
-                if isinstance(accumulate, str):
-                    old = fn.val(f"select i1 {accumulate}, {F32x16} {old}, {F32x16} zeroinitializer")
+            old = _old_out(fn, p, accumulate)
             if scales:
                 v = vx.fma(fn, v, scales[j], old) if old is not None else fn.val(f"fmul {F32x16} {v}, {scales[j]}")
             elif old is not None:
@@ -1975,7 +1982,7 @@ def _copy_rows_out(fn: Function, src: str, dst: str, rows: str, ldy: str, vecs: 
 # bf16 (spec.scaled_dy) with the same exact codes; K-group weights are otherwise decoded as s (q -
 # z), rounded once to bf16 (as the AVX-512 panel form does; in the transposed GEMM the scales vary
 # along both dimensions). Above 32 rows both kernels decode each block once per work item, not per
-# 32-row chunk (the transposed GEMM for N up to 4096, AMX_PREDECODE_BYTES). Decoding is the cost
+# 32-row chunk (the transposed GEMM in pieces of N of at most 4096, AMX_PREDECODE_BYTES). Decoding is the cost
 # of these kernels: measured on Zen 4 with the tile instructions removed, the decode alone streams
 # 16-26 GB/s of codes on 2 threads (int8, exact int4, the K-group forward at groups of 128; 14 at
 # 64, 10 at 32), ~13 GB/s where it also scales (docs/benchmarks.md, "Twenty-fourth/fifth session").
@@ -2228,7 +2235,7 @@ def _amx_quant_fwd_body(spec: GemmSpec):
 
 
 # most decoded bytes per item the quantized AMX transposed GEMM keeps (on the stack: see
-# runtime/threads.py); above (N > 4096) it decodes per pair of row tiles
+# runtime/threads.py); above (N > 4096) it decodes the item's n-blocks in pieces
 AMX_PREDECODE_BYTES = 256 << 10
 
 
@@ -2237,12 +2244,15 @@ def _amx_bwd_body(spec: GemmSpec):
     block_stride, kb_bytes = _amx_block_offsets(spec)
     quant = spec.quant != "bf16"
     # quantized, above 32 rows: the item's nb blocks are decoded once, before its row-tile pairs
-    # (decoded per pair, the decode, the cost of these kernels, would grow with the rows)
-    predecode = quant and nb * 1024 <= AMX_PREDECODE_BYTES
+    # (decoded per pair, the decode, the cost of these kernels, would grow with the rows); where
+    # they pass AMX_PREDECODE_BYTES (N > 4096), in equal pieces of n-blocks, each piece's products
+    # added to dX by its own transposed copy-out
+    pieces = -(-nb * 1024 // AMX_PREDECODE_BYTES)
+    piece_nb = -(-nb // pieces)
 
     def body(fn: Function, ctx: str, item: str, t: Tiles) -> None:
         scratch = fn.alloca("i8", 64, 4096)
-        decoded = fn.alloca("i8", 64, nb * 1024 if predecode else 1024) if quant else None
+        decoded = fn.alloca("i8", 64, piece_nb * 1024) if quant else None
         kb, x, w, y, m, sc, zp = _group(fn, ctx, item, spec.items_per_group)
         ldy = ARGS.load(fn, ctx, "ldy")
         wk = fn.gep(w, fn.mul(kb, kb_bytes))
@@ -2259,18 +2269,21 @@ def _amx_bwd_body(spec: GemmSpec):
             _decode_block(fn, spec, block, dst, _zero_words(fn, spec, zptr), None if spec.scaled_dy else scales)
             return dst
 
-        def a_tile(s: str, decoded_once: bool) -> str:
-            """The A tile of n-block ``s``: the packed bf16 block, or its codes decoded."""
-            if not quant:
-                return fn.gep(wk, fn.mul(s, block_stride))
-            return fn.gep(decoded, fn.mul(s, 1024)) if decoded_once else decode(s, decoded)
+        def row_tiles(s0: str | int, s1: str | int, decoded_once: bool, accumulate: bool | str) -> None:
+            """dX (+)= the products of n-blocks [s0, s1), over every pair of row tiles (``decoded_once``:
+            the quantized blocks are at ``decoded`` from s0 on, else each is decoded as used)."""
 
-        def row_tiles(decoded_once: bool) -> None:
+            def a_tile(s: str) -> str:
+                """The A tile of n-block ``s``: the packed bf16 block, or its codes decoded."""
+                if not quant:
+                    return fn.gep(wk, fn.mul(s, block_stride))
+                return fn.gep(decoded, fn.mul(fn.sub(s, s0), 1024)) if decoded_once else decode(s, decoded)
+
             with fn.loop(0, n_mt, 2, name="mt") as mt0:
 
                 def tiles(count: int) -> None:
-                    with fn.loop(0, nb, name="s") as s:
-                        t.load(0, a_tile(s, decoded_once), 64)
+                    with fn.loop(s0, s1, name="s") as s:
+                        t.load(0, a_tile(s), 64)
                         for h in range(count):
                             # dY tiles of m-tile (mt0+h), n-block s: even-k then odd-k selector
                             dyt = fn.gep(x, fn.mul(fn.add(fn.mul(fn.add(mt0, h), nb), s), 2048))
@@ -2300,20 +2313,23 @@ def _amx_bwd_body(spec: GemmSpec):
                         row = fn.gep(yb, fn.mul(fn.add(tok0, j), ldy))
                         for q, v in enumerate((lo, hi)):
                             p = fn.gep(row, q * 64)
-                            if spec.accumulate:
-                                v = vx.fadd(fn, v, fn.load(F32x16, p, 4))
-                            fn.store(F32x16, v, p, 4)
+                            old = _old_out(fn, p, accumulate)
+                            fn.store(F32x16, v if old is None else vx.fadd(fn, v, old), p, 4)
 
-        def rows_after_decoding(once: bool) -> None:
-            if once:
-                with fn.loop(0, nb, name="dec") as s:
-                    decode(s, fn.gep(decoded, fn.mul(s, 1024)))
-            row_tiles(once)
+        def decoded_pieces() -> None:
+            """Above 32 rows: each piece of n-blocks decoded once, then its row tiles."""
+            with fn.loop(0, nb, piece_nb, name="piece") as s0:
+                s1 = fn.min(fn.add(s0, piece_nb), nb)
+                with fn.loop(s0, s1, name="dec") as s:
+                    decode(s, fn.gep(decoded, fn.mul(fn.sub(s, s0), 1024)))
+                # (the first piece writes dX as the spec says, the others add to it)
+                row_tiles(s0, s1, True, spec.accumulate or (pieces > 1 and fn.icmp("ne", s0, 0)))
 
-        if predecode:
-            either(fn, fn.icmp("sgt", m, 32), rows_after_decoding)
+        if quant:
+            either(fn, fn.icmp("sgt", m, 32), lambda many: decoded_pieces() if many else row_tiles(
+                0, nb, False, spec.accumulate))
         else:
-            row_tiles(False)
+            row_tiles(0, nb, False, spec.accumulate)
 
     return body
 
