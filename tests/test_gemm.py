@@ -993,12 +993,21 @@ def test_amx_quantized_forward_over_several_decode_units(isa, quant, gs, zp):
 @pytest.mark.parametrize("quant,gs,zp", [("int8", 0, False), ("int4", 32, True)])
 def test_amx_quantized_transposed_gemm_in_pieces(isa, quant, gs, zp, monkeypatch):
     """Where an item's decoded blocks would pass AMX_PREDECODE_BYTES (N > 4096) the transposed GEMM
-    decodes them above 32 rows in equal pieces of n-blocks, each added to dX by its own copy-out
+    decodes them above 32 rows in pieces of n-blocks, each added to dX by its own copy-out
     (forced here: 4 KB, so n = 160, 10 n-blocks, runs pieces of 4, 4 and 2); the first piece writes
     dX (NaN before) unless accumulating. m = 40 (pieces) and 17 (each block decoded as used)."""
     n, k = 160, 96
+    spec = gemm.kernel_for("bwd", n, k, isa=isa, quant=quant, group_size=gs, zero_point=zp).spec
+    assert gemm._bwd_pieces(spec) == (1, 10)
+    assert gemm._bwd_pieces(dataclasses.replace(spec, n=7168)) == (2, 224)  # (DeepSeek's down projection)
+    for n_blocks in range(2, 1025, 2):  # every piece within the limit, as few pieces as that allows
+        pieces, per = gemm._bwd_pieces(dataclasses.replace(spec, n=16 * n_blocks))
+        assert per * 1024 <= gemm.AMX_PREDECODE_BYTES and (pieces - 1) * gemm.AMX_PREDECODE_BYTES < n_blocks * 1024
+        assert (pieces - 1) * per < n_blocks <= pieces * per
     monkeypatch.setattr(gemm, "AMX_PREDECODE_BYTES", 4096)
-    gemm.get_kernel.cache_clear()  # (its memo holds kernels built with the default limit)
+    assert gemm._bwd_pieces(dataclasses.replace(spec, n=n)) == (3, 4)
+    gemm.get_kernel.cache_clear()  # (the memos hold kernels built with the default limit)
+    gemm._kernel_for.cache_clear()
     p, s, z, wd = _quantized(quant, gs, zp, n, k, seed=8)
     zptr = z.data_ptr() if z is not None else 0
     try:
@@ -1006,8 +1015,8 @@ def test_amx_quantized_transposed_gemm_in_pieces(isa, quant, gs, zp, monkeypatch
             dy = torch.randn(m, n, generator=torch.Generator().manual_seed(m)).bfloat16()
             want = ref_linear_t(dy, wd)
             for accumulate in (False, True):
-                kern = gemm.get_kernel(gemm.kernel_for("bwd", n, k, accumulate=accumulate, isa=isa, quant=quant,
-                                                       group_size=gs, zero_point=zp).spec)
+                kern = gemm.kernel_for("bwd", n, k, accumulate=accumulate, isa=isa, quant=quant, group_size=gs,
+                                       zero_point=zp)
                 dyt = gemm.pack_dy_for_amx(dy, None if gs else s)
                 base = torch.randn(m, k, generator=torch.Generator().manual_seed(9)) if accumulate else None
                 dx = base.clone() if accumulate else torch.full((m, k), float("nan"))
@@ -1016,6 +1025,7 @@ def test_amx_quantized_transposed_gemm_in_pieces(isa, quant, gs, zp, monkeypatch
                 assert rel_err(dx, (base + want) if accumulate else want) < 5e-3, (m, accumulate)
     finally:
         gemm.get_kernel.cache_clear()
+        gemm._kernel_for.cache_clear()
 
 
 @pytest.mark.parametrize("isa", AMX_ISAS)

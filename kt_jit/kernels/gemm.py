@@ -1982,10 +1982,11 @@ def _copy_rows_out(fn: Function, src: str, dst: str, rows: str, ldy: str, vecs: 
 # bf16 (spec.scaled_dy) with the same exact codes; K-group weights are otherwise decoded as s (q -
 # z), rounded once to bf16 (as the AVX-512 panel form does; in the transposed GEMM the scales vary
 # along both dimensions). Above 32 rows both kernels decode each block once per work item, not per
-# 32-row chunk (the transposed GEMM in pieces of N of at most 4096, AMX_PREDECODE_BYTES). Decoding is the cost
-# of these kernels: measured on Zen 4 with the tile instructions removed, the decode alone streams
-# 16-26 GB/s of codes on 2 threads (int8, exact int4, the K-group forward at groups of 128; 14 at
-# 64, 10 at 32), ~13 GB/s where it also scales (docs/benchmarks.md, "Twenty-fourth/fifth session").
+# 32-row chunk (the transposed GEMM in pieces of at most 4096 outputs, AMX_PREDECODE_BYTES).
+# Decoding is the cost of these kernels: measured on Zen 4 with the tile instructions removed, the
+# decode alone streams 16-26 GB/s of codes on 2 threads (int8, exact int4, the K-group forward at
+# groups of 128; 14 at 64, 10 at 32), ~13 GB/s where it also scales (docs/benchmarks.md,
+# "Twenty-fourth/fifth session").
 
 AMX_QUANT_PREFETCH = 4  # 16-row blocks ahead that the quantized AMX GEMMs prefetch (0: none)
 
@@ -2239,16 +2240,24 @@ def _amx_quant_fwd_body(spec: GemmSpec):
 AMX_PREDECODE_BYTES = 256 << 10
 
 
+def _bwd_pieces(spec: GemmSpec) -> tuple[int, int]:
+    """(pieces, n-blocks per piece; the last may be fewer) in which the quantized AMX transposed
+    GEMM decodes an item's N / 16 blocks above 32 rows: as few as keep a piece's 1 KB tiles within
+    AMX_PREDECODE_BYTES, about equal."""
+    nb = spec.n // 16
+    pieces = -(-nb * 1024 // AMX_PREDECODE_BYTES)
+    return pieces, -(-nb // pieces)
+
+
 def _amx_bwd_body(spec: GemmSpec):
     nb = spec.n // 16
     block_stride, kb_bytes = _amx_block_offsets(spec)
     quant = spec.quant != "bf16"
     # quantized, above 32 rows: the item's nb blocks are decoded once, before its row-tile pairs
     # (decoded per pair, the decode, the cost of these kernels, would grow with the rows); where
-    # they pass AMX_PREDECODE_BYTES (N > 4096), in equal pieces of n-blocks, each piece's products
-    # added to dX by its own transposed copy-out
-    pieces = -(-nb * 1024 // AMX_PREDECODE_BYTES)
-    piece_nb = -(-nb // pieces)
+    # they pass AMX_PREDECODE_BYTES (N > 4096), piece by piece, each piece's products added to dX
+    # by its own transposed copy-out
+    pieces, piece_nb = _bwd_pieces(spec)
 
     def body(fn: Function, ctx: str, item: str, t: Tiles) -> None:
         scratch = fn.alloca("i8", 64, 4096)
@@ -2258,6 +2267,10 @@ def _amx_bwd_body(spec: GemmSpec):
         wk = fn.gep(w, fn.mul(kb, kb_bytes))
         yb = fn.gep(y, fn.mul(kb, 128))
         n_mt = fn.val(f"udiv i64 {fn.add(m, 15)}, 16")
+
+        def slot(s: str, s0: str | int) -> str:
+            """Where n-block ``s`` is decoded in a piece from n-block ``s0``."""
+            return fn.gep(decoded, fn.mul(fn.sub(s, s0), 1024))
 
         def decode(s: str, dst: str) -> str:
             """n-block ``s``'s block of this item's codes -> dst (a bf16 tile); returns dst."""
@@ -2277,7 +2290,7 @@ def _amx_bwd_body(spec: GemmSpec):
                 """The A tile of n-block ``s``: the packed bf16 block, or its codes decoded."""
                 if not quant:
                     return fn.gep(wk, fn.mul(s, block_stride))
-                return fn.gep(decoded, fn.mul(fn.sub(s, s0), 1024)) if decoded_once else decode(s, decoded)
+                return slot(s, s0) if decoded_once else decode(s, decoded)
 
             with fn.loop(0, n_mt, 2, name="mt") as mt0:
 
@@ -2321,15 +2334,17 @@ def _amx_bwd_body(spec: GemmSpec):
             with fn.loop(0, nb, piece_nb, name="piece") as s0:
                 s1 = fn.min(fn.add(s0, piece_nb), nb)
                 with fn.loop(s0, s1, name="dec") as s:
-                    decode(s, fn.gep(decoded, fn.mul(fn.sub(s, s0), 1024)))
+                    decode(s, slot(s, s0))
                 # (the first piece writes dX as the spec says, the others add to it)
                 row_tiles(s0, s1, True, spec.accumulate or (pieces > 1 and fn.icmp("ne", s0, 0)))
 
-        if quant:
-            either(fn, fn.icmp("sgt", m, 32), lambda many: decoded_pieces() if many else row_tiles(
-                0, nb, False, spec.accumulate))
-        else:
+        def each_block_as_used() -> None:
             row_tiles(0, nb, False, spec.accumulate)
+
+        if quant:
+            either(fn, fn.icmp("sgt", m, 32), lambda many: decoded_pieces() if many else each_block_as_used())
+        else:
+            each_block_as_used()
 
     return body
 
