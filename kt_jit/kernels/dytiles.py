@@ -95,12 +95,12 @@ class DyTilesSpec:
         return f"amx_dy_tiles_n{self.n}" + ("_scaled" if self.scaled else "")
 
 
-def _group(fn: Function, ctx: str, item: str, scaled: bool = False) -> tuple[str, str, str, str, str | None]:
-    """(dY rows, destination, m, dY row pitch, the column scales with ``scaled`` else None) of work
-    item ``item``'s group."""
-    desc = fn.gep(ARGS.load_ptr(fn, ctx, "groups"), fn.mul(item, 8 * (GROUP_FIELDS + int(scaled))))
+def _group(fn: Function, ctx: str, item: str, spec: DyTilesSpec) -> tuple[str, str, str, str, str | None]:
+    """(dY rows, destination, m, dY row pitch, the column scales with ``spec.scaled`` else None) of
+    work item ``item``'s group."""
+    desc = fn.gep(ARGS.load_ptr(fn, ctx, "groups"), fn.mul(item, 8 * spec.group_fields))
     x, out = (fn.load("ptr", fn.gep(desc, 8 * f), 8) for f in (0, 1))
-    scales = fn.load("ptr", fn.gep(desc, 8 * GROUP_FIELDS), 8) if scaled else None
+    scales = fn.load("ptr", fn.gep(desc, 8 * GROUP_FIELDS), 8) if spec.scaled else None
     return x, out, fn.load("i64", fn.gep(desc, 16), 8), ARGS.load(fn, ctx, "ldx"), scales
 
 
@@ -115,7 +115,7 @@ def _lanes_body(spec: DyTilesSpec):
     blocks = spec.n // 16
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        x, out, m, ldx, _ = _group(fn, ctx, item)
+        x, out, m, ldx, _ = _group(fn, ctx, item, spec)
         with fn.if_then(lanes_rows_ir(fn, m, spec.min_rows), name="lanes"):
             with fn.loop(0, fn.val(f"udiv i64 {fn.add(m, 15)}, 16"), name="mt") as mt:
                 rows_here = fn.min(fn.sub(m, fn.mul(mt, 16)), 16)
@@ -140,7 +140,7 @@ def _body(spec: DyTilesSpec):
     blocks = spec.n // 16
 
     def body(fn: Function, ctx: str, item: str, tiles) -> None:
-        x, out, m, ldx, scales = _group(fn, ctx, item, spec.scaled)
+        x, out, m, ldx, scales = _group(fn, ctx, item, spec)
         lo16, hi16 = vx.i32x16_const([0xFFFF] * 16), vx.i32x16_const([-0x10000] * 16)
         sixteen = vx.i32x16_const([16] * 16)
         with fn.loop(0, fn.val(f"udiv i64 {fn.add(m, 15)}, 16"), name="mt") as mt:
