@@ -619,7 +619,10 @@ def test_experts_memory_and_lora_init():
 @pytest.mark.parametrize("isa", ["amx_emu"])
 def test_amx_kernel_path_through_the_operator(isa, monkeypatch):
     """The grouped AMX kernels (segments as whole tiles, pre-arranged dY) give the same gradients."""
+    from kt_jit.moe import sft
+
     monkeypatch.setenv("KT_JIT_ISA", isa)
+    monkeypatch.setattr(sft, "AMX_BF16_MIN_ROWS", 0)  # every pass on the AMX kernels
     dout = torch.randn(21, 64, generator=torch.Generator().manual_seed(2))
     check_against_reference(make_layer(h=64, i=64), make_batch(21, 3, h=64), dout)
 
@@ -661,6 +664,45 @@ def test_quantized_experts_on_amx_kernels(isa, quant, monkeypatch):
             assert {s for op, s in launched if op == "dy"} == {quant in ("int8", "int4", "int4_1")}
 
 
+@NEEDS_AVX512_BF16
+@pytest.mark.parametrize("isa", [p for p in ISAS if p.values[0] != "avx512"])
+def test_bf16_experts_on_amx_cpus_take_avx512_kernels_at_few_rows(isa, monkeypatch):
+    """bf16 experts on an AMX CPU: a pass below AMX_BF16_MIN_ROWS routed rows per active expert runs
+    the AVX-512 kernels (LoRA fused, no dY tiles), a denser one the AMX kernels (LoRA in separate
+    passes, dY packed into tiles); forward and every gradient match the reference either way."""
+    from kt_jit.kernels import dytiles, gemm
+    from kt_jit.moe import sft
+    from kt_jit.moe.routing import route
+
+    monkeypatch.setenv("KT_JIT_ISA", isa)
+    monkeypatch.setenv("KT_JIT_LAUNCH_PLANS", "0")  # (a plan replays without the launches seen below)
+    launched = []
+    for cls, what in ((gemm.GemmKernel, lambda k: (k.spec.op, k.spec.isa, k.spec.lora_rank > 0)),
+                      (dytiles.DyTilesKernel, lambda k: ("dy", k.spec.form, False))):
+        def spy(self, *args, _orig=cls.launch, _what=what, **kwargs):
+            launched.append(_what(self))
+            return _orig(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "launch", spy)
+    layer = make_layer(h=64, i=64)
+    for t in (3, 4):  # the switch point: AMX_BF16_MIN_ROWS rows per active expert
+        ids = torch.tensor([[0, 1]] * t)
+        assert sft.pass_isa(layer[3], route(ids, E)) == ("avx512" if t < sft.AMX_BF16_MIN_ROWS else None)
+    assert sft.pass_isa(layer[3], route(torch.zeros(0, 2, dtype=torch.int64), E)) is None
+    for t, k, want in ((5, 2, "avx512"), (24, 3, isa)):  # 1.25 and 9 rows per active expert
+        batch = make_batch(t, k, h=64)
+        assert sft.pass_isa(layer[3], route(batch[1], E)) == (None if want == isa else want)
+        dout = torch.randn(t, 64, generator=torch.Generator().manual_seed(t))
+        launched.clear()
+        check_against_reference(layer, batch, dout)
+        gemms = {(op, isa_, fused) for op, isa_, fused in launched if op != "dy"}
+        if want == "avx512":  # every GEMM on AVX-512 with its LoRA term fused
+            assert gemms == {("fwd", "avx512", True), ("bwd", "avx512", True)}, launched
+            assert all(form != "amx" for op, form, _ in launched if op == "dy"), launched
+        else:
+            assert gemms == {("fwd", isa, False), ("bwd", isa, False)}, launched
+            assert any(form == "amx" for op, form, _ in launched if op == "dy"), launched
+
+
 @pytest.mark.parametrize("isa", [pytest.param("avx512", marks=NEEDS_AVX512_BF16), "amx_emu"])
 @pytest.mark.parametrize("quant", ["bf16", "int8"])
 def test_zero_tokens_forward_and_backward(isa, quant, monkeypatch):
@@ -684,6 +726,7 @@ def test_fused_and_separate_lora_paths(isa, i, monkeypatch):
     from kt_jit.moe import sft
 
     monkeypatch.setenv("KT_JIT_ISA", isa)
+    monkeypatch.setattr(sft, "AMX_BF16_MIN_ROWS", 0)  # (the AMX path at any row count)
     layer = make_layer(h=64, i=i)
     assert sft._fuses_lora(layer[3]) == (isa == "avx512")
     dout = torch.randn(13, 64, generator=torch.Generator().manual_seed(3))

@@ -286,18 +286,27 @@ def _dims(experts: MoEExperts, name: str) -> tuple[int, int]:
 # 21.8 against 11.7 and transposed 9.9 against 6.9-10.1). Not timed on an AMX CPU yet
 # (docs/benchmarks.md, "Twenty-fourth session" and "Twenty-fifth session").
 AMX_QUANT_MIN_ROWS = 8
+# bf16 experts on AMX CPUs: a pass below this many routed rows per active expert (mean) takes the
+# AVX-512 kernels. At a few rows both stream the weights at the memory's rate (AVX-512: one
+# vdpbf16ps per 64 weight bytes and row), and the AVX-512 kernels fuse the LoRA products where the
+# AMX path adds them in separate passes and first packs dY into tiles for its transposed GEMMs.
+# KTransformers' bf16 MoE switches the same way (its AVX-512 vec_mul until T*K/E passes 4). Not
+# timed on an AMX CPU yet.
+AMX_BF16_MIN_ROWS = 4
 
 
 def pass_isa(experts: MoEExperts, r: Routing) -> str | None:
     """The ISA of a pass's GEMMs when it is not the default (:func:`gemm.kernel_for`: the active ISA
-    for bf16 experts, AVX-512 for quantized ones): quantized experts on AMX, at
-    ``AMX_QUANT_MIN_ROWS`` routed rows per active expert or more."""
-    if experts.storage == "bf16" or not r.pairs:
-        return None
-    if r.pairs < AMX_QUANT_MIN_ROWS * r.basis.shape[0]:
-        return None
+    for bf16 experts, AVX-512 for quantized ones), on AMX CPUs only: AVX-512 for bf16 experts below
+    ``AMX_BF16_MIN_ROWS`` routed rows per active expert, AMX for quantized ones at
+    ``AMX_QUANT_MIN_ROWS`` or more."""
     isa = active_isa()
-    return None if isa == "avx512" else isa
+    if isa == "avx512" or not r.pairs:
+        return None
+    active = r.basis.shape[0]
+    if experts.storage == "bf16":
+        return "avx512" if r.pairs < AMX_BF16_MIN_ROWS * active else None
+    return isa if r.pairs >= AMX_QUANT_MIN_ROWS * active else None
 
 
 def _kernel(op: str, experts: MoEExperts, name: str, lora_rank: int = 0, lora_split: int = 0,
