@@ -554,6 +554,58 @@ def test_from_checkpoint_matches_from_tensors(layout, tmp_path, monkeypatch):
             assert torch.equal(got.tensors[name], t), (quant, name)
 
 
+@pytest.mark.parametrize("block", [None, (32, 64)])
+def test_from_checkpoint_reads_fp8_block_scales(block, tmp_path, monkeypatch):
+    """FP8 experts with block scales (DeepSeek-V3's format: e4m3 weights, fp32 weight_scale_inv per
+    block; the block size from config.json, else 128 x 128, blocks cut short at the edges) pack to
+    the same bytes as from_tensors of the weights they stand for, computed block by block here."""
+    import json
+
+    from safetensors.torch import save_file
+
+    import kt_jit.moe.weights as weights
+
+    bn, bk = block or (128, 128)
+    g = torch.Generator().manual_seed(4)
+    prefix, tensors, wanted = "model.layers.1.mlp", {}, {"gate": [], "up": [], "down": []}
+    for e in range(E):
+        for name, part, (n, k) in (("gate_proj", "gate", (I, H)), ("up_proj", "up", (I, H)),
+                                   ("down_proj", "down", (H, I))):
+            w = torch.randn(n, k, generator=g) * (e + 1)
+            q = torch.empty(n, k, dtype=torch.float8_e4m3fn)
+            scales = torch.empty(-(-n // bn), -(-k // bk))
+            exact = torch.empty(n, k)
+            for a in range(scales.shape[0]):
+                for b in range(scales.shape[1]):
+                    blk = (slice(a * bn, (a + 1) * bn), slice(b * bk, (b + 1) * bk))
+                    scales[a, b] = w[blk].abs().max() / 448
+                    q[blk] = (w[blk] / scales[a, b]).to(torch.float8_e4m3fn)
+                    exact[blk] = q[blk].float() * scales[a, b]
+            tensors[f"{prefix}.experts.{e}.{name}.weight"] = q
+            tensors[f"{prefix}.experts.{e}.{name}.weight_scale_inv"] = scales
+            wanted[part].append(exact)
+    save_file(tensors, tmp_path / "model.safetensors")
+    if block:
+        (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
+            "quant_method": "fp8", "weight_block_size": list(block)}}))
+    monkeypatch.setattr(weights, "_PACK_CHUNK_BYTES", 3 * 12 * I * H)  # 3 experts per chunk
+    gate, up, down = (torch.stack(wanted[p]) for p in ("gate", "up", "down"))
+    for quant in ("bf16", "int8"):
+        got = kt_jit.MoEExperts.from_checkpoint(tmp_path, prefix, quant=quant)
+        want = kt_jit.MoEExperts.from_tensors(gate, up, down, quant=quant)
+        for name, t in want.tensors.items():
+            assert torch.equal(got.tensors[name], t), (quant, name)
+    # a scale tensor of another block size, and one missing, are named
+    tensors[f"{prefix}.experts.3.up_proj.weight_scale_inv"] = torch.ones(2, 5)
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match=r"experts.3.up_proj.weight_scale_inv is F32 \[2, 5\], expected"):
+        kt_jit.MoEExperts.from_checkpoint(tmp_path, prefix)
+    del tensors[f"{prefix}.experts.3.up_proj.weight_scale_inv"]
+    save_file(tensors, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="experts.3.up_proj.weight is FP8 but the checkpoint has no"):
+        kt_jit.MoEExperts.from_checkpoint(tmp_path, prefix)
+
+
 def test_from_checkpoint_errors(tmp_path):
     from safetensors.torch import save_file
 

@@ -187,7 +187,10 @@ class MoEExperts:
         layer's MoE module, e.g. ``"model.layers.3.mlp"`` (Mixtral: ``...block_sparse_moe``).
         Per-expert keys (``experts.<e>.gate_proj/up_proj/down_proj`` or ``w1/w3/w2``) and fused
         ones (``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``, or both
-        transposed) are recognised; see kt_jit/moe/checkpoint.py. The expert count comes from
+        transposed) are recognised; see kt_jit/moe/checkpoint.py. Per-expert FP8 weights with
+        block scales (DeepSeek-V3/R1's format: ``weight`` float8_e4m3fn and ``weight_scale_inv``,
+        the block size from ``config.json``, else 128 x 128) are dequantized to fp32 a few experts
+        at a time, so no bf16 copy of the checkpoint is needed. The expert count comes from
         ``num_experts``, else the checkpoint's ``config.json``, else the highest index found; pass
         a sharded checkpoint's directory, not one shard. ``quant``/``group_size`` as in
         :meth:`from_tensors`."""
