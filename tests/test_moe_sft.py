@@ -554,11 +554,12 @@ def test_from_checkpoint_matches_from_tensors(layout, tmp_path, monkeypatch):
             assert torch.equal(got.tensors[name], t), (quant, name)
 
 
-@pytest.mark.parametrize("block", [None, (32, 64)])
-def test_from_checkpoint_reads_fp8_block_scales(block, tmp_path, monkeypatch):
+@pytest.mark.parametrize("block,h,i,fp8", [(None, 256, 384, torch.float8_e4m3fn), ((32, 64), H, I, torch.float8_e5m2)])
+def test_from_checkpoint_reads_fp8_block_scales(block, h, i, fp8, tmp_path, monkeypatch):
     """FP8 experts with block scales (DeepSeek-V3's format: e4m3 weights, fp32 weight_scale_inv per
-    block; the block size from config.json, else 128 x 128, blocks cut short at the edges) pack to
-    the same bytes as from_tensors of the weights they stand for, computed block by block here."""
+    block; the block size from config.json, else 128 x 128; blocks cut short at the edges for I = 96
+    in blocks of 64) pack to the same bytes as from_tensors of the weights they stand for, computed
+    block by block here."""
     import json
 
     from safetensors.torch import save_file
@@ -569,17 +570,17 @@ def test_from_checkpoint_reads_fp8_block_scales(block, tmp_path, monkeypatch):
     g = torch.Generator().manual_seed(4)
     prefix, tensors, wanted = "model.layers.1.mlp", {}, {"gate": [], "up": [], "down": []}
     for e in range(E):
-        for name, part, (n, k) in (("gate_proj", "gate", (I, H)), ("up_proj", "up", (I, H)),
-                                   ("down_proj", "down", (H, I))):
+        for name, part, (n, k) in (("gate_proj", "gate", (i, h)), ("up_proj", "up", (i, h)),
+                                   ("down_proj", "down", (h, i))):
             w = torch.randn(n, k, generator=g) * (e + 1)
-            q = torch.empty(n, k, dtype=torch.float8_e4m3fn)
+            q = torch.empty(n, k, dtype=fp8)
             scales = torch.empty(-(-n // bn), -(-k // bk))
             exact = torch.empty(n, k)
             for a in range(scales.shape[0]):
                 for b in range(scales.shape[1]):
                     blk = (slice(a * bn, (a + 1) * bn), slice(b * bk, (b + 1) * bk))
-                    scales[a, b] = w[blk].abs().max() / 448
-                    q[blk] = (w[blk] / scales[a, b]).to(torch.float8_e4m3fn)
+                    scales[a, b] = w[blk].abs().max() / torch.finfo(fp8).max
+                    q[blk] = (w[blk] / scales[a, b]).to(fp8)
                     exact[blk] = q[blk].float() * scales[a, b]
             tensors[f"{prefix}.experts.{e}.{name}.weight"] = q
             tensors[f"{prefix}.experts.{e}.{name}.weight_scale_inv"] = scales
@@ -588,19 +589,24 @@ def test_from_checkpoint_reads_fp8_block_scales(block, tmp_path, monkeypatch):
     if block:
         (tmp_path / "config.json").write_text(json.dumps({"quantization_config": {
             "quant_method": "fp8", "weight_block_size": list(block)}}))
-    monkeypatch.setattr(weights, "_PACK_CHUNK_BYTES", 3 * 12 * I * H)  # 3 experts per chunk
+    monkeypatch.setattr(weights, "_PACK_CHUNK_BYTES", 3 * 12 * i * h)  # 3 experts per chunk
     gate, up, down = (torch.stack(wanted[p]) for p in ("gate", "up", "down"))
     for quant in ("bf16", "int8"):
         got = kt_jit.MoEExperts.from_checkpoint(tmp_path, prefix, quant=quant)
         want = kt_jit.MoEExperts.from_tensors(gate, up, down, quant=quant)
         for name, t in want.tensors.items():
             assert torch.equal(got.tensors[name], t), (quant, name)
-    # a scale tensor of another block size, and one missing, are named
-    tensors[f"{prefix}.experts.3.up_proj.weight_scale_inv"] = torch.ones(2, 5)
-    save_file(tensors, tmp_path / "model.safetensors")
-    with pytest.raises(ValueError, match=r"experts.3.up_proj.weight_scale_inv is F32 \[2, 5\], expected"):
+    # a scale tensor of another block size or dtype, one missing, and a matrix in another dtype are named
+    key = f"{prefix}.experts.3.up_proj.weight"
+    for scale, why in ((torch.ones(2, 5), r"_scale_inv has shape \[2, 5\], expected"),
+                       (tensors[key + "_scale_inv"].to(fp8), "_scale_inv is stored as F8_E")):
+        save_file(tensors | {key + "_scale_inv": scale}, tmp_path / "model.safetensors")
+        with pytest.raises(ValueError, match="experts.3.up_proj.weight" + why):
+            kt_jit.MoEExperts.from_checkpoint(tmp_path, prefix)
+    save_file(tensors | {key: torch.zeros(i, h, dtype=torch.bfloat16)}, tmp_path / "model.safetensors")
+    with pytest.raises(ValueError, match="experts.3.up_proj.weight is torch.bfloat16, .* must be stored in one"):
         kt_jit.MoEExperts.from_checkpoint(tmp_path, prefix)
-    del tensors[f"{prefix}.experts.3.up_proj.weight_scale_inv"]
+    del tensors[key + "_scale_inv"]
     save_file(tensors, tmp_path / "model.safetensors")
     with pytest.raises(ValueError, match="experts.3.up_proj.weight is FP8 but the checkpoint has no"):
         kt_jit.MoEExperts.from_checkpoint(tmp_path, prefix)
@@ -638,6 +644,10 @@ def test_from_checkpoint_errors(tmp_path):
     save_file({f"x.experts.0.{n}.weight": torch.zeros(*s).to(torch.float8_e4m3fn)
                for n, s in (("gate_proj", (I, H)), ("up_proj", (I, H)), ("down_proj", (H, I)))}, fp8)
     with pytest.raises(ValueError, match="dequantize the checkpoint"):
+        kt_jit.MoEExperts.from_checkpoint(fp8, "x")
+    save_file({"x.experts.gate_up_proj": torch.zeros(2, 2 * I, H).to(torch.float8_e4m3fn),
+               "x.experts.down_proj": torch.zeros(2, H, I).to(torch.float8_e4m3fn)}, fp8)
+    with pytest.raises(ValueError, match="fused FP8 experts .* are not read; FP8 is read from per-expert keys"):
         kt_jit.MoEExperts.from_checkpoint(fp8, "x")
 
 
@@ -740,16 +750,17 @@ def test_bf16_experts_on_amx_cpus_take_avx512_kernels_at_few_rows(isa, monkeypat
         ids = torch.tensor([[0, 1]] * t)
         assert sft.pass_isa(layer[3], route(ids, E)) == ("avx512" if t < sft.AMX_BF16_MIN_ROWS else None)
     assert sft.pass_isa(layer[3], route(torch.zeros(0, 2, dtype=torch.int64), E)) is None
-    for t, k, want in ((5, 2, "avx512"), (24, 3, isa)):  # 1.25 and 9 rows per active expert
-        batch = make_batch(t, k, h=64)
+    skewed = torch.tensor([[0]] * 20 + [[e] for e in range(1, E)])  # expert 0: 20 rows, 27 over 8 experts
+    for t, k, want, ids in ((27, 1, "avx512", skewed), (24, 3, isa, None)):  # 3.4 and 9 rows per active expert
+        batch = make_batch(t, k, h=64, ids=ids)
         assert sft.pass_isa(layer[3], route(batch[1], E)) == (None if want == isa else want)
         dout = torch.randn(t, 64, generator=torch.Generator().manual_seed(t))
         launched.clear()
         check_against_reference(layer, batch, dout)
         gemms = {(op, isa_, fused) for op, isa_, fused in launched if op != "dy"}
-        if want == "avx512":  # every GEMM on AVX-512 with its LoRA term fused
+        if want == "avx512":  # every GEMM on AVX-512 with its LoRA term fused; expert 0's dY in lanes
             assert gemms == {("fwd", "avx512", True), ("bwd", "avx512", True)}, launched
-            assert all(form != "amx" for op, form, _ in launched if op == "dy"), launched
+            assert {form for op, form, _ in launched if op == "dy"} == {"lanes"}, launched
         else:
             assert gemms == {("fwd", isa, False), ("bwd", isa, False)}, launched
             assert any(form == "amx" for op, form, _ in launched if op == "dy"), launched

@@ -11,7 +11,7 @@ Key layouts under a layer prefix ``P`` (e.g. ``model.layers.3.mlp``):
 
 Weights are bf16, fp16 or fp32, or (per-expert keys) FP8 with block scales as DeepSeek-V3/R1 and the
 Qwen3 FP8 checkpoints store them: ``...weight`` float8_e4m3fn (or e5m2) ``[N, K]`` next to
-``...weight_scale_inv`` fp32 ``[ceil(N/bn), ceil(K/bn)]``, weight = fp8 value x its block's scale,
+``...weight_scale_inv`` fp32 ``[ceil(N/bn), ceil(K/bk)]``, weight = fp8 value x its block's scale,
 with the block size from ``config.json`` (``quantization_config.weight_block_size``), else 128.
 Those are dequantized to fp32 a few experts at a time, so an FP8 checkpoint is packed or quantized
 without a bf16 copy of it ever being written (DeepSeek-V3 in bf16: ~1.3 TB).
@@ -87,7 +87,7 @@ def _configured_experts(cfg: dict) -> int | None:
     """The routed-expert count in a ``config.json`` (also under ``text_config``), or None."""
     for c in (cfg, cfg.get("text_config") or {}):
         for k in _COUNT_KEYS:
-            if isinstance(c.get(k), int):
+            if isinstance(c, dict) and isinstance(c.get(k), int):
                 return c[k]
     return None
 
@@ -96,7 +96,8 @@ def _fp8_block(cfg: dict) -> tuple[int, int]:
     """The FP8 scale block ``(rows, columns)`` of a ``config.json`` (``quantization_config.
     weight_block_size``, also under ``text_config``), else 128 x 128."""
     for c in (cfg, cfg.get("text_config") or {}):
-        block = (c.get("quantization_config") or {}).get("weight_block_size")
+        q = c.get("quantization_config") if isinstance(c, dict) else None
+        block = q.get("weight_block_size") if isinstance(q, dict) else None
         if block is not None:
             if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
                 raise ValueError(f"config.json: quantization_config.weight_block_size must be [rows, columns], "
@@ -141,14 +142,13 @@ def expert_source(path: str | os.PathLike, prefix: str, stack: ExitStack,
             handles[file] = stack.enter_context(safe_open(file, framework="pt"))
         return handles[file].get_slice(key)
 
-    def dtype_of(key: str, fp8: bool = False) -> torch.dtype:
+    def dtype_of(key: str) -> torch.dtype:
         name = header(key).get_dtype()
-        if fp8 and name in _FP8_DTYPES:
+        if name in _FP8_DTYPES:
             return _FP8_DTYPES[name]
         if name not in _DTYPES:
-            also = " or FP8 with block scales (per-expert keys with a weight_scale_inv each)" if fp8 else ""
-            raise ValueError(f"{key} is stored as {name}; kt_jit packs bf16/fp16/fp32 weights{also} (dequantize "
-                             "the checkpoint first)")
+            raise ValueError(f"{key} is stored as {name}; kt_jit packs bf16/fp16/fp32 weights, and FP8 ones with "
+                             "block scales (dequantize the checkpoint first)")
         return _DTYPES[name]
 
     biases = [k for k in keys if k.startswith(f"{prefix}.experts.") and k.endswith("bias")]
@@ -169,7 +169,9 @@ def expert_source(path: str | os.PathLike, prefix: str, stack: ExitStack,
         if configured is not None and configured != e:
             raise ValueError(f"{prefix}: the checkpoint holds {e} experts, {configured} expected")
         dtype = dtype_of(fused[0])
-        dtype_of(fused[1])
+        if dtype in _FP8_DTYPES.values() or dtype_of(fused[1]) in _FP8_DTYPES.values():
+            raise ValueError(f"{prefix}: fused FP8 experts (experts.gate_up_proj) are not read; FP8 is read from "
+                             "per-expert keys with a weight_scale_inv each (dequantize the checkpoint first)")
 
         def fused_chunk(sl: slice) -> Chunk:
             gu = header(fused[0])[sl.start:sl.stop]
@@ -196,25 +198,29 @@ def expert_source(path: str | os.PathLike, prefix: str, stack: ExitStack,
         raise ValueError(f"{prefix}: experts 0..{e - 1} expected; missing {missing[:6]}, unexpected {extra[:6]} "
                          "(a shard of the checkpoint may be missing)")
     i, h = header(found[0, "gate"]).get_shape()
-    dtype = dtype_of(found[0, "gate"], fp8=True)
+    dtype = dtype_of(found[0, "gate"])
     fp8 = dtype in _FP8_DTYPES.values()
     block = _fp8_block(cfg) if fp8 else (0, 0)
     for (_, part), key in found.items():
         want = [h, i] if part == "down" else [i, h]
         if list(header(key).get_shape()) != want:
             raise ValueError(f"{key} has shape {header(key).get_shape()}, expected {want}")
-        if dtype_of(key, fp8) != dtype:
-            raise ValueError(f"{key} is {dtype_of(key, fp8)}, the other experts {dtype}")
+        if (other := dtype_of(key)) != dtype:
+            raise ValueError(f"{key} is {other}, {found[0, 'gate']} {dtype}: every expert matrix of a layer must "
+                             "be stored in one dtype")
         if fp8:
             scale_key = key + "_scale_inv"
             want = [-(-want[0] // block[0]), -(-want[1] // block[1])]
             if scale_key not in keys:
                 raise ValueError(f"{key} is FP8 but the checkpoint has no {scale_key} (its block scales); "
                                  "dequantize the checkpoint first")
-            if list(header(scale_key).get_shape()) != want or header(scale_key).get_dtype() not in _DTYPES:
-                raise ValueError(f"{scale_key} is {header(scale_key).get_dtype()} {header(scale_key).get_shape()}, "
-                                 f"expected floats {want} (blocks of {block[0]} x {block[1]}; config.json's "
-                                 "quantization_config.weight_block_size sets another block size)")
+            if header(scale_key).get_dtype() not in _DTYPES:
+                raise ValueError(f"{scale_key} is stored as {header(scale_key).get_dtype()}; block scales must be "
+                                 "fp32, bf16 or fp16")
+            if list(header(scale_key).get_shape()) != want:
+                raise ValueError(f"{scale_key} has shape {header(scale_key).get_shape()}, expected {want} (blocks "
+                                 f"of {block[0]} x {block[1]}; config.json's quantization_config.weight_block_size "
+                                 "sets another block size)")
 
     def load(idx: int, part: str) -> torch.Tensor:
         key = found[idx, part]

@@ -290,8 +290,8 @@ AMX_QUANT_MIN_ROWS = 8
 # AVX-512 kernels. At a few rows both stream the weights at the memory's rate (AVX-512: one
 # vdpbf16ps per 64 weight bytes and row), and the AVX-512 kernels fuse the LoRA products where the
 # AMX path adds them in separate passes and first packs dY into tiles for its transposed GEMMs.
-# KTransformers' bf16 MoE switches the same way (its AVX-512 vec_mul until T*K/E passes 4). Not
-# timed on an AMX CPU yet.
+# KTransformers' bf16 MoE switches similarly (AVX-512 vec_mul until T*K/E, the mean over all
+# experts rather than the active ones, passes 4). Not timed on an AMX CPU yet.
 AMX_BF16_MIN_ROWS = 4
 
 
