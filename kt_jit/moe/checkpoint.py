@@ -210,17 +210,17 @@ def expert_source(path: str | os.PathLike, prefix: str, stack: ExitStack,
                              "be stored in one dtype")
         if fp8:
             scale_key = key + "_scale_inv"
-            want = [-(-want[0] // block[0]), -(-want[1] // block[1])]
+            scale_shape = [-(-want[0] // block[0]), -(-want[1] // block[1])]
             if scale_key not in keys:
                 raise ValueError(f"{key} is FP8 but the checkpoint has no {scale_key} (its block scales); "
                                  "dequantize the checkpoint first")
             if header(scale_key).get_dtype() not in _DTYPES:
                 raise ValueError(f"{scale_key} is stored as {header(scale_key).get_dtype()}; block scales must be "
                                  "fp32, bf16 or fp16")
-            if list(header(scale_key).get_shape()) != want:
-                raise ValueError(f"{scale_key} has shape {header(scale_key).get_shape()}, expected {want} (blocks "
-                                 f"of {block[0]} x {block[1]}; config.json's quantization_config.weight_block_size "
-                                 "sets another block size)")
+            if list(header(scale_key).get_shape()) != scale_shape:
+                raise ValueError(f"{scale_key} has shape {header(scale_key).get_shape()}, expected {scale_shape} "
+                                 f"(blocks of {block[0]} x {block[1]}; config.json's quantization_config."
+                                 "weight_block_size sets another block size)")
 
     def load(idx: int, part: str) -> torch.Tensor:
         key = found[idx, part]
