@@ -689,25 +689,32 @@ def test_amx_kernel_path_through_the_operator(isa, monkeypatch):
     check_against_reference(make_layer(h=64, i=64), make_batch(21, 3, h=64), dout)
 
 
+def spy_launches(monkeypatch, gemm_what, dy_what) -> list:
+    """Record ``gemm_what(kernel)`` for every GEMM launch and ``dy_what(kernel)`` for every dY
+    layout launch into the returned list (launch plans off: a replay skips the launch calls)."""
+    from kt_jit.kernels import dytiles, gemm
+
+    monkeypatch.setenv("KT_JIT_LAUNCH_PLANS", "0")
+    launched = []
+    for cls, what in ((gemm.GemmKernel, gemm_what), (dytiles.DyTilesKernel, dy_what)):
+        def spy(self, *args, _orig=cls.launch, _what=what, **kwargs):
+            launched.append(_what(self))
+            return _orig(self, *args, **kwargs)
+        monkeypatch.setattr(cls, "launch", spy)
+    return launched
+
+
 @pytest.mark.parametrize("isa", [p for p in ISAS if p.values[0] != "avx512"])
 @pytest.mark.parametrize("quant", QUANTS[1:])
 def test_quantized_experts_on_amx_kernels(isa, quant, monkeypatch):
     """Quantized experts on an AMX CPU: a pass with at least AMX_QUANT_MIN_ROWS routed rows per
     active expert runs the AMX kernels (codes decoded to bf16 tiles, LoRA in separate passes), a
     sparser one the AVX-512 integer kernels; forward and every gradient match the reference."""
-    from kt_jit.kernels import dytiles, gemm
     from kt_jit.moe import sft
     from kt_jit.moe.routing import route
 
     monkeypatch.setenv("KT_JIT_ISA", isa)
-    monkeypatch.setenv("KT_JIT_LAUNCH_PLANS", "0")  # (a plan replays without the launches seen below)
-    launched = []
-    for cls, what in ((gemm.GemmKernel, lambda k: (k.spec.op, k.spec.isa)), (dytiles.DyTilesKernel,
-                                                                              lambda k: ("dy", k.spec.scaled))):
-        def spy(self, *args, _orig=cls.launch, _what=what, **kwargs):
-            launched.append(_what(self))
-            return _orig(self, *args, **kwargs)
-        monkeypatch.setattr(cls, "launch", spy)
+    launched = spy_launches(monkeypatch, lambda k: (k.spec.op, k.spec.isa), lambda k: ("dy", k.spec.scaled))
     layer = make_layer(h=64, i=64, quant=quant)
     for t in (7, 8):  # the switch point: AMX_QUANT_MIN_ROWS rows per active expert, every mode
         ids = torch.tensor([[0, 1]] * t)
@@ -732,19 +739,12 @@ def test_bf16_experts_on_amx_cpus_take_avx512_kernels_at_few_rows(isa, monkeypat
     """bf16 experts on an AMX CPU: a pass below AMX_BF16_MIN_ROWS routed rows per active expert runs
     the AVX-512 kernels (LoRA fused, no dY tiles), a denser one the AMX kernels (LoRA in separate
     passes, dY packed into tiles); forward and every gradient match the reference either way."""
-    from kt_jit.kernels import dytiles, gemm
     from kt_jit.moe import sft
     from kt_jit.moe.routing import route
 
     monkeypatch.setenv("KT_JIT_ISA", isa)
-    monkeypatch.setenv("KT_JIT_LAUNCH_PLANS", "0")  # (a plan replays without the launches seen below)
-    launched = []
-    for cls, what in ((gemm.GemmKernel, lambda k: (k.spec.op, k.spec.isa, k.spec.lora_rank > 0)),
-                      (dytiles.DyTilesKernel, lambda k: ("dy", k.spec.form, False))):
-        def spy(self, *args, _orig=cls.launch, _what=what, **kwargs):
-            launched.append(_what(self))
-            return _orig(self, *args, **kwargs)
-        monkeypatch.setattr(cls, "launch", spy)
+    launched = spy_launches(monkeypatch, lambda k: (k.spec.op, k.spec.isa, k.spec.lora_rank > 0),
+                            lambda k: ("dy", k.spec.form, False))
     layer = make_layer(h=64, i=64)
     for t in (3, 4):  # the switch point: AMX_BF16_MIN_ROWS rows per active expert
         ids = torch.tensor([[0, 1]] * t)
