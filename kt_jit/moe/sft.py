@@ -636,15 +636,16 @@ def _forward_buffers(config: tuple, rank: int, save: bool, isa: str | None) -> t
     """The forward's scratch rows (one arena) and the rows it keeps for the backward (one saved
     block when saved, else scratch too), for a :func:`_config` configuration and a pass's GEMMs on
     ``isa`` (:func:`pass_isa`)."""
-    _, hdim, idim, storage, *_ = config
+    _, hdim, idim, storage, group_size, zero_point, *_ = config
     # what backward reads: gu, act and the LoRA H rows (s [X Ag^T | X Au^T] and s A Ad^T, bf16 as the
     # B products use them), contiguous
     kept = {"gu": (2 * idim, 4, False), "act": (idim, 2, False)}
     if rank:
         kept |= {"hgu": (2 * rank, 2, False), "hd": (rank, 2, False)}
     scratch = {"xs": (hdim, 2, True), "y": (hdim, 4, True)}
-    if storage != "bf16" and isa is None:  # (integer kernels) int16 rows with the pitch of what they
-        # quantize, and their scales
+    gate_up = gemm.kernel_for("fwd", 2 * idim, hdim, isa=isa, quant=storage, group_size=group_size,
+                              zero_point=zero_point)
+    if gate_up.spec.int_x:  # integer kernels take int16 rows with the pitch of what they quantize, and scales
         scratch |= {"xq": (hdim, 2, True), "xqs": (1, 4, False), "aq": (idim, 2, False), "aqs": (1, 4, False)}
     if not save:
         scratch |= kept
