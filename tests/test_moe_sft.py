@@ -554,12 +554,13 @@ def test_from_checkpoint_matches_from_tensors(layout, tmp_path, monkeypatch):
             assert torch.equal(got.tensors[name], t), (quant, name)
 
 
-@pytest.mark.parametrize("block,h,i,fp8", [(None, 256, 384, torch.float8_e4m3fn), ((32, 64), H, I, torch.float8_e5m2)])
+@pytest.mark.parametrize("block,h,i,fp8", [(None, 256, 384, torch.float8_e4m3fn), ((32, 64), H, I, torch.float8_e5m2),
+                                           ((16, 48), H, I, torch.float8_e4m3fn)])
 def test_from_checkpoint_reads_fp8_block_scales(block, h, i, fp8, tmp_path, monkeypatch):
     """FP8 experts with block scales (DeepSeek-V3's format: e4m3 weights, fp32 weight_scale_inv per
     block; the block size from config.json, else 128 x 128; blocks cut short at the edges for I = 96
     in blocks of 64) pack to the same bytes as from_tensors of the weights they stand for, computed
-    block by block here."""
+    block by block here; blocks 48 wide, which the JIT packer does not take, go through fp32)."""
     import json
 
     from safetensors.torch import save_file

@@ -13,8 +13,9 @@ Weights are bf16, fp16 or fp32, or (per-expert keys) FP8 with block scales as De
 Qwen3 FP8 checkpoints store them: ``...weight`` float8_e4m3fn (or e5m2) ``[N, K]`` next to
 ``...weight_scale_inv`` fp32 ``[ceil(N/bn), ceil(K/bk)]``, weight = fp8 value x its block's scale,
 with the block size from ``config.json`` (``quantization_config.weight_block_size``), else 128.
-Those are dequantized to fp32 a few experts at a time, so an FP8 checkpoint is packed or quantized
-without a bf16 copy of it ever being written (DeepSeek-V3 in bf16: ~1.3 TB).
+The JIT packer (kernels/packer.py) dequantizes those on the fly as it packs or quantizes them (block
+widths that are not a multiple of 32 go through fp32 a few experts at a time), so an FP8 checkpoint
+is packed without a bf16 copy of it ever being written (DeepSeek-V3 in bf16: ~1.3 TB).
 """
 
 from __future__ import annotations
@@ -28,8 +29,12 @@ from dataclasses import dataclass
 
 import torch
 
+from ..kernels import packer
+from ..kernels.packer import Fp8Weight
+
 _NAMES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
-Chunk = tuple[torch.Tensor, torch.Tensor, torch.Tensor]  # gate [n, I, H], up [n, I, H], down [n, H, I]
+# gate [n, I, H], up [n, I, H], down [n, H, I]: stacked, or lists of the n experts' matrices
+Chunk = tuple[torch.Tensor | list, torch.Tensor | list, torch.Tensor | list]
 
 
 @dataclass
@@ -176,8 +181,8 @@ def expert_source(path: str | os.PathLike, prefix: str, stack: ExitStack,
         def fused_chunk(sl: slice) -> Chunk:
             gu = header(fused[0])[sl.start:sl.stop]
             down = header(fused[1])[sl.start:sl.stop]
-            if transposed:
-                gu, down = gu.transpose(1, 2), down.transpose(1, 2)
+            if transposed:  # (rows with unit column stride for the JIT packer)
+                gu, down = gu.transpose(1, 2).contiguous(), down.transpose(1, 2).contiguous()
             return gu[:, :i], gu[:, i:], down
 
         return ExpertSource(e, h, i, dtype, fused_chunk)
@@ -222,16 +227,19 @@ def expert_source(path: str | os.PathLike, prefix: str, stack: ExitStack,
                                  f"(blocks of {block[0]} x {block[1]}; config.json's quantization_config."
                                  "weight_block_size sets another block size)")
 
-    def load(idx: int, part: str) -> torch.Tensor:
+    def load(idx: int, part: str) -> torch.Tensor | Fp8Weight:
         key = found[idx, part]
-        if fp8:
-            return dequantize_fp8_blocks(header(key)[:], header(key + "_scale_inv")[:], block)
-        return header(key)[:]
+        if not fp8:
+            return header(key)[:]
+        w, scale_inv = header(key)[:], header(key + "_scale_inv")[:]
+        if block[1] % packer.CHUNK:  # (the JIT packer's FP8 path reads scales per 32 columns)
+            return dequantize_fp8_blocks(w, scale_inv, block)
+        return Fp8Weight(w, scale_inv.float().contiguous(), block)
 
     def per_expert_chunk(sl: slice) -> Chunk:
         parts = []
         for part in ("gate", "up", "down"):
-            parts.append(torch.stack([load(idx, part) for idx in range(sl.start, sl.stop)]))
+            parts.append([load(idx, part) for idx in range(sl.start, sl.stop)])
         return parts[0], parts[1], parts[2]
 
     return ExpertSource(e, h, i, dtype, per_expert_chunk)

@@ -1,0 +1,136 @@
+"""Packing and online quantization of expert weights: the JIT packer (kernels/packer.py) against the
+torch path it replaced (kernels/quant.py, and for FP8 sources torch's dequantization first), on
+DeepSeek-V3-sized experts (H 7168, I 2048), from bf16 and from FP8 (e4m3, 128 x 128 block scales)
+sources, for every quantization mode. Also ``MoEExperts.from_checkpoint`` on a safetensors file in
+the page cache (what loading a layer costs once the file has been read from disk).
+
+    python tools/bench_pack.py [--quick] [--experts 8] [--json PATH]
+
+Rows: ``name`` (source/mode/path), ``ms`` per layer of ``--experts`` experts, ``experts_per_s``,
+``vs_torch`` (torch path / JIT), ``of_floor`` (floor / JIT; floor = bytes read and written / the
+read bandwidth measured in the same run).
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import statistics
+import tempfile
+import time
+
+import torch
+from benchlib import finish
+
+import kt_jit
+from kt_jit.kernels.probe import ReadProbe, bf16_peak_flops
+from kt_jit.moe import weights
+from kt_jit.moe.checkpoint import dequantize_fp8_blocks
+from kt_jit.runtime.threads import default_num_threads
+
+H, I = 7168, 2048
+MODES = ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1kgroup")
+GROUP = 128
+
+
+def median_seconds(f, repeats: int) -> float:
+    times = []
+    for _ in range(repeats):
+        t0 = time.perf_counter()
+        f()
+        times.append(time.perf_counter() - t0)
+    return statistics.median(times)
+
+
+def fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """``w [E, N, K]`` as e4m3 with 128 x 128 block scales (DeepSeek-V3's format)."""
+    e, n, k = w.shape
+    s = w.float().view(e, n // 128, 128, k // 128, 128).abs().amax((2, 4)) / 448.0
+    q = (w.float().view(e, n // 128, 128, k // 128, 128) / s[:, :, None, :, None]).to(torch.float8_e4m3fn)
+    return q.view(e, n, k), s
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.split("\n")[0])
+    ap.add_argument("--quick", action="store_true", help="4 experts, one repeat of the torch path")
+    ap.add_argument("--experts", type=int, default=8)
+    ap.add_argument("--json", default=None)
+    args = ap.parse_args()
+    e = 4 if args.quick else args.experts
+    reps, torch_reps = (3, 1) if args.quick else (5, 2)
+    g = torch.Generator().manual_seed(0)
+    gate, up = ((torch.randn(e, I, H, generator=g) * 0.02).bfloat16() for _ in range(2))
+    down = (torch.randn(e, H, I, generator=g) * 0.02).bfloat16()
+    f8 = {name: fp8_blocks(t) for name, t in (("gate", gate), ("up", up), ("down", down))}
+    probe = ReadProbe(1 << 30)
+    bws: list[float] = []
+    rows: list[dict] = []
+    print(f"{e} experts of H {H}, I {I}; {default_num_threads()} threads")
+    print(f"{'source':6} {'mode':13} {'JIT ms':>8} {'torch ms':>9} {'vs torch':>8} {'experts/s':>10} {'of floor':>8}")
+
+    def torch_path(source: str, quant: str) -> None:
+        if source == "fp8":
+            parts = [dequantize_fp8_blocks(q, s, (128, 128)) for q, s in f8.values()]
+        else:
+            parts = [gate, up, down]
+        weights._pack(torch.cat(parts[:2], dim=1), quant, GROUP)
+        weights._pack(parts[2], quant, GROUP)
+
+    def jit_path(source: str, quant: str) -> kt_jit.MoEExperts:
+        if source == "fp8":
+            def chunk(sl: slice):
+                return tuple([kt_jit.kernels.packer.Fp8Weight(q[j], s[j], (128, 128)) for j in range(sl.start, sl.stop)]
+                             for q, s in f8.values())
+            return kt_jit.MoEExperts._pack_chunks(e, H, I, chunk, quant, GROUP)
+        return kt_jit.MoEExperts.from_tensors(gate, up, down, quant=quant, group_size=GROUP)
+
+    for source in ("bf16", "fp8"):
+        src_bytes = 3 * e * H * I * (2 if source == "bf16" else 1)
+        for quant in MODES:
+            packed = jit_path(source, quant)  # (compiles)
+            out_bytes = packed.nbytes
+            del packed
+            bws.append(probe())
+            ours = median_seconds(lambda: jit_path(source, quant), reps)  # noqa: B023
+            bws.append(probe())
+            ref = median_seconds(lambda: torch_path(source, quant), torch_reps)  # noqa: B023
+            bw = statistics.median(bws[-2:])
+            floor = (src_bytes + out_bytes) / bw
+            row = {"name": f"{source} -> {quant}", "ms": ours * 1e3, "torch_ms": ref * 1e3, "vs_torch": ref / ours,
+                   "experts_per_s": e / ours, "of_floor": floor / ours, "bw_gbs": bw / 1e9}
+            rows.append(row)
+            print(f"{source:6} {quant:13} {ours * 1e3:8.1f} {ref * 1e3:9.0f} {ref / ours:8.1f} {e / ours:10.1f} "
+                  f"{floor / ours:8.2f}")
+
+    # from_checkpoint on files in the page cache: per-expert keys, bf16 and FP8 with scales
+    from safetensors.torch import save_file
+
+    with tempfile.TemporaryDirectory() as tmp:
+        for source in ("bf16", "fp8"):
+            tensors = {}
+            for j in range(e):
+                for name, t in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
+                    key = f"m.experts.{j}.{name}.weight"
+                    if source == "bf16":
+                        tensors[key] = t[j].contiguous()
+                    else:
+                        q, s = f8[name.split("_")[0]]
+                        tensors[key], tensors[key + "_scale_inv"] = q[j].contiguous(), s[j].contiguous()
+            path = os.path.join(tmp, source)
+            os.makedirs(path)
+            save_file(tensors, os.path.join(path, "model.safetensors"))
+            del tensors
+            for quant in ("bf16", "int8", "int4_kgroup"):
+                kt_jit.MoEExperts.from_checkpoint(path, "m", quant=quant, group_size=GROUP)  # (page cache, compile)
+                ours = median_seconds(
+                    lambda: kt_jit.MoEExperts.from_checkpoint(path, "m", quant=quant, group_size=GROUP),  # noqa: B023
+                    reps)
+                rows.append({"name": f"checkpoint {source} -> {quant}", "ms": ours * 1e3, "experts_per_s": e / ours})
+                print(f"{'ckpt ' + source:6} {quant:13} {ours * 1e3:8.1f} {'':9} {'':8} {e / ours:10.1f}")
+    bw = statistics.median(bws)
+    print(f"read bandwidth {bw / 1e9:.1f} GB/s (median of the probes)")
+    return finish(rows, args.json, bw, bf16_peak_flops(), default_num_threads())
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
