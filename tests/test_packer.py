@@ -52,14 +52,23 @@ def _fp8_bytes(dtype, n, k, g):
 @pytest.mark.parametrize("storage,gs,asym", MODES)
 @pytest.mark.parametrize("source", [torch.bfloat16, torch.float16, torch.float32])
 def test_pack_into_matches_torch_packing(source, storage, gs, asym):
-    """Two experts of two parts each (gate, up), rows read with a pitch wider than K: the packed
-    bytes, scales and zero points equal the torch path's on the concatenated matrix, and the
-    entries around the packed ones are not written."""
+    """Two experts of two parts each (gate, up), rows read from one column in with a pitch wider
+    than K, edge-case rows among random ones (all zero, all positive, all negative, subnormal in the
+    source dtype, exact halves after the division): the packed bytes, scales and zero points equal
+    the torch path's on the concatenated matrix, and the entries around the packed ones are not
+    written."""
     g = torch.Generator().manual_seed(1)
     n, k = 48, 256
-    wide = [[(torch.randn(n, k + 64, generator=g) * 0.05 * (e + 1)).to(source) for _ in range(2)]
-            for e in range(2)]
-    experts = [[p[:, 32:32 + k] for p in ex] for ex in wide]  # (a row pitch of K + 64)
+    wide = [[torch.randn(n, k + 64, generator=g) * 0.05 * (e + 1) for _ in range(2)] for e in range(2)]
+    edge = wide[1][0]
+    edge[0] = 0
+    edge[1].abs_()
+    edge[2] = -edge[2].abs()
+    edge[3] *= torch.finfo(source).tiny / edge[3].abs().max()  # (subnormal but the largest)
+    halves = torch.arange(k + 64) % 14 - 6.5
+    edge[4], edge[5] = halves, halves
+    edge[4, 1::32], edge[5, 1::32] = 127.0, 7.0  # (w / s = w for int8 / int4: ties to round to even)
+    experts = [[p.to(source)[:, 1:1 + k] for p in ex] for ex in wide]  # (unaligned rows, pitch K + 64)
     full = torch.stack([torch.cat([p.float() for p in ex]) for ex in experts])
     want = _torch_pack(full, storage, gs, asym)
     got = _jit_pack(experts, want, gs, first=1, spare=2)
@@ -73,11 +82,11 @@ def test_pack_into_matches_torch_packing(source, storage, gs, asym):
 @pytest.mark.parametrize("storage,gs,asym", MODES)
 @pytest.mark.parametrize("dtype", FP8)
 def test_pack_into_dequantizes_fp8_blocks(dtype, storage, gs, asym):
-    """FP8 parts with block scales (blocks of 48 rows, not a multiple of 16, and 96 columns, cut
-    short at both edges; every finite byte value) pack as the torch path packs ``fp8.float() *
-    scale``; e4m3fn's NaN bytes come out as NaN."""
+    """FP8 parts with block scales (blocks of 40 rows, so 16-row blocks straddle two scale rows,
+    and 96 columns, cut short at the edges; every finite byte value) pack as the torch path packs
+    ``fp8.float() * scale``; e4m3fn's NaN bytes come out as NaN."""
     g = torch.Generator().manual_seed(2)
-    n, k, block = 80, 320, (48, 96)
+    n, k, block = 80, 320, (40, 96)
     experts = [[packer.Fp8Weight(_fp8_bytes(dtype, n, k, g),
                                  torch.rand(-(-n // block[0]), -(-k // block[1]), generator=g) * 0.01, block)
                 for _ in range(2)] for _ in range(2)]
@@ -106,6 +115,8 @@ def test_supports_and_pack_into_errors():
     assert not packer.supports(packer.Fp8Weight(f8, torch.ones(1, 2), (32, 48)))  # block width not 32k
     assert not packer.supports(packer.Fp8Weight(f8, torch.ones(2, 2), (32, 64)))  # scales misshapen
     assert not packer.supports(packer.Fp8Weight(f8, torch.ones(1, 1, dtype=torch.bfloat16), (32, 64)))
+    assert not packer.supports(packer.Fp8Weight(f8, torch.ones(1, 1), (32.0, 64.0)))
+    assert not packer.supports(packer.Fp8Weight(f8, torch.ones(1, 1).to("meta"), (32, 64)))  # (not on the CPU)
     packed = torch.empty(2, 2, 32, 16, 2, dtype=torch.bfloat16)
     scale = torch.empty(2, 1, 32)
     cases = [
@@ -113,11 +124,13 @@ def test_supports_and_pack_into_errors():
         ((packed, None, None, 0, [[w], [w[:16]]]), "same shape"),
         ((packed, None, None, 1, [[w], [w]]), "room for 2 experts from 1"),
         ((packed, scale, None, 0, [[w]]), "scale must be .* only for int8/int4"),
-        ((packed.to(torch.int8), None, None, 0, [[w]]), r"scale must be a contiguous torch.float32 tensor \[2, 1, "),
-        ((packed.to(torch.int8), scale, None, 0, [[w]], 48), "group_size=48 must be 0 or a multiple of 32"),
+        ((packed.to(torch.int8), None, None, 0, [[w]]), r"scale must be a contiguous CPU torch.float32"),
+        ((packed[..., 0].to(torch.uint8), scale, None, 0, [[w]], 48), "group_size=48 must be 0 or a multiple of 32"),
         ((packed.to(torch.int8), scale, torch.empty(2, 1, 32, dtype=torch.uint8), 0, [[w]]),
          "zero points exist for int4 storage only"),
         ((packed.float(), None, None, 0, [[w]]), "bf16, int8 or uint8"),
+        ((packed.to(torch.int8), scale, None, 0, [[w]], 32), "groups along K exist for int4 storage only"),
+        ((packed, None, None, 0, [[w[:, :0]]]), "columns of 32"),
     ]
     for args, why in cases:
         with pytest.raises(ValueError, match=why):

@@ -8,9 +8,11 @@ codes, per k-pair), and a 16 x 16 dword transpose turns the 16 rows into 16 pack
 channel). Quantized storages first read the block's rows once for their group statistics.
 
 The arithmetic is torch's in kernels/quant.py, operation for operation (fp32 ``max|w| / 127`` or
-``/ 7``, ``(hi - lo) / 15``, a true division ``w / s``, round half to even, clamp), so the packed
-bytes, scales and zero points are bit-identical to :func:`quant.pack_int8` /
-:func:`quant.pack_int4` / :func:`pack.pack_bf16` on the same input; tests hold them to that.
+``/ 7``, ``(hi - lo) / 15``, a true division ``w / s``, round half to even, clamp; bf16 rounded
+in integer arithmetic as torch rounds, subnormals kept), so the packed bytes, scales and zero
+points are bit-identical to :func:`quant.pack_int8` / :func:`quant.pack_int4` /
+:func:`pack.pack_bf16` on the same input; tests hold them to that. (Not for NaN weights: their
+codes are clamped to a bound here, where torch's conversion of NaN is undefined.)
 
 Sources: bf16, fp16, fp32 rows with unit column stride and any row pitch, and FP8 (e4m3fn, e5m2)
 rows with block scales (DeepSeek-V3's ``weight_scale_inv``), dequantized on the fly to
@@ -44,7 +46,7 @@ STORAGES = {torch.bfloat16: "bf16", torch.int8: "int8", torch.uint8: "int4"}
 _LINE_BYTES = {"bf16": 64, "int8": 32, "int4": 16}  # bytes of one packed k-pair line
 _FIELDS = ("src", "pitch", "fsc", "fpitch", "dst", "dscale", "dzero", "pad")  # one table row per segment
 # table: int64 [segments, 8] as _FIELDS; bps: 16-row blocks per segment; k: columns; gs: group
-# size (columns); gstride: bytes between a scale's groups; bn: FP8 scale rows per block row
+# size (columns); gstride: bytes between a scale's groups; bn: source rows per FP8 scale row
 ARGS = ArgBlock(["table", "bps", "k", "gs", "gstride", "bn"])
 
 
@@ -144,6 +146,21 @@ def _codes_to_pairs(fn: Function, lo: str, hi: str) -> str:
     return fn.val(f"zext <16 x i16> {fn.val(f'bitcast <32 x i8> {both} to <16 x i16>')} to {I32x16}")
 
 
+def _to_bf16_bits(fn: Function, v: str) -> str:
+    """<16 x float> -> <16 x i16> bf16 bits rounded to nearest even as torch rounds (NaN -> 0xFFFF, as in
+    torch's vectorised conversion).
+    Not ``vcvtneps2bf16``: it flushes subnormal inputs to zero, torch keeps them."""
+    def splat(x: int) -> str:
+        return vec_const("i32", [x] * 16)
+    bits = fn.val(f"bitcast {F32x16} {v} to {I32x16}")
+    lsb = fn.val(f"and {I32x16} {fn.val(f'lshr {I32x16} {bits}, {splat(16)}')}, {splat(1)}")
+    bias = fn.val(f"add {I32x16} {lsb}, {splat(0x7FFF)}")
+    rounded = fn.val(f"lshr {I32x16} {fn.val(f'add {I32x16} {bits}, {bias}')}, {splat(16)}")
+    nan = fn.val(f"fcmp uno {F32x16} {v}, {v}")
+    out = fn.val(f"select <16 x i1> {nan}, {I32x16} {splat(0xFFFF)}, {I32x16} {rounded}")
+    return fn.val(f"trunc {I32x16} {out} to <16 x i16>")
+
+
 def _body(spec: PackSpec):
     quantized = spec.storage != "bf16"
     fp8 = spec.fp8_block_k > 0
@@ -222,10 +239,10 @@ def _body(spec: PackSpec):
                     continue
                 halves = _load_halves(fn, row, c, spec, fsc_row(i))
                 if spec.storage == "bf16":
-                    b = [fn.val(f"fptrunc {F32x16} {v} to <16 x bfloat>") for v in halves]  # to nearest even
-                    both = fn.val(f"shufflevector <16 x bfloat> {b[0]}, <16 x bfloat> {b[1]}, "
+                    b = [_to_bf16_bits(fn, v) for v in halves]
+                    both = fn.val(f"shufflevector <16 x i16> {b[0]}, <16 x i16> {b[1]}, "
                                   f"<32 x i32> {vec_const('i32', range(32))}")
-                    rows.append(fn.val(f"bitcast <32 x bfloat> {both} to {I32x16}"))
+                    rows.append(fn.val(f"bitcast <32 x i16> {both} to {I32x16}"))
                     continue
                 s = vx.f32_splat_value(fn, fn.load("float", stat_ptr(dscale, i, c, 4), 4))
                 z = None
@@ -299,8 +316,11 @@ def supports(part: Source) -> bool:
         return False
     bn, bk = part.block
     s = part.scale_inv
+    if not (isinstance(bn, int) and isinstance(bk, int) and isinstance(s, torch.Tensor)):
+        return False
     return (bn > 0 and bk > 0 and bk % CHUNK == 0 and s.dtype == torch.float32 and s.dim() == 2
-            and s.stride(1) == 1 and tuple(s.shape) == (-(-w.shape[0] // bn), -(-w.shape[1] // bk)))
+            and s.device.type == "cpu" and s.stride(1) == 1
+            and tuple(s.shape) == (-(-w.shape[0] // bn), -(-w.shape[1] // bk)))
 
 
 def pack_into(packed: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tensor | None, first: int,
@@ -331,7 +351,7 @@ def pack_into(packed: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tens
     if any(tuple(w.shape) != (rows, k) or w.dtype != ws[0].dtype for w in ws) \
             or any(len(ex) != len(experts[0]) for ex in experts):
         raise ValueError("every part must have the same shape and dtype, and every expert as many parts")
-    if rows % ROWS or k % CHUNK:
+    if rows <= 0 or k <= 0 or rows % ROWS or k % CHUNK:
         raise ValueError(f"parts of {rows} x {k}: rows must be a multiple of {ROWS}, columns of {CHUNK}")
     e = packed.shape[0]
     line = _LINE_BYTES[storage]
@@ -340,14 +360,16 @@ def pack_into(packed: torch.Tensor, scale: torch.Tensor | None, zero: torch.Tens
         raise ValueError(f"packed has shape {tuple(packed.shape)}; {want} expected, with room for "
                          f"{len(experts)} experts from {first}")
     gs = group_size or k
+    if group_size and storage != "int4":
+        raise ValueError(f"group_size={group_size}: groups along K exist for int4 storage only (pass 0)")
     if gs % CHUNK or k % gs:
         raise ValueError(f"group_size={group_size} must be 0 or a multiple of {CHUNK} dividing K={k}")
     asym = zero is not None
     for name, t, dtype in (("scale", scale, torch.float32), ("zero", zero, torch.uint8)):
         need = storage != "bf16" and (name == "scale" or asym)
         if (t is None) == need or (t is not None and (tuple(t.shape) != (e, k // gs, n) or t.dtype != dtype
-                                                      or not t.is_contiguous())):
-            raise ValueError(f"{name} must be a contiguous {dtype} tensor [{e}, {k // gs}, {n}] "
+                                                      or not t.is_contiguous() or t.device.type != "cpu")):
+            raise ValueError(f"{name} must be a contiguous CPU {dtype} tensor [{e}, {k // gs}, {n}] "
                              f"{'for this storage' if need else 'only for int8/int4 (zero: asymmetric int4)'}")
     if asym and storage != "int4":
         raise ValueError("zero points exist for int4 storage only")

@@ -81,8 +81,9 @@ def _pack_into(t: dict[str, torch.Tensor], name: str, e: int, e0: int, experts: 
     """Pack experts ``e0, e0 + 1, ...`` of an ``e``-expert matrix into ``t[name + suffix]`` (allocated
     on first use); ``experts[j]`` is expert ``e0 + j``'s matrix ``[N, K]`` as the vertical
     concatenation of its parts (gate, up). The JIT packer (kernels/packer.py) writes the resident
-    tensors directly, 20-80x faster than the torch path, which takes what it does not (parts with
-    a column stride, CPUs without AVX-512 BF16) and gives the same bytes."""
+    tensors directly, 15-75x faster than the torch path, which gives the same bytes and takes the
+    float parts the packer does not (a column stride; any part on a CPU without AVX-512 BF16, where
+    FP8 parts are refused)."""
     storage, grouped, _ = QUANT_MODES[quant]
     parts = [p for ex in experts for p in ex]
     rows, k = (parts[0].weight if isinstance(parts[0], Fp8Weight) else parts[0]).shape
