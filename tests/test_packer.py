@@ -139,8 +139,9 @@ def test_supports_and_pack_into_errors():
 
 @pytest.mark.parametrize("quant", ["bf16", "int8", "int4_1kgroup"])
 def test_strided_experts_take_the_torch_path_to_the_same_bytes(quant, monkeypatch):
-    """Experts whose rows are not contiguous (a transposed view) go through the torch path of
-    kernels/quant.py, contiguous ones through the JIT packer: the packed experts are identical."""
+    """Experts whose rows are not contiguous (a transposed view), or gate and up in different dtypes,
+    go through the torch path of kernels/quant.py, contiguous ones through the JIT packer: the
+    packed experts are identical."""
     import kt_jit
 
     g = torch.Generator().manual_seed(3)
@@ -155,6 +156,9 @@ def test_strided_experts_take_the_torch_path_to_the_same_bytes(quant, monkeypatc
     strided = [t.transpose(1, 2).contiguous().transpose(1, 2) for t in (gate, up, down)]
     slow = kt_jit.MoEExperts.from_tensors(*strided, quant=quant, group_size=32)
     assert len(calls) == 2  # (no JIT packing of column-strided rows)
-    assert set(slow.tensors) == set(jit.tensors)
-    for name, t in jit.tensors.items():
-        assert torch.equal(slow.tensors[name], t), name
+    mixed = kt_jit.MoEExperts.from_tensors(gate.float(), up, down, quant=quant, group_size=32)  # (torch path too)
+    assert len(calls) == 3  # (down alone went through the packer)
+    for other in (slow, mixed):
+        assert set(other.tensors) == set(jit.tensors)
+        for name, t in jit.tensors.items():
+            assert torch.equal(other.tensors[name], t), name

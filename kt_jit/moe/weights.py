@@ -82,13 +82,14 @@ def _pack_into(t: dict[str, torch.Tensor], name: str, e: int, e0: int, experts: 
     on first use); ``experts[j]`` is expert ``e0 + j``'s matrix ``[N, K]`` as the vertical
     concatenation of its parts (gate, up). The JIT packer (kernels/packer.py) writes the resident
     tensors directly, 15-75x faster than the torch path, which gives the same bytes and takes the
-    float parts the packer does not (a column stride; any part on a CPU without AVX-512 BF16, where
-    FP8 parts are refused)."""
+    float parts the packer does not (a column stride, gate and up in different dtypes; any part on a
+    CPU without AVX-512 BF16, where FP8 parts are refused)."""
     storage, grouped, _ = QUANT_MODES[quant]
     parts = [p for ex in experts for p in ex]
     rows, k = (parts[0].weight if isinstance(parts[0], Fp8Weight) else parts[0]).shape
     _allocate(t, name, e, rows * len(experts[0]), k, quant, group_size)
-    if cpu_info().avx512_bf16 and all(packer.supports(p) for p in parts):
+    dtypes = {(p.weight if isinstance(p, Fp8Weight) else p).dtype for p in parts}
+    if cpu_info().avx512_bf16 and len(dtypes) == 1 and all(packer.supports(p) for p in parts):
         packer.pack_into(t[name], t.get(f"{name}_scale"), t.get(f"{name}_zero"), e0, experts,
                          group_size if grouped else 0)
         return
@@ -115,7 +116,6 @@ def pack_expert_matrix(w: torch.Tensor, name: str, quant: str, group_size: int,
             chunk = chunk.transpose(1, 2).contiguous()
         _pack_into(t, name, e, e0, [[x] for x in chunk], quant, group_size)
     return t
-
 
 
 def _check_layout(h: int, i: int, quant: str, group_size: int) -> None:
