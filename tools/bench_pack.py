@@ -19,13 +19,12 @@ import argparse
 import os
 import statistics
 import tempfile
-import time
 
 import torch
 from benchlib import finish
 
 import kt_jit
-from kt_jit.kernels.probe import ReadProbe, bf16_peak_flops
+from kt_jit.kernels.probe import ReadProbe, bf16_peak_flops, median_seconds
 from kt_jit.moe import weights
 from kt_jit.moe.checkpoint import dequantize_fp8_blocks
 from kt_jit.runtime.threads import default_num_threads
@@ -33,15 +32,6 @@ from kt_jit.runtime.threads import default_num_threads
 H, I = 7168, 2048
 MODES = ("bf16", "int8", "int4", "int4_1", "int4_kgroup", "int4_1kgroup")
 GROUP = 128
-
-
-def median_seconds(f, repeats: int) -> float:
-    times = []
-    for _ in range(repeats):
-        t0 = time.perf_counter()
-        f()
-        times.append(time.perf_counter() - t0)
-    return statistics.median(times)
 
 
 def fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

@@ -77,6 +77,11 @@ class PackSpec:
         return f"pack_{self.source}_{self.storage}" + ("_asym" if self.asym else "") + bk
 
 
+def _splat(elem: str, lanes: int, value: int) -> str:
+    """A constant vector operand of ``lanes`` copies of ``value`` (``elem``: "i8", "i16", "i32")."""
+    return vec_const(elem, [value] * lanes)
+
+
 def _declare(fn: Function, name: str, ret: str, args: str) -> str:
     return fn.module.declare(name, f"declare {ret} @{name}({args})")
 
@@ -99,15 +104,15 @@ def _fp8_halves(fn: Function, ptr: str, source: str) -> tuple[str, str]:
     docstring; e5m2: the value)."""
     b = fn.val(f"zext <32 x i8> {fn.load('<32 x i8>', ptr, 1)} to <32 x i16>")
     if source == "e5m2":
-        bits = fn.val(f"shl <32 x i16> {b}, {vec_const('i16', [8] * 32)}")
+        bits = fn.val(f"shl <32 x i16> {b}, {_splat('i16', 32, 8)}")
     else:
-        def splat(v: int) -> str:
-            return vec_const("i16", [v] * 32)
-        sign = fn.val(f"shl <32 x i16> {fn.val(f'and <32 x i16> {b}, {splat(0x80)}')}, {splat(8)}")
-        mag = fn.val(f"and <32 x i16> {b}, {splat(0x7F)}")
-        bits = fn.val(f"or <32 x i16> {sign}, {fn.val(f'shl <32 x i16> {mag}, {splat(7)}')}")
-        nan = fn.val(f"icmp eq <32 x i16> {mag}, {vec_const('i16', [0x7F] * 32)}")
-        bits = fn.val(f"select <32 x i1> {nan}, <32 x i16> {vec_const('i16', [0x7E00] * 32)}, <32 x i16> {bits}")
+        sign = fn.val(f"and <32 x i16> {b}, {_splat('i16', 32, 0x80)}")
+        sign = fn.val(f"shl <32 x i16> {sign}, {_splat('i16', 32, 8)}")
+        mag = fn.val(f"and <32 x i16> {b}, {_splat('i16', 32, 0x7F)}")
+        shifted = fn.val(f"shl <32 x i16> {mag}, {_splat('i16', 32, 7)}")
+        bits = fn.val(f"or <32 x i16> {sign}, {shifted}")
+        nan = fn.val(f"icmp eq <32 x i16> {mag}, {_splat('i16', 32, 0x7F)}")
+        bits = fn.val(f"select <32 x i1> {nan}, <32 x i16> {_splat('i16', 32, 0x7E00)}, <32 x i16> {bits}")
     h = fn.val(f"bitcast <32 x i16> {bits} to <32 x half>")
     out = []
     for part in range(2):
@@ -150,14 +155,13 @@ def _to_bf16_bits(fn: Function, v: str) -> str:
     """<16 x float> -> <16 x i16> bf16 bits rounded to nearest even as torch rounds (NaN -> 0xFFFF, as in
     torch's vectorised conversion).
     Not ``vcvtneps2bf16``: it flushes subnormal inputs to zero, torch keeps them."""
-    def splat(x: int) -> str:
-        return vec_const("i32", [x] * 16)
     bits = fn.val(f"bitcast {F32x16} {v} to {I32x16}")
-    lsb = fn.val(f"and {I32x16} {fn.val(f'lshr {I32x16} {bits}, {splat(16)}')}, {splat(1)}")
-    bias = fn.val(f"add {I32x16} {lsb}, {splat(0x7FFF)}")
-    rounded = fn.val(f"lshr {I32x16} {fn.val(f'add {I32x16} {bits}, {bias}')}, {splat(16)}")
+    high = fn.val(f"lshr {I32x16} {bits}, {_splat('i32', 16, 16)}")
+    lsb = fn.val(f"and {I32x16} {high}, {_splat('i32', 16, 1)}")
+    bias = fn.val(f"add {I32x16} {lsb}, {_splat('i32', 16, 0x7FFF)}")
+    rounded = fn.val(f"lshr {I32x16} {fn.val(f'add {I32x16} {bits}, {bias}')}, {_splat('i32', 16, 16)}")
     nan = fn.val(f"fcmp uno {F32x16} {v}, {v}")
-    out = fn.val(f"select <16 x i1> {nan}, {I32x16} {splat(0xFFFF)}, {I32x16} {rounded}")
+    out = fn.val(f"select <16 x i1> {nan}, {I32x16} {_splat('i32', 16, 0xFFFF)}, {I32x16} {rounded}")
     return fn.val(f"trunc {I32x16} {out} to <16 x i16>")
 
 
@@ -259,7 +263,7 @@ def _body(spec: PackSpec):
                     q = _call2(fn, "llvm.maxnum.v16f32", q, vx.f32_splat(lo_code))
                     q = fn.val(f"fptosi {F32x16} {q} to {I32x16}")
                     if spec.storage == "int4" and not spec.asym:
-                        q = fn.val(f"add {I32x16} {q}, {vec_const('i32', [8] * 16)}")
+                        q = fn.val(f"add {I32x16} {q}, {_splat('i32', 16, 8)}")
                     codes.append(q)
                 rows.append(_codes_to_pairs(fn, *codes))
             lines = vx.transpose_dwords_16x16(fn, rows)  # lines[p]: k-pair c/2 + p of the 16 channels
@@ -273,7 +277,7 @@ def _body(spec: PackSpec):
                 elif p % 2 == 0:  # int4: k-pair lines 2j and 2j+1 share 32 bytes, low and high nibbles
                     lo_b, hi_b = (fn.val(f"bitcast <16 x i16> {fn.val(f'trunc {I32x16} {v} to <16 x i16>')} "
                                          f"to <32 x i8>") for v in (lines[p], lines[p + 1]))
-                    hi_b = fn.val(f"shl <32 x i8> {hi_b}, {vec_const('i8', [4] * 32)}")
+                    hi_b = fn.val(f"shl <32 x i8> {hi_b}, {_splat('i8', 32, 4)}")
                     both = fn.val(f"or <32 x i8> {lo_b}, {hi_b}")
                     vx.store_nontemporal(fn, "<32 x i8>", both, fn.gep(dst, fn.mul(fn.add(half_c, p), 16)), 32)
         vx.sfence(fn)

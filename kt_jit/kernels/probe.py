@@ -92,7 +92,8 @@ def _peak_kernel(isa: str) -> int:
     return compile_worker(name, name, PEAK_ARGS, body, isa, tile_cfg, emulate_amx=isa == "amx_emu")
 
 
-def _median_time(fn, repeats: int) -> float:
+def median_seconds(fn, repeats: int) -> float:
+    """Median wall time of ``repeats`` calls of ``fn()``, in seconds."""
     times = []
     for _ in range(repeats):
         t0 = time.perf_counter()
@@ -187,9 +188,9 @@ def bf16_peak_flops(isa: str | None = None, seconds: float = 0.2, num_threads: i
         PEAK_ARGS.run(addr, threads, threads, iters=n, sink=sink.data_ptr())
 
     while True:  # grow the loop until one run takes long enough to time
-        t = _median_time(lambda n=iters: run(n), 1)
+        t = median_seconds(lambda n=iters: run(n), 1)
         if t > seconds / 4 or iters > 1 << 30:
             break
         iters *= 4
-    t = _median_time(lambda n=iters: run(n), 3)
+    t = median_seconds(lambda n=iters: run(n), 3)
     return threads * iters * flops_per_iter / t
