@@ -36,3 +36,23 @@ def _isa_params():
 
 
 ISAS = _isa_params()
+
+
+def fp8_blocks(w, block, dtype=None):
+    """``w [N, K]`` as a DeepSeek-V3-style FP8 checkpoint stores it, computed block by block:
+    ``(q [N, K] fp8, scale_inv [ceil(N/bn), ceil(K/bk)] fp32, exact [N, K] fp32 = q * scale)``,
+    each block's scale its amax / the format's largest value."""
+    import torch
+
+    dtype = dtype or torch.float8_e4m3fn
+    (n, k), (bn, bk) = w.shape, block
+    w = w.float()
+    q, exact = torch.empty(n, k, dtype=dtype), torch.empty(n, k)
+    scales = torch.empty(-(-n // bn), -(-k // bk))
+    for a in range(scales.shape[0]):
+        for b in range(scales.shape[1]):
+            blk = (slice(a * bn, (a + 1) * bn), slice(b * bk, (b + 1) * bk))
+            scales[a, b] = w[blk].abs().max() / torch.finfo(dtype).max
+            q[blk] = (w[blk] / scales[a, b]).to(dtype)
+            exact[blk] = q[blk].float() * scales[a, b]
+    return q, scales, exact

@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import NEEDS_AVX512_BF16
+from conftest import NEEDS_AVX512_BF16, fp8_blocks
 from reference import moe as ref_moe
 from reference import rel_err
 from torch import nn
@@ -282,7 +282,18 @@ def test_from_pretrained_packs_experts_while_loading(tmp_path):
             assert all(torch.equal(a.experts.tensors[k], b.experts.tensors[k]) for k in a.experts.tensors)
         with torch.no_grad():
             assert torch.equal(ours(ids).logits, twin(ids).logits)  # (fresh adapters add nothing)
+    # per-expert keys are packed per expert (no merged copy of a layer); a checkpoint that stores the
+    # experts fused, as transformers holds them, is packed as each fused parameter arrives
+    from safetensors.torch import save_file
+
     path = tmp_path / "qwen3_moe"
+    (tmp_path / "fused").mkdir()
+    save_file(_model("qwen3_moe").to(torch.bfloat16).state_dict(), tmp_path / "fused" / "model.safetensors",
+              metadata={"format": "pt"})
+    (tmp_path / "fused" / "config.json").write_text((path / "config.json").read_text())
+    per_expert, fused = (from_pretrained(p, quant="int8", rank=8) for p in (path, tmp_path / "fused"))
+    for a, b in zip(per_expert.model.layers, fused.model.layers, strict=True):
+        assert all(torch.equal(t, b.mlp.experts.experts.tensors[k]) for k, t in a.mlp.experts.experts.tensors.items())
     with pytest.raises(ValueError, match="group_size=48"):
         from_pretrained(path, quant="int4_kgroup", group_size=48)
     with pytest.raises(ValueError, match="device_map"):
@@ -293,7 +304,7 @@ def test_from_pretrained_packs_experts_while_loading(tmp_path):
     cfg = json.loads((path / "config.json").read_text())
     cfg["moe_intermediate_size"] = 32
     (path / "config.json").write_text(json.dumps(cfg))
-    with pytest.raises(ValueError, match="does not match the model's experts"):
+    with pytest.raises(ValueError, match="does not match the model: .*experts"):
         from_pretrained(path)
 
 
@@ -304,6 +315,97 @@ def test_from_pretrained_refuses_models_without_usable_experts(tmp_path):
     transformers.LlamaForCausalLM(cfg).save_pretrained(tmp_path)
     with pytest.raises(ValueError, match="no routed-experts module"):
         from_pretrained(tmp_path)
+
+
+def _fp8_checkpoint(model: nn.Module, path, block: tuple[int, int]) -> dict[str, torch.Tensor]:
+    """Save ``model`` as an FP8 checkpoint with ``block`` scales (every projection matrix, the
+    experts' included, in e4m3 with a weight_scale_inv; embeddings, norms and the router as they are),
+    and next to it, in ``path / "exact"``, the fp32 weights it stands for. Returns those."""
+    import json
+
+    from safetensors.torch import save_file
+
+    model.save_pretrained(path / "plain")
+    fp8, exact = {}, {}
+    for key, w in transformers.modeling_utils.load_state_dict(str(path / "plain" / "model.safetensors")).items():
+        if key.endswith("proj.weight") and w.dim() == 2:
+            fp8[key], fp8[key + "_scale_inv"], exact[key] = fp8_blocks(w, block)
+        else:
+            fp8[key] = exact[key] = w
+    config = json.loads((path / "plain" / "config.json").read_text())
+    for name, tensors, quantization in (("fp8", fp8, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme":
+                                                      "dynamic", "weight_block_size": list(block)}),
+                                        ("exact", exact, None)):
+        (path / name).mkdir()
+        save_file(tensors, path / name / "model.safetensors", metadata={"format": "pt"})
+        (path / name / "config.json").write_text(json.dumps(config | ({"quantization_config": quantization}
+                                                                       if quantization else {})))
+    return exact
+
+
+def _deepseek_v3() -> nn.Module:
+    """A two-layer DeepSeek-V3 (MLA attention, a dense first layer, shared and grouped-routed experts)."""
+    torch.manual_seed(0)
+    cfg = transformers.DeepseekV3Config(
+        vocab_size=96, hidden_size=64, intermediate_size=128, moe_intermediate_size=64, num_hidden_layers=2,
+        num_attention_heads=4, num_key_value_heads=4, n_routed_experts=8, num_experts_per_tok=2, n_shared_experts=1,
+        n_group=2, topk_group=1, first_k_dense_replace=1, q_lora_rank=32, kv_lora_rank=32, qk_rope_head_dim=16,
+        qk_nope_head_dim=16, v_head_dim=16, max_position_embeddings=64)
+    return transformers.DeepseekV3ForCausalLM(cfg)
+
+
+@pytest.mark.parametrize("arch,block,quant", [("qwen3_moe", (32, 48), "bf16"),
+                                              ("deepseek_v3", (48, 32), "int4_1kgroup")])
+def test_from_pretrained_reads_fp8_checkpoints(arch, block, quant, tmp_path):
+    """An FP8 checkpoint with block scales (DeepSeek-V3's format) loads through from_pretrained
+    without accelerate: every non-expert weight equals the fp32 checkpoint of the values it stands
+    for loaded in bf16, the experts pack to what from_tensors gives for those values (blocks cut
+    short at the edges; 48-wide blocks go through fp32, 32-wide ones through the JIT packer), and
+    the model computes what that twin computes. Bad scales, and checkpoints
+    quantized another way, are refused with the key named."""
+    import json
+
+    from kt_jit import MoEExperts
+    from kt_jit.integrations.hf import unpatch_experts
+    from kt_jit.integrations.hf_loading import from_pretrained
+
+    model = _model(arch) if arch == "qwen3_moe" else _deepseek_v3()
+    exact = _fp8_checkpoint(model.to(torch.bfloat16), tmp_path, block)
+    ours = from_pretrained(tmp_path / "fp8", quant=quant, group_size=32, rank=8)
+    twin = from_pretrained(tmp_path / "exact", quant=quant, group_size=32, rank=8)
+    ours_state, twin_state = ours.state_dict(), twin.state_dict()
+    assert ours_state.keys() == twin_state.keys()
+    assert all(torch.equal(ours_state[k], twin_state[k]) for k in ours_state if ".lora." not in k)
+    for name, module in ours.named_modules():
+        if isinstance(module, KTJitExperts):
+            e = module.experts.num_experts
+            gate, up, down = (torch.stack([exact[f"{name}.{j}.{p}.weight"] for j in range(e)])
+                              for p in ("gate_proj", "up_proj", "down_proj"))
+            want = MoEExperts.from_tensors(gate, up, down, quant=quant, group_size=32).tensors
+            assert all(torch.equal(module.experts.tensors[k], want[k]) for k in want), name
+            twin.get_submodule(name).lora = module.lora
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        logits = ours(ids).logits
+        assert torch.equal(logits, twin(ids).logits) if quant == "bf16" else rel_err(logits, twin(ids).logits) < 2e-2
+    unpatch_experts(ours)  # a plain bf16 transformers model again
+    assert getattr(ours.config, "quantization_config", None) is None
+
+    config = json.loads((tmp_path / "fp8" / "config.json").read_text())
+    tensors = transformers.modeling_utils.load_state_dict(str(tmp_path / "fp8" / "model.safetensors"))
+    from safetensors.torch import save_file
+
+    layer = "model.layers.1"
+    for key, why in ((f"{layer}.mlp.experts.3.up_proj.weight_scale_inv", r"experts.3.up_proj.weight_scale_inv has "
+                      r"shape \[1, 1\], expected"),
+                     (f"{layer}.self_attn.o_proj.weight_scale_inv", "o_proj.weight_scale_inv has shape")):
+        save_file(tensors | {key: torch.ones(1, 1)}, tmp_path / "fp8" / "model.safetensors")
+        with pytest.raises(ValueError, match=why):
+            from_pretrained(tmp_path / "fp8", quant=quant, group_size=32)
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "gptq",
+                                                                                               "bits": 4}}))
+    with pytest.raises(ValueError, match="quantized with 'gptq'"):
+        from_pretrained(tmp_path / "fp8")
 
 
 def test_unpatch_merges_the_adapters_back_into_a_transformers_model(tmp_path):

@@ -4,7 +4,7 @@ import threading
 
 import pytest
 import torch
-from conftest import ISAS, NEEDS_AVX512_BF16
+from conftest import ISAS, NEEDS_AVX512_BF16, fp8_blocks
 from reference import moe as ref_moe
 from reference import rel_err
 
@@ -573,16 +573,7 @@ def test_from_checkpoint_reads_fp8_block_scales(block, h, i, fp8, tmp_path, monk
     for e in range(E):
         for name, part, (n, k) in (("gate_proj", "gate", (i, h)), ("up_proj", "up", (i, h)),
                                    ("down_proj", "down", (h, i))):
-            w = torch.randn(n, k, generator=g) * (e + 1)
-            q = torch.empty(n, k, dtype=fp8)
-            scales = torch.empty(-(-n // bn), -(-k // bk))
-            exact = torch.empty(n, k)
-            for a in range(scales.shape[0]):
-                for b in range(scales.shape[1]):
-                    blk = (slice(a * bn, (a + 1) * bn), slice(b * bk, (b + 1) * bk))
-                    scales[a, b] = w[blk].abs().max() / torch.finfo(fp8).max
-                    q[blk] = (w[blk] / scales[a, b]).to(fp8)
-                    exact[blk] = q[blk].float() * scales[a, b]
+            q, scales, exact = fp8_blocks(torch.randn(n, k, generator=g) * (e + 1), (bn, bk), fp8)
             tensors[f"{prefix}.experts.{e}.{name}.weight"] = q
             tensors[f"{prefix}.experts.{e}.{name}.weight_scale_inv"] = scales
             wanted[part].append(exact)

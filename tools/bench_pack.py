@@ -2,7 +2,8 @@
 torch path it replaced (kernels/quant.py, and for FP8 sources torch's dequantization first), on
 DeepSeek-V3-sized experts (H 7168, I 2048), from bf16 and from FP8 (e4m3, 128 x 128 block scales)
 sources, for every quantization mode. Also ``MoEExperts.from_checkpoint`` on a safetensors file in
-the page cache (what loading a layer costs once the file has been read from disk).
+the page cache (what loading a layer costs once the file has been read from disk), and the same
+experts in a one-layer model through ``hf_loading.from_pretrained`` (bf16 and FP8 checkpoints).
 
     python tools/bench_pack.py [--quick] [--experts 8] [--json PATH]
 
@@ -40,6 +41,70 @@ def fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     s = w.float().view(e, n // 128, 128, k // 128, 128).abs().amax((2, 4)) / 448.0
     q = (w.float().view(e, n // 128, 128, k // 128, 128) / s[:, :, None, :, None]).to(torch.float8_e4m3fn)
     return q.view(e, n, k), s
+
+
+def _from_pretrained_rows(tmp: str, e: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                          f8: dict, reps: int) -> list[dict]:
+    """``kt_jit.integrations.hf_loading.from_pretrained`` of a one-layer Qwen3-MoE with these experts
+    (plus a small attention block and vocabulary), from bf16 and from FP8 checkpoints in the page
+    cache: what transformers' loading adds to ``from_checkpoint``. Skipped without transformers."""
+    try:
+        import transformers
+    except ImportError:
+        print("from_pretrained rows skipped: transformers is not installed")
+        return []
+    import json
+
+    from safetensors.torch import save_file
+
+    from kt_jit.integrations.hf_loading import from_pretrained
+
+    cfg = transformers.Qwen3MoeConfig(vocab_size=256, hidden_size=H, moe_intermediate_size=I, intermediate_size=I,
+                                      num_experts=e, num_experts_per_tok=min(e, 2), num_hidden_layers=1,
+                                      num_attention_heads=8, num_key_value_heads=2, head_dim=128)
+    g = torch.Generator().manual_seed(1)
+    others = {"model.embed_tokens.weight": (256, H), "lm_head.weight": (256, H), "model.norm.weight": (H,),
+              "model.layers.0.input_layernorm.weight": (H,), "model.layers.0.post_attention_layernorm.weight": (H,),
+              "model.layers.0.self_attn.q_norm.weight": (128,), "model.layers.0.self_attn.k_norm.weight": (128,),
+              "model.layers.0.mlp.gate.weight": (e, H)}
+    attention = {"q_proj": (1024, H), "k_proj": (256, H), "v_proj": (256, H), "o_proj": (H, 1024)}
+    rows = []
+    for source in ("bf16", "fp8"):
+        tensors = {k: (torch.randn(shape, generator=g) * 0.02).bfloat16() for k, shape in others.items()}
+        for name, shape in attention.items():
+            w = (torch.randn(shape, generator=g) * 0.02).bfloat16()
+            key = f"model.layers.0.self_attn.{name}.weight"
+            if source == "bf16":
+                tensors[key] = w
+            else:
+                q, s = fp8_blocks(w[None])
+                tensors[key], tensors[key + "_scale_inv"] = q[0], s[0]
+        for j in range(e):
+            for name, t in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
+                key = f"model.layers.0.mlp.experts.{j}.{name}.weight"
+                if source == "bf16":
+                    tensors[key] = t[j].contiguous()
+                else:
+                    q, s = f8[name.split("_")[0]]
+                    tensors[key], tensors[key + "_scale_inv"] = q[j].contiguous(), s[j].contiguous()
+        path = os.path.join(tmp, "hf_" + source)
+        cfg.save_pretrained(path)
+        if source == "fp8":
+            with open(os.path.join(path, "config.json")) as f:
+                d = json.load(f)
+            d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
+                                        "weight_block_size": [128, 128]}
+            with open(os.path.join(path, "config.json"), "w") as f:
+                json.dump(d, f)
+        save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
+        del tensors
+        transformers.utils.logging.disable_progress_bar()
+        for quant in ("bf16", "int4_kgroup"):
+            from_pretrained(path, quant=quant, group_size=GROUP)  # (page cache, compile)
+            ours = median_seconds(lambda: from_pretrained(path, quant=quant, group_size=GROUP), reps)  # noqa: B023
+            rows.append({"name": f"from_pretrained {source} -> {quant}", "ms": ours * 1e3, "experts_per_s": e / ours})
+            print(f"{'hf ' + source:6} {quant:13} {ours * 1e3:8.1f} {'':9} {'':9} {'':8} {e / ours:10.1f}")
+    return rows
 
 
 def main() -> int:
@@ -133,6 +198,7 @@ def main() -> int:
                     reps)
                 rows.append({"name": f"checkpoint {source} -> {quant}", "ms": ours * 1e3, "experts_per_s": e / ours})
                 print(f"{'ckpt ' + source:6} {quant:13} {ours * 1e3:8.1f} {'':9} {'':9} {'':8} {e / ours:10.1f}")
+        rows += _from_pretrained_rows(tmp, e, gate, up, down, f8, reps)
     bw = statistics.median(bws)
     print(f"read bandwidth {bw / 1e9:.1f} GB/s (median of the probes)")
     return finish(rows, args.json, bw, bf16_peak_flops(), default_num_threads())

@@ -9,6 +9,12 @@ the packed form, and once loading is done swaps every experts module for a
 whole model are never in memory at once (with ``patch_experts`` after a plain ``from_pretrained``
 they are: 57 GB for Qwen3-30B-A3B).
 
+FP8 checkpoints with block scales (DeepSeek-V3/R1, Qwen3-FP8: ``quant_method "fp8"`` in
+``config.json``) load too, without accelerate or a GPU: kt_jit's quantizer then takes the place of
+transformers' FP8 one (whose config class would clash with kt_jit's). Each layer's FP8 experts go
+straight to the JIT packer with their scales (dequantized in registers, never to a bf16 copy), every
+other FP8 matrix is dequantized to the model's dtype as it is read.
+
 This goes through transformers' quantizer hooks (``HfQuantizer``, registered under the name
 "kt_jit"), so it needs transformers >= 5 and imports it on first use.
 """
@@ -19,14 +25,15 @@ import os
 
 import torch
 
-from ..moe.weights import QUANT_MODES, MoEExperts, MoELoRA, pack_expert_matrix
+from ..moe.checkpoint import check_fp8_scales, dequantize_fp8_blocks, fp8_block_size, fp8_source
+from ..moe.weights import QUANT_MODES, MoEExperts, MoELoRA, pack_expert_matrix, pack_expert_parts
 from .hf import KTJitExperts, _dims, _patch_problem, is_experts_module, skeleton_of
 
 
 def _classes() -> tuple[type, type]:
     """(KTJitConfig, KTJitQuantizer), defined and registered with transformers once per process
     (a reloaded module finds them in transformers' registry)."""
-    from transformers.core_model_loading import ConversionOps
+    from transformers.core_model_loading import ConversionOps, WeightConverter
     from transformers.quantizers.auto import (
         AUTO_QUANTIZATION_CONFIG_MAPPING,
         AUTO_QUANTIZER_MAPPING,
@@ -44,13 +51,16 @@ def _classes() -> tuple[type, type]:
         :meth:`kt_jit.MoEExperts.from_tensors`), each with a LoRA adapter unless ``lora=False``."""
 
         def __init__(self, quant: str = "bf16", group_size: int = 128, rank: int = 16, alpha: float = 32.0,
-                     lora: bool = True, **kwargs) -> None:
+                     lora: bool = True, fp8_block: list[int] | None = None, **kwargs) -> None:
             self.quant_method = "kt_jit"
             self.quant, self.group_size, self.rank, self.alpha, self.lora = quant, group_size, rank, alpha, lora
+            # the checkpoint's FP8 scale block [rows, columns] when it is an FP8 one (set by from_pretrained)
+            self.fp8_block = fp8_block
 
     class _PackOnLoad(ConversionOps):
-        """Packs an experts parameter as transformers hands it over (after merging the per-expert
-        checkpoint tensors); the module keeps the packed tensors, the parameter an empty stub."""
+        """Packs an experts parameter the checkpoint stores whole (``experts.gate_up_proj``) as
+        transformers hands it over; the module keeps the packed tensors, the parameter an empty
+        stub. (Per-expert keys are packed before, by :class:`_PackExperts`, whose stubs pass.)"""
 
         def __init__(self, quantizer) -> None:
             self.quantizer = quantizer
@@ -60,6 +70,9 @@ def _classes() -> tuple[type, type]:
             out = {}
             for name, value in input_dict.items():
                 w = value[0] if isinstance(value, list) else value
+                if name in self.quantizer.packed_names:
+                    out[name] = w
+                    continue
                 module_name, _, param = name.rpartition(".")
                 module = model.get_submodule(module_name)
                 expected = tuple(getattr(module, param).shape)  # the meta parameter's
@@ -76,6 +89,84 @@ def _classes() -> tuple[type, type]:
                 out[name] = torch.empty(0, dtype=w.dtype)  # the full-precision copy is dropped here
             return out
 
+    class _PackExperts(ConversionOps):
+        """Packs one layer's per-expert matrices (FP8 ones with their block scales) as transformers
+        collects them, in place of its merge ops: no merged ``[E, 2I, H]`` copy of the layer is
+        made. The module keeps the packed tensors, the parameter an empty stub."""
+
+        def __init__(self, quantizer) -> None:
+            self.hf_quantizer = quantizer  # (this name tells transformers to hand FP8 tensors over uncast)
+
+        def __deepcopy__(self, memo):  # (transformers deep-copies a converter per layer: share the quantizer)
+            return type(self)(self.hf_quantizer)
+
+        def convert(self, input_dict, source_patterns=None, target_patterns=None, full_layer_name=None, model=None,
+                    **kwargs):
+            q = self.hf_quantizer
+            cfg = q.quantization_config
+            module_name, _, param = full_layer_name.rpartition(".")
+            e, h, i = q.experts[module_name]
+            shape = [h, i] if param == "down_proj" else [i, h]
+            block = tuple(cfg.fp8_block or ())
+            parts = []
+            try:
+                for pattern in (p for p in source_patterns if not p.endswith("_scale_inv")):
+                    ws, scales = input_dict.get(pattern, []), input_dict.get(pattern + "_scale_inv")
+                    if len(ws) != e or (scales is not None and len(scales) != e):
+                        raise ValueError(f"{pattern}: the checkpoint gives {len(ws)} matrices and "
+                                         f"{len(scales or [])} scales for {e} experts")
+                    if any(list(w.shape) != shape for w in ws):
+                        bad = next(list(w.shape) for w in ws if list(w.shape) != shape)
+                        raise ValueError(f"{pattern}: the checkpoint gives {bad}, the model expects {shape}")
+                    parts.append(ws if scales is None else
+                                 [fp8_source(pattern.replace("*", str(j)), w, s, block)
+                                  for j, (w, s) in enumerate(zip(ws, scales, strict=True))])
+                packed = pack_expert_parts([list(ex) for ex in zip(*parts, strict=True)],
+                                           "gate_up" if param == "gate_up_proj" else "down", cfg.quant,
+                                           cfg.group_size)
+            except ValueError as err:  # (reported after loading, as in _PackOnLoad)
+                q.errors.append(f"{module_name}: {err}")
+            else:
+                q.packed.setdefault(module_name, {}).update(packed)
+            q.packed_names.add(full_layer_name)
+            stub = getattr(model.get_submodule(module_name), param)
+            return {full_layer_name: torch.empty(0, dtype=stub.dtype)}
+
+    class _DequantizeFp8(ConversionOps):
+        """FP8 checkpoints: every other ``weight`` (with its ``weight_scale_inv`` if it has one) in
+        the dtype of the model's parameter, dequantized by its block scales."""
+
+        def __init__(self, quantizer) -> None:
+            self.hf_quantizer = quantizer
+
+        __deepcopy__ = _PackExperts.__deepcopy__
+
+        def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
+            module_name, _, param = full_layer_name.rpartition(".")
+            dtype = getattr(model.get_submodule(module_name), param).dtype
+            w = input_dict["weight"][0]
+            scale = input_dict.get("weight_scale_inv")
+            block = tuple(self.hf_quantizer.quantization_config.fp8_block)
+            try:
+                if scale is not None:
+                    check_fp8_scales(full_layer_name, w, scale[0], block)
+                    w = dequantize_fp8_blocks(w, scale[0], block)
+                elif w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
+                    raise ValueError(f"{full_layer_name} is {w.dtype} without a weight_scale_inv")
+            except ValueError as err:
+                self.hf_quantizer.errors.append(str(err))
+                return {}
+            return {full_layer_name: w.to(dtype)}
+
+    def _merges_experts(conv) -> bool:
+        """Whether ``conv`` is a model's converter that stacks per-expert ``weight`` matrices into an
+        experts parameter (and nothing else: e.g. no transpose)."""
+        if not isinstance(conv, WeightConverter) or len(conv._original_target_patterns) != 1:
+            return False
+        return (conv._original_target_patterns[0].endswith(("experts.gate_up_proj", "experts.down_proj"))
+                and all(s.endswith(".weight") for s in conv._original_source_patterns)
+                and {type(op).__name__ for op in conv.operations} <= {"MergeModulelist", "Concatenate"})
+
     class KTJitQuantizer(HfQuantizer):
         requires_calibration = False
 
@@ -83,6 +174,7 @@ def _classes() -> tuple[type, type]:
             super().__init__(quantization_config, **kwargs)
             self.experts: dict[str, tuple[int, int, int]] = {}  # module name -> (E, H, I)
             self.packed: dict[str, dict[str, torch.Tensor]] = {}
+            self.packed_names: set[str] = set()  # experts parameters packed by _PackExperts
             self.errors: list[str] = []
 
         def validate_environment(self, *args, **kwargs) -> None:
@@ -110,15 +202,35 @@ def _classes() -> tuple[type, type]:
         def get_quantize_ops(self):
             return _PackOnLoad(self)
 
+        def update_weight_conversions(self, weight_conversions, model):
+            # the experts' merge converters pack the per-expert matrices instead (collecting their
+            # scales too from an FP8 checkpoint, which loads as "pre-quantized"); there a last converter
+            # dequantizes every other weight
+            fp8 = self.quantization_config.fp8_block is not None
+            updated = []
+            for conv in weight_conversions:
+                if _merges_experts(conv):
+                    sources = conv._original_source_patterns
+                    conv = conv.copy(sources + ([s + "_scale_inv" for s in sources] if fp8 else []),
+                                     conv._original_target_patterns, operations=[_PackExperts(self)])
+                updated.append(conv)
+            updated = super().update_weight_conversions(updated, model)
+            if fp8:
+                updated.append(WeightConverter(["weight", "weight_scale_inv", "activation_scale"], "weight",
+                                               [_DequantizeFp8(self)]))
+            return updated
+
         def _process_model_after_weight_loading(self, model, **kwargs):
             cfg = self.quantization_config
             if self.errors:
-                raise ValueError("the checkpoint does not match the model's experts: " + "; ".join(self.errors))
+                raise ValueError("the checkpoint does not match the model: " + "; ".join(self.errors))
             grouped = QUANT_MODES[cfg.quant][1]
             for name, (e, h, i) in self.experts.items():
                 tensors = self.packed.pop(name, {})
                 if "gate_up" not in tensors or "down" not in tensors:
-                    raise ValueError(f"{name}: the checkpoint did not provide its expert weights")
+                    raise ValueError(f"{name}: the checkpoint did not provide its expert weights" + (
+                        " (FP8 experts are read from per-expert keys, experts.<e>.gate_proj.weight with its "
+                        "weight_scale_inv)" if cfg.fp8_block is not None else ""))
                 experts = MoEExperts(tensors, h, i, cfg.quant, cfg.group_size if grouped else 0)
                 parent, _, attr = name.rpartition(".")
                 lora = MoELoRA(e, h, i, cfg.rank, cfg.alpha) if cfg.lora else None
@@ -150,23 +262,61 @@ def _classes() -> tuple[type, type]:
 def kt_jit_config(quant: str = "bf16", group_size: int = 128, rank: int = 16, alpha: float = 32.0,
                   lora: bool = True):
     """A transformers ``quantization_config`` for ``AutoModel*.from_pretrained``: the routed experts
-    are packed (or quantized) by kt_jit while the checkpoint loads (see the module docstring)."""
+    are packed (or quantized) by kt_jit while the checkpoint loads (see the module docstring). For
+    FP8 checkpoints use :func:`from_pretrained`: transformers refuses a second quantization config."""
     if quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {tuple(QUANT_MODES)}, got {quant!r}")
     return _classes()[0](quant=quant, group_size=group_size, rank=rank, alpha=alpha, lora=lora)
+
+
+# from_pretrained's keyword arguments that say where config.json comes from
+_HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "revision", "subfolder", "token",
+               "trust_remote_code")
+
+
+def _config_for_fp8(path, kwargs: dict, kt_config):
+    """The model config to load an FP8 checkpoint with: the checkpoint's own (or ``kwargs["config"]``,
+    copied) with its FP8 ``quantization_config`` replaced by ``kt_config`` carrying the scale
+    block; None when the checkpoint is not quantized. Raises ValueError for other quantizations."""
+    import copy
+
+    from transformers import AutoConfig, PretrainedConfig
+
+    config = kwargs.get("config")
+    if isinstance(config, PretrainedConfig):
+        config = copy.deepcopy(config)
+    else:
+        config = AutoConfig.from_pretrained(config or path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+    for c in (config, config.get_text_config(decoder=True)):
+        q = getattr(c, "quantization_config", None)
+        if q is None:
+            continue
+        q = q if isinstance(q, dict) else q.to_dict()
+        if q.get("quant_method") != "fp8":
+            raise ValueError(f"{path} is quantized with {q.get('quant_method')!r}; kt_jit loads bf16/fp16/fp32 "
+                             "checkpoints and FP8 ones with block scales (quant_method 'fp8', e.g. DeepSeek-V3)")
+        kt_config.fp8_block = list(fp8_block_size(q))
+        c.quantization_config = kt_config.to_dict()
+        return config
+    return None
 
 
 def from_pretrained(path: str | os.PathLike, quant: str = "bf16", group_size: int = 128, rank: int = 16,
                     alpha: float = 32.0, lora: bool = True, model_class=None, **kwargs):
     """``model_class.from_pretrained(path, ...)`` (default ``AutoModelForCausalLM``, bf16) with every
     routed-experts module packed on load into a :class:`KTJitExperts` (a rank-``rank`` adapter each
-    unless ``lora=False``). Other keyword arguments go to transformers. Raises ValueError when
-    the model has no experts module or one cannot run on kt_jit."""
+    unless ``lora=False``). Other keyword arguments go to transformers. FP8 checkpoints with block
+    scales (``quant_method "fp8"``, DeepSeek-V3/Qwen3-FP8) are read as they are: experts packed from
+    FP8, the rest dequantized to the model's dtype. Raises ValueError when the model has no experts
+    module, one cannot run on kt_jit, or the checkpoint is quantized another way."""
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
     if "quantization_config" in kwargs:
         raise ValueError("from_pretrained sets quantization_config itself (kt_jit packs the experts)")
     if "dtype" not in kwargs and "torch_dtype" not in kwargs:
         kwargs["dtype"] = torch.bfloat16
-    return model_class.from_pretrained(path, quantization_config=kt_jit_config(quant, group_size, rank, alpha, lora),
-                                       **kwargs)
+    kt_config = kt_jit_config(quant, group_size, rank, alpha, lora)
+    fp8_config = _config_for_fp8(path, kwargs, kt_config)
+    if fp8_config is not None:  # (transformers then builds kt_jit's quantizer from the config, "pre-quantized")
+        return model_class.from_pretrained(path, **(kwargs | {"config": fp8_config}))
+    return model_class.from_pretrained(path, quantization_config=kt_config, **kwargs)

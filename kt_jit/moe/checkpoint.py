@@ -30,7 +30,7 @@ from dataclasses import dataclass
 import torch
 
 from ..kernels import packer
-from ..kernels.packer import Fp8Weight
+from ..kernels.packer import Fp8Weight, Source
 
 _NAMES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 # gate [n, I, H], up [n, I, H], down [n, H, I]: stacked, or lists of the n experts' matrices
@@ -102,13 +102,47 @@ def _fp8_block(cfg: dict) -> tuple[int, int]:
     weight_block_size``, also under ``text_config``), else 128 x 128."""
     for c in (cfg, cfg.get("text_config") or {}):
         q = c.get("quantization_config") if isinstance(c, dict) else None
-        block = q.get("weight_block_size") if isinstance(q, dict) else None
-        if block is not None:
-            if not (isinstance(block, list) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
-                raise ValueError(f"config.json: quantization_config.weight_block_size must be [rows, columns], "
-                                 f"got {block!r}")
-            return block[0], block[1]
+        if isinstance(q, dict) and q.get("weight_block_size") is not None:
+            return fp8_block_size(q)
     return _FP8_BLOCK, _FP8_BLOCK
+
+
+def fp8_block_size(quantization_config: dict) -> tuple[int, int]:
+    """The scale block ``(rows, columns)`` of a checkpoint's FP8 ``quantization_config``
+    (``weight_block_size``, else DeepSeek-V3's and Qwen3's 128 x 128)."""
+    block = quantization_config.get("weight_block_size")
+    if block is None:
+        return _FP8_BLOCK, _FP8_BLOCK
+    if not (isinstance(block, list | tuple) and len(block) == 2 and all(isinstance(b, int) and b > 0 for b in block)):
+        raise ValueError(f"config.json: quantization_config.weight_block_size must be [rows, columns], got {block!r}")
+    return block[0], block[1]
+
+
+def check_fp8_scales(key: str, w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
+    """Raise ValueError naming ``key`` unless ``w`` is a 2-D FP8 matrix ``[N, K]`` and
+    ``scale_inv`` its float block scales ``[ceil(N/bn), ceil(K/bk)]``."""
+    if w.dtype not in _FP8_DTYPES.values() or w.dim() != 2:
+        raise ValueError(f"{key} is a {w.dim()}-D {w.dtype} tensor next to block scales; kt_jit reads FP8 "
+                         "(float8_e4m3fn / e5m2) matrices with block scales")
+    n, k = w.shape
+    want = [-(-n // block[0]), -(-k // block[1])]
+    if list(scale_inv.shape) != want:
+        raise ValueError(f"{key}_scale_inv has shape {list(scale_inv.shape)}, expected {want} (blocks of "
+                         f"{block[0]} x {block[1]}; config.json's quantization_config.weight_block_size sets "
+                         "another block size)")
+    if not scale_inv.is_floating_point() or scale_inv.dtype in _FP8_DTYPES.values():
+        raise ValueError(f"{key}_scale_inv is {scale_inv.dtype}; block scales must be fp32, bf16 or fp16")
+
+
+def fp8_source(key: str, w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> Source:
+    """What the packers take for the FP8 matrix ``key`` (``w [N, K]``, block scales ``scale_inv
+    [ceil(N/bn), ceil(K/bk)]``): an :class:`Fp8Weight`, or, for block widths the JIT packer does not
+    read (not a multiple of 32), the matrix dequantized to fp32. Raises ValueError naming ``key``
+    when the scales do not fit the blocks."""
+    check_fp8_scales(key, w, scale_inv, block)
+    if block[1] % packer.CHUNK:  # (the JIT packer's FP8 path reads scales per 32 columns)
+        return dequantize_fp8_blocks(w, scale_inv, block)
+    return Fp8Weight(w, scale_inv.float().contiguous(), block)
 
 
 def dequantize_fp8_blocks(w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> torch.Tensor:
@@ -227,14 +261,11 @@ def expert_source(path: str | os.PathLike, prefix: str, stack: ExitStack,
                                  f"(blocks of {block[0]} x {block[1]}; config.json's quantization_config."
                                  "weight_block_size sets another block size)")
 
-    def load(idx: int, part: str) -> torch.Tensor | Fp8Weight:
+    def load(idx: int, part: str) -> Source:
         key = found[idx, part]
         if not fp8:
             return header(key)[:]
-        w, scale_inv = header(key)[:], header(key + "_scale_inv")[:]
-        if block[1] % packer.CHUNK:  # (the JIT packer's FP8 path reads scales per 32 columns)
-            return dequantize_fp8_blocks(w, scale_inv, block)
-        return Fp8Weight(w, scale_inv.float().contiguous(), block)
+        return fp8_source(key, header(key)[:], header(key + "_scale_inv")[:], block)
 
     def per_expert_chunk(sl: slice) -> Chunk:
         parts = []

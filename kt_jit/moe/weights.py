@@ -118,6 +118,19 @@ def pack_expert_matrix(w: torch.Tensor, name: str, quant: str, group_size: int,
     return t
 
 
+def pack_expert_parts(experts: list[list[Source]], name: str, quant: str, group_size: int) -> dict[str, torch.Tensor]:
+    """One layer's expert matrix given per expert, ``experts[e]`` = its parts (``[gate [I, H], up
+    [I, H]]`` or ``[down [H, I]]``; tensors or :class:`~kt_jit.kernels.packer.Fp8Weight`), packed
+    (quantized) a few experts at a time into the tensors ``name``, ``name_scale``, ``name_zero`` of
+    an :class:`MoEExperts`. ``quant``/``group_size`` as validated by :meth:`MoEExperts.from_tensors`."""
+    first = experts[0][0].weight if isinstance(experts[0][0], Fp8Weight) else experts[0][0]
+    t: dict[str, torch.Tensor] = {}
+    step = max(1, _PACK_CHUNK_BYTES // (4 * first.numel() * len(experts[0])))  # (fp32 on the torch path)
+    for e0 in range(0, len(experts), step):
+        _pack_into(t, name, len(experts), e0, experts[e0:e0 + step], quant, group_size)
+    return t
+
+
 def _check_layout(h: int, i: int, quant: str, group_size: int) -> None:
     """A known quantization mode, H and I multiples of 32, and (K-group modes) a group size that is a
     multiple of 32 dividing both."""
@@ -222,8 +235,9 @@ class MoEExperts:
         ones (``experts.gate_up_proj [E, 2I, H]``, ``experts.down_proj [E, H, I]``, or both
         transposed) are recognised; see kt_jit/moe/checkpoint.py. Per-expert FP8 weights with
         block scales (DeepSeek-V3/R1's format: ``weight`` float8_e4m3fn and ``weight_scale_inv``,
-        the block size from ``config.json``, else 128 x 128) are dequantized to fp32 a few experts
-        at a time, so no bf16 copy of the checkpoint is needed. The expert count comes from
+        the block size from ``config.json``, else 128 x 128) are dequantized in registers by the
+        JIT packer as it packs them (block widths that are not a multiple of 32: to fp32 a few
+        experts at a time), so no bf16 copy of the checkpoint is needed. The expert count comes from
         ``num_experts``, else the checkpoint's ``config.json``, else the highest index found; pass
         a sharded checkpoint's directory, not one shard. ``quant``/``group_size`` as in
         :meth:`from_tensors`."""
