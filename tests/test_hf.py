@@ -328,10 +328,21 @@ def _fp8_checkpoint(model: nn.Module, path, block: tuple[int, int]) -> dict[str,
     model.save_pretrained(path / "plain")
     fp8, exact = {}, {}
     for key, w in transformers.modeling_utils.load_state_dict(str(path / "plain" / "model.safetensors")).items():
-        if key.endswith("proj.weight") and w.dim() == 2:
+        if key.endswith(".weight") and "proj" in key and w.dim() == 2:  # (DeepSeek: kv_a_proj_with_mqa too)
             fp8[key], fp8[key + "_scale_inv"], exact[key] = fp8_blocks(w, block)
         else:
             fp8[key] = exact[key] = w
+    # layer 0's o_proj stored in two halves, each with its own scales, for a model converter that joins them
+    o_proj = "model.layers.0.self_attn.o_proj.weight"
+    half = fp8.pop(o_proj).shape[0] // 2
+    del fp8[o_proj + "_scale_inv"]
+    original = transformers.modeling_utils.load_state_dict(str(path / "plain" / "model.safetensors"))[o_proj]
+    halves = []
+    for name, rows in (("o_top", slice(0, half)), ("o_bottom", slice(half, None))):
+        key = o_proj.replace("o_proj", name)
+        fp8[key], fp8[key + "_scale_inv"], value = fp8_blocks(original[rows], block)
+        halves.append(value)
+    exact[o_proj] = torch.cat(halves)
     config = json.loads((path / "plain" / "config.json").read_text())
     for name, tensors, quantization in (("fp8", fp8, {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme":
                                                       "dynamic", "weight_block_size": list(block)}),
@@ -356,7 +367,7 @@ def _deepseek_v3() -> nn.Module:
 
 @pytest.mark.parametrize("arch,block,quant", [("qwen3_moe", (32, 48), "bf16"),
                                               ("deepseek_v3", (48, 32), "int4_1kgroup")])
-def test_from_pretrained_reads_fp8_checkpoints(arch, block, quant, tmp_path):
+def test_from_pretrained_reads_fp8_checkpoints(arch, block, quant, tmp_path, monkeypatch):
     """An FP8 checkpoint with block scales (DeepSeek-V3's format) loads through from_pretrained
     without accelerate: every non-expert weight equals the fp32 checkpoint of the values it stands
     for loaded in bf16, the experts pack to what from_tensors gives for those values (blocks cut
@@ -371,8 +382,19 @@ def test_from_pretrained_reads_fp8_checkpoints(arch, block, quant, tmp_path):
 
     model = _model(arch) if arch == "qwen3_moe" else _deepseek_v3()
     exact = _fp8_checkpoint(model.to(torch.bfloat16), tmp_path, block)
-    ours = from_pretrained(tmp_path / "fp8", quant=quant, group_size=32, rank=8)
-    twin = from_pretrained(tmp_path / "exact", quant=quant, group_size=32, rank=8)
+    # a model converter of other weights (here: joining o_proj's halves) gets them dequantized first
+    from transformers import conversion_mapping as cm
+    from transformers.core_model_loading import Concatenate, WeightConverter
+
+    join = WeightConverter(["self_attn.o_top.weight", "self_attn.o_bottom.weight"], "self_attn.o_proj.weight",
+                           [Concatenate(dim=0)])
+    kind = model.config.model_type
+    monkeypatch.setitem(cm._checkpoint_conversion_mapping_cache, kind, [*cm.get_checkpoint_conversion_mapping(kind),
+                                                                         join])
+    # (a keyword naming a config field reaches the config, as when transformers reads it itself)
+    ours = from_pretrained(tmp_path / "fp8", quant=quant, group_size=32, rank=8, output_router_logits=True)
+    twin = from_pretrained(tmp_path / "exact", quant=quant, group_size=32, rank=8, output_router_logits=True)
+    assert ours.config.output_router_logits and ours.dtype == torch.bfloat16
     ours_state, twin_state = ours.state_dict(), twin.state_dict()
     assert ours_state.keys() == twin_state.keys()
     assert all(torch.equal(ours_state[k], twin_state[k]) for k in ours_state if ".lora." not in k)
@@ -405,6 +427,10 @@ def test_from_pretrained_reads_fp8_checkpoints(arch, block, quant, tmp_path):
     (tmp_path / "fp8" / "config.json").write_text(json.dumps(config | {"quantization_config": {"quant_method": "gptq",
                                                                                                "bits": 4}}))
     with pytest.raises(ValueError, match="quantized with 'gptq'"):
+        from_pretrained(tmp_path / "fp8")
+    (tmp_path / "fp8" / "config.json").write_text(json.dumps(config | {"quantization_config": {
+        "quant_method": "fp8", "weight_block_size": None}}))
+    with pytest.raises(ValueError, match="per-tensor FP8 scales"):
         from_pretrained(tmp_path / "fp8")
 
 

@@ -12,8 +12,9 @@ they are: 57 GB for Qwen3-30B-A3B).
 FP8 checkpoints with block scales (DeepSeek-V3/R1, Qwen3-FP8: ``quant_method "fp8"`` in
 ``config.json``) load too, without accelerate or a GPU: kt_jit's quantizer then takes the place of
 transformers' FP8 one (whose config class would clash with kt_jit's). Each layer's FP8 experts go
-straight to the JIT packer with their scales (dequantized in registers, never to a bf16 copy), every
-other FP8 matrix is dequantized to the model's dtype as it is read.
+straight to the JIT packer with their scales (dequantized in registers; block widths that are not
+a multiple of 32 through fp32 one expert at a time), every other FP8 matrix is dequantized to the
+model's dtype as it is read.
 
 This goes through transformers' quantizer hooks (``HfQuantizer``, registered under the name
 "kt_jit"), so it needs transformers >= 5 and imports it on first use.
@@ -28,6 +29,8 @@ import torch
 from ..moe.checkpoint import check_fp8_scales, dequantize_fp8_blocks, fp8_block_size, fp8_source
 from ..moe.weights import QUANT_MODES, MoEExperts, MoELoRA, pack_expert_matrix, pack_expert_parts
 from .hf import KTJitExperts, _dims, _patch_problem, is_experts_module, skeleton_of
+
+_FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
 
 def _classes() -> tuple[type, type]:
@@ -115,6 +118,8 @@ def _classes() -> tuple[type, type]:
                     if len(ws) != e or (scales is not None and len(scales) != e):
                         raise ValueError(f"{pattern}: the checkpoint gives {len(ws)} matrices and "
                                          f"{len(scales or [])} scales for {e} experts")
+                    if scales is None and any(w.dtype in _FP8 for w in ws):
+                        raise ValueError(f"{pattern}: FP8 experts without a weight_scale_inv each")
                     if any(list(w.shape) != shape for w in ws):
                         bad = next(list(w.shape) for w in ws if list(w.shape) != shape)
                         raise ValueError(f"{pattern}: the checkpoint gives {bad}, the model expects {shape}")
@@ -124,7 +129,7 @@ def _classes() -> tuple[type, type]:
                 packed = pack_expert_parts([list(ex) for ex in zip(*parts, strict=True)],
                                            "gate_up" if param == "gate_up_proj" else "down", cfg.quant,
                                            cfg.group_size)
-            except ValueError as err:  # (reported after loading, as in _PackOnLoad)
+            except Exception as err:  # (reported after loading, as in _PackOnLoad)
                 q.errors.append(f"{module_name}: {err}")
             else:
                 q.packed.setdefault(module_name, {}).update(packed)
@@ -144,28 +149,38 @@ def _classes() -> tuple[type, type]:
         def convert(self, input_dict, full_layer_name=None, model=None, **kwargs):
             module_name, _, param = full_layer_name.rpartition(".")
             dtype = getattr(model.get_submodule(module_name), param).dtype
-            w = input_dict["weight"][0]
-            scale = input_dict.get("weight_scale_inv")
             block = tuple(self.hf_quantizer.quantization_config.fp8_block)
-            try:
+
+            def one(key: str, w: torch.Tensor, scale: torch.Tensor | None) -> torch.Tensor:
                 if scale is not None:
-                    check_fp8_scales(full_layer_name, w, scale[0], block)
-                    w = dequantize_fp8_blocks(w, scale[0], block)
-                elif w.dtype in (torch.float8_e4m3fn, torch.float8_e5m2):
-                    raise ValueError(f"{full_layer_name} is {w.dtype} without a weight_scale_inv")
+                    check_fp8_scales(key, w, scale, block)
+                    return dequantize_fp8_blocks(w, scale, block).to(dtype)
+                if w.dtype in _FP8:
+                    raise ValueError(f"{key} is {w.dtype} without a weight_scale_inv")
+                return w.to(dtype)
+
+            try:
+                if "weight" in input_dict:  # (the catch-all converter: one weight)
+                    scale = input_dict.get("weight_scale_inv")
+                    return {full_layer_name: one(full_layer_name, input_dict["weight"][0],
+                                                 None if scale is None else scale[0])}
+                # first op of a model's own converter: every collected weight, before its other ops
+                return {key: [one(key, w, s) for w, s in zip(ws, input_dict.get(key + "_scale_inv", [None] * len(ws)),
+                                                             strict=True)]
+                        for key, ws in input_dict.items() if not key.endswith(("_scale_inv", "activation_scale"))}
             except ValueError as err:
                 self.hf_quantizer.errors.append(str(err))
                 return {}
-            return {full_layer_name: w.to(dtype)}
 
     def _merges_experts(conv) -> bool:
         """Whether ``conv`` is a model's converter that stacks per-expert ``weight`` matrices into an
         experts parameter (and nothing else: e.g. no transpose)."""
         if not isinstance(conv, WeightConverter) or len(conv._original_target_patterns) != 1:
             return False
+        ops = {type(op).__name__ for op in conv.operations}
         return (conv._original_target_patterns[0].endswith(("experts.gate_up_proj", "experts.down_proj"))
-                and all(s.endswith(".weight") for s in conv._original_source_patterns)
-                and {type(op).__name__ for op in conv.operations} <= {"MergeModulelist", "Concatenate"})
+                and all(s.endswith(".weight") and "*" in s for s in conv._original_source_patterns)
+                and "MergeModulelist" in ops and ops <= {"MergeModulelist", "Concatenate"})
 
     class KTJitQuantizer(HfQuantizer):
         requires_calibration = False
@@ -207,12 +222,18 @@ def _classes() -> tuple[type, type]:
             # scales too from an FP8 checkpoint, which loads as "pre-quantized"); there a last converter
             # dequantizes every other weight
             fp8 = self.quantization_config.fp8_block is not None
+            transposed = any(getattr(m, "is_transposed", False) for m in model.modules() if is_experts_module(m))
             updated = []
             for conv in weight_conversions:
-                if _merges_experts(conv):
-                    sources = conv._original_source_patterns
-                    conv = conv.copy(sources + ([s + "_scale_inv" for s in sources] if fp8 else []),
-                                     conv._original_target_patterns, operations=[_PackExperts(self)])
+                if isinstance(conv, WeightConverter) and all(s.endswith(".weight") for s in
+                                                             conv._original_source_patterns):
+                    sources, targets = conv._original_source_patterns, conv._original_target_patterns
+                    scales = [s + "_scale_inv" for s in sources] if fp8 else []
+                    if _merges_experts(conv) and not transposed:
+                        conv = conv.copy(sources + scales, targets, operations=[_PackExperts(self)])
+                    elif fp8:  # (any other converter of weights: dequantize them first)
+                        conv = conv.copy(sources + scales, targets,
+                                         operations=[_DequantizeFp8(self), *conv.operations])
                 updated.append(conv)
             updated = super().update_weight_conversions(updated, model)
             if fp8:
@@ -274,6 +295,11 @@ _HUB_KWARGS = ("cache_dir", "force_download", "local_files_only", "proxies", "re
                "trust_remote_code")
 
 
+# ... and those that are about loading (some are config attributes too)
+_LOADING_KWARGS = (*_HUB_KWARGS, "config", "dtype", "torch_dtype", "device_map", "attn_implementation",
+                   "experts_implementation", "key_mapping", "use_safetensors", "weights_only")
+
+
 def _config_for_fp8(path, kwargs: dict, kt_config):
     """The model config to load an FP8 checkpoint with: the checkpoint's own (or ``kwargs["config"]``,
     copied) with its FP8 ``quantization_config`` replaced by ``kt_config`` carrying the scale
@@ -286,7 +312,10 @@ def _config_for_fp8(path, kwargs: dict, kt_config):
     if isinstance(config, PretrainedConfig):
         config = copy.deepcopy(config)
     else:
-        config = AutoConfig.from_pretrained(config or path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+        try:
+            config = AutoConfig.from_pretrained(config or path, **{k: kwargs[k] for k in _HUB_KWARGS if k in kwargs})
+        except (OSError, ValueError):  # (e.g. an adapter repository: transformers resolves it itself)
+            return None
     for c in (config, config.get_text_config(decoder=True)):
         q = getattr(c, "quantization_config", None)
         if q is None:
@@ -295,8 +324,15 @@ def _config_for_fp8(path, kwargs: dict, kt_config):
         if q.get("quant_method") != "fp8":
             raise ValueError(f"{path} is quantized with {q.get('quant_method')!r}; kt_jit loads bf16/fp16/fp32 "
                              "checkpoints and FP8 ones with block scales (quant_method 'fp8', e.g. DeepSeek-V3)")
+        if "weight_block_size" in q and q["weight_block_size"] is None:
+            raise ValueError(f"{path} has per-tensor FP8 scales (weight_block_size null); kt_jit reads FP8 "
+                             "checkpoints with block scales")
         kt_config.fp8_block = list(fp8_block_size(q))
         c.quantization_config = kt_config.to_dict()
+        # keyword arguments naming config fields (e.g. output_router_logits) go to the config, as
+        # transformers does when it loads the config itself
+        for key in [k for k in kwargs if k not in _LOADING_KWARGS and hasattr(config, k)]:
+            setattr(config, key, kwargs.pop(key))
         return config
     return None
 
@@ -316,7 +352,8 @@ def from_pretrained(path: str | os.PathLike, quant: str = "bf16", group_size: in
     if "dtype" not in kwargs and "torch_dtype" not in kwargs:
         kwargs["dtype"] = torch.bfloat16
     kt_config = kt_jit_config(quant, group_size, rank, alpha, lora)
-    fp8_config = _config_for_fp8(path, kwargs, kt_config)
+    model_kwargs = dict(kwargs)
+    fp8_config = _config_for_fp8(path, model_kwargs, kt_config)
     if fp8_config is not None:  # (transformers then builds kt_jit's quantizer from the config, "pre-quantized")
-        return model_class.from_pretrained(path, **(kwargs | {"config": fp8_config}))
+        return model_class.from_pretrained(path, **(model_kwargs | {"config": fp8_config}))
     return model_class.from_pretrained(path, quantization_config=kt_config, **kwargs)
