@@ -348,7 +348,15 @@ def _fp8_checkpoint(model: nn.Module, path, block: tuple[int, int]) -> dict[str,
                                                       "dynamic", "weight_block_size": list(block)}),
                                         ("exact", exact, None)):
         (path / name).mkdir()
-        save_file(tensors, path / name / "model.safetensors", metadata={"format": "pt"})
+        if quantization:  # (sharded, a weight and its scale in different files: read in any order)
+            keys, index = sorted(tensors), {}
+            for n in range(3):
+                file = f"model-{n:05d}-of-00003.safetensors"
+                save_file({k: tensors[k] for k in keys[n::3]}, path / name / file, metadata={"format": "pt"})
+                index |= dict.fromkeys(keys[n::3], file)
+            (path / name / "model.safetensors.index.json").write_text(json.dumps({"metadata": {}, "weight_map": index}))
+        else:
+            save_file(tensors, path / name / "model.safetensors", metadata={"format": "pt"})
         (path / name / "config.json").write_text(json.dumps(config | ({"quantization_config": quantization}
                                                                        if quantization else {})))
     return exact
@@ -414,7 +422,11 @@ def test_from_pretrained_reads_fp8_checkpoints(arch, block, quant, tmp_path, mon
     assert getattr(ours.config, "quantization_config", None) is None
 
     config = json.loads((tmp_path / "fp8" / "config.json").read_text())
-    tensors = transformers.modeling_utils.load_state_dict(str(tmp_path / "fp8" / "model.safetensors"))
+    tensors = {}
+    for shard in sorted((tmp_path / "fp8").glob("model-*.safetensors")):  # (from here on: one file)
+        tensors |= transformers.modeling_utils.load_state_dict(str(shard))
+        shard.unlink()
+    (tmp_path / "fp8" / "model.safetensors.index.json").unlink()
     from safetensors.torch import save_file
 
     layer = "model.layers.1"
