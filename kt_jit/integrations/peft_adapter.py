@@ -1,0 +1,171 @@
+"""kt_jit's experts adapters as a PEFT LoRA adapter, and PEFT experts adapters into kt_jit.
+
+PEFT (>= 0.21) adapts a transformers model's 3-D experts parameters through
+``LoraConfig(target_parameters=[...])``: one LoRA on ``gate_up_proj`` (out 2I, in H) and one on
+``down_proj`` (out H, in I) per experts module, each stored as ``lora_A [E·R, in]`` (expert-major
+rows: expert e's ``A_e [R, in]`` is rows ``e·R ... e·R + R - 1``) and ``lora_B [out, R·E]``
+(expert-minor columns: ``B_e [out, R]`` is columns ``e, E + e, 2E + e, ...``), with ``W_e +=
+(lora_alpha / R) · B_e A_e`` (in the layout of the parameter, transposed or not). PEFT nests the two
+wrappers on the one module; the inner one (its keys hold ``.base_layer.``) is the parameter the
+transformers module registered first.
+
+kt_jit's :class:`~kt_jit.MoELoRA` has separate gate and up adapters of rank r, so the export uses
+rank R = 2r: gate_up's ``A_e = [A_gate; A_up]`` and ``B_e = diag(B_gate, B_up)`` (block diagonal),
+down's A and B padded with zeros; that is exactly kt_jit's update. The import maps any PEFT experts
+adapter exactly: gate and up share PEFT's ``A_e`` (the gate rows of ``B_e`` for gate, the up rows
+for up), so kt_jit's rank is PEFT's R (the larger of the two parameters' ranks, the other padded
+with zeros), and a scaling that differs between the two parameters is folded into down's B.
+
+Neither function imports PEFT: they read and write its files (``adapter_config.json``,
+``adapter_model.safetensors``).
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import os
+import re
+
+import torch
+from torch import nn
+
+from ..moe.weights import MoELoRA
+from .hf import KTJitExperts
+
+_PREFIX = "base_model.model."  # (PEFT's key prefix for the wrapped model's modules)
+
+
+def _experts_modules(model: nn.Module) -> dict[str, KTJitExperts]:
+    found = {name: m for name, m in model.named_modules() if isinstance(m, KTJitExperts)}
+    if not found:
+        raise ValueError(f"{type(model).__name__} has no KTJitExperts module (patch_experts or "
+                         "hf_loading.from_pretrained makes them)")
+    return found
+
+
+def _peft_pair(a: list[torch.Tensor], b: list[torch.Tensor]) -> tuple[torch.Tensor, torch.Tensor]:
+    """PEFT's ``(lora_A [E·R, in], lora_B [out, R·E])`` from per-expert ``A_e [R, in]``, ``B_e [out, R]``."""
+    a_all, b_all = torch.stack(a), torch.stack(b)  # [E, R, in], [E, out, R]
+    e, r, k = a_all.shape
+    return a_all.reshape(e * r, k).contiguous(), b_all.permute(1, 2, 0).reshape(b_all.shape[1], r * e).contiguous()
+
+
+def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model_name_or_path: str | None = None,
+                      task_type: str | None = "CAUSAL_LM") -> None:
+    """Write the adapters of every :class:`KTJitExperts` in ``model`` as a PEFT LoRA adapter in the
+    directory ``path`` (``adapter_config.json``, ``adapter_model.safetensors``, tensors in the
+    adapters' dtype) for the transformers model they were patched into: ``PeftModel.from_pretrained(
+    base, path)`` then computes what the patched model computes, where ``base`` holds the expert
+    weights kt_jit computed with (the originals for a bf16 model; for quantized experts their
+    dequantized values, see :meth:`KTJitExperts.merged_weights`). Only the experts' adapters are
+    written; PEFT adapters of other modules are saved by PEFT. Raises ValueError when ``model`` has
+    no experts adapters or their ranks or scalings differ."""
+    from safetensors.torch import save_file
+
+    found = {name: m for name, m in _experts_modules(model).items() if m.lora is not None}
+    if not found:
+        raise ValueError("no KTJitExperts module of this model has a LoRA adapter")
+    kinds = {(m.lora.rank, m.lora.scaling) for m in found.values()}
+    if len(kinds) != 1:
+        raise ValueError(f"PEFT gives one adapter one rank and scaling; these experts adapters have "
+                         f"(rank, scaling) {sorted(kinds)}")
+    r, scaling = kinds.pop()
+    tensors = {}
+    for name, module in found.items():
+        ga, gb, ua, ub, da, db = (t.detach() for t in module.lora.tensors())
+        e, i = gb.shape[0], gb.shape[1]
+        zeros_gb, zeros_ub = gb.new_zeros(e, i, r), ub.new_zeros(e, i, r)
+        gu_a = torch.cat([ga, ua], dim=1)                                                   # [E, 2r, H]
+        gu_b = torch.cat([torch.cat([gb, zeros_gb], 2), torch.cat([zeros_ub, ub], 2)], 1)  # [E, 2I, 2r]
+        dn_a = torch.cat([da, torch.zeros_like(da)], dim=1)                                 # [E, 2r, I]
+        dn_b = torch.cat([db, torch.zeros_like(db)], dim=2)                                 # [E, H, 2r]
+        pairs = {"gate_up_proj": (gu_a, gu_b), "down_proj": (dn_a, dn_b)}
+        for depth, param in enumerate(_nesting(module)):
+            key = f"{_PREFIX}{name}{'.base_layer' * (1 - depth)}"
+            tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = _peft_pair(*map(list, pairs[param]))
+    config = {
+        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+        "r": 2 * r, "lora_alpha": scaling * 2 * r, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+        "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+        "target_modules": [], "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
+        "target_parameters": [f"{n}.gate_up_proj" for n in found] + [f"{n}.down_proj" for n in found],
+    }
+    os.makedirs(path, exist_ok=True)
+    save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
+    with open(os.path.join(path, "adapter_config.json"), "w") as f:
+        json.dump(config, f, indent=2)
+
+
+def _pattern_value(patterns: dict, key: str, default):
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` entry for the parameter ``key`` (a pattern that
+    matches the whole key or its end after a dot, as PEFT matches them), else ``default``."""
+    for pattern, value in patterns.items():
+        if re.match(rf"(.*\.)?({pattern})$", key):
+            return value
+    return default
+
+
+def _nesting(module: KTJitExperts) -> list[str]:
+    """The experts parameters in the order PEFT wraps them, innermost first: the order the
+    transformers module registered them in (gate_up_proj first in every transformers 5 model)."""
+    origin = module.hf_origin
+    order = [k for k in (origin._parameters if origin is not None else ()) if k in ("gate_up_proj", "down_proj")]
+    return order if len(order) == 2 else ["gate_up_proj", "down_proj"]
+
+
+def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
+    """``t`` with zeros appended along ``dim`` up to ``size``."""
+    extra = list(t.shape)
+    extra[dim] = size - t.shape[dim]
+    return torch.cat([t, t.new_zeros(extra)], dim)
+
+
+def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, MoELoRA]:
+    """Read a PEFT LoRA adapter of the experts parameters (``target_parameters`` naming
+    ``...gate_up_proj`` and ``...down_proj`` of the experts modules, e.g. one written by
+    :func:`save_peft_adapter` or trained with PEFT elsewhere) from the directory ``path`` into
+    fresh bf16 :class:`~kt_jit.MoELoRA` adapters of every :class:`KTJitExperts` in ``model``
+    (assigned, and returned by module name). The function is the adapter's exactly, up to bf16
+    rounding of the adapters' values. Raises ValueError for an adapter that is not LoRA, uses
+    DoRA, misses a module's tensors, or has tensors of the wrong shape."""
+    from safetensors.torch import load_file
+
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    if cfg.get("peft_type") != "LORA" or cfg.get("use_dora"):
+        raise ValueError(f"{path}: a PEFT LoRA adapter without DoRA is needed, got peft_type "
+                         f"{cfg.get('peft_type')!r}, use_dora {cfg.get('use_dora')}")
+    targets = list(cfg.get("target_parameters") or [])
+    tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    loaded = {}
+    for name, module in _experts_modules(model).items():
+        ex = module.experts
+        e, h, i = ex.num_experts, ex.hidden_size, ex.intermediate_size
+        named = [param for param in ("gate_up_proj", "down_proj")
+                 if any(f"{name}.{param}" == t or f"{name}.{param}".endswith("." + t) for t in targets)]
+        if len(named) != 2:
+            raise ValueError(f"{path}: target_parameters {targets} do not name both {name}.gate_up_proj and "
+                             f"{name}.down_proj")
+        parts = {}
+        for depth, param in enumerate(_nesting(module)):
+            key = f"{_PREFIX}{name}{'.base_layer' * (1 - depth)}"
+            a, b = tensors.get(key + ".lora_A.weight"), tensors.get(key + ".lora_B.weight")
+            out, k = (2 * i, h) if param == "gate_up_proj" else (h, i)
+            if a is None or b is None:
+                raise ValueError(f"{path}: {key}.lora_A/lora_B.weight ({name}.{param}) missing")
+            rank = _pattern_value(cfg.get("rank_pattern") or {}, f"{name}.{param}", cfg["r"])
+            if a.shape != (e * rank, k) or b.shape != (out, rank * e):
+                raise ValueError(f"{path}: {key} holds lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                                 f"expected {(e * rank, k)} and {(out, rank * e)} for {name}.{param}")
+            alpha = _pattern_value(cfg.get("alpha_pattern") or {}, f"{name}.{param}", cfg["lora_alpha"])
+            scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+            parts[param] = (a.float().reshape(e, rank, k), b.float().reshape(out, rank, e).permute(2, 0, 1), scale)
+        (gu_a, gu_b, gu_s), (dn_a, dn_b, dn_s) = parts["gate_up_proj"], parts["down_proj"]
+        r = max(gu_a.shape[1], dn_a.shape[1])
+        gu_a, gu_b, dn_a = _pad(gu_a, 1, r), _pad(gu_b, 2, r), _pad(dn_a, 1, r)
+        dn_b = _pad(dn_b, 2, r) * (dn_s / gu_s)
+        lora = MoELoRA.from_tensors(gu_a, gu_b[:, :i], gu_a, gu_b[:, i:], dn_a, dn_b, alpha=gu_s * r)
+        module.lora = lora.train(module.training)
+        loaded[name] = lora
+    return loaded
