@@ -517,41 +517,51 @@ def test_to_hf_rounds_to_bf16_keeps_layout_flags_and_is_all_or_nothing():
     assert all(isinstance(m, KTJitExperts) for m in two.values())
 
 
-def test_peft_adapter_export_and_import(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_peft_adapter_export_and_import(arch, tmp_path):
     """save_peft_adapter writes kt_jit's experts adapters as a PEFT LoRA adapter of the original
-    model: PeftModel.from_pretrained + merge_and_unload gives the weights unpatch_experts merges,
-    and the same logits as the patched model. load_peft_adapter reads that adapter back (rank 2r)
-    and one trained with PEFT itself (gate and up sharing A, rank and alpha patterns), giving the
-    merged weights PEFT gives."""
+    model: PeftModel.from_pretrained + merge_and_unload gives the weights unpatch_experts merges
+    (a layer without an adapter left alone), and the same logits as the patched model; PEFT on the
+    rest of the model changes nothing in the file. load_peft_adapter reads that adapter back
+    (rank 2r) and the experts part of one trained with PEFT itself (gate and up sharing A, rank and
+    alpha patterns; its attention LoRA left to PEFT with a warning), giving PEFT's merged weights."""
     peft = pytest.importorskip("peft")
     from kt_jit.integrations.hf import unpatch_experts
     from kt_jit.integrations.peft_adapter import load_peft_adapter, save_peft_adapter
 
-    original = _model("qwen3_moe")
-    model, _, replaced = _pair("qwen3_moe", rank=4)  # nonzero adapters, alpha 2r
+    def assert_same_experts(one, two, atol):
+        for a, b in zip(one.model.layers, two.model.layers, strict=True):
+            for p in ("gate_up_proj", "down_proj"):
+                assert torch.allclose(getattr(a.mlp.experts, p), getattr(b.mlp.experts, p), rtol=0, atol=atol)
+
+    original = _model(arch)
+    model, _, replaced = _pair(arch, rank=4)  # nonzero adapters, alpha 2r
+    model.model.layers[1].mlp.experts.lora = None
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(11))
     save_peft_adapter(model, tmp_path / "ours")
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    save_peft_adapter(wrapped, tmp_path / "wrapped")
+    for file in ("adapter_config.json", "adapter_model.safetensors"):
+        assert (tmp_path / "wrapped" / file).read_bytes() == (tmp_path / "ours" / file).read_bytes()
     with torch.no_grad():
         ours_logits = model(ids).logits
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "ours")
         assert rel_err(theirs(ids).logits, ours_logits) < 1e-2
-    merged_theirs = theirs.merge_and_unload()
     merged_ours = copy.deepcopy(model)
     unpatch_experts(merged_ours)
-    for a, b in zip(merged_theirs.model.layers, merged_ours.model.layers, strict=True):
-        for p in ("gate_up_proj", "down_proj"):
-            assert torch.allclose(getattr(a.mlp.experts, p), getattr(b.mlp.experts, p), rtol=0, atol=1e-6)
-    # back into a freshly patched model: rank 2r, the same function
+    assert_same_experts(theirs.merge_and_unload(), merged_ours, 1e-6)
+    # back into a freshly patched model: rank 2r where the file has an adapter, the same function
     again = copy.deepcopy(original)
     patch_experts(again, rank=16)
     loaded = load_peft_adapter(again, tmp_path / "ours")
-    assert all(lora.rank == 8 and again.get_submodule(n).lora is lora for n, lora in loaded.items())
-    unpatch_experts(again)
-    for a, b in zip(again.model.layers, merged_ours.model.layers, strict=True):
-        for p in ("gate_up_proj", "down_proj"):
-            assert torch.allclose(getattr(a.mlp.experts, p), getattr(b.mlp.experts, p), rtol=0, atol=1e-6)
-    # an adapter trained with PEFT (random bf16 values; down gets another rank and alpha)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], rank_pattern={"layers.1.mlp.experts.down_proj": 6},
+    assert list(loaded) == ["model.layers.0.mlp.experts"] and loaded["model.layers.0.mlp.experts"].rank == 8
+    assert again.model.layers[0].mlp.experts.lora is loaded["model.layers.0.mlp.experts"]
+    unpatch_experts(again)  # (layer 1 keeps its fresh adapter, whose B is zero)
+    assert_same_experts(again, merged_ours, 1e-6)
+    # an adapter trained with PEFT (random bf16 values; one layer's down_proj with another rank and
+    # alpha; attention LoRA too)
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                             rank_pattern={"layers.1.mlp.experts.down_proj": 6},
                              alpha_pattern={"layers.1.mlp.experts.down_proj": 3},
                              target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
     trained = peft.get_peft_model(copy.deepcopy(original), config)
@@ -563,28 +573,22 @@ def test_peft_adapter_export_and_import(tmp_path):
     trained.save_pretrained(tmp_path / "peft")
     ours = copy.deepcopy(original)
     patch_experts(ours, lora=False)
-    load_peft_adapter(ours, tmp_path / "peft")
-    with torch.no_grad():
-        assert rel_err(ours(ids).logits, trained(ids).logits) < 1e-2
+    with pytest.warns(UserWarning, match="only the experts' adapters were loaded; 4 other tensors .*q_proj.lora_A"):
+        load_peft_adapter(ours, tmp_path / "peft")
     unpatch_experts(ours)
-    for a, b in zip(trained.merge_and_unload().model.layers, ours.model.layers, strict=True):
-        for p in ("gate_up_proj", "down_proj"):
-            assert torch.allclose(getattr(a.mlp.experts, p), getattr(b.mlp.experts, p), rtol=0, atol=1e-5)
-    # refused: DoRA, a missing module, shapes of another model
+    assert_same_experts(trained.merge_and_unload(), ours, 1e-5)
+    # refused: DoRA, one parameter of a module only, nothing of this model, shapes of another model
     import json
 
     cfg = json.loads((tmp_path / "peft" / "adapter_config.json").read_text())
-    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(cfg | {"use_dora": True}))
     fresh = copy.deepcopy(original)
     patch_experts(fresh)
-    with pytest.raises(ValueError, match="without DoRA"):
-        load_peft_adapter(fresh, tmp_path / "peft")
-    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(cfg | {"target_parameters": [
-        "mlp.experts.gate_up_proj"]}))
-    with pytest.raises(ValueError, match="do not name both"):
-        load_peft_adapter(fresh, tmp_path / "peft")
-    (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(cfg | {"r": 5}))
-    with pytest.raises(ValueError, match="expected"):
-        load_peft_adapter(fresh, tmp_path / "peft")
+    for change, why in (({"use_dora": True}, "without DoRA"),
+                        ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "but not the module's other"),
+                        ({"target_parameters": ["moe.gate_up_proj", "moe.down_proj"]}, "of any KTJitExperts"),
+                        ({"r": 5}, "expected")):
+        (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(cfg | change))
+        with pytest.raises(ValueError, match=why):
+            load_peft_adapter(fresh, tmp_path / "peft")
     with pytest.raises(ValueError, match="no KTJitExperts"):
         save_peft_adapter(original, tmp_path / "none")

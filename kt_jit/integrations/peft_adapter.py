@@ -11,10 +11,11 @@ transformers module registered first.
 
 kt_jit's :class:`~kt_jit.MoELoRA` has separate gate and up adapters of rank r, so the export uses
 rank R = 2r: gate_up's ``A_e = [A_gate; A_up]`` and ``B_e = diag(B_gate, B_up)`` (block diagonal),
-down's A and B padded with zeros; that is exactly kt_jit's update. The import maps any PEFT experts
-adapter exactly: gate and up share PEFT's ``A_e`` (the gate rows of ``B_e`` for gate, the up rows
+down's A and B padded with zeros; that is exactly kt_jit's update. The import reads the experts part
+of a PEFT adapter: gate and up share PEFT's ``A_e`` (the gate rows of ``B_e`` for gate, the up rows
 for up), so kt_jit's rank is PEFT's R (the larger of the two parameters' ranks, the other padded
-with zeros), and a scaling that differs between the two parameters is folded into down's B.
+with zeros), and a scaling that differs between the two parameters is folded into one B (exact up
+to bf16 rounding of the adapters' values). Other parts of an adapter are left to PEFT.
 
 Neither function imports PEFT: they read and write its files (``adapter_config.json``,
 ``adapter_model.safetensors``).
@@ -37,6 +38,10 @@ _PREFIX = "base_model.model."  # (PEFT's key prefix for the wrapped model's modu
 
 
 def _experts_modules(model: nn.Module) -> dict[str, KTJitExperts]:
+    """The KTJitExperts of ``model`` by module name; a PEFT model (PEFT on the rest of the model) is
+    looked into, with the names of the transformers model inside it."""
+    if hasattr(model, "get_base_model"):
+        model = model.get_base_model()
     found = {name: m for name, m in model.named_modules() if isinstance(m, KTJitExperts)}
     if not found:
         raise ValueError(f"{type(model).__name__} has no KTJitExperts module (patch_experts or "
@@ -63,6 +68,8 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model_name
     no experts adapters or their ranks or scalings differ."""
     from safetensors.torch import save_file
 
+    if base_model_name_or_path is None:
+        base_model_name_or_path = getattr(getattr(model, "config", None), "_name_or_path", None) or None
     found = {name: m for name, m in _experts_modules(model).items() if m.lora is not None}
     if not found:
         raise ValueError("no KTJitExperts module of this model has a LoRA adapter")
@@ -122,13 +129,17 @@ def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 
 
 def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, MoELoRA]:
-    """Read a PEFT LoRA adapter of the experts parameters (``target_parameters`` naming
-    ``...gate_up_proj`` and ``...down_proj`` of the experts modules, e.g. one written by
-    :func:`save_peft_adapter` or trained with PEFT elsewhere) from the directory ``path`` into
-    fresh bf16 :class:`~kt_jit.MoELoRA` adapters of every :class:`KTJitExperts` in ``model``
-    (assigned, and returned by module name). The function is the adapter's exactly, up to bf16
-    rounding of the adapters' values. Raises ValueError for an adapter that is not LoRA, uses
-    DoRA, misses a module's tensors, or has tensors of the wrong shape."""
+    """Read the experts part of a PEFT LoRA adapter (``target_parameters`` naming an experts
+    module's ``gate_up_proj`` and ``down_proj``; written by :func:`save_peft_adapter` or trained with
+    PEFT elsewhere) from the directory ``path`` into fresh bf16 :class:`~kt_jit.MoELoRA` adapters of
+    the :class:`KTJitExperts` modules of ``model`` it names (assigned once all are read, and
+    returned by module name; modules it does not name keep theirs). Each computes the adapter's
+    update, up to bf16 rounding of its values. Other parts of the adapter (LoRA of other modules,
+    ``modules_to_save``) are not loaded: a warning names them (load them with PEFT). Raises
+    ValueError for an adapter that is not LoRA or uses DoRA, names nothing here, names one of a
+    module's two parameters only, misses tensors, or has tensors of the wrong shape."""
+    import warnings
+
     from safetensors.torch import load_file
 
     with open(os.path.join(path, "adapter_config.json")) as f:
@@ -138,34 +149,53 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, Mo
                          f"{cfg.get('peft_type')!r}, use_dora {cfg.get('use_dora')}")
     targets = list(cfg.get("target_parameters") or [])
     tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
+    used: set[str] = set()
     loaded = {}
-    for name, module in _experts_modules(model).items():
-        ex = module.experts
-        e, h, i = ex.num_experts, ex.hidden_size, ex.intermediate_size
+    modules = _experts_modules(model)
+    for name, module in modules.items():
         named = [param for param in ("gate_up_proj", "down_proj")
                  if any(f"{name}.{param}" == t or f"{name}.{param}".endswith("." + t) for t in targets)]
+        if not named:
+            continue
         if len(named) != 2:
-            raise ValueError(f"{path}: target_parameters {targets} do not name both {name}.gate_up_proj and "
-                             f"{name}.down_proj")
-        parts = {}
-        for depth, param in enumerate(_nesting(module)):
-            key = f"{_PREFIX}{name}{'.base_layer' * (1 - depth)}"
-            a, b = tensors.get(key + ".lora_A.weight"), tensors.get(key + ".lora_B.weight")
-            out, k = (2 * i, h) if param == "gate_up_proj" else (h, i)
-            if a is None or b is None:
-                raise ValueError(f"{path}: {key}.lora_A/lora_B.weight ({name}.{param}) missing")
-            rank = _pattern_value(cfg.get("rank_pattern") or {}, f"{name}.{param}", cfg["r"])
-            if a.shape != (e * rank, k) or b.shape != (out, rank * e):
-                raise ValueError(f"{path}: {key} holds lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
-                                 f"expected {(e * rank, k)} and {(out, rank * e)} for {name}.{param}")
-            alpha = _pattern_value(cfg.get("alpha_pattern") or {}, f"{name}.{param}", cfg["lora_alpha"])
-            scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
-            parts[param] = (a.float().reshape(e, rank, k), b.float().reshape(out, rank, e).permute(2, 0, 1), scale)
-        (gu_a, gu_b, gu_s), (dn_a, dn_b, dn_s) = parts["gate_up_proj"], parts["down_proj"]
-        r = max(gu_a.shape[1], dn_a.shape[1])
-        gu_a, gu_b, dn_a = _pad(gu_a, 1, r), _pad(gu_b, 2, r), _pad(dn_a, 1, r)
-        dn_b = _pad(dn_b, 2, r) * (dn_s / gu_s)
-        lora = MoELoRA.from_tensors(gu_a, gu_b[:, :i], gu_a, gu_b[:, i:], dn_a, dn_b, alpha=gu_s * r)
-        module.lora = lora.train(module.training)
-        loaded[name] = lora
+            raise ValueError(f"{path}: target_parameters {targets} name {name}.{named[0]} but not the module's other "
+                             "experts parameter; kt_jit adapts both")
+        loaded[name] = _read_module(module, name, cfg, tensors, used, path)
+    if not loaded:
+        raise ValueError(f"{path}: target_parameters {targets} do not name both gate_up_proj and down_proj of "
+                         "any KTJitExperts module of this model")
+    for name, lora in loaded.items():
+        modules[name].lora = lora.train(modules[name].training)
+    ignored = sorted(set(tensors) - used)
+    if ignored:
+        warnings.warn(f"{path}: only the experts' adapters were loaded; {len(ignored)} other tensors were not "
+                      f"(e.g. {ignored[:3]}): load those with PEFT", stacklevel=2)
     return loaded
+
+
+def _read_module(module: KTJitExperts, name: str, cfg: dict, tensors: dict[str, torch.Tensor], used: set[str],
+                 path) -> MoELoRA:
+    """One experts module's :class:`MoELoRA` from a PEFT adapter's tensors (see load_peft_adapter)."""
+    ex = module.experts
+    e, h, i = ex.num_experts, ex.hidden_size, ex.intermediate_size
+    parts = {}
+    for depth, param in enumerate(_nesting(module)):
+        key = f"{_PREFIX}{name}{'.base_layer' * (1 - depth)}"
+        a, b = tensors.get(key + ".lora_A.weight"), tensors.get(key + ".lora_B.weight")
+        out, k = (2 * i, h) if param == "gate_up_proj" else (h, i)
+        if a is None or b is None:
+            raise ValueError(f"{path}: {key}.lora_A/lora_B.weight ({name}.{param}) missing")
+        rank = _pattern_value(cfg.get("rank_pattern") or {}, f"{name}.{param}", cfg["r"])
+        if a.shape != (e * rank, k) or b.shape != (out, rank * e):
+            raise ValueError(f"{path}: {key} holds lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
+                             f"expected {(e * rank, k)} and {(out, rank * e)} for {name}.{param}")
+        used.update((key + ".lora_A.weight", key + ".lora_B.weight"))
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, f"{name}.{param}", cfg["lora_alpha"])
+        scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
+        parts[param] = (a.float().reshape(e, rank, k), b.float().reshape(out, rank, e).permute(2, 0, 1), scale)
+    (gu_a, gu_b, gu_s), (dn_a, dn_b, dn_s) = parts["gate_up_proj"], parts["down_proj"]
+    r = max(gu_a.shape[1], dn_a.shape[1])
+    s = gu_s or dn_s or 1.0  # (MoELoRA has one scaling: the other parameter's ratio goes into its B)
+    gu_b, dn_b = _pad(gu_b, 2, r) * (gu_s / s), _pad(dn_b, 2, r) * (dn_s / s)
+    gu_a, dn_a = _pad(gu_a, 1, r), _pad(dn_a, 1, r)
+    return MoELoRA.from_tensors(gu_a, gu_b[:, :i], gu_a, gu_b[:, i:], dn_a, dn_b, alpha=s * r)
