@@ -22,6 +22,7 @@ import tempfile
 import time
 
 import torch
+from bench_pack import fp8_blocks
 
 H, I, E, VOCAB = 2048, 768, 128, 1024
 
@@ -38,14 +39,6 @@ else:
     patch_experts(model, quant=quant, group_size=128)
 print(sum(m.experts.nbytes for m in model.modules() if isinstance(m, KTJitExperts)))
 """
-
-
-def _fp8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
-    """``w [N, K]`` (multiples of 128) as e4m3 with 128 x 128 block scales."""
-    n, k = w.shape
-    blocks = w.float().view(n // 128, 128, k // 128, 128)
-    s = blocks.abs().amax((1, 3)) / 448.0
-    return (blocks / s[:, None, :, None]).to(torch.float8_e4m3fn).view(n, k), s
 
 
 def write_checkpoint(path: str, layers: int, fp8: bool) -> None:
@@ -87,7 +80,8 @@ def write_checkpoint(path: str, layers: int, fp8: bool) -> None:
         for key, shape in projections.items():
             w = matrix(*shape)
             if fp8:
-                shard[key], shard[key + "_scale_inv"] = _fp8(w)
+                q, scale = fp8_blocks(w[None])
+                shard[key], shard[key + "_scale_inv"] = q[0], scale[0]
             else:
                 shard[key] = w
         shards.append(shard)
