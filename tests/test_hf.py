@@ -328,7 +328,7 @@ def _fp8_checkpoint(model: nn.Module, path, block: tuple[int, int]) -> dict[str,
     model.save_pretrained(path / "plain")
     fp8, exact = {}, {}
     for key, w in transformers.modeling_utils.load_state_dict(str(path / "plain" / "model.safetensors")).items():
-        if key.endswith(".weight") and "proj" in key and w.dim() == 2:  # (DeepSeek: kv_a_proj_with_mqa too)
+        if key.endswith(".weight") and ("proj" in key or ".experts." in key) and w.dim() == 2:  # (Mixtral: w1/w3/w2)
             fp8[key], fp8[key + "_scale_inv"], exact[key] = fp8_blocks(w, block)
         else:
             fp8[key] = exact[key] = w
@@ -374,7 +374,7 @@ def _deepseek_v3() -> nn.Module:
 
 
 @pytest.mark.parametrize("arch,block,quant", [("qwen3_moe", (32, 48), "bf16"),
-                                              ("deepseek_v3", (48, 32), "int4_1kgroup")])
+                                              ("deepseek_v3", (48, 32), "int4_1kgroup"), ("mixtral", (32, 32), "int8")])
 def test_from_pretrained_reads_fp8_checkpoints(arch, block, quant, tmp_path, monkeypatch):
     """An FP8 checkpoint with block scales (DeepSeek-V3's format) loads through from_pretrained
     without accelerate: every non-expert weight equals the fp32 checkpoint of the values it stands
@@ -388,7 +388,7 @@ def test_from_pretrained_reads_fp8_checkpoints(arch, block, quant, tmp_path, mon
     from kt_jit.integrations.hf import unpatch_experts
     from kt_jit.integrations.hf_loading import from_pretrained
 
-    model = _model(arch) if arch == "qwen3_moe" else _deepseek_v3()
+    model = _deepseek_v3() if arch == "deepseek_v3" else _model(arch)
     exact = _fp8_checkpoint(model.to(torch.bfloat16), tmp_path, block)
     # a model converter of other weights (here: joining o_proj's halves) gets them dequantized first
     from transformers import conversion_mapping as cm
@@ -408,9 +408,10 @@ def test_from_pretrained_reads_fp8_checkpoints(arch, block, quant, tmp_path, mon
     assert all(torch.equal(ours_state[k], twin_state[k]) for k in ours_state if ".lora." not in k)
     for name, module in ours.named_modules():
         if isinstance(module, KTJitExperts):
-            e = module.experts.num_experts
-            gate, up, down = (torch.stack([exact[f"{name}.{j}.{p}.weight"] for j in range(e)])
-                              for p in ("gate_proj", "up_proj", "down_proj"))
+            e, names = module.experts.num_experts, ("gate_proj", "up_proj", "down_proj")
+            stored = name.replace(".mlp.", ".block_sparse_moe.") if arch == "mixtral" else name
+            gate, up, down = (torch.stack([exact[f"{stored}.{j}.{p}.weight"] for j in range(e)])
+                              for p in (("w1", "w3", "w2") if arch == "mixtral" else names))
             want = MoEExperts.from_tensors(gate, up, down, quant=quant, group_size=32).tensors
             assert all(torch.equal(module.experts.tensors[k], want[k]) for k in want), name
             twin.get_submodule(name).lora = module.lora
@@ -430,7 +431,8 @@ def test_from_pretrained_reads_fp8_checkpoints(arch, block, quant, tmp_path, mon
     from safetensors.torch import save_file
 
     layer = "model.layers.1"
-    for key, why in ((f"{layer}.mlp.experts.3.up_proj.weight_scale_inv", r"experts.3.up_proj.weight_scale_inv has "
+    up = "block_sparse_moe.experts.3.w3" if arch == "mixtral" else "mlp.experts.3.up_proj"
+    for key, why in ((f"{layer}.{up}.weight_scale_inv", r"experts.3.(up_proj|w3).weight_scale_inv has "
                       r"shape \[1, 1\], expected"),
                      (f"{layer}.self_attn.o_proj.weight_scale_inv", "o_proj.weight_scale_inv has shape")):
         save_file(tensors | {key: torch.ones(1, 1)}, tmp_path / "fp8" / "model.safetensors")
