@@ -327,7 +327,8 @@ def _fp8_checkpoint(model: nn.Module, path, block: tuple[int, int]) -> dict[str,
 
     model.save_pretrained(path / "plain")
     fp8, exact = {}, {}
-    for key, w in transformers.modeling_utils.load_state_dict(str(path / "plain" / "model.safetensors")).items():
+    plain = transformers.modeling_utils.load_state_dict(str(path / "plain" / "model.safetensors"))
+    for key, w in plain.items():
         if key.endswith(".weight") and ("proj" in key or ".experts." in key) and w.dim() == 2:  # (Mixtral: w1/w3/w2)
             fp8[key], fp8[key + "_scale_inv"], exact[key] = fp8_blocks(w, block)
         else:
@@ -336,11 +337,10 @@ def _fp8_checkpoint(model: nn.Module, path, block: tuple[int, int]) -> dict[str,
     o_proj = "model.layers.0.self_attn.o_proj.weight"
     half = fp8.pop(o_proj).shape[0] // 2
     del fp8[o_proj + "_scale_inv"]
-    original = transformers.modeling_utils.load_state_dict(str(path / "plain" / "model.safetensors"))[o_proj]
     halves = []
     for name, rows in (("o_top", slice(0, half)), ("o_bottom", slice(half, None))):
         key = o_proj.replace("o_proj", name)
-        fp8[key], fp8[key + "_scale_inv"], value = fp8_blocks(original[rows], block)
+        fp8[key], fp8[key + "_scale_inv"], value = fp8_blocks(plain[o_proj][rows], block)
         halves.append(value)
     exact[o_proj] = torch.cat(halves)
     config = json.loads((path / "plain" / "config.json").read_text())

@@ -23,6 +23,7 @@ import time
 
 import torch
 from bench_pack import fp8_blocks
+from benchlib import mark_fp8_checkpoint, write_rows
 
 H, I, E, VOCAB = 2048, 768, 128, 1024
 
@@ -51,12 +52,7 @@ def write_checkpoint(path: str, layers: int, fp8: bool) -> None:
                                       num_attention_heads=32, num_key_value_heads=4, head_dim=128)
     cfg.save_pretrained(path)
     if fp8:
-        with open(os.path.join(path, "config.json")) as f:
-            d = json.load(f)
-        d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                    "weight_block_size": [128, 128]}
-        with open(os.path.join(path, "config.json"), "w") as f:
-            json.dump(d, f)
+        mark_fp8_checkpoint(path)
     g = torch.Generator().manual_seed(0)
     index: dict[str, str] = {}
 
@@ -139,10 +135,7 @@ def main() -> int:
                 rows.append({"name": f"{source} {label} -> {args.quant}", "ms": secs * 1e3,
                              "peak_anon_gb": peak / 1e9, "experts_gb": packed / 1e9})
                 print(f"{source:10} {label:34} {secs:7.1f} {peak / 1e9:13.2f} {packed / 1e9:11.2f}")
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
+    return write_rows(rows, args.json)
 
 
 if __name__ == "__main__":

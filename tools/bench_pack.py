@@ -22,7 +22,7 @@ import statistics
 import tempfile
 
 import torch
-from benchlib import finish
+from benchlib import finish, mark_fp8_checkpoint
 
 import kt_jit
 from kt_jit.kernels.probe import ReadProbe, bf16_peak_flops, median_seconds
@@ -43,6 +43,23 @@ def fp8_blocks(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     return q.view(e, n, k), s
 
 
+def expert_tensors(prefix: str, source: str, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
+                   f8: dict) -> dict[str, torch.Tensor]:
+    """The experts as a checkpoint stores them under ``prefix``: per-expert ``gate_proj/up_proj/
+    down_proj`` weights, bf16 (``source`` "bf16") or FP8 with their ``weight_scale_inv`` (from
+    ``f8``, :func:`fp8_blocks` of each stacked matrix by name)."""
+    tensors = {}
+    for j in range(gate.shape[0]):
+        for name, t in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
+            key = f"{prefix}.experts.{j}.{name}.weight"
+            if source == "bf16":
+                tensors[key] = t[j].contiguous()
+            else:
+                q, s = f8[name.split("_")[0]]
+                tensors[key], tensors[key + "_scale_inv"] = q[j].contiguous(), s[j].contiguous()
+    return tensors
+
+
 def _from_pretrained_rows(tmp: str, e: int, gate: torch.Tensor, up: torch.Tensor, down: torch.Tensor,
                           f8: dict, reps: int) -> list[dict]:
     """``kt_jit.integrations.hf_loading.from_pretrained`` of a one-layer Qwen3-MoE with these experts
@@ -53,7 +70,6 @@ def _from_pretrained_rows(tmp: str, e: int, gate: torch.Tensor, up: torch.Tensor
     except ImportError:
         print("from_pretrained rows skipped: transformers is not installed")
         return []
-    import json
 
     from safetensors.torch import save_file
 
@@ -79,23 +95,11 @@ def _from_pretrained_rows(tmp: str, e: int, gate: torch.Tensor, up: torch.Tensor
             else:
                 q, s = fp8_blocks(w[None])
                 tensors[key], tensors[key + "_scale_inv"] = q[0], s[0]
-        for j in range(e):
-            for name, t in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
-                key = f"model.layers.0.mlp.experts.{j}.{name}.weight"
-                if source == "bf16":
-                    tensors[key] = t[j].contiguous()
-                else:
-                    q, s = f8[name.split("_")[0]]
-                    tensors[key], tensors[key + "_scale_inv"] = q[j].contiguous(), s[j].contiguous()
+        tensors |= expert_tensors("model.layers.0.mlp", source, gate, up, down, f8)
         path = os.path.join(tmp, "hf_" + source)
         cfg.save_pretrained(path)
         if source == "fp8":
-            with open(os.path.join(path, "config.json")) as f:
-                d = json.load(f)
-            d["quantization_config"] = {"quant_method": "fp8", "fmt": "e4m3", "activation_scheme": "dynamic",
-                                        "weight_block_size": [128, 128]}
-            with open(os.path.join(path, "config.json"), "w") as f:
-                json.dump(d, f)
+            mark_fp8_checkpoint(path)
         save_file(tensors, os.path.join(path, "model.safetensors"), metadata={"format": "pt"})
         del tensors
         transformers.utils.logging.disable_progress_bar()
@@ -178,15 +182,7 @@ def main() -> int:
 
     with tempfile.TemporaryDirectory() as tmp:
         for source in ("bf16", "fp8"):
-            tensors = {}
-            for j in range(e):
-                for name, t in (("gate_proj", gate), ("up_proj", up), ("down_proj", down)):
-                    key = f"m.experts.{j}.{name}.weight"
-                    if source == "bf16":
-                        tensors[key] = t[j].contiguous()
-                    else:
-                        q, s = f8[name.split("_")[0]]
-                        tensors[key], tensors[key + "_scale_inv"] = q[j].contiguous(), s[j].contiguous()
+            tensors = expert_tensors("m", source, gate, up, down, f8)
             path = os.path.join(tmp, source)
             os.makedirs(path)
             save_file(tensors, os.path.join(path, "model.safetensors"))

@@ -20,7 +20,6 @@ import argparse
 import bisect
 import collections
 import ctypes
-import json
 import os
 import shutil
 import signal
@@ -30,6 +29,7 @@ import tempfile
 import time
 
 import torch
+from benchlib import write_rows
 
 import kt_jit
 from kt_jit.codegen import perfmap
@@ -193,10 +193,7 @@ def _profile(args: argparse.Namespace) -> int:
             return 1
         _, start, size, name = max(hit)
         annotate(name, start, size, offsets[name], args.top)
-    if args.json:
-        with open(args.json, "w") as f:
-            json.dump(rows, f, indent=1)
-    return 0
+    return write_rows(rows, args.json)
 
 
 if __name__ == "__main__":

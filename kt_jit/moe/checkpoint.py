@@ -118,18 +118,22 @@ def fp8_block_size(quantization_config: dict) -> tuple[int, int]:
     return block[0], block[1]
 
 
+def _check_scale_shape(key: str, scale_shape, shape, block: tuple[int, int]) -> None:
+    """Raise ValueError unless the scales of the ``shape [N, K]`` matrix ``key`` are ``[ceil(N/bn),
+    ceil(K/bk)]``."""
+    want = [-(-shape[0] // block[0]), -(-shape[1] // block[1])]
+    if list(scale_shape) != want:
+        raise ValueError(f"{key}_scale_inv has shape {list(scale_shape)}, expected {want} (blocks of {block[0]} x "
+                         f"{block[1]}; config.json's quantization_config.weight_block_size sets another block size)")
+
+
 def check_fp8_scales(key: str, w: torch.Tensor, scale_inv: torch.Tensor, block: tuple[int, int]) -> None:
     """Raise ValueError naming ``key`` unless ``w`` is a 2-D FP8 matrix ``[N, K]`` and
     ``scale_inv`` its float block scales ``[ceil(N/bn), ceil(K/bk)]``."""
     if w.dtype not in _FP8_DTYPES.values() or w.dim() != 2:
         raise ValueError(f"{key} is a {w.dim()}-D {w.dtype} tensor next to block scales; kt_jit reads FP8 "
                          "(float8_e4m3fn / e5m2) matrices with block scales")
-    n, k = w.shape
-    want = [-(-n // block[0]), -(-k // block[1])]
-    if list(scale_inv.shape) != want:
-        raise ValueError(f"{key}_scale_inv has shape {list(scale_inv.shape)}, expected {want} (blocks of "
-                         f"{block[0]} x {block[1]}; config.json's quantization_config.weight_block_size sets "
-                         "another block size)")
+    _check_scale_shape(key, scale_inv.shape, w.shape, block)
     if not scale_inv.is_floating_point() or scale_inv.dtype in _FP8_DTYPES.values():
         raise ValueError(f"{key}_scale_inv is {scale_inv.dtype}; block scales must be fp32, bf16 or fp16")
 
@@ -249,17 +253,13 @@ def expert_source(path: str | os.PathLike, prefix: str, stack: ExitStack,
                              "be stored in one dtype")
         if fp8:
             scale_key = key + "_scale_inv"
-            scale_shape = [-(-want[0] // block[0]), -(-want[1] // block[1])]
             if scale_key not in keys:
                 raise ValueError(f"{key} is FP8 but the checkpoint has no {scale_key} (its block scales); "
                                  "dequantize the checkpoint first")
             if header(scale_key).get_dtype() not in _DTYPES:
                 raise ValueError(f"{scale_key} is stored as {header(scale_key).get_dtype()}; block scales must be "
                                  "fp32, bf16 or fp16")
-            if list(header(scale_key).get_shape()) != scale_shape:
-                raise ValueError(f"{scale_key} has shape {header(scale_key).get_shape()}, expected {scale_shape} "
-                                 f"(blocks of {block[0]} x {block[1]}; config.json's quantization_config."
-                                 "weight_block_size sets another block size)")
+            _check_scale_shape(key, header(scale_key).get_shape(), want, block)
 
     def load(idx: int, part: str) -> Source:
         key = found[idx, part]
