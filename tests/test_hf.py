@@ -419,6 +419,21 @@ def test_from_pretrained_reads_fp8_checkpoints(arch, block, quant, tmp_path, mon
     with torch.no_grad():
         logits = ours(ids).logits
         assert torch.equal(logits, twin(ids).logits) if quant == "bf16" else rel_err(logits, twin(ids).logits) < 2e-2
+    # saved packed (the other weights in bf16, o_proj split into its halves again) and read back as it was
+    from kt_jit.integrations.hf_saving import save_pretrained
+
+    save_pretrained(ours, tmp_path / "packed")
+    back = from_pretrained(tmp_path / "packed", rank=8)
+    back_state = back.state_dict()
+    assert back_state.keys() == ours_state.keys()
+    assert all(torch.equal(back_state[k], ours_state[k]) for k in ours_state if ".lora." not in k)
+    for name, module in back.named_modules():
+        if isinstance(module, KTJitExperts):
+            assert all(torch.equal(t, ours.get_submodule(name).experts.tensors[k])
+                       for k, t in module.experts.tensors.items()), name
+            module.lora = ours.get_submodule(name).lora
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, logits)
     unpatch_experts(ours)  # a plain bf16 transformers model again
     assert getattr(ours.config, "quantization_config", None) is None
 
@@ -446,6 +461,61 @@ def test_from_pretrained_reads_fp8_checkpoints(arch, block, quant, tmp_path, mon
         "quant_method": "fp8", "weight_block_size": None}}))
     with pytest.raises(ValueError, match="per-tensor FP8 scales"):
         from_pretrained(tmp_path / "fp8")
+
+
+def test_save_pretrained_writes_the_packed_experts(tmp_path):
+    """kt_jit's save_pretrained: transformers' checkpoint of the other weights (no experts keys, no
+    adapters) plus one aligned MoEExperts file per layer; from_pretrained maps those files (no
+    packing) and computes what the saved model computes, with fresh adapters. Misuse is refused."""
+    import json
+
+    from kt_jit.integrations.hf_loading import from_pretrained
+    from kt_jit.integrations.hf_saving import save_pretrained
+
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(8))
+    path = tmp_path / "qwen3_moe"
+    _model("qwen3_moe").to(torch.bfloat16).save_pretrained(path)
+    loaded = from_pretrained(path, quant="int4_kgroup", group_size=32, rank=8)
+    _model("mixtral").to(torch.bfloat16).save_pretrained(tmp_path / "mixtral")
+    patched = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral", dtype=torch.bfloat16)
+    patch_experts(patched, quant="int8", rank=8)
+    for model, saved in ((loaded, tmp_path / "a"), (patched, tmp_path / "b")):
+        config_before = getattr(model.config, "quantization_config", None)
+        save_pretrained(model, saved, max_shard_size="40KB")
+        assert getattr(model.config, "quantization_config", None) is config_before
+        index = json.loads((saved / "model.safetensors.index.json").read_text())["weight_map"]
+        assert len(set(index.values())) > 1 and not any("experts" in k for k in index)
+        back = from_pretrained(saved, lora=False)
+        modules = {n: m for n, m in back.named_modules() if isinstance(m, KTJitExperts)}
+        assert len(modules) == 2 and all(m.lora is None for m in modules.values())
+        for name, module in modules.items():
+            source = model.get_submodule(name)
+            assert module.experts.quant == source.experts.quant
+            for k, t in module.experts.tensors.items():
+                assert torch.equal(t, source.experts.tensors[k]) and t.data_ptr() % 64 == 0, (name, k)
+            module.lora = source.lora
+        with torch.no_grad():
+            assert torch.equal(back(ids).logits, model(ids).logits)
+    again = from_pretrained(tmp_path / "a", quant="int4_kgroup", group_size=32, rank=4)
+    assert all(m.lora.rank == 4 for m in again.modules() if isinstance(m, KTJitExperts))
+
+    with pytest.raises(ValueError, match="packed as 'int4_kgroup', not 'int8'"):
+        from_pretrained(tmp_path / "a", quant="int8")
+    with pytest.raises(ValueError, match="groups of 32, not 128"):
+        from_pretrained(tmp_path / "a", group_size=128)
+    with pytest.raises(ValueError, match="load it with kt_jit.integrations.hf_loading.from_pretrained"):
+        transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a")
+    with pytest.raises(ValueError, match="not serializable"):
+        loaded.save_pretrained(tmp_path / "plain")
+    with pytest.raises(ValueError, match="no KTJitExperts"):
+        save_pretrained(_model("qwen3_moe"), tmp_path / "c")
+    peft = pytest.importorskip("peft")
+    wrapped = peft.get_peft_model(loaded, peft.LoraConfig(r=2, target_modules=["q_proj"]))
+    with pytest.raises(ValueError, match="wrapped by PEFT"):
+        save_pretrained(wrapped, tmp_path / "d")
+    (tmp_path / "a" / "kt_jit_experts" / "model.layers.1.mlp.experts.safetensors").unlink()
+    with pytest.raises(OSError, match="model.layers.1.mlp.experts.safetensors"):
+        from_pretrained(tmp_path / "a")
 
 
 def test_unpatch_merges_the_adapters_back_into_a_transformers_model(tmp_path):
@@ -520,6 +590,8 @@ def test_to_hf_rounds_to_bf16_keeps_layout_flags_and_is_all_or_nothing():
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+# (PEFT warns of the patterns for a layer left without an adapter)
+@pytest.mark.filterwarnings("ignore:The following (alpha|rank)_pattern keys did not match:RuntimeWarning")
 def test_peft_adapter_export_and_import(arch, tmp_path):
     """save_peft_adapter writes kt_jit's experts adapters as a PEFT LoRA adapter of the original
     model: PeftModel.from_pretrained + merge_and_unload gives the weights unpatch_experts merges

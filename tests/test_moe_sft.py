@@ -484,10 +484,59 @@ def test_save_load_round_trip(quant, tmp_path):
     experts.save(path)
     loaded = kt_jit.MoEExperts.load(path)
     assert loaded.quant == quant and loaded.nbytes == experts.nbytes
+    mapped = _file_mappings(path)
     for name, t in experts.tensors.items():
         assert torch.equal(loaded.tensors[name], t), name
+        # memory-mapped from the file (not copied), at 64-byte aligned addresses
+        ptr = loaded.tensors[name].data_ptr()
+        assert ptr % 64 == 0 and any(lo <= ptr < hi for lo, hi in mapped), name
     x, ids, w = make_batch(9, 2)
     assert torch.equal(kt_jit.moe_sft(x, ids, w, loaded, lora), kt_jit.moe_sft(x, ids, w, experts, lora))
+
+
+def _file_mappings(path) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of ``path``."""
+    with open("/proc/self/maps") as f:
+        return [tuple(int(a, 16) for a in line.split()[0].split("-")) for line in f
+                if line.rstrip().endswith(str(path))]
+
+
+def test_aligned_files_pad_between_tensors_and_read_anywhere(tmp_path):
+    """save_aligned puts every tensor at a 64-byte offset (padding entries between odd sizes) and the
+    file stays a plain safetensors file; a packed file from another writer (off alignment) loads
+    into aligned copies."""
+    from safetensors import safe_open
+    from safetensors.torch import load_file, save_file
+
+    from kt_jit.moe.aligned_file import is_padding, save_aligned
+
+    g = torch.Generator().manual_seed(5)
+    tensors = {"a": torch.randn(3, generator=g), "b": torch.randint(0, 255, (5, 7), generator=g, dtype=torch.uint8),
+               "c": torch.randn(2, 9, generator=g).bfloat16(), "d": torch.zeros(0), "e": torch.arange(4)}
+    path = tmp_path / "aligned.safetensors"
+    save_aligned(tensors, path, {"k": "v"})
+    plain = load_file(path)
+    assert sum(is_padding(k) for k in plain) >= 3
+    assert all(torch.equal(plain[k], t) for k, t in tensors.items())
+    with safe_open(str(path), framework="pt") as f:
+        assert f.metadata() == {"k": "v"}
+        assert all(f.get_tensor(k).data_ptr() % 64 == 0 for k in tensors if tensors[k].numel())
+    with pytest.raises(ValueError, match="reserved"):
+        save_aligned({"__pad0__": torch.zeros(1)}, tmp_path / "x.safetensors")
+
+    _, _, _, experts, _ = make_layer(quant="int4_1")
+    meta = {"format": "kt_jit.MoEExperts", "format_version": "2", "quant": "int4_1", "group_size": "0",
+            "num_experts": str(E), "hidden_size": str(H), "intermediate_size": str(I)}
+    other = tmp_path / "other.safetensors"
+    save_file({"pad": torch.zeros(1, dtype=torch.uint8), **experts.tensors}, other, metadata=meta)
+    with safe_open(str(other), framework="pt") as f:
+        assert any(f.get_tensor(k).data_ptr() % 64 for k in experts.tensors)  # (what the copy is for)
+    with pytest.raises(ValueError, match="need tensors"):  # (an unknown tensor is refused)
+        kt_jit.MoEExperts.load(other)
+    save_file(dict(experts.tensors), other, metadata=meta)
+    loaded = kt_jit.MoEExperts.load(other)
+    assert all(torch.equal(loaded.tensors[k], t) and loaded.tensors[k].data_ptr() % 64 == 0
+               for k, t in experts.tensors.items())
 
 
 def test_load_rejects_bad_files(tmp_path):

@@ -29,6 +29,7 @@ import torch
 from ..moe.checkpoint import check_fp8_scales, dequantize_fp8_blocks, fp8_block_size, fp8_source
 from ..moe.weights import QUANT_MODES, MoEExperts, MoELoRA, pack_expert_matrix, pack_expert_parts
 from .hf import KTJitExperts, _dims, _patch_problem, is_experts_module, skeleton_of
+from .hf_saving import state_dict_without_experts
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -54,11 +55,16 @@ def _classes() -> tuple[type, type]:
         :meth:`kt_jit.MoEExperts.from_tensors`), each with a LoRA adapter unless ``lora=False``."""
 
         def __init__(self, quant: str = "bf16", group_size: int = 128, rank: int = 16, alpha: float = 32.0,
-                     lora: bool = True, fp8_block: list[int] | None = None, **kwargs) -> None:
+                     lora: bool = True, fp8_block: list[int] | None = None,
+                     packed_experts: dict[str, str] | None = None, packed_files: dict[str, str] | None = None,
+                     **kwargs) -> None:
             self.quant_method = "kt_jit"
             self.quant, self.group_size, self.rank, self.alpha, self.lora = quant, group_size, rank, alpha, lora
             # the checkpoint's FP8 scale block [rows, columns] when it is an FP8 one (set by from_pretrained)
             self.fp8_block = fp8_block
+            # a checkpoint written by hf_saving.save_pretrained: experts module -> its MoEExperts file
+            # (relative to the checkpoint), and those files as from_pretrained found them (local paths)
+            self.packed_experts, self.packed_files = packed_experts, packed_files
 
     class _PackOnLoad(ConversionOps):
         """Packs an experts parameter the checkpoint stores whole (``experts.gate_up_proj``) as
@@ -191,6 +197,8 @@ def _classes() -> tuple[type, type]:
             self.packed: dict[str, dict[str, torch.Tensor]] = {}
             self.packed_names: set[str] = set()  # experts parameters packed by _PackExperts
             self.errors: list[str] = []
+            self.saving = False  # (set by hf_saving.save_pretrained, the one way to save such a model)
+            self.replaced: list[tuple] = []  # (converter made here, the model's own it replaced or None)
 
         def validate_environment(self, *args, **kwargs) -> None:
             dm = kwargs.get("device_map")
@@ -209,6 +217,29 @@ def _classes() -> tuple[type, type]:
             if problems:
                 raise ValueError("these experts modules cannot run on kt_jit: " + "; ".join(problems))
             self.experts = {name: _dims(m) for name, m in found.items()}
+            if cfg.packed_experts is not None:
+                self._load_packed(model, found)
+
+        def _load_packed(self, model, found: dict) -> None:
+            """A kt_jit-packed checkpoint: every experts module becomes a KTJitExperts over its
+            memory-mapped file now, so that transformers neither expects nor allocates its weights."""
+            cfg = self.quantization_config
+            if cfg.packed_files is None:
+                raise ValueError("this checkpoint holds kt_jit-packed experts: load it with "
+                                 "kt_jit.integrations.hf_loading.from_pretrained (which finds their files)")
+            if set(found) != set(cfg.packed_files):
+                raise ValueError(f"the packed experts files are for modules {sorted(cfg.packed_files)}, the model "
+                                 f"has {sorted(found)}")
+            for name, module in found.items():
+                with torch.device("cpu"):  # (transformers builds the model under the meta device)
+                    experts = MoEExperts.load(cfg.packed_files[name])
+                got = (experts.num_experts, experts.hidden_size, experts.intermediate_size)
+                if got != self.experts[name]:
+                    raise ValueError(f"{cfg.packed_files[name]} holds experts of (E, H, I) = {got}, the model's "
+                                     f"{name} has {self.experts[name]}")
+                parent, _, attr = name.rpartition(".")
+                owner = model.get_submodule(parent) if parent else model
+                setattr(owner, attr, KTJitExperts(experts, None, skeleton_of(module)))
 
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
             module_name, _, param = param_name.rpartition(".")
@@ -229,16 +260,20 @@ def _classes() -> tuple[type, type]:
                                                              conv._original_source_patterns):
                     sources, targets = conv._original_source_patterns, conv._original_target_patterns
                     scales = [s + "_scale_inv" for s in sources] if fp8 else []
+                    original = conv
                     if _merges_experts(conv) and not transposed:
                         conv = conv.copy(sources + scales, targets, operations=[_PackExperts(self)])
                     elif fp8:  # (any other converter of weights: dequantize them first)
                         conv = conv.copy(sources + scales, targets,
                                          operations=[_DequantizeFp8(self), *conv.operations])
+                    self.replaced.append((conv, original))
                 updated.append(conv)
             updated = super().update_weight_conversions(updated, model)
             if fp8:
-                updated.append(WeightConverter(["weight", "weight_scale_inv", "activation_scale"], "weight",
-                                               [_DequantizeFp8(self)]))
+                catch_all = WeightConverter(["weight", "weight_scale_inv", "activation_scale"], "weight",
+                                            [_DequantizeFp8(self)])
+                self.replaced.append((catch_all, None))
+                updated.append(catch_all)
             return updated
 
         def _process_model_after_weight_loading(self, model, **kwargs):
@@ -247,6 +282,10 @@ def _classes() -> tuple[type, type]:
                 raise ValueError("the checkpoint does not match the model: " + "; ".join(self.errors))
             grouped = QUANT_MODES[cfg.quant][1]
             for name, (e, h, i) in self.experts.items():
+                if cfg.packed_experts is not None:  # (loaded before the weights: adapters only)
+                    module = model.get_submodule(name)
+                    module.lora = MoELoRA(e, h, i, cfg.rank, cfg.alpha) if cfg.lora else None
+                    continue
                 tensors = self.packed.pop(name, {})
                 if "gate_up" not in tensors or "down" not in tensors:
                     raise ValueError(f"{name}: the checkpoint did not provide its expert weights" + (
@@ -261,8 +300,26 @@ def _classes() -> tuple[type, type]:
                 setattr(owner, attr, KTJitExperts(experts, lora, skeleton).train(owner.training))
             return model
 
+        def get_state_dict_and_metadata(self, model):
+            # (transformers saves this in place of save_pretrained's state_dict argument)
+            return (state_dict_without_experts(model) if self.saving else None), {}
+
+        def saving_conversions(self, conversions: list) -> list:
+            """The loaded model's weight conversions (``model._weight_conversions``) as transformers
+            should revert them when it saves the model's other weights: the model's own converters
+            in place of those made here (packing and FP8 dequantization have no reverse), without
+            the FP8 catch-all one (the weights it dequantized are saved in the model's dtype)."""
+            originals = {id(new): old for new, old in self.replaced}
+            return [c for c in (originals.get(id(c), c) for c in conversions) if c is not None]
+
         def is_serializable(self, safe_serialization=None) -> bool:
-            return False
+            if not self.saving:
+                from transformers.utils import logging
+
+                logging.get_logger(__name__).warning(
+                    "save a model loaded by kt_jit with kt_jit.integrations.hf_saving.save_pretrained(model, path) "
+                    "(it writes the packed experts next to the model's other weights)")
+            return self.saving
 
         @property
         def is_trainable(self) -> bool:
@@ -300,10 +357,12 @@ _LOADING_KWARGS = (*_HUB_KWARGS, "config", "dtype", "torch_dtype", "device_map",
                    "experts_implementation", "key_mapping", "use_safetensors", "weights_only")
 
 
-def _config_for_fp8(path, kwargs: dict, kt_config):
-    """The model config to load an FP8 checkpoint with: the checkpoint's own (or ``kwargs["config"]``,
-    copied) with its FP8 ``quantization_config`` replaced by ``kt_config`` carrying the scale
-    block; None when the checkpoint is not quantized. Raises ValueError for other quantizations."""
+def _checkpoint_config(path, kwargs: dict, kt_config, quant: str | None, group_size: int | None):
+    """The model config to load a quantized checkpoint with: the checkpoint's own (or
+    ``kwargs["config"]``, copied) with its ``quantization_config`` replaced by ``kt_config`` —
+    carrying the scale block of an FP8 checkpoint, or the packed experts' files of one written by
+    :func:`~kt_jit.integrations.hf_saving.save_pretrained`. None when the checkpoint is not
+    quantized. Raises ValueError for other quantizations."""
     import copy
 
     from transformers import AutoConfig, PretrainedConfig
@@ -321,13 +380,17 @@ def _config_for_fp8(path, kwargs: dict, kt_config):
         if q is None:
             continue
         q = q if isinstance(q, dict) else q.to_dict()
-        if q.get("quant_method") != "fp8":
+        if q.get("quant_method") == "kt_jit" and q.get("packed_experts"):
+            _use_packed_experts(path, q, kwargs, kt_config, quant, group_size)
+        elif q.get("quant_method") != "fp8":
             raise ValueError(f"{path} is quantized with {q.get('quant_method')!r}; kt_jit loads bf16/fp16/fp32 "
-                             "checkpoints and FP8 ones with block scales (quant_method 'fp8', e.g. DeepSeek-V3)")
-        if "weight_block_size" in q and q["weight_block_size"] is None:
+                             "checkpoints, FP8 ones with block scales (quant_method 'fp8', e.g. DeepSeek-V3) and "
+                             "those kt_jit's save_pretrained wrote")
+        elif "weight_block_size" in q and q["weight_block_size"] is None:
             raise ValueError(f"{path} has per-tensor FP8 scales (weight_block_size null); kt_jit reads FP8 "
                              "checkpoints with block scales")
-        kt_config.fp8_block = list(fp8_block_size(q))
+        else:
+            kt_config.fp8_block = list(fp8_block_size(q))
         c.quantization_config = kt_config.to_dict()
         # keyword arguments naming config fields (e.g. output_router_logits) go to the config, as
         # transformers does when it loads the config itself
@@ -337,23 +400,46 @@ def _config_for_fp8(path, kwargs: dict, kt_config):
     return None
 
 
-def from_pretrained(path: str | os.PathLike, quant: str = "bf16", group_size: int = 128, rank: int = 16,
+def _use_packed_experts(path, saved: dict, kwargs: dict, kt_config, quant: str | None,
+                        group_size: int | None) -> None:
+    """Point ``kt_config`` at the packed experts of a checkpoint written by kt_jit's save_pretrained
+    (``saved``: its quantization_config), found locally or through the Hub cache."""
+    from transformers.utils import cached_file
+
+    grouped = QUANT_MODES.get(saved.get("quant"), (None, False))[1]
+    if quant is not None and quant != saved.get("quant"):
+        raise ValueError(f"{path} holds experts kt_jit packed as {saved.get('quant')!r}, not {quant!r}: load it "
+                         "with quant=None, or pack them again from the original checkpoint")
+    if grouped and group_size is not None and group_size != saved.get("group_size"):
+        raise ValueError(f"{path} holds experts quantized in groups of {saved.get('group_size')}, not {group_size}: "
+                         "load it with group_size=None, or pack them again from the original checkpoint")
+    kt_config.quant, kt_config.group_size = saved["quant"], saved.get("group_size", 128)
+    kt_config.packed_experts = dict(saved["packed_experts"])
+    hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs and k != "trust_remote_code"}
+    kt_config.packed_files = {name: cached_file(path, rel, **hub) for name, rel in saved["packed_experts"].items()}
+
+
+def from_pretrained(path: str | os.PathLike, quant: str | None = None, group_size: int | None = None, rank: int = 16,
                     alpha: float = 32.0, lora: bool = True, model_class=None, **kwargs):
     """``model_class.from_pretrained(path, ...)`` (default ``AutoModelForCausalLM``, bf16) with every
-    routed-experts module packed on load into a :class:`KTJitExperts` (a rank-``rank`` adapter each
-    unless ``lora=False``). Other keyword arguments go to transformers. FP8 checkpoints with block
-    scales (``quant_method "fp8"``, DeepSeek-V3/Qwen3-FP8) are read as they are: experts packed from
-    FP8, the rest dequantized to the model's dtype. Raises ValueError when the model has no experts
-    module, one cannot run on kt_jit, or the checkpoint is quantized another way."""
+    routed-experts module packed on load into a :class:`KTJitExperts` (``quant`` default "bf16",
+    ``group_size`` default 128, as in :meth:`kt_jit.MoEExperts.from_tensors`; a rank-``rank`` adapter
+    each unless ``lora=False``). Other keyword arguments go to transformers. FP8 checkpoints with
+    block scales (``quant_method "fp8"``, DeepSeek-V3/Qwen3-FP8) are read as they are: experts packed
+    from FP8, the rest dequantized to the model's dtype. A checkpoint written by
+    :func:`kt_jit.integrations.hf_saving.save_pretrained` loads its packed experts memory-mapped,
+    as they were saved (``quant``/``group_size`` None, or the saved ones), with fresh adapters. Raises
+    ValueError when the model has no experts module, one cannot run on kt_jit, or the checkpoint is
+    quantized another way."""
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
     if "quantization_config" in kwargs:
         raise ValueError("from_pretrained sets quantization_config itself (kt_jit packs the experts)")
     if "dtype" not in kwargs and "torch_dtype" not in kwargs:
         kwargs["dtype"] = torch.bfloat16
-    kt_config = kt_jit_config(quant, group_size, rank, alpha, lora)
+    kt_config = kt_jit_config(quant or "bf16", group_size or 128, rank, alpha, lora)
     model_kwargs = dict(kwargs)
-    fp8_config = _config_for_fp8(path, model_kwargs, kt_config)
-    if fp8_config is not None:  # (transformers then builds kt_jit's quantizer from the config, "pre-quantized")
-        return model_class.from_pretrained(path, **(model_kwargs | {"config": fp8_config}))
+    config = _checkpoint_config(path, model_kwargs, kt_config, quant, group_size)
+    if config is not None:  # (transformers then builds kt_jit's quantizer from the config, "pre-quantized")
+        return model_class.from_pretrained(path, **(model_kwargs | {"config": config}))
     return model_class.from_pretrained(path, quantization_config=kt_config, **kwargs)

@@ -14,8 +14,9 @@ from ..kernels import packer
 from ..kernels.pack import check_gemm_dims, pack_bf16, unpack_tiles
 from ..kernels.packer import Fp8Weight, Source
 from ..kernels.quant import dequantize_int4, dequantize_int8, pack_int4, pack_int8
-from ..runtime.buffers import resident_empty
+from ..runtime.buffers import ALIGN, aligned_empty, resident_empty
 from ..runtime.cpu import cpu_info
+from .aligned_file import is_padding, save_aligned
 from .gradbuf import LoraGradBuffers
 
 # mode -> (storage, grouped along K, zero points)
@@ -290,32 +291,27 @@ class MoEExperts:
         return self.nbytes // self.num_experts
 
     def save(self, path: str | os.PathLike) -> None:
-        """Write the packed (quantized) weights as safetensors with kt_jit metadata."""
-        from safetensors.torch import save_file
-
+        """Write the packed (quantized) weights as safetensors with kt_jit metadata, every tensor at a
+        64-byte file offset (so that :meth:`load`'s memory map gives aligned tensors), atomically."""
         meta = {"format": "kt_jit.MoEExperts", "format_version": str(FORMAT_VERSION), "quant": self.quant,
                 "group_size": str(self.group_size), "num_experts": str(self.num_experts),
                 "hidden_size": str(self.hidden_size), "intermediate_size": str(self.intermediate_size)}
         if os.path.isdir(path):
             example = os.path.join(path, "experts.safetensors")
             raise ValueError(f"{path} is a directory; give a file name (e.g. {example})")
-        tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
-        try:
-            save_file({k: v.contiguous() for k, v in self.tensors.items()}, tmp, metadata=meta)
-            os.replace(tmp, path)
-        except BaseException:
-            if os.path.exists(tmp):
-                os.remove(tmp)
-            raise
+        save_aligned(dict(self.tensors), path, meta)
 
     @classmethod
     def load(cls, path: str | os.PathLike, mmap: bool = True) -> MoEExperts:
         """Load a file written by :meth:`save` (no re-quantization).
 
         With ``mmap`` (default) the tensors are memory-mapped from the file: nothing is read until
-        used and the pages are shared between processes, but the file must stay as it is while the
-        experts are in use (truncating or overwriting it in place kills the process with SIGBUS;
-        :meth:`save` itself replaces files atomically). ``mmap=False`` reads everything into memory.
+        used, the pages are shared between processes and they count as page cache, not as the
+        process's own memory; but the file must stay as it is while the experts are in use
+        (truncating or overwriting it in place kills the process with SIGBUS; :meth:`save` itself
+        replaces files atomically). ``mmap=False`` reads everything into memory. Tensors off 64-byte
+        alignment (files from other writers, or from kt_jit before it aligned them) are copied
+        into aligned memory: the kernels stream 64-byte lines.
         """
         from safetensors import SafetensorError, safe_open
 
@@ -332,11 +328,13 @@ class MoEExperts:
                 if meta.get("format_version") not in readable:
                     raise ValueError(f"{path} has format version {meta.get('format_version')}; this kt_jit reads "
                                      f"version {FORMAT_VERSION}. Re-create it with MoEExperts.from_tensors(...).save()")
-                tensors = {k: f.get_tensor(k) for k in f.keys()}  # noqa: SIM118 - safe_open has no __iter__
+                tensors = {k: f.get_tensor(k) for k in f.keys() if not is_padding(k)}  # noqa: SIM118
         except SafetensorError as e:
             raise ValueError(f"{path} is not a readable safetensors file ({e}); it may be truncated") from e
-        if not mmap:
-            tensors = {k: v.clone() for k, v in tensors.items()}
+        for k, v in tensors.items():
+            # (files written without the 64-byte layout map off alignment: copied)
+            if not mmap or v.data_ptr() % ALIGN:
+                tensors[k] = aligned_empty(tuple(v.shape), v.dtype).copy_(v)
         try:
             e, h, i = int(meta["num_experts"]), int(meta["hidden_size"]), int(meta["intermediate_size"])
             quant, gs = meta["quant"], int(meta.get("group_size", "0"))
