@@ -1,14 +1,19 @@
 """Loading a transformers MoE checkpoint with its experts packed: peak anonymous memory and wall
-time of ``kt_jit.integrations.hf_loading.from_pretrained`` (bf16 and FP8 checkpoints) against
-transformers' ``from_pretrained`` followed by ``patch_experts`` (bf16 only: transformers' own FP8
-loading needs accelerate and dequantizes the whole model).
+time of ``kt_jit.integrations.hf_loading.from_pretrained`` (bf16 and FP8 checkpoints, and the
+checkpoint ``kt_jit.integrations.hf_saving.save_pretrained`` writes, whose packed experts are
+memory-mapped) against transformers' ``from_pretrained`` followed by ``patch_experts`` (bf16 only:
+transformers' own FP8 loading needs accelerate and dequantizes the whole model).
 
     python tools/bench_load.py [--quick] [--layers 6] [--quant int4_kgroup] [--json PATH]
 
 The checkpoint has Qwen3-30B-A3B's layer sizes (H 2048, I 768, 128 experts, top-8; a 1,024-token
 vocabulary) and ``--layers`` layers (``--quick``: 2), random weights, one shard per layer. Each
-load runs in a fresh process; its ``RssAnon`` is sampled every 5 ms. Rows: ``name``, ``ms`` (the
-load), ``peak_anon_gb``, ``experts_gb`` (the packed experts' size, what must stay resident).
+load runs in a fresh process; its ``RssAnon`` is sampled every 5 ms (memory-mapped experts are
+page cache, ``RssFile``, not counted). Rows: ``name``, ``ms`` (the process: imports, load and one
+forward), ``load_ms`` (the ``from_pretrained`` call, and ``patch_experts``), ``peak_anon_gb``,
+``experts_gb`` (the packed experts' size, what must stay resident),
+``first_forward_ms`` (a 16-token no-grad forward right after the load: mapped experts are read
+then, from the page cache here).
 """
 
 from __future__ import annotations
@@ -28,16 +33,25 @@ from benchlib import mark_fp8_checkpoint, write_rows
 H, I, E, VOCAB = 2048, 768, 128, 1024
 
 _LOADER = """
-import sys, torch, transformers
+import sys, time, torch, transformers
 from kt_jit.integrations.hf import KTJitExperts, patch_experts
 from kt_jit.integrations.hf_loading import from_pretrained
 path, how, quant = sys.argv[1:4]
 transformers.utils.logging.disable_progress_bar()
+t_load = time.perf_counter()
 if how == "kt_jit":
     model = from_pretrained(path, quant=quant, group_size=128)
 else:
     model = transformers.AutoModelForCausalLM.from_pretrained(path, dtype=torch.bfloat16)
     patch_experts(model, quant=quant, group_size=128)
+load_ms = (time.perf_counter() - t_load) * 1e3
+if len(sys.argv) > 4:  # (write the packed checkpoint)
+    from kt_jit.integrations.hf_saving import save_pretrained
+    save_pretrained(model, sys.argv[4])
+t0 = time.perf_counter()
+with torch.no_grad():
+    model(torch.arange(16)[None] % model.config.vocab_size)
+print(load_ms, (time.perf_counter() - t0) * 1e3)
 print(sum(m.experts.nbytes for m in model.modules() if isinstance(m, KTJitExperts)))
 """
 
@@ -89,12 +103,13 @@ def write_checkpoint(path: str, layers: int, fp8: bool) -> None:
         json.dump({"metadata": {}, "weight_map": index}, f)
 
 
-def measure(path: str, how: str, quant: str) -> tuple[float, float, int]:
-    """(seconds, peak RssAnon in bytes, packed experts' bytes) of one load in a fresh process."""
+def measure(path: str, how: str, quant: str, save_to: str | None = None) -> tuple[float, float, int, float, float]:
+    """(seconds, peak RssAnon in bytes, packed experts' bytes, the load's ms, first forward's ms) of
+    one load in a fresh process (which then writes kt_jit's packed checkpoint to ``save_to`` if given)."""
     t0 = time.perf_counter()
     err = tempfile.TemporaryFile("w+")
-    proc = subprocess.Popen([sys.executable, "-c", _LOADER, path, how, quant], stdout=subprocess.PIPE, stderr=err,
-                            text=True)
+    proc = subprocess.Popen([sys.executable, "-c", _LOADER, path, how, quant, *([save_to] if save_to else [])],
+                            stdout=subprocess.PIPE, stderr=err, text=True)
     peak = 0
     while proc.poll() is None:
         try:
@@ -109,7 +124,8 @@ def measure(path: str, how: str, quant: str) -> tuple[float, float, int]:
     if proc.returncode:
         err.seek(0)
         raise RuntimeError(f"loading {path} ({how}) failed with exit code {proc.returncode}:\n{err.read()[-3000:]}")
-    return time.perf_counter() - t0, peak, int(out.split()[-1])
+    load_ms, first_ms, packed = out.split()[-3:]
+    return time.perf_counter() - t0, peak, int(packed), float(load_ms), float(first_ms)
 
 
 def main() -> int:
@@ -122,19 +138,24 @@ def main() -> int:
     layers = 2 if args.quick else args.layers
     rows = []
     print(f"{layers} layers of Qwen3-30B-A3B's sizes, experts -> {args.quant}")
-    print(f"{'checkpoint':10} {'loader':34} {'s':>7} {'peak anon GB':>13} {'experts GB':>11}")
+    print(f"{'checkpoint':10} {'loader':34} {'s':>6} {'load s':>7} {'peak anon GB':>13} {'experts GB':>11} "
+          f"{'1st fwd ms':>11}")
     with tempfile.TemporaryDirectory() as tmp:
-        for source in ("bf16", "fp8"):
+        packed_path = os.path.join(tmp, "packed")
+        for source in ("bf16", "fp8", "packed"):
             path = os.path.join(tmp, source)
-            write_checkpoint(path, layers, source == "fp8")
+            if source != "packed":
+                write_checkpoint(path, layers, source == "fp8")
             loaders = ("kt_jit", "transformers") if source == "bf16" else ("kt_jit",)
             for how in loaders:
-                measure(path, how, args.quant)  # (page cache warm, kernels compiled)
-                secs, peak, packed = measure(path, how, args.quant)
+                # (page cache warm, kernels compiled; the first kt_jit load of bf16 writes the packed one)
+                measure(path, how, args.quant, packed_path if (source, how) == ("bf16", "kt_jit") else None)
+                secs, peak, packed, load_ms, first_ms = measure(path, how, args.quant)
                 label = "hf_loading.from_pretrained" if how == "kt_jit" else "from_pretrained + patch_experts"
-                rows.append({"name": f"{source} {label} -> {args.quant}", "ms": secs * 1e3,
-                             "peak_anon_gb": peak / 1e9, "experts_gb": packed / 1e9})
-                print(f"{source:10} {label:34} {secs:7.1f} {peak / 1e9:13.2f} {packed / 1e9:11.2f}")
+                rows.append({"name": f"{source} {label} -> {args.quant}", "ms": secs * 1e3, "load_ms": load_ms,
+                             "peak_anon_gb": peak / 1e9, "experts_gb": packed / 1e9, "first_forward_ms": first_ms})
+                print(f"{source:10} {label:34} {secs:6.1f} {load_ms / 1e3:7.2f} {peak / 1e9:13.2f} "
+                      f"{packed / 1e9:11.2f} {first_ms:11.1f}")
     return write_rows(rows, args.json)
 
 
