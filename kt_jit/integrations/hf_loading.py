@@ -16,6 +16,11 @@ straight to the JIT packer with their scales (dequantized in registers; block wi
 a multiple of 32 through fp32 one expert at a time), every other FP8 matrix is dequantized to the
 model's dtype as it is read.
 
+A checkpoint written by :func:`kt_jit.integrations.hf_saving.save_pretrained` (``quant_method
+"kt_jit"`` with ``packed_experts`` in ``config.json``) loads with no packing: the quantizer swaps
+each experts module for a KTJitExperts over its memory-mapped ``MoEExperts`` file before
+transformers reads the other weights.
+
 This goes through transformers' quantizer hooks (``HfQuantizer``, registered under the name
 "kt_jit"), so it needs transformers >= 5 and imports it on first use.
 """
