@@ -595,10 +595,11 @@ def test_to_hf_rounds_to_bf16_keeps_layout_flags_and_is_all_or_nothing():
 def test_peft_adapter_export_and_import(arch, tmp_path):
     """save_peft_adapter writes kt_jit's experts adapters as a PEFT LoRA adapter of the original
     model: PeftModel.from_pretrained + merge_and_unload gives the weights unpatch_experts merges
-    (a layer without an adapter left alone), and the same logits as the patched model; PEFT on the
-    rest of the model changes nothing in the file. load_peft_adapter reads that adapter back
-    (rank 2r) and the experts part of one trained with PEFT itself (gate and up sharing A, rank and
-    alpha patterns; its attention LoRA left to PEFT with a warning), giving PEFT's merged weights."""
+    (a layer without an adapter left alone), and the same logits as the patched model; a model
+    PEFT wraps saves one adapter with PEFT's parts, which PEFT computes as the model did.
+    load_peft_adapter reads that adapter back (rank 2r) and the experts part of one trained with
+    PEFT itself (gate and up sharing A, rank and alpha patterns; its attention LoRA left to PEFT
+    with a warning), giving PEFT's merged weights."""
     peft = pytest.importorskip("peft")
     from kt_jit.integrations.hf import unpatch_experts
     from kt_jit.integrations.peft_adapter import load_peft_adapter, save_peft_adapter
@@ -613,14 +614,19 @@ def test_peft_adapter_export_and_import(arch, tmp_path):
     model.model.layers[1].mlp.experts.lora = None
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(11))
     save_peft_adapter(model, tmp_path / "ours")
-    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    save_peft_adapter(wrapped, tmp_path / "wrapped")
-    for file in ("adapter_config.json", "adapter_model.safetensors"):
-        assert (tmp_path / "wrapped" / file).read_bytes() == (tmp_path / "ours" / file).read_bytes()
     with torch.no_grad():
         ours_logits = model(ids).logits
         theirs = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "ours")
         assert rel_err(theirs(ids).logits, ours_logits) < 1e-2
+    # PEFT on the attention (random B, rslora, a rank of its own) and kt_jit on the experts: one adapter
+    wrapped = peft.get_peft_model(copy.deepcopy(model), peft.LoraConfig(
+        r=2, lora_alpha=3, use_rslora=True, target_modules=["q_proj"], init_lora_weights=False))
+    save_peft_adapter(wrapped, tmp_path / "wrapped")
+    with torch.no_grad():
+        wrapped_logits = wrapped(ids).logits
+        both = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "wrapped")
+        assert rel_err(both(ids).logits, wrapped_logits) < 1e-2
+        assert rel_err(ours_logits, wrapped_logits) > 5e-2  # (the attention adapter matters)
     merged_ours = copy.deepcopy(model)
     unpatch_experts(merged_ours)
     assert_same_experts(theirs.merge_and_unload(), merged_ours, 1e-6)

@@ -17,7 +17,12 @@ for up), so kt_jit's rank is PEFT's R (the larger of the two parameters' ranks, 
 with zeros), and a scaling that differs between the two parameters is folded into one B (exact up
 to bf16 rounding of the adapters' values). Other parts of an adapter are left to PEFT.
 
-Neither function imports PEFT: they read and write its files (``adapter_config.json``,
+A model wrapped by PEFT (PEFT's LoRA on attention, say, kt_jit's on the experts) is saved as one
+adapter: PEFT's own adapter tensors and config, with the experts' parameters added to its
+``target_parameters`` and their rank and alpha to its ``rank_pattern`` / ``alpha_pattern`` where
+they differ; that is the one file a server (or ``PeftModel.from_pretrained`` on the original model)
+needs. Only then is PEFT imported (it is installed: it wrapped the model); otherwise neither
+function imports it: they read and write its files (``adapter_config.json``,
 ``adapter_model.safetensors``).
 """
 
@@ -63,9 +68,10 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model_name
     adapters' dtype) for the transformers model they were patched into: ``PeftModel.from_pretrained(
     base, path)`` then computes what the patched model computes, where ``base`` holds the expert
     weights kt_jit computed with (the originals for a bf16 model; for quantized experts their
-    dequantized values, see :meth:`KTJitExperts.merged_weights`). Only the experts' adapters are
-    written; PEFT adapters of other modules are saved by PEFT. Raises ValueError when ``model`` has
-    no experts adapters or their ranks or scalings differ."""
+    dequantized values, see :meth:`KTJitExperts.merged_weights`). For a model wrapped by PEFT the
+    file also holds PEFT's active LoRA adapter (see the module docstring; ``base_model_name_or_path``
+    and ``task_type`` are then PEFT's). Raises ValueError when ``model`` has no experts adapters, their
+    ranks or scalings differ, or PEFT's adapter is not a LoRA one without DoRA."""
     from safetensors.torch import save_file
 
     if base_model_name_or_path is None:
@@ -91,17 +97,52 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model_name
         for depth, param in enumerate(_nesting(module)):
             key = f"{_PREFIX}{name}{'.base_layer' * (1 - depth)}"
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = _peft_pair(*map(list, pairs[param]))
+    targets = [f"{n}.gate_up_proj" for n in found] + [f"{n}.down_proj" for n in found]
     config = {
         "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
         "r": 2 * r, "lora_alpha": scaling * 2 * r, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
         "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
         "target_modules": [], "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
-        "target_parameters": [f"{n}.gate_up_proj" for n in found] + [f"{n}.down_proj" for n in found],
+        "target_parameters": targets,
     }
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+        config, peft_tensors = _with_peft_adapter(model, path, targets, 2 * r, scaling)
+        tensors = peft_tensors | tensors
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
+
+
+def _with_peft_adapter(model: nn.Module, path, targets: list[str], rank: int,
+                       scaling: float) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter config, tensors) of a PEFT-wrapped model's active LoRA adapter, its config extended
+    by the experts' ``targets`` of rank ``rank`` and scaling ``scaling``."""
+    import tempfile
+
+    from peft import get_peft_model_state_dict
+
+    names = list(getattr(model, "active_adapters", None) or [model.active_adapter])
+    if len(names) != 1:
+        raise ValueError(f"PEFT has {len(names)} active adapters ({names}); activate the one to save with the experts")
+    with tempfile.TemporaryDirectory() as tmp:  # (PEFT's own serialisation of its config)
+        model.peft_config[names[0]].save_pretrained(tmp)
+        with open(os.path.join(tmp, "adapter_config.json")) as f:
+            config = json.load(f)
+    if config.get("peft_type") != "LORA" or config.get("use_dora"):
+        raise ValueError(f"{path}: PEFT's adapter {names[0]!r} is {config.get('peft_type')} (use_dora "
+                         f"{config.get('use_dora')}); kt_jit's experts adapters join a LoRA adapter without DoRA")
+    alpha = scaling * (math.sqrt(rank) if config.get("use_rslora") else rank)
+    config["target_parameters"] = list(config.get("target_parameters") or []) + targets
+    for patterns, value, default in (("rank_pattern", rank, config["r"]),
+                                     ("alpha_pattern", alpha, config["lora_alpha"])):
+        config[patterns] = dict(config.get(patterns) or {})
+        if value != default:
+            config[patterns].update(dict.fromkeys(targets, value))
+    experts = tuple(f"{_PREFIX}{t.rpartition('.')[0]}." for t in targets)
+    tensors = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=names[0]).items()
+               if not k.startswith(experts)}
+    return config, tensors
 
 
 def _pattern_value(patterns: dict, key: str, default):
