@@ -56,3 +56,10 @@ def fp8_blocks(w, block, dtype=None):
             q[blk] = (w[blk] / scales[a, b]).to(dtype)
             exact[blk] = q[blk].float() * scales[a, b]
     return q, scales, exact
+
+
+def file_mappings(path) -> list[tuple[int, int]]:
+    """Address ranges of this process's memory maps of the file ``path`` (Linux)."""
+    with open("/proc/self/maps") as f:
+        return [tuple(int(a, 16) for a in line.split()[0].split("-")) for line in f
+                if line.rstrip().endswith(str(path))]

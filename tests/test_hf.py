@@ -6,7 +6,7 @@ import copy
 
 import pytest
 import torch
-from conftest import NEEDS_AVX512_BF16, fp8_blocks
+from conftest import NEEDS_AVX512_BF16, file_mappings, fp8_blocks
 from reference import moe as ref_moe
 from reference import rel_err
 from torch import nn
@@ -491,13 +491,30 @@ def test_save_pretrained_writes_the_packed_experts(tmp_path):
         for name, module in modules.items():
             source = model.get_submodule(name)
             assert module.experts.quant == source.experts.quant
+            mapped = file_mappings(saved / "kt_jit_experts" / f"{name}.safetensors")
             for k, t in module.experts.tensors.items():
-                assert torch.equal(t, source.experts.tensors[k]) and t.data_ptr() % 64 == 0, (name, k)
+                assert torch.equal(t, source.experts.tensors[k]), (name, k)
+                assert t.data_ptr() % 64 == 0 and any(lo <= t.data_ptr() < hi for lo, hi in mapped), (name, k)
             module.lora = source.lora
         with torch.no_grad():
             assert torch.equal(back(ids).logits, model(ids).logits)
     again = from_pretrained(tmp_path / "a", quant="int4_kgroup", group_size=32, rank=4)
     assert all(m.lora.rank == 4 for m in again.modules() if isinstance(m, KTJitExperts))
+    # the saved adapters' rank unless given; the model without its head (names without "model.")
+    base = from_pretrained(tmp_path / "a", model_class=transformers.AutoModel)
+    assert [n for n, m in base.named_modules() if isinstance(m, KTJitExperts) and m.lora.rank == 8] == [
+        "layers.0.mlp.experts", "layers.1.mlp.experts"]
+    # saved again over a save (one file, then shards): nothing of the earlier save is left to load
+    save_pretrained(loaded, tmp_path / "e")
+    first = (tmp_path / "e" / "kt_jit_experts" / "model.layers.0.mlp.experts.safetensors").read_bytes()
+    save_pretrained(loaded, tmp_path / "e", max_shard_size="40KB")
+    assert not (tmp_path / "e" / "model.safetensors").exists()
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path / "e")(ids).logits, loaded(ids).logits)
+    # an experts file of another save (an interrupted save, files mixed up) is refused
+    (tmp_path / "e" / "kt_jit_experts" / "model.layers.0.mlp.experts.safetensors").write_bytes(first)
+    with pytest.raises(ValueError, match="another save"):
+        from_pretrained(tmp_path / "e")
 
     with pytest.raises(ValueError, match="packed as 'int4_kgroup', not 'int8'"):
         from_pretrained(tmp_path / "a", quant="int8")
@@ -509,6 +526,10 @@ def test_save_pretrained_writes_the_packed_experts(tmp_path):
         loaded.save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="no KTJitExperts"):
         save_pretrained(_model("qwen3_moe"), tmp_path / "c")
+    with pytest.raises(ValueError, match="holds another checkpoint"):  # (its bf16 experts would be lost)
+        save_pretrained(loaded, path)
+    with pytest.raises(ValueError, match="push_to_hub"):
+        save_pretrained(loaded, tmp_path / "c", push_to_hub=True)
     peft = pytest.importorskip("peft")
     wrapped = peft.get_peft_model(loaded, peft.LoraConfig(r=2, target_modules=["q_proj"]))
     with pytest.raises(ValueError, match="wrapped by PEFT"):

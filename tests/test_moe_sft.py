@@ -4,7 +4,7 @@ import threading
 
 import pytest
 import torch
-from conftest import ISAS, NEEDS_AVX512_BF16, fp8_blocks
+from conftest import ISAS, NEEDS_AVX512_BF16, file_mappings, fp8_blocks
 from reference import moe as ref_moe
 from reference import rel_err
 
@@ -484,7 +484,7 @@ def test_save_load_round_trip(quant, tmp_path):
     experts.save(path)
     loaded = kt_jit.MoEExperts.load(path)
     assert loaded.quant == quant and loaded.nbytes == experts.nbytes
-    mapped = _file_mappings(path)
+    mapped = file_mappings(path)
     for name, t in experts.tensors.items():
         assert torch.equal(loaded.tensors[name], t), name
         # memory-mapped from the file (not copied), at 64-byte aligned addresses
@@ -492,13 +492,6 @@ def test_save_load_round_trip(quant, tmp_path):
         assert ptr % 64 == 0 and any(lo <= ptr < hi for lo, hi in mapped), name
     x, ids, w = make_batch(9, 2)
     assert torch.equal(kt_jit.moe_sft(x, ids, w, loaded, lora), kt_jit.moe_sft(x, ids, w, experts, lora))
-
-
-def _file_mappings(path) -> list[tuple[int, int]]:
-    """Address ranges of this process's memory maps of ``path``."""
-    with open("/proc/self/maps") as f:
-        return [tuple(int(a, 16) for a in line.split()[0].split("-")) for line in f
-                if line.rstrip().endswith(str(path))]
 
 
 def test_aligned_files_pad_between_tensors_and_read_anywhere(tmp_path):
@@ -512,7 +505,8 @@ def test_aligned_files_pad_between_tensors_and_read_anywhere(tmp_path):
 
     g = torch.Generator().manual_seed(5)
     tensors = {"a": torch.randn(3, generator=g), "b": torch.randint(0, 255, (5, 7), generator=g, dtype=torch.uint8),
-               "c": torch.randn(2, 9, generator=g).bfloat16(), "d": torch.zeros(0), "e": torch.arange(4)}
+               "c": torch.randn(2, 9, generator=g).bfloat16(), "d": torch.zeros(0), "e": torch.arange(4),
+               "f": torch.tensor(3.5), "g": torch.tensor([True, False, True]), "h": torch.arange(6.0)[::2]}
     path = tmp_path / "aligned.safetensors"
     save_aligned(tensors, path, {"k": "v"})
     plain = load_file(path)
@@ -521,8 +515,9 @@ def test_aligned_files_pad_between_tensors_and_read_anywhere(tmp_path):
     with safe_open(str(path), framework="pt") as f:
         assert f.metadata() == {"k": "v"}
         assert all(f.get_tensor(k).data_ptr() % 64 == 0 for k in tensors if tensors[k].numel())
-    with pytest.raises(ValueError, match="reserved"):
-        save_aligned({"__pad0__": torch.zeros(1)}, tmp_path / "x.safetensors")
+    for reserved in ("__pad0__", "__metadata__"):
+        with pytest.raises(ValueError, match="reserved"):
+            save_aligned({reserved: torch.zeros(1)}, tmp_path / "x.safetensors")
 
     _, _, _, experts, _ = make_layer(quant="int4_1")
     meta = {"format": "kt_jit.MoEExperts", "format_version": "2", "quant": "int4_1", "group_size": "0",

@@ -62,14 +62,15 @@ def _classes() -> tuple[type, type]:
         def __init__(self, quant: str = "bf16", group_size: int = 128, rank: int = 16, alpha: float = 32.0,
                      lora: bool = True, fp8_block: list[int] | None = None,
                      packed_experts: dict[str, str] | None = None, packed_files: dict[str, str] | None = None,
-                     **kwargs) -> None:
+                     save_id: str | None = None, **kwargs) -> None:
             self.quant_method = "kt_jit"
             self.quant, self.group_size, self.rank, self.alpha, self.lora = quant, group_size, rank, alpha, lora
             # the checkpoint's FP8 scale block [rows, columns] when it is an FP8 one (set by from_pretrained)
             self.fp8_block = fp8_block
             # a checkpoint written by hf_saving.save_pretrained: experts module -> its MoEExperts file
-            # (relative to the checkpoint), and those files as from_pretrained found them (local paths)
-            self.packed_experts, self.packed_files = packed_experts, packed_files
+            # (relative to the checkpoint), those files as from_pretrained found them (local paths),
+            # and the id of the save (also in each file's metadata)
+            self.packed_experts, self.packed_files, self.save_id = packed_experts, packed_files, save_id
 
     class _PackOnLoad(ConversionOps):
         """Packs an experts parameter the checkpoint stores whole (``experts.gate_up_proj``) as
@@ -228,19 +229,34 @@ def _classes() -> tuple[type, type]:
         def _load_packed(self, model, found: dict) -> None:
             """A kt_jit-packed checkpoint: every experts module becomes a KTJitExperts over its
             memory-mapped file now, so that transformers neither expects nor allocates its weights."""
+            from safetensors import safe_open
+
+            from .hf_saving import SAVE_ID_KEY
+
             cfg = self.quantization_config
             if cfg.packed_files is None:
                 raise ValueError("this checkpoint holds kt_jit-packed experts: load it with "
                                  "kt_jit.integrations.hf_loading.from_pretrained (which finds their files)")
-            if set(found) != set(cfg.packed_files):
+            files = dict(cfg.packed_files)
+            prefix = f"{getattr(model, 'base_model_prefix', '')}."
+            for names in ({k.removeprefix(prefix): v for k, v in files.items()},  # (saved with a head, loaded
+                          {prefix + k: v for k, v in files.items()}):           # without, or the other way)
+                if set(found) != set(files) and set(found) == set(names):
+                    files = names
+            if set(found) != set(files):
                 raise ValueError(f"the packed experts files are for modules {sorted(cfg.packed_files)}, the model "
                                  f"has {sorted(found)}")
             for name, module in found.items():
+                with safe_open(files[name], framework="pt") as f:
+                    save_id = (f.metadata() or {}).get(SAVE_ID_KEY)
+                if cfg.save_id is not None and save_id != cfg.save_id:
+                    raise ValueError(f"{files[name]} comes from another save than the checkpoint's config.json (an "
+                                     "interrupted save, or files mixed between checkpoints): save the model again")
                 with torch.device("cpu"):  # (transformers builds the model under the meta device)
-                    experts = MoEExperts.load(cfg.packed_files[name])
+                    experts = MoEExperts.load(files[name])
                 got = (experts.num_experts, experts.hidden_size, experts.intermediate_size)
                 if got != self.experts[name]:
-                    raise ValueError(f"{cfg.packed_files[name]} holds experts of (E, H, I) = {got}, the model's "
+                    raise ValueError(f"{files[name]} holds experts of (E, H, I) = {got}, the model's "
                                      f"{name} has {self.experts[name]}")
                 parent, _, attr = name.rpartition(".")
                 owner = model.get_submodule(parent) if parent else model
@@ -362,12 +378,13 @@ _LOADING_KWARGS = (*_HUB_KWARGS, "config", "dtype", "torch_dtype", "device_map",
                    "experts_implementation", "key_mapping", "use_safetensors", "weights_only")
 
 
-def _checkpoint_config(path, kwargs: dict, kt_config, quant: str | None, group_size: int | None):
+def _checkpoint_config(path, kwargs: dict, kt_config, given: dict):
     """The model config to load a quantized checkpoint with: the checkpoint's own (or
     ``kwargs["config"]``, copied) with its ``quantization_config`` replaced by ``kt_config`` —
     carrying the scale block of an FP8 checkpoint, or the packed experts' files of one written by
     :func:`~kt_jit.integrations.hf_saving.save_pretrained`. None when the checkpoint is not
-    quantized. Raises ValueError for other quantizations."""
+    quantized. ``given``: from_pretrained's kt_jit arguments (None where not given). Raises
+    ValueError for other quantizations."""
     import copy
 
     from transformers import AutoConfig, PretrainedConfig
@@ -386,7 +403,7 @@ def _checkpoint_config(path, kwargs: dict, kt_config, quant: str | None, group_s
             continue
         q = q if isinstance(q, dict) else q.to_dict()
         if q.get("quant_method") == "kt_jit" and q.get("packed_experts"):
-            _use_packed_experts(path, q, kwargs, kt_config, quant, group_size)
+            _use_packed_experts(path, q, kwargs, kt_config, given)
         elif q.get("quant_method") != "fp8":
             raise ValueError(f"{path} is quantized with {q.get('quant_method')!r}; kt_jit loads bf16/fp16/fp32 "
                              "checkpoints, FP8 ones with block scales (quant_method 'fp8', e.g. DeepSeek-V3) and "
@@ -405,12 +422,13 @@ def _checkpoint_config(path, kwargs: dict, kt_config, quant: str | None, group_s
     return None
 
 
-def _use_packed_experts(path, saved: dict, kwargs: dict, kt_config, quant: str | None,
-                        group_size: int | None) -> None:
+def _use_packed_experts(path, saved: dict, kwargs: dict, kt_config, given: dict) -> None:
     """Point ``kt_config`` at the packed experts of a checkpoint written by kt_jit's save_pretrained
-    (``saved``: its quantization_config), found locally or through the Hub cache."""
+    (``saved``: its quantization_config), found locally or through the Hub cache; the adapters'
+    rank, alpha and presence are the saved ones unless ``given``."""
     from transformers.utils import cached_file
 
+    quant, group_size = given["quant"], given["group_size"]
     grouped = QUANT_MODES.get(saved.get("quant"), (None, False))[1]
     if quant is not None and quant != saved.get("quant"):
         raise ValueError(f"{path} holds experts kt_jit packed as {saved.get('quant')!r}, not {quant!r}: load it "
@@ -419,32 +437,38 @@ def _use_packed_experts(path, saved: dict, kwargs: dict, kt_config, quant: str |
         raise ValueError(f"{path} holds experts quantized in groups of {saved.get('group_size')}, not {group_size}: "
                          "load it with group_size=None, or pack them again from the original checkpoint")
     kt_config.quant, kt_config.group_size = saved["quant"], saved.get("group_size", 128)
-    kt_config.packed_experts = dict(saved["packed_experts"])
+    kt_config.packed_experts, kt_config.save_id = dict(saved["packed_experts"]), saved.get("save_id")
+    for key in ("rank", "alpha", "lora"):
+        if given[key] is None and key in saved:
+            setattr(kt_config, key, saved[key])
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs and k != "trust_remote_code"}
     kt_config.packed_files = {name: cached_file(path, rel, **hub) for name, rel in saved["packed_experts"].items()}
 
 
-def from_pretrained(path: str | os.PathLike, quant: str | None = None, group_size: int | None = None, rank: int = 16,
-                    alpha: float = 32.0, lora: bool = True, model_class=None, **kwargs):
+def from_pretrained(path: str | os.PathLike, quant: str | None = None, group_size: int | None = None,
+                    rank: int | None = None, alpha: float | None = None, lora: bool | None = None, model_class=None,
+                    **kwargs):
     """``model_class.from_pretrained(path, ...)`` (default ``AutoModelForCausalLM``, bf16) with every
     routed-experts module packed on load into a :class:`KTJitExperts` (``quant`` default "bf16",
-    ``group_size`` default 128, as in :meth:`kt_jit.MoEExperts.from_tensors`; a rank-``rank`` adapter
-    each unless ``lora=False``). Other keyword arguments go to transformers. FP8 checkpoints with
-    block scales (``quant_method "fp8"``, DeepSeek-V3/Qwen3-FP8) are read as they are: experts packed
-    from FP8, the rest dequantized to the model's dtype. A checkpoint written by
-    :func:`kt_jit.integrations.hf_saving.save_pretrained` loads its packed experts memory-mapped,
-    as they were saved (``quant``/``group_size`` None, or the saved ones), with fresh adapters. Raises
-    ValueError when the model has no experts module, one cannot run on kt_jit, or the checkpoint is
-    quantized another way."""
+    ``group_size`` default 128, as in :meth:`kt_jit.MoEExperts.from_tensors`; a fresh adapter each,
+    ``rank`` default 16, ``alpha`` 32, unless ``lora=False``). Other keyword arguments go to
+    transformers. FP8 checkpoints with block scales (``quant_method "fp8"``, DeepSeek-V3/Qwen3-FP8)
+    are read as they are: experts packed from FP8, the rest dequantized to the model's dtype. A
+    checkpoint written by :func:`kt_jit.integrations.hf_saving.save_pretrained` loads its packed
+    experts memory-mapped, as they were saved (``quant``/``group_size`` None, or the saved ones),
+    with fresh adapters of the saved rank and alpha unless given. Raises ValueError when the model
+    has no experts module, one cannot run on kt_jit, or the checkpoint is quantized another way."""
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
     if "quantization_config" in kwargs:
         raise ValueError("from_pretrained sets quantization_config itself (kt_jit packs the experts)")
     if "dtype" not in kwargs and "torch_dtype" not in kwargs:
         kwargs["dtype"] = torch.bfloat16
-    kt_config = kt_jit_config(quant or "bf16", group_size or 128, rank, alpha, lora)
+    given = {"quant": quant, "group_size": group_size, "rank": rank, "alpha": alpha, "lora": lora}
+    defaults = {"quant": "bf16", "group_size": 128, "rank": 16, "alpha": 32.0, "lora": True}
+    kt_config = kt_jit_config(**{k: defaults[k] if v is None else v for k, v in given.items()})
     model_kwargs = dict(kwargs)
-    config = _checkpoint_config(path, model_kwargs, kt_config, quant, group_size)
+    config = _checkpoint_config(path, model_kwargs, kt_config, given)
     if config is not None:  # (transformers then builds kt_jit's quantizer from the config, "pre-quantized")
         return model_class.from_pretrained(path, **(model_kwargs | {"config": config}))
     return model_class.from_pretrained(path, quantization_config=kt_config, **kwargs)

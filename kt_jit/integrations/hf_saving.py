@@ -15,13 +15,16 @@ The experts' LoRA adapters are not part of it (a loaded model gets fresh ones): 
 
 from __future__ import annotations
 
+import json
 import os
+import uuid
 
 from torch import nn
 
 from .hf import KTJitExperts
 
 PACKED_DIR = "kt_jit_experts"
+SAVE_ID_KEY = "kt_jit_save_id"  # (metadata of each experts file: the save it belongs to)
 
 
 def state_dict_without_experts(model: nn.Module) -> dict:
@@ -30,15 +33,41 @@ def state_dict_without_experts(model: nn.Module) -> dict:
     return {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
 
 
+def _weight_files(path: str) -> dict[str, tuple[int, int, int]]:
+    """The top-level checkpoint weight files in the directory ``path``, with (inode, mtime, size)."""
+    if not os.path.isdir(path):
+        return {}
+    found = {}
+    for f in os.listdir(path):
+        full = os.path.join(path, f)
+        if os.path.isfile(full) and f.endswith((".safetensors", ".bin", ".index.json")):
+            st = os.stat(full)
+            found[f] = (st.st_ino, st.st_mtime_ns, st.st_size)
+    return found
+
+
+def _is_packed_checkpoint(path: str) -> bool:
+    """Whether the directory ``path`` holds a checkpoint this module wrote."""
+    try:
+        with open(os.path.join(path, "config.json")) as f:
+            q = json.load(f).get("quantization_config") or {}
+    except (OSError, ValueError):
+        return False
+    return q.get("quant_method") == "kt_jit" and bool(q.get("packed_experts"))
+
+
 def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None:
     """Write ``model`` (a transformers model with :class:`KTJitExperts` modules, from
     :func:`~kt_jit.integrations.hf_loading.from_pretrained` or
     :func:`~kt_jit.integrations.hf.patch_experts`) to the directory ``path`` with its experts packed
     as they are (see the module docstring); ``kwargs`` go to transformers' ``save_pretrained``
-    (e.g. ``max_shard_size``). The adapters are not saved. Raises ValueError for a model without
-    KTJitExperts modules or wrapped by PEFT (save the base model's packed form from
-    ``model.get_base_model()``, the adapters with ``save_peft_adapter``)."""
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
+    (e.g. ``max_shard_size``). The adapters are not saved. ``path`` must be new, empty, or hold an
+    earlier save of this function (whose files are replaced): a directory with another checkpoint
+    (e.g. the one the model was loaded from) is refused. Raises ValueError for a model without
+    KTJitExperts modules, with experts packed in different modes, or wrapped by PEFT (save the
+    packed form of ``model.get_base_model()``, the adapters with ``save_peft_adapter``)."""
+    if hasattr(model, "peft_config") and hasattr(model, "get_base_model") or getattr(
+            model, "_hf_peft_config_loaded", False):
         raise ValueError("this model is wrapped by PEFT: save model.get_base_model() (after merge_and_unload() "
                          "if its other adapters should be part of it), and the adapters with save_peft_adapter")
     modules = {name: m for name, m in model.named_modules() if isinstance(m, KTJitExperts)}
@@ -46,21 +75,24 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
         raise ValueError(f"{type(model).__name__} has no KTJitExperts modules: use its own save_pretrained")
     if "state_dict" in kwargs:
         raise ValueError("save_pretrained takes the model's weights itself (the experts go to their own files)")
-    first = next(iter(modules.values()))
+    if kwargs.get("push_to_hub"):
+        raise ValueError("push_to_hub: save to a local directory, then upload it whole (huggingface_hub."
+                         "upload_folder): transformers would upload only the files it wrote itself")
+    modes = {(m.experts.quant, m.experts.group_size) for m in modules.values()}
+    if len(modes) != 1:
+        raise ValueError(f"the experts are packed in different modes {sorted(modes)}; one checkpoint holds one")
+    path = os.fspath(path)
+    before = _weight_files(path)
+    if before and not _is_packed_checkpoint(path):
+        raise ValueError(f"{path} holds another checkpoint ({sorted(before)[0]}, ...): save into a new or empty "
+                         "directory (over the checkpoint the model came from, its original experts would be lost)")
+    quant, group_size = modes.pop()
     adapters = [m.lora for m in modules.values() if m.lora is not None]
     files = {name: f"{PACKED_DIR}/{name}.safetensors" for name in modules}
-    packed_config = {"quant_method": "kt_jit", "quant": first.experts.quant,
-                     "group_size": first.experts.group_size or 128,
+    save_id = uuid.uuid4().hex  # (in every file and in config.json: a load checks they are one save)
+    packed_config = {"quant_method": "kt_jit", "quant": quant, "group_size": group_size or 128,
                      "rank": adapters[0].rank if adapters else 16, "alpha": adapters[0].alpha if adapters else 32.0,
-                     "lora": bool(adapters), "fp8_block": None, "packed_experts": files}
-    state = state_dict_without_experts(model)
-
-    os.makedirs(os.path.join(path, PACKED_DIR), exist_ok=True)
-    for name, module in modules.items():
-        module.experts.save(os.path.join(path, files[name]))
-    for stale in set(os.listdir(os.path.join(path, PACKED_DIR))) - {os.path.basename(f) for f in files.values()}:
-        if stale.endswith(".safetensors"):
-            os.remove(os.path.join(path, PACKED_DIR, stale))
+                     "lora": bool(adapters), "fp8_block": None, "packed_experts": files, "save_id": save_id}
 
     config = model.config
     had_config = "quantization_config" in config.__dict__
@@ -73,7 +105,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
     if conversions is not None and hasattr(quantizer, "saving_conversions"):
         model._weight_conversions = quantizer.saving_conversions(conversions)
     try:
-        model.save_pretrained(path, state_dict=state, **kwargs)
+        model.save_pretrained(path, state_dict=state_dict_without_experts(model), **kwargs)
     finally:
         if conversions is not None:
             model._weight_conversions = conversions
@@ -83,3 +115,16 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
             config.quantization_config = old_config
         else:
             del config.quantization_config
+
+    os.makedirs(os.path.join(path, PACKED_DIR), exist_ok=True)
+    for name, module in modules.items():
+        module.experts.save(os.path.join(path, files[name]), metadata={SAVE_ID_KEY: save_id})
+    for stale in set(os.listdir(os.path.join(path, PACKED_DIR))) - {os.path.basename(f) for f in files.values()}:
+        if stale.endswith(".safetensors"):
+            os.remove(os.path.join(path, PACKED_DIR, stale))
+    # (transformers removes an earlier save's shards, not its single file or index: e.g. a save in
+    # one file, then sharded, would leave model.safetensors, which loads first. Files this save did
+    # not write are the earlier save's.)
+    after = _weight_files(path)
+    for stale in (f for f, stat in before.items() if after.get(f) == stat):
+        os.remove(os.path.join(path, stale))

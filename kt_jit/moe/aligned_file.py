@@ -13,6 +13,7 @@ from __future__ import annotations
 import json
 import os
 import struct
+import tempfile
 
 import torch
 
@@ -33,9 +34,11 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
                  metadata: dict[str, str] | None = None) -> None:
     """Write ``tensors`` (CPU, any shape; dtypes as in safetensors) as a safetensors file in which
     every tensor starts at a multiple of 64 bytes from the file's start, so that a memory map of the
-    file (page aligned) gives 64-byte aligned tensors. Written to a temporary file, then renamed."""
-    if any(is_padding(k) for k in tensors):
-        raise ValueError(f"tensor names of the form {_PAD}<i>__ are reserved for padding")
+    file (page aligned) gives 64-byte aligned tensors. Written to a temporary file in the same
+    directory, flushed to disk, then renamed over ``path`` (a reader, or a memory map of the old
+    file, never sees a partial one)."""
+    if any(is_padding(k) or k == "__metadata__" for k in tensors):
+        raise ValueError(f"tensor names __metadata__ and {_PAD}<i>__ are reserved (the header's metadata, padding)")
     entries: list[tuple[str, torch.Tensor]] = []
     header: dict[str, dict] = {}
     offset = 0
@@ -57,14 +60,17 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
         header["__metadata__"] = {str(k): str(v) for k, v in metadata.items()}
     text = json.dumps(header, separators=(",", ":")).encode()
     text += b" " * (-(8 + len(text)) % ALIGN)  # (the data section then starts 64-byte aligned)
-    tmp = f"{os.fspath(path)}.tmp{os.getpid()}"
+    directory, name = os.path.split(os.path.abspath(path))
+    fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
-        with open(tmp, "wb") as f:
+        with os.fdopen(fd, "wb") as f:
             f.write(struct.pack("<Q", len(text)))
             f.write(text)
             for _, t in entries:
                 if t.numel():
                     f.write(memoryview(t.reshape(-1).view(torch.uint8).numpy()))
+            f.flush()
+            os.fsync(f.fileno())
         os.replace(tmp, path)
     except BaseException:
         if os.path.exists(tmp):

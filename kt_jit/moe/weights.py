@@ -290,12 +290,14 @@ class MoEExperts:
         """Bytes of one expert's three matrices as stored (what a pass reads per active expert)."""
         return self.nbytes // self.num_experts
 
-    def save(self, path: str | os.PathLike) -> None:
-        """Write the packed (quantized) weights as safetensors with kt_jit metadata, every tensor at a
-        64-byte file offset (so that :meth:`load`'s memory map gives aligned tensors), atomically."""
-        meta = {"format": "kt_jit.MoEExperts", "format_version": str(FORMAT_VERSION), "quant": self.quant,
-                "group_size": str(self.group_size), "num_experts": str(self.num_experts),
-                "hidden_size": str(self.hidden_size), "intermediate_size": str(self.intermediate_size)}
+    def save(self, path: str | os.PathLike, metadata: dict[str, str] | None = None) -> None:
+        """Write the packed (quantized) weights as safetensors with kt_jit metadata (plus the string
+        pairs of ``metadata``), every tensor at a 64-byte file offset (so that :meth:`load`'s memory
+        map gives aligned tensors), atomically."""
+        meta = dict(metadata or {}) | {
+            "format": "kt_jit.MoEExperts", "format_version": str(FORMAT_VERSION), "quant": self.quant,
+            "group_size": str(self.group_size), "num_experts": str(self.num_experts),
+            "hidden_size": str(self.hidden_size), "intermediate_size": str(self.intermediate_size)}
         if os.path.isdir(path):
             example = os.path.join(path, "experts.safetensors")
             raise ValueError(f"{path} is a directory; give a file name (e.g. {example})")
