@@ -464,9 +464,10 @@ def test_from_pretrained_reads_fp8_checkpoints(arch, block, quant, tmp_path, mon
 
 
 def test_save_pretrained_writes_the_packed_experts(tmp_path):
-    """kt_jit's save_pretrained: transformers' checkpoint of the other weights (no experts keys, no
-    adapters) plus one aligned MoEExperts file per layer; from_pretrained maps those files (no
-    packing) and computes what the saved model computes, with fresh adapters. Misuse is refused."""
+    """kt_jit's save_pretrained: transformers' checkpoint of the other weights and the adapters (no
+    experts weights) plus one aligned MoEExperts file per layer; from_pretrained maps those files (no
+    packing), reads the adapters back (bf16 and trainable in an fp32 model too; fresh ones when
+    another rank or none is asked for) and computes what the saved model computes. Misuse is refused."""
     import json
 
     from kt_jit.integrations.hf_loading import from_pretrained
@@ -479,15 +480,20 @@ def test_save_pretrained_writes_the_packed_experts(tmp_path):
     _model("mixtral").to(torch.bfloat16).save_pretrained(tmp_path / "mixtral")
     patched = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "mixtral", dtype=torch.bfloat16)
     patch_experts(patched, quant="int8", rank=8)
+    g = torch.Generator().manual_seed(9)
+    for model in (loaded, patched):  # (trained adapters: nonzero B)
+        with torch.no_grad():
+            for p in moe_lora_parameters(model):
+                p.copy_(torch.randn(p.shape, generator=g) * 0.1)
     for model, saved in ((loaded, tmp_path / "a"), (patched, tmp_path / "b")):
         config_before = getattr(model.config, "quantization_config", None)
         save_pretrained(model, saved, max_shard_size="40KB")
         assert getattr(model.config, "quantization_config", None) is config_before
         index = json.loads((saved / "model.safetensors.index.json").read_text())["weight_map"]
-        assert len(set(index.values())) > 1 and not any("experts" in k for k in index)
-        back = from_pretrained(saved, lora=False)
+        assert len(set(index.values())) > 1 and not any(k.endswith(("gate_up_proj", "down_proj")) for k in index)
+        back = from_pretrained(saved, dtype=torch.float32)  # (the adapters stay bf16)
         modules = {n: m for n, m in back.named_modules() if isinstance(m, KTJitExperts)}
-        assert len(modules) == 2 and all(m.lora is None for m in modules.values())
+        assert len(modules) == 2
         for name, module in modules.items():
             source = model.get_submodule(name)
             assert module.experts.quant == source.experts.quant
@@ -495,12 +501,18 @@ def test_save_pretrained_writes_the_packed_experts(tmp_path):
             for k, t in module.experts.tensors.items():
                 assert torch.equal(t, source.experts.tensors[k]), (name, k)
                 assert t.data_ptr() % 64 == 0 and any(lo <= t.data_ptr() < hi for lo, hi in mapped), (name, k)
-            module.lora = source.lora
+            for a, b in zip(module.lora.tensors(), source.lora.tensors(), strict=True):
+                assert torch.equal(a, b) and a.dtype == torch.bfloat16 and a.requires_grad
+            assert module.lora.alpha == source.lora.alpha
+        back = from_pretrained(saved)
         with torch.no_grad():
             assert torch.equal(back(ids).logits, model(ids).logits)
+    bare = from_pretrained(tmp_path / "a", lora=False)
+    assert all(m.lora is None for m in bare.modules() if isinstance(m, KTJitExperts))
     again = from_pretrained(tmp_path / "a", quant="int4_kgroup", group_size=32, rank=4)
-    assert all(m.lora.rank == 4 for m in again.modules() if isinstance(m, KTJitExperts))
-    # the saved adapters' rank unless given; the model without its head (names without "model.")
+    assert all(m.lora.rank == 4 and not m.lora.gate_lora_b.any() for m in again.modules()
+               if isinstance(m, KTJitExperts))
+    # the model without its head (names without "model.")
     base = from_pretrained(tmp_path / "a", model_class=transformers.AutoModel)
     assert [n for n, m in base.named_modules() if isinstance(m, KTJitExperts) and m.lora.rank == 8] == [
         "layers.0.mlp.experts", "layers.1.mlp.experts"]

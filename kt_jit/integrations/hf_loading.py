@@ -32,9 +32,8 @@ import os
 import torch
 
 from ..moe.checkpoint import check_fp8_scales, dequantize_fp8_blocks, fp8_block_size, fp8_source
-from ..moe.weights import QUANT_MODES, MoEExperts, MoELoRA, pack_expert_matrix, pack_expert_parts
+from ..moe.weights import QUANT_MODES, MoEExperts, MoELoRA, lora_shapes, pack_expert_matrix, pack_expert_parts
 from .hf import KTJitExperts, _dims, _patch_problem, is_experts_module, skeleton_of
-from .hf_saving import state_dict_without_experts
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -62,7 +61,7 @@ def _classes() -> tuple[type, type]:
         def __init__(self, quant: str = "bf16", group_size: int = 128, rank: int = 16, alpha: float = 32.0,
                      lora: bool = True, fp8_block: list[int] | None = None,
                      packed_experts: dict[str, str] | None = None, packed_files: dict[str, str] | None = None,
-                     save_id: str | None = None, **kwargs) -> None:
+                     save_id: str | None = None, load_adapters: bool = False, **kwargs) -> None:
             self.quant_method = "kt_jit"
             self.quant, self.group_size, self.rank, self.alpha, self.lora = quant, group_size, rank, alpha, lora
             # the checkpoint's FP8 scale block [rows, columns] when it is an FP8 one (set by from_pretrained)
@@ -71,6 +70,8 @@ def _classes() -> tuple[type, type]:
             # (relative to the checkpoint), those files as from_pretrained found them (local paths),
             # and the id of the save (also in each file's metadata)
             self.packed_experts, self.packed_files, self.save_id = packed_experts, packed_files, save_id
+            # whether the checkpoint's adapters load (rank and alpha as saved), else fresh ones
+            self.load_adapters = load_adapters
 
     class _PackOnLoad(ConversionOps):
         """Packs an experts parameter the checkpoint stores whole (``experts.gate_up_proj``) as
@@ -205,6 +206,8 @@ def _classes() -> tuple[type, type]:
             self.errors: list[str] = []
             self.saving = False  # (set by hf_saving.save_pretrained, the one way to save such a model)
             self.replaced: list[tuple] = []  # (converter made here, the model's own it replaced or None)
+            # adapter parameters the checkpoint's values replace, by id (held, so that no id is reused)
+            self.placeholders: dict[int, torch.Tensor] = {}
 
         def validate_environment(self, *args, **kwargs) -> None:
             dm = kwargs.get("device_map")
@@ -258,9 +261,18 @@ def _classes() -> tuple[type, type]:
                 if got != self.experts[name]:
                     raise ValueError(f"{files[name]} holds experts of (E, H, I) = {got}, the model's "
                                      f"{name} has {self.experts[name]}")
+                lora = None
+                if cfg.load_adapters:  # (placeholders of the right shapes: transformers loads the saved values)
+                    with torch.device("cpu"):
+                        lora = MoELoRA.from_tensors(*(torch.zeros(s, dtype=torch.bfloat16) for s in lora_shapes(
+                            *self.experts[name], cfg.rank).values()), alpha=cfg.alpha)
+                    self.placeholders.update((id(p), p) for p in lora.parameters())
                 parent, _, attr = name.rpartition(".")
                 owner = model.get_submodule(parent) if parent else model
-                setattr(owner, attr, KTJitExperts(experts, None, skeleton_of(module)))
+                setattr(owner, attr, KTJitExperts(experts, lora, skeleton_of(module)))
+            if not cfg.load_adapters:  # (a checkpoint's adapters, if it has any, are not wanted)
+                model._keys_to_ignore_on_load_unexpected = set(model._keys_to_ignore_on_load_unexpected or ()) | {
+                    r"experts\.lora\.(gate|up|down)_lora_[ab]$"}
 
         def param_needs_quantization(self, model, param_name: str, **kwargs) -> bool:
             module_name, _, param = param_name.rpartition(".")
@@ -305,7 +317,11 @@ def _classes() -> tuple[type, type]:
             for name, (e, h, i) in self.experts.items():
                 if cfg.packed_experts is not None:  # (loaded before the weights: adapters only)
                     module = model.get_submodule(name)
-                    module.lora = MoELoRA(e, h, i, cfg.rank, cfg.alpha) if cfg.lora else None
+                    if cfg.load_adapters:
+                        self._check_loaded_adapter(name, module)
+                    else:
+                        module.lora = MoELoRA(e, h, i, cfg.rank, cfg.alpha) if cfg.lora else None
+                    module.train(model.training)
                     continue
                 tensors = self.packed.pop(name, {})
                 if "gate_up" not in tensors or "down" not in tensors:
@@ -319,11 +335,22 @@ def _classes() -> tuple[type, type]:
                 # (its parameters are the stubs _PackOnLoad left, in the dtype the weights loaded in)
                 skeleton = skeleton_of(getattr(owner, attr))
                 setattr(owner, attr, KTJitExperts(experts, lora, skeleton).train(owner.training))
+            self.placeholders.clear()
             return model
 
-        def get_state_dict_and_metadata(self, model):
-            # (transformers saves this in place of save_pretrained's state_dict argument)
-            return (state_dict_without_experts(model) if self.saving else None), {}
+        def _check_loaded_adapter(self, name: str, module) -> None:
+            """After loading: the checkpoint replaced every placeholder of the module's adapter; the
+            adapter is bf16 and trainable whatever dtype the model loaded in."""
+            lora = module.lora
+            missing = [n for n, p in lora.named_parameters() if self.placeholders.get(id(p)) is p]
+            if missing:
+                raise ValueError(f"{name}: the checkpoint has no {missing[0]} (its config says it holds the "
+                                 "adapters): load it with lora=False, or with rank= for fresh adapters")
+            with torch.no_grad():
+                for n, p in list(lora.named_parameters()):
+                    if p.dtype != torch.bfloat16:
+                        setattr(lora, n, torch.nn.Parameter(p.detach().bfloat16()))
+            lora.requires_grad_(True)
 
         def saving_conversions(self, conversions: list) -> list:
             """The loaded model's weight conversions (``model._weight_conversions``) as transformers
@@ -441,6 +468,9 @@ def _use_packed_experts(path, saved: dict, kwargs: dict, kt_config, given: dict)
     for key in ("rank", "alpha", "lora"):
         if given[key] is None and key in saved:
             setattr(kt_config, key, saved[key])
+    # the saved adapters load unless other ones (or none) are asked for
+    kt_config.load_adapters = bool(saved.get("lora")) and kt_config.lora and (
+        kt_config.rank, kt_config.alpha) == (saved.get("rank"), saved.get("alpha"))
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs and k != "trust_remote_code"}
     kt_config.packed_files = {name: cached_file(path, rel, **hub) for name, rel in saved["packed_experts"].items()}
 
@@ -456,8 +486,9 @@ def from_pretrained(path: str | os.PathLike, quant: str | None = None, group_siz
     are read as they are: experts packed from FP8, the rest dequantized to the model's dtype. A
     checkpoint written by :func:`kt_jit.integrations.hf_saving.save_pretrained` loads its packed
     experts memory-mapped, as they were saved (``quant``/``group_size`` None, or the saved ones),
-    with fresh adapters of the saved rank and alpha unless given. Raises ValueError when the model
-    has no experts module, one cannot run on kt_jit, or the checkpoint is quantized another way."""
+    and its saved adapters (fresh ones for another ``rank``/``alpha``, none with ``lora=False``).
+    Raises ValueError when the model has no experts module, one cannot run on kt_jit, or the
+    checkpoint is quantized another way."""
     if model_class is None:
         from transformers import AutoModelForCausalLM as model_class
     if "quantization_config" in kwargs:

@@ -1,16 +1,18 @@
 """Saving a transformers model whose experts kt_jit runs, packed as they are.
 
 ``save_pretrained(model, path)`` writes an ordinary transformers checkpoint of everything but the
-routed experts (transformers' own ``save_pretrained``, so other weights keep their checkpoint
-names and shards), plus one :meth:`kt_jit.MoEExperts.save` file per experts module under
+routed experts' packed weights (transformers' own ``save_pretrained``, so other weights keep their
+checkpoint names and shards; the experts' LoRA adapters are in it), plus one
+:meth:`kt_jit.MoEExperts.save` file per experts module under
 ``path/kt_jit_experts/``, and records both in ``config.json``'s ``quantization_config``
 (``quant_method "kt_jit"``). :func:`kt_jit.integrations.hf_loading.from_pretrained` reads it back
 with no packing or quantization: each experts file is memory-mapped (page cache shared between
 processes, not the process's own memory), so a second start of a job, or a second process serving
 the same model, costs the other weights' load only.
 
-The experts' LoRA adapters are not part of it (a loaded model gets fresh ones): save them with
-:func:`kt_jit.integrations.peft_adapter.save_peft_adapter`.
+The adapters load back with the model (bf16, trainable: a fine-tune resumes from the checkpoint)
+unless the load asks for another rank or alpha (fresh adapters) or ``lora=False`` (none). For a
+PEFT adapter file of them see :func:`kt_jit.integrations.peft_adapter.save_peft_adapter`.
 """
 
 from __future__ import annotations
@@ -25,12 +27,6 @@ from .hf import KTJitExperts
 
 PACKED_DIR = "kt_jit_experts"
 SAVE_ID_KEY = "kt_jit_save_id"  # (metadata of each experts file: the save it belongs to)
-
-
-def state_dict_without_experts(model: nn.Module) -> dict:
-    """``model.state_dict()`` without the keys of its :class:`KTJitExperts` modules (their adapters)."""
-    prefixes = tuple(f"{name}." for name, m in model.named_modules() if isinstance(m, KTJitExperts))
-    return {k: v for k, v in model.state_dict().items() if not k.startswith(prefixes)}
 
 
 def _weight_files(path: str) -> dict[str, tuple[int, int, int]]:
@@ -61,7 +57,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
     :func:`~kt_jit.integrations.hf_loading.from_pretrained` or
     :func:`~kt_jit.integrations.hf.patch_experts`) to the directory ``path`` with its experts packed
     as they are (see the module docstring); ``kwargs`` go to transformers' ``save_pretrained``
-    (e.g. ``max_shard_size``). The adapters are not saved. ``path`` must be new, empty, or hold an
+    (e.g. ``max_shard_size``). The adapters are saved with the model (all experts modules must have
+    one of the same rank and alpha, or none). ``path`` must be new, empty, or hold an
     earlier save of this function (whose files are replaced): a directory with another checkpoint
     (e.g. the one the model was loaded from) is refused. Raises ValueError for a model without
     KTJitExperts modules, with experts packed in different modes, or wrapped by PEFT (save the
@@ -75,6 +72,10 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
         raise ValueError(f"{type(model).__name__} has no KTJitExperts modules: use its own save_pretrained")
     if "state_dict" in kwargs:
         raise ValueError("save_pretrained takes the model's weights itself (the experts go to their own files)")
+    adapters = [m.lora for m in modules.values() if m.lora is not None]
+    if adapters and (len(adapters) != len(modules) or len({(a.rank, a.alpha) for a in adapters}) != 1):
+        raise ValueError("the experts adapters differ in rank or alpha, or some modules have none: a checkpoint "
+                         "holds one kind (set module.lora to match, or save them with save_peft_adapter)")
     if kwargs.get("push_to_hub"):
         raise ValueError("push_to_hub: save to a local directory, then upload it whole (huggingface_hub."
                          "upload_folder): transformers would upload only the files it wrote itself")
@@ -87,7 +88,6 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
         raise ValueError(f"{path} holds another checkpoint ({sorted(before)[0]}, ...): save into a new or empty "
                          "directory (over the checkpoint the model came from, its original experts would be lost)")
     quant, group_size = modes.pop()
-    adapters = [m.lora for m in modules.values() if m.lora is not None]
     files = {name: f"{PACKED_DIR}/{name}.safetensors" for name in modules}
     save_id = uuid.uuid4().hex  # (in every file and in config.json: a load checks they are one save)
     packed_config = {"quant_method": "kt_jit", "quant": quant, "group_size": group_size or 128,
@@ -105,7 +105,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
     if conversions is not None and hasattr(quantizer, "saving_conversions"):
         model._weight_conversions = quantizer.saving_conversions(conversions)
     try:
-        model.save_pretrained(path, state_dict=state_dict_without_experts(model), **kwargs)
+        model.save_pretrained(path, **kwargs)  # (the experts' packed weights are in no state dict)
     finally:
         if conversions is not None:
             model._weight_conversions = conversions
