@@ -507,6 +507,8 @@ def test_save_pretrained_writes_the_packed_experts(tmp_path):
         back = from_pretrained(saved)
         with torch.no_grad():
             assert torch.equal(back(ids).logits, model(ids).logits)
+        back(ids, labels=ids).loss.backward()  # (a fine-tune resumes: the adapters get gradients)
+        assert all(p.grad is not None and p.grad.any() for p in moe_lora_parameters(back))
     bare = from_pretrained(tmp_path / "a", lora=False)
     assert all(m.lora is None for m in bare.modules() if isinstance(m, KTJitExperts))
     again = from_pretrained(tmp_path / "a", quant="int4_kgroup", group_size=32, rank=4)
