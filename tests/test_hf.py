@@ -469,6 +469,7 @@ def test_save_pretrained_writes_the_packed_experts(tmp_path):
     packing), reads the adapters back (bf16 and trainable in an fp32 model too; fresh ones when
     another rank or none is asked for) and computes what the saved model computes. Misuse is refused."""
     import json
+    import os
 
     from kt_jit.integrations.hf_loading import from_pretrained
     from kt_jit.integrations.hf_saving import save_pretrained
@@ -518,15 +519,18 @@ def test_save_pretrained_writes_the_packed_experts(tmp_path):
     base = from_pretrained(tmp_path / "a", model_class=transformers.AutoModel)
     assert [n for n, m in base.named_modules() if isinstance(m, KTJitExperts) and m.lora.rank == 8] == [
         "layers.0.mlp.experts", "layers.1.mlp.experts"]
-    # saved again over a save (one file, then shards): nothing of the earlier save is left to load
-    save_pretrained(loaded, tmp_path / "e")
-    first = (tmp_path / "e" / "kt_jit_experts" / "model.layers.0.mlp.experts.safetensors").read_bytes()
-    save_pretrained(loaded, tmp_path / "e", max_shard_size="40KB")
+    # saved again over a save (one file, then shards), through model.save_pretrained: nothing of the
+    # earlier save is left to load; the unchanged experts files are hard links to the first save's
+    layer0 = "kt_jit_experts/model.layers.0.mlp.experts.safetensors"
+    loaded.save_pretrained(tmp_path / "e")
+    loaded.save_pretrained(tmp_path / "e", max_shard_size="40KB")
     assert not (tmp_path / "e" / "model.safetensors").exists()
+    assert os.path.samefile(tmp_path / "e" / layer0, tmp_path / "a" / layer0)
     with torch.no_grad():
         assert torch.equal(from_pretrained(tmp_path / "e")(ids).logits, loaded(ids).logits)
     # an experts file of another save (an interrupted save, files mixed up) is refused
-    (tmp_path / "e" / "kt_jit_experts" / "model.layers.0.mlp.experts.safetensors").write_bytes(first)
+    (tmp_path / "e" / layer0).unlink()
+    loaded.model.layers[0].mlp.experts.experts.save(tmp_path / "e" / layer0, metadata={"kt_jit_save_id": "other"})
     with pytest.raises(ValueError, match="another save"):
         from_pretrained(tmp_path / "e")
 
@@ -536,8 +540,6 @@ def test_save_pretrained_writes_the_packed_experts(tmp_path):
         from_pretrained(tmp_path / "a", group_size=128)
     with pytest.raises(ValueError, match="load it with kt_jit.integrations.hf_loading.from_pretrained"):
         transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "a")
-    with pytest.raises(ValueError, match="not serializable"):
-        loaded.save_pretrained(tmp_path / "plain")
     with pytest.raises(ValueError, match="no KTJitExperts"):
         save_pretrained(_model("qwen3_moe"), tmp_path / "c")
     with pytest.raises(ValueError, match="holds another checkpoint"):  # (its bf16 experts would be lost)
@@ -551,6 +553,47 @@ def test_save_pretrained_writes_the_packed_experts(tmp_path):
     (tmp_path / "a" / "kt_jit_experts" / "model.layers.1.mlp.experts.safetensors").unlink()
     with pytest.raises(OSError, match="model.layers.1.mlp.experts.safetensors"):
         from_pretrained(tmp_path / "a")
+
+
+def test_trainer_checkpoints_a_kt_jit_model(tmp_path):
+    """transformers' Trainer on a model loaded through hf_loading: its checkpoints are packed
+    checkpoints (model.save_pretrained is kt_jit's), the second one's experts files hard links to
+    the first one's; a checkpoint loads back as the trained model, and a Trainer resumes from it."""
+    import os
+
+    from kt_jit.integrations.hf_loading import from_pretrained
+
+    _model("qwen3_moe").to(torch.bfloat16).save_pretrained(tmp_path / "src")
+
+    def trainer(steps: int):
+        model = from_pretrained(tmp_path / "src", quant="int8", rank=8)
+        for n, p in model.named_parameters():
+            p.requires_grad_(".lora." in n)
+        g = torch.Generator().manual_seed(3)
+        data = [{"input_ids": (x := torch.randint(0, 96, (8,), generator=g)), "labels": x} for _ in range(8)]
+        args = transformers.TrainingArguments(tmp_path / "out", max_steps=steps, save_steps=1, learning_rate=1e-2,
+                                              per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                                              disable_tqdm=True)
+        return transformers.Trainer(model=model, args=args, train_dataset=data)
+
+    first = trainer(2)
+    first.train()
+    layer0 = "kt_jit_experts/model.layers.0.mlp.experts.safetensors"
+    assert os.path.samefile(tmp_path / "out" / "checkpoint-1" / layer0, tmp_path / "out" / "checkpoint-2" / layer0)
+    trained = first.model
+    back = from_pretrained(tmp_path / "out" / "checkpoint-2")
+    assert all(torch.equal(a, b) for a, b in zip(moe_lora_parameters(back), moe_lora_parameters(trained),
+                                                 strict=True))
+    assert all(m.lora.down_lora_b.any() for m in back.modules() if isinstance(m, KTJitExperts))  # (B left zero)
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(8))
+    with torch.no_grad():
+        assert torch.equal(back(ids).logits, trained(ids).logits)
+    resumed = trainer(3)
+    resumed._load_from_checkpoint(str(tmp_path / "out" / "checkpoint-2"))  # (what train(resume_from_...) does)
+    assert all(torch.equal(a, b) for a, b in zip(moe_lora_parameters(resumed.model), moe_lora_parameters(trained),
+                                                 strict=True))
+    resumed.train(resume_from_checkpoint=str(tmp_path / "out" / "checkpoint-2"))
+    assert (tmp_path / "out" / "checkpoint-3" / layer0).exists()
 
 
 def test_unpatch_merges_the_adapters_back_into_a_transformers_model(tmp_path):

@@ -200,8 +200,11 @@ def patch_experts(model: nn.Module, rank: int = 16, alpha: float = 32.0, quant: 
     ``lora=False``) and return them by module name. The original expert weights are released
     (unless referenced elsewhere, e.g. by an optimizer built before the call).
 
-    Raises ValueError, before changing anything, when the model has no experts module or when one
-    cannot run on kt_jit (biases, another activation or gating, sizes not multiples of 32).
+    ``model.save_pretrained`` then writes kt_jit's packed checkpoint
+    (:func:`kt_jit.integrations.hf_saving.save_pretrained`; :func:`unpatch_experts` restores
+    transformers' own). Raises ValueError, before changing anything, when the model has no experts
+    module or when one cannot run on kt_jit (biases, another activation or gating, sizes not
+    multiples of 32).
     """
     names = [name for name, m in model.named_modules() if is_experts_module(m)]
     if not names:
@@ -218,6 +221,9 @@ def patch_experts(model: nn.Module, rank: int = 16, alpha: float = 32.0, quant: 
         new = KTJitExperts.from_hf(getattr(owner, attr), rank, alpha, quant, group_size, lora)
         setattr(owner, attr, new)
         replaced[name] = new
+    from .hf_saving import install_save  # (it imports this module)
+
+    install_save(model)
     return replaced
 
 
@@ -256,7 +262,10 @@ def unpatch_experts(model: nn.Module, merge_lora: bool = True) -> dict[str, nn.M
         owner = model.get_submodule(parent) if parent else model
         restored[name] = getattr(owner, attr).to_hf(merge_lora)
         setattr(owner, attr, restored[name])
+    from .hf_saving import uninstall_save
+
     for m in model.modules():  # (loaded by hf_loading: a plain model again; also inside wrappers)
+        uninstall_save(m)
         quantizer = m.__dict__.get("hf_quantizer")
         if quantizer is not None and getattr(quantizer.quantization_config, "quant_method", None) == "kt_jit":
             quantizer.remove_quantization_config(m)

@@ -34,6 +34,7 @@ import torch
 from ..moe.checkpoint import check_fp8_scales, dequantize_fp8_blocks, fp8_block_size, fp8_source
 from ..moe.weights import QUANT_MODES, MoEExperts, MoELoRA, lora_shapes, pack_expert_matrix, pack_expert_parts
 from .hf import KTJitExperts, _dims, _patch_problem, is_experts_module, skeleton_of
+from .hf_saving import install_save
 
 _FP8 = (torch.float8_e4m3fn, torch.float8_e5m2)
 
@@ -61,15 +62,15 @@ def _classes() -> tuple[type, type]:
         def __init__(self, quant: str = "bf16", group_size: int = 128, rank: int = 16, alpha: float = 32.0,
                      lora: bool = True, fp8_block: list[int] | None = None,
                      packed_experts: dict[str, str] | None = None, packed_files: dict[str, str] | None = None,
-                     save_id: str | None = None, load_adapters: bool = False, **kwargs) -> None:
+                     experts_ids: dict[str, str] | None = None, load_adapters: bool = False, **kwargs) -> None:
             self.quant_method = "kt_jit"
             self.quant, self.group_size, self.rank, self.alpha, self.lora = quant, group_size, rank, alpha, lora
             # the checkpoint's FP8 scale block [rows, columns] when it is an FP8 one (set by from_pretrained)
             self.fp8_block = fp8_block
             # a checkpoint written by hf_saving.save_pretrained: experts module -> its MoEExperts file
             # (relative to the checkpoint), those files as from_pretrained found them (local paths),
-            # and the id of the save (also in each file's metadata)
-            self.packed_experts, self.packed_files, self.save_id = packed_experts, packed_files, save_id
+            # and each file's id (also in its metadata)
+            self.packed_experts, self.packed_files, self.experts_ids = packed_experts, packed_files, experts_ids
             # whether the checkpoint's adapters load (rank and alpha as saved), else fresh ones
             self.load_adapters = load_adapters
 
@@ -232,15 +233,14 @@ def _classes() -> tuple[type, type]:
         def _load_packed(self, model, found: dict) -> None:
             """A kt_jit-packed checkpoint: every experts module becomes a KTJitExperts over its
             memory-mapped file now, so that transformers neither expects nor allocates its weights."""
-            from safetensors import safe_open
-
-            from .hf_saving import SAVE_ID_KEY
+            from .hf_saving import file_id, remember_file
 
             cfg = self.quantization_config
             if cfg.packed_files is None:
                 raise ValueError("this checkpoint holds kt_jit-packed experts: load it with "
                                  "kt_jit.integrations.hf_loading.from_pretrained (which finds their files)")
-            files = dict(cfg.packed_files)
+            ids = cfg.experts_ids or {}
+            files = {k: (v, ids.get(k)) for k, v in cfg.packed_files.items()}
             prefix = f"{getattr(model, 'base_model_prefix', '')}."
             for names in ({k.removeprefix(prefix): v for k, v in files.items()},  # (saved with a head, loaded
                           {prefix + k: v for k, v in files.items()}):           # without, or the other way)
@@ -250,16 +250,17 @@ def _classes() -> tuple[type, type]:
                 raise ValueError(f"the packed experts files are for modules {sorted(cfg.packed_files)}, the model "
                                  f"has {sorted(found)}")
             for name, module in found.items():
-                with safe_open(files[name], framework="pt") as f:
-                    save_id = (f.metadata() or {}).get(SAVE_ID_KEY)
-                if cfg.save_id is not None and save_id != cfg.save_id:
-                    raise ValueError(f"{files[name]} comes from another save than the checkpoint's config.json (an "
+                path, want = files[name]
+                got_id = file_id(path)
+                if want is not None and got_id != want:
+                    raise ValueError(f"{path} comes from another save than the checkpoint's config.json (an "
                                      "interrupted save, or files mixed between checkpoints): save the model again")
                 with torch.device("cpu"):  # (transformers builds the model under the meta device)
-                    experts = MoEExperts.load(files[name])
+                    experts = MoEExperts.load(path)
+                remember_file(experts, path, got_id)
                 got = (experts.num_experts, experts.hidden_size, experts.intermediate_size)
                 if got != self.experts[name]:
-                    raise ValueError(f"{files[name]} holds experts of (E, H, I) = {got}, the model's "
+                    raise ValueError(f"{path} holds experts of (E, H, I) = {got}, the model's "
                                      f"{name} has {self.experts[name]}")
                 lora = None
                 if cfg.load_adapters:  # (placeholders of the right shapes: transformers loads the saved values)
@@ -336,6 +337,7 @@ def _classes() -> tuple[type, type]:
                 skeleton = skeleton_of(getattr(owner, attr))
                 setattr(owner, attr, KTJitExperts(experts, lora, skeleton).train(owner.training))
             self.placeholders.clear()
+            install_save(model)  # (model.save_pretrained, the Trainer's checkpoints: the packed checkpoint)
             return model
 
         def _check_loaded_adapter(self, name: str, module) -> None:
@@ -464,7 +466,7 @@ def _use_packed_experts(path, saved: dict, kwargs: dict, kt_config, given: dict)
         raise ValueError(f"{path} holds experts quantized in groups of {saved.get('group_size')}, not {group_size}: "
                          "load it with group_size=None, or pack them again from the original checkpoint")
     kt_config.quant, kt_config.group_size = saved["quant"], saved.get("group_size", 128)
-    kt_config.packed_experts, kt_config.save_id = dict(saved["packed_experts"]), saved.get("save_id")
+    kt_config.packed_experts, kt_config.experts_ids = dict(saved["packed_experts"]), saved.get("experts_ids")
     for key in ("rank", "alpha", "lora"):
         if given[key] is None and key in saved:
             setattr(kt_config, key, saved[key])

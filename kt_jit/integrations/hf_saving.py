@@ -10,6 +10,11 @@ with no packing or quantization: each experts file is memory-mapped (page cache 
 processes, not the process's own memory), so a second start of a job, or a second process serving
 the same model, costs the other weights' load only.
 
+Models from ``hf_loading.from_pretrained`` and ``patch_experts`` get this as their
+``model.save_pretrained`` (:func:`install_save`), so transformers' ``Trainer`` writes such
+checkpoints; the experts files of a save are hard links to an earlier save's while the experts are
+unchanged (a file's id, in its metadata and in ``config.json``, says which save wrote it).
+
 The adapters load back with the model (bf16, trainable: a fine-tune resumes from the checkpoint)
 unless the load asks for another rank or alpha (fresh adapters) or ``lora=False`` (none). For a
 PEFT adapter file of them see :func:`kt_jit.integrations.peft_adapter.save_peft_adapter`.
@@ -19,24 +24,67 @@ from __future__ import annotations
 
 import json
 import os
+import types
 import uuid
+import weakref
 
 from torch import nn
 
+from ..moe.weights import MoEExperts
 from .hf import KTJitExperts
 
 PACKED_DIR = "kt_jit_experts"
-SAVE_ID_KEY = "kt_jit_save_id"  # (metadata of each experts file: the save it belongs to)
+SAVE_ID_KEY = "kt_jit_save_id"  # (metadata of each experts file: its id, also named in config.json)
+
+# experts -> (absolute path, id) of a file holding exactly them (written by a save, or the file they
+# are memory-mapped from): a later save hard-links that file instead of writing the experts again
+_FILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
+
+
+def file_id(path: str | os.PathLike) -> str | None:
+    """The id an experts file was saved with (None if it has none)."""
+    from safetensors import safe_open
+
+    with safe_open(os.fspath(path), framework="pt") as f:
+        return (f.metadata() or {}).get(SAVE_ID_KEY)
+
+
+def remember_file(experts: MoEExperts, path: str | os.PathLike, saved_id: str | None) -> None:
+    """Note that the file ``path`` (with id ``saved_id``) holds exactly ``experts``."""
+    if saved_id is not None:
+        _FILES[experts] = (os.path.abspath(path), saved_id)
+
+
+def _write_experts(experts: MoEExperts, target: str) -> str:
+    """Put ``experts`` in the file ``target`` and return its id: a hard link to a file known to
+    hold them (unchanged since: same id), else a new save."""
+    known = _FILES.get(experts)
+    if known is not None and os.path.exists(known[0]) and file_id(known[0]) == known[1]:
+        if os.path.exists(target) and os.path.samefile(known[0], target):
+            return known[1]
+        tmp = f"{target}.link{os.getpid()}"
+        try:
+            os.link(known[0], tmp)
+            os.replace(tmp, target)
+            return known[1]
+        except OSError:  # (another file system, no hard links: write it)
+            if os.path.lexists(tmp):
+                os.remove(tmp)
+    new_id = uuid.uuid4().hex
+    experts.save(target, metadata={SAVE_ID_KEY: new_id})
+    remember_file(experts, target, new_id)
+    return new_id
 
 
 def _weight_files(path: str) -> dict[str, tuple[int, int, int]]:
-    """The top-level checkpoint weight files in the directory ``path``, with (inode, mtime, size)."""
+    """The top-level model weight files in the directory ``path``, with (inode, mtime, size)."""
     if not os.path.isdir(path):
         return {}
     found = {}
     for f in os.listdir(path):
         full = os.path.join(path, f)
-        if os.path.isfile(full) and f.endswith((".safetensors", ".bin", ".index.json")):
+        if (os.path.isfile(full) and f.startswith(("model", "pytorch_model"))
+                and f.endswith((".safetensors", ".bin", ".index.json"))):
             st = os.stat(full)
             found[f] = (st.st_ino, st.st_mtime_ns, st.st_size)
     return found
@@ -70,8 +118,6 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
     modules = {name: m for name, m in model.named_modules() if isinstance(m, KTJitExperts)}
     if not modules:
         raise ValueError(f"{type(model).__name__} has no KTJitExperts modules: use its own save_pretrained")
-    if "state_dict" in kwargs:
-        raise ValueError("save_pretrained takes the model's weights itself (the experts go to their own files)")
     adapters = [m.lora for m in modules.values() if m.lora is not None]
     if adapters and (len(adapters) != len(modules) or len({(a.rank, a.alpha) for a in adapters}) != 1):
         raise ValueError("the experts adapters differ in rank or alpha, or some modules have none: a checkpoint "
@@ -89,10 +135,15 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
                          "directory (over the checkpoint the model came from, its original experts would be lost)")
     quant, group_size = modes.pop()
     files = {name: f"{PACKED_DIR}/{name}.safetensors" for name in modules}
-    save_id = uuid.uuid4().hex  # (in every file and in config.json: a load checks they are one save)
+    os.makedirs(os.path.join(path, PACKED_DIR), exist_ok=True)
+    # (each file's id is in config.json too: a load refuses files of another save)
+    ids = {name: _write_experts(module.experts, os.path.join(path, files[name])) for name, module in modules.items()}
+    for stale in set(os.listdir(os.path.join(path, PACKED_DIR))) - {os.path.basename(f) for f in files.values()}:
+        if stale.endswith(".safetensors"):
+            os.remove(os.path.join(path, PACKED_DIR, stale))
     packed_config = {"quant_method": "kt_jit", "quant": quant, "group_size": group_size or 128,
                      "rank": adapters[0].rank if adapters else 16, "alpha": adapters[0].alpha if adapters else 32.0,
-                     "lora": bool(adapters), "fp8_block": None, "packed_experts": files, "save_id": save_id}
+                     "lora": bool(adapters), "fp8_block": None, "packed_experts": files, "experts_ids": ids}
 
     config = model.config
     had_config = "quantization_config" in config.__dict__
@@ -105,7 +156,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
     if conversions is not None and hasattr(quantizer, "saving_conversions"):
         model._weight_conversions = quantizer.saving_conversions(conversions)
     try:
-        model.save_pretrained(path, **kwargs)  # (the experts' packed weights are in no state dict)
+        # (transformers' own method: the model's may be _save_method; the experts are in no state dict)
+        type(model).save_pretrained(model, path, **kwargs)
     finally:
         if conversions is not None:
             model._weight_conversions = conversions
@@ -115,16 +167,29 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
             config.quantization_config = old_config
         else:
             del config.quantization_config
-
-    os.makedirs(os.path.join(path, PACKED_DIR), exist_ok=True)
-    for name, module in modules.items():
-        module.experts.save(os.path.join(path, files[name]), metadata={SAVE_ID_KEY: save_id})
-    for stale in set(os.listdir(os.path.join(path, PACKED_DIR))) - {os.path.basename(f) for f in files.values()}:
-        if stale.endswith(".safetensors"):
-            os.remove(os.path.join(path, PACKED_DIR, stale))
     # (transformers removes an earlier save's shards, not its single file or index: e.g. a save in
     # one file, then sharded, would leave model.safetensors, which loads first. Files this save did
     # not write are the earlier save's.)
     after = _weight_files(path)
     for stale in (f for f, stat in before.items() if after.get(f) == stat):
         os.remove(os.path.join(path, stale))
+
+
+def _save_method(self, save_directory, **kwargs):
+    """A kt_jit model's ``save_pretrained``: :func:`save_pretrained` (see :func:`install_save`)."""
+    return save_pretrained(self, save_directory, **kwargs)
+
+
+def install_save(model: nn.Module) -> None:
+    """Make ``model.save_pretrained(path, ...)`` write the packed checkpoint of
+    :func:`save_pretrained` (what transformers' ``Trainer`` calls for its checkpoints); the experts
+    files of a checkpoint are hard links to an earlier one's while the experts are unchanged."""
+    if hasattr(type(model), "save_pretrained"):
+        model.save_pretrained = types.MethodType(_save_method, model)
+
+
+def uninstall_save(model: nn.Module) -> None:
+    """Undo :func:`install_save` (a plain transformers model again)."""
+    method = model.__dict__.get("save_pretrained")
+    if isinstance(method, types.MethodType) and method.__func__ is _save_method:
+        del model.save_pretrained
