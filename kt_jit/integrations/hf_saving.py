@@ -128,6 +128,8 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
     modes = {(m.experts.quant, m.experts.group_size) for m in modules.values()}
     if len(modes) != 1:
         raise ValueError(f"the experts are packed in different modes {sorted(modes)}; one checkpoint holds one")
+    if not kwargs.get("is_main_process", True):  # (another rank of a distributed run writes the files)
+        return
     path = os.fspath(path)
     before = _weight_files(path)
     if before and not _is_packed_checkpoint(path):
