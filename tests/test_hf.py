@@ -546,24 +546,68 @@ def test_save_pretrained_writes_the_packed_experts(tmp_path):
         save_pretrained(loaded, path)
     with pytest.raises(ValueError, match="push_to_hub"):
         save_pretrained(loaded, tmp_path / "c", push_to_hub=True)
+    loaded.save_pretrained(tmp_path / "c", is_main_process=False)  # (another rank: writes nothing)
+    assert not (tmp_path / "c").exists()
+
+    # a patched model pickles, and its save_pretrained follows the copy
+    import pickle
+
+    copied = pickle.loads(pickle.dumps(patched))
+    copied.model.layers[0].mlp.experts.lora.up_lora_b.data.zero_()
+    copied.save_pretrained(tmp_path / "h")
+    assert not from_pretrained(tmp_path / "h").model.layers[0].mlp.experts.lora.up_lora_b.any()
+    # a layer without an adapter stays without one
+    loaded.model.layers[1].mlp.experts.lora = None
+    loaded.save_pretrained(tmp_path / "f")
+    again = from_pretrained(tmp_path / "f")
+    assert again.model.layers[1].mlp.experts.lora is None
+    assert torch.equal(again.model.layers[0].mlp.experts.lora.up_lora_b,
+                       loaded.model.layers[0].mlp.experts.lora.up_lora_b)
+    # saved from a Hub-cache-like layout (each file a symlink to a blob): the new files are real files
+    hub = tmp_path / "hub"
+    (hub / "blobs").mkdir(parents=True)
+    (hub / "snapshot" / "kt_jit_experts").mkdir(parents=True)
+    blobs = {}
+    for n, f in enumerate(f for f in (tmp_path / "a").rglob("*") if f.is_file()):
+        link = hub / "snapshot" / f.relative_to(tmp_path / "a")
+        blobs[link] = hub / "blobs" / str(n)
+        blobs[link].write_bytes(f.read_bytes())
+        link.symlink_to(os.path.relpath(blobs[link], link.parent))
+    from_pretrained(hub / "snapshot").save_pretrained(tmp_path / "g")
+    assert not (tmp_path / "g" / layer0).is_symlink()
+    assert os.path.samefile(tmp_path / "g" / layer0, blobs[hub / "snapshot" / layer0])
+    with torch.no_grad():
+        assert torch.equal(from_pretrained(tmp_path / "g")(ids).logits, from_pretrained(tmp_path / "a")(ids).logits)
+    # a checkpoint whose config names adapters it does not hold is refused (not loaded uninitialised)
+    from safetensors.torch import load_file, save_file
+
+    state = load_file(tmp_path / "f" / "model.safetensors")
+    save_file({k: v for k, v in state.items() if "layers.0.mlp.experts.lora" not in k},
+              tmp_path / "f" / "model.safetensors", metadata={"format": "pt"})
+    with pytest.raises(ValueError, match="layers.0.mlp.experts: the checkpoint has no"):
+        from_pretrained(tmp_path / "f")
+
     peft = pytest.importorskip("peft")
     wrapped = peft.get_peft_model(loaded, peft.LoraConfig(r=2, target_modules=["q_proj"]))
-    with pytest.raises(ValueError, match="wrapped by PEFT"):
-        save_pretrained(wrapped, tmp_path / "d")
+    for holder in (wrapped, wrapped.get_base_model()):  # (PEFT's layers are in the base model too)
+        with pytest.raises(ValueError, match="PEFT layers"):
+            save_pretrained(holder, tmp_path / "d")
     (tmp_path / "a" / "kt_jit_experts" / "model.layers.1.mlp.experts.safetensors").unlink()
     with pytest.raises(OSError, match="model.layers.1.mlp.experts.safetensors"):
         from_pretrained(tmp_path / "a")
 
 
-def test_trainer_checkpoints_a_kt_jit_model(tmp_path):
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
+def test_trainer_checkpoints_a_kt_jit_model(arch, tmp_path):
     """transformers' Trainer on a model loaded through hf_loading: its checkpoints are packed
     checkpoints (model.save_pretrained is kt_jit's), the second one's experts files hard links to
-    the first one's; a checkpoint loads back as the trained model, and a Trainer resumes from it."""
+    the first one's; a checkpoint loads back as the trained model, and a Trainer resumes from it
+    (the model's own key names: Mixtral's checkpoint names differ)."""
     import os
 
     from kt_jit.integrations.hf_loading import from_pretrained
 
-    _model("qwen3_moe").to(torch.bfloat16).save_pretrained(tmp_path / "src")
+    _model(arch).to(torch.bfloat16).save_pretrained(tmp_path / "src")
 
     def trainer(steps: int):
         model = from_pretrained(tmp_path / "src", quant="int8", rank=8)

@@ -62,7 +62,8 @@ def _classes() -> tuple[type, type]:
         def __init__(self, quant: str = "bf16", group_size: int = 128, rank: int = 16, alpha: float = 32.0,
                      lora: bool = True, fp8_block: list[int] | None = None,
                      packed_experts: dict[str, str] | None = None, packed_files: dict[str, str] | None = None,
-                     experts_ids: dict[str, str] | None = None, load_adapters: bool = False, **kwargs) -> None:
+                     experts_ids: dict[str, str] | None = None, load_adapters: bool = False,
+                     adapters: list[str] | None = None, **kwargs) -> None:
             self.quant_method = "kt_jit"
             self.quant, self.group_size, self.rank, self.alpha, self.lora = quant, group_size, rank, alpha, lora
             # the checkpoint's FP8 scale block [rows, columns] when it is an FP8 one (set by from_pretrained)
@@ -71,8 +72,9 @@ def _classes() -> tuple[type, type]:
             # (relative to the checkpoint), those files as from_pretrained found them (local paths),
             # and each file's id (also in its metadata)
             self.packed_experts, self.packed_files, self.experts_ids = packed_experts, packed_files, experts_ids
-            # whether the checkpoint's adapters load (rank and alpha as saved), else fresh ones
-            self.load_adapters = load_adapters
+            # whether the checkpoint's adapters load (rank and alpha as saved; those of the modules
+            # ``adapters`` names, all if None), else fresh ones
+            self.load_adapters, self.adapters = load_adapters, adapters
 
     class _PackOnLoad(ConversionOps):
         """Packs an experts parameter the checkpoint stores whole (``experts.gate_up_proj``) as
@@ -207,8 +209,6 @@ def _classes() -> tuple[type, type]:
             self.errors: list[str] = []
             self.saving = False  # (set by hf_saving.save_pretrained, the one way to save such a model)
             self.replaced: list[tuple] = []  # (converter made here, the model's own it replaced or None)
-            # adapter parameters the checkpoint's values replace, by id (held, so that no id is reused)
-            self.placeholders: dict[int, torch.Tensor] = {}
 
         def validate_environment(self, *args, **kwargs) -> None:
             dm = kwargs.get("device_map")
@@ -239,8 +239,8 @@ def _classes() -> tuple[type, type]:
             if cfg.packed_files is None:
                 raise ValueError("this checkpoint holds kt_jit-packed experts: load it with "
                                  "kt_jit.integrations.hf_loading.from_pretrained (which finds their files)")
-            ids = cfg.experts_ids or {}
-            files = {k: (v, ids.get(k)) for k, v in cfg.packed_files.items()}
+            ids, with_adapter = cfg.experts_ids or {}, cfg.adapters
+            files = {k: (v, ids.get(k), with_adapter is None or k in with_adapter) for k, v in cfg.packed_files.items()}
             prefix = f"{getattr(model, 'base_model_prefix', '')}."
             for names in ({k.removeprefix(prefix): v for k, v in files.items()},  # (saved with a head, loaded
                           {prefix + k: v for k, v in files.items()}):           # without, or the other way)
@@ -250,7 +250,7 @@ def _classes() -> tuple[type, type]:
                 raise ValueError(f"the packed experts files are for modules {sorted(cfg.packed_files)}, the model "
                                  f"has {sorted(found)}")
             for name, module in found.items():
-                path, want = files[name]
+                path, want, has_adapter = files[name]
                 got_id = file_id(path)
                 if want is not None and got_id != want:
                     raise ValueError(f"{path} comes from another save than the checkpoint's config.json (an "
@@ -263,11 +263,10 @@ def _classes() -> tuple[type, type]:
                     raise ValueError(f"{path} holds experts of (E, H, I) = {got}, the model's "
                                      f"{name} has {self.experts[name]}")
                 lora = None
-                if cfg.load_adapters:  # (placeholders of the right shapes: transformers loads the saved values)
+                if cfg.load_adapters and has_adapter:  # (placeholders: transformers loads the saved values)
                     with torch.device("cpu"):
                         lora = MoELoRA.from_tensors(*(torch.zeros(s, dtype=torch.bfloat16) for s in lora_shapes(
                             *self.experts[name], cfg.rank).values()), alpha=cfg.alpha)
-                    self.placeholders.update((id(p), p) for p in lora.parameters())
                 parent, _, attr = name.rpartition(".")
                 owner = model.get_submodule(parent) if parent else model
                 setattr(owner, attr, KTJitExperts(experts, lora, skeleton_of(module)))
@@ -319,7 +318,8 @@ def _classes() -> tuple[type, type]:
                 if cfg.packed_experts is not None:  # (loaded before the weights: adapters only)
                     module = model.get_submodule(name)
                     if cfg.load_adapters:
-                        self._check_loaded_adapter(name, module)
+                        if module.lora is not None:
+                            self._check_loaded_adapter(name, module)
                     else:
                         module.lora = MoELoRA(e, h, i, cfg.rank, cfg.alpha) if cfg.lora else None
                     module.train(model.training)
@@ -336,15 +336,15 @@ def _classes() -> tuple[type, type]:
                 # (its parameters are the stubs _PackOnLoad left, in the dtype the weights loaded in)
                 skeleton = skeleton_of(getattr(owner, attr))
                 setattr(owner, attr, KTJitExperts(experts, lora, skeleton).train(owner.training))
-            self.placeholders.clear()
             install_save(model)  # (model.save_pretrained, the Trainer's checkpoints: the packed checkpoint)
             return model
 
         def _check_loaded_adapter(self, name: str, module) -> None:
-            """After loading: the checkpoint replaced every placeholder of the module's adapter; the
-            adapter is bf16 and trainable whatever dtype the model loaded in."""
+            """After loading: the checkpoint gave every parameter of the module's adapter (transformers
+            marks what it loaded; a missing one would be uninitialised memory); the adapter is bf16
+            and trainable whatever dtype the model loaded in."""
             lora = module.lora
-            missing = [n for n, p in lora.named_parameters() if self.placeholders.get(id(p)) is p]
+            missing = [n for n, p in lora.named_parameters() if not getattr(p, "_is_hf_initialized", False)]
             if missing:
                 raise ValueError(f"{name}: the checkpoint has no {missing[0]} (its config says it holds the "
                                  "adapters): load it with lora=False, or with rank= for fresh adapters")
@@ -473,6 +473,7 @@ def _use_packed_experts(path, saved: dict, kwargs: dict, kt_config, given: dict)
     # the saved adapters load unless other ones (or none) are asked for
     kt_config.load_adapters = bool(saved.get("lora")) and kt_config.lora and (
         kt_config.rank, kt_config.alpha) == (saved.get("rank"), saved.get("alpha"))
+    kt_config.adapters = saved.get("adapters")
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs and k != "trust_remote_code"}
     kt_config.packed_files = {name: cached_file(path, rel, **hub) for name, rel in saved["packed_experts"].items()}
 

@@ -24,7 +24,6 @@ from __future__ import annotations
 
 import json
 import os
-import types
 import uuid
 import weakref
 
@@ -36,8 +35,8 @@ from .hf import KTJitExperts
 PACKED_DIR = "kt_jit_experts"
 SAVE_ID_KEY = "kt_jit_save_id"  # (metadata of each experts file: its id, also named in config.json)
 
-# experts -> (absolute path, id) of a file holding exactly them (written by a save, or the file they
-# are memory-mapped from): a later save hard-links that file instead of writing the experts again
+# experts -> [(real path, id), ...] of files holding exactly them (written or linked by a save, or the
+# file they are memory-mapped from), newest last: a later save hard-links one instead of writing them
 _FILES: weakref.WeakKeyDictionary = weakref.WeakKeyDictionary()
 
 
@@ -50,26 +49,42 @@ def file_id(path: str | os.PathLike) -> str | None:
 
 
 def remember_file(experts: MoEExperts, path: str | os.PathLike, saved_id: str | None) -> None:
-    """Note that the file ``path`` (with id ``saved_id``) holds exactly ``experts``."""
+    """Note that the file ``path`` (with id ``saved_id``) holds exactly ``experts`` (its real path:
+    a Hub cache's symlink would be hard-linked as a symlink)."""
     if saved_id is not None:
-        _FILES[experts] = (os.path.abspath(path), saved_id)
+        known = _FILES.setdefault(experts, [])
+        entry = (os.path.realpath(path), saved_id)
+        if entry in known:
+            known.remove(entry)
+        known.append(entry)
+
+
+def _has_id(path: str, want: str) -> bool:
+    try:
+        return file_id(path) == want
+    except Exception:  # (missing, replaced, unreadable: not the file it was)
+        return False
 
 
 def _write_experts(experts: MoEExperts, target: str) -> str:
-    """Put ``experts`` in the file ``target`` and return its id: a hard link to a file known to
-    hold them (unchanged since: same id), else a new save."""
-    known = _FILES.get(experts)
-    if known is not None and os.path.exists(known[0]) and file_id(known[0]) == known[1]:
-        if os.path.exists(target) and os.path.samefile(known[0], target):
-            return known[1]
+    """Put ``experts`` in the file ``target`` and return its id: a hard link to the newest file
+    known to hold them (unchanged since: the same id; e.g. an earlier checkpoint's, which a
+    Trainer may have deleted meanwhile), else a new save."""
+    known = _FILES.get(experts, [])
+    known[:] = [(p, i) for p, i in known if _has_id(p, i)]
+    for source, source_id in reversed(known):
+        if os.path.exists(target) and os.path.samefile(source, target):
+            return source_id
         tmp = f"{target}.link{os.getpid()}"
         try:
-            os.link(known[0], tmp)
+            os.link(source, tmp)
             os.replace(tmp, target)
-            return known[1]
         except OSError:  # (another file system, no hard links: write it)
             if os.path.lexists(tmp):
                 os.remove(tmp)
+            break
+        remember_file(experts, target, source_id)
+        return source_id
     new_id = uuid.uuid4().hex
     experts.save(target, metadata={SAVE_ID_KEY: new_id})
     remember_file(experts, target, new_id)
@@ -105,23 +120,28 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
     :func:`~kt_jit.integrations.hf_loading.from_pretrained` or
     :func:`~kt_jit.integrations.hf.patch_experts`) to the directory ``path`` with its experts packed
     as they are (see the module docstring); ``kwargs`` go to transformers' ``save_pretrained``
-    (e.g. ``max_shard_size``). The adapters are saved with the model (all experts modules must have
-    one of the same rank and alpha, or none). ``path`` must be new, empty, or hold an
-    earlier save of this function (whose files are replaced): a directory with another checkpoint
-    (e.g. the one the model was loaded from) is refused. Raises ValueError for a model without
-    KTJitExperts modules, with experts packed in different modes, or wrapped by PEFT (save the
-    packed form of ``model.get_base_model()``, the adapters with ``save_peft_adapter``)."""
-    if hasattr(model, "peft_config") and hasattr(model, "get_base_model") or getattr(
-            model, "_hf_peft_config_loaded", False):
-        raise ValueError("this model is wrapped by PEFT: save model.get_base_model() (after merge_and_unload() "
-                         "if its other adapters should be part of it), and the adapters with save_peft_adapter")
+    (e.g. ``max_shard_size``; the model's names are kept, ``save_original_format=False``, unless
+    given: transformers' Trainer resumes by loading the state dict as it is). The adapters are saved
+    with the model (those present must share one rank and alpha), the model's own state dict (a
+    ``state_dict`` argument, e.g. the Trainer's, is not used). ``path`` must be new, empty, or hold
+    an earlier save of this function (whose files are replaced): a directory with another
+    checkpoint (e.g. the one the model was loaded from) is refused. A rank other than the main one
+    of a distributed run (``is_main_process=False``) writes nothing. Raises ValueError for a model
+    without KTJitExperts modules, with experts packed in different modes, or with PEFT layers
+    (save ``model.merge_and_unload()``, the adapters with ``save_peft_adapter``)."""
+    if (hasattr(model, "peft_config") and hasattr(model, "get_base_model") or getattr(
+            model, "_hf_peft_config_loaded", False) or any(".base_layer." in n for n, _ in model.named_parameters())):
+        raise ValueError("this model holds PEFT layers: save model.merge_and_unload() (PEFT's adapters merged), "
+                         "and the adapters themselves with save_peft_adapter")
     modules = {name: m for name, m in model.named_modules() if isinstance(m, KTJitExperts)}
     if not modules:
         raise ValueError(f"{type(model).__name__} has no KTJitExperts modules: use its own save_pretrained")
-    adapters = [m.lora for m in modules.values() if m.lora is not None]
-    if adapters and (len(adapters) != len(modules) or len({(a.rank, a.alpha) for a in adapters}) != 1):
-        raise ValueError("the experts adapters differ in rank or alpha, or some modules have none: a checkpoint "
-                         "holds one kind (set module.lora to match, or save them with save_peft_adapter)")
+    adapters = {name: m.lora for name, m in modules.items() if m.lora is not None}
+    if len({(a.rank, a.alpha) for a in adapters.values()}) > 1:
+        raise ValueError("the experts adapters differ in rank or alpha: a checkpoint holds one kind (set "
+                         "module.lora to match, or save them with save_peft_adapter)")
+    kwargs.pop("state_dict", None)
+    kwargs.setdefault("save_original_format", False)
     if kwargs.get("push_to_hub"):
         raise ValueError("push_to_hub: save to a local directory, then upload it whole (huggingface_hub."
                          "upload_folder): transformers would upload only the files it wrote itself")
@@ -143,9 +163,11 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
     for stale in set(os.listdir(os.path.join(path, PACKED_DIR))) - {os.path.basename(f) for f in files.values()}:
         if stale.endswith(".safetensors"):
             os.remove(os.path.join(path, PACKED_DIR, stale))
+    first = next(iter(adapters.values()), None)
     packed_config = {"quant_method": "kt_jit", "quant": quant, "group_size": group_size or 128,
-                     "rank": adapters[0].rank if adapters else 16, "alpha": adapters[0].alpha if adapters else 32.0,
-                     "lora": bool(adapters), "fp8_block": None, "packed_experts": files, "experts_ids": ids}
+                     "rank": first.rank if first else 16, "alpha": first.alpha if first else 32.0,
+                     "lora": bool(adapters), "fp8_block": None, "packed_experts": files, "experts_ids": ids,
+                     "adapters": sorted(adapters)}
 
     config = model.config
     had_config = "quantization_config" in config.__dict__
@@ -177,21 +199,27 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
         os.remove(os.path.join(path, stale))
 
 
-def _save_method(self, save_directory, **kwargs):
-    """A kt_jit model's ``save_pretrained``: :func:`save_pretrained` (see :func:`install_save`)."""
-    return save_pretrained(self, save_directory, **kwargs)
+class _PackedSave:
+    """A kt_jit model's ``save_pretrained`` (see :func:`install_save`); an object, not a bound
+    method, so that the model still pickles (and a deep copy saves the copy)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory, **kwargs) -> None:
+        return save_pretrained(self.model, save_directory, **kwargs)
 
 
 def install_save(model: nn.Module) -> None:
     """Make ``model.save_pretrained(path, ...)`` write the packed checkpoint of
     :func:`save_pretrained` (what transformers' ``Trainer`` calls for its checkpoints); the experts
-    files of a checkpoint are hard links to an earlier one's while the experts are unchanged."""
+    files of a checkpoint are hard links to an earlier one's while the experts are unchanged (where
+    the file system allows)."""
     if hasattr(type(model), "save_pretrained"):
-        model.save_pretrained = types.MethodType(_save_method, model)
+        model.save_pretrained = _PackedSave(model)
 
 
 def uninstall_save(model: nn.Module) -> None:
     """Undo :func:`install_save` (a plain transformers model again)."""
-    method = model.__dict__.get("save_pretrained")
-    if isinstance(method, types.MethodType) and method.__func__ is _save_method:
+    if isinstance(model.__dict__.get("save_pretrained"), _PackedSave):
         del model.save_pretrained
