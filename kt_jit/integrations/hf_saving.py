@@ -1,8 +1,8 @@
 """Saving a transformers model whose experts kt_jit runs, packed as they are.
 
 ``save_pretrained(model, path)`` writes an ordinary transformers checkpoint of everything but the
-routed experts' packed weights (transformers' own ``save_pretrained``, so other weights keep their
-checkpoint names and shards; the experts' LoRA adapters are in it), plus one
+routed experts' packed weights (transformers' own ``save_pretrained``: shards, the model's key
+names; the experts' LoRA adapters are in it), plus one
 :meth:`kt_jit.MoEExperts.save` file per experts module under
 ``path/kt_jit_experts/``, and records both in ``config.json``'s ``quantization_config``
 (``quant_method "kt_jit"``). :func:`kt_jit.integrations.hf_loading.from_pretrained` reads it back
