@@ -180,7 +180,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
     if conversions is not None and hasattr(quantizer, "saving_conversions"):
         model._weight_conversions = quantizer.saving_conversions(conversions)
     try:
-        # (transformers' own method: the model's may be _save_method; the experts are in no state dict)
+        # (transformers' own method: the model's is a _PackedSave; the experts are in no state dict)
         type(model).save_pretrained(model, path, **kwargs)
     finally:
         if conversions is not None:
