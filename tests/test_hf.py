@@ -640,6 +640,50 @@ def test_trainer_checkpoints_a_kt_jit_model(arch, tmp_path):
     assert (tmp_path / "out" / "checkpoint-3" / layer0).exists()
 
 
+@pytest.mark.filterwarnings("ignore:The following (alpha|rank)_pattern keys did not match:RuntimeWarning")
+def test_trainer_with_peft_keeps_the_experts_adapters(tmp_path):
+    """PEFT on the attention of a kt_jit model, trained by transformers' Trainer: with
+    track_experts_adapters each checkpoint is one PEFT adapter holding PEFT's and the experts'
+    adapters (PEFT on the original model computes what the trained model computes), and a Trainer
+    resuming from it gets both back in place."""
+    peft = pytest.importorskip("peft")
+    from kt_jit.integrations.hf_loading import from_pretrained
+    from kt_jit.integrations.peft_adapter import track_experts_adapters
+
+    _model("qwen3_moe").to(torch.bfloat16).save_pretrained(tmp_path / "src")
+
+    def trainer(steps: int):
+        model = peft.get_peft_model(from_pretrained(tmp_path / "src", rank=8),
+                                    peft.LoraConfig(r=2, target_modules=["q_proj"]))
+        for p in moe_lora_parameters(model):
+            p.requires_grad_(True)
+        track_experts_adapters(model)
+        g = torch.Generator().manual_seed(3)
+        data = [{"input_ids": (x := torch.randint(0, 96, (8,), generator=g)), "labels": x} for _ in range(8)]
+        args = transformers.TrainingArguments(tmp_path / "out", max_steps=steps, save_steps=1, learning_rate=1e-2,
+                                              per_device_train_batch_size=4, report_to=[], use_cpu=True,
+                                              disable_tqdm=True)
+        return transformers.Trainer(model=model, args=args, train_dataset=data)
+
+    first = trainer(2)
+    first.train()
+    checkpoint = tmp_path / "out" / "checkpoint-2"
+    ids = torch.randint(0, 96, (2, 7), generator=torch.Generator().manual_seed(8))
+    plain = transformers.AutoModelForCausalLM.from_pretrained(tmp_path / "src", dtype=torch.bfloat16)
+    with torch.no_grad():
+        served = peft.PeftModel.from_pretrained(plain, checkpoint)
+        assert rel_err(served(ids).logits.float(), first.model(ids).logits.float()) < 1e-2
+    resumed = trainer(3)
+    resumed._load_from_checkpoint(str(checkpoint))  # (what train(resume_from_checkpoint=...) does)
+    trained, back = first.model.state_dict(), resumed.model.state_dict()
+    assert all(torch.equal(back[k], v) for k, v in trained.items() if "lora" in k)
+    assert all(m.lora.down_lora_b.any() for m in resumed.model.modules() if isinstance(m, KTJitExperts))
+    resumed.train(resume_from_checkpoint=str(checkpoint))
+    assert (tmp_path / "out" / "checkpoint-3" / "adapter_model.safetensors").exists()
+    with pytest.raises(ValueError, match="not a PEFT model"):
+        track_experts_adapters(plain)
+
+
 def test_unpatch_merges_the_adapters_back_into_a_transformers_model(tmp_path):
     """After fine-tuning, unpatch_experts gives a plain transformers model: without merging it is
     the original model (exactly here: its weights are bf16 values); with merging its logits match
@@ -752,12 +796,22 @@ def test_peft_adapter_export_and_import(arch, tmp_path):
     merged_ours = copy.deepcopy(model)
     unpatch_experts(merged_ours)
     assert_same_experts(theirs.merge_and_unload(), merged_ours, 1e-6)
-    # back into a freshly patched model: rank 2r where the file has an adapter, the same function
+    # back into a freshly patched model: kt_jit's own adapter (rank r, the same tensors) where the
+    # file has one; in place into an adapter of that rank (an optimizer keeps its parameters)
     again = copy.deepcopy(original)
     patch_experts(again, rank=16)
     loaded = load_peft_adapter(again, tmp_path / "ours")
-    assert list(loaded) == ["model.layers.0.mlp.experts"] and loaded["model.layers.0.mlp.experts"].rank == 8
+    assert list(loaded) == ["model.layers.0.mlp.experts"] and loaded["model.layers.0.mlp.experts"].rank == 4
     assert again.model.layers[0].mlp.experts.lora is loaded["model.layers.0.mlp.experts"]
+    saved = model.model.layers[0].mlp.experts.lora
+    assert all(torch.equal(a, b) for a, b in zip(loaded["model.layers.0.mlp.experts"].tensors(), saved.tensors(),
+                                                 strict=True))
+    target = copy.deepcopy(original)
+    patch_experts(target, rank=4)
+    params = list(target.model.layers[0].mlp.experts.lora.tensors())
+    load_peft_adapter(target, tmp_path / "ours", in_place=True)
+    assert all(a is b and torch.equal(a, c) for a, b, c in zip(
+        target.model.layers[0].mlp.experts.lora.tensors(), params, saved.tensors(), strict=True))
     unpatch_experts(again)  # (layer 1 keeps its fresh adapter, whose B is zero)
     assert_same_experts(again, merged_ours, 1e-6)
     # an adapter trained with PEFT (random bf16 values; one layer's down_proj with another rank and

@@ -15,7 +15,12 @@ down's A and B padded with zeros; that is exactly kt_jit's update. The import re
 of a PEFT adapter: gate and up share PEFT's ``A_e`` (the gate rows of ``B_e`` for gate, the up rows
 for up), so kt_jit's rank is PEFT's R (the larger of the two parameters' ranks, the other padded
 with zeros), and a scaling that differs between the two parameters is folded into one B (exact up
-to bf16 rounding of the adapters' values). Other parts of an adapter are left to PEFT.
+to bf16 rounding of the adapters' values); an adapter in the block-diagonal form the export
+writes comes back as the rank-r adapter it was, exactly. Other parts of an adapter are left to PEFT.
+
+:func:`track_experts_adapters` makes a PEFT-wrapped kt_jit model's own ``save_pretrained`` and
+``load_adapter`` (transformers' ``Trainer`` checkpoints and resumes through them) carry the
+experts' adapters too.
 
 A model wrapped by PEFT (PEFT's LoRA on attention, say, kt_jit's on the experts) is saved as one
 adapter: PEFT's own adapter tensors and config, with the experts' parameters added to its
@@ -169,7 +174,7 @@ def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(extra)], dim)
 
 
-def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, MoELoRA]:
+def load_peft_adapter(model: nn.Module, path: str | os.PathLike, in_place: bool = False) -> dict[str, MoELoRA]:
     """Read the experts part of a PEFT LoRA adapter (``target_parameters`` naming an experts
     module's ``gate_up_proj`` and ``down_proj``; written by :func:`save_peft_adapter` or trained with
     PEFT elsewhere) from the directory ``path`` into fresh bf16 :class:`~kt_jit.MoELoRA` adapters of
@@ -178,7 +183,9 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, Mo
     update, up to bf16 rounding of its values. Other parts of the adapter (LoRA of other modules,
     ``modules_to_save``) are not loaded: a warning names them (load them with PEFT). Raises
     ValueError for an adapter that is not LoRA or uses DoRA, names nothing here, names one of a
-    module's two parameters only, misses tensors, or has tensors of the wrong shape."""
+    module's two parameters only, misses tensors, or has tensors of the wrong shape. With
+    ``in_place`` the values are copied into a module's current adapter where it has the file's
+    rank (its Parameters stay the ones an optimizer holds: resuming a fine-tune), else assigned."""
     import warnings
 
     from safetensors.torch import load_file
@@ -206,7 +213,15 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike) -> dict[str, Mo
         raise ValueError(f"{path}: target_parameters {targets} do not name both gate_up_proj and down_proj of "
                          "any KTJitExperts module of this model")
     for name, lora in loaded.items():
-        modules[name].lora = lora.train(modules[name].training)
+        current = modules[name].lora
+        if in_place and current is not None and current.rank == lora.rank:
+            with torch.no_grad():
+                for dst, src in zip(current.tensors(), lora.tensors(), strict=True):
+                    dst.copy_(src)
+            current.alpha = lora.alpha
+            loaded[name] = current
+        else:
+            modules[name].lora = lora.train(modules[name].training)
     ignored = sorted(set(tensors) - used)
     if ignored:
         warnings.warn(f"{path}: only the experts' adapters were loaded; {len(ignored)} other tensors were not "
@@ -239,4 +254,65 @@ def _read_module(module: KTJitExperts, name: str, cfg: dict, tensors: dict[str, 
     s = gu_s or dn_s or 1.0  # (MoELoRA has one scaling: the other parameter's ratio goes into its B)
     gu_b, dn_b = _pad(gu_b, 2, r) * (gu_s / s), _pad(dn_b, 2, r) * (dn_s / s)
     gu_a, dn_a = _pad(gu_a, 1, r), _pad(dn_a, 1, r)
+    q = r // 2
+    padding = (gu_b[:, :i, q:], gu_b[:, i:, :q], dn_a[:, q:], dn_b[..., q:])
+    if r % 2 == 0 and not any(t.any() for t in padding):
+        # the block-diagonal form save_peft_adapter writes: kt_jit's rank-r/2 adapter exactly
+        return MoELoRA.from_tensors(gu_a[:, :q], gu_b[:, :i, :q], gu_a[:, q:], gu_b[:, i:, q:], dn_a[:, :q],
+                                    dn_b[..., :q], alpha=s * q)
     return MoELoRA.from_tensors(gu_a, gu_b[:, :i], gu_a, gu_b[:, i:], dn_a, dn_b, alpha=s * r)
+
+
+class _PeftSave:
+    """A PEFT model's ``save_pretrained`` that also writes the experts' adapters (see
+    :func:`track_experts_adapters`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, save_directory, **kwargs) -> None:
+        model = self.model
+        type(model).save_pretrained(model, save_directory, **kwargs)
+        if kwargs.get("is_main_process", True):
+            name = model.active_adapter
+            # (PEFT writes the "default" adapter at the top, others in a folder of their name)
+            save_peft_adapter(model, save_directory if name == "default" else os.path.join(save_directory, name))
+
+
+class _PeftLoad:
+    """A PEFT model's ``load_adapter`` that also reads the experts' adapters into the modules'
+    current ones (see :func:`track_experts_adapters`)."""
+
+    def __init__(self, model: nn.Module) -> None:
+        self.model = model
+
+    def __call__(self, model_id, adapter_name, *args, **kwargs):
+        import warnings
+
+        model = self.model
+        with warnings.catch_warnings():  # (PEFT sees the experts' tensors as keys it does not know)
+            warnings.filterwarnings("ignore", message=".*unexpected.*", category=UserWarning)
+            result = type(model).load_adapter(model, model_id, adapter_name, *args, **kwargs)
+        if os.path.isdir(model_id) and adapter_name == model.active_adapter:
+            with open(os.path.join(model_id, "adapter_config.json")) as f:
+                targets = json.load(f).get("target_parameters") or []
+            if any(t.endswith(("gate_up_proj", "down_proj")) for t in targets):
+                with warnings.catch_warnings():  # (PEFT has loaded the other tensors)
+                    warnings.filterwarnings("ignore", message=".*only the experts' adapters were loaded")
+                    load_peft_adapter(model, model_id, in_place=True)
+        return result
+
+
+def track_experts_adapters(model: nn.Module) -> nn.Module:
+    """Make a PEFT-wrapped kt_jit model (``peft.get_peft_model`` of a model with KTJitExperts) save
+    and load the experts' adapters with PEFT's own: its ``save_pretrained`` (which transformers'
+    ``Trainer`` calls for checkpoints) writes one adapter holding both (:func:`save_peft_adapter`),
+    and its ``load_adapter`` (the Trainer's resume) also copies the experts' adapters from such a
+    file into the current ones (:func:`load_peft_adapter` with ``in_place``: the optimizer keeps
+    its parameters). Without this PEFT saves its own adapters only. Returns ``model``."""
+    if not (hasattr(model, "peft_config") and hasattr(model, "get_base_model")):
+        raise ValueError(f"{type(model).__name__} is not a PEFT model (wrap it with peft.get_peft_model first)")
+    _experts_modules(model)  # (raises without KTJitExperts)
+    model.save_pretrained = _PeftSave(model)
+    model.load_adapter = _PeftLoad(model)
+    return model
