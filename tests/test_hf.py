@@ -597,6 +597,15 @@ def test_save_pretrained_writes_the_packed_experts(tmp_path):
         from_pretrained(tmp_path / "a")
 
 
+def _tiny_trainer(model: nn.Module, out, steps: int):
+    """transformers' Trainer on 8 fixed random sequences, a checkpoint under ``out`` every step."""
+    g = torch.Generator().manual_seed(3)
+    data = [{"input_ids": (x := torch.randint(0, 96, (8,), generator=g)), "labels": x} for _ in range(8)]
+    args = transformers.TrainingArguments(out, max_steps=steps, save_steps=1, learning_rate=1e-2,
+                                          per_device_train_batch_size=4, report_to=[], use_cpu=True, disable_tqdm=True)
+    return transformers.Trainer(model=model, args=args, train_dataset=data)
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 def test_trainer_checkpoints_a_kt_jit_model(arch, tmp_path):
     """transformers' Trainer on a model loaded through hf_loading: its checkpoints are packed
@@ -613,12 +622,7 @@ def test_trainer_checkpoints_a_kt_jit_model(arch, tmp_path):
         model = from_pretrained(tmp_path / "src", quant="int8", rank=8)
         for n, p in model.named_parameters():
             p.requires_grad_(".lora." in n)
-        g = torch.Generator().manual_seed(3)
-        data = [{"input_ids": (x := torch.randint(0, 96, (8,), generator=g)), "labels": x} for _ in range(8)]
-        args = transformers.TrainingArguments(tmp_path / "out", max_steps=steps, save_steps=1, learning_rate=1e-2,
-                                              per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                                              disable_tqdm=True)
-        return transformers.Trainer(model=model, args=args, train_dataset=data)
+        return _tiny_trainer(model, tmp_path / "out", steps)
 
     first = trainer(2)
     first.train()
@@ -658,12 +662,7 @@ def test_trainer_with_peft_keeps_the_experts_adapters(tmp_path):
         for p in moe_lora_parameters(model):
             p.requires_grad_(True)
         track_experts_adapters(model)
-        g = torch.Generator().manual_seed(3)
-        data = [{"input_ids": (x := torch.randint(0, 96, (8,), generator=g)), "labels": x} for _ in range(8)]
-        args = transformers.TrainingArguments(tmp_path / "out", max_steps=steps, save_steps=1, learning_rate=1e-2,
-                                              per_device_train_batch_size=4, report_to=[], use_cpu=True,
-                                              disable_tqdm=True)
-        return transformers.Trainer(model=model, args=args, train_dataset=data)
+        return _tiny_trainer(model, tmp_path / "out", steps)
 
     first = trainer(2)
     first.train()
