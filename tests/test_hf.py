@@ -754,6 +754,22 @@ def test_to_hf_rounds_to_bf16_keeps_layout_flags_and_is_all_or_nothing():
     assert all(isinstance(m, KTJitExperts) for m in two.values())
 
 
+def _peft_trained(peft, original: nn.Module) -> nn.Module:
+    """PEFT's LoRA on a copy of ``original`` as if trained: on the attention's q_proj and on the
+    experts (layer 1's down_proj with a rank and alpha of its own), random bf16 values."""
+    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                             rank_pattern={"layers.1.mlp.experts.down_proj": 6},
+                             alpha_pattern={"layers.1.mlp.experts.down_proj": 3},
+                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+    trained = peft.get_peft_model(copy.deepcopy(original), config)
+    g = torch.Generator().manual_seed(12)
+    with torch.no_grad():
+        for n, p in trained.named_parameters():
+            if "lora_" in n:
+                p.copy_((torch.randn(p.shape, generator=g) * 0.1).bfloat16().float())
+    return trained
+
+
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
 # (PEFT warns of the patterns for a layer left without an adapter)
 @pytest.mark.filterwarnings("ignore:The following (alpha|rank)_pattern keys did not match:RuntimeWarning")
@@ -815,16 +831,7 @@ def test_peft_adapter_export_and_import(arch, tmp_path):
     assert_same_experts(again, merged_ours, 1e-6)
     # an adapter trained with PEFT (random bf16 values; one layer's down_proj with another rank and
     # alpha; attention LoRA too)
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                             rank_pattern={"layers.1.mlp.experts.down_proj": 6},
-                             alpha_pattern={"layers.1.mlp.experts.down_proj": 3},
-                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
-    trained = peft.get_peft_model(copy.deepcopy(original), config)
-    g = torch.Generator().manual_seed(12)
-    with torch.no_grad():
-        for n, p in trained.named_parameters():
-            if "lora_" in n:
-                p.copy_((torch.randn(p.shape, generator=g) * 0.1).bfloat16().float())
+    trained = _peft_trained(peft, original)
     trained.save_pretrained(tmp_path / "peft")
     ours = copy.deepcopy(original)
     patch_experts(ours, lora=False)
@@ -847,3 +854,56 @@ def test_peft_adapter_export_and_import(arch, tmp_path):
             load_peft_adapter(fresh, tmp_path / "peft")
     with pytest.raises(ValueError, match="no KTJitExperts"):
         save_peft_adapter(original, tmp_path / "none")
+
+
+@pytest.mark.filterwarnings("ignore:The following (alpha|rank)_pattern keys did not match:RuntimeWarning")
+def test_peft_model_from_adapter_applies_both_parts(tmp_path):
+    """peft_model_from_adapter on a freshly patched model: an adapter PEFT trained on the original
+    model (attention and experts) computes what PEFT computes there, frozen, without a warning;
+    the result saves one combined adapter, which loads again trainable (gradients reach PEFT's and
+    the experts' adapters); an experts-only adapter gives the model itself."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    from kt_jit.integrations.peft_adapter import peft_model_from_adapter, save_peft_adapter
+
+    original = _model("qwen3_moe")
+    trained = _peft_trained(peft, original)
+    trained.save_pretrained(tmp_path / "peft")
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(13))
+    with torch.no_grad():
+        expected = trained(ids).logits
+
+    def patched() -> nn.Module:
+        model = copy.deepcopy(original)
+        patch_experts(model, lora=False)
+        return model
+
+    with warnings.catch_warnings():
+        for category in (UserWarning, RuntimeWarning):
+            warnings.simplefilter("error", category)
+        served = peft_model_from_adapter(patched(), tmp_path / "peft")
+    assert isinstance(served, peft.PeftModel) and not any(p.requires_grad for p in served.parameters())
+    with torch.no_grad():
+        assert rel_err(served(ids).logits, expected) < 1e-2
+    served.save_pretrained(tmp_path / "again")  # (tracked: PEFT's part and the experts')
+    with torch.no_grad():
+        assert rel_err(peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "again")(ids).logits,
+                       expected) < 1e-2
+    tuned = peft_model_from_adapter(patched(), tmp_path / "again", is_trainable=True)
+    _loss(tuned, ids).backward()
+    adapters = {n: p for n, p in tuned.named_parameters() if "lora" in n}
+    assert all(p.requires_grad == ("lora" in n) for n, p in tuned.named_parameters())
+    assert adapters["base_model.model.model.layers.0.self_attn.q_proj.lora_A.default.weight"].grad.any()
+    assert all(p.grad.any() for p in moe_lora_parameters(tuned))
+    with torch.no_grad():
+        assert rel_err(tuned(ids).logits, expected) < 1e-2
+    model, _, _ = _pair("qwen3_moe", rank=4)
+    save_peft_adapter(model, tmp_path / "experts")
+    fresh = patched()
+    assert peft_model_from_adapter(fresh, tmp_path / "experts") is fresh
+    assert all(torch.equal(a, b) for a, b in zip(moe_lora_parameters(fresh), moe_lora_parameters(model), strict=True))
+    with pytest.raises(ValueError, match="not a directory"):
+        peft_model_from_adapter(patched(), tmp_path / "missing")
+    with pytest.raises(ValueError, match="a PEFT model already"):
+        peft_model_from_adapter(served, tmp_path / "peft")

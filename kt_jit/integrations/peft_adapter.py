@@ -22,6 +22,9 @@ writes comes back as the rank-r adapter it was, exactly. Other parts of an adapt
 ``load_adapter`` (transformers' ``Trainer`` checkpoints and resumes through them) carry the
 experts' adapters too.
 
+:func:`peft_model_from_adapter` applies such a combined adapter to a kt_jit model in one call
+(the experts' part into kt_jit's adapters, the rest through PEFT).
+
 A model wrapped by PEFT (PEFT's LoRA on attention, say, kt_jit's on the experts) is saved as one
 adapter: PEFT's own adapter tensors and config, with the experts' parameters added to its
 ``target_parameters`` and their rank and alpha to its ``rank_pattern`` / ``alpha_pattern`` where
@@ -73,10 +76,12 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model_name
     adapters' dtype) for the transformers model they were patched into: ``PeftModel.from_pretrained(
     base, path)`` then computes what the patched model computes, where ``base`` holds the expert
     weights kt_jit computed with (the originals for a bf16 model; for quantized experts their
-    dequantized values, see :meth:`KTJitExperts.merged_weights`). For a model wrapped by PEFT the
-    file also holds PEFT's active LoRA adapter (see the module docstring; ``base_model_name_or_path``
-    and ``task_type`` are then PEFT's). Raises ValueError when ``model`` has no experts adapters, their
-    ranks or scalings differ, or PEFT's adapter is not a LoRA one without DoRA."""
+    dequantized values, see :meth:`KTJitExperts.merged_weights`). Modules whose adapters differ in
+    rank or scaling from the adapter's ``r`` / ``lora_alpha`` get entries of their own in its
+    ``rank_pattern`` / ``alpha_pattern``. For a model wrapped by PEFT the file also holds PEFT's
+    active LoRA adapter (see the module docstring; ``base_model_name_or_path`` and ``task_type`` are
+    then PEFT's). Raises ValueError when ``model`` has no experts adapters, or PEFT's adapter is not
+    a LoRA one without DoRA."""
     from safetensors.torch import save_file
 
     if base_model_name_or_path is None:
@@ -84,13 +89,9 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model_name
     found = {name: m for name, m in _experts_modules(model).items() if m.lora is not None}
     if not found:
         raise ValueError("no KTJitExperts module of this model has a LoRA adapter")
-    kinds = {(m.lora.rank, m.lora.scaling) for m in found.values()}
-    if len(kinds) != 1:
-        raise ValueError(f"PEFT gives one adapter one rank and scaling; these experts adapters have "
-                         f"(rank, scaling) {sorted(kinds)}")
-    r, scaling = kinds.pop()
-    tensors = {}
+    tensors, kinds = {}, {}
     for name, module in found.items():
+        r = module.lora.rank
         ga, gb, ua, ub, da, db = (t.detach() for t in module.lora.tensors())
         e, i = gb.shape[0], gb.shape[1]
         zeros_gb, zeros_ub = gb.new_zeros(e, i, r), ub.new_zeros(e, i, r)
@@ -102,27 +103,36 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model_name
         for depth, param in enumerate(_nesting(module)):
             key = f"{_PREFIX}{name}{'.base_layer' * (1 - depth)}"
             tensors[f"{key}.lora_A.weight"], tensors[f"{key}.lora_B.weight"] = _peft_pair(*map(list, pairs[param]))
-    targets = [f"{n}.gate_up_proj" for n in found] + [f"{n}.down_proj" for n in found]
-    config = {
-        "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
-        "r": 2 * r, "lora_alpha": scaling * 2 * r, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
-        "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
-        "target_modules": [], "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
-        "target_parameters": targets,
-    }
+        kinds.update(dict.fromkeys((f"{name}.gate_up_proj", f"{name}.down_proj"), (2 * r, module.lora.scaling)))
+    targets = list(kinds)
     if hasattr(model, "peft_config") and hasattr(model, "get_base_model"):
-        config, peft_tensors = _with_peft_adapter(model, path, targets, 2 * r, scaling)
+        config, peft_tensors = _with_peft_adapter(model, path)
         tensors = peft_tensors | tensors
+    else:
+        rank, scaling = max(set(kinds.values()), key=list(kinds.values()).count)
+        config = {
+            "peft_type": "LORA", "task_type": task_type, "base_model_name_or_path": base_model_name_or_path,
+            "r": rank, "lora_alpha": scaling * rank, "lora_dropout": 0.0, "bias": "none", "use_rslora": False,
+            "use_dora": False, "fan_in_fan_out": False, "init_lora_weights": True, "inference_mode": True,
+            "target_modules": [], "rank_pattern": {}, "alpha_pattern": {}, "modules_to_save": None,
+            "target_parameters": [],
+        }
+    config["target_parameters"] = list(config.get("target_parameters") or []) + targets
+    for patterns in ("rank_pattern", "alpha_pattern"):
+        config[patterns] = dict(config.get(patterns) or {})
+    for target, (rank, scaling) in kinds.items():
+        alpha = scaling * (math.sqrt(rank) if config.get("use_rslora") else rank)
+        if rank != config["r"] or alpha != config["lora_alpha"]:  # (both: neither falls back to the default)
+            config["rank_pattern"][target], config["alpha_pattern"][target] = rank, alpha
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
         json.dump(config, f, indent=2)
 
 
-def _with_peft_adapter(model: nn.Module, path, targets: list[str], rank: int,
-                       scaling: float) -> tuple[dict, dict[str, torch.Tensor]]:
-    """(adapter config, tensors) of a PEFT-wrapped model's active LoRA adapter, its config extended
-    by the experts' ``targets`` of rank ``rank`` and scaling ``scaling``."""
+def _with_peft_adapter(model: nn.Module, path) -> tuple[dict, dict[str, torch.Tensor]]:
+    """(adapter config, tensors) of a PEFT-wrapped model's active LoRA adapter, without what it
+    holds of kt_jit's experts modules."""
     import tempfile
 
     from peft import get_peft_model_state_dict
@@ -137,14 +147,7 @@ def _with_peft_adapter(model: nn.Module, path, targets: list[str], rank: int,
     if config.get("peft_type") != "LORA" or config.get("use_dora"):
         raise ValueError(f"{path}: PEFT's adapter {names[0]!r} is {config.get('peft_type')} (use_dora "
                          f"{config.get('use_dora')}); kt_jit's experts adapters join a LoRA adapter without DoRA")
-    alpha = scaling * (math.sqrt(rank) if config.get("use_rslora") else rank)
-    config["target_parameters"] = list(config.get("target_parameters") or []) + targets
-    for patterns, value, default in (("rank_pattern", rank, config["r"]),
-                                     ("alpha_pattern", alpha, config["lora_alpha"])):
-        config[patterns] = dict(config.get(patterns) or {})
-        if value != default:
-            config[patterns].update(dict.fromkeys(targets, value))
-    experts = tuple(f"{_PREFIX}{t.rpartition('.')[0]}." for t in targets)
+    experts = tuple(f"{_PREFIX}{name}." for name in _experts_modules(model))
     tensors = {k: v.detach().contiguous() for k, v in get_peft_model_state_dict(model, adapter_name=names[0]).items()
                if not k.startswith(experts)}
     return config, tensors
@@ -261,6 +264,63 @@ def _read_module(module: KTJitExperts, name: str, cfg: dict, tensors: dict[str, 
         return MoELoRA.from_tensors(gu_a[:, :q], gu_b[:, :i, :q], gu_a[:, q:], gu_b[:, i:, q:], dn_a[:, :q],
                                     dn_b[..., :q], alpha=s * q)
     return MoELoRA.from_tensors(gu_a, gu_b[:, :i], gu_a, gu_b[:, i:], dn_a, dn_b, alpha=s * r)
+
+
+def _names_experts(target: str, experts: list[str], pattern: bool = False) -> bool:
+    """Whether PEFT's ``target_parameters`` entry ``target`` (a ``rank_pattern`` / ``alpha_pattern``
+    key with ``pattern``: a regular expression) names one of the experts parameters ``experts``
+    lists (``module.param`` names): the whole name or its end after a dot, as PEFT matches them."""
+    if pattern:
+        return any(re.fullmatch(rf"(.*\.)?({target})", name) for name in experts)
+    return any(name == target or name.endswith("." + target) for name in experts)
+
+
+def peft_model_from_adapter(model: nn.Module, path: str | os.PathLike, is_trainable: bool = False,
+                            adapter_name: str = "default") -> nn.Module:
+    """Apply the PEFT LoRA adapter in the local directory ``path`` to a kt_jit model (one with
+    :class:`KTJitExperts` modules, from ``hf_loading.from_pretrained`` or ``patch_experts``) in one
+    call: what the adapter holds for the experts goes into kt_jit's adapters
+    (:func:`load_peft_adapter`), the rest (LoRA on attention, say) to PEFT, which wraps the model
+    with the adapter's config minus the experts' ``target_parameters`` and their rank and alpha
+    patterns. That is how a combined adapter (:func:`save_peft_adapter`, a Trainer checkpoint of a
+    model :func:`track_experts_adapters` followed, or one trained with PEFT on the original model)
+    is served or fine-tuned further. Returns the PEFT model, its save and load tracked
+    (:func:`track_experts_adapters`); ``model`` itself when the adapter holds experts adapters only.
+    With ``is_trainable`` every adapter (PEFT's and the experts') requires grad, else none does.
+    Raises ValueError as :func:`load_peft_adapter` does, and when ``path`` is not a directory."""
+    import warnings
+
+    if not os.path.isdir(path):
+        raise ValueError(f"{path}: not a directory; download the adapter first (huggingface_hub.snapshot_download)")
+    if hasattr(model, "peft_config"):
+        raise ValueError(f"{type(model).__name__} is a PEFT model already: give the model it wraps, or add the "
+                         "adapter with its load_adapter after track_experts_adapters")
+    modules = _experts_modules(model)
+    with open(os.path.join(path, "adapter_config.json")) as f:
+        cfg = json.load(f)
+    experts = [f"{name}.{param}" for name in modules for param in ("gate_up_proj", "down_proj")]
+    rest = [t for t in cfg.get("target_parameters") or [] if not _names_experts(t, experts)]
+    with warnings.catch_warnings():  # (PEFT loads the other tensors, below)
+        warnings.filterwarnings("ignore", message=".*only the experts' adapters were loaded")
+        loaded = load_peft_adapter(model, path)
+    for lora in loaded.values():
+        lora.requires_grad_(is_trainable)
+    if not (cfg.get("target_modules") or rest or cfg.get("modules_to_save")):
+        return model
+    import peft
+
+    config = peft.PeftConfig.from_pretrained(path)
+    config.target_parameters = rest
+    for patterns in ("rank_pattern", "alpha_pattern"):
+        setattr(config, patterns, {k: v for k, v in (getattr(config, patterns) or {}).items()
+                                   if not _names_experts(k, experts, pattern=True)})
+    with warnings.catch_warnings():  # (PEFT sees the experts' tensors as keys it does not know)
+        warnings.filterwarnings("ignore", message=".*unexpected.*", category=UserWarning)
+        wrapped = peft.PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
+                                                 config=config)
+    for lora in loaded.values():  # (PEFT has frozen everything not its own)
+        lora.requires_grad_(is_trainable)
+    return track_experts_adapters(wrapped)
 
 
 class _PeftSave:
