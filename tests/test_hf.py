@@ -556,6 +556,21 @@ def test_save_pretrained_writes_the_packed_experts(tmp_path):
     copied.model.layers[0].mlp.experts.lora.up_lora_b.data.zero_()
     copied.save_pretrained(tmp_path / "h")
     assert not from_pretrained(tmp_path / "h").model.layers[0].mlp.experts.lora.up_lora_b.any()
+    # adapters of another rank and alpha in one layer (e.g. from a PEFT adapter's rank_pattern)
+    from kt_jit import MoELoRA
+
+    ex = loaded.model.layers[1].mlp.experts.experts
+    odd = MoELoRA(ex.num_experts, ex.hidden_size, ex.intermediate_size, rank=4, alpha=3.0)
+    with torch.no_grad():
+        for t in odd.parameters():
+            t.copy_(torch.randn(t.shape, generator=g) * 0.1)
+    loaded.model.layers[1].mlp.experts.lora = odd
+    loaded.save_pretrained(tmp_path / "k")
+    mixed = from_pretrained(tmp_path / "k")
+    assert [(m.lora.rank, m.lora.alpha) for m in mixed.modules() if isinstance(m, KTJitExperts)] == [
+        (8, 32.0), (4, 3.0)]
+    with torch.no_grad():
+        assert torch.equal(mixed(ids).logits, loaded(ids).logits)
     # a layer without an adapter stays without one
     loaded.model.layers[1].mlp.experts.lora = None
     loaded.save_pretrained(tmp_path / "f")

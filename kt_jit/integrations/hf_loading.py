@@ -63,7 +63,8 @@ def _classes() -> tuple[type, type]:
                      lora: bool = True, fp8_block: list[int] | None = None,
                      packed_experts: dict[str, str] | None = None, packed_files: dict[str, str] | None = None,
                      experts_ids: dict[str, str] | None = None, load_adapters: bool = False,
-                     adapters: list[str] | None = None, **kwargs) -> None:
+                     adapters: list[str] | None = None, adapter_kinds: dict[str, list] | None = None,
+                     **kwargs) -> None:
             self.quant_method = "kt_jit"
             self.quant, self.group_size, self.rank, self.alpha, self.lora = quant, group_size, rank, alpha, lora
             # the checkpoint's FP8 scale block [rows, columns] when it is an FP8 one (set by from_pretrained)
@@ -73,8 +74,9 @@ def _classes() -> tuple[type, type]:
             # and each file's id (also in its metadata)
             self.packed_experts, self.packed_files, self.experts_ids = packed_experts, packed_files, experts_ids
             # whether the checkpoint's adapters load (rank and alpha as saved; those of the modules
-            # ``adapters`` names, all if None), else fresh ones
-            self.load_adapters, self.adapters = load_adapters, adapters
+            # ``adapters`` names, all if None), else fresh ones; ``adapter_kinds``: [rank, alpha] of
+            # the saved adapters that differ from ``rank`` and ``alpha``, by module
+            self.load_adapters, self.adapters, self.adapter_kinds = load_adapters, adapters, adapter_kinds
 
     class _PackOnLoad(ConversionOps):
         """Packs an experts parameter the checkpoint stores whole (``experts.gate_up_proj``) as
@@ -239,8 +241,9 @@ def _classes() -> tuple[type, type]:
             if cfg.packed_files is None:
                 raise ValueError("this checkpoint holds kt_jit-packed experts: load it with "
                                  "kt_jit.integrations.hf_loading.from_pretrained (which finds their files)")
-            ids, with_adapter = cfg.experts_ids or {}, cfg.adapters
-            files = {k: (v, ids.get(k), with_adapter is None or k in with_adapter) for k, v in cfg.packed_files.items()}
+            ids, with_adapter, kinds = cfg.experts_ids or {}, cfg.adapters, cfg.adapter_kinds or {}
+            files = {k: (v, ids.get(k), with_adapter is None or k in with_adapter, kinds.get(k, (cfg.rank, cfg.alpha)))
+                     for k, v in cfg.packed_files.items()}
             prefix = f"{getattr(model, 'base_model_prefix', '')}."
             for names in ({k.removeprefix(prefix): v for k, v in files.items()},  # (saved with a head, loaded
                           {prefix + k: v for k, v in files.items()}):           # without, or the other way)
@@ -250,7 +253,7 @@ def _classes() -> tuple[type, type]:
                 raise ValueError(f"the packed experts files are for modules {sorted(cfg.packed_files)}, the model "
                                  f"has {sorted(found)}")
             for name, module in found.items():
-                path, want, has_adapter = files[name]
+                path, want, has_adapter, (rank, alpha) = files[name]
                 got_id = file_id(path)
                 if want is not None and got_id != want:
                     raise ValueError(f"{path} comes from another save than the checkpoint's config.json (an "
@@ -266,7 +269,7 @@ def _classes() -> tuple[type, type]:
                 if cfg.load_adapters and has_adapter:  # (placeholders: transformers loads the saved values)
                     with torch.device("cpu"):
                         lora = MoELoRA.from_tensors(*(torch.zeros(s, dtype=torch.bfloat16) for s in lora_shapes(
-                            *self.experts[name], cfg.rank).values()), alpha=cfg.alpha)
+                            *self.experts[name], rank).values()), alpha=alpha)
                 parent, _, attr = name.rpartition(".")
                 owner = model.get_submodule(parent) if parent else model
                 setattr(owner, attr, KTJitExperts(experts, lora, skeleton_of(module)))
@@ -474,6 +477,7 @@ def _use_packed_experts(path, saved: dict, kwargs: dict, kt_config, given: dict)
     kt_config.load_adapters = bool(saved.get("lora")) and kt_config.lora and (
         kt_config.rank, kt_config.alpha) == (saved.get("rank"), saved.get("alpha"))
     kt_config.adapters = saved.get("adapters")
+    kt_config.adapter_kinds = saved.get("adapter_kinds")
     hub = {k: kwargs[k] for k in _HUB_KWARGS if k in kwargs and k != "trust_remote_code"}
     kt_config.packed_files = {name: cached_file(path, rel, **hub) for name, rel in saved["packed_experts"].items()}
 

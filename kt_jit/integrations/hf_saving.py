@@ -122,7 +122,7 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
     as they are (see the module docstring); ``kwargs`` go to transformers' ``save_pretrained``
     (e.g. ``max_shard_size``; the model's names are kept, ``save_original_format=False``, unless
     given: transformers' Trainer resumes by loading the state dict as it is). The adapters are saved
-    with the model (those present must share one rank and alpha), the model's own state dict (a
+    with the model, each with its rank and alpha, the model's own state dict (a
     ``state_dict`` argument, e.g. the Trainer's, is not used). ``path`` must be new, empty, or hold
     an earlier save of this function (whose files are replaced): a directory with another
     checkpoint (e.g. the one the model was loaded from) is refused. A rank other than the main one
@@ -137,9 +137,6 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
     if not modules:
         raise ValueError(f"{type(model).__name__} has no KTJitExperts modules: use its own save_pretrained")
     adapters = {name: m.lora for name, m in modules.items() if m.lora is not None}
-    if len({(a.rank, a.alpha) for a in adapters.values()}) > 1:
-        raise ValueError("the experts adapters differ in rank or alpha: a checkpoint holds one kind (set "
-                         "module.lora to match, or save them with save_peft_adapter)")
     kwargs.pop("state_dict", None)
     kwargs.setdefault("save_original_format", False)
     if kwargs.get("push_to_hub"):
@@ -163,11 +160,12 @@ def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None
     for stale in set(os.listdir(os.path.join(path, PACKED_DIR))) - {os.path.basename(f) for f in files.values()}:
         if stale.endswith(".safetensors"):
             os.remove(os.path.join(path, PACKED_DIR, stale))
-    first = next(iter(adapters.values()), None)
+    kinds = {name: (a.rank, a.alpha) for name, a in adapters.items()}
+    rank, alpha = max(kinds.values(), key=list(kinds.values()).count) if kinds else (16, 32.0)
     packed_config = {"quant_method": "kt_jit", "quant": quant, "group_size": group_size or 128,
-                     "rank": first.rank if first else 16, "alpha": first.alpha if first else 32.0,
-                     "lora": bool(adapters), "fp8_block": None, "packed_experts": files, "experts_ids": ids,
-                     "adapters": sorted(adapters)}
+                     "rank": rank, "alpha": alpha, "lora": bool(adapters), "fp8_block": None,
+                     "packed_experts": files, "experts_ids": ids, "adapters": sorted(adapters),
+                     "adapter_kinds": {name: list(k) for name, k in kinds.items() if k != (rank, alpha)}}
 
     config = model.config
     had_config = "quantization_config" in config.__dict__
