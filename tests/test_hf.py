@@ -769,13 +769,17 @@ def test_to_hf_rounds_to_bf16_keeps_layout_flags_and_is_all_or_nothing():
     assert all(isinstance(m, KTJitExperts) for m in two.values())
 
 
-def _peft_trained(peft, original: nn.Module) -> nn.Module:
-    """PEFT's LoRA on a copy of ``original`` as if trained: on the attention's q_proj and on the
-    experts (layer 1's down_proj with a rank and alpha of its own), random bf16 values."""
-    config = peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
-                             rank_pattern={"layers.1.mlp.experts.down_proj": 6},
-                             alpha_pattern={"layers.1.mlp.experts.down_proj": 3},
-                             target_parameters=["mlp.experts.gate_up_proj", "mlp.experts.down_proj"])
+EXPERTS_TARGETS = ["mlp.experts.gate_up_proj", "mlp.experts.down_proj"]
+
+
+def _peft_trained(peft, original: nn.Module, config=None) -> nn.Module:
+    """PEFT's LoRA (``config``; by default on the attention's q_proj and on the experts, layer 1's
+    down_proj with a rank and alpha of its own) on a copy of ``original`` as if trained: random
+    bf16 values."""
+    config = config or peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"],
+                                       rank_pattern={"layers.1.mlp.experts.down_proj": 6},
+                                       alpha_pattern={"layers.1.mlp.experts.down_proj": 3},
+                                       target_parameters=EXPERTS_TARGETS)
     trained = peft.get_peft_model(copy.deepcopy(original), config)
     g = torch.Generator().manual_seed(12)
     with torch.no_grad():
@@ -786,7 +790,7 @@ def _peft_trained(peft, original: nn.Module) -> nn.Module:
 
 
 @pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral"])
-# (PEFT warns of the patterns for a layer left without an adapter)
+# (PEFT 0.21 warns of pattern keys on target_parameters even where it applies them)
 @pytest.mark.filterwarnings("ignore:The following (alpha|rank)_pattern keys did not match:RuntimeWarning")
 def test_peft_adapter_export_and_import(arch, tmp_path):
     """save_peft_adapter writes kt_jit's experts adapters as a PEFT LoRA adapter of the original
@@ -876,7 +880,8 @@ def test_peft_model_from_adapter_applies_both_parts(tmp_path):
     """peft_model_from_adapter on a freshly patched model: an adapter PEFT trained on the original
     model (attention and experts) computes what PEFT computes there, frozen, without a warning;
     the result saves one combined adapter, which loads again trainable (gradients reach PEFT's and
-    the experts' adapters); an experts-only adapter gives the model itself."""
+    the experts' adapters); an experts-only adapter gives the model itself; an adapter on the Hub
+    (here its cache) is found by its repository id."""
     import warnings
 
     peft = pytest.importorskip("peft")
@@ -917,8 +922,62 @@ def test_peft_model_from_adapter_applies_both_parts(tmp_path):
     save_peft_adapter(model, tmp_path / "experts")
     fresh = patched()
     assert peft_model_from_adapter(fresh, tmp_path / "experts") is fresh
+    assert not fresh.training and not any(p.requires_grad for p in fresh.parameters())  # (as PEFT leaves it)
     assert all(torch.equal(a, b) for a, b in zip(moe_lora_parameters(fresh), moe_lora_parameters(model), strict=True))
-    with pytest.raises(ValueError, match="not a directory"):
-        peft_model_from_adapter(patched(), tmp_path / "missing")
+    # a Hub repository id, from the Hub cache (as huggingface_hub lays it out; no network)
+    import shutil
+
+    snapshot = tmp_path / "hub" / "models--kt--tiny-adapter" / "snapshots" / ("0" * 40)
+    shutil.copytree(tmp_path / "peft", snapshot)
+    (snapshot.parents[1] / "refs").mkdir()
+    (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    hub = peft_model_from_adapter(patched(), "kt/tiny-adapter", cache_dir=tmp_path / "hub", local_files_only=True)
+    with torch.no_grad():
+        assert rel_err(hub(ids).logits, expected) < 1e-2
+    with pytest.raises(ValueError, match="neither a local directory nor a Hub adapter"):
+        peft_model_from_adapter(patched(), "kt/missing", cache_dir=tmp_path / "hub", local_files_only=True)
     with pytest.raises(ValueError, match="a PEFT model already"):
         peft_model_from_adapter(served, tmp_path / "peft")
+
+
+@pytest.mark.filterwarnings("ignore:The following (alpha|rank)_pattern keys did not match:RuntimeWarning")
+@pytest.mark.parametrize("case", ["shared_pattern", "modules_to_save", "shadowing_pattern"])
+def test_peft_model_from_adapter_follows_peft_configs(case, tmp_path):
+    """Adapters whose configs PEFT reads in its own ways: a pattern naming the experts and the
+    attention too (kept for the attention), modules_to_save and no other targets, and (the save)
+    a PEFT pattern that would match the experts' parameters (the experts' entries come first: PEFT
+    takes the first match). Each computes what PEFT computes on the original model."""
+    peft = pytest.importorskip("peft")
+    from kt_jit.integrations.peft_adapter import peft_model_from_adapter, track_experts_adapters
+
+    original = _model("qwen3_moe")
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(14))
+    patched = copy.deepcopy(original)
+    patch_experts(patched, rank=4, alpha=3.0)
+    if case == "shadowing_pattern":
+        wrapped = track_experts_adapters(peft.get_peft_model(patched, peft.LoraConfig(
+            r=4, lora_alpha=32, target_modules=["q_proj"], alpha_pattern={r"layers\.1\..*": 4},
+            init_lora_weights=False)))
+        with torch.no_grad():
+            for p in moe_lora_parameters(wrapped):
+                p.copy_(torch.randn(p.shape, generator=torch.Generator().manual_seed(15)) * 0.1)
+            expected = wrapped(ids).logits
+        wrapped.save_pretrained(tmp_path / "adapter")
+        served = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "adapter")
+    else:
+        layer1 = r"model\.layers\.1\..*"
+        config = (peft.LoraConfig(r=4, lora_alpha=8, target_modules=["q_proj"], rank_pattern={layer1: 6},
+                                  alpha_pattern={layer1: 32}, target_parameters=EXPERTS_TARGETS)
+                  if case == "shared_pattern" else
+                  peft.LoraConfig(r=4, lora_alpha=8, target_modules=[], modules_to_save=["lm_head"],
+                                  target_parameters=EXPERTS_TARGETS))
+        trained = _peft_trained(peft, original, config)
+        if case == "modules_to_save":
+            with torch.no_grad():
+                trained.base_model.model.lm_head.modules_to_save["default"].weight.mul_(-1.0)
+        trained.save_pretrained(tmp_path / "adapter")
+        with torch.no_grad():
+            expected = trained(ids).logits
+        served = peft_model_from_adapter(patched, tmp_path / "adapter")
+    with torch.no_grad():
+        assert rel_err(served(ids).logits, expected) < 1e-2

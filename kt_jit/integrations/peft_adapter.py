@@ -118,12 +118,17 @@ def save_peft_adapter(model: nn.Module, path: str | os.PathLike, base_model_name
             "target_parameters": [],
         }
     config["target_parameters"] = list(config.get("target_parameters") or []) + targets
-    for patterns in ("rank_pattern", "alpha_pattern"):
-        config[patterns] = dict(config.get(patterns) or {})
+    given = {p: dict(config.get(p) or {}) for p in ("rank_pattern", "alpha_pattern")}
+    entries: dict[str, dict] = {p: {} for p in given}
     for target, (rank, scaling) in kinds.items():
         alpha = scaling * (math.sqrt(rank) if config.get("use_rslora") else rank)
-        if rank != config["r"] or alpha != config["lora_alpha"]:  # (both: neither falls back to the default)
-            config["rank_pattern"][target], config["alpha_pattern"][target] = rank, alpha
+        # an entry where the defaults differ or one of PEFT's own patterns would match; both values
+        # (neither falls back to the default), and first (PEFT takes the first matching pattern)
+        if rank != config["r"] or alpha != config["lora_alpha"] or any(
+                _pattern_matches(k, [target]) for p in given for k in given[p]):
+            entries["rank_pattern"][target], entries["alpha_pattern"][target] = rank, alpha
+    for p in given:
+        config[p] = entries[p] | {k: v for k, v in given[p].items() if k not in entries[p]}
     os.makedirs(path, exist_ok=True)
     save_file(tensors, os.path.join(path, "adapter_model.safetensors"), metadata={"format": "pt"})
     with open(os.path.join(path, "adapter_config.json"), "w") as f:
@@ -177,10 +182,32 @@ def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
     return torch.cat([t, t.new_zeros(extra)], dim)
 
 
-def load_peft_adapter(model: nn.Module, path: str | os.PathLike, in_place: bool = False) -> dict[str, MoELoRA]:
+def _adapter_dir(path: str | os.PathLike, hub: dict) -> str:
+    """The local directory holding the adapter ``path``: ``path`` itself, or for a Hub repository
+    id its snapshot of ``adapter_config.json`` and ``adapter_model.safetensors``, downloaded or
+    from the Hub cache (``hub``: ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ...,
+    as ``huggingface_hub.snapshot_download`` takes them)."""
+    if os.path.isdir(path):
+        return os.fspath(path)
+    from huggingface_hub import snapshot_download
+
+    try:
+        folder = snapshot_download(os.fspath(path), allow_patterns=["adapter_config.json", "adapter_model.safetensors"],
+                                   **hub)
+    except Exception as exc:  # (huggingface_hub's errors: not found, offline, invalid id, ...)
+        raise ValueError(f"{path}: neither a local directory nor a Hub adapter that could be fetched "
+                         f"({type(exc).__name__}: {exc})") from exc
+    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+        raise ValueError(f"{path}: the Hub repository holds no adapter_config.json at its top")
+    return folder
+
+
+def load_peft_adapter(model: nn.Module, path: str | os.PathLike, in_place: bool = False,
+                      **hub_kwargs) -> dict[str, MoELoRA]:
     """Read the experts part of a PEFT LoRA adapter (``target_parameters`` naming an experts
     module's ``gate_up_proj`` and ``down_proj``; written by :func:`save_peft_adapter` or trained with
-    PEFT elsewhere) from the directory ``path`` into fresh bf16 :class:`~kt_jit.MoELoRA` adapters of
+    PEFT elsewhere) from the directory ``path`` (or a Hub repository id: ``hub_kwargs`` as
+    ``huggingface_hub.snapshot_download`` takes them) into fresh bf16 :class:`~kt_jit.MoELoRA` adapters of
     the :class:`KTJitExperts` modules of ``model`` it names (assigned once all are read, and
     returned by module name; modules it does not name keep theirs). Each computes the adapter's
     update, up to bf16 rounding of its values. Other parts of the adapter (LoRA of other modules,
@@ -191,6 +218,18 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, in_place: bool 
     rank (its Parameters stay the ones an optimizer holds: resuming a fine-tune), else assigned."""
     import warnings
 
+    path = _adapter_dir(path, hub_kwargs)
+    loaded, ignored = _read_adapter(model, path)
+    _assign(model, loaded, in_place)
+    if ignored:
+        warnings.warn(f"{path}: only the experts' adapters were loaded; {len(ignored)} other tensors were not "
+                      f"(e.g. {ignored[:3]}): load those with PEFT (peft_model_from_adapter does both)", stacklevel=2)
+    return loaded
+
+
+def _read_adapter(model: nn.Module, path: str) -> tuple[dict[str, MoELoRA], list[str]]:
+    """(the experts adapters of the adapter directory ``path`` by module name, the names of its
+    tensors that are not theirs); see :func:`load_peft_adapter`."""
     from safetensors.torch import load_file
 
     with open(os.path.join(path, "adapter_config.json")) as f:
@@ -202,10 +241,8 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, in_place: bool 
     tensors = load_file(os.path.join(path, "adapter_model.safetensors"))
     used: set[str] = set()
     loaded = {}
-    modules = _experts_modules(model)
-    for name, module in modules.items():
-        named = [param for param in ("gate_up_proj", "down_proj")
-                 if any(f"{name}.{param}" == t or f"{name}.{param}".endswith("." + t) for t in targets)]
+    for name, module in _experts_modules(model).items():
+        named = [param for param in ("gate_up_proj", "down_proj") if _names_experts_any(targets, f"{name}.{param}")]
         if not named:
             continue
         if len(named) != 2:
@@ -214,7 +251,16 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, in_place: bool 
         loaded[name] = _read_module(module, name, cfg, tensors, used, path)
     if not loaded:
         raise ValueError(f"{path}: target_parameters {targets} do not name both gate_up_proj and down_proj of "
-                         "any KTJitExperts module of this model")
+                         "any KTJitExperts module of this model (an adapter of per-expert gate_proj/up_proj/"
+                         "down_proj modules, as PEFT wrote them for transformers 4, is not read: apply it with PEFT "
+                         "to the original model, merge it, and patch that)")
+    return loaded, sorted(set(tensors) - used)
+
+
+def _assign(model: nn.Module, loaded: dict[str, MoELoRA], in_place: bool) -> None:
+    """Give the experts modules of ``model`` the adapters ``loaded`` (by module name), into their
+    current ones where ``in_place`` and the ranks agree (``loaded`` then names those)."""
+    modules = _experts_modules(model)
     for name, lora in loaded.items():
         current = modules[name].lora
         if in_place and current is not None and current.rank == lora.rank:
@@ -225,11 +271,6 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, in_place: bool 
             loaded[name] = current
         else:
             modules[name].lora = lora.train(modules[name].training)
-    ignored = sorted(set(tensors) - used)
-    if ignored:
-        warnings.warn(f"{path}: only the experts' adapters were loaded; {len(ignored)} other tensors were not "
-                      f"(e.g. {ignored[:3]}): load those with PEFT", stacklevel=2)
-    return loaded
 
 
 def _read_module(module: KTJitExperts, name: str, cfg: dict, tensors: dict[str, torch.Tensor], used: set[str],
@@ -266,58 +307,68 @@ def _read_module(module: KTJitExperts, name: str, cfg: dict, tensors: dict[str, 
     return MoELoRA.from_tensors(gu_a, gu_b[:, :i], gu_a, gu_b[:, i:], dn_a, dn_b, alpha=s * r)
 
 
-def _names_experts(target: str, experts: list[str], pattern: bool = False) -> bool:
-    """Whether PEFT's ``target_parameters`` entry ``target`` (a ``rank_pattern`` / ``alpha_pattern``
-    key with ``pattern``: a regular expression) names one of the experts parameters ``experts``
-    lists (``module.param`` names): the whole name or its end after a dot, as PEFT matches them."""
-    if pattern:
-        return any(re.fullmatch(rf"(.*\.)?({target})", name) for name in experts)
-    return any(name == target or name.endswith("." + target) for name in experts)
+def _names_experts_any(targets: list[str], *names: str) -> bool:
+    """Whether an entry of PEFT's ``target_parameters`` ``targets`` names one of the parameters
+    ``names`` (``module.param``): the whole name or its end after a dot, as PEFT matches them."""
+    return any(n == t or n.endswith("." + t) for t in targets for n in names)
+
+
+def _pattern_matches(pattern: str, names: list[str]) -> bool:
+    """Whether PEFT's ``rank_pattern`` / ``alpha_pattern`` key ``pattern`` (a regular expression)
+    matches one of ``names``: the whole name or its end after a dot, as PEFT matches them."""
+    return any(re.fullmatch(rf"(.*\.)?({pattern})", n) for n in names)
 
 
 def peft_model_from_adapter(model: nn.Module, path: str | os.PathLike, is_trainable: bool = False,
-                            adapter_name: str = "default") -> nn.Module:
-    """Apply the PEFT LoRA adapter in the local directory ``path`` to a kt_jit model (one with
+                            adapter_name: str = "default", **hub_kwargs) -> nn.Module:
+    """Apply the PEFT LoRA adapter in the directory ``path`` (or a Hub repository id: ``hub_kwargs``
+    as ``huggingface_hub.snapshot_download`` takes them) to a kt_jit model (one with
     :class:`KTJitExperts` modules, from ``hf_loading.from_pretrained`` or ``patch_experts``) in one
     call: what the adapter holds for the experts goes into kt_jit's adapters
-    (:func:`load_peft_adapter`), the rest (LoRA on attention, say) to PEFT, which wraps the model
-    with the adapter's config minus the experts' ``target_parameters`` and their rank and alpha
-    patterns. That is how a combined adapter (:func:`save_peft_adapter`, a Trainer checkpoint of a
-    model :func:`track_experts_adapters` followed, or one trained with PEFT on the original model)
-    is served or fine-tuned further. Returns the PEFT model, its save and load tracked
-    (:func:`track_experts_adapters`); ``model`` itself when the adapter holds experts adapters only.
+    (:func:`load_peft_adapter`), the rest (LoRA on attention, say, ``modules_to_save``, trainable
+    tokens) to PEFT, which wraps the model with the adapter's config minus the experts'
+    ``target_parameters`` and the rank and alpha patterns that name nothing else. That is how a
+    combined adapter (:func:`save_peft_adapter`, a Trainer checkpoint of a model
+    :func:`track_experts_adapters` followed, or one trained with PEFT on the original model) is
+    served or fine-tuned further. Returns the PEFT model, its save and load tracked
+    (:func:`track_experts_adapters`); ``model`` itself when the adapter holds experts adapters only
+    (left as PEFT would leave it: its own parameters frozen, in eval mode unless ``is_trainable``).
     With ``is_trainable`` every adapter (PEFT's and the experts') requires grad, else none does.
-    Raises ValueError as :func:`load_peft_adapter` does, and when ``path`` is not a directory."""
+    The experts' part is checked before anything changes. Raises ValueError as
+    :func:`load_peft_adapter` does, and when ``path`` cannot be found."""
     import warnings
 
-    if not os.path.isdir(path):
-        raise ValueError(f"{path}: not a directory; download the adapter first (huggingface_hub.snapshot_download)")
     if hasattr(model, "peft_config"):
         raise ValueError(f"{type(model).__name__} is a PEFT model already: give the model it wraps, or add the "
                          "adapter with its load_adapter after track_experts_adapters")
     modules = _experts_modules(model)
-    with open(os.path.join(path, "adapter_config.json")) as f:
-        cfg = json.load(f)
-    experts = [f"{name}.{param}" for name in modules for param in ("gate_up_proj", "down_proj")]
-    rest = [t for t in cfg.get("target_parameters") or [] if not _names_experts(t, experts)]
-    with warnings.catch_warnings():  # (PEFT loads the other tensors, below)
-        warnings.filterwarnings("ignore", message=".*only the experts' adapters were loaded")
-        loaded = load_peft_adapter(model, path)
-    for lora in loaded.values():
-        lora.requires_grad_(is_trainable)
-    if not (cfg.get("target_modules") or rest or cfg.get("modules_to_save")):
-        return model
+    path = _adapter_dir(path, hub_kwargs)
+    loaded, ignored = _read_adapter(model, path)  # (checks the experts' part before anything changes)
+    if not ignored:  # (as PEFT leaves a model: its own weights frozen, eval mode unless trainable)
+        model.requires_grad_(False)
+        _assign(model, loaded, in_place=False)
+        for lora in loaded.values():
+            lora.requires_grad_(is_trainable)
+        return model if is_trainable else model.eval()
     import peft
+    from peft.utils.constants import DUMMY_TARGET_MODULES
 
+    experts = [f"{name}.{param}" for name in modules for param in ("gate_up_proj", "down_proj")]
     config = peft.PeftConfig.from_pretrained(path)
-    config.target_parameters = rest
+    config.target_parameters = [t for t in config.target_parameters or [] if not _names_experts_any([t], *experts)]
+    # a pattern that names experts parameters and no other module goes: one that names others too
+    # stays (PEFT's first matching pattern sets their rank and alpha)
+    others = [n for n, _ in model.named_modules() if n and not any(n == m or n.startswith(m + ".") for m in modules)]
     for patterns in ("rank_pattern", "alpha_pattern"):
         setattr(config, patterns, {k: v for k, v in (getattr(config, patterns) or {}).items()
-                                   if not _names_experts(k, experts, pattern=True)})
+                                   if not _pattern_matches(k, experts) or _pattern_matches(k, others)})
+    if not (config.target_modules or config.target_parameters):  # (modules_to_save, trainable tokens only)
+        config.target_modules = DUMMY_TARGET_MODULES
     with warnings.catch_warnings():  # (PEFT sees the experts' tensors as keys it does not know)
         warnings.filterwarnings("ignore", message=".*unexpected.*", category=UserWarning)
         wrapped = peft.PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
                                                  config=config)
+    _assign(model, loaded, in_place=False)
     for lora in loaded.values():  # (PEFT has frozen everything not its own)
         lora.requires_grad_(is_trainable)
     return track_experts_adapters(wrapped)
