@@ -27,11 +27,12 @@ experts' adapters too.
 
 A model wrapped by PEFT (PEFT's LoRA on attention, say, kt_jit's on the experts) is saved as one
 adapter: PEFT's own adapter tensors and config, with the experts' parameters added to its
-``target_parameters`` and their rank and alpha to its ``rank_pattern`` / ``alpha_pattern`` where
-they differ; that is the one file a server (or ``PeftModel.from_pretrained`` on the original model)
-needs. Only then is PEFT imported (it is installed: it wrapped the model); otherwise neither
-function imports it: they read and write its files (``adapter_config.json``,
-``adapter_model.safetensors``).
+``target_parameters`` and their rank and alpha to its ``rank_pattern`` / ``alpha_pattern`` (first,
+where they differ from its ``r`` / ``lora_alpha`` or one of its own patterns would match them);
+that is the one file a server (or ``PeftModel.from_pretrained`` on the original model) needs. Only
+then is PEFT imported (it is installed: it wrapped the model), and by
+:func:`peft_model_from_adapter`; otherwise these functions read and write its files
+(``adapter_config.json``, ``adapter_model.safetensors``) without it.
 """
 
 from __future__ import annotations
