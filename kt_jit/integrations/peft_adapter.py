@@ -160,12 +160,9 @@ def _with_peft_adapter(model: nn.Module, path) -> tuple[dict, dict[str, torch.Te
 
 
 def _pattern_value(patterns: dict, key: str, default):
-    """PEFT's ``rank_pattern`` / ``alpha_pattern`` entry for the parameter ``key`` (a pattern that
-    matches the whole key or its end after a dot, as PEFT matches them), else ``default``."""
-    for pattern, value in patterns.items():
-        if re.match(rf"(.*\.)?({pattern})$", key):
-            return value
-    return default
+    """PEFT's ``rank_pattern`` / ``alpha_pattern`` entry for the parameter ``key`` (the first
+    pattern that matches it, as PEFT takes it), else ``default``."""
+    return next((value for pattern, value in patterns.items() if _pattern_matches(pattern, [key])), default)
 
 
 def _nesting(module: KTJitExperts) -> list[str]:
@@ -337,20 +334,29 @@ def peft_model_from_adapter(model: nn.Module, path: str | os.PathLike, is_traina
     With ``is_trainable`` every adapter (PEFT's and the experts') requires grad, else none does.
     The experts' part is checked before anything changes. Raises ValueError as
     :func:`load_peft_adapter` does, and when ``path`` cannot be found."""
-    import warnings
-
     if hasattr(model, "peft_config"):
         raise ValueError(f"{type(model).__name__} is a PEFT model already: give the model it wraps, or add the "
                          "adapter with its load_adapter after track_experts_adapters")
     modules = _experts_modules(model)
     path = _adapter_dir(path, hub_kwargs)
     loaded, ignored = _read_adapter(model, path)  # (checks the experts' part before anything changes)
-    if not ignored:  # (as PEFT leaves a model: its own weights frozen, eval mode unless trainable)
+    wrapped = _peft_wrap(model, path, modules, is_trainable, adapter_name) if ignored else None
+    if wrapped is None:  # (left as PEFT leaves a model: its own weights frozen, eval mode unless trainable)
         model.requires_grad_(False)
-        _assign(model, loaded, in_place=False)
-        for lora in loaded.values():
-            lora.requires_grad_(is_trainable)
-        return model if is_trainable else model.eval()
+        if not is_trainable:
+            model.eval()
+    _assign(model, loaded, in_place=False)
+    for lora in loaded.values():
+        lora.requires_grad_(is_trainable)
+    return model if wrapped is None else track_experts_adapters(wrapped)
+
+
+def _peft_wrap(model: nn.Module, path: str, modules: dict[str, KTJitExperts], is_trainable: bool,
+               adapter_name: str) -> nn.Module:
+    """PEFT's model of ``model`` with the adapter in ``path`` minus what it holds for the experts
+    ``modules`` (see :func:`peft_model_from_adapter`)."""
+    import warnings
+
     import peft
     from peft.utils.constants import DUMMY_TARGET_MODULES
 
@@ -367,12 +373,8 @@ def peft_model_from_adapter(model: nn.Module, path: str | os.PathLike, is_traina
         config.target_modules = DUMMY_TARGET_MODULES
     with warnings.catch_warnings():  # (PEFT sees the experts' tensors as keys it does not know)
         warnings.filterwarnings("ignore", message=".*unexpected.*", category=UserWarning)
-        wrapped = peft.PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
-                                                 config=config)
-    _assign(model, loaded, in_place=False)
-    for lora in loaded.values():  # (PEFT has frozen everything not its own)
-        lora.requires_grad_(is_trainable)
-    return track_experts_adapters(wrapped)
+        return peft.PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
+                                              config=config)
 
 
 class _PeftSave:
