@@ -866,7 +866,7 @@ def test_peft_adapter_export_and_import(arch, tmp_path):
     patch_experts(fresh)
     for change, why in (({"use_dora": True}, "without DoRA"),
                         ({"target_parameters": ["mlp.experts.gate_up_proj"]}, "but not the module's other"),
-                        ({"target_parameters": ["moe.gate_up_proj", "moe.down_proj"]}, "of any KTJitExperts"),
+                        ({"target_parameters": ["moe.gate_up_proj", "moe.down_proj"]}, "of a KTJitExperts module"),
                         ({"r": 5}, "expected")):
         (tmp_path / "peft" / "adapter_config.json").write_text(json.dumps(cfg | change))
         with pytest.raises(ValueError, match=why):
@@ -981,3 +981,158 @@ def test_peft_model_from_adapter_follows_peft_configs(case, tmp_path):
         served = peft_model_from_adapter(patched, tmp_path / "adapter")
     with torch.no_grad():
         assert rel_err(served(ids).logits, expected) < 1e-2
+
+
+def _per_expert_adapter(model: nn.Module, path, experts: str, attention: str | None, extra: tuple[str, ...] = (),
+                        rank: int = 4, alpha: float = 8.0, changes: dict | None = None) -> dict[str, torch.Tensor]:
+    """A LoRA adapter as PEFT wrote them for transformers 4 (per-expert ``<experts>.<e>.<proj>``
+    modules, names as ``experts``' maps gate/up/down: "gate_proj,up_proj,down_proj" or "w1,w3,w2"),
+    random bf16 values, on every experts module of ``model`` (``<layer>.mlp.experts`` there; Mixtral's
+    ``block_sparse_moe`` in the file), ``attention`` (a projection name) and the ``extra`` nn.Linear
+    modules (full names) too. ``changes``: {module name: rank} for modules with another rank
+    (in rank_pattern and alpha_pattern, alpha 3) or None for one left out. Returns the tensors."""
+    import json
+
+    from safetensors.torch import save_file
+
+    names = experts.split(",")
+    g = torch.Generator().manual_seed(21)
+    shapes: dict[str, tuple[int, int]] = {}
+    for name, m in model.named_modules():
+        if name.endswith("mlp.experts") and hasattr(m, "gate_up_proj"):
+            e, two_i, h = m.gate_up_proj.shape
+            v4 = name.replace("mlp.experts", "block_sparse_moe.experts") if names[0] == "w1" else name
+            for j in range(e):
+                for proj, out, k in zip(names, (two_i // 2, two_i // 2, h), (h, h, two_i // 2), strict=True):
+                    shapes[f"{v4}.{j}.{proj}"] = (out, k)
+        elif isinstance(m, nn.Linear) and (name.endswith(f".{attention}") or name in extra):
+            shapes[name] = (m.out_features, m.in_features)
+    changes = changes or {}
+    tensors = {}
+    for name, (out, k) in shapes.items():
+        if name in changes and changes[name] is None:
+            continue
+        r = changes.get(name, rank)
+        tensors[f"base_model.model.{name}.lora_A.weight"] = (torch.randn(r, k, generator=g) * 0.1).bfloat16()
+        tensors[f"base_model.model.{name}.lora_B.weight"] = (torch.randn(out, r, generator=g) * 0.1).bfloat16()
+    path.mkdir(parents=True, exist_ok=True)
+    save_file(tensors, path / "adapter_model.safetensors", metadata={"format": "pt"})
+    patterns = {name: r for name, r in changes.items() if r is not None}
+    targets = sorted({n.rsplit(".", 1)[-1] for n in shapes})
+    (path / "adapter_config.json").write_text(json.dumps({
+        "peft_type": "LORA", "task_type": "CAUSAL_LM", "r": rank, "lora_alpha": alpha, "target_modules": targets,
+        "rank_pattern": patterns, "alpha_pattern": dict.fromkeys(patterns, 3.0), "lora_dropout": 0.0,
+        "bias": "none"}))
+    return tensors
+
+
+def _merged(model: nn.Module, tensors: dict[str, torch.Tensor], rank: int = 4, alpha: float = 8.0,
+            changes: dict | None = None) -> nn.Module:
+    """A copy of the transformers 5 ``model`` with a per-expert adapter (``tensors``, see
+    :func:`_per_expert_adapter`) merged into its weights in float32."""
+    merged = copy.deepcopy(model)
+    parts = {"gate_proj": 0, "w1": 0, "up_proj": 1, "w3": 1, "down_proj": 2, "w2": 2}
+    with torch.no_grad():
+        for key, a in tensors.items():
+            if not key.endswith(".lora_A.weight"):
+                continue
+            name = key.removeprefix("base_model.model.").removesuffix(".lora_A.weight")
+            r = (changes or {}).get(name, rank)
+            scale = (3.0 if r != rank or name in (changes or {}) else alpha) / r
+            delta = scale * tensors[key.replace("lora_A", "lora_B")].float() @ a.float()
+            module, _, proj = name.rpartition(".")
+            if proj in parts and module.rpartition(".")[2].isdigit():
+                experts, _, e = module.replace("block_sparse_moe", "mlp").rpartition(".")
+                ex = merged.get_submodule(experts)
+                i = ex.down_proj.shape[2]
+                target = (ex.gate_up_proj[int(e), :i], ex.gate_up_proj[int(e), i:], ex.down_proj[int(e)])[parts[proj]]
+                target += delta
+            else:
+                merged.get_submodule(name).weight += delta
+    return merged
+
+
+@pytest.mark.filterwarnings("ignore:The following (alpha|rank)_pattern keys did not match:RuntimeWarning")
+@pytest.mark.parametrize("arch", ["qwen3_moe", "mixtral", "deepseek_v3"])
+def test_transformers_4_per_expert_adapters(arch, tmp_path):
+    """Adapters PEFT wrote for transformers 4 (one LoRA per expert and projection) load into kt_jit's
+    experts adapters: the patched model computes the adapter merged into the original weights
+    (also with an expert of another rank and alpha, and an expert's projection without one), which
+    is what PEFT on the original model computes for Qwen3-MoE and Mixtral. peft_model_from_adapter
+    gives PEFT the rest, named as transformers 4 named it: for DeepSeek-V3 the shared experts' and
+    the dense layer's gate/up/down LoRA too (PEFT's own conversion on the original model drops
+    those: a target ``gate_proj`` becomes the fused experts parameter)."""
+    import warnings
+
+    peft = pytest.importorskip("peft")
+    from kt_jit.integrations.peft_adapter import load_peft_adapter, peft_model_from_adapter
+
+    original = _model(arch) if arch != "deepseek_v3" else _deepseek_v3()
+    names = "w1,w3,w2" if arch == "mixtral" else "gate_proj,up_proj,down_proj"
+    extra = ()
+    if arch == "deepseek_v3":  # (the shared experts and the dense first layer: nn.Linear gate/up/down)
+        extra = tuple(n for n, m in original.named_modules() if isinstance(m, nn.Linear)
+                      and n.rpartition(".")[2] in names.split(",") and ".experts." not in n)
+    ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(23))
+    attention = "o_proj" if arch == "deepseek_v3" else "q_proj"
+    tensors = _per_expert_adapter(original, tmp_path / "v4", names, attention, extra)
+    with torch.no_grad():
+        expected = _merged(original, tensors)(ids).logits
+        assert rel_err(original(ids).logits, expected) > 5e-2
+    patched = copy.deepcopy(original)
+    patch_experts(patched, lora=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        served = peft_model_from_adapter(patched, tmp_path / "v4")
+    with torch.no_grad():
+        assert rel_err(served(ids).logits, expected) < 1e-2
+        if arch != "deepseek_v3":
+            theirs = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "v4")
+            assert rel_err(theirs(ids).logits, expected) < 1e-3
+    # an expert of another rank and alpha, one projection of another expert without a LoRA;
+    # the experts' part alone (the attention's left with a warning)
+    layer = "model.layers.1.block_sparse_moe" if arch == "mixtral" else "model.layers.1.mlp"
+    changes = {f"{layer}.experts.2.{names.split(',')[2]}": 6, f"{layer}.experts.3.{names.split(',')[0]}": None}
+    tensors = _per_expert_adapter(original, tmp_path / "mixed", names, attention, changes=changes)
+    ours = copy.deepcopy(original)
+    patch_experts(ours, rank=2)
+    with pytest.warns(UserWarning, match="only the experts' adapters were loaded"):
+        loaded = load_peft_adapter(ours, tmp_path / "mixed")
+    assert loaded["model.layers.1.mlp.experts"].rank == 6
+    no_attention = {k: v for k, v in tensors.items() if f".{attention}." not in k}
+    with torch.no_grad():
+        assert rel_err(ours(ids).logits, _merged(original, no_attention, changes=changes)(ids).logits) < 1e-2
+
+
+def test_transformers_4_per_expert_adapters_refused(tmp_path):
+    """Per-expert adapters that do not fit the model are refused with what is wrong, before any
+    adapter changes: an expert the module does not have, a LoRA of the wrong shape, lora_A without
+    lora_B, and a module given in both forms."""
+    import json
+
+    from safetensors.torch import save_file
+
+    from kt_jit.integrations.peft_adapter import load_peft_adapter
+
+    original = _model("qwen3_moe")
+    tensors = _per_expert_adapter(original, tmp_path / "v4", "gate_proj,up_proj,down_proj", "q_proj")
+    ours = copy.deepcopy(original)
+    patch_experts(ours, rank=2)
+    before = [lora.tensors() for lora in (m.lora for m in ours.modules() if isinstance(m, KTJitExperts))]
+    key = "base_model.model.model.layers.0.mlp.experts.{}.gate_proj.lora_{}.weight"
+    both = "base_model.model.model.layers.0.mlp.experts.base_layer.lora_A.weight"
+    for change, why in (({key.format(8, "A"): tensors[key.format(0, "A")].clone(),
+                          key.format(8, "B"): tensors[key.format(0, "B")].clone()}, "is expert 8; .* has 8 experts"),
+                        ({key.format(1, "A"): tensors[key.format(1, "A")][:, :32].clone()}, r"expected \(4, 64\)"),
+                        ({key.format(1, "B"): None}, "lora_A/lora_B.weight missing"),
+                        ({both: tensors[key.format(0, "A")].clone()}, "both as target_parameters")):
+        broken = {k: v for k, v in (tensors | change).items() if v is not None}
+        save_file(broken, tmp_path / "v4" / "adapter_model.safetensors")
+        if both in change:
+            cfg = json.loads((tmp_path / "v4" / "adapter_config.json").read_text())
+            (tmp_path / "v4" / "adapter_config.json").write_text(json.dumps(
+                cfg | {"target_parameters": EXPERTS_TARGETS}))
+        with pytest.raises(ValueError, match=why):
+            load_peft_adapter(ours, tmp_path / "v4")
+    after = [lora.tensors() for lora in (m.lora for m in ours.modules() if isinstance(m, KTJitExperts))]
+    assert all(a is b for x, y in zip(before, after, strict=True) for a, b in zip(x, y, strict=True))

@@ -18,6 +18,14 @@ with zeros), and a scaling that differs between the two parameters is folded int
 to bf16 rounding of the adapters' values); an adapter in the block-diagonal form the export
 writes comes back as the rank-r adapter it was, exactly. Other parts of an adapter are left to PEFT.
 
+Adapters PEFT wrote for transformers 4, whose experts were modules (``<experts>.<e>.gate_proj``,
+``up_proj``, ``down_proj``; Mixtral's ``block_sparse_moe.experts.<e>.w1`` / ``w3`` / ``w2``), are read
+too: each expert's LoRA is kt_jit's per-expert adapter as it is (ranks padded to the largest,
+scalings other than the most common folded into their B, missing ones zero). PEFT is given the
+rest under its transformers 4 names (its own conversion of such adapters, which turns every
+``gate_proj`` target into the fused experts parameter, is kept out of it: DeepSeek's shared experts
+and dense layers keep their LoRA).
+
 :func:`track_experts_adapters` makes a PEFT-wrapped kt_jit model's own ``save_pretrained`` and
 ``load_adapter`` (transformers' ``Trainer`` checkpoints and resumes through them) carry the
 experts' adapters too.
@@ -41,10 +49,12 @@ import json
 import math
 import os
 import re
+from contextlib import contextmanager
 
 import torch
 from torch import nn
 
+from ..moe.checkpoint import PER_EXPERT_NAMES
 from ..moe.weights import MoELoRA
 from .hf import KTJitExperts
 
@@ -203,17 +213,19 @@ def _adapter_dir(path: str | os.PathLike, hub: dict) -> str:
 def load_peft_adapter(model: nn.Module, path: str | os.PathLike, in_place: bool = False,
                       **hub_kwargs) -> dict[str, MoELoRA]:
     """Read the experts part of a PEFT LoRA adapter (``target_parameters`` naming an experts
-    module's ``gate_up_proj`` and ``down_proj``; written by :func:`save_peft_adapter` or trained with
-    PEFT elsewhere) from the directory ``path`` (or a Hub repository id: ``hub_kwargs`` as
-    ``huggingface_hub.snapshot_download`` takes them) into fresh bf16 :class:`~kt_jit.MoELoRA` adapters of
-    the :class:`KTJitExperts` modules of ``model`` it names (assigned once all are read, and
-    returned by module name; modules it does not name keep theirs). Each computes the adapter's
-    update, up to bf16 rounding of its values. Other parts of the adapter (LoRA of other modules,
-    ``modules_to_save``) are not loaded: a warning names them (load them with PEFT). Raises
-    ValueError for an adapter that is not LoRA or uses DoRA, names nothing here, names one of a
-    module's two parameters only, misses tensors, or has tensors of the wrong shape. With
-    ``in_place`` the values are copied into a module's current adapter where it has the file's
-    rank (its Parameters stay the ones an optimizer holds: resuming a fine-tune), else assigned."""
+    module's ``gate_up_proj`` and ``down_proj``, written by :func:`save_peft_adapter` or trained with
+    PEFT elsewhere; or per-expert modules, as PEFT wrote them for transformers 4) from the
+    directory ``path`` (or a Hub repository id: ``hub_kwargs`` as
+    ``huggingface_hub.snapshot_download`` takes them) into fresh bf16 :class:`~kt_jit.MoELoRA`
+    adapters of the :class:`KTJitExperts` modules of ``model`` it names (assigned once all are
+    read, and returned by module name; modules it does not name keep theirs). Each computes the
+    adapter's update, up to bf16 rounding of its values. Other parts of the adapter (LoRA of other
+    modules, ``modules_to_save``) are not loaded: a warning names them (load them with PEFT).
+    Raises ValueError for an adapter that is not LoRA or uses DoRA, names nothing here, names one
+    of a module's two parameters only, misses tensors, has tensors of the wrong shape, or names an
+    expert the module does not have. With ``in_place`` the values are copied into a module's
+    current adapter where it has the file's rank (its Parameters stay the ones an optimizer holds:
+    resuming a fine-tune), else assigned."""
     import warnings
 
     path = _adapter_dir(path, hub_kwargs)
@@ -240,7 +252,14 @@ def _read_adapter(model: nn.Module, path: str) -> tuple[dict[str, MoELoRA], list
     used: set[str] = set()
     loaded = {}
     for name, module in _experts_modules(model).items():
-        named = [param for param in ("gate_up_proj", "down_proj") if _names_experts_any(targets, f"{name}.{param}")]
+        named = [param for param in ("gate_up_proj", "down_proj") if _names_any(targets, f"{name}.{param}")]
+        per_expert = _per_expert_keys(tensors, name)
+        if named and per_expert:
+            raise ValueError(f"{path}: holds {name}'s experts both as target_parameters {named} and as per-expert "
+                             f"modules (e.g. {next(iter(per_expert.values()))}); an adapter has one or the other")
+        if per_expert:
+            loaded[name] = _read_per_expert(module, name, cfg, tensors, per_expert, used, path)
+            continue
         if not named:
             continue
         if len(named) != 2:
@@ -248,11 +267,68 @@ def _read_adapter(model: nn.Module, path: str) -> tuple[dict[str, MoELoRA], list
                              "experts parameter; kt_jit adapts both")
         loaded[name] = _read_module(module, name, cfg, tensors, used, path)
     if not loaded:
-        raise ValueError(f"{path}: target_parameters {targets} do not name both gate_up_proj and down_proj of "
-                         "any KTJitExperts module of this model (an adapter of per-expert gate_proj/up_proj/"
-                         "down_proj modules, as PEFT wrote them for transformers 4, is not read: apply it with PEFT "
-                         "to the original model, merge it, and patch that)")
+        raise ValueError(f"{path}: neither target_parameters {targets} naming both gate_up_proj and down_proj of a "
+                         "KTJitExperts module of this model, nor per-expert modules under one (transformers 4's "
+                         "<module>.<e>.gate_proj/up_proj/down_proj or w1/w3/w2, e.g. "
+                         f"{_PREFIX}{next(iter(_experts_modules(model)))}.0.gate_proj.lora_A.weight)")
     return loaded, sorted(set(tensors) - used)
+
+
+def _v4_names(name: str) -> tuple[str, ...]:
+    """The names transformers 4 gave the experts module ``name`` of a transformers 5 model: the same,
+    and Mixtral's ``block_sparse_moe`` for ``mlp``."""
+    mixtral = re.sub(r"\.mlp\.experts$", ".block_sparse_moe.experts", name)
+    return (name,) if mixtral == name else (name, mixtral)
+
+
+def _per_expert_keys(tensors: dict[str, torch.Tensor], name: str) -> dict[tuple[int, str], str]:
+    """The per-expert LoRA modules an adapter written for transformers 4 holds under the experts
+    module ``name`` (``<name>.<e>.gate_proj``, ``up_proj``, ``down_proj`` or Mixtral's ``w1``, ``w3``,
+    ``w2``): their key prefixes by (expert, "gate" / "up" / "down")."""
+    names = "|".join(re.escape(n) for n in _v4_names(name))
+    pattern = re.compile(rf"^{re.escape(_PREFIX)}(?P<m>{names})\.(?P<e>\d+)\.(?P<p>{'|'.join(PER_EXPERT_NAMES)})"
+                         r"\.lora_[AB]\.weight$")
+    found = {}
+    for key in tensors:
+        m = pattern.match(key)
+        if m:
+            found[int(m["e"]), PER_EXPERT_NAMES[m["p"]]] = key.rsplit(".lora_", 1)[0]
+    return found
+
+
+def _read_per_expert(module: KTJitExperts, name: str, cfg: dict, tensors: dict[str, torch.Tensor],
+                     keys: dict[tuple[int, str], str], used: set[str], path) -> MoELoRA:
+    """One experts module's :class:`MoELoRA` from an adapter's per-expert modules (``keys``, see
+    :func:`_per_expert_keys`): each expert's gate, up and down LoRA as it is (kt_jit's rank the
+    largest of theirs, the others padded with zeros; a scaling that differs from the most common
+    one folded into that B; an expert or projection without a LoRA gets zeros)."""
+    ex = module.experts
+    e, h, i = ex.num_experts, ex.hidden_size, ex.intermediate_size
+    shapes = {"gate": (i, h), "up": (i, h), "down": (h, i)}
+    parts = {}
+    for (expert, part), key in sorted(keys.items()):
+        if expert >= e:
+            raise ValueError(f"{path}: {key} is expert {expert}; {name} has {e} experts")
+        a, b = tensors.get(key + ".lora_A.weight"), tensors.get(key + ".lora_B.weight")
+        if a is None or b is None:
+            raise ValueError(f"{path}: {key}.lora_A/lora_B.weight missing (one of the two is there)")
+        out, k = shapes[part]
+        module_name = key.removeprefix(_PREFIX)
+        rank = _pattern_value(cfg.get("rank_pattern") or {}, module_name, cfg["r"])
+        if a.shape != (rank, k) or b.shape != (out, rank):
+            raise ValueError(f"{path}: {key} holds lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, expected "
+                             f"{(rank, k)} and {(out, rank)} for expert {expert}'s {part} projection of {name}")
+        used.update((key + ".lora_A.weight", key + ".lora_B.weight"))
+        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module_name, cfg["lora_alpha"])
+        parts[expert, part] = (a.float(), b.float(), alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank))
+    r = max(a.shape[0] for a, _, _ in parts.values())
+    scalings = [s for _, _, s in parts.values()]
+    s = max(set(scalings), key=scalings.count) or 1.0  # (MoELoRA has one scaling: other ratios go into B)
+    stacks = {part: (torch.zeros(e, r, k), torch.zeros(e, out, r)) for part, (out, k) in shapes.items()}
+    for (expert, part), (a, b, scaling) in parts.items():
+        stacks[part][0][expert, :a.shape[0]] = a
+        stacks[part][1][expert, :, :a.shape[0]] = b * (scaling / s)
+    return MoELoRA.from_tensors(*stacks["gate"], *stacks["up"], *stacks["down"], alpha=s * r)
 
 
 def _assign(model: nn.Module, loaded: dict[str, MoELoRA], in_place: bool) -> None:
@@ -305,9 +381,10 @@ def _read_module(module: KTJitExperts, name: str, cfg: dict, tensors: dict[str, 
     return MoELoRA.from_tensors(gu_a, gu_b[:, :i], gu_a, gu_b[:, i:], dn_a, dn_b, alpha=s * r)
 
 
-def _names_experts_any(targets: list[str], *names: str) -> bool:
-    """Whether an entry of PEFT's ``target_parameters`` ``targets`` names one of the parameters
-    ``names`` (``module.param``): the whole name or its end after a dot, as PEFT matches them."""
+def _names_any(targets: list[str], *names: str) -> bool:
+    """Whether an entry of PEFT's ``target_parameters`` (or a list of ``target_modules``) ``targets``
+    names one of the parameters (modules) ``names``: the whole name or its end after a dot, as PEFT
+    matches them."""
     return any(n == t or n.endswith("." + t) for t in targets for n in names)
 
 
@@ -328,7 +405,8 @@ def peft_model_from_adapter(model: nn.Module, path: str | os.PathLike, is_traina
     ``target_parameters`` and the rank and alpha patterns that name nothing else. That is how a
     combined adapter (:func:`save_peft_adapter`, a Trainer checkpoint of a model
     :func:`track_experts_adapters` followed, or one trained with PEFT on the original model) is
-    served or fine-tuned further. Returns the PEFT model, its save and load tracked
+    served or fine-tuned further; an adapter written for transformers 4 (per-expert modules) too.
+    Returns the PEFT model, its save and load tracked
     (:func:`track_experts_adapters`); ``model`` itself when the adapter holds experts adapters only
     (left as PEFT would leave it: its own parameters frozen, in eval mode unless ``is_trainable``).
     With ``is_trainable`` every adapter (PEFT's and the experts') requires grad, else none does.
@@ -340,7 +418,7 @@ def peft_model_from_adapter(model: nn.Module, path: str | os.PathLike, is_traina
     modules = _experts_modules(model)
     path = _adapter_dir(path, hub_kwargs)
     loaded, ignored = _read_adapter(model, path)  # (checks the experts' part before anything changes)
-    wrapped = _peft_wrap(model, path, modules, is_trainable, adapter_name) if ignored else None
+    wrapped = _peft_wrap(model, path, ignored, modules, is_trainable, adapter_name) if ignored else None
     if wrapped is None:  # (left as PEFT leaves a model: its own weights frozen, eval mode unless trainable)
         model.requires_grad_(False)
         if not is_trainable:
@@ -351,30 +429,66 @@ def peft_model_from_adapter(model: nn.Module, path: str | os.PathLike, is_traina
     return model if wrapped is None else track_experts_adapters(wrapped)
 
 
-def _peft_wrap(model: nn.Module, path: str, modules: dict[str, KTJitExperts], is_trainable: bool,
+def _peft_wrap(model: nn.Module, path: str, keep: list[str], modules: dict[str, KTJitExperts], is_trainable: bool,
                adapter_name: str) -> nn.Module:
-    """PEFT's model of ``model`` with the adapter in ``path`` minus what it holds for the experts
-    ``modules`` (see :func:`peft_model_from_adapter`)."""
-    import warnings
+    """PEFT's model of ``model`` with the tensors ``keep`` of the adapter in ``path`` (those that are
+    not the experts'), its config without what names the experts ``modules`` only (see
+    :func:`peft_model_from_adapter`)."""
+    import tempfile
 
     import peft
     from peft.utils.constants import DUMMY_TARGET_MODULES
+    from safetensors import safe_open
+    from safetensors.torch import save_file
 
-    experts = [f"{name}.{param}" for name in modules for param in ("gate_up_proj", "down_proj")]
+    with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as f:
+        tensors = {k: f.get_tensor(k) for k in keep}
+        dropped = {k.rsplit(".lora_", 1)[0].removeprefix(_PREFIX) for k in f.keys() if k not in tensors}
+    per_expert = any(_per_expert_keys(dict.fromkeys(_PREFIX + d + ".lora_A.weight" for d in dropped), name)
+                     for name in modules)
+    kept = {k.rsplit(".lora_", 1)[0].removeprefix(_PREFIX) for k in tensors}
+    experts = [f"{name}.{param}" for name in modules for param in ("gate_up_proj", "down_proj")] + sorted(dropped)
     config = peft.PeftConfig.from_pretrained(path)
-    config.target_parameters = [t for t in config.target_parameters or [] if not _names_experts_any([t], *experts)]
-    # a pattern that names experts parameters and no other module goes: one that names others too
-    # stays (PEFT's first matching pattern sets their rank and alpha)
+    config.target_parameters = [t for t in config.target_parameters or [] if not _names_any([t], *experts)]
+    if isinstance(config.target_modules, (list, set)):  # (per-expert modules' names, as transformers 4 had them)
+        config.target_modules = {t for t in config.target_modules if not _names_any([t], *dropped)
+                                 or _names_any([t], *kept)}
+    # a pattern that names experts parameters (modules) and no other module goes: one that names
+    # others too stays (PEFT's first matching pattern sets their rank and alpha)
     others = [n for n, _ in model.named_modules() if n and not any(n == m or n.startswith(m + ".") for m in modules)]
     for patterns in ("rank_pattern", "alpha_pattern"):
         setattr(config, patterns, {k: v for k, v in (getattr(config, patterns) or {}).items()
                                    if not _pattern_matches(k, experts) or _pattern_matches(k, others)})
     if not (config.target_modules or config.target_parameters):  # (modules_to_save, trainable tokens only)
         config.target_modules = DUMMY_TARGET_MODULES
-    with warnings.catch_warnings():  # (PEFT sees the experts' tensors as keys it does not know)
-        warnings.filterwarnings("ignore", message=".*unexpected.*", category=UserWarning)
-        return peft.PeftModel.from_pretrained(model, path, adapter_name=adapter_name, is_trainable=is_trainable,
+    with tempfile.TemporaryDirectory() as tmp, _hidden_model_type(model, per_expert):
+        save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
+        return peft.PeftModel.from_pretrained(model, tmp, adapter_name=adapter_name, is_trainable=is_trainable,
                                               config=config)
+
+
+@contextmanager
+def _hidden_model_type(model: nn.Module, hide: bool):
+    """While it runs, ``model``'s config has a model type of its own when ``hide``. On transformers 5,
+    PEFT converts an adapter by the model type as if it were written for transformers 4 and the
+    experts were among its targets: ``gate_proj`` / ``up_proj`` / ``down_proj`` (``w1`` / ``w3`` /
+    ``w2``) targets become the fused experts parameters. For the rest of a transformers 4 adapter,
+    its per-expert modules gone to kt_jit, those names are the modules that still have them
+    (DeepSeek's shared experts and dense layers), which that conversion would drop."""
+    config = getattr(model, "config", None)
+    if not hide or config is None or not hasattr(config, "model_type"):
+        yield
+        return
+    own = "model_type" in vars(config)
+    before = config.model_type
+    config.model_type = f"{before}_per_expert_adapter_rest"
+    try:
+        yield
+    finally:
+        if own:
+            config.model_type = before
+        else:
+            del config.model_type
 
 
 class _PeftSave:

@@ -32,7 +32,7 @@ import torch
 from ..kernels import packer
 from ..kernels.packer import Fp8Weight, Source
 
-_NAMES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
+PER_EXPERT_NAMES = {"gate_proj": "gate", "up_proj": "up", "down_proj": "down", "w1": "gate", "w3": "up", "w2": "down"}
 # gate [n, I, H], up [n, I, H], down [n, H, I]: stacked, or lists of the n experts' matrices
 Chunk = tuple[torch.Tensor | list, torch.Tensor | list, torch.Tensor | list]
 
@@ -225,11 +225,11 @@ def expert_source(path: str | os.PathLike, prefix: str, stack: ExitStack,
 
         return ExpertSource(e, h, i, dtype, fused_chunk)
 
-    pattern = re.compile(rf"^{re.escape(prefix)}\.experts\.(\d+)\.({'|'.join(_NAMES)})\.weight$")
+    pattern = re.compile(rf"^{re.escape(prefix)}\.experts\.(\d+)\.({'|'.join(PER_EXPERT_NAMES)})\.weight$")
     found: dict[tuple[int, str], str] = {}
     for key in keys:
         if (m := pattern.match(key)) is not None:
-            found[int(m.group(1)), _NAMES[m.group(2)]] = key
+            found[int(m.group(1)), PER_EXPERT_NAMES[m.group(2)]] = key
     if not found:
         near = sorted(k for k in keys if k.startswith(prefix))[:5]
         raise ValueError(f"no experts under {prefix!r} in {path} (expected {prefix}.experts.<e>.gate_proj.weight, "
