@@ -881,7 +881,8 @@ def test_peft_model_from_adapter_applies_both_parts(tmp_path):
     model (attention and experts) computes what PEFT computes there, frozen, without a warning;
     the result saves one combined adapter, which loads again trainable (gradients reach PEFT's and
     the experts' adapters); an experts-only adapter gives the model itself; an adapter on the Hub
-    (here its cache) is found by its repository id."""
+    (here its cache) is found by its repository id, and one in a folder of a repository or a
+    directory by its subfolder."""
     import warnings
 
     peft = pytest.importorskip("peft")
@@ -931,9 +932,19 @@ def test_peft_model_from_adapter_applies_both_parts(tmp_path):
     shutil.copytree(tmp_path / "peft", snapshot)
     (snapshot.parents[1] / "refs").mkdir()
     (snapshot.parents[1] / "refs" / "main").write_text("0" * 40)
+    shutil.copytree(tmp_path / "peft", snapshot / "checkpoint-7")
     hub = peft_model_from_adapter(patched(), "kt/tiny-adapter", cache_dir=tmp_path / "hub", local_files_only=True)
+    in_folder = peft_model_from_adapter(patched(), "kt/tiny-adapter", subfolder="checkpoint-7",
+                                        cache_dir=tmp_path / "hub", local_files_only=True)
+    local_folder = peft_model_from_adapter(patched(), snapshot, subfolder="checkpoint-7")
     with torch.no_grad():
-        assert rel_err(hub(ids).logits, expected) < 1e-2
+        for m in (hub, in_folder, local_folder):
+            assert rel_err(m(ids).logits, expected) < 1e-2
+    with pytest.raises(ValueError, match="holds no checkpoint-8/adapter_config.json"):
+        peft_model_from_adapter(patched(), "kt/tiny-adapter", subfolder="checkpoint-8", cache_dir=tmp_path / "hub",
+                                local_files_only=True)
+    with pytest.raises(ValueError, match="holds no adapter_config.json"):
+        peft_model_from_adapter(patched(), tmp_path)
     with pytest.raises(ValueError, match="neither a local directory nor a Hub adapter"):
         peft_model_from_adapter(patched(), "kt/missing", cache_dir=tmp_path / "hub", local_files_only=True)
     with pytest.raises(ValueError, match="a PEFT model already"):

@@ -191,23 +191,31 @@ def _pad(t: torch.Tensor, dim: int, size: int) -> torch.Tensor:
 
 
 def _adapter_dir(path: str | os.PathLike, hub: dict) -> str:
-    """The local directory holding the adapter ``path``: ``path`` itself, or for a Hub repository
-    id its snapshot of ``adapter_config.json`` and ``adapter_model.safetensors``, downloaded or
-    from the Hub cache (``hub``: ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ...,
-    as ``huggingface_hub.snapshot_download`` takes them)."""
+    """The local directory holding the adapter ``path`` (in its folder ``hub["subfolder"]`` if
+    given): ``path`` itself, or for a Hub repository id its snapshot of ``adapter_config.json`` and
+    ``adapter_model.safetensors``, downloaded or from the Hub cache (the rest of ``hub``:
+    ``revision``, ``cache_dir``, ``token``, ``local_files_only``, ..., as
+    ``huggingface_hub.snapshot_download`` takes them)."""
+    hub = dict(hub)
+    subfolder = os.fspath(hub.pop("subfolder", None) or "")
     if os.path.isdir(path):
-        return os.fspath(path)
+        folder = os.path.join(os.fspath(path), subfolder)
+        if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
+            raise ValueError(f"{folder}: holds no adapter_config.json (a PEFT adapter's directory is needed)")
+        return folder
     from huggingface_hub import snapshot_download
 
+    files = [f"{subfolder}/{name}" if subfolder else name for name in ("adapter_config.json",
+                                                                      "adapter_model.safetensors")]
     try:
-        folder = snapshot_download(os.fspath(path), allow_patterns=["adapter_config.json", "adapter_model.safetensors"],
-                                   **hub)
+        folder = snapshot_download(os.fspath(path), allow_patterns=files, **hub)
     except Exception as exc:  # (huggingface_hub's errors: not found, offline, invalid id, ...)
         raise ValueError(f"{path}: neither a local directory nor a Hub adapter that could be fetched "
                          f"({type(exc).__name__}: {exc})") from exc
-    if not os.path.isfile(os.path.join(folder, "adapter_config.json")):
-        raise ValueError(f"{path}: the Hub repository holds no adapter_config.json at its top")
-    return folder
+    if not os.path.isfile(os.path.join(folder, files[0])):
+        raise ValueError(f"{path}: the Hub repository holds no {files[0]}"
+                         + ("" if subfolder else " at its top (give subfolder= for one in a folder)"))
+    return os.path.join(folder, subfolder)
 
 
 def load_peft_adapter(model: nn.Module, path: str | os.PathLike, in_place: bool = False,
@@ -216,7 +224,8 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, in_place: bool 
     module's ``gate_up_proj`` and ``down_proj``, written by :func:`save_peft_adapter` or trained with
     PEFT elsewhere; or per-expert modules, as PEFT wrote them for transformers 4) from the
     directory ``path`` (or a Hub repository id: ``hub_kwargs`` as
-    ``huggingface_hub.snapshot_download`` takes them) into fresh bf16 :class:`~kt_jit.MoELoRA`
+    ``huggingface_hub.snapshot_download`` takes them, and ``subfolder`` for an adapter in a folder
+    of either) into fresh bf16 :class:`~kt_jit.MoELoRA`
     adapters of the :class:`KTJitExperts` modules of ``model`` it names (assigned once all are
     read, and returned by module name; modules it does not name keep theirs). Each computes the
     adapter's update, up to bf16 rounding of its values. Other parts of the adapter (LoRA of other
@@ -397,7 +406,7 @@ def _pattern_matches(pattern: str, names: list[str]) -> bool:
 def peft_model_from_adapter(model: nn.Module, path: str | os.PathLike, is_trainable: bool = False,
                             adapter_name: str = "default", **hub_kwargs) -> nn.Module:
     """Apply the PEFT LoRA adapter in the directory ``path`` (or a Hub repository id: ``hub_kwargs``
-    as ``huggingface_hub.snapshot_download`` takes them) to a kt_jit model (one with
+    as ``huggingface_hub.snapshot_download`` takes them, and ``subfolder``) to a kt_jit model (one with
     :class:`KTJitExperts` modules, from ``hf_loading.from_pretrained`` or ``patch_experts``) in one
     call: what the adapter holds for the experts goes into kt_jit's adapters
     (:func:`load_peft_adapter`), the rest (LoRA on attention, say, ``modules_to_save``, trainable
