@@ -45,12 +45,13 @@ def make_batch(t, k, e=E, h=H, seed=1, ids=None, normalise=True):
 
 
 def reference_grads(x, ids, w, gate, up, down, lora, dout):
+    """The reference's (output, dX, router gradient, [six LoRA gradients] or [] for ``lora`` None)."""
     xr = x.float().requires_grad_()
     wr = w.clone().requires_grad_()
-    lr = [p.detach().float().requires_grad_() for p in lora.tensors()]
-    out = ref_moe(xr, ids, wr, gate, up, down, lr, lora.scaling)
+    lr = [p.detach().float().requires_grad_() for p in lora.tensors()] if lora is not None else None
+    out = ref_moe(xr, ids, wr, gate, up, down, lr, lora.scaling if lora is not None else 0.0)
     out.backward(dout)
-    return out.detach(), xr.grad, wr.grad, [p.grad for p in lr]
+    return out.detach(), xr.grad, wr.grad, [p.grad for p in lr or ()]
 
 
 def check_against_reference(layer, batch, dout, fwd=0.005, grad=0.01):
