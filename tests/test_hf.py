@@ -995,13 +995,15 @@ def test_peft_model_from_adapter_follows_peft_configs(case, tmp_path):
 
 
 def _per_expert_adapter(model: nn.Module, path, experts: str, attention: str | None, extra: tuple[str, ...] = (),
-                        rank: int = 4, alpha: float = 8.0, changes: dict | None = None) -> dict[str, torch.Tensor]:
+                        rank: int = 4, alpha: float = 8.0, changes: dict | None = None,
+                        router: bool = False) -> dict[str, torch.Tensor]:
     """A LoRA adapter as PEFT wrote them for transformers 4 (per-expert ``<experts>.<e>.<proj>``
     modules, names as ``experts``' maps gate/up/down: "gate_proj,up_proj,down_proj" or "w1,w3,w2"),
     random bf16 values, on every experts module of ``model`` (``<layer>.mlp.experts`` there; Mixtral's
-    ``block_sparse_moe`` in the file), ``attention`` (a projection name) and the ``extra`` nn.Linear
-    modules (full names) too. ``changes``: {module name: rank} for modules with another rank
-    (in rank_pattern and alpha_pattern, alpha 3) or None for one left out. Returns the tensors."""
+    ``block_sparse_moe`` in the file), ``attention`` (a projection name), the ``extra`` nn.Linear
+    modules (full names) and with ``router`` the router (``gate``, an nn.Linear on transformers 4)
+    too. ``changes``: {module name: rank} for modules with another rank (in rank_pattern and
+    alpha_pattern, alpha 3) or None for one left out. Returns the tensors."""
     import json
 
     from safetensors.torch import save_file
@@ -1016,6 +1018,8 @@ def _per_expert_adapter(model: nn.Module, path, experts: str, attention: str | N
             for j in range(e):
                 for proj, out, k in zip(names, (two_i // 2, two_i // 2, h), (h, h, two_i // 2), strict=True):
                     shapes[f"{v4}.{j}.{proj}"] = (out, k)
+            if router:
+                shapes[v4.replace(".experts", ".gate")] = (e, h)
         elif isinstance(m, nn.Linear) and (name.endswith(f".{attention}") or name in extra):
             shapes[name] = (m.out_features, m.in_features)
     changes = changes or {}
@@ -1059,7 +1063,7 @@ def _merged(model: nn.Module, tensors: dict[str, torch.Tensor], rank: int = 4, a
                 target = (ex.gate_up_proj[int(e), :i], ex.gate_up_proj[int(e), i:], ex.down_proj[int(e)])[parts[proj]]
                 target += delta
             else:
-                merged.get_submodule(name).weight += delta
+                merged.get_submodule(name.replace("block_sparse_moe", "mlp")).weight += delta
     return merged
 
 
@@ -1070,9 +1074,10 @@ def test_transformers_4_per_expert_adapters(arch, tmp_path):
     experts adapters: the patched model computes the adapter merged into the original weights
     (also with an expert of another rank and alpha, and an expert's projection without one), which
     is what PEFT on the original model computes for Qwen3-MoE and Mixtral. peft_model_from_adapter
-    gives PEFT the rest, named as transformers 4 named it: for DeepSeek-V3 the shared experts' and
-    the dense layer's gate/up/down LoRA too (PEFT's own conversion on the original model drops
-    those: a target ``gate_proj`` becomes the fused experts parameter)."""
+    gives PEFT the rest under its transformers 5 names (the router's LoRA on its weight, Mixtral's
+    block_sparse_moe as mlp): for DeepSeek-V3 the shared experts' and the dense layer's gate/up/down
+    LoRA too (PEFT's own conversion on the original model drops those: a target ``gate_proj``
+    becomes the fused experts parameter), also after the result is saved and applied again."""
     import warnings
 
     peft = pytest.importorskip("peft")
@@ -1086,7 +1091,8 @@ def test_transformers_4_per_expert_adapters(arch, tmp_path):
                       and n.rpartition(".")[2] in names.split(",") and ".experts." not in n)
     ids = torch.randint(0, 96, (2, 9), generator=torch.Generator().manual_seed(23))
     attention = "o_proj" if arch == "deepseek_v3" else "q_proj"
-    tensors = _per_expert_adapter(original, tmp_path / "v4", names, attention, extra)
+    tensors = _per_expert_adapter(original, tmp_path / "v4", names, attention, extra,
+                                  router=arch != "deepseek_v3")  # (DeepSeek's router was no nn.Linear)
     with torch.no_grad():
         expected = _merged(original, tensors)(ids).logits
         assert rel_err(original(ids).logits, expected) > 5e-2
@@ -1100,6 +1106,15 @@ def test_transformers_4_per_expert_adapters(arch, tmp_path):
         if arch != "deepseek_v3":
             theirs = peft.PeftModel.from_pretrained(copy.deepcopy(original), tmp_path / "v4")
             assert rel_err(theirs(ids).logits, expected) < 1e-3
+    # saved (one adapter, transformers 5 names) and applied again: the same model
+    served.save_pretrained(tmp_path / "again")
+    again = copy.deepcopy(original)
+    patch_experts(again, lora=False)
+    with warnings.catch_warnings():
+        warnings.simplefilter("error", UserWarning)
+        again = peft_model_from_adapter(again, tmp_path / "again")
+    with torch.no_grad():
+        assert rel_err(again(ids).logits, served(ids).logits) < 1e-6
     # an expert of another rank and alpha, one projection of another expert without a LoRA;
     # the experts' part alone (the attention's left with a warning)
     layer = "model.layers.1.block_sparse_moe" if arch == "mixtral" else "model.layers.1.mlp"
@@ -1118,7 +1133,7 @@ def test_transformers_4_per_expert_adapters(arch, tmp_path):
 def test_transformers_4_per_expert_adapters_refused(tmp_path):
     """Per-expert adapters that do not fit the model are refused with what is wrong, before any
     adapter changes: an expert the module does not have, a LoRA of the wrong shape, lora_A without
-    lora_B, and a module given in both forms."""
+    lora_B, a LoRA bias, and a module given in both forms."""
     import json
 
     from safetensors.torch import save_file
@@ -1136,6 +1151,7 @@ def test_transformers_4_per_expert_adapters_refused(tmp_path):
                           key.format(8, "B"): tensors[key.format(0, "B")].clone()}, "is expert 8; .* has 8 experts"),
                         ({key.format(1, "A"): tensors[key.format(1, "A")][:, :32].clone()}, r"expected \(4, 64\)"),
                         ({key.format(1, "B"): None}, "lora_A/lora_B.weight missing"),
+                        ({key.format(1, "B").replace("weight", "bias"): torch.zeros(64)}, "no place for"),
                         ({both: tensors[key.format(0, "A")].clone()}, "both as target_parameters")):
         broken = {k: v for k, v in (tensors | change).items() if v is not None}
         save_file(broken, tmp_path / "v4" / "adapter_model.safetensors")

@@ -280,6 +280,11 @@ def _read_adapter(model: nn.Module, path: str) -> tuple[dict[str, MoELoRA], list
                          "KTJitExperts module of this model, nor per-expert modules under one (transformers 4's "
                          "<module>.<e>.gate_proj/up_proj/down_proj or w1/w3/w2, e.g. "
                          f"{_PREFIX}{next(iter(_experts_modules(model)))}.0.gate_proj.lora_A.weight)")
+    experts = tuple(f"{_PREFIX}{n}." for name in _experts_modules(model) for n in _v4_names(name))
+    left = sorted(k for k in tensors if k.startswith(experts) and k not in used)
+    if left:  # (e.g. lora_bias: kt_jit's experts adapters have no bias)
+        raise ValueError(f"{path}: holds tensors of the experts that kt_jit's adapters have no place for: {left[:4]}"
+                         f"{' ...' if len(left) > 4 else ''} (LoRA A and B are read; a LoRA bias is not)")
     return loaded, sorted(set(tensors) - used)
 
 
@@ -442,7 +447,10 @@ def _peft_wrap(model: nn.Module, path: str, keep: list[str], modules: dict[str, 
                adapter_name: str) -> nn.Module:
     """PEFT's model of ``model`` with the tensors ``keep`` of the adapter in ``path`` (those that are
     not the experts'), its config without what names the experts ``modules`` only (see
-    :func:`peft_model_from_adapter`)."""
+    :func:`peft_model_from_adapter`). PEFT's conversion of adapters by the model type is kept out
+    (:func:`_hidden_model_type`): the experts, which it is for, never reach PEFT here; an adapter
+    written for transformers 4 is given to PEFT under the names it has on transformers 5
+    (:func:`_v5_targets`)."""
     import tempfile
 
     import peft
@@ -452,45 +460,80 @@ def _peft_wrap(model: nn.Module, path: str, keep: list[str], modules: dict[str, 
 
     with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in keep}
-        dropped = {k.rsplit(".lora_", 1)[0].removeprefix(_PREFIX) for k in f.keys() if k not in tensors}
+        dropped = {_module_of(k) for k in f.keys() if k not in tensors}
     per_expert = any(_per_expert_keys(dict.fromkeys(_PREFIX + d + ".lora_A.weight" for d in dropped), name)
                      for name in modules)
-    kept = {k.rsplit(".lora_", 1)[0].removeprefix(_PREFIX) for k in tensors}
     experts = [f"{name}.{param}" for name in modules for param in ("gate_up_proj", "down_proj")] + sorted(dropped)
     config = peft.PeftConfig.from_pretrained(path)
     config.target_parameters = [t for t in config.target_parameters or [] if not _names_any([t], *experts)]
-    if isinstance(config.target_modules, (list, set)):  # (per-expert modules' names, as transformers 4 had them)
-        config.target_modules = {t for t in config.target_modules if not _names_any([t], *dropped)
-                                 or _names_any([t], *kept)}
     # a pattern that names experts parameters (modules) and no other module goes: one that names
     # others too stays (PEFT's first matching pattern sets their rank and alpha)
     others = [n for n, _ in model.named_modules() if n and not any(n == m or n.startswith(m + ".") for m in modules)]
     for patterns in ("rank_pattern", "alpha_pattern"):
         setattr(config, patterns, {k: v for k, v in (getattr(config, patterns) or {}).items()
                                    if not _pattern_matches(k, experts) or _pattern_matches(k, others)})
+    if per_expert:
+        tensors = _v5_targets(model, config, tensors)
+    elif isinstance(config.target_modules, (list, set)):
+        kept = {_module_of(k) for k in tensors}
+        config.target_modules = {t for t in config.target_modules if not _names_any([t], *dropped)
+                                 or _names_any([t], *kept)}
     if not (config.target_modules or config.target_parameters):  # (modules_to_save, trainable tokens only)
         config.target_modules = DUMMY_TARGET_MODULES
-    with tempfile.TemporaryDirectory() as tmp, _hidden_model_type(model, per_expert):
+    with tempfile.TemporaryDirectory() as tmp, _hidden_model_type(model):
         save_file(tensors, os.path.join(tmp, "adapter_model.safetensors"), metadata={"format": "pt"})
         return peft.PeftModel.from_pretrained(model, tmp, adapter_name=adapter_name, is_trainable=is_trainable,
                                               config=config)
 
 
+def _module_of(key: str) -> str:
+    """The module (or parameter) name an adapter key belongs to, without PEFT's prefix."""
+    return key.rsplit(".lora_", 1)[0].removeprefix(_PREFIX)
+
+
+_WRAPPED_TYPES = (nn.Linear, nn.Embedding, nn.Conv1d, nn.Conv2d, nn.Conv3d)
+
+
+def _v5_targets(model: nn.Module, config, tensors: dict[str, torch.Tensor]) -> dict[str, torch.Tensor]:
+    """An adapter written for transformers 4 (its experts' part taken out), as PEFT is to apply it
+    to ``model`` (transformers 5): Mixtral's ``block_sparse_moe`` is ``mlp`` in its keys and
+    patterns, and its targets are the modules its tensors name (full names); a module that is no
+    longer an ``nn.Linear`` (the router, ``gate``) is targeted through its ``weight`` parameter, as
+    PEFT's own conversion does. ``config`` is changed; returns the tensors under their new keys."""
+    names = {n for n, _ in model.named_modules()}
+    if not any(".block_sparse_moe" in n for n in names):
+        tensors = {k.replace(".block_sparse_moe.", ".mlp."): v for k, v in tensors.items()}
+        for patterns in ("rank_pattern", "alpha_pattern"):
+            setattr(config, patterns, {k.replace("block_sparse_moe", "mlp"): v
+                                       for k, v in (getattr(config, patterns) or {}).items()})
+    modules, params = set(), set(config.target_parameters or [])
+    for key in tensors:
+        if ".lora_" not in key:
+            continue  # (modules_to_save, trainable tokens: PEFT's own config fields)
+        name = _module_of(key)
+        module = model.get_submodule(name) if name in names else None
+        if module is not None and not isinstance(module, _WRAPPED_TYPES) and "weight" in module._parameters:
+            params.add(f"{name}.weight")
+        else:
+            modules.add(name)
+    config.target_modules, config.target_parameters = modules, sorted(params)
+    return tensors
+
+
 @contextmanager
-def _hidden_model_type(model: nn.Module, hide: bool):
-    """While it runs, ``model``'s config has a model type of its own when ``hide``. On transformers 5,
-    PEFT converts an adapter by the model type as if it were written for transformers 4 and the
-    experts were among its targets: ``gate_proj`` / ``up_proj`` / ``down_proj`` (``w1`` / ``w3`` /
-    ``w2``) targets become the fused experts parameters. For the rest of a transformers 4 adapter,
-    its per-expert modules gone to kt_jit, those names are the modules that still have them
-    (DeepSeek's shared experts and dense layers), which that conversion would drop."""
+def _hidden_model_type(model: nn.Module):
+    """While it runs, ``model``'s config has a model type of its own. On transformers 5, PEFT
+    converts an adapter by the model type as if it were written for transformers 4 with the experts
+    among its targets: ``gate_proj`` / ``up_proj`` / ``down_proj`` (``w1`` / ``w3`` / ``w2``) targets
+    become the fused experts parameters, whatever else they name (DeepSeek's shared experts and
+    dense layers), which would leave those without their LoRA."""
     config = getattr(model, "config", None)
-    if not hide or config is None or not hasattr(config, "model_type"):
+    if config is None or not hasattr(config, "model_type"):
         yield
         return
     own = "model_type" in vars(config)
     before = config.model_type
-    config.model_type = f"{before}_per_expert_adapter_rest"
+    config.model_type = f"{before}_without_experts"
     try:
         yield
     finally:
