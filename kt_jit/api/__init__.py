@@ -1,5 +1,6 @@
 """Public operator API (validation at the boundary, autograd, op object)."""
 
 from .sft import MoESFTOp, moe_sft
+from .wrapper import KTMoEWrapper
 
-__all__ = ["MoESFTOp", "moe_sft"]
+__all__ = ["KTMoEWrapper", "MoESFTOp", "moe_sft"]
