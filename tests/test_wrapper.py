@@ -112,7 +112,10 @@ def test_inference_forward_and_submit_sync(method):
     x, ids, w = make_batch(30, K, e=E, h=H, seed=2)
     out = wrapper.forward(x, ids, w)
     assert out.dtype == torch.bfloat16 and rel_err(out.float(), ref_moe(x, ids, w, gate, up, down)) < 0.01
-    wrapper.submit_forward(x, ids, w)
+    staged = [t.clone() for t in (x, ids, w)]  # (a caller's staging buffers, refilled right after submit)
+    wrapper.submit_forward(*staged)
+    for t in staged:
+        t.zero_()
     with pytest.raises(RuntimeError, match="in flight"):
         wrapper.submit_forward(x, ids, w)
     assert torch.equal(wrapper.sync_forward(x), out)
@@ -143,6 +146,12 @@ def test_load_weights_from_a_checkpoint_with_an_expert_map(tmp_path):
     from_tensors = _wrapper(mode="inference", method="BF16")
     from_tensors.load_weights_from_tensors(gate, up, down, mapping)
     assert rel_err(from_tensors.forward(x, ids, w).float(), want) < 0.01
+    # the seeds' order: tensors first, then load_weights(map), which applies the map (again and again)
+    staged = _wrapper(mode="inference", method="BF16")
+    staged.load_weights_from_tensors(gate, up, down)
+    for m, (g, u, d) in ((mapping, (gate[mapping], up[mapping], down[mapping])), (None, (gate, up, down))):
+        staged.load_weights(m)
+        assert rel_err(staged.forward(x, ids, w).float(), ref_moe(x, ids, w, g, u, d)) < 0.01
     missing = _wrapper(mode="inference", method="BF16", layer_idx=5, weight_path=str(tmp_path / "mlp.safetensors"))
     with pytest.raises(ValueError, match="layer 5's experts are not in"):
         missing.load_weights()
@@ -186,7 +195,7 @@ def test_error_rules():
     gate, up, down = make_layer(e=E, h=H, i=I, r=R, seed=1)[:3]
     with pytest.raises(ValueError, match="Unknown mode: 'train'"):
         _wrapper(mode="train")
-    with pytest.raises(ValueError, match="Method 'AMXINT4' is not supported in sft mode; it is a inference method"):
+    with pytest.raises(ValueError, match="Method 'AMXINT4' is not supported in sft mode; it is an inference method"):
         _wrapper(mode="sft", method="AMXINT4")
     with pytest.raises(ValueError, match="Method 'AMXBF16_SFT' is not supported in inference mode"):
         _wrapper(mode="inference", method="AMXBF16_SFT")
@@ -194,6 +203,12 @@ def test_error_rules():
         _wrapper(mode="inference", method="LLAMAFILE")
     with pytest.raises(ValueError, match="num_gpu_experts must be 0"):
         _wrapper(num_gpu_experts=2)
+    with pytest.raises(ValueError, match="gpu_experts_mask all False"):
+        _wrapper(gpu_experts_mask=torch.ones(E, dtype=torch.bool))
+    with pytest.raises(TypeError, match="lora_rnak"):
+        _wrapper(lora_rnak=8)
+    with pytest.raises(ValueError, match="lora_dropout=0.1 is not supported"):
+        _wrapper(lora_dropout=0.1)
     with pytest.raises(ValueError, match="does not defer experts"):
         _wrapper(mode="inference", method="AMXINT4", max_deferred_experts_per_token=2)
     with pytest.raises(ValueError, match="cannot exceed num_experts"):
@@ -210,6 +225,9 @@ def test_error_rules():
     for call in ("forward_sft", "backward", "init_lora_weights", "update_lora_weights"):
         with pytest.raises(RuntimeError, match=f"{call}\\(\\) is not available in inference mode"):
             getattr(inference, call)(x)
+    for wrapper in (sft, inference):
+        with pytest.raises(RuntimeError, match="select_deferred_experts\\(\\) is not available"):
+            wrapper.select_deferred_experts(ids, w, 1)
     with pytest.raises(RuntimeError, match="Weights not loaded"):
         sft.forward_sft(x, ids, w)
     with pytest.raises(RuntimeError, match="Weights not loaded"):
@@ -237,3 +255,17 @@ def test_error_rules():
     with pytest.raises(ValueError, match="expert ids in"):
         sft.forward_sft(x, ids + E, w)
     assert sft.cache_depth == 0
+    # a saved forward keeps its inputs (the caller may refill them) and blocks a reload until its backward
+    x2, ids2, w2 = (t.clone() for t in (x, ids, w))
+    sft.forward_sft(x2, ids2, w2)
+    experts, op = sft.experts, sft._op
+    for t in (x2, w2):
+        t.zero_()
+    with pytest.raises(RuntimeError, match="cannot be \\(re\\)loaded with forwards saved"):
+        sft.load_weights_from_tensors(up, gate, down)
+    with pytest.raises(RuntimeError, match="cannot be \\(re\\)loaded with forwards saved"):
+        sft.load_weights(torch.arange(E))
+    assert sft.experts is experts and sft._op is op and sft.cache_depth == 1
+    dout = torch.randn(5, H, generator=torch.Generator().manual_seed(1))
+    ref = reference_grads(x, ids, w, gate, up, down, _Adapters(lora), dout)
+    assert rel_err(sft.backward(dout)[0].float(), ref[1]) < 0.01

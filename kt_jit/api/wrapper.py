@@ -32,14 +32,14 @@ from __future__ import annotations
 
 import json
 import os
+import re
 import threading
 from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
-from torch import nn
 
 from ..moe.weights import LORA_NAMES, MoEExperts, MoELoRA, lora_shapes
-from .sft import MoESFTOp
+from .sft import MoESFTOp, moe_sft
 
 SFT_METHODS = {"AMXBF16_SFT": "bf16", "AMXINT8_SFT": "int8", "AMXINT4_SFT": "int4", "AMXINT4_1_SFT": "int4_1",
                "AMXINT4_KGroup_SFT": "int4_kgroup", "AMXINT4_1KGroup_SFT": "int4_1kgroup"}
@@ -52,7 +52,7 @@ def _quant(method: str, mode: str, zero_point: bool) -> str:
     methods = SFT_METHODS if mode == "sft" else INFERENCE_METHODS
     if method not in methods:
         other = INFERENCE_METHODS if mode == "sft" else SFT_METHODS
-        hint = (f"; it is a {'inference' if mode == 'sft' else 'SFT'} method" if method in other else
+        hint = (f"; it is {'an inference' if mode == 'sft' else 'an SFT'} method" if method in other else
                 "; kt_jit has no native-precision or GGUF kernels: an FP8 checkpoint loads with any method "
                 "listed (packed or quantized as it loads)" if method in _NOT_HERE else "")
         raise ValueError(f"Method '{method}' is not supported in {mode} mode{hint}. Supported methods: "
@@ -76,17 +76,22 @@ class KTMoEWrapper:
                 chunked_prefill_size: int = 25600, cpu_save: bool = False,
                 max_deferred_experts_per_token: int | None = None, method: str = "AMXINT4",
                 mode: str = "inference", lora_rank: int = 16, lora_alpha: float = 32.0, max_cache_depth: int = 1,
-                group_size: int = 128, zero_point: bool = True, **unused):
+                group_size: int = 128, zero_point: bool = True, gpu_experts_mask: torch.Tensor | None = None,
+                numa_nodes=None, lora_dropout: float = 0.0, full_weight_grad: bool = False,
+                swiglu_limit: float = 0.0, swiglu_alpha: float = 0.0):
         if mode not in ("inference", "sft"):
             raise ValueError(f"Unknown mode: '{mode}'. Supported modes: 'inference', 'sft'")
         quant = _quant(method, mode, zero_point)
-        for name in ("lora_dropout", "full_weight_grad", "swiglu_limit", "swiglu_alpha"):
-            if unused.get(name):
-                raise ValueError(f"{name}={unused[name]!r} is not supported by kt_jit's wrapper (leave it at its "
-                                 "default)")
+        for name, value in (("lora_dropout", lora_dropout), ("full_weight_grad", full_weight_grad),
+                            ("swiglu_limit", swiglu_limit), ("swiglu_alpha", swiglu_alpha)):
+            if value:
+                raise ValueError(f"{name}={value!r} is not supported by kt_jit's wrapper (leave it at its default)")
+        for gpu in (num_gpu_experts, gpu_experts_mask):
+            if gpu is not None and (int(torch.as_tensor(gpu).sum()) if isinstance(gpu, torch.Tensor) else gpu) != 0:
+                raise ValueError("kt_jit runs every expert on the CPU: num_gpu_experts must be 0 (and "
+                                 "gpu_experts_mask all False)")
         base = dict(layer_idx=layer_idx, num_experts=num_experts, num_experts_per_tok=num_experts_per_tok,
-                    hidden_size=hidden_size, moe_intermediate_size=moe_intermediate_size,
-                    num_gpu_experts=num_gpu_experts, weight_path=weight_path,
+                    hidden_size=hidden_size, moe_intermediate_size=moe_intermediate_size, weight_path=weight_path,
                     chunked_prefill_size=chunked_prefill_size, method=method, quant=quant, group_size=group_size)
         if mode == "sft":
             return SFTMoEWrapper(lora_rank=lora_rank, lora_alpha=lora_alpha, max_cache_depth=max_cache_depth, **base)
@@ -101,7 +106,7 @@ class _MoEWrapperBase:
     mode = ""
 
     def __init__(self, layer_idx: int, num_experts: int, num_experts_per_tok: int, hidden_size: int,
-                 moe_intermediate_size: int, num_gpu_experts, weight_path: str | None, chunked_prefill_size: int,
+                 moe_intermediate_size: int, weight_path: str | None, chunked_prefill_size: int,
                  method: str, quant: str, group_size: int) -> None:
         sizes = dict(num_experts=num_experts, hidden_size=hidden_size, moe_intermediate_size=moe_intermediate_size,
                      num_experts_per_tok=num_experts_per_tok, chunked_prefill_size=chunked_prefill_size)
@@ -110,15 +115,13 @@ class _MoEWrapperBase:
                 raise ValueError(f"{name} must be a positive integer, got {value!r}")
         if num_experts_per_tok > num_experts:
             raise ValueError(f"num_experts_per_tok ({num_experts_per_tok}) cannot exceed num_experts ({num_experts})")
-        gpu = num_gpu_experts if num_gpu_experts is not None else 0
-        if (int(gpu.sum()) if isinstance(gpu, torch.Tensor) else gpu) != 0:
-            raise ValueError("kt_jit runs every expert on the CPU: num_gpu_experts must be 0 (and gpu_experts_mask "
-                             "all False)")
         self.layer_idx, self.num_experts, self.num_experts_per_tok = layer_idx, num_experts, num_experts_per_tok
         self.hidden_size, self.moe_intermediate_size = hidden_size, moe_intermediate_size
         self.weight_path, self.chunked_prefill_size = weight_path, chunked_prefill_size
         self.method, self.quant, self.group_size = method, quant, group_size
-        self.experts: MoEExperts | None = None
+        self.experts: MoEExperts | None = None  # what the kernels run: slot p is logical expert map[p]
+        self._logical: MoEExperts | None = None  # the experts as loaded (logical order)
+        self._map: torch.Tensor | None = None  # the physical_to_logical_map applied (None: the identity)
 
     # ---- base weights
 
@@ -127,41 +130,38 @@ class _MoEWrapperBase:
         """Pack (and quantize, by the method) the experts from Hugging Face-layout tensors: gate/up
         ``[E_logical, I, H]``, down ``[E_logical, H, I]`` (bf16/fp16/fp32); expert slot ``p`` of
         this layer computes logical expert ``physical_to_logical_map_cpu[p]`` (int ``[num_experts]``;
-        None: the identity)."""
-        idx = self._expert_map(physical_to_logical_map_cpu, gate_proj.shape[0] if gate_proj.dim() == 3 else None)
-        if idx is not None:
-            gate_proj, up_proj, down_proj = gate_proj[idx], up_proj[idx], down_proj[idx]
-        self._set_experts(MoEExperts.from_tensors(gate_proj, up_proj, down_proj, quant=self.quant,
-                                                  group_size=self.group_size))
+        None: the identity; :meth:`load_weights` may apply another one later)."""
+        self._check_reload()
+        logical = MoEExperts.from_tensors(gate_proj, up_proj, down_proj, quant=self.quant, group_size=self.group_size)
+        self._set_experts(logical, physical_to_logical_map_cpu)
 
     def load_weights(self, physical_to_logical_map_cpu: torch.Tensor | None = None) -> None:
-        """Load this layer's experts from ``weight_path`` (unless :meth:`load_weights_from_tensors`
-        loaded them): a Hugging Face safetensors checkpoint (a directory or a file; experts under
-        ``model.layers.<layer_idx>.mlp`` or Mixtral's ``block_sparse_moe``, per expert or fused, bf16,
-        fp16, fp32 or FP8 with block scales), packed and quantized a few experts at a time; or a
-        model directory kt_jit's ``save_pretrained`` wrote, whose packed experts of this layer are
-        memory-mapped (their quantization must be the method's). Raises RuntimeError without a
-        ``weight_path``, ValueError when the layer's experts are not there or do not fit."""
-        if self.experts is not None:
-            if physical_to_logical_map_cpu is not None:
-                self._expert_map(physical_to_logical_map_cpu, None)  # (checked; the tensors applied it)
+        """Load this layer's experts from ``weight_path`` unless :meth:`load_weights_from_tensors`
+        loaded them (then only ``physical_to_logical_map_cpu`` is applied, see there): a Hugging
+        Face safetensors checkpoint (a directory or a file; experts under
+        ``model.layers.<layer_idx>.mlp`` or Mixtral's ``block_sparse_moe``, per expert or fused,
+        bf16, fp16, fp32 or FP8 with block scales), packed and quantized a few experts at a time;
+        or a model directory kt_jit's ``save_pretrained`` wrote, whose packed experts of this layer
+        are memory-mapped (their quantization must be the method's). A map other than the identity
+        keeps the experts as loaded next to the slots' copy (the memory of both). Raises
+        RuntimeError without a ``weight_path``, or with forwards saved; ValueError when the layer's
+        experts are not there or do not fit."""
+        self._check_reload()
+        if self._logical is not None:
+            self._set_experts(self._logical, physical_to_logical_map_cpu)
             return
         if not self.weight_path:
             raise RuntimeError("weight_path is not set: give it to KTMoEWrapper, or call load_weights_from_tensors()")
         path = os.fspath(self.weight_path)
         packed = _packed_file(path, self.layer_idx)
         if packed is not None:
-            experts = MoEExperts.load(packed)
-            if experts.quant != self.quant:
-                raise ValueError(f"{packed} holds experts packed as {experts.quant!r}; method {self.method} needs "
+            logical = MoEExperts.load(packed)
+            if logical.quant != self.quant:
+                raise ValueError(f"{packed} holds experts packed as {logical.quant!r}; method {self.method} needs "
                                  f"{self.quant!r}: use that method, or load the original checkpoint")
         else:
-            experts = self._from_checkpoint(path)
-        idx = self._expert_map(physical_to_logical_map_cpu, experts.num_experts)
-        if idx is not None:
-            experts = MoEExperts({k: v.index_select(0, idx) for k, v in experts.tensors.items()}, experts.hidden_size,
-                                 experts.intermediate_size, experts.quant, experts.group_size)
-        self._set_experts(experts)
+            logical = self._from_checkpoint(path)
+        self._set_experts(logical, physical_to_logical_map_cpu)
 
     def _from_checkpoint(self, path: str) -> MoEExperts:
         errors = []
@@ -173,11 +173,12 @@ class _MoEWrapperBase:
                 if "no experts under" not in str(exc):
                     raise
                 errors.append(str(exc))
-        raise ValueError(f"layer {self.layer_idx}'s experts are not in {path}: {errors[0]}")
+        raise ValueError(f"layer {self.layer_idx}'s experts are not in {path}: {errors[0]} (kt-kernel's own "
+                         "pre-quantized files are not read: give the original Hugging Face checkpoint)")
 
-    def _expert_map(self, mapping: torch.Tensor | None, logical: int | None) -> torch.Tensor | None:
+    def _expert_map(self, mapping: torch.Tensor | None, logical: int) -> torch.Tensor | None:
         """The expert index a ``physical_to_logical_map`` selects (None for the identity), checked
-        against this layer's ``num_experts`` slots and ``logical`` experts (when known)."""
+        against this layer's ``num_experts`` slots and the ``logical`` experts loaded."""
         if mapping is None:
             return None
         if not isinstance(mapping, torch.Tensor) or mapping.dim() != 1 or mapping.dtype.is_floating_point:
@@ -186,21 +187,36 @@ class _MoEWrapperBase:
             raise ValueError(f"physical_to_logical_map_cpu has {mapping.shape[0]} entries; this layer has "
                              f"num_experts={self.num_experts} expert slots")
         mapping = mapping.to("cpu", torch.int64)
-        bound = logical if logical is not None else self.num_experts
-        if mapping.numel() and (int(mapping.min()) < 0 or int(mapping.max()) >= bound):
-            raise ValueError(f"physical_to_logical_map_cpu holds expert ids outside [0, {bound})")
+        if mapping.numel() and (int(mapping.min()) < 0 or int(mapping.max()) >= logical):
+            raise ValueError(f"physical_to_logical_map_cpu holds expert ids outside [0, {logical}) (the experts "
+                             "loaded)")
         if logical == self.num_experts and torch.equal(mapping, torch.arange(self.num_experts)):
             return None
         return mapping
 
-    def _set_experts(self, experts: MoEExperts) -> None:
-        got = (experts.num_experts, experts.hidden_size, experts.intermediate_size)
-        want = (self.num_experts, self.hidden_size, self.moe_intermediate_size)
-        if got != want:
-            raise ValueError(f"the loaded experts are (num_experts, hidden_size, intermediate_size) = {got}; this "
-                             f"wrapper was made for {want} (a physical_to_logical_map_cpu selects other counts)")
-        self.experts = experts
+    def _set_experts(self, logical: MoEExperts, mapping: torch.Tensor | None) -> None:
+        """Make ``logical`` (the experts as loaded) the source and ``mapping`` applied to it what
+        the kernels run; nothing changes when it raises."""
+        got = (logical.hidden_size, logical.intermediate_size)
+        if got != (self.hidden_size, self.moe_intermediate_size):
+            raise ValueError(f"the loaded experts have (hidden_size, intermediate_size) = {got}; this wrapper was "
+                             f"made for {(self.hidden_size, self.moe_intermediate_size)}")
+        idx = self._expert_map(mapping, logical.num_experts)
+        if idx is None and logical.num_experts != self.num_experts:
+            raise ValueError(f"{logical.num_experts} experts were loaded for num_experts={self.num_experts} slots: "
+                             "give a physical_to_logical_map_cpu that says which goes where")
+        if idx is None:
+            experts = logical
+        elif self._map is not None and self._logical is logical and torch.equal(idx, self._map):
+            experts = self.experts
+        else:
+            experts = MoEExperts({k: v.index_select(0, idx) for k, v in logical.tensors.items()},
+                                 logical.hidden_size, logical.intermediate_size, logical.quant, logical.group_size)
+        self._logical, self._map, self.experts = logical, idx, experts
         self._weights_set()
+
+    def _check_reload(self) -> None:
+        """Raise before anything changes if the experts may not be replaced now."""
 
     def _weights_set(self) -> None:
         """Called once the experts are (re)loaded."""
@@ -226,6 +242,11 @@ class _MoEWrapperBase:
         return (hidden_states.to("cpu").contiguous(), expert_ids.to("cpu", torch.int64).contiguous(),
                 weights.to("cpu").contiguous())
 
+    def select_deferred_experts(self, *args, **kwargs):
+        """kt-kernel's expert deferral: not in kt_jit (RuntimeError)."""
+        raise RuntimeError(f"select_deferred_experts() is not available in {self.mode} mode: kt_jit computes every "
+                           "routed expert in its layer (no deferral)")
+
     def _other_mode(self, name: str):
         """Raise the RuntimeError of a method of the other mode."""
         if self.mode == "inference":
@@ -247,8 +268,7 @@ def _packed_file(path: str, layer: int) -> str | None:
     files = q.get("packed_experts") if q.get("quant_method") == "kt_jit" else None
     if not files:
         return None
-    prefix = f"layers.{layer}."
-    found = [rel for name, rel in files.items() if prefix in name and name.rsplit(prefix, 1)[0].endswith(("", "."))]
+    found = [rel for name, rel in files.items() if re.search(rf"(^|\.)layers\.{layer}\.", name)]
     if len(found) != 1:
         raise ValueError(f"{path}: kt_jit's packed experts hold {len(found)} modules of layer {layer} "
                          f"({sorted(files)})")
@@ -283,9 +303,11 @@ class SFTMoEWrapper(_MoEWrapperBase):
         self._op: MoESFTOp | None = None
         self.grad_weights: torch.Tensor | None = None  # the router gradient of the last backward [qlen, k] fp32
 
+    def _check_reload(self) -> None:
+        if self.cache_depth:
+            raise RuntimeError("the experts cannot be (re)loaded with forwards saved: run their backward() first")
+
     def _weights_set(self) -> None:
-        if self._op is not None and self._op.cache_depth:
-            raise RuntimeError("the experts were reloaded with forwards saved; run their backward() first")
         self._op = MoESFTOp(self.experts, self._lora, max_cache_depth=self.max_cache_depth)
 
     def init_lora_weights(self, gate_lora_a: torch.Tensor, gate_lora_b: torch.Tensor, up_lora_a: torch.Tensor,
@@ -310,11 +332,10 @@ class SFTMoEWrapper(_MoEWrapperBase):
                 raise ValueError(f"grad_{name} must be a contiguous bfloat16 CPU tensor, got {t.dtype} on {t.device}")
         if self._op is not None and self._op.cache_depth:
             raise RuntimeError("init_lora_weights() with forwards saved: run their backward() first")
-        lora = MoELoRA(self.num_experts, self.hidden_size, self.moe_intermediate_size, self.lora_rank, self.lora_alpha)
-        for name, src in zip(LORA_NAMES, sources, strict=True):
-            # (a bf16 CPU contiguous tensor is itself here: the kernels read the caller's storage)
-            data = src.detach().to("cpu", torch.bfloat16).contiguous()
-            setattr(lora, name, nn.Parameter(data, requires_grad=False))
+        # (a bf16 CPU contiguous tensor is itself here: the kernels read the caller's storage)
+        storage = tuple(src.detach().to("cpu", torch.bfloat16).contiguous() for src in sources)
+        lora = MoELoRA(self.num_experts, self.hidden_size, self.moe_intermediate_size, self.lora_rank,
+                       self.lora_alpha, storage=storage).requires_grad_(False)
         self._sources, self._grad_buffers, self._lora = sources, grad_buffers or None, lora
         if self._op is not None:
             self._op.lora = lora
@@ -340,6 +361,9 @@ class SFTMoEWrapper(_MoEWrapperBase):
         if save_for_backward and self._lora is None:
             raise RuntimeError("LoRA weights not initialized. Call init_lora_weights() first, or set "
                                "save_for_backward=False.")
+        if save_for_backward:  # (the saved forward keeps x and w: the caller may reuse its buffers, as with kt-kernel)
+            x = x.clone() if x.data_ptr() == hidden_states.data_ptr() else x
+            w = w.clone() if w.data_ptr() == weights.data_ptr() else w
         out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
         out = self._op.forward(x, ids, w, save_for_backward=save_for_backward, out_dtype=out_dtype)
         return out.to(hidden_states.device, hidden_states.dtype)
@@ -404,25 +428,28 @@ class InferenceMoEWrapper(_MoEWrapperBase):
                 cuda_stream: int | None = None) -> torch.Tensor:
         """Output ``[qlen, H]`` in hidden_states' dtype and device for ``hidden_states [qlen, H]``,
         ``topk_ids [qlen, k]`` and ``topk_weights [qlen, k]`` (``cuda_stream`` is not used)."""
-        x, ids, w = self._inputs(hidden_states, topk_ids, topk_weights)
-        from .sft import moe_sft
+        return self._forward(*self._inputs(hidden_states, topk_ids, topk_weights), hidden_states.device,
+                             hidden_states.dtype)
 
+    def _forward(self, x: torch.Tensor, ids: torch.Tensor, w: torch.Tensor, device: torch.device,
+                 dtype: torch.dtype) -> torch.Tensor:
         with torch.no_grad():
             out = moe_sft(x, ids, w, self.experts,
                           out_dtype=torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32)
-        return out.to(hidden_states.device, hidden_states.dtype)
+        return out.to(device, dtype)
 
     def submit_forward(self, hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
                        cuda_stream: int | None = None) -> None:
         """Start :meth:`forward` on a worker thread; :meth:`sync_forward` returns its output. The
         inputs are checked now (the errors are raised here); one call may be in flight."""
-        self._inputs(hidden_states, topk_ids, topk_weights)
-        with self._lock:
+        x, ids, w = (t.clone() if t.data_ptr() == src.data_ptr() else t for t, src in zip(
+            self._inputs(hidden_states, topk_ids, topk_weights), (hidden_states, topk_ids, topk_weights), strict=True))
+        with self._lock:  # (copies: the caller may refill its buffers before sync_forward, as with kt-kernel)
             if self._pending is not None:
                 raise RuntimeError("a submitted forward is in flight: call sync_forward() first")
             if self._pool is None:
                 self._pool = ThreadPoolExecutor(1, thread_name_prefix="kt_jit_wrapper")
-            self._pending = self._pool.submit(self.forward, hidden_states, topk_ids, topk_weights)
+            self._pending = self._pool.submit(self._forward, x, ids, w, hidden_states.device, hidden_states.dtype)
 
     def sync_forward(self, hidden_states: torch.Tensor | None = None, cuda_stream: int | None = None) -> torch.Tensor:
         """The output of the forward :meth:`submit_forward` started (waits for it)."""

@@ -379,10 +379,14 @@ class MoELoRA(nn.Module):
     ``down_lora_a`` ``[E, r, I]``, ``down_lora_b`` ``[E, H, r]``. A is initialised as PEFT does
     (Kaiming-uniform with a=sqrt(5) per expert), B with zeros, so a fresh adapter changes nothing.
     ``scaling = alpha / rank``. Kernels read the Parameters' current storage on every call.
+    ``storage``: six bf16 CPU contiguous tensors of these shapes (LORA_NAMES order) to be the
+    Parameters themselves (no copy, no initialisation: the kernels read and an optimizer updates
+    that memory), instead of fresh ones.
     """
 
     def __init__(self, num_experts: int, hidden_size: int, intermediate_size: int, rank: int = 16,
-                 alpha: float = 32.0, dtype: torch.dtype = torch.bfloat16) -> None:
+                 alpha: float = 32.0, dtype: torch.dtype = torch.bfloat16,
+                 storage: tuple[torch.Tensor, ...] | None = None) -> None:
         super().__init__()
         if rank < 1:
             raise ValueError(f"rank must be >= 1, got {rank}")
@@ -390,10 +394,22 @@ class MoELoRA(nn.Module):
             raise ValueError(f"kt_jit's kernels read bfloat16 adapters; dtype must be torch.bfloat16, got {dtype}")
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size
         self.rank, self.alpha = rank, float(alpha)
-        for name, shape in lora_shapes(num_experts, hidden_size, intermediate_size, rank).items():
-            self.register_parameter(name, nn.Parameter(torch.zeros(shape, dtype=dtype)))
+        shapes = lora_shapes(num_experts, hidden_size, intermediate_size, rank)
+        if storage is not None:
+            if len(storage) != len(LORA_NAMES):
+                raise ValueError(f"storage must hold {len(LORA_NAMES)} tensors ({LORA_NAMES}), got {len(storage)}")
+            for name, t in zip(LORA_NAMES, storage, strict=True):
+                if (not isinstance(t, torch.Tensor) or tuple(t.shape) != shapes[name] or t.dtype != dtype
+                        or not t.is_cpu or not t.is_contiguous()):
+                    raise ValueError(f"storage for {name} must be a contiguous bf16 CPU tensor of shape "
+                                     f"{shapes[name]}, got {getattr(t, 'dtype', type(t).__name__)} "
+                                     f"{tuple(getattr(t, 'shape', ()))}")
+        for k, (name, shape) in enumerate(shapes.items()):
+            data = storage[k].detach() if storage is not None else torch.zeros(shape, dtype=dtype)
+            self.register_parameter(name, nn.Parameter(data))
         self.grad_buffers = LoraGradBuffers()  # backward reuses dropped gradient buffers (gradbuf.py)
-        self.reset_parameters()
+        if storage is None:
+            self.reset_parameters()
 
     @property
     def scaling(self) -> float:

@@ -1,0 +1,99 @@
+"""What ``KTMoEWrapper`` (KTransformers' wrapper interface) costs on top of kt_jit's operator it calls:
+a training step (``forward_sft`` + ``backward`` against ``MoESFTOp.forward`` + ``.backward``) and an
+inference forward (``KTMoEWrapper(mode="inference").forward`` against ``moe_sft`` under no_grad), on
+one layer of a real model's size, bf16 with rank-16 adapters. The seeds ask for the wrapper to be
+within 5% of the direct calls.
+
+    python tools/bench_wrapper.py [--quick] [--shape qwen3-30b-a3b] [--qlens 1,16,128] [--json PATH]
+
+Each pass runs on one of 8 routings in turn, its caches flushed first; the two sides of a pair
+alternate order round by round (tools/bench_moe.py ``timed``). ``--json`` rows: ``name``
+(shape/qlen/pass), ``ms`` (median), ``vs_direct`` (the direct call's time over the wrapper's, from
+the same rounds).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from bench_moe import BATCHES, RANK, SHAPES, Layer, batch, flush_l3, timed
+from benchlib import write_rows
+
+import kt_jit
+
+
+def _cycled(fn, batches):
+    """A pass over the batches in turn, timing its own work after an L3 flush."""
+    state = {"i": 0}
+
+    def run() -> float:
+        b = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        flush_l3()
+        t0 = time.perf_counter()
+        fn(*b)
+        return time.perf_counter() - t0
+
+    return run
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="qlen 1 and 16, fewer rounds (under two minutes)")
+    ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
+    ap.add_argument("--qlens", default="1,16,128")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    e, h, i, k = SHAPES[args.shape]
+    qlens = [1, 16] if args.quick else [int(q) for q in args.qlens.split(",")]
+    layer = Layer(e, h, i, RANK)
+    op = kt_jit.MoESFTOp(layer.experts, layer.lora)
+    common = dict(layer_idx=0, num_experts=e, num_experts_per_tok=k, hidden_size=h, moe_intermediate_size=i,
+                  num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=1, weight_path=None,
+                  chunked_prefill_size=max(qlens), lora_rank=RANK, lora_alpha=2.0 * RANK)
+    sft = kt_jit.KTMoEWrapper(mode="sft", method="AMXBF16_SFT", **common)
+    sft.load_weights_from_tensors(layer.gate, layer.up, layer.down)
+    sft.init_lora_weights(*layer.lora.tensors())  # (bf16 CPU tensors: read in place, as the op reads them)
+    infer = kt_jit.KTMoEWrapper(mode="inference", method="BF16", **common)
+    infer.load_weights_from_tensors(layer.gate, layer.up, layer.down)
+
+    def op_step(x, ids, w, dout):
+        op.forward(x, ids, w)
+        op.backward(dout)
+
+    def wrapper_step(x, ids, w, dout):
+        sft.forward_sft(x, ids, w)
+        sft.backward(dout)
+
+    def direct_infer(x, ids, w, dout):
+        with torch.no_grad():
+            kt_jit.moe_sft(x, ids, w, layer.experts, out_dtype=torch.bfloat16)
+
+    rows = []
+    print(f"{args.shape} bf16, rank {RANK}: the wrapper against the direct calls (median ms; "
+          "vs_direct = direct / wrapper)")
+    print(f"{'qlen':>5} {'pass':<10} {'direct ms':>10} {'wrapper ms':>11} {'vs_direct':>10}")
+    for qlen in qlens:
+        batches = []
+        for s in range(BATCHES):
+            x, ids, w = batch(qlen, k, e, h, seed=s)
+            batches.append((x, ids, w, torch.randn(qlen, h, generator=torch.Generator().manual_seed(s))))
+        fns = {"step direct": _cycled(op_step, batches), "step wrapper": _cycled(wrapper_step, batches),
+               "infer direct": _cycled(direct_infer, batches),
+               "infer wrapper": _cycled(lambda x, ids, w, dout: infer.forward(x, ids, w), batches)}
+        paired: dict = {}
+        med = timed(fns, repeats=8 if args.quick else 20, min_seconds=2.0 if args.quick else 6.0, warmup=2,
+                    swaps=(("step direct", "step wrapper"), ("infer direct", "infer wrapper")), paired=paired)
+        for pass_name in ("step", "infer"):
+            direct, wrapper = med[f"{pass_name} direct"], med[f"{pass_name} wrapper"]
+            ratio = paired[f"{pass_name} direct", f"{pass_name} wrapper"]  # (direct's time over the wrapper's)
+            print(f"{qlen:>5} {pass_name:<10} {direct * 1e3:>10.3f} {wrapper * 1e3:>11.3f} {ratio:>10.3f}")
+            rows.append({"name": f"{args.shape}/bf16/qlen{qlen}/{pass_name} wrapper", "ms": wrapper * 1e3,
+                         "direct_ms": direct * 1e3, "vs_direct": ratio})
+    return write_rows(rows, args.json)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
