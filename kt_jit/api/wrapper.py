@@ -330,7 +330,7 @@ class SFTMoEWrapper(_MoEWrapperBase):
             _check_tensor(f"grad_{name}", t, shapes[name])
             if t.dtype != torch.bfloat16 or not t.is_cpu or not t.is_contiguous():
                 raise ValueError(f"grad_{name} must be a contiguous bfloat16 CPU tensor, got {t.dtype} on {t.device}")
-        if self._op is not None and self._op.cache_depth:
+        if self.cache_depth:
             raise RuntimeError("init_lora_weights() with forwards saved: run their backward() first")
         # (a bf16 CPU contiguous tensor is itself here: the kernels read the caller's storage)
         storage = tuple(src.detach().to("cpu", torch.bfloat16).contiguous() for src in sources)

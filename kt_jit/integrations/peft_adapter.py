@@ -22,9 +22,10 @@ Adapters PEFT wrote for transformers 4, whose experts were modules (``<experts>.
 ``up_proj``, ``down_proj``; Mixtral's ``block_sparse_moe.experts.<e>.w1`` / ``w3`` / ``w2``), are read
 too: each expert's LoRA is kt_jit's per-expert adapter as it is (ranks padded to the largest,
 scalings other than the most common folded into their B, missing ones zero). PEFT is given the
-rest under its transformers 4 names (its own conversion of such adapters, which turns every
-``gate_proj`` target into the fused experts parameter, is kept out of it: DeepSeek's shared experts
-and dense layers keep their LoRA).
+rest under its transformers 5 names (the modules its tensors name; the router's LoRA on its
+``weight``; Mixtral's ``block_sparse_moe`` as ``mlp``). PEFT's own conversion by the model type,
+which turns every ``gate_proj`` target into the fused experts parameter, is kept out of every wrap:
+DeepSeek's shared experts and dense layers keep their LoRA.
 
 :func:`track_experts_adapters` makes a PEFT-wrapped kt_jit model's own ``save_pretrained`` and
 ``load_adapter`` (transformers' ``Trainer`` checkpoints and resumes through them) carry the
