@@ -26,6 +26,7 @@ _layers: dict[tuple[str, bool], tuple] = {}
 def _layer(quant: str, lora: bool = True) -> tuple:
     """(gate, up, down, experts, lora) of one small layer per mode, made once (its kernels compile once)."""
     if (quant, lora) not in _layers:
+        torch.manual_seed(5)  # (MoELoRA draws A from the global generator: the same layer in any test order)
         gate, up, down, experts, adapter = make_layer(e=E, h=H, i=I, r=R, seed=5, quant=quant)
         _layers[quant, lora] = (gate, up, down, experts, adapter if lora else None)
     return _layers[quant, lora]

@@ -8,7 +8,7 @@ from reference import rel_err
 from test_moe_sft import make_batch, make_layer, reference_grads
 
 import kt_jit
-from kt_jit.moe.weights import LORA_NAMES
+from kt_jit.moe.weights import LORA_NAMES, lora_shapes
 
 pytestmark = NEEDS_AVX512_BF16
 
@@ -23,9 +23,11 @@ def _wrapper(mode="sft", method="AMXBF16_SFT", **kw):
 
 
 def _lora_tensors(seed=3, dtype=torch.bfloat16):
-    """The six adapters (nonzero B) as plain tensors, the way kt-kernel's callers hold them."""
-    lora = make_layer(e=E, h=H, i=I, r=R, seed=seed)[4]
-    return [p.detach().clone().to(dtype) for p in lora.tensors()]
+    """The six adapters (seeded; nonzero B) as plain tensors, the way kt-kernel's callers hold them."""
+    g = torch.Generator().manual_seed(seed)
+    shapes = lora_shapes(E, H, I, R)
+    return [(torch.randn(shapes[n], generator=g) * (0.1 if n.endswith("_a") else 0.02)).bfloat16().to(dtype)
+            for n in LORA_NAMES]
 
 
 class _Adapters:
@@ -67,7 +69,7 @@ def test_sft_training_loop_matches_the_reference():
                 assert g.dtype == torch.bfloat16 and rel_err(g.float(), r) < 0.01, name
             with torch.no_grad():  # an optimizer step on the caller's tensors
                 for t, g in zip(lora, grads.values(), strict=True):
-                    t.sub_(0.5 * g.to(t.dtype))
+                    t.sub_(0.05 * g.to(t.dtype))
             if dtype == torch.float32:  # (a copy: the step is seen once update_lora_weights ran)
                 stale = wrapper.forward_sft(x, ids, w, save_for_backward=False)
                 assert torch.equal(stale, out)
