@@ -1096,11 +1096,15 @@ def test_transformers_4_per_expert_adapters(arch, tmp_path):
     with torch.no_grad():
         expected = _merged(original, tensors)(ids).logits
         assert rel_err(original(ids).logits, expected) > 5e-2
-    patched = copy.deepcopy(original)
-    patch_experts(patched, lora=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        served = peft_model_from_adapter(patched, tmp_path / "v4")
+    def applied(path) -> nn.Module:
+        """peft_model_from_adapter on a freshly patched copy of ``original``, without a warning."""
+        patched = copy.deepcopy(original)
+        patch_experts(patched, lora=False)
+        with warnings.catch_warnings():
+            warnings.simplefilter("error", UserWarning)
+            return peft_model_from_adapter(patched, path)
+
+    served = applied(tmp_path / "v4")
     with torch.no_grad():
         assert rel_err(served(ids).logits, expected) < 1e-2
         if arch != "deepseek_v3":
@@ -1108,11 +1112,7 @@ def test_transformers_4_per_expert_adapters(arch, tmp_path):
             assert rel_err(theirs(ids).logits, expected) < 1e-3
     # saved (one adapter, transformers 5 names) and applied again: the same model
     served.save_pretrained(tmp_path / "again")
-    again = copy.deepcopy(original)
-    patch_experts(again, lora=False)
-    with warnings.catch_warnings():
-        warnings.simplefilter("error", UserWarning)
-        again = peft_model_from_adapter(again, tmp_path / "again")
+    again = applied(tmp_path / "again")
     with torch.no_grad():
         assert rel_err(again(ids).logits, served(ids).logits) < 1e-6
     # an expert of another rank and alpha, one projection of another expert without a LoRA;

@@ -63,6 +63,21 @@ def _quant(method: str, mode: str, zero_point: bool) -> str:
     return quant
 
 
+def _own(t: torch.Tensor, caller: torch.Tensor) -> torch.Tensor:
+    """``t`` (the checked form of the caller's tensor ``caller``) in memory the caller does not hold."""
+    return t.clone() if t.data_ptr() == caller.data_ptr() else t
+
+
+def _unavailable(name: str):
+    """A method of the other mode: it raises that mode's RuntimeError."""
+
+    def method(self, *args, **kwargs):
+        self._other_mode(name)
+
+    method.__name__ = name
+    return method
+
+
 class KTMoEWrapper:
     """Factory: ``KTMoEWrapper(..., mode="sft")`` gives an :class:`SFTMoEWrapper`,
     ``mode="inference"`` (the default) an :class:`InferenceMoEWrapper`; the arguments are
@@ -362,8 +377,7 @@ class SFTMoEWrapper(_MoEWrapperBase):
             raise RuntimeError("LoRA weights not initialized. Call init_lora_weights() first, or set "
                                "save_for_backward=False.")
         if save_for_backward:  # (the saved forward keeps x and w: the caller may reuse its buffers, as with kt-kernel)
-            x = x.clone() if x.data_ptr() == hidden_states.data_ptr() else x
-            w = w.clone() if w.data_ptr() == weights.data_ptr() else w
+            x, w = _own(x, hidden_states), _own(w, weights)
         out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
         out = self._op.forward(x, ids, w, save_for_backward=save_for_backward, out_dtype=out_dtype)
         return out.to(hidden_states.device, hidden_states.dtype)
@@ -394,14 +408,7 @@ class SFTMoEWrapper(_MoEWrapperBase):
         """Forwards saved and not yet consumed by a backward."""
         return self._op.cache_depth if self._op is not None else 0
 
-    def forward(self, *args, **kwargs):
-        self._other_mode("forward")
-
-    def submit_forward(self, *args, **kwargs):
-        self._other_mode("submit_forward")
-
-    def sync_forward(self, *args, **kwargs):
-        self._other_mode("sync_forward")
+    forward, submit_forward, sync_forward = map(_unavailable, ("forward", "submit_forward", "sync_forward"))
 
 
 def _check_tensor(name: str, t: object, shape: tuple[int, ...]) -> None:
@@ -442,8 +449,8 @@ class InferenceMoEWrapper(_MoEWrapperBase):
                        cuda_stream: int | None = None) -> None:
         """Start :meth:`forward` on a worker thread; :meth:`sync_forward` returns its output. The
         inputs are checked now (the errors are raised here); one call may be in flight."""
-        x, ids, w = (t.clone() if t.data_ptr() == src.data_ptr() else t for t, src in zip(
-            self._inputs(hidden_states, topk_ids, topk_weights), (hidden_states, topk_ids, topk_weights), strict=True))
+        x, ids, w = self._inputs(hidden_states, topk_ids, topk_weights)
+        x, ids, w = _own(x, hidden_states), _own(ids, topk_ids), _own(w, topk_weights)
         with self._lock:  # (copies: the caller may refill its buffers before sync_forward, as with kt-kernel)
             if self._pending is not None:
                 raise RuntimeError("a submitted forward is in flight: call sync_forward() first")
@@ -459,14 +466,5 @@ class InferenceMoEWrapper(_MoEWrapperBase):
             raise RuntimeError("no forward was submitted: call submit_forward() first")
         return pending.result()
 
-    def forward_sft(self, *args, **kwargs):
-        self._other_mode("forward_sft")
-
-    def backward(self, *args, **kwargs):
-        self._other_mode("backward")
-
-    def init_lora_weights(self, *args, **kwargs):
-        self._other_mode("init_lora_weights")
-
-    def update_lora_weights(self, *args, **kwargs):
-        self._other_mode("update_lora_weights")
+    forward_sft, backward, init_lora_weights, update_lora_weights = map(
+        _unavailable, ("forward_sft", "backward", "init_lora_weights", "update_lora_weights"))

@@ -50,6 +50,7 @@ import json
 import math
 import os
 import re
+from collections.abc import Iterable
 from contextlib import contextmanager
 
 import torch
@@ -296,7 +297,7 @@ def _v4_names(name: str) -> tuple[str, ...]:
     return (name,) if mixtral == name else (name, mixtral)
 
 
-def _per_expert_keys(tensors: dict[str, torch.Tensor], name: str) -> dict[tuple[int, str], str]:
+def _per_expert_keys(keys: Iterable[str], name: str) -> dict[tuple[int, str], str]:
     """The per-expert LoRA modules an adapter written for transformers 4 holds under the experts
     module ``name`` (``<name>.<e>.gate_proj``, ``up_proj``, ``down_proj`` or Mixtral's ``w1``, ``w3``,
     ``w2``): their key prefixes by (expert, "gate" / "up" / "down")."""
@@ -304,7 +305,7 @@ def _per_expert_keys(tensors: dict[str, torch.Tensor], name: str) -> dict[tuple[
     pattern = re.compile(rf"^{re.escape(_PREFIX)}(?P<m>{names})\.(?P<e>\d+)\.(?P<p>{'|'.join(PER_EXPERT_NAMES)})"
                          r"\.lora_[AB]\.weight$")
     found = {}
-    for key in tensors:
+    for key in keys:
         m = pattern.match(key)
         if m:
             found[int(m["e"]), PER_EXPERT_NAMES[m["p"]]] = key.rsplit(".lora_", 1)[0]
@@ -462,8 +463,7 @@ def _peft_wrap(model: nn.Module, path: str, keep: list[str], modules: dict[str, 
     with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as f:
         tensors = {k: f.get_tensor(k) for k in keep}
         dropped = {_module_of(k) for k in f.keys() if k not in tensors}
-    per_expert = any(_per_expert_keys(dict.fromkeys(_PREFIX + d + ".lora_A.weight" for d in dropped), name)
-                     for name in modules)
+        per_expert = any(_per_expert_keys(f.keys(), name) for name in modules)
     experts = [f"{name}.{param}" for name in modules for param in ("gate_up_proj", "down_proj")] + sorted(dropped)
     config = peft.PeftConfig.from_pretrained(path)
     config.target_parameters = [t for t in config.target_parameters or [] if not _names_any([t], *experts)]
