@@ -13,6 +13,7 @@ from torch import nn
 
 transformers = pytest.importorskip("transformers")
 
+import kt_jit  # noqa: E402
 from kt_jit.integrations.hf import KTJitExperts, moe_lora_parameters, patch_experts  # noqa: E402
 
 pytestmark = NEEDS_AVX512_BF16
@@ -93,6 +94,36 @@ def test_patched_model_matches_oracle(arch):
     for name, p in model.named_parameters():
         if name in theirs and p.grad is not None and ("gate" in name or "embed" in name):
             assert rel_err(p.grad, theirs[name].grad) < 1e-2, name
+
+
+def test_gradient_checkpointing_keeps_the_moe_activations(monkeypatch):
+    """model.activation_checkpointing_enable with kt_jit.moe_checkpoint_context: gradients equal the
+    uncheckpointed model's bit for bit and each layer's MoE forward runs once (plain non-reentrant
+    checkpointing runs it twice)."""
+    import kt_jit.moe.sft as core
+
+    model, _, replaced = _pair("qwen3_moe")
+    model.train()
+    ids = torch.randint(0, 96, (3, 11), generator=torch.Generator().manual_seed(2))
+    calls = []
+    real = core.forward
+    monkeypatch.setattr(core, "forward", lambda *a, **k: calls.append(1) or real(*a, **k))
+
+    def grads(**kwargs):
+        model.zero_grad(set_to_none=True)
+        if kwargs:
+            model.activation_checkpointing_enable(activation_checkpointing_kwargs=kwargs)
+        else:
+            model.activation_checkpointing_disable()
+        calls.clear()
+        _loss(model, ids).backward()
+        return len(calls), [p.grad.clone() for p in model.parameters() if p.grad is not None]
+
+    n_plain, want = grads()
+    n_ckpt, _ = grads(use_reentrant=False)
+    n_kept, got = grads(use_reentrant=False, context_fn=kt_jit.moe_checkpoint_context)
+    assert (n_plain, n_ckpt, n_kept) == (len(replaced), 2 * len(replaced), len(replaced))
+    assert len(got) == len(want) and all(torch.equal(a, b) for a, b in zip(got, want, strict=True))
 
 
 def test_original_experts_are_released_and_state_dict_holds_adapters():

@@ -10,18 +10,29 @@ from torch.autograd.function import once_differentiable
 
 from ..moe import sft as core
 from ..moe.weights import MoEExperts, MoELoRA
+from . import checkpointing
 from .validate import check_grad_output, check_lora_arg, check_moe_inputs, check_saveable
 
 
 class _MoESFTFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_ids, topk_weights, experts, scaling, out_dtype, grad_buffers, *lora):
+    def forward(ctx, x, topk_ids, topk_weights, experts, scaling, out_dtype, grad_buffers, retain, *lora):
         lora_t = tuple(lora) if lora else None
         out, saved = _forward(x, topk_ids, topk_weights, experts, lora_t, scaling, True, out_dtype)
-        # every saved tensor goes through save_for_backward: autograd checks the inputs' versions
-        # (in-place changes before backward raise), and non-reentrant checkpointing can drop them
-        # after the forward and recompute them for the backward
-        ctx.save_for_backward(saved.x, saved.topk_weights, saved.block, *lora)
+        if retain:
+            # under moe_checkpoint_context nothing goes through save_for_backward (the checkpoint
+            # would drop it): the node keeps it; a first forward ("stash") keeps its output for the
+            # recompute, a recompute that found none ("node") must save as that forward did
+            ctx.saved, ctx.lora, ctx.lora_versions = saved, lora, tuple(t._version for t in lora)
+            if retain == "stash":
+                ctx.retained = checkpointing.Retained(x, topk_ids, topk_weights, out)
+                checkpointing.keep(experts, ctx.retained)
+        else:
+            # every saved tensor goes through save_for_backward: autograd checks the inputs' versions
+            # (in-place changes before backward raise), and non-reentrant checkpointing can drop them
+            # after the forward and recompute them for the backward
+            ctx.saved = None
+            ctx.save_for_backward(saved.x, saved.topk_weights, saved.block, *lora)
         # the routing (small NumPy arrays, T*K entries) stays on ctx; topk_ids' version guards it: under
         # non-reentrant checkpointing the saved tensors are recomputed from the ids as they are then
         ctx.routing, ctx.ids, ctx.ids_version = saved.routing, topk_ids, topk_ids._version
@@ -37,21 +48,34 @@ class _MoESFTFunction(torch.autograd.Function):
         return _backward(ctx, grad_out)  # (grad mode is off: once_differentiable's no_grad is not needed)
 
 
+def _saved_tensors(ctx) -> tuple[torch.Tensor, ...]:
+    """(x, topk_weights, block, *lora) as the forward saved them, checked for changes in place."""
+    if ctx.saved is None:
+        return ctx.saved_tensors
+    saved = ctx.saved
+    if (saved.x._version != saved.x_version or saved.topk_weights._version != saved.w_version
+            or tuple(t._version for t in ctx.lora) != ctx.lora_versions):
+        raise RuntimeError("hidden_states, topk_weights or a LoRA tensor was modified in place between the forward "
+                           "and the backward of kt_jit.moe_sft (under moe_checkpoint_context); clone them before "
+                           "changing, or step the optimizer after the backward")
+    return (saved.x, saved.topk_weights, saved.block, *ctx.lora)
+
+
 def _backward(ctx, grad_out):
     """The backward of :class:`_MoESFTFunction`, which runs it without recording (kernels only)."""
     if ctx.ids._version != ctx.ids_version:
         raise RuntimeError("topk_ids was modified in place between the forward and the backward of "
                            "kt_jit.moe_sft; pass a copy (topk_ids.clone()) if you reuse its buffer")
-    x, w, block, *lora = ctx.saved_tensors
+    x, w, block, *lora = _saved_tensors(ctx)
     saved = core.Saved(x, w, ctx.routing, block, *ctx.meta)
     lora_t = tuple(lora) if lora else None
-    need = ctx.needs_input_grad  # (x, topk_ids, topk_weights, 4 non-tensors, *lora)
-    need_lora = any(need[7:])
+    need = ctx.needs_input_grad  # (x, topk_ids, topk_weights, 5 non-tensors, *lora)
+    need_lora = any(need[8:])
     dx_dtype = ctx.x_dtype if ctx.x_dtype in (torch.float32, torch.bfloat16) else torch.float32
     dx, dw, dlora = core.backward(saved, grad_out, ctx.experts, lora_t, ctx.scaling, ctx.grad_buffers,
                                   need_dx=need[0], need_lora_grads=need_lora, dx_dtype=dx_dtype)
     lora_grads = (None,) * len(lora) if dlora is None else dlora  # bf16, as the adapters (checked)
-    return (None if dx is None else _as(dx, ctx.x_dtype), None, _as(dw, ctx.w_dtype), None, None, None, None,
+    return (None if dx is None else _as(dx, ctx.x_dtype), None, _as(dw, ctx.w_dtype), None, None, None, None, None,
             *lora_grads)
 
 
@@ -128,10 +152,18 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
         scaling = lora.scaling if lora is not None else 0.0
         return _forward(hidden_states, topk_ids, topk_weights, experts, tensors or None, scaling, False, out_dtype)[0]
     check_saveable(hidden_states, topk_weights)
+    phase = checkpointing.phase()
+    if phase == "recompute":
+        out = checkpointing.take(experts, hidden_states, topk_ids, topk_weights)
+        if out is not None and out.dtype == out_dtype:
+            # a recompute's graph is never differentiated; only what the ops after this save counts,
+            # and they save alike when this output requires grad as the first forward's did
+            return out.requires_grad_()
+    retain = {"forward": "stash", "recompute": "node"}.get(phase, "")
     if lora is None:
-        return _apply(hidden_states, topk_ids, topk_weights, experts, 0.0, out_dtype, None)
+        return _apply(hidden_states, topk_ids, topk_weights, experts, 0.0, out_dtype, None, retain)
     return _apply(hidden_states, topk_ids, topk_weights, experts, lora.scaling, out_dtype,
-                  getattr(lora, "grad_buffers", None), *tensors)
+                  getattr(lora, "grad_buffers", None), retain, *tensors)
 
 
 class MoESFTOp:

@@ -1,0 +1,132 @@
+"""A gradient-checkpointed training step of one MoE layer with ``kt_jit.moe_checkpoint_context``
+(the MoE's activations kept through the checkpoint, no second MoE forward in the backward) against
+plain non-reentrant checkpointing and against no checkpointing, on one layer of a real model's
+size (bf16 experts, rank-16 adapters).
+
+    python tools/bench_checkpoint.py [--quick] [--shape qwen3-30b-a3b] [--qlens 16,128,512] [--json PATH]
+
+The checkpointed region is a layer's MoE half: an RMS norm, ``moe_sft``, the residual add. Each
+step runs on one of 8 routings in turn, its caches flushed first; the variants alternate order
+round by round (tools/bench_moe.py ``timed``). ``--json`` rows: ``name`` (shape/qlen/variant),
+``ms`` (median step), ``vs_checkpoint`` (plain checkpointing's time over this variant's, from the
+same rounds) and ``kept_mb`` (what the variant keeps from the forward to the backward beyond
+the region's input: the MoE's saved activations, and with the context the output copy).
+"""
+
+from __future__ import annotations
+
+import argparse
+import time
+
+import torch
+from bench_moe import BATCHES, RANK, SHAPES, Layer, batch, flush_l3, timed
+from benchlib import write_rows
+
+import kt_jit
+from kt_jit.api import checkpointing
+
+
+def _region(layer: Layer):
+    def fn(h, ids, w):
+        a = h * torch.rsqrt(h.float().pow(2).mean(-1, keepdim=True) + 1e-6).to(h.dtype)
+        return h.float() + kt_jit.moe_sft(a, ids, w, layer.experts, layer.lora)
+
+    return fn
+
+
+def _step(fn, variant: str):
+    def run(x, ids, w, dout) -> None:
+        h = x.clone().requires_grad_()
+        if variant == "none":
+            out = fn(h, ids, w)
+        elif variant == "checkpoint":
+            out = torch.utils.checkpoint.checkpoint(fn, h, ids, w, use_reentrant=False)
+        else:
+            out = torch.utils.checkpoint.checkpoint(fn, h, ids, w, use_reentrant=False,
+                                                    context_fn=kt_jit.moe_checkpoint_context)
+        out.backward(dout)
+
+    return run
+
+
+def _cycled(fn, batches):
+    state = {"i": 0}
+
+    def run() -> float:
+        b = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        flush_l3()
+        t0 = time.perf_counter()
+        fn(*b)
+        return time.perf_counter() - t0
+
+    return run
+
+
+def _kept_mb(fn, layer: Layer, variant: str, x, ids, w) -> float:
+    """MB the forward leaves for the backward in saved MoE activations (and the kept output)."""
+    import kt_jit.moe.sft as core
+
+    if variant == "checkpoint":
+        return 0.0
+    seen = []
+    real = core.forward
+
+    def spy(*a, **k):
+        out, saved = real(*a, **k)
+        seen.append(saved.block.nbytes)
+        return out, saved
+
+    core.forward = spy
+    try:
+        h = x.clone().requires_grad_()
+        if variant == "none":
+            out = fn(h, ids, w)
+            kept = seen[0]
+        else:
+            out = torch.utils.checkpoint.checkpoint(fn, h, ids, w, use_reentrant=False,
+                                                    context_fn=kt_jit.moe_checkpoint_context)
+            entries = [r() for r in checkpointing._kept.get(id(layer.experts), ())]
+            kept = seen[0] + sum(e.out.nbytes for e in entries if e is not None and e.out is not None)
+        del out
+    finally:
+        core.forward = real
+    return kept / 1e6
+
+
+def main() -> int:
+    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    ap.add_argument("--quick", action="store_true", help="qlen 16 and 128, fewer rounds (under two minutes)")
+    ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
+    ap.add_argument("--qlens", default="16,128,512")
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    e, h, i, k = SHAPES[args.shape]
+    qlens = [16, 128] if args.quick else [int(q) for q in args.qlens.split(",")]
+    layer = Layer(e, h, i, RANK)
+    fn = _region(layer)
+    variants = ("none", "checkpoint", "context")
+    rows = []
+    print(f"{args.shape} bf16, rank {RANK}: a checkpointed MoE layer step (median ms; vs_checkpoint = plain "
+          "checkpointing / this)")
+    print(f"{'qlen':>5} {'variant':<11} {'ms':>9} {'vs_checkpoint':>14} {'kept MB':>8}")
+    for qlen in qlens:
+        batches = []
+        for s in range(BATCHES):
+            x, ids, w = batch(qlen, k, e, h, seed=s)
+            batches.append((x, ids, w, torch.randn(qlen, h, generator=torch.Generator().manual_seed(s))))
+        fns = {v: _cycled(_step(fn, v), batches) for v in variants}
+        paired: dict = {}
+        med = timed(fns, repeats=6 if args.quick else 12, min_seconds=2.0 if args.quick else 6.0, warmup=2,
+                    swaps=(("checkpoint", "none"), ("checkpoint", "context")), paired=paired)
+        for v in variants:
+            ratio = 1.0 if v == "checkpoint" else paired["checkpoint", v]
+            kept = _kept_mb(fn, layer, v, *batches[0][:3])
+            print(f"{qlen:>5} {v:<11} {med[v] * 1e3:>9.2f} {ratio:>14.3f} {kept:>8.1f}")
+            rows.append({"name": f"{args.shape}/bf16/qlen{qlen}/{v}", "ms": med[v] * 1e3, "vs_checkpoint": ratio,
+                         "kept_mb": kept})
+    return write_rows(rows, args.json)
+
+
+if __name__ == "__main__":
+    raise SystemExit(main())
