@@ -4,113 +4,129 @@ Under ``torch.utils.checkpoint.checkpoint(fn, ..., use_reentrant=False)`` every 
 drops what it saved for backward and runs again in the backward to recompute it. For a layer whose
 routed experts are ``moe_sft`` calls that recompute is a whole second MoE forward, the most
 expensive part of the layer on a CPU. With ``context_fn=moe_checkpoint_context`` the MoE calls
-inside ``fn`` keep their activations through the checkpoint (on the autograd node, as without
-checkpointing), and during the recompute each returns the output its first forward computed
-(a copy kept for it) instead of running the kernels again. Everything else in ``fn`` is
-checkpointed as before.
+inside ``fn`` keep their activations through the checkpoint (saved past the checkpoint's hooks,
+freed by the backward as without checkpointing), and a recompute that reaches a MoE call gets the
+output the first forward computed instead of running the kernels again. Everything else in ``fn``
+is checkpointed as before.
 """
 
 from __future__ import annotations
 
 import threading
-import weakref
+from collections import deque
 from contextlib import AbstractContextManager
 
 import torch
 
-_phase = threading.local()
+_active = threading.local()  # .stack: the entered phases of this thread, innermost last
 
 
-class _Phase(AbstractContextManager):
-    """Marks the calls inside it as a checkpoint's first forward or its recompute (per thread,
-    nested phases restore the outer one)."""
-
-    def __init__(self, name: str) -> None:
-        self.name = name
-        self.outer: str | None = None
-
-    def __enter__(self) -> _Phase:
-        self.outer = getattr(_phase, "name", None)
-        _phase.name = self.name
-        return self
-
-    def __exit__(self, *exc) -> None:
-        _phase.name = self.outer
-
-
-def moe_checkpoint_context() -> tuple[AbstractContextManager, AbstractContextManager]:
-    """A ``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` that
-    keeps ``moe_sft``'s activations through the checkpoint, so the backward's recompute does not
-    run the MoE kernels again.
-
-    Example: ``checkpoint(layer, h, use_reentrant=False, context_fn=kt_jit.moe_checkpoint_context)``,
-    or for a transformers model ``model.gradient_checkpointing_enable(gradient_checkpointing_kwargs=
-    {"use_reentrant": False, "context_fn": kt_jit.moe_checkpoint_context})``.
-
-    Memory: each MoE call keeps what it saves without checkpointing (per routed token-expert pair
-    ``2I`` fp32 + ``I`` bf16 + ``3r`` bf16, and the input ``[T, H]``) plus a copy of its output
-    ``[T, H]`` until the recompute has used it. Time: the recompute of a MoE call compares its
-    inputs with the first forward's (one read of each) instead of running the layer; if they differ
-    (a non-deterministic recompute) it runs the forward as plain checkpointing does, and the
-    gradients still use the first forward's activations. Reentrant checkpointing
-    (``use_reentrant=True``) takes no ``context_fn``; :class:`~kt_jit.MoESFTOp` is not affected."""
-    return _Phase("forward"), _Phase("recompute")
-
-
-def phase() -> str | None:
-    """``"forward"`` or ``"recompute"`` inside :func:`moe_checkpoint_context`'s contexts on this
-    thread, else None."""
-    return getattr(_phase, "name", None)
+def _top_hooks() -> object:
+    """The innermost saved-tensor hooks now in force (identity-compared), or None."""
+    try:
+        return torch._C._autograd._top_saved_tensors_default_hooks(False)
+    except AttributeError:  # (a torch without it: nesting is not detected)
+        return None
 
 
 class Retained:
-    """A first forward's inputs and output, kept for its recompute. The autograd node of the
-    forward holds it, so it goes when that graph is freed (also when no backward ever runs)."""
+    """A first forward's call (experts, adapters, scaling, output dtype), inputs and output, kept
+    for the recompute of its checkpoint."""
 
-    __slots__ = ("__weakref__", "inputs", "out", "versions")
+    __slots__ = ("call", "inputs", "out", "versions")
 
-    def __init__(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
-                 out: torch.Tensor) -> None:
-        # the caller's tensors by reference (the forward keeps x anyway), their versions to notice
-        # changes in place, and a copy of the output (the caller may change it in place)
-        self.inputs: tuple[torch.Tensor, ...] | None = (x, topk_ids, topk_weights)
-        self.versions = tuple(t._version for t in self.inputs)
-        self.out: torch.Tensor | None = out.detach().clone()
+    def __init__(self, call: tuple, inputs: tuple[torch.Tensor, ...], out: torch.Tensor) -> None:
+        # the caller's tensors by reference (the forward keeps x anyway) and the output as returned
+        # (not a copy), each with its version: a change in place makes the entry unusable
+        self.call, self.inputs, self.out = call, inputs, out.detach()
+        self.versions = tuple(t._version for t in (*inputs, self.out))
 
-    def matches(self, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> bool:
-        """Whether a recompute's inputs equal this forward's (dtypes, shapes and values)."""
-        if self.inputs is None or tuple(t._version for t in self.inputs) != self.versions:
+    def matches(self, call: tuple, inputs: tuple[torch.Tensor, ...]) -> bool:
+        """Whether a recompute's call is this forward's: the same experts, adapter tensors, scaling and
+        output dtype, unchanged tensors, and inputs of equal dtypes, shapes and values."""
+        if len(call) != len(self.call) or not all(
+                a is b or (not isinstance(a, torch.Tensor) and type(a) is type(b) and a == b)
+                for a, b in zip(call, self.call, strict=True)):
+            return False
+        if tuple(t._version for t in (*self.inputs, self.out)) != self.versions:
             return False
         return all(a.dtype == b.dtype and a.shape == b.shape and torch.equal(a, b)
-                   for a, b in zip(self.inputs, (x, topk_ids, topk_weights), strict=True))
+                   for a, b in zip(self.inputs, inputs, strict=True))
 
 
-_lock = threading.Lock()
-_kept: dict[int, list[weakref.ref[Retained]]] = {}  # id(experts) -> the newest last
+class _Checkpoint:
+    """One checkpoint call: the MoE forwards of its first forward, in order (its recompute runs
+    them in the same order)."""
+
+    def __init__(self) -> None:
+        self.kept: deque[Retained] = deque()
 
 
-def keep(experts: object, entry: Retained) -> None:
-    """Register ``entry`` (a first forward of ``experts``) for its recompute."""
-    with _lock:
-        live = [r for r in _kept.get(id(experts), ()) if r() is not None]
-        live.append(weakref.ref(entry))
-        _kept[id(experts)] = live
+class Phase(AbstractContextManager):
+    """A checkpoint call's first forward (``recompute`` False) or its recompute. Entered by
+    ``torch.utils.checkpoint`` just inside its own saved-tensor hooks, which it remembers: a MoE
+    call under other hooks (an inner checkpoint without this context, ``save_on_cpu``) is not its
+    own and runs as without the context."""
+
+    def __init__(self, checkpoint: _Checkpoint, recompute: bool) -> None:
+        self.checkpoint, self.recompute = checkpoint, recompute
+        self.hooks: object = None
+
+    def __enter__(self) -> Phase:
+        self.hooks = _top_hooks()
+        stack = getattr(_active, "stack", None)
+        if stack is None:
+            stack = _active.stack = []
+        stack.append(self)
+        return self
+
+    def __exit__(self, *exc) -> None:
+        _active.stack.remove(self)
+
+    def owns_calls_now(self) -> bool:
+        """Whether a MoE call now is directly inside this phase's checkpoint (no other hooks)."""
+        top = _top_hooks()
+        return top is self.hooks or (top is not None and self.hooks is not None and len(top) == len(self.hooks)
+                                     and all(a is b for a, b in zip(top, self.hooks, strict=True)))
+
+    def take(self, call: tuple, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
+        """The output of the first forward's call in this call's place if it was this call, else
+        None (the recompute's n-th MoE call is the first forward's n-th)."""
+        kept = self.checkpoint.kept
+        if not kept:
+            return None
+        entry = kept.popleft()
+        return entry.out if entry.matches(call, inputs) else None
 
 
-def take(experts: object, x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor) -> torch.Tensor | None:
-    """The output of the newest first forward of ``experts`` whose inputs equal these (and forget
-    it), or None. Recomputes run in the backward's order, the reverse of the forwards'."""
-    with _lock:
-        refs = _kept.get(id(experts), [])
-        for i in range(len(refs) - 1, -1, -1):
-            entry = refs[i]()
-            if entry is None or entry.out is None or not entry.matches(x, topk_ids, topk_weights):
-                continue
-            del refs[i]
-            out, entry.out = entry.out, None
-            entry.inputs = None
-            return out
-        _kept[id(experts)] = [r for r in refs if r() is not None]
-        if not _kept[id(experts)]:
-            del _kept[id(experts)]
-    return None
+def moe_checkpoint_context() -> tuple[Phase, Phase]:
+    """A ``context_fn`` for ``torch.utils.checkpoint.checkpoint(..., use_reentrant=False)`` under
+    which ``moe_sft`` keeps its activations through the checkpoint, so the backward's recompute
+    does not run the MoE kernels again.
+
+    Example: ``checkpoint(layer, h, use_reentrant=False, context_fn=kt_jit.moe_checkpoint_context)``,
+    or for a transformers model ``model.activation_checkpointing_enable(activation_checkpointing_kwargs=
+    {"use_reentrant": False, "context_fn": kt_jit.moe_checkpoint_context})``.
+
+    Memory: each MoE call keeps from its forward to its backward what it keeps without
+    checkpointing (per routed token-expert pair ``2I`` fp32 + ``I`` bf16 + ``3r`` bf16, and its input
+    ``[T, H]``), and its output ``[T, H]`` until the recompute reaches it or the graph is freed.
+    Time: a recompute that reaches a MoE call compares the call's inputs with the first forward's
+    (one read of each) and returns the first forward's output; if anything differs (other
+    adapters or scaling, a non-deterministic region, a tensor changed in place) the call runs its
+    forward as under plain checkpointing. Either way the gradients use the first forward's
+    activations. Calls under an inner checkpoint without this context run as without it.
+    Reentrant checkpointing (``use_reentrant=True``) takes no ``context_fn``; :class:`~kt_jit.MoESFTOp`
+    is not affected."""
+    checkpoint = _Checkpoint()
+    return Phase(checkpoint, False), Phase(checkpoint, True)
+
+
+def current() -> Phase | None:
+    """The innermost :func:`moe_checkpoint_context` phase entered on this thread if a MoE call now
+    belongs to it, else None."""
+    stack = getattr(_active, "stack", None)
+    if not stack:
+        return None
+    phase = stack[-1]
+    return phase if phase.owns_calls_now() else None

@@ -19,20 +19,19 @@ class _MoESFTFunction(torch.autograd.Function):
     def forward(ctx, x, topk_ids, topk_weights, experts, scaling, out_dtype, grad_buffers, retain, *lora):
         lora_t = tuple(lora) if lora else None
         out, saved = _forward(x, topk_ids, topk_weights, experts, lora_t, scaling, True, out_dtype)
-        if retain:
-            # under moe_checkpoint_context nothing goes through save_for_backward (the checkpoint
-            # would drop it): the node keeps it; a first forward ("stash") keeps its output for the
-            # recompute, a recompute that found none ("node") must save as that forward did
-            ctx.saved, ctx.lora, ctx.lora_versions = saved, lora, tuple(t._version for t in lora)
-            if retain == "stash":
-                ctx.retained = checkpointing.Retained(x, topk_ids, topk_weights, out)
-                checkpointing.keep(experts, ctx.retained)
+        if retain is not None:
+            # under moe_checkpoint_context: saved past the checkpoint's hooks (see moe_sft), which
+            # also skips autograd's version checks: _saved_tensors makes them
+            ctx.versions = (saved.x_version, saved.w_version, *(t._version for t in lora))
+            if not retain.recompute:
+                retain.checkpoint.kept.append(checkpointing.Retained(_call_key(experts, lora, scaling, out_dtype),
+                                                                     (x, topk_ids, topk_weights), out))
         else:
-            # every saved tensor goes through save_for_backward: autograd checks the inputs' versions
-            # (in-place changes before backward raise), and non-reentrant checkpointing can drop them
-            # after the forward and recompute them for the backward
-            ctx.saved = None
-            ctx.save_for_backward(saved.x, saved.topk_weights, saved.block, *lora)
+            ctx.versions = None
+        # every saved tensor goes through save_for_backward: autograd checks the inputs' versions
+        # (in-place changes before backward raise), and non-reentrant checkpointing can drop them
+        # after the forward and recompute them for the backward
+        ctx.save_for_backward(saved.x, saved.topk_weights, saved.block, *lora)
         # the routing (small NumPy arrays, T*K entries) stays on ctx; topk_ids' version guards it: under
         # non-reentrant checkpointing the saved tensors are recomputed from the ids as they are then
         ctx.routing, ctx.ids, ctx.ids_version = saved.routing, topk_ids, topk_ids._version
@@ -50,15 +49,34 @@ class _MoESFTFunction(torch.autograd.Function):
 
 def _saved_tensors(ctx) -> tuple[torch.Tensor, ...]:
     """(x, topk_weights, block, *lora) as the forward saved them, checked for changes in place."""
-    if ctx.saved is None:
-        return ctx.saved_tensors
-    saved = ctx.saved
-    if (saved.x._version != saved.x_version or saved.topk_weights._version != saved.w_version
-            or tuple(t._version for t in ctx.lora) != ctx.lora_versions):
+    tensors = ctx.saved_tensors
+    if ctx.versions is not None and tuple(t._version for i, t in enumerate(tensors) if i != 2) != ctx.versions:
         raise RuntimeError("hidden_states, topk_weights or a LoRA tensor was modified in place between the forward "
                            "and the backward of kt_jit.moe_sft (under moe_checkpoint_context); clone them before "
                            "changing, or step the optimizer after the backward")
-    return (saved.x, saved.topk_weights, saved.block, *ctx.lora)
+    return tensors
+
+
+def _call_key(experts: MoEExperts, lora: tuple[torch.Tensor, ...], scaling: float, out_dtype: torch.dtype) -> tuple:
+    """What besides the inputs makes two MoE calls the same (objects by identity, numbers by value)."""
+    return (experts, *lora, float(scaling), out_dtype)
+
+
+class _Recomputed(torch.autograd.Function):
+    """Hands a checkpoint's recompute the output its first forward computed, as a non-leaf output
+    (later ops may change it in place; the recompute's graph is never differentiated)."""
+
+    @staticmethod
+    def forward(ctx, box, *anchors):
+        return box[0]
+
+    @staticmethod
+    def backward(ctx, grad):
+        raise RuntimeError("kt_jit: a checkpoint's recomputed graph was differentiated")
+
+
+def _same(t: torch.Tensor) -> torch.Tensor:
+    return t
 
 
 def _backward(ctx, grad_out):
@@ -152,18 +170,20 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
         scaling = lora.scaling if lora is not None else 0.0
         return _forward(hidden_states, topk_ids, topk_weights, experts, tensors or None, scaling, False, out_dtype)[0]
     check_saveable(hidden_states, topk_weights)
-    phase = checkpointing.phase()
-    if phase == "recompute":
-        out = checkpointing.take(experts, hidden_states, topk_ids, topk_weights)
-        if out is not None and out.dtype == out_dtype:
-            # a recompute's graph is never differentiated; only what the ops after this save counts,
-            # and they save alike when this output requires grad as the first forward's did
-            return out.requires_grad_()
-    retain = {"forward": "stash", "recompute": "node"}.get(phase, "")
-    if lora is None:
-        return _apply(hidden_states, topk_ids, topk_weights, experts, 0.0, out_dtype, None, retain)
-    return _apply(hidden_states, topk_ids, topk_weights, experts, lora.scaling, out_dtype,
-                  getattr(lora, "grad_buffers", None), retain, *tensors)
+    phase = checkpointing.current()
+    scaling = lora.scaling if lora is not None else 0.0
+    if phase is None:
+        return _apply(hidden_states, topk_ids, topk_weights, experts, scaling, out_dtype,
+                      getattr(lora, "grad_buffers", None), None, *tensors)
+    if phase.recompute:
+        out = phase.take(_call_key(experts, tensors, scaling, out_dtype), (hidden_states, topk_ids, topk_weights))
+        if out is not None:
+            return _Recomputed.apply([out], hidden_states, topk_weights, *tensors)
+    # saved past the checkpoint's hooks: kept to the backward and freed by it, counted by neither
+    # the first forward nor the recompute
+    with torch.autograd.graph.saved_tensors_hooks(_same, _same):
+        return _apply(hidden_states, topk_ids, topk_weights, experts, scaling, out_dtype,
+                      getattr(lora, "grad_buffers", None), phase, *tensors)
 
 
 class MoESFTOp:
