@@ -10,16 +10,15 @@ step runs on one of 8 routings in turn, its caches flushed first; the variants a
 round by round (tools/bench_moe.py ``timed``). ``--json`` rows: ``name`` (shape/qlen/variant),
 ``ms`` (median step), ``vs_checkpoint`` (plain checkpointing's time over this variant's, from the
 same rounds) and ``kept_mb`` (what the variant keeps from the forward to the backward beyond
-the region's input: the MoE's saved activations, and with the context the output copy).
+the region's input: the MoE's saved activations, and with the context its output).
 """
 
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from bench_moe import BATCHES, RANK, SHAPES, Layer, batch, flush_l3, timed
+from bench_moe import BATCHES, RANK, SHAPES, Layer, batch, cycled, timed
 from benchlib import write_rows
 
 import kt_jit
@@ -46,20 +45,6 @@ def _step(fn, layer: Layer | None, variant: str):
             out = torch.utils.checkpoint.checkpoint(fn, h, ids, w, use_reentrant=False,
                                                     context_fn=kt_jit.moe_checkpoint_context)
         out.backward(dout)
-
-    return run
-
-
-def _cycled(fn, batches):
-    state = {"i": 0}
-
-    def run() -> float:
-        b = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        flush_l3()
-        t0 = time.perf_counter()
-        fn(*b)
-        return time.perf_counter() - t0
 
     return run
 
@@ -108,7 +93,7 @@ def main() -> int:
         for s in range(BATCHES):
             x, ids, w = batch(qlen, k, e, h, seed=s)
             batches.append((x, ids, w, torch.randn(qlen, h, generator=torch.Generator().manual_seed(s))))
-        fns = {v: _cycled(_step(fn, layer, v), batches) for v in variants}
+        fns = {v: cycled(_step(fn, layer, v), batches) for v in variants}
         paired: dict = {}
         med = timed(fns, repeats=6 if args.quick else 12, min_seconds=2.0 if args.quick else 6.0, warmup=2,
                     swaps=(("checkpoint", "none"), ("checkpoint", "context")), paired=paired)

@@ -118,6 +118,22 @@ def flush_l3() -> None:
     _FLUSH.sum()
 
 
+def cycled(fn, batches):
+    """A timed pass (for :func:`timed`): ``fn(*batch)`` on the batches in turn, each after
+    :func:`flush_l3`, returning its own seconds."""
+    state = {"i": 0}
+
+    def run() -> float:
+        b = batches[state["i"] % len(batches)]
+        state["i"] += 1
+        flush_l3()
+        t0 = time.perf_counter()
+        fn(*b)
+        return time.perf_counter() - t0
+
+    return run
+
+
 def backward_seconds(out: torch.Tensor, dout: torch.Tensor) -> float:
     """Seconds of ``out.backward(dout)``, started with cold caches (after :func:`flush_l3`): right
     after its forward, a backward at small qlen finds most of the experts' down weights still in

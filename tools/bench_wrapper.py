@@ -15,28 +15,12 @@ the same rounds).
 from __future__ import annotations
 
 import argparse
-import time
 
 import torch
-from bench_moe import BATCHES, RANK, SHAPES, Layer, batch, flush_l3, timed
+from bench_moe import BATCHES, RANK, SHAPES, Layer, batch, cycled, timed
 from benchlib import write_rows
 
 import kt_jit
-
-
-def _cycled(fn, batches):
-    """A pass over the batches in turn, timing its own work after an L3 flush."""
-    state = {"i": 0}
-
-    def run() -> float:
-        b = batches[state["i"] % len(batches)]
-        state["i"] += 1
-        flush_l3()
-        t0 = time.perf_counter()
-        fn(*b)
-        return time.perf_counter() - t0
-
-    return run
 
 
 def main() -> int:
@@ -80,9 +64,9 @@ def main() -> int:
         for s in range(BATCHES):
             x, ids, w = batch(qlen, k, e, h, seed=s)
             batches.append((x, ids, w, torch.randn(qlen, h, generator=torch.Generator().manual_seed(s))))
-        fns = {"step direct": _cycled(op_step, batches), "step wrapper": _cycled(wrapper_step, batches),
-               "infer direct": _cycled(direct_infer, batches),
-               "infer wrapper": _cycled(lambda x, ids, w, dout: infer.forward(x, ids, w), batches)}
+        fns = {"step direct": cycled(op_step, batches), "step wrapper": cycled(wrapper_step, batches),
+               "infer direct": cycled(direct_infer, batches),
+               "infer wrapper": cycled(lambda x, ids, w, dout: infer.forward(x, ids, w), batches)}
         paired: dict = {}
         med = timed(fns, repeats=8 if args.quick else 20, min_seconds=2.0 if args.quick else 6.0, warmup=2,
                     swaps=(("step direct", "step wrapper"), ("infer direct", "infer wrapper")), paired=paired)
