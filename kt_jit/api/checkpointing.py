@@ -25,7 +25,7 @@ def _top_hooks() -> object:
     """The innermost saved-tensor hooks now in force (identity-compared), or None."""
     try:
         return torch._C._autograd._top_saved_tensors_default_hooks(False)
-    except AttributeError:  # (a torch without it: nesting is not detected)
+    except (AttributeError, TypeError):  # (a torch without it: nesting is not detected)
         return None
 
 
