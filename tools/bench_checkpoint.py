@@ -15,10 +15,8 @@ the region's input: the MoE's saved activations, and with the context its output
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from bench_moe import BATCHES, RANK, SHAPES, Layer, batch, cycled, timed
+from bench_moe import RANK, Layer, cycled, layer_bench_args, step_batches, timed
 from benchlib import write_rows
 
 import kt_jit
@@ -73,14 +71,7 @@ def _kept_mb(fn, variant: str, x, ids, w) -> float:
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="qlen 16 and 128, fewer rounds (under two minutes)")
-    ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
-    ap.add_argument("--qlens", default="16,128,512")
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    e, h, i, k = SHAPES[args.shape]
-    qlens = [16, 128] if args.quick else [int(q) for q in args.qlens.split(",")]
+    args, (e, h, i, k), qlens = layer_bench_args(__doc__, "16,128,512", [16, 128])
     layer = Layer(e, h, i, RANK)
     fn = _region(layer)
     variants = ("none", "checkpoint", "context")
@@ -89,10 +80,7 @@ def main() -> int:
           "checkpointing / this)")
     print(f"{'qlen':>5} {'variant':<11} {'ms':>9} {'vs_checkpoint':>14} {'kept MB':>8}")
     for qlen in qlens:
-        batches = []
-        for s in range(BATCHES):
-            x, ids, w = batch(qlen, k, e, h, seed=s)
-            batches.append((x, ids, w, torch.randn(qlen, h, generator=torch.Generator().manual_seed(s))))
+        batches = step_batches(qlen, k, e, h)
         fns = {v: cycled(_step(fn, layer, v), batches) for v in variants}
         paired: dict = {}
         med = timed(fns, repeats=6 if args.quick else 12, min_seconds=2.0 if args.quick else 6.0, warmup=2,

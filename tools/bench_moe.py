@@ -134,6 +134,25 @@ def cycled(fn, batches):
     return run
 
 
+def layer_bench_args(doc: str, qlens: str, quick_qlens: list[int]):
+    """The command line of a one-layer benchmark (``--quick``, ``--shape``, ``--qlens``, ``--json``):
+    (args, (E, H, I, K), qlens)."""
+    ap = argparse.ArgumentParser(description=doc.splitlines()[0])
+    ap.add_argument("--quick", action="store_true",
+                    help=f"qlen {' and '.join(map(str, quick_qlens))}, fewer rounds (under two minutes)")
+    ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
+    ap.add_argument("--qlens", default=qlens)
+    ap.add_argument("--json")
+    args = ap.parse_args()
+    return args, SHAPES[args.shape], quick_qlens if args.quick else [int(q) for q in args.qlens.split(",")]
+
+
+def step_batches(qlen: int, k: int, e: int, h: int) -> list[tuple[torch.Tensor, ...]]:
+    """BATCHES training-step inputs (x, ids, w, dout) of ``qlen`` tokens, seeded."""
+    return [(*batch(qlen, k, e, h, seed=s), torch.randn(qlen, h, generator=torch.Generator().manual_seed(s)))
+            for s in range(BATCHES)]
+
+
 def backward_seconds(out: torch.Tensor, dout: torch.Tensor) -> float:
     """Seconds of ``out.backward(dout)``, started with cold caches (after :func:`flush_l3`): right
     after its forward, a backward at small qlen finds most of the experts' down weights still in

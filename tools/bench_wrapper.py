@@ -14,24 +14,15 @@ the same rounds).
 
 from __future__ import annotations
 
-import argparse
-
 import torch
-from bench_moe import BATCHES, RANK, SHAPES, Layer, batch, cycled, timed
+from bench_moe import RANK, Layer, cycled, layer_bench_args, step_batches, timed
 from benchlib import write_rows
 
 import kt_jit
 
 
 def main() -> int:
-    ap = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    ap.add_argument("--quick", action="store_true", help="qlen 1 and 16, fewer rounds (under two minutes)")
-    ap.add_argument("--shape", default="qwen3-30b-a3b", choices=sorted(SHAPES))
-    ap.add_argument("--qlens", default="1,16,128")
-    ap.add_argument("--json")
-    args = ap.parse_args()
-    e, h, i, k = SHAPES[args.shape]
-    qlens = [1, 16] if args.quick else [int(q) for q in args.qlens.split(",")]
+    args, (e, h, i, k), qlens = layer_bench_args(__doc__, "1,16,128", [1, 16])
     layer = Layer(e, h, i, RANK)
     op = kt_jit.MoESFTOp(layer.experts, layer.lora)
     common = dict(layer_idx=0, num_experts=e, num_experts_per_tok=k, hidden_size=h, moe_intermediate_size=i,
@@ -60,10 +51,7 @@ def main() -> int:
           "vs_direct = direct / wrapper)")
     print(f"{'qlen':>5} {'pass':<10} {'direct ms':>10} {'wrapper ms':>11} {'vs_direct':>10}")
     for qlen in qlens:
-        batches = []
-        for s in range(BATCHES):
-            x, ids, w = batch(qlen, k, e, h, seed=s)
-            batches.append((x, ids, w, torch.randn(qlen, h, generator=torch.Generator().manual_seed(s))))
+        batches = step_batches(qlen, k, e, h)
         fns = {"step direct": cycled(op_step, batches), "step wrapper": cycled(wrapper_step, batches),
                "infer direct": cycled(direct_infer, batches),
                "infer wrapper": cycled(lambda x, ids, w, dout: infer.forward(x, ids, w), batches)}

@@ -54,22 +54,16 @@ class Retained:
                    for a, b in zip(self.inputs, inputs, strict=True))
 
 
-class _Checkpoint:
-    """One checkpoint call: the MoE forwards of its first forward, in order (its recompute runs
-    them in the same order)."""
-
-    def __init__(self) -> None:
-        self.kept: deque[Retained] = deque()
-
-
 class Phase(AbstractContextManager):
     """A checkpoint call's first forward (``recompute`` False) or its recompute. Entered by
     ``torch.utils.checkpoint`` just inside its own saved-tensor hooks, which it remembers: a MoE
     call under other hooks (an inner checkpoint without this context, ``save_on_cpu``) is not its
     own and runs as without the context."""
 
-    def __init__(self, checkpoint: _Checkpoint, recompute: bool) -> None:
-        self.checkpoint, self.recompute = checkpoint, recompute
+    def __init__(self, kept: deque[Retained], recompute: bool) -> None:
+        # kept: the checkpoint call's MoE forwards of its first forward, in order (shared by its two
+        # phases; the recompute runs the calls in the same order)
+        self.kept, self.recompute = kept, recompute
         self.hooks: object = None
 
     def __enter__(self) -> Phase:
@@ -85,17 +79,14 @@ class Phase(AbstractContextManager):
 
     def owns_calls_now(self) -> bool:
         """Whether a MoE call now is directly inside this phase's checkpoint (no other hooks)."""
-        top = _top_hooks()
-        return top is self.hooks or (top is not None and self.hooks is not None and len(top) == len(self.hooks)
-                                     and all(a is b for a, b in zip(top, self.hooks, strict=True)))
+        return _top_hooks() == self.hooks  # (tuples of functions: compared by identity)
 
     def take(self, call: tuple, inputs: tuple[torch.Tensor, ...]) -> torch.Tensor | None:
         """The output of the first forward's call in this call's place if it was this call, else
         None (the recompute's n-th MoE call is the first forward's n-th)."""
-        kept = self.checkpoint.kept
-        if not kept:
+        if not self.kept:
             return None
-        entry = kept.popleft()
+        entry = self.kept.popleft()
         return entry.out if entry.matches(call, inputs) else None
 
 
@@ -118,8 +109,8 @@ def moe_checkpoint_context() -> tuple[Phase, Phase]:
     activations. Calls under an inner checkpoint without this context run as without it.
     Reentrant checkpointing (``use_reentrant=True``) takes no ``context_fn``; :class:`~kt_jit.MoESFTOp`
     is not affected."""
-    checkpoint = _Checkpoint()
-    return Phase(checkpoint, False), Phase(checkpoint, True)
+    kept: deque[Retained] = deque()
+    return Phase(kept, False), Phase(kept, True)
 
 
 def current() -> Phase | None:

@@ -24,7 +24,7 @@ class _MoESFTFunction(torch.autograd.Function):
             # also skips autograd's version checks: _saved_tensors makes them
             ctx.versions = (saved.x_version, saved.w_version, *(t._version for t in lora))
             if not retain.recompute:
-                retain.checkpoint.kept.append(checkpointing.Retained(_call_key(experts, lora, scaling, out_dtype),
+                retain.kept.append(checkpointing.Retained(_call_key(experts, lora, scaling, out_dtype),
                                                                      (x, topk_ids, topk_weights), out))
         else:
             ctx.versions = None
@@ -164,17 +164,16 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
         raise ValueError(f"out_dtype must be torch.float32 or torch.bfloat16, got {out_dtype}")
     check_lora_arg(lora)
     tensors = lora.check_matches(experts) if lora is not None else ()
+    scaling = lora.scaling if lora is not None else 0.0
     if not (torch.is_grad_enabled() and (hidden_states.requires_grad or topk_weights.requires_grad
                                          or any(p.requires_grad for p in tensors))):
         # nothing to differentiate (inference, torch.no_grad): no autograd node, nothing saved
-        scaling = lora.scaling if lora is not None else 0.0
         return _forward(hidden_states, topk_ids, topk_weights, experts, tensors or None, scaling, False, out_dtype)[0]
     check_saveable(hidden_states, topk_weights)
     phase = checkpointing.current()
-    scaling = lora.scaling if lora is not None else 0.0
+    grad_buffers = getattr(lora, "grad_buffers", None)
     if phase is None:
-        return _apply(hidden_states, topk_ids, topk_weights, experts, scaling, out_dtype,
-                      getattr(lora, "grad_buffers", None), None, *tensors)
+        return _apply(hidden_states, topk_ids, topk_weights, experts, scaling, out_dtype, grad_buffers, None, *tensors)
     if phase.recompute:
         out = phase.take(_call_key(experts, tensors, scaling, out_dtype), (hidden_states, topk_ids, topk_weights))
         if out is not None:
@@ -182,8 +181,8 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     # saved past the checkpoint's hooks: kept to the backward and freed by it, counted by neither
     # the first forward nor the recompute
     with torch.autograd.graph.saved_tensors_hooks(_same, _same):
-        return _apply(hidden_states, topk_ids, topk_weights, experts, scaling, out_dtype,
-                      getattr(lora, "grad_buffers", None), phase, *tensors)
+        return _apply(hidden_states, topk_ids, topk_weights, experts, scaling, out_dtype, grad_buffers, phase,
+                      *tensors)
 
 
 class MoESFTOp:
