@@ -295,6 +295,37 @@ def test_non_reentrant_checkpointing_drops_the_saved_activations(monkeypatch):
         assert torch.equal(p.grad, g)
 
 
+@pytest.mark.parametrize("with_lora", [True, False])
+def test_saved_activations_are_two_bf16_rows_per_routed_pair(monkeypatch, with_lora):
+    """The forward keeps [G | U] in bf16, one row per routed pair (no per-expert padding; the
+    activation is recomputed), plus the LoRA rows s X A^T (3r bf16 per padded row): at 16 tokens
+    on 8 experts of 16-row segments that is far below the fp32 rows it kept before."""
+    import kt_jit.moe.sft as core
+
+    gate, up, down, experts, lora = make_layer(r=16)
+    lora = lora if with_lora else None
+    x, ids, w = make_batch(16, 2)
+    dout = torch.randn(16, H, generator=torch.Generator().manual_seed(8))
+    saved = []
+    real = core.forward
+
+    def spy(*a, **k):
+        out, kept = real(*a, **k)
+        saved.append(kept)
+        return out, kept
+
+    monkeypatch.setattr(core, "forward", spy)
+    xo = x.clone().requires_grad_()
+    kt_jit.moe_sft(xo, ids, w, experts, lora).backward(dout)
+    (kept,) = saved
+    pairs, rows = 16 * 2, kept.routing.rows
+    assert rows > pairs  # (the segments are padded: the LoRA rows keep that layout)
+    lora_bytes = rows * 3 * 16 * 2 if with_lora else 0
+    assert pairs * 4 * I + lora_bytes <= kept.block.numel() <= pairs * 4 * I + lora_bytes + 3 * 64
+    ref = reference_grads(x, ids, w, gate, up, down, lora, dout)
+    assert rel_err(xo.grad, ref[1]) < 0.01
+
+
 def test_double_backward_is_refused():
     """Second-order gradients through the MoE are not implemented: asking for them raises."""
     _, _, _, experts, lora = make_layer()

@@ -50,16 +50,17 @@ from .weights import MoEExperts, lora_shapes
 
 @dataclass
 class Saved:
-    """What backward needs from forward (bytes per routed row: 2I fp32 + I bf16 + 3r bf16)."""
+    """What backward needs from forward (bytes per routed row: 2I bf16 + 3r bf16)."""
 
     x: torch.Tensor          # [T, H] bf16 input (re-gathered in backward, not stored per row)
     topk_weights: torch.Tensor  # [T, K] fp32
     routing: Routing
     # the kept per-row buffers in one 64-byte aligned uint8 block, laid out by ``kept`` (see
     # :meth:`kept_rows`; one allocation and one saved tensor instead of four: at decode sizes each
-    # torch allocation and saved tensor costs microseconds): gu [R, 2I] fp32 ([G | U] before the
-    # activation), act [R, I] bf16 and, with LoRA, hgu = s [X Ag^T | X Au^T] [R, 2r] and hd = s A Ad^T
-    # [R, r] (bf16, as the forward's B products used them)
+    # torch allocation and saved tensor costs microseconds): gu16 [R, 2I] bf16 ([G | U] before the
+    # activation, rounded once; the backward recomputes the activation A from it) and, with LoRA,
+    # hgu = s [X Ag^T | X Au^T] [R, 2r] and hd = s A Ad^T [R, r] (bf16, as the forward's B products
+    # used them)
     block: torch.Tensor
     kept: _Layout
     rank: int = 0            # LoRA rank and scaling the forward ran with (rank 0: no LoRA)
@@ -73,8 +74,12 @@ class Saved:
         self.x_version, self.w_version = self.x._version, self.topk_weights._version
 
     def kept_rows(self) -> dict[str, _Rows]:
-        """The kept buffers by name (gu, act[, hgu, hd]) at the block's current address."""
-        return _rows_at(self.block.data_ptr(), self.routing.rows, self.kept)
+        """The kept buffers by name (gu16[, hgu, hd]) at the block's current address."""
+        return _rows_at(self.block.data_ptr(), self.routing.rows, self.kept, self.routing.pairs)
+
+    def kept_spans(self) -> list[Span]:
+        """The kept buffers as launch-plan operands (see :func:`_spans_at`)."""
+        return _spans_at(self.block.data_ptr(), self.routing.rows, self.kept, self.routing.pairs)
 
 
 class _Col(NamedTuple):
@@ -158,12 +163,14 @@ Buffers = tuple[tuple[str, tuple[int, int, bool]], ...]  # (name, (columns, item
 
 class _Layout:
     """The row buffers of an arena or a saved block: ``items`` = (name, (columns, item size, padded
-    pitch (see :func:`_row_pitch`) or exact)) per buffer. Memo keys hash it by identity (the nested
-    tuples took microseconds to hash at decode sizes); :func:`_forward_buffers` and
-    :func:`_backward_buffers` memoise one per configuration."""
+    pitch (see :func:`_row_pitch`) or exact)) per buffer, one row per row of the per-expert
+    segments (each expert's first at a multiple of 16), and ``per_pair`` the same for buffers with
+    one row per routed pair in slot order (the activation kernels' rows: no padding). Memo keys hash
+    it by identity (the nested tuples took microseconds to hash at decode sizes);
+    :func:`_forward_buffers` and :func:`_backward_buffers` memoise one per configuration."""
 
-    def __init__(self, items: Buffers) -> None:
-        self.items = items
+    def __init__(self, items: Buffers, per_pair: Buffers = ()) -> None:
+        self.items, self.per_pair = items, per_pair
 
 
 ARENA_KEEP_MAX = 64 << 20  # bytes of scratch a thread keeps for its next pass (larger passes allocate theirs)
@@ -193,30 +200,34 @@ class _Arena:
 
 
 @functools.lru_cache(maxsize=64)
-def _arena_layout(rows: int, layout: _Layout) -> tuple[int, dict[str, tuple[int, int, int, int]]]:
-    """(bytes, name -> (offset, pitch, columns, item size)) of the buffers of an arena or saved block."""
+def _arena_layout(rows: int, layout: _Layout, pairs: int = 0,
+                  ) -> tuple[int, dict[str, tuple[int, int, int, int, int]]]:
+    """(bytes, name -> (offset, pitch, columns, item size, row count)) of the buffers of an arena or
+    saved block of ``rows`` segment rows and ``pairs`` routed pairs."""
     places, total = {}, 0
-    for name, (cols, size, pad) in layout.items:
-        pitch = _row_pitch(cols, size) if pad else cols * size
-        places[name] = (total, pitch, cols, size)
-        total += -(-pitch * rows // 64) * 64
+    for items, n in ((layout.items, rows), (layout.per_pair, pairs)):
+        for name, (cols, size, pad) in items:
+            pitch = _row_pitch(cols, size) if pad else cols * size
+            places[name] = (total, pitch, cols, size, n)
+            total += -(-pitch * n // 64) * 64
     return total, places
 
 
-def _rows_at(base: int, rows: int, layout: _Layout) -> dict[str, _Rows]:
+def _rows_at(base: int, rows: int, layout: _Layout, pairs: int = 0) -> dict[str, _Rows]:
     """The buffers of an arena or saved block at ``base``."""
     return {name: _Rows(base + off, pitch, cols, size)
-            for name, (off, pitch, cols, size) in _arena_layout(rows, layout)[1].items()}
+            for name, (off, pitch, cols, size, _) in _arena_layout(rows, layout, pairs)[1].items()}
 
 
 # (an arena's base rarely changes: a thread reuses its scratch; a saved block's changes every time)
 _arena_rows = functools.lru_cache(maxsize=64)(_rows_at)  # callers copy the dict before changing it
 
 
-def _spans(rows: dict[str, _Rows], nrows: int) -> list[Span]:
-    """Launch-plan operands of row buffers (``nrows`` rows each): one each, so that a plan does not
-    depend on where they lie relative to each other (their block's layout varies with the row count)."""
-    return [Span(b.addr, b.pitch * nrows) for b in rows.values()]
+def _spans_at(base: int, rows: int, layout: _Layout, pairs: int = 0) -> list[Span]:
+    """Launch-plan operands of the buffers of a block at ``base`` (see :func:`_rows_at`): one each,
+    so that a plan does not depend on where they lie relative to each other (their block's layout
+    varies with the row count)."""
+    return [Span(base + off, pitch * n) for off, pitch, _, _, n in _arena_layout(rows, layout, pairs)[1].values()]
 
 
 def _addr(buf: torch.Tensor | _Rows) -> int:
@@ -449,13 +460,13 @@ def _acquire_grads(r: Routing, experts: MoEExperts, rank: int, grad_buffers: Lor
 
 
 def _lora_grads(kept: dict[str, _Rows], gp: _LoraGrads, dos: _Rows, t_d: _Rows, w_row: _Rows, dgu: _Rows, t_gu: _Rows,
-                xs: _Rows) -> None:
+                xs: _Rows, act: _Rows) -> None:
     """The six LoRA gradients' launches (into ``gp.grads``) from the forward's ``kept`` rows and the
     backward's per-row operands: dos and xs (gathered dOut and X), t_d = s dOut Bd and t_gu = s
-    [dG Bg | dU Bu] (fp32), w_row (each row's routing weight), dgu = [dG | dU] (bf16); the folded
-    idle experts' slices become zero."""
-    hdim, idim, rank = dos.cols, kept["act"].cols, gp.grads[0].shape[1]
-    act, hgu, hd = kept["act"], kept["hgu"], kept["hd"]
+    [dG Bg | dU Bu] (fp32), w_row (each row's routing weight), dgu = [dG | dU] (bf16), act (the
+    recomputed activation, bf16); the folded idle experts' slices become zero."""
+    hdim, idim, rank = dos.cols, act.cols, gp.grads[0].shape[1]
+    hgu, hd = kept["hgu"], kept["hd"]
     g_ga, g_gb, g_ua, g_ub, g_da, g_db = gp.grads
     basis = gp.basis
     # the down adapters' gradients weight each row by its routing weight w (dY = w dOut; hd and t_d
@@ -534,12 +545,13 @@ def _forward_launches(x: torch.Tensor, topk_weights: torch.Tensor, experts: MoEE
                   _pitch(hgu), _pitch(gu), accumulate=True)
     # only the routed rows (segments are padded to 16 rows: at qlen 16 most rows are padding); with
     # LoRA the same launch computes H = s A Ad^T of each row it writes
-    rows = dict(idx=r.slot_row_addr, gu=_addr(gu), act=_addr(act))
+    keep = "gu16" in b  # (saved: [G | U] in bf16 for the backward, from the same launch)
+    rows = dict(idx=r.slot_row_addr, gu=_addr(gu), act=_addr(act), gu16=b["gu16"].addr if keep else 0)
     if lora is None:
-        act_kernel("fwd", idim).launch(r.pairs, **rows)
+        act_kernel("fwd", idim, keep_gu=keep).launch(r.pairs, **rows)
         _grouped_fwd(act, experts, "down", y, r, xq=aq, isa=isa)
     else:
-        act_kernel("fwd", idim, rank).launch(
+        act_kernel("fwd", idim, rank, keep_gu=keep).launch(
             r.pairs, **rows, eid=r.slot_expert_addr, a=da.data_ptr(),
             astride=da.stride(0) * da.element_size(), h=_addr(hd), ldh=_pitch(hd), alpha=scaling)
         if fused:
@@ -637,19 +649,18 @@ def _forward_buffers(config: tuple, rank: int, save: bool, isa: str | None) -> t
     block when saved, else scratch too), for a :func:`_config` configuration and a pass's GEMMs on
     ``isa`` (:func:`pass_isa`)."""
     _, hdim, idim, storage, group_size, zero_point, *_ = config
-    # what backward reads: gu, act and the LoRA H rows (s [X Ag^T | X Au^T] and s A Ad^T, bf16 as the
-    # B products use them), contiguous
-    kept = {"gu": (2 * idim, 4, False), "act": (idim, 2, False)}
-    if rank:
-        kept |= {"hgu": (2 * rank, 2, False), "hd": (rank, 2, False)}
-    scratch = {"xs": (hdim, 2, True), "y": (hdim, 4, True)}
+    # what backward reads: [G | U] in bf16 and the LoRA H rows (s [X Ag^T | X Au^T] and s A Ad^T, bf16
+    # as the B products use them), contiguous; the GEMMs' fp32 [G | U] and the activation are scratch
+    kept = {"hgu": (2 * rank, 2, False), "hd": (rank, 2, False)} if rank else {}
+    per_pair = {"gu16": (2 * idim, 2, False)} if save else {}
+    scratch = {"xs": (hdim, 2, True), "y": (hdim, 4, True), "gu": (2 * idim, 4, False), "act": (idim, 2, False)}
     gate_up = gemm.kernel_for("fwd", 2 * idim, hdim, isa=isa, quant=storage, group_size=group_size,
                               zero_point=zero_point)
     if gate_up.spec.int_x:  # integer kernels take int16 rows with the pitch of what they quantize, and scales
         scratch |= {"xq": (hdim, 2, True), "xqs": (1, 4, False), "aq": (idim, 2, False), "aqs": (1, 4, False)}
     if not save:
         scratch |= kept
-    return _Layout(tuple(scratch.items())), _Layout(tuple(kept.items()))
+    return _Layout(tuple(scratch.items())), _Layout(tuple(kept.items()), tuple(per_pair.items()))
 
 
 @functools.lru_cache(maxsize=256)
@@ -663,8 +674,8 @@ def _backward_buffers(config: tuple, rank: int, need_dx: bool, need_lora_grads: 
     if rank:  # T = s dOut Bd, s [dG Bg | dU Bu] (fp32) and the bf16 copies the GEMMs add
         scratch |= {"t_d": (rank, 4, False), "t_gu": (2 * rank, 4, False), "t_d16": (rank, 2, False),
                     "t_gu16": (2 * rank, 2, False)}
-        if need_lora_grads:
-            scratch |= {"xs": (hdim, 2, True), "w_row": (1, 4, False)}
+        if need_lora_grads:  # (the activation, recomputed, for the down adapter's A gradient)
+            scratch |= {"xs": (hdim, 2, True), "w_row": (1, 4, False), "act": (idim, 2, False)}
     down = gemm.kernel_for("bwd", hdim, idim, isa=isa, quant=storage, group_size=group_size, zero_point=zero_point,
                            lanes_dy=True)
     if down.spec.int_x:  # integer kernels take int16 dY rows and scales
@@ -699,10 +710,9 @@ def forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
     b = arena.rows
     block, kept_spans = None, []
     if save:
-        block = aligned_empty((_arena_layout(r.rows, kept)[0],), torch.uint8)
-        kept_rows = _rows_at(block.data_ptr(), r.rows, kept)
-        b |= kept_rows
-        kept_spans = _spans(kept_rows, r.rows)
+        block = aligned_empty((_arena_layout(r.rows, kept, r.pairs)[0],), torch.uint8)
+        b |= _rows_at(block.data_ptr(), r.rows, kept, r.pairs)
+        kept_spans = _spans_at(block.data_ptr(), r.rows, kept, r.pairs)
     xq, aq = ((b["xq"], b["xqs"]), (b["aq"], b["aqs"])) if "xq" in b else (None, None)
     padded = pad_lora(lora) if lora is not None else ()  # (alive until the launches ran)
     out = torch.empty(x.shape, dtype=out_dtype)
@@ -747,7 +757,7 @@ def backward(saved: Saved, grad_out: torch.Tensor, experts: MoEExperts, lora: tu
     kept = saved.kept_rows()
     key = ("bwd", need_dx, need_lora_grads, dx_dtype, g_out.dtype, g_out.shape[0], r.k,
            r.basis.shape[0], gp.basis.shape[0] if gp is not None else 0, isa, *config)
-    operands = [saved.x, saved.topk_weights, *_spans(kept, r.rows), g_out, dw, *([dx] if need_dx else []),
+    operands = [saved.x, saved.topk_weights, *saved.kept_spans(), g_out, dw, *([dx] if need_dx else []),
                 arena.span, *r.spans, *padded, *(gp.grads if gp is not None else ()), *_expert_operands(experts)]
     _run_pass(key, operands, (r.basis,) if gp is None else (r.basis, gp.basis),
               lambda: _backward_launches(saved, kept, g_out, experts, padded or None, scaling, r, b, gp, dw, dx, rank,
@@ -787,9 +797,10 @@ def _backward_launches(saved: Saved, kept: dict[str, _Rows], g_out: torch.Tensor
             _lora("xb", idim, rank, _groups(r.basis, (_rows(t_d), _per_expert(da), _rows(d))), _pitch(t_d),
                   _pitch(d), x_dtype="f32", accumulate=True)
     w_row = b.get("w_row")  # routing weight of each routed row (written by the activation kernel)
-    act_kernel("bwd", idim).launch(
+    act = b.get("act")  # (the activation, recomputed for the LoRA gradients)
+    act_kernel("bwd", idim, write_act=gp is not None).launch(
         r.pairs, idx=r.slot_row_addr, tok=r.slot_token_addr, kk=r.slot_k_addr, k=r.k,
-        d=d.addr, act=kept["act"].addr, gu=kept["gu"].addr, w=saved.topk_weights.data_ptr(),
+        d=d.addr, act=act.addr if gp is not None else 0, gu16=kept["gu16"].addr, w=saved.topk_weights.data_ptr(),
         dw=dw.data_ptr(), wrow=w_row.addr if w_row is not None else 0, dgu=dgu.addr, ldd=d.pitch,
         lddgu=dgu.pitch)
     if lora is not None and (dx is not None or gp is not None):
@@ -799,7 +810,7 @@ def _backward_launches(saved: Saved, kept: dict[str, _Rows], g_out: torch.Tensor
               _pitch(dgu), _pitch(t_gu), scaling, ldz=t_gu16.pitch)
     if gp is not None:
         _gather(saved.x, r, b["xs"])
-        _lora_grads(kept, gp, dos, t_d, w_row, dgu, t_gu, b["xs"])
+        _lora_grads(kept, gp, dos, t_d, w_row, dgu, t_gu, b["xs"], act)
     if dx is not None:
         _grouped_bwd(dgu, experts, "gate_up", dxs, r, (t_gu16, ga, ua) if fused else None, dyq=dguq,
                      dyt=b.get("dgut"), isa=isa)
