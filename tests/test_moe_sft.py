@@ -315,15 +315,17 @@ def test_saved_activations_are_two_bf16_rows_per_routed_pair(monkeypatch, with_l
         return out, kept
 
     monkeypatch.setattr(core, "forward", spy)
-    xo = x.clone().requires_grad_()
-    kt_jit.moe_sft(xo, ids, w, experts, lora).backward(dout)
+    xo, wo = x.clone().requires_grad_(), w.clone().requires_grad_()
+    kt_jit.moe_sft(xo, ids, wo, experts, lora).backward(dout)
     (kept,) = saved
     pairs, rows = 16 * 2, kept.routing.rows
     assert rows > pairs  # (the segments are padded: the LoRA rows keep that layout)
     lora_bytes = rows * 3 * 16 * 2 if with_lora else 0
     assert pairs * 4 * I + lora_bytes <= kept.block.numel() <= pairs * 4 * I + lora_bytes + 3 * 64
     ref = reference_grads(x, ids, w, gate, up, down, lora, dout)
-    assert rel_err(xo.grad, ref[1]) < 0.01
+    assert rel_err(xo.grad, ref[1]) < 0.01 and rel_err(wo.grad, ref[2]) < 0.01
+    for p, g in zip(lora.tensors() if with_lora else (), ref[3], strict=True):
+        assert rel_err(p.grad, g) < 0.01
 
 
 def test_double_backward_is_refused():

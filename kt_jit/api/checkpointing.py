@@ -100,8 +100,9 @@ def moe_checkpoint_context() -> tuple[Phase, Phase]:
     {"use_reentrant": False, "context_fn": kt_jit.moe_checkpoint_context})``.
 
     Memory: each MoE call keeps from its forward to its backward what it keeps without
-    checkpointing (per routed token-expert pair ``2I`` fp32 + ``I`` bf16 + ``3r`` bf16, and its input
-    ``[T, H]``), and its output ``[T, H]`` until the recompute reaches it or the graph is freed.
+    checkpointing (per routed token-expert pair ``2I`` bf16, with LoRA ``3r`` bf16 per row of the
+    per-expert segments, whose rows start at multiples of 16; and its input ``[T, H]``), and its
+    output ``[T, H]`` until the recompute reaches it or the graph is freed.
     Time: a recompute that reaches a MoE call compares the call's inputs with the first forward's
     (one read of each) and returns the first forward's output; if anything differs (other
     adapters or scaling, a non-deterministic region, a tensor changed in place) the call runs its

@@ -8,7 +8,8 @@ Per active expert e with tokens X (scale s = alpha / rank)::
 
 Backward, with D = dOut Wd + s (dOut Bd) Ad (per routed row, unweighted)::
 
-    dw[t,k] = <D, A>            (= <dOut[t], Y_k[t]>, so Y is never stored)
+    dw[t,k] = <D, A>            (= <dOut[t], Y_k[t]>, so Y is never stored; A recomputed in fp32
+                                 from the kept bf16 [G | U], which is all the forward keeps per pair)
     dA = w D ;  dG = dA U silu'(G) ;  dU = dA silu(G)
     dX = [dG | dU] [Wg; Wu] + s (dG Bg) Ag + s (dU Bu) Au          one transposed GEMM, N = 2I
 
@@ -50,17 +51,18 @@ from .weights import MoEExperts, lora_shapes
 
 @dataclass
 class Saved:
-    """What backward needs from forward (bytes per routed row: 2I bf16 + 3r bf16)."""
+    """What backward needs from forward (per routed pair 2I bf16; with LoRA 3r bf16 per segment row)."""
 
     x: torch.Tensor          # [T, H] bf16 input (re-gathered in backward, not stored per row)
     topk_weights: torch.Tensor  # [T, K] fp32
     routing: Routing
     # the kept per-row buffers in one 64-byte aligned uint8 block, laid out by ``kept`` (see
     # :meth:`kept_rows`; one allocation and one saved tensor instead of four: at decode sizes each
-    # torch allocation and saved tensor costs microseconds): gu16 [R, 2I] bf16 ([G | U] before the
-    # activation, rounded once; the backward recomputes the activation A from it) and, with LoRA,
-    # hgu = s [X Ag^T | X Au^T] [R, 2r] and hd = s A Ad^T [R, r] (bf16, as the forward's B products
-    # used them)
+    # torch allocation and saved tensor costs microseconds): gu16 [T K, 2I] bf16 ([G | U] before the
+    # activation, rounded once, one row per routed pair in the routing's slot order; the backward
+    # recomputes the activation A from it) and, with LoRA, hgu = s [X Ag^T | X Au^T] [R, 2r] and
+    # hd = s A Ad^T [R, r] (bf16, as the forward's B products used them; R: the per-expert segments'
+    # rows)
     block: torch.Tensor
     kept: _Layout
     rank: int = 0            # LoRA rank and scaling the forward ran with (rank 0: no LoRA)
@@ -74,7 +76,7 @@ class Saved:
         self.x_version, self.w_version = self.x._version, self.topk_weights._version
 
     def kept_rows(self) -> dict[str, _Rows]:
-        """The kept buffers by name (gu16[, hgu, hd]) at the block's current address."""
+        """The kept buffers by name ([hgu, hd,] gu16) at the block's current address."""
         return _rows_at(self.block.data_ptr(), self.routing.rows, self.kept, self.routing.pairs)
 
     def kept_spans(self) -> list[Span]:
