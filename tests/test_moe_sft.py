@@ -328,15 +328,25 @@ def test_saved_activations_are_two_bf16_rows_per_routed_pair(monkeypatch, with_l
         assert rel_err(p.grad, g) < 0.01
 
 
-def test_double_backward_is_refused():
-    """Second-order gradients through the MoE are not implemented: asking for them raises."""
+@pytest.mark.parametrize("loss", ["nonlinear", "linear"])
+def test_double_backward_is_refused(loss):
+    """Second-order gradients through the MoE are not implemented: asking for them raises, also when
+    the loss is linear in the output (then grad_out carries no graph, but the first-order gradients
+    still depend on x and the adapters through the saved activations)."""
     _, _, _, experts, lora = make_layer()
     x, ids, w = make_batch(5, 2)
     xo = x.clone().requires_grad_()
     out = kt_jit.moe_sft(xo, ids, w, experts, lora)
-    (gx,) = torch.autograd.grad(out.pow(2).sum(), xo, create_graph=True)  # grad_out carries a graph
-    with pytest.raises(RuntimeError, match="once_differentiable"):
-        gx.sum().backward()
+
+    def total(y):
+        return y.pow(2).sum() if loss == "nonlinear" else y.sum()
+
+    gx, ga = torch.autograd.grad(total(out), (xo, lora.gate_lora_a), create_graph=True)
+    assert gx.requires_grad and ga.requires_grad
+    with pytest.raises(RuntimeError, match="no second-order gradients"):
+        (gx.pow(2).sum() + ga.float().pow(2).sum()).backward()
+    plain = torch.autograd.grad(total(kt_jit.moe_sft(xo, ids, w, experts, lora)), xo)[0]
+    assert torch.equal(gx.detach(), plain)  # (the first-order values are those without create_graph)
 
 
 def test_direct_apply_equals_the_public_apply(monkeypatch):
@@ -970,7 +980,7 @@ def test_op_records_no_graph_and_restores_grad_mode():
     x = x.float().requires_grad_()  # converted to bf16 inside: not recorded either
     out = op.forward(x, ids, w)
     assert not out.requires_grad and out.grad_fn is None and torch.is_grad_enabled()
-    assert op._stack[-1].x.grad_fn is None  # (its bf16 copy of x: recorded were grad mode on)
+    assert op._stack[-1][0].x.grad_fn is None  # (its bf16 copy of x: recorded were grad mode on)
     grads = op.backward(torch.randn(4, H))
     assert all(not g.requires_grad for g in grads.values()) and torch.is_grad_enabled()
     with pytest.raises(ValueError, match="expert ids"):
@@ -1046,6 +1056,30 @@ def test_op_refuses_experts_changed_between_forward_and_backward():
     assert op.backward(torch.ones(5, H))["grad_input"].shape == (5, H)
 
 
+def test_op_refuses_adapters_changed_between_forward_and_backward():
+    """An optimizer step (in place) or a replaced Parameter between a saved forward and its backward
+    would mix old and new adapter values in the gradients: the backward raises (moe_sft's autograd
+    does through its saved tensors); a step after the backward is the normal order."""
+    _, _, _, experts, lora = make_layer()
+    x, ids, w = make_batch(6, 2)
+    op = kt_jit.MoESFTOp(experts, lora)
+    op.forward(x, ids, w)
+    with torch.no_grad():
+        lora.gate_lora_b.mul_(3)
+    with pytest.raises(RuntimeError, match="adapters were changed"):
+        op.backward(torch.ones(6, H))
+    op.forward(x, ids, w)
+    lora.up_lora_a = torch.nn.Parameter(lora.up_lora_a.detach().clone())  # same values, another tensor
+    with pytest.raises(RuntimeError, match="adapters were changed"):
+        op.backward(torch.ones(6, H))
+    op.forward(x, ids, w)
+    grads = op.backward(torch.ones(6, H))
+    with torch.no_grad():  # (the step after the backward)
+        lora.gate_lora_b.sub_(grads["gate_lora_b"])
+    op.forward(x, ids, w)
+    assert op.backward(torch.ones(6, H))["grad_input"].shape == (6, H)
+
+
 def test_op_backward_checks_grad_output():
     _, _, _, experts, lora = make_layer()
     x, ids, w = make_batch(3, 2)
@@ -1086,6 +1120,15 @@ def test_experts_are_read_only_and_copyable():
         assert all(torch.equal(twin.tensors[k], v) for k, v in experts.tensors.items())
         with pytest.raises(TypeError):
             twin.tensors["down"] = twin.down
+        with pytest.raises(AttributeError, match="read-only"):
+            twin.num_experts = 4 * E
+    x, ids, w = make_batch(3, 2)
+    for name, value in (("num_experts", 1000), ("hidden_size", 2 * H), ("intermediate_size", I // 2),
+                        ("group_size", 64), ("tensors", {}), ("down", experts.gate_up)):
+        with pytest.raises(AttributeError, match=f"MoEExperts.{name} is read-only"):
+            setattr(experts, name, value)  # (an id of 999 < 1000 then read out of bounds: a crash)
+    experts.note = "other attributes stay writable"
+    assert kt_jit.moe_sft(x, ids, w, experts).shape == (3, H)
 
 
 def test_experts_constructor_and_load_check_sizes_and_groups(tmp_path):
@@ -1143,3 +1186,42 @@ def test_api_objects_are_checked_when_given():
     del lora.down_lora_b
     with pytest.raises(ValueError, match="lack a tensor"):
         kt_jit.moe_sft(x, ids, w, experts, lora)
+
+
+@pytest.mark.parametrize("quant", QUANTS[1:])
+@pytest.mark.parametrize("bad,where", [(float("nan"), "gate"), (float("inf"), "up"), (float("-inf"), "down")])
+def test_quantizing_refuses_nan_and_inf_weights(quant, bad, where):
+    """A NaN or infinite weight would quantize to finite codes (its group's scale fell back to 1) and
+    silently wipe out its channel: packing raises, naming the projection and the expert, on the JIT
+    packer's path (bf16 rows) and on the torch path (fp32 rows read through a column stride)."""
+    g = torch.Generator().manual_seed(0)
+    gate, up = (torch.randn(E, I, H, generator=g) / H**0.5 for _ in range(2))
+    down = torch.randn(E, H, I, generator=g) / I**0.5
+    {"gate": gate, "up": up, "down": down}[where][5, 7, 40] = bad
+    for ws in ((gate.bfloat16(), up.bfloat16(), down.bfloat16()),
+               (gate.transpose(1, 2).contiguous().transpose(1, 2), up, down)):
+        with pytest.raises(ValueError, match=f"{where}_proj of expert 5 has NaN or infinite values.*channel 7"):
+            kt_jit.MoEExperts.from_tensors(*ws, quant=quant, group_size=32)
+    kt_jit.MoEExperts.from_tensors(gate.bfloat16(), up.bfloat16(), down.bfloat16())  # (bf16 keeps them as they are)
+
+
+def test_experts_and_adapter_arguments_are_validated():
+    """Arguments of the wrong type get a ValueError naming them (they reached struct, torch.zeros or
+    a comparison before, or were accepted: alpha as a string, NaN); integer-likes (NumPy) work."""
+    import numpy as np
+
+    gate, up, down, *_ = make_layer()
+    for kw, msg in ((dict(quant="int4_kgroup", group_size=32.0), "group_size must be an integer"),
+                    (dict(quant="int4_kgroup", group_size=None), "group_size must be an integer"),
+                    (dict(quant=["bf16"]), "quant must be one of")):
+        with pytest.raises(ValueError, match=msg):
+            kt_jit.MoEExperts.from_tensors(gate, up, down, **kw)
+    assert kt_jit.MoEExperts.from_tensors(gate, up, down, quant="int4_kgroup", group_size=np.int64(32)).group_size == 32
+    for kw, msg in ((dict(rank=16.0), "rank must be a positive integer"), (dict(rank=None), "rank must be"),
+                    (dict(num_experts=-1), "num_experts must be"), (dict(alpha="32"), "alpha must be a finite"),
+                    (dict(alpha=float("nan")), "alpha must be a finite"), (dict(alpha=None), "alpha must be")):
+        args = dict(num_experts=E, hidden_size=H, intermediate_size=I) | kw
+        with pytest.raises(ValueError, match=msg):
+            kt_jit.MoELoRA(**args)
+    lora = kt_jit.MoELoRA(np.int64(E), H, I, rank=np.int64(16), alpha=np.float32(8))
+    assert lora.rank == 16 and type(lora.rank) is int and lora.scaling == 0.5

@@ -8,6 +8,7 @@ import numpy as np
 import pytest
 import torch
 
+from kt_jit import linear, linear_t, pack_bf16
 from kt_jit.codegen.cache import get_or_compile
 from kt_jit.codegen.compile import target_for
 from kt_jit.codegen.ir import Module
@@ -154,11 +155,17 @@ def test_arg_block_names_missing_fields():
 def test_num_threads_knob(monkeypatch):
     monkeypatch.setenv("KT_JIT_NUM_THREADS", "3")
     assert default_num_threads() == 3
-    monkeypatch.setenv("KT_JIT_NUM_THREADS", "zero")
-    with pytest.raises(ValueError, match="KT_JIT_NUM_THREADS"):
-        default_num_threads()
+    for bad in ("zero", "0", "-1", "100000"):  # (100000: libgomp killed the process creating them)
+        monkeypatch.setenv("KT_JIT_NUM_THREADS", bad)
+        with pytest.raises(ValueError, match="KT_JIT_NUM_THREADS must be an integer from 1 to 4096"):
+            default_num_threads()
     monkeypatch.delenv("KT_JIT_NUM_THREADS")
     assert default_num_threads() >= 1
+    w = pack_bf16(torch.zeros(32, 32, dtype=torch.bfloat16))
+    for bad in (0, 2.5, True, 100000):  # (2.5 reached ctypes; 100000 libgomp)
+        for fn in (linear, linear_t):
+            with pytest.raises(ValueError, match="num_threads must be an integer"):
+                fn(torch.zeros(1, 32, dtype=torch.bfloat16), w, num_threads=bad)
 
 
 def test_isa_knob_is_validated(monkeypatch):

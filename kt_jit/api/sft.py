@@ -6,7 +6,6 @@ from __future__ import annotations
 import threading
 
 import torch
-from torch.autograd.function import once_differentiable
 
 from ..moe import sft as core
 from ..moe.weights import MoEExperts, MoELoRA
@@ -43,8 +42,8 @@ class _MoESFTFunction(torch.autograd.Function):
     @staticmethod
     def backward(ctx, grad_out):
         if torch.is_grad_enabled():  # create_graph=True: a second differentiation must raise
-            return _backward_once(ctx, grad_out)
-        return _backward(ctx, grad_out)  # (grad mode is off: once_differentiable's no_grad is not needed)
+            return _backward_no_second_order(ctx, grad_out)
+        return _backward(ctx, grad_out)  # (grad mode is off: nothing to record)
 
 
 def _saved_tensors(ctx) -> tuple[torch.Tensor, ...]:
@@ -97,7 +96,27 @@ def _backward(ctx, grad_out):
             *lora_grads)
 
 
-_backward_once = once_differentiable(_backward)
+SECOND_ORDER_MESSAGE = ("kt_jit.moe_sft has no second-order gradients: a gradient taken through it with "
+                        "create_graph=True cannot be differentiated again (leave the MoE layer out of the penalty "
+                        "term, or compute its gradient without create_graph)")
+
+
+def _backward_no_second_order(ctx, grad_out):
+    """The backward under ``create_graph=True``: first-order gradients whose own gradient raises.
+
+    ``once_differentiable`` marks its outputs only when an input of the backward (here ``grad_out``)
+    requires grad; with a loss linear in the output it does not, and the gradients came back as
+    constants, so a penalty on them silently differentiated to zero. They depend on x through the
+    saved activations, so here they are always marked."""
+    with torch.no_grad():
+        grads = _backward(ctx, grad_out)
+    if _delayed_error is None:  # (a torch without the node: refuse the graph outright)
+        raise RuntimeError(SECOND_ORDER_MESSAGE)
+    marked = [g.detach().requires_grad_() if g is not None else None for g in grads]
+    return tuple(_delayed_error(SECOND_ORDER_MESSAGE.encode(), len(marked))(*marked))
+
+
+_delayed_error = getattr(getattr(torch._C, "_functions", None), "DelayedError", None)
 
 # _MoESFTFunction.apply is a Python layer over the C apply: it binds default arguments when a
 # setup_context is defined (none is), refuses functorch transforms (they need a setup_context), and
@@ -126,6 +145,12 @@ def _forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor
     """core.forward on validated inputs, converted to what it takes (bf16 x, fp32 weights)."""
     return core.forward(_as(x, torch.bfloat16), topk_ids, _as(topk_weights, torch.float32), experts, lora, scaling,
                         save=save, out_dtype=out_dtype)
+
+
+def _lora_state(lora: tuple[torch.Tensor, ...] | None) -> tuple:
+    """Where each adapter tensor's data is and its version (a change in place or a replaced tensor
+    changes it)."""
+    return () if lora is None else tuple((t.data_ptr(), t._version) for t in lora)
 
 
 def _without_grad(fn, *args, **kwargs):
@@ -206,7 +231,7 @@ class MoESFTOp:
         if lora is not None:
             lora.check_matches(experts)
         self.experts, self.lora, self.max_cache_depth = experts, lora, max_cache_depth
-        self._stack: list[core.Saved] = []
+        self._stack: list[tuple[core.Saved, tuple]] = []  # (saved forward, its adapters' _lora_state)
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -217,6 +242,9 @@ class MoESFTOp:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
+        # a copy owns new adapter tensors: the saved forwards' baselines are the copy's (as Saved's)
+        lora = self.lora.tensors() if self.lora is not None else None
+        self._stack = [(saved, _lora_state(lora)) for saved, _ in self._stack]
 
     @property
     def cache_depth(self) -> int:
@@ -248,7 +276,7 @@ class MoESFTOp:
                 if len(self._stack) >= self.max_cache_depth:
                     raise RuntimeError(f"Forward cache full: {len(self._stack)} forwards saved, max_cache_depth="
                                        f"{self.max_cache_depth}. Call backward() first, or raise max_cache_depth.")
-                self._stack.append(saved)
+                self._stack.append((saved, _lora_state(lora)))
         return out
 
     def backward(self, grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
@@ -258,13 +286,13 @@ class MoESFTOp:
             if not self._stack:
                 raise RuntimeError("No forward cache to run backward on: call forward(..., "
                                    "save_for_backward=True) first (each backward consumes one forward).")
-            saved = self._stack.pop()
+            saved, lora_state = self._stack.pop()
         t, h = saved.x.shape
         try:
             check_grad_output(grad_output, t, h)
         except ValueError:
             with self._lock:
-                self._stack.append(saved)  # (the forward stays usable with a correct grad_output)
+                self._stack.append((saved, lora_state))  # (the forward stays usable with a correct grad_output)
             raise
         if core.experts_config(self.experts) != saved.experts_config:
             raise RuntimeError("the op's experts changed shape, count or quantization between forward and "
@@ -277,6 +305,11 @@ class MoESFTOp:
                 lora[0].shape[1] != saved.rank or scaling != saved.scaling)):
             raise RuntimeError("the LoRA adapters changed rank or scaling (or were attached/removed) between "
                                "forward and backward; run the forward again")
+        if lora is not None and _lora_state(lora) != lora_state:
+            raise RuntimeError("the LoRA adapters were changed (in place, e.g. an optimizer step or "
+                               "update_lora_weights, or replaced) between this forward and its backward: the "
+                               "backward would mix old and new values. Step the optimizer after the backward, or "
+                               "run the forward again")
         dx, dw, dlora = _without_grad(core.backward, saved, grad_output, self.experts, lora, scaling,
                                       getattr(self.lora, "grad_buffers", None), dx_dtype=torch.bfloat16)
         result = {"grad_input": dx, "grad_weights": dw}

@@ -31,6 +31,7 @@ copied to the CPU and the results back).
 from __future__ import annotations
 
 import json
+import numbers
 import os
 import re
 import threading
@@ -305,8 +306,8 @@ class SFTMoEWrapper(_MoEWrapperBase):
         super().__init__(**base)
         if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank <= 0:
             raise ValueError(f"lora_rank must be a positive integer, got {lora_rank!r}")
-        if not lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be positive, got {lora_alpha!r}")
+        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not lora_alpha > 0:
+            raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
         if not isinstance(max_cache_depth, int) or isinstance(max_cache_depth, bool) or max_cache_depth <= 0:
             raise ValueError(f"max_cache_depth must be a positive integer, got {max_cache_depth!r}")
         self.lora_rank, self.lora_alpha = lora_rank, float(lora_alpha)

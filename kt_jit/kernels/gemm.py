@@ -2524,6 +2524,8 @@ def linear(x: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = Non
     quant = _check_packed(packed, scales)
     n, k = packed.shape[0] * 16, packed.shape[1] * 2
     _check_operands(x, packed, k, "x")
+    if num_threads is not None:
+        knobs.check_thread_count(num_threads)
     m = x.shape[0]
     y = _output(out, m, n, accumulate)
     kern = kernel_for("fwd", n, k, accumulate, isa, quant=quant)
@@ -2550,6 +2552,8 @@ def linear_t(dy: torch.Tensor, packed: torch.Tensor, out: torch.Tensor | None = 
     quant = _check_packed(packed, scales)
     n, k = packed.shape[0] * 16, packed.shape[1] * 2
     _check_operands(dy, packed, n, "dy")
+    if num_threads is not None:
+        knobs.check_thread_count(num_threads)
     m = dy.shape[0]
     dx = _output(out, m, k, accumulate)
     kern = kernel_for("bwd", n, k, accumulate, isa, quant=quant, one_group=True)

@@ -218,8 +218,8 @@ def _body(spec: PackSpec):
                         scale = fn.val(f"fdiv float {fn.val(f'fsub float {top}, {bot}')}, {vx.f32_const(15.0)}")
                     else:
                         scale = fn.val(f"fdiv float {top}, {vx.f32_const(127.0 if spec.storage == 'int8' else 7.0)}")
-                    # torch.where(scale > 0, scale, 1): NaN takes 1 as well
-                    scale = fn.val(f"select i1 {fn.val(f'fcmp ogt float {scale}, 0.0')}, float {scale}, float 1.0")
+                    # torch.where(scale == 0, 1, scale): a NaN or inf scale stays (the caller refuses it)
+                    scale = fn.val(f"select i1 {fn.val(f'fcmp oeq float {scale}, 0.0')}, float 1.0, float {scale}")
                     fn.store("float", scale, stat_ptr(dscale, i, g, 4), 4)
                     if spec.asym:  # round(-lo / s) clamped to [0, 15]; a NaN ends as 0
                         z = fn.val(f"fdiv float {fn.val(f'fneg float {bot}')}, {scale}")

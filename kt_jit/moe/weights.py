@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import functools
 import math
+import numbers
 import os
 import types
 
@@ -93,13 +94,30 @@ def _pack_into(t: dict[str, torch.Tensor], name: str, e: int, e0: int, experts: 
     if cpu_info().avx512_bf16 and len(dtypes) == 1 and all(packer.supports(p) for p in parts):
         packer.pack_into(t[name], t.get(f"{name}_scale"), t.get(f"{name}_zero"), e0, experts,
                          group_size if grouped else 0)
+    else:
+        if any(isinstance(p, Fp8Weight) for p in parts):
+            raise ValueError("FP8 weights are packed by the JIT packer only, which needs AVX-512 BF16 and a scale "
+                             "block width that is a multiple of 32; dequantize the checkpoint first")
+        w = torch.stack([torch.cat(list(ex)) if len(ex) > 1 else ex[0] for ex in experts])
+        for suffix, part in _pack(w, quant, group_size).items():
+            t[name + suffix][e0:e0 + len(experts)] = part
+    if storage != "bf16":
+        _check_finite_scales(t[f"{name}_scale"][e0:e0 + len(experts)], name, e0)
+
+
+def _check_finite_scales(scale: torch.Tensor, name: str, e0: int) -> None:
+    """Raise ValueError naming the first weight group whose scale is NaN or infinite (``scale [n, g,
+    N]`` of experts ``e0...`` of ``name``, "gate_up" (gate rows first) or "down"): a NaN or inf
+    weight would otherwise quantize to finite codes and silently wipe out its channel or group."""
+    bad = ~torch.isfinite(scale)
+    if not bad.any():
         return
-    if any(isinstance(p, Fp8Weight) for p in parts):
-        raise ValueError("FP8 weights are packed by the JIT packer only, which needs AVX-512 BF16 and a scale "
-                         "block width that is a multiple of 32; dequantize the checkpoint first")
-    w = torch.stack([torch.cat(list(ex)) if len(ex) > 1 else ex[0] for ex in experts])
-    for suffix, part in _pack(w, quant, group_size).items():
-        t[name + suffix][e0:e0 + len(experts)] = part
+    j, grp, ch = (int(v) for v in bad.nonzero()[0])
+    gate_rows = scale.shape[-1] // 2 if name == "gate_up" else 0
+    proj = "down_proj" if name == "down" else "gate_proj" if ch < gate_rows else "up_proj"
+    row = ch - gate_rows if proj == "up_proj" else ch
+    raise ValueError(f"{proj} of expert {e0 + j} has NaN or infinite values (output channel {row}, weight group "
+                     f"{grp}); quantizing would hide them. Fix the weights, or load this layer with quant='bf16'")
 
 
 def pack_expert_matrix(w: torch.Tensor, name: str, quant: str, group_size: int,
@@ -135,9 +153,11 @@ def pack_expert_parts(experts: list[list[Source]], name: str, quant: str, group_
 def _check_layout(h: int, i: int, quant: str, group_size: int) -> None:
     """A known quantization mode, H and I multiples of 32, and (K-group modes) a group size that is a
     multiple of 32 dividing both."""
-    if quant not in QUANT_MODES:
+    if not isinstance(quant, str) or quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {tuple(QUANT_MODES)}, got {quant!r}")
     check_gemm_dims(i, h, "expert")
+    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
+        raise ValueError(f"group_size must be an integer (a multiple of 32), got {group_size!r}")
     if QUANT_MODES[quant][1] and (group_size <= 0 or group_size % 32 or h % group_size or i % group_size):
         raise ValueError(f"group_size={group_size} must be a positive multiple of 32 that divides both "
                          f"hidden_size={h} and intermediate_size={i}")
@@ -176,10 +196,13 @@ class MoEExperts:
     nibbles (rows 2i and 2i+1 of a block share bytes, see kernels/quant.py). Quantized modes add
     ``<name>_scale [E, G, N]`` fp32 (G = 1 per channel, else K / group_size) and, for the asymmetric
     ``_1`` modes, ``<name>_zero [E, G, N]`` uint8. Nothing else
-    is kept: no transposed or dequantized copy. ``tensors`` is a read-only mapping: the kernels
-    address these tensors as they were checked, so an object never changes after construction
-    (build a new one instead).
+    is kept: no transposed or dequantized copy. ``tensors`` is a read-only mapping and the sizes
+    and mode are read-only attributes: the kernels address these tensors as they were checked, so
+    an object never changes after construction (build a new one instead).
     """
+
+    _FIXED = frozenset({"tensors", "gate_up", "down", "num_experts", "hidden_size", "intermediate_size", "quant",
+                        "storage", "zero_point", "group_size"})
 
     def __init__(self, tensors: dict[str, torch.Tensor], hidden_size: int, intermediate_size: int,
                  quant: str = "bf16", group_size: int = 0) -> None:
@@ -190,7 +213,16 @@ class MoEExperts:
         self.hidden_size, self.intermediate_size = hidden_size, intermediate_size
         self.quant = quant
         self.storage, grouped, self.zero_point = QUANT_MODES[quant]
-        self.group_size = group_size if grouped else 0
+        self.group_size = int(group_size) if grouped else 0
+        self.__dict__["_frozen"] = True
+
+    def __setattr__(self, name: str, value) -> None:
+        if name in self._FIXED and self.__dict__.get("_frozen"):
+            # (routing checks expert ids against num_experts and the kernels size their reads by
+            # these: a changed value would have them read out of bounds)
+            raise AttributeError(f"MoEExperts.{name} is read-only: the packed tensors were checked against it; "
+                                 "build a new MoEExperts (from_tensors, load) instead")
+        super().__setattr__(name, value)
 
     def __getstate__(self) -> dict:  # (copy.deepcopy, pickle: a mapping proxy is neither)
         state = self.__dict__.copy()
@@ -198,8 +230,7 @@ class MoEExperts:
         return state
 
     def __setstate__(self, state: dict) -> None:
-        self.__dict__.update(state)
-        self.tensors = types.MappingProxyType(dict(state["tensors"]))
+        self.__dict__.update(state, tensors=types.MappingProxyType(dict(state["tensors"])))
 
     def zeros(self, name: str) -> torch.Tensor | None:
         """Zero points of ``"gate_up"`` or ``"down"`` ([E, G, N] uint8) for asymmetric modes."""
@@ -388,8 +419,14 @@ class MoELoRA(nn.Module):
                  alpha: float = 32.0, dtype: torch.dtype = torch.bfloat16,
                  storage: tuple[torch.Tensor, ...] | None = None) -> None:
         super().__init__()
-        if rank < 1:
-            raise ValueError(f"rank must be >= 1, got {rank}")
+        for name, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
+                        ("intermediate_size", intermediate_size), ("rank", rank)):
+            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
+                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
+            raise ValueError(f"alpha must be a finite number (the scaling is alpha / rank), got {alpha!r}")
+        num_experts, hidden_size, intermediate_size, rank = (int(v) for v in (num_experts, hidden_size,
+                                                                                intermediate_size, rank))
         if dtype != torch.bfloat16:
             raise ValueError(f"kt_jit's kernels read bfloat16 adapters; dtype must be torch.bfloat16, got {dtype}")
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size

@@ -30,6 +30,7 @@ kernels; see runtime/threads.py).
 
 from __future__ import annotations
 
+import numbers
 import os
 import re
 from pathlib import Path
@@ -111,10 +112,19 @@ def num_threads_override() -> int | None:
     try:
         n = int(raw)
     except ValueError:
-        raise ValueError(f"KT_JIT_NUM_THREADS must be a positive integer, got {raw!r}") from None
-    if n < 1:
-        raise ValueError(f"KT_JIT_NUM_THREADS must be a positive integer, got {raw!r}")
-    return n
+        n = raw  # (refused below, with the same message)
+    return check_thread_count(n, "KT_JIT_NUM_THREADS")
+
+
+MAX_THREADS = 4096  # (far above any CPU's cores; libgomp kills the process when it cannot create them)
+
+
+def check_thread_count(n: object, what: str = "num_threads") -> int:
+    """``n`` as an int if it is an integer in 1..MAX_THREADS, else ValueError naming ``what``."""
+    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_THREADS:
+        raise ValueError(f"{what} must be an integer from 1 to {MAX_THREADS} (threads per kernel launch; "
+                         f"the default is the cores this process may use), got {n!r}")
+    return int(n)
 
 
 def isa_request() -> str:

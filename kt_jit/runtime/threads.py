@@ -107,7 +107,7 @@ def launch(worker_addr: int, ctx_addr: int, num_threads: int | None = None) -> N
     The worker must be a JIT-compiled work-stealing loop (see kt_jit.codegen.worker); the caller
     resets the item counter inside ``ctx`` before each launch.
     """
-    n = default_num_threads() if num_threads is None else num_threads
+    n = default_num_threads() if num_threads is None else knobs.check_thread_count(num_threads)
     if n <= 1:
         WORKER_TYPE(worker_addr)(ctx_addr)
         return
