@@ -980,7 +980,7 @@ def test_op_records_no_graph_and_restores_grad_mode():
     x = x.float().requires_grad_()  # converted to bf16 inside: not recorded either
     out = op.forward(x, ids, w)
     assert not out.requires_grad and out.grad_fn is None and torch.is_grad_enabled()
-    assert op._stack[-1][0].x.grad_fn is None  # (its bf16 copy of x: recorded were grad mode on)
+    assert op._stack[-1].x.grad_fn is None  # (its bf16 copy of x: recorded were grad mode on)
     grads = op.backward(torch.randn(4, H))
     assert all(not g.requires_grad for g in grads.values()) and torch.is_grad_enabled()
     with pytest.raises(ValueError, match="expert ids"):

@@ -16,7 +16,7 @@ the region's input: the MoE's saved activations, and with the context its output
 from __future__ import annotations
 
 import torch
-from bench_moe import RANK, Layer, cycled, layer_bench_args, step_batches, timed
+from bench_moe import RANK, Layer, layer_bench_args, step_batches, time_steps
 from benchlib import write_rows
 
 import kt_jit
@@ -81,10 +81,9 @@ def main() -> int:
     print(f"{'qlen':>5} {'variant':<11} {'ms':>9} {'vs_checkpoint':>14} {'kept MB':>8}")
     for qlen in qlens:
         batches = step_batches(qlen, k, e, h)
-        fns = {v: cycled(_step(fn, layer, v), batches) for v in variants}
-        paired: dict = {}
-        med = timed(fns, repeats=6 if args.quick else 12, min_seconds=2.0 if args.quick else 6.0, warmup=2,
-                    swaps=(("checkpoint", "none"), ("checkpoint", "context")), paired=paired)
+        swaps = (("checkpoint", "none"), ("checkpoint", "context"))
+        med, paired = time_steps({v: _step(fn, layer, v) for v in variants}, batches, swaps, args.quick,
+                                 6 if args.quick else 12)
         for v in variants:
             ratio = 1.0 if v == "checkpoint" else paired["checkpoint", v]
             kept = _kept_mb(fn, v, *batches[0][:3])

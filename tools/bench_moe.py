@@ -134,6 +134,15 @@ def cycled(fn, batches):
     return run
 
 
+def time_steps(steps: dict, batches, swaps: tuple[tuple[str, str], ...], quick: bool, repeats: int):
+    """Median seconds of each ``steps[name](*batch)`` cycled over ``batches`` (:func:`cycled`), timed
+    round-robin with ``swaps`` (see :func:`timed`) and their paired ratios: (medians, paired)."""
+    paired: dict = {}
+    med = timed({name: cycled(fn, batches) for name, fn in steps.items()}, repeats=repeats,
+                min_seconds=2.0 if quick else 6.0, warmup=2, swaps=swaps, paired=paired)
+    return med, paired
+
+
 def layer_bench_args(doc: str, qlens: str, quick_qlens: list[int]):
     """The command line of a one-layer benchmark (``--quick``, ``--shape``, ``--qlens``, ``--json``):
     (args, (E, H, I, K), qlens)."""

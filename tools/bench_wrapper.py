@@ -15,7 +15,7 @@ the same rounds).
 from __future__ import annotations
 
 import torch
-from bench_moe import RANK, Layer, cycled, layer_bench_args, step_batches, timed
+from bench_moe import RANK, Layer, layer_bench_args, step_batches, time_steps
 from benchlib import write_rows
 
 import kt_jit
@@ -52,12 +52,10 @@ def main() -> int:
     print(f"{'qlen':>5} {'pass':<10} {'direct ms':>10} {'wrapper ms':>11} {'vs_direct':>10}")
     for qlen in qlens:
         batches = step_batches(qlen, k, e, h)
-        fns = {"step direct": cycled(op_step, batches), "step wrapper": cycled(wrapper_step, batches),
-               "infer direct": cycled(direct_infer, batches),
-               "infer wrapper": cycled(lambda x, ids, w, dout: infer.forward(x, ids, w), batches)}
-        paired: dict = {}
-        med = timed(fns, repeats=8 if args.quick else 20, min_seconds=2.0 if args.quick else 6.0, warmup=2,
-                    swaps=(("step direct", "step wrapper"), ("infer direct", "infer wrapper")), paired=paired)
+        steps = {"step direct": op_step, "step wrapper": wrapper_step, "infer direct": direct_infer,
+                 "infer wrapper": lambda x, ids, w, dout: infer.forward(x, ids, w)}
+        med, paired = time_steps(steps, batches, (("step direct", "step wrapper"), ("infer direct", "infer wrapper")),
+                                 args.quick, 8 if args.quick else 20)
         for pass_name in ("step", "infer"):
             direct, wrapper = med[f"{pass_name} direct"], med[f"{pass_name} wrapper"]
             ratio = paired[f"{pass_name} direct", f"{pass_name} wrapper"]  # (direct's time over the wrapper's)

@@ -9,6 +9,7 @@ import torch
 
 from ..moe import sft as core
 from ..moe.weights import MoEExperts, MoELoRA
+from ..runtime.checks import check_int
 from . import checkpointing
 from .validate import check_grad_output, check_lora_arg, check_moe_inputs, check_saveable
 
@@ -226,12 +227,11 @@ class MoESFTOp:
         if not isinstance(experts, MoEExperts):
             raise ValueError(f"experts must be a kt_jit.MoEExperts, got {type(experts).__name__}")
         check_lora_arg(lora)
-        if not isinstance(max_cache_depth, int) or isinstance(max_cache_depth, bool) or max_cache_depth < 1:
-            raise ValueError(f"max_cache_depth must be an integer >= 1, got {max_cache_depth!r}")
+        max_cache_depth = check_int(max_cache_depth, "max_cache_depth")
         if lora is not None:
             lora.check_matches(experts)
         self.experts, self.lora, self.max_cache_depth = experts, lora, max_cache_depth
-        self._stack: list[tuple[core.Saved, tuple]] = []  # (saved forward, its adapters' _lora_state)
+        self._stack: list[core.Saved] = []
         self._lock = threading.Lock()
 
     def __getstate__(self) -> dict:
@@ -242,9 +242,6 @@ class MoESFTOp:
     def __setstate__(self, state: dict) -> None:
         self.__dict__.update(state)
         self._lock = threading.Lock()
-        # a copy owns new adapter tensors: the saved forwards' baselines are the copy's (as Saved's)
-        lora = self.lora.tensors() if self.lora is not None else None
-        self._stack = [(saved, _lora_state(lora)) for saved, _ in self._stack]
 
     @property
     def cache_depth(self) -> int:
@@ -276,23 +273,27 @@ class MoESFTOp:
                 if len(self._stack) >= self.max_cache_depth:
                     raise RuntimeError(f"Forward cache full: {len(self._stack)} forwards saved, max_cache_depth="
                                        f"{self.max_cache_depth}. Call backward() first, or raise max_cache_depth.")
-                self._stack.append((saved, _lora_state(lora)))
+                saved.lora_state = _lora_state(lora)
+                self._stack.append(saved)
         return out
 
-    def backward(self, grad_output: torch.Tensor) -> dict[str, torch.Tensor]:
-        """Gradients of the newest saved forward: ``grad_input`` [T, H] (bf16), ``grad_weights`` [T, K]
-        (fp32) and, with LoRA, one bf16 entry per LoRA tensor name (e.g. ``gate_lora_a``)."""
+    def backward(self, grad_output: torch.Tensor, dx_dtype: torch.dtype = torch.bfloat16) -> dict[str, torch.Tensor]:
+        """Gradients of the newest saved forward: ``grad_input`` [T, H] (``dx_dtype``: bf16 or fp32,
+        rounded once from the fp32 sums), ``grad_weights`` [T, K] (fp32) and, with LoRA, one bf16
+        entry per LoRA tensor name (e.g. ``gate_lora_a``)."""
+        if dx_dtype not in (torch.bfloat16, torch.float32):
+            raise ValueError(f"dx_dtype must be torch.bfloat16 or torch.float32, got {dx_dtype}")
         with self._lock:
             if not self._stack:
                 raise RuntimeError("No forward cache to run backward on: call forward(..., "
                                    "save_for_backward=True) first (each backward consumes one forward).")
-            saved, lora_state = self._stack.pop()
+            saved = self._stack.pop()
         t, h = saved.x.shape
         try:
             check_grad_output(grad_output, t, h)
         except ValueError:
             with self._lock:
-                self._stack.append((saved, lora_state))  # (the forward stays usable with a correct grad_output)
+                self._stack.append(saved)  # (the forward stays usable with a correct grad_output)
             raise
         if core.experts_config(self.experts) != saved.experts_config:
             raise RuntimeError("the op's experts changed shape, count or quantization between forward and "
@@ -305,13 +306,13 @@ class MoESFTOp:
                 lora[0].shape[1] != saved.rank or scaling != saved.scaling)):
             raise RuntimeError("the LoRA adapters changed rank or scaling (or were attached/removed) between "
                                "forward and backward; run the forward again")
-        if lora is not None and _lora_state(lora) != lora_state:
+        if lora is not None and saved.lora_state is not None and _lora_state(lora) != saved.lora_state:
             raise RuntimeError("the LoRA adapters were changed (in place, e.g. an optimizer step or "
                                "update_lora_weights, or replaced) between this forward and its backward: the "
                                "backward would mix old and new values. Step the optimizer after the backward, or "
                                "run the forward again")
         dx, dw, dlora = _without_grad(core.backward, saved, grad_output, self.experts, lora, scaling,
-                                      getattr(self.lora, "grad_buffers", None), dx_dtype=torch.bfloat16)
+                                      getattr(self.lora, "grad_buffers", None), dx_dtype=dx_dtype)
         result = {"grad_input": dx, "grad_weights": dw}
         if dlora is not None:
             from ..moe.weights import LORA_NAMES

@@ -40,6 +40,8 @@ from concurrent.futures import Future, ThreadPoolExecutor
 import torch
 
 from ..moe.weights import LORA_NAMES, MoEExperts, MoELoRA, lora_shapes
+from ..runtime.buffers import resident_empty
+from ..runtime.checks import check_int
 from .sft import MoESFTOp, moe_sft
 
 SFT_METHODS = {"AMXBF16_SFT": "bf16", "AMXINT8_SFT": "int8", "AMXINT4_SFT": "int4", "AMXINT4_1_SFT": "int4_1",
@@ -126,9 +128,8 @@ class _MoEWrapperBase:
                  method: str, quant: str, group_size: int) -> None:
         sizes = dict(num_experts=num_experts, hidden_size=hidden_size, moe_intermediate_size=moe_intermediate_size,
                      num_experts_per_tok=num_experts_per_tok, chunked_prefill_size=chunked_prefill_size)
-        for name, value in sizes.items():
-            if not isinstance(value, int) or isinstance(value, bool) or value <= 0:
-                raise ValueError(f"{name} must be a positive integer, got {value!r}")
+        num_experts, hidden_size, moe_intermediate_size, num_experts_per_tok, chunked_prefill_size = (
+            check_int(value, name) for name, value in sizes.items())
         if num_experts_per_tok > num_experts:
             raise ValueError(f"num_experts_per_tok ({num_experts_per_tok}) cannot exceed num_experts ({num_experts})")
         self.layer_idx, self.num_experts, self.num_experts_per_tok = layer_idx, num_experts, num_experts_per_tok
@@ -226,7 +227,8 @@ class _MoEWrapperBase:
         elif self._map is not None and self._logical is logical and torch.equal(idx, self._map):
             experts = self.experts
         else:
-            experts = MoEExperts({k: v.index_select(0, idx) for k, v in logical.tensors.items()},
+            experts = MoEExperts({k: torch.index_select(v, 0, idx, out=resident_empty(
+                                      (len(idx), *v.shape[1:]), v.dtype)) for k, v in logical.tensors.items()},
                                  logical.hidden_size, logical.intermediate_size, logical.quant, logical.group_size)
         self._logical, self._map, self.experts = logical, idx, experts
         self._weights_set()
@@ -304,12 +306,10 @@ class SFTMoEWrapper(_MoEWrapperBase):
 
     def __init__(self, lora_rank: int = 16, lora_alpha: float = 32.0, max_cache_depth: int = 1, **base) -> None:
         super().__init__(**base)
-        if not isinstance(lora_rank, int) or isinstance(lora_rank, bool) or lora_rank <= 0:
-            raise ValueError(f"lora_rank must be a positive integer, got {lora_rank!r}")
+        lora_rank = check_int(lora_rank, "lora_rank")
         if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not lora_alpha > 0:
             raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
-        if not isinstance(max_cache_depth, int) or isinstance(max_cache_depth, bool) or max_cache_depth <= 0:
-            raise ValueError(f"max_cache_depth must be a positive integer, got {max_cache_depth!r}")
+        max_cache_depth = check_int(max_cache_depth, "max_cache_depth")
         self.lora_rank, self.lora_alpha = lora_rank, float(lora_alpha)
         self.lora_scaling = self.lora_alpha / lora_rank
         self.max_cache_depth = max_cache_depth
@@ -395,7 +395,8 @@ class SFTMoEWrapper(_MoEWrapperBase):
             raise RuntimeError("LoRA weights not initialized. Call init_lora_weights() first.")
         if not isinstance(grad_output, torch.Tensor):
             raise ValueError(f"grad_output must be a tensor, got {type(grad_output).__name__}")
-        grads = self._op.backward(grad_output.to("cpu"))
+        dx_dtype = grad_output.dtype if grad_output.dtype in (torch.float32, torch.bfloat16) else torch.bfloat16
+        grads = self._op.backward(grad_output.to("cpu"), dx_dtype=dx_dtype)
         self.grad_weights = grads["grad_weights"]
         loras = {f"grad_{n}": grads[n] for n in LORA_NAMES}
         if self._grad_buffers is not None:

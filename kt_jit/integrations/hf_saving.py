@@ -71,20 +71,21 @@ def _write_experts(experts: MoEExperts, target: str) -> str:
     known to hold them (unchanged since: the same id; e.g. an earlier checkpoint's, which a
     Trainer may have deleted meanwhile), else a new save."""
     known = _FILES.get(experts, [])
-    known[:] = [(p, i) for p, i in known if _has_id(p, i)]
-    for source, source_id in reversed(known):
+    while known and not _has_id(*known[-1]):  # (only the newest valid one is used: older ones stay unread)
+        known.pop()
+    if known:
+        source, source_id = known[-1]
         if os.path.exists(target) and os.path.samefile(source, target):
             return source_id
         tmp = f"{target}.link{os.getpid()}"
         try:
             os.link(source, tmp)
             os.replace(tmp, target)
+            remember_file(experts, target, source_id)
+            return source_id
         except OSError:  # (another file system, no hard links: write it)
             if os.path.lexists(tmp):
                 os.remove(tmp)
-            break
-        remember_file(experts, target, source_id)
-        return source_id
     new_id = uuid.uuid4().hex
     experts.save(target, metadata={SAVE_ID_KEY: new_id})
     remember_file(experts, target, new_id)

@@ -70,10 +70,13 @@ class Saved:
     x_version: int = 0       # tensor versions at forward time (in-place changes invalidate)
     w_version: int = 0
     experts_config: tuple = ()  # experts_config() of the forward (its backward needs the same shapes)
+    lora_state: tuple | None = None  # (address, version) of each adapter tensor at forward time, when the
+    # caller keeps them (MoESFTOp); None: not checked
 
     def __setstate__(self, state: dict) -> None:  # a copy (deepcopy, pickle) owns new tensors: new baselines
         self.__dict__.update(state)
         self.x_version, self.w_version = self.x._version, self.topk_weights._version
+        self.lora_state = None  # (the copy's adapters are other tensors, at addresses unknown here)
 
     def kept_rows(self) -> dict[str, _Rows]:
         """The kept buffers by name ([hgu, hd,] gu16) at the block's current address."""

@@ -16,6 +16,7 @@ from ..kernels.pack import check_gemm_dims, pack_bf16, unpack_tiles
 from ..kernels.packer import Fp8Weight, Source
 from ..kernels.quant import dequantize_int4, dequantize_int8, pack_int4, pack_int8
 from ..runtime.buffers import ALIGN, aligned_empty, resident_empty
+from ..runtime.checks import check_int
 from ..runtime.cpu import cpu_info
 from .aligned_file import is_padding, save_aligned
 from .gradbuf import LoraGradBuffers
@@ -156,8 +157,7 @@ def _check_layout(h: int, i: int, quant: str, group_size: int) -> None:
     if not isinstance(quant, str) or quant not in QUANT_MODES:
         raise ValueError(f"quant must be one of {tuple(QUANT_MODES)}, got {quant!r}")
     check_gemm_dims(i, h, "expert")
-    if isinstance(group_size, bool) or not isinstance(group_size, numbers.Integral):
-        raise ValueError(f"group_size must be an integer (a multiple of 32), got {group_size!r}")
+    check_int(group_size, "group_size", positive=False, hint="a multiple of 32")
     if QUANT_MODES[quant][1] and (group_size <= 0 or group_size % 32 or h % group_size or i % group_size):
         raise ValueError(f"group_size={group_size} must be a positive multiple of 32 that divides both "
                          f"hidden_size={h} and intermediate_size={i}")
@@ -419,14 +419,11 @@ class MoELoRA(nn.Module):
                  alpha: float = 32.0, dtype: torch.dtype = torch.bfloat16,
                  storage: tuple[torch.Tensor, ...] | None = None) -> None:
         super().__init__()
-        for name, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
-                        ("intermediate_size", intermediate_size), ("rank", rank)):
-            if isinstance(v, bool) or not isinstance(v, numbers.Integral) or v < 1:
-                raise ValueError(f"{name} must be a positive integer, got {v!r}")
+        num_experts, hidden_size, intermediate_size, rank = (
+            check_int(v, name) for name, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
+                                               ("intermediate_size", intermediate_size), ("rank", rank)))
         if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
             raise ValueError(f"alpha must be a finite number (the scaling is alpha / rank), got {alpha!r}")
-        num_experts, hidden_size, intermediate_size, rank = (int(v) for v in (num_experts, hidden_size,
-                                                                                intermediate_size, rank))
         if dtype != torch.bfloat16:
             raise ValueError(f"kt_jit's kernels read bfloat16 adapters; dtype must be torch.bfloat16, got {dtype}")
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size

@@ -30,10 +30,11 @@ kernels; see runtime/threads.py).
 
 from __future__ import annotations
 
-import numbers
 import os
 import re
 from pathlib import Path
+
+from .checks import check_int
 
 ISA_CHOICES = ("auto", "amx", "avx512", "amx_emu")
 
@@ -121,10 +122,8 @@ MAX_THREADS = 4096  # (far above any CPU's cores; libgomp kills the process when
 
 def check_thread_count(n: object, what: str = "num_threads") -> int:
     """``n`` as an int if it is an integer in 1..MAX_THREADS, else ValueError naming ``what``."""
-    if isinstance(n, bool) or not isinstance(n, numbers.Integral) or not 1 <= n <= MAX_THREADS:
-        raise ValueError(f"{what} must be an integer from 1 to {MAX_THREADS} (threads per kernel launch; "
-                         f"the default is the cores this process may use), got {n!r}")
-    return int(n)
+    return check_int(n, what, MAX_THREADS, hint="threads per kernel launch; the default is the cores this process "
+                     "may use")
 
 
 def isa_request() -> str:
