@@ -101,6 +101,43 @@ def test_gradient_buffers_and_cache_depth():
         wrapper.backward(torch.zeros(9, H))
 
 
+def test_gradient_buffers_are_written_in_place_at_a_kernel_rank():
+    """At a rank the kernels run as it is (16), the backward writes the caller's gradient buffers
+    directly: the same values as a wrapper without buffers, every idle expert's slices zero,
+    whether the buffers were left alone, changed in place (zero_, fill_) or hold what the last
+    step wrote for experts idle now. Buffers sharing memory with each other or the adapters raise."""
+    rank = 16
+    gate, up, down = make_layer(e=E, h=H, i=I, r=R, seed=1)[:3]
+    g = torch.Generator().manual_seed(4)
+    lora = [(torch.randn(s, generator=g) * 0.05).bfloat16() for s in lora_shapes(E, H, I, rank).values()]
+    plain, bufs_side = _wrapper(lora_rank=rank), _wrapper(lora_rank=rank)
+    for wr in (plain, bufs_side):
+        wr.load_weights_from_tensors(gate, up, down)
+    buffers = [torch.full_like(t, 7.0) for t in lora]
+    plain.init_lora_weights(*lora)
+    bufs_side.init_lora_weights(*lora, *buffers)
+    for step, change in enumerate([None, None, "fill_", None, "zero_", None]):
+        x, ids, w = make_batch(2, K, e=E, h=H, seed=30 + step)  # 2 tokens: some of the 8 experts idle
+        dout = torch.randn(2, H, generator=torch.Generator().manual_seed(step))
+        plain.forward_sft(x, ids, w)
+        want = plain.backward(dout)[1]
+        bufs_side.forward_sft(x, ids, w)
+        got = bufs_side.backward(dout)[1]
+        idle = torch.ones(E, dtype=torch.bool)
+        idle[ids.flatten()] = False
+        for buf, (name, a), b in zip(buffers, want.items(), got.values(), strict=True):
+            assert b is buf and torch.equal(a, b), (step, name)
+            assert not buf[~idle].eq(0).all() and buf[idle].eq(0).all(), (step, name)
+        if change == "fill_":
+            buffers[1].fill_(3.0)
+        elif change == "zero_":
+            buffers[4].zero_()
+    with pytest.raises(ValueError, match="(grad_gate_lora_b and gate_lora_b|gate_lora_b and grad_gate_lora_b) share"):
+        bufs_side.init_lora_weights(*lora, buffers[0], lora[1], *buffers[2:])
+    with pytest.raises(ValueError, match="grad_.*_lora_a and grad_.*_lora_a share memory"):
+        bufs_side.init_lora_weights(*lora, buffers[0], buffers[1], buffers[0], *buffers[3:])
+
+
 @pytest.mark.parametrize("method", ["AMXINT8", "AMXINT4", "MOE_INT4", "BF16"])
 def test_inference_forward_and_submit_sync(method):
     """Inference methods quantize as kt-kernel's do (the reference runs on the dequantized

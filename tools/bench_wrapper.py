@@ -1,5 +1,6 @@
 """What ``KTMoEWrapper`` (KTransformers' wrapper interface) costs on top of kt_jit's operator it calls:
-a training step (``forward_sft`` + ``backward`` against ``MoESFTOp.forward`` + ``.backward``) and an
+a training step (``forward_sft`` + ``backward`` against ``MoESFTOp.forward`` + ``.backward``; "step+bufs": with
+gradient buffers given to ``init_lora_weights``) and an
 inference forward (``KTMoEWrapper(mode="inference").forward`` against ``moe_sft`` under no_grad), on
 one layer of a real model's size, bf16 with rank-16 adapters. The seeds ask for the wrapper to be
 within 5% of the direct calls.
@@ -31,6 +32,10 @@ def main() -> int:
     sft = kt_jit.KTMoEWrapper(mode="sft", method="AMXBF16_SFT", **common)
     sft.load_weights_from_tensors(layer.gate, layer.up, layer.down)
     sft.init_lora_weights(*layer.lora.tensors())  # (bf16 CPU tensors: read in place, as the op reads them)
+    # kt-kernel's other form: gradient buffers the caller owns, which every backward overwrites
+    sft_bufs = kt_jit.KTMoEWrapper(mode="sft", method="AMXBF16_SFT", **common)
+    sft_bufs.load_weights_from_tensors(layer.gate, layer.up, layer.down)
+    sft_bufs.init_lora_weights(*layer.lora.tensors(), *(torch.zeros_like(t) for t in layer.lora.tensors()))
     infer = kt_jit.KTMoEWrapper(mode="inference", method="BF16", **common)
     infer.load_weights_from_tensors(layer.gate, layer.up, layer.down)
 
@@ -42,6 +47,10 @@ def main() -> int:
         sft.forward_sft(x, ids, w)
         sft.backward(dout)
 
+    def wrapper_bufs_step(x, ids, w, dout):
+        sft_bufs.forward_sft(x, ids, w)
+        sft_bufs.backward(dout)
+
     def direct_infer(x, ids, w, dout):
         with torch.no_grad():
             kt_jit.moe_sft(x, ids, w, layer.experts, out_dtype=torch.bfloat16)
@@ -52,13 +61,15 @@ def main() -> int:
     print(f"{'qlen':>5} {'pass':<10} {'direct ms':>10} {'wrapper ms':>11} {'vs_direct':>10}")
     for qlen in qlens:
         batches = step_batches(qlen, k, e, h)
-        steps = {"step direct": op_step, "step wrapper": wrapper_step, "infer direct": direct_infer,
-                 "infer wrapper": lambda x, ids, w, dout: infer.forward(x, ids, w)}
-        med, paired = time_steps(steps, batches, (("step direct", "step wrapper"), ("infer direct", "infer wrapper")),
-                                 args.quick, 8 if args.quick else 20)
-        for pass_name in ("step", "infer"):
-            direct, wrapper = med[f"{pass_name} direct"], med[f"{pass_name} wrapper"]
-            ratio = paired[f"{pass_name} direct", f"{pass_name} wrapper"]  # (direct's time over the wrapper's)
+        steps = {"step direct": op_step, "step wrapper": wrapper_step, "step+bufs wrapper": wrapper_bufs_step,
+                 "infer direct": direct_infer, "infer wrapper": lambda x, ids, w, dout: infer.forward(x, ids, w)}
+        pairs = (("step direct", "step wrapper"), ("step direct", "step+bufs wrapper"),
+                 ("infer direct", "infer wrapper"))
+        med, paired = time_steps(steps, batches, pairs, args.quick, 8 if args.quick else 20)
+        for pass_name in ("step", "step+bufs", "infer"):
+            side = pass_name.split("+")[0]
+            direct, wrapper = med[f"{side} direct"], med[f"{pass_name} wrapper"]
+            ratio = paired[f"{side} direct", f"{pass_name} wrapper"]  # (direct's time over the wrapper's)
             print(f"{qlen:>5} {pass_name:<10} {direct * 1e3:>10.3f} {wrapper * 1e3:>11.3f} {ratio:>10.3f}")
             rows.append({"name": f"{args.shape}/bf16/qlen{qlen}/{pass_name} wrapper", "ms": wrapper * 1e3,
                          "direct_ms": direct * 1e3, "vs_direct": ratio})

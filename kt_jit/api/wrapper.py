@@ -39,6 +39,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from ..moe.sft import kernel_rank
 from ..moe.weights import LORA_NAMES, MoEExperts, MoELoRA, lora_shapes
 from ..runtime.buffers import resident_empty
 from ..runtime.checks import check_int
@@ -69,6 +70,16 @@ def _quant(method: str, mode: str, zero_point: bool) -> str:
 def _own(t: torch.Tensor, caller: torch.Tensor) -> torch.Tensor:
     """``t`` (the checked form of the caller's tensor ``caller``) in memory the caller does not hold."""
     return t.clone() if t.data_ptr() == caller.data_ptr() else t
+
+
+def _overlapping(tensors: dict[str, torch.Tensor]) -> tuple[str, str] | None:
+    """Two names of ``tensors`` (CPU, contiguous) whose memory overlaps, or None."""
+    spans = sorted((t.data_ptr(), t.data_ptr() + t.numel() * t.element_size(), name)
+                   for name, t in tensors.items() if t.numel())
+    for (_, end, a), (start, _, b) in zip(spans, spans[1:], strict=False):
+        if start < end:
+            return a, b
+    return None
 
 
 def _unavailable(name: str):
@@ -350,8 +361,17 @@ class SFTMoEWrapper(_MoEWrapperBase):
             raise RuntimeError("init_lora_weights() with forwards saved: run their backward() first")
         # (a bf16 CPU contiguous tensor is itself here: the kernels read the caller's storage)
         storage = tuple(src.detach().to("cpu", torch.bfloat16).contiguous() for src in sources)
+        if grad_buffers:  # (the backward writes them while it reads the adapters)
+            clash = _overlapping({**{f"grad_{n}": t for n, t in zip(LORA_NAMES, grad_buffers, strict=True)},
+                                  **dict(zip(LORA_NAMES, storage, strict=True))})
+            if clash:
+                raise ValueError(f"{clash[0]} and {clash[1]} share memory: each gradient buffer must be a tensor of "
+                                 "its own, apart from the adapters and the other buffers")
         lora = MoELoRA(self.num_experts, self.hidden_size, self.moe_intermediate_size, self.lora_rank,
                        self.lora_alpha, storage=storage).requires_grad_(False)
+        if grad_buffers and kernel_rank(self.lora_rank) == self.lora_rank and all(
+                t.data_ptr() % 64 == 0 for t in grad_buffers):
+            lora.grad_buffers.adopt(grad_buffers)  # each backward writes them (else: copied into them)
         self._sources, self._grad_buffers, self._lora = sources, grad_buffers or None, lora
         if self._op is not None:
             self._op.lora = lora
@@ -401,7 +421,8 @@ class SFTMoEWrapper(_MoEWrapperBase):
         loras = {f"grad_{n}": grads[n] for n in LORA_NAMES}
         if self._grad_buffers is not None:
             for buf, name in zip(self._grad_buffers, LORA_NAMES, strict=True):
-                buf.copy_(grads[name])
+                if grads[name].data_ptr() != buf.data_ptr():  # (not adopted: a rank the kernels pad, unaligned)
+                    buf.copy_(grads[name])
                 loras[f"grad_{name}"] = buf
         return grads["grad_input"].to(grad_output.device, grad_output.dtype), loras
 
