@@ -93,8 +93,8 @@ def _backward(ctx, grad_out):
     dx, dw, dlora = core.backward(saved, grad_out, ctx.experts, lora_t, ctx.scaling, ctx.grad_buffers,
                                   need_dx=need[0], need_lora_grads=need_lora, dx_dtype=dx_dtype)
     lora_grads = (None,) * len(lora) if dlora is None else dlora  # bf16, as the adapters (checked)
-    return (None if dx is None else _as(dx, ctx.x_dtype), None, _as(dw, ctx.w_dtype), None, None, None, None, None,
-            *lora_grads)
+    return (None if dx is None else contiguous_as(dx, ctx.x_dtype), None, contiguous_as(dw, ctx.w_dtype),
+            None, None, None, None, None, *lora_grads)
 
 
 SECOND_ORDER_MESSAGE = ("kt_jit.moe_sft has no second-order gradients: a gradient taken through it with "
@@ -144,8 +144,8 @@ def _apply(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, 
 def _forward(x: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor, experts: MoEExperts,
              lora: tuple[torch.Tensor, ...] | None, scaling: float, save: bool, out_dtype: torch.dtype):
     """core.forward on validated inputs, converted to what it takes (bf16 x, fp32 weights)."""
-    return core.forward(_as(x, torch.bfloat16), topk_ids, _as(topk_weights, torch.float32), experts, lora, scaling,
-                        save=save, out_dtype=out_dtype)
+    return core.forward(contiguous_as(x, torch.bfloat16), topk_ids, contiguous_as(topk_weights, torch.float32),
+                        experts, lora, scaling, save=save, out_dtype=out_dtype)
 
 
 def _lora_state(lora: tuple[torch.Tensor, ...] | None) -> tuple:
@@ -168,7 +168,7 @@ def _without_grad(fn, *args, **kwargs):
         torch._C._set_grad_enabled(True)
 
 
-def _as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
+def contiguous_as(t: torch.Tensor, dtype: torch.dtype) -> torch.Tensor:
     """``t`` in ``dtype``, contiguous (itself when it already is: no torch call on the hot path)."""
     if t.dtype != dtype:
         t = t.to(dtype)

@@ -43,7 +43,7 @@ from ..moe.sft import kernel_rank
 from ..moe.weights import LORA_NAMES, MoEExperts, MoELoRA, lora_shapes
 from ..runtime.buffers import resident_empty
 from ..runtime.checks import check_int
-from .sft import MoESFTOp, moe_sft
+from .sft import MoESFTOp, contiguous_as, moe_sft
 
 SFT_METHODS = {"AMXBF16_SFT": "bf16", "AMXINT8_SFT": "int8", "AMXINT4_SFT": "int4", "AMXINT4_1_SFT": "int4_1",
                "AMXINT4_KGroup_SFT": "int4_kgroup", "AMXINT4_1KGroup_SFT": "int4_1kgroup"}
@@ -397,9 +397,11 @@ class SFTMoEWrapper(_MoEWrapperBase):
         if save_for_backward and self._lora is None:
             raise RuntimeError("LoRA weights not initialized. Call init_lora_weights() first, or set "
                                "save_for_backward=False.")
-        if save_for_backward:  # (the saved forward keeps x and w: the caller may reuse its buffers, as with kt-kernel)
-            x, w = _own(x, hidden_states), _own(w, weights)
         out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
+        if save_for_backward:  # (the saved forward keeps x and w: the caller may reuse its buffers, as with kt-kernel;
+            # converted here to what the kernels read, a copy of the caller's tensor only when that is it)
+            x = _own(contiguous_as(x, torch.bfloat16), hidden_states)
+            w = _own(contiguous_as(w, torch.float32), weights)
         out = self._op.forward(x, ids, w, save_for_backward=save_for_backward, out_dtype=out_dtype)
         return out.to(hidden_states.device, hidden_states.dtype)
 
