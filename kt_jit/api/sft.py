@@ -16,18 +16,9 @@ from .validate import check_grad_output, check_lora_arg, check_moe_inputs, check
 
 class _MoESFTFunction(torch.autograd.Function):
     @staticmethod
-    def forward(ctx, x, topk_ids, topk_weights, experts, scaling, out_dtype, grad_buffers, retain, *lora):
+    def forward(ctx, x, topk_ids, topk_weights, experts, scaling, out_dtype, grad_buffers, *lora):
         lora_t = tuple(lora) if lora else None
         out, saved = _forward(x, topk_ids, topk_weights, experts, lora_t, scaling, True, out_dtype)
-        if retain is not None:
-            # under moe_checkpoint_context: saved past the checkpoint's hooks (see moe_sft), which
-            # also skips autograd's version checks: _saved_tensors makes them
-            ctx.versions = (saved.x_version, saved.w_version, *(t._version for t in lora))
-            if not retain.recompute:
-                retain.kept.append(checkpointing.Retained(_call_key(experts, lora, scaling, out_dtype),
-                                                                     (x, topk_ids, topk_weights), out))
-        else:
-            ctx.versions = None
         # every saved tensor goes through save_for_backward: autograd checks the inputs' versions
         # (in-place changes before backward raise), and non-reentrant checkpointing can drop them
         # after the forward and recompute them for the backward
@@ -45,16 +36,6 @@ class _MoESFTFunction(torch.autograd.Function):
         if torch.is_grad_enabled():  # create_graph=True: a second differentiation must raise
             return _backward_no_second_order(ctx, grad_out)
         return _backward(ctx, grad_out)  # (grad mode is off: nothing to record)
-
-
-def _saved_tensors(ctx) -> tuple[torch.Tensor, ...]:
-    """(x, topk_weights, block, *lora) as the forward saved them, checked for changes in place."""
-    tensors = ctx.saved_tensors
-    if ctx.versions is not None and tuple(t._version for i, t in enumerate(tensors) if i != 2) != ctx.versions:
-        raise RuntimeError("hidden_states, topk_weights or a LoRA tensor was modified in place between the forward "
-                           "and the backward of kt_jit.moe_sft (under moe_checkpoint_context); clone them before "
-                           "changing, or step the optimizer after the backward")
-    return tensors
 
 
 def _call_key(experts: MoEExperts, lora: tuple[torch.Tensor, ...], scaling: float, out_dtype: torch.dtype) -> tuple:
@@ -75,7 +56,17 @@ class _Recomputed(torch.autograd.Function):
         raise RuntimeError("kt_jit: a checkpoint's recomputed graph was differentiated")
 
 
-def _same(t: torch.Tensor) -> torch.Tensor:
+def _pack_versioned(t: torch.Tensor) -> tuple[torch.Tensor, int]:
+    return t, t._version
+
+
+def _unpack_versioned(packed: tuple[torch.Tensor, int]) -> torch.Tensor:
+    """A tensor saved past a checkpoint's hooks, with the version check autograd makes for its own."""
+    t, version = packed
+    if t._version != version:
+        raise RuntimeError("hidden_states, topk_weights or a LoRA tensor was modified in place between the forward "
+                           "and the backward of kt_jit.moe_sft (under moe_checkpoint_context); clone them before "
+                           "changing, or step the optimizer after the backward")
     return t
 
 
@@ -84,17 +75,17 @@ def _backward(ctx, grad_out):
     if ctx.ids._version != ctx.ids_version:
         raise RuntimeError("topk_ids was modified in place between the forward and the backward of "
                            "kt_jit.moe_sft; pass a copy (topk_ids.clone()) if you reuse its buffer")
-    x, w, block, *lora = _saved_tensors(ctx)
+    x, w, block, *lora = ctx.saved_tensors
     saved = core.Saved(x, w, ctx.routing, block, *ctx.meta)
     lora_t = tuple(lora) if lora else None
-    need = ctx.needs_input_grad  # (x, topk_ids, topk_weights, 5 non-tensors, *lora)
-    need_lora = any(need[8:])
+    need = ctx.needs_input_grad  # (x, topk_ids, topk_weights, 4 non-tensors, *lora)
+    need_lora = any(need[7:])
     dx_dtype = ctx.x_dtype if ctx.x_dtype in (torch.float32, torch.bfloat16) else torch.float32
     dx, dw, dlora = core.backward(saved, grad_out, ctx.experts, lora_t, ctx.scaling, ctx.grad_buffers,
                                   need_dx=need[0], need_lora_grads=need_lora, dx_dtype=dx_dtype)
     lora_grads = (None,) * len(lora) if dlora is None else dlora  # bf16, as the adapters (checked)
     return (None if dx is None else contiguous_as(dx, ctx.x_dtype), None, contiguous_as(dw, ctx.w_dtype),
-            None, None, None, None, None, *lora_grads)
+            None, None, None, None, *lora_grads)
 
 
 SECOND_ORDER_MESSAGE = ("kt_jit.moe_sft has no second-order gradients: a gradient taken through it with "
@@ -199,16 +190,19 @@ def moe_sft(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: t
     phase = checkpointing.current()
     grad_buffers = getattr(lora, "grad_buffers", None)
     if phase is None:
-        return _apply(hidden_states, topk_ids, topk_weights, experts, scaling, out_dtype, grad_buffers, None, *tensors)
+        return _apply(hidden_states, topk_ids, topk_weights, experts, scaling, out_dtype, grad_buffers, *tensors)
+    call = _call_key(experts, tensors, scaling, out_dtype)
     if phase.recompute:
-        out = phase.take(_call_key(experts, tensors, scaling, out_dtype), (hidden_states, topk_ids, topk_weights))
+        out = phase.take(call, (hidden_states, topk_ids, topk_weights))
         if out is not None:
             return _Recomputed.apply([out], hidden_states, topk_weights, *tensors)
     # saved past the checkpoint's hooks: kept to the backward and freed by it, counted by neither
     # the first forward nor the recompute
-    with torch.autograd.graph.saved_tensors_hooks(_same, _same):
-        return _apply(hidden_states, topk_ids, topk_weights, experts, scaling, out_dtype, grad_buffers, phase,
-                      *tensors)
+    with torch.autograd.graph.saved_tensors_hooks(_pack_versioned, _unpack_versioned):
+        out = _apply(hidden_states, topk_ids, topk_weights, experts, scaling, out_dtype, grad_buffers, *tensors)
+    if not phase.recompute:
+        phase.kept.append(checkpointing.Retained(call, (hidden_states, topk_ids, topk_weights), out))
+    return out
 
 
 class MoESFTOp:
