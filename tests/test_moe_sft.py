@@ -713,7 +713,15 @@ def test_from_checkpoint_errors(tmp_path):
     (tmp_path / "model.safetensors.index.json").write_text('{"weight_map": {}}')
     with pytest.raises(ValueError, match="one shard of a sharded checkpoint"):
         kt_jit.MoEExperts.from_checkpoint(p, "model.layers.0.mlp")
+    for text, why in (('{"weight_map": ', "is not valid JSON"), ("[]", "holds a JSON list, not an object"),
+                      ('{"metadata": {}}', "has no weight_map")):  # a damaged index, then config.json
+        (tmp_path / "model.safetensors.index.json").write_text(text)
+        with pytest.raises(ValueError, match=f"model.safetensors.index.json {why}"):
+            kt_jit.MoEExperts.from_checkpoint(tmp_path, "model.layers.0.mlp")
     (tmp_path / "model.safetensors.index.json").unlink()
+    (tmp_path / "config.json").write_text('{"num_experts": 3')
+    with pytest.raises(ValueError, match="config.json is not valid JSON .*restore it"):
+        kt_jit.MoEExperts.from_checkpoint(p, "model.layers.0.mlp")
     (tmp_path / "config.json").unlink()
     bad = tmp_path / "bad.safetensors"
     save_file({"x.experts.0.gate_proj.weight": torch.zeros(I, H), "x.experts.0.up_proj.weight": torch.zeros(I, H),

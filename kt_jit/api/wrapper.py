@@ -30,7 +30,6 @@ copied to the CPU and the results back).
 
 from __future__ import annotations
 
-import json
 import numbers
 import os
 import re
@@ -39,6 +38,7 @@ from concurrent.futures import Future, ThreadPoolExecutor
 
 import torch
 
+from ..moe.checkpoint import NoExpertsError, packed_experts_files
 from ..moe.sft import kernel_rank
 from ..moe.weights import LORA_NAMES, MoEExperts, MoELoRA, lora_shapes
 from ..runtime.buffers import resident_empty
@@ -197,9 +197,7 @@ class _MoEWrapperBase:
             try:
                 return MoEExperts.from_checkpoint(path, f"model.layers.{self.layer_idx}.{module}", quant=self.quant,
                                                   group_size=self.group_size)
-            except ValueError as exc:
-                if "no experts under" not in str(exc):
-                    raise
+            except NoExpertsError as exc:
                 errors.append(str(exc))
         raise ValueError(f"layer {self.layer_idx}'s experts are not in {path}: {errors[0]} (kt-kernel's own "
                          "pre-quantized files are not read: give the original Hugging Face checkpoint)")
@@ -288,13 +286,7 @@ class _MoEWrapperBase:
 def _packed_file(path: str, layer: int) -> str | None:
     """The packed experts file of layer ``layer`` in a model directory kt_jit's save_pretrained
     wrote (None for any other path)."""
-    config = os.path.join(path, "config.json")
-    if not os.path.isfile(config):
-        return None
-    with open(config) as f:
-        cfg = json.load(f)
-    q = cfg.get("quantization_config") or (cfg.get("text_config") or {}).get("quantization_config") or {}
-    files = q.get("packed_experts") if q.get("quant_method") == "kt_jit" else None
+    files = packed_experts_files(path)
     if not files:
         return None
     found = [rel for name, rel in files.items() if re.search(rf"(^|\.)layers\.{layer}\.", name)]

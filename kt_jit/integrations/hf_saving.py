@@ -22,13 +22,13 @@ PEFT adapter file of them see :func:`kt_jit.integrations.peft_adapter.save_peft_
 
 from __future__ import annotations
 
-import json
 import os
 import uuid
 import weakref
 
 from torch import nn
 
+from ..moe.checkpoint import packed_experts_files
 from ..moe.weights import MoEExperts
 from .hf import KTJitExperts
 
@@ -109,11 +109,9 @@ def _weight_files(path: str) -> dict[str, tuple[int, int, int]]:
 def _is_packed_checkpoint(path: str) -> bool:
     """Whether the directory ``path`` holds a checkpoint this module wrote."""
     try:
-        with open(os.path.join(path, "config.json")) as f:
-            q = json.load(f).get("quantization_config") or {}
-    except (OSError, ValueError):
+        return packed_experts_files(path) is not None
+    except ValueError:  # (an unreadable config.json: not one this module wrote)
         return False
-    return q.get("quant_method") == "kt_jit" and bool(q.get("packed_experts"))
 
 
 def save_pretrained(model: nn.Module, path: str | os.PathLike, **kwargs) -> None:

@@ -48,6 +48,23 @@ class ExpertSource:
     chunk: Callable[[slice], Chunk]
 
 
+class NoExpertsError(ValueError):
+    """A checkpoint holds no experts under the prefix asked for."""
+
+
+def _read_json(file: str) -> dict:
+    """The JSON object in ``file`` (ValueError naming the file when it is anything else)."""
+    try:
+        with open(file) as f:
+            data = json.load(f)
+    except (UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f"{file} is not valid JSON ({exc}): restore it from the original checkpoint") from None
+    if not isinstance(data, dict):
+        raise ValueError(f"{file} holds a JSON {type(data).__name__}, not an object: restore it from the original "
+                         "checkpoint")
+    return data
+
+
 def _key_files(path: str) -> dict[str, str]:
     """Tensor name -> safetensors file, for a file or a directory (with or without an index)."""
     from safetensors import safe_open
@@ -57,8 +74,11 @@ def _key_files(path: str) -> dict[str, str]:
     elif os.path.isdir(path):
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
-            with open(index) as f:
-                return {k: os.path.join(path, v) for k, v in json.load(f)["weight_map"].items()}
+            weight_map = _read_json(index).get("weight_map")
+            if not isinstance(weight_map, dict):
+                raise ValueError(f"{index} has no weight_map (tensor name -> file): restore it from the original "
+                                 "checkpoint")
+            return {k: os.path.join(path, v) for k, v in weight_map.items()}
         files = sorted(os.path.join(path, n) for n in os.listdir(path) if n.endswith(".safetensors"))
         if not files:
             raise ValueError(f"{path} holds no .safetensors files")
@@ -77,15 +97,34 @@ _FP8_BLOCK = 128  # DeepSeek-V3's and Qwen3's FP8 block size, when config.json d
 _COUNT_KEYS = ("num_experts", "num_local_experts", "n_routed_experts", "moe_num_experts")
 
 
+def read_config(folder: str) -> dict:
+    """The ``config.json`` in the directory ``folder`` as a dict: {} when there is none, ValueError
+    naming the file when it is not a JSON object."""
+    file = os.path.join(folder, "config.json")
+    return _read_json(file) if os.path.isfile(file) else {}
+
+
 def _config(path: str) -> dict:
-    """The ``config.json`` next to the checkpoint, or {} (none, or unreadable)."""
-    folder = path if os.path.isdir(path) else os.path.dirname(path)
-    try:
-        with open(os.path.join(folder, "config.json")) as f:
-            cfg = json.load(f)
-    except (OSError, ValueError):
-        return {}
-    return cfg if isinstance(cfg, dict) else {}
+    """The ``config.json`` next to the checkpoint (a file or directory), or {}."""
+    return read_config(path if os.path.isdir(path) else os.path.dirname(path) or ".")
+
+
+def packed_experts_files(folder: str) -> dict[str, str] | None:
+    """For a model directory kt_jit's ``save_pretrained`` wrote, its packed experts' files (module
+    name -> path relative to ``folder``, from ``config.json``'s ``quantization_config``, also under
+    ``text_config``); None for any other directory or file."""
+    if not os.path.isdir(folder):
+        return None
+    cfg = read_config(folder)
+    for c in (cfg, cfg.get("text_config") or {}):
+        q = c.get("quantization_config") if isinstance(c, dict) else None
+        if isinstance(q, dict) and q.get("quant_method") == "kt_jit" and q.get("packed_experts"):
+            files = q["packed_experts"]
+            if not isinstance(files, dict):
+                raise ValueError(f"{folder}/config.json: quantization_config.packed_experts must map module names to "
+                                 f"files, got {type(files).__name__}")
+            return files
+    return None
 
 
 def _configured_experts(cfg: dict) -> int | None:
@@ -232,7 +271,7 @@ def expert_source(path: str | os.PathLike, prefix: str, stack: ExitStack,
             found[int(m.group(1)), PER_EXPERT_NAMES[m.group(2)]] = key
     if not found:
         near = sorted(k for k in keys if k.startswith(prefix))[:5]
-        raise ValueError(f"no experts under {prefix!r} in {path} (expected {prefix}.experts.<e>.gate_proj.weight, "
+        raise NoExpertsError(f"no experts under {prefix!r} in {path} (expected {prefix}.experts.<e>.gate_proj.weight, "
                          f".w1.weight or {prefix}.experts.gate_up_proj); keys there: {near or 'none'}")
     e = configured if configured is not None else 1 + max(idx for idx, _ in found)
     missing = [f"{idx}.{part}" for idx in range(e) for part in ("gate", "up", "down") if (idx, part) not in found]
