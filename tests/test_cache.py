@@ -97,6 +97,10 @@ def test_dump_dir_gets_ll_and_s(tmp_path, var):
     subprocess.run([sys.executable, "-c", CHILD], env=env, check=True, capture_output=True)
     names = {p.suffix for p in (tmp_path / "d").iterdir()}
     assert names == {".ll", ".s"}
+    (tmp_path / "f").write_text("")  # a file where the directory should be: named, not FileExistsError
+    env = dict(env, KT_JIT_CACHE_DIR=str(tmp_path / "c2"), **{var: str(tmp_path / "f")})
+    proc = subprocess.run([sys.executable, "-c", CHILD], env=env, capture_output=True, text=True)
+    assert proc.returncode != 0 and f"{var}={tmp_path / 'f'} is not a directory" in proc.stderr
 
 
 def test_clear_cache_only_removes_its_own_files(tmp_path, monkeypatch):

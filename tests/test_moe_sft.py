@@ -693,6 +693,8 @@ def test_from_checkpoint_reads_fp8_block_scales(block, h, i, fp8, tmp_path, monk
 
 
 def test_from_checkpoint_errors(tmp_path):
+    import json
+
     from safetensors.torch import save_file
 
     p = tmp_path / "m.safetensors"
@@ -723,6 +725,22 @@ def test_from_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match="config.json is not valid JSON .*restore it"):
         kt_jit.MoEExperts.from_checkpoint(p, "model.layers.0.mlp")
     (tmp_path / "config.json").unlink()
+    sharded = tmp_path / "sharded"  # an index naming a shard that is not there; a file that is not safetensors
+    sharded.mkdir()
+    (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
+        f"model.layers.0.mlp.experts.0.{n}.weight": "model-00002-of-00002.safetensors"
+        for n in ("gate_proj", "up_proj", "down_proj")}}))
+    with pytest.raises(ValueError, match="model-00002-of-00002.safetensors is missing .*a shard was not downloaded"):
+        kt_jit.MoEExperts.from_checkpoint(sharded, "model.layers.0.mlp")
+    (sharded / "model.safetensors.index.json").unlink()
+    (sharded / "model.safetensors").write_bytes(b"<html>rate limited</html>")
+    with pytest.raises(ValueError, match="model.safetensors is not a readable safetensors file"):
+        kt_jit.MoEExperts.from_checkpoint(sharded, "model.layers.0.mlp")
+    with pytest.raises(ValueError, match=r"gate_proj holds no experts \(shape \[0, I, H\]\)"):
+        kt_jit.MoEExperts.from_tensors(*(torch.zeros(0, *s) for s in ((I, H), (I, H), (H, I))))
+    experts = kt_jit.MoEExperts.from_tensors(*(torch.zeros(1, *s) for s in ((I, H), (I, H), (H, I))))
+    with pytest.raises(FileNotFoundError, match="the directory .*nowhere does not exist"):
+        experts.save(tmp_path / "nowhere" / "experts.safetensors")
     bad = tmp_path / "bad.safetensors"
     save_file({"x.experts.0.gate_proj.weight": torch.zeros(I, H), "x.experts.0.up_proj.weight": torch.zeros(I, H),
                "x.experts.0.down_proj.weight": torch.zeros(I, H)}, bad)

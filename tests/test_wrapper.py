@@ -195,7 +195,7 @@ def test_load_weights_from_a_checkpoint_with_an_expert_map(tmp_path):
     with pytest.raises(ValueError, match="layer 5's experts are not in"):
         missing.load_weights()
     for bad, why in ((torch.arange(E - 1), "has 7 entries"), (torch.arange(E) + 1, r"outside \[0, 8\)"),
-                     (torch.arange(E).float(), "1-D integer tensor")):
+                     (torch.arange(E).float(), "1-D integer tensor"), (torch.arange(E) < 1, "1-D integer tensor")):
         with pytest.raises(ValueError, match=why):
             _wrapper(mode="inference", method="BF16").load_weights_from_tensors(gate, up, down, bad)
 

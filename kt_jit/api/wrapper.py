@@ -207,7 +207,8 @@ class _MoEWrapperBase:
         against this layer's ``num_experts`` slots and the ``logical`` experts loaded."""
         if mapping is None:
             return None
-        if not isinstance(mapping, torch.Tensor) or mapping.dim() != 1 or mapping.dtype.is_floating_point:
+        if (not isinstance(mapping, torch.Tensor) or mapping.dim() != 1 or mapping.dtype.is_floating_point
+                or mapping.dtype == torch.bool):
             raise ValueError("physical_to_logical_map_cpu must be a 1-D integer tensor [num_experts]")
         if mapping.shape[0] != self.num_experts:
             raise ValueError(f"physical_to_logical_map_cpu has {mapping.shape[0]} entries; this layer has "

@@ -96,7 +96,11 @@ def _dump(name: str, ir_text: str, target: cc.Target) -> None:
     d = knobs.dump_dir()
     if d is None:
         return
-    d.mkdir(parents=True, exist_ok=True)
+    try:
+        d.mkdir(parents=True, exist_ok=True)
+    except (FileExistsError, NotADirectoryError):
+        raise ValueError(f"KT_JIT_DUMP_DIR={d} is not a directory: set it to a directory (made if missing) or "
+                         "unset it") from None
     (d / f"{name}.ll").write_text(ir_text)
     (d / f"{name}.s").write_text(cc.compile_assembly(ir_text, target))
 

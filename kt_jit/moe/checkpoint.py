@@ -65,10 +65,20 @@ def _read_json(file: str) -> dict:
     return data
 
 
+def _open_safetensors(file: str):
+    """``safe_open(file)``; ValueError naming the file when it is missing or not safetensors."""
+    from safetensors import SafetensorError, safe_open
+
+    if not os.path.isfile(file):
+        raise ValueError(f"{file} is missing (named by the checkpoint's index: a shard was not downloaded?)")
+    try:
+        return safe_open(file, framework="pt")
+    except SafetensorError as exc:
+        raise ValueError(f"{file} is not a readable safetensors file ({exc}): download or write it again") from None
+
+
 def _key_files(path: str) -> dict[str, str]:
     """Tensor name -> safetensors file, for a file or a directory (with or without an index)."""
-    from safetensors import safe_open
-
     if os.path.isfile(path):
         files = [path]
     elif os.path.isdir(path):
@@ -86,7 +96,7 @@ def _key_files(path: str) -> dict[str, str]:
         raise ValueError(f"checkpoint {path} does not exist")
     out = {}
     for file in files:
-        with safe_open(file, framework="pt") as f:
+        with _open_safetensors(file) as f:
             out.update(dict.fromkeys(f.keys(), file))
     return out
 
@@ -206,7 +216,6 @@ def expert_source(path: str | os.PathLike, prefix: str, stack: ExitStack,
     files stay open (memory-mapped) until ``stack`` closes. Everything is checked from the
     safetensors headers before any weight is read. ``num_experts`` defaults to the count in the
     checkpoint's ``config.json`` (else the highest expert index found + 1)."""
-    from safetensors import safe_open
 
     path = os.fspath(path)
     prefix = prefix.rstrip(".")
@@ -221,7 +230,7 @@ def expert_source(path: str | os.PathLike, prefix: str, stack: ExitStack,
     def header(key: str):
         file = keys[key]
         if file not in handles:
-            handles[file] = stack.enter_context(safe_open(file, framework="pt"))
+            handles[file] = stack.enter_context(_open_safetensors(file))
         return handles[file].get_slice(key)
 
     def dtype_of(key: str) -> torch.dtype:

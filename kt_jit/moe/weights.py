@@ -252,6 +252,8 @@ class MoEExperts:
         """
         _check_expert_tensor("gate_proj", gate_proj, None)
         e, i, h = gate_proj.shape
+        if e == 0:
+            raise ValueError("gate_proj holds no experts (shape [0, I, H]): give at least one")
         _check_expert_tensor("up_proj", up_proj, (e, i, h))
         _check_expert_tensor("down_proj", down_proj, (e, h, i))
         return cls._pack_chunks(e, h, i, lambda sl: (gate_proj[sl], up_proj[sl], down_proj[sl]), quant, group_size)
