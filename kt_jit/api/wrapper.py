@@ -335,8 +335,13 @@ class SFTMoEWrapper(_MoEWrapperBase):
                           *grad_buffers: torch.Tensor) -> None:
         """The six adapters: A ``[E, r, in]``, B ``[E, out, r]`` (gate/up in = H, out = I; down
         in = I, out = H), any float dtype, on any device; then optionally six gradient buffers of the
-        same shapes (bf16 CPU contiguous) that each backward overwrites. Raises ValueError for a
-        shape that does not fit the wrapper."""
+        same shapes (bf16 CPU contiguous, each apart from the others and the adapters) that each
+        backward overwrites: written by the kernels themselves when the rank is one they run at (16
+        or a multiple of 32) and the buffers are 64-byte aligned (as torch allocates), else copied
+        into. Between backwards, change them only through torch (a version-counted in-place op, as
+        ``zero_()``) or not at all: a backward zeroes only the idle experts it wrote last time while
+        their version counters have not moved. Raises ValueError for a shape that does not fit the
+        wrapper, or buffers sharing memory."""
         if len(grad_buffers) not in (0, 6):
             raise ValueError(f"init_lora_weights takes 6 adapter tensors and optionally 6 gradient buffers, got "
                              f"{6 + len(grad_buffers)} tensors")
