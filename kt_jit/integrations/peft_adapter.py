@@ -240,7 +240,7 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, in_place: bool 
     import warnings
 
     path = _adapter_dir(path, hub_kwargs)
-    loaded, ignored = _read_adapter(model, path)
+    loaded, _, ignored = _read_adapter(model, path)
     _assign(model, loaded, in_place)
     if ignored:
         warnings.warn(f"{path}: only the experts' adapters were loaded; {len(ignored)} other tensors were not "
@@ -248,9 +248,9 @@ def load_peft_adapter(model: nn.Module, path: str | os.PathLike, in_place: bool 
     return loaded
 
 
-def _read_adapter(model: nn.Module, path: str) -> tuple[dict[str, MoELoRA], list[str]]:
-    """(the experts adapters of the adapter directory ``path`` by module name, the names of its
-    tensors that are not theirs); see :func:`load_peft_adapter`."""
+def _read_adapter(model: nn.Module, path: str) -> tuple[dict[str, MoELoRA], dict[str, torch.Tensor], list[str]]:
+    """(the experts adapters of the adapter directory ``path`` by module name, all its tensors by
+    key, the names of its tensors that are not theirs); see :func:`load_peft_adapter`."""
     from safetensors.torch import load_file
 
     with open(os.path.join(path, "adapter_config.json")) as f:
@@ -287,7 +287,7 @@ def _read_adapter(model: nn.Module, path: str) -> tuple[dict[str, MoELoRA], list
     if left:  # (e.g. lora_bias: kt_jit's experts adapters have no bias)
         raise ValueError(f"{path}: holds tensors of the experts that kt_jit's adapters have no place for: {left[:4]}"
                          f"{' ...' if len(left) > 4 else ''} (LoRA A and B are read; a LoRA bias is not)")
-    return loaded, sorted(set(tensors) - used)
+    return loaded, tensors, sorted(set(tensors) - used)
 
 
 def _v4_names(name: str) -> tuple[str, ...]:
@@ -325,18 +325,9 @@ def _read_per_expert(module: KTJitExperts, name: str, cfg: dict, tensors: dict[s
     for (expert, part), key in sorted(keys.items()):
         if expert >= e:
             raise ValueError(f"{path}: {key} is expert {expert}; {name} has {e} experts")
-        a, b = tensors.get(key + ".lora_A.weight"), tensors.get(key + ".lora_B.weight")
-        if a is None or b is None:
-            raise ValueError(f"{path}: {key}.lora_A/lora_B.weight missing (one of the two is there)")
-        out, k = shapes[part]
-        module_name = key.removeprefix(_PREFIX)
-        rank = _pattern_value(cfg.get("rank_pattern") or {}, module_name, cfg["r"])
-        if a.shape != (rank, k) or b.shape != (out, rank):
-            raise ValueError(f"{path}: {key} holds lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, expected "
-                             f"{(rank, k)} and {(out, rank)} for expert {expert}'s {part} projection of {name}")
-        used.update((key + ".lora_A.weight", key + ".lora_B.weight"))
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, module_name, cfg["lora_alpha"])
-        parts[expert, part] = (a.float(), b.float(), alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank))
+        parts[expert, part] = _read_pair(cfg, tensors, key, key.removeprefix(_PREFIX), shapes[part], 1, used, path,
+                                         missing="missing (one of the two is there)",
+                                         what=f"expert {expert}'s {part} projection of {name}")
     r = max(a.shape[0] for a, _, _ in parts.values())
     scalings = [s for _, _, s in parts.values()]
     s = max(set(scalings), key=scalings.count) or 1.0  # (MoELoRA has one scaling: other ratios go into B)
@@ -345,6 +336,28 @@ def _read_per_expert(module: KTJitExperts, name: str, cfg: dict, tensors: dict[s
         stacks[part][0][expert, :a.shape[0]] = a
         stacks[part][1][expert, :, :a.shape[0]] = b * (scaling / s)
     return MoELoRA.from_tensors(*stacks["gate"], *stacks["up"], *stacks["down"], alpha=s * r)
+
+
+def _read_pair(cfg: dict, tensors: dict[str, torch.Tensor], key: str, target: str, shape: tuple[int, int],
+               experts: int, used: set[str], path: str, missing: str,
+               what: str) -> tuple[torch.Tensor, torch.Tensor, float]:
+    """(``lora_A``, ``lora_B`` as float, scaling) of the LoRA at the key prefix ``key`` of an adapter
+    with config ``cfg``, for a weight of ``shape`` (out, in) held by ``experts`` experts at once (PEFT's
+    ``lora_A [experts·R, in]``, ``lora_B [out, R·experts]``; 1 for a per-expert module), its rank R and
+    alpha those of ``rank_pattern`` / ``alpha_pattern`` for ``target``. Its two keys are added to
+    ``used``. Raises ValueError naming ``key`` when one is missing (``missing`` ends the message) or
+    the shapes are not those (``what`` ends the message)."""
+    a, b = tensors.get(key + ".lora_A.weight"), tensors.get(key + ".lora_B.weight")
+    if a is None or b is None:
+        raise ValueError(f"{path}: {key}.lora_A/lora_B.weight {missing}")
+    out, k = shape
+    rank = _pattern_value(cfg.get("rank_pattern") or {}, target, cfg["r"])
+    if a.shape != (experts * rank, k) or b.shape != (out, rank * experts):
+        raise ValueError(f"{path}: {key} holds lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, expected "
+                         f"{(experts * rank, k)} and {(out, rank * experts)} for {what}")
+    used.update((key + ".lora_A.weight", key + ".lora_B.weight"))
+    alpha = _pattern_value(cfg.get("alpha_pattern") or {}, target, cfg["lora_alpha"])
+    return a.float(), b.float(), alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
 
 
 def _assign(model: nn.Module, loaded: dict[str, MoELoRA], in_place: bool) -> None:
@@ -371,18 +384,10 @@ def _read_module(module: KTJitExperts, name: str, cfg: dict, tensors: dict[str, 
     parts = {}
     for depth, param in enumerate(_nesting(module)):
         key = f"{_PREFIX}{name}{'.base_layer' * (1 - depth)}"
-        a, b = tensors.get(key + ".lora_A.weight"), tensors.get(key + ".lora_B.weight")
         out, k = (2 * i, h) if param == "gate_up_proj" else (h, i)
-        if a is None or b is None:
-            raise ValueError(f"{path}: {key}.lora_A/lora_B.weight ({name}.{param}) missing")
-        rank = _pattern_value(cfg.get("rank_pattern") or {}, f"{name}.{param}", cfg["r"])
-        if a.shape != (e * rank, k) or b.shape != (out, rank * e):
-            raise ValueError(f"{path}: {key} holds lora_A {tuple(a.shape)} and lora_B {tuple(b.shape)}, "
-                             f"expected {(e * rank, k)} and {(out, rank * e)} for {name}.{param}")
-        used.update((key + ".lora_A.weight", key + ".lora_B.weight"))
-        alpha = _pattern_value(cfg.get("alpha_pattern") or {}, f"{name}.{param}", cfg["lora_alpha"])
-        scale = alpha / (math.sqrt(rank) if cfg.get("use_rslora") else rank)
-        parts[param] = (a.float().reshape(e, rank, k), b.float().reshape(out, rank, e).permute(2, 0, 1), scale)
+        a, b, scale = _read_pair(cfg, tensors, key, f"{name}.{param}", (out, k), e, used, path,
+                                 missing=f"({name}.{param}) missing", what=f"{name}.{param}")
+        parts[param] = (a.reshape(e, -1, k), b.reshape(out, -1, e).permute(2, 0, 1), scale)
     (gu_a, gu_b, gu_s), (dn_a, dn_b, dn_s) = parts["gate_up_proj"], parts["down_proj"]
     r = max(gu_a.shape[1], dn_a.shape[1])
     s = gu_s or dn_s or 1.0  # (MoELoRA has one scaling: the other parameter's ratio goes into its B)
@@ -433,8 +438,8 @@ def peft_model_from_adapter(model: nn.Module, path: str | os.PathLike, is_traina
                          "adapter with its load_adapter after track_experts_adapters")
     modules = _experts_modules(model)
     path = _adapter_dir(path, hub_kwargs)
-    loaded, ignored = _read_adapter(model, path)  # (checks the experts' part before anything changes)
-    wrapped = _peft_wrap(model, path, ignored, modules, is_trainable, adapter_name) if ignored else None
+    loaded, tensors, ignored = _read_adapter(model, path)  # (checks the experts' part before anything changes)
+    wrapped = _peft_wrap(model, path, tensors, ignored, modules, is_trainable, adapter_name) if ignored else None
     if wrapped is None:  # (left as PEFT leaves a model: its own weights frozen, eval mode unless trainable)
         model.requires_grad_(False)
         if not is_trainable:
@@ -445,10 +450,11 @@ def peft_model_from_adapter(model: nn.Module, path: str | os.PathLike, is_traina
     return model if wrapped is None else track_experts_adapters(wrapped)
 
 
-def _peft_wrap(model: nn.Module, path: str, keep: list[str], modules: dict[str, KTJitExperts], is_trainable: bool,
-               adapter_name: str) -> nn.Module:
+def _peft_wrap(model: nn.Module, path: str, file_tensors: dict[str, torch.Tensor], keep: list[str],
+               modules: dict[str, KTJitExperts], is_trainable: bool, adapter_name: str) -> nn.Module:
     """PEFT's model of ``model`` with the tensors ``keep`` of the adapter in ``path`` (those that are
-    not the experts'), its config without what names the experts ``modules`` only (see
+    not the experts'; ``file_tensors`` are all of its tensors, as :func:`_read_adapter` read them),
+    its config without what names the experts ``modules`` only (see
     :func:`peft_model_from_adapter`). PEFT's conversion of adapters by the model type is kept out
     (:func:`_hidden_model_type`): the experts, which it is for, never reach PEFT here; an adapter
     written for transformers 4 is given to PEFT under the names it has on transformers 5
@@ -457,13 +463,11 @@ def _peft_wrap(model: nn.Module, path: str, keep: list[str], modules: dict[str, 
 
     import peft
     from peft.utils.constants import DUMMY_TARGET_MODULES
-    from safetensors import safe_open
     from safetensors.torch import save_file
 
-    with safe_open(os.path.join(path, "adapter_model.safetensors"), "pt") as f:
-        tensors = {k: f.get_tensor(k) for k in keep}
-        dropped = {_module_of(k) for k in f.keys() if k not in tensors}
-        per_expert = any(_per_expert_keys(f.keys(), name) for name in modules)
+    tensors = {k: file_tensors[k] for k in keep}
+    dropped = {_module_of(k) for k in file_tensors if k not in tensors}
+    per_expert = any(_per_expert_keys(file_tensors, name) for name in modules)
     experts = [f"{name}.{param}" for name in modules for param in ("gate_up_proj", "down_proj")] + sorted(dropped)
     config = peft.PeftConfig.from_pretrained(path)
     config.target_parameters = [t for t in config.target_parameters or [] if not _names_any([t], *experts)]
@@ -578,9 +582,10 @@ class _PeftLoad:
             with open(os.path.join(model_id, "adapter_config.json")) as f:
                 targets = json.load(f).get("target_parameters") or []
             if any(t.endswith(("gate_up_proj", "down_proj")) for t in targets):
-                with warnings.catch_warnings():  # (PEFT has loaded the other tensors)
-                    warnings.filterwarnings("ignore", message=".*only the experts' adapters were loaded")
-                    load_peft_adapter(model, model_id, in_place=True)
+                # as load_peft_adapter(model, model_id, in_place=True), without its warning about the
+                # other tensors: PEFT has loaded them
+                loaded, _, _ = _read_adapter(model, _adapter_dir(model_id, {}))
+                _assign(model, loaded, in_place=True)
         return result
 
 
