@@ -730,7 +730,7 @@ def test_from_checkpoint_errors(tmp_path):
     (sharded / "model.safetensors.index.json").write_text(json.dumps({"weight_map": {
         f"model.layers.0.mlp.experts.0.{n}.weight": "model-00002-of-00002.safetensors"
         for n in ("gate_proj", "up_proj", "down_proj")}}))
-    with pytest.raises(ValueError, match="model-00002-of-00002.safetensors is missing .*a shard was not downloaded"):
+    with pytest.raises(ValueError, match="model-00002-of-00002.safetensors is not there or not a file"):
         kt_jit.MoEExperts.from_checkpoint(sharded, "model.layers.0.mlp")
     (sharded / "model.safetensors.index.json").unlink()
     (sharded / "model.safetensors").write_bytes(b"<html>rate limited</html>")
@@ -739,7 +739,7 @@ def test_from_checkpoint_errors(tmp_path):
     with pytest.raises(ValueError, match=r"gate_proj holds no experts \(shape \[0, I, H\]\)"):
         kt_jit.MoEExperts.from_tensors(*(torch.zeros(0, *s) for s in ((I, H), (I, H), (H, I))))
     experts = kt_jit.MoEExperts.from_tensors(*(torch.zeros(1, *s) for s in ((I, H), (I, H), (H, I))))
-    with pytest.raises(FileNotFoundError, match="the directory .*nowhere does not exist"):
+    with pytest.raises(FileNotFoundError, match="nowhere is not a directory"):
         experts.save(tmp_path / "nowhere" / "experts.safetensors")
     bad = tmp_path / "bad.safetensors"
     save_file({"x.experts.0.gate_proj.weight": torch.zeros(I, H), "x.experts.0.up_proj.weight": torch.zeros(I, H),

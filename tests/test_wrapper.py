@@ -132,6 +132,23 @@ def test_gradient_buffers_are_written_in_place_at_a_kernel_rank():
             buffers[1].fill_(3.0)
         elif change == "zero_":
             buffers[4].zero_()
+    # a second wrapper given the same buffers (scratch shared by layers) writes experts idle for the first
+    other = _wrapper(lora_rank=rank)
+    other.load_weights_from_tensors(gate, up, down)
+    other.init_lora_weights(*(t.flip(0) for t in lora), *buffers)
+    ids = torch.tensor([[0, 1, 2], [1, 2, 0]])
+    x, _, w = make_batch(2, K, e=E, h=H, seed=40)
+    other.forward_sft(x, ids + 5, w)
+    other.backward(torch.ones(2, H))
+    for wr in (plain, bufs_side):
+        wr.forward_sft(x, ids, w)
+    want, got = plain.backward(torch.ones(2, H))[1], bufs_side.backward(torch.ones(2, H))[1]
+    for buf, (name, a), b in zip(buffers, want.items(), got.values(), strict=True):
+        assert b is buf and torch.equal(a, b) and buf[3:].eq(0).all(), name
+    with torch.inference_mode():
+        frozen = [torch.zeros_like(t) for t in lora]
+    with pytest.raises(ValueError, match="grad_gate_lora_a was created under torch.inference_mode"):
+        bufs_side.init_lora_weights(*lora, *frozen)
     with pytest.raises(ValueError, match="(grad_gate_lora_b and gate_lora_b|gate_lora_b and grad_gate_lora_b) share"):
         bufs_side.init_lora_weights(*lora, buffers[0], lora[1], *buffers[2:])
     with pytest.raises(ValueError, match="grad_.*_lora_a and grad_.*_lora_a share memory"):
@@ -293,6 +310,11 @@ def test_error_rules():
         sft.forward_sft(*make_batch(5, 2, e=E, h=H))
     with pytest.raises(ValueError, match="expert ids in"):
         sft.forward_sft(x, ids + E, w)
+    for save in (False, True):  # (a saved forward converts its inputs: only those the op takes)
+        with pytest.raises(ValueError, match="hidden_states must be bfloat16/float16/float32, got torch.float64"):
+            sft.forward_sft(x.double(), ids, w, save_for_backward=save)
+        with pytest.raises(ValueError, match="topk_weights must be a float tensor, got torch.bool"):
+            sft.forward_sft(x, ids, w > 0, save_for_backward=save)
     assert sft.cache_depth == 0
     # a saved forward keeps its inputs (the caller may refill them) and blocks a reload until its backward
     x2, ids2, w2 = (t.clone() for t in (x, ids, w))

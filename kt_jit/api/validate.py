@@ -8,7 +8,7 @@ import torch
 
 from ..moe.weights import MoEExperts, MoELoRA
 
-_FLOATS = (torch.bfloat16, torch.float16, torch.float32)
+FLOAT_DTYPES = (torch.bfloat16, torch.float16, torch.float32)  # hidden_states and topk_weights
 
 
 def check_moe_inputs(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_weights: torch.Tensor,
@@ -26,14 +26,14 @@ def check_moe_inputs(hidden_states: torch.Tensor, topk_ids: torch.Tensor, topk_w
             raise ValueError(f"{name} must be 2-D, got shape {tuple(t.shape)}")
         if not t.is_contiguous():
             raise ValueError(f"{name} must be contiguous; call .contiguous() first")
-    if hidden_states.dtype not in _FLOATS:
+    if hidden_states.dtype not in FLOAT_DTYPES:
         raise ValueError(f"hidden_states must be bfloat16/float16/float32, got {hidden_states.dtype}")
     if hidden_states.shape[1] != experts.hidden_size:
         raise ValueError(f"hidden_states has hidden size {hidden_states.shape[1]}, the experts have "
                          f"{experts.hidden_size}")
     if topk_ids.dtype != torch.int64:
         raise ValueError(f"topk_ids must be int64, got {topk_ids.dtype}; use topk_ids.long()")
-    if topk_weights.dtype not in _FLOATS:
+    if topk_weights.dtype not in FLOAT_DTYPES:
         raise ValueError(f"topk_weights must be a float tensor, got {topk_weights.dtype}")
     t = hidden_states.shape[0]
     if topk_ids.shape[0] != t or topk_weights.shape != topk_ids.shape:

@@ -44,6 +44,7 @@ from ..moe.weights import LORA_NAMES, MoEExperts, MoELoRA, lora_shapes
 from ..runtime.buffers import resident_empty
 from ..runtime.checks import check_int
 from .sft import MoESFTOp, contiguous_as, moe_sft
+from .validate import FLOAT_DTYPES
 
 SFT_METHODS = {"AMXBF16_SFT": "bf16", "AMXINT8_SFT": "int8", "AMXINT4_SFT": "int4", "AMXINT4_1_SFT": "int4_1",
                "AMXINT4_KGroup_SFT": "int4_kgroup", "AMXINT4_1KGroup_SFT": "int4_1kgroup"}
@@ -355,6 +356,9 @@ class SFTMoEWrapper(_MoEWrapperBase):
             _check_tensor(f"grad_{name}", t, shapes[name])
             if t.dtype != torch.bfloat16 or not t.is_cpu or not t.is_contiguous():
                 raise ValueError(f"grad_{name} must be a contiguous bfloat16 CPU tensor, got {t.dtype} on {t.device}")
+            if t.is_inference():  # (its version counter tells what the last backward wrote is still there)
+                raise ValueError(f"grad_{name} was created under torch.inference_mode(): create the gradient "
+                                 "buffers outside it")
         if self.cache_depth:
             raise RuntimeError("init_lora_weights() with forwards saved: run their backward() first")
         # (a bf16 CPU contiguous tensor is itself here: the kernels read the caller's storage)
@@ -398,8 +402,9 @@ class SFTMoEWrapper(_MoEWrapperBase):
         out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
         if save_for_backward:  # (the saved forward keeps x and w: the caller may reuse its buffers, as with kt-kernel;
             # converted here to what the kernels read, a copy of the caller's tensor only when that is it)
-            x = _own(contiguous_as(x, torch.bfloat16), hidden_states)
-            w = _own(contiguous_as(w, torch.float32), weights)
+            # (only dtypes the op takes: it rejects the others with their names)
+            x = _own(contiguous_as(x, torch.bfloat16) if x.dtype in FLOAT_DTYPES else x, hidden_states)
+            w = _own(contiguous_as(w, torch.float32) if w.dtype in FLOAT_DTYPES else w, weights)
         out = self._op.forward(x, ids, w, save_for_backward=save_for_backward, out_dtype=out_dtype)
         return out.to(hidden_states.device, hidden_states.dtype)
 

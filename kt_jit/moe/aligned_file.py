@@ -62,7 +62,7 @@ def save_aligned(tensors: dict[str, torch.Tensor], path: str | os.PathLike,
     text += b" " * (-(8 + len(text)) % ALIGN)  # (the data section then starts 64-byte aligned)
     directory, name = os.path.split(os.path.abspath(path))
     if not os.path.isdir(directory):
-        raise FileNotFoundError(f"cannot write {path}: the directory {directory} does not exist (create it first)")
+        raise FileNotFoundError(f"cannot write {path}: {directory} is not a directory (create it first)")
     fd, tmp = tempfile.mkstemp(prefix=f".{name}.", suffix=".tmp", dir=directory)
     try:
         with os.fdopen(fd, "wb") as f:

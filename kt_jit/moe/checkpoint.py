@@ -70,7 +70,8 @@ def _open_safetensors(file: str):
     from safetensors import SafetensorError, safe_open
 
     if not os.path.isfile(file):
-        raise ValueError(f"{file} is missing (named by the checkpoint's index: a shard was not downloaded?)")
+        raise ValueError(f"{file} is not there or not a file (a shard of the checkpoint that was not downloaded, "
+                         "or a broken link?)")
     try:
         return safe_open(file, framework="pt")
     except SafetensorError as exc:
@@ -85,7 +86,7 @@ def _key_files(path: str) -> dict[str, str]:
         index = os.path.join(path, "model.safetensors.index.json")
         if os.path.isfile(index):
             weight_map = _read_json(index).get("weight_map")
-            if not isinstance(weight_map, dict):
+            if not isinstance(weight_map, dict) or not all(isinstance(v, str) for v in weight_map.values()):
                 raise ValueError(f"{index} has no weight_map (tensor name -> file): restore it from the original "
                                  "checkpoint")
             return {k: os.path.join(path, v) for k, v in weight_map.items()}
@@ -126,13 +127,13 @@ def packed_experts_files(folder: str) -> dict[str, str] | None:
     if not os.path.isdir(folder):
         return None
     cfg = read_config(folder)
-    for c in (cfg, cfg.get("text_config") or {}):
+    for where, c in (("", cfg), ("text_config.", cfg.get("text_config") or {})):
         q = c.get("quantization_config") if isinstance(c, dict) else None
         if isinstance(q, dict) and q.get("quant_method") == "kt_jit" and q.get("packed_experts"):
             files = q["packed_experts"]
-            if not isinstance(files, dict):
-                raise ValueError(f"{folder}/config.json: quantization_config.packed_experts must map module names to "
-                                 f"files, got {type(files).__name__}")
+            if not isinstance(files, dict) or not all(isinstance(v, str) for v in files.values()):
+                raise ValueError(f"{folder}/config.json: {where}quantization_config.packed_experts must map module "
+                                 f"names to files, got {files!r:.80}")
             return files
     return None
 
@@ -257,8 +258,8 @@ def expert_source(path: str | os.PathLike, prefix: str, stack: ExitStack,
         else:
             raise ValueError(f"{prefix}: experts.gate_up_proj {[e, a, b]} and experts.down_proj {[e2, c, d]} are "
                              "neither [E, 2I, H] / [E, H, I] nor their transposes")
-        if configured is not None and configured != e:
-            raise ValueError(f"{prefix}: the checkpoint holds {e} experts, {configured} expected")
+        if e == 0 or (configured is not None and configured != e):
+            raise ValueError(f"{prefix}: the checkpoint holds {e} experts, {configured or 'at least one'} expected")
         dtype = dtype_of(fused[0])
         if dtype in _FP8_DTYPES.values() or dtype_of(fused[1]) in _FP8_DTYPES.values():
             raise ValueError(f"{prefix}: fused FP8 experts (experts.gate_up_proj) are not read; FP8 is read from "

@@ -41,7 +41,8 @@ def _distributed() -> bool:
 
 
 class LoraGradBuffers:
-    """Six bf16 gradient buffers, reused across backwards when nobody else can see them."""
+    """Six bf16 gradient buffers, reused across backwards when nobody else can see them, or the
+    caller's own (:meth:`adopt`), written by every backward."""
 
     def __init__(self) -> None:
         self._lock = threading.Lock()
@@ -115,9 +116,12 @@ class LoraGradBuffers:
             raise RuntimeError(f"the adopted LoRA gradient buffers have shapes {self._shapes}, the backward needs "
                                f"{shapes}")
         with self._lock:
-            versions = tuple(b._version for b in self._bufs)
-            known = versions == self._versions and knobs.reuse_lora_grads() and not _distributed()
-            self._versions = versions
+            known = (tuple(b._version for b in self._bufs) == self._versions and knobs.reuse_lora_grads()
+                     and not _distributed())
+            # the kernels write without bumping the version counters: bumped here, so that anything
+            # else that knows these buffers (another wrapper given the same ones) sees the change
+            torch.autograd.graph.increment_version(list(self._bufs))
+            self._versions = tuple(b._version for b in self._bufs)
             n = idle_experts(basis, self._written, known, fold_max, to_zero, folded, self._after)
             return self._bufs, to_zero, n
 
@@ -125,7 +129,8 @@ class LoraGradBuffers:
         """The caller has zeroed the experts :meth:`acquire` told it to zero in ``grads`` (what it
         returned); a no-op unless those are this object's buffers. Valid only for the latest
         acquire of these buffers, which holds: while the caller holds ``grads`` no other acquire
-        reuses them (their use count), and a later acquire of fresh ones fails the address check."""
+        reuses them (their use count; adopted buffers: the caller runs one backward at a time), and
+        a later acquire of fresh ones fails the address check."""
         with self._lock:
             if self._bufs and grads[0].data_ptr() == self._bufs[0].data_ptr():
                 # written = the active experts, as acquire's kernel wrote them (no NumPy call: at decode
