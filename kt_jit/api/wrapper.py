@@ -400,9 +400,10 @@ class SFTMoEWrapper(_MoEWrapperBase):
             raise RuntimeError("LoRA weights not initialized. Call init_lora_weights() first, or set "
                                "save_for_backward=False.")
         out_dtype = torch.bfloat16 if x.dtype == torch.bfloat16 else torch.float32
-        if save_for_backward:  # (the saved forward keeps x and w: the caller may reuse its buffers, as with kt-kernel;
-            # converted here to what the kernels read, a copy of the caller's tensor only when that is it)
-            # (only dtypes the op takes: it rejects the others with their names)
+        if save_for_backward:
+            # the saved forward keeps x and w, which the caller may refill (as with kt-kernel): converted
+            # here to what the kernels read (the dtypes the op takes; it names the others), copied only
+            # when that is still the caller's tensor
             x = _own(contiguous_as(x, torch.bfloat16) if x.dtype in FLOAT_DTYPES else x, hidden_states)
             w = _own(contiguous_as(w, torch.float32) if w.dtype in FLOAT_DTYPES else w, weights)
         out = self._op.forward(x, ids, w, save_for_backward=save_for_backward, out_dtype=out_dtype)

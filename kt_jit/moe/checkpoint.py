@@ -217,7 +217,6 @@ def expert_source(path: str | os.PathLike, prefix: str, stack: ExitStack,
     files stay open (memory-mapped) until ``stack`` closes. Everything is checked from the
     safetensors headers before any weight is read. ``num_experts`` defaults to the count in the
     checkpoint's ``config.json`` (else the highest expert index found + 1)."""
-
     path = os.fspath(path)
     prefix = prefix.rstrip(".")
     prefix = prefix[: -len(".experts")] if prefix.endswith(".experts") else prefix
