@@ -29,27 +29,28 @@ def main() -> int:
     common = dict(layer_idx=0, num_experts=e, num_experts_per_tok=k, hidden_size=h, moe_intermediate_size=i,
                   num_gpu_experts=0, cpuinfer_threads=2, threadpool_count=1, weight_path=None,
                   chunked_prefill_size=max(qlens), lora_rank=RANK, lora_alpha=2.0 * RANK)
-    sft = kt_jit.KTMoEWrapper(mode="sft", method="AMXBF16_SFT", **common)
-    sft.load_weights_from_tensors(layer.gate, layer.up, layer.down)
-    sft.init_lora_weights(*layer.lora.tensors())  # (bf16 CPU tensors: read in place, as the op reads them)
+
+    def sft_wrapper(*grad_buffers):
+        wrapper = kt_jit.KTMoEWrapper(mode="sft", method="AMXBF16_SFT", **common)
+        wrapper.load_weights_from_tensors(layer.gate, layer.up, layer.down)
+        # (bf16 CPU adapters: read in place, as the op reads them)
+        wrapper.init_lora_weights(*layer.lora.tensors(), *grad_buffers)
+        return wrapper
+
+    def train_step(forward, backward):
+        def step(x, ids, w, dout):
+            forward(x, ids, w)
+            backward(dout)
+        return step
+
+    sft = sft_wrapper()
     # kt-kernel's other form: gradient buffers the caller owns, which every backward overwrites
-    sft_bufs = kt_jit.KTMoEWrapper(mode="sft", method="AMXBF16_SFT", **common)
-    sft_bufs.load_weights_from_tensors(layer.gate, layer.up, layer.down)
-    sft_bufs.init_lora_weights(*layer.lora.tensors(), *(torch.zeros_like(t) for t in layer.lora.tensors()))
+    sft_bufs = sft_wrapper(*(torch.zeros_like(t) for t in layer.lora.tensors()))
     infer = kt_jit.KTMoEWrapper(mode="inference", method="BF16", **common)
     infer.load_weights_from_tensors(layer.gate, layer.up, layer.down)
-
-    def op_step(x, ids, w, dout):
-        op.forward(x, ids, w)
-        op.backward(dout)
-
-    def wrapper_step(x, ids, w, dout):
-        sft.forward_sft(x, ids, w)
-        sft.backward(dout)
-
-    def wrapper_bufs_step(x, ids, w, dout):
-        sft_bufs.forward_sft(x, ids, w)
-        sft_bufs.backward(dout)
+    op_step = train_step(op.forward, op.backward)
+    wrapper_step = train_step(sft.forward_sft, sft.backward)
+    wrapper_bufs_step = train_step(sft_bufs.forward_sft, sft_bufs.backward)
 
     def direct_infer(x, ids, w, dout):
         with torch.no_grad():

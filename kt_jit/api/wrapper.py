@@ -253,7 +253,8 @@ class _MoEWrapperBase:
     # ---- calls
 
     def _inputs(self, hidden_states: torch.Tensor, expert_ids: torch.Tensor, weights: torch.Tensor):
-        """(hidden_states, expert_ids int64, weights fp32) on the CPU, checked against the configuration."""
+        """(hidden_states, expert_ids int64, weights) on the CPU and contiguous, checked against the
+        configuration (their dtypes are the op's to check)."""
         if self.experts is None:
             raise RuntimeError("Weights not loaded. Call load_weights() or load_weights_from_tensors() first.")
         for name, t in (("hidden_states", hidden_states), ("expert_ids", expert_ids), ("weights", weights)):
