@@ -23,6 +23,16 @@ def _needs_avx512_bf16():
 
 NEEDS_AVX512_BF16 = _needs_avx512_bf16()
 
+LANES_MIN_ROWS = 16
+
+
+@pytest.fixture
+def lanes_form(monkeypatch):
+    """The bf16 transposed GEMMs' tokens-in-lanes form from 16-row groups (KT_JIT_TUNING), on every
+    host: CPUs with a 48 KB L1 leave it off by default (kernels/gemm.HostTuning)."""
+    monkeypatch.setenv("KT_JIT_TUNING", f"lanes_min_rows={LANES_MIN_ROWS}")
+    return LANES_MIN_ROWS
+
 
 def _isa_params():
     from kt_jit.runtime.amx import amx_status

@@ -97,7 +97,7 @@ def test_transposed_panel_requests_its_output_block_for_writing_unless_lora_is_f
     assert "prefetchw" not in fused
 
 
-def test_tokens_in_lanes_form_broadcasts_weight_pairs_from_memory():
+def test_tokens_in_lanes_form_broadcasts_weight_pairs_from_memory(lanes_form):
     """The tokens-in-lanes form's dots take each weight pair as an embedded broadcast of the stack
     scratch (no broadcast instruction, no stores forwarded into shuffles: either was 1.3-2x
     slower), with its 16 accumulators in registers; the dY transposition stores masked lanes."""

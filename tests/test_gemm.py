@@ -252,11 +252,12 @@ def test_tuning_overrides_from_the_environment(monkeypatch):
     looked up again under it, and a bad value is a ValueError naming the variable."""
     default = gemm.default_schedule("bwd", "avx512", 1536, 2048, lanes_dy=True)
     before = gemm.kernel_for("bwd", 96, 192, isa="avx512", lanes_dy=True)
-    monkeypatch.setenv("KT_JIT_TUNING", " stream_group_blocks=4, lanes_min_rows=0 ")
-    sch = gemm.default_schedule("bwd", "avx512", 1536, 2048, lanes_dy=True)
-    assert (sch.sb, sch.tl, sch.ls) == (4, 0, default.ls)
-    after = gemm.kernel_for("bwd", 96, 192, isa="avx512", lanes_dy=True)
-    assert (before.spec.schedule.tl, after.spec.schedule.tl) == (gemm.LANES_MIN_ROWS, 0)
+    assert before.spec.schedule.tl == gemm.host_tuning().lanes_min_rows
+    for lanes in (0, 13):
+        monkeypatch.setenv("KT_JIT_TUNING", f" stream_group_blocks=4, lanes_min_rows={lanes} ")
+        sch = gemm.default_schedule("bwd", "avx512", 1536, 2048, lanes_dy=True)
+        assert (sch.sb, sch.tl, sch.ls) == (4, lanes, default.ls)
+        assert gemm.kernel_for("bwd", 96, 192, isa="avx512", lanes_dy=True).spec.schedule.tl == lanes
     monkeypatch.setenv("KT_JIT_TUNING", "lane_partial_slice=512,lanes_min_rows=12,stream_prefetch=2048")
     sch = gemm.default_schedule("bwd", "avx512", 1536, 2048, lanes_dy=True)
     assert (sch.sb, sch.ls, sch.tl, sch.sp) == (default.sb, 512, 12, 2048)
@@ -435,13 +436,13 @@ def _lanes_inputs(dys, n, min_rows):
 
 @NEEDS_AVX512_BF16
 @pytest.mark.parametrize("n,k", [(96, 192), (768, 96)], ids=str)
-def test_transposed_gemm_tokens_in_lanes(n, k):
-    """The default schedule of launches that pass dY in the tokens-in-lanes layout (the MoE
-    backward's): one launch over groups around every 16-row tile's limit, next to the streamed,
+def test_transposed_gemm_tokens_in_lanes(n, k, lanes_form):
+    """The default schedule, with the tokens-in-lanes form on, of launches that pass dY in its
+    layout (the MoE backward's): one launch over groups around every 16-row tile's limit, next to the streamed,
     lane-partial and panel forms' groups, overwriting and accumulating (K = 192: 64 outputs per
     work item, four 16-output slices; K = 96: two)."""
     sch = gemm.default_schedule("bwd", "avx512", n, k, lanes_dy=True)
-    assert sch.tl == gemm.LANES_MIN_ROWS and sch.nr == (4 if k % 64 == 0 else 2)
+    assert sch.tl == lanes_form and sch.nr == (4 if k % 64 == 0 else 2)
     assert gemm.default_schedule("bwd", "avx512", n, k).tl == 0
     assert gemm.default_schedule("bwd", "avx512", n, k, "int8", lanes_dy=True).tl == 0
     assert gemm.default_schedule("bwd", "avx512", n, k, one_group=True, lanes_dy=True).tl == 0

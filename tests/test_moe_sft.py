@@ -154,16 +154,17 @@ def test_tuning_override_reaches_the_operator(monkeypatch):
 
 
 @NEEDS_AVX512_BF16
-def test_bf16_backward_passes_dy_in_lanes(monkeypatch):
-    """The bf16 AVX-512 backward's transposed GEMMs have the tokens-in-lanes form (schedule tl), and
-    the pass transposes dY for it in the same launch batch: one dytiles launch before each GEMM."""
+def test_bf16_backward_passes_dy_in_lanes(monkeypatch, lanes_form):
+    """With the tokens-in-lanes form on (schedule tl), the bf16 AVX-512 backward's transposed GEMMs
+    have it, and the pass transposes dY for it in the same launch batch: one dytiles launch before
+    each GEMM."""
     from kt_jit.kernels import dytiles
     from kt_jit.moe import sft
 
     monkeypatch.setenv("KT_JIT_ISA", "avx512")
     layer = make_layer()
     for name in ("gate_up", "down"):
-        assert sft._kernel("bwd", layer[3], name).spec.schedule.tl == 16
+        assert sft._kernel("bwd", layer[3], name).spec.schedule.tl == lanes_form
     launches = []
     orig = dytiles.DyTilesKernel.launch
     monkeypatch.setattr(dytiles.DyTilesKernel, "launch",
@@ -841,10 +842,11 @@ def test_quantized_experts_on_amx_kernels(isa, quant, monkeypatch):
 
 @NEEDS_AVX512_BF16
 @pytest.mark.parametrize("isa", [p for p in ISAS if p.values[0] != "avx512"])
-def test_bf16_experts_on_amx_cpus_take_avx512_kernels_at_few_rows(isa, monkeypatch):
+def test_bf16_experts_on_amx_cpus_take_avx512_kernels_at_few_rows(isa, monkeypatch, lanes_form):
     """bf16 experts on an AMX CPU: a pass below AMX_BF16_MIN_ROWS routed rows per active expert runs
-    the AVX-512 kernels (LoRA fused, no dY tiles), a denser one the AMX kernels (LoRA in separate
-    passes, dY packed into tiles); forward and every gradient match the reference either way."""
+    the AVX-512 kernels (LoRA fused, no dY tiles but, with the tokens-in-lanes form on, dY in its
+    layout), a denser one the AMX kernels (LoRA in separate passes, dY packed into tiles); forward
+    and every gradient match the reference either way."""
     from kt_jit.moe import sft
     from kt_jit.moe.routing import route
 

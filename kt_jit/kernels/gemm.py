@@ -127,6 +127,11 @@ SMALL_L1 = 48 << 10  # an L1 data cache below this size selects the small-L1 val
 # bandwidth (a second prefetch into L2 further ahead: +4..+6%). MoE backward, same process, against
 # no tokens-in-lanes form: qlen 512 qwen3 -1.5%, deepseek-v2-lite -5%, dsv3-64e -3.7%; qlen 128
 # (8-16 rows per expert) within +-1%.
+# Zen 5 (thirty-sixth session, MoE backward with LoRA, tools/tune.py's same-process rounds, 12 per
+# pair): without the form qwen3 qlen 128 +-1..2%, 256 -5.4%, 512 -3.0..-3.5%, 1024 -8.0%;
+# deepseek-v2-lite qlen 128 -1.5%, 512 -7.1%; dsv3-64e qlen 128 -2.0%, 512 -7.9%. There the panel
+# and the streamed form keep up with the weight stream, so the 48 KB-L1 values leave it off
+# (HostTuning.lanes_min_rows 0; docs/tune_zen5_thirtysixth.json).
 LANES_MIN_ROWS = 16
 
 # The AVX-512 forward's register block: at most this many fp32/int32 accumulators (rows x column
@@ -136,11 +141,11 @@ FWD_ACCUMULATORS = 24
 
 @dataclass(frozen=True)
 class HostTuning:
-    """Schedule values of the AVX-512 GEMMs (mostly the transposed ones) that may differ between
-    CPUs. All but ``lanes_min_rows`` differ between the CPUs measured and are chosen by the L1 data
-    cache size: Zen 5 (48 KB; also the values for every CPU with 48 KB or more, e.g. Sapphire
-    Rapids) and Zen 4 (32 KB; used for every smaller or unknown L1); the slice length and the
-    prefetch distances follow Zen 4 itself, not its L1: the L1 size is how the two are told apart.
+    """Schedule values of the AVX-512 GEMMs (mostly the transposed ones) that differ between the
+    CPUs measured, chosen by the L1 data cache size: Zen 5 (48 KB; also the values for every CPU
+    with 48 KB or more, e.g. Sapphire Rapids) and Zen 4 (32 KB; used for every smaller or unknown
+    L1); the slice length, the prefetch distances and the tokens-in-lanes form follow Zen 4 and Zen
+    5 themselves, not their L1: the L1 size is how the two are told apart.
     A setting ``tools/tune.py --save`` measured and stored for this CPU kind replaces them
     (runtime/tuning_store.py), and KT_JIT_TUNING overrides any of them (names as the fields). The
     AMX kernels do not use them.
@@ -180,7 +185,7 @@ class HostTuning:
                 raise ValueError(f"{name}={value}: a multiple of 64 in 64-8192 (bytes)")
 
 
-LARGE_L1_TUNING = HostTuning(STREAM_GROUP_BLOCKS, LANE_PARTIAL_SLICE)
+LARGE_L1_TUNING = HostTuning(STREAM_GROUP_BLOCKS, LANE_PARTIAL_SLICE, lanes_min_rows=0)
 # The lane-partial form's slice: 1024 k-pair rows (one piece per n-block for K <= 2048, instead of
 # four visited at different times; 64 KB of accumulators per row, in L2). MoE backward, Zen 4,
 # same-process A/B against 256: qwen3 qlen 1 -4.5..-5.7%, qlen 16 -4.9..-5.0% (512: -4.1..-4.5%),
@@ -337,8 +342,8 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     1-8 rows takes the lane-partial form with its K-slices spread over the work items (``lps``).
     ``lanes_dy``: the launches also pass each group's dY in the tokens-in-lanes layout
     (kernels/dytiles.py, an extra group field), so bf16 groups of ``HostTuning.lanes_min_rows`` rows
-    or more (16: :data:`LANES_MIN_ROWS`) take that form. ``tuning``: the per-CPU values to use
-    (default: :func:`host_tuning`)."""
+    or more take that form (:data:`LANES_MIN_ROWS` with a small L1, none with a 48 KB one).
+    ``tuning``: the per-CPU values to use (default: :func:`host_tuning`)."""
     if isa == "avx512":
         host = tuning or host_tuning()
         if op == "fwd":  # quantized: HostTuning.quant_prefetch bytes ahead (Zen 5 2 KB, Zen 4 256 B);
