@@ -23,13 +23,14 @@ def _needs_avx512_bf16():
 
 NEEDS_AVX512_BF16 = _needs_avx512_bf16()
 
-LANES_MIN_ROWS = 16
-
 
 @pytest.fixture
 def lanes_form(monkeypatch):
-    """The bf16 transposed GEMMs' tokens-in-lanes form from 16-row groups (KT_JIT_TUNING), on every
-    host: CPUs with a 48 KB L1 leave it off by default (kernels/gemm.HostTuning)."""
+    """The bf16 transposed GEMMs' tokens-in-lanes form from gemm.LANES_MIN_ROWS-row groups, set
+    through KT_JIT_TUNING, on every host: CPUs with a 48 KB L1 leave it off by default
+    (kernels/gemm.HostTuning). Returns that row count."""
+    from kt_jit.kernels.gemm import LANES_MIN_ROWS
+
     monkeypatch.setenv("KT_JIT_TUNING", f"lanes_min_rows={LANES_MIN_ROWS}")
     return LANES_MIN_ROWS
 
