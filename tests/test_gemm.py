@@ -64,8 +64,9 @@ def test_forward_over_several_k_chunks(m):
 @NEEDS_AVX512_BF16
 @pytest.mark.parametrize("m", [9, 30])
 def test_transposed_over_several_n_chunks(m):
-    """N = 768 is 3 panel chunks of 16 n-blocks: the first row block takes the loop variant that
-    prefetches the next chunk (schedule ``pfn``), the others the plain one."""
+    """N = 768 is several panel chunks (48 n-blocks, HostTuning.panel_blocks per chunk): the first
+    row block takes the loop variant that prefetches the next chunk (schedule ``pfn``), the others
+    the plain one."""
     w = _weights(768, 64, seed=8)
     dy = torch.randn(m, 768, generator=torch.Generator().manual_seed(m)).bfloat16()
     kern = gemm.kernel_for("bwd", 768, 64, isa="avx512", one_group=True)
@@ -264,13 +265,19 @@ def test_tuning_overrides_from_the_environment(monkeypatch):
     monkeypatch.setenv("KT_JIT_TUNING", "quant_prefetch=1024,multirow_prefetch=4096")
     assert gemm.default_schedule("fwd", "avx512", 1536, 2048, "int8").pf == 1024 // gemm.ROW_BYTES["int8"]
     assert gemm.default_schedule("fwd", "avx512", 1536, 2048).pfw == 4096 // 64
+    # the bf16 panel's n-blocks: the largest divisor of N/16 (96 for N 1536) up to panel_blocks;
+    # quantized panels keep theirs
+    for blocks, kc in ((5, 4), (8, 8), (16, 16), (32, 32)):
+        monkeypatch.setenv("KT_JIT_TUNING", f"panel_blocks={blocks}")
+        assert gemm.default_schedule("bwd", "avx512", 1536, 2048).kc == kc
+        assert gemm.default_schedule("bwd", "avx512", 1536, 2048, "int8").kc == gemm.QUANT_PANEL_BLOCKS
     for bad, match in (("bogus=1", "unknown name"), ("stream_group_blocks", "name=integer"),
                        ("stream_group_blocks=x", "name=integer"), ("=4", "name=integer"),
                        ("lanes_min_rows=5", "lanes_min_rows=5"), ("lane_partial_slice=100", "lane_partial_slice"),
                        ("lane_partial_slice=2048", "64-1024"), ("stream_group_blocks=0", "1-32"),
                        ("stream_group_blocks=64", "1-32"), ("stream_group_blocks=4,stream_group_blocks=8", "twice"),
                        ("stream_prefetch=100", "stream_prefetch=100"), ("quant_prefetch=0", "64-8192"),
-                       ("quant_prefetch=16384", "64-8192")):
+                       ("quant_prefetch=16384", "64-8192"), ("panel_blocks=0", "1-32"), ("panel_blocks=33", "1-32")):
         monkeypatch.setenv("KT_JIT_TUNING", bad)
         with pytest.raises(ValueError, match=match) as err:
             gemm.default_schedule("bwd", "avx512", 1536, 2048)

@@ -33,7 +33,7 @@ def test_tune_measures_int8_experts_where_bf16_runs_amx():
     assert tune.weights_for("stream_prefetch", "avx512") == "bf16"
     assert tune.weights_for("stream_prefetch", "amx") == "int8"
     assert tune.weights_for("quant_prefetch", "avx512") == tune.weights_for("quant_prefetch", "amx") == "int8"
-    assert set(tune.BF16_ONLY) == {"lanes_min_rows", "multirow_prefetch"}
+    assert set(tune.BF16_ONLY) == {"lanes_min_rows", "multirow_prefetch", "panel_blocks"}
     assert set(tune.QUICK_QLENS) == set(tune.CANDIDATES)
 
 

@@ -46,7 +46,8 @@ from kt_jit.runtime.threads import default_num_threads
 
 # value -> (candidates, token counts whose groups it shapes: 1-4 rows per expert for the lane-partial
 # slice, 1-24 for the streams' prefetch (lane-partial and streamed forms), 5-24 for the streamed
-# form's blocks, 12 and more for the tokens-in-lanes form; the experts' weights; the pass timed)
+# form's blocks, 12 and more for the tokens-in-lanes form, 25 and more for the panel form's blocks;
+# the experts' weights; the pass timed)
 CANDIDATES = {
     "lane_partial_slice": ((256, 512, 1024), (1, 16), "bf16", "bwd"),
     "stream_group_blocks": ((4, 8, 16), (128,), "bf16", "bwd"),
@@ -54,10 +55,13 @@ CANDIDATES = {
     "stream_prefetch": ((256, 512, 1024, 2048), (1, 16, 128), "bf16", "bwd"),
     "quant_prefetch": ((256, 512, 1024, 2048), (1, 16), "int8", "fwd"),
     "multirow_prefetch": ((256, 512, 1024, 2048), (128, 512), "bf16", "fwd"),
+    "panel_blocks": ((4, 8, 16), (512,), "bf16", "bwd"),
 }
 QUICK_QLENS = {"lane_partial_slice": (16,), "stream_group_blocks": (128,), "lanes_min_rows": (512,),
-               "stream_prefetch": (16,), "quant_prefetch": (16,), "multirow_prefetch": (128,)}
-BF16_ONLY = ("lanes_min_rows", "multirow_prefetch")  # values that shape only bf16 kernels (AMX on AMX hosts)
+               "stream_prefetch": (16,), "quant_prefetch": (16,), "multirow_prefetch": (128,),
+               "panel_blocks": (512,)}
+# values that shape only bf16 kernels (AMX ones on AMX hosts)
+BF16_ONLY = ("lanes_min_rows", "multirow_prefetch", "panel_blocks")
 
 
 def weights_for(name: str, isa: str) -> str:

@@ -134,6 +134,19 @@ SMALL_L1 = 48 << 10  # an L1 data cache below this size selects the small-L1 val
 # (HostTuning.lanes_min_rows 0; docs/tune_zen5_thirtysixth.json).
 LANES_MIN_ROWS = 16
 
+# n-blocks per L1 panel of the bf16 transposed panel form (groups above the streamed form's rows;
+# schedule kc, rounded down to a divisor of N/16): the panel (2 KB per n-block), the dY rows' slice
+# of the chunk (32 B per row and n-block) and the item's outputs (256 B per row) share the L1 data
+# cache with the weight prefetches. At 16 n-blocks a 32-row group needs 56 KB, more than Zen 5's 48
+# KB. Thirty-seventh session, Zen 5, MoE backward with LoRA, same-process A/B (6 rounds) against 16:
+# qlen 512 qwen3 -8.6% (three runs: -7.3..-8.6%), deepseek-v2-lite -6.6%, dsv3-64e -3.7%; qwen3
+# qlen 256 -2.2%; dsv3-64e qlen 128 +-0.3%; 4 n-blocks -7.0 / -5.1 / -2.2% at qlen 512. The quantized
+# panels keep 16 (QUANT_PANEL_BLOCKS: 8 was +1% for int8, +3% for int4 at qlen 512; their int32
+# flushes and decode work come once per chunk). Zen 4's 32 KB L1 (untimed there) gets 4: the same
+# share of its L1 as 8 of Zen 5's.
+PANEL_BLOCKS = 8
+QUANT_PANEL_BLOCKS = 16
+
 # The AVX-512 forward's register block: at most this many fp32/int32 accumulators (rows x column
 # blocks; 6 x 4 by default); a wider item runs a block of more rows as column groups in turn.
 FWD_ACCUMULATORS = 24
@@ -161,6 +174,8 @@ class HostTuning:
         (schedule ``pf`` = this / the packed row's bytes)
     multirow_prefetch: bytes the bf16 forward GEMM prefetches ahead for its register blocks of more
         than 2 token rows (schedule ``pfw`` = this / 64)
+    panel_blocks: n-blocks per L1 panel of the bf16 transposed panel form (schedule ``kc``: the
+        largest divisor of N/16 up to this, 1-32)
     """
 
     stream_group_blocks: int
@@ -169,6 +184,7 @@ class HostTuning:
     stream_prefetch: int = STREAM_PREFETCH
     quant_prefetch: int = QUANT_PREFETCH
     multirow_prefetch: int = MULTIROW_PREFETCH
+    panel_blocks: int = PANEL_BLOCKS
 
     def __post_init__(self) -> None:
         # (upper bounds: the stack a worker may need, see runtime/threads.KERNEL_STACK_MIN: the
@@ -177,6 +193,8 @@ class HostTuning:
             raise ValueError(f"stream_group_blocks={self.stream_group_blocks}: 1-32")
         if not 64 <= self.lane_partial_slice <= 1024 or self.lane_partial_slice % 16:
             raise ValueError(f"lane_partial_slice={self.lane_partial_slice}: a multiple of 16 in 64-1024")
+        if not 1 <= self.panel_blocks <= 32:
+            raise ValueError(f"panel_blocks={self.panel_blocks}: 1-32")
         if self.lanes_min_rows and not LANES_TAIL_MIN <= self.lanes_min_rows <= 16:
             raise ValueError(f"lanes_min_rows={self.lanes_min_rows}: {LANES_TAIL_MIN}-16, or 0 for none")
         for name in (f.name for f in dataclasses.fields(self) if f.name.endswith("_prefetch")):
@@ -201,7 +219,8 @@ LARGE_L1_TUNING = HostTuning(STREAM_GROUP_BLOCKS, LANE_PARTIAL_SLICE, lanes_min_
 # The bf16 forward's blocks of 3+ rows 512 B ahead against 2 KB: qwen3 qlen 128 -4.4 / -4.8%, qlen
 # 512 -3..-4%, deepseek-v2-lite qlen 128 +-0 (its blocks of 1-2 rows keep 1 KB: 256 B was -4.5% at
 # qlen 16 but +2% at qlen 1, 512 B -1% / +3%).
-SMALL_L1_TUNING = HostTuning(4, 1024, stream_prefetch=512, quant_prefetch=256, multirow_prefetch=512)
+SMALL_L1_TUNING = HostTuning(4, 1024, stream_prefetch=512, quant_prefetch=256, multirow_prefetch=512,
+                             panel_blocks=4)
 
 
 def host_tuning() -> HostTuning:
@@ -393,7 +412,8 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
             if group_size:
                 lp = max(QUAD_UNROLL[kind], min(lp, LP_ACC_BYTES // (group_size // 2 * 64)))
             stream_max = max(lp, stream_max if group_size else 0)
-        return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, 16), pf=4, form="panel",
+        panel = host.panel_blocks if quant == "bf16" else QUANT_PANEL_BLOCKS
+        return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, panel), pf=4, form="panel",
                             sm=stream_max if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one,
                             sb=host.stream_group_blocks,
                             ls=LANE_PARTIAL_SLICE if one_group else host.lane_partial_slice, tl=tl,
