@@ -354,8 +354,9 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
     fewer for long groups, see LP_ACC_BYTES) take the lane-partial form (one thread per group);
     larger groups of up to 24 rows (bf16 and K-group int4; 12 unless the row pitches are odd
     multiples of 64 bytes) are streamed whole by one thread (16 n-blocks per pass with a 48 KB L1
-    data cache, 4 with a smaller one: :func:`host_tuning`), larger ones go through the L1 panel.
-    Small groups take the fold form instead in launches of a single group (``one_group``:
+    data cache, 4 with a smaller one: :func:`host_tuning`), larger ones go through the L1 panel
+    (bf16: up to ``HostTuning.panel_blocks`` n-blocks per panel, 8 or 4; quantized: 16). Small
+    groups take the fold form instead in launches of a single group (``one_group``:
     streaming it would leave the other threads idle; the fold form splits its outputs over work
     items); a single group (``one_group``, bf16 and int8, K long enough for a slice per thread) of
     1-8 rows takes the lane-partial form with its K-slices spread over the work items (``lps``).
