@@ -30,7 +30,6 @@ copied to the CPU and the results back).
 
 from __future__ import annotations
 
-import numbers
 import os
 import re
 import threading
@@ -42,7 +41,7 @@ from ..moe.checkpoint import NoExpertsError, packed_experts_files
 from ..moe.sft import kernel_rank
 from ..moe.weights import LORA_NAMES, MoEExperts, MoELoRA, lora_shapes
 from ..runtime.buffers import resident_empty
-from ..runtime.checks import check_int
+from ..runtime.checks import check_int, check_real
 from .sft import MoESFTOp, contiguous_as, moe_sft
 from .validate import FLOAT_DTYPES
 
@@ -313,10 +312,9 @@ class SFTMoEWrapper(_MoEWrapperBase):
     def __init__(self, lora_rank: int = 16, lora_alpha: float = 32.0, max_cache_depth: int = 1, **base) -> None:
         super().__init__(**base)
         lora_rank = check_int(lora_rank, "lora_rank")
-        if isinstance(lora_alpha, bool) or not isinstance(lora_alpha, numbers.Real) or not lora_alpha > 0:
-            raise ValueError(f"lora_alpha must be a positive number, got {lora_alpha!r}")
+        lora_alpha = check_real(lora_alpha, "lora_alpha", positive=True)
         max_cache_depth = check_int(max_cache_depth, "max_cache_depth")
-        self.lora_rank, self.lora_alpha = lora_rank, float(lora_alpha)
+        self.lora_rank, self.lora_alpha = lora_rank, lora_alpha
         self.lora_scaling = self.lora_alpha / lora_rank
         self.max_cache_depth = max_cache_depth
         self._sources: tuple[torch.Tensor, ...] | None = None  # the caller's adapter tensors

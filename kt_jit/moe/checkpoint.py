@@ -281,7 +281,7 @@ def expert_source(path: str | os.PathLike, prefix: str, stack: ExitStack,
     if not found:
         near = sorted(k for k in keys if k.startswith(prefix))[:5]
         raise NoExpertsError(f"no experts under {prefix!r} in {path} (expected {prefix}.experts.<e>.gate_proj.weight, "
-                         f".w1.weight or {prefix}.experts.gate_up_proj); keys there: {near or 'none'}")
+                             f".w1.weight or {prefix}.experts.gate_up_proj); keys there: {near or 'none'}")
     e = configured if configured is not None else 1 + max(idx for idx, _ in found)
     missing = [f"{idx}.{part}" for idx in range(e) for part in ("gate", "up", "down") if (idx, part) not in found]
     extra = sorted({idx for idx, _ in found if idx >= e})

@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import functools
 import math
-import numbers
 import os
 import types
 
@@ -16,7 +15,7 @@ from ..kernels.pack import check_gemm_dims, pack_bf16, unpack_tiles
 from ..kernels.packer import Fp8Weight, Source
 from ..kernels.quant import dequantize_int4, dequantize_int8, pack_int4, pack_int8
 from ..runtime.buffers import ALIGN, aligned_empty, resident_empty
-from ..runtime.checks import check_int
+from ..runtime.checks import check_int, check_real
 from ..runtime.cpu import cpu_info
 from .aligned_file import is_padding, save_aligned
 from .gradbuf import LoraGradBuffers
@@ -424,8 +423,7 @@ class MoELoRA(nn.Module):
         num_experts, hidden_size, intermediate_size, rank = (
             check_int(v, name) for name, v in (("num_experts", num_experts), ("hidden_size", hidden_size),
                                                ("intermediate_size", intermediate_size), ("rank", rank)))
-        if isinstance(alpha, bool) or not isinstance(alpha, numbers.Real) or not math.isfinite(alpha):
-            raise ValueError(f"alpha must be a finite number (the scaling is alpha / rank), got {alpha!r}")
+        alpha = check_real(alpha, "alpha", hint="the scaling is alpha / rank")
         if dtype != torch.bfloat16:
             raise ValueError(f"kt_jit's kernels read bfloat16 adapters; dtype must be torch.bfloat16, got {dtype}")
         self.num_experts, self.hidden_size, self.intermediate_size = num_experts, hidden_size, intermediate_size

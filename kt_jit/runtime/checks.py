@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import math
 import numbers
 
 
@@ -14,3 +15,13 @@ def check_int(value: object, name: str, high: int | None = None, positive: bool 
                 else "a positive integer")
         raise ValueError(f"{name} must be {what}{f' ({hint})' if hint else ''}, got {value!r}")
     return int(value)
+
+
+def check_real(value: object, name: str, positive: bool = False, hint: str = "") -> float:
+    """``value`` as a float if it is a finite real number (NumPy's too, not a bool), above 0 when
+    ``positive``, else a ValueError naming ``name`` (and ``hint``, what it is for)."""
+    if (isinstance(value, bool) or not isinstance(value, numbers.Real) or not math.isfinite(value)
+            or (positive and not value > 0)):
+        what = "a finite positive number" if positive else "a finite number"
+        raise ValueError(f"{name} must be {what}{f' ({hint})' if hint else ''}, got {value!r}")
+    return float(value)
