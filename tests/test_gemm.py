@@ -1050,3 +1050,35 @@ def test_amx_int8_linear_and_linear_t(isa):
     base = torch.randn(19, n)  # accumulate: the scaled outputs added to what is there
     y = gemm.linear(x, p, out=base.clone(), accumulate=True, isa=isa, scales=s)
     assert rel_err(y, base + ref_linear(x, wd)) < 1e-5
+
+
+@NEEDS_AVX512_BF16
+@pytest.mark.parametrize("steps", [8, 96, 256])
+def test_forward_row_blocks_share_every_next_chunk_prefetch(steps):
+    """The forward's next-chunk prefetch positions (gemm._row_block_share): the row blocks from
+    row 0 (groups of FETCH_ALL_ROWS full blocks or more) or from the second block on, each over
+    its k-steps, together reach every position of the chunk and none past it."""
+    from kt_jit.codegen.worker import ArgBlock, compile_worker
+
+    args, mr = ArgBlock(["out", "m"]), 6
+
+    def body(fn, ctx, item, tiles):
+        out, m = args.load_ptr(fn, ctx, "out"), args.load(fn, ctx, "m")
+        every = fn.icmp("sge", m, gemm.FETCH_ALL_ROWS * mr)
+        first_row = fn.val(f"select i1 {every}, i64 0, i64 {mr}")
+
+        def micro(m0, rows):
+            with fn.if_then(fn.icmp("sge", m0, first_row), name="share"):
+                pos, rate = gemm._row_block_share(fn, m, m0, rows, first_row, steps)
+                with fn.loop(0, steps, name="s"):
+                    at = fn.val(f"lshr i64 {pos.get()}, 16")
+                    fn.store("i8", "1", fn.gep(out, at), 1)
+                    pos.set(fn.add(pos.get(), rate))
+
+        gemm.row_blocks(fn, m, mr, micro)
+
+    addr = compile_worker(f"test_row_block_share_{steps}", f"test-share-{steps}", args, body)
+    for m in range(mr + 1, 70):
+        out = torch.zeros(steps + 64, dtype=torch.uint8)
+        args.run(addr, 1, num_threads=1, keep=(out,), out=out.data_ptr(), m=m)
+        assert bool(out[:steps].all()) and not bool(out[steps:].any()), m

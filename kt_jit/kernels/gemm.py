@@ -287,8 +287,9 @@ class GemmSchedule:
         prefetches those blocks even when pf is 0); their longer compute per weight row needs the
         lines requested earlier for DRAM to stay busy
     pfn: prefetch the next chunk into L2 while computing from the current one, so DRAM keeps
-        streaming: AVX-512 fwd, in the row blocks after the first of a K-chunk; transposed "panel",
-        in the first row block over each n-chunk's panel
+        streaming: AVX-512 fwd, spread over the row blocks of a K-chunk (the first one only in
+        groups of FETCH_ALL_ROWS full blocks or more); transposed "panel", in the first row block
+        over each n-chunk's panel
     form: AVX-512 transposed GEMM only: "panel" transposes each weight block in registers into an
         L1 panel in forward layout and runs the forward micro-kernel on it; "fold" multiplies the
         packed rows directly and folds lanes at the end (see the module docstring)
@@ -969,9 +970,14 @@ def _avx512_fwd_body(spec: GemmSpec):
                     # int4: two k-pair rows per step share one load and nibble split (kernel A/B
                     # m=1-4 +4-8%, m=8 +-1%)
                     pairs = spec.quant == "int4"  # (GemmSpec requires an even kc for int4)
+                    if fetch_next:
+                        pos, rate = _row_block_share(fn, m, m0, rows, fetch_from, kc)
+                        if pairs:
+                            rate = fn.mul(rate, 2)
                     with fn.loop(kc0, fn.add(kc0, kc), 2 if pairs else 1, name="r") as r:
-                        if fetch_next:  # this chunk is in L2 already: fetch the next one meanwhile
-                            nb = fn.gep(fetch_base, fn.mul(fn.sub(r, kc0), rb))
+                        if fetch_next:  # this chunk is in L2 already: this block's share of the next one
+                            nb = fn.gep(fetch_base, fn.mul(fn.val(f"lshr i64 {pos.get()}, 16"), rb))
+                            pos.set(fn.add(pos.get(), rate))
                             for j in cols:
                                 vx.prefetch(fn, fn.gep(nb, j * block_stride), 2)
                         steps = zip((r, fn.add(r, 1)), zip(*int4_row_pairs(r, pf, cols), strict=True), strict=True) \
@@ -987,7 +993,10 @@ def _avx512_fwd_body(spec: GemmSpec):
                     if sch.pfi:
                         fetch_base = fn.val(f"select i1 {more}, ptr {fetch_base}, ptr {next_wb.get()}")
                         more = fn.val(f"or i1 {more}, {has_next.get()}")
-                    either(fn, fn.val(f"and i1 {more}, {fn.icmp('ne', m0, 0)}"), k_loop)
+                    # the row blocks from row fetch_from on share the next chunk (see FETCH_ALL_ROWS)
+                    every = fn.icmp("sge", m, FETCH_ALL_ROWS * sch.mr)
+                    fetch_from = fn.val(f"select i1 {every}, i64 0, i64 {sch.mr}")
+                    either(fn, fn.val(f"and i1 {more}, {fn.icmp('sge', m0, fetch_from)}"), k_loop)
                 else:
                     k_loop(False)
                 if not int_x:
@@ -1013,6 +1022,32 @@ def _avx512_fwd_body(spec: GemmSpec):
             row_blocks(fn, m, sch.mr, micro)
 
     return body
+
+
+# The AVX-512 forward's next-chunk prefetch (schedule pfn) is shared by a chunk's row blocks in
+# proportion to their rows, each spreading its share over its k-steps, so DRAM streams while all of
+# them compute; the first row block (which reads the chunk just fetched) takes a share from
+# FETCH_ALL_ROWS full blocks (18 rows) on. Until the thirty-eighth session the second row block
+# fetched the whole next chunk and the later ones refetched it: a burst in a sixth of a 32-row
+# chunk's time. Zen 5, slow memory mode (39 GB/s): kernel level, 48 cold qwen3 gate/up experts of m
+# rows, against that: m = 16 -3..-6%, 24 -9..-12%, 32 -10..-11%, 64 -8%, m <= 12 the same prefetches
+# (+-4% run to run); the first block left out: 24 rows -3..-4%, 32 -5..-9%. MoE forward with LoRA
+# (tools/tune.py's rounds), qlen 512: qwen3 -7.4%, deepseek-v2-lite -6.2%, dsv3-64e -6.2%; qlen 128:
+# qwen3 +-0.2%, dsv3-64e -4.4%; int8 and int4 at qlen 512 +-0.7%.
+FETCH_ALL_ROWS = 3
+
+
+def _row_block_share(fn: Function, m: str, m0: str, rows: int, first_row: str, steps: int) -> tuple[Var, str]:
+    """The share of ``steps`` prefetch positions that the row block [m0, m0 + rows) of an m-row
+    group takes when the rows from ``first_row`` on (m0 >= first_row) share them in proportion to
+    their rows, for the block to spread over its ``steps`` k-steps: the position as a 16.16 fixed-
+    point variable starting at the share's first and the step to add to it at each k-step."""
+    rest = fn.sub(m, first_row)
+    lo = fn.val(f"udiv i64 {fn.mul(fn.sub(m0, first_row), steps)}, {rest}")
+    end = fn.sub(fn.add(m0, rows), first_row)
+    hi = fn.min(fn.val(f"udiv i64 {fn.add(fn.mul(end, steps), fn.sub(rest, 1))}, {rest}"), steps)
+    rate = fn.val(f"udiv i64 {fn.mul(fn.sub(hi, lo), 1 << 16)}, {steps}")
+    return fn.var("i64", fn.mul(lo, 1 << 16)), rate
 
 
 def _dy_pairs(fn: Function, spec: GemmSpec, ptr: str, scales: str, halves: bool = False) -> str:
