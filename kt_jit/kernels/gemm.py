@@ -887,6 +887,8 @@ def _avx512_fwd_body(spec: GemmSpec):
         if sch.pfi:  # set at the last chunk: the first weights of the item this thread runs next
             next_wb, has_next = fn.var("ptr", wb), fn.var("i1", "false")
         yb = fn.gep(y, fn.mul(c, sch.nr * 64))
+        if sch.pfn:  # the row blocks from this row on share the next chunk's prefetch (see FETCH_ALL_ROWS)
+            fetch_from = fn.val(f"select i1 {fn.icmp('sge', m, FETCH_ALL_ROWS * sch.mr)}, i64 0, i64 {sch.mr}")
         if spec.lora_rank:
             lpanel, h, hoff, fill_lora = _lora_pairs(fn, spec, c, tuple(extra))
             ldh = ARGS.load(fn, ctx, "ldh")
@@ -993,9 +995,6 @@ def _avx512_fwd_body(spec: GemmSpec):
                     if sch.pfi:
                         fetch_base = fn.val(f"select i1 {more}, ptr {fetch_base}, ptr {next_wb.get()}")
                         more = fn.val(f"or i1 {more}, {has_next.get()}")
-                    # the row blocks from row fetch_from on share the next chunk (see FETCH_ALL_ROWS)
-                    every = fn.icmp("sge", m, FETCH_ALL_ROWS * sch.mr)
-                    fetch_from = fn.val(f"select i1 {every}, i64 0, i64 {sch.mr}")
                     either(fn, fn.val(f"and i1 {more}, {fn.icmp('sge', m0, fetch_from)}"), k_loop)
                 else:
                     k_loop(False)

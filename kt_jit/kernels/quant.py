@@ -12,11 +12,17 @@ import torch
 from .pack import pack_tiles, unpack_tiles
 
 
+def _usable_scale(scale: torch.Tensor) -> torch.Tensor:
+    """``scale`` with its zeros (all-zero channels or groups) replaced by 1; NaN and inf stay, for
+    the packer to refuse."""
+    return torch.where(scale == 0, torch.ones_like(scale), scale)
+
+
 def quantize_int8(w: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """``w [..., N, K]`` float -> (``q`` int8 ``[..., N, K]``, ``scale`` fp32 ``[..., N]``)."""
     wf = w.float()
     scale = wf.abs().amax(-1) / 127.0
-    scale = torch.where(scale == 0, torch.ones_like(scale), scale)  # (NaN and inf stay: the packer refuses them)
+    scale = _usable_scale(scale)
     q = torch.round(wf / scale.unsqueeze(-1)).clamp_(-127, 127).to(torch.int8)
     return q, scale.contiguous()
 
@@ -53,13 +59,13 @@ def quantize_int4(w: torch.Tensor, group_size: int = 0, asym: bool = False):
         # the range always contains 0, so the zero point is a code in [0, 15]
         lo, hi = wf.amin(-1).clamp(max=0), wf.amax(-1).clamp(min=0)
         scale = (hi - lo) / 15.0
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        scale = _usable_scale(scale)
         zero = torch.round(-lo / scale).clamp_(0, 15)
         q = torch.round(wf / scale.unsqueeze(-1) + zero.unsqueeze(-1)).clamp_(0, 15)
         zero_out = zero.to(torch.uint8).transpose(-1, -2).contiguous()
     else:
         scale = wf.abs().amax(-1) / 7.0
-        scale = torch.where(scale == 0, torch.ones_like(scale), scale)
+        scale = _usable_scale(scale)
         q = torch.round(wf / scale.unsqueeze(-1)).clamp_(-8, 7) + 8
         zero_out = None
     codes = q.to(torch.uint8).reshape(*lead, n, k)
