@@ -222,7 +222,8 @@ def test_host_tuning_follows_the_l1_size(monkeypatch):
     """The streamed form reads 16 n-blocks per pass, the lane-partial form's slices are 256 k-pair
     rows, and the streams are prefetched 1 KB ahead (2 KB in the quantized forward and the bf16
     forward's blocks of 3+ rows) where the L1 data cache holds 48 KB; 4 blocks, 1024 rows, 512 B,
-    256 B and 512 B on smaller (or unknown) ones; single groups keep 256-row slices."""
+    256 B and 512 B on smaller (or unknown) ones; single groups keep 256-row slices. The quantized
+    lane-partial form's second prefetch (into L2, 4 KB ahead) only with the smaller L1 (Zen 4)."""
     for size, blocks, slice_, ahead, quant_ahead in ((48 << 10, 16, 256, 1024, 2048), (64 << 10, 16, 256, 1024, 2048),
                                                      (32 << 10, 4, 1024, 512, 256), (0, 4, 1024, 512, 256)):
         monkeypatch.setattr(gemm, "l1d_cache_bytes", lambda size=size: size)
@@ -233,6 +234,9 @@ def test_host_tuning_follows_the_l1_size(monkeypatch):
             assert gemm.default_schedule("fwd", "avx512", 1536, 2048, quant).pf * gemm.ROW_BYTES[quant] == quant_ahead
         bf16 = gemm.default_schedule("fwd", "avx512", 1536, 2048)
         assert (bf16.pf, bf16.pfw * 64) == (16, 2048 if size >= 48 << 10 else 512)  # (pf: not a per-CPU value)
+        for quant in ("int8", "int4"):
+            assert gemm.default_schedule("bwd", "avx512", 1536, 2048, quant).lf == (0 if size >= 48 << 10 else 4096)
+        assert sch.lf == 0  # (bf16)
 
 
 @pytest.mark.parametrize("quant", ["bf16", "int8"])
@@ -246,6 +250,18 @@ def test_stream_prefetch_reaches_the_streaming_forms(quant):
                                                dataclasses.replace(base, sp=sp, **form), quant)) for sp in (2112, 6208)}
         for sp, other in ((2112, 6208), (6208, 2112)):
             assert f"i64 {sp}\n" in irs[sp] and f"i64 {sp}\n" not in irs[other], form
+
+
+@pytest.mark.parametrize("quant", ["int8", "int4"])
+def test_far_prefetch_reaches_the_quantized_lane_partial_form(quant):
+    """The schedule's ``lf`` is the distance of the quantized lane-partial form's second prefetch,
+    into L2 (an offset no other address of the kernel uses; 0: no such prefetch at all)."""
+    base = gemm.default_schedule("bwd", "avx512", 1536, 2048, quant)
+    irs = {lf: gemm.build_ir(gemm.GemmSpec("bwd", 1536, 2048, "avx512", False, dataclasses.replace(base, lf=lf),
+                                           quant)) for lf in (0, 5184)}
+    assert "i64 5184\n" in irs[5184] and "i64 5184\n" not in irs[0]
+    with pytest.raises(ValueError, match="lf=-1"):
+        gemm.GemmSpec("bwd", 1536, 2048, "avx512", False, dataclasses.replace(base, lf=-1), quant)
 
 
 def test_tuning_overrides_from_the_environment(monkeypatch):
@@ -265,6 +281,10 @@ def test_tuning_overrides_from_the_environment(monkeypatch):
     monkeypatch.setenv("KT_JIT_TUNING", "quant_prefetch=1024,multirow_prefetch=4096")
     assert gemm.default_schedule("fwd", "avx512", 1536, 2048, "int8").pf == 1024 // gemm.ROW_BYTES["int8"]
     assert gemm.default_schedule("fwd", "avx512", 1536, 2048).pfw == 4096 // 64
+    for far in (0, 2048):
+        monkeypatch.setenv("KT_JIT_TUNING", f"quant_far_prefetch={far}")
+        assert gemm.default_schedule("bwd", "avx512", 1536, 2048, "int4").lf == far
+        assert gemm.default_schedule("bwd", "avx512", 1536, 2048).lf == 0
     # the bf16 panel's n-blocks: the largest divisor of N/16 (96 for N 1536) up to panel_blocks;
     # quantized panels keep theirs
     for blocks, kc in ((5, 4), (8, 8), (16, 16), (32, 32)):
@@ -277,7 +297,8 @@ def test_tuning_overrides_from_the_environment(monkeypatch):
                        ("lane_partial_slice=2048", "64-1024"), ("stream_group_blocks=0", "1-32"),
                        ("stream_group_blocks=64", "1-32"), ("stream_group_blocks=4,stream_group_blocks=8", "twice"),
                        ("stream_prefetch=100", "stream_prefetch=100"), ("quant_prefetch=0", "64-8192"),
-                       ("quant_prefetch=16384", "64-8192"), ("panel_blocks=0", "1-32"), ("panel_blocks=33", "1-32")):
+                       ("quant_prefetch=16384", "64-8192"), ("panel_blocks=0", "1-32"), ("panel_blocks=33", "1-32"),
+                       ("quant_far_prefetch=100", "or 0 for none"), ("quant_far_prefetch=-64", "quant_far_prefetch")):
         monkeypatch.setenv("KT_JIT_TUNING", bad)
         with pytest.raises(ValueError, match=match) as err:
             gemm.default_schedule("bwd", "avx512", 1536, 2048)
@@ -626,15 +647,18 @@ def _kernel_input(spec, a, scales):
 
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="quantized kernels need AVX-512 BF16")
 @pytest.mark.parametrize("quant,gs,zp", QUANT_CASES)
-@pytest.mark.parametrize("m", [1, 3, 7, 33])
-def test_quantized_gemms_match_dequantized_reference(quant, gs, zp, m):
+@pytest.mark.parametrize("m", [1, 2, 3, 7, 33])
+@pytest.mark.parametrize("far", [0, gemm.QUANT_FAR_PREFETCH])
+def test_quantized_gemms_match_dequantized_reference(quant, gs, zp, m, far, monkeypatch):
     """Integer kernels (every forward; the transposed GEMM of per-channel modes): codes times int16
     activations (per-row scales, |error| <= max|x|/32766) are within ~1e-4 of the dequantized
     weight's product. The K-group transposed GEMM rounds each dequantized weight to bf16 once
     (~0.2%). m = 1, 3 and 7 take the lane-partial form of the transposed GEMM (int8: 1 and 3 its
     code per row count, 7 its quad steps; int4: quad steps, per channel 1 unrolled and 3 and 7 in
     the row loop, K-groups 1 and 3 unrolled), 33 the panel path; k = 1024 has several K-chunks
-    (and groups) per output."""
+    (and groups) per output. Both with and without the lane-partial form's prefetch into L2 (its
+    int8 rows of 1-2 tokens step two k-pair rows, one line, at a time)."""
+    monkeypatch.setenv("KT_JIT_TUNING", f"quant_far_prefetch={far}")
     for n, k in ((192, 128), (64, 1024)):
         p, s, z, wd = _quantized(quant, gs, zp, n, k)
         x = torch.randn(m, k).bfloat16()

@@ -5,8 +5,8 @@ kt_jit picks a few blocking and prefetch values of its AVX-512 GEMMs (mostly the
 the CPU's L1 data cache size (two CPUs measured: Zen 4 and Zen 5). On another CPU other values may be
 faster; this script finds out. For each value it times the MoE backward (the forward for the
 two forward prefetch distances; LoRA rank 16, random top-k routing as in bench_moe.py; bf16 experts, int8 ones for
-``quant_prefetch`` and on AMX hosts, whose bf16 layers run the AMX kernels) at the token counts whose
-groups that value shapes, with every candidate in one process: the candidates take turns round by
+``quant_prefetch``, ``quant_far_prefetch`` and on AMX hosts, whose bf16 layers run the AMX kernels) at the
+token counts whose groups that value shapes, with every candidate in one process: the candidates take turns round by
 round (in alternating order), each under its own KT_JIT_TUNING (which keys its kernels and launch
 plans), and each gets the median of its passes. A candidate replaces the default only when the
 median of its per-round time ratios beats it by more than ``--margin``.
@@ -45,7 +45,8 @@ from kt_jit.runtime import knobs, tuning_store
 from kt_jit.runtime.threads import default_num_threads
 
 # value -> (candidates, token counts whose groups it shapes: 1-4 rows per expert for the lane-partial
-# slice, 1-24 for the streams' prefetch (lane-partial and streamed forms), 5-24 for the streamed
+# slice, 1-24 for the streams' prefetch (lane-partial and streamed forms; the quantized lane-partial
+# form's L2 one 1-32), 5-24 for the streamed
 # form's blocks, 12 and more for the tokens-in-lanes form, 25 and more for the panel form's blocks;
 # the experts' weights; the pass timed)
 CANDIDATES = {
@@ -56,10 +57,11 @@ CANDIDATES = {
     "quant_prefetch": ((256, 512, 1024, 2048), (1, 16), "int8", "fwd"),
     "multirow_prefetch": ((256, 512, 1024, 2048), (128, 512), "bf16", "fwd"),
     "panel_blocks": ((4, 8, 16), (512,), "bf16", "bwd"),
+    "quant_far_prefetch": ((0, 2048, 4096), (1, 16, 128), "int8", "bwd"),
 }
 QUICK_QLENS = {"lane_partial_slice": (16,), "stream_group_blocks": (128,), "lanes_min_rows": (512,),
                "stream_prefetch": (16,), "quant_prefetch": (16,), "multirow_prefetch": (128,),
-               "panel_blocks": (512,)}
+               "panel_blocks": (512,), "quant_far_prefetch": (16,)}
 # values that shape only bf16 kernels (AMX ones on AMX hosts)
 BF16_ONLY = ("lanes_min_rows", "multirow_prefetch", "panel_blocks")
 

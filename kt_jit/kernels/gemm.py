@@ -114,6 +114,17 @@ LANE_PARTIAL_SLICE = 256  # k-pair rows per K-slice of the lane-partial form at 
 STREAM_PREFETCH = 1024  # bytes ahead along each weight stream of the streamed and lane-partial forms
 QUANT_PREFETCH = 2048  # bytes ahead along each weight stream of the quantized forward (Zen 5: int8 +2-11%)
 MULTIROW_PREFETCH = 2048  # bytes ahead of the bf16 forward's blocks of 3+ token rows (GemmSchedule.pfw)
+# Bytes ahead of the quantized lane-partial forms' L2 prefetch (prefetcht1, schedule lf), next to
+# their L1 one (schedule sp). Zen 4: cold, these kernels ran at ~0.82-0.89 of the bf16 form's bytes
+# per second at 1-2 rows, as if the decode did not overlap the misses; kernel A/B, 8 cold experts,
+# against none: int8 1 / 2 rows -4 / -6%, int4 -4..-5 / -5%, K-group int4 -4..-5 / -3%, int4 4 rows
+# -1% (2 and 8 KB about the same or less; bf16, at the memory's rate already: +-1%, so not there).
+# Zen 5 (thirty-ninth session) is faster without it: kernel level, 48 cold qwen3 gate/up experts,
+# int8 1 / 2 rows 33.1 -> 36.2 / 32.0 -> 35.9 GB/s (the forward 41 GB/s, read 46-48 GB/s); MoE
+# backward with LoRA, qwen3, same-process A/B (tools/tune.py), none against 4 KB: int8 qlen 1 / 16 /
+# 128 -4.6 / -2.9 / -4.4% (2 KB: -3.5 / -1.9 / -0.3%), int4 -6.1 / -4.8 / -3.3%, int4_1 qlen 16
+# -5.3%, int4_kgroup qlen 16 -3.7%, int4_1kgroup qlen 128 -4.7%. So LARGE_L1_TUNING has none.
+QUANT_FAR_PREFETCH = 4096
 SMALL_L1 = 48 << 10  # an L1 data cache below this size selects the small-L1 values below
 # The tokens-in-lanes form from groups of this many rows (schedule tl), and above only where the
 # last 16-row tile holds at least 12 (kernels.dytiles.LANES_TAIL_MIN). Zen 4, kernel level, 32-96
@@ -176,6 +187,8 @@ class HostTuning:
         than 2 token rows (schedule ``pfw`` = this / 64)
     panel_blocks: n-blocks per L1 panel of the bf16 transposed panel form (schedule ``kc``: the
         largest divisor of N/16 up to this, 1-32)
+    quant_far_prefetch: bytes the quantized lane-partial transposed form prefetches ahead into L2
+        along each weight stream, next to its ``stream_prefetch`` into L1 (schedule ``lf``; 0 = none)
     """
 
     stream_group_blocks: int
@@ -185,6 +198,7 @@ class HostTuning:
     quant_prefetch: int = QUANT_PREFETCH
     multirow_prefetch: int = MULTIROW_PREFETCH
     panel_blocks: int = PANEL_BLOCKS
+    quant_far_prefetch: int = QUANT_FAR_PREFETCH
 
     def __post_init__(self) -> None:
         # (upper bounds: the stack a worker may need, see runtime/threads.KERNEL_STACK_MIN: the
@@ -199,11 +213,14 @@ class HostTuning:
             raise ValueError(f"lanes_min_rows={self.lanes_min_rows}: {LANES_TAIL_MIN}-16, or 0 for none")
         for name in (f.name for f in dataclasses.fields(self) if f.name.endswith("_prefetch")):
             value = getattr(self, name)
+            if name == "quant_far_prefetch" and value == 0:
+                continue
             if not 64 <= value <= 8192 or value % 64:
-                raise ValueError(f"{name}={value}: a multiple of 64 in 64-8192 (bytes)")
+                none = ", or 0 for none" if name == "quant_far_prefetch" else ""
+                raise ValueError(f"{name}={value}: a multiple of 64 in 64-8192 (bytes){none}")
 
 
-LARGE_L1_TUNING = HostTuning(STREAM_GROUP_BLOCKS, LANE_PARTIAL_SLICE, lanes_min_rows=0)
+LARGE_L1_TUNING = HostTuning(STREAM_GROUP_BLOCKS, LANE_PARTIAL_SLICE, lanes_min_rows=0, quant_far_prefetch=0)
 # The lane-partial form's slice: 1024 k-pair rows (one piece per n-block for K <= 2048, instead of
 # four visited at different times; 64 KB of accumulators per row, in L2). MoE backward, Zen 4,
 # same-process A/B against 256: qwen3 qlen 1 -4.5..-5.7%, qlen 16 -4.9..-5.0% (512: -4.1..-4.5%),
@@ -318,6 +335,8 @@ class GemmSchedule:
         never; see kernels.dytiles.lanes_rows); their dY arrives in that form's layout through an
         extra group field
     sp: bytes the streamed and lane-partial forms prefetch ahead along each weight stream
+    lf: quantized lane-partial form (not ``lps``): bytes ahead of a second prefetch along each weight
+        stream, into L2 (0 = none; only when beyond ``sp``)
     """
 
     mr: int
@@ -336,6 +355,7 @@ class GemmSchedule:
     ls: int = LANE_PARTIAL_SLICE
     tl: int = 0
     sp: int = STREAM_PREFETCH
+    lf: int = 0
 
     def __str__(self) -> str:
         sb = f"b{self.sb}" if self.sm and self.small == "stream" else ""
@@ -345,7 +365,8 @@ class GemmSchedule:
         ahead = ("n" if self.pfn else "") + ("i" if self.pfi else "")
         tl = f"t{self.tl}" if self.tl else ""
         sp = f"f{self.sp}" if self.sp != STREAM_PREFETCH else ""
-        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{pfw}{ahead}{self.form}{small}{lp}{tl}{sp}"
+        lf = f"g{self.lf}" if self.lf else ""
+        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{pfw}{ahead}{self.form}{small}{lp}{tl}{sp}{lf}"
 
 
 def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one_group: bool = False,
@@ -419,7 +440,7 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
                             sm=stream_max if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one,
                             sb=host.stream_group_blocks,
                             ls=LANE_PARTIAL_SLICE if one_group else host.lane_partial_slice, tl=tl,
-                            sp=host.stream_prefetch)
+                            sp=host.stream_prefetch, lf=0 if quant == "bf16" else host.quant_far_prefetch)
     return GemmSchedule(mr=2, nr=2)
 
 
@@ -492,6 +513,8 @@ class GemmSpec:
                              "with pfn only")
         if sch.sb < 1:
             raise ValueError(f"schedule sb={sch.sb}: the streamed form reads at least one n-block per pass")
+        if sch.lf < 0:
+            raise ValueError(f"schedule lf={sch.lf}: a distance in bytes, or 0 for none")
         if sch.ls < 64:
             raise ValueError(f"schedule ls={sch.ls}: K-slices of at least 64 k-pair rows (16 above 4 rows)")
         if sch.tl and not (self.is_panel and self.quant == "bf16" and LANES_TAIL_MIN <= sch.tl <= 16):
@@ -1469,19 +1492,12 @@ LANE_PARTIAL_UNROLL = 4  # rows up to this get code of their own (dY pairs in re
 # qlen 16 -3..-6% (kernel level: 1 row -3.5%, 2 rows -6%): since the quad steps int4 takes its
 # blocks per step from LP_QUAD_BLOCKS / KG_QUAD_BLOCKS.
 LP_WIDE_QUANTS = ("bf16", "int8")  # (int4: LP_QUAD_BLOCKS)
-# Bytes ahead of the quantized lane-partial forms' L2 prefetch (prefetcht1), next to their L1 one
-# (schedule sp): cold, these kernels ran at ~0.82-0.89 of the bf16 form's bytes per second at 1-2
-# rows, as if the decode did not overlap the misses. Kernel A/B, Zen 4, 8 cold experts, against
-# none: int8 1 / 2 rows -4 / -6%, int4 -4..-5 / -5%, K-group int4 -4..-5 / -3%, int4 4 rows -1%
-# (2 and 8 KB about the same or less; bf16, at the memory's rate already: +-1%, so not there).
-LP_FAR_PREFETCH = 4096  # (prefetches never fault past the weights' end)
-
-
 def _far_prefetch(spec: GemmSpec) -> bool:
-    """Whether the lane-partial form of ``spec`` adds the LP_FAR_PREFETCH one: quantized weights,
-    a distance beyond the L1 prefetch's, and not ``lps`` schedules (single-group calls, whose
-    one-row steps go to 8 rows: not measured)."""
-    return spec.quant != "bf16" and not spec.schedule.lps and LP_FAR_PREFETCH > spec.schedule.sp
+    """Whether the lane-partial form of ``spec`` adds the schedule's ``lf`` prefetch into L2:
+    quantized weights, a distance beyond the L1 prefetch's, and not ``lps`` schedules (single-group
+    calls, whose one-row steps go to 8 rows: not measured). Prefetches never fault past the
+    weights' end."""
+    return spec.quant != "bf16" and not spec.schedule.lps and spec.schedule.lf > spec.schedule.sp
 
 
 def _lane_partial_slice(spec: GemmSpec, rows: int) -> int:
@@ -1589,10 +1605,11 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     # unrolling; int8: see LP_WIDE_QUANTS; at 3-4 rows the 24-32 dY vectors no longer fit the registers)
     wide = (2 * STREAM_BLOCKS,) if 0 < unrolled <= 2 and spec.quant in LP_WIDE_QUANTS and not spec.group_size else ()
     ns = max(d for d in (*quad_wide, *wide, STREAM_BLOCKS, 2, 1) if nb % d == 0)
-    # 8 blocks per step: software prefetch for every other one, the hardware prefetcher keeps the
-    # rest going (kernel A/B, 8 cold experts, Zen 5 slow memory mode, 1 row -3.5..-4.4%, 2 rows
-    # -0.9..-3.4%; in the fast mode 2 rows +1.5%; at 4 blocks per step, or prefetching one block in
-    # 4 or 8: +5..+9%): fewer instructions per weight byte while streaming
+    # bf16 at 8 blocks per step: software prefetch for every other one, the hardware prefetcher
+    # keeps the rest going (kernel A/B, 8 cold experts, Zen 5 slow memory mode, 1 row -3.5..-4.4%,
+    # 2 rows -0.9..-3.4%; in the fast mode 2 rows +1.5%; at 4 blocks per step, or prefetching one
+    # block in 4 or 8: +5..+9%): fewer instructions per weight byte while streaming. (The int8 rows,
+    # half a line, and the quad steps request every block's line once.)
     pf_every = _LP_PFEVERY if ns >= 2 * STREAM_BLOCKS else 1
     far = _far_prefetch(spec)
     # a slice holds whole K-groups: dY's pairs (scaled by the group's channel scales) and the zero
@@ -1669,18 +1686,24 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                     else:
                         with fn.loop(0, m, name="lco") as i:
                             offset_sum(i)
-                _lane_partial_quad_step(fn, spec, wblk, block_stride, gsl, ns, pf_every, dy_at, unrolled or m, acc,
+                _lane_partial_quad_step(fn, spec, wblk, block_stride, gsl, ns, dy_at, unrolled or m, acc,
                                         sl, g0 if spec.group_size else "0", qz)
             else:  # bf16, and int8 at 1-2 rows or in lps schedules: one k-pair row per step
-                with fn.loop(0, gsl, name="lr") as r:
+                # rows shorter than a line (int8: 32 B) go per_line at a time: every block's line is
+                # requested once, at the first of them (MoE backward A/B on Zen 5, int8 qwen3 qlen 16,
+                # against every other block at each row: -1.6..-3%; kernel level, 4 blocks per step
+                # against all of them at each row: -2%)
+                per_line = max(1, 64 // rb)
+
+                def k_pair_row(r: str, line_start: bool) -> None:
                     wrow = fn.gep(wblk, fn.mul(r, rb))
                     wv = []  # one swapped row per block
                     for b in range(ns):
                         p = fn.gep(wrow, b * block_stride)
-                        if b % pf_every == 0:
+                        if line_start if per_line > 1 else b % pf_every == 0:
                             vx.prefetch(fn, fn.gep(p, spec.schedule.sp))
                             if far:
-                                vx.prefetch(fn, fn.gep(p, LP_FAR_PREFETCH), 2)
+                                vx.prefetch(fn, fn.gep(p, spec.schedule.lf), 2)
                         wv.append(_swapped_row(fn, spec, p, None, None, False))
 
                     def token_row(i: str | int, dy: list[str]) -> None:
@@ -1701,6 +1724,10 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                         with fn.loop(0, m, name="li") as i:
                             dp = fn.gep(dyd, fn.mul(i, ns * 64))
                             token_row(i, [fn.load(BF16x32, fn.gep(dp, b * 64), 64) for b in range(ns)])
+
+                with fn.loop(0, gsl, per_line, name="lr") as r_line:
+                    for j in range(per_line):
+                        k_pair_row(fn.add(r_line, j) if j else r_line, j == 0)
         with fn.loop(0, m, name="lo") as i:
             if fold_zero:  # sum_n dY[i, n] z_n, the same for every output
                 zsum = _zero_term(fn, spec, fn.gep(x, fn.mul(i, ldx)), zp)
@@ -1798,7 +1825,7 @@ def _quad_zero_words(fn: Function, spec: GemmSpec, zptr: str) -> str:
 
 
 def _lane_partial_quad_step(fn: Function, spec: GemmSpec, wblk: str, block_stride: int, gsl: int, ns: int,
-                            pf_every: int, dy_at, rows: int | str, acc: str, sl: int, kbase: str,
+                            dy_at, rows: int | str, acc: str, sl: int, kbase: str,
                             zero_words: list[str] | None) -> None:
     """One step of n-blocks of :func:`_bwd_lane_partial` in the quad form (int4, and int8 from 3
     rows): per block one 64-byte load of the step's packed k-pair rows (int4: four, int8:
@@ -1822,15 +1849,20 @@ def _lane_partial_quad_step(fn: Function, spec: GemmSpec, wblk: str, block_strid
 
     Kernel A/B, Zen 4, 8 cold experts, per-channel int4 decode at unrolled rows: 1 row -2..+3% (at
     the memory's rate), 2 rows -7..-9%, 3 rows -13%; weights in L3, 1 row -29%. K-group: cold +-1%,
-    in L3 -10%. The rows and blocks: see QUAD_MAX_ROWS, LP_QUAD_BLOCKS."""
+    in L3 -10%. The rows and blocks: see QUAD_MAX_ROWS, LP_QUAD_BLOCKS.
+
+    Each step prefetches the line of every block ``sp`` bytes ahead (until the thirty-ninth session
+    every other block's, as the bf16 form does; MoE backward A/B on Zen 5, qwen3, LoRA on, against
+    that: qlen 128 int4 -11%, int4_1 -13%, int4_kgroup -12%, int8 -7%; qlen 16 int4 -3.5%,
+    int4_1kgroup -10%, int8 -1%; Zen 4 not measured)."""
     rb = spec.row_bytes
     with fn.loop(0, gsl, 4 if spec.quant == "int4" else 2, name="lq") as r:
         wrow = fn.gep(wblk, fn.mul(r, rb))
         kr = fn.add(kbase, r)
-        for b in range(0, ns, pf_every):
+        for b in range(ns):  # (a step reads one line of each block: every block's is requested)
             vx.prefetch(fn, fn.gep(wrow, b * block_stride + spec.schedule.sp))
             if _far_prefetch(spec):
-                vx.prefetch(fn, fn.gep(wrow, b * block_stride + LP_FAR_PREFETCH), 2)
+                vx.prefetch(fn, fn.gep(wrow, b * block_stride + spec.schedule.lf), 2)
         if isinstance(rows, int):
             count = -(-rows // 4)
             for j in range(count):
