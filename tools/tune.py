@@ -4,12 +4,13 @@ KT_JIT_TUNING setting that wins.
 kt_jit picks a few blocking and prefetch values of its AVX-512 GEMMs (mostly the transposed ones) by
 the CPU's L1 data cache size (two CPUs measured: Zen 4 and Zen 5). On another CPU other values may be
 faster; this script finds out. For each value it times the MoE backward (the forward for the
-two forward prefetch distances; LoRA rank 16, random top-k routing as in bench_moe.py; bf16 experts, int8 ones for
-``quant_prefetch``, ``quant_far_prefetch`` and on AMX hosts, whose bf16 layers run the AMX kernels) at the
-token counts whose groups that value shapes, with every candidate in one process: the candidates take turns round by
-round (in alternating order), each under its own KT_JIT_TUNING (which keys its kernels and launch
-plans), and each gets the median of its passes. A candidate replaces the default only when the
-median of its per-round time ratios beats it by more than ``--margin``.
+two forward prefetch distances; LoRA rank 16, random top-k routing as in bench_moe.py; bf16
+experts, int8 ones for ``quant_prefetch``, ``quant_far_prefetch`` and on AMX hosts, whose bf16
+layers run the AMX kernels) at the token counts whose groups that value shapes, with every
+candidate in one process: the candidates take turns round by round (in alternating order), each
+under its own KT_JIT_TUNING (which keys its kernels and launch plans), and each gets the median of
+its passes. A candidate replaces the default only when the median of its per-round time ratios
+beats it by more than ``--margin``.
 
     python tools/tune.py [--save] [--quick] [--json PATH] [--shape qwen3-30b-a3b] [--rounds N] [--margin 0.02]
 
@@ -45,10 +46,9 @@ from kt_jit.runtime import knobs, tuning_store
 from kt_jit.runtime.threads import default_num_threads
 
 # value -> (candidates, token counts whose groups it shapes: 1-4 rows per expert for the lane-partial
-# slice, 1-24 for the streams' prefetch (lane-partial and streamed forms; the quantized lane-partial
-# form's L2 one 1-32), 5-24 for the streamed
-# form's blocks, 12 and more for the tokens-in-lanes form, 25 and more for the panel form's blocks;
-# the experts' weights; the pass timed)
+# slice, 1-24 for the streams' prefetch (lane-partial and streamed forms), 1-32 for the quantized
+# lane-partial form's L2 prefetch, 5-24 for the streamed form's blocks, 12 and more for the
+# tokens-in-lanes form, 25 and more for the panel form's blocks; the experts' weights; the pass timed)
 CANDIDATES = {
     "lane_partial_slice": ((256, 512, 1024), (1, 16), "bf16", "bwd"),
     "stream_group_blocks": ((4, 8, 16), (128,), "bf16", "bwd"),
