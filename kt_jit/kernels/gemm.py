@@ -163,6 +163,9 @@ QUANT_PANEL_BLOCKS = 16
 FWD_ACCUMULATORS = 24
 
 
+OPTIONAL_PREFETCHES = ("quant_far_prefetch",)  # HostTuning prefetch distances that may be 0 (none)
+
+
 @dataclass(frozen=True)
 class HostTuning:
     """Schedule values of the AVX-512 GEMMs (mostly the transposed ones) that differ between the
@@ -212,11 +215,9 @@ class HostTuning:
         if self.lanes_min_rows and not LANES_TAIL_MIN <= self.lanes_min_rows <= 16:
             raise ValueError(f"lanes_min_rows={self.lanes_min_rows}: {LANES_TAIL_MIN}-16, or 0 for none")
         for name in (f.name for f in dataclasses.fields(self) if f.name.endswith("_prefetch")):
-            value = getattr(self, name)
-            if name == "quant_far_prefetch" and value == 0:
-                continue
-            if not 64 <= value <= 8192 or value % 64:
-                none = ", or 0 for none" if name == "quant_far_prefetch" else ""
+            value, may_be_off = getattr(self, name), name in OPTIONAL_PREFETCHES
+            if (not 64 <= value <= 8192 or value % 64) and not (may_be_off and value == 0):
+                none = ", or 0 for none" if may_be_off else ""
                 raise ValueError(f"{name}={value}: a multiple of 64 in 64-8192 (bytes){none}")
 
 
@@ -1700,7 +1701,8 @@ def _bwd_lane_partial(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                     wv = []  # one swapped row per block
                     for b in range(ns):
                         p = fn.gep(wrow, b * block_stride)
-                        if line_start if per_line > 1 else b % pf_every == 0:
+                        requested_here = line_start if per_line > 1 else b % pf_every == 0
+                        if requested_here:
                             vx.prefetch(fn, fn.gep(p, spec.schedule.sp))
                             if far:
                                 vx.prefetch(fn, fn.gep(p, spec.schedule.lf), 2)
