@@ -804,6 +804,47 @@ def test_quantized_transposed_default_forms(quant, gs, zp, n):
 
 
 @NEEDS_AVX512_BF16
+@pytest.mark.parametrize("quant", ["bf16", "int8"])
+@pytest.mark.parametrize("ps", [1, 2, 4])
+def test_transposed_panel_shares_the_next_chunk_prefetch(quant, ps):
+    """The panel form over 12 n-chunks (N/16 = 48, 4 n-blocks each) with the next chunk's prefetch
+    shared by up to ``ps`` row blocks (as many full ones as the group has, a power of two, at most a
+    panel step's lines: int8 2), the fill's own prefetch in the first chunk and in groups without a
+    full row block: groups of 1..31 rows (0 to 5 full row blocks of 6) in one launch, accumulating
+    into an existing output; each result against the oracle."""
+    n, k = 768, 128
+    g = torch.Generator().manual_seed(11)
+    p, s, _, wd = _weights_in(quant, 0, False, n, k, g)
+    spec = gemm.GemmSpec("bwd", n, k, "avx512", True, gemm.GemmSchedule(6, 4, 4, 2, "panel", pfn=True, ps=ps), quant)
+    ms = [1, 5, 6, 11, 12, 17, 18, 23, 24, 29, 31]
+    dys = [torch.randn(m, n, generator=g).bfloat16() for m in ms]
+    outs = [torch.randn(m, k, generator=g) for m in ms]
+    expect = [o + ref_linear_t(d, wd) for o, d in zip(outs, dys, strict=True)]
+    xq = [_kernel_input(spec, d, s) for d in dys]
+    table = torch.tensor([[x.data_ptr(), p.data_ptr(), o.data_ptr(), m, s.data_ptr() if s is not None else 0, 0]
+                          + ([xsc.data_ptr()] if spec.int_x else [])
+                          for (x, xsc), o, m in zip(xq, outs, ms, strict=True)], dtype=torch.int64)
+    gemm.get_kernel(spec).launch(table, n * 2, k * 4)
+    for m, got, want in zip(ms, outs, expect, strict=True):
+        assert rel_err(got, want) < 2e-4, m
+
+
+def test_panel_prefetch_share_is_checked_and_defaulted():
+    """``ps``: a power of two, above 1 only for the panel form with its next-chunk prefetch; the
+    default shares it among as many row blocks as a panel step has lines (up to
+    PANEL_PREFETCH_SHARE): bf16 4, int8 2, int4 (one line) none."""
+    base = gemm.default_schedule("bwd", "avx512", 1536, 2048)
+    assert {q: gemm.default_schedule("bwd", "avx512", 1536, 2048, q).ps for q in ("bf16", "int8", "int4")} == {
+        "bf16": min(4, gemm.PANEL_PREFETCH_SHARE), "int8": min(2, gemm.PANEL_PREFETCH_SHARE), "int4": 1}
+    for bad in (dict(ps=0), dict(ps=3), dict(ps=2, pfn=False)):
+        with pytest.raises(ValueError, match="ps="):
+            gemm.GemmSpec("bwd", 1536, 2048, "avx512", False, dataclasses.replace(base, **bad))
+    with pytest.raises(ValueError, match="ps="):
+        gemm.GemmSpec("fwd", 1536, 2048, "avx512", False,
+                      dataclasses.replace(gemm.default_schedule("fwd", "avx512", 1536, 2048), ps=2))
+
+
+@NEEDS_AVX512_BF16
 @pytest.mark.parametrize("m", [1, 3, 6])
 def test_int4_transposed_step_sums_stay_in_int32(m):
     """The per-channel int4 quad steps sum 2 products per n-block in int32, codes kept times up to

@@ -157,6 +157,23 @@ LANES_MIN_ROWS = 16
 # share of its L1 as 8 of Zen 5's.
 PANEL_BLOCKS = 8
 QUANT_PANEL_BLOCKS = 16
+# Row blocks of the panel form that share the next n-chunk's prefetch (schedule ``ps``; as many as a
+# group has full ones, a power of two up to this and up to the lines of one panel step: bf16 4,
+# int8 2, int4 1). Until the fortieth session the first row block requested the whole next chunk
+# (4 lines per step for bf16) and each fill requested the slice of the block 4 ahead again, a 2 KB
+# burst. Zen 5, kernel level (qwen3 gate/up, 32 rows, cold): with the weight loads pointed at two
+# hot blocks but the prefetches left in place the form still ran 1.34-1.38x the forward's time,
+# without the prefetches 1.02x: the cost was the requests, not the transposition (without it: -1..
+# -5%). Spreading them helped, but only with each line requested twice (one request each: MoE
+# backward qwen3 qlen 512 -5%, twice +4.7%, three times +2.3%; prefetcht0 instead of t1 +1%), as if
+# Zen 5 dropped software prefetches while its miss buffers are full; the fill's own request then
+# only where the shared one does not reach (the first chunk: +1.3% more). MoE backward with LoRA,
+# same-process A/B against 1 (8 rounds): qwen3 qlen 512 -5.7% (2: -4.8%), deepseek-v2-lite qlen 128
+# -6.5%, qlen 512 -2.8%, qwen3 qlen 128 +-1% (few groups reach the panel there), int8 (2) qwen3
+# qlen 512 -4.0%. A fixed 4 sharing blocks whatever the group's count (groups of 13-23 rows have 2-3)
+# was -9.4% at qwen3 qlen 512 but +3% at qlen 128 and +6..+9% at kernel level for 13-20 rows. Zen 4:
+# not measured.
+PANEL_PREFETCH_SHARE = 4
 
 # The AVX-512 forward's register block: at most this many fp32/int32 accumulators (rows x column
 # blocks; 6 x 4 by default); a wider item runs a block of more rows as column groups in turn.
@@ -338,6 +355,9 @@ class GemmSchedule:
     sp: bytes the streamed and lane-partial forms prefetch ahead along each weight stream
     lf: quantized lane-partial form (not ``lps``): bytes ahead of a second prefetch along each weight
         stream, into L2 (0 = none; only when beyond ``sp``)
+    ps: "panel" with pfn: up to this many full row blocks (a power of two) share the next n-chunk's
+        prefetch, each requesting its part at every panel step; with more than one, the fill's
+        ``pf`` prefetch covers only the first chunk (and groups without a full row block)
     """
 
     mr: int
@@ -357,6 +377,7 @@ class GemmSchedule:
     tl: int = 0
     sp: int = STREAM_PREFETCH
     lf: int = 0
+    ps: int = 1
 
     def __str__(self) -> str:
         sb = f"b{self.sb}" if self.sm and self.small == "stream" else ""
@@ -367,7 +388,8 @@ class GemmSchedule:
         tl = f"t{self.tl}" if self.tl else ""
         sp = f"f{self.sp}" if self.sp != STREAM_PREFETCH else ""
         lf = f"g{self.lf}" if self.lf else ""
-        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{pfw}{ahead}{self.form}{small}{lp}{tl}{sp}{lf}"
+        ps = f"r{self.ps}" if self.ps != 1 else ""
+        return f"m{self.mr}n{self.nr}k{self.kc}p{self.pf}{pfw}{ahead}{self.form}{small}{lp}{tl}{sp}{lf}{ps}"
 
 
 def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one_group: bool = False,
@@ -437,11 +459,13 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
                 lp = max(QUAD_UNROLL[kind], min(lp, LP_ACC_BYTES // (group_size // 2 * 64)))
             stream_max = max(lp, stream_max if group_size else 0)
         panel = host.panel_blocks if quant == "bf16" else QUANT_PANEL_BLOCKS
-        return GemmSchedule(mr=6, nr=4 if k % 64 == 0 else 2, kc=_divisor(n // 16, panel), pf=4, form="panel",
+        nr = 4 if k % 64 == 0 else 2
+        ps = max(1, min(PANEL_PREFETCH_SHARE, nr * ROW_BYTES[quant] // 64))  # a panel step's lines at most
+        return GemmSchedule(mr=6, nr=nr, kc=_divisor(n // 16, panel), pf=4, form="panel",
                             sm=stream_max if small == "stream" else 8, small=small, pfn=True, lp=lp, lps=one,
                             sb=host.stream_group_blocks,
                             ls=LANE_PARTIAL_SLICE if one_group else host.lane_partial_slice, tl=tl,
-                            sp=host.stream_prefetch, lf=0 if quant == "bf16" else host.quant_far_prefetch)
+                            sp=host.stream_prefetch, lf=0 if quant == "bf16" else host.quant_far_prefetch, ps=ps)
     return GemmSchedule(mr=2, nr=2)
 
 
@@ -514,6 +538,9 @@ class GemmSpec:
                              "with pfn only")
         if sch.sb < 1:
             raise ValueError(f"schedule sb={sch.sb}: the streamed form reads at least one n-block per pass")
+        if sch.ps < 1 or sch.ps & (sch.ps - 1) or (sch.ps > 1 and not (self.is_panel and sch.pfn)):
+            raise ValueError(f"schedule ps={sch.ps}: row blocks sharing the next-chunk prefetch, a power of two "
+                             "(above 1 only for the 'panel' transposed GEMM with pfn)")
         if sch.lf < 0:
             raise ValueError(f"schedule lf={sch.lf}: a distance in bytes, or 0 for none")
         if sch.ls < 64:
@@ -1341,11 +1368,25 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                 yr = fn.gep(yb, fn.mul(i, ldy))
                 for j in range(sch.nr):
                     vx.prefetch(fn, fn.gep(yr, j * 64), write=True)
+        step_bytes = sch.nr * rb  # an eighth of this item's slice of one n-block
+        step_lines = step_bytes // 64
+        # with pfn, the next chunk's slice (kcn * 8 * step_bytes bytes) is requested by the first
+        # 2^shift full row blocks, 2^shift = the group's full row blocks up to `ps` (a power of two,
+        # at most step_lines), each a part of step_lines >> shift lines at every panel step
+        shared = sch.pfn and sch.ps > 1 and step_lines > 1
+        if shared:
+            full = fn.val(f"udiv i64 {m}, {sch.mr}")
+            shift = "0"
+            for lvl in range(1, min(sch.ps, step_lines).bit_length()):
+                shift = fn.val(f"select i1 {fn.icmp('uge', full, 1 << lvl)}, i64 {lvl}, i64 {shift}")
+            share = fn.val(f"shl i64 1, {shift}")
+            part_mask = fn.sub(fn.val(f"lshr i64 {step_lines}, {shift}"), 1)  # lines per step - 1
+            no_full_block = fn.icmp("ult", m, sch.mr)
         with fn.loop(0, nb, kcn, name="nc") as nc0:
             with fn.loop(0, kcn, name="sl") as sl:
                 s = fn.add(nc0, sl)
                 wrow = fn.gep(wb, fn.mul(s, block_stride))
-                if sch.pf:
+                if sch.pf and not shared:
                     ahead = fn.gep(wrow, sch.pf * block_stride)
                     for off in range(0, 8 * sch.nr * rb, 64):
                         vx.prefetch(fn, fn.gep(ahead, off), 2)
@@ -1359,6 +1400,14 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                     zw = _zero_for(fn, spec, fn.gep(zp, chan))
                     scp = fn.gep(sc, fn.mul(chan, 4)) if spec.quant != "bf16" else None
                     jrow = fn.gep(wrow, fn.mul(j, 8 * rb))
+                    if sch.pf and shared:
+                        # the fill's own prefetch (block s + pf, a 16-k block at a time) only where
+                        # the shared one does not reach: the first chunk, and groups without a full
+                        # row block
+                        fill_fetch = fn.val(f"or i1 {no_full_block}, {fn.icmp('eq', nc0, 0)}")
+                        with fn.if_then(fill_fetch, name="fpf"):
+                            for off in range(0, 8 * rb, 64):
+                                vx.prefetch(fn, fn.gep(jrow, sch.pf * block_stride + off), 2)
                     rows = [_swapped_row(fn, spec, fn.gep(jrow, r * rb), zw, scp, r % 2 == 1)
                             for r in range(8)]
                     jdst = fn.gep(dst, fn.mul(j, 64))
@@ -1366,7 +1415,6 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                         fn.store(BF16x32, v, fn.gep(jdst, q * sch.nr * 64), 64)
             first = fn.icmp("eq", nc0, 0)
             xc = fn.gep(x, fn.mul(nc0, 32))  # dY column 16 nc0
-            step_bytes = sch.nr * rb  # an eighth of this item's slice of one n-block
 
             def fetch_next_chunk(q: str) -> None:
                 """At panel step q (block q / 8, eighth q % 8): its share of the next chunk's slice."""
@@ -1374,6 +1422,18 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                 base = fn.gep(wb, fn.add(fn.mul(blk, block_stride), fn.mul(fn.val(f"urem i64 {q}, 8"), step_bytes)))
                 for off in range(0, step_bytes, 64):
                     vx.prefetch(fn, fn.gep(base, off), 2)
+
+            def fetch_shared(g: str) -> None:
+                """At step g of the sharing row blocks' steps (g = row block * 8 kcn + panel step): line
+                g * (part_mask + 1) + (j & part_mask) of the next chunk's slice for each j < step_lines,
+                so a part of fewer lines is requested more than once (Zen 5 seems to drop software
+                prefetches while its miss buffers are full; see PANEL_PREFETCH_SHARE)."""
+                line0 = fn.mul(g, fn.add(part_mask, 1))
+                for j in range(step_lines):
+                    line = fn.add(line0, fn.val(f"and i64 {j}, {part_mask}"))
+                    blk = fn.add(fn.add(nc0, kcn), fn.val(f"udiv i64 {line}, {8 * step_lines}"))
+                    off = fn.mul(fn.val(f"urem i64 {line}, {8 * step_lines}"), 64)
+                    vx.prefetch(fn, fn.gep(wb, fn.add(fn.mul(blk, block_stride), off)), 2)
 
             def micro(m0: str, rows: int) -> None:
                 accs = {}
@@ -1385,13 +1445,19 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                         accs[i, j] = (acc, p)
                 # the forward micro-kernel, on the panel
                 def mac(fetch_next: bool) -> None:
+                    if shared:
+                        g0 = fn.mul(fn.val(f"udiv i64 {m0}, {sch.mr}"), kcn * 8)
+                        fetch = lambda q: fetch_shared(fn.add(g0, q))  # noqa: E731
+                    else:
+                        fetch = fetch_next_chunk
                     _panel_mac(fn, accs, panel, sch.nr, kcn * 8,
                                lambda i, q: fn.gep(xc, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(q, 4))), spec.int_x,
-                               fetch_next_chunk if fetch_next else None)
+                               fetch if fetch_next else None)
 
-                if sch.pfn and rows == sch.mr:  # the first row block fetches the next n-chunk while it
-                    # computes (a full block: groups this large are streamed unless sm < mr)
-                    either(fn, fn.val(f"and i1 {fn.icmp('ult', fn.add(nc0, kcn), nb)}, {fn.icmp('eq', m0, 0)}"), mac)
+                if sch.pfn and rows == sch.mr:  # the first row block(s) fetch the next n-chunk while they
+                    # compute (full blocks: groups this large are streamed unless sm < mr)
+                    sharing = fn.icmp("ult", m0, fn.mul(share, sch.mr)) if shared else fn.icmp("eq", m0, 0)
+                    either(fn, fn.val(f"and i1 {fn.icmp('ult', fn.add(nc0, kcn), nb)}, {sharing}"), mac)
                 else:
                     mac(False)
                 for (i, _), (acc, p) in accs.items():
