@@ -163,16 +163,16 @@ QUANT_PANEL_BLOCKS = 16
 # (4 lines per step for bf16) and each fill requested the slice of the block 4 ahead again, a 2 KB
 # burst. Zen 5, kernel level (qwen3 gate/up, 32 rows, cold): with the weight loads pointed at two
 # hot blocks but the prefetches left in place the form still ran 1.34-1.38x the forward's time,
-# without the prefetches 1.02x: the cost was the requests, not the transposition (without it: -1..
-# -5%). Spreading them helped, but only with each line requested twice (one request each: MoE
-# backward qwen3 qlen 512 -5%, twice +4.7%, three times +2.3%; prefetcht0 instead of t1 +1%), as if
-# Zen 5 dropped software prefetches while its miss buffers are full; the fill's own request then
-# only where the shared one does not reach (the first chunk: +1.3% more). MoE backward with LoRA,
-# same-process A/B against 1 (8 rounds): qwen3 qlen 512 -5.7% (2: -4.8%), deepseek-v2-lite qlen 128
-# -6.5%, qlen 512 -2.8%, qwen3 qlen 128 +-1% (few groups reach the panel there), int8 (2) qwen3
-# qlen 512 -4.0%. A fixed 4 sharing blocks whatever the group's count (groups of 13-23 rows have 2-3)
-# was -9.4% at qwen3 qlen 512 but +3% at qlen 128 and +6..+9% at kernel level for 13-20 rows. Zen 4:
-# not measured.
+# without the prefetches 1.02x: the cost was the requests, not the transposition (timed without it:
+# -4..+3%). MoE backward qwen3 qlen 512, change in time, spread over 2 row blocks: each line
+# requested once +5.1%, twice -4.5%, three times -2.2% (prefetcht0 instead of t1: -2.0% twice), as
+# if Zen 5 dropped software prefetches while its miss buffers are full; the fill's own request
+# only where the shared one does not reach (the first chunk) a further -1..-2%. MoE backward with
+# LoRA, same-process A/B against the old code (8 rounds): qwen3 qlen 512 -5.7% (up to 2: -4.8%),
+# deepseek-v2-lite qlen 128 -6.5%, qlen 512 -2.8%, qwen3 qlen 128 +-1% (few groups reach the panel
+# there), int8 (2) qwen3 qlen 512 -4.0%. A fixed 4 sharing blocks whatever the group's count
+# (groups of 13-23 rows have 2-3) was -9.4% at qwen3 qlen 512 but +3% at qlen 128 and +6..+9% at
+# kernel level for 13-20 rows. Zen 4: not measured.
 PANEL_PREFETCH_SHARE = 4
 
 # The AVX-512 forward's register block: at most this many fp32/int32 accumulators (rows x column
@@ -1445,11 +1445,14 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                         accs[i, j] = (acc, p)
                 # the forward micro-kernel, on the panel
                 def mac(fetch_next: bool) -> None:
-                    if shared:
-                        g0 = fn.mul(fn.val(f"udiv i64 {m0}, {sch.mr}"), kcn * 8)
-                        fetch = lambda q: fetch_shared(fn.add(g0, q))  # noqa: E731
-                    else:
-                        fetch = fetch_next_chunk
+                    g0 = fn.mul(fn.val(f"udiv i64 {m0}, {sch.mr}"), kcn * 8) if shared and fetch_next else None
+
+                    def fetch(q: str) -> None:
+                        if g0 is None:
+                            fetch_next_chunk(q)
+                        else:  # step g0 + q of the sharing row blocks' steps
+                            fetch_shared(fn.add(g0, q))
+
                     _panel_mac(fn, accs, panel, sch.nr, kcn * 8,
                                lambda i, q: fn.gep(xc, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(q, 4))), spec.int_x,
                                fetch if fetch_next else None)
