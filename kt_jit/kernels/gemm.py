@@ -1369,19 +1369,17 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                 for j in range(sch.nr):
                     vx.prefetch(fn, fn.gep(yr, j * 64), write=True)
         step_bytes = sch.nr * rb  # an eighth of this item's slice of one n-block
-        step_lines = step_bytes // 64
         # with pfn, the next chunk's slice (kcn * 8 * step_bytes bytes) is requested by the first
         # 2^shift full row blocks, 2^shift = the group's full row blocks up to `ps` (a power of two,
-        # at most step_lines), each a part of step_lines >> shift lines at every panel step
-        shared = sch.pfn and sch.ps > 1 and step_lines > 1
+        # at most a step's lines), each a part of step_bytes >> shift bytes at every panel step
+        shared = sch.pfn and sch.ps > 1 and step_bytes >= 128
+        shift = "0"
         if shared:
             full = fn.val(f"udiv i64 {m}, {sch.mr}")
-            shift = "0"
-            for lvl in range(1, min(sch.ps, step_lines).bit_length()):
+            for lvl in range(1, min(sch.ps, step_bytes // 64).bit_length()):
                 shift = fn.val(f"select i1 {fn.icmp('uge', full, 1 << lvl)}, i64 {lvl}, i64 {shift}")
-            share = fn.val(f"shl i64 1, {shift}")
-            part_mask = fn.sub(fn.val(f"lshr i64 {step_lines}, {shift}"), 1)  # lines per step - 1
             no_full_block = fn.icmp("ult", m, sch.mr)
+        part_bytes = fn.val(f"lshr i64 {step_bytes}, {shift}")
         with fn.loop(0, nb, kcn, name="nc") as nc0:
             with fn.loop(0, kcn, name="sl") as sl:
                 s = fn.add(nc0, sl)
@@ -1416,24 +1414,18 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
             first = fn.icmp("eq", nc0, 0)
             xc = fn.gep(x, fn.mul(nc0, 32))  # dY column 16 nc0
 
-            def fetch_next_chunk(q: str) -> None:
-                """At panel step q (block q / 8, eighth q % 8): its share of the next chunk's slice."""
-                blk = fn.add(fn.add(nc0, kcn), fn.val(f"udiv i64 {q}, 8"))
-                base = fn.gep(wb, fn.add(fn.mul(blk, block_stride), fn.mul(fn.val(f"urem i64 {q}, 8"), step_bytes)))
+            def fetch_next_chunk(g: str) -> None:
+                """At step g of the fetching row blocks' steps (row block * 8 kcn + panel step): bytes
+                g * part_bytes + (64 j mod part_bytes) of the next chunk's slice (block = byte / (8
+                step_bytes)), j over a step's lines: a part of fewer lines is requested more than
+                once (Zen 5 seems to drop software prefetches while its miss buffers are full; see
+                PANEL_PREFETCH_SHARE)."""
+                at0 = fn.mul(g, part_bytes)
                 for off in range(0, step_bytes, 64):
-                    vx.prefetch(fn, fn.gep(base, off), 2)
-
-            def fetch_shared(g: str) -> None:
-                """At step g of the sharing row blocks' steps (g = row block * 8 kcn + panel step): line
-                g * (part_mask + 1) + (j & part_mask) of the next chunk's slice for each j < step_lines,
-                so a part of fewer lines is requested more than once (Zen 5 seems to drop software
-                prefetches while its miss buffers are full; see PANEL_PREFETCH_SHARE)."""
-                line0 = fn.mul(g, fn.add(part_mask, 1))
-                for j in range(step_lines):
-                    line = fn.add(line0, fn.val(f"and i64 {j}, {part_mask}"))
-                    blk = fn.add(fn.add(nc0, kcn), fn.val(f"udiv i64 {line}, {8 * step_lines}"))
-                    off = fn.mul(fn.val(f"urem i64 {line}, {8 * step_lines}"), 64)
-                    vx.prefetch(fn, fn.gep(wb, fn.add(fn.mul(blk, block_stride), off)), 2)
+                    at = fn.add(at0, fn.val(f"and i64 {off}, {fn.sub(part_bytes, 1)}")) if off else at0
+                    blk = fn.add(fn.add(nc0, kcn), fn.val(f"udiv i64 {at}, {8 * step_bytes}"))
+                    base = fn.add(fn.mul(blk, block_stride), fn.val(f"urem i64 {at}, {8 * step_bytes}"))
+                    vx.prefetch(fn, fn.gep(wb, base), 2)
 
             def micro(m0: str, rows: int) -> None:
                 accs = {}
@@ -1445,21 +1437,14 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                         accs[i, j] = (acc, p)
                 # the forward micro-kernel, on the panel
                 def mac(fetch_next: bool) -> None:
-                    g0 = fn.mul(fn.val(f"udiv i64 {m0}, {sch.mr}"), kcn * 8) if shared and fetch_next else None
-
-                    def fetch(q: str) -> None:
-                        if g0 is None:
-                            fetch_next_chunk(q)
-                        else:  # step g0 + q of the sharing row blocks' steps
-                            fetch_shared(fn.add(g0, q))
-
+                    g0 = fn.mul(fn.val(f"udiv i64 {m0}, {sch.mr}"), kcn * 8) if shared else "0"
                     _panel_mac(fn, accs, panel, sch.nr, kcn * 8,
                                lambda i, q: fn.gep(xc, fn.add(fn.mul(fn.add(m0, i), ldx), fn.mul(q, 4))), spec.int_x,
-                               fetch if fetch_next else None)
+                               (lambda q: fetch_next_chunk(fn.add(g0, q))) if fetch_next else None)
 
-                if sch.pfn and rows == sch.mr:  # the first row block(s) fetch the next n-chunk while they
-                    # compute (full blocks: groups this large are streamed unless sm < mr)
-                    sharing = fn.icmp("ult", m0, fn.mul(share, sch.mr)) if shared else fn.icmp("eq", m0, 0)
+                if sch.pfn and rows == sch.mr:  # the first 2^shift row blocks fetch the next n-chunk while
+                    # they compute (full blocks: groups this large are streamed unless sm < mr)
+                    sharing = fn.icmp("ult", m0, fn.mul(fn.val(f"shl i64 1, {shift}"), sch.mr))
                     either(fn, fn.val(f"and i1 {fn.icmp('ult', fn.add(nc0, kcn), nb)}, {sharing}"), mac)
                 else:
                     mac(False)
