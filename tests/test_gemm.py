@@ -564,6 +564,46 @@ def test_transposed_gemm_forms_over_many_groups(sch, n):
             assert rel_err(got, want) < 1e-5, m
 
 
+@NEEDS_AVX512_BF16
+@pytest.mark.parametrize("step", [1, 2])
+@pytest.mark.parametrize("accumulate", [False, True])
+@pytest.mark.parametrize("n", [96, 768])
+def test_streamed_form_row_blocks(step, accumulate, n, monkeypatch):
+    """The default bf16 transposed GEMM over groups of 0..41 rows with row pitches of an odd number
+    of lines (the MoE's): the streamed form takes 5-24 rows, their accumulators in registers over a
+    pass of n-blocks (N/16 = 6: 2 blocks per pass; 48: 16 per pass, three passes); 17-24 rows run as
+    two row blocks of 8-12; with STREAM_ROW_STEP 2, blocks of an odd row count carry a zero padding
+    row. Over NaN (every output written, none read on the first pass) or accumulated; a schedule
+    streaming 1-40 rows (three row blocks above 32) next to it."""
+    monkeypatch.setattr(gemm, "STREAM_ROW_STEP", step)
+    k, pad = 192, 16
+    sizes = list(range(42))
+    g = torch.Generator().manual_seed(n + step)
+    ws = [_weights(n, k, seed=100 + m) for m in sizes]
+    packed = [pack_bf16(w) for w in ws]
+    dpad = 0 if n // 32 % 2 else 32  # dY's pitch: an odd number of lines
+    dys = [torch.randn(m, n + dpad, generator=g).bfloat16() for m in sizes]
+    before = [torch.randn(m, k + pad, generator=g) if accumulate else torch.full((m, k + pad), float("nan"))
+              for m in sizes]
+    sch = gemm.default_schedule("bwd", "avx512", n, k)
+    assert (sch.lp, sch.sm, sch.small) == (4, 24, "stream")
+    spec = gemm.GemmSpec("bwd", n, k, "avx512", accumulate, sch)
+    assert gemm._stream_row_variants(spec) == ([5, 6, 7, 8, 9, 10, 11, 12, 13, 14, 15, 16] if step == 1
+                                               else [6, 8, 10, 12, 14, 16])
+    wide = gemm.GemmSpec("bwd", n, k, "avx512", accumulate, dataclasses.replace(sch, lp=0, sm=40))
+    assert gemm._stream_row_variants(wide) == list(range(step, 17, step))
+    table = torch.tensor([[d.data_ptr(), p.data_ptr(), 0, d.shape[0], 0, 0]
+                          for d, p in zip(dys, packed, strict=True)], dtype=torch.int64)
+    for sp in (spec, wide):
+        outs = [b.clone() for b in before]
+        table[:, 2] = torch.tensor([o.data_ptr() for o in outs])
+        gemm.GemmKernel(sp).launch(table, (n + dpad) * 2, (k + pad) * 4)
+        for m, d, w, b, got in zip(sizes, dys, ws, before, outs, strict=True):
+            want = ref_linear_t(d[:, :n], w) + (b[:, :k] if accumulate else 0)
+            assert m == 0 or rel_err(got[:, :k], want) < 1e-5, (m, sp.schedule)
+            torch.testing.assert_close(got[:, k:], b[:, k:], rtol=0, atol=0, equal_nan=True)  # untouched
+
+
 @pytest.mark.skipif(not __import__("kt_jit").cpu_info().avx512_bf16, reason="AVX-512 BF16 kernels")
 @pytest.mark.parametrize("slice_", [gemm.LARGE_L1_TUNING.lane_partial_slice, gemm.SMALL_L1_TUNING.lane_partial_slice])
 def test_transposed_gemm_lane_partial_slices(slice_):

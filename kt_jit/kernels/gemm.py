@@ -20,9 +20,10 @@ How each ISA computes (the schedule's numbers are in :class:`GemmSchedule`):
   become n-pairs) and transposes the 8 rows as 8x8 qwords; row q then holds, per output k, the
   pair (W[n_2q][k], W[n_2q+1][k]) -- the forward layout of W^T. The rows go to an L1 panel and the
   forward micro-kernel runs on it, so large M runs at the forward's speed. Groups of at most
-  ``sm`` rows are instead streamed whole by their first work item: n-blocks read 4 side by side in
-  forward order (long sequential runs instead of 2 KB pieces at a K-sized stride), transposed in
-  registers and multiplied at once into dX rows kept in L1. Groups of at most ``lp`` rows (bf16 4;
+  ``sm`` rows are instead streamed whole by their first work item: n-blocks read ``sb`` side by
+  side in forward order (long sequential runs instead of 2 KB pieces at a K-sized stride),
+  transposed in registers and multiplied at once into dX rows kept in L1/L2, each row's 16
+  outputs in a register over the blocks. Groups of at most ``lp`` rows (bf16 4;
   int4 and int8: QUAD_MAX_ROWS) take the lane-partial form, also whole and in forward order: no
   transposition at all (bf16 one word swap per row; int4 and int8 from 3 rows quad steps, codes cut
   from one 64-byte load by masks and shifts; see :func:`_bwd_lane_partial`), partial sums per
@@ -1531,7 +1532,25 @@ def _bwd_lanes_item(fn: Function, spec: GemmSpec, k0: str, dyt: str, w: str, y: 
 
 
 STREAM_ALIASED_MAX = 12  # most rows streamed unless both row pitches are odd multiples of 64 B
-STREAM_ROWS = 4  # token rows per block of the streamed form
+STREAM_ROWS = 4  # token rows per block of the streamed form with int8 activations
+# The streamed form's fp32 accumulators stay in registers over a pass of n-blocks: a group is cut
+# into row blocks of at most STREAM_REG_ROWS rows (evenly: 17 rows run as 9 + 8), each reading and
+# transposing the pass's blocks once. Row blocks of up to STREAM_ACCS / 2 rows take two
+# accumulators per row (two dependency chains of 4 dot products per block), larger ones a second
+# one for as many rows as STREAM_ACCS allows: with the 8 transposed vectors, 24 of the 32 zmm
+# registers. Compiled per row count (STREAM_ROW_STEP 1; with 2 or more, blocks are padded with zero
+# dY rows up to a multiple of it: fewer cases to compile).
+# Until the forty-first session each block's outputs were loaded, accumulated over the block's 8
+# n-pairs and stored, 4 rows at a time: a chain through memory per row and block. Zen 5, kernel
+# level (qwen3 gate/up, 64 experts, weights hot): 5 rows -33%, 8 -16..-26%, 12-13 -15..-31%, 16
+# -34%, 20 (10 + 10) +5%; MoE backward with LoRA, qlen 128, same-process A/B against the old code:
+# fast memory mode qwen3 -10..-11%, deepseek-v2-lite -24%; slow mode qwen3 +1.7..+2.8%,
+# deepseek-v2-lite -4.1..-4.9% (three runs each); dsv3-64e -4..-6%. STREAM_ROW_STEP 2 (6 cases)
+# ran 5-6% slower in the fast mode, 12 rows per block lost deepseek-v2-lite's gain (+4%). Cost:
+# the transposed GEMM compiles in ~210 ms instead of ~60 (12 loops of up to 128 dot products).
+STREAM_REG_ROWS = 16
+STREAM_ROW_STEP = 1
+STREAM_ACCS = 16
 STREAM_BLOCKS = 4  # n-blocks read side by side by the lane-partial form (4 streams; 8 see LP_WIDE_QUANTS)
 
 
@@ -2009,8 +2028,11 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     """``dX = dY W`` for one whole (small) group (above the lane-partial form's rows), reading the
     packed weight in forward order: ``ns`` (up to the schedule's ``sb``) n-blocks side by side, 8
     k-pair rows (512 B) of each per step, so the weight streams like the forward's. Each 8-row
-    group is transposed in registers (as in the panel form) and multiplied, in blocks of up to 4
-    token rows, into the ``m x K`` fp32 output, which stays in L1/L2 for small groups.
+    group is transposed in registers (as in the panel form) and multiplied into the ``m x K`` fp32
+    output (in L1/L2 for small groups): for each 16 outputs k, the rows' accumulators stay in
+    registers over the pass's n-blocks (:func:`_stream_row_block`; groups above STREAM_REG_ROWS
+    rows in even row blocks, each transposing the pass's blocks again). int8 activations keep
+    int32 sums per block, flushed into the output with the row's scale, 4 rows at a time.
 
     K-group weights (bf16 numerics; their scale varies along K, the output dimension here) stay exact
     integers in bf16 (one ``vpermw`` per row) and their group's scales move onto dY instead: when K
@@ -2025,6 +2047,12 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     if regroup:
         sld = ns * 32  # scratch row pitch: the pass's n-blocks of one row, 16 bf16 each
         sdy = fn.alloca("i8", 64, spec.schedule.sm * sld)
+    row_blocks_n = fn.val(f"udiv i64 {fn.add(m, STREAM_REG_ROWS - 1)}, {STREAM_REG_ROWS}")  # as _stream_row_split
+    zero_rows = None
+    if STREAM_ROW_STEP > 1 and not spec.int_x:  # the dY of padding rows: zeros (a pass's n-blocks)
+        zero_rows = fn.alloca("i8", 64, ns * 32)
+        for off in range(0, ns * 32, 32):
+            fn.store("<8 x i32>", "zeroinitializer", fn.gep(zero_rows, off), 32)
     with fn.loop(0, nb, ns, name="sb") as s0:
         first = fn.icmp("eq", s0, 0)
         wblk = fn.gep(w, fn.mul(s0, block_stride))
@@ -2054,43 +2082,110 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                          for r in range(8)]
                 return vx.transpose_qwords_8x8(fn, wrows)
 
-            def multiply(b: str, tv: list[str], m0: str | int, accs: list[list]) -> None:
-                if regroup:  # the scaled dY rows of the scratch
-                    xs, pitch = fn.gep(sdy, fn.add(fn.mul(b, 32), fn.mul(m0, sld))), str(sld)
-                else:
-                    xs, pitch = fn.gep(x, fn.add(fn.mul(fn.add(s0, b), 32), fn.mul(m0, ldx))), ldx
-                for q, wv in enumerate(tv):
-                    for i, chs in enumerate(accs):
-                        xb = vx.bcast_pair(fn, fn.gep(xs, fn.add(fn.mul(i, pitch), q * 4)))
-                        acc = chs[q % len(chs)]
-                        acc.set(_dot(fn, acc.get(), wv, xb, spec.int_x))
+            if not spec.int_x:
+                with fn.loop(0, row_blocks_n, name="rblk") as j:
+                    # block j: rows m0 .. m0 + rows - 1 (the first m mod row_blocks_n blocks one more)
+                    base, extra = fn.val(f"udiv i64 {m}, {row_blocks_n}"), fn.val(f"urem i64 {m}, {row_blocks_n}")
+                    longer = fn.icmp("ult", j, extra)
+                    rows = fn.add(base, fn.val(f"zext i1 {longer} to i64"))
+                    m0 = fn.add(fn.mul(j, base), fn.val(f"select i1 {longer}, i64 {j}, i64 {extra}"))
+                    padded = rows if STREAM_ROW_STEP == 1 else \
+                        fn.val(f"and i64 {fn.add(rows, STREAM_ROW_STEP - 1)}, {-STREAM_ROW_STEP}")
+                    # a loop of its own per row count (the transposition compiled in each: a shared
+                    # loop with the switch inside ran 3-10% slower)
+                    for r in fn.switch(padded, _stream_row_variants(spec), name="rows"):
+                        _stream_row_block(fn, spec, block, x, y, ldx, ldy, m0, rows, r, first, k0, s0, ns,
+                                          (sdy, sld) if regroup else None, zero_rows)
+            else:  # int8 activations (schedules that stream int8 weights): int32 sums of each block,
+                # flushed into dX with the row's scale; blocks of STREAM_ROWS rows share a transposition
+                with fn.loop(0, ns, name="blk") as b:
+                    tv = block(b)
+                    zero_first = fn.val(f"and i1 {first}, {fn.icmp('eq', b, 0)}")
 
-            with fn.loop(0, ns, name="blk") as b:
-                tv = block(b)
-                zero_first = fn.val(f"and i1 {first}, {fn.icmp('eq', b, 0)}")
-
-                def micro(m0: str, n_rows: int) -> None:  # tv stays in registers across the row blocks
-                    accs = []
-                    for i in range(n_rows):
-                        p = fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4)))
-                        if spec.int_x:  # int32 partial sums of this block, flushed into dX below
-                            chs = [fn.var(I32x16, "zeroinitializer", 64) for _ in range(2 if n_rows == 1 else 1)]
-                        else:
-                            chs = [_open_acc(fn, spec, p, zero_first)]
-                            chs += [fn.var(F32x16, "zeroinitializer", 64) for _ in range(1 if n_rows == 1 else 0)]
-                        accs.append((p, chs))
-                    multiply(b, tv, m0, [chs for _, chs in accs])
-                    for i, (p, chs) in enumerate(accs):
-                        v = chs[0].get()
-                        for ch in chs[1:]:
-                            v = fn.val(f"add {I32x16} {v}, {ch.get()}") if spec.int_x else vx.fadd(fn, v, ch.get())
-                        if spec.int_x:
+                    def micro(m0: str, n_rows: int) -> None:  # tv stays in registers across the row blocks
+                        xs = fn.gep(x, fn.add(fn.mul(fn.add(s0, b), 32), fn.mul(m0, ldx)))
+                        accs = [[fn.var(I32x16, "zeroinitializer", 64) for _ in range(2 if n_rows == 1 else 1)]
+                                for _ in range(n_rows)]
+                        for q, wv in enumerate(tv):
+                            for i, chs in enumerate(accs):
+                                xb = vx.bcast_pair(fn, fn.gep(xs, fn.add(fn.mul(i, ldx), q * 4)))
+                                acc = chs[q % len(chs)]
+                                acc.set(_dot(fn, acc.get(), wv, xb, True))
+                        for i, chs in enumerate(accs):
+                            v = chs[0].get()
+                            for ch in chs[1:]:
+                                v = fn.val(f"add {I32x16} {v}, {ch.get()}")
+                            p = fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4)))
                             _store_int(fn, spec, v, p, zero_first,
                                        vx.splat_f32(fn, fn.gep(xsc, fn.mul(fn.add(m0, i), 4)), "f32"))
-                        else:
-                            fn.store(F32x16, v, p, 4)
 
-                row_blocks(fn, m, STREAM_ROWS, micro)
+                    row_blocks(fn, m, STREAM_ROWS, micro)
+
+
+def _stream_row_split(m: int) -> set[int]:
+    """The row counts of the streamed form's row blocks for a group of m rows: ceil(m /
+    STREAM_REG_ROWS) blocks as even as can be (the first m mod that count one row longer)."""
+    blocks = -(-m // STREAM_REG_ROWS)
+    return {m // blocks, -(-m // blocks)}
+
+
+def _stream_row_variants(spec: GemmSpec) -> list[int]:
+    """The row-block sizes the streamed form compiles (cases of a switch in the kernel: a block size
+    without one would leave its outputs unwritten): those of every group it takes (lp+1..sm rows, or
+    1..sm without lane-partial rows), rounded up to a multiple of STREAM_ROW_STEP."""
+    sch = spec.schedule
+    least = sch.lp + 1 if sch.lp < sch.sm else 1
+    step = STREAM_ROW_STEP
+    return sorted({-(-r // step) * step for m in range(least, sch.sm + 1) for r in _stream_row_split(m)})
+
+
+def _stream_row_block(fn: Function, spec: GemmSpec, block, x: str, y: str, ldx: str, ldy: str, m0: str,
+                      rows: str, r: int, first: str, k0: str, s0: str, ns: int,
+                      scratch: tuple[str, int] | None, zero_rows: str | None) -> None:
+    """One row block of the streamed form at one 16-k block: ``rows`` (run time, <= r) token rows
+    from m0, their 16 outputs at k0 accumulated in registers over the pass's ``ns`` n-blocks
+    (``block(b)`` gives block b's 8 transposed vectors), then stored; rows r > rows read zero dY
+    (``zero_rows``) and store nothing. ``scratch``: (pointer, row pitch) of the K-group form's
+    scaled dY rows, read instead of dY."""
+    two = [i < STREAM_ACCS - r for i in range(r)]  # rows with a second accumulator
+    padded = [i >= r - STREAM_ROW_STEP + 1 for i in range(r)]  # rows that may be padding
+    reload = "true" if spec.accumulate else fn.val(f"xor i1 {first}, true")
+    accs = []
+    for i in range(r):
+        acc = fn.var(F32x16, "zeroinitializer", 64)
+        live = fn.val(f"and i1 {fn.icmp('ult', i, rows)}, {reload}") if padded[i] else reload
+        # past the pass's first: the outputs so far (no load on the first pass: a miss for nothing)
+        with fn.if_then(live, name="ain"):
+            acc.set(fn.load(F32x16, fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4))), 4))
+        accs.append([acc] + ([fn.var(F32x16, "zeroinitializer", 64)] if two[i] else []))
+    src, pitch = scratch if scratch else (fn.gep(x, fn.mul(s0, 32)), ldx)
+    row_at = []
+    for i in range(r):
+        p = fn.gep(src, fn.mul(fn.add(m0, i), pitch))
+        if padded[i]:
+            p = fn.val(f"select i1 {fn.icmp('ult', i, rows)}, ptr {p}, ptr {zero_rows}")
+        row_at.append(p)
+    with fn.loop(0, ns, name="blk") as b:
+        tv = block(b)
+        at = [fn.gep(p, fn.mul(b, 32)) for p in row_at]
+        vals = [[a.get() for a in chs] for chs in accs]
+        for q, wv in enumerate(tv):
+            for i in range(r):
+                c = q % len(vals[i])
+                vals[i][c] = vx.dpbf16(fn, vals[i][c], wv, vx.bcast_pair(fn, fn.gep(at[i], q * 4)))
+        for chs, vs in zip(accs, vals, strict=True):
+            for a, v in zip(chs, vs, strict=True):
+                a.set(v)
+    for i in range(r):
+        v = accs[i][0].get()
+        if two[i]:
+            v = vx.fadd(fn, v, accs[i][1].get())
+        out = fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4)))
+        if padded[i]:
+            with fn.if_then(fn.icmp("ult", i, rows), name="aout"):
+                fn.store(F32x16, v, out, 4)
+        else:
+            fn.store(F32x16, v, out, 4)
 
 
 def _old_out(fn: Function, p: str, accumulate: bool | str) -> str | None:
