@@ -90,7 +90,8 @@ class Function:
         self._allocas: list[str] = []
         self._blocks: list[tuple[str, list[str]]] = [("entry", [])]
         self._cur = self._blocks[0][1]
-        self._labels = {"entry"}
+        self._lines = {"entry": self._cur}  # label -> its lines
+        self._label_count: dict[str, int] = {}  # base name -> suffixes handed out (new_block)
 
     # -- basic emission -------------------------------------------------------------------
     def tmp(self, prefix: str = "t") -> str:
@@ -106,20 +107,18 @@ class Function:
         return name
 
     def new_block(self, base: str) -> str:
-        label, i = base, 0
-        while label in self._labels:
+        i = self._label_count.get(base, 0)
+        label = base if i == 0 else f"{base}{i}"
+        while label in self._lines:  # a base ending in digits can meet another base's suffixed label
             i += 1
             label = f"{base}{i}"
-        self._labels.add(label)
-        self._blocks.append((label, []))
+        self._label_count[base] = i + 1
+        self._lines[label] = []
+        self._blocks.append((label, self._lines[label]))
         return label
 
     def set_block(self, label: str) -> None:
-        for name, lines in self._blocks:
-            if name == label:
-                self._cur = lines
-                return
-        raise KeyError(label)
+        self._cur = self._lines[label]
 
     def br(self, label: str) -> None:
         self.emit(f"br label %{label}")
