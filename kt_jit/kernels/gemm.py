@@ -1542,12 +1542,13 @@ STREAM_ROWS = 4  # token rows per block of the streamed form with int8 activatio
 # dY rows up to a multiple of it: fewer cases to compile).
 # Until the forty-first session each block's outputs were loaded, accumulated over the block's 8
 # n-pairs and stored, 4 rows at a time: a chain through memory per row and block. Zen 5, kernel
-# level (qwen3 gate/up, 64 experts, weights hot): 5 rows -33%, 8 -16..-26%, 12-13 -15..-31%, 16
-# -34%, 20 (10 + 10) +5%; MoE backward with LoRA, qlen 128, same-process A/B against the old code:
-# fast memory mode qwen3 -10..-11%, deepseek-v2-lite -24%; slow mode qwen3 +1.7..+2.8%,
+# level (qwen3 gate/up, 64 experts, weights hot): 5 rows -33%, 8 -16..-31%, 12-13 -15..-36%, 16
+# -11..-34%, 20 (10 + 10) -18..+5%; MoE backward with LoRA, qlen 128, same-process A/B against the
+# old code: fast memory mode qwen3 -10..-11%, deepseek-v2-lite -24%; slow mode qwen3 +1.7..+2.8%,
 # deepseek-v2-lite -4.1..-4.9% (three runs each); dsv3-64e -4..-6%. STREAM_ROW_STEP 2 (6 cases)
 # ran 5-6% slower in the fast mode, 12 rows per block lost deepseek-v2-lite's gain (+4%). Cost:
-# the transposed GEMM compiles in ~210 ms instead of ~60 (12 loops of up to 128 dot products).
+# the transposed GEMM compiles in ~215 ms instead of ~60 (12 loops of up to 128 dot products) and
+# its IR (hashed for the cache key) takes ~8.5 ms to build (docs/benchmarks.md, forty-first session).
 STREAM_REG_ROWS = 16
 STREAM_ROW_STEP = 1
 STREAM_ACCS = 16
