@@ -2048,7 +2048,9 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     if regroup:
         sld = ns * 32  # scratch row pitch: the pass's n-blocks of one row, 16 bf16 each
         sdy = fn.alloca("i8", 64, spec.schedule.sm * sld)
-    row_blocks_n = fn.val(f"udiv i64 {fn.add(m, STREAM_REG_ROWS - 1)}, {STREAM_REG_ROWS}")  # as _stream_row_split
+    # row blocks as _stream_row_split: block j has `base` rows, one more for the first `extra`
+    row_blocks_n = fn.val(f"udiv i64 {fn.add(m, STREAM_REG_ROWS - 1)}, {STREAM_REG_ROWS}")
+    base, extra = fn.val(f"udiv i64 {m}, {row_blocks_n}"), fn.val(f"urem i64 {m}, {row_blocks_n}")
     zero_rows = None
     if STREAM_ROW_STEP > 1 and not spec.int_x:  # the dY of padding rows: zeros (a pass's n-blocks)
         zero_rows = fn.alloca("i8", 64, ns * 32)
@@ -2085,8 +2087,7 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
 
             if not spec.int_x:
                 with fn.loop(0, row_blocks_n, name="rblk") as j:
-                    # block j: rows m0 .. m0 + rows - 1 (the first m mod row_blocks_n blocks one more)
-                    base, extra = fn.val(f"udiv i64 {m}, {row_blocks_n}"), fn.val(f"urem i64 {m}, {row_blocks_n}")
+                    # block j: rows m0 .. m0 + rows - 1
                     longer = fn.icmp("ult", j, extra)
                     rows = fn.add(base, fn.val(f"zext i1 {longer} to i64"))
                     m0 = fn.add(fn.mul(j, base), fn.val(f"select i1 {longer}, i64 {j}, i64 {extra}"))
@@ -2151,13 +2152,14 @@ def _stream_row_block(fn: Function, spec: GemmSpec, block, x: str, y: str, ldx: 
     two = [i < STREAM_ACCS - r for i in range(r)]  # rows with a second accumulator
     padded = [i >= r - STREAM_ROW_STEP + 1 for i in range(r)]  # rows that may be padding
     reload = "true" if spec.accumulate else fn.val(f"xor i1 {first}, true")
+    outs = [fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4))) for i in range(r)]
     accs = []
     for i in range(r):
         acc = fn.var(F32x16, "zeroinitializer", 64)
         live = fn.val(f"and i1 {fn.icmp('ult', i, rows)}, {reload}") if padded[i] else reload
         # past the pass's first: the outputs so far (no load on the first pass: a miss for nothing)
         with fn.if_then(live, name="ain"):
-            acc.set(fn.load(F32x16, fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4))), 4))
+            acc.set(fn.load(F32x16, outs[i], 4))
         accs.append([acc] + ([fn.var(F32x16, "zeroinitializer", 64)] if two[i] else []))
     src, pitch = scratch if scratch else (fn.gep(x, fn.mul(s0, 32)), ldx)
     row_at = []
@@ -2181,12 +2183,11 @@ def _stream_row_block(fn: Function, spec: GemmSpec, block, x: str, y: str, ldx: 
         v = accs[i][0].get()
         if two[i]:
             v = vx.fadd(fn, v, accs[i][1].get())
-        out = fn.gep(y, fn.add(fn.mul(fn.add(m0, i), ldy), fn.mul(k0, 4)))
         if padded[i]:
             with fn.if_then(fn.icmp("ult", i, rows), name="aout"):
-                fn.store(F32x16, v, out, 4)
+                fn.store(F32x16, v, outs[i], 4)
         else:
-            fn.store(F32x16, v, out, 4)
+            fn.store(F32x16, v, outs[i], 4)
 
 
 def _old_out(fn: Function, p: str, accumulate: bool | str) -> str | None:
