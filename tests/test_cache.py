@@ -41,6 +41,43 @@ def test_second_process_compiles_nothing(tmp_path):
     assert first["compiles"] == 2 and first["entries"] == 2
     second = _stats(_run(tmp_path))
     assert second["compiles"] == 0 and second["hits"] == 2
+    # the GEMMs are found through their index: no IR built
+    assert second["index_hits"] == 2 and second["ir_builds"] == 0
+
+
+def test_damaged_or_stale_index_costs_an_ir_build_only(tmp_path):
+    _run(tmp_path)
+    indexes = sorted(tmp_path.rglob("*.idx"))
+    assert len(indexes) == 2
+    indexes[0].write_text("garbage")
+    indexes[1].write_text("0" * 64)  # names an entry that does not exist
+    proc = _run(tmp_path)
+    stats = _stats(proc)
+    assert stats["compiles"] == 0 and stats["hits"] == 2 and stats["ir_builds"] == 2
+    assert "damaged cache index" in proc.stderr
+    assert _stats(_run(tmp_path))["index_hits"] == 2  # rewritten
+
+
+def test_index_key_follows_code_constants(monkeypatch):
+    from kt_jit.codegen import cache
+    from kt_jit.codegen.compile import target_for
+    from kt_jit.kernels import gemm
+    target = target_for("avx512")
+    before = cache.index_key("spec", target)
+    assert cache.index_key("spec", target) == before and cache.index_key("other spec", target) != before
+    monkeypatch.setattr(gemm, "STREAM_ROW_STEP", gemm.STREAM_ROW_STEP + 1)
+    assert cache.index_key("spec", target) != before
+
+
+def test_declared_pointer_fields_are_checked():
+    from kt_jit.codegen.ir import Module
+    from kt_jit.codegen.worker import ArgBlock
+    block = ArgBlock(["a", "b"], pointers=["a"])
+    assert block.pointers == {block.fields.index("a")}
+    fn = Module("m", "").function("f", [("ptr", "%ctx")])
+    block.load_ptr(fn, "%ctx", "a")
+    with pytest.raises(AssertionError, match="'b' is loaded as a pointer but not declared"):
+        block.load_ptr(fn, "%ctx", "b")
 
 
 def test_corrupt_and_truncated_entries_are_recompiled(tmp_path):

@@ -7,18 +7,29 @@ llvmlite versions, CODEGEN_VERSION and the optimisation pipelines' description
 (object first, metadata last), so readers never see half an entry and concurrent compilers of the
 same kernel both succeed. The metadata records the object's size and sha256: a truncated or
 corrupted entry is detected, reported with a warning and recompiled.
+
+Kernels whose IR is costly to build (the GEMMs': up to ~9 ms of Python) pass a builder instead of
+the text. Their entry is then also named by an index file, ``<index key>.idx``, holding the entry's
+key. The index key hashes everything the IR is made from: the spec, the source of every kt_jit
+module and the module-level constants of the loaded codegen, kernels and runtime modules as they
+are at the call (a test that patches one gets other kernels), with the target and versions. A warm
+start so finds the entry without building the IR; an index whose entry is missing or damaged
+costs an IR build, nothing more.
 """
 
 from __future__ import annotations
 
+import functools
 import hashlib
 import json
 import os
 import re
+import sys
 import threading
 import time
 import uuid
 import warnings
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -36,6 +47,8 @@ class CacheStats:
     compile_seconds: float = 0.0
     load_seconds: float = 0.0
     recovered: int = 0     # corrupt entries that were recompiled
+    index_hits: int = 0    # kernels found on disk through their index, without building their IR
+    ir_builds: int = 0     # IR modules built from a builder (index misses)
     by_kernel: dict[str, str] = field(default_factory=dict)  # name -> "compiled" | "disk" | "memo"
 
 
@@ -56,6 +69,42 @@ def cache_key(spec_text: str, ir_text: str, target: cc.Target) -> str:
         h.update(part.encode())
         h.update(b"\0")
     return h.hexdigest()
+
+
+@functools.cache
+def _source_digest() -> str:
+    """sha256 over the source files of the kt_jit package (read once per process)."""
+    root = Path(__file__).resolve().parents[1]
+    h = hashlib.sha256()
+    for p in sorted(root.rglob("*.py")):
+        h.update(str(p.relative_to(root)).encode() + b"\0" + p.read_bytes() + b"\0")
+    return h.hexdigest()
+
+
+_CONSTANT_TYPES = (bool, int, float, str, tuple, frozenset, dict, list)
+
+
+_BUILDER_PACKAGES = ("kt_jit.codegen.", "kt_jit.kernels.", "kt_jit.runtime.")  # (the layers IR comes from)
+
+
+def _constants_digest() -> str:
+    """sha256 over the upper-case module-level constants of the loaded modules that build IR, as
+    they are now (their values steer the IR builders; tests patch some)."""
+    h = hashlib.sha256()
+    for name in sorted(n for n in list(sys.modules) if n.startswith(_BUILDER_PACKAGES)):
+        mod = sys.modules.get(name)
+        if mod is None:
+            continue
+        for k, v in vars(mod).items():
+            if k.isupper() and isinstance(v, _CONSTANT_TYPES):
+                h.update(f"{name}.{k}={v!r}\0".encode())
+    return h.hexdigest()
+
+
+def index_key(spec_text: str, target: cc.Target) -> str:
+    """The key of the index entry naming the cache entry of a kernel built from ``spec_text`` by
+    this kt_jit (sources and constants) for ``target``."""
+    return cache_key(spec_text, f"index:{_source_digest()}:{_constants_digest()}", target)
 
 
 def _atomic_write(path: Path, data: bytes) -> None:
@@ -105,53 +154,110 @@ def _dump(name: str, ir_text: str, target: cc.Target) -> None:
     (d / f"{name}.s").write_text(cc.compile_assembly(ir_text, target))
 
 
-def get_or_compile(name: str, spec_text: str, ir_text: str, target: cc.Target,
+def _read_index(index: str) -> str | None:
+    """The entry key an index file names, or None (absent; damaged: with a warning)."""
+    path = cache_root() / index[:2] / f"{index}.idx"
+    try:
+        key = path.read_text().strip()
+    except FileNotFoundError:
+        return None
+    except OSError as e:
+        key = f"({e})"
+    if not re.fullmatch(r"[0-9a-f]{64}", key):
+        warnings.warn(f"kt_jit: damaged cache index {path.name}; rebuilding the kernel's IR", RuntimeWarning,
+                      stacklevel=3)
+        return None
+    return key
+
+
+def _from_disk(name: str, key: str, symbols: list[str]) -> dict[str, int] | None:
+    """Load the entry ``key`` from disk; None if absent, or damaged (warned, counted as recovered)."""
+    try:
+        obj = _read_entry(key)
+    except ValueError as e:
+        warnings.warn(f"kt_jit: damaged cache entry for {name} ({e}); recompiling", RuntimeWarning, stacklevel=3)
+        stats.recovered += 1
+        return None
+    if obj is None:
+        return None
+    t0 = time.perf_counter()
+    try:
+        addrs = cc.loader.load(obj, symbols)
+    except Exception as e:  # an object LLVM cannot link is as good as corrupt
+        warnings.warn(f"kt_jit: cache entry for {name} failed to load ({e}); recompiling", RuntimeWarning,
+                      stacklevel=3)
+        stats.recovered += 1
+        addrs = None
+    stats.load_seconds += time.perf_counter() - t0
+    if addrs is not None:
+        stats.hits += 1
+        stats.by_kernel[name] = "disk"
+    return addrs
+
+
+def get_or_compile(name: str, spec_text: str, ir: str | Callable[[], str], target: cc.Target,
                    symbols: list[str]) -> dict[str, int]:
-    """Addresses of ``symbols`` for this kernel: from the memo, the disk cache, or a fresh compile."""
-    key = cache_key(spec_text, ir_text, target)
+    """Addresses of ``symbols`` for this kernel: from the memo, the disk cache, or a fresh compile.
+
+    ``ir`` is the module's IR text, or a function that builds it; with a function, ``spec_text``
+    must name everything the IR is built from besides kt_jit's code and constants (the kernel's
+    spec): a warm start then finds the entry through its index, without building the IR."""
+    use_disk = not knobs.cache_disabled()
     with _lock:
-        hit = _memo.get(key)
-        if hit is not None:
+        index = index_key(spec_text, target) if callable(ir) and knobs.dump_dir() is None else None
+        failed = None  # an entry the index named that could not be loaded
+        if index is not None:
+            hit = _memo.get(index)
+            if hit is not None:
+                stats.memo_hits += 1
+                stats.by_kernel[name] = "memo"
+                return hit
+            named = _read_index(index) if use_disk else None
+            if named is not None:
+                addrs = _memo.get(named) or _from_disk(name, named, symbols)
+                if addrs is not None:
+                    stats.index_hits += 1
+                    _memo[index] = _memo[named] = addrs
+                    return addrs
+                failed = named
+        if callable(ir):
+            ir = ir()
+            stats.ir_builds += 1
+        key = cache_key(spec_text, ir, target)
+        addrs = _memo.get(key)
+        if addrs is not None:
             stats.memo_hits += 1
             stats.by_kernel[name] = "memo"
-            return hit
-        _dump(name, ir_text, target)
-        obj = None
-        use_disk = not knobs.cache_disabled()
-        if use_disk:
-            try:
-                obj = _read_entry(key)
-            except ValueError as e:
-                warnings.warn(f"kt_jit: damaged cache entry for {name} ({e}); recompiling",
-                              RuntimeWarning, stacklevel=2)
-                stats.recovered += 1
-        addrs = None
-        if obj is not None:
-            t0 = time.perf_counter()
-            try:
+        else:
+            _dump(name, ir, target)
+            if use_disk and key != failed:
+                addrs = _from_disk(name, key, symbols)
+            if addrs is None:
+                t0 = time.perf_counter()
+                obj = cc.compile_object(ir, target)
+                stats.compile_seconds += time.perf_counter() - t0
+                stats.compiles += 1
+                stats.by_kernel[name] = "compiled"
+                if use_disk:
+                    _write_entry(key, obj, {"name": name, "spec": spec_text, "target": target.__dict__,
+                                            **cc.toolchain_versions(), "codegen_version": CODEGEN_VERSION,
+                                            "created": time.time()})
+                t0 = time.perf_counter()
                 addrs = cc.loader.load(obj, symbols)
-                stats.hits += 1
-                stats.by_kernel[name] = "disk"
-            except Exception as e:  # an object LLVM cannot link is as good as corrupt
-                warnings.warn(f"kt_jit: cache entry for {name} failed to load ({e}); recompiling",
-                              RuntimeWarning, stacklevel=2)
-                stats.recovered += 1
-            stats.load_seconds += time.perf_counter() - t0
-        if addrs is None:
-            t0 = time.perf_counter()
-            obj = cc.compile_object(ir_text, target)
-            stats.compile_seconds += time.perf_counter() - t0
-            stats.compiles += 1
-            stats.by_kernel[name] = "compiled"
+                stats.load_seconds += time.perf_counter() - t0
+            _memo[key] = addrs
+        if index is not None:
+            _memo[index] = addrs
             if use_disk:
-                _write_entry(key, obj, {"name": name, "spec": spec_text, "target": target.__dict__,
-                                        **cc.toolchain_versions(), "codegen_version": CODEGEN_VERSION,
-                                        "created": time.time()})
-            t0 = time.perf_counter()
-            addrs = cc.loader.load(obj, symbols)
-            stats.load_seconds += time.perf_counter() - t0
-        _memo[key] = addrs
+                _write_index(index, key)
         return addrs
+
+
+def _write_index(index: str, key: str) -> None:
+    try:
+        _atomic_write(cache_root() / index[:2] / f"{index}.idx", key.encode())
+    except OSError as e:
+        warnings.warn(f"kt_jit: could not write kernel cache entry ({e})", RuntimeWarning, stacklevel=3)
 
 
 def cache_info() -> dict:
@@ -166,16 +272,17 @@ def cache_info() -> dict:
     return {"dir": str(root), "entries": entries, "bytes": nbytes, "hits": stats.hits,
             "memo_hits": stats.memo_hits, "compiles": stats.compiles,
             "compile_seconds": round(stats.compile_seconds, 4),
-            "load_seconds": round(stats.load_seconds, 4), "recovered": stats.recovered}
+            "load_seconds": round(stats.load_seconds, 4), "recovered": stats.recovered,
+            "index_hits": stats.index_hits, "ir_builds": stats.ir_builds}
 
 
-_ENTRY = re.compile(r"^\.?[0-9a-f]{64}\.(o|json)(\..*\.tmp)?$")
+_ENTRY = re.compile(r"^\.?[0-9a-f]{64}\.(o|json|idx)(\..*\.tmp)?$")
 
 
 def clear_cache() -> int:
     """Delete every kt_jit entry on disk (all codegen versions); returns how many were removed.
 
-    Only files kt_jit writes (``v<N>/<xx>/<sha256>.o|.json`` and their temp files) are touched, so a
+    Only files kt_jit writes (``v<N>/<xx>/<sha256>.o|.json|.idx`` and their temp files) are touched, so a
     KT_JIT_CACHE_DIR pointing at a shared directory loses nothing else. Kernels already loaded in
     this process keep working.
     """

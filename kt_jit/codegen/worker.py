@@ -28,14 +28,18 @@ from .plan import Capture, emit_launch_loop
 
 class ArgBlock:
     """Named 8-byte fields (pointers or int64) after the counter and item count. Which fields are
-    pointers is learnt from the kernels built on the block (:meth:`load_ptr`); launch plans
+    pointers is learnt from the kernels built on the block (:meth:`load_ptr`), or declared
+    (``pointers``) for blocks whose kernels may be loaded from the disk cache without building
+    their IR (see codegen/cache.py, ``get_or_compile`` with an IR builder); launch plans
     (codegen/plan.py) rely on it to tell addresses from numbers."""
 
     HEADER = ("counter", "n_items")
 
-    def __init__(self, fields: Sequence[str]) -> None:
+    def __init__(self, fields: Sequence[str], pointers: Sequence[str] | None = None) -> None:
         self.fields = tuple(self.HEADER) + tuple(fields)
-        self.pointers: frozenset[int] = frozenset()  # indices of the fields some kernel loads as a pointer
+        self.declared = pointers is not None
+        # indices of the fields some kernel loads as a pointer
+        self.pointers: frozenset[int] = frozenset(self.fields.index(f) for f in pointers or ())
         self.struct = type("KernelArgs", (ctypes.Structure,),
                            {"_fields_": [(f, ctypes.c_int64) for f in self.fields], "_arg_block": self})
 
@@ -46,8 +50,11 @@ class ArgBlock:
         return fn.load("i64", fn.gep(ctx, self.offset(name)), 8)
 
     def load_ptr(self, fn: Function, ctx: str, name: str) -> str:
+        index = self.fields.index(name)
+        if self.declared and index not in self.pointers:
+            raise AssertionError(f"argument field {name!r} is loaded as a pointer but not declared as one")
         with _pointers_lock:  # (two threads may build kernels on one block)
-            self.pointers |= {self.fields.index(name)}
+            self.pointers |= {index}
         return fn.load("ptr", fn.gep(ctx, self.offset(name)), 8)
 
     def make(self, n_items: int, **values: int) -> ctypes.Structure:

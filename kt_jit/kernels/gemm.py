@@ -96,7 +96,7 @@ LORA_FIELDS = 3  # fused-LoRA kernels append: h (bf16 rows), LoRA B of the first
 QUANTS = ("bf16", "int8", "int4")
 ROW_BYTES = {"bf16": 64, "int8": 32, "int4": 16}  # bytes of one packed row (16 channels x one k-pair)
 QMAX = {"int8": 128, "int4": 15}  # largest |integer weight| (int8 code, int4 code minus zero point)
-ARGS = ArgBlock(["groups", "ldx", "ldy", "ldh"])
+ARGS = ArgBlock(["groups", "ldx", "ldy", "ldh"], pointers=["groups"])  # (declared: see GemmKernel)
 ISAS = ("avx512", "amx", "amx_emu")
 
 
@@ -2621,8 +2621,10 @@ class GemmKernel:
 
     def __init__(self, spec: GemmSpec) -> None:
         self.spec = spec
-        ir = build_ir(spec)
-        self.addr = get_or_compile(spec.name, repr(spec), ir, target_for(spec.isa), [spec.name])[spec.name]
+        # (the IR is built only when the disk cache's index does not name the kernel: the spec and
+        # kt_jit's code and constants are all it is made from)
+        self.addr = get_or_compile(spec.name, repr(spec), lambda: build_ir(spec), target_for(spec.isa),
+                                   [spec.name])[spec.name]
 
     def launch(self, groups, ldx: int, ldy: int,
                num_threads: int | None = None, ldh: int = 0) -> None:
