@@ -87,6 +87,17 @@ def test_avx512_transposed_gemm_regroups_weight_rows_as_they_load(n, k):
         re.match(r"\s*vpermw\s+-?\d*\(%r", line) for line in asm.splitlines() if "vpermw" in line)
 
 
+def test_streamed_form_reads_dy_as_broadcast_operands():
+    """Each of the streamed form's dot products (8 per row of each row-count case) takes its dY
+    pair as a broadcast memory operand, also with the addresses hidden from loop strength
+    reduction (codegen/ir.py gep_unseen)."""
+    spec = gemm.kernel_for("bwd", 1536, 2048, isa="avx512").spec
+    asm = _asm(spec)
+    dots = [line for line in asm.splitlines() if "vdpbf16ps" in line]
+    assert sum("{1to16}" in line for line in dots) >= 8 * sum(gemm._stream_row_variants(spec))
+    assert "vpbroadcastd" not in asm
+
+
 def test_transposed_panel_requests_its_output_block_for_writing_unless_lora_is_fused():
     """The panel form's items prefetch their output block for writing (its first chunk's loads
     would otherwise each wait for a cold line); the fused-LoRA kernels leave it out (measured

@@ -141,6 +141,14 @@ class Function:
             return ptr
         return self.val(f"getelementptr inbounds i8, ptr {ptr}, i64 {byte_offset}", "p")
 
+    def gep_unseen(self, ptr: str, byte_offset: str | int) -> str:
+        """``ptr + byte_offset`` through an integer round trip, which scalar evolution does not follow:
+        loop strength reduction leaves the addresses based on it alone. Used where a loop body holds
+        many addresses that x86 addressing modes cover anyway (base + index + displacement), so the
+        pass only costs compile time; the generated code is the same or as fast (measured)."""
+        at = self.val(f"add i64 {self.val(f'ptrtoint ptr {ptr} to i64')}, {byte_offset}")
+        return self.val(f"inttoptr i64 {at} to ptr", "p")
+
     def load(self, ty: str, ptr: str, align: int = 1) -> str:
         return self.val(f"load {ty}, ptr {ptr}, align {align}")
 

@@ -1547,8 +1547,10 @@ STREAM_ROWS = 4  # token rows per block of the streamed form with int8 activatio
 # old code: fast memory mode qwen3 -10..-11%, deepseek-v2-lite -24%; slow mode qwen3 +1.7..+2.8%,
 # deepseek-v2-lite -4.1..-4.9% (three runs each); dsv3-64e -4..-6%. STREAM_ROW_STEP 2 (6 cases)
 # ran 5-6% slower in the fast mode, 12 rows per block lost deepseek-v2-lite's gain (+4%). Cost:
-# the transposed GEMM compiles in ~215 ms instead of ~60 (12 loops of up to 128 dot products) and
-# its IR (hashed for the cache key) takes ~8.5 ms to build (docs/benchmarks.md, forty-first session).
+# the transposed GEMM compiles in ~160 ms instead of ~60 (12 loops of up to 128 dot products; ~210
+# before the forty-second session hid their addresses from loop strength reduction) and its IR takes
+# ~8.5 ms to build (no longer on a warm start: see codegen/cache.py; docs/benchmarks.md, forty-first
+# and forty-second sessions).
 STREAM_REG_ROWS = 16
 STREAM_ROW_STEP = 1
 STREAM_ACCS = 16
@@ -2075,7 +2077,7 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
 
             def block(b: str) -> list[str]:
                 """The 8 transposed vectors of n-block s0+b at this kb (q = n-pair within the block)."""
-                wrow = fn.gep(wblk, fn.add(fn.mul(b, block_stride), fn.mul(kb, 8 * rb)))
+                wrow = fn.gep_unseen(wblk, fn.add(fn.mul(b, block_stride), fn.mul(kb, 8 * rb)))
                 for off in range(0, 8 * rb, 64):
                     vx.prefetch(fn, fn.gep(wrow, spec.schedule.sp + off))
                 chan = fn.add(fn.mul(grp, spec.n), fn.mul(fn.add(s0, b), 16))
@@ -2170,7 +2172,9 @@ def _stream_row_block(fn: Function, spec: GemmSpec, block, x: str, y: str, ldx: 
         row_at.append(p)
     with fn.loop(0, ns, name="blk") as b:
         tv = block(b)
-        at = [fn.gep(p, fn.mul(b, 32)) for p in row_at]
+        # (these and the weight rows' addresses unseen by loop strength reduction: it took ~50 of the
+        # transposed GEMM's ~210 compile ms for the same run time)
+        at = [fn.gep_unseen(p, fn.mul(b, 32)) for p in row_at]
         vals = [[a.get() for a in chs] for chs in accs]
         for q, wv in enumerate(tv):
             for i in range(r):
