@@ -82,8 +82,6 @@ def _source_digest() -> str:
 
 
 _CONSTANT_TYPES = (bool, int, float, str, tuple, frozenset, dict, list)
-
-
 _BUILDER_PACKAGES = ("kt_jit.codegen.", "kt_jit.kernels.", "kt_jit.runtime.")  # (the layers IR comes from)
 
 
