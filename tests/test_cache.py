@@ -154,11 +154,13 @@ def test_clear_cache_only_removes_its_own_files(tmp_path, monkeypatch):
 PERF_CHILD = textwrap.dedent("""
     import json, os, torch, kt_jit
     from kt_jit.codegen import cache, perfmap
+    from kt_jit.kernels.gemm import kernel_for
     perfmap.map_path().unlink(missing_ok=True)  # (a file left by an earlier process with this pid)
     try:
         w = kt_jit.pack_bf16(torch.randn(64, 128).bfloat16())
         kt_jit.linear(torch.randn(5, 128).bfloat16(), w)
         kt_jit.linear_t(torch.randn(5, 64).bfloat16(), w)
+        kernel_for("bwd", 64, 128)  # the MoE's transposed GEMM: in two module parts
         loaded = sorted(n for n, how in cache.stats.by_kernel.items() if how != "memo")
         print(json.dumps({"map": perfmap.read_map(), "loaded": loaded}))
     finally:
@@ -168,8 +170,8 @@ PERF_CHILD = textwrap.dedent("""
 
 def test_perf_map_names_every_loaded_kernel(tmp_path):
     """KT_JIT_PERF_MAP=1: each kernel linked, compiled or loaded from the cache, gets one line in
-    /tmp/perf-<pid>.map with its name, start and size (from the object's symbol table); ranges do
-    not overlap. Off by default."""
+    /tmp/perf-<pid>.map with its name, start and size (from the object's symbol table), as does each
+    function of a further module part; ranges do not overlap. Off by default."""
     from kt_jit.codegen import perfmap
 
     assert perfmap.symbol_sizes(b"not an object file") == {}
@@ -183,7 +185,12 @@ def test_perf_map_names_every_loaded_kernel(tmp_path):
         if not on:
             assert out["map"] == []
             continue
-        assert sorted(name for _, _, name in out["map"]) == out["loaded"] and len(out["loaded"]) >= 2
+        names = sorted(name for _, _, name in out["map"])
+        assert [n for n in names if n in out["loaded"]] == out["loaded"] and len(out["loaded"]) >= 2
+        # and the functions of the transposed GEMM's further module part (its streamed form's larger
+        # groups), nothing else
+        parts = [n for n in names if n not in out["loaded"]]
+        assert parts and all(any(n.startswith(k + "_rows") for k in out["loaded"]) for n in parts)
         ends = 0
         for start, size, _ in out["map"]:
             assert size > 0 and start >= ends

@@ -80,8 +80,9 @@ def swap_k_n_pairs(fn: Function, row: str) -> str:
 def swap_k_n_pairs_at(fn: Function, ptr: str) -> str:
     """:func:`swap_k_n_pairs` of the packed row at ``ptr``, as one ``vpermw`` whose data operand is
     the load itself (the index vector comes from a module global LLVM cannot constant-fold, so the
-    permute is not turned back into a load plus an in-lane ``vpshufb``)."""
-    table = fn.module.declare("kt_swap_k_n_idx", "@kt_swap_k_n_idx = global " + I16x32 + " "
+    permute is not turned back into a load plus an in-lane ``vpshufb``). Such globals are ``weak``:
+    each part of a module (codegen/ir.py Module.part) defines its own, linked into one library."""
+    table = fn.module.declare("kt_swap_k_n_idx", "@kt_swap_k_n_idx = weak global " + I16x32 + " "
                               + vec_const("i16", SWAP_K_N_WORDS) + ", align 64")
     sym = fn.module.declare("llvm.x86.avx512.permvar.hi.512",
                             f"declare {I16x32} @llvm.x86.avx512.permvar.hi.512({I16x32}, {I16x32})")
@@ -187,7 +188,7 @@ def opaque_zero(fn: Function) -> str:
     """An i64 zero LLVM cannot see through (a module global): an offset that keeps a load a load
     (e.g. a broadcast from a scratch buffer LLVM would otherwise forward the stored vector into,
     as shuffles, instead of a broadcast operand of the instruction that uses it)."""
-    zero = fn.module.declare("kt_zero_i64", "@kt_zero_i64 = global i64 0, align 8")
+    zero = fn.module.declare("kt_zero_i64", "@kt_zero_i64 = weak global i64 0, align 8")
     return fn.load("i64", zero, 8)
 
 
@@ -317,7 +318,7 @@ def store_bf16_streaming(fn: Function, v: str, ptr: str) -> None:
     store. LLVM drops the non-temporal hint on stores of values that come from bfloat vectors (even
     through a bitcast or a ``freeze``: plain ``vmovaps`` in the assembly); an ``xor`` with a zero it
     cannot see through (a module global) keeps it."""
-    zero = fn.module.declare("kt_zero_v4i64", "@kt_zero_v4i64 = global <4 x i64> zeroinitializer, align 32")
+    zero = fn.module.declare("kt_zero_v4i64", "@kt_zero_v4i64 = weak global <4 x i64> zeroinitializer, align 32")
     h = fn.val(f"fptrunc {F32x16} {v} to <16 x bfloat>")
     bits = fn.val(f"xor <4 x i64> {bitcast(fn, h, '<16 x bfloat>', '<4 x i64>')}, {fn.load('<4 x i64>', zero, 32)}")
     store_nontemporal(fn, "<4 x i64>", bits, ptr, 32)

@@ -1,6 +1,8 @@
 """On-disk kernel cache: object code + JSON metadata, an in-process memo, and statistics.
 
-Layout: ``$KT_JIT_CACHE_DIR/v<CODEGEN_VERSION>/<key[:2]>/<key>.o`` and ``<key>.json``. The key is a
+Layout: ``$KT_JIT_CACHE_DIR/v<CODEGEN_VERSION>/<key[:2]>/<key>.o`` and ``<key>.json`` (a module
+compiled in parts, codegen/ir.py ``Module.part``, stores its objects one after the other in the
+``.o``, their sizes in the metadata). The key is a
 sha256 over the kernel spec, the IR text, the target (triple, CPU name, features), the LLVM and
 llvmlite versions, CODEGEN_VERSION and the optimisation pipelines' description
 (``compile.PIPELINE_VERSION``). Writes go to a unique temp file and are renamed into place
@@ -113,8 +115,9 @@ def _atomic_write(path: Path, data: bytes) -> None:
     os.replace(tmp, path)
 
 
-def _read_entry(key: str) -> bytes | None:
-    """The cached object for ``key``; None if absent. Raises ValueError if the entry is damaged."""
+def _read_entry(key: str) -> list[bytes] | None:
+    """The cached objects (one per module part) for ``key``; None if absent. Raises ValueError if
+    the entry is damaged."""
     base = cache_root() / key[:2] / key
     meta_path, obj_path = base.with_suffix(".json"), base.with_suffix(".o")
     if not meta_path.exists():
@@ -126,12 +129,22 @@ def _read_entry(key: str) -> bytes | None:
         raise ValueError(f"unreadable cache entry: {e}") from e
     if len(obj) != meta.get("object_bytes") or hashlib.sha256(obj).hexdigest() != meta.get("object_sha256"):
         raise ValueError("object size or checksum does not match its metadata")
-    return obj
+    sizes = meta.get("part_bytes", [len(obj)])
+    if not (isinstance(sizes, list) and all(isinstance(n, int) and n > 0 for n in sizes) and sum(sizes) == len(obj)):
+        raise ValueError("the parts' sizes do not add up to the object's")
+    parts, at = [], 0
+    for n in sizes:
+        parts.append(obj[at:at + n])
+        at += n
+    return parts
 
 
-def _write_entry(key: str, obj: bytes, meta: dict) -> None:
+def _write_entry(key: str, objects: list[bytes], meta: dict) -> None:
+    """Store ``objects`` (a module's parts) as one file, the parts' sizes in the metadata."""
     base = cache_root() / key[:2] / key
-    meta = dict(meta, object_bytes=len(obj), object_sha256=hashlib.sha256(obj).hexdigest())
+    obj = b"".join(objects)
+    meta = dict(meta, object_bytes=len(obj), object_sha256=hashlib.sha256(obj).hexdigest(),
+                part_bytes=[len(o) for o in objects])
     try:
         _atomic_write(base.with_suffix(".o"), obj)
         _atomic_write(base.with_suffix(".json"), json.dumps(meta, indent=1).encode())
@@ -171,16 +184,16 @@ def _read_index(index: str) -> str | None:
 def _from_disk(name: str, key: str, symbols: list[str]) -> dict[str, int] | None:
     """Load the entry ``key`` from disk; None if absent, or damaged (warned, counted as recovered)."""
     try:
-        obj = _read_entry(key)
+        objects = _read_entry(key)
     except ValueError as e:
         warnings.warn(f"kt_jit: damaged cache entry for {name} ({e}); recompiling", RuntimeWarning, stacklevel=3)
         stats.recovered += 1
         return None
-    if obj is None:
+    if objects is None:
         return None
     t0 = time.perf_counter()
     try:
-        addrs = cc.loader.load(obj, symbols)
+        addrs = cc.loader.load(objects, symbols)
     except Exception as e:  # an object LLVM cannot link is as good as corrupt
         warnings.warn(f"kt_jit: cache entry for {name} failed to load ({e}); recompiling", RuntimeWarning,
                       stacklevel=3)
@@ -232,16 +245,16 @@ def get_or_compile(name: str, spec_text: str, ir: str | Callable[[], str], targe
                 addrs = _from_disk(name, key, symbols)
             if addrs is None:
                 t0 = time.perf_counter()
-                obj = cc.compile_object(ir, target)
+                objects = cc.compile_objects(ir, target)
                 stats.compile_seconds += time.perf_counter() - t0
                 stats.compiles += 1
                 stats.by_kernel[name] = "compiled"
                 if use_disk:
-                    _write_entry(key, obj, {"name": name, "spec": spec_text, "target": target.__dict__,
+                    _write_entry(key, objects, {"name": name, "spec": spec_text, "target": target.__dict__,
                                             **cc.toolchain_versions(), "codegen_version": CODEGEN_VERSION,
                                             "created": time.time()})
                 t0 = time.perf_counter()
-                addrs = cc.loader.load(obj, symbols)
+                addrs = cc.loader.load(objects, symbols)
                 stats.load_seconds += time.perf_counter() - t0
             _memo[key] = addrs
         if index is not None:

@@ -3,18 +3,25 @@
 from __future__ import annotations
 
 import functools
+import os
 import threading
+from concurrent.futures import ThreadPoolExecutor
+from ctypes import c_char_p, string_at
 from dataclasses import dataclass
 
 import llvmlite
 import llvmlite.binding as llvm
+from llvmlite.binding import ffi
 
 from ..runtime import knobs
 from ..runtime.cpu import cpu_info, llvm_cpu_name
 from . import perfmap
-from .ir import PIPELINE_MARK
+from .ir import PIPELINE_MARK, split_parts
 
-_lock = threading.RLock()  # LLVM's global state (target machines, pass builders) is not thread-safe
+# LLVM's global state here (the cached target machines, the JIT) is not thread-safe. (llvmlite takes
+# its own global lock around every call into LLVM; compile_objects steps around it for the costly
+# calls of parts that each have their own context and target machine.)
+_lock = threading.RLock()
 
 
 @functools.lru_cache(maxsize=1)
@@ -81,44 +88,116 @@ def _pipeline_of(ir_text: str) -> str:
     return "default"
 
 
+def _pass_builder(tm, ir_text: str):
+    """The pass builder and module pass manager of the pipeline ``ir_text`` names."""
+    pipeline = _pipeline_of(ir_text)
+    pto = llvm.create_pipeline_tuning_options(speed_level=1)
+    if pipeline != "default":
+        pb = llvm.create_pass_builder(tm, pto)
+        mpm = llvm.create_new_module_pass_manager()
+        for name in PIPELINES[pipeline]:
+            getattr(mpm, f"add_{name}_pass")()
+        return pb, mpm
+    # kernels arrive already blocked, vectorised and unrolled where it pays: the O1 pipeline
+    # without vectorisers or loop unrolling runs them as fast as O2 (measured on the GEMMs: +-3%)
+    # and saves a quarter of the compile time (the unroller grew the GEMM objects by 13-60%)
+    pto.loop_vectorization = False
+    pto.slp_vectorization = False
+    pto.loop_unrolling = False
+    pb = llvm.create_pass_builder(tm, pto)
+    return pb, pb.getModulePassManager()
+
+
 def _optimised_module(ir_text: str, target: Target):
     tm = _target_machine(target)
     mod = llvm.parse_assembly(ir_text)
     mod.triple = target.triple
     mod.verify()
-    pipeline = _pipeline_of(ir_text)
-    if pipeline != "default":
-        pb = llvm.create_pass_builder(tm, llvm.create_pipeline_tuning_options(speed_level=1))
-        mpm = llvm.create_new_module_pass_manager()
-        for name in PIPELINES[pipeline]:
-            getattr(mpm, f"add_{name}_pass")()
-        mpm.run(mod, pb)
-        return tm, mod
-    # kernels arrive already blocked, vectorised and unrolled where it pays: the O1 pipeline
-    # without vectorisers or loop unrolling runs them as fast as O2 (measured on the GEMMs: +-3%)
-    # and saves a quarter of the compile time (the unroller grew the GEMM objects by 13-60%)
-    pto = llvm.create_pipeline_tuning_options(speed_level=1)
-    pto.loop_vectorization = False
-    pto.slp_vectorization = False
-    pto.loop_unrolling = False
-    pb = llvm.create_pass_builder(tm, pto)
-    pb.getModulePassManager().run(mod, pb)
+    pb, mpm = _pass_builder(tm, ir_text)
+    mpm.run(mod, pb)
     return tm, mod
 
 
-def compile_object(ir_text: str, target: Target) -> bytes:
-    """Optimise (O1, or the pipeline the module names) and emit an ELF object for ``target``."""
-    with _lock:
-        tm, mod = _optimised_module(ir_text, target)
-        return bytes(tm.emit_object(mod))
+def _unlocked(name: str):
+    """llvmlite's C function ``name`` without the global lock llvmlite's wrapper takes around every
+    call; None if this llvmlite does not expose it."""
+    return getattr(getattr(ffi.lib, name), "_cfn", None)
+
+
+_UNLOCKED = ("LLVMPY_ParseAssembly", "LLVMPY_VerifyModule", "LLVMPY_RunNewModulePassManager",
+             "LLVMPY_TargetMachineEmitToMemory")
+
+
+def _compile_part_unlocked(ir_text: str, target: Target) -> bytes:
+    """:func:`compile_objects` for one part, safe to run on several threads at once: LLVM allows one
+    thread per LLVMContext, and the part has its own context and target machine. The costly calls
+    (parse, verify, optimise, emit) run outside llvmlite's global lock (ctypes releases the GIL in
+    them); the few cheap ones (creation, disposal) take it."""
+    parse, verify, run, emit = (_unlocked(n) for n in _UNLOCKED)
+    ctx = llvm.create_context()
+    tm = llvm.Target.from_triple(target.triple).create_target_machine(
+        cpu=target.cpu, features=target.features, opt=3, reloc="pic", codemodel="default")
+    with ffi.OutputString() as err:
+        mod = llvm.ModuleRef(parse(ctx, c_char_p(ir_text.encode()), err), ctx)
+        if err:
+            raise RuntimeError(f"LLVM IR parsing error\n{err}")
+    try:
+        mod.triple = target.triple
+        with ffi.OutputString() as err:
+            if verify(mod, err):
+                raise RuntimeError(str(err))
+        pb, mpm = _pass_builder(tm, ir_text)
+        run(mpm, mod, pb)
+        with ffi.OutputString() as err:
+            buf = emit(tm, mod, 1, err)
+            if not buf:
+                raise RuntimeError(str(err))
+        try:
+            return string_at(ffi.lib.LLVMPY_GetBufferStart(buf), ffi.lib.LLVMPY_GetBufferSize(buf))
+        finally:
+            ffi.lib.LLVMPY_DisposeMemoryBuffer(buf)
+    finally:
+        mod.close()
+        ctx.close()
+
+
+def _compile_threads() -> int:
+    try:
+        return len(os.sched_getaffinity(0))
+    except AttributeError:  # (not Linux)
+        return os.cpu_count() or 1
+
+
+def compile_objects(ir_text: str, target: Target) -> list[bytes]:
+    """Optimise (O1, or the pipeline the module names) and emit an ELF object for ``target`` per
+    part of the module (:meth:`ir.Module.part`; most modules have one). Parts compile in parallel,
+    one per core this process may use."""
+    texts = split_parts(ir_text)
+    threads = min(len(texts), _compile_threads())
+    if threads == 1 or not all(_unlocked(n) for n in _UNLOCKED):
+        with _lock:
+            return [_emit_object(text, target) for text in texts]
+    _init_llvm()
+    with ThreadPoolExecutor(threads - 1) as pool:
+        rest = [pool.submit(_compile_part_unlocked, text, target) for text in texts[1:]]
+        first = _compile_part_unlocked(texts[0], target)
+        return [first] + [f.result() for f in rest]
+
+
+def _emit_object(ir_text: str, target: Target) -> bytes:
+    tm, mod = _optimised_module(ir_text, target)
+    return bytes(tm.emit_object(mod))
 
 
 def compile_assembly(ir_text: str, target: Target) -> str:
-    """Optimise (as :func:`compile_object`) and emit assembly text for ``target`` (for dumps and
-    tests)."""
+    """Optimise (as :func:`compile_objects`) and emit assembly text for ``target``, of every part
+    in turn (for dumps and tests)."""
     with _lock:
-        tm, mod = _optimised_module(ir_text, target)
-        return tm.emit_assembly(mod)
+        out = []
+        for text in split_parts(ir_text):
+            tm, mod = _optimised_module(text, target)
+            out.append(tm.emit_assembly(mod))
+        return "".join(out)
 
 
 class ObjectLoader:
@@ -129,20 +208,30 @@ class ObjectLoader:
         self._trackers: list = []
         self._n = 0
 
-    def load(self, obj: bytes, symbols: list[str]) -> dict[str, int]:
+    def load(self, objects: list[bytes], symbols: list[str]) -> dict[str, int]:
+        """Link ``objects`` (a module's parts, which may call each other) into one library; the
+        addresses of ``symbols`` (with KT_JIT_PERF_MAP also of the further parts' functions)."""
+        mapped = knobs.perf_map()
+        if mapped:
+            symbols = list(symbols) + [f for obj in objects[1:] for f in perfmap.global_functions(obj)
+                                       if f not in symbols]
         with _lock:
             if self._lljit is None:
                 _init_llvm()
                 self._lljit = llvm.create_lljit_compiler(_target_machine(target_for("avx512")))
             self._n += 1
-            builder = llvm.JITLibraryBuilder().add_object_img(obj).add_current_process()
+            builder = llvm.JITLibraryBuilder()
+            for obj in objects:
+                builder.add_object_img(obj)
+            builder.add_current_process()
             for s in symbols:
                 builder.export_symbol(s)
             tracker = builder.link(self._lljit, f"kt_jit_lib{self._n}")
             self._trackers.append(tracker)
             addresses = {s: tracker[s] for s in symbols}
-        if knobs.perf_map():
-            perfmap.record(addresses, obj)
+        if mapped:
+            for obj in objects:
+                perfmap.record(addresses, obj)
         return addresses
 
 

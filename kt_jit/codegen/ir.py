@@ -25,6 +25,14 @@ def vec_const(elem_type: str, values: Sequence[int | float]) -> str:
 
 
 PIPELINE_MARK = "; kt_jit pipeline: "  # a module line naming its optimisation pipeline
+PART_MARK = "; kt_jit part: "  # the line that starts each further part of a module's text
+
+
+def split_parts(ir_text: str) -> list[str]:
+    """The IR texts of a rendered module's parts (:meth:`Module.part`), the main module first."""
+    texts = ir_text.split("\n" + PART_MARK)
+    # each further text starts with the rest of its mark line (the part's name)
+    return [texts[0] + "\n"] + [t.partition("\n")[2] for t in texts[1:]] if len(texts) > 1 else texts
 
 
 def shuffle_mask(indices: Sequence[int]) -> str:
@@ -41,6 +49,7 @@ class Module:
         self._globals: list[str] = []
         self._functions: list[Function] = []
         self._names: set[str] = set()
+        self._parts: list[Module] = []
         self.pipeline = "default"  # optimisation pipeline (codegen/compile.py), named in the text
 
     def declare(self, symbol: str, text: str) -> str:
@@ -65,7 +74,22 @@ class Module:
         self._functions.append(fn)
         return fn
 
+    def part(self, name: str) -> Module:
+        """A further module, rendered after this one (each after a PART_MARK line; see
+        :func:`split_parts`), compiled on its own (codegen/compile.py: on another core) and linked
+        with it: code this module calls through a declared function. Its pipeline is this module's."""
+        part = Module(name, self.fn_attrs)
+        self._parts.append(part)
+        return part
+
     def render(self) -> str:
+        text = self._render_one()
+        for part in self._parts:
+            part.pipeline = self.pipeline
+            text += f"{PART_MARK}{part.name}\n{part._render_one()}"
+        return text
+
+    def _render_one(self) -> str:
         parts = [f"; ModuleID = '{self.name}'"]
         if self.pipeline != "default":
             parts.append(f"{PIPELINE_MARK}{self.pipeline}")

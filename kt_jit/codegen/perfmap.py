@@ -31,28 +31,43 @@ _written = 0
 _failed = False
 
 
-def symbol_sizes(obj: bytes) -> dict[str, int]:
-    """Name -> size in bytes of every sized symbol in a little-endian ELF64 object's symbol table
+def _symbols(obj: bytes) -> list[tuple[str, int, int]]:
+    """(name, st_info, size) of every sized symbol in a little-endian ELF64 object's symbol table
     (empty for anything else, a damaged object included)."""
     if not obj.startswith(_ELF64_LE) or len(obj) < 64:
-        return {}
+        return []
     try:
         shoff, = struct.unpack_from("<Q", obj, 0x28)
         shentsize, shnum = struct.unpack_from("<HH", obj, 0x3A)
         sections = [struct.unpack_from("<IIQQQQIIQQ", obj, shoff + i * shentsize) for i in range(shnum)]
-        sizes = {}
+        out = []
         for _name, kind, _flags, _addr, offset, size, link, _info, _align, entsize in sections:
             if kind != _SHT_SYMTAB or not entsize:
                 continue
             strtab = sections[link][4]
             for pos in range(offset, offset + size, entsize):
-                name_at, _bind_type, _other, _shndx, _value, sym_size = struct.unpack_from("<IBBHQQ", obj, pos)
+                name_at, info, _other, _shndx, _value, sym_size = struct.unpack_from("<IBBHQQ", obj, pos)
                 if sym_size:
                     end = obj.index(b"\0", strtab + name_at)
-                    sizes[obj[strtab + name_at:end].decode()] = sym_size
-        return sizes
+                    out.append((obj[strtab + name_at:end].decode(), info, sym_size))
+        return out
     except (struct.error, IndexError, ValueError, OverflowError, UnicodeDecodeError):
-        return {}
+        return []
+
+
+def symbol_sizes(obj: bytes) -> dict[str, int]:
+    """Name -> size in bytes of every sized symbol in a little-endian ELF64 object's symbol table
+    (empty for anything else, a damaged object included)."""
+    return {name: size for name, _, size in _symbols(obj)}
+
+
+_STB_GLOBAL, _STT_FUNC = 1, 2
+
+
+def global_functions(obj: bytes) -> list[str]:
+    """The global functions an ELF64 object defines (e.g. those of a module's further parts, which
+    the loader then exports so that the map names them too)."""
+    return [name for name, info, _ in _symbols(obj) if info >> 4 == _STB_GLOBAL and info & 0xF == _STT_FUNC]
 
 
 def map_path(pid: int | None = None) -> Path:

@@ -70,6 +70,7 @@ import dataclasses
 import functools
 import math
 import warnings
+from collections.abc import Sequence
 from dataclasses import dataclass
 
 import torch
@@ -1349,7 +1350,7 @@ def _avx512_bwd_panel_body(spec: GemmSpec):
                     if spec.lora_rank:
                         _bwd_lora(fn, spec, y, ldy, m, fn.mul(c, span), extra, ldh)
                 else:
-                    whole_group(_bwd_stream_group)
+                    whole_group(_bwd_stream_group_in_parts)
             else:
                 lane_partial()
             fn.br(done_bb)
@@ -1547,10 +1548,11 @@ STREAM_ROWS = 4  # token rows per block of the streamed form with int8 activatio
 # old code: fast memory mode qwen3 -10..-11%, deepseek-v2-lite -24%; slow mode qwen3 +1.7..+2.8%,
 # deepseek-v2-lite -4.1..-4.9% (three runs each); dsv3-64e -4..-6%. STREAM_ROW_STEP 2 (6 cases)
 # ran 5-6% slower in the fast mode, 12 rows per block lost deepseek-v2-lite's gain (+4%). Cost:
-# the transposed GEMM compiles in ~160 ms instead of ~60 (12 loops of up to 128 dot products; ~210
-# before the forty-second session hid their addresses from loop strength reduction) and its IR takes
-# ~8.5 ms to build (no longer on a warm start: see codegen/cache.py; docs/benchmarks.md, forty-first
-# and forty-second sessions).
+# the transposed GEMM takes ~160 ms of LLVM's time instead of ~60 (12 loops of up to 128 dot
+# products; ~210 before the forty-second session hid their addresses from loop strength reduction),
+# ~90 ms on two cores since the forty-third (STREAM_PART_ROWS), and its IR takes ~8.5 ms to build
+# (no longer on a warm start: see codegen/cache.py; docs/benchmarks.md, forty-first to forty-third
+# sessions).
 STREAM_REG_ROWS = 16
 STREAM_ROW_STEP = 1
 STREAM_ACCS = 16
@@ -2027,7 +2029,7 @@ def _stream_blocks(spec: GemmSpec) -> int:
 
 
 def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str, xsc: str | None,
-                      ldx: str, ldy: str, m: str) -> None:
+                      ldx: str, ldy: str, m: str, groups: Sequence[int] | None = None) -> None:
     """``dX = dY W`` for one whole (small) group (above the lane-partial form's rows), reading the
     packed weight in forward order: ``ns`` (up to the schedule's ``sb``) n-blocks side by side, 8
     k-pair rows (512 B) of each per step, so the weight streams like the forward's. Each 8-row
@@ -2042,6 +2044,9 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
     enters a group, each row's dY over the pass's n-blocks is multiplied by the group's channel
     scales and rounded to bf16 into a scratch (``sm x ns x 32`` bytes) that the dot products read
     (the numerics of the fold and lane-partial forms; MoE measurements in default_schedule).
+
+    ``groups``: the row counts of the groups this copy of the form is for (its row-count cases:
+    :func:`_stream_row_variants`); default all it takes.
     """
     nb, rb = spec.n // 16, spec.row_bytes
     block_stride = spec.k // 2 * rb
@@ -2097,7 +2102,7 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
                         fn.val(f"and i64 {fn.add(rows, STREAM_ROW_STEP - 1)}, {-STREAM_ROW_STEP}")
                     # a loop of its own per row count (the transposition compiled in each: a shared
                     # loop with the switch inside ran 3-10% slower)
-                    for r in fn.switch(padded, _stream_row_variants(spec), name="rows"):
+                    for r in fn.switch(padded, _stream_row_variants(spec, groups), name="rows"):
                         _stream_row_block(fn, spec, block, x, y, ldx, ldy, m0, rows, r, first, k0, s0, ns,
                                           (sdy, sld) if regroup else None, zero_rows)
             else:  # int8 activations (schedules that stream int8 weights): int32 sums of each block,
@@ -2133,14 +2138,56 @@ def _stream_row_split(m: int) -> set[int]:
     return {m // blocks, -(-m // blocks)}
 
 
-def _stream_row_variants(spec: GemmSpec) -> list[int]:
+def _stream_row_variants(spec: GemmSpec, groups: Sequence[int] | None = None) -> list[int]:
     """The row-block sizes the streamed form compiles (cases of a switch in the kernel: a block size
     without one would leave its outputs unwritten): those of every group it takes (lp+1..sm rows, or
-    1..sm without lane-partial rows), rounded up to a multiple of STREAM_ROW_STEP."""
-    sch = spec.schedule
-    least = sch.lp + 1 if sch.lp < sch.sm else 1
+    1..sm without lane-partial rows; or of the groups of ``groups`` rows), rounded up to a multiple
+    of STREAM_ROW_STEP."""
     step = STREAM_ROW_STEP
-    return sorted({-(-r // step) * step for m in range(least, sch.sm + 1) for r in _stream_row_split(m)})
+    return sorted({-(-r // step) * step for m in (groups or _stream_groups(spec)) for r in _stream_row_split(m)})
+
+
+def _stream_groups(spec: GemmSpec) -> range:
+    """The row counts of the groups the streamed form takes."""
+    sch = spec.schedule
+    return range(sch.lp + 1 if sch.lp < sch.sm else 1, sch.sm + 1)
+
+
+# Groups whose row blocks all have at least this many rows run the streamed form's code in a module
+# part of its own (codegen/ir.py Module.part), which compiles on a second core: the form's loops
+# (one per row count, 5-16 rows) are most of the transposed GEMM's compile time. With 9 the two
+# parts take about as long (bf16 qwen3 shape, Zen 5: ~85 ms each against ~160 ms for the whole).
+STREAM_PART_ROWS = 9
+
+
+def _bwd_stream_group_in_parts(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str,
+                               xsc: str | None, ldx: str, ldy: str, m: str) -> None:
+    """:func:`_bwd_stream_group`, for groups whose row blocks all have STREAM_PART_ROWS rows or more
+    in a function of a module part (a call per group), for the others inline."""
+    groups = _stream_groups(spec)
+    large = [g for g in groups if min(_stream_row_split(g)) >= STREAM_PART_ROWS]
+    if spec.int_x or not large or len(large) == len(groups):  # (the int8-activation form has no row cases)
+        _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
+        return
+    name = f"{spec.name}_rows{STREAM_PART_ROWS}"
+    params = [("ptr", "%x"), ("ptr", "%w"), ("ptr", "%y"), ("ptr", "%sc"), ("ptr", "%zp"), ("i64", "%ldx"),
+              ("i64", "%ldy"), ("i64", "%m")]
+    part = fn.module.part(name).function(name, params)
+    _bwd_stream_group(part, spec, *(a for _, a in params[:5]), None, *(a for _, a in params[5:]), groups=large)
+    part.ret()
+    sym = fn.module.declare(name, f"declare void @{name}({', '.join(t for t, _ in params)}) #0")
+    # the group's smallest row block (as _stream_row_split)
+    least_rows = fn.val(f"udiv i64 {m}, {fn.val(f'udiv i64 {fn.add(m, STREAM_REG_ROWS - 1)}, {STREAM_REG_ROWS}')}")
+    part_bb, inline_bb, done = fn.new_block("spart"), fn.new_block("sinline"), fn.new_block("sdone")
+    fn.cbr(fn.icmp("uge", least_rows, STREAM_PART_ROWS), part_bb, inline_bb)
+    fn.set_block(part_bb)
+    args = ", ".join(f"{t} {v}" for (t, _), v in zip(params, (x, w, y, sc, zp, ldx, ldy, m), strict=True))
+    fn.emit(f"call void {sym}({args})")
+    fn.br(done)
+    fn.set_block(inline_bb)
+    _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, groups=[g for g in groups if g not in large])
+    fn.br(done)
+    fn.set_block(done)
 
 
 def _stream_row_block(fn: Function, spec: GemmSpec, block, x: str, y: str, ldx: str, ldy: str, m0: str,
