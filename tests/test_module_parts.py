@@ -88,3 +88,22 @@ def test_streamed_form_groups_split_between_the_parts(lp, sm):
     assert cases[part] == gemm._stream_row_variants(spec, large) == list(range(9, 17))
     assert cases[main] == gemm._stream_row_variants(spec, [g for g in groups if g not in large])
     assert sorted(set(cases[main]) | set(cases[part])) == gemm._stream_row_variants(spec)
+
+
+def test_quantized_lane_partial_variants_are_parts():
+    """The transposed GEMM's lane-partial variants (1..unroll rows, and the generic one) are parts of
+    their own for quantized weights (each 15-125 ms of compile time), inline for bf16; a part's
+    part belongs to the main module."""
+    def names(quant, gs=0):
+        sch = gemm.default_schedule("bwd", "avx512", 192, 256, quant, group_size=gs)
+        spec = gemm.GemmSpec("bwd", 192, 256, "avx512", False, sch, quant, gs)
+        return [re.match(r"; ModuleID = '(.*)'", t).group(1)[len(spec.name):] for t in split_parts(gemm.build_ir(spec))]
+
+    assert names("bf16") == ["", "_rows9"]
+    for quant, gs in (("int8", 0), ("int4", 128)):
+        parts = names(quant, gs)
+        assert parts[0] == "" and {"_lanes1", "_lanes2", "_lanesn"} <= set(parts), (quant, parts)
+    mod = Module("kt_test_nested", "nounwind")
+    mod.part("a").part("b")
+    assert [t.splitlines()[0] for t in split_parts(mod.render())] == [
+        "; ModuleID = 'kt_test_nested'", "; ModuleID = 'a'", "; ModuleID = 'b'"]

@@ -178,10 +178,10 @@ def compile_objects(ir_text: str, target: Target) -> list[bytes]:
         with _lock:
             return [_emit_object(text, target) for text in texts]
     _init_llvm()
-    with ThreadPoolExecutor(threads - 1) as pool:
-        rest = [pool.submit(_compile_part_unlocked, text, target) for text in texts[1:]]
-        first = _compile_part_unlocked(texts[0], target)
-        return [first] + [f.result() for f in rest]
+    with ThreadPoolExecutor(threads) as pool:  # the longest texts first (they take longest)
+        jobs = {i: pool.submit(_compile_part_unlocked, texts[i], target)
+                for i in sorted(range(len(texts)), key=lambda i: -len(texts[i]))}
+        return [jobs[i].result() for i in range(len(texts))]
 
 
 def _emit_object(ir_text: str, target: Target) -> bytes:

@@ -50,6 +50,7 @@ class Module:
         self._functions: list[Function] = []
         self._names: set[str] = set()
         self._parts: list[Module] = []
+        self._root = self
         self.pipeline = "default"  # optimisation pipeline (codegen/compile.py), named in the text
 
     def declare(self, symbol: str, text: str) -> str:
@@ -79,7 +80,8 @@ class Module:
         :func:`split_parts`), compiled on its own (codegen/compile.py: on another core) and linked
         with it: code this module calls through a declared function. Its pipeline is this module's."""
         part = Module(name, self.fn_attrs)
-        self._parts.append(part)
+        part._root = self._root
+        self._root._parts.append(part)  # (a part's parts are the main module's)
         return part
 
     def render(self) -> str:

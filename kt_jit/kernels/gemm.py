@@ -1622,15 +1622,29 @@ def _bwd_lane_partial_rows(fn: Function, spec: GemmSpec, x: str, w: str, y: str,
         return
     # one accumulator buffer for all variants (a variant's rows times its slice)
     acc = fn.alloca("i8", 64, max(r * _lane_partial_slice(spec, r) for r in range(1, spec.schedule.lp + 1)) * 64)
+    # quantized weights: each variant in a module part of its own, compiled in parallel (with their
+    # decoding, these variants take 15-125 ms each to compile, most of their kernels' time; bf16's
+    # take ~5, less than a part's own cost)
+    operands = _group_operands(x, w, y, sc, zp, xsc, ldx, ldy, m)[:-1] + [("ptr", acc), ("i64", only)]
+
+    def variant(rows: int | None) -> None:
+        if spec.quant == "bf16":
+            _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, str(rows) if rows else m, rows or 0,
+                              acc, only)
+            return
+        _in_part(fn, f"{spec.name}_lanes{rows or 'n'}", operands + [("i64", m)],
+                 lambda g, *a: _bwd_lane_partial(g, spec, *a[:8], str(rows) if rows else a[10], rows or 0,
+                                                 a[8], a[9]))
+
     if unroll < spec.schedule.lp:
         few, many, done = fn.new_block("lpfew"), fn.new_block("lpmany"), fn.new_block("lpdone")
         fn.cbr(fn.icmp("sle", m, unroll), few, many)
         fn.set_block(many)
-        _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, acc_buf=acc, only=only)
+        variant(None)
         fn.br(done)
         fn.set_block(few)
     for rows in fn.switch(m, range(1, unroll + 1), name="lprows"):
-        _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, str(rows), rows, acc, only)
+        variant(rows)
     if unroll < spec.schedule.lp:
         fn.br(done)
         fn.set_block(done)
@@ -2160,6 +2174,25 @@ def _stream_groups(spec: GemmSpec) -> range:
 STREAM_PART_ROWS = 9
 
 
+def _in_part(fn: Function, name: str, operands: Sequence[tuple[str, str | None]], emit) -> None:
+    """Call ``void name(...)`` here with ``operands`` ((type, value) pairs; None values are not
+    passed), its body ``emit(g, *values)`` (the values as g's parameters, None where they were
+    None) in a further module part: compiled on another core (codegen/ir.py Module.part)."""
+    passed = [(t, v) for t, v in operands if v is not None]
+    g = fn.module.part(name).function(name, [(t, f"%arg{i}") for i, (t, _) in enumerate(passed)])
+    params = iter(f"%arg{i}" for i in range(len(passed)))
+    emit(g, *(None if v is None else next(params) for _, v in operands))
+    g.ret()
+    sym = fn.module.declare(name, f"declare void @{name}({', '.join(t for t, _ in passed)}) #0")
+    fn.emit(f"call void {sym}({', '.join(f'{t} {v}' for t, v in passed)})")
+
+
+def _group_operands(x: str, w: str, y: str, sc: str, zp: str, xsc: str | None, ldx: str, ldy: str,
+                    m: str) -> list[tuple[str, str | None]]:
+    return [("ptr", x), ("ptr", w), ("ptr", y), ("ptr", sc), ("ptr", zp), ("ptr", xsc), ("i64", ldx),
+            ("i64", ldy), ("i64", m)]
+
+
 def _bwd_stream_group_in_parts(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: str, zp: str,
                                xsc: str | None, ldx: str, ldy: str, m: str) -> None:
     """:func:`_bwd_stream_group`, for groups whose row blocks all have STREAM_PART_ROWS rows or more
@@ -2169,20 +2202,13 @@ def _bwd_stream_group_in_parts(fn: Function, spec: GemmSpec, x: str, w: str, y: 
     if spec.int_x or not large or len(large) == len(groups):  # (the int8-activation form has no row cases)
         _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
         return
-    name = f"{spec.name}_rows{STREAM_PART_ROWS}"
-    params = [("ptr", "%x"), ("ptr", "%w"), ("ptr", "%y"), ("ptr", "%sc"), ("ptr", "%zp"), ("i64", "%ldx"),
-              ("i64", "%ldy"), ("i64", "%m")]
-    part = fn.module.part(name).function(name, params)
-    _bwd_stream_group(part, spec, *(a for _, a in params[:5]), None, *(a for _, a in params[5:]), groups=large)
-    part.ret()
-    sym = fn.module.declare(name, f"declare void @{name}({', '.join(t for t, _ in params)}) #0")
     # the group's smallest row block (as _stream_row_split)
     least_rows = fn.val(f"udiv i64 {m}, {fn.val(f'udiv i64 {fn.add(m, STREAM_REG_ROWS - 1)}, {STREAM_REG_ROWS}')}")
     part_bb, inline_bb, done = fn.new_block("spart"), fn.new_block("sinline"), fn.new_block("sdone")
     fn.cbr(fn.icmp("uge", least_rows, STREAM_PART_ROWS), part_bb, inline_bb)
     fn.set_block(part_bb)
-    args = ", ".join(f"{t} {v}" for (t, _), v in zip(params, (x, w, y, sc, zp, ldx, ldy, m), strict=True))
-    fn.emit(f"call void {sym}({args})")
+    _in_part(fn, f"{spec.name}_rows{STREAM_PART_ROWS}", _group_operands(x, w, y, sc, zp, xsc, ldx, ldy, m),
+             lambda g, *a: _bwd_stream_group(g, spec, *a, groups=large))
     fn.br(done)
     fn.set_block(inline_bb)
     _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, groups=[g for g in groups if g not in large])
