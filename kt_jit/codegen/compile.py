@@ -135,29 +135,32 @@ def _compile_part_unlocked(ir_text: str, target: Target) -> bytes:
     them); the few cheap ones (creation, disposal) take it."""
     parse, verify, run, emit = (_unlocked(n) for n in _UNLOCKED)
     ctx = llvm.create_context()
-    tm = llvm.Target.from_triple(target.triple).create_target_machine(
-        cpu=target.cpu, features=target.features, opt=3, reloc="pic", codemodel="default")
-    with ffi.OutputString() as err:
-        mod = llvm.ModuleRef(parse(ctx, c_char_p(ir_text.encode()), err), ctx)
-        if err:
-            raise RuntimeError(f"LLVM IR parsing error\n{err}")
     try:
-        mod.triple = target.triple
+        tm = llvm.Target.from_triple(target.triple).create_target_machine(
+            cpu=target.cpu, features=target.features, opt=3, reloc="pic", codemodel="default")
         with ffi.OutputString() as err:
-            if verify(mod, err):
-                raise RuntimeError(str(err))
-        pb, mpm = _pass_builder(tm, ir_text)
-        run(mpm, mod, pb)
-        with ffi.OutputString() as err:
-            buf = emit(tm, mod, 1, err)
-            if not buf:
-                raise RuntimeError(str(err))
+            mod = llvm.ModuleRef(parse(ctx, c_char_p(ir_text.encode()), err), ctx)
+            if err:
+                mod.close()
+                raise RuntimeError(f"LLVM IR parsing error\n{err}")
         try:
-            return string_at(ffi.lib.LLVMPY_GetBufferStart(buf), ffi.lib.LLVMPY_GetBufferSize(buf))
+            mod.triple = target.triple
+            with ffi.OutputString() as err:
+                if verify(mod, err):
+                    raise RuntimeError(str(err))
+            pb, mpm = _pass_builder(tm, ir_text)
+            run(mpm, mod, pb)
+            with ffi.OutputString() as err:
+                buf = emit(tm, mod, 1, err)
+                if not buf:
+                    raise RuntimeError(str(err))
+            try:
+                return string_at(ffi.lib.LLVMPY_GetBufferStart(buf), ffi.lib.LLVMPY_GetBufferSize(buf))
+            finally:
+                ffi.lib.LLVMPY_DisposeMemoryBuffer(buf)
         finally:
-            ffi.lib.LLVMPY_DisposeMemoryBuffer(buf)
+            mod.close()
     finally:
-        mod.close()
         ctx.close()
 
 
