@@ -85,16 +85,15 @@ class Module:
         return part
 
     def render(self) -> str:
-        text = self._render_one()
+        text = self._render_one(self.pipeline)
         for part in self._parts:
-            part.pipeline = self.pipeline
-            text += f"{PART_MARK}{part.name}\n{part._render_one()}"
+            text += f"{PART_MARK}{part.name}\n{part._render_one(self.pipeline)}"
         return text
 
-    def _render_one(self) -> str:
+    def _render_one(self, pipeline: str) -> str:
         parts = [f"; ModuleID = '{self.name}'"]
-        if self.pipeline != "default":
-            parts.append(f"{PIPELINE_MARK}{self.pipeline}")
+        if pipeline != "default":
+            parts.append(f"{PIPELINE_MARK}{pipeline}")
         parts += self._globals
         parts += [f.render() for f in self._functions]
         parts += list(self._decls.values())
@@ -186,6 +185,18 @@ class Function:
         if init is not None:
             v.set(init)
         return v
+
+    def call_in_part(self, name: str, operands: Sequence[tuple[str, str | None]], emit) -> None:
+        """Call ``void name(...)`` here with ``operands`` ((type, value) pairs; None values are not
+        passed); its body, ``emit(g, *values)`` (the values as g's parameters, None where they were
+        None), goes into a further part of this module (:meth:`Module.part`: compiled on another core)."""
+        passed = [(t, v) for t, v in operands if v is not None]
+        g = self.module.part(name).function(name, [(t, f"%arg{i}") for i, (t, _) in enumerate(passed)])
+        params = iter(g.args)
+        emit(g, *(None if v is None else next(params)[1] for _, v in operands))
+        g.ret()
+        sym = self.module.declare(name, f"declare void @{name}({', '.join(t for t, _ in passed)}) #0")
+        self.emit(f"call void {sym}({', '.join(f'{t} {v}' for t, v in passed)})")
 
     # -- integer helpers ----------------------------------------------------------------------
     def add(self, a: str | int, b: str | int) -> str:

@@ -1625,16 +1625,16 @@ def _bwd_lane_partial_rows(fn: Function, spec: GemmSpec, x: str, w: str, y: str,
     # quantized weights: each variant in a module part of its own, compiled in parallel (with their
     # decoding, these variants take 15-125 ms each to compile, most of their kernels' time; bf16's
     # take ~5, less than a part's own cost)
-    operands = _group_operands(x, w, y, sc, zp, xsc, ldx, ldy, m)[:-1] + [("ptr", acc), ("i64", only)]
+    operands = _group_operands(x, w, y, sc, zp, xsc, ldx, ldy, m) + [("ptr", acc), ("i64", only)]
 
     def variant(rows: int | None) -> None:
+        def emit(g: Function, x, w, y, sc, zp, xsc, ldx, ldy, m, acc, only) -> None:
+            _bwd_lane_partial(g, spec, x, w, y, sc, zp, xsc, ldx, ldy, str(rows) if rows else m, rows or 0, acc, only)
+
         if spec.quant == "bf16":
-            _bwd_lane_partial(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, str(rows) if rows else m, rows or 0,
-                              acc, only)
-            return
-        _in_part(fn, f"{spec.name}_lanes{rows or 'n'}", operands + [("i64", m)],
-                 lambda g, *a: _bwd_lane_partial(g, spec, *a[:8], str(rows) if rows else a[10], rows or 0,
-                                                 a[8], a[9]))
+            emit(fn, *(v for _, v in operands))
+        else:
+            fn.call_in_part(f"{spec.name}_lanes{rows or 'n'}", operands, emit)
 
     if unroll < spec.schedule.lp:
         few, many, done = fn.new_block("lpfew"), fn.new_block("lpmany"), fn.new_block("lpdone")
@@ -2174,19 +2174,6 @@ def _stream_groups(spec: GemmSpec) -> range:
 STREAM_PART_ROWS = 9
 
 
-def _in_part(fn: Function, name: str, operands: Sequence[tuple[str, str | None]], emit) -> None:
-    """Call ``void name(...)`` here with ``operands`` ((type, value) pairs; None values are not
-    passed), its body ``emit(g, *values)`` (the values as g's parameters, None where they were
-    None) in a further module part: compiled on another core (codegen/ir.py Module.part)."""
-    passed = [(t, v) for t, v in operands if v is not None]
-    g = fn.module.part(name).function(name, [(t, f"%arg{i}") for i, (t, _) in enumerate(passed)])
-    params = iter(f"%arg{i}" for i in range(len(passed)))
-    emit(g, *(None if v is None else next(params) for _, v in operands))
-    g.ret()
-    sym = fn.module.declare(name, f"declare void @{name}({', '.join(t for t, _ in passed)}) #0")
-    fn.emit(f"call void {sym}({', '.join(f'{t} {v}' for t, v in passed)})")
-
-
 def _group_operands(x: str, w: str, y: str, sc: str, zp: str, xsc: str | None, ldx: str, ldy: str,
                     m: str) -> list[tuple[str, str | None]]:
     return [("ptr", x), ("ptr", w), ("ptr", y), ("ptr", sc), ("ptr", zp), ("ptr", xsc), ("i64", ldx),
@@ -2202,18 +2189,17 @@ def _bwd_stream_group_in_parts(fn: Function, spec: GemmSpec, x: str, w: str, y: 
     if spec.int_x or not large or len(large) == len(groups):  # (the int8-activation form has no row cases)
         _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m)
         return
+    def form(in_part: bool) -> None:
+        if in_part:
+            fn.call_in_part(f"{spec.name}_rows{STREAM_PART_ROWS}", _group_operands(x, w, y, sc, zp, xsc, ldx, ldy, m),
+                            lambda g, *a: _bwd_stream_group(g, spec, *a, groups=large))
+        else:
+            _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m,
+                              groups=[g for g in groups if g not in large])
+
     # the group's smallest row block (as _stream_row_split)
     least_rows = fn.val(f"udiv i64 {m}, {fn.val(f'udiv i64 {fn.add(m, STREAM_REG_ROWS - 1)}, {STREAM_REG_ROWS}')}")
-    part_bb, inline_bb, done = fn.new_block("spart"), fn.new_block("sinline"), fn.new_block("sdone")
-    fn.cbr(fn.icmp("uge", least_rows, STREAM_PART_ROWS), part_bb, inline_bb)
-    fn.set_block(part_bb)
-    _in_part(fn, f"{spec.name}_rows{STREAM_PART_ROWS}", _group_operands(x, w, y, sc, zp, xsc, ldx, ldy, m),
-             lambda g, *a: _bwd_stream_group(g, spec, *a, groups=large))
-    fn.br(done)
-    fn.set_block(inline_bb)
-    _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m, groups=[g for g in groups if g not in large])
-    fn.br(done)
-    fn.set_block(done)
+    either(fn, fn.icmp("uge", least_rows, STREAM_PART_ROWS), form)
 
 
 def _stream_row_block(fn: Function, spec: GemmSpec, block, x: str, y: str, ldx: str, ldy: str, m0: str,
