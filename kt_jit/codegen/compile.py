@@ -60,22 +60,30 @@ def toolchain_versions() -> dict[str, str]:
     return {"llvm": ".".join(map(str, llvm.llvm_version_info)), "llvmlite": llvmlite.__version__}
 
 
+def _new_target_machine(target: Target, level: int = 3):
+    return llvm.Target.from_triple(target.triple).create_target_machine(
+        cpu=target.cpu, features=target.features, opt=level, reloc="pic", codemodel="default")
+
+
 @functools.lru_cache(maxsize=8)
-def _target_machine(target: Target):
+def _target_machine(target: Target, level: int = 3):
     _init_llvm()
-    t = llvm.Target.from_triple(target.triple)
-    return t.create_target_machine(cpu=target.cpu, features=target.features, opt=3,
-                                   reloc="pic", codemodel="default")
+    return _new_target_machine(target, level)
 
 
-# Named pass lists a module may ask for (a PIPELINE_MARK line in its text, so the cache key, which
-# hashes the text, covers the choice). "light" (SROA + SimplifyCFG, leaving the rest to the code
-# generator's own LICM/LSR) compiles the transposed GEMM in 55 instead of 88 ms and runs it as fast
-# (same-run A/B at m = 1-64: 0.99-1.08x of O1); the forward GEMM lost ~2% with it, so it keeps O1.
-PIPELINES = {"light": ("sroa", "simplify_cfg")}
+# Named pipelines a module may ask for (a PIPELINE_MARK line in its text, so the cache key, which
+# hashes the text, covers the choice): IR passes, and the code generator's optimisation level
+# (default: O1 passes, code generator at 3). "light" (SROA + SimplifyCFG, leaving the rest to the
+# code generator's own LICM/LSR) compiles the transposed GEMM in 55 instead of 88 ms and runs it as
+# fast (same-run A/B at m = 1-64: 0.99-1.08x of O1); the forward GEMM lost ~2% with it, so it keeps
+# O1. Its code generator at level 1 (mainly: no scheduling after register allocation, which an
+# out-of-order core hardly needs) takes ~8% less time for the same instructions (forty-fourth
+# session: MoE A/B in docs/benchmarks.md).
+PIPELINES = {"light": (("sroa", "simplify_cfg"), 1)}
+CODEGEN_LEVEL = 3
 # What the pipelines do is part of every disk-cache key (codegen/cache.py): edit this string with
 # any change to PIPELINES or to the O1 options below.
-PIPELINE_VERSION = f"O1-nounroll-novec;{sorted(PIPELINES.items())}"
+PIPELINE_VERSION = f"O1-nounroll-novec;codegen{CODEGEN_LEVEL};{sorted(PIPELINES.items())}"
 
 
 def _pipeline_of(ir_text: str) -> str:
@@ -88,6 +96,12 @@ def _pipeline_of(ir_text: str) -> str:
     return "default"
 
 
+def _codegen_level(ir_text: str) -> int:
+    """The code generator's optimisation level for the pipeline ``ir_text`` names."""
+    pipeline = _pipeline_of(ir_text)
+    return CODEGEN_LEVEL if pipeline == "default" else PIPELINES[pipeline][1]
+
+
 def _pass_builder(tm, ir_text: str):
     """The pass builder and module pass manager of the pipeline ``ir_text`` names."""
     pipeline = _pipeline_of(ir_text)
@@ -95,7 +109,7 @@ def _pass_builder(tm, ir_text: str):
     if pipeline != "default":
         pb = llvm.create_pass_builder(tm, pto)
         mpm = llvm.create_new_module_pass_manager()
-        for name in PIPELINES[pipeline]:
+        for name in PIPELINES[pipeline][0]:
             getattr(mpm, f"add_{name}_pass")()
         return pb, mpm
     # kernels arrive already blocked, vectorised and unrolled where it pays: the O1 pipeline
@@ -109,7 +123,7 @@ def _pass_builder(tm, ir_text: str):
 
 
 def _optimised_module(ir_text: str, target: Target):
-    tm = _target_machine(target)
+    tm = _target_machine(target, _codegen_level(ir_text))
     mod = llvm.parse_assembly(ir_text)
     mod.triple = target.triple
     mod.verify()
@@ -136,8 +150,7 @@ def _compile_part_unlocked(ir_text: str, target: Target) -> bytes:
     parse, verify, run, emit = (_unlocked(n) for n in _UNLOCKED)
     ctx = llvm.create_context()
     try:
-        tm = llvm.Target.from_triple(target.triple).create_target_machine(
-            cpu=target.cpu, features=target.features, opt=3, reloc="pic", codemodel="default")
+        tm = _new_target_machine(target, _codegen_level(ir_text))
         with ffi.OutputString() as err:
             mod = llvm.ModuleRef(parse(ctx, c_char_p(ir_text.encode()), err), ctx)
             if err:
