@@ -69,6 +69,29 @@ def test_index_key_follows_code_constants(monkeypatch):
     assert cache.index_key("spec", target) != before
 
 
+def test_a_copy_of_the_gemm_module_gets_its_own_kernels(tmp_path, monkeypatch):
+    """A copy of kernels/gemm.py loaded beside it (as A/B measurements load the old code) finds
+    none of gemm.py's kernels through the index memo, though its specs print the same."""
+    import importlib.util
+
+    from kt_jit.kernels import gemm
+    monkeypatch.setenv("KT_JIT_CACHE_DIR", str(tmp_path))
+    name = "kt_jit.kernels._gemm_copy"
+    copy_path = tmp_path / "_gemm_copy.py"
+    copy_path.write_text(open(gemm.__file__).read())
+    spec = importlib.util.spec_from_file_location(name, copy_path)
+    copy = importlib.util.module_from_spec(spec)
+    monkeypatch.setitem(sys.modules, name, copy)
+    spec.loader.exec_module(copy)
+
+    def kernel(mod):
+        schedule = mod.default_schedule("fwd", "avx512", 64, 64)
+        return mod.GemmKernel(mod.GemmSpec("fwd", 64, 64, "avx512", False, schedule))
+
+    ours, theirs = kernel(gemm), kernel(copy)
+    assert repr(ours.spec) == repr(theirs.spec) and ours.addr != theirs.addr
+
+
 def test_declared_pointer_fields_are_checked():
     from kt_jit.codegen.ir import Module
     from kt_jit.codegen.worker import ArgBlock
