@@ -10,6 +10,7 @@ to registers, so the builder never has to place phi nodes.
 from __future__ import annotations
 
 import contextlib
+import functools
 from collections.abc import Iterator, Sequence
 
 F32x16 = "<16 x float>"
@@ -21,6 +22,11 @@ I8x64 = "<64 x i8>"
 
 def vec_const(elem_type: str, values: Sequence[int | float]) -> str:
     """Constant vector literal, e.g. ``<16 x i32> <i32 0, ...>`` (without the type prefix)."""
+    return _vec_const(elem_type, tuple(values))
+
+
+@functools.lru_cache(maxsize=1024)
+def _vec_const(elem_type: str, values: tuple[int | float, ...]) -> str:
     return "<" + ", ".join(f"{elem_type} {v}" for v in values) + ">"
 
 
@@ -127,8 +133,10 @@ class Function:
         self._cur.append("  " + line)
 
     def val(self, rhs: str, prefix: str = "t") -> str:
-        name = self.tmp(prefix)
-        self.emit(f"{name} = {rhs}")
+        # (tmp and emit written out: this runs once per instruction, ~12,000 times for the transposed GEMM)
+        self._n += 1
+        name = f"%{prefix}{self._n}"
+        self._cur.append(f"  {name} = {rhs}")
         return name
 
     def new_block(self, base: str) -> str:
