@@ -5,6 +5,7 @@ import os
 import subprocess
 import sys
 import textwrap
+from pathlib import Path
 
 import pytest
 
@@ -78,7 +79,7 @@ def test_a_copy_of_the_gemm_module_gets_its_own_kernels(tmp_path, monkeypatch):
     monkeypatch.setenv("KT_JIT_CACHE_DIR", str(tmp_path))
     name = "kt_jit.kernels._gemm_copy"
     copy_path = tmp_path / "_gemm_copy.py"
-    copy_path.write_text(open(gemm.__file__).read())
+    copy_path.write_text(Path(gemm.__file__).read_text())
     spec = importlib.util.spec_from_file_location(name, copy_path)
     copy = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, copy)
