@@ -71,8 +71,8 @@ def test_index_key_follows_code_constants(monkeypatch):
 
 
 def test_a_copy_of_the_gemm_module_gets_its_own_kernels(tmp_path, monkeypatch):
-    """A copy of kernels/gemm.py loaded beside it (as A/B measurements load the old code) finds
-    none of gemm.py's kernels through the index memo, though its specs print the same."""
+    """A copy of kernels/gemm.py loaded beside it (as A/B measurements load the old code) whose IR
+    differs finds none of gemm.py's kernels through the index memo, though its specs print the same."""
     import importlib.util
 
     from kt_jit.kernels import gemm
@@ -84,6 +84,8 @@ def test_a_copy_of_the_gemm_module_gets_its_own_kernels(tmp_path, monkeypatch):
     copy = importlib.util.module_from_spec(spec)
     monkeypatch.setitem(sys.modules, name, copy)
     spec.loader.exec_module(copy)
+    # (the old code's IR: here gemm.py's with a comment line more)
+    monkeypatch.setattr(copy, "build_ir", lambda s: gemm.build_ir(s).replace("\n", "\n; the copy\n", 1))
 
     def kernel(mod):
         schedule = mod.default_schedule("fwd", "avx512", 64, 64)

@@ -215,7 +215,10 @@ def get_or_compile(name: str, spec_text: str, ir: str | Callable[[], str], targe
     spec): a warm start then finds the entry through its index, without building the IR."""
     use_disk = not knobs.cache_disabled()
     with _lock:
-        index = index_key(spec_text, target) if callable(ir) and knobs.dump_dir() is None else None
+        # (the builder's module is part of the index's spec: a copy of a kernel module loaded beside
+        # it, as A/B measurements load the old code, must not find the original's kernels)
+        index = index_key(f"{ir.__module__}: {spec_text}", target) \
+            if callable(ir) and knobs.dump_dir() is None else None
         failed = None  # an entry the index named that could not be loaded
         if index is not None:
             hit = _memo.get(index)

@@ -60,13 +60,16 @@ def toolchain_versions() -> dict[str, str]:
     return {"llvm": ".".join(map(str, llvm.llvm_version_info)), "llvmlite": llvmlite.__version__}
 
 
-def _new_target_machine(target: Target, level: int = 3):
+CODEGEN_LEVEL = 3  # the code generator's optimisation level, unless a pipeline names another
+
+
+def _new_target_machine(target: Target, level: int):
     return llvm.Target.from_triple(target.triple).create_target_machine(
         cpu=target.cpu, features=target.features, opt=level, reloc="pic", codemodel="default")
 
 
 @functools.lru_cache(maxsize=8)
-def _target_machine(target: Target, level: int = 3):
+def _target_machine(target: Target, level: int = CODEGEN_LEVEL):
     _init_llvm()
     return _new_target_machine(target, level)
 
@@ -80,7 +83,6 @@ def _target_machine(target: Target, level: int = 3):
 # out-of-order core hardly needs) takes ~8% less time for the same instructions (forty-fourth
 # session: MoE A/B in docs/benchmarks.md).
 PIPELINES = {"light": (("sroa", "simplify_cfg"), 1)}
-CODEGEN_LEVEL = 3
 # What the pipelines do is part of every disk-cache key (codegen/cache.py): edit this string with
 # any change to PIPELINES or to the O1 options below.
 PIPELINE_VERSION = f"O1-nounroll-novec;codegen{CODEGEN_LEVEL};{sorted(PIPELINES.items())}"

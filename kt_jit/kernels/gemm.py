@@ -2685,9 +2685,8 @@ class GemmKernel:
     def __init__(self, spec: GemmSpec) -> None:
         self.spec = spec
         # (the IR is built only when the disk cache's index does not name the kernel: the spec and
-        # kt_jit's code and constants are all it is made from; the module's name keeps a copy of this
-        # file loaded beside it, as A/B measurements do, from finding this file's kernels)
-        self.addr = get_or_compile(spec.name, f"{__name__}: {spec!r}", lambda: build_ir(spec), target_for(spec.isa),
+        # kt_jit's code and constants are all it is made from)
+        self.addr = get_or_compile(spec.name, repr(spec), lambda: build_ir(spec), target_for(spec.isa),
                                    [spec.name])[spec.name]
 
     def launch(self, groups, ldx: int, ldy: int,
