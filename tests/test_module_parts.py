@@ -3,7 +3,9 @@
 import ctypes
 import dataclasses
 import json
+import multiprocessing
 import re
+import threading
 
 import pytest
 
@@ -46,6 +48,24 @@ def test_parallel_compile_gives_the_serial_objects(monkeypatch):
     serial = cc.compile_objects(text, target)
     assert len(parallel) == 2 and parallel == serial
     assert serial == [cc.compile_objects(t, target)[0] for t in split_parts(text)]
+
+
+def test_compile_threads_outlive_a_call_and_a_fork(monkeypatch):
+    """Parts compile on the process's compile threads, the same ones from call to call (their malloc
+    arenas stay warm); a forked child, which has none of them, makes its own and compiles."""
+    text, target = _two_part_module("kt_test_pool"), cc.target_for("avx512")
+    threads = []
+    part = cc._compile_part_unlocked
+    monkeypatch.setattr(cc, "_compile_threads", lambda: 2)
+    monkeypatch.setattr(cc, "_compile_part_unlocked",
+                        lambda t, tg: threads.append(threading.current_thread()) or part(t, tg))
+    first = cc.compile_objects(text, target)
+    for _ in range(3):
+        assert cc.compile_objects(text, target) == first
+    assert len(threads) == 8 and len(set(threads)) <= 2 and threading.current_thread() not in threads
+    ctx = multiprocessing.get_context("fork")
+    with ctx.Pool(1) as child:
+        assert child.apply_async(cc.compile_objects, (text, target)).get(timeout=120) == first
 
 
 def test_parts_link_run_and_come_back_from_the_disk_cache(tmp_path, monkeypatch):
