@@ -65,7 +65,7 @@ def test_compile_threads_outlive_a_call_and_a_fork(monkeypatch):
     assert len(threads) == 8 and len(set(threads)) <= 2 and threading.current_thread() not in threads
     ctx = multiprocessing.get_context("fork")
     with ctx.Pool(1) as child:
-        assert child.apply_async(cc.compile_objects, (text, target)).get(timeout=120) == first
+        assert child.apply_async(cc.compile_objects, (text, target)).get(timeout=60) == first
 
 
 def test_parts_link_run_and_come_back_from_the_disk_cache(tmp_path, monkeypatch):

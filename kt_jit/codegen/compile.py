@@ -189,7 +189,7 @@ def _compile_threads() -> int:
 # The compile threads live as long as the process (or until a fork: the child makes its own). A
 # thread's malloc arena keeps the memory LLVM used, so a compile on a thread that has compiled
 # before skips most of the page faults of a fresh one: the transposed GEMM's cold compile after the
-# forward's, Zen 5, 2 threads, fresh processes: ~91 ms against ~95 with new threads per call.
+# forward's, Zen 5, 2 threads, fresh processes: ~91 ms against ~94 with new threads per call.
 _pool: tuple[int, ThreadPoolExecutor] | None = None
 _pool_lock = threading.Lock()
 

@@ -967,7 +967,8 @@ def _avx512_fwd_body(spec: GemmSpec):
                 # is N x 4 bytes from the last, no stream the hardware prefetcher follows, and their
                 # misses had 22% of the K-group forward's samples (Zen 5, qwen3 gate/up, qlen 128).
                 # MoE forward, same-process A/B: int4_kgroup qlen 1 / 16 / 128 -2 / -5 / -12%,
-                # int4_1kgroup 16 / 128 -5 / -11%, dsv3-64e 128 -7%
+                # int4_1kgroup 16 / 128 -5 / -11%, dsv3-64e 128 -7%. (Past the last group: a prefetch
+                # does not fault.)
                 nchan = fn.add(fn.mul(fn.val(f"udiv i64 {fn.add(kc0, kc)}, {spec.group_size // 2}"), spec.n),
                                fn.mul(c, sch.nr * 16))
                 for j in range(sch.nr):
