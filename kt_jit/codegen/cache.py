@@ -145,11 +145,21 @@ def _write_entry(key: str, objects: list[bytes], meta: dict) -> None:
     obj = b"".join(objects)
     meta = dict(meta, object_bytes=len(obj), object_sha256=hashlib.sha256(obj).hexdigest(),
                 part_bytes=[len(o) for o in objects])
+    _write_quietly((base.with_suffix(".o"), obj), (base.with_suffix(".json"), json.dumps(meta, indent=1).encode()))
+
+
+def _write_index(index: str, key: str) -> None:
+    _write_quietly((cache_root() / index[:2] / f"{index}.idx", key.encode()))
+
+
+def _write_quietly(*files: tuple[Path, bytes]) -> None:
+    """Write ``files`` atomically, in order; a read-only or full disk costs a recompile next time
+    (a warning), nothing more."""
     try:
-        _atomic_write(base.with_suffix(".o"), obj)
-        _atomic_write(base.with_suffix(".json"), json.dumps(meta, indent=1).encode())
-    except OSError as e:  # a read-only or full disk costs a recompile next time, nothing more
-        warnings.warn(f"kt_jit: could not write kernel cache entry ({e})", RuntimeWarning, stacklevel=3)
+        for path, data in files:
+            _atomic_write(path, data)
+    except OSError as e:
+        warnings.warn(f"kt_jit: could not write kernel cache entry ({e})", RuntimeWarning, stacklevel=4)
 
 
 def _dump(name: str, ir_text: str, target: cc.Target) -> None:
@@ -265,13 +275,6 @@ def get_or_compile(name: str, spec_text: str, ir: str | Callable[[], str], targe
             if use_disk:
                 _write_index(index, key)
         return addrs
-
-
-def _write_index(index: str, key: str) -> None:
-    try:
-        _atomic_write(cache_root() / index[:2] / f"{index}.idx", key.encode())
-    except OSError as e:
-        warnings.warn(f"kt_jit: could not write kernel cache entry ({e})", RuntimeWarning, stacklevel=3)
 
 
 def cache_info() -> dict:

@@ -2083,8 +2083,8 @@ def _bwd_stream_group(fn: Function, spec: GemmSpec, x: str, w: str, y: str, sc: 
         sld = ns * 32  # scratch row pitch: the pass's n-blocks of one row, 16 bf16 each
         sdy = fn.alloca("i8", 64, spec.schedule.sm * sld)
     # row blocks as _stream_row_split: block j has `base` rows, one more for the first `extra`
-    row_blocks_n = fn.val(f"udiv i64 {fn.add(m, STREAM_REG_ROWS - 1)}, {STREAM_REG_ROWS}")
-    base, extra = fn.val(f"udiv i64 {m}, {row_blocks_n}"), fn.val(f"urem i64 {m}, {row_blocks_n}")
+    row_blocks_n, base = _stream_row_blocks(fn, m)
+    extra = fn.val(f"urem i64 {m}, {row_blocks_n}")
     zero_rows = None
     if STREAM_ROW_STEP > 1 and not spec.int_x:  # the dY of padding rows: zeros (a pass's n-blocks)
         zero_rows = fn.alloca("i8", 64, ns * 32)
@@ -2165,6 +2165,13 @@ def _stream_row_split(m: int) -> set[int]:
     return {m // blocks, -(-m // blocks)}
 
 
+def _stream_row_blocks(fn: Function, m: str) -> tuple[str, str]:
+    """At run time, as :func:`_stream_row_split`: how many row blocks a group of ``m`` rows takes,
+    and the rows of its smallest."""
+    n = fn.val(f"udiv i64 {fn.add(m, STREAM_REG_ROWS - 1)}, {STREAM_REG_ROWS}")
+    return n, fn.val(f"udiv i64 {m}, {n}")
+
+
 def _stream_row_variants(spec: GemmSpec, groups: Sequence[int] | None = None) -> list[int]:
     """The row-block sizes the streamed form compiles (cases of a switch in the kernel: a block size
     without one would leave its outputs unwritten): those of every group it takes (lp+1..sm rows, or
@@ -2210,9 +2217,7 @@ def _bwd_stream_group_in_parts(fn: Function, spec: GemmSpec, x: str, w: str, y: 
             _bwd_stream_group(fn, spec, x, w, y, sc, zp, xsc, ldx, ldy, m,
                               groups=[g for g in groups if g not in large])
 
-    # the group's smallest row block (as _stream_row_split)
-    least_rows = fn.val(f"udiv i64 {m}, {fn.val(f'udiv i64 {fn.add(m, STREAM_REG_ROWS - 1)}, {STREAM_REG_ROWS}')}")
-    either(fn, fn.icmp("uge", least_rows, STREAM_PART_ROWS), form)
+    either(fn, fn.icmp("uge", _stream_row_blocks(fn, m)[1], STREAM_PART_ROWS), form)
 
 
 def _stream_row_block(fn: Function, spec: GemmSpec, block, x: str, y: str, ldx: str, ldy: str, m0: str,
