@@ -223,7 +223,8 @@ def test_host_tuning_follows_the_l1_size(monkeypatch):
     rows, and the streams are prefetched 1 KB ahead (2 KB in the quantized forward and the bf16
     forward's blocks of 3+ rows) where the L1 data cache holds 48 KB; 4 blocks, 1024 rows, 512 B,
     256 B and 512 B on smaller (or unknown) ones; single groups keep 256-row slices. The quantized
-    lane-partial form's second prefetch (into L2, 4 KB ahead) only with the smaller L1 (Zen 4)."""
+    lane-partial form's second prefetch (into L2, 4 KB ahead) only with the smaller L1 (Zen 4), and
+    there the per-channel int4 forward's items of 8 column blocks (4 with 48 KB)."""
     for size, blocks, slice_, ahead, quant_ahead in ((48 << 10, 16, 256, 1024, 2048), (64 << 10, 16, 256, 1024, 2048),
                                                      (32 << 10, 4, 1024, 512, 256), (0, 4, 1024, 512, 256)):
         monkeypatch.setattr(gemm, "l1d_cache_bytes", lambda size=size: size)
@@ -237,6 +238,10 @@ def test_host_tuning_follows_the_l1_size(monkeypatch):
         for quant in ("int8", "int4"):
             assert gemm.default_schedule("bwd", "avx512", 1536, 2048, quant).lf == (0 if size >= 48 << 10 else 4096)
         assert sch.lf == 0  # (bf16)
+        int4 = gemm.default_schedule("fwd", "avx512", 1536, 2048, "int4")
+        assert int4.nr == (4 if size >= 48 << 10 else 8)  # (per channel; K-groups and N % 128 != 0 keep 4)
+        assert gemm.default_schedule("fwd", "avx512", 1536, 2048, "int4", group_size=128).nr == 4
+        assert gemm.default_schedule("fwd", "avx512", 1600, 2048, "int4").nr == 4
 
 
 @pytest.mark.parametrize("quant", ["bf16", "int8"])
@@ -281,6 +286,10 @@ def test_tuning_overrides_from_the_environment(monkeypatch):
     monkeypatch.setenv("KT_JIT_TUNING", "quant_prefetch=1024,multirow_prefetch=4096")
     assert gemm.default_schedule("fwd", "avx512", 1536, 2048, "int8").pf == 1024 // gemm.ROW_BYTES["int8"]
     assert gemm.default_schedule("fwd", "avx512", 1536, 2048).pfw == 4096 // 64
+    for blocks in (4, 8):
+        monkeypatch.setenv("KT_JIT_TUNING", f"int4_fwd_blocks={blocks}")
+        assert gemm.default_schedule("fwd", "avx512", 1536, 2048, "int4").nr == blocks
+        assert gemm.default_schedule("fwd", "avx512", 1536, 2048, "int8").nr == 4
     for far in (0, 2048):
         monkeypatch.setenv("KT_JIT_TUNING", f"quant_far_prefetch={far}")
         assert gemm.default_schedule("bwd", "avx512", 1536, 2048, "int4").lf == far
@@ -298,7 +307,8 @@ def test_tuning_overrides_from_the_environment(monkeypatch):
                        ("stream_group_blocks=64", "1-32"), ("stream_group_blocks=4,stream_group_blocks=8", "twice"),
                        ("stream_prefetch=100", "stream_prefetch=100"), ("quant_prefetch=0", "64-8192"),
                        ("quant_prefetch=16384", "64-8192"), ("panel_blocks=0", "1-32"), ("panel_blocks=33", "1-32"),
-                       ("quant_far_prefetch=100", "or 0 for none"), ("quant_far_prefetch=-64", "quant_far_prefetch")):
+                       ("quant_far_prefetch=100", "or 0 for none"), ("quant_far_prefetch=-64", "quant_far_prefetch"),
+                       ("int4_fwd_blocks=2", "4 or 8")):
         monkeypatch.setenv("KT_JIT_TUNING", bad)
         with pytest.raises(ValueError, match=match) as err:
             gemm.default_schedule("bwd", "avx512", 1536, 2048)
@@ -920,13 +930,15 @@ def _lora_table(p, s, z, groups, xscales=None, lanes=None):
 
 
 @NEEDS_AVX512_BF16
-@pytest.mark.parametrize("quant,gs,zp", [("bf16", 0, False), ("int8", 0, False), ("int4", 64, True),
-                                         ("int4", 0, False)])
+@pytest.mark.parametrize("quant,gs,zp,blocks", [("bf16", 0, False, 8), ("int8", 0, False, 8), ("int4", 64, True, 8),
+                                                ("int4", 0, False, 8), ("int4", 0, False, 4)])
 @pytest.mark.parametrize("split,rank", [(0, 16), (128, 16), (128, 32)])
-def test_fused_lora_forward(quant, gs, zp, split, rank):
+def test_fused_lora_forward(quant, gs, zp, blocks, split, rank, monkeypatch):
     """Y (+)= X W^T + H B^T in one launch, over groups of 0..13 rows (every row-block tail), with one
     adapter or two (outputs past ``split`` read the second adapter and the second half of H).
-    Per-channel int4 takes 8 column blocks per item, its blocks of 4+ rows in two column groups."""
+    Per-channel int4 takes HostTuning.int4_fwd_blocks column blocks per item (with 8 its blocks of
+    4+ rows in two column groups)."""
+    monkeypatch.setenv("KT_JIT_TUNING", f"int4_fwd_blocks={blocks}")
     n, k = 256, 128
     g = torch.Generator().manual_seed(5)
     p, s, z, wd = _weights_in(quant, gs, zp, n, k, g)
@@ -941,7 +953,7 @@ def test_fused_lora_forward(quant, gs, zp, split, rank):
         before = [y.clone() for y in ys]
         kern = gemm.kernel_for("fwd", n, k, accumulate, quant=quant, group_size=gs, zero_point=zp, lora_rank=rank,
                                lora_split=split)
-        assert kern.spec.schedule.nr == (8 if quant == "int4" and not gs else 4)
+        assert kern.spec.schedule.nr == (blocks if quant == "int4" and not gs else 4)
         xq = [_kernel_input(kern.spec, x, s) for x in xs]
         table = _lora_table(p, s, z, [(xq[e][0], y, m, h, b0[e], b1[e])
                                       for e, (y, h, m) in enumerate(zip(ys, hs, ms, strict=True))],

@@ -108,8 +108,10 @@ def attribute(samples: list[tuple[int, str, int]], kernels: list[tuple[int, int,
     return per, offsets
 
 
-def annotate(name: str, start: int, size: int, hits: collections.Counter, top: int) -> None:
-    """The ``top`` most-sampled instructions of the kernel at ``start``, in address order."""
+def annotate(name: str, start: int, size: int, hits: collections.Counter, top: int,
+             listing: str | None = None) -> None:
+    """The ``top`` most-sampled instructions of the kernel at ``start``, in address order;
+    ``listing``: also write its whole disassembly there, each instruction with its share."""
     total = sum(hits.values())
     print(f"\n{name}: {total} samples; the {top} most sampled instructions (offset, share, instruction)")
     text = {}
@@ -130,6 +132,11 @@ def annotate(name: str, start: int, size: int, hits: collections.Counter, top: i
         print("(objdump not found: offsets only)")
     for off in sorted(o for o, _ in hits.most_common(top)):
         print(f"  {off:6x} {hits[off] / total:6.1%}  {text.get(off, '')}")
+    if listing:
+        with open(listing, "w") as f:
+            for off in sorted(set(text) | set(hits)):
+                f.write(f"{off:6x} {hits[off] / max(total, 1):6.2%}  {text.get(off, '')}\n")
+        print(f"(the whole listing: {listing})")
 
 
 def main() -> int:
@@ -145,6 +152,7 @@ def main() -> int:
     ap.add_argument("--top", type=int, default=20, help="kernels listed (and instructions annotated)")
     ap.add_argument("--annotate", metavar="PREFIX",
                     help="annotate the most-sampled kernel whose name starts with this")
+    ap.add_argument("--listing", metavar="PATH", help="with --annotate: write the kernel's whole annotated disassembly")
     ap.add_argument("--quick", action="store_true", help="a short run (3 s of samples)")
     ap.add_argument("--json", metavar="PATH")
     args = ap.parse_args()
@@ -192,7 +200,7 @@ def _profile(args: argparse.Namespace) -> int:
             print(f"\nno kernel named {args.annotate}...", file=sys.stderr)
             return 1
         _, start, size, name = max(hit)
-        annotate(name, start, size, offsets[name], args.top)
+        annotate(name, start, size, offsets[name], args.top, args.listing)
     return write_rows(rows, args.json)
 
 

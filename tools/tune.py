@@ -4,13 +4,13 @@ KT_JIT_TUNING setting that wins.
 kt_jit picks a few blocking and prefetch values of its AVX-512 GEMMs (mostly the transposed ones) by
 the CPU's L1 data cache size (two CPUs measured: Zen 4 and Zen 5). On another CPU other values may be
 faster; this script finds out. For each value it times the MoE backward (the forward for the
-two forward prefetch distances; LoRA rank 16, random top-k routing as in bench_moe.py; bf16
-experts, int8 ones for ``quant_prefetch``, ``quant_far_prefetch`` and on AMX hosts, whose bf16
-layers run the AMX kernels) at the token counts whose groups that value shapes, with every
-candidate in one process: the candidates take turns round by round (in alternating order), each
-under its own KT_JIT_TUNING (which keys its kernels and launch plans), and each gets the median of
-its passes. A candidate replaces the default only when the median of its per-round time ratios
-beats it by more than ``--margin``.
+two forward prefetch distances and ``int4_fwd_blocks``; LoRA rank 16, random top-k routing as in
+bench_moe.py; bf16 experts, int8 ones for ``quant_prefetch``, ``quant_far_prefetch`` and on AMX
+hosts, whose bf16 layers run the AMX kernels, int4 ones for ``int4_fwd_blocks``) at the token
+counts whose groups that value shapes, with every candidate in one process: the candidates take
+turns round by round (in alternating order), each under its own KT_JIT_TUNING (which keys its
+kernels and launch plans), and each gets the median of its passes. A candidate replaces the
+default only when the median of its per-round time ratios beats it by more than ``--margin``.
 
     python tools/tune.py [--save] [--quick] [--json PATH] [--shape qwen3-30b-a3b] [--rounds N] [--margin 0.02]
 
@@ -58,10 +58,11 @@ CANDIDATES = {
     "multirow_prefetch": ((256, 512, 1024, 2048), (128, 512), "bf16", "fwd"),
     "panel_blocks": ((4, 8, 16), (512,), "bf16", "bwd"),
     "quant_far_prefetch": ((0, 2048, 4096), (1, 16, 128), "int8", "bwd"),
+    "int4_fwd_blocks": ((4, 8), (1, 16), "int4", "fwd"),
 }
 QUICK_QLENS = {"lane_partial_slice": (16,), "stream_group_blocks": (128,), "lanes_min_rows": (512,),
                "stream_prefetch": (16,), "quant_prefetch": (16,), "multirow_prefetch": (128,),
-               "panel_blocks": (512,), "quant_far_prefetch": (16,)}
+               "panel_blocks": (512,), "quant_far_prefetch": (16,), "int4_fwd_blocks": (16,)}
 # values that shape only bf16 kernels (AMX ones on AMX hosts)
 BF16_ONLY = ("lanes_min_rows", "multirow_prefetch", "panel_blocks")
 

@@ -180,6 +180,7 @@ PANEL_PREFETCH_SHARE = 4
 # The AVX-512 forward's register block: at most this many fp32/int32 accumulators (rows x column
 # blocks; 6 x 4 by default); a wider item runs a block of more rows as column groups in turn.
 FWD_ACCUMULATORS = 24
+INT4_FWD_BLOCKS = 8  # HostTuning.int4_fwd_blocks on Zen 4 (see default_schedule) and unknown CPUs
 
 
 OPTIONAL_PREFETCHES = ("quant_far_prefetch",)  # HostTuning prefetch distances that may be 0 (none)
@@ -211,6 +212,8 @@ class HostTuning:
         largest divisor of N/16 up to this, 1-32)
     quant_far_prefetch: bytes the quantized lane-partial transposed form prefetches ahead into L2
         along each weight stream, next to its ``stream_prefetch`` into L1 (schedule ``lf``; 0 = none)
+    int4_fwd_blocks: column blocks per work item of the per-channel int4 forward (schedule ``nr``:
+        4 or 8; 4 where N is not a multiple of 128)
     """
 
     stream_group_blocks: int
@@ -221,6 +224,7 @@ class HostTuning:
     multirow_prefetch: int = MULTIROW_PREFETCH
     panel_blocks: int = PANEL_BLOCKS
     quant_far_prefetch: int = QUANT_FAR_PREFETCH
+    int4_fwd_blocks: int = INT4_FWD_BLOCKS
 
     def __post_init__(self) -> None:
         # (upper bounds: the stack a worker may need, see runtime/threads.KERNEL_STACK_MIN: the
@@ -231,6 +235,8 @@ class HostTuning:
             raise ValueError(f"lane_partial_slice={self.lane_partial_slice}: a multiple of 16 in 64-1024")
         if not 1 <= self.panel_blocks <= 32:
             raise ValueError(f"panel_blocks={self.panel_blocks}: 1-32")
+        if self.int4_fwd_blocks not in (4, 8):
+            raise ValueError(f"int4_fwd_blocks={self.int4_fwd_blocks}: 4 or 8")
         if self.lanes_min_rows and not LANES_TAIL_MIN <= self.lanes_min_rows <= 16:
             raise ValueError(f"lanes_min_rows={self.lanes_min_rows}: {LANES_TAIL_MIN}-16, or 0 for none")
         for name in (f.name for f in dataclasses.fields(self) if f.name.endswith("_prefetch")):
@@ -240,7 +246,14 @@ class HostTuning:
                 raise ValueError(f"{name}={value}: a multiple of 64 in 64-8192 (bytes){none}")
 
 
-LARGE_L1_TUNING = HostTuning(STREAM_GROUP_BLOCKS, LANE_PARTIAL_SLICE, lanes_min_rows=0, quant_far_prefetch=0)
+LARGE_L1_TUNING = HostTuning(STREAM_GROUP_BLOCKS, LANE_PARTIAL_SLICE, lanes_min_rows=0, quant_far_prefetch=0,
+                             int4_fwd_blocks=4)
+# The per-channel int4 forward's work items: 4 column blocks on Zen 5, where a 1-row item with 8
+# streams its codes at 0.77-0.82 of the bf16 forward's rate and with 4 at 0.84-0.90 (kernel level,
+# 32 cold qwen3 gate/up experts per launch, same process). MoE forward with LoRA, same-process A/B
+# against 8 (forty-sixth session): qwen3 int4 qlen 1 / 16 / 128 +3.3 / +3.0 / +1.4%, int4_1 +0.4 /
+# +2.0 / +0.5%, deepseek-v2-lite int4 qlen 1 / 16 +0.1 / +3.0%, dsv3-64e +10.2 / -0.3%. Zen 4 keeps
+# 8 (INT4_FWD_BLOCKS).
 # The lane-partial form's slice: 1024 k-pair rows (one piece per n-block for K <= 2048, instead of
 # four visited at different times; 64 KB of accumulators per row, in L2). MoE backward, Zen 4,
 # same-process A/B against 256: qwen3 qlen 1 -4.5..-5.7%, qlen 16 -4.9..-5.0% (512: -4.1..-4.5%),
@@ -423,10 +436,12 @@ def default_schedule(op: str, isa: str, n: int, k: int, quant: str = "bf16", one
             # pfi (with pfn): MoE forward A/B on Zen 5 (qwen3, no LoRA), claiming at the item's start:
             # bf16 qlen 128 -2.9%, 512 -4.1%, 16 -1.1%, 1 +-1%; qlen 128 int8 -2.7%, int4 -7.1%,
             # int4_kgroup -3.7%; claiming at the last chunk (kept): bf16 qlen 128 -0.4..-1.6%, 512 -3.1%
-            # per-channel int4: 8 column blocks per item (blocks of 4+ rows as two groups of 4: FWD_ACCUMULATORS).
-            # MoE forward A/B, Zen 4, qwen3, LoRA on, against 4: qlen 1 -5..-7%, qlen 16 -5..-6%, qlen 128
-            # +-1% (int4_1: -5 / -3%); int8 (-1 / -2 / 0%) and int4_kgroup (+2 / -3%) keep 4
-            nr = 8 if quant == "int4" and not group_size and n % 128 == 0 else 4 if n % 64 == 0 else 2
+            # per-channel int4: HostTuning.int4_fwd_blocks column blocks per item; Zen 4 8 (blocks of
+            # 4+ rows as two groups of 4: FWD_ACCUMULATORS). MoE forward A/B, Zen 4, qwen3, LoRA on,
+            # against 4: qlen 1 -5..-7%, qlen 16 -5..-6%, qlen 128 +-1% (int4_1: -5 / -3%); Zen 5 4
+            # (see LARGE_L1_TUNING); int8 (-1 / -2 / 0%) and int4_kgroup (+2 / -3%) keep 4
+            wide = quant == "int4" and not group_size and n % 128 == 0 and host.int4_fwd_blocks == 8
+            nr = 8 if wide else 4 if n % 64 == 0 else 2
             return GemmSchedule(mr=6, nr=nr, kc=_chunk(k // 2, 256), pf=pf, pfn=True, pfw=pfw, pfi=True)
         # streaming a whole small group beats the panel up to 24 rows when the row pitches are odd
         # multiples of 64 B (measured on Zen 5: m=14-24 1.1-1.6x, m=32 0.9x); otherwise the kernel
