@@ -48,7 +48,8 @@ from kt_jit.runtime.threads import default_num_threads
 # value -> (candidates, token counts whose groups it shapes: 1-4 rows per expert for the lane-partial
 # slice, 1-24 for the streams' prefetch (lane-partial and streamed forms), 1-32 for the quantized
 # lane-partial form's L2 prefetch, 5-24 for the streamed form's blocks, 12 and more for the
-# tokens-in-lanes form, 25 and more for the panel form's blocks; the experts' weights; the pass timed)
+# tokens-in-lanes form, 25 and more for the panel form's blocks, 1-2 for the int4 forward's items
+# (where their width shows most); the experts' weights; the pass timed)
 CANDIDATES = {
     "lane_partial_slice": ((256, 512, 1024), (1, 16), "bf16", "bwd"),
     "stream_group_blocks": ((4, 8, 16), (128,), "bf16", "bwd"),

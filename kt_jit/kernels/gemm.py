@@ -213,7 +213,7 @@ class HostTuning:
     quant_far_prefetch: bytes the quantized lane-partial transposed form prefetches ahead into L2
         along each weight stream, next to its ``stream_prefetch`` into L1 (schedule ``lf``; 0 = none)
     int4_fwd_blocks: column blocks per work item of the per-channel int4 forward (schedule ``nr``:
-        4 or 8; 4 where N is not a multiple of 128)
+        4 or 8; where N is not a multiple of 128 it takes 4, K-group int4 always does)
     """
 
     stream_group_blocks: int
@@ -249,7 +249,7 @@ class HostTuning:
 LARGE_L1_TUNING = HostTuning(STREAM_GROUP_BLOCKS, LANE_PARTIAL_SLICE, lanes_min_rows=0, quant_far_prefetch=0,
                              int4_fwd_blocks=4)
 # The per-channel int4 forward's work items: 4 column blocks on Zen 5, where a 1-row item with 8
-# streams its codes at 0.77-0.82 of the bf16 forward's rate and with 4 at 0.84-0.90 (kernel level,
+# streams its codes at 0.75-0.82 of the bf16 forward's rate and with 4 at 0.84-0.90 (kernel level,
 # 32 cold qwen3 gate/up experts per launch, same process). MoE forward with LoRA, same-process A/B
 # against 8 (forty-sixth session): qwen3 int4 qlen 1 / 16 / 128 +3.3 / +3.0 / +1.4%, int4_1 +0.4 /
 # +2.0 / +0.5%, deepseek-v2-lite int4 qlen 1 / 16 +0.1 / +3.0%, dsv3-64e +10.2 / -0.3%. Zen 4 keeps
