@@ -974,9 +974,13 @@ def _avx512_fwd_body(spec: GemmSpec):
                     with fn.if_then(valid, name="next"):
                         nc, _, nw, *_ = _group(fn, ctx, following, spec.items_per_group, spec.group_fields)
                         next_wb.set(fn.gep(nw, fn.mul(nc, sch.nr * block_stride)))
-            # scales/zeros of this chunk: per channel, or of the K-group holding it
-            grp = fn.val(f"udiv i64 {kc0}, {spec.group_size // 2}") if spec.group_size else "0"
-            chan = fn.add(fn.mul(grp, spec.n), fn.mul(c, sch.nr * 16))
+            def group_channels(k0: str) -> str:
+                """Index of this item's first scale (and zero point) for k-pair k0: per channel, or
+                in the row of the K-group holding it."""
+                grp = fn.val(f"udiv i64 {k0}, {spec.group_size // 2}") if spec.group_size else "0"
+                return fn.add(fn.mul(grp, spec.n), fn.mul(c, sch.nr * 16))
+
+            chan = group_channels(kc0)  # the scales/zeros of this chunk
             scb = fn.gep(sc, fn.mul(chan, 4))
             if spec.group_size:  # the next chunk's group's scales (and zero points): a row of them
                 # is N x 4 bytes from the last, no stream the hardware prefetcher follows, and their
@@ -984,8 +988,7 @@ def _avx512_fwd_body(spec: GemmSpec):
                 # MoE forward, same-process A/B: int4_kgroup qlen 1 / 16 / 128 -2 / -5 / -12%,
                 # int4_1kgroup 16 / 128 -5 / -11%, dsv3-64e 128 -7%. (Past the last group: a prefetch
                 # does not fault.)
-                nchan = fn.add(fn.mul(fn.val(f"udiv i64 {fn.add(kc0, kc)}, {spec.group_size // 2}"), spec.n),
-                               fn.mul(c, sch.nr * 16))
+                nchan = group_channels(fn.add(kc0, kc))
                 for j in range(sch.nr):
                     vx.prefetch(fn, fn.gep(sc, fn.add(fn.mul(nchan, 4), j * 64)))
                 if spec.zero_point:
