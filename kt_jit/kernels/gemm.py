@@ -213,7 +213,8 @@ class HostTuning:
     quant_far_prefetch: bytes the quantized lane-partial transposed form prefetches ahead into L2
         along each weight stream, next to its ``stream_prefetch`` into L1 (schedule ``lf``; 0 = none)
     int4_fwd_blocks: column blocks per work item of the per-channel int4 forward (schedule ``nr``:
-        4 or 8; where N is not a multiple of 128 it takes 4, K-group int4 always does)
+        4 or 8; where N is not a multiple of 128 it takes 4, or 2 if N is not one of 64; K-group
+        int4 takes 4 as well)
     """
 
     stream_group_blocks: int
